@@ -1,0 +1,298 @@
+"""Helpers for writing a model app in Python: HTTP contract, validation, forwarding.
+
+A model app only has to provide a scoring function::
+
+    from agogosml.app import InvalidRecord, ModelApp
+
+    def score(values):
+        return [model.predict(v) if valid(v) else InvalidRecord("why") for v in values]
+
+    ModelApp(score).run()
+
+`ModelApp` serves ``POST /`` (one message) and ``POST /batch`` (a JSON array of
+``{"id", "key", "traceparent", "value"}``) as the input reader sends them, calls
+the scoring function once per request, forwards each result to the output
+writer with the message id, key and trace context, and answers 2xx only after
+the writer answered 2xx, so the reader retries anything not yet durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agogosml.envelope import child_traceparent
+from agogosml.http import (
+    add_health_routes,
+    bearer_auth_middleware,
+    error_response,
+    start_site,
+)
+from agogosml.metrics import MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
+from agogosml.runtime import run_service
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "app"
+
+
+class InvalidRecord:
+    """Returned by a scoring function for an input it rejects (answered with 400)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"InvalidRecord({self.reason!r})"
+
+
+#: Gets the decoded JSON values of one request and returns one result per value:
+#: a JSON-serialisable document, or an `InvalidRecord`. May be a coroutine function.
+ScoreFunction = Callable[
+    [list[Any]],
+    Sequence[Any | InvalidRecord] | Awaitable[Sequence[Any | InvalidRecord]],
+]
+
+
+class AppSettings(BaseSettings):
+    """Settings of a model app built on `ModelApp` (prefix ``APP_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APP_", frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    host: str = Field("127.0.0.1", description="APP_HOST: listen address.")
+    port: int = Field(8000, ge=0, le=65535, description="APP_PORT.")
+    writer_url: AnyHttpUrl = Field(
+        ..., description="APP_WRITER_URL: base URL of the output writer."
+    )
+    token: SecretStr = Field(
+        SecretStr(""),
+        description="APP_TOKEN: bearer token required from the reader, if set.",
+    )
+    writer_token: SecretStr = Field(
+        SecretStr(""), description="APP_WRITER_TOKEN: bearer token sent to the writer."
+    )
+    writer_timeout_ms: int = Field(
+        30000, ge=1, description="APP_WRITER_TIMEOUT_MS: per writer request."
+    )
+    max_body_bytes: int = Field(
+        4 * 1_048_576, ge=1, description="APP_MAX_BODY_BYTES: largest request body."
+    )
+    log_level: str = Field(
+        "INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="APP_LOG_LEVEL."
+    )
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ModelApp:
+    """An HTTP model app around a scoring function."""
+
+    def __init__(self, score: ScoreFunction, *, name: str = "model app") -> None:
+        self._score = score
+        self._name = name
+        self._session: aiohttp.ClientSession | None = None
+        self._writer_url = ""
+        self._writer_ready = False
+
+    def run(self) -> None:
+        """Serve with settings from the environment until SIGTERM/SIGINT."""
+        run_service(AppSettings, self.serve, SERVICE)
+
+    async def serve(self, settings: AppSettings) -> None:
+        """Serve with `settings` until SIGTERM/SIGINT."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        async with self.running(settings) as app:
+            runner = await start_site(app, settings.host, settings.port)
+            logger.info("%s started", self._name, extra={"port": settings.port})
+            try:
+                await stop.wait()
+            finally:
+                await runner.cleanup()
+        logger.info("%s stopped", self._name)
+
+    def running(self, settings: AppSettings) -> _Running:
+        """Return an async context manager that yields the aiohttp application."""
+        return _Running(self, settings)
+
+    def build_app(self, settings: AppSettings) -> web.Application:
+        """Return the aiohttp application (call inside `running`)."""
+        middlewares = [_reject_middleware]
+        token = settings.token.get_secret_value()
+        if token:
+            middlewares.append(
+                bearer_auth_middleware(token, frozenset({"/", "/batch"}))
+            )
+        app = web.Application(
+            client_max_size=settings.max_body_bytes, middlewares=middlewares
+        )
+        app.router.add_post("/", self._post_one)
+        app.router.add_post("/batch", self._post_batch)
+        add_health_routes(app, lambda: self._writer_ready)
+        return app
+
+    async def _post_one(self, request: web.Request) -> web.Response:
+        value = _decode(await request.read())
+        MESSAGES_IN.labels(SERVICE).inc()
+        (result,) = await self._call_score([value])
+        if isinstance(result, InvalidRecord):
+            raise _Reject(400, result.reason)
+        headers = _forward_headers(request.headers)
+        await self._forward("/", orjson.dumps(result), headers)
+        MESSAGES_OUT.labels(SERVICE).inc()
+        return web.json_response({"status": 200})
+
+    async def _post_batch(self, request: web.Request) -> web.Response:
+        items = _decode(await request.read())
+        if not isinstance(items, list) or not all(
+            isinstance(item, dict) and "value" in item for item in items
+        ):
+            raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
+        MESSAGES_IN.labels(SERVICE).inc(len(items))
+        results = await self._call_score([item["value"] for item in items])
+        outputs = []
+        answers: list[dict[str, Any]] = []
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, InvalidRecord):
+                answers.append({"status": 400, "error": result.reason})
+                continue
+            answers.append({"status": 200})
+            outputs.append(
+                {
+                    "id": item.get("id"),
+                    "key": item.get("key"),
+                    "key_encoding": item.get("key_encoding"),
+                    "traceparent": child_traceparent(str(item.get("traceparent", ""))),
+                    "value": result,
+                }
+            )
+        if outputs:
+            await self._forward("/batch", orjson.dumps(outputs), {})
+        MESSAGES_OUT.labels(SERVICE).inc(len(outputs))
+        return web.json_response({"results": answers})
+
+    async def _call_score(self, values: list[Any]) -> Sequence[Any]:
+        results = self._score(values)
+        if inspect.isawaitable(results):
+            results = await results
+        if len(results) != len(values):  # type: ignore[arg-type]
+            raise _Reject(
+                500,
+                f"the scoring function returned {len(results)} results for "  # type: ignore[arg-type]
+                f"{len(values)} values; it must return one result per value",
+            )
+        return results  # type: ignore[return-value]
+
+    async def _forward(self, path: str, body: bytes, headers: dict[str, str]) -> None:
+        assert self._session is not None
+        url = self._writer_url + path
+        headers = {**headers, "Content-Type": "application/json"}
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                if 200 <= response.status < 300:
+                    return
+                text = (await response.text())[:300]
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _Reject(
+                503, f"output writer at {url} is unreachable: {exc!s}"
+            ) from None
+        status = 503 if response.status >= 500 or response.status == 429 else 502
+        raise _Reject(status, f"output writer answered {response.status}: {text}")
+
+    async def _watch_writer(self) -> None:
+        assert self._session is not None
+        while True:
+            try:
+                async with self._session.get(
+                    self._writer_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as response:
+                    ready = response.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                ready = False
+            if ready != self._writer_ready:
+                logger.info("output writer is %s", "ready" if ready else "not ready")
+            self._writer_ready = ready
+            await asyncio.sleep(1.0)
+
+
+class _Running:
+    def __init__(self, model_app: ModelApp, settings: AppSettings) -> None:
+        self._model_app = model_app
+        self._settings = settings
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> web.Application:
+        model_app = self._model_app
+        token = self._settings.writer_token.get_secret_value()
+        model_app._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100),
+            timeout=aiohttp.ClientTimeout(
+                total=self._settings.writer_timeout_ms / 1000
+            ),
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+        )
+        model_app._writer_url = str(self._settings.writer_url).rstrip("/")
+        self._watcher = asyncio.create_task(model_app._watch_writer())
+        return model_app.build_app(self._settings)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._model_app._session is not None:
+            await self._model_app._session.close()
+
+
+@web.middleware
+async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _Reject as exc:
+        REJECTED_REQUESTS.labels(SERVICE, str(exc.status)).inc()
+        log = logger.warning if exc.status >= 500 else logger.info
+        log(
+            "request rejected",
+            extra={
+                "status": exc.status,
+                "error": str(exc),
+                "message_id": request.headers.get("X-Message-Id"),
+            },
+        )
+        return error_response(exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(413, f"request body exceeds {exc.max_size} bytes")
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    forwarded = {"traceparent": child_traceparent(headers.get("traceparent", ""))}
+    for name in ("X-Message-Id", "X-Message-Key", "X-Message-Key-Encoding"):
+        if name in headers:
+            forwarded[name] = headers[name]
+    return forwarded

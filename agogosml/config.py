@@ -1,0 +1,403 @@
+"""Service settings, read from environment variables and validated at start-up.
+
+Each service has one frozen settings model with its own prefix (``READER_``,
+``WRITER_``, ``APP_``); the Kafka client settings (``KAFKA_``) are shared by the
+reader and the writer. `load_settings` turns a validation failure into a
+`ConfigurationError` that names the variable, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agogosml.errors import ConfigurationError
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+class Transport(enum.StrEnum):
+    """Where messages are read from or written to."""
+
+    KAFKA = "kafka"
+    FILE = "file"
+
+
+class Ordering(enum.StrEnum):
+    """Which messages the input reader keeps in order."""
+
+    PARTITION = "partition"
+    KEY = "key"
+    UNORDERED = "unordered"
+
+
+class SecurityProtocol(enum.StrEnum):
+    """Kafka security protocol, as librdkafka names it."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(enum.StrEnum):
+    """SASL mechanisms supported for Kafka."""
+
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+_FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
+_EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
+
+
+class KafkaSettings(BaseSettings):
+    """Kafka client settings shared by the reader and the writer."""
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", **_FROZEN)  # type: ignore[typeddict-item]
+
+    bootstrap_servers: str = Field(
+        "",
+        description="KAFKA_BOOTSTRAP_SERVERS: comma-separated host:port list. "
+        "Derived from the Event Hubs connection string when that is set.",
+    )
+    group_id: str = Field(
+        "agogosml-input-reader",
+        description="KAFKA_GROUP_ID: consumer group of the input reader.",
+    )
+    auto_offset_reset: str = Field(
+        "earliest",
+        pattern="^(earliest|latest)$",
+        description="KAFKA_AUTO_OFFSET_RESET: where a new group starts: "
+        "earliest or latest.",
+    )
+    commit_interval_ms: int = Field(
+        1000,
+        ge=10,
+        description="KAFKA_COMMIT_INTERVAL_MS: how often finished offsets are "
+        "committed, in milliseconds.",
+    )
+    security_protocol: SecurityProtocol = Field(
+        SecurityProtocol.PLAINTEXT,
+        description="KAFKA_SECURITY_PROTOCOL: PLAINTEXT, SSL, SASL_PLAINTEXT or "
+        "SASL_SSL.",
+    )
+    sasl_mechanism: SaslMechanism | None = Field(
+        None,
+        description="KAFKA_SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+    )
+    sasl_username: str = Field("", description="KAFKA_SASL_USERNAME.")
+    sasl_password: SecretStr = Field(SecretStr(""), description="KAFKA_SASL_PASSWORD.")
+    ssl_ca_location: Path | None = Field(
+        None,
+        description="KAFKA_SSL_CA_LOCATION: PEM file of the CA that signed the "
+        "broker certificates. Unset means the system CA store.",
+    )
+    eventhubs_connection_string: SecretStr = Field(
+        SecretStr(""),
+        description="KAFKA_EVENTHUBS_CONNECTION_STRING: Azure Event Hubs connection "
+        "string; sets SASL_SSL, PLAIN and the username $ConnectionString.",
+    )
+    delivery_timeout_ms: int = Field(
+        30000,
+        ge=1000,
+        description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
+        "record before reporting it failed, in milliseconds.",
+    )
+    linger_ms: int = Field(
+        5, ge=0, description="KAFKA_LINGER_MS: producer batching delay, in ms."
+    )
+    extra_config: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="KAFKA_EXTRA_CONFIG: JSON object of further librdkafka "
+        "properties, applied last.",
+    )
+
+    @field_validator("ssl_ca_location")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.eventhubs_connection_string.get_secret_value():
+            if not self.resolved_bootstrap_servers():
+                raise ValueError(
+                    "the Event Hubs connection string has no Endpoint=sb://...; "
+                    "copy it from the namespace's Shared access policies"
+                )
+            return self
+        sasl = self.security_protocol in (
+            SecurityProtocol.SASL_SSL,
+            SecurityProtocol.SASL_PLAINTEXT,
+        )
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(
+                f"security protocol {self.security_protocol.value} needs "
+                "KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
+            )
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(
+                "KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL is "
+                f"{self.security_protocol.value}; use SASL_SSL"
+            )
+        if not self.bootstrap_servers:
+            raise ValueError(
+                "KAFKA_BOOTSTRAP_SERVERS is empty; set it to host:port of a broker"
+            )
+        return self
+
+    def resolved_bootstrap_servers(self) -> str:
+        """Return the bootstrap servers, derived from Event Hubs when unset."""
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        conn = self.eventhubs_connection_string.get_secret_value()
+        match = _EVENTHUBS_ENDPOINT.search(conn)
+        return f"{match.group(1)}:9093" if match else ""
+
+    def client_config(self) -> dict[str, Any]:
+        """Return the librdkafka properties common to consumers and producers."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.resolved_bootstrap_servers(),
+            "security.protocol": self.security_protocol.value,
+            "enable.ssl.certificate.verification": True,
+        }
+        conn = self.eventhubs_connection_string.get_secret_value()
+        if conn:
+            config["security.protocol"] = SecurityProtocol.SASL_SSL.value
+            config["sasl.mechanism"] = SaslMechanism.PLAIN.value
+            config["sasl.username"] = "$ConnectionString"
+            config["sasl.password"] = conn
+        elif self.sasl_mechanism is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism.value
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        config.update(self.extra_config)
+        return config
+
+
+class _ServiceSettings(BaseSettings):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP server listens on (0.0.0.0 in containers).",
+    )
+    log_level: str = Field(
+        "INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
+        description="Log level: DEBUG, INFO, WARNING or ERROR.",
+    )
+    shutdown_timeout_ms: int = Field(
+        30000,
+        ge=0,
+        description="How long a graceful shutdown may take, in milliseconds.",
+    )
+
+
+class ReaderSettings(_ServiceSettings):
+    """Settings of the input reader (prefix ``READER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="READER_", **_FROZEN)  # type: ignore[typeddict-item]
+
+    source: Transport = Field(
+        Transport.FILE, description="READER_SOURCE: kafka or file."
+    )
+    input: str = Field(
+        ...,
+        min_length=1,
+        description="READER_INPUT: comma-separated topics (kafka) or a JSON Lines "
+        "file path, '-' for stdin (file).",
+    )
+    app_url: AnyHttpUrl = Field(
+        ..., description="READER_APP_URL: base URL of the model app."
+    )
+    app_token: SecretStr = Field(
+        SecretStr(""),
+        description="READER_APP_TOKEN: bearer token sent to the app, if set.",
+    )
+    app_ready_path: str = Field(
+        "/readyz",
+        description="READER_APP_READY_PATH: readiness path of the app; empty "
+        "turns the readiness check off.",
+    )
+    dead_letter: str = Field(
+        "",
+        description="READER_DEAD_LETTER: dead-letter topic (kafka) or file (file). "
+        "Default: '<first input>.dlq' for kafka, '<input>.dlq.jsonl' for files.",
+    )
+    port: int = Field(8081, ge=0, le=65535, description="READER_PORT.")
+    ordering: Ordering = Field(
+        Ordering.PARTITION,
+        description="READER_ORDERING: partition, key or unordered.",
+    )
+    max_in_flight: int = Field(
+        1000,
+        ge=1,
+        description="READER_MAX_IN_FLIGHT: messages read but not yet finished "
+        "before fetching pauses.",
+    )
+    concurrency: int = Field(
+        16,
+        ge=1,
+        description="READER_CONCURRENCY: parallel requests to the app in key and "
+        "unordered modes.",
+    )
+    batch_max_messages: int = Field(
+        1,
+        ge=1,
+        description="READER_BATCH_MAX_MESSAGES: messages per request; above 1 the "
+        "reader posts JSON arrays to <app>/batch.",
+    )
+    batch_max_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="READER_BATCH_MAX_BYTES: maximum message bytes in one batch.",
+    )
+    batch_max_wait_ms: int = Field(
+        10,
+        ge=0,
+        description="READER_BATCH_MAX_WAIT_MS: how long a batch waits to fill, "
+        "in milliseconds.",
+    )
+    request_timeout_ms: int = Field(
+        30000, ge=1, description="READER_REQUEST_TIMEOUT_MS: per app request."
+    )
+    retry_max_attempts: int = Field(
+        8,
+        ge=1,
+        description="READER_RETRY_MAX_ATTEMPTS: requests per message before it is "
+        "dead-lettered.",
+    )
+    retry_initial_backoff_ms: int = Field(
+        100, ge=1, description="READER_RETRY_INITIAL_BACKOFF_MS."
+    )
+    retry_max_backoff_ms: int = Field(
+        10000, ge=1, description="READER_RETRY_MAX_BACKOFF_MS."
+    )
+    stop_at_end: bool = Field(
+        False,
+        description="READER_STOP_AT_END: exit once a file source is read to the "
+        "end and every message is finished.",
+    )
+    checkpoint_path: Path | None = Field(
+        None,
+        description="READER_CHECKPOINT_PATH: file that stores the committed byte "
+        "offset of a file source, so a restart resumes there.",
+    )
+    transform: str = Field(
+        "",
+        description="READER_TRANSFORM: 'module:function' applied to each envelope "
+        "before the app; returning None drops the message.",
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> ReaderSettings:
+        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
+            raise ValueError(
+                "READER_RETRY_MAX_BACKOFF_MS must be at least "
+                "READER_RETRY_INITIAL_BACKOFF_MS"
+            )
+        return self
+
+    def topics(self) -> list[str]:
+        """Return the input topics (kafka source)."""
+        return [topic.strip() for topic in self.input.split(",") if topic.strip()]
+
+    def dead_letter_target(self) -> str:
+        """Return the dead-letter topic or file, applying the default."""
+        if self.dead_letter:
+            return self.dead_letter
+        if self.source is Transport.KAFKA:
+            return f"{self.topics()[0]}.dlq"
+        if self.input == "-":
+            return "dead-letter.jsonl"
+        return f"{self.input}.dlq.jsonl"
+
+
+class WriterSettings(_ServiceSettings):
+    """Settings of the output writer (prefix ``WRITER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="WRITER_", **_FROZEN)  # type: ignore[typeddict-item]
+
+    sink: Transport = Field(Transport.FILE, description="WRITER_SINK: kafka or file.")
+    output: str = Field(
+        ...,
+        min_length=1,
+        description="WRITER_OUTPUT: topic (kafka) or JSON Lines file path, '-' "
+        "for stdout (file).",
+    )
+    port: int = Field(8082, ge=0, le=65535, description="WRITER_PORT.")
+    token: SecretStr = Field(
+        SecretStr(""),
+        description="WRITER_TOKEN: bearer token required on POST / and /batch, if set.",
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1,
+        description="WRITER_MAX_BODY_BYTES: largest request body accepted.",
+    )
+    fsync: bool = Field(
+        True,
+        description="WRITER_FSYNC: fsync the output file before acknowledging "
+        "(file sink).",
+    )
+    tap: str = Field(
+        "",
+        description="WRITER_TAP: 'module:function' called with the envelopes of "
+        "each request once they are durable.",
+    )
+
+
+def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Read `cls` from the environment, raising `ConfigurationError` on a bad value.
+
+    Keyword overrides (for example from command-line flags) win over the
+    environment.
+    """
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(describe_validation_error(cls, exc)) from None
+
+
+def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    """Return one line per invalid field, naming its environment variable."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = [f"invalid configuration for {cls.__name__}:"]
+    for error in exc.errors():
+        location = [str(part) for part in error["loc"]]
+        field = location[0] if location else ""
+        name = f"{prefix}{field}".upper() if field else "settings"
+        value = error.get("input")
+        shown = "<secret>" if "password" in field or "token" in field else value
+        if error["type"] == "missing":
+            lines.append(f"  {name} is missing: set it ({_describe(cls, field)})")
+        elif field:
+            lines.append(
+                f"  {name}={shown!r} is invalid: {error['msg']} "
+                f"({_describe(cls, field)})"
+            )
+        else:
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def _describe(cls: type[BaseSettings], field: str) -> str:
+    info = cls.model_fields.get(field)
+    return (info.description or "") if info else ""

@@ -1,0 +1,139 @@
+"""The message envelope that travels from a source, through the app, to a sink."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass, field
+
+MESSAGE_ID_HEADER = "message-id"
+TRACEPARENT_HEADER = "traceparent"
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a message was read: enough for the source to commit past it.
+
+    Attributes:
+        topic: Topic name, or the file path for file sources.
+        partition: Partition number (0 for files).
+        offset: Offset of the message (byte offset of the line for files).
+        next_offset: Position to commit once this message is finished.
+        generation: Assignment generation, so a source can ignore completions of
+            messages from a partition it has since lost and regained.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    next_offset: int
+    generation: int = 0
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A message with its identity, routing key, headers and trace context.
+
+    Attributes:
+        value: Message body, normally a JSON document.
+        key: Partitioning key, or None.
+        headers: Record headers other than the id and trace context.
+        id: Message id, kept from a ``message-id`` header or derived from the
+            position, so a redelivered message keeps its id.
+        traceparent: W3C trace context header value.
+        position: Where the message was read, for sources that commit.
+    """
+
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    id: str = ""
+    traceparent: str = ""
+    position: Position | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = _position_id(self.position) if self.position else new_id()
+        if not self.traceparent:
+            self.traceparent = new_traceparent()
+
+    @classmethod
+    def from_record(
+        cls,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        position: Position | None,
+    ) -> Envelope:
+        """Build an envelope from a raw record, lifting out the id and trace context."""
+        message_id = ""
+        parent = ""
+        rest = []
+        for name, raw in headers or ():
+            lowered = name.lower()
+            if lowered == MESSAGE_ID_HEADER and raw:
+                message_id = raw.decode("utf-8", "replace")
+            elif lowered == TRACEPARENT_HEADER and raw:
+                parent = raw.decode("ascii", "replace")
+            else:
+                rest.append((name, raw or b""))
+        return cls(
+            value=value,
+            key=key,
+            headers=rest,
+            id=message_id,
+            traceparent=child_traceparent(parent),
+            position=position,
+        )
+
+    def record_headers(self) -> list[tuple[str, bytes]]:
+        """Return the headers to write with the record, id and trace context first."""
+        return [
+            (MESSAGE_ID_HEADER, self.id.encode()),
+            (TRACEPARENT_HEADER, self.traceparent.encode()),
+            *self.headers,
+        ]
+
+    def key_text(self) -> tuple[str | None, bool]:
+        """Return the key as text and whether it had to be base64-encoded."""
+        if self.key is None:
+            return None, False
+        try:
+            return self.key.decode("utf-8"), False
+        except UnicodeDecodeError:
+            return base64.b64encode(self.key).decode("ascii"), True
+
+
+def new_id() -> str:
+    """Return a random 128-bit message id as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def _position_id(position: Position) -> str:
+    return f"{position.topic}:{position.partition}:{position.offset}"
+
+
+def new_traceparent() -> str:
+    """Return a W3C traceparent that starts a new, sampled trace."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def child_traceparent(parent: str) -> str:
+    """Return a traceparent for a new span in the trace of `parent`.
+
+    A missing or malformed parent starts a new trace, as the W3C Trace Context
+    recommendation asks of a receiver.
+    """
+    match = _TRACEPARENT.match(parent.strip().lower()) if parent else None
+    if match is None or match.group(1) == "0" * 32:
+        return new_traceparent()
+    return f"00-{match.group(1)}-{os.urandom(8).hex()}-{match.group(3)}"
+
+
+def trace_id(traceparent: str) -> str | None:
+    """Return the trace id of a traceparent, or None when it is malformed."""
+    match = _TRACEPARENT.match(traceparent)
+    return match.group(1) if match else None

@@ -1,0 +1,98 @@
+"""HTTP pieces shared by the services: health, readiness, metrics and bearer auth."""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_health_routes(app: web.Application, is_ready: Callable[[], bool]) -> None:
+    """Add ``/healthz`` (process alive), ``/readyz`` and ``/metrics`` to `app`."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if is_ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
+    """Return middleware requiring ``Authorization: Bearer <token>`` on `protected`.
+
+    Paths outside `protected` (health and metrics) stay open for probes.
+    """
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in protected:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(
+                    401,
+                    "missing or wrong bearer token; send the configured token as "
+                    "'Authorization: Bearer <token>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return middleware
+
+
+def error_response(
+    status: int, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Return a JSON error body ``{"error": message}`` with `status`."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def import_object(spec: str, setting: str) -> Any:
+    """Import ``module:attribute`` named by `setting`, with a clear error if missing."""
+    from agogosml.errors import ConfigurationError
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(
+            f"{setting}={spec!r} is invalid: use the form 'package.module:function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"{setting}={spec!r} cannot be imported: {exc}; check that the module "
+            "is installed and the function name is right"
+        ) from exc
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving `app` on host:port and return its runner (for cleanup)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """Return the port a runner listens on (useful after binding port 0)."""
+    server = runner.addresses[0]
+    return int(server[1])

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the agogosml services.
+
+Every metric carries a ``service`` label (``input_reader``, ``output_writer`` or
+``app``) so one scrape config can read all three.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+)  # fmt: skip
+
+MESSAGES_IN = Counter(
+    "agogosml_messages_in_total",
+    "Messages received: read from the source, or accepted in requests.",
+    ["service"],
+)
+MESSAGES_OUT = Counter(
+    "agogosml_messages_out_total",
+    "Messages finished: acknowledged by the app, or written to the sink.",
+    ["service"],
+)
+RETRIES = Counter(
+    "agogosml_retries_total",
+    "Requests retried after a connection error, timeout, 429 or 5xx.",
+    ["service"],
+)
+DEAD_LETTERED = Counter(
+    "agogosml_dead_lettered_total",
+    "Messages written to the dead-letter sink.",
+    ["service", "reason"],
+)
+IN_FLIGHT = Gauge(
+    "agogosml_in_flight_messages",
+    "Messages read or accepted but not yet finished.",
+    ["service"],
+)
+REQUEST_SECONDS = Histogram(
+    "agogosml_request_duration_seconds",
+    "Duration of HTTP requests to the next stage, in seconds.",
+    ["service", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+SINK_SECONDS = Histogram(
+    "agogosml_sink_duration_seconds",
+    "Time from handing records to the sink to their acknowledgement, in seconds.",
+    ["service"],
+    buckets=_LATENCY_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "agogosml_consumer_lag_messages",
+    "Messages between the committed offset and the end of each partition.",
+    ["topic", "partition"],
+)
+REJECTED_REQUESTS = Counter(
+    "agogosml_rejected_requests_total",
+    "Requests answered with a 4xx or 5xx status.",
+    ["service", "status"],
+)

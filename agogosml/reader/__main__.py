@@ -1,0 +1,16 @@
+"""Entry point: ``agogosml-input-reader`` or ``python -m agogosml.reader``."""
+
+from __future__ import annotations
+
+from agogosml.config import ReaderSettings
+from agogosml.reader.service import serve_reader
+from agogosml.runtime import run_service
+
+
+def main() -> None:
+    """Start the input reader with settings from the environment."""
+    run_service(ReaderSettings, serve_reader, "input_reader")
+
+
+if __name__ == "__main__":
+    main()

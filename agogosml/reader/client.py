@@ -1,0 +1,218 @@
+"""HTTP client that sends messages to the model app and reads per-message results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from agogosml.envelope import Envelope
+from agogosml.errors import is_retriable_status
+from agogosml.metrics import REQUEST_SECONDS
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "input_reader"
+
+#: HTTP headers that carry the envelope to the app and on to the writer.
+MESSAGE_ID = "X-Message-Id"
+MESSAGE_KEY = "X-Message-Key"
+MESSAGE_KEY_ENCODING = "X-Message-Key-Encoding"
+TRACEPARENT = "traceparent"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Result of sending one message: an HTTP status (0 when none) and an error."""
+
+    status: int
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the app accepted the message."""
+        return 200 <= self.status < 300
+
+    @property
+    def retriable(self) -> bool:
+        """Whether a retry may succeed."""
+        return not self.ok and is_retriable_status(self.status)
+
+
+class AppClient:
+    """Post single messages to ``<app_url>/`` or batches to ``<app_url>/batch``.
+
+    A single message goes as its raw body with the id, key and trace context in
+    headers. A batch goes as a JSON array of
+    ``{"id", "key", "traceparent", "value"}`` objects. The app may answer a batch
+    with ``{"results": [{"status": 200}, {"status": 400, "error": "..."}, ...]}``,
+    one entry per message in order; any other 2xx answer accepts them all.
+    """
+
+    def __init__(
+        self,
+        app_url: str,
+        *,
+        token: str = "",
+        timeout_seconds: float = 30.0,
+        max_connections: int = 100,
+    ) -> None:
+        self._url = app_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the connection pool (keep-alive)."""
+        connector = aiohttp.TCPConnector(limit=self._max_connections)
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, headers=headers
+        )
+
+    async def stop(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self, envelopes: Sequence[Envelope], *, batch: bool
+    ) -> list[Outcome]:
+        """Send messages and return one outcome per message, in order."""
+        started = time.perf_counter()
+        if batch:
+            outcomes = await self._send_batch(envelopes)
+        else:
+            outcomes = [await self._send_one(envelopes[0])]
+        kind = "ok" if all(outcome.ok for outcome in outcomes) else "error"
+        REQUEST_SECONDS.labels(SERVICE, kind).observe(time.perf_counter() - started)
+        return outcomes
+
+    async def _send_one(self, envelope: Envelope) -> Outcome:
+        headers = {
+            "Content-Type": "application/json",
+            MESSAGE_ID: envelope.id,
+            TRACEPARENT: envelope.traceparent,
+        }
+        key, key_is_base64 = envelope.key_text()
+        if key is not None:
+            headers[MESSAGE_KEY] = key
+            if key_is_base64:
+                headers[MESSAGE_KEY_ENCODING] = "base64"
+        status, body, error = await self._post(self._url + "/", envelope.value, headers)
+        return Outcome(status, error or _error_text(status, body))
+
+    async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        # A value that is not JSON would make the whole array invalid, so it is
+        # rejected here and the rest of the batch goes on without it.
+        outcomes: list[Outcome | None] = [None] * len(envelopes)
+        valid = []
+        for index, envelope in enumerate(envelopes):
+            try:
+                orjson.loads(envelope.value)
+            except orjson.JSONDecodeError as exc:
+                outcomes[index] = Outcome(
+                    400, f"message value is not valid JSON: {exc}"
+                )
+            else:
+                valid.append(index)
+        if valid:
+            sent = await self._post_batch([envelopes[index] for index in valid])
+            for index, outcome in zip(valid, sent, strict=True):
+                outcomes[index] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _post_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        items = []
+        for envelope in envelopes:
+            key, key_is_base64 = envelope.key_text()
+            item = {
+                "id": envelope.id,
+                "key": key,
+                "traceparent": envelope.traceparent,
+                "value": orjson.Fragment(envelope.value),
+            }
+            if key_is_base64:
+                item["key_encoding"] = "base64"
+            items.append(item)
+        body = orjson.dumps(items)
+        headers = {"Content-Type": "application/json"}
+        status, response, error = await self._post(self._url + "/batch", body, headers)
+        if not 200 <= status < 300:
+            return [Outcome(status, error or _error_text(status, response))] * len(
+                envelopes
+            )
+        return _per_item_outcomes(status, response, len(envelopes))
+
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str]:
+        assert self._session is not None, "AppClient.start() was not called"
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                return response.status, await response.read(), ""
+        except TimeoutError:
+            return 0, b"", f"request to {url} timed out after {self._timeout.total} s"
+        except aiohttp.ClientError as exc:
+            return 0, b"", f"request to {url} failed: {exc!s}"
+
+    async def is_ready(self, path: str) -> bool:
+        """Return whether GET `path` on the app answers 2xx within 2 seconds."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                self._url + path, timeout=aiohttp.ClientTimeout(total=2)
+            ) as response:
+                return 200 <= response.status < 300
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+
+def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
+    try:
+        document = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        document = None
+    results = document.get("results") if isinstance(document, dict) else None
+    if not isinstance(results, list):
+        return [Outcome(status)] * count
+    if len(results) != count:
+        error = (
+            f"app answered {len(results)} results for a batch of {count}; "
+            "a batch answer must have one result per message, in order"
+        )
+        return [Outcome(502, error)] * count
+    return [_item_outcome(item) for item in results]
+
+
+def _item_outcome(item: object) -> Outcome:
+    if not isinstance(item, dict) or not isinstance(item.get("status"), int):
+        return Outcome(502, f"app answered an invalid batch result: {item!r:.200}")
+    return Outcome(item["status"], str(item.get("error", "")))
+
+
+def _error_text(status: int, body: bytes) -> str:
+    if 200 <= status < 300:
+        return ""
+    text = body[:500].decode("utf-8", "replace").strip()
+    return f"app answered {status}: {text}" if text else f"app answered {status}"
+
+
+async def wait_backoff(
+    attempt: int, initial_seconds: float, max_seconds: float
+) -> None:
+    """Sleep before retry `attempt` + 1: exponential backoff with equal jitter.
+
+    The delay is drawn from [d/2, d], where d = initial * 2**(attempt - 1) capped
+    at `max_seconds`.
+    """
+    ceiling = min(max_seconds, initial_seconds * 2 ** (attempt - 1))
+    await asyncio.sleep(random.uniform(ceiling / 2, ceiling))

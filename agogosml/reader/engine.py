@@ -1,0 +1,406 @@
+"""The input reader: fetch, order, batch, send to the app, retry, dead-letter, ack."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import zlib
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from agogosml.config import Ordering, ReaderSettings
+from agogosml.envelope import Envelope
+from agogosml.errors import SinkError
+from agogosml.metrics import (
+    DEAD_LETTERED,
+    IN_FLIGHT,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    RETRIES,
+)
+from agogosml.reader.client import AppClient, Outcome, wait_backoff
+from agogosml.transports.base import Sink, Source
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "input_reader"
+
+#: A transform gets each envelope before the app and returns it (changed or not),
+#: or None to drop the message. Dropped messages count as finished.
+Transform = Callable[[Envelope], Envelope | None]
+
+
+@dataclass
+class _Lane:
+    """A queue of messages that one or more workers send in order."""
+
+    queue: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
+    carry: list[Envelope] = field(default_factory=list)
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class InputReader:
+    """Move messages from a source to the model app with at-least-once delivery.
+
+    A message is finished when the app answered 2xx for it, or when it was written
+    to the dead-letter sink; only then is it acknowledged to the source, which
+    commits the contiguous finished prefix of each partition.
+
+    Ordering: in ``partition`` mode each partition has one lane; in ``key`` mode
+    keys are hashed onto `concurrency` lanes; in ``unordered`` mode one lane has
+    `concurrency` workers. A lane sends its messages one request (or batch) at a
+    time, so a message waits for every earlier message of its lane, retries
+    included.
+    """
+
+    def __init__(
+        self,
+        settings: ReaderSettings,
+        source: Source,
+        client: AppClient,
+        dead_letter: Sink,
+        *,
+        transform: Transform | None = None,
+    ) -> None:
+        self._settings = settings
+        self._source = source
+        self._client = client
+        self._dead_letter_sink = dead_letter
+        self._transform = transform
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._in_flight = 0
+        self._partition_in_flight: collections.Counter[tuple[str, int]] = (
+            collections.Counter()
+        )
+        self._progress = asyncio.Event()
+        self._stopping = asyncio.Event()
+        # Without a readiness path the app counts as ready; otherwise fetching
+        # waits for the first successful check.
+        self._app_ready = not settings.app_ready_path
+        self._round_robin = 0
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self.finished_count = 0
+        self.dead_lettered_count = 0
+        source.set_revoke_handler(self.drain_partitions)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages read but not finished."""
+        return self._in_flight
+
+    @property
+    def app_ready(self) -> bool:
+        """Result of the last readiness check of the app."""
+        return self._app_ready
+
+    def request_stop(self) -> None:
+        """Stop fetching; `run` then finishes in-flight work and returns."""
+        if not self._stopping.is_set():
+            logger.info("stop requested; finishing in-flight messages")
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Process messages until `request_stop`, or the end of a bounded source."""
+        watcher = None
+        if self._settings.app_ready_path:
+            watcher = asyncio.create_task(self._watch_app_readiness())
+        try:
+            await self._fetch_loop()
+        finally:
+            await self._finish_in_flight(self._settings.shutdown_timeout_ms / 1000)
+            if watcher is not None:
+                watcher.cancel()
+            await self._cancel_workers()
+
+    async def _fetch_loop(self) -> None:
+        paused = False
+        while not self._stopping.is_set():
+            if self._source.at_end and self._in_flight == 0:
+                if self._settings.stop_at_end:
+                    logger.info("source read to the end; stopping")
+                    return
+            capacity = self._settings.max_in_flight - self._in_flight
+            should_pause = capacity <= 0 or not self._app_ready
+            if should_pause != paused:
+                await (self._source.pause() if should_pause else self._source.resume())
+                paused = should_pause
+                logger.debug("fetching %s", "paused" if paused else "resumed")
+            envelopes = await self._source.fetch(max(1, min(capacity, 500)), 0.1)
+            for envelope in envelopes:
+                self._admit(envelope)
+
+    def _admit(self, envelope: Envelope) -> None:
+        self._track_start(envelope)
+        if self._transform is not None:
+            try:
+                transformed = self._transform(envelope)
+            except Exception as exc:  # noqa: BLE001 - user code may raise anything
+                self._spawn(
+                    self._dead_letter(envelope, 0, f"transform failed: {exc!r}", 0)
+                )
+                return
+            if transformed is None:
+                self._finish(envelope)
+                return
+            envelope = transformed
+        self._lane_for(envelope).queue.put_nowait(envelope)
+
+    def _lane_for(self, envelope: Envelope) -> _Lane:
+        mode = self._settings.ordering
+        key: Hashable
+        if mode is Ordering.PARTITION:
+            position = envelope.position
+            key = (position.topic, position.partition) if position else ("", 0)
+        elif mode is Ordering.KEY:
+            if envelope.key is None:
+                self._round_robin += 1
+                bucket = self._round_robin
+            else:
+                bucket = zlib.crc32(envelope.key)
+            key = bucket % self._settings.concurrency
+        else:
+            key = "unordered"
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = self._new_lane(mode)
+        return lane
+
+    def _new_lane(self, mode: Ordering) -> _Lane:
+        lane = _Lane()
+        workers = self._settings.concurrency if mode is Ordering.UNORDERED else 1
+        for _ in range(workers):
+            lane.workers.append(asyncio.create_task(self._work(lane)))
+        return lane
+
+    async def _work(self, lane: _Lane) -> None:
+        while True:
+            batch = await self._collect(lane)
+            try:
+                await self._deliver(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not silently stall a lane: the messages stay
+                # unfinished, so they are not committed and will be redelivered.
+                logger.exception(
+                    "delivering a batch failed unexpectedly",
+                    extra={"message_ids": [envelope.id for envelope in batch]},
+                )
+
+    async def _collect(self, lane: _Lane) -> list[Envelope]:
+        first = lane.carry.pop() if lane.carry else await lane.queue.get()
+        batch = [first]
+        limit = self._settings.batch_max_messages
+        if limit == 1:
+            return batch
+        size = len(first.value)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.batch_max_wait_ms / 1000
+        while len(batch) < limit:
+            try:
+                envelope = lane.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    envelope = await asyncio.wait_for(lane.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if size + len(envelope.value) > self._settings.batch_max_bytes:
+                lane.carry.append(envelope)
+                break
+            batch.append(envelope)
+            size += len(envelope.value)
+        return batch
+
+    async def _deliver(self, batch: list[Envelope]) -> None:
+        settings = self._settings
+        as_batch = settings.batch_max_messages > 1
+        pending = batch
+        attempt = 0
+        while pending:
+            attempt += 1
+            outcomes = await self._client.send(pending, batch=as_batch)
+            retry = []
+            for envelope, outcome in zip(pending, outcomes, strict=True):
+                if outcome.ok:
+                    MESSAGES_OUT.labels(SERVICE).inc()
+                    self._finish(envelope)
+                elif outcome.retriable and attempt < settings.retry_max_attempts:
+                    retry.append(envelope)
+                else:
+                    await self._reject(envelope, outcome, attempt)
+            if retry:
+                self._log_retry(retry, outcomes, attempt)
+                await wait_backoff(
+                    attempt,
+                    settings.retry_initial_backoff_ms / 1000,
+                    settings.retry_max_backoff_ms / 1000,
+                )
+            pending = retry
+
+    def _log_retry(
+        self, retry: list[Envelope], outcomes: list[Outcome], attempt: int
+    ) -> None:
+        RETRIES.labels(SERVICE).inc(len(retry))
+        first_error = next(outcome for outcome in outcomes if outcome.retriable)
+        logger.warning(
+            "app request failed; retrying %d messages",
+            len(retry),
+            extra={
+                "message_id": retry[0].id,
+                "status": first_error.status,
+                "error": first_error.error,
+                "attempt": attempt,
+            },
+        )
+
+    async def _reject(
+        self, envelope: Envelope, outcome: Outcome, attempts: int
+    ) -> None:
+        reason = "retries_exhausted" if outcome.retriable else "rejected"
+        await self._dead_letter(
+            envelope, outcome.status, outcome.error, attempts, reason
+        )
+
+    async def _dead_letter(
+        self,
+        envelope: Envelope,
+        status: int,
+        error: str,
+        attempts: int,
+        reason: str = "transform_failed",
+    ) -> None:
+        record = _dead_letter_record(envelope, status, error, attempts)
+        failures = 0
+        while True:
+            try:
+                await self._dead_letter_sink.send([record])
+                break
+            except SinkError as exc:
+                failures += 1
+                logger.error(
+                    "writing dead letter failed; retrying",
+                    extra={"message_id": envelope.id, "error": str(exc)},
+                )
+                await wait_backoff(
+                    failures,
+                    self._settings.retry_initial_backoff_ms / 1000,
+                    self._settings.retry_max_backoff_ms / 1000,
+                )
+        DEAD_LETTERED.labels(SERVICE, reason).inc()
+        self.dead_lettered_count += 1
+        logger.info(
+            "message dead-lettered",
+            extra={
+                "message_id": envelope.id,
+                **_position_fields(envelope),
+                "status": status,
+                "error": error,
+                "attempts": attempts,
+            },
+        )
+        self._finish(envelope)
+
+    def _track_start(self, envelope: Envelope) -> None:
+        MESSAGES_IN.labels(SERVICE).inc()
+        self._in_flight += 1
+        IN_FLIGHT.labels(SERVICE).set(self._in_flight)
+        if envelope.position is not None:
+            position = envelope.position
+            self._partition_in_flight[(position.topic, position.partition)] += 1
+
+    def _finish(self, envelope: Envelope) -> None:
+        self._source.ack(envelope)
+        self.finished_count += 1
+        self._in_flight -= 1
+        IN_FLIGHT.labels(SERVICE).set(self._in_flight)
+        if envelope.position is not None:
+            position = envelope.position
+            self._partition_in_flight[(position.topic, position.partition)] -= 1
+        self._progress.set()
+
+    async def drain_partitions(self, partitions: list[tuple[str, int]]) -> None:
+        """Wait until no message of `partitions` is in flight."""
+        while any(self._partition_in_flight[key] > 0 for key in partitions):
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def _finish_in_flight(self, timeout_seconds: float) -> None:
+        async def wait_all() -> None:
+            while self._in_flight > 0:
+                self._progress.clear()
+                await self._progress.wait()
+
+        try:
+            await asyncio.wait_for(wait_all(), timeout_seconds)
+        except TimeoutError:
+            logger.warning(
+                "%d messages were still in flight after %.1f s; they are not "
+                "committed and will be redelivered",
+                self._in_flight,
+                timeout_seconds,
+            )
+
+    async def _cancel_workers(self) -> None:
+        tasks = [task for lane in self._lanes.values() for task in lane.workers]
+        tasks.extend(self._side_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _watch_app_readiness(self) -> None:
+        path = self._settings.app_ready_path
+        while True:
+            ready = await self._client.is_ready(path)
+            if ready != self._app_ready:
+                logger.info(
+                    "app is %s; %s fetching",
+                    "ready" if ready else "not ready",
+                    "resuming" if ready else "pausing",
+                    extra={"path": path},
+                )
+                self._app_ready = ready
+            await asyncio.sleep(1.0)
+
+
+def _position_fields(envelope: Envelope) -> dict[str, object]:
+    position = envelope.position
+    if position is None:
+        return {}
+    return {
+        "topic": position.topic,
+        "partition": position.partition,
+        "offset": position.offset,
+    }
+
+
+def _dead_letter_record(
+    envelope: Envelope, status: int, error: str, attempts: int
+) -> Envelope:
+    context = {
+        "dlq.source.topic": "",
+        "dlq.source.partition": "",
+        "dlq.source.offset": "",
+        "dlq.status": str(status),
+        "dlq.error": error[:1000],
+        "dlq.attempts": str(attempts),
+    }
+    for name, value in _position_fields(envelope).items():
+        context[f"dlq.source.{name}"] = str(value)
+    headers = list(envelope.headers)
+    headers.extend((name, value.encode()) for name, value in context.items())
+    return Envelope(
+        value=envelope.value,
+        key=envelope.key,
+        headers=headers,
+        id=envelope.id,
+        traceparent=envelope.traceparent,
+    )

@@ -1,0 +1,67 @@
+"""Run the input reader as a service: settings, HTTP endpoints and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from agogosml.config import ReaderSettings
+from agogosml.http import add_health_routes, import_object, start_site
+from agogosml.reader.client import AppClient
+from agogosml.reader.engine import InputReader
+from agogosml.transports.factory import build_sink, build_source
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_reader(settings: ReaderSettings) -> None:
+    """Run the reader until SIGTERM/SIGINT, or the input end with READER_STOP_AT_END."""
+    transform = None
+    if settings.transform:
+        transform = import_object(settings.transform, "READER_TRANSFORM")
+    source = build_source(settings)
+    dead_letter = build_sink(settings.source, settings.dead_letter_target())
+    client = AppClient(
+        str(settings.app_url),
+        token=settings.app_token.get_secret_value(),
+        timeout_seconds=settings.request_timeout_ms / 1000,
+        max_connections=settings.concurrency + 4,
+    )
+    reader = InputReader(settings, source, client, dead_letter, transform=transform)
+
+    app = web.Application()
+    add_health_routes(
+        app, lambda: source.connected and dead_letter.connected and reader.app_ready
+    )
+    runner = await start_site(app, settings.host, settings.port)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, reader.request_stop)
+    logger.info(
+        "input reader started",
+        extra={
+            "source": settings.source.value,
+            "input": settings.input,
+            "app_url": str(settings.app_url),
+            "dead_letter": settings.dead_letter_target(),
+            "ordering": settings.ordering.value,
+            "port": settings.port,
+        },
+    )
+    try:
+        await client.start()
+        async with dead_letter, source:
+            await reader.run()
+    finally:
+        await client.stop()
+        await runner.cleanup()
+        logger.info(
+            "input reader stopped",
+            extra={
+                "finished": reader.finished_count,
+                "dead_lettered": reader.dead_lettered_count,
+            },
+        )

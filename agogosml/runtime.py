@@ -1,0 +1,50 @@
+"""Start-up shared by the service entry points."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from pydantic_settings import BaseSettings
+
+from agogosml.config import load_settings
+from agogosml.errors import AgogosmlError, ConfigurationError
+from agogosml.logs import configure_logging
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+logger = logging.getLogger(__name__)
+
+
+def run_service(
+    settings_class: type[SettingsT],
+    serve: Callable[[SettingsT], Awaitable[None]],
+    service: str,
+) -> None:
+    """Load settings, configure logging and run `serve`; exit 2 on bad settings."""
+    try:
+        settings = load_settings(settings_class)
+    except ConfigurationError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(getattr(settings, "log_level", "INFO"), service)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings))
+    except ConfigurationError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except AgogosmlError as exc:
+        logger.error("%s failed: %s", service, exc)
+        raise SystemExit(1) from None
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

@@ -1,0 +1,179 @@
+"""The source and sink interfaces every transport implements, and offset tracking."""
+
+from __future__ import annotations
+
+import abc
+import collections
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+
+from agogosml.envelope import Envelope, Position
+
+#: Called by a source before it gives up partitions, with (topic, partition) pairs;
+#: it returns once the in-flight messages of those partitions are finished or the
+#: wait timed out.
+RevokeHandler = Callable[[list[tuple[str, int]]], Awaitable[None]]
+
+
+class Source(abc.ABC):
+    """A stream of messages that commits only finished messages.
+
+    The reader calls `fetch` in a loop, `ack` once per finished message (sent to
+    the app successfully or dead-lettered), and `pause`/`resume` for
+    back-pressure. A source commits only the contiguous prefix of acknowledged
+    messages of each partition.
+    """
+
+    #: True once a bounded source (a file) has returned its last message.
+    at_end: bool = False
+
+    async def __aenter__(self) -> Source:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and subscribe."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Commit every finished message and disconnect."""
+
+    @abc.abstractmethod
+    async def fetch(self, max_messages: int, timeout_seconds: float) -> list[Envelope]:
+        """Return up to `max_messages` messages, waiting at most `timeout_seconds`.
+
+        Must be called regularly even while paused, so the source keeps its
+        group membership.
+        """
+
+    @abc.abstractmethod
+    def ack(self, envelope: Envelope) -> None:
+        """Mark a message finished so its position can be committed."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop delivering new messages until `resume`."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Deliver messages again after `pause`."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether the source is started and reachable."""
+
+    def set_revoke_handler(self, handler: RevokeHandler) -> None:  # noqa: B027
+        """Register the coroutine to await before partitions are given up."""
+
+
+class Sink(abc.ABC):
+    """A destination that acknowledges records once they are durable."""
+
+    async def __aenter__(self) -> Sink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect to the destination."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Flush outstanding records and disconnect."""
+
+    @abc.abstractmethod
+    async def send(self, envelopes: Sequence[Envelope]) -> None:
+        """Write `envelopes` and return once every one of them is durable.
+
+        Raises:
+            SinkError: when any record was not acknowledged.
+        """
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether the sink is started and reachable."""
+
+
+class OffsetTracker:
+    """Tracks finished messages per partition and the position safe to commit.
+
+    Messages of one partition are registered in the order they were read. The
+    commit position is the `next_offset` of the last message of the contiguous
+    finished prefix, so a message finished out of order is committed only once
+    every earlier message is finished too. Thread-safe, because Kafka rebalance
+    callbacks run on the client's thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], collections.deque[Position]] = {}
+        self._finished: dict[tuple[str, int], set[int]] = {}
+        self._generation: dict[tuple[str, int], int] = {}
+        self._committable: dict[tuple[str, int], int] = {}
+
+    def assign(self, topic: str, partition: int) -> int:
+        """Start tracking a partition afresh and return its new generation."""
+        key = (topic, partition)
+        with self._lock:
+            generation = self._generation.get(key, 0) + 1
+            self._generation[key] = generation
+            self._pending[key] = collections.deque()
+            self._finished[key] = set()
+            self._committable.pop(key, None)
+            return generation
+
+    def generation(self, topic: str, partition: int) -> int:
+        """Return the current generation of a partition (0 if never assigned)."""
+        with self._lock:
+            return self._generation.get((topic, partition), 0)
+
+    def revoke(self, topic: str, partition: int) -> int | None:
+        """Stop tracking a partition; return its last committable position."""
+        key = (topic, partition)
+        with self._lock:
+            self._pending.pop(key, None)
+            self._finished.pop(key, None)
+            self._generation[key] = self._generation.get(key, 0) + 1
+            return self._committable.pop(key, None)
+
+    def register(self, position: Position) -> None:
+        """Record that a message was read and is now in flight."""
+        key = (position.topic, position.partition)
+        with self._lock:
+            if self._generation.get(key) == position.generation:
+                self._pending[key].append(position)
+
+    def finish(self, position: Position) -> bool:
+        """Mark a message finished; return False if its partition was lost since."""
+        key = (position.topic, position.partition)
+        with self._lock:
+            if self._generation.get(key) != position.generation:
+                return False
+            pending = self._pending[key]
+            finished = self._finished[key]
+            finished.add(position.offset)
+            while pending and pending[0].offset in finished:
+                done = pending.popleft()
+                finished.discard(done.offset)
+                self._committable[key] = done.next_offset
+            return True
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        """Return the commit position of every partition with finished messages."""
+        with self._lock:
+            return dict(self._committable)
+
+    def in_flight(self, topic: str, partition: int) -> int:
+        """Return how many messages of a partition are read but not finished."""
+        with self._lock:
+            pending = self._pending.get((topic, partition))
+            return len(pending) if pending else 0

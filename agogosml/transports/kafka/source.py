@@ -1,0 +1,291 @@
+"""Kafka source on confluent-kafka, bridged to asyncio through one worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from agogosml.config import KafkaSettings
+from agogosml.envelope import Envelope, Position
+from agogosml.errors import SourceError
+from agogosml.metrics import CONSUMER_LAG
+from agogosml.transports.base import OffsetTracker, RevokeHandler, Source
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaSource(Source):
+    """Consume topics with a consumer group, committing only finished messages.
+
+    Every call into the consumer runs on one dedicated thread, so rebalance
+    callbacks run there too. On revocation the source waits (up to
+    `revoke_timeout_seconds`) for the reader to finish in-flight messages of the
+    revoked partitions, then commits their finished prefix synchronously.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topics: list[str],
+        *,
+        revoke_timeout_seconds: float = 10.0,
+    ) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._revoke_timeout = revoke_timeout_seconds
+        self._tracker = OffsetTracker()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="kafka-consumer"
+        )
+        self._consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._revoke_handler: RevokeHandler | None = None
+        self._paused = False
+        self._committed: dict[tuple[str, int], int] = {}
+        self._commit_task: asyncio.Task[None] | None = None
+        self._healthy = False
+
+    @property
+    def tracker(self) -> OffsetTracker:
+        """Offset tracker of this source (exposed for tests and metrics)."""
+        return self._tracker
+
+    @property
+    def connected(self) -> bool:
+        """Whether the consumer is running and its last poll saw no fatal error."""
+        return self._consumer is not None and self._healthy
+
+    def set_revoke_handler(self, handler: RevokeHandler) -> None:
+        """Register the coroutine awaited before partitions are given up."""
+        self._revoke_handler = handler
+
+    async def start(self) -> None:
+        """Create the consumer and subscribe to the topics."""
+        self._loop = asyncio.get_running_loop()
+        config = self._consumer_config()
+        await self._call(self._create, config)
+        self._commit_task = asyncio.create_task(self._commit_periodically())
+        logger.info(
+            "kafka source started",
+            extra={"topics": self._topics, "group_id": self._settings.group_id},
+        )
+
+    def _create(self, config: dict[str, Any]) -> None:
+        try:
+            self._consumer = Consumer(config, logger=logger)
+        except KafkaException as exc:
+            raise SourceError(f"cannot create Kafka consumer: {exc}") from exc
+        self._consumer.subscribe(
+            self._topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._healthy = True
+
+    def _consumer_config(self) -> dict[str, Any]:
+        config = self._settings.client_config()
+        config.update(
+            {
+                "group.id": self._settings.group_id,
+                "auto.offset.reset": self._settings.auto_offset_reset,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "statistics.interval.ms": 5000,
+                "stats_cb": _record_lag,
+                "error_cb": self._on_error,
+            }
+        )
+        config.update(self._settings.extra_config)
+        return config
+
+    async def stop(self) -> None:
+        """Commit every finished message, then leave the group and close."""
+        if self._commit_task is not None:
+            self._commit_task.cancel()
+            await asyncio.gather(self._commit_task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._call(self._commit_sync, None)
+            await self._call(self._consumer.close)
+            self._consumer = None
+        self._thread.shutdown(wait=True)
+        logger.info("kafka source stopped", extra={"topics": self._topics})
+
+    async def fetch(self, max_messages: int, timeout_seconds: float) -> list[Envelope]:
+        """Consume up to `max_messages` messages, serving rebalance callbacks."""
+        messages = await self._call(self._consume, max_messages, timeout_seconds)
+        envelopes = []
+        for message in messages:
+            envelope = self._to_envelope(message)
+            if envelope is not None:
+                envelopes.append(envelope)
+        return envelopes
+
+    def _consume(self, max_messages: int, timeout_seconds: float) -> list[Any]:
+        assert self._consumer is not None
+        return self._consumer.consume(max(1, max_messages), timeout_seconds)
+
+    def _to_envelope(self, message: Any) -> Envelope | None:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                logger.error("kafka consume error: %s", error)
+                self._healthy = not error.fatal()
+            return None
+        self._healthy = True
+        topic, partition, offset = (
+            message.topic(),
+            message.partition(),
+            message.offset(),
+        )
+        position = Position(
+            topic,
+            partition,
+            offset,
+            offset + 1,
+            self._tracker.generation(topic, partition),
+        )
+        self._tracker.register(position)
+        return Envelope.from_record(
+            message.value() or b"", message.key(), message.headers(), position
+        )
+
+    def ack(self, envelope: Envelope) -> None:
+        """Mark a message finished; it is committed with the next commit."""
+        if envelope.position is not None:
+            self._tracker.finish(envelope.position)
+
+    async def pause(self) -> None:
+        """Pause fetching from every assigned partition; polling goes on."""
+        self._paused = True
+        await self._call(self._set_paused, True)
+
+    async def resume(self) -> None:
+        """Resume fetching from every assigned partition."""
+        self._paused = False
+        await self._call(self._set_paused, False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if self._consumer is None:
+            return
+        assignment = self._consumer.assignment()
+        if assignment:
+            if paused:
+                self._consumer.pause(assignment)
+            else:
+                self._consumer.resume(assignment)
+
+    async def commit(self) -> None:
+        """Commit the finished prefix of every partition now and wait for it."""
+        await self._call(self._commit_sync, None)
+
+    async def _commit_periodically(self) -> None:
+        interval = self._settings.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._call(self._commit_sync, None)
+            except KafkaException as exc:
+                logger.warning("offset commit failed, will retry: %s", exc)
+
+    def _commit_sync(self, only: set[tuple[str, int]] | None) -> None:
+        if self._consumer is None:
+            return
+        offsets = [
+            TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in self._tracker.committable().items()
+            if self._committed.get((topic, partition)) != offset
+            and (only is None or (topic, partition) in only)
+        ]
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError._NO_OFFSET:
+                return
+            raise
+        for tp in offsets:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        logger.debug("committed offsets", extra={"offsets": _describe(offsets)})
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._tracker.assign(tp.topic, tp.partition)
+            self._committed.pop((tp.topic, tp.partition), None)
+        consumer.assign(partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        logger.info("partitions assigned", extra={"partitions": _describe(partitions)})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._drain(keys)
+        try:
+            self._commit_sync(set(keys))
+        except KafkaException as exc:
+            logger.error("commit on revocation failed: %s", exc)
+        for topic, partition in keys:
+            self._tracker.revoke(topic, partition)
+            _forget_lag(topic, partition)
+        consumer.unassign()
+        logger.info("partitions revoked", extra={"partitions": _describe(partitions)})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._tracker.revoke(tp.topic, tp.partition)
+        consumer.unassign()
+        logger.warning(
+            "partitions lost; their in-flight messages will be redelivered",
+            extra={"partitions": _describe(partitions)},
+        )
+
+    def _drain(self, keys: list[tuple[str, int]]) -> None:
+        if self._revoke_handler is None or self._loop is None or not keys:
+            return
+        future = asyncio.run_coroutine_threadsafe(
+            self._revoke_handler(keys), self._loop
+        )
+        try:
+            future.result(self._revoke_timeout)
+        except TimeoutError:
+            future.cancel()
+            logger.warning(
+                "in-flight messages of revoked partitions did not finish in %.1f s; "
+                "they will be redelivered",
+                self._revoke_timeout,
+            )
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._healthy = False
+        logger.error("kafka client error: %s", error)
+
+    async def _call(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, function, *args)
+
+
+def _describe(partitions: list[TopicPartition]) -> list[str]:
+    return [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions]
+
+
+def _forget_lag(topic: str, partition: int) -> None:
+    try:
+        CONSUMER_LAG.remove(topic, str(partition))
+    except KeyError:
+        pass
+
+
+def _record_lag(stats_json: str) -> None:
+    stats = orjson.loads(stats_json)
+    for topic, topic_stats in stats.get("topics", {}).items():
+        for partition, partition_stats in topic_stats.get("partitions", {}).items():
+            lag = partition_stats.get("consumer_lag", -1)
+            if partition != "-1" and lag >= 0:
+                CONSUMER_LAG.labels(topic, partition).set(lag)

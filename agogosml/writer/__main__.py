@@ -1,0 +1,16 @@
+"""Entry point: ``agogosml-output-writer`` or ``python -m agogosml.writer``."""
+
+from __future__ import annotations
+
+from agogosml.config import WriterSettings
+from agogosml.runtime import run_service
+from agogosml.writer.service import serve_writer
+
+
+def main() -> None:
+    """Start the output writer with settings from the environment."""
+    run_service(WriterSettings, serve_writer, "output_writer")
+
+
+if __name__ == "__main__":
+    main()

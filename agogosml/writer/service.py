@@ -1,0 +1,296 @@
+"""The output writer: an HTTP endpoint that answers only after records are durable."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agogosml.config import WriterSettings
+from agogosml.envelope import MESSAGE_ID_HEADER, Envelope, child_traceparent
+from agogosml.errors import SinkError
+from agogosml.http import (
+    add_health_routes,
+    bearer_auth_middleware,
+    error_response,
+    import_object,
+    start_site,
+)
+from agogosml.metrics import (
+    IN_FLIGHT,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    REJECTED_REQUESTS,
+    SINK_SECONDS,
+)
+from agogosml.transports.base import Sink
+from agogosml.transports.factory import build_sink
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "output_writer"
+DATA_PATHS = frozenset({"/", "/batch"})
+#: Request headers with this prefix become record headers (prefix removed).
+RECORD_HEADER_PREFIX = "X-Record-Header-"
+
+Tap = Callable[[Sequence[Envelope]], Any]
+
+
+class BadRequest(Exception):
+    """A request that cannot become records; `status` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OutputWriter:
+    """Turn ``POST /`` and ``POST /batch`` requests into records on a sink.
+
+    ``POST /`` takes one JSON document as the record value, with the key in
+    ``X-Message-Key``, the id in ``X-Message-Id`` and trace context in
+    ``traceparent``. ``POST /batch`` takes a JSON array of
+    ``{"value", "key", "id", "traceparent", "headers"}`` objects, where only
+    ``value`` is required. Either answers 200 only after the sink acknowledged
+    every record of the request.
+    """
+
+    def __init__(self, settings: WriterSettings, sink: Sink, tap: Tap | None = None):
+        self._settings = settings
+        self._sink = sink
+        self._tap = tap
+        self._in_flight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the sink is connected and the writer is not shutting down."""
+        return self._sink.connected and not self._draining
+
+    def build_app(self) -> web.Application:
+        """Return the aiohttp application with data, health and metrics routes."""
+        middlewares = [_error_middleware]
+        token = self._settings.token.get_secret_value()
+        if token:
+            middlewares.append(bearer_auth_middleware(token, DATA_PATHS))
+        app = web.Application(
+            client_max_size=self._settings.max_body_bytes, middlewares=middlewares
+        )
+        app.router.add_post("/", self.post_one)
+        app.router.add_post("/batch", self.post_batch)
+        add_health_routes(app, lambda: self.ready)
+        return app
+
+    async def post_one(self, request: web.Request) -> web.Response:
+        """Write the request body as one record."""
+        body = await self._read_json_body(request)
+        envelope = _envelope_from_headers(body, request.headers)
+        await self._write([envelope])
+        return web.json_response({"written": 1, "ids": [envelope.id]})
+
+    async def post_batch(self, request: web.Request) -> web.Response:
+        """Write every element of a JSON array as a record."""
+        body = await self._read_json_body(request)
+        items = orjson.loads(body)
+        if not isinstance(items, list):
+            raise BadRequest(
+                400,
+                f"POST /batch expects a JSON array, got {type(items).__name__}; "
+                'send [{"value": ...}, ...] or POST a single document to /',
+            )
+        envelopes = [
+            _envelope_from_item(index, item) for index, item in enumerate(items)
+        ]
+        if envelopes:
+            await self._write(envelopes)
+        return web.json_response(
+            {"written": len(envelopes), "ids": [envelope.id for envelope in envelopes]}
+        )
+
+    async def _read_json_body(self, request: web.Request) -> bytes:
+        if self._draining:
+            raise BadRequest(
+                503, "the writer is shutting down; retry on another replica"
+            )
+        if not self._sink.connected:
+            raise BadRequest(503, "the sink is not connected yet; retry shortly")
+        if request.content_type != "application/json":
+            raise BadRequest(
+                415,
+                f"Content-Type {request.content_type!r} is not supported; send "
+                "'application/json'",
+            )
+        body = await request.read()
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        return body
+
+    async def _write(self, envelopes: list[Envelope]) -> None:
+        count = len(envelopes)
+        MESSAGES_IN.labels(SERVICE).inc(count)
+        self._in_flight += count
+        IN_FLIGHT.labels(SERVICE).set(self._in_flight)
+        self._idle.clear()
+        started = time.perf_counter()
+        try:
+            await self._sink.send(envelopes)
+        except SinkError as exc:
+            logger.error(
+                "sink did not acknowledge records",
+                extra={
+                    "message_ids": [e.id for e in envelopes[:20]],
+                    "error": str(exc),
+                },
+            )
+            raise BadRequest(503, f"records were not written: {exc}") from None
+        finally:
+            self._in_flight -= count
+            IN_FLIGHT.labels(SERVICE).set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle.set()
+        SINK_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
+        MESSAGES_OUT.labels(SERVICE).inc(count)
+        if self._tap is not None:
+            self._call_tap(envelopes)
+
+    def _call_tap(self, envelopes: list[Envelope]) -> None:
+        try:
+            self._tap(envelopes)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a tap must not fail a durable write
+            logger.exception("WRITER_TAP raised; the records were written anyway")
+
+    async def drain(self, timeout_seconds: float) -> None:
+        """Reject new requests with 503 and wait for in-flight writes to finish."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_seconds)
+        except TimeoutError:
+            logger.warning(
+                "%d records still in flight after %.1f s",
+                self._in_flight,
+                timeout_seconds,
+            )
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return _reject(request, exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge as exc:
+        return _reject(
+            request,
+            413,
+            f"request body exceeds the limit of {exc.max_size} bytes; send smaller "
+            "batches or raise WRITER_MAX_BODY_BYTES",
+        )
+
+
+def _reject(request: web.Request, status: int, message: str) -> web.Response:
+    REJECTED_REQUESTS.labels(SERVICE, str(status)).inc()
+    logger.info(
+        "request rejected",
+        extra={
+            "status": status,
+            "path": request.path,
+            "error": message,
+            "message_id": request.headers.get("X-Message-Id"),
+        },
+    )
+    return error_response(status, message)
+
+
+def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
+    key = headers.get("X-Message-Key")
+    encoding = headers.get("X-Message-Key-Encoding", "")
+    record_headers = [
+        (name[len(RECORD_HEADER_PREFIX) :].lower(), value.encode())
+        for name, value in headers.items()
+        if name.lower().startswith(RECORD_HEADER_PREFIX.lower())
+    ]
+    return Envelope(
+        value=body,
+        key=_decode_key(key, encoding),
+        headers=record_headers,
+        id=headers.get("X-Message-Id", ""),
+        traceparent=child_traceparent(headers.get("traceparent", "")),
+    )
+
+
+def _envelope_from_item(index: int, item: object) -> Envelope:
+    if not isinstance(item, dict) or "value" not in item:
+        raise BadRequest(
+            400,
+            f"batch element {index} must be an object with a 'value' field, got "
+            f"{orjson.dumps(item)[:100].decode()!r}",
+        )
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise BadRequest(400, f"batch element {index}: 'headers' must be an object")
+    key = item.get("key")
+    if key is not None and not isinstance(key, str):
+        raise BadRequest(400, f"batch element {index}: 'key' must be a string or null")
+    return Envelope(
+        value=orjson.dumps(item["value"]),
+        key=_decode_key(key, str(item.get("key_encoding", ""))),
+        headers=[
+            (str(name), str(value).encode())
+            for name, value in headers.items()
+            if str(name).lower() not in (MESSAGE_ID_HEADER, "traceparent")
+        ],
+        id=str(item.get("id") or headers.get(MESSAGE_ID_HEADER) or ""),
+        traceparent=child_traceparent(
+            str(item.get("traceparent") or headers.get("traceparent") or "")
+        ),
+    )
+
+
+def _decode_key(key: str | None, encoding: str) -> bytes | None:
+    if key is None:
+        return None
+    if encoding.lower() == "base64":
+        try:
+            return base64.b64decode(key, validate=True)
+        except ValueError:
+            raise BadRequest(400, f"key {key!r:.60} is not valid base64") from None
+    return key.encode()
+
+
+async def serve_writer(settings: WriterSettings) -> None:
+    """Run the writer until SIGTERM/SIGINT, then drain and flush the sink."""
+    tap = import_object(settings.tap, "WRITER_TAP") if settings.tap else None
+    sink = build_sink(settings.sink, settings.output, fsync=settings.fsync)
+    writer = OutputWriter(settings, sink, tap)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with sink:
+        runner = await start_site(writer.build_app(), settings.host, settings.port)
+        logger.info(
+            "output writer started",
+            extra={
+                "sink": settings.sink.value,
+                "output": settings.output,
+                "port": settings.port,
+            },
+        )
+        try:
+            await stop.wait()
+            logger.info("stop requested; finishing in-flight writes")
+            await writer.drain(settings.shutdown_timeout_ms / 1000)
+        finally:
+            await runner.cleanup()
+    logger.info("output writer stopped")

@@ -1,0 +1,68 @@
+"""The fraud-scoring model app: validate each transaction, score it, forward it.
+
+Run it with ``agogosml-sample-app`` (or ``python -m sample_app.app``). It reads the
+``APP_`` settings of `agogosml.app.AppSettings`, plus ``SAMPLE_APP_MODEL_PATH``
+(default: where ``python -m sample_app.train`` saves the model).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agogosml.app import InvalidRecord, ModelApp
+from sample_app.scoring import FraudModel, Transaction, validation_error_message
+from sample_app.train import default_model_path
+
+
+def make_score_function(model: FraudModel) -> Any:
+    """Return a scoring function that validates values and scores the valid ones."""
+
+    def score(values: list[Any]) -> list[Any]:
+        results: list[Any] = [None] * len(values)
+        valid: list[tuple[int, Transaction]] = []
+        for index, value in enumerate(values):
+            if not isinstance(value, dict):
+                results[index] = InvalidRecord(
+                    f"a transaction must be a JSON object, got {type(value).__name__}"
+                )
+                continue
+            try:
+                valid.append((index, Transaction.model_validate(value)))
+            except ValidationError as exc:
+                results[index] = InvalidRecord(validation_error_message(exc))
+        if valid:
+            scores = model.score_many([transaction for _, transaction in valid])
+            for (index, _), result in zip(valid, scores, strict=True):
+                results[index] = result
+        return results
+
+    return score
+
+
+def model_path() -> Path:
+    """Return the model file named by SAMPLE_APP_MODEL_PATH, or the default."""
+    configured = os.environ.get("SAMPLE_APP_MODEL_PATH")
+    return Path(configured) if configured else default_model_path()
+
+
+def main() -> None:
+    """Load the model and serve until SIGTERM/SIGINT."""
+    path = model_path()
+    if not path.exists():
+        print(
+            f"sample app: model file {str(path)!r} not found; train it with "
+            "'python -m sample_app.train' or set SAMPLE_APP_MODEL_PATH",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    model = FraudModel.load(path)
+    ModelApp(make_score_function(model), name="fraud-scoring app").run()
+
+
+if __name__ == "__main__":
+    main()
