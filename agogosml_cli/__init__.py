@@ -1,0 +1,1 @@
+"""The ``agogosml`` command-line interface."""

@@ -1,0 +1,123 @@
+"""The ``agogosml`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from agogosml import AgogosmlError, __version__
+
+
+@click.group()
+@click.version_option(__version__, prog_name="agogosml")
+def cli() -> None:
+    """Put a machine-learning model on a data stream."""
+
+
+@cli.command()
+@click.option(
+    "--kafka",
+    "kafka",
+    metavar="BOOTSTRAP",
+    help="Stream through Kafka topics on this broker (host:port) instead of files.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Stream only the first N records."
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the summary as JSON to this file.",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Dataset CSV. Default: the cached ULB credit-card fraud dataset, fetched "
+    "on first use.",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Model file of the sample app. Default: the one 'python -m "
+    "sample_app.train' saves.",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".agogosml/run"),
+    show_default=True,
+    help="Directory for the input, output, dead-letter and log files.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Messages per request to the app (1 sends one message per request).",
+)
+@click.option(
+    "--ordering",
+    type=click.Choice(["partition", "key", "unordered"]),
+    default="partition",
+    show_default=True,
+    help="Ordering mode of the input reader.",
+)
+@click.option(
+    "--stall-timeout-seconds",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Give up when no record finishes for this many seconds.",
+)
+def run(
+    kafka: str | None,
+    limit: int | None,
+    summary_json: Path | None,
+    data: Path | None,
+    model: Path | None,
+    work_dir: Path,
+    batch_size: int,
+    ordering: str,
+    stall_timeout_seconds: float,
+) -> None:
+    """Stream the fraud dataset through input reader, sample app and output writer.
+
+    Starts the three services as local processes on loopback, streams the
+    records through them and prints a summary. Exits with status 1 if any record
+    is missing from both the output and the dead letters.
+    """
+    from agogosml_cli.run import RunOptions, print_summary, run_pipeline
+    from sample_app.data import fetch_dataset
+
+    console = Console(stderr=True)
+    if data is None:
+        info = fetch_dataset()
+        console.print(f"Dataset: {info.path} (source: {info.source})")
+        data = info.path
+    options = RunOptions(
+        data_path=data,
+        work_dir=work_dir,
+        limit=limit,
+        kafka=kafka,
+        batch_size=batch_size,
+        ordering=ordering,
+        stall_timeout_seconds=stall_timeout_seconds,
+        model_path=model,
+    )
+    try:
+        summary = run_pipeline(options, console)
+    except (RuntimeError, AgogosmlError) as exc:
+        raise click.ClickException(str(exc)) from None
+    print_summary(summary, console)
+    if summary_json is not None:
+        summary_json.write_bytes(summary.to_json())
+    if summary.missing:
+        console.print(f"[red]{summary.missing} records are missing[/red]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,330 @@
+"""``agogosml run``: stream the fraud dataset through reader, app and writer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from agogosml.envelope import MESSAGE_ID_HEADER
+from agogosml_cli.local import (
+    ServiceProcess,
+    app_process,
+    reader_process,
+    writer_process,
+)
+
+
+@dataclass
+class RunOptions:
+    """What `run_pipeline` streams and how."""
+
+    data_path: Path
+    work_dir: Path
+    limit: int | None = None
+    kafka: str | None = None
+    batch_size: int = 100
+    ordering: str = "partition"
+    stall_timeout_seconds: float = 120.0
+    model_path: Path | None = None
+
+
+@dataclass
+class RunSummary:
+    """Counts and timings of one run; `missing` should be 0."""
+
+    transport: str
+    read: int = 0
+    written: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    flagged_as_fraud: int = 0
+    elapsed_seconds: float = 0.0
+    messages_per_second: float = 0.0
+    output: str = ""
+    dead_letter: str = ""
+    missing_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """Return the summary as indented JSON."""
+        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+
+class OutputTally:
+    """Count output and dead-letter records by message id and transaction id."""
+
+    def __init__(self) -> None:
+        self.seen_messages: set[str] = set()
+        self.transactions: set[str] = set()
+        self.dead_transactions: set[str] = set()
+        self.duplicates = 0
+        self.flagged = 0
+
+    @property
+    def finished(self) -> int:
+        """Input records accounted for: written or dead-lettered."""
+        return len(self.transactions | self.dead_transactions)
+
+    def add_output(self, message_id: str, value: Any) -> None:
+        """Count one output record."""
+        if message_id in self.seen_messages:
+            self.duplicates += 1
+            return
+        self.seen_messages.add(message_id)
+        if isinstance(value, dict):
+            self.transactions.add(str(value.get("transaction_id")))
+            self.flagged += bool(value.get("is_fraud"))
+
+    def add_dead_letter(self, value: Any) -> None:
+        """Count one dead-lettered record."""
+        if isinstance(value, dict) and "transaction_id" in value:
+            self.dead_transactions.add(str(value["transaction_id"]))
+
+
+def write_input_file(options: RunOptions, path: Path) -> list[str]:
+    """Write the dataset rows as JSON Lines; return the transaction ids in order."""
+    from sample_app.data import iter_transactions
+
+    ids = []
+    with path.open("wb") as file:
+        for transaction in iter_transactions(options.data_path, options.limit):
+            ids.append(transaction["transaction_id"])
+            file.write(orjson.dumps(transaction) + b"\n")
+    return ids
+
+
+def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
+    """Run reader, sample app and writer until every input record is accounted for."""
+    options.work_dir.mkdir(parents=True, exist_ok=True)
+    input_path = options.work_dir / "input.jsonl"
+    console.print(f"Preparing input from {options.data_path} ...")
+    ids = write_input_file(options, input_path)
+    if options.kafka:
+        return _run_kafka(options, ids, input_path, console)
+    return _run_files(options, ids, input_path, console)
+
+
+def _reader_settings(options: RunOptions) -> dict[str, str]:
+    return {
+        "READER_BATCH_MAX_MESSAGES": str(options.batch_size),
+        "READER_ORDERING": options.ordering,
+        "READER_MAX_IN_FLIGHT": str(max(1000, options.batch_size * 20)),
+    }
+
+
+def _app_settings(options: RunOptions) -> dict[str, str]:
+    if options.model_path is None:
+        return {}
+    return {"SAMPLE_APP_MODEL_PATH": str(options.model_path)}
+
+
+def _run_files(
+    options: RunOptions, ids: list[str], input_path: Path, console: Console
+) -> RunSummary:
+    work = options.work_dir
+    output = work / "output.jsonl"
+    dead_letter = work / "dead-letter.jsonl"
+    for path in (output, dead_letter, work / "checkpoint"):
+        path.unlink(missing_ok=True)
+    writer = writer_process(work, sink="file", output=str(output))
+    tally = OutputTally()
+    with _services(writer) as started:
+        app = app_process(work, writer.url, extra=_app_settings(options))
+        started.append(app.start())
+        app.wait_ready(60)
+        reader_env = {
+            **_reader_settings(options),
+            "READER_STOP_AT_END": "true",
+            "READER_DEAD_LETTER": str(dead_letter),
+            "READER_CHECKPOINT_PATH": str(work / "checkpoint"),
+        }
+        reader = reader_process(
+            work, app.url, source="file", input_=str(input_path), extra=reader_env
+        )
+        started_at = time.monotonic()
+        started.append(reader.start())
+        outputs = _JsonLinesFollower(output)
+        dead = _JsonLinesFollower(dead_letter)
+
+        def poll() -> bool:
+            for record in outputs.read_new():
+                tally.add_output(str(record.get("id")), record.get("value"))
+            for record in dead.read_new():
+                tally.add_dead_letter(record.get("value"))
+            return not reader.running()
+
+        _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+        elapsed = time.monotonic() - started_at
+        _check_exit(reader)
+    summary = _summarise("file", ids, tally, elapsed)
+    summary.output, summary.dead_letter = str(output), str(dead_letter)
+    return summary
+
+
+def _run_kafka(
+    options: RunOptions, ids: list[str], input_path: Path, console: Console
+) -> RunSummary:
+    from agogosml_cli import kafka_run
+
+    assert options.kafka is not None
+    run_id = uuid.uuid4().hex[:8]
+    topics = kafka_run.create_topics(options.kafka, run_id)
+    console.print(f"Producing {len(ids)} records to topic {topics.input} ...")
+    kafka_run.produce_file(options.kafka, topics.input, input_path)
+    kafka_env = {"KAFKA_BOOTSTRAP_SERVERS": options.kafka}
+    work = options.work_dir
+    writer = writer_process(work, sink="kafka", output=topics.output, extra=kafka_env)
+    tally = OutputTally()
+    with (
+        _services(writer) as started,
+        kafka_run.OutputConsumer(options.kafka, topics) as consumer,
+    ):
+        app = app_process(work, writer.url, extra=_app_settings(options))
+        started.append(app.start())
+        app.wait_ready(60)
+        reader_env = {
+            **kafka_env,
+            **_reader_settings(options),
+            "KAFKA_GROUP_ID": f"agogosml-run-{run_id}",
+            "READER_DEAD_LETTER": topics.dead_letter,
+        }
+        reader = reader_process(
+            work, app.url, source="kafka", input_=topics.input, extra=reader_env
+        )
+        started_at = time.monotonic()
+        started.append(reader.start())
+
+        def poll() -> bool:
+            consumer.poll_into(tally, 0.2)
+            if not reader.running():
+                raise RuntimeError(f"input reader exited:\n{reader.log_tail()}")
+            return False
+
+        _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+        elapsed = time.monotonic() - started_at
+    summary = _summarise("kafka", ids, tally, elapsed)
+    summary.output, summary.dead_letter = topics.output, topics.dead_letter
+    return summary
+
+
+@contextlib.contextmanager
+def _services(first: ServiceProcess) -> Iterator[list[ServiceProcess]]:
+    started = [first.start()]
+    try:
+        first.wait_ready(60)
+        yield started
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _follow(
+    console: Console, total: int, tally: OutputTally, poll: Any, stall_seconds: float
+) -> None:
+    columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn())
+    with Progress(
+        *columns, BarColumn(bar_width=None), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("streaming", total=total)
+        last_count, last_change = 0, time.monotonic()
+        while tally.finished < total:
+            stopped = poll()
+            progress.update(task, completed=tally.finished)
+            if tally.finished != last_count:
+                last_count, last_change = tally.finished, time.monotonic()
+            elif time.monotonic() - last_change > stall_seconds:
+                raise RuntimeError(
+                    f"no progress for {stall_seconds:.0f} s with "
+                    f"{total - tally.finished} records outstanding"
+                )
+            if stopped:
+                poll()
+                progress.update(task, completed=tally.finished)
+                break
+            time.sleep(0.1)
+
+
+def _check_exit(reader: ServiceProcess) -> None:
+    code = reader.wait(60)
+    if code != 0:
+        raise RuntimeError(
+            f"input reader exited with code {code}:\n{reader.log_tail()}"
+        )
+
+
+def _summarise(
+    transport: str, ids: list[str], tally: OutputTally, elapsed: float
+) -> RunSummary:
+    accounted = tally.transactions | tally.dead_transactions
+    missing = [tx for tx in ids if tx not in accounted]
+    return RunSummary(
+        transport=transport,
+        read=len(ids),
+        written=len(tally.transactions),
+        dead_lettered=len(tally.dead_transactions),
+        duplicates=tally.duplicates,
+        missing=len(missing),
+        flagged_as_fraud=tally.flagged,
+        elapsed_seconds=round(elapsed, 3),
+        messages_per_second=round(len(ids) / elapsed, 1) if elapsed > 0 else 0.0,
+        missing_ids=missing[:20],
+    )
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    """Print the summary as a table."""
+    table = Table(title="agogosml run", show_header=False)
+    rows = [
+        ("transport", summary.transport),
+        ("read", f"{summary.read:,}"),
+        ("written", f"{summary.written:,}"),
+        ("dead-lettered", f"{summary.dead_lettered:,}"),
+        ("duplicates", f"{summary.duplicates:,}"),
+        ("missing", f"{summary.missing:,}"),
+        ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
+        ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
+        ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),
+        ("output", summary.output),
+        ("dead letters", summary.dead_letter),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+class _JsonLinesFollower:
+    """Read the complete lines appended to a file since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._offset = 0
+        self._partial = b""
+
+    def read_new(self) -> list[dict[str, Any]]:
+        if not self._path.exists():
+            return []
+        with self._path.open("rb") as file:
+            file.seek(self._offset)
+            data = file.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        return [orjson.loads(line) for line in lines if line.strip()]
+
+
+def message_id_of(headers: list[tuple[str, bytes]] | None) -> str:
+    """Return the message-id header of a Kafka record, or ''."""
+    for name, value in headers or ():
+        if name == MESSAGE_ID_HEADER:
+            return value.decode()
+    return ""
