@@ -146,6 +146,7 @@ class ModelApp:
         app = web.Application(
             client_max_size=settings.max_body_bytes, middlewares=middlewares
         )
+        app["max_body_bytes"] = settings.max_body_bytes
         app.router.add_post("/", self._post_one)
         app.router.add_post("/batch", self._post_batch)
         add_health_routes(app, lambda: self._writer_ready)
@@ -192,9 +193,13 @@ class ModelApp:
         return web.json_response({"results": answers})
 
     async def _call_score(self, values: list[Any]) -> Sequence[Any]:
-        results = self._score(values)
-        if inspect.isawaitable(results):
-            results = await results
+        try:
+            results = self._score(values)
+            if inspect.isawaitable(results):
+                results = await results
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            logger.exception("the scoring function raised")
+            raise _Reject(500, f"the scoring function raised {exc!r}") from None
         if len(results) != len(values):  # type: ignore[arg-type]
             raise _Reject(
                 500,
@@ -279,8 +284,10 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
             },
         )
         return error_response(exc.status, str(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, f"request body exceeds {exc.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            413, f"request body exceeds {request.app['max_body_bytes']} bytes"
+        )
 
 
 def _decode(body: bytes) -> Any:

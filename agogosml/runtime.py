@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from pydantic_settings import BaseSettings
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def run_service(
     settings_class: type[SettingsT],
-    serve: Callable[[SettingsT], Awaitable[None]],
+    serve: Callable[[SettingsT], Coroutine[Any, Any, None]],
     service: str,
 ) -> None:
     """Load settings, configure logging and run `serve`; exit 2 on bad settings."""

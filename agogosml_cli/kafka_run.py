@@ -102,8 +102,10 @@ class OutputConsumer:
         for message in self._consumer.consume(1000, timeout_seconds):
             if message.error() is not None:
                 continue
-            value = orjson.loads(message.value())
+            value = orjson.loads(message.value() or b"null")
             if message.topic() == self._topics.dead_letter:
                 tally.add_dead_letter(value)
             else:
-                tally.add_output(message_id_of(message.headers()), value)
+                headers = message.headers()
+                assert not isinstance(headers, dict)
+                tally.add_output(message_id_of(headers), value)

@@ -322,9 +322,9 @@ class _JsonLinesFollower:
         return [orjson.loads(line) for line in lines if line.strip()]
 
 
-def message_id_of(headers: list[tuple[str, bytes]] | None) -> str:
+def message_id_of(headers: list[tuple[str, str | bytes | None]] | None) -> str:
     """Return the message-id header of a Kafka record, or ''."""
     for name, value in headers or ():
         if name == MESSAGE_ID_HEADER:
-            return value.decode()
+            return value.decode() if isinstance(value, bytes) else str(value or "")
     return ""

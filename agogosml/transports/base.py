@@ -5,14 +5,15 @@ from __future__ import annotations
 import abc
 import collections
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from agogosml.envelope import Envelope, Position
 
 #: Called by a source before it gives up partitions, with (topic, partition) pairs;
 #: it returns once the in-flight messages of those partitions are finished or the
 #: wait timed out.
-RevokeHandler = Callable[[list[tuple[str, int]]], Awaitable[None]]
+RevokeHandler = Callable[[list[tuple[str, int]]], Coroutine[Any, Any, None]]
 
 
 class Source(abc.ABC):

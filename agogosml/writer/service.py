@@ -85,6 +85,7 @@ class OutputWriter:
         app = web.Application(
             client_max_size=self._settings.max_body_bytes, middlewares=middlewares
         )
+        app["max_body_bytes"] = self._settings.max_body_bytes
         app.router.add_post("/", self.post_one)
         app.router.add_post("/batch", self.post_batch)
         add_health_routes(app, lambda: self.ready)
@@ -189,12 +190,12 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return await handler(request)
     except BadRequest as exc:
         return _reject(request, exc.status, str(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         return _reject(
             request,
             413,
-            f"request body exceeds the limit of {exc.max_size} bytes; send smaller "
-            "batches or raise WRITER_MAX_BODY_BYTES",
+            f"request body exceeds the limit of {request.app['max_body_bytes']} bytes;"
+            " send smaller batches or raise WRITER_MAX_BODY_BYTES",
         )
 
 

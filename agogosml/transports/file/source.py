@@ -102,7 +102,7 @@ class FileSource(Source):
 
     def _read_lines(self, max_messages: int) -> list[Envelope]:
         assert self._file is not None
-        envelopes = []
+        envelopes: list[Envelope] = []
         while len(envelopes) < max_messages:
             line = self._file.readline()
             if not line:

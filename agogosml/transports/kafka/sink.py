@@ -108,7 +108,7 @@ class KafkaSink(Sink):
                     self._topic,
                     value=envelope.value,
                     key=envelope.key,
-                    headers=envelope.record_headers(),
+                    headers=envelope.record_headers(),  # type: ignore[arg-type]
                     on_delivery=callback,
                 )
                 return

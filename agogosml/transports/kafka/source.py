@@ -248,7 +248,7 @@ class KafkaSource(Source):
     def _drain(self, keys: list[tuple[str, int]]) -> None:
         if self._revoke_handler is None or self._loop is None or not keys:
             return
-        future = asyncio.run_coroutine_threadsafe(
+        future: concurrent.futures.Future[None] = asyncio.run_coroutine_threadsafe(
             self._revoke_handler(keys), self._loop
         )
         try:

@@ -1,0 +1,41 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh clone: they
+# create .venv, install what they need and fetch data and broker jars into
+# ${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint broker bench-data clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "agogosml needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sample_app.data
+	$(BIN)/python -m sample_app.train --if-missing
+	$(BIN)/agogosml run --summary-json .agogosml/demo-summary.json
+
+test: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment
+	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment
+	$(BIN)/mypy
+
+broker: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py run
+
+clean:
+	rm -rf $(VENV) .agogosml .pytest_cache .mypy_cache .ruff_cache
