@@ -1,0 +1,1 @@
+"""Sample model app for agogosml: a credit-card fraud scorer."""

@@ -1,0 +1,302 @@
+"""Validate card transactions and score them with the trained fraud model.
+
+A model app validates each incoming message with ``Transaction``, then scores a
+whole batch with ``FraudModel.score_many``. ``python -m sample_app.train`` writes
+the model file that ``FraudModel.load`` reads.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import joblib
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .data import FEATURE_COLUMNS, _atomic_target
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "FraudModel",
+    "ModelLoadError",
+    "Transaction",
+    "validation_error_message",
+]
+
+# Stored in every model file, so load can reject files of another layout.
+ARTIFACT_FORMAT = "agogosml-fraud-model/1"
+
+# Strict, so a JSON string such as "1.5" is rejected instead of converted.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegativeFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+
+_MAX_VALUE_REPR_CHARS = 60
+
+
+class Transaction(BaseModel):
+    """One card transaction, with the columns of the ULB credit-card fraud dataset.
+
+    ``Time`` and ``Amount`` are finite numbers >= 0, and ``V1``..``V28`` are finite
+    numbers. Integers are accepted as numbers, but strings and booleans are not.
+    Unknown fields are ignored.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    transaction_id: str | None = None
+    Time: NonNegativeFiniteFloat
+    V1: FiniteFloat
+    V2: FiniteFloat
+    V3: FiniteFloat
+    V4: FiniteFloat
+    V5: FiniteFloat
+    V6: FiniteFloat
+    V7: FiniteFloat
+    V8: FiniteFloat
+    V9: FiniteFloat
+    V10: FiniteFloat
+    V11: FiniteFloat
+    V12: FiniteFloat
+    V13: FiniteFloat
+    V14: FiniteFloat
+    V15: FiniteFloat
+    V16: FiniteFloat
+    V17: FiniteFloat
+    V18: FiniteFloat
+    V19: FiniteFloat
+    V20: FiniteFloat
+    V21: FiniteFloat
+    V22: FiniteFloat
+    V23: FiniteFloat
+    V24: FiniteFloat
+    V25: FiniteFloat
+    V26: FiniteFloat
+    V27: FiniteFloat
+    V28: FiniteFloat
+    Amount: NonNegativeFiniteFloat
+    Class: Literal[0, 1] | None = None
+
+
+def validation_error_message(exc: ValidationError) -> str:
+    """Describe the first error of a failed validation in one short sentence.
+
+    The sentence names the field and its invalid value, for example ``Invalid
+    value -5.0 for field 'Amount' (input should be greater than or equal to 0).``,
+    and counts any further errors.
+    """
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return "Invalid transaction."
+
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"])
+    reason = first["msg"][:1].lower() + first["msg"][1:]
+    if first["type"] == "missing":
+        sentence = f"Missing required field {field!r}"
+    elif not field:
+        sentence = f"Invalid transaction {_short_repr(first['input'])} ({reason})"
+    else:
+        value = _short_repr(first["input"])
+        sentence = f"Invalid value {value} for field {field!r} ({reason})"
+
+    others = len(errors) - 1
+    if others == 1:
+        sentence += ", and 1 more error"
+    elif others > 1:
+        sentence += f", and {others} more errors"
+    return sentence + "."
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    if len(text) > _MAX_VALUE_REPR_CHARS:
+        return text[: _MAX_VALUE_REPR_CHARS - 3] + "..."
+    return text
+
+
+class ModelLoadError(ValueError):
+    """A model file that is not a fraud model saved by ``FraudModel.save``."""
+
+
+class FraudModel:
+    """A fitted classifier with the decision threshold and metadata to use it.
+
+    Args:
+        estimator: A fitted scikit-learn classifier with ``predict_proba`` and the
+            classes 0 and 1, fit on columns in the order of ``feature_names``.
+        feature_names: Transaction fields, in the column order of the estimator.
+        threshold: The minimum fraud probability at which a transaction is scored
+            as fraud, between 0 and 1.
+        version: The model version reported with every score.
+        metadata: Training details saved with the model, such as metrics.
+
+    Raises:
+        ValueError: A feature is not a Transaction field, the threshold is
+            outside [0, 1] or the estimator has no class 1.
+    """
+
+    def __init__(
+        self,
+        estimator: Any,
+        *,
+        feature_names: Sequence[str],
+        threshold: float,
+        version: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        unknown = [name for name in feature_names if name not in FEATURE_COLUMNS]
+        if unknown or not feature_names:
+            raise ValueError(
+                f"feature_names must be a non-empty subset of {list(FEATURE_COLUMNS)}, "
+                f"got the unknown names {unknown}"
+            )
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+
+        classes = [int(label) for label in estimator.classes_]
+        if 1 not in classes:
+            raise ValueError(f"the estimator has no fraud class 1, only {classes}")
+
+        self._estimator = estimator
+        self._fraud_column = classes.index(1)
+        self._feature_names = tuple(feature_names)
+        self._read_features = operator.attrgetter(*self._feature_names)
+        self._threshold = float(threshold)
+        self._version = version
+        self._metadata = dict(metadata or {})
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The Transaction fields, in the column order of the estimator."""
+        return self._feature_names
+
+    @property
+    def threshold(self) -> float:
+        """The minimum fraud probability at which a transaction counts as fraud."""
+        return self._threshold
+
+    @property
+    def version(self) -> str:
+        """The model version reported with every score."""
+        return self._version
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the training details saved with the model."""
+        return dict(self._metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FraudModel:
+        """Load a model file written by ``save``.
+
+        joblib unpickles the file, and unpickling can run arbitrary code, so load
+        only files you trust.
+
+        Raises:
+            FileNotFoundError: The file does not exist.
+            ModelLoadError: The file is not a model saved by ``save``.
+        """
+        try:
+            artifact = joblib.load(path)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            raise ModelLoadError(
+                f"Could not unpickle the model file {str(path)!r}: {exc}. "
+                "Train a model with python -m sample_app.train."
+            ) from exc
+
+        if not isinstance(artifact, dict) or artifact.get("format") != ARTIFACT_FORMAT:
+            raise ModelLoadError(
+                f"{str(path)!r} is not a fraud model of format {ARTIFACT_FORMAT!r}. "
+                "Train a model with python -m sample_app.train."
+            )
+        try:
+            return cls(
+                artifact["estimator"],
+                feature_names=artifact["feature_names"],
+                threshold=artifact["threshold"],
+                version=artifact["version"],
+                metadata=artifact["metadata"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"The model file {str(path)!r} is invalid: {exc!r}"
+            ) from exc
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model to ``path`` atomically, creating parent directories.
+
+        Returns:
+            The path written.
+        """
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        artifact = {
+            "format": ARTIFACT_FORMAT,
+            "estimator": self._estimator,
+            "feature_names": list(self._feature_names),
+            "threshold": self._threshold,
+            "version": self._version,
+            "metadata": self._metadata,
+        }
+        with _atomic_target(target) as temporary:
+            joblib.dump(artifact, temporary)
+        return target
+
+    def with_metadata(self, extra: Mapping[str, Any]) -> FraudModel:
+        """Return a copy of the model whose metadata also has the ``extra`` keys."""
+        return FraudModel(
+            self._estimator,
+            feature_names=self._feature_names,
+            threshold=self._threshold,
+            version=self._version,
+            metadata={**self._metadata, **extra},
+        )
+
+    def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Return the fraud probability of each row of a feature matrix.
+
+        Args:
+            features: An array of shape (rows, len(feature_names)), with columns
+                in the order of ``feature_names``.
+        """
+        return self._estimator.predict_proba(features)[:, self._fraud_column]
+
+    def score(self, transaction: Transaction) -> dict[str, Any]:
+        """Score one transaction. ``score_many`` describes the result."""
+        return self.score_many([transaction])[0]
+
+    def score_many(self, transactions: Sequence[Transaction]) -> list[dict[str, Any]]:
+        """Score a batch of transactions with one ``predict_proba`` call.
+
+        Returns:
+            One dict per transaction, in input order, with the keys
+            ``transaction_id`` (str or None), ``fraud_probability`` (float),
+            ``is_fraud`` (True when the probability is at least the threshold)
+            and ``model_version``. The probability is the estimator's output for
+            class 1, which is not calibrated if training used class weights.
+        """
+        if not transactions:
+            return []
+
+        rows = [self._read_features(transaction) for transaction in transactions]
+        features = np.array(rows, dtype=np.float64).reshape(
+            len(transactions), len(self._feature_names)
+        )
+        probabilities = self.fraud_probabilities(features).tolist()
+
+        return [
+            {
+                "transaction_id": transaction.transaction_id,
+                "fraud_probability": probability,
+                "is_fraud": probability >= self._threshold,
+                "model_version": self._version,
+            }
+            for transaction, probability in zip(
+                transactions, probabilities, strict=True
+            )
+        ]
