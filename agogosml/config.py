@@ -9,6 +9,7 @@ reader and the writer. `load_settings` turns a validation failure into a
 from __future__ import annotations
 
 import enum
+import json
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from agogosml.errors import ConfigurationError
 
@@ -62,6 +63,7 @@ class SaslMechanism(enum.StrEnum):
 
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
+_SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
 
 
 class KafkaSettings(BaseSettings):
@@ -374,6 +376,8 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         return cls(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(describe_validation_error(cls, exc)) from None
+    except SettingsError as exc:
+        raise ConfigurationError(_describe_settings_error(cls, exc)) from None
 
 
 def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
@@ -396,6 +400,24 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str:
+    # pydantic-settings raises SettingsError, not ValidationError, when a JSON
+    # variable such as KAFKA_EXTRA_CONFIG does not parse. The value is left out
+    # because such JSON may contain passwords.
+    match = _SETTINGS_ERROR_FIELD.search(str(exc))
+    field = match.group(1) if match else ""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    name = f"{prefix}{field}".upper() if field else "a setting"
+    cause = exc.__cause__
+    problem = "cannot be read"
+    if isinstance(cause, json.JSONDecodeError):
+        problem = "is not valid JSON"
+    return (
+        f"invalid configuration for {cls.__name__}:\n"
+        f"  {name} {problem}: {cause} ({_describe(cls, field)})"
+    )
 
 
 def _describe(cls: type[BaseSettings], field: str) -> str:
