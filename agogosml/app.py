@@ -44,6 +44,7 @@ from agogosml.runtime import run_service
 logger = logging.getLogger(__name__)
 
 SERVICE = "app"
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 class InvalidRecord:
@@ -146,7 +147,7 @@ class ModelApp:
         app = web.Application(
             client_max_size=settings.max_body_bytes, middlewares=middlewares
         )
-        app["max_body_bytes"] = settings.max_body_bytes
+        app[MAX_BODY_BYTES] = settings.max_body_bytes
         app.router.add_post("/", self._post_one)
         app.router.add_post("/batch", self._post_batch)
         add_health_routes(app, lambda: self._writer_ready)
@@ -286,7 +287,7 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(exc.status, str(exc))
     except web.HTTPRequestEntityTooLarge:
         return error_response(
-            413, f"request body exceeds {request.app['max_body_bytes']} bytes"
+            413, f"request body exceeds {request.app[MAX_BODY_BYTES]} bytes"
         )
 
 

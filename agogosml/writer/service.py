@@ -39,6 +39,7 @@ SERVICE = "output_writer"
 DATA_PATHS = frozenset({"/", "/batch"})
 #: Request headers with this prefix become record headers (prefix removed).
 RECORD_HEADER_PREFIX = "X-Record-Header-"
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 Tap = Callable[[Sequence[Envelope]], Any]
 
@@ -85,7 +86,7 @@ class OutputWriter:
         app = web.Application(
             client_max_size=self._settings.max_body_bytes, middlewares=middlewares
         )
-        app["max_body_bytes"] = self._settings.max_body_bytes
+        app[MAX_BODY_BYTES] = self._settings.max_body_bytes
         app.router.add_post("/", self.post_one)
         app.router.add_post("/batch", self.post_batch)
         add_health_routes(app, lambda: self.ready)
@@ -194,7 +195,7 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _reject(
             request,
             413,
-            f"request body exceeds the limit of {request.app['max_body_bytes']} bytes;"
+            f"request body exceeds the limit of {request.app[MAX_BODY_BYTES]} bytes;"
             " send smaller batches or raise WRITER_MAX_BODY_BYTES",
         )
 
