@@ -144,6 +144,9 @@ class InputReader:
             if transformed is None:
                 self._finish(envelope)
                 return
+            # The source commits by position, so the message keeps the position
+            # it was read from even when the transform built a new envelope.
+            transformed.position = envelope.position
             envelope = transformed
         self._lane_for(envelope).queue.put_nowait(envelope)
 
