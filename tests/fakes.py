@@ -1,0 +1,169 @@
+"""In-memory implementations of the Source and Sink interfaces for unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from agogosml.envelope import Envelope, Position
+from agogosml.errors import SinkError
+from agogosml.transports.base import OffsetTracker, RevokeHandler, Sink, Source
+
+
+class MemorySource(Source):
+    """A bounded source of records held in lists, one list per partition.
+
+    Offsets of each partition start at 0. `fetch` takes records from the
+    partitions in turn, so a batch interleaves partitions as a Kafka fetch can.
+    Every `ack` commits the contiguous finished prefix at once, and `commits`
+    keeps each position committed, in order.
+    """
+
+    def __init__(self, topic: str = "input", partitions: int = 1) -> None:
+        self.topic = topic
+        self.tracker = OffsetTracker()
+        self._records: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self._next_index: dict[int, int] = {}
+        self._generations: dict[int, int] = {}
+        for partition in range(partitions):
+            self._records[partition] = []
+            self._next_index[partition] = 0
+            self._generations[partition] = self.tracker.assign(topic, partition)
+        self.acked: list[Envelope] = []
+        self.committed: dict[tuple[str, int], int] = {}
+        self.commits: list[tuple[str, int, int]] = []
+        self.fetched_count = 0
+        self.pause_count = 0
+        self.resume_count = 0
+        self.paused = False
+        self.started = False
+        self.revoke_handler: RevokeHandler | None = None
+
+    def add(
+        self, value: bytes, *, partition: int = 0, key: bytes | None = None
+    ) -> None:
+        """Append a record to the end of a partition."""
+        self._records[partition].append((value, key))
+
+    @property
+    def at_end(self) -> bool:  # type: ignore[override]
+        """Whether every record has been fetched."""
+        return all(
+            self._next_index[partition] == len(records)
+            for partition, records in self._records.items()
+        )
+
+    @property
+    def connected(self) -> bool:
+        """Whether `start` was called and `stop` was not."""
+        return self.started
+
+    async def start(self) -> None:
+        """Mark the source started."""
+        self.started = True
+
+    async def stop(self) -> None:
+        """Commit the finished prefix and mark the source stopped."""
+        self._commit()
+        self.started = False
+
+    async def fetch(self, max_messages: int, timeout_seconds: float) -> list[Envelope]:
+        """Return up to `max_messages` records, or [] after a short wait."""
+        envelopes: list[Envelope] = []
+        while not self.paused and len(envelopes) < max_messages and not self.at_end:
+            for partition in self._records:
+                if len(envelopes) < max_messages:
+                    envelope = self._take(partition)
+                    if envelope is not None:
+                        envelopes.append(envelope)
+        if not envelopes:
+            await asyncio.sleep(min(timeout_seconds, 0.005))
+        self.fetched_count += len(envelopes)
+        return envelopes
+
+    def _take(self, partition: int) -> Envelope | None:
+        offset = self._next_index[partition]
+        if offset == len(self._records[partition]):
+            return None
+        self._next_index[partition] = offset + 1
+        value, key = self._records[partition][offset]
+        position = Position(
+            self.topic, partition, offset, offset + 1, self._generations[partition]
+        )
+        self.tracker.register(position)
+        return Envelope.from_record(value, key, None, position)
+
+    def ack(self, envelope: Envelope) -> None:
+        """Mark a message finished and commit the finished prefix."""
+        self.acked.append(envelope)
+        if envelope.position is not None:
+            self.tracker.finish(envelope.position)
+        self._commit()
+
+    def _commit(self) -> None:
+        for (topic, partition), offset in self.tracker.committable().items():
+            if self.committed.get((topic, partition)) != offset:
+                self.committed[(topic, partition)] = offset
+                self.commits.append((topic, partition, offset))
+
+    async def pause(self) -> None:
+        """Count the call and stop returning records until `resume`."""
+        self.pause_count += 1
+        self.paused = True
+
+    async def resume(self) -> None:
+        """Count the call and return records again."""
+        self.resume_count += 1
+        self.paused = False
+
+    def set_revoke_handler(self, handler: RevokeHandler) -> None:
+        """Keep the handler so a test can call it."""
+        self.revoke_handler = handler
+
+
+class MemorySink(Sink):
+    """A sink that keeps every envelope it acknowledged, in order.
+
+    `fail_next` makes the next sends raise `SinkError`. While `gate` is clear,
+    `send` waits, so a test can hold a write in flight. `on_send`, if set, is
+    called at the start of every send, so a test can record state at that moment.
+    """
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        self.send_calls = 0
+        self.started = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.on_send: Callable[[], None] | None = None
+        self._failures_left = 0
+
+    def fail_next(self, count: int) -> None:
+        """Make the next `count` calls of `send` raise `SinkError`."""
+        self._failures_left = count
+
+    @property
+    def connected(self) -> bool:
+        """Whether `start` was called and `stop` was not."""
+        return self.started
+
+    async def start(self) -> None:
+        """Mark the sink started."""
+        self.started = True
+
+    async def stop(self) -> None:
+        """Mark the sink stopped."""
+        self.started = False
+
+    async def send(self, envelopes: Sequence[Envelope]) -> None:
+        """Store `envelopes`, or raise `SinkError` on a requested failure."""
+        self.send_calls += 1
+        if self.on_send is not None:
+            self.on_send()
+        await self.gate.wait()
+        if not self.started:
+            raise SinkError("memory sink is not started")
+        if self._failures_left > 0:
+            self._failures_left -= 1
+            raise SinkError("memory sink failed this send, as fail_next requested")
+        self.envelopes.extend(envelopes)

@@ -1,0 +1,282 @@
+"""Tests of settings validation: invalid environment values become clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agogosml.config import (
+    KafkaSettings,
+    Ordering,
+    ReaderSettings,
+    WriterSettings,
+    load_settings,
+)
+from agogosml.errors import ConfigurationError
+
+SERVICE_PREFIXES = ("KAFKA_", "READER_", "WRITER_", "APP_")
+EVENTHUBS_KEY = "c2VjcmV0LWtleS1kby1ub3QtbG9n"
+EVENTHUBS_CONNECTION = (
+    "Endpoint=sb://fraud-ns.servicebus.windows.net/;"
+    f"SharedAccessKeyName=send;SharedAccessKey={EVENTHUBS_KEY}"
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Remove every service variable, so only what a test sets is read."""
+    for name in list(os.environ):
+        if name.upper().startswith(SERVICE_PREFIXES):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def configuration_error(cls: type, **environment: str) -> str:
+    """Set the variables, load `cls` and return the ConfigurationError text."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        with pytest.raises(ConfigurationError) as caught:
+            load_settings(cls)
+    return str(caught.value)
+
+
+def test_reader_valid_environment_loads(clean_environment):
+    clean_environment.setenv("READER_INPUT", "orders")
+    clean_environment.setenv("READER_APP_URL", "http://app:8000")
+    clean_environment.setenv("READER_ORDERING", "key")
+
+    settings = load_settings(ReaderSettings)
+
+    assert settings.ordering is Ordering.KEY
+    assert str(settings.app_url) == "http://app:8000/"
+
+
+def test_reader_invalid_ordering_named():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_ORDERING="sideways",
+    )
+
+    assert "READER_ORDERING='sideways' is invalid" in text
+    assert "partition, key or unordered" in text
+
+
+def test_reader_missing_app_url_named():
+    text = configuration_error(ReaderSettings, READER_INPUT="orders")
+
+    assert "READER_APP_URL is missing" in text
+
+
+def test_reader_invalid_integer_named():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_MAX_IN_FLIGHT="many",
+    )
+
+    assert "READER_MAX_IN_FLIGHT='many' is invalid" in text
+
+
+def test_reader_every_invalid_field_listed():
+    text = configuration_error(
+        ReaderSettings, READER_APP_URL="not a url", READER_CONCURRENCY="0"
+    )
+
+    assert "READER_INPUT is missing" in text
+    assert "READER_APP_URL='not a url' is invalid" in text
+    assert "READER_CONCURRENCY='0' is invalid" in text
+
+
+def test_reader_backoff_order_checked():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_RETRY_INITIAL_BACKOFF_MS="500",
+        READER_RETRY_MAX_BACKOFF_MS="100",
+    )
+
+    assert "READER_RETRY_MAX_BACKOFF_MS must be at least" in text
+
+
+def test_reader_token_not_shown(clean_environment):
+    # Any string is a valid token, so only a value of the wrong type makes the
+    # field invalid. The message must name the variable but not show the value.
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(
+            ReaderSettings,
+            input="orders",
+            app_url="http://app:8000",
+            app_token=["bearer-token-do-not-log"],
+        )
+    text = str(caught.value)
+
+    assert "READER_APP_TOKEN='<secret>' is invalid" in text
+    assert "bearer-token-do-not-log" not in text
+
+
+def test_writer_missing_output_named():
+    text = configuration_error(WriterSettings)
+
+    assert "WRITER_OUTPUT is missing" in text
+
+
+def test_kafka_mechanism_without_sasl_protocol():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9092",
+        KAFKA_SASL_MECHANISM="PLAIN",
+    )
+
+    assert "KAFKA_SASL_MECHANISM is set" in text
+    assert "KAFKA_SECURITY_PROTOCOL is PLAINTEXT" in text
+
+
+def test_kafka_sasl_ssl_without_mechanism():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9093",
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_USERNAME="reader",
+        KAFKA_SASL_PASSWORD="hunter2-do-not-log",
+    )
+
+    assert "security protocol SASL_SSL needs KAFKA_SASL_MECHANISM" in text
+    assert "hunter2-do-not-log" not in text
+
+
+def test_kafka_invalid_mechanism_named():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9093",
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="GSSAPI",
+        KAFKA_SASL_PASSWORD="hunter2-do-not-log",
+    )
+
+    assert "KAFKA_SASL_MECHANISM='GSSAPI' is invalid" in text
+    assert "hunter2-do-not-log" not in text
+
+
+def test_kafka_missing_ca_file_named(tmp_path):
+    missing = tmp_path / "ca.pem"
+
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9093",
+        KAFKA_SECURITY_PROTOCOL="SSL",
+        KAFKA_SSL_CA_LOCATION=str(missing),
+    )
+
+    assert f"KAFKA_SSL_CA_LOCATION={str(missing)!r} is invalid" in text
+    assert "does not exist" in text
+
+
+def test_kafka_existing_ca_file_configured(clean_environment, tmp_path):
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    clean_environment.setenv("KAFKA_SSL_CA_LOCATION", str(ca_file))
+
+    config = load_settings(KafkaSettings).client_config()
+
+    assert config["security.protocol"] == "SSL"
+    assert config["ssl.ca.location"] == str(ca_file)
+    assert config["enable.ssl.certificate.verification"] is True
+
+
+def test_kafka_missing_bootstrap_named():
+    text = configuration_error(KafkaSettings)
+
+    assert "KAFKA_BOOTSTRAP_SERVERS is empty" in text
+
+
+def test_kafka_scram_client_config(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    clean_environment.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    clean_environment.setenv("KAFKA_SASL_USERNAME", "reader")
+    clean_environment.setenv("KAFKA_SASL_PASSWORD", "hunter2")
+
+    settings = load_settings(KafkaSettings)
+    config = settings.client_config()
+
+    assert config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl.username"] == "reader"
+    assert config["sasl.password"] == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+def test_eventhubs_connection_string_config(clean_environment):
+    clean_environment.setenv("KAFKA_EVENTHUBS_CONNECTION_STRING", EVENTHUBS_CONNECTION)
+
+    settings = load_settings(KafkaSettings)
+    config = settings.client_config()
+
+    assert config["bootstrap.servers"] == "fraud-ns.servicebus.windows.net:9093"
+    assert config["security.protocol"] == "SASL_SSL"
+    assert config["sasl.mechanism"] == "PLAIN"
+    assert config["sasl.username"] == "$ConnectionString"
+    assert config["sasl.password"] == EVENTHUBS_CONNECTION
+    assert config["enable.ssl.certificate.verification"] is True
+    assert EVENTHUBS_KEY not in repr(settings)
+
+
+def test_eventhubs_explicit_bootstrap_wins(clean_environment):
+    clean_environment.setenv("KAFKA_EVENTHUBS_CONNECTION_STRING", EVENTHUBS_CONNECTION)
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "10.0.0.4:9093")
+
+    config = load_settings(KafkaSettings).client_config()
+
+    assert config["bootstrap.servers"] == "10.0.0.4:9093"
+
+
+def test_eventhubs_without_endpoint_hides_key():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_EVENTHUBS_CONNECTION_STRING=(
+            f"SharedAccessKeyName=send;SharedAccessKey={EVENTHUBS_KEY}"
+        ),
+    )
+
+    assert "Event Hubs connection string has no Endpoint=sb://" in text
+    assert EVENTHUBS_KEY not in text
+
+
+def test_kafka_extra_config_not_json_named():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9092",
+        KAFKA_EXTRA_CONFIG='{"ssl.key.password": "pem-pass-do-not-log",',
+    )
+
+    assert "KAFKA_EXTRA_CONFIG" in text
+    assert "not valid JSON" in text
+    assert "pem-pass-do-not-log" not in text
+
+
+def test_kafka_extra_config_applied_last(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    clean_environment.setenv(
+        "KAFKA_EXTRA_CONFIG",
+        '{"security.protocol": "SSL", "socket.nagle.disable": true}',
+    )
+
+    config = load_settings(KafkaSettings).client_config()
+
+    assert config["security.protocol"] == "SSL"
+    assert config["socket.nagle.disable"] is True
+
+
+def test_overrides_win_over_environment(clean_environment):
+    clean_environment.setenv("WRITER_OUTPUT", "from-env.jsonl")
+
+    settings = load_settings(WriterSettings, output="from-flag.jsonl")
+
+    assert settings.output == "from-flag.jsonl"

@@ -1,0 +1,489 @@
+"""Tests of ModelApp: scoring, validation and forwarding to the output writer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from fakes import MemorySink
+from multidict import CIMultiDict
+
+from agogosml.app import AppSettings, InvalidRecord, ModelApp
+from agogosml.config import WriterSettings
+from agogosml.envelope import trace_id
+from agogosml.writer.service import OutputWriter
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+OTHER_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+OTHER_TRACEPARENT = f"00-{OTHER_TRACE_ID}-b7ad6b7169203331-01"
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove APP_ and WRITER_ variables, so only the arguments of a test apply."""
+    for name in list(os.environ):
+        if name.upper().startswith(("APP_", "WRITER_")):
+            monkeypatch.delenv(name)
+
+
+@dataclass
+class Forwarded:
+    """One request as the writer received it."""
+
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class StubWriter:
+    """An output writer that records requests and responds with `status`."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.status = 200
+        self.requests: list[Forwarded] = []
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/", self._handle)
+        app.router.add_post("/batch", self._handle)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            Forwarded(request.path, CIMultiDict(request.headers), await request.read())
+        )
+        if self.status == 200:
+            return web.json_response({"written": 1})
+        return web.json_response({"error": "sink unavailable"}, status=self.status)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+
+@contextlib.asynccontextmanager
+async def stub_writer() -> AsyncIterator[StubWriter]:
+    writer = StubWriter()
+    server = TestServer(writer.build_app())
+    await server.start_server()
+    writer.url = str(server.make_url(""))
+    try:
+        yield writer
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def model_app(
+    score: Callable[[list[Any]], Any], writer_url: str, **settings: Any
+) -> AsyncIterator[TestClient]:
+    """Serve a ModelApp around `score` that forwards to `writer_url`."""
+    app_settings = AppSettings(writer_url=writer_url, **settings)
+    async with ModelApp(score).running(app_settings) as app:
+        async with TestClient(TestServer(app)) as client:
+            yield client
+
+
+def double_amount(values: list[Any]) -> list[Any]:
+    return [{"score": value["amount"] * 2} for value in values]
+
+
+def reject_negative(values: list[Any]) -> list[Any]:
+    results: list[Any] = []
+    for value in values:
+        if value["amount"] < 0:
+            results.append(InvalidRecord(f"amount {value['amount']} is negative"))
+        else:
+            results.append({"score": value["amount"]})
+    return results
+
+
+def closed_port() -> int:
+    """Return a loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def wait_for(condition: Callable[[], Any], timeout_seconds: float = 3) -> None:
+    async with asyncio.timeout(timeout_seconds):
+        while not await condition():
+            await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# Single messages
+# ---------------------------------------------------------------------------
+
+
+async def test_single_scored_and_forwarded():
+    headers = {
+        **JSON,
+        "X-Message-Id": "input:0:7",
+        "X-Message-Key": "card-1",
+        "traceparent": TRACEPARENT,
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 21}', headers=headers)
+            body = await response.json()
+
+    assert response.status == 200
+    assert body == {"status": 200}
+    assert len(writer.requests) == 1
+    forwarded = writer.requests[0]
+    assert forwarded.path == "/"
+    assert forwarded.json() == {"score": 42}
+    assert forwarded.headers["Content-Type"] == "application/json"
+    assert forwarded.headers["X-Message-Id"] == "input:0:7"
+    assert forwarded.headers["X-Message-Key"] == "card-1"
+    assert trace_id(forwarded.headers["traceparent"]) == TRACE_ID
+    assert forwarded.headers["traceparent"] != TRACEPARENT
+
+
+async def test_single_without_trace_starts_one():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+
+    assert response.status == 200
+    forwarded = writer.requests[0]
+    assert trace_id(forwarded.headers["traceparent"]) is not None
+    assert "X-Message-Id" not in forwarded.headers
+
+
+async def test_single_key_encoding_forwarded():
+    key = base64.b64encode(b"\xff\x01").decode()
+    headers = {**JSON, "X-Message-Key": key, "X-Message-Key-Encoding": "base64"}
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    assert writer.requests[0].headers["X-Message-Key"] == key
+    assert writer.requests[0].headers["X-Message-Key-Encoding"] == "base64"
+
+
+async def test_single_invalid_record_400():
+    async with stub_writer() as writer:
+        async with model_app(reject_negative, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": -5}', headers=JSON)
+            body = await response.json()
+
+    assert response.status == 400
+    assert body["error"] == "amount -5 is negative"
+    assert writer.requests == []
+
+
+async def test_single_invalid_json_400():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b"{amount", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 400
+    assert "not valid JSON" in body["error"]
+    assert writer.requests == []
+
+
+async def test_async_score_function():
+    async def score(values: list[Any]) -> list[Any]:
+        await asyncio.sleep(0)
+        return [value["amount"] + 1 for value in values]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+
+    assert response.status == 200
+    assert writer.requests[0].json() == 2
+
+
+async def test_score_raising_500():
+    def broken(values: list[Any]) -> list[Any]:
+        raise KeyError("amount")
+
+    async with stub_writer() as writer:
+        async with model_app(broken, writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert "the scoring function raised KeyError('amount')" in body["error"]
+    assert writer.requests == []
+
+
+async def test_score_wrong_count_500():
+    async with stub_writer() as writer:
+        async with model_app(lambda values: [], writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert "returned 0 results for 1 values" in body["error"]
+    assert writer.requests == []
+
+
+async def test_body_over_limit_413():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url, max_body_bytes=64) as client:
+            body = orjson.dumps({"amount": 1, "padding": "x" * 100})
+            response = await client.post("/", data=body, headers=JSON)
+            error = (await response.json())["error"]
+
+    assert response.status == 413
+    assert "64 bytes" in error
+    assert writer.requests == []
+
+
+# ---------------------------------------------------------------------------
+# Writer failures
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("writer_status", "app_status"), [(500, 503), (503, 503), (429, 503), (400, 502)]
+)
+async def test_writer_error_mapped(writer_status, app_status):
+    async with stub_writer() as writer:
+        writer.status = writer_status
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+            body = await response.json()
+
+    assert response.status == app_status
+    assert f"output writer answered {writer_status}" in body["error"]
+    assert "sink unavailable" in body["error"]
+
+
+async def test_writer_unreachable_503():
+    writer_url = f"http://127.0.0.1:{closed_port()}"
+
+    async with model_app(double_amount, writer_url) as client:
+        response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+        body = await response.json()
+        batch = await client.post(
+            "/batch", data=b'[{"id": "a", "value": {"amount": 1}}]', headers=JSON
+        )
+
+    assert response.status == 503
+    assert "is unreachable" in body["error"]
+    assert batch.status == 503
+
+
+async def test_writer_timeout_503():
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/", hang)
+    async with TestServer(app) as server:
+        writer_url = str(server.make_url(""))
+        try:
+            async with model_app(
+                double_amount, writer_url, writer_timeout_ms=100
+            ) as client:
+                response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+        finally:
+            release.set()
+
+    assert response.status == 503
+
+
+async def test_readiness_follows_writer():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+
+            async def app_ready() -> bool:
+                return (await client.get("/readyz")).status == 200
+
+            await wait_for(app_ready)
+
+    assert writer.requests == []
+
+
+async def test_readiness_without_writer_503():
+    writer_url = f"http://127.0.0.1:{closed_port()}"
+
+    async with model_app(double_amount, writer_url) as client:
+        await asyncio.sleep(0.05)
+        response = await client.get("/readyz")
+
+    assert response.status == 503
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+async def test_batch_scored_and_forwarded():
+    items = [
+        {
+            "id": "in:0:0",
+            "key": "a",
+            "traceparent": TRACEPARENT,
+            "value": {"amount": 1},
+        },
+        {
+            "id": "in:0:1",
+            "key": None,
+            "traceparent": OTHER_TRACEPARENT,
+            "value": {"amount": 2},
+        },
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert response.status == 200
+    assert body == {"results": [{"status": 200}, {"status": 200}]}
+    assert len(writer.requests) == 1
+    assert writer.requests[0].path == "/batch"
+    outputs = writer.requests[0].json()
+    assert [output["id"] for output in outputs] == ["in:0:0", "in:0:1"]
+    assert [output["key"] for output in outputs] == ["a", None]
+    assert [output["value"] for output in outputs] == [{"score": 2}, {"score": 4}]
+    assert trace_id(outputs[0]["traceparent"]) == TRACE_ID
+    assert trace_id(outputs[1]["traceparent"]) == OTHER_TRACE_ID
+
+
+async def test_batch_invalid_record_per_item_400():
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}},
+        {"id": "in:0:1", "value": {"amount": -1}},
+        {"id": "in:0:2", "value": {"amount": 3}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(reject_negative, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert response.status == 200
+    assert body["results"] == [
+        {"status": 200},
+        {"status": 400, "error": "amount -1 is negative"},
+        {"status": 200},
+    ]
+    outputs = writer.requests[0].json()
+    assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
+
+
+async def test_batch_all_invalid_not_forwarded():
+    items = [{"id": "in:0:0", "value": {"amount": -1}}]
+
+    async with stub_writer() as writer:
+        async with model_app(reject_negative, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert response.status == 200
+    assert body["results"][0]["status"] == 400
+    assert writer.requests == []
+
+
+async def test_batch_not_array_400():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            not_array = await client.post("/batch", data=b'{"value": 1}', headers=JSON)
+            no_value = await client.post("/batch", data=b'[{"id": "a"}]', headers=JSON)
+
+    assert not_array.status == 400
+    assert no_value.status == 400
+    assert writer.requests == []
+
+
+async def test_batch_writer_500_gives_503():
+    items = [{"id": "in:0:0", "value": {"amount": 1}}]
+
+    async with stub_writer() as writer:
+        writer.status = 500
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+
+    assert response.status == 503
+
+
+# ---------------------------------------------------------------------------
+# Tokens and the real writer
+# ---------------------------------------------------------------------------
+
+
+async def test_tokens_checked_and_sent():
+    async with stub_writer() as writer:
+        async with model_app(
+            double_amount, writer.url, token="app-secret", writer_token="writer-secret"
+        ) as client:
+            missing = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+            accepted = await client.post(
+                "/",
+                data=b'{"amount": 1}',
+                headers={**JSON, "Authorization": "Bearer app-secret"},
+            )
+
+    assert missing.status == 401
+    assert accepted.status == 200
+    assert len(writer.requests) == 1
+    assert writer.requests[0].headers["Authorization"] == "Bearer writer-secret"
+
+
+async def test_batch_through_real_writer():
+    sink = MemorySink()
+    await sink.start()
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+    raw_key = b"\xff\x00"
+    items = [
+        {
+            "id": "in:0:0",
+            "key": base64.b64encode(raw_key).decode(),
+            "key_encoding": "base64",
+            "traceparent": TRACEPARENT,
+            "value": {"amount": 1},
+        },
+        {"id": "in:0:1", "key": "card-2", "value": {"amount": 2}},
+        {"id": "in:0:2", "value": {"amount": 3}},
+    ]
+
+    async with TestServer(writer.build_app()) as server:
+        async with model_app(double_amount, str(server.make_url(""))) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+
+    assert response.status == 200
+    assert [record.id for record in sink.envelopes] == ["in:0:0", "in:0:1", "in:0:2"]
+    assert [record.key for record in sink.envelopes] == [raw_key, b"card-2", None]
+    assert sink.envelopes[1].value == b'{"score":4}'
+    assert trace_id(sink.envelopes[0].traceparent) == TRACE_ID

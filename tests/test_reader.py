@@ -1,0 +1,912 @@
+"""Tests of the input reader against an in-process model app on loopback.
+
+The source and the dead-letter sink are in-memory fakes. The model app is a
+real aiohttp server whose responses each test chooses, so the reader's HTTP
+client, retries and batching run as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from fakes import MemorySink, MemorySource
+from multidict import CIMultiDict
+from prometheus_client import REGISTRY
+
+from agogosml.config import Ordering, ReaderSettings
+from agogosml.envelope import Envelope, trace_id
+from agogosml.reader.client import AppClient
+from agogosml.reader.engine import InputReader, Transform
+
+TOPIC = "input"
+RUN_TIMEOUT_SECONDS = 5.0
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove READER_ variables, so only the arguments of a test apply."""
+    for name in list(os.environ):
+        if name.upper().startswith("READER_"):
+            monkeypatch.delenv(name)
+
+
+# ---------------------------------------------------------------------------
+# Model app stub
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """One request as the model app received it."""
+
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    @property
+    def number(self) -> int:
+        """The ``n`` field of a single message body."""
+        return self.json()["n"]
+
+
+Responder = Callable[[Received], Awaitable[web.Response]]
+
+
+def status_response(status: int, error: str = "") -> web.Response:
+    if status < 300:
+        return web.json_response({"status": status}, status=status)
+    return web.json_response({"error": error or f"failed with {status}"}, status=status)
+
+
+async def accept(received: Received) -> web.Response:
+    return status_response(200)
+
+
+class StubApp:
+    """A model app that records requests and responds through `respond`."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.url = ""
+        self.requests: list[Received] = []
+        self.accepted: list[Received] = []
+        self.events: list[str] = []
+        self.ready = True
+        self.active = 0
+        self.max_active = 0
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/", self._handle)
+        app.router.add_post("/batch", self._handle)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        received = Received(
+            request.path, CIMultiDict(request.headers), await request.read()
+        )
+        self.requests.append(received)
+        self.events.append(f"POST {request.path}")
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            response = await self.respond(received)
+        finally:
+            self.active -= 1
+        if response.status == 200:
+            self.accepted.append(received)
+        return response
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        status = 200 if self.ready else 503
+        self.events.append(f"ready {status}")
+        return web.Response(status=status)
+
+    def numbers(self) -> list[int]:
+        """Return the ``n`` of every accepted single message, in order."""
+        return [received.number for received in self.accepted]
+
+
+@contextlib.asynccontextmanager
+async def stub_app(respond: Responder = accept) -> AsyncIterator[StubApp]:
+    stub = StubApp(respond)
+    server = TestServer(stub.build_app())
+    await server.start_server()
+    stub.url = str(server.make_url(""))
+    try:
+        yield stub
+    finally:
+        await server.close()
+
+
+# ---------------------------------------------------------------------------
+# Reader harness
+# ---------------------------------------------------------------------------
+
+
+def reader_settings(app_url: str, **overrides: Any) -> ReaderSettings:
+    values: dict[str, Any] = {
+        "input": TOPIC,
+        "app_url": app_url,
+        "app_ready_path": "",
+        "retry_initial_backoff_ms": 1,
+        "retry_max_backoff_ms": 5,
+        "batch_max_wait_ms": 5,
+        "request_timeout_ms": 2000,
+        "shutdown_timeout_ms": 2000,
+        "stop_at_end": True,
+    }
+    values.update(overrides)
+    return ReaderSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_reader(
+    settings: ReaderSettings,
+    source: MemorySource,
+    dead_letter: MemorySink,
+    transform: Transform | None = None,
+) -> AsyncIterator[tuple[InputReader, asyncio.Task[None]]]:
+    """Run an InputReader in a task. On exit, stop it and wait for `run`."""
+    client = AppClient(
+        str(settings.app_url),
+        token=settings.app_token.get_secret_value(),
+        timeout_seconds=settings.request_timeout_ms / 1000,
+    )
+    await client.start()
+    try:
+        async with dead_letter, source:
+            reader = InputReader(
+                settings, source, client, dead_letter, transform=transform
+            )
+            task = asyncio.create_task(reader.run())
+            try:
+                yield reader, task
+            finally:
+                reader.request_stop()
+                await asyncio.wait_for(task, RUN_TIMEOUT_SECONDS)
+    finally:
+        await client.stop()
+
+
+async def run_reader(
+    settings: ReaderSettings,
+    source: MemorySource,
+    dead_letter: MemorySink,
+    transform: Transform | None = None,
+) -> InputReader:
+    """Run an InputReader until the source is read and every message finished."""
+    async with running_reader(settings, source, dead_letter, transform) as (
+        reader,
+        task,
+    ):
+        await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+    return reader
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll `condition` until it is true, failing after RUN_TIMEOUT_SECONDS."""
+    async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+def fill(
+    source: MemorySource, count: int, *, partition: int = 0, key: bytes | None = None
+) -> None:
+    """Add messages ``{"n": 0}`` to ``{"n": count - 1}`` to a partition."""
+    for number in range(count):
+        source.add(orjson.dumps({"n": number}), partition=partition, key=key)
+
+
+def dead_letter_headers(envelope: Envelope) -> dict[str, str]:
+    return {name: value.decode() for name, value in envelope.headers}
+
+
+def retries_total() -> float:
+    value = REGISTRY.get_sample_value(
+        "agogosml_retries_total", {"service": "input_reader"}
+    )
+    return value or 0.0
+
+
+def closed_port() -> int:
+    """Return a loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Delivery
+# ---------------------------------------------------------------------------
+
+
+async def test_all_delivered_and_committed():
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        reader = await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [0, 1, 2, 3, 4]
+    assert source.committed == {(TOPIC, 0): 5}
+    assert dead_letter.envelopes == []
+    assert reader.finished_count == 5
+    assert reader.in_flight == 0
+
+
+async def test_single_request_headers():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', key=b"card-1")
+    source.add(b'{"n": 1}', key=b"\xff\xfe")
+    source.add(b'{"n": 2}')
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, app_token="reader-secret")
+        await run_reader(settings, source, dead_letter)
+
+    first, second, third = app.requests
+    assert first.path == "/"
+    assert first.body == b'{"n": 0}'
+    assert first.headers["Content-Type"] == "application/json"
+    assert first.headers["X-Message-Id"] == f"{TOPIC}:0:0"
+    assert first.headers["X-Message-Key"] == "card-1"
+    assert "X-Message-Key-Encoding" not in first.headers
+    assert trace_id(first.headers["traceparent"]) is not None
+    assert first.headers["Authorization"] == "Bearer reader-secret"
+    assert second.headers["X-Message-Key"] == base64.b64encode(b"\xff\xfe").decode()
+    assert second.headers["X-Message-Key-Encoding"] == "base64"
+    assert "X-Message-Key" not in third.headers
+
+
+async def test_500_twice_then_200_delivered():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    commits_seen: list[dict[tuple[str, int], int]] = []
+    failures_left = 2
+
+    async def fail_message_one(received: Received) -> web.Response:
+        nonlocal failures_left
+        if received.number == 1:
+            commits_seen.append(dict(source.committed))
+            if failures_left > 0:
+                failures_left -= 1
+                return status_response(500)
+        return status_response(200)
+
+    retries_before = retries_total()
+    async with stub_app(fail_message_one) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert [received.number for received in app.requests] == [0, 1, 1, 1, 2]
+    assert app.numbers() == [0, 1, 2]
+    assert retries_total() - retries_before == 2
+    assert commits_seen == [{(TOPIC, 0): 1}] * 3
+    assert source.committed == {(TOPIC, 0): 3}
+    assert dead_letter.envelopes == []
+
+
+@pytest.mark.parametrize("status", [408, 429, 502, 503])
+async def test_retriable_status_retried(status):
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    statuses = [status, 200]
+
+    async def fail_once(received: Received) -> web.Response:
+        return status_response(statuses.pop(0))
+
+    async with stub_app(fail_once) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert len(app.requests) == 2
+    assert app.numbers() == [0]
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+async def test_timeout_retried():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    attempts = 0
+
+    async def slow_first(received: Received) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await asyncio.sleep(0.5)
+        return status_response(200)
+
+    async with stub_app(slow_first) as app:
+        settings = reader_settings(app.url, request_timeout_ms=200)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 2
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+async def test_400_dead_lettered_rest_flows():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    source.add(b'{"n": 3}', key=b"card-9")
+    dead_letter = MemorySink()
+
+    async def reject_one(received: Received) -> web.Response:
+        if received.number in (1, 3):
+            return status_response(400, "field 'amount' is missing")
+        return status_response(200)
+
+    async with stub_app(reject_one) as app:
+        reader = await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert [received.number for received in app.requests] == [0, 1, 2, 3]
+    assert app.numbers() == [0, 2]
+    assert source.committed == {(TOPIC, 0): 4}
+    assert reader.dead_lettered_count == 2
+    record = dead_letter.envelopes[0]
+    assert record.value == b'{"n":1}'
+    assert record.id == f"{TOPIC}:0:1"
+    context = dead_letter_headers(record)
+    assert context["dlq.source.topic"] == TOPIC
+    assert context["dlq.source.partition"] == "0"
+    assert context["dlq.source.offset"] == "1"
+    assert context["dlq.status"] == "400"
+    assert "field 'amount' is missing" in context["dlq.error"]
+    assert context["dlq.attempts"] == "1"
+    assert dead_letter.envelopes[1].key == b"card-9"
+
+
+async def test_retries_exhausted_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def unavailable_for_zero(received: Received) -> web.Response:
+        if received.number == 0:
+            return status_response(503, "model is loading")
+        return status_response(200)
+
+    async with stub_app(unavailable_for_zero) as app:
+        settings = reader_settings(app.url, retry_max_attempts=3)
+        await run_reader(settings, source, dead_letter)
+
+    assert [received.number for received in app.requests] == [0, 0, 0, 1]
+    assert len(dead_letter.envelopes) == 1
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "503"
+    assert context["dlq.attempts"] == "3"
+    assert "model is loading" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_unreachable_app_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    settings = reader_settings(
+        f"http://127.0.0.1:{closed_port()}", retry_max_attempts=2
+    )
+
+    await run_reader(settings, source, dead_letter)
+
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "0"
+    assert context["dlq.attempts"] == "2"
+    assert "failed" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+async def test_dead_letter_failures_retried_before_commit():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(2)
+    commits_at_send: list[dict[tuple[str, int], int]] = []
+    dead_letter.on_send = lambda: commits_at_send.append(dict(source.committed))
+
+    async def reject_one(received: Received) -> web.Response:
+        return status_response(400 if received.number == 1 else 200)
+
+    async with stub_app(reject_one) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert dead_letter.send_calls == 3
+    assert commits_at_send == [{(TOPIC, 0): 1}] * 3
+    assert [record.value for record in dead_letter.envelopes] == [b'{"n":1}']
+    assert app.numbers() == [0, 2]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+# ---------------------------------------------------------------------------
+# Ordering and commits
+# ---------------------------------------------------------------------------
+
+
+async def test_out_of_order_commits_prefix():
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_one(received: Received) -> web.Response:
+        if received.number == 1:
+            await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_one) as app:
+        settings = reader_settings(app.url, ordering=Ordering.UNORDERED, concurrency=4)
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(source.acked) == 4)
+            committed_while_held = dict(source.committed)
+            acked_while_held = sorted(e.position.offset for e in source.acked)
+
+            release.set()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert sorted(app.numbers()[:4]) == [0, 2, 3, 4]
+    assert acked_while_held == [0, 2, 3, 4]
+    assert committed_while_held == {(TOPIC, 0): 1}
+    assert source.committed == {(TOPIC, 0): 5}
+    assert source.commits == [(TOPIC, 0, 1), (TOPIC, 0, 5)]
+
+
+async def test_key_ordering_preserved():
+    source = MemorySource(TOPIC)
+    keys = [b"a", b"b", b"c", b"d", b"e"]
+    for number in range(20):
+        key = keys[number % len(keys)]
+        source.add(orjson.dumps({"n": number, "key": key.decode()}), key=key)
+    dead_letter = MemorySink()
+    active = collections.Counter()
+    overlapping: list[str] = []
+    failed_once: list[int] = []
+
+    async def vary_delay(received: Received) -> web.Response:
+        key = received.headers["X-Message-Key"]
+        active[key] += 1
+        if active[key] > 1:
+            overlapping.append(key)
+        try:
+            await asyncio.sleep((received.number * 7 % 5) / 1000)
+            if received.number == 5 and not failed_once:
+                failed_once.append(received.number)
+                return status_response(500)
+            return status_response(200)
+        finally:
+            active[key] -= 1
+
+    async with stub_app(vary_delay) as app:
+        settings = reader_settings(app.url, ordering=Ordering.KEY, concurrency=4)
+        await run_reader(settings, source, dead_letter)
+
+    by_key = collections.defaultdict(list)
+    for received in app.accepted:
+        by_key[received.json()["key"]].append(received.number)
+    assert by_key["a"] == [0, 5, 10, 15]
+    assert by_key["b"] == [1, 6, 11, 16]
+    assert by_key["c"] == [2, 7, 12, 17]
+    assert by_key["d"] == [3, 8, 13, 18]
+    assert by_key["e"] == [4, 9, 14, 19]
+    assert failed_once == [5]
+    assert overlapping == []
+    assert source.committed == {(TOPIC, 0): 20}
+
+
+async def test_partition_ordering_preserved():
+    source = MemorySource(TOPIC, partitions=2)
+    fill(source, 5, partition=0)
+    fill(source, 5, partition=1)
+    dead_letter = MemorySink()
+    partition_one_done = asyncio.Event()
+
+    def partition(received: Received) -> str:
+        return received.headers["X-Message-Id"].split(":")[1]
+
+    async def hold_partition_zero(received: Received) -> web.Response:
+        # Partition 0 waits for partition 1 to finish, which only works when
+        # the partitions are sent independently.
+        if partition(received) == "0" and received.number == 0:
+            await partition_one_done.wait()
+        if partition(received) == "1" and received.number == 4:
+            partition_one_done.set()
+        return status_response(200)
+
+    async with stub_app(hold_partition_zero) as app:
+        settings = reader_settings(app.url, ordering=Ordering.PARTITION)
+        await run_reader(settings, source, dead_letter)
+
+    by_partition = collections.defaultdict(list)
+    for received in app.accepted:
+        by_partition[partition(received)].append(received.number)
+    assert by_partition["0"] == [0, 1, 2, 3, 4]
+    assert by_partition["1"] == [0, 1, 2, 3, 4]
+    assert source.committed == {(TOPIC, 0): 5, (TOPIC, 1): 5}
+
+
+async def test_revoke_waits_for_partition():
+    source = MemorySource(TOPIC, partitions=2)
+    fill(source, 2, partition=0)
+    fill(source, 1, partition=1)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_partition_one(received: Received) -> web.Response:
+        if received.headers["X-Message-Id"] == f"{TOPIC}:1:0":
+            await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_partition_one) as app:
+        settings = reader_settings(app.url)
+        async with running_reader(settings, source, dead_letter):
+            await wait_for(lambda: len(app.accepted) == 2 and len(app.requests) == 3)
+            assert source.revoke_handler is not None
+            await asyncio.wait_for(source.revoke_handler([(TOPIC, 0)]), 1)
+            drain = asyncio.create_task(source.revoke_handler([(TOPIC, 1)]))
+            await asyncio.sleep(0.05)
+            drained_while_held = drain.done()
+
+            release.set()
+            await asyncio.wait_for(drain, 1)
+
+    assert drained_while_held is False
+    assert source.committed == {(TOPIC, 0): 2, (TOPIC, 1): 1}
+
+
+# ---------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------
+
+
+def batch_response(results: list[dict[str, Any]]) -> web.Response:
+    return web.json_response({"results": results})
+
+
+async def test_batch_per_item_400_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 3, key=b"card-1")
+    source.add(b'{"n": 3}')
+    dead_letter = MemorySink()
+
+    async def reject_item_one(received: Received) -> web.Response:
+        results = []
+        for item in received.json():
+            if item["value"]["n"] == 1:
+                results.append({"status": 400, "error": "n=1 is invalid"})
+            else:
+                results.append({"status": 200})
+        return batch_response(results)
+
+    async with stub_app(reject_item_one) as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert [received.path for received in app.requests] == ["/batch", "/batch"]
+    first_batch = app.requests[0].json()
+    assert [item["id"] for item in first_batch] == [
+        f"{TOPIC}:0:0",
+        f"{TOPIC}:0:1",
+        f"{TOPIC}:0:2",
+    ]
+    assert [item["value"] for item in first_batch] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert first_batch[0]["key"] == "card-1"
+    assert trace_id(first_batch[0]["traceparent"]) is not None
+    assert app.requests[1].json()[0]["key"] is None
+    assert [record.value for record in dead_letter.envelopes] == [b'{"n":1}']
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "400"
+    assert context["dlq.error"] == "n=1 is invalid"
+    assert context["dlq.source.offset"] == "1"
+    assert source.committed == {(TOPIC, 0): 4}
+
+
+async def test_batch_item_503_retries_only_item():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    failed_once: list[int] = []
+
+    async def fail_item_one_once(received: Received) -> web.Response:
+        results = []
+        for item in received.json():
+            if item["value"]["n"] == 1 and not failed_once:
+                failed_once.append(1)
+                results.append({"status": 503, "error": "busy"})
+            else:
+                results.append({"status": 200})
+        return batch_response(results)
+
+    async with stub_app(fail_item_one_once) as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    sent = [[item["value"]["n"] for item in r.json()] for r in app.requests]
+    assert sent == [[0, 1, 2], [1]]
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_batch_500_retries_whole_batch():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    statuses = [500, 200]
+
+    async def fail_first_batch(received: Received) -> web.Response:
+        return status_response(statuses.pop(0))
+
+    async with stub_app(fail_first_batch) as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    sent = [[item["value"]["n"] for item in r.json()] for r in app.requests]
+    assert sent == [[0, 1], [0, 1]]
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_batch_wrong_result_count_not_accepted():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def one_result(received: Received) -> web.Response:
+        return batch_response([{"status": 200}])
+
+    async with stub_app(one_result) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=2, batch_max_wait_ms=50, retry_max_attempts=2
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 2
+    assert len(dead_letter.envelopes) == 2
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "502"
+    assert "1 results for a batch of 2" in context["dlq.error"]
+
+
+async def test_batch_non_json_value_dead_lettered():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}')
+    source.add(b"not json")
+    source.add(b'{"n": 2}')
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    items = app.requests[0].json()
+    assert [item["value"] for item in items] == [{"n": 0}, {"n": 2}]
+    assert [record.value for record in dead_letter.envelopes] == [b"not json"]
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "400"
+    assert "not valid JSON" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+# ---------------------------------------------------------------------------
+# Flow control and lifecycle
+# ---------------------------------------------------------------------------
+
+
+async def test_max_in_flight_pauses_source():
+    source = MemorySource(TOPIC)
+    fill(source, 6)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_all(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_all) as app:
+        settings = reader_settings(
+            app.url, ordering=Ordering.UNORDERED, concurrency=4, max_in_flight=2
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(app.requests) == 2 and source.paused)
+            await asyncio.sleep(0.05)
+            fetched_while_paused = source.fetched_count
+            in_flight_while_paused = reader.in_flight
+            requests_while_paused = len(app.requests)
+
+            release.set()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert fetched_while_paused == 2
+    assert in_flight_while_paused == 2
+    assert requests_while_paused == 2
+    assert source.pause_count >= 1
+    assert source.resume_count >= 1
+    assert app.max_active == 2
+    assert sorted(app.numbers()) == [0, 1, 2, 3, 4, 5]
+    assert source.committed == {(TOPIC, 0): 6}
+
+
+async def test_not_ready_app_gets_no_requests():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        app.ready = False
+        settings = reader_settings(app.url, app_ready_path="/readyz")
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: "ready 503" in app.events)
+            await asyncio.sleep(0.05)
+            fetched_while_not_ready = source.fetched_count
+            reported_ready = reader.app_ready
+
+            app.ready = True
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert fetched_while_not_ready == 0
+    assert reported_ready is False
+    assert source.pause_count >= 1
+    assert app.events[:4] == ["ready 503", "ready 200", "POST /", "POST /"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_request_stop_finishes_in_flight():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_all(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_all) as app:
+        settings = reader_settings(app.url, stop_at_end=False)
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(app.requests) == 1)
+            reader.request_stop()
+            source.add(b'{"n": 3}')
+            await asyncio.sleep(0.05)
+            stopped_early = task.done()
+
+            release.set()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert stopped_early is False
+    assert app.numbers() == [0, 1, 2]
+    assert source.fetched_count == 3
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+
+
+async def test_shutdown_timeout_leaves_uncommitted():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_all(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_all) as app:
+        settings = reader_settings(app.url, stop_at_end=False, shutdown_timeout_ms=100)
+        try:
+            async with running_reader(settings, source, dead_letter) as (reader, _):
+                await wait_for(lambda: len(app.requests) == 1)
+        finally:
+            release.set()
+
+    assert reader.in_flight == 1
+    assert source.committed == {}
+    assert dead_letter.envelopes == []
+
+
+# ---------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------
+
+
+async def test_transform_drop_finishes_message():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def drop_one(envelope: Envelope) -> Envelope | None:
+        return None if orjson.loads(envelope.value)["n"] == 1 else envelope
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=drop_one
+        )
+
+    assert app.numbers() == [0, 2]
+    assert dead_letter.envelopes == []
+    assert reader.finished_count == 3
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_transform_error_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def reject_one(envelope: Envelope) -> Envelope:
+        if orjson.loads(envelope.value)["n"] == 1:
+            raise ValueError("amount is negative")
+        return envelope
+
+    async with stub_app() as app:
+        await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=reject_one
+        )
+
+    assert app.numbers() == [0, 2]
+    assert [record.value for record in dead_letter.envelopes] == [b'{"n":1}']
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert "transform failed" in context["dlq.error"]
+    assert "amount is negative" in context["dlq.error"]
+    assert context["dlq.attempts"] == "0"
+    assert context["dlq.source.offset"] == "1"
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_transform_changed_value_sent():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    def double(envelope: Envelope) -> Envelope:
+        number = orjson.loads(envelope.value)["n"]
+        return replace(envelope, value=orjson.dumps({"n": number * 2}))
+
+    async with stub_app() as app:
+        await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=double
+        )
+
+    assert app.numbers() == [0, 2]
+    assert app.requests[1].headers["X-Message-Id"] == f"{TOPIC}:0:1"
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_transform_new_envelope_committed():
+    # A transform may build a fresh Envelope; the reader must still commit the
+    # position the original message was read from.
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    def rebuild(envelope: Envelope) -> Envelope:
+        return Envelope(value=b'{"n": 7}', key=envelope.key)
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=rebuild
+        )
+
+    assert app.numbers() == [7, 7]
+    assert reader.in_flight == 0
+    assert source.committed == {(TOPIC, 0): 2}
+    await asyncio.wait_for(reader.drain_partitions([(TOPIC, 0)]), 1)

@@ -1,0 +1,329 @@
+"""Tests of the output writer's HTTP endpoints, backed by an in-memory sink."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp.test_utils import TestClient, TestServer
+from fakes import MemorySink
+
+from agogosml.config import WriterSettings
+from agogosml.envelope import trace_id
+from agogosml.writer.service import OutputWriter
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+JSON = {"Content-Type": "application/json"}
+
+
+@contextlib.asynccontextmanager
+async def serve_writer(
+    sink: MemorySink, **settings: object
+) -> AsyncIterator[tuple[TestClient, OutputWriter]]:
+    """Serve an OutputWriter over `sink` on a loopback port."""
+    writer = OutputWriter(WriterSettings(output="memory", **settings), sink)
+    async with TestClient(TestServer(writer.build_app())) as client:
+        yield client, writer
+
+
+async def started_sink() -> MemorySink:
+    sink = MemorySink()
+    await sink.start()
+    return sink
+
+
+async def wait_for(condition, timeout_seconds: float = 2.0) -> None:
+    """Poll `condition` until it is true or the timeout passes."""
+    async with asyncio.timeout(timeout_seconds):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_post_one_writes_record():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Message-Id": "msg-1",
+        "X-Message-Key": "card-7",
+        "traceparent": TRACEPARENT,
+        "X-Record-Header-Model-Version": "3",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b'{"score": 0.91}', headers=headers)
+        body = await response.json()
+
+    assert response.status == 200
+    assert body == {"written": 1, "ids": ["msg-1"]}
+    assert len(sink.envelopes) == 1
+    record = sink.envelopes[0]
+    assert record.value == b'{"score": 0.91}'
+    assert record.key == b"card-7"
+    assert record.id == "msg-1"
+    assert trace_id(record.traceparent) == TRACE_ID
+    assert record.traceparent != TRACEPARENT
+    assert ("model-version", b"3") in record.headers
+
+
+async def test_post_one_without_headers_gets_ids():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"[1, 2]", headers=JSON)
+
+    assert response.status == 200
+    record = sink.envelopes[0]
+    assert record.key is None
+    assert len(record.id) == 32
+    assert trace_id(record.traceparent) is not None
+
+
+async def test_post_one_base64_key_decoded():
+    sink = await started_sink()
+    raw_key = b"\xff\x00key"
+    headers = {
+        **JSON,
+        "X-Message-Key": base64.b64encode(raw_key).decode(),
+        "X-Message-Key-Encoding": "base64",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+
+    assert response.status == 200
+    assert sink.envelopes[0].key == raw_key
+
+
+async def test_post_one_invalid_base64_key_400():
+    sink = await started_sink()
+    headers = {**JSON, "X-Message-Key": "@@@", "X-Message-Key-Encoding": "base64"}
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+        body = await response.json()
+
+    assert response.status == 400
+    assert "not valid base64" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_batch_writes_records_in_order():
+    sink = await started_sink()
+    items = [
+        {"value": {"score": 0.1}, "key": "a", "id": "b-1", "traceparent": TRACEPARENT},
+        {"value": [1, 2, 3], "headers": {"model-version": "3"}},
+        {"value": None, "key": None, "id": "b-3"},
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 200
+    assert body["written"] == 3
+    assert body["ids"][0] == "b-1"
+    assert body["ids"][2] == "b-3"
+    assert [record.value for record in sink.envelopes] == [
+        b'{"score":0.1}',
+        b"[1,2,3]",
+        b"null",
+    ]
+    first, second, third = sink.envelopes
+    assert first.key == b"a"
+    assert first.id == "b-1"
+    assert trace_id(first.traceparent) == TRACE_ID
+    assert second.key is None
+    assert ("model-version", b"3") in second.headers
+    assert third.id == "b-3"
+
+
+async def test_batch_empty_array_writes_nothing():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=b"[]", headers=JSON)
+        body = await response.json()
+
+    assert response.status == 200
+    assert body == {"written": 0, "ids": []}
+    assert sink.send_calls == 0
+
+
+async def test_batch_element_without_value_400():
+    sink = await started_sink()
+    items = [{"value": 1}, {"key": "a"}, {"value": 3}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert "batch element 1" in body["error"]
+    assert "'value'" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_batch_not_array_400():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=b'{"value": 1}', headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert "expects a JSON array" in body["error"]
+
+
+async def test_invalid_json_400():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        single = await client.post("/", data=b"{not json", headers=JSON)
+        single_body = await single.json()
+        batch = await client.post("/batch", data=b"[1,", headers=JSON)
+
+    assert single.status == 400
+    assert "not valid JSON" in single_body["error"]
+    assert batch.status == 400
+    assert sink.envelopes == []
+
+
+async def test_body_over_limit_413():
+    sink = await started_sink()
+    body = orjson.dumps({"padding": "x" * 200})
+
+    async with serve_writer(sink, max_body_bytes=100) as (client, _):
+        response = await client.post("/", data=body, headers=JSON)
+        error = (await response.json())["error"]
+        small = await client.post("/", data=b"{}", headers=JSON)
+
+    assert response.status == 413
+    assert "WRITER_MAX_BODY_BYTES" in error
+    assert small.status == 200
+    assert len(sink.envelopes) == 1
+
+
+async def test_wrong_content_type_415():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post(
+            "/", data=b"{}", headers={"Content-Type": "text/plain"}
+        )
+        body = await response.json()
+
+    assert response.status == 415
+    assert "'text/plain'" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_token_required_when_set():
+    sink = await started_sink()
+
+    async with serve_writer(sink, token="writer-secret") as (client, _):
+        missing = await client.post("/", data=b"1", headers=JSON)
+        wrong = await client.post(
+            "/", data=b"1", headers={**JSON, "Authorization": "Bearer nope"}
+        )
+        wrong_batch = await client.post("/batch", data=b"[]", headers=JSON)
+        right = await client.post(
+            "/", data=b"1", headers={**JSON, "Authorization": "Bearer writer-secret"}
+        )
+        health = await client.get("/healthz")
+
+    assert missing.status == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert wrong.status == 401
+    assert wrong_batch.status == 401
+    assert right.status == 200
+    assert health.status == 200
+    assert len(sink.envelopes) == 1
+
+
+async def test_sink_failure_503_then_recovers():
+    sink = await started_sink()
+    sink.fail_next(1)
+
+    async with serve_writer(sink) as (client, _):
+        failed = await client.post("/", data=b'{"n": 1}', headers=JSON)
+        error = (await failed.json())["error"]
+        retried = await client.post("/", data=b'{"n": 1}', headers=JSON)
+        ready = await client.get("/readyz")
+
+    assert failed.status == 503
+    assert "records were not written" in error
+    assert retried.status == 200
+    assert ready.status == 200
+    assert [record.value for record in sink.envelopes] == [b'{"n": 1}']
+
+
+async def test_sink_not_connected_503():
+    sink = MemorySink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=JSON)
+        ready = await client.get("/readyz")
+
+    assert response.status == 503
+    assert ready.status == 503
+    assert sink.send_calls == 0
+
+
+async def test_draining_rejects_new_waits_in_flight():
+    sink = await started_sink()
+    sink.gate.clear()
+
+    async with serve_writer(sink) as (client, writer):
+        in_flight = asyncio.create_task(client.post("/", data=b"1", headers=JSON))
+        await wait_for(lambda: sink.send_calls == 1)
+        drain = asyncio.create_task(writer.drain(timeout_seconds=5))
+        await wait_for(lambda: not writer.ready)
+
+        rejected = await client.post("/", data=b"2", headers=JSON)
+        rejected_error = (await rejected.json())["error"]
+        ready = await client.get("/readyz")
+        drain_finished_early = drain.done()
+
+        sink.gate.set()
+        accepted = await in_flight
+        await asyncio.wait_for(drain, 2)
+
+    assert rejected.status == 503
+    assert "shutting down" in rejected_error
+    assert ready.status == 503
+    assert drain_finished_early is False
+    assert accepted.status == 200
+    assert [record.value for record in sink.envelopes] == [b"1"]
+
+
+async def test_tap_gets_written_records():
+    sink = await started_sink()
+    tapped = []
+    writer = OutputWriter(WriterSettings(output="memory"), sink, tap=tapped.extend)
+
+    async with TestClient(TestServer(writer.build_app())) as client:
+        response = await client.post(
+            "/", data=b"7", headers={**JSON, "X-Message-Id": "t-1"}
+        )
+
+    assert response.status == 200
+    assert [envelope.id for envelope in tapped] == ["t-1"]
+
+
+async def test_tap_error_does_not_fail_write():
+    sink = await started_sink()
+
+    def broken_tap(envelopes):
+        raise RuntimeError("tap bug")
+
+    writer = OutputWriter(WriterSettings(output="memory"), sink, tap=broken_tap)
+
+    async with TestClient(TestServer(writer.build_app())) as client:
+        response = await client.post("/", data=b"7", headers=JSON)
+
+    assert response.status == 200
+    assert len(sink.envelopes) == 1
