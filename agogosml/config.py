@@ -119,8 +119,11 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
         "record before reporting it failed, in milliseconds.",
     )
+    # The writer answers only after the broker acknowledged, so any linger adds
+    # to every request's latency; records of concurrent requests still batch
+    # while a produce request is in flight.
     linger_ms: int = Field(
-        5, ge=0, description="KAFKA_LINGER_MS: producer batching delay, in ms."
+        0, ge=0, description="KAFKA_LINGER_MS: producer batching delay, in ms."
     )
     extra_config: dict[str, str | int | bool] = Field(
         default_factory=dict,

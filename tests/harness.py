@@ -74,6 +74,9 @@ class KafkaPipeline:
                 **kafka,
                 "KAFKA_GROUP_ID": self.group_id,
                 "KAFKA_COMMIT_INTERVAL_MS": "200",
+                # A killed reader's group membership expires after this, so a
+                # restarted reader gets its partitions back quickly.
+                "KAFKA_EXTRA_CONFIG": '{"session.timeout.ms": 6000}',
                 "READER_DEAD_LETTER": self.dead_letter,
                 "READER_RETRY_INITIAL_BACKOFF_MS": "20",
                 "READER_RETRY_MAX_BACKOFF_MS": "500",
@@ -133,7 +136,7 @@ class KafkaPipeline:
                 for message in consumer.consume(1000, 0.2):
                     if message.error() is None:
                         self._count(output, message)
-                finished = len(output.numbers()) + len(output.dead_letters)
+                finished = len(set(output.message_ids)) + len(output.dead_letters)
                 if finished >= expected and done_at is None:
                     done_at = time.monotonic()
                 if done_at is not None and time.monotonic() - done_at >= settle_seconds:

@@ -67,6 +67,7 @@ def test_dataset_records_all_arrive(
         partitions=3,
         app_module="sample_app.app",
         app_env={"SAMPLE_APP_MODEL_PATH": str(fraud_model)},
+        reader_env={"READER_BATCH_MAX_MESSAGES": "20"},
     )
     pipeline.produce(records, key_field="transaction_id")
 
