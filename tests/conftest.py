@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployment" / "kafka"))
+from broker import LocalKafkaBroker  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# Kafka broker and topics
+# ---------------------------------------------------------------------------
+
+TOPIC_TIMEOUT_SECONDS = 30.0
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap servers of the Kafka broker that this test session uses.
+
+    KAFKA_BOOTSTRAP_SERVERS selects an external broker. Without it, one local
+    broker starts on first use and stops when the session ends.
+    """
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with LocalKafkaBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def kafka_topic_factory(
+    kafka_bootstrap: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., str]]:
+    """Create topics with unique names and delete them after the test.
+
+    The factory takes the partition count, waits until every partition has a
+    leader and returns the topic name, which starts with the test name.
+    """
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:100]
+    created: list[str] = []
+
+    def create_topic(partitions: int = 1) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        topic = NewTopic(name, num_partitions=partitions, replication_factor=1)
+        futures = admin.create_topics([topic], operation_timeout=TOPIC_TIMEOUT_SECONDS)
+        futures[name].result(timeout=TOPIC_TIMEOUT_SECONDS)
+        created.append(name)
+        _wait_for_partition_leaders(admin, name, partitions)
+        return name
+
+    yield create_topic
+
+    if created:
+        futures = admin.delete_topics(created, operation_timeout=TOPIC_TIMEOUT_SECONDS)
+        for future in futures.values():
+            future.result(timeout=TOPIC_TIMEOUT_SECONDS)
+
+
+def _wait_for_partition_leaders(
+    admin: AdminClient, topic: str, partitions: int
+) -> None:
+    deadline = time.monotonic() + TOPIC_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(topic=topic, timeout=5).topics.get(topic)
+        if (
+            metadata is not None
+            and metadata.error is None
+            and len(metadata.partitions) == partitions
+            and all(p.leader >= 0 for p in metadata.partitions.values())
+        ):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"topic {topic!r} did not get leaders for all {partitions} partitions "
+        f"within {TOPIC_TIMEOUT_SECONDS:.0f} s"
+    )
+
