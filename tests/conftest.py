@@ -85,3 +85,20 @@ def _wait_for_partition_leaders(
         f"within {TOPIC_TIMEOUT_SECONDS:.0f} s"
     )
 
+
+# ---------------------------------------------------------------------------
+# Sample app model
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fraud_model() -> Path:
+    """Path of the trained sample-app model, trained once if it is missing."""
+    import subprocess
+
+    from sample_app.train import default_model_path
+
+    path = default_model_path()
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "sample_app.train"], check=True)
+    return path
