@@ -234,7 +234,15 @@ def main(argv: list[str] | None = None) -> None:
         help="model file to write (default: "
         "${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}/models/fraud-model.joblib)",
     )
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the model file already exists",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.if_missing and (arguments.out or default_model_path()).exists():
+        print(f"model: {arguments.out or default_model_path()} (exists, not retrained)")
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     if arguments.data is None:
