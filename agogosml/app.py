@@ -75,7 +75,9 @@ class AppSettings(BaseSettings):
     )
 
     host: str = Field("127.0.0.1", description="APP_HOST: listen address.")
-    port: int = Field(8000, ge=0, le=65535, description="APP_PORT.")
+    port: int = Field(
+        8000, ge=0, le=65535, description="APP_PORT: port of the app's HTTP server."
+    )
     writer_url: AnyHttpUrl = Field(
         ..., description="APP_WRITER_URL: base URL of the output writer."
     )
@@ -87,13 +89,19 @@ class AppSettings(BaseSettings):
         SecretStr(""), description="APP_WRITER_TOKEN: bearer token sent to the writer."
     )
     writer_timeout_ms: int = Field(
-        30000, ge=1, description="APP_WRITER_TIMEOUT_MS: per writer request."
+        30000,
+        ge=1,
+        description="APP_WRITER_TIMEOUT_MS: timeout of one writer request, in ms.",
     )
     max_body_bytes: int = Field(
-        4 * 1_048_576, ge=1, description="APP_MAX_BODY_BYTES: largest request body."
+        4 * 1_048_576,
+        ge=1,
+        description="APP_MAX_BODY_BYTES: largest request body accepted, in bytes.",
     )
     log_level: str = Field(
-        "INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$", description="APP_LOG_LEVEL."
+        "INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
+        description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.",
     )
 
 

@@ -101,8 +101,10 @@ class KafkaSettings(BaseSettings):
         None,
         description="KAFKA_SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
     )
-    sasl_username: str = Field("", description="KAFKA_SASL_USERNAME.")
-    sasl_password: SecretStr = Field(SecretStr(""), description="KAFKA_SASL_PASSWORD.")
+    sasl_username: str = Field("", description="KAFKA_SASL_USERNAME: SASL user name.")
+    sasl_password: SecretStr = Field(
+        SecretStr(""), description="KAFKA_SASL_PASSWORD: SASL password."
+    )
     ssl_ca_location: Path | None = Field(
         None,
         description="KAFKA_SSL_CA_LOCATION: PEM file of the CA that signed the "
@@ -246,7 +248,12 @@ class ReaderSettings(_ServiceSettings):
         description="READER_DEAD_LETTER: dead-letter topic (kafka) or file (file). "
         "Default: '<first input>.dlq' for kafka, '<input>.dlq.jsonl' for files.",
     )
-    port: int = Field(8081, ge=0, le=65535, description="READER_PORT.")
+    port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="READER_PORT: port of /healthz, /readyz and /metrics.",
+    )
     ordering: Ordering = Field(
         Ordering.PARTITION,
         description="READER_ORDERING: partition, key or unordered.",
@@ -281,7 +288,10 @@ class ReaderSettings(_ServiceSettings):
         "in milliseconds.",
     )
     request_timeout_ms: int = Field(
-        30000, ge=1, description="READER_REQUEST_TIMEOUT_MS: per app request."
+        30000,
+        ge=1,
+        description="READER_REQUEST_TIMEOUT_MS: timeout of one app request, in "
+        "milliseconds.",
     )
     retry_max_attempts: int = Field(
         8,
@@ -290,10 +300,16 @@ class ReaderSettings(_ServiceSettings):
         "dead-lettered.",
     )
     retry_initial_backoff_ms: int = Field(
-        100, ge=1, description="READER_RETRY_INITIAL_BACKOFF_MS."
+        100,
+        ge=1,
+        description="READER_RETRY_INITIAL_BACKOFF_MS: delay before the first retry, "
+        "in milliseconds; it doubles per attempt.",
     )
     retry_max_backoff_ms: int = Field(
-        10000, ge=1, description="READER_RETRY_MAX_BACKOFF_MS."
+        10000,
+        ge=1,
+        description="READER_RETRY_MAX_BACKOFF_MS: longest delay between retries, "
+        "in milliseconds.",
     )
     stop_at_end: bool = Field(
         False,
@@ -347,7 +363,13 @@ class WriterSettings(_ServiceSettings):
         description="WRITER_OUTPUT: topic (kafka) or JSON Lines file path, '-' "
         "for stdout (file).",
     )
-    port: int = Field(8082, ge=0, le=65535, description="WRITER_PORT.")
+    port: int = Field(
+        8082,
+        ge=0,
+        le=65535,
+        description="WRITER_PORT: port of POST /, POST /batch, /healthz, /readyz "
+        "and /metrics.",
+    )
     token: SecretStr = Field(
         SecretStr(""),
         description="WRITER_TOKEN: bearer token required on POST / and /batch, if set.",
@@ -355,7 +377,8 @@ class WriterSettings(_ServiceSettings):
     max_body_bytes: int = Field(
         1_048_576,
         ge=1,
-        description="WRITER_MAX_BODY_BYTES: largest request body accepted.",
+        description="WRITER_MAX_BODY_BYTES: largest request body accepted, in "
+        "bytes; larger requests get 413.",
     )
     fsync: bool = Field(
         True,

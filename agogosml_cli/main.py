@@ -119,5 +119,13 @@ def run(
         sys.exit(1)
 
 
+@cli.command()
+def settings() -> None:
+    """Print every environment variable of the services as a Markdown table."""
+    from agogosml_cli.reference import settings_reference
+
+    click.echo(settings_reference(), nl=False)
+
+
 if __name__ == "__main__":
     cli()
