@@ -100,6 +100,14 @@ class MemorySource(Source):
             self.tracker.finish(envelope.position)
         self._commit()
 
+    def owns(self, envelope: Envelope) -> bool:
+        """Whether the message was read in its partition's current generation."""
+        position = envelope.position
+        if position is None:
+            return True
+        generation = self.tracker.generation(position.topic, position.partition)
+        return generation == position.generation
+
     def _commit(self) -> None:
         for (topic, partition), offset in self.tracker.committable().items():
             if self.committed.get((topic, partition)) != offset:

@@ -574,6 +574,29 @@ async def test_revoke_waits_for_partition():
     assert source.committed == {(TOPIC, 0): 2, (TOPIC, 1): 1}
 
 
+async def test_revoked_partition_not_sent():
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_first(received: Received) -> web.Response:
+        if received.number == 0:
+            await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_first) as app:
+        settings = reader_settings(app.url)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: len(app.requests) == 1 and reader.in_flight == 5)
+            source.tracker.revoke(TOPIC, 0)
+            release.set()
+            await wait_for(lambda: reader.in_flight == 0)
+
+    assert app.numbers() == [0]
+    assert source.committed == {}
+
+
 # ---------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------

@@ -225,6 +225,9 @@ class InputReader:
         pending = batch
         attempt = 0
         while pending:
+            pending = self._drop_revoked(pending)
+            if not pending:
+                return
             attempt += 1
             outcomes = await self._client.send(pending, batch=as_batch)
             retry = []
@@ -244,6 +247,20 @@ class InputReader:
                     settings.retry_max_backoff_ms / 1000,
                 )
             pending = retry
+
+    def _drop_revoked(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Drop messages of partitions this reader no longer owns.
+
+        Their new owner reads them again from the last commit, so sending them
+        here would only make duplicates.
+        """
+        current = []
+        for envelope in envelopes:
+            if self._source.owns(envelope):
+                current.append(envelope)
+            else:
+                self._finish(envelope)
+        return current
 
     def _log_retry(
         self, retry: list[Envelope], outcomes: list[Outcome], attempt: int

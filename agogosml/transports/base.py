@@ -71,6 +71,10 @@ class Source(abc.ABC):
     def set_revoke_handler(self, handler: RevokeHandler) -> None:  # noqa: B027
         """Register the coroutine to await before partitions are given up."""
 
+    def owns(self, envelope: Envelope) -> bool:
+        """Return whether the message's partition is still assigned to this source."""
+        return True
+
 
 class Sink(abc.ABC):
     """A destination that acknowledges records once they are durable."""

@@ -155,6 +155,14 @@ class KafkaSource(Source):
             message.value() or b"", message.key(), message.headers(), position
         )
 
+    def owns(self, envelope: Envelope) -> bool:
+        """Return whether the message was read in the current assignment."""
+        position = envelope.position
+        if position is None:
+            return True
+        generation = self._tracker.generation(position.topic, position.partition)
+        return generation == position.generation
+
     def ack(self, envelope: Envelope) -> None:
         """Mark a message finished; it is committed with the next commit."""
         if envelope.position is not None:
