@@ -14,6 +14,7 @@ from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.base import Sink
+from agogosml.transports.kafka.health import BrokerHealth
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,12 @@ class KafkaSink(Sink):
         self._producer: Producer | None = None
         self._poller: threading.Thread | None = None
         self._running = False
-        self._healthy = False
+        self._health = BrokerHealth("producer")
 
     @property
     def connected(self) -> bool:
-        """Whether the producer runs and has seen no fatal error."""
-        return self._producer is not None and self._healthy
+        """Whether the producer runs and has a broker connection."""
+        return self._producer is not None and self._health.up
 
     async def start(self) -> None:
         """Create the producer and start polling for delivery reports."""
@@ -48,7 +49,7 @@ class KafkaSink(Sink):
                 "enable.idempotence": True,
                 "linger.ms": self._settings.linger_ms,
                 "delivery.timeout.ms": self._settings.delivery_timeout_ms,
-                "error_cb": self._on_error,
+                **self._health.config(),
             }
         )
         config.update(self._settings.extra_config)
@@ -57,7 +58,6 @@ class KafkaSink(Sink):
         except KafkaException as exc:
             raise SinkError(f"cannot create Kafka producer: {exc}") from exc
         self._running = True
-        self._healthy = True
         self._poller = threading.Thread(
             target=self._poll, name="kafka-producer-poll", daemon=True
         )
@@ -120,11 +120,6 @@ class KafkaSink(Sink):
                     f"producing to topic {self._topic!r} failed: {exc}",
                     retriable=exc.args[0].retriable(),
                 ) from exc
-
-    def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self._healthy = False
-        logger.error("kafka producer error: %s", error)
 
 
 def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Any:

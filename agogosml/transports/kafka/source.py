@@ -7,7 +7,6 @@ import concurrent.futures
 import logging
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from agogosml.config import KafkaSettings
@@ -15,6 +14,7 @@ from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
 from agogosml.metrics import CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, Source
+from agogosml.transports.kafka.health import BrokerHealth
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class KafkaSource(Source):
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
         self._commit_task: asyncio.Task[None] | None = None
-        self._healthy = False
+        self._health = BrokerHealth("consumer")
 
     @property
     def tracker(self) -> OffsetTracker:
@@ -57,8 +57,8 @@ class KafkaSource(Source):
 
     @property
     def connected(self) -> bool:
-        """Whether the consumer is running and its last poll saw no fatal error."""
-        return self._consumer is not None and self._healthy
+        """Whether the consumer runs and has a broker connection."""
+        return self._consumer is not None and self._health.up
 
     def set_revoke_handler(self, handler: RevokeHandler) -> None:
         """Register the coroutine awaited before partitions are given up."""
@@ -86,7 +86,6 @@ class KafkaSource(Source):
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        self._healthy = True
 
     def _consumer_config(self) -> dict[str, Any]:
         config = self._settings.client_config()
@@ -96,9 +95,7 @@ class KafkaSource(Source):
                 "auto.offset.reset": self._settings.auto_offset_reset,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "statistics.interval.ms": 5000,
-                "stats_cb": _record_lag,
-                "error_cb": self._on_error,
+                **self._health.config(on_statistics=_record_lag),
             }
         )
         config.update(self._settings.extra_config)
@@ -135,9 +132,7 @@ class KafkaSource(Source):
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
                 logger.error("kafka consume error: %s", error)
-                self._healthy = not error.fatal()
             return None
-        self._healthy = True
         topic, partition, offset = (
             message.topic(),
             message.partition(),
@@ -269,11 +264,6 @@ class KafkaSource(Source):
                 self._revoke_timeout,
             )
 
-    def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self._healthy = False
-        logger.error("kafka client error: %s", error)
-
     async def _call(self, function: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, function, *args)
@@ -290,8 +280,7 @@ def _forget_lag(topic: str, partition: int) -> None:
         pass
 
 
-def _record_lag(stats_json: str) -> None:
-    stats = orjson.loads(stats_json)
+def _record_lag(stats: dict[str, Any]) -> None:
     for topic, topic_stats in stats.get("topics", {}).items():
         for partition, partition_stats in topic_stats.get("partitions", {}).items():
             lag = partition_stats.get("consumer_lag", -1)
