@@ -12,8 +12,8 @@ A model app only has to provide a scoring function::
 `ModelApp` serves ``POST /`` (one message) and ``POST /batch`` (a JSON array of
 ``{"id", "key", "traceparent", "value"}``) as the input reader sends them, calls
 the scoring function once per request, forwards each result to the output
-writer with the message id, key and trace context, and answers 2xx only after
-the writer answered 2xx, so the reader retries anything not yet durable.
+writer with the message id, key and trace context, and responds with 2xx only after
+the writer responded with 2xx, so the reader retries anything not yet durable.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 class InvalidRecord:
-    """Returned by a scoring function for an input it rejects (answered with 400)."""
+    """Returned by a scoring function for an input it rejects (the request gets 400)."""
 
     __slots__ = ("reason",)
 
@@ -181,12 +181,12 @@ class ModelApp:
         MESSAGES_IN.labels(SERVICE).inc(len(items))
         results = await self._call_score([item["value"] for item in items])
         outputs = []
-        answers: list[dict[str, Any]] = []
+        statuses: list[dict[str, Any]] = []
         for item, result in zip(items, results, strict=True):
             if isinstance(result, InvalidRecord):
-                answers.append({"status": 400, "error": result.reason})
+                statuses.append({"status": 400, "error": result.reason})
                 continue
-            answers.append({"status": 200})
+            statuses.append({"status": 200})
             outputs.append(
                 {
                     "id": item.get("id"),
@@ -199,7 +199,7 @@ class ModelApp:
         if outputs:
             await self._forward("/batch", orjson.dumps(outputs), {})
         MESSAGES_OUT.labels(SERVICE).inc(len(outputs))
-        return web.json_response({"results": answers})
+        return web.json_response({"results": statuses})
 
     async def _call_score(self, values: list[Any]) -> Sequence[Any]:
         try:
@@ -231,7 +231,7 @@ class ModelApp:
                 503, f"output writer at {url} is unreachable: {exc!s}"
             ) from None
         status = 503 if response.status >= 500 or response.status == 429 else 502
-        raise _Reject(status, f"output writer answered {response.status}: {text}")
+        raise _Reject(status, f"output writer responded {response.status}: {text}")
 
     async def _watch_writer(self) -> None:
         assert self._session is not None

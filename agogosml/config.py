@@ -121,7 +121,7 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
         "record before reporting it failed, in milliseconds.",
     )
-    # The writer answers only after the broker acknowledged, so any linger adds
+    # The writer responds only after the broker acknowledged, so any linger adds
     # to every request's latency; records of concurrent requests still batch
     # while a produce request is in flight.
     linger_ms: int = Field(

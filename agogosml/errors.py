@@ -42,7 +42,7 @@ class SinkError(TransportError):
 
 
 class AppRequestError(AgogosmlError):
-    """The model app answered a request with an error status or not at all.
+    """The model app responded to a request with an error status, or not at all.
 
     Attributes:
         status: HTTP status, or 0 when no response arrived (connection error, timeout).

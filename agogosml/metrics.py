@@ -57,6 +57,6 @@ CONSUMER_LAG = Gauge(
 )
 REJECTED_REQUESTS = Counter(
     "agogosml_rejected_requests_total",
-    "Requests answered with a 4xx or 5xx status.",
+    "Requests rejected with a 4xx or 5xx status.",
     ["service", "status"],
 )

@@ -67,7 +67,7 @@ class ServiceProcess:
         return self
 
     def wait_ready(self, timeout_seconds: float = 30.0) -> None:
-        """Wait until GET /readyz answers 200, or raise `ServiceStartError`."""
+        """Wait until GET /readyz returns 200, or raise `ServiceStartError`."""
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -84,7 +84,7 @@ class ServiceProcess:
         )
 
     def is_ready(self) -> bool:
-        """Return whether GET /readyz answers 200 now."""
+        """Return whether GET /readyz returns 200 now."""
         try:
             with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
                 return bool(response.status == 200)

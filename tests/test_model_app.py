@@ -270,7 +270,7 @@ async def test_writer_error_mapped(writer_status, app_status):
             body = await response.json()
 
     assert response.status == app_status
-    assert f"output writer answered {writer_status}" in body["error"]
+    assert f"output writer responded {writer_status}" in body["error"]
     assert "sink unavailable" in body["error"]
 
 

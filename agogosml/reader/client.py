@@ -50,9 +50,9 @@ class AppClient:
 
     A single message goes as its raw body with the id, key and trace context in
     headers. A batch goes as a JSON array of
-    ``{"id", "key", "traceparent", "value"}`` objects. The app may answer a batch
+    ``{"id", "key", "traceparent", "value"}`` objects. The app may respond to a batch
     with ``{"results": [{"status": 200}, {"status": 400, "error": "..."}, ...]}``,
-    one entry per message in order; any other 2xx answer accepts them all.
+    one entry per message in order; any other 2xx response accepts them all.
     """
 
     def __init__(
@@ -165,7 +165,7 @@ class AppClient:
             return 0, b"", f"request to {url} failed: {exc!s}"
 
     async def is_ready(self, path: str) -> bool:
-        """Return whether GET `path` on the app answers 2xx within 2 seconds."""
+        """Return whether GET `path` on the app returns 2xx within 2 seconds."""
         assert self._session is not None
         try:
             async with self._session.get(
@@ -186,8 +186,8 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
         return [Outcome(status)] * count
     if len(results) != count:
         error = (
-            f"app answered {len(results)} results for a batch of {count}; "
-            "a batch answer must have one result per message, in order"
+            f"app returned {len(results)} results for a batch of {count}; "
+            "a batch response must have one result per message, in order"
         )
         return [Outcome(502, error)] * count
     return [_item_outcome(item) for item in results]
@@ -195,7 +195,7 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
 
 def _item_outcome(item: object) -> Outcome:
     if not isinstance(item, dict) or not isinstance(item.get("status"), int):
-        return Outcome(502, f"app answered an invalid batch result: {item!r:.200}")
+        return Outcome(502, f"app returned an invalid batch result: {item!r:.200}")
     return Outcome(item["status"], str(item.get("error", "")))
 
 
@@ -203,7 +203,7 @@ def _error_text(status: int, body: bytes) -> str:
     if 200 <= status < 300:
         return ""
     text = body[:500].decode("utf-8", "replace").strip()
-    return f"app answered {status}: {text}" if text else f"app answered {status}"
+    return f"app responded {status}: {text}" if text else f"app responded {status}"
 
 
 async def wait_backoff(

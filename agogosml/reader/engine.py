@@ -44,7 +44,7 @@ class _Lane:
 class InputReader:
     """Move messages from a source to the model app with at-least-once delivery.
 
-    A message is finished when the app answered 2xx for it, or when it was written
+    A message is finished when the app responded 2xx to it, or when it was written
     to the dead-letter sink; only then is it acknowledged to the source, which
     commits the contiguous finished prefix of each partition.
 

@@ -1,4 +1,4 @@
-"""The output writer: an HTTP endpoint that answers only after records are durable."""
+"""The output writer: an HTTP endpoint that responds only after records are durable."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ Tap = Callable[[Sequence[Envelope]], Any]
 
 
 class BadRequest(Exception):
-    """A request that cannot become records; `status` is the HTTP answer."""
+    """A request that cannot become records; `status` is the HTTP response status."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -59,7 +59,7 @@ class OutputWriter:
     ``X-Message-Key``, the id in ``X-Message-Id`` and trace context in
     ``traceparent``. ``POST /batch`` takes a JSON array of
     ``{"value", "key", "id", "traceparent", "headers"}`` objects, where only
-    ``value`` is required. Either answers 200 only after the sink acknowledged
+    ``value`` is required. Either responds with 200 only after the sink acknowledged
     every record of the request.
     """
 
