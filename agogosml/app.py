@@ -31,10 +31,12 @@ from aiohttp import web
 from pydantic import AnyHttpUrl, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agogosml.config import LogLevel
 from agogosml.envelope import child_traceparent
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
+    bound_port,
     error_response,
     start_site,
 )
@@ -98,10 +100,8 @@ class AppSettings(BaseSettings):
         ge=1,
         description="APP_MAX_BODY_BYTES: largest request body accepted, in bytes.",
     )
-    log_level: str = Field(
-        "INFO",
-        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
-        description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR.",
+    log_level: LogLevel = Field(
+        "INFO", description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR, any case."
     )
 
 
@@ -132,8 +132,8 @@ class ModelApp:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         async with self.running(settings) as app:
-            runner = await start_site(app, settings.host, settings.port)
-            logger.info("%s started", self._name, extra={"port": settings.port})
+            runner = await start_site(app, settings.host, settings.port, "APP_")
+            logger.info("%s started", self._name, extra={"port": bound_port(runner)})
             try:
                 await stop.wait()
             finally:

@@ -12,10 +12,11 @@ import enum
 import json
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AnyHttpUrl,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -60,6 +61,12 @@ class SaslMechanism(enum.StrEnum):
     SCRAM_SHA_256 = "SCRAM-SHA-256"
     SCRAM_SHA_512 = "SCRAM-SHA-512"
 
+
+#: A log level name; lower case is accepted and converted.
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+]
 
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
@@ -205,10 +212,8 @@ class _ServiceSettings(BaseSettings):
         "127.0.0.1",
         description="Address the HTTP server listens on (0.0.0.0 in containers).",
     )
-    log_level: str = Field(
-        "INFO",
-        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
-        description="Log level: DEBUG, INFO, WARNING or ERROR.",
+    log_level: LogLevel = Field(
+        "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR, any case."
     )
     shutdown_timeout_ms: int = Field(
         30000,

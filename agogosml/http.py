@@ -83,12 +83,27 @@ def import_object(spec: str, setting: str) -> Any:
         ) from exc
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving `app` on host:port and return its runner (for cleanup)."""
+async def start_site(
+    app: web.Application, host: str, port: int, prefix: str
+) -> web.AppRunner:
+    """Start serving `app` on host:port and return its runner (for cleanup).
+
+    `prefix` names the settings (``READER_``...) in the error raised when the
+    address cannot be bound.
+    """
+    from agogosml.errors import ConfigurationError
+
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigurationError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; set {prefix}PORT to "
+            f"a free port (or {prefix}HOST to an address of this machine)"
+        ) from None
     return runner
 
 

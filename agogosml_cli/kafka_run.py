@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -11,6 +12,11 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agogosml_cli.run import OutputTally, message_id_of
+
+# The run reports broker problems itself; librdkafka's reconnect lines would
+# only bury the progress bar.
+_QUIET = logging.getLogger("agogosml_cli.librdkafka")
+_QUIET.setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,14 @@ def create_topics(bootstrap: str, run_id: str, partitions: int = 3) -> RunTopics
         output=f"agogosml-run-{run_id}-output",
         dead_letter=f"agogosml-run-{run_id}-input.dlq",
     )
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=_QUIET)
+    try:
+        admin.list_topics(timeout=15)
+    except KafkaException as exc:
+        raise RuntimeError(
+            f"cannot reach a Kafka broker at {bootstrap!r} ({exc.args[0].str()}); "
+            "check the address, or start a local broker with 'make broker'"
+        ) from None
     futures = admin.create_topics(
         [
             NewTopic(topics.input, partitions, 1),
@@ -52,7 +65,8 @@ def create_topics(bootstrap: str, run_id: str, partitions: int = 3) -> RunTopics
 def produce_file(bootstrap: str, topic: str, path: Path) -> int:
     """Produce every line of a JSON Lines file, keyed by transaction id."""
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20}
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20},
+        logger=_QUIET,
     )
     count = 0
     with path.open("rb") as file:
@@ -82,7 +96,8 @@ class OutputConsumer:
                 "group.id": f"{topics.output}-counter",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-            }
+            },
+            logger=_QUIET,
         )
         self._consumer.subscribe([topics.output, topics.dead_letter])
 

@@ -95,7 +95,7 @@ def run(
     console = Console(stderr=True)
     if data is None:
         info = fetch_dataset()
-        console.print(f"Dataset: {info.path} (source: {info.source})")
+        console.print(f"Dataset: {info.path} (source: {info.source})", soft_wrap=True)
         data = info.path
     options = RunOptions(
         data_path=data,

@@ -42,6 +42,8 @@ def _default(info: FieldInfo) -> str:
         value = value.value
     if value in ("", None, {}):
         return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
     return f"`{value}`"
 
 

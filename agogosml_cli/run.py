@@ -106,6 +106,8 @@ def write_input_file(options: RunOptions, path: Path) -> list[str]:
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
     """Run reader, sample app and writer until every input record is accounted for."""
     options.work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("writer.log", "app.log", "reader.log", "output.jsonl"):
+        (options.work_dir / stale).unlink(missing_ok=True)
     input_path = options.work_dir / "input.jsonl"
     console.print(f"Preparing input from {options.data_path} ...")
     ids = write_input_file(options, input_path)

@@ -268,7 +268,7 @@ class InputReader:
         RETRIES.labels(SERVICE).inc(len(retry))
         first_error = next(outcome for outcome in outcomes if outcome.retriable)
         logger.warning(
-            "app request failed; retrying %d messages",
+            "app request failed; retrying %d message(s)",
             len(retry),
             extra={
                 "message_id": retry[0].id,

@@ -9,7 +9,7 @@ import signal
 from aiohttp import web
 
 from agogosml.config import ReaderSettings
-from agogosml.http import add_health_routes, import_object, start_site
+from agogosml.http import add_health_routes, bound_port, import_object, start_site
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader
 from agogosml.transports.factory import build_sink, build_source
@@ -36,24 +36,24 @@ async def serve_reader(settings: ReaderSettings) -> None:
     add_health_routes(
         app, lambda: source.connected and dead_letter.connected and reader.app_ready
     )
-    runner = await start_site(app, settings.host, settings.port)
+    runner = await start_site(app, settings.host, settings.port, "READER_")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, reader.request_stop)
-    logger.info(
-        "input reader started",
-        extra={
-            "source": settings.source.value,
-            "input": settings.input,
-            "app_url": str(settings.app_url),
-            "dead_letter": settings.dead_letter_target(),
-            "ordering": settings.ordering.value,
-            "port": settings.port,
-        },
-    )
     try:
         await client.start()
-        async with dead_letter, source:
+        async with source, dead_letter:
+            logger.info(
+                "input reader started",
+                extra={
+                    "source": settings.source.value,
+                    "input": settings.input,
+                    "app_url": str(settings.app_url),
+                    "dead_letter": settings.dead_letter_target(),
+                    "ordering": settings.ordering.value,
+                    "port": bound_port(runner),
+                },
+            )
             await reader.run()
     finally:
         await client.stop()

@@ -19,6 +19,7 @@ from agogosml.errors import SinkError
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
+    bound_port,
     error_response,
     import_object,
     start_site,
@@ -280,13 +281,15 @@ async def serve_writer(settings: WriterSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with sink:
-        runner = await start_site(writer.build_app(), settings.host, settings.port)
+        runner = await start_site(
+            writer.build_app(), settings.host, settings.port, "WRITER_"
+        )
         logger.info(
             "output writer started",
             extra={
                 "sink": settings.sink.value,
                 "output": settings.output,
-                "port": settings.port,
+                "port": bound_port(runner),
             },
         )
         try:

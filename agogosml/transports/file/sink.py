@@ -49,7 +49,8 @@ class FileSink(Sink):
                 self._file = open(self._path, "ab")  # noqa: SIM115
             except OSError as exc:
                 raise SinkError(
-                    f"cannot open output file {self._path!r}: {exc.strerror}",
+                    f"cannot open output file {self._path!r}: {exc.strerror}; check "
+                    "WRITER_OUTPUT (or READER_DEAD_LETTER for dead letters)",
                     retriable=False,
                 ) from exc
         logger.info("file sink started", extra={"path": self._path})

@@ -1,8 +1,9 @@
-"""Broker connectivity of a librdkafka client, for readiness checks."""
+"""Broker connectivity of a librdkafka client: readiness and quiet logging."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -28,8 +29,10 @@ class BrokerHealth:
     connections, is not tested here.
     """
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, bootstrap_servers: str) -> None:
         self._client = client
+        self._bootstrap_servers = bootstrap_servers
+        self._unreachable_logged = False
         self.up = False
         self.fatal = False
 
@@ -41,15 +44,30 @@ class BrokerHealth:
         if not self.up:
             logger.info("kafka %s connected", self._client)
         self.up = True
+        self._unreachable_logged = False
 
     def on_error(self, error: KafkaError) -> None:
         """Update from an error callback, logging the error."""
         if error.fatal():
             self.fatal = True
             self.up = False
-        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            logger.error("kafka %s failed for good: %s", self._client, error)
+            return
+        if error.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            logger.error("kafka %s error: %s", self._client, error)
+            return
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.up = False
-        logger.error("kafka %s error: %s", self._client, error)
+        # librdkafka reports every failed reconnect; one line per outage is enough.
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            logger.error(
+                "kafka %s cannot reach the brokers at %s (%s); check "
+                "KAFKA_BOOTSTRAP_SERVERS and the network. Retrying in the background",
+                self._client,
+                self._bootstrap_servers,
+                error.str(),
+            )
 
     def config(self, on_statistics: Any = None) -> dict[str, Any]:
         """Return the client properties that feed this tracker."""
@@ -65,3 +83,34 @@ class BrokerHealth:
             "stats_cb": stats_cb,
             "error_cb": self.on_error,
         }
+
+
+class RepeatFilter(logging.Filter):
+    """Let each librdkafka log facility through at most once per interval.
+
+    librdkafka logs every reconnect attempt; without this a broker outage writes
+    dozens of lines a second.
+    """
+
+    def __init__(self, interval_seconds: float = 60.0) -> None:
+        super().__init__()
+        self._interval = interval_seconds
+        self._last: dict[tuple[int, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return whether the record is the first of its kind in the interval."""
+        facility = record.args[0] if isinstance(record.args, tuple) else None
+        key = (record.levelno, facility)
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < self._interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+def client_logger() -> logging.Logger:
+    """Return the logger that librdkafka's own log lines go to, rate-limited."""
+    librdkafka = logging.getLogger("agogosml.transports.kafka.librdkafka")
+    if not any(isinstance(f, RepeatFilter) for f in librdkafka.filters):
+        librdkafka.addFilter(RepeatFilter())
+    return librdkafka

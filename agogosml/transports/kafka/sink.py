@@ -14,7 +14,7 @@ from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.base import Sink
-from agogosml.transports.kafka.health import BrokerHealth
+from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class KafkaSink(Sink):
         self._producer: Producer | None = None
         self._poller: threading.Thread | None = None
         self._running = False
-        self._health = BrokerHealth("producer")
+        self._health = BrokerHealth("producer", settings.resolved_bootstrap_servers())
 
     @property
     def connected(self) -> bool:
@@ -54,9 +54,13 @@ class KafkaSink(Sink):
         )
         config.update(self._settings.extra_config)
         try:
-            self._producer = Producer(config, logger=logger)
+            self._producer = Producer(config, logger=client_logger())
         except KafkaException as exc:
-            raise SinkError(f"cannot create Kafka producer: {exc}") from exc
+            raise SinkError(
+                f"cannot create Kafka producer: {exc.args[0].str()}; check the "
+                "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
+                retriable=False,
+            ) from exc
         self._running = True
         self._poller = threading.Thread(
             target=self._poll, name="kafka-producer-poll", daemon=True

@@ -14,7 +14,7 @@ from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
 from agogosml.metrics import CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, Source
-from agogosml.transports.kafka.health import BrokerHealth
+from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class KafkaSource(Source):
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
         self._commit_task: asyncio.Task[None] | None = None
-        self._health = BrokerHealth("consumer")
+        self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
 
     @property
     def tracker(self) -> OffsetTracker:
@@ -77,9 +77,13 @@ class KafkaSource(Source):
 
     def _create(self, config: dict[str, Any]) -> None:
         try:
-            self._consumer = Consumer(config, logger=logger)
+            self._consumer = Consumer(config, logger=client_logger())
         except KafkaException as exc:
-            raise SourceError(f"cannot create Kafka consumer: {exc}") from exc
+            raise SourceError(
+                f"cannot create Kafka consumer: {exc.args[0].str()}; check the "
+                "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
+                retriable=False,
+            ) from exc
         self._consumer.subscribe(
             self._topics,
             on_assign=self._on_assign,
