@@ -68,6 +68,12 @@ LogLevel = Annotated[
     BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
 ]
 
+#: librdkafka properties that KAFKA_EXTRA_CONFIG may not override, because the
+#: delivery guarantee depends on them.
+_GUARANTEED_PROPERTIES = frozenset(
+    {"acks", "enable.idempotence", "enable.auto.commit", "enable.auto.offset.store"}
+)
+
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
 _SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
@@ -139,6 +145,20 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_EXTRA_CONFIG: JSON object of further librdkafka "
         "properties, applied last.",
     )
+
+    @field_validator("extra_config")
+    @classmethod
+    def _keep_delivery_guarantees(
+        cls, value: dict[str, str | int | bool]
+    ) -> dict[str, str | int | bool]:
+        overridden = sorted(_GUARANTEED_PROPERTIES & value.keys())
+        if overridden:
+            raise ValueError(
+                f"it sets {', '.join(overridden)}, which agogosml sets itself to keep "
+                "at-least-once delivery (acks=all, idempotence, manual commits); "
+                "remove them"
+            )
+        return value
 
     @field_validator("ssl_ca_location")
     @classmethod
@@ -332,12 +352,28 @@ class ReaderSettings(_ServiceSettings):
         "before the app; returning None drops the message.",
     )
 
+    @field_validator("app_ready_path")
+    @classmethod
+    def _ready_path_is_absolute(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError(f"the path must start with '/', as in '/{value}'")
+        return value
+
     @model_validator(mode="after")
     def _check_backoff(self) -> ReaderSettings:
         if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
             raise ValueError(
                 "READER_RETRY_MAX_BACKOFF_MS must be at least "
                 "READER_RETRY_INITIAL_BACKOFF_MS"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> ReaderSettings:
+        if self.source is Transport.KAFKA and not self.topics():
+            raise ValueError(
+                f"READER_INPUT={self.input!r} names no topic; set it to one or more "
+                "comma-separated topic names"
             )
         return self
 
@@ -420,12 +456,13 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         field = location[0] if location else ""
         name = f"{prefix}{field}".upper() if field else "settings"
         value = error.get("input")
-        shown = "<secret>" if "password" in field or "token" in field else value
+        shown = "<secret>" if _is_secret(cls, field) else value
         if error["type"] == "missing":
             lines.append(f"  {name} is missing: set it ({_describe(cls, field)})")
         elif field:
             lines.append(
-                f"  {name}={shown!r} is invalid: {error['msg']} "
+                f"  {name}={shown!r} is invalid: "
+                f"{error['msg'].removeprefix('Value error, ')} "
                 f"({_describe(cls, field)})"
             )
         else:
@@ -448,6 +485,17 @@ def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str
     return (
         f"invalid configuration for {cls.__name__}:\n"
         f"  {name} {problem}: {cause} ({_describe(cls, field)})"
+    )
+
+
+def _is_secret(cls: type[BaseSettings], field: str) -> bool:
+    """Return whether a field's value must not appear in error messages.
+
+    KAFKA_EXTRA_CONFIG counts as secret because it may carry ``sasl.password``.
+    """
+    info = cls.model_fields.get(field)
+    return field == "extra_config" or (
+        info is not None and info.annotation is SecretStr
     )
 
 

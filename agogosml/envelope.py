@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 
 MESSAGE_ID_HEADER = "message-id"
 TRACEPARENT_HEADER = "traceparent"
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
+_ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -75,7 +79,7 @@ class Envelope:
         for name, raw in headers or ():
             lowered = name.lower()
             if lowered == MESSAGE_ID_HEADER and raw:
-                message_id = raw.decode("utf-8", "replace")
+                message_id = _header_safe_id(raw)
             elif lowered == TRACEPARENT_HEADER and raw:
                 parent = raw.decode("ascii", "replace")
             else:
@@ -98,13 +102,33 @@ class Envelope:
         ]
 
     def key_text(self) -> tuple[str | None, bool]:
-        """Return the key as text and whether it had to be base64-encoded."""
+        """Return the key as text and whether it had to be base64-encoded.
+
+        Keys that are not UTF-8, or that an HTTP header would not carry unchanged
+        (control characters, leading or trailing whitespace), are base64-encoded.
+        """
         if self.key is None:
             return None, False
         try:
-            return self.key.decode("utf-8"), False
+            text = self.key.decode("utf-8")
         except UnicodeDecodeError:
-            return base64.b64encode(self.key).decode("ascii"), True
+            text = ""
+        if text and text == text.strip() and not _CONTROL.search(text):
+            return text, False
+        if not self.key:
+            return "", False
+        return base64.b64encode(self.key).decode("ascii"), True
+
+
+def _header_safe_id(raw: bytes) -> str:
+    """Return a message id that fits in an HTTP header unchanged.
+
+    An id of printable ASCII is kept. Any other id is percent-encoded, so
+    distinct ids stay distinct and a redelivered message gets the same id.
+    """
+    if _PRINTABLE_ASCII.fullmatch(raw) and raw == raw.strip():
+        return raw.decode("ascii")
+    return urllib.parse.quote(raw, safe=_ID_SAFE)
 
 
 def new_id() -> str:
@@ -113,7 +137,8 @@ def new_id() -> str:
 
 
 def _position_id(position: Position) -> str:
-    return f"{position.topic}:{position.partition}:{position.offset}"
+    text = f"{position.topic}:{position.partition}:{position.offset}"
+    return _header_safe_id(text.encode())
 
 
 def new_traceparent() -> str:

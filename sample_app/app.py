@@ -60,7 +60,15 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    model = FraudModel.load(path)
+    try:
+        model = FraudModel.load(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file ends the same way
+        print(
+            f"sample app: cannot load the model from {str(path)!r}: {exc!r}; "
+            "retrain it with 'python -m sample_app.train'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     ModelApp(make_score_function(model), name="fraud-scoring app").run()
 
 

@@ -194,9 +194,19 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
 
 
 def _item_outcome(item: object) -> Outcome:
-    if not isinstance(item, dict) or not isinstance(item.get("status"), int):
-        return Outcome(502, f"app returned an invalid batch result: {item!r:.200}")
-    return Outcome(item["status"], str(item.get("error", "")))
+    fields = item if isinstance(item, dict) else {}
+    status = fields.get("status")
+    # type() rather than isinstance(), because True is an int too.
+    if type(status) is not int or not 200 <= status < 600:
+        return Outcome(
+            502,
+            f"app returned an invalid batch result {item!r:.200}; each result needs "
+            'a "status" between 200 and 599',
+        )
+    error = str(fields.get("error") or "")
+    if not error and status >= 300:
+        error = f"app returned status {status} for this message"
+    return Outcome(status, error)
 
 
 def _error_text(status: int, body: bytes) -> str:

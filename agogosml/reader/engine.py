@@ -81,6 +81,11 @@ class InputReader:
         self._app_ready = not settings.app_ready_path
         self._round_robin = 0
         self._side_tasks: set[asyncio.Task[None]] = set()
+        # Object ids of envelopes read and not finished (transforms may replace
+        # an envelope, so this is updated where they do).
+        self._unfinished: set[int] = set()
+        self._dead_letter_failures = 0
+        self._stopped = False
         self.finished_count = 0
         self.dead_lettered_count = 0
         source.set_revoke_handler(self.drain_partitions)
@@ -89,6 +94,11 @@ class InputReader:
     def in_flight(self) -> int:
         """Messages read but not finished."""
         return self._in_flight
+
+    @property
+    def dead_letter_failing(self) -> bool:
+        """Whether a dead-letter write is failing right now (and being retried)."""
+        return self._dead_letter_failures > 0
 
     @property
     def app_ready(self) -> bool:
@@ -113,6 +123,8 @@ class InputReader:
             if watcher is not None:
                 watcher.cancel()
             await self._cancel_workers()
+            self._stopped = True
+            self._progress.set()
 
     async def _fetch_loop(self) -> None:
         paused = False
@@ -144,9 +156,18 @@ class InputReader:
             if transformed is None:
                 self._finish(envelope)
                 return
+            if not isinstance(transformed, Envelope):
+                error = (
+                    f"transform returned {type(transformed).__name__}; it must "
+                    "return an Envelope or None"
+                )
+                self._spawn(self._dead_letter(envelope, 0, error, 0))
+                return
             # The source commits by position, so the message keeps the position
             # it was read from even when the transform built a new envelope.
             transformed.position = envelope.position
+            self._unfinished.discard(id(envelope))
+            self._unfinished.add(id(transformed))
             envelope = transformed
         self._lane_for(envelope).queue.put_nowait(envelope)
 
@@ -184,13 +205,17 @@ class InputReader:
                 await self._deliver(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # A bug must not silently stall a lane: the messages stay
-                # unfinished, so they are not committed and will be redelivered.
+            except Exception as exc:
+                # An unexpected error (a bug, or a message the HTTP client cannot
+                # encode) must not stall the lane and every commit behind it.
                 logger.exception(
-                    "delivering a batch failed unexpectedly",
+                    "delivering a batch failed unexpectedly; dead-lettering it",
                     extra={"message_ids": [envelope.id for envelope in batch]},
                 )
+                error = f"reader failed to send the message: {exc!r}"
+                for envelope in batch:
+                    if id(envelope) in self._unfinished:
+                        await self._dead_letter(envelope, 0, error, 0, "reader_error")
 
     async def _collect(self, lane: _Lane) -> list[Envelope]:
         first = lane.carry.pop() if lane.carry else await lane.queue.get()
@@ -296,21 +321,24 @@ class InputReader:
     ) -> None:
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
-        while True:
-            try:
-                await self._dead_letter_sink.send([record])
-                break
-            except SinkError as exc:
-                failures += 1
-                logger.error(
-                    "writing dead letter failed; retrying",
-                    extra={"message_id": envelope.id, "error": str(exc)},
-                )
-                await wait_backoff(
-                    failures,
-                    self._settings.retry_initial_backoff_ms / 1000,
-                    self._settings.retry_max_backoff_ms / 1000,
-                )
+        try:
+            while True:
+                try:
+                    await self._dead_letter_sink.send([record])
+                    break
+                except SinkError as exc:
+                    failures += 1
+                    if failures == 1:
+                        self._dead_letter_failures += 1
+                    self._log_dead_letter_failure(envelope, exc, failures)
+                    await wait_backoff(
+                        failures,
+                        self._settings.retry_initial_backoff_ms / 1000,
+                        self._settings.retry_max_backoff_ms / 1000,
+                    )
+        finally:
+            if failures:
+                self._dead_letter_failures -= 1
         DEAD_LETTERED.labels(SERVICE, reason).inc()
         self.dead_lettered_count += 1
         logger.info(
@@ -325,7 +353,24 @@ class InputReader:
         )
         self._finish(envelope)
 
+    def _log_dead_letter_failure(
+        self, envelope: Envelope, exc: SinkError, failures: int
+    ) -> None:
+        # Retries go on until the write succeeds; log the first and every tenth.
+        if failures != 1 and failures % 10:
+            return
+        hint = "" if exc.retriable else "; this error will not pass by itself"
+        logger.error(
+            "writing dead letter to %s failed (attempt %d); retrying. Check "
+            "READER_DEAD_LETTER and the sink%s",
+            self._settings.dead_letter_target(),
+            failures,
+            hint,
+            extra={"message_id": envelope.id, "error": str(exc)},
+        )
+
     def _track_start(self, envelope: Envelope) -> None:
+        self._unfinished.add(id(envelope))
         MESSAGES_IN.labels(SERVICE).inc()
         self._in_flight += 1
         IN_FLIGHT.labels(SERVICE).set(self._in_flight)
@@ -334,6 +379,7 @@ class InputReader:
             self._partition_in_flight[(position.topic, position.partition)] += 1
 
     def _finish(self, envelope: Envelope) -> None:
+        self._unfinished.discard(id(envelope))
         self._source.ack(envelope)
         self.finished_count += 1
         self._in_flight -= 1
@@ -344,8 +390,14 @@ class InputReader:
         self._progress.set()
 
     async def drain_partitions(self, partitions: list[tuple[str, int]]) -> None:
-        """Wait until no message of `partitions` is in flight."""
-        while any(self._partition_in_flight[key] > 0 for key in partitions):
+        """Wait until no message of `partitions` is in flight.
+
+        Returns at once after `run` has ended, because no worker is left to
+        finish anything.
+        """
+        while not self._stopped and any(
+            self._partition_in_flight[key] > 0 for key in partitions
+        ):
             self._progress.clear()
             await self._progress.wait()
 
@@ -378,17 +430,25 @@ class InputReader:
         task.add_done_callback(self._side_tasks.discard)
 
     async def _watch_app_readiness(self) -> None:
-        path = self._settings.app_ready_path
+        url = str(self._settings.app_url).rstrip("/") + self._settings.app_ready_path
+        checks_not_ready = 0
         while True:
-            ready = await self._client.is_ready(path)
+            ready = await self._client.is_ready(self._settings.app_ready_path)
             if ready != self._app_ready:
                 logger.info(
                     "app is %s; %s fetching",
                     "ready" if ready else "not ready",
                     "resuming" if ready else "pausing",
-                    extra={"path": path},
+                    extra={"url": url},
                 )
                 self._app_ready = ready
+            checks_not_ready = 0 if ready else checks_not_ready + 1
+            if checks_not_ready % 30 == 1:
+                logger.warning(
+                    "waiting for the app to become ready: GET %s does not return 2xx; "
+                    "check READER_APP_URL and READER_APP_READY_PATH",
+                    url,
+                )
             await asyncio.sleep(1.0)
 
 

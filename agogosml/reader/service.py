@@ -34,7 +34,13 @@ async def serve_reader(settings: ReaderSettings) -> None:
 
     app = web.Application()
     add_health_routes(
-        app, lambda: source.connected and dead_letter.connected and reader.app_ready
+        app,
+        lambda: (
+            source.connected
+            and dead_letter.connected
+            and reader.app_ready
+            and not reader.dead_letter_failing
+        ),
     )
     runner = await start_site(app, settings.host, settings.port, "READER_")
     loop = asyncio.get_running_loop()

@@ -18,7 +18,11 @@ def build_source(settings: ReaderSettings) -> Source:
         )
     from agogosml.transports.file import FileSource
 
-    return FileSource(settings.input, checkpoint_path=settings.checkpoint_path)
+    return FileSource(
+        settings.input,
+        checkpoint_path=settings.checkpoint_path,
+        follow=not settings.stop_at_end,
+    )
 
 
 def build_sink(transport: Transport, target: str, *, fsync: bool = True) -> Sink:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import sys
@@ -46,7 +47,8 @@ class FileSink(Sink):
             self._file = sys.stdout.buffer
         else:
             try:
-                self._file = open(self._path, "ab")  # noqa: SIM115
+                self._file = open(self._path, "ab+")  # noqa: SIM115
+                self._end_torn_line(self._file)
             except OSError as exc:
                 raise SinkError(
                     f"cannot open output file {self._path!r}: {exc.strerror}; check "
@@ -54,6 +56,24 @@ class FileSink(Sink):
                     retriable=False,
                 ) from exc
         logger.info("file sink started", extra={"path": self._path})
+
+    def _end_torn_line(self, file: BinaryIO) -> None:
+        """Start on a new line if a crash left the last line without its newline.
+
+        That line was never acknowledged (acknowledgement follows the whole
+        write), so it stays as it is, and new records do not join it.
+        """
+        if file.seek(0, os.SEEK_END) == 0:
+            return
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) != b"\n":
+            logger.warning(
+                "output file %s ends with an incomplete line; it is left as it is "
+                "and writing continues on a new line",
+                self._path,
+            )
+            file.write(b"\n")
+            file.flush()
 
     async def stop(self) -> None:
         """Wait for pending writes and close the file."""
@@ -101,13 +121,27 @@ class FileSink(Sink):
 
 
 def encode_line(envelope: Envelope) -> bytes:
-    """Encode an envelope as one JSON Lines record."""
+    """Encode an envelope as one JSON Lines record.
+
+    A JSON value is embedded as it is, except that line breaks, which valid JSON
+    can only have as whitespace, become spaces. Any other value is embedded as a
+    string, or as base64 (with ``"value_encoding": "base64"``) if it is not UTF-8.
+    """
     key, key_is_base64 = envelope.key_text()
+    value: object
+    value_is_base64 = False
     try:
-        value: object = orjson.Fragment(envelope.value)
         orjson.loads(envelope.value)
+        raw = envelope.value
+        if b"\n" in raw or b"\r" in raw:
+            raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+        value = orjson.Fragment(raw)
     except orjson.JSONDecodeError:
-        value = envelope.value.decode("utf-8", "replace")
+        try:
+            value = envelope.value.decode("utf-8")
+        except UnicodeDecodeError:
+            value = base64.b64encode(envelope.value).decode("ascii")
+            value_is_base64 = True
     document = {
         "id": envelope.id,
         "key": key,
@@ -119,4 +153,6 @@ def encode_line(envelope: Envelope) -> bytes:
     }
     if key_is_base64:
         document["key_encoding"] = "base64"
+    if value_is_base64:
+        document["value_encoding"] = "base64"
     return orjson.dumps(document) + b"\n"

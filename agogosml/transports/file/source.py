@@ -23,6 +23,11 @@ class FileSource(Source):
     path, the finished prefix is stored there on every commit and a restart
     resumes after it, so a file source gives the same at-least-once guarantee as
     Kafka.
+
+    With `follow`, the source keeps reading lines appended after the current end,
+    as ``tail -f`` does, and a last line without its newline waits until the line
+    is complete. Without it (or for stdin), the end of the file is the end of the
+    stream, and a last line without a newline is a message too.
     """
 
     def __init__(
@@ -31,8 +36,11 @@ class FileSource(Source):
         *,
         checkpoint_path: Path | None = None,
         commit_interval_seconds: float = 1.0,
+        follow: bool = False,
     ) -> None:
         self._path = path
+        self._follow = follow and path != "-"
+        self._partial = b""
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
@@ -70,7 +78,16 @@ class FileSource(Source):
         )
 
     def _read_checkpoint(self) -> int:
-        if self._checkpoint is None or not self._checkpoint.exists():
+        if self._checkpoint is None:
+            return 0
+        if self._checkpoint.is_dir() or not self._checkpoint.parent.is_dir():
+            raise SourceError(
+                f"checkpoint path {str(self._checkpoint)!r} is a directory or lies in "
+                "a directory that does not exist; set READER_CHECKPOINT_PATH to a "
+                "file path in an existing directory",
+                retriable=False,
+            )
+        if not self._checkpoint.exists():
             return 0
         text = self._checkpoint.read_text().strip()
         try:
@@ -101,12 +118,10 @@ class FileSource(Source):
         return await asyncio.to_thread(self._read_lines, max_messages)
 
     def _read_lines(self, max_messages: int) -> list[Envelope]:
-        assert self._file is not None
         envelopes: list[Envelope] = []
         while len(envelopes) < max_messages:
-            line = self._file.readline()
-            if not line:
-                self.at_end = True
+            line = self._next_line()
+            if line is None:
                 break
             start = self._offset
             self._offset += len(line)
@@ -117,6 +132,22 @@ class FileSource(Source):
             self._tracker.register(position)
             envelopes.append(Envelope(value=value, position=position))
         return envelopes
+
+    def _next_line(self) -> bytes | None:
+        """Return the next complete line, or None at the current end of the file."""
+        assert self._file is not None
+        chunk = self._file.readline()
+        self._partial += chunk
+        if chunk.endswith(b"\n"):
+            line, self._partial = self._partial, b""
+            return line
+        if chunk:
+            return None  # a line still being written; wait for its newline
+        if self._follow:
+            return None
+        self.at_end = True
+        line, self._partial = self._partial, b""
+        return line or None
 
     def ack(self, envelope: Envelope) -> None:
         """Mark a line finished."""
@@ -132,7 +163,11 @@ class FileSource(Source):
         self._paused = False
 
     def commit(self) -> None:
-        """Store the finished prefix in the checkpoint file, atomically."""
+        """Store the finished prefix in the checkpoint file, atomically.
+
+        Raises:
+            OSError: when the checkpoint cannot be written.
+        """
         position = self._tracker.committable().get((self._path, 0))
         if self._checkpoint is None or position is None:
             return
@@ -146,4 +181,11 @@ class FileSource(Source):
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._commit_interval)
-            self.commit()
+            try:
+                self.commit()
+            except OSError as exc:
+                logger.error(
+                    "writing checkpoint %s failed; will retry: %s",
+                    self._checkpoint,
+                    exc,
+                )
