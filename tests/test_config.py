@@ -280,3 +280,57 @@ def test_overrides_win_over_environment(clean_environment):
     settings = load_settings(WriterSettings, output="from-flag.jsonl")
 
     assert settings.output == "from-flag.jsonl"
+
+
+def test_kafka_input_without_topic_rejected():
+    message = configuration_error(
+        ReaderSettings,
+        READER_SOURCE="kafka",
+        READER_INPUT=" , ",
+        READER_APP_URL="http://127.0.0.1:8000",
+    )
+
+    assert "names no topic" in message
+
+
+def test_ready_path_without_slash_rejected():
+    message = configuration_error(
+        ReaderSettings,
+        READER_INPUT="in.jsonl",
+        READER_APP_URL="http://127.0.0.1:8000",
+        READER_APP_READY_PATH="readyz",
+    )
+
+    assert "READER_APP_READY_PATH='readyz' is invalid" in message
+    assert "'/readyz'" in message
+
+
+def test_log_level_any_case_accepted(clean_environment):
+    clean_environment.setenv("READER_INPUT", "in.jsonl")
+    clean_environment.setenv("READER_APP_URL", "http://127.0.0.1:8000")
+    clean_environment.setenv("READER_LOG_LEVEL", "debug")
+
+    assert load_settings(ReaderSettings).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("extra", ['{"acks": "1"}', '{"enable.idempotence": false}'])
+def test_extra_config_cannot_weaken_delivery(extra):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG=extra,
+    )
+
+    assert "KAFKA_EXTRA_CONFIG" in message
+    assert "at-least-once" in message
+
+
+def test_extra_config_value_not_shown():
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG='{"sasl.password": ["hunter2"]}',
+    )
+
+    assert "KAFKA_EXTRA_CONFIG" in message
+    assert "hunter2" not in message

@@ -933,3 +933,111 @@ async def test_transform_new_envelope_committed():
     assert reader.in_flight == 0
     assert source.committed == {(TOPIC, 0): 2}
     await asyncio.wait_for(reader.drain_partitions([(TOPIC, 0)]), 1)
+
+
+# ---------------------------------------------------------------------------
+# Input the HTTP client cannot send as it is
+# ---------------------------------------------------------------------------
+
+
+async def test_key_with_line_break_sent_base64():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', key=b"line\nbreak")
+    source.add(b'{"n": 1}', key=b"  padded  ")
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    first, second = app.requests
+    assert base64.b64decode(first.headers["X-Message-Key"]) == b"line\nbreak"
+    assert first.headers["X-Message-Key-Encoding"] == "base64"
+    assert base64.b64decode(second.headers["X-Message-Key"]) == b"  padded  "
+    assert source.committed == {(TOPIC, 0): 2}
+    assert dead_letter.envelopes == []
+
+
+async def test_unsendable_message_dead_lettered_not_stalled(monkeypatch):
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    original = AppClient.send
+
+    async def fail_on_one(self, envelopes, *, batch):
+        if envelopes[0].value == b'{"n":1}':
+            raise ValueError("cannot encode this message")
+        return await original(self, envelopes, batch=batch)
+
+    monkeypatch.setattr(AppClient, "send", fail_on_one)
+    async with stub_app() as app:
+        reader = await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [0, 2]
+    assert len(dead_letter.envelopes) == 1
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert "cannot encode this message" in headers["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+
+
+async def test_transform_wrong_type_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    def to_dict(envelope: Envelope) -> Any:
+        return {"value": envelope.value}
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=to_dict
+        )
+
+    assert app.requests == []
+    assert len(dead_letter.envelopes) == 2
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert "transform returned dict" in headers["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+    assert reader.in_flight == 0
+
+
+async def test_failing_dead_letter_sink_marks_not_ready():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(1_000_000)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        settings = reader_settings(app.url, retry_max_backoff_ms=1)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: reader.dead_letter_failing)
+            committed_while_failing = dict(source.committed)
+            dead_letter.fail_next(0)
+            await wait_for(lambda: not reader.dead_letter_failing)
+            await wait_for(lambda: reader.in_flight == 0)
+
+    assert committed_while_failing == {}
+    assert len(dead_letter.envelopes) == 1
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+@pytest.mark.parametrize("status", [True, 100, 600, -1, "200"])
+async def test_invalid_batch_status_not_accepted(status):
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def odd_status(received: Received) -> web.Response:
+        return web.json_response({"results": [{"status": status}]})
+
+    async with stub_app(odd_status) as app:
+        settings = reader_settings(app.url, batch_max_messages=10, retry_max_attempts=2)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(dead_letter.envelopes) == 1
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert headers["dlq.status"] == "502"
+    assert "between 200 and 599" in headers["dlq.error"]

@@ -61,6 +61,7 @@ class FileSource(Source):
         if self._path == "-":
             self._file = sys.stdin.buffer
         else:
+            self._offset = self._read_checkpoint()
             try:
                 self._file = open(self._path, "rb")  # noqa: SIM115
             except OSError as exc:
@@ -69,7 +70,6 @@ class FileSource(Source):
                     "check READER_INPUT",
                     retriable=False,
                 ) from exc
-            self._offset = self._read_checkpoint()
             self._file.seek(self._offset)
         self._tracker.assign(self._path, 0)
         self._commit_task = asyncio.create_task(self._commit_periodically())

@@ -1,0 +1,69 @@
+import base64
+
+import pytest
+
+from agogosml.envelope import (
+    Envelope,
+    Position,
+    child_traceparent,
+    trace_id,
+)
+
+
+@pytest.mark.parametrize(
+    ("key", "expected_text", "encoded"),
+    [
+        (b"card-1", "card-1", False),
+        (b"", "", False),
+        (b"  padded  ", base64.b64encode(b"  padded  ").decode(), True),
+        (b"line\nbreak", base64.b64encode(b"line\nbreak").decode(), True),
+        (b"\xff\xfe", base64.b64encode(b"\xff\xfe").decode(), True),
+    ],
+)
+def test_key_text_survives_http_headers(key, expected_text, encoded):
+    text, is_base64 = Envelope(b"{}", key=key).key_text()
+
+    assert text == expected_text
+    assert is_base64 is encoded
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"order-17", "order-17"),
+        (b"a\r\nb", "a%0D%0Ab"),
+        (b"\xff", "%FF"),
+        (b" x ", "%20x%20"),
+    ],
+)
+def test_message_id_header_made_header_safe(raw, expected):
+    envelope = Envelope.from_record(b"{}", None, [("message-id", raw)], None)
+
+    assert envelope.id == expected
+
+
+def test_id_derived_from_position():
+    position = Position("données.jsonl", 0, 42, 50, 1)
+
+    envelope = Envelope.from_record(b"{}", None, None, position)
+
+    assert envelope.id == "donn%C3%A9es.jsonl:0:42"
+
+
+def test_child_traceparent_keeps_trace_id():
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    child = child_traceparent(parent)
+
+    assert trace_id(child) == "0af7651916cd43dd8448eb211c80319c"
+    assert child != parent
+
+
+@pytest.mark.parametrize(
+    "parent", ["", "garbage", "00-" + "0" * 32 + "-" + "1" * 16 + "-01"]
+)
+def test_invalid_traceparent_starts_new_trace(parent):
+    child = child_traceparent(parent)
+
+    assert trace_id(child) is not None
+    assert trace_id(child) != "0" * 32

@@ -1,0 +1,105 @@
+"""FileSource and FileSink: JSON Lines on disk."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agogosml.envelope import Envelope
+from agogosml.errors import SourceError
+from agogosml.transports.file import FileSink, FileSource
+
+
+async def read_all(source: FileSource, rounds: int = 3) -> list[Envelope]:
+    envelopes: list[Envelope] = []
+    for _ in range(rounds):
+        envelopes.extend(await source.fetch(100, 0.01))
+    return envelopes
+
+
+async def test_source_follow_waits_for_line_end(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2, "half')
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        first = await read_all(source)
+        with path.open("ab") as file:
+            file.write(b'": true}\n{"n": 3}\n')
+        second = await read_all(source)
+
+    assert [e.value for e in first] == [b'{"n": 1}']
+    assert [e.value for e in second] == [b'{"n": 2, "half": true}', b'{"n": 3}']
+    assert source.at_end is False
+
+
+async def test_source_without_follow_takes_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n\n{"n": 2}')
+    source = FileSource(str(path))
+
+    async with source:
+        envelopes = await read_all(source)
+
+    assert [e.value for e in envelopes] == [b'{"n": 1}', b'{"n": 2}']
+    assert source.at_end is True
+
+
+async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
+    checkpoint = tmp_path / "checkpoint"
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as first:
+        envelopes = await read_all(first)
+        first.ack(envelopes[0])
+        first.ack(envelopes[2])  # the second is unfinished, so only 1 is committed
+    async with FileSource(str(path), checkpoint_path=checkpoint) as second:
+        again = await read_all(second)
+
+    assert checkpoint.read_text() == str(len(b'{"n": 1}\n'))
+    assert [e.value for e in again] == [b'{"n": 2}', b'{"n": 3}']
+
+
+@pytest.mark.parametrize("where", ["missing-dir/checkpoint", "."])
+async def test_source_rejects_bad_checkpoint_path(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"{}\n")
+    source = FileSource(str(path), checkpoint_path=tmp_path / where)
+
+    with pytest.raises(SourceError, match="READER_CHECKPOINT_PATH"):
+        await source.start()
+
+
+async def test_sink_keeps_one_record_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    records = [
+        Envelope(value=b'{\n  "a": "x\\ny"\n}\n', id="pretty"),
+        Envelope(value=b"not json", id="text"),
+        Envelope(value=b"\xff\xfe{}", id="binary"),
+    ]
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send(records)
+
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert [line["id"] for line in lines] == ["pretty", "text", "binary"]
+    assert lines[0]["value"] == {"a": "x\ny"}
+    assert lines[1]["value"] == "not json"
+    assert base64.b64decode(lines[2]["value"]) == b"\xff\xfe{}"
+    assert lines[2]["value_encoding"] == "base64"
+
+
+async def test_sink_starts_after_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "whole"}\n{"id": "torn", "val')
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"1", id="after-crash")])
+
+    lines = path.read_bytes().splitlines()
+    assert lines[1] == b'{"id": "torn", "val'
+    assert orjson.loads(lines[2])["id"] == "after-crash"
