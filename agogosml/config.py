@@ -339,7 +339,8 @@ class ReaderSettings(_ServiceSettings):
     stop_at_end: bool = Field(
         False,
         description="READER_STOP_AT_END: exit once a file source is read to the "
-        "end and every message is finished.",
+        "end and every message is finished. Otherwise the reader follows the file "
+        "as 'tail -f' does.",
     )
     checkpoint_path: Path | None = Field(
         None,
