@@ -31,14 +31,14 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
 class Transport(enum.StrEnum):
-    """Where messages are read from or written to."""
+    """Transport of a source or sink."""
 
     KAFKA = "kafka"
     FILE = "file"
 
 
 class Ordering(enum.StrEnum):
-    """Which messages the input reader keeps in order."""
+    """Ordering mode of the input reader: the scope in which order is kept."""
 
     PARTITION = "partition"
     KEY = "key"
@@ -457,12 +457,12 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         field = location[0] if location else ""
         name = f"{prefix}{field}".upper() if field else "settings"
         value = error.get("input")
-        shown = "<secret>" if _is_secret(cls, field) else value
+        displayed = "<secret>" if _is_secret(cls, field) else value
         if error["type"] == "missing":
             lines.append(f"  {name} is missing: set it ({_describe(cls, field)})")
         elif field:
             lines.append(
-                f"  {name}={shown!r} is invalid: "
+                f"  {name}={displayed!r} is invalid: "
                 f"{error['msg'].removeprefix('Value error, ')} "
                 f"({_describe(cls, field)})"
             )

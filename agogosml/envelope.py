@@ -19,7 +19,7 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a message was read: enough for the source to commit past it.
+    """Source position of a message: enough for the source to commit past it.
 
     Attributes:
         topic: Topic name, or the file path for file sources.
@@ -150,7 +150,7 @@ def child_traceparent(parent: str) -> str:
     """Return a traceparent for a new span in the trace of `parent`.
 
     A missing or malformed parent starts a new trace, as the W3C Trace Context
-    recommendation asks of a receiver.
+    recommendation requires of a receiver.
     """
     match = _TRACEPARENT.match(parent.strip().lower()) if parent else None
     if match is None or match.group(1) == "0" * 32:

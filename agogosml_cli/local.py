@@ -92,7 +92,7 @@ class ServiceProcess:
             return False
 
     def running(self) -> bool:
-        """Whether the process is alive."""
+        """Return whether the process is alive."""
         return self.process is not None and self.process.poll() is None
 
     def signal(self, signum: int) -> None:

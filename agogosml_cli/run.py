@@ -26,7 +26,7 @@ from agogosml_cli.local import (
 
 @dataclass
 class RunOptions:
-    """What `run_pipeline` streams and how."""
+    """Input, output location and reader settings of one `run_pipeline` call."""
 
     data_path: Path
     work_dir: Path

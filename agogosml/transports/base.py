@@ -66,7 +66,7 @@ class Source(abc.ABC):
     @property
     @abc.abstractmethod
     def connected(self) -> bool:
-        """Whether the source is started and reachable."""
+        """Return whether the source is started and reachable."""
 
     def set_revoke_handler(self, handler: RevokeHandler) -> None:  # noqa: B027
         """Register the coroutine to await before partitions are given up."""
@@ -105,7 +105,7 @@ class Sink(abc.ABC):
     @property
     @abc.abstractmethod
     def connected(self) -> bool:
-        """Whether the sink is started and reachable."""
+        """Return whether the sink is started and reachable."""
 
 
 class OffsetTracker:

@@ -2,7 +2,7 @@
 
 - While the file named by FAULT_FAIL_FLAG exists, every request fails with 500.
 - A value with ``"poison": true`` is rejected with 400.
-- A value with ``"delay_seconds": x`` is held for x seconds before it is answered.
+- A value with ``"delay_seconds": x`` is held for x seconds before the response.
 
 Each result is ``{"n": <n of the input>, "echo": true}``.
 """
