@@ -7,14 +7,23 @@ use the real broker.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
+from agogosml.errors import SinkError
 from agogosml.transports.kafka import KafkaSink, KafkaSource
+from agogosml.transports.kafka.sink import record_size
 
 
 @pytest.fixture
@@ -120,3 +129,129 @@ async def test_paused_source_returns_nothing(mock_bootstrap: str) -> None:
 
     assert all(batch == [] for batch in while_paused)
     assert [e.position.offset for e in after_resume if e.position] == [1, 2, 3]
+
+
+def consume_until(bootstrap: str, topic: str, group: str, last: bytes) -> list[bytes]:
+    """Return the values in `topic` up to `last`, plus any that follow within 1 s."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    try:
+        for _ in range(100):
+            messages = consumer.consume(100, 0.2)
+            values.extend(m.value() for m in messages if m.error() is None)
+            if last in values:
+                break
+        values.extend(m.value() for m in consumer.consume(100, 1) if not m.error())
+    finally:
+        consumer.close()
+    return values
+
+
+async def test_sink_oversized_record_writes_nothing(mock_bootstrap: str) -> None:
+    topic = "sink-oversized"
+    settings = KafkaSettings(
+        bootstrap_servers=mock_bootstrap, extra_config={"message.max.bytes": 2000}
+    )
+    sink = KafkaSink(settings, topic)
+    batch = [
+        Envelope(value=b'{"n": 1}', id="small-1"),
+        Envelope(value=b"x" * 3000, id="big-2"),
+        Envelope(value=b'{"n": 3}', id="small-3"),
+    ]
+
+    async with sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send(batch)
+        await sink.send([Envelope(value=b'{"n": 4}', id="after")])
+
+    error = caught.value
+    assert error.retriable is False
+    assert "'big-2'" in str(error)
+    assert f"{record_size(batch[1])} bytes" in str(error)
+    assert "message.max.bytes=2000" in str(error)
+    written = consume_until(mock_bootstrap, topic, "g-oversized", b'{"n": 4}')
+    assert written == [b'{"n": 4}']
+
+
+def test_record_size_matches_librdkafka(mock_bootstrap: str) -> None:
+    limit = 1000
+    producer = Producer(
+        {"bootstrap.servers": mock_bootstrap, "message.max.bytes": limit}
+    )
+    shapes = [
+        {"key": None, "headers": []},
+        {"key": b"k" * 10, "headers": []},
+        {"key": b"card-7", "headers": [("model-version", b"3"), ("empty", b"")]},
+        {"key": None, "headers": [("h" * 70, b"v" * 200)]},
+    ]
+
+    for shape in shapes:
+        envelope = Envelope(value=b"", id="id-1", **shape)
+        fixed = record_size(envelope)
+        largest = Envelope(value=b"x" * (limit - fixed), id="id-1", **shape)
+        too_large = Envelope(value=b"x" * (limit - fixed + 1), id="id-1", **shape)
+        producer.produce(
+            "t", value=largest.value, key=largest.key, headers=largest.record_headers()
+        )
+        with pytest.raises(KafkaException) as caught:
+            producer.produce(
+                "t",
+                value=too_large.value,
+                key=too_large.key,
+                headers=too_large.record_headers(),
+            )
+
+        assert record_size(largest) == limit
+        assert caught.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+    producer.purge()
+
+
+class FailingProducer:
+    """A producer wrapper whose produce calls raise from the `fail_at`-th on."""
+
+    def __init__(self, producer: Producer, fail_at: int) -> None:
+        self._producer = producer
+        self._calls_left = fail_at
+        self.produced = 0
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        self._calls_left -= 1
+        if self._calls_left <= 0:
+            raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
+        self._producer.produce(*args, **kwargs)
+        self.produced += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+
+async def test_sink_produce_error_waits_for_earlier(mock_bootstrap: str) -> None:
+    topic = "sink-produce-error"
+    sink = KafkaSink(KafkaSettings(bootstrap_servers=mock_bootstrap), topic)
+    batch = [Envelope(value=b'{"n": %d}' % n) for n in range(3)]
+
+    async with sink:
+        real_producer = sink._producer
+        failing = FailingProducer(real_producer, fail_at=3)
+        sink._producer = failing
+        try:
+            with pytest.raises(SinkError) as caught:
+                await sink.send(batch)
+            unacknowledged = len(real_producer)
+        finally:
+            sink._producer = real_producer
+
+    assert failing.produced == 2
+    assert f"producing record {batch[2].id!r}" in str(caught.value)
+    assert caught.value.retriable is False
+    assert unacknowledged == 0

@@ -18,6 +18,13 @@ from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
 
+#: librdkafka's default ``message.max.bytes``.
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: Per-record framing, in bytes, that librdkafka adds to value, key and headers
+#: before it compares a record with ``message.max.bytes``
+#: (``RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`` in librdkafka 2.16).
+RECORD_OVERHEAD_BYTES = 36
+
 
 class KafkaSink(Sink):
     """Produce envelopes to one topic; `send` returns once the broker acknowledged.
@@ -31,6 +38,7 @@ class KafkaSink(Sink):
         self._settings = settings
         self._topic = topic
         self._producer: Producer | None = None
+        self._message_max_bytes = DEFAULT_MESSAGE_MAX_BYTES
         self._poller: threading.Thread | None = None
         self._running = False
         self._health = BrokerHealth("producer", settings.resolved_bootstrap_servers())
@@ -61,6 +69,10 @@ class KafkaSink(Sink):
                 "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
                 retriable=False,
             ) from exc
+        # librdkafka accepted the value, so it is an integer.
+        self._message_max_bytes = int(
+            config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        )
         self._running = True
         self._poller = threading.Thread(
             target=self._poll, name="kafka-producer-poll", daemon=True
@@ -86,14 +98,27 @@ class KafkaSink(Sink):
         logger.info("kafka sink stopped", extra={"topic": self._topic})
 
     async def send(self, envelopes: Sequence[Envelope]) -> None:
-        """Produce every envelope and wait for all acknowledgements."""
+        """Produce every envelope and wait for all acknowledgements.
+
+        Raises:
+            SinkError: when a record is over ``message.max.bytes`` (before any
+                record is produced, not retriable), or when a record was not
+                acknowledged.
+        """
         if self._producer is None:
             raise SinkError("Kafka sink is not started", retriable=True)
+        self._check_sizes(envelopes)
         loop = asyncio.get_running_loop()
-        futures = []
+        futures: list[asyncio.Future[None]] = []
         for envelope in envelopes:
             future: asyncio.Future[None] = loop.create_future()
-            await self._produce(envelope, _resolver(loop, future))
+            try:
+                await self._produce(envelope, _resolver(loop, future))
+            except SinkError:
+                # Records produced before the error still get delivery reports;
+                # wait for them, so none resolves after the caller gave up.
+                await asyncio.gather(*futures, return_exceptions=True)
+                raise
             futures.append(future)
         results = await asyncio.gather(*futures, return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
@@ -103,6 +128,25 @@ class KafkaSink(Sink):
                 f"by topic {self._topic!r}: {errors[0]}",
                 retriable=all(getattr(e, "retriable", True) for e in errors),
             )
+
+    def _check_sizes(self, envelopes: Sequence[Envelope]) -> None:
+        """Reject the whole request if the producer would reject any record.
+
+        Checking before the first produce call keeps a request all-or-nothing:
+        otherwise the records before the oversized one would be written, and
+        written again when the request is retried.
+        """
+        for envelope in envelopes:
+            size = record_size(envelope)
+            if size > self._message_max_bytes:
+                raise SinkError(
+                    f"record {envelope.id!r} is {size} bytes with key, headers and "
+                    f"framing, over the producer limit message.max.bytes="
+                    f"{self._message_max_bytes}; no record of this request was "
+                    "written. Send a smaller value, or raise message.max.bytes in "
+                    "KAFKA_EXTRA_CONFIG together with the topic's max.message.bytes",
+                    retriable=False,
+                )
 
     async def _produce(self, envelope: Envelope, callback: Any) -> None:
         assert self._producer is not None
@@ -121,9 +165,31 @@ class KafkaSink(Sink):
                 await asyncio.sleep(0.005)
             except KafkaException as exc:
                 raise SinkError(
-                    f"producing to topic {self._topic!r} failed: {exc}",
+                    f"producing record {envelope.id!r} to topic {self._topic!r} "
+                    f"failed: {exc}",
                     retriable=exc.args[0].retriable(),
                 ) from exc
+
+
+def record_size(envelope: Envelope) -> int:
+    """Return the size librdkafka compares with ``message.max.bytes``, in bytes."""
+    size = RECORD_OVERHEAD_BYTES + len(envelope.value) + len(envelope.key or b"")
+    for name, value in envelope.record_headers():
+        name_length = len(name.encode())
+        value_length = len(value or b"")
+        size += _varint_size(name_length) + name_length
+        size += _varint_size(value_length) + value_length
+    return size
+
+
+def _varint_size(number: int) -> int:
+    """Return the bytes of `number` as a Kafka zigzag varint (non-negative only)."""
+    zigzag = number << 1
+    size = 1
+    while zigzag >= 0x80:
+        zigzag >>= 7
+        size += 1
+    return size
 
 
 def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Any:
