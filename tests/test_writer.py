@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink
 
 from agogosml.config import WriterSettings
-from agogosml.envelope import trace_id
+from agogosml.envelope import Envelope, trace_id
+from agogosml.errors import SinkError
 from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -259,6 +260,35 @@ async def test_sink_failure_503_then_recovers():
     assert retried.status == 200
     assert ready.status == 200
     assert [record.value for record in sink.envelopes] == [b'{"n": 1}']
+
+
+class RejectingSink(MemorySink):
+    """A sink that rejects every send with a SinkError that is not retriable."""
+
+    async def send(self, envelopes: Sequence[Envelope]) -> None:
+        self.send_calls += 1
+        raise SinkError(
+            "record 'r-1' is 2000000 bytes, over message.max.bytes=1000000",
+            retriable=False,
+        )
+
+
+async def test_sink_permanent_failure_422():
+    sink = RejectingSink()
+    await sink.start()
+
+    async with serve_writer(sink) as (client, _):
+        single = await client.post("/", data=b'{"n": 1}', headers=JSON)
+        single_error = (await single.json())["error"]
+        batch = await client.post("/batch", data=b'[{"value": 1}]', headers=JSON)
+        batch_error = (await batch.json())["error"]
+
+    assert single.status == 422
+    assert "a retry would fail the same way" in single_error
+    assert "message.max.bytes=1000000" in single_error
+    assert batch.status == 422
+    assert "'r-1'" in batch_error
+    assert sink.send_calls == 2
 
 
 async def test_sink_not_connected_503():

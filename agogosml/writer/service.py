@@ -154,9 +154,10 @@ class OutputWriter:
                 extra={
                     "message_ids": [e.id for e in envelopes[:20]],
                     "error": str(exc),
+                    "retriable": exc.retriable,
                 },
             )
-            raise BadRequest(503, f"records were not written: {exc}") from None
+            raise _sink_error_response(exc) from None
         finally:
             self._in_flight -= count
             IN_FLIGHT.labels(SERVICE).set(self._in_flight)
@@ -184,6 +185,16 @@ class OutputWriter:
                 self._in_flight,
                 timeout_seconds,
             )
+
+
+def _sink_error_response(exc: SinkError) -> BadRequest:
+    """Return 503 for a failure a retry may fix, else 422 so callers stop retrying."""
+    if exc.retriable:
+        return BadRequest(503, f"records were not written: {exc}")
+    return BadRequest(
+        422,
+        f"records were not written, and a retry would fail the same way: {exc}",
+    )
 
 
 @web.middleware
