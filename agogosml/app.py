@@ -38,6 +38,7 @@ from agogosml.http import (
     bearer_auth_middleware,
     bound_port,
     error_response,
+    http_error_middleware,
     start_site,
 )
 from agogosml.metrics import MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
@@ -146,7 +147,7 @@ class ModelApp:
 
     def build_app(self, settings: AppSettings) -> web.Application:
         """Return the aiohttp application (call inside `running`)."""
-        middlewares = [_reject_middleware]
+        middlewares = [http_error_middleware(SERVICE), _reject_middleware]
         token = settings.token.get_secret_value()
         if token:
             middlewares.append(

@@ -1,14 +1,19 @@
-"""HTTP pieces shared by the services: health, readiness, metrics and bearer auth."""
+"""HTTP pieces shared by the services: health, metrics, bearer auth, JSON errors."""
 
 from __future__ import annotations
 
 import hmac
 import importlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agogosml.metrics import REJECTED_REQUESTS
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,6 +60,66 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
         return await handler(request)
 
     return middleware
+
+
+def http_error_middleware(service: str) -> Any:
+    """Return middleware that turns aiohttp's HTTP errors into JSON error bodies.
+
+    aiohttp responds to an unknown path (404), a wrong method (405) and other
+    `web.HTTPException` errors with plain text, but clients of the services
+    expect ``{"error": ...}`` with every error status. `service` labels the
+    metric.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = _describe_http_error(request, exc)
+            REJECTED_REQUESTS.labels(service, str(exc.status)).inc()
+            logger.info(
+                "request rejected",
+                extra={
+                    "status": exc.status,
+                    "method": request.method,
+                    "path": request.path,
+                    "error": message,
+                },
+            )
+            kept_headers = {
+                name: value
+                for name, value in exc.headers.items()
+                if name.lower() not in ("content-type", "content-length")
+            }
+            return error_response(exc.status, message, headers=kept_headers)
+
+    return middleware
+
+
+def _describe_http_error(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPNotFound):
+        return (
+            f"path {request.path!r} not found; this service serves "
+            f"{', '.join(_served_routes(request.app))}"
+        )
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = " or ".join(sorted(exc.allowed_methods))
+        return (
+            f"method {request.method} is not allowed on {request.path!r}; use {allowed}"
+        )
+    return f"{exc.reason} ({request.method} {request.path!r})"
+
+
+def _served_routes(app: web.Application) -> list[str]:
+    routes = {
+        f"{route.method} {route.resource.canonical}"
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    return sorted(routes, key=lambda route: route.split(" ")[::-1])
 
 
 def error_response(

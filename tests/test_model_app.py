@@ -254,6 +254,22 @@ async def test_body_over_limit_413():
     assert writer.requests == []
 
 
+async def test_unknown_path_and_method_json():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            not_found = await client.post("/score", data=b"{}", headers=JSON)
+            not_found_body = await not_found.json()
+            wrong_method = await client.get("/")
+            wrong_method_body = await wrong_method.json()
+
+    assert not_found.status == 404
+    assert "path '/score' not found" in not_found_body["error"]
+    assert "POST /batch" in not_found_body["error"]
+    assert wrong_method.status == 405
+    assert "method GET is not allowed on '/'; use POST" in wrong_method_body["error"]
+    assert writer.requests == []
+
+
 # ---------------------------------------------------------------------------
 # Writer failures
 # ---------------------------------------------------------------------------

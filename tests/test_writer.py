@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink
 
@@ -42,6 +43,35 @@ async def wait_for(condition, timeout_seconds: float = 2.0) -> None:
     async with asyncio.timeout(timeout_seconds):
         while not condition():
             await asyncio.sleep(0.005)
+
+
+async def raw_post(
+    client: TestClient, path: str, headers: bytes, body: bytes
+) -> tuple[int, bytes, dict]:
+    """POST with raw header bytes, which the aiohttp client would not send as is.
+
+    Returns the status, the Content-Type header value and the decoded JSON body.
+    """
+    stream_reader, stream_writer = await asyncio.open_connection(
+        client.host, client.port
+    )
+    stream_writer.write(
+        b"POST %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+        % (path.encode(), len(body), headers, body)
+    )
+    response = await stream_reader.read()
+    stream_writer.close()
+    await stream_writer.wait_closed()
+
+    head, _, response_body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    content_type = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-type:")
+    )
+    return status, content_type, orjson.loads(response_body)
 
 
 async def test_post_one_writes_record():
@@ -112,6 +142,28 @@ async def test_post_one_invalid_base64_key_400():
     assert sink.envelopes == []
 
 
+@pytest.mark.parametrize(
+    ("header", "hint"),
+    [
+        ("X-Message-Key", "X-Message-Key-Encoding: base64"),
+        ("X-Message-Id", "UTF-8 text"),
+        ("X-Record-Header-Model-Version", "UTF-8 text"),
+    ],
+)
+async def test_post_one_non_utf8_header_400(header, hint):
+    sink = await started_sink()
+    raw_header = header.encode() + b": caf\xe9\r\n"
+
+    async with serve_writer(sink) as (client, _):
+        status, content_type, body = await raw_post(client, "/", raw_header, b"1")
+
+    assert status == 400
+    assert content_type.startswith(b"application/json")
+    assert f"header {header} is not valid UTF-8" in body["error"]
+    assert hint in body["error"]
+    assert sink.envelopes == []
+
+
 async def test_batch_writes_records_in_order():
     sink = await started_sink()
     items = [
@@ -166,6 +218,66 @@ async def test_batch_element_without_value_400():
     assert "batch element 1" in body["error"]
     assert "'value'" in body["error"]
     assert sink.envelopes == []
+
+
+async def test_batch_value_nested_too_deep_400():
+    sink = await started_sink()
+    deep = b"[" * 300 + b"]" * 300
+    body = b'[{"value": 1}, {"value": %s}]' % deep
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 1: 'value' cannot be encoded as JSON again" in error
+    assert "POST it alone to /" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_element_nested_too_deep_400():
+    sink = await started_sink()
+    body = b"[%s]" % (b"[" * 300 + b"]" * 300)
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 0 must be an object" in error
+    assert "nested too deeply" in error
+
+
+async def test_batch_element_preview_cut_safely():
+    sink = await started_sink()
+    body = orjson.dumps(["\u00e9" * 120])
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 0 must be an object" in error
+
+
+async def test_unknown_path_and_method_json():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        not_found = await client.get("/nothing")
+        not_found_body = await not_found.json()
+        wrong_method = await client.get("/batch")
+        wrong_method_body = await wrong_method.json()
+
+    assert not_found.status == 404
+    assert "path '/nothing' not found" in not_found_body["error"]
+    assert "POST /batch" in not_found_body["error"]
+    assert wrong_method.status == 405
+    assert wrong_method.headers["Allow"] == "POST"
+    assert (
+        "method GET is not allowed on '/batch'; use POST"
+        in (wrong_method_body["error"])
+    )
 
 
 async def test_batch_not_array_400():

@@ -21,6 +21,7 @@ from agogosml.http import (
     bearer_auth_middleware,
     bound_port,
     error_response,
+    http_error_middleware,
     import_object,
     start_site,
 )
@@ -80,7 +81,7 @@ class OutputWriter:
 
     def build_app(self) -> web.Application:
         """Return the aiohttp application with data, health and metrics routes."""
-        middlewares = [_error_middleware]
+        middlewares = [http_error_middleware(SERVICE), _error_middleware]
         token = self._settings.token.get_secret_value()
         if token:
             middlewares.append(bearer_auth_middleware(token, DATA_PATHS))
@@ -227,20 +228,57 @@ def _reject(request: web.Request, status: int, message: str) -> web.Response:
 
 
 def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
-    key = headers.get("X-Message-Key")
     encoding = headers.get("X-Message-Key-Encoding", "")
-    record_headers = [
-        (name[len(RECORD_HEADER_PREFIX) :].lower(), value.encode())
-        for name, value in headers.items()
-        if name.lower().startswith(RECORD_HEADER_PREFIX.lower())
-    ]
     return Envelope(
         value=body,
-        key=_decode_key(key, encoding),
-        headers=record_headers,
-        id=headers.get("X-Message-Id", ""),
+        key=_decode_key(_utf8_header(headers, "X-Message-Key"), encoding),
+        headers=_record_headers(headers),
+        id=_utf8_header(headers, "X-Message-Id") or "",
         traceparent=child_traceparent(headers.get("traceparent", "")),
     )
+
+
+def _utf8_header(headers: Any, name: str) -> str | None:
+    """Return a request header that must be UTF-8 text, or None when it is absent.
+
+    aiohttp decodes header bytes that are not UTF-8 to lone surrogates, which
+    cannot be encoded again, so such a value is rejected here with a 400.
+    """
+    value = headers.get(name)
+    if value is not None and not _is_utf8(value):
+        hint = (
+            "; base64-encode the key and send X-Message-Key-Encoding: base64"
+            if name == "X-Message-Key"
+            else "; send it as UTF-8 text"
+        )
+        raise BadRequest(400, f"header {name} is not valid UTF-8{hint}")
+    return value
+
+
+def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
+    """Return the ``X-Record-Header-<name>`` request headers as record headers."""
+    record_headers = []
+    for name, value in headers.items():
+        if not name.lower().startswith(RECORD_HEADER_PREFIX.lower()):
+            continue
+        if not (_is_utf8(name) and _is_utf8(value)):
+            raise BadRequest(
+                400,
+                f"header {name.encode(errors='replace').decode()} is not valid "
+                "UTF-8; send record header names and values as UTF-8 text",
+            )
+        record_headers.append(
+            (name[len(RECORD_HEADER_PREFIX) :].lower(), value.encode())
+        )
+    return record_headers
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _envelope_from_item(index: int, item: object) -> Envelope:
@@ -248,7 +286,7 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
         raise BadRequest(
             400,
             f"batch element {index} must be an object with a 'value' field, got "
-            f"{orjson.dumps(item)[:100].decode()!r}",
+            f"{_preview(item)}",
         )
     headers = item.get("headers") or {}
     if not isinstance(headers, dict):
@@ -257,7 +295,7 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     if key is not None and not isinstance(key, str):
         raise BadRequest(400, f"batch element {index}: 'key' must be a string or null")
     return Envelope(
-        value=orjson.dumps(item["value"]),
+        value=_encode_value(index, item["value"]),
         key=_decode_key(key, str(item.get("key_encoding", ""))),
         headers=[
             (str(name), str(value).encode())
@@ -269,6 +307,28 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             str(item.get("traceparent") or headers.get("traceparent") or "")
         ),
     )
+
+
+def _encode_value(index: int, value: object) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        # orjson decodes deeper nesting than it encodes.
+        raise BadRequest(
+            400,
+            f"batch element {index}: 'value' cannot be encoded as JSON again "
+            f"({exc}); nest it less deeply, or POST it alone to /, which writes "
+            "the body as it was sent",
+        ) from None
+
+
+def _preview(item: object) -> str:
+    """Return the start of `item` as JSON for an error message."""
+    try:
+        text = orjson.dumps(item).decode()
+    except orjson.JSONEncodeError:
+        return f"a {type(item).__name__} nested too deeply to show"
+    return repr(text[:100])
 
 
 def _decode_key(key: str | None, encoding: str) -> bytes | None:
