@@ -19,6 +19,7 @@ from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+OTHER_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 JSON = {"Content-Type": "application/json"}
 
 
@@ -192,6 +193,81 @@ async def test_batch_writes_records_in_order():
     assert second.key is None
     assert ("model-version", b"3") in second.headers
     assert third.id == "b-3"
+
+
+@pytest.mark.parametrize(
+    ("header_value", "json_type"),
+    [(None, "null"), ({"major": 3}, "an object"), (3, "a number")],
+)
+async def test_batch_header_not_string_400(header_value, json_type):
+    sink = await started_sink()
+    items = [
+        {"value": 1, "headers": {"model-version": "3"}},
+        {"value": 2, "headers": {"model-version": header_value}},
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 1: header 'model-version' must be a string" in error
+    assert f"got {json_type}" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_id_not_string_400():
+    sink = await started_sink()
+    items = [{"value": 1, "id": {"n": 1}}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 0: 'id' must be a string or null, got an object" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_reserved_headers_not_copied():
+    sink = await started_sink()
+    items = [
+        {"value": 1, "id": "b-1", "headers": {"Message-Id": "other", "x": "y"}},
+        {"value": 2, "headers": {"Message-Id": "b-2", "TraceParent": TRACEPARENT}},
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    first, second = sink.envelopes
+    assert first.id == "b-1"
+    assert first.headers == [("x", b"y")]
+    assert second.id == "b-2"
+    assert trace_id(second.traceparent) == TRACE_ID
+    assert second.headers == []
+
+
+async def test_post_one_reserved_record_headers_ignored():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Message-Id": "msg-1",
+        "traceparent": TRACEPARENT,
+        "X-Record-Header-Message-Id": "forged-id",
+        "X-Record-Header-Traceparent": OTHER_TRACEPARENT,
+        "X-Record-Header-Model-Version": "3",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+
+    assert response.status == 200
+    record = sink.envelopes[0]
+    assert record.id == "msg-1"
+    assert trace_id(record.traceparent) == TRACE_ID
+    assert record.headers == [("model-version", b"3")]
+    assert dict(record.record_headers())["message-id"] == b"msg-1"
 
 
 async def test_batch_empty_array_writes_nothing():

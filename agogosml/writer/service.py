@@ -14,7 +14,12 @@ import orjson
 from aiohttp import web
 
 from agogosml.config import WriterSettings
-from agogosml.envelope import MESSAGE_ID_HEADER, Envelope, child_traceparent
+from agogosml.envelope import (
+    MESSAGE_ID_HEADER,
+    TRACEPARENT_HEADER,
+    Envelope,
+    child_traceparent,
+)
 from agogosml.errors import SinkError
 from agogosml.http import (
     add_health_routes,
@@ -41,6 +46,9 @@ SERVICE = "output_writer"
 DATA_PATHS = frozenset({"/", "/batch"})
 #: Request headers with this prefix become record headers (prefix removed).
 RECORD_HEADER_PREFIX = "X-Record-Header-"
+#: Record headers that the writer sets from the message id and trace context;
+#: extra headers of these names are not written, so they cannot override them.
+RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 Tap = Callable[[Sequence[Envelope]], Any]
@@ -267,9 +275,9 @@ def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
                 f"header {name.encode(errors='replace').decode()} is not valid "
                 "UTF-8; send record header names and values as UTF-8 text",
             )
-        record_headers.append(
-            (name[len(RECORD_HEADER_PREFIX) :].lower(), value.encode())
-        )
+        record_name = name[len(RECORD_HEADER_PREFIX) :].lower()
+        if record_name not in RESERVED_HEADERS:
+            record_headers.append((record_name, value.encode()))
     return record_headers
 
 
@@ -288,25 +296,70 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             f"batch element {index} must be an object with a 'value' field, got "
             f"{_preview(item)}",
         )
-    headers = item.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise BadRequest(400, f"batch element {index}: 'headers' must be an object")
-    key = item.get("key")
-    if key is not None and not isinstance(key, str):
-        raise BadRequest(400, f"batch element {index}: 'key' must be a string or null")
+    headers = _item_headers(index, item.get("headers"))
+    reserved = {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower() in RESERVED_HEADERS
+    }
+    message_id = _optional_text(index, item, "id")
+    parent = _optional_text(index, item, "traceparent")
     return Envelope(
         value=_encode_value(index, item["value"]),
-        key=_decode_key(key, str(item.get("key_encoding", ""))),
-        headers=[
-            (str(name), str(value).encode())
-            for name, value in headers.items()
-            if str(name).lower() not in (MESSAGE_ID_HEADER, "traceparent")
-        ],
-        id=str(item.get("id") or headers.get(MESSAGE_ID_HEADER) or ""),
-        traceparent=child_traceparent(
-            str(item.get("traceparent") or headers.get("traceparent") or "")
+        key=_decode_key(
+            _optional_text(index, item, "key"), str(item.get("key_encoding", ""))
         ),
+        headers=[
+            (name, value.encode())
+            for name, value in headers.items()
+            if name.lower() not in RESERVED_HEADERS
+        ],
+        id=message_id or reserved.get(MESSAGE_ID_HEADER) or "",
+        traceparent=child_traceparent(parent or reserved.get(TRACEPARENT_HEADER) or ""),
     )
+
+
+def _item_headers(index: int, headers: object) -> dict[str, str]:
+    """Return the ``headers`` object of a batch element, checking every value."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        raise BadRequest(400, f"batch element {index}: 'headers' must be an object")
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            raise BadRequest(
+                400,
+                f"batch element {index}: header {name!r} must be a string, got "
+                f"{_json_type(value)}; send the value as a JSON string, or leave "
+                "the header out",
+            )
+    return headers
+
+
+def _optional_text(index: int, item: dict[str, Any], field: str) -> str | None:
+    value = item.get(field)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(
+            400,
+            f"batch element {index}: {field!r} must be a string or null, got "
+            f"{_json_type(value)}",
+        )
+    return value
+
+
+def _json_type(value: object) -> str:
+    """Return the JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string"
 
 
 def _encode_value(index: int, value: object) -> bytes:
