@@ -107,9 +107,12 @@ class AppSettings(BaseSettings):
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An error response; `log_level` overrides the level of its log line."""
+
+    def __init__(self, status: int, message: str, *, log_level: int = 0) -> None:
         super().__init__(message)
         self.status = status
+        self.log_level = log_level
 
 
 class ModelApp:
@@ -226,13 +229,12 @@ class ModelApp:
             async with self._session.post(url, data=body, headers=headers) as response:
                 if 200 <= response.status < 300:
                     return
-                text = (await response.text())[:300]
+                text = await response.text(errors="replace")
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _Reject(
                 503, f"output writer at {url} is unreachable: {exc!s}"
             ) from None
-        status = 503 if response.status >= 500 or response.status == 429 else 502
-        raise _Reject(status, f"output writer responded {response.status}: {text}")
+        raise _writer_error(self._writer_url, response.status, text)
 
     async def _watch_writer(self) -> None:
         assert self._session is not None
@@ -278,14 +280,45 @@ class _Running:
             await self._model_app._session.close()
 
 
+def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
+    """Map an error status of the writer to the status the reader should act on.
+
+    The reader retries 5xx, 408 and 429 and dead-letters any other 4xx at once,
+    so a result the writer can never accept becomes 422, and a problem that a
+    retry or an operator can fix becomes 503.
+    """
+    message = f"output writer responded {status}: {_error_text(text)}"
+    if status in (401, 403):
+        return _Reject(
+            503,
+            f"{message}; set APP_WRITER_TOKEN to the writer's WRITER_TOKEN",
+            log_level=logging.ERROR,
+        )
+    if status in (404, 405):
+        return _Reject(
+            503,
+            f"{message}; check that APP_WRITER_URL={writer_url!r} is the output "
+            "writer's base URL",
+            log_level=logging.ERROR,
+        )
+    if status in (400, 413, 415, 422):
+        return _Reject(422, message)
+    if status in (408, 429) or status >= 500:
+        return _Reject(503, message)
+    return _Reject(502, f"{message}; this status is not part of the writer's API")
+
+
 @web.middleware
 async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except _Reject as exc:
         REJECTED_REQUESTS.labels(SERVICE, str(exc.status)).inc()
-        log = logger.warning if exc.status >= 500 else logger.info
-        log(
+        level = exc.log_level or (
+            logging.WARNING if exc.status >= 500 else logging.INFO
+        )
+        logger.log(
+            level,
             "request rejected",
             extra={
                 "status": exc.status,
@@ -305,6 +338,17 @@ def _decode(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _error_text(body: str) -> str:
+    """Return the ``error`` field of a JSON error body, else the start of the body."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("error"), str):
+        return document["error"][:1000]
+    return body[:300]
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:

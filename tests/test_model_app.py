@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -276,7 +277,21 @@ async def test_unknown_path_and_method_json():
 
 
 @pytest.mark.parametrize(
-    ("writer_status", "app_status"), [(500, 503), (503, 503), (429, 503), (400, 502)]
+    ("writer_status", "app_status"),
+    [
+        (500, 503),
+        (503, 503),
+        (429, 503),
+        (408, 503),
+        (401, 503),
+        (403, 503),
+        (404, 503),
+        (400, 422),
+        (413, 422),
+        (415, 422),
+        (422, 422),
+        (409, 502),
+    ],
 )
 async def test_writer_error_mapped(writer_status, app_status):
     async with stub_writer() as writer:
@@ -288,6 +303,22 @@ async def test_writer_error_mapped(writer_status, app_status):
     assert response.status == app_status
     assert f"output writer responded {writer_status}" in body["error"]
     assert "sink unavailable" in body["error"]
+
+
+async def test_writer_token_rejected_logged(caplog):
+    caplog.set_level(logging.INFO, logger="agogosml.app")
+
+    async with stub_writer() as writer:
+        writer.status = 401
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+            body = await response.json()
+
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert response.status == 503
+    assert "APP_WRITER_TOKEN" in body["error"]
+    assert len(errors) == 1
+    assert "APP_WRITER_TOKEN" in errors[0].error
 
 
 async def test_writer_unreachable_503():
