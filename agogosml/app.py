@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "app"
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+#: The output writer's default WRITER_MAX_BODY_BYTES.
+DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 
 
 class InvalidRecord:
@@ -96,6 +98,14 @@ class AppSettings(BaseSettings):
         ge=1,
         description="APP_WRITER_TIMEOUT_MS: timeout of one writer request, in ms.",
     )
+    writer_max_body_bytes: int = Field(
+        DEFAULT_WRITER_MAX_BODY_BYTES,
+        ge=2,
+        description="APP_WRITER_MAX_BODY_BYTES: largest body of one request to the "
+        "writer, in bytes; keep it at most the writer's WRITER_MAX_BODY_BYTES. A "
+        "batch is split into several POST /batch requests under it, and a result "
+        "that alone exceeds it fails with 413 for its message only.",
+    )
     max_body_bytes: int = Field(
         4 * 1_048_576,
         ge=1,
@@ -123,6 +133,7 @@ class ModelApp:
         self._name = name
         self._session: aiohttp.ClientSession | None = None
         self._writer_url = ""
+        self._writer_max_body_bytes = DEFAULT_WRITER_MAX_BODY_BYTES
         self._writer_ready = False
 
     def run(self) -> None:
@@ -184,26 +195,70 @@ class ModelApp:
             raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
         MESSAGES_IN.labels(SERVICE).inc(len(items))
         results = await self._call_score([item["value"] for item in items])
-        outputs = []
-        statuses: list[dict[str, Any]] = []
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, InvalidRecord):
-                statuses.append({"status": 400, "error": result.reason})
-                continue
-            statuses.append({"status": 200})
-            outputs.append(
-                {
-                    "id": item.get("id"),
-                    "key": item.get("key"),
-                    "key_encoding": item.get("key_encoding"),
-                    "traceparent": child_traceparent(str(item.get("traceparent", ""))),
-                    "value": result,
-                }
-            )
-        if outputs:
-            await self._forward("/batch", orjson.dumps(outputs), {})
-        MESSAGES_OUT.labels(SERVICE).inc(len(outputs))
+        statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
+        outputs = self._encode_outputs(items, results, statuses)
+        for chunk in _chunks(outputs, self._writer_max_body_bytes):
+            await self._forward_chunk(items, chunk, statuses)
+        written = sum(1 for status in statuses if status["status"] == 200)
+        MESSAGES_OUT.labels(SERVICE).inc(written)
         return web.json_response({"results": statuses})
+
+    def _encode_outputs(
+        self,
+        items: list[dict[str, Any]],
+        results: Sequence[Any],
+        statuses: list[dict[str, Any]],
+    ) -> list[tuple[int, bytes]]:
+        """Encode each result as a writer batch element, as (item index, JSON).
+
+        Invalid records, and results too large for one writer request, get
+        their error in `statuses` instead.
+        """
+        outputs = []
+        for index, (item, result) in enumerate(zip(items, results, strict=True)):
+            if isinstance(result, InvalidRecord):
+                statuses[index] = {"status": 400, "error": result.reason}
+                continue
+            output = orjson.dumps(_writer_element(item, result))
+            # Sent alone, the element is a request of its length plus two brackets.
+            size = len(output) + 2
+            if size > self._writer_max_body_bytes:
+                logger.info(
+                    "result too large for one writer request",
+                    extra={"message_id": item.get("id"), "size": size},
+                )
+                error = _oversized_error(size, self._writer_max_body_bytes)
+                statuses[index] = {"status": 413, "error": error}
+                continue
+            outputs.append((index, output))
+        return outputs
+
+    async def _forward_chunk(
+        self,
+        items: list[dict[str, Any]],
+        chunk: list[tuple[int, bytes]],
+        statuses: list[dict[str, Any]],
+    ) -> None:
+        """Send one chunk of a batch to the writer as one ``POST /batch``.
+
+        A chunk the writer rejects (422) fails only its own items. Any other
+        failure fails the whole request with 503 or 502, and the reader retries
+        the whole batch. The records of earlier chunks are then written again,
+        which at-least-once delivery allows.
+        """
+        body = b"[" + b",".join(output for _, output in chunk) + b"]"
+        try:
+            await self._forward("/batch", body, {})
+        except _Reject as exc:
+            if exc.status != 422:
+                raise
+            message_ids = [items[index].get("id") for index, _ in chunk]
+            logger.info(
+                "output writer rejected a batch chunk",
+                extra={"message_ids": message_ids[:20], "error": str(exc)},
+            )
+            for index, _ in chunk:
+                statuses[index] = {"status": 422, "error": str(exc)}
 
     async def _call_score(self, values: list[Any]) -> Sequence[Any]:
         try:
@@ -269,6 +324,7 @@ class _Running:
             headers={"Authorization": f"Bearer {token}"} if token else {},
         )
         model_app._writer_url = str(self._settings.writer_url).rstrip("/")
+        model_app._writer_max_body_bytes = self._settings.writer_max_body_bytes
         self._watcher = asyncio.create_task(model_app._watch_writer())
         return model_app.build_app(self._settings)
 
@@ -331,6 +387,50 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(
             413, f"request body exceeds {request.app[MAX_BODY_BYTES]} bytes"
         )
+
+
+def _writer_element(item: dict[str, Any], result: Any) -> dict[str, Any]:
+    """Return the writer batch element for the result of one batch item."""
+    return {
+        "id": item.get("id"),
+        "key": item.get("key"),
+        "key_encoding": item.get("key_encoding"),
+        "traceparent": child_traceparent(str(item.get("traceparent", ""))),
+        "value": result,
+    }
+
+
+def _oversized_error(size: int, max_body_bytes: int) -> str:
+    return (
+        f"the result is {size} bytes as a writer request, over "
+        f"APP_WRITER_MAX_BODY_BYTES={max_body_bytes}; return a smaller result, or "
+        "raise APP_WRITER_MAX_BODY_BYTES together with the writer's "
+        "WRITER_MAX_BODY_BYTES"
+    )
+
+
+def _chunks(
+    outputs: list[tuple[int, bytes]], max_body_bytes: int
+) -> list[list[tuple[int, bytes]]]:
+    """Split encoded batch elements into JSON arrays of at most `max_body_bytes`.
+
+    Each element must fit alone, with the two brackets of its array.
+    """
+    chunks: list[list[tuple[int, bytes]]] = []
+    chunk: list[tuple[int, bytes]] = []
+    size = 2
+    for index, output in outputs:
+        added = len(output) + 1 if chunk else len(output)
+        if chunk and size + added > max_body_bytes:
+            chunks.append(chunk)
+            chunk = []
+            size = 2
+            added = len(output)
+        chunk.append((index, output))
+        size += added
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _decode(body: bytes) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -52,11 +53,16 @@ class Forwarded:
 
 
 class StubWriter:
-    """An output writer that records requests and responds with `status`."""
+    """An output writer that records requests and responds with `status`.
+
+    `status_by_request` overrides the status of single requests, keyed by their
+    number (1 for the first request).
+    """
 
     def __init__(self) -> None:
         self.url = ""
         self.status = 200
+        self.status_by_request: dict[int, int] = {}
         self.requests: list[Forwarded] = []
 
     def build_app(self) -> web.Application:
@@ -70,9 +76,10 @@ class StubWriter:
         self.requests.append(
             Forwarded(request.path, CIMultiDict(request.headers), await request.read())
         )
-        if self.status == 200:
+        status = self.status_by_request.get(len(self.requests), self.status)
+        if status == 200:
             return web.json_response({"written": 1})
-        return web.json_response({"error": "sink unavailable"}, status=self.status)
+        return web.json_response({"error": "sink unavailable"}, status=status)
 
     async def _readyz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ready"})
@@ -481,6 +488,120 @@ async def test_batch_writer_500_gives_503():
             )
 
     assert response.status == 503
+
+
+def echo(values: list[Any]) -> list[Any]:
+    return values
+
+
+def padded_items(count: int, padding: int) -> list[dict[str, Any]]:
+    return [
+        {"id": f"in:0:{n}", "value": {"n": n, "padding": "x" * padding}}
+        for n in range(count)
+    ]
+
+
+async def test_batch_split_under_writer_limit():
+    items = padded_items(10, 200)
+
+    async with stub_writer() as writer:
+        async with model_app(echo, writer.url, writer_max_body_bytes=1000) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    forwarded_ids = [
+        output["id"] for request in writer.requests for output in request.json()
+    ]
+    assert response.status == 200
+    assert body["results"] == [{"status": 200}] * 10
+    assert len(writer.requests) > 1
+    assert all(len(request.body) <= 1000 for request in writer.requests)
+    assert all(request.path == "/batch" for request in writer.requests)
+    assert forwarded_ids == [item["id"] for item in items]
+
+
+async def test_batch_default_limits_fit_real_writer():
+    sink = MemorySink()
+    await sink.start()
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+    # 16 values of about 65.5 KB fit a 1 MiB reader batch, but not with the
+    # envelope fields the app adds for the writer.
+    items = padded_items(16, 65_500)
+
+    async with TestServer(writer.build_app()) as server:
+        async with model_app(echo, str(server.make_url(""))) as client:
+            # A file object, because aiohttp warns about raw bodies over 1 MiB.
+            request_body = io.BytesIO(orjson.dumps(items))
+            response = await client.post("/batch", data=request_body, headers=JSON)
+            body = await response.json()
+
+    assert response.status == 200
+    assert body["results"] == [{"status": 200}] * 16
+    assert sink.send_calls > 1
+    assert [record.id for record in sink.envelopes] == [item["id"] for item in items]
+
+
+async def test_batch_oversized_result_413_only():
+    items = padded_items(3, 10)
+    items[1]["value"]["padding"] = "x" * 2000
+
+    async with stub_writer() as writer:
+        async with model_app(echo, writer.url, writer_max_body_bytes=1000) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    forwarded_ids = [
+        output["id"] for request in writer.requests for output in request.json()
+    ]
+    assert response.status == 200
+    assert results[0] == {"status": 200}
+    assert results[1]["status"] == 413
+    assert "APP_WRITER_MAX_BODY_BYTES=1000" in results[1]["error"]
+    assert results[2] == {"status": 200}
+    assert forwarded_ids == ["in:0:0", "in:0:2"]
+
+
+async def test_batch_later_chunk_503():
+    items = padded_items(10, 200)
+
+    async with stub_writer() as writer:
+        writer.status_by_request = {2: 503}
+        async with model_app(echo, writer.url, writer_max_body_bytes=1000) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert response.status == 503
+    assert "output writer responded 503" in body["error"]
+    assert len(writer.requests) == 2
+
+
+async def test_batch_chunk_422_fails_its_items():
+    items = padded_items(10, 200)
+
+    async with stub_writer() as writer:
+        writer.status_by_request = {2: 422}
+        async with model_app(echo, writer.url, writer_max_body_bytes=1000) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    rejected_ids = {output["id"] for output in writer.requests[1].json()}
+    expected = [422 if item["id"] in rejected_ids else 200 for item in items]
+    assert response.status == 200
+    assert len(writer.requests) > 2
+    assert [result["status"] for result in results] == expected
+    assert all(
+        "output writer responded 422" in result["error"]
+        for result in results
+        if result["status"] == 422
+    )
 
 
 # ---------------------------------------------------------------------------
