@@ -58,14 +58,15 @@ class InvalidRecord:
     __slots__ = ("reason",)
 
     def __init__(self, reason: str) -> None:
-        self.reason = reason
+        self.reason = str(reason)
 
     def __repr__(self) -> str:
         return f"InvalidRecord({self.reason!r})"
 
 
-#: Gets the decoded JSON values of one request and returns one result per value:
-#: a JSON-serialisable document, or an `InvalidRecord`. May be a coroutine function.
+#: Gets the decoded JSON values of one request and returns one result per value,
+#: in a list, tuple or numpy array: a JSON-serialisable document (numpy values
+#: included), or an `InvalidRecord`. May be a coroutine function.
 ScoreFunction = Callable[
     [list[Any]],
     Sequence[Any | InvalidRecord] | Awaitable[Sequence[Any | InvalidRecord]],
@@ -183,7 +184,7 @@ class ModelApp:
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
         headers = _forward_headers(request.headers)
-        await self._forward("/", orjson.dumps(result), headers)
+        await self._forward("/", _encode_json(result, result, 0), headers)
         MESSAGES_OUT.labels(SERVICE).inc()
         return web.json_response({"status": 200})
 
@@ -206,7 +207,7 @@ class ModelApp:
     def _encode_outputs(
         self,
         items: list[dict[str, Any]],
-        results: Sequence[Any],
+        results: list[Any],
         statuses: list[dict[str, Any]],
     ) -> list[tuple[int, bytes]]:
         """Encode each result as a writer batch element, as (item index, JSON).
@@ -219,7 +220,7 @@ class ModelApp:
             if isinstance(result, InvalidRecord):
                 statuses[index] = {"status": 400, "error": result.reason}
                 continue
-            output = orjson.dumps(_writer_element(item, result))
+            output = _encode_json(_writer_element(item, result), result, index)
             # Sent alone, the element is a request of its length plus two brackets.
             size = len(output) + 2
             if size > self._writer_max_body_bytes:
@@ -260,21 +261,23 @@ class ModelApp:
             for index, _ in chunk:
                 statuses[index] = {"status": 422, "error": str(exc)}
 
-    async def _call_score(self, values: list[Any]) -> Sequence[Any]:
+    async def _call_score(self, values: list[Any]) -> list[Any]:
         try:
-            results = self._score(values)
-            if inspect.isawaitable(results):
-                results = await results
+            returned = self._score(values)
+            if inspect.isawaitable(returned):
+                returned = await returned
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             logger.exception("the scoring function raised")
             raise _Reject(500, f"the scoring function raised {exc!r}") from None
-        if len(results) != len(values):  # type: ignore[arg-type]
+        results = _result_list(returned)
+        if len(results) != len(values):
             raise _Reject(
                 500,
-                f"the scoring function returned {len(results)} results for "  # type: ignore[arg-type]
+                f"the scoring function returned {len(results)} results for "
                 f"{len(values)} values; it must return one result per value",
+                log_level=logging.ERROR,
             )
-        return results  # type: ignore[return-value]
+        return results
 
     async def _forward(self, path: str, body: bytes, headers: dict[str, str]) -> None:
         assert self._session is not None
@@ -387,6 +390,65 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(
             413, f"request body exceeds {request.app[MAX_BODY_BYTES]} bytes"
         )
+
+
+def _result_list(returned: object) -> list[Any]:
+    """Return the results of a scoring function as a list, or raise a JSON 500.
+
+    Sequences and array-likes of one or more dimensions (numpy arrays, pandas
+    Series) are accepted. Sets, dicts, generators and None are rejected,
+    because they are unordered or have no length to check against the values.
+    """
+    if isinstance(returned, str | bytes | bytearray):
+        is_sequence = False
+    else:
+        is_sequence = isinstance(returned, Sequence) or (
+            getattr(returned, "ndim", 0) >= 1 and hasattr(returned, "__iter__")
+        )
+    if not is_sequence:
+        raise _Reject(
+            500,
+            f"the scoring function returned an object of type "
+            f"{type(returned).__name__}; return a list, tuple or numpy array with "
+            "one result per value, in order",
+            log_level=logging.ERROR,
+        )
+    return list(returned)  # type: ignore[call-overload]
+
+
+def _encode_json(document: Any, result: Any, index: int) -> bytes:
+    """Encode `document`, which contains the `index`-th result, for the writer.
+
+    numpy scalars and arrays are encoded as JSON numbers and arrays. A result
+    that cannot be encoded is a bug of the scoring function, so it gets a 500.
+    """
+    try:
+        return orjson.dumps(
+            document, option=orjson.OPT_SERIALIZE_NUMPY, default=_array_to_list
+        )
+    except orjson.JSONEncodeError as exc:
+        raise _Reject(
+            500,
+            f"result {index} of the scoring function, of type "
+            f"{type(result).__name__}, cannot be encoded as JSON ({exc}); return "
+            "dicts, lists, strings, numbers, booleans, None or numpy values",
+            log_level=logging.ERROR,
+        ) from None
+
+
+def _array_to_list(value: Any) -> Any:
+    """Convert numpy values that orjson does not encode itself.
+
+    A non-contiguous array is copied to a contiguous one, which orjson encodes
+    with the precision of its dtype, and any other array-like becomes a list.
+    """
+    flags = getattr(value, "flags", None)
+    if flags is not None and not getattr(flags, "c_contiguous", True):
+        return value.copy(order="C")
+    to_list = getattr(value, "tolist", None)
+    if callable(to_list):
+        return to_list()
+    raise TypeError
 
 
 def _writer_element(item: dict[str, Any], result: Any) -> dict[str, Any]:

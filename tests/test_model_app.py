@@ -250,6 +250,90 @@ async def test_score_wrong_count_500():
     assert writer.requests == []
 
 
+@pytest.mark.parametrize(
+    ("returned", "type_name"),
+    [
+        (lambda values: (value for value in values), "generator"),
+        (lambda values: None, "NoneType"),
+        (lambda values: {1}, "set"),
+        (lambda values: {"score": 1}, "dict"),
+        (lambda values: "1", "str"),
+    ],
+)
+async def test_score_not_sequence_500(returned, type_name):
+    async with stub_writer() as writer:
+        async with model_app(returned, writer.url) as client:
+            single = await client.post("/", data=b"{}", headers=JSON)
+            single_body = await single.json()
+            batch = await client.post("/batch", data=b'[{"value": 1}]', headers=JSON)
+            batch_body = await batch.json()
+
+    assert single.status == 500
+    assert f"returned an object of type {type_name};" in single_body["error"]
+    assert "return a list, tuple or numpy array" in single_body["error"]
+    assert batch.status == 500
+    assert f"returned an object of type {type_name};" in batch_body["error"]
+    assert writer.requests == []
+
+
+async def test_score_numpy_results_forwarded():
+    np = pytest.importorskip("numpy")
+
+    def score(values: list[Any]) -> list[Any]:
+        return [
+            {"p": np.float32(0.25), "n": np.int64(3), "v": np.array([1, 2])}
+            for _ in values
+        ]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=JSON)
+
+    assert response.status == 200
+    assert writer.requests[0].json() == {"p": 0.25, "n": 3, "v": [1, 2]}
+
+
+async def test_score_numpy_array_returned():
+    np = pytest.importorskip("numpy")
+    items = [{"id": "in:0:0", "value": 1}, {"id": "in:0:1", "value": 2}]
+
+    def score(values: list[Any]) -> Any:
+        rows = np.array([[0.1, 0.9], [0.75, 0.25]], dtype=np.float32)
+        return rows[:, ::-1]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+
+    outputs = writer.requests[0].json()
+    assert response.status == 200
+    assert [output["value"] for output in outputs] == [[0.9, 0.1], [0.25, 0.75]]
+
+
+async def test_score_unencodable_result_500():
+    def score(values: list[Any]) -> list[Any]:
+        return [{"labels": {"fraud"}} for _ in values]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            single = await client.post("/", data=b"{}", headers=JSON)
+            single_body = await single.json()
+            batch = await client.post(
+                "/batch", data=b'[{"value": 1}, {"value": 2}]', headers=JSON
+            )
+            batch_body = await batch.json()
+
+    single_error = single_body["error"]
+    assert single.status == 500
+    assert "result 0 of the scoring function, of type dict, cannot be" in single_error
+    assert "not JSON serializable: set" in single_error
+    assert batch.status == 500
+    assert "result 0 of the scoring function, of type dict" in batch_body["error"]
+    assert writer.requests == []
+
+
 async def test_body_over_limit_413():
     async with stub_writer() as writer:
         async with model_app(double_amount, writer.url, max_body_bytes=64) as client:
