@@ -39,6 +39,7 @@ from agogosml.http import (
     bound_port,
     error_response,
     http_error_middleware,
+    read_body,
     start_site,
 )
 from agogosml.metrics import MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
@@ -178,7 +179,7 @@ class ModelApp:
         return app
 
     async def _post_one(self, request: web.Request) -> web.Response:
-        value = _decode(await request.read())
+        value = _decode(await read_body(request))
         MESSAGES_IN.labels(SERVICE).inc()
         (result,) = await self._call_score([value])
         if isinstance(result, InvalidRecord):
@@ -189,7 +190,7 @@ class ModelApp:
         return web.json_response({"status": 200})
 
     async def _post_batch(self, request: web.Request) -> web.Response:
-        items = _decode(await request.read())
+        items = _decode(await read_body(request))
         if not isinstance(items, list) or not all(
             isinstance(item, dict) and "value" in item for item in items
         ):

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from agogosml.app import AppSettings, InvalidRecord, ModelApp
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
+from agogosml.http import bound_port, start_site
 from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -739,3 +740,55 @@ async def test_batch_through_real_writer():
     assert [record.key for record in sink.envelopes] == [raw_key, b"card-2", None]
     assert sink.envelopes[1].value == b'{"score":4}'
     assert trace_id(sink.envelopes[0].traceparent) == TRACE_ID
+
+
+async def send_partial_body(port: int) -> None:
+    """Send headers that promise 100 body bytes, 3 of them, then disconnect.
+
+    The client waits for ``100 Continue``, so the server's handler has started
+    when the connection closes.
+    """
+    stream_reader, stream_writer = await asyncio.open_connection("127.0.0.1", port)
+    stream_writer.write(
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await stream_reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    stream_writer.write(b"[1,")
+    await stream_writer.drain()
+    stream_writer.close()
+    await stream_writer.wait_closed()
+
+
+def disconnect_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "agogosml.http" and "disconnected" in record.getMessage()
+    ]
+
+
+async def test_client_disconnect_logged_once_debug(caplog):
+    caplog.set_level(logging.DEBUG)
+
+    async def three_logged() -> bool:
+        return len(disconnect_records(caplog)) == 3
+
+    async with stub_writer() as writer:
+        settings = AppSettings(writer_url=writer.url)
+        async with ModelApp(double_amount).running(settings) as app:
+            # start_site, as in production: aiohttp's TestServer cancels the
+            # handler of a lost connection, so it never logs the disconnect.
+            runner = await start_site(app, "127.0.0.1", 0, "APP_")
+            try:
+                for _ in range(3):
+                    await send_partial_body(bound_port(runner))
+                await wait_for(three_logged)
+            finally:
+                await runner.cleanup()
+
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []
+    assert all(r.levelno == logging.DEBUG for r in disconnect_records(caplog))
+    assert writer.requests == []

@@ -28,6 +28,7 @@ from agogosml.http import (
     error_response,
     http_error_middleware,
     import_object,
+    read_body,
     start_site,
 )
 from agogosml.metrics import (
@@ -141,7 +142,7 @@ class OutputWriter:
                 f"Content-Type {request.content_type!r} is not supported; send "
                 "'application/json'",
             )
-        body = await request.read()
+        body = await read_body(request)
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError as exc:
