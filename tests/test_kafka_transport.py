@@ -211,6 +211,7 @@ def test_record_size_matches_librdkafka(mock_bootstrap: str) -> None:
         assert record_size(largest) == limit
         assert caught.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
     producer.purge()
+    assert producer.flush(5) == 0
 
 
 class FailingProducer:
