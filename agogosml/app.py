@@ -38,6 +38,7 @@ from agogosml.http import (
     bearer_auth_middleware,
     bound_port,
     error_response,
+    header_for_log,
     http_error_middleware,
     read_body,
     start_site,
@@ -383,7 +384,7 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
             extra={
                 "status": exc.status,
                 "error": str(exc),
-                "message_id": request.headers.get("X-Message-Id"),
+                "message_id": header_for_log(request.headers, "X-Message-Id"),
             },
         )
         return error_response(exc.status, str(exc))
@@ -517,6 +518,18 @@ def _error_text(body: str) -> str:
 def _forward_headers(headers: Any) -> dict[str, str]:
     forwarded = {"traceparent": child_traceparent(headers.get("traceparent", ""))}
     for name in ("X-Message-Id", "X-Message-Key", "X-Message-Key-Encoding"):
-        if name in headers:
-            forwarded[name] = headers[name]
+        if name not in headers:
+            continue
+        try:
+            headers[name].encode()
+        except UnicodeEncodeError:
+            # aiohttp decodes bytes that are not UTF-8 to lone surrogates, which
+            # its client would not send on unchanged.
+            raise _Reject(
+                400,
+                f"header {name} is not valid UTF-8; send it as UTF-8 text (a key "
+                "that is not UTF-8 base64-encoded, with X-Message-Key-Encoding: "
+                "base64)",
+            ) from None
+        forwarded[name] = headers[name]
     return forwarded

@@ -62,6 +62,19 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
     return middleware
 
 
+def header_for_log(headers: Any, name: str) -> str | None:
+    r"""Return a request header, with bytes that are not UTF-8 escaped as ``\xNN``.
+
+    aiohttp decodes such bytes to lone surrogates, which a JSON log line
+    cannot encode.
+    """
+    value = headers.get(name)
+    if value is None:
+        return None
+    raw = value.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class ClientDisconnectedError(Exception):
     """The client closed the connection before its whole request body arrived."""
 

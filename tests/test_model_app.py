@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink
 from multidict import CIMultiDict
+from test_writer import raw_post
 
 from agogosml.app import AppSettings, InvalidRecord, ModelApp
 from agogosml.config import WriterSettings
@@ -189,6 +190,22 @@ async def test_single_key_encoding_forwarded():
     assert response.status == 200
     assert writer.requests[0].headers["X-Message-Key"] == key
     assert writer.requests[0].headers["X-Message-Key-Encoding"] == "base64"
+
+
+@pytest.mark.parametrize("header", ["X-Message-Id", "X-Message-Key"])
+async def test_single_non_utf8_header_400(header):
+    raw_header = header.encode() + b": caf\xe9\r\n"
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            status, content_type, body = await raw_post(
+                client, "/", raw_header, b'{"amount": 1}'
+            )
+
+    assert status == 400
+    assert content_type.startswith(b"application/json")
+    assert f"header {header} is not valid UTF-8" in body["error"]
+    assert writer.requests == []
 
 
 async def test_single_invalid_record_400():

@@ -17,6 +17,7 @@ from agogosml.config import WriterSettings
 from agogosml.envelope import Envelope, trace_id
 from agogosml.errors import SinkError
 from agogosml.http import bound_port, start_site
+from agogosml.logs import JsonFormatter
 from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -165,6 +166,19 @@ async def test_post_one_non_utf8_header_400(header, hint):
     assert f"header {header} is not valid UTF-8" in body["error"]
     assert hint in body["error"]
     assert sink.envelopes == []
+
+
+async def test_non_utf8_id_logged_escaped(caplog):
+    caplog.set_level(logging.INFO, logger="agogosml.writer.service")
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        status, _, _ = await raw_post(client, "/", b"X-Message-Id: caf\xe9\r\n", b"1")
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "request rejected"]
+    assert status == 400
+    assert record.message_id == "caf\\xe9"
+    assert '"message_id":"caf\\\\xe9"' in JsonFormatter().format(record)
 
 
 async def test_batch_writes_records_in_order():

@@ -26,6 +26,7 @@ from agogosml.http import (
     bearer_auth_middleware,
     bound_port,
     error_response,
+    header_for_log,
     http_error_middleware,
     import_object,
     read_body,
@@ -230,7 +231,7 @@ def _reject(request: web.Request, status: int, message: str) -> web.Response:
             "status": status,
             "path": request.path,
             "error": message,
-            "message_id": request.headers.get("X-Message-Id"),
+            "message_id": header_for_log(request.headers, "X-Message-Id"),
         },
     )
     return error_response(status, message)
