@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -31,7 +32,12 @@ class JsonFormatter(logging.Formatter):
                 document[name] = value
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(document, default=str).decode()
+        try:
+            return orjson.dumps(document, default=str).decode()
+        except orjson.JSONEncodeError:
+            # Text decoded with "surrogateescape" (undecodable header bytes) is
+            # not valid UTF-8 for orjson; the standard encoder escapes it.
+            return json.dumps(document, default=str)
 
 
 def configure_logging(level: str, service: str) -> None:
