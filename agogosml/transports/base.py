@@ -6,7 +6,7 @@ import abc
 import collections
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Self
 
 from agogosml.envelope import Envelope, Position
 
@@ -16,7 +16,26 @@ from agogosml.envelope import Envelope, Position
 RevokeHandler = Callable[[list[tuple[str, int]]], Coroutine[Any, Any, None]]
 
 
-class Source(abc.ABC):
+class _Lifecycle(abc.ABC):
+    """`start`/`stop` pair usable as ``async with``."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Disconnect."""
+
+
+class Source(_Lifecycle):
     """A stream of messages that commits only finished messages.
 
     The reader calls `fetch` in a loop, `ack` once per finished message (sent to
@@ -27,13 +46,6 @@ class Source(abc.ABC):
 
     #: True once a bounded source (a file) has returned its last message.
     at_end: bool = False
-
-    async def __aenter__(self) -> Source:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -76,15 +88,8 @@ class Source(abc.ABC):
         return True
 
 
-class Sink(abc.ABC):
+class Sink(_Lifecycle):
     """A destination that acknowledges records once they are durable."""
-
-    async def __aenter__(self) -> Sink:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     @abc.abstractmethod
     async def start(self) -> None:
