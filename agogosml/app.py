@@ -286,7 +286,9 @@ class ModelApp:
         url = self._writer_url + path
         headers = {**headers, "Content-Type": "application/json"}
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 if 200 <= response.status < 300:
                     return
                 text = await response.text(errors="replace")
@@ -360,6 +362,13 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
             503,
             f"{message}; check that APP_WRITER_URL={writer_url!r} is the output "
             "writer's base URL",
+            log_level=logging.ERROR,
+        )
+    if 300 <= status < 400:
+        return _Reject(
+            503,
+            f"{message}; redirects are not followed, because a redirected POST may "
+            "arrive as a GET: point APP_WRITER_URL at the writer itself",
             log_level=logging.ERROR,
         )
     if status in (400, 413, 415, 422):

@@ -152,6 +152,13 @@ class KafkaSettings(BaseSettings):
         cls, value: dict[str, str | int | bool]
     ) -> dict[str, str | int | bool]:
         overridden = sorted(_GUARANTEED_PROPERTIES & value.keys())
+        strategy = str(value.get("partition.assignment.strategy", ""))
+        if "cooperative" in strategy or value.get("group.protocol") == "consumer":
+            raise ValueError(
+                "incremental (cooperative) rebalancing is not supported: the reader "
+                "assigns partitions eagerly; remove partition.assignment.strategy "
+                "and group.protocol"
+            )
         if overridden:
             raise ValueError(
                 f"it sets {', '.join(overridden)}, which agogosml sets itself to keep "

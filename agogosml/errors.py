@@ -60,6 +60,14 @@ class AppRequestError(AgogosmlError):
 def is_retriable_status(status: int) -> bool:
     """Return whether a request that ended with `status` may succeed on a retry.
 
-    Status 0 stands for a connection error or a timeout.
+    Status 0 stands for a connection error or a timeout. A redirect (3xx) is
+    retried too: redirects are not followed, so it means a misconfigured URL that
+    an operator can fix, not a bad message.
     """
-    return status == 0 or status == 408 or status == 429 or status >= 500
+    return (
+        status == 0
+        or 300 <= status < 400
+        or status == 408
+        or status == 429
+        or status >= 500
+    )

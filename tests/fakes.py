@@ -145,10 +145,12 @@ class MemorySink(Sink):
         self.gate.set()
         self.on_send: Callable[[], None] | None = None
         self._failures_left = 0
+        self._failures_retriable = True
 
-    def fail_next(self, count: int) -> None:
+    def fail_next(self, count: int, *, retriable: bool = True) -> None:
         """Make the next `count` calls of `send` raise `SinkError`."""
         self._failures_left = count
+        self._failures_retriable = retriable
 
     @property
     def connected(self) -> bool:
@@ -173,5 +175,8 @@ class MemorySink(Sink):
             raise SinkError("memory sink is not started")
         if self._failures_left > 0:
             self._failures_left -= 1
-            raise SinkError("memory sink failed this send, as fail_next requested")
+            raise SinkError(
+                "memory sink failed this send, as fail_next requested",
+                retriable=self._failures_retriable,
+            )
         self.envelopes.extend(envelopes)

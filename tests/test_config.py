@@ -334,3 +334,20 @@ def test_extra_config_value_not_shown():
 
     assert "KAFKA_EXTRA_CONFIG" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        '{"partition.assignment.strategy": "cooperative-sticky"}',
+        '{"group.protocol": "consumer"}',
+    ],
+)
+def test_cooperative_rebalancing_rejected(extra):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG=extra,
+    )
+
+    assert "cooperative" in message

@@ -23,7 +23,8 @@ from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.kafka import KafkaSink, KafkaSource
-from agogosml.transports.kafka.sink import record_size
+from agogosml.transports.kafka.sink import is_retriable, record_size
+from agogosml_cli.local import free_port
 
 
 @pytest.fixture
@@ -221,12 +222,19 @@ class FailingProducer:
         self._producer = producer
         self._calls_left = fail_at
         self.produced = 0
+        self.delivered = 0
 
     def produce(self, *args: Any, **kwargs: Any) -> None:
         self._calls_left -= 1
         if self._calls_left <= 0:
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
-        self._producer.produce(*args, **kwargs)
+        on_delivery = kwargs.pop("on_delivery")
+
+        def count_delivery(error: Any, message: Any) -> None:
+            self.delivered += 1
+            on_delivery(error, message)
+
+        self._producer.produce(*args, on_delivery=count_delivery, **kwargs)
         self.produced += 1
 
     def __getattr__(self, name: str) -> Any:
@@ -248,11 +256,38 @@ async def test_sink_produce_error_waits_for_earlier(mock_bootstrap: str) -> None
         try:
             with pytest.raises(SinkError) as caught:
                 await sink.send(batch)
-            unacknowledged = len(real_producer)
+            delivered_before_error = failing.delivered
         finally:
             sink._producer = real_producer
 
     assert failing.produced == 2
     assert f"producing record {batch[2].id!r}" in str(caught.value)
     assert caught.value.retriable is False
-    assert unacknowledged == 0
+    assert delivered_before_error == 2
+
+
+async def test_unreachable_broker_failure_is_retriable() -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=f"127.0.0.1:{free_port()}", delivery_timeout_ms=1000
+    )
+    sink = KafkaSink(settings, "nowhere")
+
+    async with sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send([Envelope(value=b"{}")])
+
+    assert caught.value.retriable is True
+
+
+@pytest.mark.parametrize(
+    ("code", "retriable"),
+    [
+        (KafkaError._MSG_TIMED_OUT, True),
+        (KafkaError.NOT_ENOUGH_REPLICAS, True),
+        (KafkaError._TRANSPORT, True),
+        (KafkaError.MSG_SIZE_TOO_LARGE, False),
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, False),
+    ],
+)
+def test_kafka_error_retriable_by_code(code: int, retriable: bool) -> None:
+    assert is_retriable(KafkaError(code)) is retriable

@@ -1041,3 +1041,82 @@ async def test_invalid_batch_status_not_accepted(status):
     headers = dead_letter_headers(dead_letter.envelopes[0])
     assert headers["dlq.status"] == "502"
     assert "between 200 and 599" in headers["dlq.error"]
+
+
+async def test_redirect_not_followed():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def redirect(received: Received) -> web.Response:
+        if received.path == "/":
+            raise web.HTTPMovedPermanently(location="/elsewhere")
+        return status_response(200)
+
+    async with stub_app(redirect) as app:
+        settings = reader_settings(app.url, retry_max_attempts=2)
+        await run_reader(settings, source, dead_letter)
+
+    assert [request.path for request in app.requests] == ["/", "/"]
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert headers["dlq.status"] == "301"
+    assert "READER_APP_URL" in headers["dlq.error"]
+    assert headers["dlq.attempts"] == "2"
+
+
+async def test_transform_bad_key_type_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    def text_key(envelope: Envelope) -> Envelope:
+        return replace(envelope, key="text")  # type: ignore[arg-type]
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, ordering=Ordering.KEY)
+        reader = await run_reader(settings, source, dead_letter, transform=text_key)
+
+    assert app.requests == []
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert "key to str" in headers["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+    assert reader.in_flight == 0
+
+
+async def test_transform_moving_position_keeps_commit():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def move(envelope: Envelope) -> Envelope:
+        envelope.position = None
+        return envelope
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=move
+        )
+
+    assert app.numbers() == [0, 1, 2]
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+
+
+async def test_permanent_dead_letter_error_drops_value():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(1, retriable=False)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    headers = dead_letter_headers(record)
+    assert record.value == b""
+    assert "fail_next" in headers["dlq.value_dropped"]
+    assert headers["dlq.source.offset"] == "0"
+    assert source.committed == {(TOPIC, 0): 1}

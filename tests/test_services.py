@@ -107,3 +107,41 @@ def test_writer_without_broker_is_not_ready(tmp_path: Path) -> None:
     assert ready == 503
     assert post == 503
     assert alive
+
+
+def test_reader_reads_stdin_lines_as_they_arrive(tmp_path: Path) -> None:
+    dead_letter = tmp_path / "dlq.jsonl"
+    env = {
+        "READER_INPUT": "-",
+        "READER_APP_URL": f"http://127.0.0.1:{free_port()}",
+        "READER_APP_READY_PATH": "",
+        "READER_PORT": "0",
+        "READER_DEAD_LETTER": str(dead_letter),
+        "READER_RETRY_MAX_ATTEMPTS": "1",
+        "READER_STOP_AT_END": "true",
+    }
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
+    }
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "agogosml.reader"],
+        env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert reader.stdin is not None
+
+    reader.stdin.write(b'{"n": 1}\n')
+    reader.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not dead_letter.exists() or not dead_letter.read_bytes():
+        assert time.monotonic() < deadline, "the first line was not processed alone"
+        time.sleep(0.1)
+    reader.stdin.write(b'{"n": 2}\n{"n": 3}')
+    reader.stdin.close()
+    exit_code = reader.wait(30)
+
+    assert exit_code == 0
+    assert len(dead_letter.read_bytes().splitlines()) == 3

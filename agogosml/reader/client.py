@@ -157,7 +157,9 @@ class AppClient:
     ) -> tuple[int, bytes, str]:
         assert self._session is not None, "AppClient.start() was not called"
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 return response.status, await response.read(), ""
         except TimeoutError:
             return 0, b"", f"request to {url} timed out after {self._timeout.total} s"
@@ -212,6 +214,12 @@ def _item_outcome(item: object) -> Outcome:
 def _error_text(status: int, body: bytes) -> str:
     if 200 <= status < 300:
         return ""
+    if 300 <= status < 400:
+        return (
+            f"app responded {status} (a redirect); redirects are not followed, "
+            "because a redirected POST may arrive as a GET: point READER_APP_URL at "
+            "the app itself"
+        )
     text = body[:500].decode("utf-8", "replace").strip()
     return f"app responded {status}: {text}" if text else f"app responded {status}"
 

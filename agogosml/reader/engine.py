@@ -12,7 +12,6 @@ from typing import Any
 
 from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope
-from agogosml.errors import SinkError
 from agogosml.metrics import (
     DEAD_LETTERED,
     IN_FLIGHT,
@@ -146,30 +145,37 @@ class InputReader:
     def _admit(self, envelope: Envelope) -> None:
         self._track_start(envelope)
         if self._transform is not None:
-            try:
-                transformed = self._transform(envelope)
-            except Exception as exc:  # noqa: BLE001 - user code may raise anything
-                self._spawn(
-                    self._dead_letter(envelope, 0, f"transform failed: {exc!r}", 0)
-                )
-                return
+            transformed = self._apply_transform(self._transform, envelope)
             if transformed is None:
-                self._finish(envelope)
                 return
-            if not isinstance(transformed, Envelope):
-                error = (
-                    f"transform returned {type(transformed).__name__}; it must "
-                    "return an Envelope or None"
-                )
-                self._spawn(self._dead_letter(envelope, 0, error, 0))
-                return
-            # The source commits by position, so the message keeps the position
-            # it was read from even when the transform built a new envelope.
-            transformed.position = envelope.position
-            self._unfinished.discard(id(envelope))
-            self._unfinished.add(id(transformed))
             envelope = transformed
         self._lane_for(envelope).queue.put_nowait(envelope)
+
+    def _apply_transform(
+        self, transform: Transform, envelope: Envelope
+    ) -> Envelope | None:
+        """Return the envelope to send, or None when the message is already handled.
+
+        The source commits by position, so the message keeps the position it was
+        read from, whatever the transform did to the envelope.
+        """
+        position = envelope.position
+        try:
+            transformed = transform(envelope)
+            problem = _transform_problem(transformed)
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            transformed, problem = None, f"transform failed: {exc!r}"
+        envelope.position = position
+        if problem:
+            self._spawn(self._dead_letter(envelope, 0, problem, 0))
+            return None
+        if transformed is None:
+            self._finish(envelope)
+            return None
+        transformed.position = position
+        self._unfinished.discard(id(envelope))
+        self._unfinished.add(id(transformed))
+        return transformed
 
     def _lane_for(self, envelope: Envelope) -> _Lane:
         mode = self._settings.ordering
@@ -319,6 +325,14 @@ class InputReader:
         attempts: int,
         reason: str = "transform_failed",
     ) -> None:
+        """Write a message to the dead-letter sink, retrying until it succeeds.
+
+        Any error is retried, not only SinkError, because giving up would leave
+        the message unfinished and stall every commit behind it. An error that a
+        retry cannot fix (a record too large for the sink, say) makes the next
+        attempt drop the value; the record keeps the source position, so the
+        value can still be read from the source.
+        """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
         try:
@@ -326,11 +340,13 @@ class InputReader:
                 try:
                     await self._dead_letter_sink.send([record])
                     break
-                except SinkError as exc:
+                except Exception as exc:  # noqa: BLE001 - see the docstring
                     failures += 1
                     if failures == 1:
                         self._dead_letter_failures += 1
                     self._log_dead_letter_failure(envelope, exc, failures)
+                    if not getattr(exc, "retriable", False) and record.value:
+                        record = _without_value(record, exc)
                     await wait_backoff(
                         failures,
                         self._settings.retry_initial_backoff_ms / 1000,
@@ -354,12 +370,13 @@ class InputReader:
         self._finish(envelope)
 
     def _log_dead_letter_failure(
-        self, envelope: Envelope, exc: SinkError, failures: int
+        self, envelope: Envelope, exc: Exception, failures: int
     ) -> None:
         # Retries go on until the write succeeds; log the first and every tenth.
         if failures != 1 and failures % 10:
             return
-        hint = "" if exc.retriable else "; this error will not pass by itself"
+        retriable = getattr(exc, "retriable", False)
+        hint = "" if retriable else "; this error will not pass by itself"
         logger.error(
             "writing dead letter to %s failed (attempt %d); retrying. Check "
             "READER_DEAD_LETTER and the sink%s",
@@ -452,6 +469,30 @@ class InputReader:
             await asyncio.sleep(1.0)
 
 
+def _transform_problem(result: object) -> str:
+    """Return why a transform's result cannot be sent, or '' when it can."""
+    if result is None:
+        return ""
+    if not isinstance(result, Envelope):
+        return (
+            f"transform returned {type(result).__name__}; it must return an "
+            "Envelope or None"
+        )
+    if not isinstance(result.value, bytes):
+        return f"transform set value to {type(result.value).__name__}, not bytes"
+    if result.key is not None and not isinstance(result.key, bytes):
+        return f"transform set key to {type(result.key).__name__}, not bytes or None"
+    for header in result.headers:
+        if not (
+            isinstance(header, tuple)
+            and len(header) == 2
+            and isinstance(header[0], str)
+            and isinstance(header[1], bytes)
+        ):
+            return f"transform set header {header!r:.100}; headers are (str, bytes)"
+    return ""
+
+
 def _position_fields(envelope: Envelope) -> dict[str, object]:
     position = envelope.position
     if position is None:
@@ -461,6 +502,17 @@ def _position_fields(envelope: Envelope) -> dict[str, object]:
         "partition": position.partition,
         "offset": position.offset,
     }
+
+
+def _without_value(record: Envelope, error: Exception) -> Envelope:
+    headers = [*record.headers, ("dlq.value_dropped", str(error)[:500].encode())]
+    return Envelope(
+        value=b"",
+        key=record.key,
+        headers=headers,
+        id=record.id,
+        traceparent=record.traceparent,
+    )
 
 
 def _dead_letter_record(

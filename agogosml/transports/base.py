@@ -159,8 +159,9 @@ class OffsetTracker:
         """Record that a message was read and is now in flight."""
         key = (position.topic, position.partition)
         with self._lock:
-            if self._generation.get(key) == position.generation:
-                self._pending[key].append(position)
+            pending = self._pending.get(key)
+            if pending is not None and self._generation.get(key) == position.generation:
+                pending.append(position)
 
     def finish(self, position: Position) -> bool:
         """Mark a message finished; return False if its partition was lost since."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +42,8 @@ class FileSource(Source):
         self._path = path
         self._follow = follow and path != "-"
         self._partial = b""
+        self._stdin_fd = -1
+        self._stdin_closed = False
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
@@ -60,6 +63,7 @@ class FileSource(Source):
         """Open the file and seek past the checkpoint, if any."""
         if self._path == "-":
             self._file = sys.stdin.buffer
+            self._stdin_fd = sys.stdin.fileno()
         else:
             self._offset = self._read_checkpoint()
             try:
@@ -135,6 +139,8 @@ class FileSource(Source):
 
     def _next_line(self) -> bytes | None:
         """Return the next complete line, or None at the current end of the file."""
+        if self._path == "-":
+            return self._next_stdin_line()
         assert self._file is not None
         chunk = self._file.readline()
         self._partial += chunk
@@ -144,6 +150,30 @@ class FileSource(Source):
         if chunk:
             return None  # a line still being written; wait for its newline
         if self._follow:
+            return None
+        self.at_end = True
+        line, self._partial = self._partial, b""
+        return line or None
+
+    def _next_stdin_line(self) -> bytes | None:
+        """Return the next line of stdin, waiting at most 50 ms for more input.
+
+        Reads the file descriptor directly, because a buffered readline would
+        block until a whole line or the end arrives, and stop would wait for it.
+        """
+        newline = self._partial.find(b"\n")
+        if newline < 0 and not self._stdin_closed:
+            ready, _, _ = select.select([self._stdin_fd], [], [], 0.05)
+            if ready:
+                chunk = os.read(self._stdin_fd, 65536)
+                self._partial += chunk
+                self._stdin_closed = not chunk
+            newline = self._partial.find(b"\n")
+        if newline >= 0:
+            line = self._partial[: newline + 1]
+            self._partial = self._partial[newline + 1 :]
+            return line
+        if not self._stdin_closed:
             return None
         self.at_end = True
         line, self._partial = self._partial, b""
@@ -174,8 +204,16 @@ class FileSource(Source):
         if position == self._committed:
             return
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
-        temporary.write_text(str(position))
+        with temporary.open("w") as file:
+            file.write(str(position))
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, self._checkpoint)
+        directory = os.open(self._checkpoint.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # makes the rename itself durable
+        finally:
+            os.close(directory)
         self._committed = position
 
     async def _commit_periodically(self) -> None:

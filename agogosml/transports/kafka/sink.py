@@ -167,7 +167,7 @@ class KafkaSink(Sink):
                 raise SinkError(
                     f"producing record {envelope.id!r} to topic {self._topic!r} "
                     f"failed: {exc}",
-                    retriable=exc.args[0].retriable(),
+                    retriable=is_retriable(exc.args[0]),
                 ) from exc
 
 
@@ -205,5 +205,29 @@ def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
     if error is None:
         future.set_result(None)
     else:
-        exc = SinkError(f"delivery failed: {error}", retriable=error.retriable())
+        exc = SinkError(f"delivery failed: {error}", retriable=is_retriable(error))
         future.set_exception(exc)
+
+
+#: Errors that the same record will meet again on every attempt. Everything else
+#: (timeouts, unavailable leaders, missing replicas, a broker outage) may pass.
+_PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError._INVALID_ARG,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+    }
+)
+
+
+def is_retriable(error: KafkaError) -> bool:
+    """Return whether producing the same record again may succeed.
+
+    KafkaError.retriable() cannot be used here: confluent-kafka builds the errors
+    of delivery reports and produce() from a bare code, which leaves that flag
+    false (confluent-kafka 2.16).
+    """
+    return not error.fatal() and error.code() not in _PERMANENT_ERRORS

@@ -111,9 +111,14 @@ class KafkaSource(Source):
             self._commit_task.cancel()
             await asyncio.gather(self._commit_task, return_exceptions=True)
         if self._consumer is not None:
-            await self._call(self._commit_sync, None)
-            await self._call(self._consumer.close)
-            self._consumer = None
+            try:
+                await self._call(self._commit_sync, None)
+            except KafkaException as exc:
+                # close() commits again while it revokes the partitions.
+                logger.error("final offset commit failed: %s", exc)
+            finally:
+                await self._call(self._consumer.close)
+                self._consumer = None
         self._thread.shutdown(wait=True)
         logger.info("kafka source stopped", extra={"topics": self._topics})
 
