@@ -44,7 +44,7 @@ class InputReader:
     """Move messages from a source to the model app with at-least-once delivery.
 
     A message is finished when the app responded 2xx to it, or when it was written
-    to the dead-letter sink; only then is it acknowledged to the source, which
+    to the dead-letter sink. Only then is it acknowledged to the source, which
     commits the contiguous finished prefix of each partition.
 
     Ordering: in ``partition`` mode each partition has one lane; in ``key`` mode
@@ -330,7 +330,7 @@ class InputReader:
         Any error is retried, not only SinkError, because giving up would leave
         the message unfinished and stall every commit behind it. An error that a
         retry cannot fix (a record too large for the sink, say) makes the next
-        attempt drop the value; the record keeps the source position, so the
+        attempt drop the value. The record keeps the source position, so the
         value can still be read from the source.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
