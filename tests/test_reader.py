@@ -794,7 +794,7 @@ async def test_not_ready_app_gets_no_requests():
     assert source.committed == {(TOPIC, 0): 2}
 
 
-async def test_request_stop_finishes_in_flight():
+async def test_request_stop_finishes_only_sent_requests():
     source = MemorySource(TOPIC)
     fill(source, 3)
     dead_letter = MemorySink()
@@ -817,9 +817,9 @@ async def test_request_stop_finishes_in_flight():
             await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
 
     assert stopped_early is False
-    assert app.numbers() == [0, 1, 2]
+    assert app.numbers() == [0]  # queued messages are not sent after the stop
     assert source.fetched_count == 3
-    assert source.committed == {(TOPIC, 0): 3}
+    assert source.committed == {(TOPIC, 0): 1}  # so they are read again later
     assert reader.in_flight == 0
 
 
@@ -1120,3 +1120,28 @@ async def test_permanent_dead_letter_error_drops_value():
     assert "fail_next" in headers["dlq.value_dropped"]
     assert headers["dlq.source.offset"] == "0"
     assert source.committed == {(TOPIC, 0): 1}
+
+
+async def test_unauthorised_app_not_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    rejections_left = 5
+
+    async def reject_credentials(received: Received) -> web.Response:
+        nonlocal rejections_left
+        if rejections_left > 0:
+            rejections_left -= 1
+            return status_response(401, "missing bearer token")
+        return status_response(200)
+
+    async with stub_app(reject_credentials) as app:
+        settings = reader_settings(app.url, retry_max_attempts=2)
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: reader.setup_error)
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert dead_letter.envelopes == []
+    assert app.numbers() == [0, 1]
+    assert reader.setup_error is False
+    assert source.committed == {(TOPIC, 0): 2}

@@ -85,6 +85,8 @@ class InputReader:
         self._unfinished: set[int] = set()
         self._dead_letter_failures = 0
         self._stopped = False
+        self._setup_error = False
+        self._revoking: set[tuple[str, int]] = set()
         self.finished_count = 0
         self.dead_lettered_count = 0
         source.set_revoke_handler(self.drain_partitions)
@@ -98,6 +100,11 @@ class InputReader:
     def dead_letter_failing(self) -> bool:
         """Whether a dead-letter write is failing right now (and being retried)."""
         return self._dead_letter_failures > 0
+
+    @property
+    def setup_error(self) -> bool:
+        """Whether the app rejects the reader's requests as unauthorised."""
+        return self._setup_error
 
     @property
     def app_ready(self) -> bool:
@@ -256,11 +263,16 @@ class InputReader:
         pending = batch
         attempt = 0
         while pending:
-            pending = self._drop_revoked(pending)
+            pending = self._drop_unsendable(pending)
             if not pending:
                 return
-            attempt += 1
             outcomes = await self._client.send(pending, batch=as_batch)
+            if self._is_setup_error(outcomes):
+                # The app did not look at the messages: wait for the operator
+                # without spending attempts, so nothing is dead-lettered for it.
+                await asyncio.sleep(settings.retry_max_backoff_ms / 1000)
+                continue
+            attempt += 1
             retry = []
             for envelope, outcome in zip(pending, outcomes, strict=True):
                 if outcome.ok:
@@ -279,19 +291,42 @@ class InputReader:
                 )
             pending = retry
 
-    def _drop_revoked(self, envelopes: list[Envelope]) -> list[Envelope]:
-        """Drop messages of partitions this reader no longer owns.
+    def _drop_unsendable(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Release messages that must not be sent now, and return the others.
 
-        Their new owner reads them again from the last commit, so sending them
-        here would only make duplicates.
+        While stopping, and for partitions being revoked or already lost, a
+        message that was not delivered yet is released unfinished: its offset is
+        not committed, so it is read again later, by this reader or the new owner
+        of its partition, and was never sent twice.
         """
-        current = []
+        sendable = []
         for envelope in envelopes:
-            if self._source.owns(envelope):
-                current.append(envelope)
+            position = envelope.position
+            revoking = position is not None and (
+                (position.topic, position.partition) in self._revoking
+            )
+            if self._stopping.is_set() or revoking or not self._source.owns(envelope):
+                self._release(envelope)
             else:
-                self._finish(envelope)
-        return current
+                sendable.append(envelope)
+        return sendable
+
+    def _is_setup_error(self, outcomes: list[Outcome]) -> bool:
+        """Return whether the app rejected the request itself (401 or 403)."""
+        failure = next((o for o in outcomes if o.status in (401, 403)), None)
+        if failure is None:
+            self._setup_error = False
+            return False
+        if not self._setup_error:
+            logger.error(
+                "the app rejected the reader's credentials (%d); set "
+                "READER_APP_TOKEN to the app's token. Retrying without "
+                "dead-lettering",
+                failure.status,
+                extra={"error": failure.error},
+            )
+        self._setup_error = True
+        return True
 
     def _log_retry(
         self, retry: list[Envelope], outcomes: list[Outcome], attempt: int
@@ -396,9 +431,13 @@ class InputReader:
             self._partition_in_flight[(position.topic, position.partition)] += 1
 
     def _finish(self, envelope: Envelope) -> None:
-        self._unfinished.discard(id(envelope))
         self._source.ack(envelope)
         self.finished_count += 1
+        self._release(envelope)
+
+    def _release(self, envelope: Envelope) -> None:
+        """Stop tracking a message; without `_finish` it stays uncommitted."""
+        self._unfinished.discard(id(envelope))
         self._in_flight -= 1
         IN_FLIGHT.labels(SERVICE).set(self._in_flight)
         if envelope.position is not None:
@@ -412,11 +451,15 @@ class InputReader:
         Returns at once after `run` has ended, because no worker is left to
         finish anything.
         """
-        while not self._stopped and any(
-            self._partition_in_flight[key] > 0 for key in partitions
-        ):
-            self._progress.clear()
-            await self._progress.wait()
+        self._revoking.update(partitions)
+        try:
+            while not self._stopped and any(
+                self._partition_in_flight[key] > 0 for key in partitions
+            ):
+                self._progress.clear()
+                await self._progress.wait()
+        finally:
+            self._revoking.difference_update(partitions)
 
     async def _finish_in_flight(self, timeout_seconds: float) -> None:
         async def wait_all() -> None:

@@ -40,6 +40,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
             and dead_letter.connected
             and reader.app_ready
             and not reader.dead_letter_failing
+            and not reader.setup_error
         ),
     )
     runner = await start_site(app, settings.host, settings.port, "READER_")
