@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from agogosml.envelope import Envelope
-from agogosml.errors import SourceError
+from agogosml.errors import SinkError, SourceError
 from agogosml.transports.file import FileSink, FileSource
 
 
@@ -103,3 +103,42 @@ async def test_sink_starts_after_torn_line(tmp_path: Path) -> None:
     lines = path.read_bytes().splitlines()
     assert lines[1] == b'{"id": "torn", "val'
     assert orjson.loads(lines[2])["id"] == "after-crash"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_sink_on_full_disk_fails_and_is_not_ready() -> None:
+    sink = FileSink("/dev/full", fsync=False)
+
+    async with sink:
+        with pytest.raises(SinkError):
+            await sink.send([Envelope(value=b"{}")])
+        connected_after_failure = sink.connected
+
+    assert connected_after_failure is False
+
+
+async def test_sink_failed_write_leaves_no_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(str(path), fsync=False)
+
+    async with sink:
+        await sink.send([Envelope(value=b"1", id="first")])
+        assert sink._file is not None
+        real_write = sink._file.write
+        calls = 0
+
+        def fail_midway(data: object) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return real_write(memoryview(data)[:5])  # type: ignore[arg-type]
+            raise OSError(28, "No space left on device")
+
+        sink._file.write = fail_midway  # type: ignore[method-assign]
+        with pytest.raises(SinkError):
+            await sink.send([Envelope(value=b"2", id="second")])
+        sink._file.write = real_write  # type: ignore[method-assign]
+        await sink.send([Envelope(value=b"3", id="third")])
+
+    ids = [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()]
+    assert ids == ["first", "third"]

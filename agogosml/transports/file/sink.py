@@ -35,11 +35,12 @@ class FileSink(Sink):
         self._buffer: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._failing = False
 
     @property
     def connected(self) -> bool:
-        """Whether the file is open."""
-        return self._file is not None
+        """Whether the file is open and the last write succeeded."""
+        return self._file is not None and not self._failing
 
     async def start(self) -> None:
         """Open the file for appending."""
@@ -47,8 +48,11 @@ class FileSink(Sink):
             self._file = sys.stdout.buffer
         else:
             try:
-                self._file = open(self._path, "ab+")  # noqa: SIM115
-                self._end_torn_line(self._file)
+                # Unbuffered, so bytes of a failed write cannot linger in a buffer
+                # and reach the file with a later flush.
+                self._file = open(self._path, "ab+", buffering=0)  # noqa: SIM115
+                if self._file.seekable():
+                    self._end_torn_line(self._file)
             except OSError as exc:
                 raise SinkError(
                     f"cannot open output file {self._path!r}: {exc.strerror}; check "
@@ -80,7 +84,10 @@ class FileSink(Sink):
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._file is not None and self._path != "-":
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                logger.error("closing output file %s failed: %s", self._path, exc)
         self._file = None
         logger.info("file sink stopped", extra={"path": self._path})
 
@@ -113,11 +120,33 @@ class FileSink(Sink):
                     waiter.set_result(None)
 
     def _write(self, data: bytes) -> None:
+        """Append `data` whole, or cut the file back to where it was and raise."""
         assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
+        seekable = self._file.seekable()
+        start = self._file.seek(0, os.SEEK_END) if seekable else 0
+        try:
+            view = memoryview(data)
+            while view:
+                written = self._file.write(view)
+                view = view[written or 0 :]
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+        except OSError:
+            if seekable:
+                self._cut_back(start)
+            self._failing = True
+            raise
+        self._failing = False
+
+    def _cut_back(self, size: int) -> None:
+        assert self._file is not None
+        try:
+            self._file.truncate(size)
+        except OSError as exc:
+            logger.error(
+                "cutting %s back after a failed write failed: %s", self._path, exc
+            )
 
 
 def encode_line(envelope: Envelope) -> bytes:

@@ -74,7 +74,8 @@ class FileSource(Source):
                     "check READER_INPUT",
                     retriable=False,
                 ) from exc
-            self._file.seek(self._offset)
+            if self._offset:
+                self._file.seek(self._offset)
         self._tracker.assign(self._path, 0)
         self._commit_task = asyncio.create_task(self._commit_periodically())
         logger.info(
@@ -95,7 +96,10 @@ class FileSource(Source):
             return 0
         text = self._checkpoint.read_text().strip()
         try:
-            return int(text)
+            offset = int(text)
+            if offset < 0:
+                raise ValueError(offset)
+            return offset
         except ValueError:
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains {text!r}, not a "
@@ -108,7 +112,10 @@ class FileSource(Source):
         if self._commit_task is not None:
             self._commit_task.cancel()
             await asyncio.gather(self._commit_task, return_exceptions=True)
-        self.commit()
+        try:
+            self.commit()
+        except OSError as exc:
+            logger.error("writing the final checkpoint failed: %s", exc)
         if self._file is not None and self._path != "-":
             self._file.close()
         self._file = None
@@ -217,13 +224,18 @@ class FileSource(Source):
         self._committed = position
 
     async def _commit_periodically(self) -> None:
+        failures = 0
         while True:
             await asyncio.sleep(self._commit_interval)
             try:
                 self.commit()
+                failures = 0
             except OSError as exc:
-                logger.error(
-                    "writing checkpoint %s failed; will retry: %s",
-                    self._checkpoint,
-                    exc,
-                )
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    logger.error(
+                        "writing checkpoint %s failed %d times; will retry: %s",
+                        self._checkpoint,
+                        failures,
+                        exc,
+                    )
