@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -92,6 +93,13 @@ def run(
     from agogosml_cli.run import RunOptions, print_summary, run_pipeline
     from sample_app.data import fetch_dataset
 
+    # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if summary_json is not None and not summary_json.parent.is_dir():
+        raise click.BadParameter(
+            f"directory {str(summary_json.parent)!r} does not exist",
+            param_hint="--summary-json",
+        )
     console = Console(stderr=True)
     if data is None:
         info = fetch_dataset()

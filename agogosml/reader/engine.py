@@ -12,6 +12,7 @@ from typing import Any
 
 from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope
+from agogosml.http import redact_url
 from agogosml.metrics import (
     DEAD_LETTERED,
     IN_FLIGHT,
@@ -236,7 +237,7 @@ class InputReader:
         limit = self._settings.batch_max_messages
         if limit == 1:
             return batch
-        size = len(first.value)
+        size = _request_size(first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.batch_max_wait_ms / 1000
         while len(batch) < limit:
@@ -250,11 +251,11 @@ class InputReader:
                     envelope = await asyncio.wait_for(lane.queue.get(), remaining)
                 except TimeoutError:
                     break
-            if size + len(envelope.value) > self._settings.batch_max_bytes:
+            if size + _request_size(envelope) > self._settings.batch_max_bytes:
                 lane.carry.append(envelope)
                 break
             batch.append(envelope)
-            size += len(envelope.value)
+            size += _request_size(envelope)
         return batch
 
     async def _deliver(self, batch: list[Envelope]) -> None:
@@ -490,7 +491,8 @@ class InputReader:
         task.add_done_callback(self._side_tasks.discard)
 
     async def _watch_app_readiness(self) -> None:
-        url = str(self._settings.app_url).rstrip("/") + self._settings.app_ready_path
+        base_url = redact_url(str(self._settings.app_url)).rstrip("/")
+        url = base_url + self._settings.app_ready_path
         checks_not_ready = 0
         while True:
             ready = await self._client.is_ready(self._settings.app_ready_path)
@@ -510,6 +512,12 @@ class InputReader:
                     url,
                 )
             await asyncio.sleep(1.0)
+
+
+def _request_size(envelope: Envelope) -> int:
+    """Estimate a message's bytes in a batch request: value, key, id and fields."""
+    key_size = len(envelope.key) * 4 // 3 + 4 if envelope.key else 0
+    return len(envelope.value) + key_size + len(envelope.id) + 120
 
 
 def _transform_problem(result: object) -> str:

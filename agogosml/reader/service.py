@@ -9,7 +9,13 @@ import signal
 from aiohttp import web
 
 from agogosml.config import ReaderSettings
-from agogosml.http import add_health_routes, bound_port, import_object, start_site
+from agogosml.http import (
+    add_health_routes,
+    bound_port,
+    import_object,
+    redact_url,
+    start_site,
+)
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader
 from agogosml.transports.factory import build_sink, build_source
@@ -55,7 +61,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
                 extra={
                     "source": settings.source.value,
                     "input": settings.input,
-                    "app_url": str(settings.app_url),
+                    "app_url": redact_url(str(settings.app_url)),
                     "dead_letter": settings.dead_letter_target(),
                     "ordering": settings.ordering.value,
                     "port": bound_port(runner),

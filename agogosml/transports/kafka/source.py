@@ -139,7 +139,13 @@ class KafkaSource(Source):
     def _to_envelope(self, message: Any) -> Envelope | None:
         error = message.error()
         if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
+            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                logger.error(
+                    "input topic not found: %s; check READER_INPUT, or create the "
+                    "topic",
+                    error.str(),
+                )
+            elif error.code() != KafkaError._PARTITION_EOF:
                 logger.error("kafka consume error: %s", error)
             return None
         topic, partition, offset = (
