@@ -244,7 +244,10 @@ class ModelApp:
     ) -> None:
         """Send one chunk of a batch to the writer as one ``POST /batch``.
 
-        A chunk the writer rejects (422) fails only its own items. Any other
+        A chunk the writer rejects (422) fails only its own items.
+        NOTE: so one record the sink can never take (too large for Kafka, say)
+        also fails the valid records of its chunk; per-record writer results
+        would narrow that to the one record. Any other
         failure fails the whole request with 503 or 502, and the reader retries
         the whole batch. The records of earlier chunks are then written again,
         which at-least-once delivery allows.

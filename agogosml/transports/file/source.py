@@ -145,7 +145,11 @@ class FileSource(Source):
         return envelopes
 
     def _next_line(self) -> bytes | None:
-        """Return the next complete line, or None at the current end of the file."""
+        """Return the next complete line, or None at the current end of the file.
+
+        NOTE: a followed file that is truncated or replaced (log rotation) is not
+        detected; the source keeps waiting past the old end.
+        """
         if self._path == "-":
             return self._next_stdin_line()
         assert self._file is not None
