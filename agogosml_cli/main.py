@@ -95,11 +95,14 @@ def run(
 
     # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if summary_json is not None and not summary_json.parent.is_dir():
-        raise click.BadParameter(
-            f"directory {str(summary_json.parent)!r} does not exist",
-            param_hint="--summary-json",
-        )
+    if summary_json is not None:
+        try:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot create directory {str(summary_json.parent)!r}: {exc.strerror}",
+                param_hint="--summary-json",
+            ) from None
     console = Console(stderr=True)
     if data is None:
         info = fetch_dataset()

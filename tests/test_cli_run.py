@@ -92,9 +92,13 @@ def test_run_rejects_missing_data_file(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
-def test_run_rejects_summary_in_missing_directory(tmp_path: Path) -> None:
-    result = run_cli("--summary-json", str(tmp_path / "nope" / "s.json"), cwd=tmp_path)
+def test_run_rejects_unwritable_summary_path(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+
+    result = run_cli(
+        "--summary-json", str(tmp_path / "a-file" / "s.json"), cwd=tmp_path
+    )
 
     assert result.returncode == 2
     assert "--summary-json" in result.stderr
-    assert "does not exist" in result.stderr
+    assert "cannot create directory" in result.stderr
