@@ -135,7 +135,7 @@ class KafkaSettings(BaseSettings):
         "record before reporting it failed, in milliseconds.",
     )
     # The writer responds only after the broker acknowledged, so any linger adds
-    # to every request's latency; records of concurrent requests still batch
+    # to every request's latency. Records of concurrent requests still batch
     # while a produce request is in flight.
     linger_ms: int = Field(
         0, ge=0, description="KAFKA_LINGER_MS: producer batching delay, in ms."

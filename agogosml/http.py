@@ -50,8 +50,8 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in protected:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            received = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(received, expected):
                 return error_response(
                     401,
                     "missing or wrong bearer token; send the configured token as "

@@ -161,8 +161,8 @@ class KafkaPipeline:
             {"bootstrap.servers": self.bootstrap, "group.id": self.group_id}
         )
         try:
-            wanted = [TopicPartition(self.input, p) for p in range(partitions)]
-            return [tp.offset for tp in consumer.committed(wanted, timeout=10)]
+            inputs = [TopicPartition(self.input, p) for p in range(partitions)]
+            return [tp.offset for tp in consumer.committed(inputs, timeout=10)]
         finally:
             consumer.close()
 

@@ -106,7 +106,7 @@ async def test_sink_starts_after_torn_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-async def test_sink_on_full_disk_fails_and_is_not_ready() -> None:
+async def test_sink_full_disk_not_ready() -> None:
     sink = FileSink("/dev/full", fsync=False)
 
     async with sink:

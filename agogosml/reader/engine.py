@@ -296,9 +296,9 @@ class InputReader:
         """Release messages that must not be sent now, and return the others.
 
         While stopping, and for partitions being revoked or already lost, a
-        message that was not delivered yet is released unfinished: its offset is
+        message that was not delivered yet is released unfinished. Its offset is
         not committed, so it is read again later, by this reader or the new owner
-        of its partition, and was never sent twice.
+        of its partition. It was not delivered here, so that is no duplicate.
         """
         sendable = []
         for envelope in envelopes:

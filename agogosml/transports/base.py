@@ -10,9 +10,9 @@ from typing import Any, Self
 
 from agogosml.envelope import Envelope, Position
 
-#: Called by a source before it gives up partitions, with (topic, partition) pairs;
-#: it returns once the in-flight messages of those partitions are finished or the
-#: wait timed out.
+#: Coroutine a source awaits before it gives up partitions, given as
+#: (topic, partition) pairs. It returns once the in-flight messages of those
+#: partitions are finished, or the source stops waiting after its timeout.
 RevokeHandler = Callable[[list[tuple[str, int]]], Coroutine[Any, Any, None]]
 
 

@@ -48,8 +48,8 @@ SERVICE = "output_writer"
 DATA_PATHS = frozenset({"/", "/batch"})
 #: Request headers with this prefix become record headers (prefix removed).
 RECORD_HEADER_PREFIX = "X-Record-Header-"
-#: Record headers that the writer sets from the message id and trace context;
-#: extra headers of these names are not written, so they cannot override them.
+#: Record headers that the writer sets from the message id and trace context.
+#: Extra headers of these names are not written, so they cannot override them.
 RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
