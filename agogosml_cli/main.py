@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from agogosml import AgogosmlError, __version__
+from agogosml_cli.init import init
 
 
 @click.group()
@@ -137,6 +138,8 @@ def settings() -> None:
 
     click.echo(settings_reference(), nl=False)
 
+
+cli.add_command(init)
 
 if __name__ == "__main__":
     cli()

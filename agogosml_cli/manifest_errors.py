@@ -1,0 +1,153 @@
+"""Turn a manifest's validation errors into lines that name the field, value and fix."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from agogosml_cli.manifest import EndpointType, Manifest
+
+# Fields whose invalid input is never shown, because it may be a secret that
+# was pasted in place of a reference to a Kubernetes Secret.
+_SECRET_FIELDS = frozenset({"password", "connection_string", "ca_certificate"})
+_UNION_FIELDS = frozenset({"source", "sink"})
+_TAGS = frozenset(item.value for item in EndpointType)
+_MAX_VALUE_CHARS = 80
+
+
+def describe_errors(
+    exc: ValidationError, source_name: str, flags: dict[str, str]
+) -> str:
+    """Return a message with one line per error of `exc`.
+
+    Args:
+        exc: The validation error of `Manifest`.
+        source_name: The manifest's path, or another name for the input.
+        flags: Command-line flags by field path, named next to their field.
+    """
+    lines = [f"{source_name} is invalid:"]
+    for error in exc.errors(include_url=False):
+        lines.append("  " + _describe_one(error, flags))
+    return "\n".join(lines)
+
+
+def _describe_one(error: Any, flags: dict[str, str]) -> str:
+    location = _location(error["loc"])
+    path = _path_text(location)
+    flag = flags.get(_flag_key(location))
+    where = f"{path} ({flag})" if flag else path
+    kind = error["type"]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    hint = _field_hint(error["loc"])
+
+    if not location:
+        return f"{message}."
+    if kind == "missing":
+        return f"{where} is missing: set it. {hint}".rstrip()
+    if kind == "extra_forbidden":
+        return f"{where} is not a manifest field: remove it{_suggestion(error['loc'])}."
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        value = _shown_value(location, _tag_input(error))
+        return (
+            f"{where}: type {value} is invalid: set type to kafka, eventhubs or file."
+        )
+    value = _shown_value(location, error.get("input"))
+    if kind == "string_pattern_mismatch":
+        message = "it does not have the expected form"
+    return f"{where}: invalid value {value}: {message}. {hint}".rstrip()
+
+
+def _location(loc: tuple[int | str, ...]) -> list[int | str]:
+    """Drop the tag that pydantic puts after ``source``/``sink`` in a location."""
+    parts = list(loc)
+    if len(parts) >= 2 and parts[0] in _UNION_FIELDS and parts[1] in _TAGS:
+        del parts[1]
+    return parts
+
+
+def _path_text(location: list[int | str]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _flag_key(location: list[int | str]) -> str:
+    return ".".join(str(part) for part in location if isinstance(part, str))
+
+
+def _tag_input(error: Any) -> Any:
+    context = error.get("ctx") or {}
+    return context.get("tag", error.get("input"))
+
+
+def _shown_value(location: list[int | str], value: Any) -> str:
+    if any(part in _SECRET_FIELDS for part in location):
+        return "<hidden>"
+    text = repr(value)
+    if len(text) > _MAX_VALUE_CHARS:
+        text = text[: _MAX_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def _field_hint(loc: tuple[int | str, ...]) -> str:
+    """Return the description of the field at `loc`, which says what is valid."""
+    while loc and isinstance(loc[-1], int):
+        loc = loc[:-1]
+    parent, name = _parent_model(loc[:-1]), loc[-1] if loc else None
+    info = parent.model_fields.get(name) if parent and isinstance(name, str) else None
+    if info is None or not info.description:
+        return ""
+    return f"Expected: {info.description}"
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    parent = _parent_model(loc[:-1])
+    if parent is None or not loc:
+        return ""
+    matches = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields))
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _parent_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Return the model that contains the fields at the end of `loc`.
+
+    Pydantic puts the tag after ``source`` and ``sink``, as in ``("source",
+    "kafka", "topics")``, so the tag selects the member of the tagged union.
+    """
+    model: type[BaseModel] | None = Manifest
+    members: list[type[BaseModel]] = []
+    for part in loc:
+        if members and part in _TAGS:
+            model = next((m for m in members if _tag_of(m) == part), None)
+            members = []
+            continue
+        if model is None or not isinstance(part, str):
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        members = _models_of(info.annotation)
+        model = members[0] if len(members) == 1 else None
+    return model
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return [
+        candidate
+        for candidate in candidates
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel)
+    ]
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    info = model.model_fields.get("type")
+    args = getattr(info.annotation, "__args__", ()) if info else ()
+    return str(args[0].value) if args else None
