@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python deployment/helm/helm.py fetch
 	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment
 	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment
 	$(BIN)/mypy
