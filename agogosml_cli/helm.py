@@ -1,0 +1,266 @@
+"""Run Helm for the release commands and turn its failures into clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: Seconds that a command which reads release state may take.
+READ_TIMEOUT_SECONDS = 120
+#: Seconds added to Helm's own --timeout before the subprocess is stopped.
+UPGRADE_GRACE_SECONDS = 60
+
+_HELM_HINT = (
+    "Install Helm 3 and put `helm` on PATH, set HELM to its path, or build the "
+    "pinned version with `python deployment/helm/helm.py fetch`."
+)
+_CLUSTER_HINT = (
+    "Check KUBECONFIG and --kube-context, or pass --dry-run to print the helm "
+    "command and render the manifests without a cluster."
+)
+
+
+class HelmError(click.ClickException):
+    """A Helm command failed or Helm is missing; the message names the fix."""
+
+
+class ReleaseNotFoundError(HelmError):
+    """The release does not exist in the namespace."""
+
+
+class ClusterUnreachableError(HelmError):
+    """Helm could not reach a Kubernetes cluster."""
+
+
+def find_helm() -> str:
+    """Return the Helm executable: HELM, else `helm` on PATH, else the cached build."""
+    configured = os.environ.get("HELM")
+    if configured:
+        if shutil.which(configured) is None:
+            raise HelmError(
+                f"HELM={configured!r} is not an executable file. Set HELM to the "
+                "path of a Helm 3 binary or unset it."
+            )
+        return configured
+    on_path = shutil.which("helm")
+    if on_path is not None:
+        return on_path
+    cache_dir = os.environ.get("AGOGOSML_CACHE_DIR") or "~/.cache/agogosml"
+    cached = Path(cache_dir).expanduser() / "bin" / "helm"
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return str(cached)
+    raise HelmError(f"helm was not found on PATH or in {cached.parent}. {_HELM_HINT}")
+
+
+@dataclass(frozen=True)
+class HelmTarget:
+    """Release, chart and cluster that one release command works on.
+
+    Attributes:
+        release: Helm release name.
+        chart: Chart directory or reference, as `helm upgrade` takes it.
+        namespace: Kubernetes namespace, or None for the kubeconfig's current one.
+        kube_context: kubeconfig context, or None for the current one.
+        values_files: Values files passed to every upgrade with --values.
+        timeout_seconds: How long Helm waits for the pods to become ready.
+        helm: Helm executable.
+    """
+
+    release: str
+    chart: str
+    namespace: str | None = None
+    kube_context: str | None = None
+    values_files: tuple[Path, ...] = ()
+    timeout_seconds: int = 300
+    helm: str = field(default_factory=find_helm)
+
+    def scope_args(self) -> list[str]:
+        """Return the --namespace and --kube-context arguments."""
+        args: list[str] = []
+        if self.namespace:
+            args += ["--namespace", self.namespace]
+        if self.kube_context:
+            args += ["--kube-context", self.kube_context]
+        return args
+
+    def describe(self) -> str:
+        """Return 'release NAME in namespace NS' for messages."""
+        namespace = self.namespace or "the current namespace"
+        if self.namespace:
+            namespace = f"namespace {self.namespace!r}"
+        return f"release {self.release!r} in {namespace}"
+
+
+def run_helm(
+    target: HelmTarget, args: Sequence[str], *, timeout_seconds: float
+) -> subprocess.CompletedProcess[str]:
+    """Run Helm with `args` and return the finished process, failed or not."""
+    command = [target.helm, *args]
+    try:
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_seconds,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
+    except subprocess.TimeoutExpired:
+        raise HelmError(
+            f"`{shlex.join(command)}` timed out after {timeout_seconds:.0f} s. "
+            "Check the cluster, or raise --timeout-seconds."
+        ) from None
+
+
+def check_result(
+    target: HelmTarget, result: subprocess.CompletedProcess[str], action: str
+) -> None:
+    """Raise the `HelmError` that matches a failed Helm command's output."""
+    if result.returncode == 0:
+        return
+    output = _last_lines(result.stderr or result.stdout, 20)
+    if "Kubernetes cluster unreachable" in output:
+        raise ClusterUnreachableError(
+            f"helm could not reach a Kubernetes cluster to {action}. "
+            f"{_CLUSTER_HINT}\n{output}"
+        )
+    if "release: not found" in output:
+        raise ReleaseNotFoundError(
+            f"{target.describe()} was not found. Install it with `agogosml deploy "
+            "--image TAG`, or check --release and --namespace."
+        )
+    raise HelmError(
+        f"helm failed to {action} (exit code {result.returncode}):\n{output}"
+    )
+
+
+def get_values(target: HelmTarget, *, all_values: bool = False) -> dict[str, Any]:
+    """Return the release's values: user-supplied ones, or with `all_values` all.
+
+    Raises:
+        ReleaseNotFoundError: The release does not exist.
+        ClusterUnreachableError: No cluster answered.
+    """
+    args = ["get", "values", target.release, "--output", "json", *target.scope_args()]
+    if all_values:
+        args.append("--all")
+    result = run_helm(target, args, timeout_seconds=READ_TIMEOUT_SECONDS)
+    check_result(target, result, "read the release values")
+    return _parse_json_object(result.stdout, "helm get values") or {}
+
+
+def get_status(target: HelmTarget) -> dict[str, Any]:
+    """Return `helm status` of the release as a dictionary."""
+    args = ["status", target.release, "--output", "json", *target.scope_args()]
+    result = run_helm(target, args, timeout_seconds=READ_TIMEOUT_SECONDS)
+    check_result(target, result, "read the release status")
+    return _parse_json_object(result.stdout, "helm status") or {}
+
+
+def upgrade_args(
+    target: HelmTarget, settings: dict[str, str], *, install: bool
+) -> list[str]:
+    """Return the `helm upgrade --install --atomic` arguments that apply `settings`.
+
+    --reset-then-reuse-values keeps the values of the release's last upgrade
+    and takes new defaults from the chart. Values files come next, and the
+    slot settings last, as --set-string so that a tag such as 1.10 stays a
+    string.
+    """
+    args = [
+        "upgrade",
+        target.release,
+        target.chart,
+        "--install",
+        "--atomic",
+        "--wait",
+        "--timeout",
+        f"{target.timeout_seconds}s",
+        "--reset-then-reuse-values",
+        *target.scope_args(),
+    ]
+    if install and target.namespace:
+        args.append("--create-namespace")
+    for path in target.values_files:
+        args += ["--values", str(path)]
+    for key, value in settings.items():
+        args += ["--set-string", f"{key}={value}"]
+    return args
+
+
+def upgrade(target: HelmTarget, args: list[str]) -> None:
+    """Run a `helm upgrade` built by `upgrade_args` and wait for it."""
+    timeout = target.timeout_seconds + UPGRADE_GRACE_SECONDS
+    result = run_helm(target, args, timeout_seconds=timeout)
+    check_result(target, result, "upgrade the release (--atomic rolled it back)")
+
+
+def template(
+    target: HelmTarget, release_values: dict[str, Any] | None, settings: dict[str, str]
+) -> str:
+    """Render the chart with the values that an upgrade would use, without a cluster.
+
+    `release_values` stands in for the release's current values, which
+    --reset-then-reuse-values would carry over.
+    """
+    args = ["template", target.release, target.chart]
+    if target.namespace:
+        args += ["--namespace", target.namespace]
+    with _temporary_values_file(release_values) as current:
+        if current is not None:
+            args += ["--values", current]
+        for path in target.values_files:
+            args += ["--values", str(path)]
+        for key, value in settings.items():
+            args += ["--set-string", f"{key}={value}"]
+        result = run_helm(target, args, timeout_seconds=READ_TIMEOUT_SECONDS)
+    check_result(target, result, "render the chart")
+    return result.stdout
+
+
+def command_line(target: HelmTarget, args: Sequence[str]) -> str:
+    """Return the shell command line of a Helm call, quoted for copying."""
+    return shlex.join([target.helm, *args])
+
+
+@contextlib.contextmanager
+def _temporary_values_file(values: dict[str, Any] | None) -> Iterator[str | None]:
+    """Yield the path of a JSON file with `values`, or None without values."""
+    if not values:
+        yield None
+        return
+    handle, name = tempfile.mkstemp(prefix="agogosml-values-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(values, file)
+        yield name
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _parse_json_object(text: str, source: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(text or "null")
+    except json.JSONDecodeError as exc:
+        raise HelmError(
+            f"{source} printed invalid JSON ({exc}): {text[:200]!r}"
+        ) from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise HelmError(f"{source} printed {type(parsed).__name__}, expected an object")
+    return parsed
+
+
+def _last_lines(text: str, count: int) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])

@@ -1,0 +1,540 @@
+"""Blue/green releases of the model app with the agogosml Helm chart.
+
+The chart runs the model app in two slots, blue and green. Three values
+record where a release stands, and every command here reads them from the
+release and writes them back with ``helm upgrade --install --atomic``:
+
+- ``app.activeSlot``: the slot that the app Service sends traffic to.
+- ``app.previewSlot``: the slot that `deploy` put a new image on, running but
+  not yet promoted ("" when none).
+- ``app.previousSlot``: the slot that was active before the last `promote`,
+  which `rollback` returns to ("" when none).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agogosml_cli import helm
+from agogosml_cli.helm import HelmError, HelmTarget
+
+SLOTS = ("blue", "green")
+DEFAULT_RELEASE = "agogosml"
+DEFAULT_CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
+
+#: Slot values of a release installed without them, as in the chart's values.yaml.
+CHART_DEFAULT_STATE = {
+    "activeSlot": "blue",
+    "previewSlot": "",
+    "previousSlot": "",
+    "idleSlot": "scaleToZero",
+}
+
+# REPOSITORY@sha256:DIGEST, REPOSITORY:TAG or TAG. A colon after the last
+# slash separates the tag, so registry ports (host:5000/name) stay in the
+# repository.
+_DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class ReleaseStateError(HelmError):
+    """The release's slot values do not allow the requested step."""
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """Slot values of a release: see the module docstring."""
+
+    active: str
+    preview: str
+    previous: str
+    idle_policy: str
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> SlotState:
+        """Read the state from release values, filling in the chart's defaults."""
+        app = {**CHART_DEFAULT_STATE, **(values.get("app") or {})}
+        state = cls(
+            active=str(app["activeSlot"]),
+            preview=str(app["previewSlot"] or ""),
+            previous=str(app["previousSlot"] or ""),
+            idle_policy=str(app["idleSlot"]),
+        )
+        if state.active not in SLOTS:
+            raise ReleaseStateError(
+                f"the release's app.activeSlot is {state.active!r}, expected blue or "
+                "green. Fix it with `helm upgrade --reuse-values --set "
+                "app.activeSlot=blue`."
+            )
+        return state
+
+    @property
+    def idle(self) -> str:
+        """The slot that does not take traffic."""
+        return other_slot(self.active)
+
+    def settings(self) -> dict[str, str]:
+        """Return the --set-string settings that write this state."""
+        return {
+            "app.activeSlot": self.active,
+            "app.previewSlot": self.preview,
+            "app.previousSlot": self.previous,
+        }
+
+    def replicas(self, slot: str, configured: int) -> int:
+        """Return the replicas that the chart gives `slot`, as its templates do."""
+        running = slot in (self.active, self.preview) or self.idle_policy == "warm"
+        return configured if running else 0
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """Image given to `deploy`: a tag, with a repository or a digest if given."""
+
+    repository: str | None
+    tag: str
+    digest: str
+
+    @classmethod
+    def parse(cls, text: str) -> ImageReference:
+        """Parse TAG, REPOSITORY:TAG or REPOSITORY@sha256:DIGEST."""
+        match = _DIGEST.match(text)
+        if match:
+            return cls(match["repository"], "", match["digest"])
+        repository, _, tag = text.rpartition(":")
+        if "/" in tag or not repository:
+            repository, tag = "", text
+        if not _TAG.match(tag):
+            raise click.BadParameter(
+                f"{text!r} is not an image tag, REPOSITORY:TAG or "
+                "REPOSITORY@sha256:DIGEST. A tag has letters, digits, '_', '.' and "
+                "'-', at most 128 characters.",
+                param_hint="--image",
+            )
+        return cls(repository or None, tag, "")
+
+    def settings(self, slot: str) -> dict[str, str]:
+        """Return the --set-string settings that put this image on `slot`."""
+        prefix = f"app.slots.{slot}.image"
+        settings = {f"{prefix}.tag": self.tag, f"{prefix}.digest": self.digest}
+        if self.repository:
+            settings[f"{prefix}.repository"] = self.repository
+        return settings
+
+    def __str__(self) -> str:
+        name = self.repository or "(chart's repository)"
+        return f"{name}@{self.digest}" if self.digest else f"{name}:{self.tag}"
+
+
+def other_slot(slot: str) -> str:
+    """Return the slot that is not `slot`."""
+    return "green" if slot == "blue" else "blue"
+
+
+def fullname(release: str, values: dict[str, Any]) -> str:
+    """Return the prefix of the release's resource names, as the chart builds it."""
+    override = str(values.get("fullnameOverride") or "")
+    if override:
+        return override[:51].rstrip("-")
+    name = str(values.get("nameOverride") or "agogosml")
+    prefix = release if name in release else f"{release}-{name}"
+    return prefix[:51].rstrip("-")
+
+
+# ---------------------------------------------------------------------------
+# Steps: each returns the upgrades to run, as lists of settings
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Upgrades that one command runs in order, and the message printed after them."""
+
+    steps: list[dict[str, str]]
+    message: str
+    state: SlotState
+
+
+def plan_deploy(
+    values: dict[str, Any] | None,
+    image: ImageReference,
+    slot: str | None,
+    *,
+    force: bool,
+    release: str,
+) -> Plan:
+    """Plan putting `image` on the idle slot, or on `slot`.
+
+    A new release (`values` is None) gets the image on `slot`, blue by
+    default, as its active slot.
+    """
+    if values is None:
+        target = slot or CHART_DEFAULT_STATE["activeSlot"]
+        state = SlotState(target, "", "", CHART_DEFAULT_STATE["idleSlot"])
+        message = f"Installed {image} on the {target} slot, which is active."
+        return Plan([{**state.settings(), **image.settings(target)}], message, state)
+
+    current = SlotState.from_values(values)
+    target = slot or current.idle
+    if target == current.active and not force:
+        raise ReleaseStateError(
+            f"--slot {target} is the active slot of release {release!r}, which "
+            f"takes traffic. Deploy to the idle slot {current.idle} (omit --slot), "
+            "or pass --force to replace the active slot's image in place."
+        )
+    if target == current.active:
+        message = f"Replaced the image of the active {target} slot with {image}."
+        return Plan([image.settings(target)], message, current)
+
+    # The idle slot no longer holds the previous version once it gets a new
+    # image, so there is nothing to roll back to.
+    previous = "" if current.previous == target else current.previous
+    state = SlotState(current.active, target, previous, current.idle_policy)
+    preview_service = f"{fullname(release, values)}-app-preview"
+    message = (
+        f"Deployed {image} to the {target} slot, in preview. Smoke test it through "
+        f"Service {preview_service}, then run `agogosml promote`."
+    )
+    return Plan([{**state.settings(), **image.settings(target)}], message, state)
+
+
+def plan_promote(values: dict[str, Any], release: str) -> Plan:
+    """Plan switching the app Service to the preview slot."""
+    current = SlotState.from_values(values)
+    if not current.preview:
+        raise ReleaseStateError(
+            f"release {release!r} has no slot in preview (app.previewSlot is empty). "
+            "Run `agogosml deploy --image TAG` first."
+        )
+    state = SlotState(current.preview, "", current.active, current.idle_policy)
+    message = (
+        f"Promoted the {state.active} slot: it takes traffic now. "
+        f"`agogosml rollback` returns to the {state.previous} slot."
+    )
+    return Plan([state.settings()], message, state)
+
+
+def plan_rollback(values: dict[str, Any], release: str) -> Plan:
+    """Plan switching the app Service back to the previous slot.
+
+    With idleSlot scaleToZero the previous slot runs no pods, so a first
+    upgrade starts them as the preview slot and waits until they are ready.
+    Only then does a second upgrade switch the Service, so that it never
+    points at a slot without ready pods.
+    """
+    current = SlotState.from_values(values)
+    if not current.previous:
+        raise ReleaseStateError(
+            f"release {release!r} records no previous slot (app.previousSlot is "
+            "empty): nothing was promoted since the last rollback, or the previous "
+            "slot got a new image. Deploy the image to return to and promote it."
+        )
+    steps = []
+    if current.idle_policy != "warm":
+        warm_up = SlotState(current.active, current.previous, "", current.idle_policy)
+        steps.append(warm_up.settings())
+    state = SlotState(current.previous, "", "", current.idle_policy)
+    steps.append(state.settings())
+    message = f"Rolled back to the {state.active} slot: it takes traffic now."
+    return Plan(steps, message, state)
+
+
+# ---------------------------------------------------------------------------
+# Running a plan
+# ---------------------------------------------------------------------------
+
+
+def read_release_values(target: HelmTarget, *, dry_run: bool) -> dict[str, Any] | None:
+    """Return the release's user-supplied values, or None if it does not exist.
+
+    In a dry run an unreachable cluster counts as a new release, so the
+    commands can be tried without a cluster.
+    """
+    try:
+        return helm.get_values(target)
+    except helm.ReleaseNotFoundError:
+        return None
+    except helm.ClusterUnreachableError:
+        if not dry_run:
+            raise
+        click.echo(
+            "No cluster is reachable, so the release state is unknown: the dry "
+            "run assumes a new release.",
+            err=True,
+        )
+        return None
+
+
+def execute(
+    target: HelmTarget,
+    plan: Plan,
+    release_values: dict[str, Any] | None,
+    *,
+    dry_run: bool,
+) -> None:
+    """Run the plan's upgrades, or with `dry_run` print them and render the result."""
+    install = release_values is None
+    commands = [helm.upgrade_args(target, step, install=install) for step in plan.steps]
+    if dry_run:
+        for args in commands:
+            click.echo(f"Would run: {helm.command_line(target, args)}", err=True)
+        merged: dict[str, str] = {}
+        for step in plan.steps:
+            merged.update(step)
+        click.echo(helm.template(target, release_values, merged), nl=False)
+        return
+    for args in commands:
+        click.echo(f"Running: {helm.command_line(target, args)}", err=True)
+        helm.upgrade(target, args)
+    click.echo(plan.message)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def _target_options(function: Callable[..., None]) -> Callable[..., None]:
+    """Add the options that say which release, chart and cluster to use."""
+    options = [
+        click.option(
+            "--release",
+            default=DEFAULT_RELEASE,
+            show_default=True,
+            help="Helm release name.",
+        ),
+        click.option(
+            "--namespace",
+            "-n",
+            help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
+        ),
+        click.option(
+            "--chart",
+            default=str(DEFAULT_CHART),
+            show_default="helm/agogosml in this repository",
+            help="Chart directory, packaged chart or chart reference.",
+        ),
+        click.option(
+            "--values",
+            "-f",
+            "values_files",
+            multiple=True,
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Values file passed to helm upgrade; repeat for several.",
+        ),
+        click.option(
+            "--kube-context",
+            help="kubeconfig context. Default: the current context.",
+        ),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Print the helm upgrade command and render the manifests with "
+            "helm template instead of changing the release. Works without a "
+            "cluster.",
+        ),
+        click.option(
+            "--timeout-seconds",
+            type=click.IntRange(min=1),
+            default=300,
+            show_default=True,
+            help="How long helm waits for the pods to become ready, in seconds. "
+            "--atomic rolls the release back after that.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _make_target(
+    release: str,
+    namespace: str | None,
+    chart: str,
+    values_files: tuple[Path, ...],
+    kube_context: str | None,
+    timeout_seconds: int,
+) -> HelmTarget:
+    if chart == str(DEFAULT_CHART) and not DEFAULT_CHART.is_dir():
+        raise click.BadParameter(
+            f"the default chart {chart} does not exist, because agogosml is not "
+            "installed from a clone of its repository. Pass the chart's path.",
+            param_hint="--chart",
+        )
+    return HelmTarget(
+        release=release,
+        chart=chart,
+        namespace=namespace,
+        kube_context=kube_context,
+        values_files=values_files,
+        timeout_seconds=timeout_seconds,
+    )
+
+
+@click.command()
+@click.option(
+    "--image",
+    required=True,
+    help="Image of the model app: TAG (in the slot's repository), "
+    "REPOSITORY:TAG or REPOSITORY@sha256:DIGEST.",
+)
+@click.option(
+    "--slot",
+    type=click.Choice(SLOTS),
+    help="Slot to deploy to. Default: the idle slot, or blue for a new release.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow deploying onto the active slot, which replaces the image that "
+    "takes traffic in a rolling update.",
+)
+@_target_options
+def deploy(
+    image: str, slot: str | None, force: bool, dry_run: bool, **target_options: Any
+) -> None:
+    """Put a new model app image on the idle slot, in preview.
+
+    The slot starts its pods next to the active slot, and the preview Service
+    reaches it for a smoke test. `agogosml promote` then switches traffic to
+    it. On a new release the image goes to the active slot.
+    """
+    reference = ImageReference.parse(image)
+    target = _make_target(**target_options)
+    values = read_release_values(target, dry_run=dry_run)
+    plan = plan_deploy(values, reference, slot, force=force, release=target.release)
+    execute(target, plan, values, dry_run=dry_run)
+
+
+@click.command()
+@_target_options
+def promote(dry_run: bool, **target_options: Any) -> None:
+    """Switch the app Service to the preview slot that `deploy` prepared.
+
+    The slot that was active becomes idle and is recorded as the slot that
+    `agogosml rollback` returns to.
+    """
+    target = _make_target(**target_options)
+    values = _require_release(target, dry_run=dry_run)
+    execute(target, plan_promote(values, target.release), values, dry_run=dry_run)
+
+
+@click.command()
+@_target_options
+def rollback(dry_run: bool, **target_options: Any) -> None:
+    """Switch the app Service back to the slot that was active before promote."""
+    target = _make_target(**target_options)
+    values = _require_release(target, dry_run=dry_run)
+    execute(target, plan_rollback(values, target.release), values, dry_run=dry_run)
+
+
+def _require_release(target: HelmTarget, *, dry_run: bool) -> dict[str, Any]:
+    values = read_release_values(target, dry_run=dry_run)
+    if values is None:
+        raise ReleaseStateError(
+            f"{target.describe()} does not exist or its state is unknown. "
+            "Install it with `agogosml deploy --image TAG`, or check --release, "
+            "--namespace and --kube-context."
+        )
+    return values
+
+
+@click.command()
+@click.option(
+    "--release", default=DEFAULT_RELEASE, show_default=True, help="Helm release name."
+)
+@click.option(
+    "--namespace",
+    "-n",
+    help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
+)
+@click.option("--kube-context", help="kubeconfig context. Default: the current one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(
+    release: str, namespace: str | None, kube_context: str | None, as_json: bool
+) -> None:
+    """Print the active, preview and idle slots with their images and replicas."""
+    target = HelmTarget(
+        release=release, chart="", namespace=namespace, kube_context=kube_context
+    )
+    report = status_report(
+        helm.get_values(target, all_values=True), helm.get_status(target)
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_status(report))
+
+
+def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
+    """Return the slot state of a release from `helm get values --all` and status."""
+    state = SlotState.from_values(values)
+    app_version = str(
+        (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
+    )
+    slots = {}
+    for slot in SLOTS:
+        slot_values = values["app"]["slots"][slot]
+        configured = int(slot_values.get("replicas", 0))
+        slots[slot] = {
+            "role": _role(state, slot),
+            "image": _image_name(slot_values.get("image") or {}, app_version),
+            "replicas": state.replicas(slot, configured),
+            "configuredReplicas": configured,
+        }
+    info = release.get("info") or {}
+    return {
+        "release": release.get("name", ""),
+        "namespace": release.get("namespace", ""),
+        "status": info.get("status", ""),
+        "revision": release.get("version", 0),
+        "lastDeployed": info.get("last_deployed", ""),
+        "activeSlot": state.active,
+        "previewSlot": state.preview,
+        "previousSlot": state.previous,
+        "idleSlot": state.idle_policy,
+        "slots": slots,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Return `status_report` as lines of text."""
+    lines = [
+        f"Release {report['release']} in namespace {report['namespace']}: "
+        f"{report['status']}, revision {report['revision']}, last deployed "
+        f"{report['lastDeployed']}",
+        f"{'slot':<7}{'role':<19}{'replicas':<10}image",
+    ]
+    for slot, row in report["slots"].items():
+        role = row["role"]
+        if role == "idle":
+            role = f"idle ({report['idleSlot']})"
+        lines.append(f"{slot:<7}{role:<19}{row['replicas']:<10}{row['image']}")
+    previous = report["previousSlot"] or "none recorded"
+    lines.append(f"Rollback returns to: {previous}")
+    return "\n".join(lines)
+
+
+def _role(state: SlotState, slot: str) -> str:
+    if slot == state.active:
+        return "active"
+    if slot == state.preview:
+        return "preview"
+    return "idle"
+
+
+def _image_name(image: dict[str, Any], app_version: str) -> str:
+    repository = image.get("repository", "")
+    if image.get("digest"):
+        return f"{repository}@{image['digest']}"
+    return f"{repository}:{image.get('tag') or app_version}"
+
+
+COMMANDS = (deploy, promote, rollback, status)
