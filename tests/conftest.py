@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -102,3 +103,26 @@ def fraud_model() -> Path:
     if not path.exists():
         subprocess.run([sys.executable, "-m", "sample_app.train"], check=True)
     return path
+
+
+# ---------------------------------------------------------------------------
+# Helm
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm_binary() -> str:
+    """Path of the Helm binary that the chart and release tests run.
+
+    HELM selects a binary of your own. Without it, deployment/helm/helm.py
+    builds the pinned version with Go on first use (a few minutes) and caches it.
+    """
+    configured = os.environ.get("HELM")
+    if configured:
+        return configured
+    script = Path(__file__).resolve().parents[1] / "deployment" / "helm" / "helm.py"
+    spec = importlib.util.spec_from_file_location("helm_build", script)
+    assert spec is not None and spec.loader is not None
+    helm_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helm_build)
+    return str(helm_build.fetch())

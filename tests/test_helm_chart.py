@@ -1,0 +1,568 @@
+"""The Helm chart helm/agogosml, rendered by the real Helm binary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from agogosml.app import AppSettings
+from agogosml.config import KafkaSettings, ReaderSettings, WriterSettings
+from agogosml_cli.release import CHART_DEFAULT_STATE
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
+#: Kubernetes version whose schemas kubernetes-validate 1.37 ships.
+KUBERNETES_VERSION = "1.37.0"
+RESTRICTED_POD_FIELDS = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER_FIELDS = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+SECRET_VARIABLES = {
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_EVENTHUBS_CONNECTION_STRING",
+    "READER_APP_TOKEN",
+    "APP_TOKEN",
+    "APP_WRITER_TOKEN",
+    "WRITER_TOKEN",
+}
+SASL = [
+    "kafka.securityProtocol=SASL_SSL",
+    "kafka.sasl.mechanism=SCRAM-SHA-512",
+    "kafka.sasl.username=pipeline",
+    "kafka.sasl.password.existingSecret=kafka-credentials",
+    "kafka.sasl.password.key=password",
+    "kafka.caCertificate.existingSecret=kafka-ca",
+    "kafka.caCertificate.key=ca.crt",
+    "auth.appToken.existingSecret=pipeline-tokens",
+    "auth.appToken.key=app",
+    "auth.writerToken.existingSecret=pipeline-tokens",
+    "auth.writerToken.key=writer",
+]
+EVENT_HUBS = [
+    "kafka.bootstrapServers=example.servicebus.windows.net:9093",
+    "kafka.eventHubsConnectionString.existingSecret=eventhubs",
+    "kafka.eventHubsConnectionString.key=connection-string",
+]
+
+# Value combinations that every rendering check runs on.
+COMBINATIONS = {
+    "defaults": [],
+    "green active": ["app.activeSlot=green"],
+    "idle warm": ["app.idleSlot=warm"],
+    "green in preview": ["app.previewSlot=green", "app.previousSlot=green"],
+    "keda": ["keda.enabled=true"],
+    "network policy": ["networkPolicy.enabled=true"],
+    "sasl secrets": SASL,
+    "keda with sasl": ["keda.enabled=true", *SASL],
+    "event hubs with keda": ["keda.enabled=true", *EVENT_HUBS],
+    "everything": [
+        "keda.enabled=true",
+        "networkPolicy.enabled=true",
+        "app.idleSlot=warm",
+        "app.activeSlot=green",
+        *SASL,
+    ],
+}
+
+
+def helm(helm_binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm_binary, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def render(helm_binary: str, *settings: str, json_settings: str = "") -> list[dict]:
+    args = ["template", "rel", str(CHART)]
+    for setting in settings:
+        args += ["--set", setting]
+    if json_settings:
+        args += ["--set-json", json_settings]
+    result = helm(helm_binary, *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_error(helm_binary: str, *settings: str, json_settings: str = "") -> str:
+    args = ["template", "rel", str(CHART)]
+    for setting in settings:
+        args += ["--set", setting]
+    if json_settings:
+        args += ["--set-json", json_settings]
+    result = helm(helm_binary, *args)
+    assert result.returncode != 0, "helm template accepted the values"
+    return result.stderr
+
+
+def find(manifests: list[dict], kind: str, name: str) -> dict:
+    for manifest in manifests:
+        if manifest["kind"] == kind and manifest["metadata"]["name"] == name:
+            return manifest
+    raise AssertionError(f"no {kind} {name!r} in the rendered manifests")
+
+
+def pod_specs(manifests: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (m["metadata"]["name"], m["spec"]["template"]["spec"])
+        for m in manifests
+        if m["kind"] == "Deployment"
+    ]
+
+
+def env_of(deployment: dict) -> dict[str, dict[str, Any]]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {variable["name"]: variable for variable in container["env"]}
+
+
+@pytest.fixture(scope="module", params=list(COMBINATIONS), ids=list(COMBINATIONS))
+def rendered(request: pytest.FixtureRequest, helm_binary: str) -> list[dict]:
+    return render(helm_binary, *COMBINATIONS[request.param])
+
+
+# ---------------------------------------------------------------------------
+# Lint and Kubernetes schemas
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint --strict"])
+def test_chart_lints(helm_binary: str, strict: bool) -> None:
+    args = ["lint", str(CHART), *(["--strict"] if strict else [])]
+
+    result = helm(helm_binary, *args)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_chart_lints_with_every_option(helm_binary: str) -> None:
+    settings = [
+        arg for setting in COMBINATIONS["everything"] for arg in ("--set", setting)
+    ]
+
+    result = helm(helm_binary, "lint", str(CHART), "--strict", *settings)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_manifests_match_kubernetes_schemas(rendered: list[dict]) -> None:
+    for manifest in rendered:
+        if manifest["apiVersion"].startswith("keda.sh/"):
+            continue  # a custom resource: test_keda_* check it
+        name = f"{manifest['kind']} {manifest['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(part) for part in error.path)
+            pytest.fail(f"{name} is invalid at {path}: {error.message}")
+
+
+def test_default_release_resources(helm_binary: str) -> None:
+    kinds = sorted(f"{m['kind']} {m['metadata']['name']}" for m in render(helm_binary))
+
+    assert kinds == [
+        "Deployment rel-agogosml-app-blue",
+        "Deployment rel-agogosml-app-green",
+        "Deployment rel-agogosml-reader",
+        "Deployment rel-agogosml-writer",
+        "PodDisruptionBudget rel-agogosml-app",
+        "PodDisruptionBudget rel-agogosml-reader",
+        "PodDisruptionBudget rel-agogosml-writer",
+        "Service rel-agogosml-app",
+        "Service rel-agogosml-app-preview",
+        "Service rel-agogosml-writer",
+        "ServiceAccount rel-agogosml",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Pod security, probes, resources and secrets
+# ---------------------------------------------------------------------------
+
+
+def test_pods_meet_restricted_profile(rendered: list[dict]) -> None:
+    for name, spec in pod_specs(rendered):
+        for field, expected in RESTRICTED_POD_FIELDS.items():
+            assert spec["securityContext"].get(field) == expected, (name, field)
+        assert spec["automountServiceAccountToken"] is False, name
+        assert "hostNetwork" not in spec, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            for field, expected in RESTRICTED_CONTAINER_FIELDS.items():
+                assert context.get(field) == expected, (name, field)
+            assert "privileged" not in context, name
+
+
+def test_pods_mount_writable_tmp(rendered: list[dict]) -> None:
+    for name, spec in pod_specs(rendered):
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {
+            m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]
+        }
+        assert "/tmp" in mounts, name
+        assert "emptyDir" in volumes[mounts["/tmp"]], name
+
+
+def test_probes_and_resources_set(rendered: list[dict]) -> None:
+    ports = {"reader": "READER_PORT", "writer": "WRITER_PORT", "app": "APP_PORT"}
+    for manifest in rendered:
+        if manifest["kind"] != "Deployment":
+            continue
+        name = manifest["metadata"]["name"]
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        env = env_of(manifest)
+        port_variable = ports[container["name"]]
+
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        assert container["livenessProbe"]["httpGet"]["port"] == "http", name
+        assert container["ports"][0]["name"] == "http", name
+        assert (
+            str(container["ports"][0]["containerPort"]) == (env[port_variable]["value"])
+        ), name
+        host_variable = port_variable.replace("_PORT", "_HOST")
+        assert env[host_variable]["value"] == "0.0.0.0", name
+        assert container["resources"]["requests"], name
+        assert container["resources"]["limits"], name
+
+
+def test_secrets_only_from_secret_refs(rendered: list[dict]) -> None:
+    for manifest in rendered:
+        if manifest["kind"] != "Deployment":
+            continue
+        for variable_name, variable in env_of(manifest).items():
+            if variable_name in SECRET_VARIABLES:
+                assert "value" not in variable, variable_name
+                assert "secretKeyRef" in variable["valueFrom"], variable_name
+
+
+def test_sasl_secrets_reach_each_service(helm_binary: str) -> None:
+    manifests = render(helm_binary, *SASL)
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    writer = env_of(find(manifests, "Deployment", "rel-agogosml-writer"))
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-blue"))
+
+    password = {"name": "kafka-credentials", "key": "password"}
+    assert reader["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    assert writer["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    app_token = {"name": "pipeline-tokens", "key": "app"}
+    writer_token = {"name": "pipeline-tokens", "key": "writer"}
+    assert reader["READER_APP_TOKEN"]["valueFrom"]["secretKeyRef"] == app_token
+    assert app["APP_TOKEN"]["valueFrom"]["secretKeyRef"] == app_token
+    assert app["APP_WRITER_TOKEN"]["valueFrom"]["secretKeyRef"] == writer_token
+    assert writer["WRITER_TOKEN"]["valueFrom"]["secretKeyRef"] == writer_token
+    assert reader["KAFKA_SASL_MECHANISM"]["value"] == "SCRAM-SHA-512"
+    assert reader["KAFKA_SSL_CA_LOCATION"]["value"] == "/etc/agogosml/kafka-ca/ca.crt"
+    assert "KAFKA_SASL_PASSWORD" not in app
+
+
+def test_keda_trigger_has_no_credentials(helm_binary: str) -> None:
+    manifests = render(helm_binary, "keda.enabled=true", *SASL)
+
+    trigger = find(manifests, "ScaledObject", "rel-agogosml-reader")["spec"][
+        "triggers"
+    ][0]
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    assert not {"username", "password", "ca"} & set(trigger["metadata"])
+
+
+def test_service_urls_wire_pipeline(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-green"))
+
+    assert reader["READER_APP_URL"]["value"] == "http://rel-agogosml-app:8000"
+    assert app["APP_WRITER_URL"]["value"] == "http://rel-agogosml-writer:8082"
+    assert reader["READER_SOURCE"]["value"] == "kafka"
+    assert reader["READER_INPUT"]["value"] == "transactions"
+    assert reader["KAFKA_GROUP_ID"]["value"] == "agogosml-input-reader"
+
+
+def test_settings_become_env(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "reader.settings.READER_ORDERING=key",
+        "writer.settings.KAFKA_LINGER_MS=5",
+        "app.settings.APP_LOG_LEVEL=DEBUG",
+    )
+
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    writer = env_of(find(manifests, "Deployment", "rel-agogosml-writer"))
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-blue"))
+    assert reader["READER_ORDERING"]["value"] == "key"
+    assert writer["KAFKA_LINGER_MS"]["value"] == "5"
+    assert app["APP_LOG_LEVEL"]["value"] == "DEBUG"
+
+
+def test_schema_settings_cover_every_variable() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    components = schema["properties"]
+    allowed = set()
+    for component in ("reader", "writer", "app"):
+        allowed |= set(components[component]["properties"]["settings"]["properties"])
+    # The chart sets these itself, or they apply only to file sources and sinks.
+    wired = {
+        "READER_HOST", "READER_PORT", "READER_SOURCE", "READER_INPUT",
+        "READER_APP_URL", "WRITER_HOST", "WRITER_PORT", "WRITER_SINK",
+        "WRITER_OUTPUT", "APP_HOST", "APP_PORT", "APP_WRITER_URL",
+        "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID", "KAFKA_AUTO_OFFSET_RESET",
+        "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME",
+        "KAFKA_SSL_CA_LOCATION",
+    }  # fmt: skip
+    file_only = {"READER_STOP_AT_END", "READER_CHECKPOINT_PATH", "WRITER_FSYNC"}
+
+    documented = set()
+    for model in (ReaderSettings, WriterSettings, KafkaSettings, AppSettings):
+        prefix = str(model.model_config.get("env_prefix", ""))
+        documented |= {f"{prefix}{name}".upper() for name in model.model_fields}
+    assert allowed | wired | file_only | SECRET_VARIABLES == documented
+    assert not allowed & (wired | SECRET_VARIABLES)
+
+
+# ---------------------------------------------------------------------------
+# Blue/green slots
+# ---------------------------------------------------------------------------
+
+
+def slot_replicas(manifests: list[dict]) -> dict[str, int]:
+    return {
+        slot: find(manifests, "Deployment", f"rel-agogosml-app-{slot}")["spec"][
+            "replicas"
+        ]
+        for slot in ("blue", "green")
+    }
+
+
+@pytest.mark.parametrize("active", ["blue", "green"])
+def test_service_selects_active_slot(helm_binary: str, active: str) -> None:
+    idle = "green" if active == "blue" else "blue"
+    manifests = render(helm_binary, f"app.activeSlot={active}")
+
+    service = find(manifests, "Service", "rel-agogosml-app")
+    preview = find(manifests, "Service", "rel-agogosml-app-preview")
+    budget = find(manifests, "PodDisruptionBudget", "rel-agogosml-app")
+    assert service["spec"]["selector"]["agogosml.io/slot"] == active
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "app"
+    assert preview["spec"]["selector"]["agogosml.io/slot"] == idle
+    assert budget["spec"]["selector"]["matchLabels"]["agogosml.io/slot"] == active
+
+
+def test_slot_pods_carry_their_label(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    for slot in ("blue", "green"):
+        deployment = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert labels["agogosml.io/slot"] == slot
+        assert selector["agogosml.io/slot"] == slot
+        assert env_of(deployment)["AGOGOSML_SLOT"]["value"] == slot
+
+
+def test_idle_slot_scaled_to_zero(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "app.idleSlot=scaleToZero",
+        "app.slots.blue.replicas=3",
+        "app.slots.green.replicas=4",
+    )
+
+    assert slot_replicas(manifests) == {"blue": 3, "green": 0}
+
+
+def test_idle_slot_kept_warm(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "app.idleSlot=warm",
+        "app.slots.blue.replicas=3",
+        "app.slots.green.replicas=4",
+    )
+
+    assert slot_replicas(manifests) == {"blue": 3, "green": 4}
+
+
+def test_preview_slot_runs_when_idle_scales_to_zero(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary, "app.previewSlot=green", "app.slots.green.replicas=4"
+    )
+
+    assert slot_replicas(manifests) == {"blue": 2, "green": 4}
+
+
+def test_slot_images_independent(helm_binary: str) -> None:
+    digest = "sha256:" + "ab" * 32
+    manifests = render(
+        helm_binary,
+        "app.slots.blue.image.repository=registry.example:5000/model",
+        "app.slots.blue.image.tag=1.4",
+        "app.slots.green.image.digest=" + digest,
+    )
+
+    images = {
+        slot: find(manifests, "Deployment", f"rel-agogosml-app-{slot}")["spec"][
+            "template"
+        ]["spec"]["containers"][0]["image"]
+        for slot in ("blue", "green")
+    }
+    assert images["blue"] == "registry.example:5000/model:1.4"
+    assert images["green"] == f"agogosml/sample-app@{digest}"
+
+
+def test_chart_defaults_match_release_commands() -> None:
+    app = yaml.safe_load((CHART / "values.yaml").read_text())["app"]
+
+    for key, value in CHART_DEFAULT_STATE.items():
+        assert app[key] == value, key
+
+
+# ---------------------------------------------------------------------------
+# KEDA and NetworkPolicy
+# ---------------------------------------------------------------------------
+
+
+def test_keda_scales_reader_on_lag(helm_binary: str) -> None:
+    manifests = render(helm_binary, "keda.enabled=true", "keda.lagThreshold=500")
+
+    scaled = find(manifests, "ScaledObject", "rel-agogosml-reader")
+    reader = find(manifests, "Deployment", "rel-agogosml-reader")
+    trigger = scaled["spec"]["triggers"][0]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "rel-agogosml-reader"
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == "agogosml-input-reader"
+    assert trigger["metadata"]["topic"] == "transactions"
+    assert trigger["metadata"]["bootstrapServers"] == "kafka:9092"
+    assert trigger["metadata"]["lagThreshold"] == "500"
+    assert "authenticationRef" not in trigger
+    assert "replicas" not in reader["spec"]
+
+
+def test_keda_authenticates_with_sasl_secret(helm_binary: str) -> None:
+    manifests = render(helm_binary, "keda.enabled=true", *SASL)
+
+    trigger = find(manifests, "ScaledObject", "rel-agogosml-reader")["spec"][
+        "triggers"
+    ][0]
+    auth = find(manifests, "TriggerAuthentication", "rel-agogosml-reader")
+    secrets = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert trigger["metadata"]["sasl"] == "scram_sha512"
+    assert trigger["metadata"]["tls"] == "enable"
+    assert trigger["authenticationRef"]["name"] == "rel-agogosml-reader"
+    assert secrets["password"]["name"] == "kafka-credentials"
+    assert secrets["password"]["key"] == "password"
+    assert secrets["ca"]["name"] == "kafka-ca"
+    assert auth["spec"]["env"][0]["name"] == "KAFKA_SASL_USERNAME"
+
+
+def test_keda_omits_topic_for_several_topics(helm_binary: str) -> None:
+    manifests = render(helm_binary, "keda.enabled=true", "reader.topics={a,b}")
+
+    trigger = find(manifests, "ScaledObject", "rel-agogosml-reader")["spec"][
+        "triggers"
+    ][0]
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    assert "topic" not in trigger["metadata"]
+    assert reader["READER_INPUT"]["value"] == "a,b"
+
+
+def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "networkPolicy.enabled=true",
+        json_settings='networkPolicy.kafkaPeers=[{"ipBlock":{"cidr":"10.1.0.0/16"}}]',
+    )
+
+    def component_of(rule: dict) -> str:
+        return rule["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+
+    reader = find(manifests, "NetworkPolicy", "rel-agogosml-reader")["spec"]
+    app = find(manifests, "NetworkPolicy", "rel-agogosml-app")["spec"]
+    writer = find(manifests, "NetworkPolicy", "rel-agogosml-writer")["spec"]
+    assert reader["ingress"] == []
+    assert [component_of(p) for p in app["ingress"][0]["from"]] == ["reader"]
+    assert [component_of(p) for p in writer["ingress"][0]["from"]] == ["app"]
+    assert component_of(reader["egress"][1]["to"][0]) == "app"
+    assert component_of(app["egress"][1]["to"][0]) == "writer"
+    assert len(app["egress"]) == 2  # DNS and the writer, no broker
+    for policy in (reader, writer):
+        broker = policy["egress"][-1]
+        assert broker["to"] == [{"ipBlock": {"cidr": "10.1.0.0/16"}}]
+        assert [port["port"] for port in broker["ports"]] == [9092, 9093]
+
+
+# ---------------------------------------------------------------------------
+# Rejected values
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("app.activeSlot=purple", "/app/activeSlot"),
+        ("app.previewSlot=red", "/app/previewSlot"),
+        ("app.idleSlot=sleep", "/app/idleSlot"),
+        ("app.slots.blue.replicas=two", "/app/slots/blue/replicas"),
+        ("reader.port=70000", "/reader/port"),
+        ("kafka.securityProtocol=TLS", "/kafka/securityProtocol"),
+        ("kafka.sasl.password=hunter2", "/kafka/sasl/password"),
+        ("auth.appToken.value=secret", "/auth/appToken"),
+        ("reader.settings.READER_PORT=1", "/reader/settings"),
+        ("reader.settings.KAFKA_SASL_PASSWORD=x", "/reader/settings"),
+        ("app.slots.orange.replicas=1", "/app/slots"),
+        ("keda.enabled=yes", "/keda/enabled"),
+    ],
+)
+def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:
+    error = render_error(helm_binary, setting)
+
+    assert "values don't meet the specifications of the schema" in error
+    assert f"'{field}'" in error
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["app.activeSlot=green", "app.previewSlot=green"], "app.previewSlot"),
+        (["app.previousSlot=blue"], "app.previousSlot"),
+        (["kafka.bootstrapServers="], "kafka.bootstrapServers"),
+        (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.mechanism"),
+        (
+            ["kafka.securityProtocol=SASL_SSL", "kafka.sasl.mechanism=PLAIN"],
+            "kafka.sasl.password.existingSecret",
+        ),
+        (["auth.appToken.existingSecret=tokens"], "auth.appToken.key"),
+        (
+            [*EVENT_HUBS[1:], "kafka.bootstrapServers=", "keda.enabled=true"],
+            "kafka.bootstrapServers",
+        ),
+    ],
+)
+def test_template_rejects_inconsistent_values(
+    helm_binary: str, settings: list[str], message: str
+) -> None:
+    error = render_error(helm_binary, *settings)
+
+    assert message in error
+
+
+def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:
+    error = render_error(
+        helm_binary, json_settings='app.extraEnv=[{"name":"APP_TOKEN","value":"x"}]'
+    )
+
+    assert "app.extraEnv[0].value" in error
+    assert "secretKeyRef" in error
