@@ -2,7 +2,7 @@
 # posts and forwards the result to the output writer. Build from the repository
 # root, with a model trained beforehand:
 #   python -m sample_app.train --out models/fraud-model.joblib
-#   docker build -f Dockerfile.app -t agogosml/sample-app .
+#   docker build -f Dockerfile.app -t agogosml-sample-app .
 # The image is built from the model file, not from the dataset, so the build
 # downloads no data. The final stage contains the base image, the virtual
 # environment in /opt/venv and the model file. It runs as UID 10001 and writes
