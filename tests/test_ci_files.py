@@ -19,26 +19,45 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_TIMEOUT_SECONDS = 120.0
-PIPELINE_GLOBS = (
-    "azure-pipelines*.yml",
-    "azure-pipelines*.yaml",
-    ".azure-pipelines*.yml",
-    ".azure-pipelines*.yaml",
-    ".azure-pipelines/**/*.yml",
-    ".azure-pipelines/**/*.yaml",
-    "pipelines/**/*.yml",
-    "pipelines/**/*.yaml",
-)
+PIPELINE_FOLDERS = frozenset({"pipelines", ".azure-pipelines"})
+# Folders of tools, caches and build output, which hold no pipeline of this
+# repository even when a package there ships an azure-pipelines.yml.
+SKIPPED_FOLDERS = frozenset({"node_modules", "build", "dist", "__pycache__"})
 # The compile-time condition that keeps registry pushes to builds of main.
 MAIN_ONLY = "${{ if eq(variables['Build.SourceBranch'], 'refs/heads/main') }}"
-# Nothing listens on port 9 here, so a schema download fails instead of passing.
+# No proxy serves 127.0.0.1:9, so a schema download fails instead of passing.
 UNREACHABLE_PROXY = "http://127.0.0.1:9"
 
 
 def pipeline_files() -> list[Path]:
-    """Return every Azure Pipelines file in the repository, sorted."""
-    found = {path for pattern in PIPELINE_GLOBS for path in ROOT.glob(pattern)}
-    return sorted(path for path in found if path.is_file())
+    """Return every Azure Pipelines file in the repository, sorted.
+
+    These are the files named azure-pipelines*.yml or .azure-pipelines*.yml
+    anywhere, and every YAML file inside a pipelines or .azure-pipelines folder.
+    Hidden folders other than .azure-pipelines, such as .git and .venv, are
+    skipped.
+    """
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [name for name in subfolders if is_searched_folder(name)]
+        folder_path = Path(folder)
+        in_pipeline_folder = any(
+            part in PIPELINE_FOLDERS for part in folder_path.relative_to(ROOT).parts
+        )
+        for name in files:
+            if not name.endswith((".yml", ".yaml")):
+                continue
+            named_as_pipeline = name.lstrip(".").startswith("azure-pipelines")
+            if named_as_pipeline or in_pipeline_folder:
+                found.append(folder_path / name)
+    return sorted(found)
+
+
+def is_searched_folder(name: str) -> bool:
+    if name in PIPELINE_FOLDERS:
+        return True
+    hidden = name.startswith(".")
+    return not hidden and name not in SKIPPED_FOLDERS and not name.endswith(".egg-info")
 
 
 def load_yaml(path: Path) -> Any:
