@@ -36,18 +36,6 @@ RUN chmod 0644 /opt/agogosml/models/fraud-model.joblib \
 
 FROM ${BASE_IMAGE}
 
-ARG BASE_IMAGE
-ARG VERSION=unknown
-ARG REVISION=unknown
-ARG SOURCE_URL=""
-LABEL org.opencontainers.image.title="agogosml sample fraud-scoring app" \
-      org.opencontainers.image.description="Scores card transactions with a scikit-learn fraud model and forwards each score to the output writer" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
-
 # The home directory is /tmp because that is the only writable path when the
 # root filesystem is mounted read-only.
 RUN groupadd --system --gid 10001 agogosml \
@@ -67,6 +55,20 @@ ENV PATH="/opt/venv/bin:${PATH}" \
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8000
+
+# The labels come last, so that a new REVISION or VERSION does not invalidate
+# the cached layers above.
+ARG BASE_IMAGE
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE_URL=""
+LABEL org.opencontainers.image.title="agogosml sample fraud-scoring app" \
+      org.opencontainers.image.description="Scores card transactions with a scikit-learn fraud model and forwards each score to the output writer" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # Slim images have no curl, so Python's urllib performs the check. The empty
 # ProxyHandler keeps HTTP_PROXY settings from routing the loopback request.
