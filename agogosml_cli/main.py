@@ -10,7 +10,9 @@ import click
 from rich.console import Console
 
 from agogosml import AgogosmlError, __version__
+from agogosml_cli.generate import generate
 from agogosml_cli.init import init
+from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
 
 
 @click.group()
@@ -140,6 +142,9 @@ def settings() -> None:
 
 
 cli.add_command(init)
+cli.add_command(generate)
+for command in RELEASE_COMMANDS:
+    cli.add_command(command)
 
 if __name__ == "__main__":
     cli()
