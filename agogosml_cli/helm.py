@@ -26,8 +26,9 @@ _HELM_HINT = (
     "pinned version with `python deployment/helm/helm.py fetch`."
 )
 _CLUSTER_HINT = (
-    "Check KUBECONFIG and --kube-context, or pass --dry-run to print the helm "
-    "command and render the manifests without a cluster."
+    "Check KUBECONFIG and --kube-context. deploy, promote and rollback also take "
+    "--dry-run, which prints the helm command and renders the manifests without "
+    "a cluster."
 )
 
 
@@ -130,11 +131,12 @@ def check_result(
     """Raise the `HelmError` that matches a failed Helm command's output."""
     if result.returncode == 0:
         return
-    output = _last_lines(result.stderr or result.stdout, 20)
+    # Helm starts its message with "Error: ", which click adds again.
+    output = _last_lines(result.stderr or result.stdout, 20).removeprefix("Error: ")
     if "Kubernetes cluster unreachable" in output:
         raise ClusterUnreachableError(
             f"helm could not reach a Kubernetes cluster to {action}. "
-            f"{_CLUSTER_HINT}\n{output}"
+            f"{_CLUSTER_HINT}\nhelm: {output}"
         )
     if "release: not found" in output:
         raise ReleaseNotFoundError(
@@ -142,7 +144,7 @@ def check_result(
             "--image TAG`, or check --release and --namespace."
         )
     raise HelmError(
-        f"helm failed to {action} (exit code {result.returncode}):\n{output}"
+        f"helm failed to {action} (exit code {result.returncode}).\nhelm: {output}"
     )
 
 
@@ -204,7 +206,9 @@ def upgrade(target: HelmTarget, args: list[str]) -> None:
     """Run a `helm upgrade` built by `upgrade_args` and wait for it."""
     timeout = target.timeout_seconds + UPGRADE_GRACE_SECONDS
     result = run_helm(target, args, timeout_seconds=timeout)
-    check_result(target, result, "upgrade the release (--atomic rolled it back)")
+    check_result(
+        target, result, "upgrade the release (--atomic rolls a failed upgrade back)"
+    )
 
 
 def template(

@@ -42,6 +42,8 @@ CHART_DEFAULT_STATE = {
 # repository.
 _DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
+_REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
 
 
 class ReleaseStateError(HelmError):
@@ -106,12 +108,12 @@ class ImageReference:
     def parse(cls, text: str) -> ImageReference:
         """Parse TAG, REPOSITORY:TAG or REPOSITORY@sha256:DIGEST."""
         match = _DIGEST.match(text)
-        if match:
+        if match and _REPOSITORY.match(match["repository"]):
             return cls(match["repository"], "", match["digest"])
         repository, _, tag = text.rpartition(":")
         if "/" in tag or not repository:
             repository, tag = "", text
-        if not _TAG.match(tag):
+        if not _TAG.match(tag) or (repository and not _REPOSITORY.match(repository)):
             raise click.BadParameter(
                 f"{text!r} is not an image tag, REPOSITORY:TAG or "
                 "REPOSITORY@sha256:DIGEST. A tag has letters, digits, '_', '.' and "

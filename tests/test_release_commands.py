@@ -1,0 +1,496 @@
+"""`agogosml deploy`, `promote`, `rollback` and `status` against a fake Helm.
+
+tests/fake_helm.py stands in for Helm with a cluster: it records each call
+and keeps the release's values. `helm template` runs the real binary, so the
+rendered states are checked on real manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from agogosml_cli.main import cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHART = REPO_ROOT / "helm" / "agogosml"
+SCOPE = ["--release", "rel", "--namespace", "ml", "--kube-context", "prod"]
+
+
+@dataclass
+class FakeHelm:
+    """The fake Helm executable and the directory with its state."""
+
+    path: Path
+    state_dir: Path
+    real_helm: str
+
+    def calls(self) -> list[list[str]]:
+        lines = (self.state_dir / "calls.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def upgrades(self) -> list[list[str]]:
+        return [call for call in self.calls() if call[0] == "upgrade"]
+
+    def values(self) -> dict[str, Any]:
+        return json.loads((self.state_dir / "values.json").read_text())
+
+    def set_values(self, values: dict[str, Any]) -> None:
+        (self.state_dir / "values.json").write_text(json.dumps(values))
+        (self.state_dir / "revision").write_text("1")
+
+    def fail(self, mode: str) -> None:
+        (self.state_dir / mode).touch()
+
+    def render(self) -> list[dict]:
+        """Render the chart with the stored values, as the release would."""
+        values_file = self.state_dir / "render-values.json"
+        values_file.write_text(json.dumps(self.values()))
+        result = subprocess.run(
+            [self.real_helm, "template", "rel", str(CHART), "-f", str(values_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture
+def fake_helm(
+    tmp_path: Path, helm_binary: str, monkeypatch: pytest.MonkeyPatch
+) -> FakeHelm:
+    state_dir = tmp_path / "helm-state"
+    state_dir.mkdir()
+    (state_dir / "calls.jsonl").touch()
+    script = tmp_path / "helm"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import runpy\n"
+        f"runpy.run_path({str(REPO_ROOT / 'tests' / 'fake_helm.py')!r}, "
+        "run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("HELM", str(script))
+    monkeypatch.setenv("FAKE_HELM_DIR", str(state_dir))
+    monkeypatch.setenv("FAKE_HELM_REAL", helm_binary)
+    return FakeHelm(script, state_dir, helm_binary)
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+def slot_values(active: str, preview: str = "", previous: str = "") -> dict:
+    return {
+        "app": {
+            "activeSlot": active,
+            "previewSlot": preview,
+            "previousSlot": previous,
+            "slots": {"blue": {"image": {"tag": "1.0"}}},
+        }
+    }
+
+
+def set_strings(call: list[str]) -> dict[str, str]:
+    pairs = [call[i + 1] for i, arg in enumerate(call) if arg == "--set-string"]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def find(manifests: list[dict], kind: str, name: str) -> dict:
+    for manifest in manifests:
+        if manifest["kind"] == kind and manifest["metadata"]["name"] == name:
+            return manifest
+    raise AssertionError(f"no {kind} {name!r} in the rendered manifests")
+
+
+def slot_view(manifests: list[dict]) -> dict[str, Any]:
+    """Return the Service's slot and each slot's image and replicas."""
+    view: dict[str, Any] = {
+        "service": find(manifests, "Service", "rel-agogosml-app")["spec"]["selector"][
+            "agogosml.io/slot"
+        ]
+    }
+    for slot in ("blue", "green"):
+        spec = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")["spec"]
+        image = spec["template"]["spec"]["containers"][0]["image"]
+        view[slot] = (image, spec["replicas"])
+    return view
+
+
+# ---------------------------------------------------------------------------
+# deploy
+# ---------------------------------------------------------------------------
+
+
+def test_deploy_installs_new_release(fake_helm: FakeHelm) -> None:
+    result = invoke("deploy", "--image", "1.0", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert fake_helm.upgrades() == [
+        [
+            "upgrade", "rel", str(CHART), "--install", "--atomic", "--wait",
+            "--timeout", "300s", "--reset-then-reuse-values",
+            "--namespace", "ml", "--kube-context", "prod", "--create-namespace",
+            "--set-string", "app.activeSlot=blue",
+            "--set-string", "app.previewSlot=",
+            "--set-string", "app.previousSlot=",
+            "--set-string", "app.slots.blue.image.tag=1.0",
+            "--set-string", "app.slots.blue.image.digest=",
+        ]
+    ]  # fmt: skip
+    assert fake_helm.calls()[0] == [
+        "get", "values", "rel", "--output", "json",
+        "--namespace", "ml", "--kube-context", "prod",
+    ]  # fmt: skip
+    assert "blue slot, which is active" in result.stdout
+
+
+def test_deploy_targets_idle_slot(fake_helm: FakeHelm, tmp_path: Path) -> None:
+    fake_helm.set_values(slot_values("blue"))
+    values_file = tmp_path / "prod.yaml"
+    values_file.write_text("writer:\n  replicas: 3\n")
+
+    result = invoke(
+        "deploy", "--image", "registry.example:5000/model:2.0", *SCOPE,
+        "--values", str(values_file), "--timeout-seconds", "90",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    (upgrade,) = fake_helm.upgrades()
+    assert upgrade[upgrade.index("--timeout") + 1] == "90s"
+    assert upgrade[upgrade.index("--values") + 1] == str(values_file)
+    assert "--create-namespace" not in upgrade
+    assert set_strings(upgrade) == {
+        "app.activeSlot": "blue",
+        "app.previewSlot": "green",
+        "app.previousSlot": "",
+        "app.slots.green.image.repository": "registry.example:5000/model",
+        "app.slots.green.image.tag": "2.0",
+        "app.slots.green.image.digest": "",
+    }
+    assert "rel-agogosml-app-preview" in result.stdout
+    assert "agogosml promote" in result.stdout
+
+
+def test_deploy_rejects_active_slot(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue"))
+
+    result = invoke("deploy", "--slot", "blue", "--image", "2.0", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "--slot blue is the active slot" in result.stderr
+    assert "idle slot green" in result.stderr
+    assert "--force" in result.stderr
+    assert fake_helm.upgrades() == []
+
+
+def test_deploy_force_replaces_active_image(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+
+    result = invoke("deploy", "--slot", "blue", "--force", "--image", "2.1", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    (upgrade,) = fake_helm.upgrades()
+    assert set_strings(upgrade) == {
+        "app.slots.blue.image.tag": "2.1",
+        "app.slots.blue.image.digest": "",
+    }
+    assert fake_helm.values()["app"]["previewSlot"] == "green"
+
+
+def test_deploy_over_previous_slot_clears_it(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("deploy", "--image", "3.0", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    app = fake_helm.values()["app"]
+    assert app["previewSlot"] == "blue"
+    assert app["previousSlot"] == ""
+
+
+def test_deploy_image_digest(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue"))
+    digest = "sha256:" + "0f" * 32
+
+    result = invoke("deploy", "--image", f"example/model@{digest}", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    green = fake_helm.values()["app"]["slots"]["green"]["image"]
+    assert green == {"repository": "example/model", "tag": "", "digest": digest}
+
+
+@pytest.mark.parametrize(
+    "image", ["bad tag", "model:", "-1.0", "a@sha256:12", "Model/x:1", "a//b:1"]
+)
+def test_deploy_rejects_bad_image(fake_helm: FakeHelm, image: str) -> None:
+    result = invoke("deploy", "--image", image, *SCOPE)
+
+    assert result.exit_code == 2
+    assert "--image" in result.stderr
+    assert fake_helm.calls() == []
+
+
+def test_deploy_rejects_unknown_slot(fake_helm: FakeHelm) -> None:
+    result = invoke("deploy", "--slot", "orange", "--image", "1.0", *SCOPE)
+
+    assert result.exit_code == 2
+    assert "--slot" in result.stderr
+    assert "'orange' is not one of 'blue', 'green'" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# promote and rollback
+# ---------------------------------------------------------------------------
+
+
+def test_promote_switches_to_preview(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    (upgrade,) = fake_helm.upgrades()
+    assert set_strings(upgrade) == {
+        "app.activeSlot": "green",
+        "app.previewSlot": "",
+        "app.previousSlot": "blue",
+    }
+    assert "--atomic" in upgrade
+    assert "returns to the blue slot" in result.stdout
+
+
+def test_promote_without_preview_fails(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue"))
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "app.previewSlot is empty" in result.stderr
+    assert "agogosml deploy --image TAG" in result.stderr
+    assert fake_helm.upgrades() == []
+
+
+def test_promote_missing_release_fails(fake_helm: FakeHelm) -> None:
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "release 'rel' in namespace 'ml' does not exist" in result.stderr
+
+
+def test_rollback_starts_previous_slot_first(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    warm_up, switch = fake_helm.upgrades()
+    assert set_strings(warm_up) == {
+        "app.activeSlot": "green",
+        "app.previewSlot": "blue",
+        "app.previousSlot": "",
+    }
+    assert set_strings(switch) == {
+        "app.activeSlot": "blue",
+        "app.previewSlot": "",
+        "app.previousSlot": "",
+    }
+
+
+def test_rollback_warm_switches_at_once(fake_helm: FakeHelm) -> None:
+    values = slot_values("green", previous="blue")
+    values["app"]["idleSlot"] = "warm"
+    fake_helm.set_values(values)
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    (switch,) = fake_helm.upgrades()
+    assert set_strings(switch)["app.activeSlot"] == "blue"
+
+
+def test_rollback_without_previous_fails(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green"))
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "app.previousSlot is empty" in result.stderr
+    assert fake_helm.upgrades() == []
+
+
+def test_release_flow_renders_each_state(fake_helm: FakeHelm) -> None:
+    sample = "agogosml/sample-app"
+
+    assert invoke("deploy", "--image", "1.0", *SCOPE).exit_code == 0
+    installed = slot_view(fake_helm.render())
+    assert invoke("deploy", "--image", "2.0", *SCOPE).exit_code == 0
+    deployed = slot_view(fake_helm.render())
+    assert invoke("promote", *SCOPE).exit_code == 0
+    promoted = slot_view(fake_helm.render())
+    assert invoke("rollback", *SCOPE).exit_code == 0
+    rolled_back = slot_view(fake_helm.render())
+
+    assert installed == {
+        "service": "blue",
+        "blue": (f"{sample}:1.0", 2),
+        "green": (f"{sample}:0.1.0", 0),
+    }
+    assert deployed == {
+        "service": "blue",
+        "blue": (f"{sample}:1.0", 2),
+        "green": (f"{sample}:2.0", 2),
+    }
+    assert promoted == {
+        "service": "green",
+        "blue": (f"{sample}:1.0", 0),
+        "green": (f"{sample}:2.0", 2),
+    }
+    assert rolled_back == {
+        "service": "blue",
+        "blue": (f"{sample}:1.0", 2),
+        "green": (f"{sample}:2.0", 0),
+    }
+
+
+# ---------------------------------------------------------------------------
+# dry run and status
+# ---------------------------------------------------------------------------
+
+
+def test_dry_run_prints_command_and_renders(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue"))
+
+    result = invoke("deploy", "--image", "2.0", "--dry-run", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert fake_helm.upgrades() == []
+    assert f"Would run: {fake_helm.path} upgrade rel {CHART} --install" in result.stderr
+    assert "--set-string app.previewSlot=green" in result.stderr
+    view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert view["service"] == "blue"
+    assert view["green"] == ("agogosml/sample-app:2.0", 2)
+
+
+def test_dry_run_without_cluster(fake_helm: FakeHelm) -> None:
+    fake_helm.fail("unreachable")
+
+    result = invoke("deploy", "--image", "2.0", "--dry-run", "--slot", "green", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert "assumes a new release" in result.stderr
+    view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert view["service"] == "green"
+    assert view["green"] == ("agogosml/sample-app:2.0", 2)
+
+
+def test_status_prints_slots(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("status", "--release", "rel", "--namespace", "ml")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Release rel in namespace ml: deployed, revision 1")
+    assert lines[2].split() == [
+        "blue", "idle", "(scaleToZero)", "0", "agogosml/sample-app:1.0"
+    ]  # fmt: skip
+    assert lines[3].split() == ["green", "active", "2", "agogosml/sample-app:0.1.0"]
+    assert lines[4] == "Rollback returns to: blue"
+
+
+def test_status_json(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+
+    result = invoke("status", "--release", "rel", "--json")
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["activeSlot"] == "blue"
+    assert report["previewSlot"] == "green"
+    assert report["revision"] == 1
+    assert report["slots"]["green"] == {
+        "role": "preview",
+        "image": "agogosml/sample-app:0.1.0",
+        "replicas": 2,
+        "configuredReplicas": 2,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def test_unreachable_cluster_names_fix(fake_helm: FakeHelm) -> None:
+    fake_helm.fail("unreachable")
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "could not reach a Kubernetes cluster" in result.stderr
+    assert "--kube-context" in result.stderr
+    assert "--dry-run" in result.stderr
+
+
+def test_failed_upgrade_reports_helm_output(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+    fake_helm.fail("upgrade-fails")
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 1
+    assert "helm failed to upgrade the release" in result.stderr
+    assert "context deadline exceeded" in result.stderr
+
+
+def test_missing_helm_names_fix(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent),
+        "AGOGOSML_CACHE_DIR": str(tmp_path),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    env.pop("HELM", None)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agogosml_cli.main", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "helm was not found on PATH" in result.stderr
+    assert "deployment/helm/helm.py fetch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_helm_variable_names_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HELM", "/nonexistent/helm")
+
+    result = invoke("status")
+
+    assert result.exit_code == 1
+    assert "HELM='/nonexistent/helm' is not an executable file" in result.stderr
+
+
+def test_help_lists_release_options() -> None:
+    result = invoke("deploy", "--help")
+
+    for option in (
+        "--image", "--slot", "--force", "--release", "--namespace", "--chart",
+        "--values", "--kube-context", "--dry-run", "--timeout-seconds",
+    ):  # fmt: skip
+        assert option in result.stdout
