@@ -292,6 +292,23 @@ def test_service_urls_wire_pipeline(helm_binary: str) -> None:
     assert reader["KAFKA_GROUP_ID"]["value"] == "agogosml-input-reader"
 
 
+def test_containers_run_service_commands(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    def container(name: str) -> dict:
+        deployment = find(manifests, "Deployment", name)
+        return deployment["spec"]["template"]["spec"]["containers"][0]
+
+    reader = container("rel-agogosml-reader")
+    writer = container("rel-agogosml-writer")
+    app = container("rel-agogosml-app-blue")
+    assert reader["command"] == ["agogosml-input-reader"]
+    assert reader["image"] == "agogosml-input-reader:0.1.0"
+    assert writer["command"] == ["agogosml-output-writer"]
+    assert writer["image"] == "agogosml-output-writer:0.1.0"
+    assert "command" not in app  # the model app image's entrypoint
+
+
 def test_settings_become_env(helm_binary: str) -> None:
     manifests = render(
         helm_binary,
@@ -419,7 +436,7 @@ def test_slot_images_independent(helm_binary: str) -> None:
         for slot in ("blue", "green")
     }
     assert images["blue"] == "registry.example:5000/model:1.4"
-    assert images["green"] == f"agogosml/sample-app@{digest}"
+    assert images["green"] == f"agogosml-sample-app@{digest}"
 
 
 def test_chart_defaults_match_release_commands() -> None:

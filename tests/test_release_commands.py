@@ -330,7 +330,7 @@ def test_rollback_without_previous_fails(fake_helm: FakeHelm) -> None:
 
 
 def test_release_flow_renders_each_state(fake_helm: FakeHelm) -> None:
-    sample = "agogosml/sample-app"
+    sample = "agogosml-sample-app"
 
     assert invoke("deploy", "--image", "1.0", *SCOPE).exit_code == 0
     installed = slot_view(fake_helm.render())
@@ -379,7 +379,7 @@ def test_dry_run_prints_command_and_renders(fake_helm: FakeHelm) -> None:
     assert "--set-string app.previewSlot=green" in result.stderr
     view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
     assert view["service"] == "blue"
-    assert view["green"] == ("agogosml/sample-app:2.0", 2)
+    assert view["green"] == ("agogosml-sample-app:2.0", 2)
 
 
 def test_dry_run_without_cluster(fake_helm: FakeHelm) -> None:
@@ -391,7 +391,7 @@ def test_dry_run_without_cluster(fake_helm: FakeHelm) -> None:
     assert "assumes a new release" in result.stderr
     view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
     assert view["service"] == "green"
-    assert view["green"] == ("agogosml/sample-app:2.0", 2)
+    assert view["green"] == ("agogosml-sample-app:2.0", 2)
 
 
 def test_status_prints_slots(fake_helm: FakeHelm) -> None:
@@ -403,9 +403,9 @@ def test_status_prints_slots(fake_helm: FakeHelm) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Release rel in namespace ml: deployed, revision 1")
     assert lines[2].split() == [
-        "blue", "idle", "(scaleToZero)", "0", "agogosml/sample-app:1.0"
+        "blue", "idle", "(scaleToZero)", "0", "agogosml-sample-app:1.0"
     ]  # fmt: skip
-    assert lines[3].split() == ["green", "active", "2", "agogosml/sample-app:0.1.0"]
+    assert lines[3].split() == ["green", "active", "2", "agogosml-sample-app:0.1.0"]
     assert lines[4] == "Rollback returns to: blue"
 
 
@@ -421,7 +421,7 @@ def test_status_json(fake_helm: FakeHelm) -> None:
     assert report["revision"] == 1
     assert report["slots"]["green"] == {
         "role": "preview",
-        "image": "agogosml/sample-app:0.1.0",
+        "image": "agogosml-sample-app:0.1.0",
         "replicas": 2,
         "configuredReplicas": 2,
     }
