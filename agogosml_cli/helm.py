@@ -33,7 +33,7 @@ _CLUSTER_HINT = (
 
 
 class HelmError(click.ClickException):
-    """A Helm command failed or Helm is missing; the message names the fix."""
+    """A Helm command failed or Helm is missing. The message names the fix."""
 
 
 class ReleaseNotFoundError(HelmError):
@@ -153,7 +153,7 @@ def get_values(target: HelmTarget, *, all_values: bool = False) -> dict[str, Any
 
     Raises:
         ReleaseNotFoundError: The release does not exist.
-        ClusterUnreachableError: No cluster answered.
+        ClusterUnreachableError: No cluster was reachable.
     """
     args = ["get", "values", target.release, "--output", "json", *target.scope_args()]
     if all_values:
@@ -216,7 +216,7 @@ def template(
 ) -> str:
     """Render the chart with the values that an upgrade would use, without a cluster.
 
-    `release_values` stands in for the release's current values, which
+    `release_values` replaces the release's current values, which
     --reset-then-reuse-values would carry over.
     """
     args = ["template", target.release, target.chart]

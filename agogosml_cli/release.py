@@ -1,7 +1,7 @@
 """Blue/green releases of the model app with the agogosml Helm chart.
 
 The chart runs the model app in two slots, blue and green. Three values
-record where a release stands, and every command here reads them from the
+record the state of a release, and every command here reads them from the
 release and writes them back with ``helm upgrade --install --atomic``:
 
 - ``app.activeSlot``: the slot that the app Service sends traffic to.
@@ -131,8 +131,11 @@ class ImageReference:
         return settings
 
     def __str__(self) -> str:
-        name = self.repository or "(chart's repository)"
-        return f"{name}@{self.digest}" if self.digest else f"{name}:{self.tag}"
+        if self.digest:
+            return f"{self.repository}@{self.digest}"
+        if self.repository:
+            return f"{self.repository}:{self.tag}"
+        return f"tag {self.tag}"
 
 
 def other_slot(slot: str) -> str:
@@ -151,7 +154,7 @@ def fullname(release: str, values: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Steps: each returns the upgrades to run, as lists of settings
+# Plans: the upgrades that each command runs, as --set-string settings
 # ---------------------------------------------------------------------------
 
 
@@ -195,7 +198,7 @@ def plan_deploy(
         message = f"Replaced the image of the active {target} slot with {image}."
         return Plan([image.settings(target)], message, current)
 
-    # The idle slot no longer holds the previous version once it gets a new
+    # The idle slot no longer contains the previous version once it gets a new
     # image, so there is nothing to roll back to.
     previous = "" if current.previous == target else current.previous
     state = SlotState(current.active, target, previous, current.idle_policy)
@@ -304,7 +307,7 @@ def execute(
 
 
 def _target_options(function: Callable[..., None]) -> Callable[..., None]:
-    """Add the options that say which release, chart and cluster to use."""
+    """Add the options that select the release, the chart and the cluster."""
     options = [
         click.option(
             "--release",
@@ -366,8 +369,9 @@ def _make_target(
 ) -> HelmTarget:
     if chart == str(DEFAULT_CHART) and not DEFAULT_CHART.is_dir():
         raise click.BadParameter(
-            f"the default chart {chart} does not exist, because agogosml is not "
-            "installed from a clone of its repository. Pass the chart's path.",
+            f"the default chart {chart} does not exist, which happens when "
+            "agogosml is not installed from a clone of its repository. Pass the "
+            "chart's path or reference.",
             param_hint="--chart",
         )
     return HelmTarget(

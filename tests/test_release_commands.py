@@ -1,6 +1,6 @@
 """`agogosml deploy`, `promote`, `rollback` and `status` against a fake Helm.
 
-tests/fake_helm.py stands in for Helm with a cluster: it records each call
+tests/fake_helm.py replaces Helm and a cluster: it records each call
 and keeps the release's values. `helm template` runs the real binary, so the
 rendered states are checked on real manifests.
 """
