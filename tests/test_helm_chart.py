@@ -485,6 +485,20 @@ def test_keda_authenticates_with_sasl_secret(helm_binary: str) -> None:
     assert auth["spec"]["env"][0]["name"] == "KAFKA_SASL_USERNAME"
 
 
+def test_keda_uses_own_trigger_authentication(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary, "keda.enabled=true", "keda.authenticationRef=kafka-auth", *SASL
+    )
+
+    trigger = find(manifests, "ScaledObject", "rel-agogosml-reader")["spec"][
+        "triggers"
+    ][0]
+    assert trigger["authenticationRef"]["name"] == "kafka-auth"
+    assert "sasl" not in trigger["metadata"]
+    assert "tls" not in trigger["metadata"]
+    assert not [m for m in manifests if m["kind"] == "TriggerAuthentication"]
+
+
 def test_keda_omits_topic_for_several_topics(helm_binary: str) -> None:
     manifests = render(helm_binary, "keda.enabled=true", "reader.topics={a,b}")
 
