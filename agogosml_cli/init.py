@@ -166,7 +166,7 @@ def _suggest_sink_topic(data: Data) -> str:
 
 
 def _choice(values: type[Any]) -> click.Choice[str]:
-    return click.Choice([item.value for item in values], case_sensitive=False)
+    return click.Choice([item.value for item in values])
 
 
 def _endpoint_fields(side: str) -> list[InitField]:
@@ -178,6 +178,11 @@ def _endpoint_fields(side: str) -> list[InitField]:
     # The sink's connection defaults to the source's, because the chart gives
     # the reader and the writer one Kafka connection.
     shared = _from_source if side == "sink" else _no_default
+    shared_note = (
+        " Default: the source's, when the source is of the sink's type."
+        if side == "sink"
+        else ""
+    )
     fields = [
         InitField(
             (side, "type"),
@@ -218,7 +223,8 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "bootstrap_servers"),
             f"--{side}-bootstrap-servers",
             f"{title} Kafka bootstrap servers (host:port,...)",
-            f"Kafka brokers of the {side}, as a comma-separated host:port list.",
+            f"Kafka brokers of the {side}, as a comma-separated host:port list."
+            + shared_note,
             FieldValueType(KafkaConnection, "bootstrap_servers"),
             applies=kafka,
             default=shared("bootstrap_servers"),
@@ -227,8 +233,8 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "security_protocol"),
             f"--{side}-security-protocol",
             f"{title} Kafka security protocol",
-            "Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL. "
-            "Default: PLAINTEXT, or the source's for a Kafka sink.",
+            "Kafka security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+            + (shared_note or " Default: PLAINTEXT."),
             _choice(SecurityProtocol),
             applies=kafka,
             default=_or_plaintext(shared("security_protocol")),
@@ -238,7 +244,7 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "sasl", "mechanism"),
             f"--{side}-sasl-mechanism",
             f"{title} SASL mechanism",
-            "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
+            "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512." + shared_note,
             _choice(SaslMechanism),
             applies=_uses_sasl(side),
             default=shared("sasl", "mechanism"),
@@ -247,7 +253,7 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "sasl", "username"),
             f"--{side}-sasl-username",
             f"{title} SASL user name",
-            "SASL user name.",
+            "SASL user name." + shared_note,
             FieldValueType(Sasl, "username"),
             applies=_uses_sasl(side),
             default=shared("sasl", "username"),
@@ -256,7 +262,8 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "sasl", "password"),
             f"--{side}-sasl-password-secret",
             f"{title} SASL password, as SECRET:KEY of a Kubernetes Secret",
-            "Kubernetes Secret and key that hold the SASL password, as SECRET:KEY.",
+            "Kubernetes Secret and key that hold the SASL password, as SECRET:KEY."
+            + shared_note,
             SecretRefType(),
             applies=_uses_sasl(side),
             default=shared("sasl", "password"),
@@ -266,7 +273,8 @@ def _endpoint_fields(side: str) -> list[InitField]:
             f"--{side}-ca-secret",
             f"{title} CA certificate, as SECRET:KEY of a Kubernetes Secret",
             "Kubernetes Secret and key that hold the PEM file of the CA of the "
-            "brokers, as SECRET:KEY. Default: the system CA store.",
+            "brokers, as SECRET:KEY."
+            + (shared_note or " Default: the system CA store."),
             SecretRefType(),
             applies=kafka,
             default=shared("ca_certificate"),
@@ -277,7 +285,7 @@ def _endpoint_fields(side: str) -> list[InitField]:
             (side, "namespace"),
             f"--{side}-eventhubs-namespace",
             f"{title} Event Hubs namespace",
-            "Event Hubs namespace name, or its full host name.",
+            "Event Hubs namespace name, or its full host name." + shared_note,
             FieldValueType(EventHubsConnection, "namespace"),
             applies=eventhubs,
             default=shared("namespace"),
@@ -288,7 +296,7 @@ def _endpoint_fields(side: str) -> list[InitField]:
             f"{title} Event Hubs connection string, as SECRET:KEY of a Kubernetes "
             "Secret",
             "Kubernetes Secret and key that hold the Event Hubs connection string, "
-            "as SECRET:KEY.",
+            "as SECRET:KEY." + shared_note,
             SecretRefType(),
             applies=eventhubs,
             default=shared("connection_string"),
