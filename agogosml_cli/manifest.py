@@ -89,7 +89,7 @@ class SecretRef(_Model):
     )
     key: str = Field(
         pattern=SECRET_KEY_PATTERN,
-        description="Key in the Secret that holds the value: letters, digits, "
+        description="Key in the Secret that contains the value: letters, digits, "
         "'-', '_' and '.'.",
     )
 
@@ -138,7 +138,7 @@ class Sasl(_Model):
     )
     username: str = Field(min_length=1, description="SASL user name.")
     password: SecretRef = Field(
-        description="Secret key that holds the SASL password, as "
+        description="Secret key that contains the SASL password, as "
         "{secret: NAME, key: KEY}."
     )
 
@@ -178,7 +178,7 @@ class KafkaConnection(_Model):
     )
     ca_certificate: SecretRef | None = Field(
         None,
-        description="Secret key that holds the PEM file of the CA that signed the "
+        description="Secret key that contains the PEM file of the CA that signed the "
         "broker certificates. Unset means the system CA store.",
     )
 
@@ -214,7 +214,7 @@ class EventHubsConnection(_Model):
         f"'-') for <name>.{EVENTHUBS_DOMAIN}, or its full host name.",
     )
     connection_string: SecretRef = Field(
-        description="Secret key that holds the namespace's connection string, as "
+        description="Secret key that contains the namespace's connection string, as "
         "{secret: NAME, key: KEY}."
     )
 
@@ -305,7 +305,7 @@ class App(_Model):
 
 
 class Kubernetes(_Model):
-    """Where the pipeline runs on Kubernetes."""
+    """Kubernetes placement of the pipeline."""
 
     namespace: str = Field(
         pattern=NAMESPACE_PATTERN,

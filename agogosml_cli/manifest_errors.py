@@ -97,7 +97,7 @@ def _shown_value(location: list[int | str], value: Any) -> str:
 
 
 def _field_hint(loc: tuple[int | str, ...]) -> str:
-    """Return the description of the field at `loc`, which says what is valid."""
+    """Return the description of the field at `loc`, which states the valid values."""
     while loc and isinstance(loc[-1], int):
         loc = loc[:-1]
     parent, name = _parent_model(loc[:-1]), loc[-1] if loc else None

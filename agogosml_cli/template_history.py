@@ -91,7 +91,7 @@ class TemplateHistory:
     def write_bundle(self, target: Path) -> None:
         """Write every recorded version to the bundle file `target`.
 
-        The bundle holds the branch, its HEAD and the version tags, but not the
+        The bundle contains the branch, its HEAD and the version tags, but not the
         remote-tracking refs that a history opened from a bundle also has.
         """
         target.parent.mkdir(parents=True, exist_ok=True)

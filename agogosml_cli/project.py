@@ -1,0 +1,330 @@
+"""Render a pipeline project with Copier, or update a project rendered before.
+
+The first render goes into an empty directory. `git init` runs there unless it
+is in a git repository already, and the render is committed, because Copier's
+update needs that commit to tell the template's changes from the user's.
+
+An update runs ``copier.run_update`` in a temporary clone of the project's
+repository. If Copier merged every change, the difference is applied to the
+project's work tree and left uncommitted for review. If a template change
+overlaps a user edit of the same lines, the project is left as it was and
+`UpdateConflictError` names the conflicting files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import copier
+import yaml
+from copier.errors import CopierError
+from packaging.version import InvalidVersion, Version
+
+from agogosml.errors import AgogosmlError
+from agogosml_cli.git import TEMPORARY_IDENTITY, GitError, run_git
+from agogosml_cli.template_history import BUNDLE_PATH, TemplateHistory
+
+ANSWERS_FILE = Path(".copier-answers.yml")
+
+
+class GenerateError(AgogosmlError):
+    """The project cannot be rendered or updated; the message gives the reason."""
+
+
+class UpdateConflictError(GenerateError):
+    """Template changes overlap user edits; `paths` lists the files."""
+
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of `generate_project`.
+
+    Attributes:
+        created: True for a first render, False for an update.
+        template_version: The template version now recorded in the project.
+        changed: Paths (relative to the repository root) that changed.
+        commit: The commit of a first render, if one was made.
+        identity_fallback: True when git had no user identity, so the first
+            render was committed as "agogosml <agogosml@localhost>".
+    """
+
+    created: bool
+    template_version: str
+    changed: list[str]
+    commit: str | None = None
+    identity_fallback: bool = False
+
+
+def generate_project(
+    answers: dict[str, Any], project: Path, *, manifest_path: Path | None = None
+) -> Outcome:
+    """Render the template into `project`, or update the project rendered there.
+
+    Args:
+        answers: The Copier answers, from `template_answers`.
+        project: The project directory.
+        manifest_path: The manifest file. Its own changes do not count as
+            uncommitted changes of the project, and a first render may go into
+            the directory that contains it.
+
+    Raises:
+        GenerateError: The directory is not empty, the project has uncommitted
+            changes, or git or Copier failed.
+        UpdateConflictError: An update cannot merge cleanly.
+    """
+    project = project.resolve()
+    manifest_file = manifest_path.resolve() if manifest_path else None
+    try:
+        if (project / ANSWERS_FILE).exists():
+            return _update(project, answers, manifest_file)
+        return _render_new(project, answers, manifest_file)
+    except CopierError as exc:
+        raise GenerateError(f"copier failed: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# First render
+# ---------------------------------------------------------------------------
+
+
+def _render_new(
+    project: Path, answers: dict[str, Any], manifest_file: Path | None
+) -> Outcome:
+    _check_empty(project, manifest_file)
+    project.mkdir(parents=True, exist_ok=True)
+    with TemplateHistory() as history:
+        history.open(None)
+        tag, _ = history.add_packaged_template()
+        history.write_bundle(project / BUNDLE_PATH)
+    _copy(project, answers, tag)
+    return _commit_first_render(project, answers["project_name"], tag)
+
+
+def _check_empty(project: Path, manifest_file: Path | None) -> None:
+    if not project.exists():
+        return
+    if not project.is_dir():
+        raise GenerateError(f"{project} is not a directory; pass another --output")
+    allowed = {".git"}
+    if manifest_file is not None and manifest_file.parent == project:
+        allowed.add(manifest_file.name)
+    others = sorted(path.name for path in project.iterdir() if path.name not in allowed)
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise GenerateError(
+            f"{project} is not empty ({listed}) and has no {ANSWERS_FILE}, so it "
+            "is not a generated project; pass an empty or new directory as --output"
+        )
+
+
+def _copy(project: Path, answers: dict[str, Any], tag: str) -> None:
+    # The answers file records the source path as given. A path relative to the
+    # project keeps it valid wherever the repository is cloned.
+    with contextlib.chdir(project):
+        copier.run_copy(
+            str(BUNDLE_PATH),
+            ".",
+            data=answers,
+            vcs_ref=tag,
+            defaults=True,
+            overwrite=True,
+            quiet=True,
+        )
+
+
+def _commit_first_render(project: Path, name: str, tag: str) -> Outcome:
+    if not _inside_work_tree(project):
+        run_git(["init", "--quiet", "--initial-branch=main"], project)
+    run_git(["add", "--all", "--", "."], project)
+    changed = _lines(run_git(["diff", "--cached", "--name-only", "--", "."], project))
+    identity: dict[str, str] = {}
+    if not _has_identity(project):
+        identity = TEMPORARY_IDENTITY
+    message = f"Generate {name} from the agogosml pipeline template {tag}"
+    run_git(["commit", "--quiet", "-m", message, "--", "."], project, env=identity)
+    commit = run_git(["rev-parse", "--short", "HEAD"], project).strip()
+    return Outcome(
+        created=True,
+        template_version=tag,
+        changed=changed,
+        commit=commit,
+        identity_fallback=bool(identity),
+    )
+
+
+def _inside_work_tree(path: Path) -> bool:
+    try:
+        output = run_git(["rev-parse", "--is-inside-work-tree"], path)
+    except GitError:
+        return False
+    return output.strip() == "true"
+
+
+def _has_identity(path: Path) -> bool:
+    try:
+        run_git(["var", "GIT_COMMITTER_IDENT"], path)
+        run_git(["var", "GIT_AUTHOR_IDENT"], path)
+    except GitError:
+        return False
+    return True
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line]
+
+
+# ---------------------------------------------------------------------------
+# Update
+# ---------------------------------------------------------------------------
+
+
+def _update(
+    project: Path, answers: dict[str, Any], manifest_file: Path | None
+) -> Outcome:
+    top = _repository_root(project)
+    subdirectory = project.relative_to(top)
+    _check_clean(top, project, manifest_file)
+    recorded = _recorded_version(project)
+    head = run_git(["rev-parse", "HEAD"], top).strip()
+    with tempfile.TemporaryDirectory(prefix="agogosml-update-") as tmp:
+        clone = Path(tmp) / "project"
+        run_git(["clone", "--quiet", str(top), str(clone)], top)
+        work = clone / subdirectory
+        tag = _record_template(work, recorded)
+        with contextlib.chdir(work):
+            copier.run_update(
+                ".",
+                data=answers,
+                vcs_ref=tag,
+                defaults=True,
+                overwrite=True,
+                quiet=True,
+                conflict="inline",
+            )
+        _raise_on_conflicts(clone, work)
+        changed, patch = _staged_changes(clone, subdirectory, head)
+    if patch:
+        run_git(
+            ["apply", "--binary", "--whitespace=nowarn", "-"], top, input_text=patch
+        )
+    return Outcome(created=False, template_version=tag, changed=changed)
+
+
+def _repository_root(project: Path) -> Path:
+    try:
+        root = run_git(["rev-parse", "--show-toplevel"], project).strip()
+    except GitError:
+        raise GenerateError(
+            f"{project} has {ANSWERS_FILE} but is not in a git repository, and "
+            "Copier updates only git-tracked projects; run 'git init' and commit "
+            "the project, then run 'agogosml generate' again"
+        ) from None
+    return Path(root).resolve()
+
+
+def _check_clean(top: Path, project: Path, manifest_file: Path | None) -> None:
+    """Raise `GenerateError` if the project has uncommitted or untracked files.
+
+    The manifest may have uncommitted changes: they are the reason to update.
+    """
+    status = run_git(
+        ["status", "--porcelain", "--untracked-files=all", "--", str(project)], top
+    )
+    skipped = ""
+    if manifest_file is not None and manifest_file.is_relative_to(top):
+        skipped = str(manifest_file.relative_to(top))
+    dirty = [line[3:] for line in _lines(status) if line[3:] != skipped]
+    if dirty:
+        listed = ", ".join(dirty[:10]) + (", ..." if len(dirty) > 10 else "")
+        raise GenerateError(
+            f"the project has uncommitted changes ({listed}); commit or stash them, "
+            "then run 'agogosml generate' again, so that the update can be reviewed "
+            "on its own"
+        )
+
+
+def _recorded_version(project: Path) -> Version:
+    answers = yaml.safe_load((project / ANSWERS_FILE).read_text(encoding="utf-8"))
+    source = answers.get("_src_path") if isinstance(answers, dict) else None
+    if source != str(BUNDLE_PATH) or not (project / BUNDLE_PATH).is_file():
+        raise GenerateError(
+            f"{project / ANSWERS_FILE} does not name the template history "
+            f"{BUNDLE_PATH}, or that file is missing; restore both from the "
+            "project's git history"
+        )
+    try:
+        return Version(str(answers.get("_commit")))
+    except InvalidVersion:
+        raise GenerateError(
+            f"{project / ANSWERS_FILE} records the template version "
+            f"{answers.get('_commit')!r}, which is not a version; restore the file "
+            "from the project's git history"
+        ) from None
+
+
+def _record_template(work: Path, recorded: Version) -> str:
+    """Add the packaged template to the clone's history, commit it, return its tag."""
+    with TemplateHistory() as history:
+        history.open(work / BUNDLE_PATH)
+        tag, added = history.add_packaged_template()
+        if Version(tag) < recorded:
+            raise GenerateError(
+                f"the project was generated from template {recorded}, newer than "
+                f"this agogosml's template {tag}; install agogosml {recorded} or "
+                "newer to update it"
+            )
+        if not added:
+            return tag
+        history.write_bundle(work / BUNDLE_PATH)
+    # Copier updates only a clean work tree, so the new history is committed in
+    # the clone. Only the difference to the project's HEAD reaches the project.
+    run_git(["add", "--", str(BUNDLE_PATH)], work)
+    message = f"Record template {tag}"
+    run_git(["commit", "--quiet", "-m", message], work, env=TEMPORARY_IDENTITY)
+    return tag
+
+
+def _raise_on_conflicts(clone: Path, work: Path) -> None:
+    unmerged = _lines(run_git(["diff", "--name-only", "--diff-filter=U"], clone))
+    status = run_git(["status", "--porcelain", "--untracked-files=all"], clone)
+    rejected = [
+        line[3:].removesuffix(".rej")
+        for line in _lines(status)
+        if line.startswith("?? ") and line.endswith(".rej")
+    ]
+    conflicts = sorted(set(unmerged) | set(rejected))
+    if conflicts:
+        raise UpdateConflictError(
+            "the update was not applied, because template changes overlap your "
+            f"edits in: {', '.join(conflicts)}. Move your edits away from the "
+            "generated lines, or undo them, commit, and run 'agogosml generate' "
+            "again; then redo the edits",
+            conflicts,
+        )
+
+
+def _staged_changes(
+    clone: Path, subdirectory: Path, base: str
+) -> tuple[list[str], str]:
+    """Stage everything in the clone; return the changed paths and a binary patch.
+
+    Both are relative to `base`, the project's HEAD commit.
+    """
+    run_git(["add", "--all", "--", str(subdirectory)], clone)
+    changed = _lines(
+        run_git(
+            ["diff", "--cached", "--name-status", base, "--", str(subdirectory)], clone
+        )
+    )
+    patch = run_git(
+        ["diff", "--cached", "--binary", base, "--", str(subdirectory)], clone
+    )
+    return changed, patch
