@@ -1,7 +1,7 @@
 """The manifest fields that ``agogosml init`` sets, with their flags and prompts.
 
 `FIELDS` lists them in prompt order, so that a type comes before the fields
-that depend on it. Each field knows its flag, its prompt, its default and the
+that depend on it. Each field has its flag, its prompt, its default and the
 source or sink types it applies to.
 """
 
@@ -182,7 +182,7 @@ def _choice(values: type[Any]) -> click.Choice[str]:
 
 @dataclass(frozen=True)
 class _Side:
-    """The source or the sink, as init asks about it."""
+    """The source or the sink, whose fields init collects."""
 
     name: str
 

@@ -661,7 +661,7 @@ def test_python_project_tests_pass(kafka_project: Path) -> None:
     result = run_project_tests(kafka_project)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "8 passed" in result.stdout
 
 
 @pytest.mark.slow
@@ -669,7 +669,7 @@ def test_fraud_project_tests_pass(fraud_project: Path) -> None:
     result = run_project_tests(fraud_project)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout
+    assert "7 passed" in result.stdout
 
 
 def test_compose_has_four_services(kafka_project: Path) -> None:
