@@ -14,6 +14,7 @@ overlaps a user edit of the same lines, the project is left as it was and
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,13 +100,35 @@ def _render_new(
     project: Path, answers: dict[str, Any], manifest_file: Path | None
 ) -> Outcome:
     _check_empty(project, manifest_file)
+    existed = project.exists()
     project.mkdir(parents=True, exist_ok=True)
-    with TemplateHistory() as history:
-        history.open(None)
-        tag, _ = history.add_packaged_template()
-        history.write_bundle(project / BUNDLE_PATH)
-    _copy(project, answers, tag)
+    before = {path.name for path in project.iterdir()}
+    try:
+        with TemplateHistory() as history:
+            history.open(None)
+            tag, _ = history.add_packaged_template()
+            history.write_bundle(project / BUNDLE_PATH)
+        _copy(project, answers, tag)
+    except BaseException:
+        # Leave the directory as it was, so that a second run finds it empty.
+        _remove_new_entries(project, before, remove_directory=not existed)
+        raise
     return _commit_first_render(project, answers["project_name"], tag)
+
+
+def _remove_new_entries(
+    project: Path, before: set[str], *, remove_directory: bool
+) -> None:
+    if remove_directory:
+        shutil.rmtree(project, ignore_errors=True)
+        return
+    for path in project.iterdir():
+        if path.name in before:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _check_empty(project: Path, manifest_file: Path | None) -> None:

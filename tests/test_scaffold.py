@@ -614,6 +614,27 @@ def test_generate_rejects_unrelated_directory(tmp_path: Path) -> None:
     assert not (tmp_path / "docker-compose.yml").exists()
 
 
+def test_generate_failure_leaves_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from copier.errors import UserMessageError
+
+    from agogosml_cli import project as project_module
+
+    def failing_copy(*args: Any, **kwargs: Any) -> None:
+        Path("README.md").write_text("half rendered\n")
+        raise UserMessageError("template error")
+
+    monkeypatch.setattr(project_module.copier, "run_copy", failing_copy)
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "copier failed: template error" in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["agogosml.yaml"]
+
+
 def test_generate_without_git_identity(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
