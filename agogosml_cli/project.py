@@ -232,7 +232,7 @@ def _update(
                 quiet=True,
                 conflict="inline",
             )
-        _raise_on_conflicts(clone, work)
+        _raise_on_conflicts(clone)
         changed, patch = _staged_changes(clone, subdirectory, head)
     if patch:
         run_git(
@@ -259,12 +259,13 @@ def _check_clean(top: Path, project: Path, manifest_file: Path | None) -> None:
     The manifest may have uncommitted changes: they are the reason to update.
     """
     status = run_git(
-        ["status", "--porcelain", "--untracked-files=all", "--", str(project)], top
+        ["status", "--porcelain", "-z", "--untracked-files=all", "--", str(project)],
+        top,
     )
     skipped = ""
     if manifest_file is not None and manifest_file.is_relative_to(top):
-        skipped = str(manifest_file.relative_to(top))
-    dirty = [line[3:] for line in _lines(status) if line[3:] != skipped]
+        skipped = manifest_file.relative_to(top).as_posix()
+    dirty = [path for _, path in _status_entries(status) if path != skipped]
     if dirty:
         listed = ", ".join(dirty[:10]) + (", ..." if len(dirty) > 10 else "")
         raise GenerateError(
@@ -272,6 +273,26 @@ def _check_clean(top: Path, project: Path, manifest_file: Path | None) -> None:
             "then run 'agogosml generate' again, so that the update can be reviewed "
             "on its own"
         )
+
+
+def _status_entries(status: str) -> list[tuple[str, str]]:
+    """Return the (status letters, path) pairs of ``git status --porcelain -z``.
+
+    Each entry is two status letters, a space and the path. A rename or copy
+    entry is followed by the original path, which is skipped.
+    """
+    entries = status.split("\0")
+    pairs = []
+    index = 0
+    while index < len(entries):
+        entry = entries[index]
+        index += 1
+        if len(entry) < 4:
+            continue
+        pairs.append((entry[:2], entry[3:]))
+        if entry[0] in "RC":
+            index += 1
+    return pairs
 
 
 def _recorded_version(project: Path) -> Version:
@@ -315,13 +336,13 @@ def _record_template(work: Path, recorded: Version) -> str:
     return tag
 
 
-def _raise_on_conflicts(clone: Path, work: Path) -> None:
+def _raise_on_conflicts(clone: Path) -> None:
     unmerged = _lines(run_git(["diff", "--name-only", "--diff-filter=U"], clone))
-    status = run_git(["status", "--porcelain", "--untracked-files=all"], clone)
+    status = run_git(["status", "--porcelain", "-z", "--untracked-files=all"], clone)
     rejected = [
-        line[3:].removesuffix(".rej")
-        for line in _lines(status)
-        if line.startswith("?? ") and line.endswith(".rej")
+        path.removesuffix(".rej")
+        for letters, path in _status_entries(status)
+        if letters == "??" and path.endswith(".rej")
     ]
     conflicts = sorted(set(unmerged) | set(rejected))
     if conflicts:
