@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml.config import LogLevel
 from agogosml.envelope import child_traceparent
+from agogosml.forwarding import WriterQueue
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
@@ -109,6 +110,13 @@ class AppSettings(BaseSettings):
         "batch is split into several POST /batch requests under it, and a result "
         "that alone exceeds it fails with 413 for its message only.",
     )
+    writer_max_requests: int = Field(
+        8,
+        ge=1,
+        description="APP_WRITER_MAX_REQUESTS: writer requests open at once for "
+        "single messages; while all are busy, further results wait and go out "
+        "together as one POST /batch.",
+    )
     max_body_bytes: int = Field(
         4 * 1_048_576,
         ge=1,
@@ -138,6 +146,7 @@ class ModelApp:
         self._writer_url = ""
         self._writer_max_body_bytes = DEFAULT_WRITER_MAX_BODY_BYTES
         self._writer_ready = False
+        self._writer_queue: WriterQueue | None = None
 
     def run(self) -> None:
         """Serve with settings from the environment until SIGTERM/SIGINT."""
@@ -182,11 +191,16 @@ class ModelApp:
     async def _post_one(self, request: web.Request) -> web.Response:
         value = _decode(await read_body(request))
         MESSAGES_IN.labels(SERVICE).inc()
+        item = _item_from_headers(request.headers)
         (result,) = await self._call_score([value])
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
-        headers = _forward_headers(request.headers)
-        await self._forward("/", _encode_json(result, result, 0), headers)
+        element = _encode_json(_writer_element(item, result), result, 0)
+        size = len(element) + 2
+        if size > self._writer_max_body_bytes:
+            raise _Reject(413, _oversized_error(size, self._writer_max_body_bytes))
+        assert self._writer_queue is not None
+        await self._writer_queue.write(element)
         MESSAGES_OUT.labels(SERVICE).inc()
         return web.json_response({"status": 200})
 
@@ -335,6 +349,12 @@ class _Running:
         )
         model_app._writer_url = str(self._settings.writer_url).rstrip("/")
         model_app._writer_max_body_bytes = self._settings.writer_max_body_bytes
+        model_app._writer_queue = WriterQueue(
+            lambda body: model_app._forward("/batch", body, {}),
+            max_body_bytes=self._settings.writer_max_body_bytes,
+            max_requests=self._settings.writer_max_requests,
+            isolate=lambda exc: isinstance(exc, _Reject) and exc.status == 422,
+        )
         self._watcher = asyncio.create_task(model_app._watch_writer())
         return model_app.build_app(self._settings)
 
@@ -342,6 +362,8 @@ class _Running:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._model_app._writer_queue is not None:
+            await self._model_app._writer_queue.close()
         if self._model_app._session is not None:
             await self._model_app._session.close()
 
@@ -527,9 +549,14 @@ def _error_text(body: str) -> str:
     return body[:300]
 
 
-def _forward_headers(headers: Any) -> dict[str, str]:
-    forwarded = {"traceparent": child_traceparent(headers.get("traceparent", ""))}
-    for name in ("X-Message-Id", "X-Message-Key", "X-Message-Key-Encoding"):
+def _item_from_headers(headers: Any) -> dict[str, Any]:
+    """Return the batch item that a ``POST /`` request's headers describe."""
+    item: dict[str, Any] = {"traceparent": headers.get("traceparent", "")}
+    for name, field in (
+        ("X-Message-Id", "id"),
+        ("X-Message-Key", "key"),
+        ("X-Message-Key-Encoding", "key_encoding"),
+    ):
         if name not in headers:
             continue
         try:
@@ -543,5 +570,5 @@ def _forward_headers(headers: Any) -> dict[str, str]:
                 "that is not UTF-8 base64-encoded, with X-Message-Key-Encoding: "
                 "base64)",
             ) from None
-        forwarded[name] = headers[name]
-    return forwarded
+        item[field] = headers[name]
+    return item

@@ -159,13 +159,14 @@ async def test_single_scored_and_forwarded():
     assert body == {"status": 200}
     assert len(writer.requests) == 1
     forwarded = writer.requests[0]
-    assert forwarded.path == "/"
-    assert forwarded.json() == {"score": 42}
+    assert forwarded.path == "/batch"
     assert forwarded.headers["Content-Type"] == "application/json"
-    assert forwarded.headers["X-Message-Id"] == "input:0:7"
-    assert forwarded.headers["X-Message-Key"] == "card-1"
-    assert trace_id(forwarded.headers["traceparent"]) == TRACE_ID
-    assert forwarded.headers["traceparent"] != TRACEPARENT
+    (element,) = forwarded.json()
+    assert element["value"] == {"score": 42}
+    assert element["id"] == "input:0:7"
+    assert element["key"] == "card-1"
+    assert trace_id(element["traceparent"]) == TRACE_ID
+    assert element["traceparent"] != TRACEPARENT
 
 
 async def test_single_without_trace_starts_one():
@@ -174,9 +175,9 @@ async def test_single_without_trace_starts_one():
             response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
 
     assert response.status == 200
-    forwarded = writer.requests[0]
-    assert trace_id(forwarded.headers["traceparent"]) is not None
-    assert "X-Message-Id" not in forwarded.headers
+    (element,) = writer.requests[0].json()
+    assert trace_id(element["traceparent"]) is not None
+    assert element["id"] is None
 
 
 async def test_single_key_encoding_forwarded():
@@ -188,8 +189,9 @@ async def test_single_key_encoding_forwarded():
             response = await client.post("/", data=b'{"amount": 1}', headers=headers)
 
     assert response.status == 200
-    assert writer.requests[0].headers["X-Message-Key"] == key
-    assert writer.requests[0].headers["X-Message-Key-Encoding"] == "base64"
+    (element,) = writer.requests[0].json()
+    assert element["key"] == key
+    assert element["key_encoding"] == "base64"
 
 
 @pytest.mark.parametrize("header", ["X-Message-Id", "X-Message-Key"])
@@ -240,7 +242,7 @@ async def test_async_score_function():
             response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
 
     assert response.status == 200
-    assert writer.requests[0].json() == 2
+    assert writer.requests[0].json()[0]["value"] == 2
 
 
 async def test_score_raising_500():
@@ -308,7 +310,7 @@ async def test_score_numpy_results_forwarded():
             response = await client.post("/", data=b"{}", headers=JSON)
 
     assert response.status == 200
-    assert writer.requests[0].json() == {"p": 0.25, "n": 3, "v": [1, 2]}
+    assert writer.requests[0].json()[0]["value"] == {"p": 0.25, "n": 3, "v": [1, 2]}
 
 
 async def test_score_numpy_array_returned():

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "input_reader"
 
+#: How long fetching waits for room among the in-flight messages before it
+#: pauses the source (and keeps polling it, to stay in the consumer group).
+PAUSE_AFTER_SECONDS = 1.0
+
 #: A transform gets each envelope before the app and returns it (changed or not),
 #: or None to drop the message. Dropped messages count as finished.
 Transform = Callable[[Envelope], Envelope | None]
@@ -141,6 +145,11 @@ class InputReader:
                     logger.info("source read to the end; stopping")
                     return
             capacity = self._settings.max_in_flight - self._in_flight
+            if capacity <= 0 and self._app_ready and not paused:
+                # Pausing drops what the consumer has fetched ahead, so a short
+                # wait for room does not pause; only a long one does.
+                if await self._wait_for_room(PAUSE_AFTER_SECONDS):
+                    continue
             should_pause = capacity <= 0 or not self._app_ready
             if should_pause != paused:
                 await (self._source.pause() if should_pause else self._source.resume())
@@ -149,6 +158,26 @@ class InputReader:
             envelopes = await self._source.fetch(max(1, min(capacity, 500)), 0.1)
             for envelope in envelopes:
                 self._admit(envelope)
+
+    async def _wait_for_room(self, timeout_seconds: float) -> bool:
+        """Wait until enough in-flight messages finished to fetch a useful batch.
+
+        Returns False if that did not happen within `timeout_seconds`.
+        """
+        maximum = self._settings.max_in_flight
+        room = max(1, min(100, maximum // 10))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while maximum - self._in_flight < room and not self._stopping.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     def _admit(self, envelope: Envelope) -> None:
         self._track_start(envelope)

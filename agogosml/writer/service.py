@@ -106,15 +106,14 @@ class OutputWriter:
 
     async def post_one(self, request: web.Request) -> web.Response:
         """Write the request body as one record."""
-        body = await self._read_json_body(request)
+        body, _ = await self._read_json_body(request)
         envelope = _envelope_from_headers(body, request.headers)
         await self._write([envelope])
         return web.json_response({"written": 1, "ids": [envelope.id]})
 
     async def post_batch(self, request: web.Request) -> web.Response:
         """Write every element of a JSON array as a record."""
-        body = await self._read_json_body(request)
-        items = orjson.loads(body)
+        _, items = await self._read_json_body(request)
         if not isinstance(items, list):
             raise BadRequest(
                 400,
@@ -130,7 +129,8 @@ class OutputWriter:
             {"written": len(envelopes), "ids": [envelope.id for envelope in envelopes]}
         )
 
-    async def _read_json_body(self, request: web.Request) -> bytes:
+    async def _read_json_body(self, request: web.Request) -> tuple[bytes, Any]:
+        """Return the request body and its decoded JSON, or raise `BadRequest`."""
         if self._draining:
             raise BadRequest(
                 503, "the writer is shutting down; retry on another replica"
@@ -145,10 +145,9 @@ class OutputWriter:
             )
         body = await read_body(request)
         try:
-            orjson.loads(body)
+            return body, orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
-        return body
 
     async def _write(self, envelopes: list[Envelope]) -> None:
         count = len(envelopes)

@@ -108,25 +108,25 @@ class KafkaSink(Sink):
         if self._producer is None:
             raise SinkError("Kafka sink is not started", retriable=True)
         self._check_sizes(envelopes)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
-        for envelope in envelopes:
-            future: asyncio.Future[None] = loop.create_future()
-            try:
-                await self._produce(envelope, _resolver(loop, future))
-            except SinkError:
-                # Records produced before the error still get delivery reports;
-                # wait for them, so none resolves after the caller gave up.
-                await asyncio.gather(*futures, return_exceptions=True)
-                raise
-            futures.append(future)
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        errors = [result for result in results if isinstance(result, BaseException)]
-        if errors:
+        report = _DeliveryReport(asyncio.get_running_loop(), len(envelopes))
+        produced = 0
+        try:
+            for envelope in envelopes:
+                await self._produce(envelope, report.on_delivery)
+                produced += 1
+        except SinkError:
+            # Records produced before the error still get delivery reports;
+            # wait for them, so none resolves after the caller gave up.
+            report.expect(produced)
+            await report.done
+            raise
+        await report.done
+        if report.errors:
+            error = report.errors[0]
             raise SinkError(
-                f"{len(errors)} of {len(envelopes)} records were not acknowledged "
-                f"by topic {self._topic!r}: {errors[0]}",
-                retriable=all(getattr(e, "retriable", True) for e in errors),
+                f"{len(report.errors)} of {len(envelopes)} records were not "
+                f"acknowledged by topic {self._topic!r}: delivery failed: {error}",
+                retriable=all(is_retriable(e) for e in report.errors),
             )
 
     def _check_sizes(self, envelopes: Sequence[Envelope]) -> None:
@@ -192,21 +192,45 @@ def _varint_size(number: int) -> int:
     return size
 
 
-def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Any:
-    def on_delivery(error: KafkaError | None, message: Message) -> None:
-        loop.call_soon_threadsafe(_settle, future, error)
+class _DeliveryReport:
+    """Count the delivery reports of one request; `done` resolves after the last.
 
-    return on_delivery
+    librdkafka calls `on_delivery` on whichever thread polls the producer (the
+    polling thread, or a flush at shutdown), so the count is kept under a lock
+    and the event loop is woken once per request, not once per record.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._expected = expected
+        self._reported = 0
+        self.errors: list[KafkaError] = []
+        self.done: asyncio.Future[None] = loop.create_future()
+        if expected == 0:
+            self.done.set_result(None)
+
+    def on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+        with self._lock:
+            if error is not None:
+                self.errors.append(error)
+            self._reported += 1
+            finished = self._reported == self._expected
+        if finished:
+            self._loop.call_soon_threadsafe(_resolve, self.done)
+
+    def expect(self, expected: int) -> None:
+        """Lower the count to the records actually produced (call on the loop)."""
+        with self._lock:
+            self._expected = expected
+            finished = self._reported >= expected
+        if finished:
+            _resolve(self.done)
 
 
-def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
-    if future.done():
-        return
-    if error is None:
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
         future.set_result(None)
-    else:
-        exc = SinkError(f"delivery failed: {error}", retriable=is_retriable(error))
-        future.set_exception(exc)
 
 
 #: Errors that the same record will meet again on every attempt. Everything else

@@ -133,8 +133,17 @@ class KafkaSource(Source):
         return envelopes
 
     def _consume(self, max_messages: int, timeout_seconds: float) -> list[Any]:
+        """Wait up to `timeout_seconds` for one message, then take what is fetched.
+
+        A single ``consume(max_messages, timeout)`` call waits until it has
+        `max_messages` or the timeout passed, which delays every message of a
+        quiet topic by up to the timeout.
+        """
         assert self._consumer is not None
-        return self._consumer.consume(max(1, max_messages), timeout_seconds)
+        first = self._consumer.consume(1, timeout_seconds)
+        if not first or max_messages <= 1:
+            return first
+        return first + self._consumer.consume(max_messages - 1, 0)
 
     def _to_envelope(self, message: Any) -> Envelope | None:
         error = message.error()
