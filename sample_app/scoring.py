@@ -164,6 +164,7 @@ class FraudModel:
 
         self._estimator = estimator
         self._fraud_column = classes.index(1)
+        self._linear = _ScaledLogistic.from_estimator(estimator)
         self._feature_names = tuple(feature_names)
         self._read_features = operator.attrgetter(*self._feature_names)
         self._threshold = float(threshold)
@@ -260,10 +261,17 @@ class FraudModel:
     def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Return the fraud probability of each row of a feature matrix.
 
+        A scaler plus logistic regression is evaluated with its fitted
+        parameters directly: the same arithmetic as ``predict_proba``, without
+        scikit-learn's input checks, which cost far more than the arithmetic
+        when a request carries one transaction.
+
         Args:
             features: An array of shape (rows, len(feature_names)), with columns
                 in the order of ``feature_names``.
         """
+        if self._linear is not None:
+            return self._linear.fraud_probabilities(features)
         return self._estimator.predict_proba(features)[:, self._fraud_column]
 
     def score(self, transaction: Transaction) -> dict[str, Any]:
@@ -300,3 +308,59 @@ class FraudModel:
                 transactions, probabilities, strict=True
             )
         ]
+
+
+class _ScaledLogistic:
+    """A fitted StandardScaler + binary LogisticRegression, as plain arrays."""
+
+    def __init__(
+        self,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        coefficients: np.ndarray,
+        intercept: float,
+        fraud_is_positive: bool,
+    ) -> None:
+        # Scaling folded into the weights: ((x - mean) / scale) . w + b
+        # equals x . (w / scale) + (b - mean . (w / scale)).
+        self._weights = coefficients / scale
+        self._bias = float(intercept - mean @ self._weights)
+        self._fraud_is_positive = fraud_is_positive
+
+    @classmethod
+    def from_estimator(cls, estimator: Any) -> _ScaledLogistic | None:
+        """Return the arrays of a scaler + logistic regression pipeline, else None."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        if not isinstance(estimator, Pipeline) or len(estimator.steps) != 2:
+            return None
+        scaler, classifier = (step for _, step in estimator.steps)
+        if not (
+            type(scaler) is StandardScaler
+            and type(classifier) is LogisticRegression
+            and len(classifier.classes_) == 2
+        ):
+            return None
+        width = classifier.coef_.shape[1]
+        mean = scaler.mean_ if scaler.with_mean else np.zeros(width)
+        scale = scaler.scale_ if scaler.with_std else np.ones(width)
+        return cls(
+            np.asarray(mean, dtype=np.float64),
+            np.asarray(scale, dtype=np.float64),
+            np.asarray(classifier.coef_[0], dtype=np.float64),
+            float(classifier.intercept_[0]),
+            fraud_is_positive=int(classifier.classes_[1]) == 1,
+        )
+
+    def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Return the probability of class 1 for each row."""
+        decision = features @ self._weights + self._bias
+        if not self._fraud_is_positive:
+            decision = -decision
+        # The logistic function, written to stay finite for large |decision|.
+        exponent = np.exp(-np.abs(decision))
+        return np.where(
+            decision >= 0, 1.0 / (1.0 + exponent), exponent / (1.0 + exponent)
+        )

@@ -614,3 +614,26 @@ def test_score_result_fields(
     assert 0.0 <= result["fraud_probability"] <= 1.0
     assert result["is_fraud"] is (result["fraud_probability"] >= subset_model.threshold)
     assert result["model_version"] == subset_model.version
+
+
+def test_scaled_logistic_matches_predict_proba(
+    subset_model: FraudModel, subset_split: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, test_rows = subset_split
+    features = test_rows[list(subset_model.feature_names)].to_numpy(dtype=float)
+    estimator = subset_model._estimator
+    fraud_column = list(estimator.classes_).index(1)
+
+    direct = subset_model.fraud_probabilities(features)
+    expected = estimator.predict_proba(features)[:, fraud_column]
+
+    assert subset_model._linear is not None
+    assert np.allclose(direct, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_other_estimators_use_predict_proba(tiny_model: FraudModel) -> None:
+    features = np.zeros((3, len(tiny_model.feature_names)))
+    expected = tiny_model._estimator.predict_proba(features)[:, 1]
+
+    assert tiny_model._linear is None
+    assert np.array_equal(tiny_model.fraud_probabilities(features), expected)
