@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint broker bench-data clean
+.PHONY: demo test lint broker bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "agogosml needs Python 3.11 or newer"'
@@ -26,17 +26,32 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python deployment/kafka/broker.py fetch
 	$(BIN)/python deployment/helm/helm.py fetch
-	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment
-	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment
+	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment benchmarks
+	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment
+	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment benchmarks
 	$(BIN)/mypy
+
+# Benchmarks: pipeline modes against a raw Kafka relay on a local broker
+# (docs/benchmarks.md). Both write bench-results.json; `bench` also updates the
+# results block of docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python -m sample_app.data
+	$(BIN)/python -m sample_app.train --if-missing
+	$(BIN)/python -m benchmarks --docs docs/benchmarks.md
+
+bench-quick: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python -m sample_app.data
+	$(BIN)/python -m sample_app.train --if-missing
+	$(BIN)/python -m benchmarks --quick
 
 broker: $(STAMP)
 	$(BIN)/python deployment/kafka/broker.py run
 
 clean:
-	rm -rf $(VENV) .agogosml .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .agogosml .pytest_cache .mypy_cache .ruff_cache bench-results.json

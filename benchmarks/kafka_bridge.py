@@ -40,7 +40,9 @@ def new_topic(bootstrap: str) -> str:
 
 
 async def produce_with_sink(bootstrap: str, topic: str, count: int) -> float:
-    sink = KafkaSink(KafkaSettings(bootstrap_servers=bootstrap), topic)
+    sink = KafkaSink(
+        KafkaSettings.model_validate({"bootstrap_servers": bootstrap}), topic
+    )
     await sink.start()
     started = time.perf_counter()
     await _in_requests(count, lambda: sink.send([Envelope(VALUE)] * REQUEST_SIZE))
@@ -79,8 +81,8 @@ async def _in_requests(count: int, request: object) -> None:
 
 
 async def consume_with_source(bootstrap: str, topic: str, count: int) -> float:
-    settings = KafkaSettings(
-        bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:6]}"
+    settings = KafkaSettings.model_validate(
+        {"bootstrap_servers": bootstrap, "group_id": f"bench-{uuid.uuid4().hex[:6]}"}
     )
     source = KafkaSource(settings, [topic])
     await source.start()

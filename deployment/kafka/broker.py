@@ -363,6 +363,11 @@ class LocalKafkaBroker:
         self._log_file: IO[bytes] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the broker's JVM, while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def bootstrap_servers(self) -> str:
         """Bootstrap servers of the running broker, as host:port."""
         if self._port is None or self._process is None:

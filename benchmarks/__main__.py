@@ -1,0 +1,175 @@
+"""Command line of the benchmark suite: ``python -m benchmarks [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+
+from benchmarks.pipeline import MODES
+from benchmarks.report import (
+    latency_table,
+    summarise,
+    targets_table,
+    throughput_table,
+    update_docs,
+)
+from benchmarks.suite import Settings, Suite
+from sample_app.data import fetch_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"messages": 20_000, "rounds": 3, "latency_seconds": 5.0}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Read the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure agogosml's pipeline against a raw Kafka relay on one "
+        "broker: throughput per mode, CPU and memory per process, and end-to-end "
+        "latency at fixed rates.",
+    )
+    defaults = Settings()
+    parser.add_argument(
+        "--quick", action="store_true", help="A short run for development."
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        help=f"records per mode (default {defaults.messages:,}; "
+        f"quick {QUICK['messages']:,})",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help=f"interleaved rounds (default {defaults.rounds})"
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=defaults.partitions,
+        help="partitions of each topic",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(defaults.modes),
+        help="comma-separated modes: raw, single, batch, echo",
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, help="measured seconds of each latency pass"
+    )
+    parser.add_argument(
+        "--latency-modes",
+        help="comma-separated modes of the latency passes (default "
+        f"{','.join(defaults.latency_modes)})",
+    )
+    parser.add_argument(
+        "--no-latency", action="store_true", help="skip the latency passes"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record py-spy profiles of every process into DIR",
+    )
+    parser.add_argument(
+        "--bootstrap", help="use this running broker instead of starting one"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=REPO_ROOT / "bench-results.json",
+        help="where to write the JSON results",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        metavar="PAGE",
+        help="also write the results into the results block of this Markdown page",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=REPO_ROOT / ".agogosml" / "bench",
+        help="directory for service logs",
+    )
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Combine the defaults, --quick and explicit options."""
+    values = dataclasses.asdict(Settings())
+    if args.quick:
+        values.update(QUICK)
+        values["latency_modes"] = ("raw", "single")
+        values["latency_half_max"] = False
+    for name in ("messages", "rounds", "latency_seconds"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    values["partitions"] = args.partitions
+    values["modes"] = _names(args.modes)
+    if "raw" not in values["modes"]:
+        values["modes"] = ("raw", *values["modes"])
+    values["profile_dir"] = args.profile
+    if args.latency_modes is not None:
+        values["latency_modes"] = _names(args.latency_modes)
+    if args.no_latency:
+        values["latency_modes"] = ()
+    return Settings(**values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite and write the results."""
+    args = parse_args(argv)
+    settings = settings_from(args)
+    console = Console()
+    dataset = fetch_dataset().path
+    with ExitStack() as stack:
+        if args.bootstrap:
+            bootstrap, broker_pid, kafka_version = args.bootstrap, None, "external"
+        else:
+            sys.path.insert(0, str(REPO_ROOT / "deployment" / "kafka"))
+            from broker import LocalKafkaBroker
+
+            broker = stack.enter_context(LocalKafkaBroker())
+            bootstrap, broker_pid = broker.bootstrap_servers, broker.pid
+            kafka_version = broker.version
+            console.print(f"Kafka {kafka_version} broker on {bootstrap}")
+        suite = Suite(bootstrap, dataset, args.work_dir, settings, console, broker_pid)
+        suite.run()
+    command = " ".join(
+        ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
+    )
+    document = summarise(
+        settings, suite.throughput, suite.latency, kafka_version, command
+    )
+    args.output.write_bytes(
+        orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    )
+    console.print(throughput_table(document))
+    if document["latency"]:
+        console.print(latency_table(document))
+    console.print(targets_table(document))
+    console.print(f"results written to {args.output}")
+    if args.docs is not None:
+        update_docs(args.docs, document)
+        console.print(f"results block of {args.docs} updated")
+    if not document["loss_check_passed"]:
+        console.print("[red]loss check failed: records are missing[/red]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,342 @@
+"""Run the benchmark modes in interleaved rounds and the latency passes."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from benchmarks.kafka_io import (
+    ArrivalClock,
+    OpenLoopLoad,
+    OutputStalled,
+    Tally,
+    Topics,
+    iter_records,
+    produce_all,
+    read_output,
+    records,
+    wait_for_records,
+)
+from benchmarks.pipeline import MODES, Mode, Pipeline, Relay
+from benchmarks.sampler import ProcessSampler, rss_mb
+
+
+@dataclass
+class Settings:
+    """What to run: sizes, rounds and rates."""
+
+    messages: int = 200_000
+    rounds: int = 3
+    partitions: int = 8
+    modes: tuple[str, ...] = ("raw", "single", "batch", "echo")
+    latency_modes: tuple[str, ...] = ("raw", "single", "batch")
+    latency_rate: float = 1000.0
+    latency_half_max: bool = True
+    latency_seconds: float = 15.0
+    idle_seconds: float = 3.0
+    stall_seconds: float = 60.0
+    profile_dir: Path | None = None
+
+
+@dataclass
+class ThroughputRun:
+    """One mode in one round."""
+
+    mode: str
+    round: int
+    messages: int
+    messages_per_second: float
+    missing: int
+    duplicates: int
+    dead_lettered: int
+    cpu_per_1k: dict[str, float]
+    peak_rss_mb: dict[str, float]
+    steady_rss_mb: dict[str, float]
+
+
+@dataclass
+class LatencyRun:
+    """One latency pass: a mode at a fixed open-loop rate."""
+
+    mode: str
+    rate: float
+    measured: int
+    missing: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    idle_rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+class Suite:
+    """Runs every mode against one broker and collects the results."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        dataset: Path,
+        work_dir: Path,
+        settings: Settings,
+        console: Console,
+        broker_pid: int | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.dataset = dataset
+        self.work_dir = work_dir
+        self.settings = settings
+        self.console = console
+        self.broker_pid = broker_pid
+        self.topics = Topics(bootstrap)
+        self.throughput: list[ThroughputRun] = []
+        self.latency: list[LatencyRun] = []
+
+    def run(self) -> None:
+        """Pre-load the input, run the rounds, then the latency passes."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run_rounds()
+            self._run_latency()
+        finally:
+            self.topics.delete_all()
+
+    # -- throughput ------------------------------------------------------------
+
+    def _run_rounds(self) -> None:
+        settings = self.settings
+        self.console.print(
+            f"pre-loading {settings.messages:,} records into "
+            f"{settings.partitions} partitions"
+        )
+        pairs = records(self.dataset, settings.messages)
+        expected_ids = [key.decode() for key, _ in pairs]
+        input_topic = self.topics.create("input", settings.partitions)
+        produce_all(self.bootstrap, input_topic, pairs)
+        del pairs
+        for round_number in range(1, settings.rounds + 1):
+            # Rotate the order each round, so no mode always runs first or last.
+            shift = (round_number - 1) % len(settings.modes)
+            order = settings.modes[shift:] + settings.modes[:shift]
+            for name in order:
+                run = self._throughput(
+                    MODES[name], round_number, input_topic, expected_ids
+                )
+                self.throughput.append(run)
+                self.console.print(
+                    f"round {round_number} {name:7} "
+                    f"{run.messages_per_second:10,.0f} msg/s  missing {run.missing}  "
+                    f"duplicates {run.duplicates}"
+                )
+
+    def _throughput(
+        self, mode: Mode, round_number: int, input_topic: str, expected_ids: list[str]
+    ) -> ThroughputRun:
+        output = self.topics.create(f"{mode.name}-output", self.settings.partitions)
+        dead_letter = self.topics.create(f"{mode.name}-dlq", 1)
+        runner = self._runner(mode)
+        runner.start(self.bootstrap, input_topic, output, dead_letter)
+        profilers = self._profile(runner, f"{mode.name}-round{round_number}")
+        try:
+            with ProcessSampler(self._pids(runner)) as sampler:
+                tally = self._collect(
+                    output, dead_letter, expected_ids, runner.check_alive
+                )
+        finally:
+            for profiler in profilers:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
+            runner.stop()
+        self.topics.delete(output, dead_letter)
+
+        start = (tally.first_timestamp_ms or 0) / 1000
+        end = (tally.last_timestamp_ms or 0) / 1000
+        count = len(tally.ids)
+        span = tally.span_seconds()
+        usage = {name: sampler.usage(name, start, end) for name in sampler.series}
+        return ThroughputRun(
+            mode=mode.name,
+            round=round_number,
+            messages=count,
+            messages_per_second=(count - 1) / span if span > 0 else 0.0,
+            missing=tally.missing(expected_ids),
+            duplicates=tally.duplicates,
+            dead_lettered=len(tally.dead_letter_ids),
+            cpu_per_1k={n: u.cpu_seconds / count * 1000 for n, u in usage.items()},
+            peak_rss_mb={n: u.peak_rss_mb for n, u in usage.items()},
+            steady_rss_mb={n: u.steady_rss_mb for n, u in usage.items()},
+        )
+
+    def _collect(
+        self,
+        output: str,
+        dead_letter: str,
+        expected_ids: list[str],
+        alive: Any,
+    ) -> Tally:
+        expected = len(expected_ids)
+        topics = [output, dead_letter]
+        try:
+            wait_for_records(
+                self.bootstrap, topics, expected, self.settings.stall_seconds, alive
+            )
+        except OutputStalled as exc:
+            self.console.print(f"[red]output stalled: {exc}[/red]")
+        tally = read_output(self.bootstrap, output, dead_letter, expected)
+        # Duplicates can fill the topics before the last ids arrive: wait for
+        # the rest until the output stops growing.
+        while tally.missing(expected_ids):
+            have = tally.records + len(tally.dead_letter_ids)
+            try:
+                wait_for_records(self.bootstrap, topics, have + 1, 10.0, alive)
+            except OutputStalled:
+                break
+            tally = read_output(self.bootstrap, output, dead_letter, expected)
+        return tally
+
+    # -- latency ---------------------------------------------------------------
+
+    def _run_latency(self) -> None:
+        settings = self.settings
+        passes: list[tuple[str, float]] = [
+            (name, settings.latency_rate) for name in settings.latency_modes
+        ]
+        if settings.latency_half_max:
+            for name in settings.latency_modes:
+                best = self.median_rate(name)
+                if best:
+                    passes.append((name, round(best / 2, -1)))
+        for name, rate in passes:
+            run = self._latency(MODES[name], rate)
+            self.latency.append(run)
+            self.console.print(
+                f"latency {name:7} at {rate:8,.0f} msg/s: p50 {run.p50_ms:7.2f} ms  "
+                f"p99 {run.p99_ms:7.2f} ms  p99.9 {run.p999_ms:7.2f} ms  "
+                f"missing {run.missing}"
+            )
+
+    def median_rate(self, mode: str) -> float:
+        """Median throughput of `mode` over the rounds, 0 if it did not run."""
+        rates = sorted(r.messages_per_second for r in self.throughput if r.mode == mode)
+        return _median(rates) if rates else 0.0
+
+    def _latency(self, mode: Mode, rate: float) -> LatencyRun:
+        input_topic = self.topics.create(
+            f"{mode.name}-lat-input", self.settings.partitions
+        )
+        output = self.topics.create(f"{mode.name}-lat-output", self.settings.partitions)
+        dead_letter = self.topics.create(f"{mode.name}-lat-dlq", 1)
+        runner = self._runner(mode)
+        runner.start(self.bootstrap, input_topic, output, dead_letter)
+        try:
+            time.sleep(self.settings.idle_seconds)
+            idle = {name: rss_mb(pid) for name, pid in runner.pids().items()}
+            prefix = f"lat-{mode.name}-{int(rate)}-"
+            load = OpenLoopLoad(self.bootstrap, input_topic, rate)
+            with ArrivalClock(self.bootstrap, output) as clock:
+                load.run(
+                    iter_records(self.dataset, prefix),
+                    clock.first_arrival,
+                    self.settings.latency_seconds,
+                )
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and any(
+                    key not in clock.arrivals for key in load.scheduled
+                ):
+                    runner.check_alive()
+                    time.sleep(0.2)
+                arrivals = dict(clock.arrivals)
+        finally:
+            runner.stop()
+        self.topics.delete(input_topic, output, dead_letter)
+        latencies = sorted(
+            (arrivals[key] - due) * 1000
+            for key, due in load.scheduled.items()
+            if key in arrivals
+        )
+        return LatencyRun(
+            mode=mode.name,
+            rate=rate,
+            measured=len(latencies),
+            missing=len(load.scheduled) - len(latencies),
+            p50_ms=_percentile(latencies, 0.50),
+            p99_ms=_percentile(latencies, 0.99),
+            p999_ms=_percentile(latencies, 0.999),
+            max_ms=latencies[-1] if latencies else math.nan,
+            idle_rss_mb=idle,
+        )
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _runner(self, mode: Mode) -> Relay | Pipeline:
+        if mode.is_relay:
+            return Relay(self.work_dir / "relay.log")
+        return Pipeline(mode, self.work_dir)
+
+    def _profile(
+        self, runner: Relay | Pipeline, label: str
+    ) -> list[subprocess.Popen[bytes]]:
+        """Attach py-spy to each process when profiling is on."""
+        directory = self.settings.profile_dir
+        if directory is None:
+            return []
+        directory.mkdir(parents=True, exist_ok=True)
+        profilers = []
+        for name, pid in runner.pids().items():
+            profilers.append(
+                subprocess.Popen(
+                    [
+                        _py_spy(),
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--rate",
+                        "250",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(directory / f"{label}-{name}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        return profilers
+
+    def _pids(self, runner: Relay | Pipeline) -> dict[str, int]:
+        pids = runner.pids()
+        if self.broker_pid is not None:
+            pids["broker"] = self.broker_pid
+        return pids
+
+
+def _py_spy() -> str:
+    """Path of py-spy: on PATH, else next to this interpreter (a venv's bin)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
+def _percentile(sorted_values: list[float], quantile: float) -> float:
+    """Nearest-rank percentile of an ascending list (NaN when empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(quantile * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+__all__ = ["LatencyRun", "Settings", "Suite", "ThroughputRun"]

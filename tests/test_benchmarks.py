@@ -1,0 +1,160 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from benchmarks.report import RESULTS_END, RESULTS_START, summarise, update_docs
+from benchmarks.sampler import Series
+from benchmarks.suite import LatencyRun, Settings, ThroughputRun, _percentile
+
+REPO_ROOT = Path(__file__).parents[1]
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(n) for n in range(1, 101)]
+
+    assert _percentile(values, 0.50) == 50.0
+    assert _percentile(values, 0.99) == 99.0
+    assert _percentile(values, 0.999) == 100.0
+    assert _percentile([7.0], 0.99) == 7.0
+    assert math.isnan(_percentile([], 0.5))
+
+
+def test_cpu_is_interpolated_between_samples():
+    series = Series(times=[10.0, 11.0, 12.0], cpu=[1.0, 1.5, 3.5], rss=[0, 0, 0])
+
+    assert series.cpu_at(11.5) == pytest.approx(2.5)
+    assert series.cpu_at(9.0) == 1.0
+    assert series.cpu_at(13.0) == 3.5
+
+
+def throughput_run(mode: str, round_number: int, mps: float) -> ThroughputRun:
+    return ThroughputRun(
+        mode=mode,
+        round=round_number,
+        messages=1000,
+        messages_per_second=mps,
+        missing=0,
+        duplicates=0,
+        dead_lettered=0,
+        cpu_per_1k={"input_reader": 0.1},
+        peak_rss_mb={"input_reader": 60.0},
+        steady_rss_mb={"input_reader": 55.0},
+    )
+
+
+def latency_run(mode: str, p99: float) -> LatencyRun:
+    return LatencyRun(
+        mode=mode,
+        rate=1000.0,
+        measured=5000,
+        missing=0,
+        p50_ms=p99 / 2,
+        p99_ms=p99,
+        p999_ms=p99 * 2,
+        max_ms=p99 * 3,
+        idle_rss_mb={"input_reader": 50.0, "model_app": 70.0, "output_writer": 45.0},
+    )
+
+
+def test_ratios_pair_each_round_with_its_own_raw_relay():
+    settings = Settings(modes=("raw", "batch"), latency_modes=("raw", "single"))
+    # The machine slowed down in round 2; the batch/raw ratio stays 0.5.
+    runs = [
+        throughput_run("raw", 1, 10_000),
+        throughput_run("batch", 1, 5_000),
+        throughput_run("raw", 2, 4_000),
+        throughput_run("batch", 2, 2_000),
+    ]
+    latency = [latency_run("raw", 4.0), latency_run("single", 7.0)]
+
+    document = summarise(settings, runs, latency, "4.1.1", "python -m benchmarks")
+
+    assert document["batch_to_raw_ratio"] == pytest.approx(0.5)
+    assert document["ratio_spread"]["batch"]["min"] == pytest.approx(0.5)
+    assert document["raw_relay_mps"] == pytest.approx(7_000)
+    assert document["latency_added_p99_ms"] == pytest.approx(3.0)
+    assert document["rss_mb"]["model_app"]["idle"] == 70.0
+    assert document["loss_check_passed"] is True
+    met = {target["figure"]: target["met"] for target in document["targets"]}
+    assert met == {
+        "batch_to_raw_ratio": True,
+        "pipeline_single_mps": False,
+        "latency_added_p99_ms": True,
+        "idle_rss_mb_max": True,
+    }
+
+
+def test_missing_records_fail_the_loss_check():
+    settings = Settings(modes=("raw",), latency_modes=())
+    lost = throughput_run("raw", 1, 10_000)
+    lost.missing = 3
+
+    document = summarise(settings, [lost], [], "4.1.1", "python -m benchmarks")
+
+    assert document["loss_check_passed"] is False
+
+
+def test_results_block_is_replaced(tmp_path: Path):
+    settings = Settings(modes=("raw",), latency_modes=())
+    document = summarise(
+        settings, [throughput_run("raw", 1, 12_345)], [], "4.1.1", "make bench"
+    )
+    page = tmp_path / "page.md"
+    page.write_text(f"# Page\n\n{RESULTS_START}\nold\n{RESULTS_END}\n\nafter\n")
+
+    update_docs(page, document)
+
+    text = page.read_text()
+    assert "old" not in text
+    assert "12,345" in text
+    assert text.endswith(f"{RESULTS_END}\n\nafter\n")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path):
+    output = tmp_path / "bench-results.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--bootstrap",
+            kafka_bootstrap,
+            "--messages",
+            "400",
+            "--rounds",
+            "1",
+            "--partitions",
+            "2",
+            "--modes",
+            "raw,batch",
+            "--latency-modes",
+            "raw",
+            "--latency-seconds",
+            "2",
+            "--output",
+            str(output),
+            "--work-dir",
+            str(tmp_path / "logs"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = orjson.loads(output.read_bytes())
+    assert document["loss_check_passed"] is True
+    assert document["modes"]["raw"]["missing"] == 0
+    assert document["modes"]["batch"]["missing"] == 0
+    assert document["raw_relay_mps"] > 0
+    assert document["pipeline_batch_mps"] > 0
+    (raw_latency,) = document["latency"]
+    assert raw_latency["measured"] > 0
+    assert raw_latency["missing"] == 0
