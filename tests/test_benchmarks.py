@@ -155,6 +155,9 @@ def test_benchmark_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path):
     assert document["modes"]["batch"]["missing"] == 0
     assert document["raw_relay_mps"] > 0
     assert document["pipeline_batch_mps"] > 0
-    (raw_latency,) = document["latency"]
-    assert raw_latency["measured"] > 0
-    assert raw_latency["missing"] == 0
+    rates = [run["rate"] for run in document["latency"]]
+    assert rates[0] == 1000
+    assert len(rates) == 2  # and half the raw relay's measured maximum
+    for run in document["latency"]:
+        assert run["measured"] > 0
+        assert run["missing"] == 0
