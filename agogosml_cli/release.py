@@ -232,7 +232,9 @@ def plan_rollback(values: dict[str, Any], release: str) -> Plan:
     With idleSlot scaleToZero the previous slot runs no pods, so a first
     upgrade starts them as the preview slot and waits until they are ready.
     Only then does a second upgrade switch the Service, so that it never
-    points at a slot without ready pods.
+    points at a slot without ready pods. The first upgrade keeps
+    app.previousSlot, so a rollback whose second upgrade failed can be run
+    again.
     """
     current = SlotState.from_values(values)
     if not current.previous:
@@ -243,7 +245,9 @@ def plan_rollback(values: dict[str, Any], release: str) -> Plan:
         )
     steps = []
     if current.idle_policy != "warm":
-        warm_up = SlotState(current.active, current.previous, "", current.idle_policy)
+        warm_up = SlotState(
+            current.active, current.previous, current.previous, current.idle_policy
+        )
         steps.append(warm_up.settings())
     state = SlotState(current.previous, "", "", current.idle_policy)
     steps.append(state.settings())

@@ -299,13 +299,25 @@ def test_rollback_starts_previous_slot_first(fake_helm: FakeHelm) -> None:
     assert set_strings(warm_up) == {
         "app.activeSlot": "green",
         "app.previewSlot": "blue",
-        "app.previousSlot": "",
+        "app.previousSlot": "blue",
     }
     assert set_strings(switch) == {
         "app.activeSlot": "blue",
         "app.previewSlot": "",
         "app.previousSlot": "",
     }
+
+
+def test_rollback_retry_after_failed_switch(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", preview="blue", previous="blue"))
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    app = fake_helm.values()["app"]
+    assert app["activeSlot"] == "blue"
+    assert app["previewSlot"] == ""
+    assert app["previousSlot"] == ""
 
 
 def test_rollback_warm_switches_at_once(fake_helm: FakeHelm) -> None:
