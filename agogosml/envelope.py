@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -131,9 +132,19 @@ def _header_safe_id(raw: bytes) -> str:
     return urllib.parse.quote(raw, safe=_ID_SAFE)
 
 
+#: Ids need to be unique, not secret: a seeded generator makes them without a
+#: system call each (os.urandom costs a few microseconds per message).
+_ids = random.Random(os.urandom(32))
+
+
+def _random_hex(bits: int) -> str:
+    """Return a random non-zero number of `bits` bits as lower-case hex digits."""
+    return f"{_ids.getrandbits(bits) or 1:0{bits // 4}x}"
+
+
 def new_id() -> str:
     """Return a random 128-bit message id as 32 hex digits."""
-    return os.urandom(16).hex()
+    return _random_hex(128)
 
 
 def _position_id(position: Position) -> str:
@@ -143,7 +154,7 @@ def _position_id(position: Position) -> str:
 
 def new_traceparent() -> str:
     """Return a W3C traceparent that starts a new, sampled trace."""
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+    return f"00-{_random_hex(128)}-{_random_hex(64)}-01"
 
 
 def child_traceparent(parent: str) -> str:
@@ -155,7 +166,7 @@ def child_traceparent(parent: str) -> str:
     match = _TRACEPARENT.match(parent.strip().lower()) if parent else None
     if match is None or match.group(1) == "0" * 32:
         return new_traceparent()
-    return f"00-{match.group(1)}-{os.urandom(8).hex()}-{match.group(3)}"
+    return f"00-{match.group(1)}-{_random_hex(64)}-{match.group(3)}"
 
 
 def trace_id(traceparent: str) -> str | None:

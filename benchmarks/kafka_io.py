@@ -265,14 +265,14 @@ def _count(tally: Tally, message: Message) -> None:
 
 
 class ArrivalClock:
-    """Record when each output record arrives, on a background consumer thread.
+    """Record when each output record arrives, by key, on a consumer thread.
 
     The consumer blocks for one record and then drains what is already fetched,
     so it adds no batching delay to the measured latency.
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.arrivals: dict[str, float] = {}
+        self.arrivals: dict[bytes, float] = {}
         self.first_arrival = threading.Event()
         self._consumer = Consumer(
             {
@@ -306,7 +306,9 @@ class ArrivalClock:
             for message in [first, *self._consumer.consume(1000, 0)]:
                 if message.error() is not None:
                     continue
-                self.arrivals.setdefault(transaction_id(message), now)
+                key = message.key()
+                if key is not None:
+                    self.arrivals.setdefault(key, now)
             self.first_arrival.set()
 
 
@@ -315,24 +317,29 @@ class OpenLoopLoad:
 
     Each record's latency counts from the moment the schedule meant to send it,
     so a stalled pipeline shows in the results instead of slowing the sender
-    (no coordinated omission).
+    (no coordinated omission). The values cycle through `values`; every record
+    gets its own key, which the relay and the pipeline both keep.
     """
 
-    def __init__(self, bootstrap: str, topic: str, rate: float) -> None:
-        self.scheduled: dict[str, float] = {}
+    def __init__(
+        self, bootstrap: str, topic: str, rate: float, values: list[bytes]
+    ) -> None:
+        self.scheduled: dict[bytes, float] = {}
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
                 "enable.idempotence": True,
                 "linger.ms": 0,
+                "queue.buffering.max.messages": 1_000_000,
             }
         )
         self._topic = topic
         self._interval = 1.0 / rate
+        self._values = values
+        self._prefix = f"lat-{uuid.uuid4().hex[:8]}-"
 
     def run(
         self,
-        pairs: Iterator[tuple[bytes, bytes]],
         flowing: threading.Event,
         measure_seconds: float,
         settle_seconds: float = 2.0,
@@ -342,11 +349,11 @@ class OpenLoopLoad:
 
         The warm-up lasts until `flowing` is set (the first record came out)
         plus `settle_seconds`. Records scheduled after that are measured; their
-        scheduled send times end up in ``scheduled``.
+        scheduled send times end up in ``scheduled``, by key.
         """
         start = time.perf_counter()
         measure_from: float | None = None
-        for sent, (key, value) in enumerate(pairs):
+        for sent in itertools.count():
             due = start + sent * self._interval
             if measure_from is None:
                 if flowing.is_set():
@@ -360,8 +367,10 @@ class OpenLoopLoad:
             delay = due - time.perf_counter()
             if delay > 0.0005:
                 time.sleep(delay)
+            key = f"{self._prefix}{sent}".encode()
             if measure_from is not None and due >= measure_from:
-                self.scheduled[key.decode()] = due
+                self.scheduled[key] = due
+            value = self._values[sent % len(self._values)]
             try:
                 self._producer.produce(self._topic, value=value, key=key)
             except BufferError as exc:

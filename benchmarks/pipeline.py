@@ -48,8 +48,9 @@ class Mode:
 
 #: One message per request is bound by the round trip of each request, so the
 #: single-message modes order by key (the records are keyed by transaction id)
-#: and keep 64 requests open; the batched mode keeps the default per-partition
-#: order with one batch open per partition.
+#: and keep 64 requests open. The batched mode keeps the default per-partition
+#: order, one batch in flight per partition, and room for several batches per
+#: partition among the in-flight messages.
 SINGLE = {
     "READER_ORDERING": "key",
     "READER_CONCURRENCY": "64",
@@ -58,6 +59,7 @@ SINGLE = {
 }
 BATCHED = {
     "READER_ORDERING": "partition",
+    "READER_MAX_IN_FLIGHT": "4000",
     "READER_BATCH_MAX_MESSAGES": "100",
     "READER_BATCH_MAX_WAIT_MS": "10",
 }

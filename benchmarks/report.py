@@ -120,7 +120,7 @@ def summarise(
         "latency_added_p99_ms": _difference(single, raw, "p99_ms"),
         "rss_mb": rss,
         "modes": modes,
-        "latency": [asdict(run) for run in latency],
+        "latency": _latency_rows(latency),
         "loss_check_passed": all(m["missing"] == 0 for m in modes.values())
         and all(run.missing == 0 for run in latency),
     }
@@ -245,6 +245,19 @@ def targets_table(document: dict[str, Any]) -> Table:
     return table
 
 
+def _latency_rows(latency: list[LatencyRun]) -> list[dict[str, Any]]:
+    """Each latency pass, with what it adds over the raw relay at the same rate."""
+    raw = {run.rate: run for run in latency if run.mode == "raw"}
+    rows = []
+    for run in latency:
+        row = asdict(run)
+        baseline = raw.get(run.rate)
+        row["added_p50_ms"] = _difference(run, baseline, "p50_ms")
+        row["added_p99_ms"] = _difference(run, baseline, "p99_ms")
+        rows.append(row)
+    return rows
+
+
 def _find(runs: list[LatencyRun], mode: str) -> LatencyRun | None:
     return next((run for run in runs if run.mode == mode), None)
 
@@ -322,14 +335,15 @@ def markdown(document: dict[str, Any]) -> str:
             "End-to-end latency at a fixed open-loop rate (from each record's "
             "scheduled send time to its arrival on the output topic):",
             "",
-            "| mode | rate, msg/s | p50 ms | p99 ms | p99.9 ms | max ms | missing |",
-            "|---|---|---|---|---|---|---|",
+            "| mode | rate, msg/s | p50 ms | p99 ms | p99.9 ms | max ms | "
+            "added p50 / p99 ms | missing |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for run in document["latency"]:
             lines.append(
                 f"| {run['mode']} | {run['rate']:,.0f} | {run['p50_ms']:.2f} | "
                 f"{run['p99_ms']:.2f} | {run['p999_ms']:.2f} | {run['max_ms']:.2f} | "
-                f"{run['missing']} |"
+                f"{_added(run)} | {run['missing']} |"
             )
     lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
     for target in document["targets"]:
@@ -358,6 +372,12 @@ def _ratio_text(document: dict[str, Any], mode: str) -> str:
         median = document["modes"][mode]["messages_per_second"]["median"]
         return f"{median / raw:.3f}" if raw else "-"
     return f"{spread_of['median']:.3f} [{spread_of['min']:.3f}-{spread_of['max']:.3f}]"
+
+
+def _added(run: dict[str, Any]) -> str:
+    if run["mode"] == "raw":
+        return "-"
+    return f"{_number(run['added_p50_ms'], 2)} / {_number(run['added_p99_ms'], 2)}"
 
 
 def _number(value: Any, digits: int) -> str:

@@ -94,6 +94,9 @@ class InputReader:
         self._revoking: set[tuple[str, int]] = set()
         self.finished_count = 0
         self.dead_lettered_count = 0
+        self._messages_in = MESSAGES_IN.labels(SERVICE)
+        self._messages_out = MESSAGES_OUT.labels(SERVICE)
+        IN_FLIGHT.labels(SERVICE).set_function(lambda: self._in_flight)
         source.set_revoke_handler(self.drain_partitions)
 
     @property
@@ -304,14 +307,16 @@ class InputReader:
                 continue
             attempt += 1
             retry = []
+            delivered = 0
             for envelope, outcome in zip(pending, outcomes, strict=True):
                 if outcome.ok:
-                    MESSAGES_OUT.labels(SERVICE).inc()
+                    delivered += 1
                     self._finish(envelope)
                 elif outcome.retriable and attempt < settings.retry_max_attempts:
                     retry.append(envelope)
                 else:
                     await self._reject(envelope, outcome, attempt)
+            self._messages_out.inc(delivered)
             if retry:
                 self._log_retry(retry, outcomes, attempt)
                 await wait_backoff(
@@ -453,9 +458,8 @@ class InputReader:
 
     def _track_start(self, envelope: Envelope) -> None:
         self._unfinished.add(id(envelope))
-        MESSAGES_IN.labels(SERVICE).inc()
+        self._messages_in.inc()
         self._in_flight += 1
-        IN_FLIGHT.labels(SERVICE).set(self._in_flight)
         if envelope.position is not None:
             position = envelope.position
             self._partition_in_flight[(position.topic, position.partition)] += 1
@@ -469,7 +473,6 @@ class InputReader:
         """Stop tracking a message; without `_finish` it stays uncommitted."""
         self._unfinished.discard(id(envelope))
         self._in_flight -= 1
-        IN_FLIGHT.labels(SERVICE).set(self._in_flight)
         if envelope.position is not None:
             position = envelope.position
             self._partition_in_flight[(position.topic, position.partition)] -= 1
