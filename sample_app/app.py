@@ -15,8 +15,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from agogosml.app import InvalidRecord, ModelApp
-from sample_app.scoring import FraudModel, Transaction, validation_error_message
-from sample_app.train import default_model_path
+from sample_app.scoring import (
+    FraudModel,
+    Transaction,
+    default_model_path,
+    validation_error_message,
+)
 
 
 def make_score_function(model: FraudModel) -> Any:

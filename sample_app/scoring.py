@@ -18,13 +18,14 @@ import joblib
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .data import FEATURE_COLUMNS, _atomic_target
+from .data import FEATURE_COLUMNS, _atomic_target, default_cache_root
 
 __all__ = [
     "ARTIFACT_FORMAT",
     "FraudModel",
     "ModelLoadError",
     "Transaction",
+    "default_model_path",
     "validation_error_message",
 ]
 
@@ -117,6 +118,11 @@ def _short_repr(value: object) -> str:
     if len(text) > _MAX_VALUE_REPR_CHARS:
         return text[: _MAX_VALUE_REPR_CHARS - 3] + "..."
     return text
+
+
+def default_model_path() -> Path:
+    """Return ``${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}/models/fraud-model.joblib``."""
+    return default_cache_root() / "models" / "fraud-model.joblib"
 
 
 class ModelLoadError(ValueError):

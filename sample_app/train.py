@@ -44,10 +44,9 @@ from .data import (
     LABEL_COLUMN,
     _atomic_target,
     _sha256_file,
-    default_cache_root,
     fetch_dataset,
 )
-from .scoring import FraudModel
+from .scoring import FraudModel, default_model_path
 
 __all__ = [
     "LOGISTIC_REGRESSION_PARAMS",
@@ -78,11 +77,6 @@ LOGISTIC_REGRESSION_PARAMS: dict[str, Any] = {
     "max_iter": 1000,
 }
 THRESHOLD_RULE = "maximum F1 on the training split"
-
-
-def default_model_path() -> Path:
-    """Return ``${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}/models/fraud-model.joblib``."""
-    return default_cache_root() / "models" / "fraud-model.joblib"
 
 
 def load_frame(path: str | os.PathLike[str]) -> pd.DataFrame:
