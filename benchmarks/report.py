@@ -172,7 +172,7 @@ def machine(kafka_version: str) -> dict[str, Any]:
 
 
 def throughput_table(document: dict[str, Any]) -> Table:
-    """Messages per second, CPU per 1,000 messages and RSS of each mode."""
+    """Tabulate messages per second, CPU per 1,000 messages and RSS of each mode."""
     table = Table(title="Throughput (median of rounds, min-max in brackets)")
     table.add_column("mode")
     table.add_column("msg/s", justify="right")
@@ -205,7 +205,7 @@ def throughput_table(document: dict[str, Any]) -> Table:
 
 
 def latency_table(document: dict[str, Any]) -> Table:
-    """End-to-end latency of each pass."""
+    """Tabulate the end-to-end latency of each pass."""
     table = Table(title="End-to-end latency at a fixed open-loop rate")
     for column in (
         "mode",
@@ -231,7 +231,7 @@ def latency_table(document: dict[str, Any]) -> Table:
 
 
 def targets_table(document: dict[str, Any]) -> Table:
-    """Each target, its measured value and whether it is met."""
+    """Tabulate each target, its measured value and whether it is met."""
     table = Table(title="Targets")
     for column in ("figure", "target", "measured", "met"):
         table.add_column(column)
@@ -246,7 +246,7 @@ def targets_table(document: dict[str, Any]) -> Table:
 
 
 def _latency_rows(latency: list[LatencyRun]) -> list[dict[str, Any]]:
-    """Each latency pass, with what it adds over the raw relay at the same rate."""
+    """Return the latency passes, each with what it adds over the raw relay."""
     raw = {run.rate: run for run in latency if run.mode == "raw"}
     rows = []
     for run in latency:
@@ -278,10 +278,20 @@ RESULTS_END = "<!-- bench-results:end -->"
 
 
 def markdown(document: dict[str, Any]) -> str:
-    """The results as Markdown: machine, throughput, CPU, memory, latency, targets."""
+    """Render the results as Markdown: setup, throughput, CPU, memory, latency."""
+    lines = _markdown_setup(document)
+    lines += _markdown_throughput(document)
+    lines += _markdown_memory(document)
+    if document["latency"]:
+        lines += _markdown_latency(document)
+    lines += _markdown_targets(document)
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_setup(document: dict[str, Any]) -> list[str]:
     machine_info = document["machine"]
     settings = document["settings"]
-    lines = [
+    return [
         f"Measured {document['measured_at']} with `{document['command']}`: "
         f"{settings['messages']:,} records per mode, {settings['rounds']} "
         f"interleaved rounds, {settings['partitions']} partitions per topic.",
@@ -292,6 +302,11 @@ def markdown(document: dict[str, Any]) -> str:
         f"{machine_info['librdkafka']}), Apache Kafka {machine_info['kafka']} on "
         "the same machine.",
         "",
+    ]
+
+
+def _markdown_throughput(document: dict[str, Any]) -> list[str]:
+    lines = [
         "| mode | msg/s, median [min-max] | vs raw relay | missing | duplicates |",
         "|---|---|---|---|---|",
     ]
@@ -316,7 +331,11 @@ def markdown(document: dict[str, Any]) -> str:
             for p in PROCESS_COLUMNS
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _markdown_memory(document: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "Resident memory per service, MiB (idle: started, no traffic; steady: "
         "median during the throughput runs; peak: largest sample):",
@@ -329,29 +348,36 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {service} | {_number(rss['idle'], 0)} | {_number(rss['steady'], 0)} | "
             f"{_number(rss['peak'], 0)} |"
         )
-    if document["latency"]:
-        lines += [
-            "",
-            "End-to-end latency at a fixed open-loop rate (from each record's "
-            "scheduled send time to its arrival on the output topic):",
-            "",
-            "| mode | rate, msg/s | p50 ms | p99 ms | p99.9 ms | max ms | "
-            "added p50 / p99 ms | missing |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for run in document["latency"]:
-            lines.append(
-                f"| {run['mode']} | {run['rate']:,.0f} | {run['p50_ms']:.2f} | "
-                f"{run['p99_ms']:.2f} | {run['p999_ms']:.2f} | {run['max_ms']:.2f} | "
-                f"{_added(run)} | {run['missing']} |"
-            )
-    lines += ["", "| target | goal | measured | met |", "|---|---|---|---|"]
+    return lines
+
+
+def _markdown_latency(document: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "End-to-end latency at a fixed open-loop rate (from each record's "
+        "scheduled send time to its arrival on the output topic):",
+        "",
+        "| mode | rate, msg/s | p50 ms | p99 ms | p99.9 ms | max ms | "
+        "added p50 / p99 ms | missing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in document["latency"]:
+        lines.append(
+            f"| {run['mode']} | {run['rate']:,.0f} | {run['p50_ms']:.2f} | "
+            f"{run['p99_ms']:.2f} | {run['p999_ms']:.2f} | {run['max_ms']:.2f} | "
+            f"{_added(run)} | {run['missing']} |"
+        )
+    return lines
+
+
+def _markdown_targets(document: dict[str, Any]) -> list[str]:
+    lines = ["", "| target | goal | measured | met |", "|---|---|---|---|"]
     for target in document["targets"]:
         lines.append(
             f"| `{target['figure']}` | {target['target']} | "
             f"{_number(target['measured'], 2)} | {'yes' if target['met'] else 'no'} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 PROCESS_COLUMNS = ("relay", "input_reader", "model_app", "output_writer", "broker")

@@ -34,7 +34,7 @@ LATENCY_VALUES = 20_000
 
 @dataclass
 class Settings:
-    """What to run: sizes, rounds and rates."""
+    """Sizes, rounds and rates of a benchmark run."""
 
     messages: int = 200_000
     rounds: int = 3
