@@ -23,7 +23,7 @@ from benchmarks.suite import Settings, Suite
 from sample_app.data import fetch_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-QUICK = {"messages": 20_000, "rounds": 3, "latency_seconds": 5.0}
+QUICK = {"messages": 10_000, "rounds": 2, "latency_seconds": 5.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,17 @@ MODES = {
 }
 
 
+#: Called with a process's name and id as soon as it is launched.
+OnLaunch = Callable[[str, int], None]
+
+#: Names of the pipeline's processes, in launch order.
+SERVICE_NAMES = ("output_writer", "model_app", "input_reader")
+
+
+def _ignore(name: str, pid: int) -> None:
+    del name, pid
+
+
 class Relay:
     """The raw relay as a child process."""
 
@@ -100,7 +112,12 @@ class Relay:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(
-        self, bootstrap: str, input_topic: str, output_topic: str, dead_letter: str
+        self,
+        bootstrap: str,
+        input_topic: str,
+        output_topic: str,
+        dead_letter: str,
+        on_launch: OnLaunch = _ignore,
     ) -> None:
         """Launch the relay with a fresh consumer group; it has no dead letters."""
         del dead_letter
@@ -121,6 +138,7 @@ class Relay:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
             )
+        on_launch("relay", self.process.pid)
 
     def check_alive(self) -> None:
         """Raise if the relay exited."""
@@ -156,7 +174,12 @@ class Pipeline:
         self.services: list[ServiceProcess] = []
 
     def start(
-        self, bootstrap: str, input_topic: str, output_topic: str, dead_letter: str
+        self,
+        bootstrap: str,
+        input_topic: str,
+        output_topic: str,
+        dead_letter: str,
+        on_launch: OnLaunch = _ignore,
     ) -> None:
         """Launch the three services and wait until each is ready."""
         assert self.mode.app_module is not None
@@ -183,8 +206,10 @@ class Pipeline:
             },
         )
         self.services = [writer, app, reader]
-        for service in self.services:
+        for name, service in zip(SERVICE_NAMES, self.services, strict=True):
             service.start()
+            assert service.process is not None
+            on_launch(name, service.process.pid)
             service.wait_ready(60)
 
     def check_alive(self) -> None:
@@ -202,9 +227,8 @@ class Pipeline:
 
     def pids(self) -> dict[str, int]:
         """Process id of each service, by name."""
-        names = ("output_writer", "model_app", "input_reader")
         result = {}
-        for name, service in zip(names, self.services, strict=True):
+        for name, service in zip(SERVICE_NAMES, self.services, strict=True):
             assert service.process is not None
             result[name] = service.process.pid
         return result

@@ -63,6 +63,7 @@ class ProcessSampler:
     def __init__(self, pids: dict[str, int], interval_seconds: float = 0.1) -> None:
         self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.series = {name: Series() for name in pids}
+        self._lock = threading.Lock()
         self._interval = interval_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -77,22 +78,33 @@ class ProcessSampler:
         self._thread.join()
         self._sample()
 
+    def add(self, name: str, pid: int) -> None:
+        """Start sampling another process, from now on."""
+        process = psutil.Process(pid)
+        with self._lock:
+            self._processes[name] = process
+            self.series[name] = Series()
+        self._sample()
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._sample()
 
     def _sample(self) -> None:
-        for name, process in self._processes.items():
+        with self._lock:
+            processes = list(self._processes.items())
+        for name, process in processes:
             try:
                 with process.oneshot():
                     times = process.cpu_times()
                     rss = process.memory_info().rss
             except psutil.Error:
                 continue
-            series = self.series[name]
-            series.times.append(time.time())
-            series.cpu.append(times.user + times.system)
-            series.rss.append(rss)
+            with self._lock:
+                series = self.series[name]
+                series.times.append(time.time())
+                series.cpu.append(times.user + times.system)
+                series.rss.append(rss)
 
     def usage(self, name: str, start: float, end: float) -> Usage:
         """CPU seconds between `start` and `end`, and RSS over the whole sampling.

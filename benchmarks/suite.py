@@ -146,10 +146,17 @@ class Suite:
         output = self.topics.create(f"{mode.name}-output", self.settings.partitions)
         dead_letter = self.topics.create(f"{mode.name}-dlq", 1)
         runner = self._runner(mode)
-        runner.start(self.bootstrap, input_topic, output, dead_letter)
-        profilers = self._profile(runner, f"{mode.name}-round{round_number}")
+        profilers: list[subprocess.Popen[bytes]] = []
+        label = f"{mode.name}-round{round_number}"
+
         try:
-            with ProcessSampler(self._pids(runner)) as sampler:
+            with ProcessSampler(self._broker_pids()) as sampler:
+                # Sampled from launch: a fast mode may be done before it is ready.
+                runner.start(
+                    self.bootstrap, input_topic, output, dead_letter, sampler.add
+                )
+                for name, pid in runner.pids().items():
+                    profilers.extend(self._profile(name, pid, label))
                 tally = self._collect(
                     output, dead_letter, expected_ids, runner.check_alive
                 )
@@ -291,40 +298,32 @@ class Suite:
         return Pipeline(mode, self.work_dir)
 
     def _profile(
-        self, runner: Relay | Pipeline, label: str
+        self, name: str, pid: int, label: str
     ) -> list[subprocess.Popen[bytes]]:
-        """Attach py-spy to each process when profiling is on."""
+        """Attach py-spy to a process when profiling is on."""
         directory = self.settings.profile_dir
         if directory is None:
             return []
         directory.mkdir(parents=True, exist_ok=True)
-        profilers = []
-        for name, pid in runner.pids().items():
-            profilers.append(
-                subprocess.Popen(
-                    [
-                        _py_spy(),
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--rate",
-                        "250",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(directory / f"{label}-{name}.txt"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        return profilers
+        command = [
+            _py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(directory / f"{label}-{name}.txt"),
+        ]
+        profiler = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return [profiler]
 
-    def _pids(self, runner: Relay | Pipeline) -> dict[str, int]:
-        pids = runner.pids()
-        if self.broker_pid is not None:
-            pids["broker"] = self.broker_pid
-        return pids
+    def _broker_pids(self) -> dict[str, int]:
+        return {} if self.broker_pid is None else {"broker": self.broker_pid}
 
 
 def _py_spy() -> str:
