@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,18 +217,7 @@ class Suite:
 
     def _run_latency(self) -> None:
         settings = self.settings
-        passes = [(name, settings.latency_rate) for name in settings.latency_modes]
-        if settings.latency_half_max:
-            # Half of each pipeline mode's maximum, and the raw relay at the same
-            # rate, so the latency a mode adds is known at both rates.
-            for name in settings.latency_modes:
-                best = self.median_rate(name)
-                if name == "raw" or not best:
-                    continue
-                rate = round(best / 2, -1)
-                passes.append((name, rate))
-                if "raw" in settings.latency_modes and ("raw", rate) not in passes:
-                    passes.append(("raw", rate))
+        passes = latency_passes(settings, self.median_rate)
         for name, rate in passes:
             run = self._latency(MODES[name], rate)
             self.latency.append(run)
@@ -324,6 +314,29 @@ class Suite:
 
     def _broker_pids(self) -> dict[str, int]:
         return {} if self.broker_pid is None else {"broker": self.broker_pid}
+
+
+def latency_passes(
+    settings: Settings, median_rate: Callable[[str], float]
+) -> list[tuple[str, float]]:
+    """Return the (mode, rate) latency passes to run, in order.
+
+    Every latency mode runs at ``latency_rate``. With ``latency_half_max``, each
+    pipeline mode also runs at half its median throughput, and the raw relay at
+    that same rate, so the latency a mode adds is known at both rates.
+    """
+    passes = [(name, settings.latency_rate) for name in settings.latency_modes]
+    if not settings.latency_half_max:
+        return passes
+    for name in settings.latency_modes:
+        best = median_rate(name)
+        if name == "raw" or not best:
+            continue
+        rate = round(best / 2, -1)
+        passes.append((name, rate))
+        if "raw" in settings.latency_modes and ("raw", rate) not in passes:
+            passes.append(("raw", rate))
+    return passes
 
 
 def _py_spy() -> str:
