@@ -132,8 +132,8 @@ def _header_safe_id(raw: bytes) -> str:
     return urllib.parse.quote(raw, safe=_ID_SAFE)
 
 
-#: Ids need to be unique, not secret: a seeded generator makes them without a
-#: system call each (os.urandom costs a few microseconds per message).
+#: Ids need to be unique, not secret, so a seeded generator makes them without
+#: the system call that os.urandom makes per id.
 _ids = random.Random(os.urandom(32))
 
 

@@ -91,7 +91,7 @@ def latency_run(mode: str, p99: float) -> LatencyRun:
     )
 
 
-def test_ratios_pair_each_round_with_its_own_raw_relay():
+def test_ratio_pairs_rounds_with_raw():
     settings = Settings(modes=("raw", "batch"), latency_modes=("raw", "single"))
     # The machine slowed down in round 2; the batch/raw ratio stays 0.5.
     runs = [
