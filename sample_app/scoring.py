@@ -7,6 +7,7 @@ the model file that ``FraudModel.load`` reads.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import pickle
@@ -316,6 +317,10 @@ class FraudModel:
         ]
 
 
+#: Up to this many rows, the logistic function runs per row in Python.
+_PYTHON_ROWS = 16
+
+
 class _ScaledLogistic:
     """A fitted StandardScaler + binary LogisticRegression, as plain arrays."""
 
@@ -362,11 +367,21 @@ class _ScaledLogistic:
 
     def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Return the probability of class 1 for each row."""
-        decision = features @ self._weights + self._bias
+        decisions = features @ self._weights + self._bias
         if not self._fraud_is_positive:
-            decision = -decision
-        # The logistic function, written to stay finite for large |decision|.
-        exponent = np.exp(-np.abs(decision))
+            decisions = -decisions
+        if len(decisions) <= _PYTHON_ROWS:
+            # For a few rows, each numpy call costs more than the arithmetic.
+            return np.array([_logistic(decision) for decision in decisions.tolist()])
+        exponent = np.exp(-np.abs(decisions))
         return np.where(
-            decision >= 0, 1.0 / (1.0 + exponent), exponent / (1.0 + exponent)
+            decisions >= 0, 1.0 / (1.0 + exponent), exponent / (1.0 + exponent)
         )
+
+
+def _logistic(decision: float) -> float:
+    """Return 1 / (1 + e^-decision), without overflow for large |decision|."""
+    if decision >= 0:
+        return 1.0 / (1.0 + math.exp(-decision))
+    exponent = math.exp(decision)
+    return exponent / (1.0 + exponent)

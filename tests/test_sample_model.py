@@ -637,3 +637,23 @@ def test_other_estimators_use_predict_proba(tiny_model: FraudModel) -> None:
 
     assert tiny_model._linear is None
     assert np.array_equal(tiny_model.fraud_probabilities(features), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 200])
+def test_scaled_logistic_small_and_large_batches(
+    subset_model: FraudModel,
+    subset_split: tuple[pd.DataFrame, pd.DataFrame],
+    rows: int,
+) -> None:
+    _, test_rows = subset_split
+    features = test_rows[list(subset_model.feature_names)].to_numpy(dtype=float)
+    features = features[:rows]
+    estimator = subset_model._estimator
+    fraud_column = list(estimator.classes_).index(1)
+
+    direct = subset_model.fraud_probabilities(features)
+
+    assert direct.shape == (rows,)
+    assert np.allclose(
+        direct, estimator.predict_proba(features)[:, fraud_column], rtol=1e-12
+    )
