@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SAMPLE_STAMP := $(VENV)/.installed-sample
 
 .PHONY: demo test lint broker bench bench-quick clean
 
@@ -14,11 +15,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The demo needs only the sample app's packages; the checks need the dev tools.
+$(SAMPLE_STAMP): pyproject.toml setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[sample]'
+	touch $(SAMPLE_STAMP)
+
 $(STAMP): pyproject.toml setup.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SAMPLE_STAMP)
 
-demo: $(STAMP)
+demo: $(SAMPLE_STAMP)
 	$(BIN)/python -m sample_app.data
 	$(BIN)/python -m sample_app.train --if-missing
 	$(BIN)/agogosml run --summary-json .agogosml/demo-summary.json

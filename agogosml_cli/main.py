@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ from agogosml import AgogosmlError, __version__
 from agogosml_cli.generate import generate
 from agogosml_cli.init import init
 from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
+
+#: Packages that the sample app (and so `agogosml run`) imports, from the
+#: ``sample`` extra.
+SAMPLE_MODULES = ("joblib", "numpy", "pandas", "sklearn")
 
 
 @click.group()
@@ -93,6 +98,14 @@ def run(
     records through them and prints a summary. Exits with status 1 if any record
     is missing from both the output and the dead letters.
     """
+    missing = [
+        name for name in SAMPLE_MODULES if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise click.ClickException(
+            f"the sample app needs {', '.join(missing)}, which are not installed; "
+            "install them with: pip install 'agogosml[sample]'"
+        )
     from agogosml_cli.run import RunOptions, print_summary, run_pipeline
     from sample_app.data import fetch_dataset
 

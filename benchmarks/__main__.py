@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     defaults = Settings()
     parser.add_argument(
-        "--quick", action="store_true", help="A short run for development."
+        "--quick",
+        action="store_true",
+        help=f"a short run for development: {QUICK['messages']:,} records per "
+        f"mode, {QUICK['rounds']} rounds, latency of raw and single only, "
+        f"{QUICK['latency_seconds']:.0f} s per pass",
     )
     parser.add_argument(
         "--messages",
@@ -51,15 +55,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--partitions",
         type=int,
         default=defaults.partitions,
-        help="partitions of each topic",
+        help=f"partitions of each topic (default {defaults.partitions})",
     )
     parser.add_argument(
         "--modes",
         default=",".join(defaults.modes),
-        help="comma-separated modes: raw, single, batch, echo",
+        help="comma-separated modes: raw, single, batch, echo (default all; raw "
+        "always runs, as the reference)",
     )
     parser.add_argument(
-        "--latency-seconds", type=float, help="measured seconds of each latency pass"
+        "--latency-seconds",
+        type=float,
+        help=f"measured seconds of each latency pass (default "
+        f"{defaults.latency_seconds:.0f}; quick {QUICK['latency_seconds']:.0f})",
+    )
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=defaults.latency_rate,
+        help=f"fixed rate of the latency passes, in messages per second (default "
+        f"{defaults.latency_rate:,.0f}); each pipeline mode also runs at half its "
+        "measured maximum",
     )
     parser.add_argument(
         "--latency-modes",
@@ -82,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output",
         type=Path,
         default=REPO_ROOT / "bench-results.json",
-        help="where to write the JSON results",
+        help="where to write the JSON results (default: bench-results.json in the "
+        "repository root)",
     )
     parser.add_argument(
         "--docs",
@@ -94,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--work-dir",
         type=Path,
         default=REPO_ROOT / ".agogosml" / "bench",
-        help="directory for service logs",
+        help="directory for service logs (default: .agogosml/bench)",
     )
     return parser.parse_args(argv)
 
@@ -110,6 +127,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["partitions"] = args.partitions
+    values["latency_rate"] = args.latency_rate
     values["modes"] = _names(args.modes)
     if "raw" not in values["modes"]:
         values["modes"] = ("raw", *values["modes"])
@@ -133,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write the results."""
     args = parse_args(argv)
     settings = settings_from(args)
-    console = Console()
+    # Wide enough that tables keep their numbers when the output is a log file.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     dataset = fetch_dataset().path
     with ExitStack() as stack:
         if args.bootstrap:

@@ -219,7 +219,7 @@ def latency_table(document: dict[str, Any]) -> Table:
         table.add_column(column, justify="right" if column != "mode" else "left")
     for run in document["latency"]:
         table.add_row(
-            run["mode"],
+            run["mode"] + (" (saturated)" if run.get("saturated") else ""),
             f"{run['rate']:,.0f}",
             f"{run['p50_ms']:.2f}",
             f"{run['p99_ms']:.2f}",
@@ -362,8 +362,9 @@ def _markdown_latency(document: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in document["latency"]:
+        saturated = " (saturated)" if run.get("saturated") else ""
         lines.append(
-            f"| {run['mode']} | {run['rate']:,.0f} | {run['p50_ms']:.2f} | "
+            f"| {run['mode']}{saturated} | {run['rate']:,.0f} | {run['p50_ms']:.2f} | "
             f"{run['p99_ms']:.2f} | {run['p999_ms']:.2f} | {run['max_ms']:.2f} | "
             f"{_added(run)} | {run['missing']} |"
         )

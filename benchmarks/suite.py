@@ -29,6 +29,10 @@ from benchmarks.kafka_io import (
 from benchmarks.pipeline import MODES, Mode, Pipeline, Relay
 from benchmarks.sampler import ProcessSampler, rss_mb
 
+#: Share of a mode's measured throughput above which a latency pass is marked
+#: saturated.
+SATURATION = 0.8
+
 #: Distinct records the latency passes cycle through; each send gets its own key.
 LATENCY_VALUES = 20_000
 
@@ -79,6 +83,9 @@ class LatencyRun:
     p999_ms: float
     max_ms: float
     idle_rss_mb: dict[str, float] = field(default_factory=dict)
+    #: The rate is above SATURATION of the mode's measured throughput, so the
+    #: latency is mostly time spent queued.
+    saturated: bool = False
 
 
 class Suite:
@@ -225,6 +232,7 @@ class Suite:
                 f"latency {name:7} at {rate:8,.0f} msg/s: p50 {run.p50_ms:7.2f} ms  "
                 f"p99 {run.p99_ms:7.2f} ms  p99.9 {run.p999_ms:7.2f} ms  "
                 f"missing {run.missing}"
+                + ("  (saturated: mostly queueing)" if run.saturated else "")
             )
 
     def median_rate(self, mode: str) -> float:
@@ -271,6 +279,7 @@ class Suite:
             p999_ms=_percentile(latencies, 0.999),
             max_ms=latencies[-1] if latencies else math.nan,
             idle_rss_mb=idle,
+            saturated=rate > SATURATION * self.median_rate(mode.name) > 0,
         )
 
     # -- helpers ---------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
+
+from agogosml_cli.main import cli
 
 SUMMARY_KEYS = {
     "read",
@@ -102,3 +107,20 @@ def test_run_rejects_unwritable_summary_path(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--summary-json" in result.stderr
     assert "cannot create directory" in result.stderr
+
+
+def test_run_names_missing_sample_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "sklearn" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    result = CliRunner().invoke(cli, ["run", "--work-dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert "sklearn" in result.output
+    assert "pip install 'agogosml[sample]'" in result.output
