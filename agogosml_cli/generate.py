@@ -22,6 +22,7 @@ from agogosml_cli.manifest import (
     load_manifest,
 )
 from agogosml_cli.project import GenerateError, Outcome, generate_project
+from agogosml_cli.wheel import WheelError, wheel_name
 
 
 def template_answers(manifest: Manifest) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def template_answers(manifest: Manifest) -> dict[str, Any]:
         "registry": manifest.registry,
         "kubernetes_namespace": manifest.kubernetes.namespace,
         "agogosml_version": __version__,
+        "agogosml_wheel": wheel_name(),
     }
 
 
@@ -113,7 +115,7 @@ def generate(manifest_path: Path, output: Path | None) -> None:
         outcome = generate_project(
             template_answers(manifest), project, manifest_path=manifest_path
         )
-    except (GenerateError, GitError) as exc:
+    except (GenerateError, GitError, WheelError) as exc:
         raise click.ClickException(str(exc)) from None
     _report(outcome, project)
 

@@ -4,6 +4,10 @@ The first render goes into an empty directory. `git init` runs there unless it
 is in a git repository already, and the render is committed, because Copier's
 update needs that commit to tell the template's changes from the user's.
 
+The project installs agogosml from the wheel in ``wheels/``, which
+`agogosml_cli.wheel` writes at the first render and replaces at an update when
+agogosml changed. Copier does not render that directory, so it never conflicts.
+
 An update runs ``copier.run_update`` in a temporary clone of the project's
 repository. If Copier merged every change, the difference is applied to the
 project's work tree and left uncommitted for review. If a template change
@@ -28,6 +32,7 @@ from packaging.version import InvalidVersion, Version
 from agogosml.errors import AgogosmlError
 from agogosml_cli.git import TEMPORARY_IDENTITY, GitError, run_git
 from agogosml_cli.template_history import BUNDLE_PATH, TemplateHistory
+from agogosml_cli.wheel import write_wheel
 
 ANSWERS_FILE = Path(".copier-answers.yml")
 
@@ -109,6 +114,7 @@ def _render_new(
             tag, _ = history.add_packaged_template()
             history.write_bundle(project / BUNDLE_PATH)
         _copy(project, answers, tag)
+        write_wheel(project)
     except BaseException:
         # Leave the directory as it was, so that a second run finds it empty.
         _remove_new_entries(project, before, remove_directory=not existed)
@@ -233,6 +239,7 @@ def _update(
                 conflict="inline",
             )
         _raise_on_conflicts(clone)
+        write_wheel(work)
         changed, patch = _staged_changes(clone, subdirectory, head)
     if patch:
         run_git(

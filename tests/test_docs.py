@@ -1,5 +1,9 @@
+import re
 from pathlib import Path
 
+import click
+
+from agogosml_cli.main import cli
 from agogosml_cli.reference import settings_reference
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -12,3 +16,16 @@ def test_configuration_reference_is_current() -> None:
         "docs/configuration.md is out of date; regenerate its tables with "
         "'agogosml settings'"
     )
+
+
+def test_cli_doc_lists_every_option() -> None:
+    page = (DOCS / "cli.md").read_text()
+    headings = re.findall(r"^#{2,3} `agogosml (\S+)`$", page, flags=re.MULTILINE)
+
+    for name, command in cli.commands.items():
+        assert name in headings, f"docs/cli.md has no section for {name}"
+        for param in command.params:
+            if not isinstance(param, click.Option):
+                continue
+            for option in param.opts:
+                assert f"`{option}" in page, f"{name} {option}"

@@ -20,7 +20,6 @@ import yaml
 from click.testing import CliRunner, Result
 
 from agogosml_cli.main import cli
-from agogosml_cli.release import COMMANDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "helm" / "agogosml"
@@ -507,13 +506,3 @@ def test_help_lists_release_options() -> None:
         "--values", "--kube-context", "--dry-run", "--timeout-seconds",
     ):  # fmt: skip
         assert option in result.stdout
-
-
-def test_cli_doc_lists_every_option() -> None:
-    page = (REPO_ROOT / "docs" / "cli.md").read_text()
-
-    for command in COMMANDS:
-        assert f"### `agogosml {command.name}`" in page
-        for param in command.params:
-            for option in param.opts:
-                assert f"`{option}" in page, f"{command.name} {option}"

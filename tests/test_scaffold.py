@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from agogosml_cli import template_history
+from agogosml_cli import template_history, wheel
 from agogosml_cli.main import cli
 from agogosml_cli.manifest import (
     SCHEMA_PATH,
@@ -82,6 +84,7 @@ FILE_FLAGS = [
     "localhost:5000/team",
 ]
 SERVICES = ("kafka", "reader", "app", "writer")
+WHEEL = f"wheels/{wheel.wheel_name()}"
 
 
 def isolate_git(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
@@ -541,6 +544,7 @@ def test_generate_python_template(kafka_project: Path) -> None:
         "src/fraud_scoring/app.py",
         "tests/test_app.py",
         "tests/conftest.py",
+        WHEEL,
     ]
 
     for name in expected:
@@ -562,6 +566,7 @@ def test_generate_commits_first_render(kafka_project: Path) -> None:
     ]
     assert "agogosml.yaml" in tracked
     assert ".agogosml/template.bundle" in tracked
+    assert WHEEL in tracked
     assert git(kafka_project, "status", "--porcelain") == ""
 
 
@@ -589,6 +594,9 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     assert set(compose["services"]) == {"reader", "app", "writer"}
     reader = compose["services"]["reader"]["environment"]
     assert reader["READER_INPUT"] == "/data/input.jsonl"
+    # The reader exits when its input file is missing.
+    readme = (tmp_path / "README.md").read_text()
+    assert "touch data/input.jsonl\ndocker compose up --build" in readme
 
 
 def test_generate_into_other_directory(tmp_path: Path) -> None:
@@ -691,6 +699,80 @@ def test_fraud_project_tests_pass(fraud_project: Path) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "7 passed" in result.stdout
+
+
+def test_wheel_installs_offline(kafka_project: Path) -> None:
+    version = template_history.__version__
+
+    # --ignore-installed: the test environment has agogosml already, and pip
+    # must still resolve the requirement from wheels/ alone.
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+            "--no-index", "--no-deps", "--ignore-installed",
+            "--find-links", "wheels", "--report", "-", f"agogosml=={version}",
+        ],
+        cwd=kafka_project,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    [install] = report["install"]
+    assert install["metadata"]["name"] == "agogosml"
+    assert install["metadata"]["version"] == version
+    assert install["download_info"]["url"].endswith(WHEEL)
+
+
+def test_wheel_contains_template(kafka_project: Path) -> None:
+    with zipfile.ZipFile(kafka_project / WHEEL) as archive:
+        names = set(archive.namelist())
+
+    assert "agogosml/__init__.py" in names
+    assert "agogosml_cli/templates/pipeline/copier.yml" in names
+    assert "agogosml_cli/schemas/manifest.schema.json" in names
+
+
+@pytest.mark.parametrize("project_fixture", ["kafka_project", "fraud_project"])
+def test_install_commands_name_wheel(
+    project_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    project: Path = request.getfixturevalue(project_fixture)
+    dockerfile = (project / "Dockerfile").read_text()
+    ci = yaml.safe_load((project / "azure-pipelines.yml").read_text())
+    ci_scripts = [
+        step["script"]
+        for stage in ci["stages"]
+        for job in stage["jobs"]
+        for step in job["steps"]
+        if "pip install" in step.get("script", "")
+    ]
+    setup = yaml.safe_load((project / ".azure-pipelines/release-setup.yml").read_text())
+    setup_scripts = [
+        step["script"]
+        for step in setup["steps"]
+        if "pip install" in step.get("script", "")
+    ]
+    cd = yaml.safe_load((project / "azure-pipelines-cd.yml").read_text())
+
+    assert "COPY wheels ./wheels" in dockerfile
+    assert f"--find-links wheels \\\n        {WHEEL} ." in dockerfile
+    assert "!wheels/" in (project / ".dockerignore").read_text()
+    assert ci_scripts
+    for script in ci_scripts:
+        assert f"--find-links wheels {WHEEL}" in " ".join(script.split())
+    assert setup_scripts == [
+        "python -m pip install --disable-pip-version-check --find-links wheels "
+        '"wheels/$(agogosmlWheel)"'
+    ]
+    assert f"wheels/{cd['variables']['agogosmlWheel']}" == WHEEL
+    assert (
+        f"--find-links wheels {WHEEL} -e '.[test]'"
+        in (project / "README.md").read_text()
+    )
 
 
 def test_compose_has_four_services(kafka_project: Path) -> None:
@@ -994,6 +1076,23 @@ def test_regenerate_applies_template_change(
     assert answers["_commit"] == version
 
 
+def test_regenerate_replaces_old_wheel(project: Path) -> None:
+    old_wheel = "wheels/agogosml-0.0.1-py3-none-any.whl"
+    git(project, "rm", "--quiet", WHEEL)
+    (project / "wheels").mkdir()
+    (project / old_wheel).write_bytes(b"a wheel of another agogosml")
+    git(project, "add", old_wheel)
+    git(project, "commit", "--quiet", "--message", "Use an older agogosml")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert f"D\t{old_wheel}" in result.output
+    assert f"A\t{WHEEL}" in result.output
+    assert not (project / old_wheel).exists()
+    assert (project / WHEEL).read_bytes() == wheel._wheel_bytes()
+
+
 def test_regenerate_twice_is_up_to_date(project: Path) -> None:
     first = generate(project / "agogosml.yaml")
 
@@ -1090,6 +1189,63 @@ def test_package_data_covers_templates() -> None:
     for path in template_files:
         assert path in included, f"{path} is not package data in pyproject.toml"
     assert SCHEMA_PATH.relative_to(package) in included
+
+
+def wheel_record(data: bytes) -> set[str]:
+    """Return the RECORD lines of a wheel, without RECORD's own line."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        [name] = [n for n in archive.namelist() if n.endswith(".dist-info/RECORD")]
+        lines = archive.read(name).decode().splitlines()
+    return {line for line in lines if not line.startswith(f"{name},")}
+
+
+def test_wheel_repacked_from_installed_files(tmp_path: Path) -> None:
+    built = tmp_path / wheel.wheel_name()
+    built.write_bytes(wheel._wheel_bytes())
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+            "--no-deps", "--no-compile", "--target", str(target), str(built),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    # Run outside the source tree, so that agogosml is imported from `target`.
+    script = (
+        "import sys, agogosml; from agogosml_cli import wheel; "
+        "print(agogosml.__file__, file=sys.stderr); "
+        "sys.stdout.buffer.write(wheel._wheel_bytes())"
+    )
+
+    repack = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        timeout=TOOL_TIMEOUT_SECONDS,
+        check=False,
+    )
+
+    assert repack.returncode == 0, repack.stderr.decode()
+    assert repack.stderr.decode().startswith(str(target))
+    assert wheel_record(repack.stdout) == wheel_record(built.read_bytes())
+
+
+def test_init_rejects_two_clusters_with_1(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(path), *KAFKA_FLAGS,
+        "--sink-bootstrap-servers", "other:9092",
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    assert "source and sink differ in bootstrap_servers" in result.output
+    assert not path.exists()
 
 
 def test_manifest_model_round_trip(tmp_path: Path) -> None:
