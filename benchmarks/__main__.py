@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write the results."""
     args = parse_args(argv)
     settings = settings_from(args)
+    # SIGTERM ends the run like Ctrl-C, so the broker and services it started
+    # are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Wide enough that tables keep their numbers when the output is a log file.
     console = Console(width=None if sys.stdout.isatty() else 160)
     dataset = fetch_dataset().path

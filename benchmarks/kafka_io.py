@@ -106,6 +106,8 @@ def produce_all(
             "enable.idempotence": True,
             "linger.ms": 20,
             "batch.size": 1_000_000,
+            # Deleting a run's topics makes librdkafka log a notice per topic.
+            "log_level": 4,
         }
     )
     count = 0
@@ -331,6 +333,7 @@ class OpenLoopLoad:
                 "enable.idempotence": True,
                 "linger.ms": 0,
                 "queue.buffering.max.messages": 1_000_000,
+                "log_level": 4,
             }
         )
         self._topic = topic
