@@ -258,13 +258,11 @@ class ModelApp:
     ) -> None:
         """Send one chunk of a batch to the writer as one ``POST /batch``.
 
-        A chunk the writer rejects (422) fails only its own items.
-        NOTE: so one record the sink can never take (too large for Kafka, say)
-        also fails the valid records of its chunk; per-record writer results
-        would narrow that to the one record. Any other
-        failure fails the whole request with 503 or 502, and the reader retries
-        the whole batch. The records of earlier chunks are then written again,
-        which at-least-once delivery allows.
+        When the writer rejects a chunk of several records (422), they are sent
+        again one at a time, so only the record the sink cannot take fails. Any
+        other failure fails the whole request with 503 or 502, and the reader
+        retries the whole batch. The records of earlier chunks are then written
+        again, which at-least-once delivery allows.
         """
         body = b"[" + b",".join(output for _, output in chunk) + b"]"
         try:
@@ -272,13 +270,16 @@ class ModelApp:
         except _Reject as exc:
             if exc.status != 422:
                 raise
-            message_ids = [items[index].get("id") for index, _ in chunk]
+            if len(chunk) > 1:
+                for entry in chunk:
+                    await self._forward_chunk(items, [entry], statuses)
+                return
+            ((index, _),) = chunk
             logger.info(
-                "output writer rejected a batch chunk",
-                extra={"message_ids": message_ids[:20], "error": str(exc)},
+                "output writer rejected a record",
+                extra={"message_id": items[index].get("id"), "error": str(exc)},
             )
-            for index, _ in chunk:
-                statuses[index] = {"status": 422, "error": str(exc)}
+            statuses[index] = {"status": 422, "error": str(exc)}
 
     async def _call_score(self, values: list[Any]) -> list[Any]:
         try:

@@ -100,7 +100,9 @@ class WriterQueue:
             await self._post(_array(element for element, _ in batch))
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             if len(batch) > 1 and self._isolate(exc):
-                await asyncio.gather(*(self._send([entry]) for entry in batch))
+                # One at a time, so the resends stay within one writer request.
+                for entry in batch:
+                    await self._send([entry])
                 return
             for _, future in batch:
                 if not future.done():

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from rich.console import Console
 
 from benchmarks.pipeline import MODES
 from benchmarks.report import (
+    RESULTS_END,
+    RESULTS_START,
     latency_table,
     summarise,
     targets_table,
@@ -45,16 +48,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--messages",
-        type=int,
+        type=_at_least(2),
         help=f"records per mode (default {defaults.messages:,}; "
         f"quick {QUICK['messages']:,})",
     )
     parser.add_argument(
-        "--rounds", type=int, help=f"interleaved rounds (default {defaults.rounds})"
+        "--rounds",
+        type=_at_least(1),
+        help=f"interleaved rounds (default {defaults.rounds})",
     )
     parser.add_argument(
         "--partitions",
-        type=int,
+        type=_at_least(1),
         default=defaults.partitions,
         help=f"partitions of each topic (default {defaults.partitions})",
     )
@@ -66,13 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--latency-seconds",
-        type=float,
+        type=_positive_float,
         help=f"measured seconds of each latency pass (default "
         f"{defaults.latency_seconds:.0f}; quick {QUICK['latency_seconds']:.0f})",
     )
     parser.add_argument(
         "--latency-rate",
-        type=float,
+        type=_positive_float,
         default=defaults.latency_rate,
         help=f"fixed rate of the latency passes, in messages per second (default "
         f"{defaults.latency_rate:,.0f}); each pipeline mode also runs at half its "
@@ -140,8 +145,54 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the run, not after it, when a result cannot be written."""
+    if not args.output.parent.is_dir():
+        raise SystemExit(
+            f"--output: directory {str(args.output.parent)!r} does not exist; "
+            "create it or choose another path"
+        )
+    if args.docs is not None:
+        try:
+            text = args.docs.read_text()
+        except OSError as exc:
+            raise SystemExit(f"--docs: cannot read {str(args.docs)!r}: {exc}") from None
+        if RESULTS_START not in text or RESULTS_END not in text:
+            raise SystemExit(
+                f"--docs: {str(args.docs)!r} has no results block; add the lines "
+                f"{RESULTS_START} and {RESULTS_END} where the results belong"
+            )
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise SystemExit("no mode given; choose from " + ", ".join(MODES))
     unknown = [name for name in names if name not in MODES]
     if unknown:
         raise SystemExit(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
@@ -152,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite and write the results."""
     args = parse_args(argv)
     settings = settings_from(args)
+    _check_outputs(args)
     # SIGTERM ends the run like Ctrl-C, so the broker and services it started
     # are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -597,3 +597,33 @@ def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:
 
     assert "app.extraEnv[0].value" in error
     assert "secretKeyRef" in error
+
+
+def test_large_numbers_render_as_integers(helm_binary: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "writer:\n  settings:\n    WRITER_MAX_BODY_BYTES: 4194304\n"
+        "reader:\n  settings:\n    READER_MAX_IN_FLIGHT: 1000000\n"
+        "keda:\n  enabled: true\n  lagThreshold: 5000000\n"
+    )
+
+    result = helm(helm_binary, "template", "rel", str(CHART), "-f", str(values))
+
+    assert result.returncode == 0, result.stderr
+    manifests = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    writer = find(manifests, "Deployment", "rel-agogosml-writer")
+    reader = find(manifests, "Deployment", "rel-agogosml-reader")
+    writer_env = {
+        e["name"]: e.get("value")
+        for e in writer["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    reader_env = {
+        e["name"]: e.get("value")
+        for e in reader["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    trigger = find(manifests, "ScaledObject", "rel-agogosml-reader")["spec"][
+        "triggers"
+    ][0]
+    assert writer_env["WRITER_MAX_BODY_BYTES"] == "4194304"
+    assert reader_env["READER_MAX_IN_FLIGHT"] == "1000000"
+    assert trigger["metadata"]["lagThreshold"] == "5000000"

@@ -291,3 +291,60 @@ async def test_unreachable_broker_failure_is_retriable() -> None:
 )
 def test_kafka_error_retriable_by_code(code: int, retriable: bool) -> None:
     assert is_retriable(KafkaError(code)) is retriable
+
+
+class FakeMessage:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def key(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+
+class RevokingConsumer:
+    """Returns one message, then revokes its partition while draining the rest."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def consume(self, count: int, timeout: float) -> list[FakeMessage]:
+        if count == 1:
+            return [FakeMessage(0)]
+        self._source._tracker.revoke("in", 0)
+        self._source._tracker.assign("in", 0)
+        return [FakeMessage(0), FakeMessage(1)]
+
+
+async def test_rebalance_between_consume_calls_marks_stale() -> None:
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", group_id="g-stale")
+    source = KafkaSource(settings, ["in"])
+    source._tracker.assign("in", 0)
+    source._consumer = RevokingConsumer(source)  # type: ignore[assignment]
+
+    stale, *fresh = await source.fetch(500, 0.1)
+
+    assert stale.position is not None
+    assert not source.owns(stale)
+    assert [source.owns(envelope) for envelope in fresh] == [True, True]
+    source.ack(stale)  # an ack of a stale message is ignored, not an error
+    for envelope in fresh:
+        source.ack(envelope)
+    assert source._tracker.committable() == {("in", 0): 2}

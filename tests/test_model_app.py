@@ -687,27 +687,30 @@ async def test_batch_later_chunk_503():
     assert len(writer.requests) == 2
 
 
-async def test_batch_chunk_422_fails_its_items():
+async def test_batch_chunk_422_fails_only_rejected_record():
     items = padded_items(10, 200)
 
     async with stub_writer() as writer:
-        writer.status_by_request = {2: 422}
+        # The second request (a chunk) and the first record resent alone fail.
+        writer.status_by_request = {2: 422, 3: 422}
         async with model_app(echo, writer.url, writer_max_body_bytes=1000) as client:
             response = await client.post(
                 "/batch", data=orjson.dumps(items), headers=JSON
             )
             results = (await response.json())["results"]
 
-    rejected_ids = {output["id"] for output in writer.requests[1].json()}
-    expected = [422 if item["id"] in rejected_ids else 200 for item in items]
+    chunk_ids = [output["id"] for output in writer.requests[1].json()]
+    resent = [request.json() for request in writer.requests[2 : 2 + len(chunk_ids)]]
+    rejected_id = chunk_ids[0]
+    expected = [422 if item["id"] == rejected_id else 200 for item in items]
     assert response.status == 200
-    assert len(writer.requests) > 2
+    assert len(chunk_ids) > 1
+    assert [[output["id"] for output in body] for body in resent] == [
+        [identifier] for identifier in chunk_ids
+    ]
     assert [result["status"] for result in results] == expected
-    assert all(
-        "output writer responded 422" in result["error"]
-        for result in results
-        if result["status"] == 422
-    )
+    rejected_index = [item["id"] for item in items].index(rejected_id)
+    assert "output writer responded 422" in results[rejected_index]["error"]
 
 
 # ---------------------------------------------------------------------------

@@ -153,7 +153,10 @@ class InputReader:
                 # wait for room does not pause; only a long one does.
                 if await self._wait_for_room(PAUSE_AFTER_SECONDS):
                     continue
-            should_pause = capacity <= 0 or not self._app_ready
+            # Once paused, resume only with room for a useful fetch: each resume
+            # fetches again what the pause dropped.
+            full = capacity < self._room() if paused else capacity <= 0
+            should_pause = full or not self._app_ready
             if should_pause != paused:
                 await (self._source.pause() if should_pause else self._source.resume())
                 paused = should_pause
@@ -162,13 +165,17 @@ class InputReader:
             for envelope in envelopes:
                 self._admit(envelope)
 
+    def _room(self) -> int:
+        """Free in-flight slots worth a fetch: a tenth of the maximum, 1 to 100."""
+        return max(1, min(100, self._settings.max_in_flight // 10))
+
     async def _wait_for_room(self, timeout_seconds: float) -> bool:
         """Wait until enough in-flight messages finished to fetch a useful batch.
 
         Returns False if that did not happen within `timeout_seconds`.
         """
         maximum = self._settings.max_in_flight
-        room = max(1, min(100, maximum // 10))
+        room = self._room()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_seconds
         while maximum - self._in_flight < room and not self._stopping.is_set():
@@ -261,7 +268,26 @@ class InputReader:
                 error = f"reader failed to send the message: {exc!r}"
                 for envelope in batch:
                     if id(envelope) in self._unfinished:
-                        await self._dead_letter(envelope, 0, error, 0, "reader_error")
+                        await self._dead_letter_or_release(envelope, error)
+
+    async def _dead_letter_or_release(self, envelope: Envelope, error: str) -> None:
+        """Dead-letter a message after an unexpected error, keeping the lane alive.
+
+        If that fails too, the message is released unfinished: its offset is not
+        committed, so it is read again after a restart or a rebalance.
+        """
+        try:
+            await self._dead_letter(envelope, 0, error, 0, "reader_error")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "dead-lettering after an unexpected error failed; the message "
+                "stays uncommitted",
+                extra={"message_id": envelope.id},
+            )
+            if id(envelope) in self._unfinished:
+                self._release(envelope)
 
     async def _collect(self, lane: _Lane) -> list[Envelope]:
         first = lane.carry.pop() if lane.carry else await lane.queue.get()

@@ -167,10 +167,14 @@ class OffsetTracker:
         """Mark a message finished; return False if its partition was lost since."""
         key = (position.topic, position.partition)
         with self._lock:
-            if self._generation.get(key) != position.generation:
+            pending = self._pending.get(key)
+            finished = self._finished.get(key)
+            if (
+                self._generation.get(key) != position.generation
+                or pending is None
+                or finished is None
+            ):
                 return False
-            pending = self._pending[key]
-            finished = self._finished[key]
             finished.add(position.offset)
             while pending and pending[0].offset in finished:
                 done = pending.popleft()

@@ -29,9 +29,9 @@ RECORD_OVERHEAD_BYTES = 36
 class KafkaSink(Sink):
     """Produce envelopes to one topic; `send` returns once the broker acknowledged.
 
-    A background thread polls the producer for delivery reports, which resolve
-    one asyncio future per record. Records are never flushed one by one: the
-    producer batches them (``linger.ms``) while callers await their futures.
+    A background thread polls the producer for delivery reports, and the last
+    report of a `send` resolves its asyncio future. Records are never flushed one
+    by one: the producer batches them (``linger.ms``) while callers wait.
     """
 
     def __init__(self, settings: KafkaSettings, topic: str) -> None:

@@ -126,26 +126,41 @@ class KafkaSource(Source):
         """Consume up to `max_messages` messages, serving rebalance callbacks."""
         messages = await self._call(self._consume, max_messages, timeout_seconds)
         envelopes = []
-        for message in messages:
-            envelope = self._to_envelope(message)
+        for message, generation in messages:
+            envelope = self._to_envelope(message, generation)
             if envelope is not None:
                 envelopes.append(envelope)
         return envelopes
 
-    def _consume(self, max_messages: int, timeout_seconds: float) -> list[Any]:
+    def _consume(
+        self, max_messages: int, timeout_seconds: float
+    ) -> list[tuple[Any, int]]:
         """Wait up to `timeout_seconds` for one message, then take what is fetched.
 
         A single ``consume(max_messages, timeout)`` call waits until it has
         `max_messages` or the timeout passed, which delays every message of a
-        quiet topic by up to the timeout.
+        quiet topic by up to the timeout. Each message comes with the generation
+        of its partition right after the call that returned it: a rebalance
+        served by the second call makes the first message stale, and the reader
+        then releases it instead of sending it.
         """
         assert self._consumer is not None
-        first = self._consumer.consume(1, timeout_seconds)
-        if not first or max_messages <= 1:
-            return first
-        return first + self._consumer.consume(max_messages - 1, 0)
+        stamped = [
+            (message, self._generation_of(message))
+            for message in self._consumer.consume(1, timeout_seconds)
+        ]
+        if not stamped or max_messages <= 1:
+            return stamped
+        for message in self._consumer.consume(max_messages - 1, 0):
+            stamped.append((message, self._generation_of(message)))
+        return stamped
 
-    def _to_envelope(self, message: Any) -> Envelope | None:
+    def _generation_of(self, message: Any) -> int:
+        if message.error() is not None:
+            return 0
+        return self._tracker.generation(message.topic(), message.partition())
+
+    def _to_envelope(self, message: Any, generation: int) -> Envelope | None:
         error = message.error()
         if error is not None:
             if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
@@ -162,13 +177,7 @@ class KafkaSource(Source):
             message.partition(),
             message.offset(),
         )
-        position = Position(
-            topic,
-            partition,
-            offset,
-            offset + 1,
-            self._tracker.generation(topic, partition),
-        )
+        position = Position(topic, partition, offset, offset + 1, generation)
         self._tracker.register(position)
         return Envelope.from_record(
             message.value() or b"", message.key(), message.headers(), position

@@ -197,8 +197,21 @@ Environment variables from a settings map, in name order.
 {{- define "agogosml.settingsEnv" -}}
 {{- range $name, $value := . }}
 - name: {{ $name }}
-  value: {{ $value | toString | quote }}
+  value: {{ include "agogosml.scalar" $value | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+A value as text. YAML numbers reach templates as float64, which toString writes
+in exponent form from 1e6 on (4194304 becomes "4.194304e+06"), so whole numbers
+are written as integers.
+*/}}
+{{- define "agogosml.scalar" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
 {{- end }}
 
 {{/*
