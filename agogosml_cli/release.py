@@ -50,6 +50,12 @@ class ReleaseStateError(HelmError):
     """The release's slot values do not allow the requested step."""
 
 
+_NOT_AGOGOSML = (
+    "the release's values have no app.slots.blue and app.slots.green, so it was "
+    "not installed from the agogosml chart; check --release and --namespace"
+)
+
+
 @dataclass(frozen=True)
 class SlotState:
     """Slot values of a release: see the module docstring."""
@@ -62,7 +68,10 @@ class SlotState:
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SlotState:
         """Read the state from release values, filling in the chart's defaults."""
-        app = {**CHART_DEFAULT_STATE, **(values.get("app") or {})}
+        app_values = values.get("app")
+        if app_values is not None and not isinstance(app_values, dict):
+            raise ReleaseStateError(_NOT_AGOGOSML)
+        app = {**CHART_DEFAULT_STATE, **(app_values or {})}
         state = cls(
             active=str(app["activeSlot"]),
             preview=str(app["previewSlot"] or ""),
@@ -486,12 +495,18 @@ def status(
 def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
     """Return the slot state of a release from `helm get values --all` and status."""
     state = SlotState.from_values(values)
+    try:
+        slot_values_by_name = {
+            slot: dict(values["app"]["slots"][slot]) for slot in SLOTS
+        }
+    except (KeyError, TypeError, ValueError):
+        raise ReleaseStateError(_NOT_AGOGOSML) from None
     app_version = str(
         (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
     )
     slots = {}
     for slot in SLOTS:
-        slot_values = values["app"]["slots"][slot]
+        slot_values = slot_values_by_name[slot]
         configured = int(slot_values.get("replicas", 0))
         slots[slot] = {
             "role": _role(state, slot),

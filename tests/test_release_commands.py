@@ -421,6 +421,16 @@ def test_status_prints_slots(fake_helm: FakeHelm) -> None:
     assert lines[4] == "Rollback returns to: blue"
 
 
+def test_status_rejects_foreign_release(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values({"app": "a value of another chart"})
+
+    result = invoke("status", "--release", "rel")
+
+    assert result.exit_code != 0
+    assert "not installed from the agogosml chart" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_status_json(fake_helm: FakeHelm) -> None:
     fake_helm.set_values(slot_values("blue", preview="green"))
 
