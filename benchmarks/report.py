@@ -164,11 +164,17 @@ def machine(kafka_version: str) -> dict[str, Any]:
         "cpu_model": model,
         "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": _client_version(),
         "librdkafka": confluent_kafka.libversion()[0],
         "kafka": kafka_version,
         "system": platform.platform(),
     }
+
+
+def _client_version() -> str:
+    # confluent_kafka.version() returns a string in 2.16 and a tuple before.
+    version = confluent_kafka.version()
+    return str(version[0] if isinstance(version, tuple) else version)
 
 
 def throughput_table(document: dict[str, Any]) -> Table:
