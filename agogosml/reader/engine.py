@@ -147,6 +147,9 @@ class InputReader:
                 if self._settings.stop_at_end:
                     logger.info("source read to the end; stopping")
                     return
+            # NOTE: the limit is shared by all partitions, and librdkafka returns
+            # fetched messages partition by partition, so with a slow app one
+            # partition's backlog can fill it while other partitions wait.
             capacity = self._settings.max_in_flight - self._in_flight
             if capacity <= 0 and self._app_ready and not paused:
                 # Pausing drops what the consumer has fetched ahead, so a short
