@@ -1,9 +1,12 @@
-"""In-memory implementations of the Source and Sink interfaces for unit tests."""
+"""In-memory Source and Sink implementations, and HTTP helpers, for unit tests."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
+
+import pytest
 
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SinkError
@@ -180,3 +183,30 @@ class MemorySink(Sink):
                 retriable=self._failures_retriable,
             )
         self.envelopes.extend(envelopes)
+
+
+async def send_partial_body(port: int) -> None:
+    """Send headers that promise 100 body bytes, 3 of them, then disconnect.
+
+    The client waits for ``100 Continue``, so the server's handler has started
+    when the connection closes.
+    """
+    stream_reader, stream_writer = await asyncio.open_connection("127.0.0.1", port)
+    stream_writer.write(
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await stream_reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    stream_writer.write(b"[1,")
+    await stream_writer.drain()
+    stream_writer.close()
+    await stream_writer.wait_closed()
+
+
+def disconnect_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "agogosml.http" and "disconnected" in record.getMessage()
+    ]

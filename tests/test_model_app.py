@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from fakes import MemorySink
+from fakes import MemorySink, disconnect_records, send_partial_body
 from multidict import CIMultiDict
 from test_writer import raw_post
 
@@ -764,33 +764,6 @@ async def test_batch_through_real_writer():
     assert [record.key for record in sink.envelopes] == [raw_key, b"card-2", None]
     assert sink.envelopes[1].value == b'{"score":4}'
     assert trace_id(sink.envelopes[0].traceparent) == TRACE_ID
-
-
-async def send_partial_body(port: int) -> None:
-    """Send headers that promise 100 body bytes, 3 of them, then disconnect.
-
-    The client waits for ``100 Continue``, so the server's handler has started
-    when the connection closes.
-    """
-    stream_reader, stream_writer = await asyncio.open_connection("127.0.0.1", port)
-    stream_writer.write(
-        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-    )
-    interim = await stream_reader.readuntil(b"\r\n\r\n")
-    assert interim.startswith(b"HTTP/1.1 100"), interim
-    stream_writer.write(b"[1,")
-    await stream_writer.drain()
-    stream_writer.close()
-    await stream_writer.wait_closed()
-
-
-def disconnect_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [
-        record
-        for record in caplog.records
-        if record.name == "agogosml.http" and "disconnected" in record.getMessage()
-    ]
 
 
 async def test_client_disconnect_logged_once_debug(caplog):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fakes import MemorySink
+from fakes import MemorySink, disconnect_records, send_partial_body
 
 from agogosml.config import WriterSettings
 from agogosml.envelope import Envelope, trace_id
@@ -561,33 +561,6 @@ async def test_tap_error_does_not_fail_write():
 
     assert response.status == 200
     assert len(sink.envelopes) == 1
-
-
-async def send_partial_body(port: int) -> None:
-    """Send headers that promise 100 body bytes, 3 of them, then disconnect.
-
-    The client waits for ``100 Continue``, so the server's handler has started
-    when the connection closes.
-    """
-    stream_reader, stream_writer = await asyncio.open_connection("127.0.0.1", port)
-    stream_writer.write(
-        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-    )
-    interim = await stream_reader.readuntil(b"\r\n\r\n")
-    assert interim.startswith(b"HTTP/1.1 100"), interim
-    stream_writer.write(b"[1,")
-    await stream_writer.drain()
-    stream_writer.close()
-    await stream_writer.wait_closed()
-
-
-def disconnect_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [
-        record
-        for record in caplog.records
-        if record.name == "agogosml.http" and "disconnected" in record.getMessage()
-    ]
 
 
 async def test_client_disconnect_logged_once_debug(caplog):
