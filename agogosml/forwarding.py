@@ -3,9 +3,9 @@
 A model app that gets one message per request would otherwise make one writer
 request per message: an HTTP round trip and a produce call each. `WriterQueue`
 sends a result at once while fewer than `max_requests` writer requests are
-open; when all of them are busy, results wait and leave together, as one
-``POST /batch``, as soon as a request finishes. So a quiet app sends each
-result alone, and a busy one sends fewer, larger requests.
+open. When all of them are busy, results wait, and they leave together as one
+``POST /batch`` as soon as a request finishes. So a quiet app sends each result
+alone, and a busy one sends fewer, larger requests.
 """
 
 from __future__ import annotations

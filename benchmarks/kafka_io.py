@@ -170,7 +170,7 @@ def wait_for_records(
 
 @dataclass
 class Tally:
-    """What arrived on the output and dead-letter topics."""
+    """Counts of the records on the output and dead-letter topics."""
 
     ids: Counter[str] = field(default_factory=Counter)
     dead_letter_ids: set[str] = field(default_factory=set)
@@ -252,7 +252,7 @@ def _partition_ends(
 
 
 def transaction_id(message: Message) -> str:
-    """The ``transaction_id`` field of a record's JSON value."""
+    """Return the ``transaction_id`` field of a record's JSON value."""
     value = orjson.loads(message.value() or b"{}")
     return str(value.get("transaction_id") if isinstance(value, dict) else None)
 

@@ -47,7 +47,7 @@ class Series:
 
 @dataclass(frozen=True)
 class Usage:
-    """What one process used during a measured window."""
+    """CPU and memory of one process during a measured window."""
 
     cpu_seconds: float
     peak_rss_mb: float
@@ -110,7 +110,7 @@ class ProcessSampler:
         """CPU seconds between `start` and `end`, and RSS over the whole sampling.
 
         Peak RSS is the largest sample; steady RSS is the median of the samples
-        inside the window (the largest sample when the window holds none).
+        inside the window (the largest sample when the window contains none).
         """
         series = self.series[name]
         window = series.rss_mb(start, end)
