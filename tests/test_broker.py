@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
+from broker import BrokerError, Listener, LocalKafkaBroker
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 pytestmark = pytest.mark.kafka
@@ -152,3 +153,37 @@ def test_second_consumer_resumes_from_commit(
     assert [m.offset() for m in second_messages] == [4, 5, 6, 7, 8, 9]
     assert [m.value() for m in second_messages] == [b"4", b"5", b"6", b"7", b"8", b"9"]
     assert extra_message is None
+
+
+def test_extra_listener_serves_clients_at_its_own_address() -> None:
+    # 127.0.0.2 is loopback too on Linux, so this stands for an address such
+    # as a container network's gateway without leaving the machine.
+    listener = Listener(name="SECOND", host="127.0.0.2")
+    with LocalKafkaBroker(listeners=[listener]) as broker:
+        second = broker.listener_address("SECOND")
+        assert second.startswith("127.0.0.2:")
+        assert second != broker.bootstrap_servers
+        _produce(second, "extra-listener", 5)
+        consumer = _new_consumer(broker.bootstrap_servers, "extra", "extra-listener")
+        try:
+            messages = _consume(consumer, 5)
+        finally:
+            consumer.close()
+        with pytest.raises(BrokerError, match="no listener 'OTHER'"):
+            broker.listener_address("OTHER")
+    assert [m.value() for m in messages] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_duplicate_listener_names_are_rejected() -> None:
+    listeners = [Listener("A", "127.0.0.2"), Listener("A", "127.0.0.3")]
+    with pytest.raises(BrokerError, match="must be unique"):
+        LocalKafkaBroker(listeners=listeners)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("lower", "not valid"), ("PLAINTEXT", "taken by the broker"), ("", "not valid")],
+)
+def test_bad_listener_names_are_rejected(name: str, message: str) -> None:
+    with pytest.raises(BrokerError, match=message):
+        Listener(name, "127.0.0.2")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -36,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -264,21 +266,21 @@ def _last_lines(text: str, count: int) -> str:
     return "\n".join(text.splitlines()[-count:])
 
 
-def _free_port() -> int:
+def _free_port(host: str = HOST) -> int:
     # NOTE: another process may take the port between this call and the
     # broker binding it. The broker then exits and start() reports its log.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _check_port_free(port: int) -> None:
+def _check_port_free(port: int, host: str = HOST) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         except OSError as error:
             raise BrokerError(
-                f"port {port} on {HOST} is not available ({error.strerror}). "
+                f"port {port} on {host} is not available ({error.strerror}). "
                 "Stop the process that uses it or choose another port."
             ) from error
 
@@ -301,18 +303,70 @@ def _new_cluster_id() -> str:
             return cluster_id
 
 
-def _server_properties(port: int, controller_port: int, log_dir: Path) -> str:
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    """A broker listener in addition to the PLAINTEXT listener on 127.0.0.1.
+
+    Attributes:
+        name: Listener name, upper case, such as ``CONTAINERS``.
+        host: Address the listener binds and advertises. Clients must reach
+            the broker at this address.
+        port: Port to bind. None picks a free port.
+        protocol: Security protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or
+            SASL_SSL.
+        properties: Settings of this listener only, without the
+            ``listener.name.<name>.`` prefix, such as
+            ``sasl.enabled.mechanisms`` or ``ssl.keystore.location``.
+    """
+
+    name: str
+    host: str
+    port: int | None = None
+    protocol: str = "PLAINTEXT"
+    properties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.name):
+            raise BrokerError(
+                f"listener name {self.name!r} is not valid. Use upper-case "
+                "letters, digits and underscores, such as CONTAINERS."
+            )
+        if self.name in {"PLAINTEXT", "CONTROLLER"}:
+            raise BrokerError(
+                f"listener name {self.name} is taken by the broker itself. "
+                "Choose another name."
+            )
+
+
+def _server_properties(
+    port: int,
+    controller_port: int,
+    log_dir: Path,
+    listeners: Sequence[tuple[Listener, int]] = (),
+) -> str:
+    bound = [f"PLAINTEXT://{HOST}:{port}", f"CONTROLLER://{HOST}:{controller_port}"]
+    advertised = [f"PLAINTEXT://{HOST}:{port}"]
+    protocols = ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"]
+    scoped: dict[str, str] = {}
+    for listener, listener_port in listeners:
+        bound.append(f"{listener.name}://{listener.host}:{listener_port}")
+        advertised.append(f"{listener.name}://{listener.host}:{listener_port}")
+        protocols.append(f"{listener.name}:{listener.protocol}")
+        prefix = f"listener.name.{listener.name.lower()}."
+        scoped.update(
+            {prefix + key: value for key, value in listener.properties.items()}
+        )
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         # Kafka 4.x dynamic quorum: `storage format --standalone` makes this
         # node the only voter, so controller.quorum.voters must stay unset.
         "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": ",".join(bound),
+        "advertised.listeners": ",".join(advertised),
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": ",".join(protocols),
         "log.dirs": str(log_dir),
         "num.partitions": "1",
         "auto.create.topics.enable": "true",
@@ -326,6 +380,7 @@ def _server_properties(port: int, controller_port: int, log_dir: Path) -> str:
         # about 4 s to about 1.5 s (measured on a 2-core VM, confluent-kafka
         # 2.16).
         "offsets.topic.num.partitions": "1",
+        **scoped,
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
@@ -345,6 +400,9 @@ class LocalKafkaBroker:
         version: Apache Kafka version to resolve with Maven.
         cache_dir: Root of the jar cache. Defaults to AGOGOSML_CACHE_DIR or
             ~/.cache/agogosml.
+        listeners: Listeners in addition to PLAINTEXT on 127.0.0.1, for
+            clients that cannot reach the loopback address (containers) or
+            that need TLS or SASL.
     """
 
     def __init__(
@@ -353,10 +411,18 @@ class LocalKafkaBroker:
         *,
         version: str = DEFAULT_KAFKA_VERSION,
         cache_dir: Path | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
+        names = [listener.name for listener in listeners]
+        if len(set(names)) != len(names):
+            raise BrokerError(
+                f"listener names must be unique, got {names}. Rename the duplicates."
+            )
         self.version = version
         self.cache_dir = cache_dir or default_cache_dir()
         self._requested_port = port
+        self._listeners = tuple(listeners)
+        self._listener_ports: list[tuple[Listener, int]] = []
         self._port: int | None = None
         self._work_dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -373,6 +439,18 @@ class LocalKafkaBroker:
         if self._port is None or self._process is None:
             raise BrokerError("the broker is not running. Call start() first.")
         return f"{HOST}:{self._port}"
+
+    def listener_address(self, name: str) -> str:
+        """Return the host:port that clients of listener `name` connect to."""
+        if self._port is None or self._process is None:
+            raise BrokerError("the broker is not running. Call start() first.")
+        for listener, port in self._listener_ports:
+            if listener.name == name:
+                return f"{listener.host}:{port}"
+        known = [listener.name for listener in self._listeners]
+        raise BrokerError(
+            f"the broker has no listener {name!r}. Its listeners: {known}."
+        )
 
     @property
     def log_path(self) -> Path | None:
@@ -438,9 +516,17 @@ class LocalKafkaBroker:
             _check_port_free(self._requested_port)
         port = self._requested_port or _free_port()
         controller_port = _free_port()
+        self._listener_ports = []
+        for listener in self._listeners:
+            if listener.port is not None:
+                _check_port_free(listener.port, listener.host)
+            listener_port = listener.port or _free_port(listener.host)
+            self._listener_ports.append((listener, listener_port))
         config_path = self._work_dir / "server.properties"
         config_path.write_text(
-            _server_properties(port, controller_port, self._work_dir / "data")
+            _server_properties(
+                port, controller_port, self._work_dir / "data", self._listener_ports
+            )
         )
         log4j_path = self._work_dir / "log4j2.properties"
         log4j_path.write_text(LOG4J2_PROPERTIES)
