@@ -1,13 +1,15 @@
 """Service settings, read from environment variables and validated at start-up.
 
 Each service has one frozen settings model with its own prefix (``READER_``,
-``WRITER_``, ``APP_``); the Kafka client settings (``KAFKA_``) are shared by the
-reader and the writer. `load_settings` turns a validation failure into a
-`ConfigurationError` that names the variable, the value and the fix.
+``WRITER_``, ``APP_``); the Kafka client settings (``KAFKA_``) and the Azure
+Event Hubs settings (``EVENTHUB_``) are shared by the reader and the writer.
+`load_settings` turns a validation failure into a `ConfigurationError` that
+names the variable, the value and the fix.
 """
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 import re
@@ -34,6 +36,7 @@ class Transport(enum.StrEnum):
     """Transport of a source or sink."""
 
     KAFKA = "kafka"
+    EVENTHUBS = "eventhubs"
     FILE = "file"
 
 
@@ -77,6 +80,7 @@ _GUARANTEED_PROPERTIES = frozenset(
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
 _SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
+_BLOB_CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 
 
 class KafkaSettings(BaseSettings):
@@ -234,6 +238,204 @@ class KafkaSettings(BaseSettings):
         return config
 
 
+class EventHubsTransportType(enum.StrEnum):
+    """Protocol between the Event Hubs clients and the service."""
+
+    AMQP = "amqp"
+    WEBSOCKET = "websocket"
+
+
+class EventHubSettings(BaseSettings):
+    """Azure Event Hubs client settings shared by the reader and the writer.
+
+    The clients authenticate with a connection string (shared access key), or
+    with Azure AD through ``DefaultAzureCredential`` when only the namespace is
+    set. The reader also needs a blob container for checkpoints and partition
+    ownership.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EVENTHUB_", **_FROZEN)  # type: ignore[typeddict-item]
+
+    connection_string: SecretStr = Field(
+        SecretStr(""),
+        description="EVENTHUB_CONNECTION_STRING: connection string of the namespace "
+        "or of the hub, from its Shared access policies.",
+    )
+    fully_qualified_namespace: str = Field(
+        "",
+        description="EVENTHUB_FULLY_QUALIFIED_NAMESPACE: "
+        "<namespace>.servicebus.windows.net; set it instead of the connection "
+        "string to authenticate with Azure AD (DefaultAzureCredential).",
+    )
+    consumer_group: str = Field(
+        "$Default",
+        min_length=1,
+        description="EVENTHUB_CONSUMER_GROUP: consumer group of the input reader.",
+    )
+    starting_position: str = Field(
+        "earliest",
+        description="EVENTHUB_STARTING_POSITION: where a partition without a "
+        "checkpoint starts: earliest, latest, or an ISO 8601 enqueued time such "
+        "as 2026-01-31T12:00:00+00:00.",
+    )
+    checkpoint_store_connection_string: SecretStr = Field(
+        SecretStr(""),
+        description="EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING: connection "
+        "string of the storage account that keeps checkpoints and partition "
+        "ownership (reader).",
+    )
+    checkpoint_store_account_url: str = Field(
+        "",
+        description="EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL: "
+        "https://<account>.blob.core.windows.net; set it instead of the storage "
+        "connection string to authenticate with Azure AD (reader).",
+    )
+    checkpoint_store_container: str = Field(
+        "",
+        description="EVENTHUB_CHECKPOINT_STORE_CONTAINER: blob container of the "
+        "checkpoints, created if missing (reader).",
+    )
+    checkpoint_interval_ms: int = Field(
+        5000,
+        ge=10,
+        description="EVENTHUB_CHECKPOINT_INTERVAL_MS: how often finished events "
+        "are checkpointed, in milliseconds; each checkpoint is one blob write "
+        "per partition that made progress.",
+    )
+    load_balancing_interval_ms: int = Field(
+        30000,
+        ge=1000,
+        description="EVENTHUB_LOAD_BALANCING_INTERVAL_MS: how often a reader "
+        "claims and renews partition ownership, in milliseconds. Ownership "
+        "expires after six intervals without renewal.",
+    )
+    prefetch: int = Field(
+        300,
+        ge=1,
+        description="EVENTHUB_PREFETCH: events each partition receiver fetches ahead.",
+    )
+    max_batch_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="EVENTHUB_MAX_BATCH_BYTES: largest batch the writer sends, in "
+        "bytes. Unset means the hub's maximum message size.",
+    )
+    send_timeout_ms: int = Field(
+        60000,
+        ge=1000,
+        description="EVENTHUB_SEND_TIMEOUT_MS: how long the producer tries to "
+        "send one batch before it reports the batch failed, in milliseconds.",
+    )
+    transport_type: EventHubsTransportType = Field(
+        EventHubsTransportType.AMQP,
+        description="EVENTHUB_TRANSPORT_TYPE: amqp (port 5671) or websocket (AMQP "
+        "over WebSocket, port 443).",
+    )
+
+    @field_validator("fully_qualified_namespace")
+    @classmethod
+    def _bare_host_name(cls, value: str) -> str:
+        if "://" in value or "/" in value:
+            raise ValueError(
+                "give the host name alone, such as "
+                "mynamespace.servicebus.windows.net, without scheme or path"
+            )
+        return value
+
+    @field_validator("starting_position")
+    @classmethod
+    def _known_position(cls, value: str) -> str:
+        if value in ("earliest", "latest"):
+            return value
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                "use earliest, latest, or an ISO 8601 time with a UTC offset"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValueError("add a UTC offset to the time, such as +00:00")
+        return value
+
+    @field_validator("checkpoint_store_container")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if value and not _BLOB_CONTAINER.fullmatch(value):
+            raise ValueError(
+                "a blob container name has 3 to 63 lower-case letters, digits and "
+                "single hyphens, and starts with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> EventHubSettings:
+        connection_string = self.connection_string.get_secret_value()
+        if connection_string and self.fully_qualified_namespace:
+            raise ValueError(
+                "both EVENTHUB_CONNECTION_STRING and "
+                "EVENTHUB_FULLY_QUALIFIED_NAMESPACE are set; unset the namespace "
+                "to use the connection string, or the connection string to use "
+                "Azure AD"
+            )
+        if not connection_string and not self.fully_qualified_namespace:
+            raise ValueError(
+                "set EVENTHUB_CONNECTION_STRING, or "
+                "EVENTHUB_FULLY_QUALIFIED_NAMESPACE to authenticate with Azure AD"
+            )
+        if connection_string:
+            _check_eventhubs_connection_string(connection_string)
+        if (
+            self.checkpoint_store_connection_string.get_secret_value()
+            and self.checkpoint_store_account_url
+        ):
+            raise ValueError(
+                "both EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING and "
+                "EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL are set; keep one"
+            )
+        return self
+
+    def namespace(self) -> str:
+        """Return the fully qualified namespace, from the connection string if set."""
+        connection_string = self.connection_string.get_secret_value()
+        if not connection_string:
+            return self.fully_qualified_namespace
+        from azure.eventhub import parse_connection_string
+
+        return parse_connection_string(connection_string).fully_qualified_namespace
+
+    def hub_in_connection_string(self) -> str | None:
+        """Return the EntityPath of a hub-level connection string, else None."""
+        connection_string = self.connection_string.get_secret_value()
+        if not connection_string:
+            return None
+        from azure.eventhub import parse_connection_string
+
+        return parse_connection_string(connection_string).eventhub_name
+
+    def sdk_starting_position(self) -> str | datetime.datetime:
+        """Return the starting position in the form the SDK's receive() takes."""
+        if self.starting_position == "earliest":
+            return "-1"
+        if self.starting_position == "latest":
+            return "@latest"
+        return datetime.datetime.fromisoformat(self.starting_position)
+
+
+def _check_eventhubs_connection_string(value: str) -> None:
+    """Raise ValueError, without the secret, if the SDK cannot parse `value`."""
+    from azure.eventhub import parse_connection_string
+
+    try:
+        parse_connection_string(value)
+    except ValueError as exc:
+        raise ValueError(
+            f"EVENTHUB_CONNECTION_STRING is malformed ({exc}); copy it from the "
+            "namespace's or hub's Shared access policies, in the form "
+            "Endpoint=sb://<namespace>.servicebus.windows.net/;"
+            "SharedAccessKeyName=<policy>;SharedAccessKey=<key>"
+        ) from None
+
+
 class _ServiceSettings(BaseSettings):
     host: str = Field(
         "127.0.0.1",
@@ -255,13 +457,13 @@ class ReaderSettings(_ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="READER_", **_FROZEN)  # type: ignore[typeddict-item]
 
     source: Transport = Field(
-        Transport.FILE, description="READER_SOURCE: kafka or file."
+        Transport.FILE, description="READER_SOURCE: kafka, eventhubs or file."
     )
     input: str = Field(
         ...,
         min_length=1,
-        description="READER_INPUT: comma-separated topics (kafka) or a JSON Lines "
-        "file path, '-' for stdin (file).",
+        description="READER_INPUT: comma-separated topics (kafka), one event hub "
+        "(eventhubs) or a JSON Lines file path, '-' for stdin (file).",
     )
     app_url: AnyHttpUrl = Field(
         ..., description="READER_APP_URL: base URL of the model app."
@@ -277,8 +479,9 @@ class ReaderSettings(_ServiceSettings):
     )
     dead_letter: str = Field(
         "",
-        description="READER_DEAD_LETTER: dead-letter topic (kafka) or file (file). "
-        "Default: '<first input>.dlq' for kafka, '<input>.dlq.jsonl' for files.",
+        description="READER_DEAD_LETTER: dead-letter topic (kafka), event hub "
+        "(eventhubs) or file (file). Default: '<first input>.dlq' for kafka and "
+        "eventhubs, '<input>.dlq.jsonl' for files.",
     )
     port: int = Field(
         8081,
@@ -383,6 +586,11 @@ class ReaderSettings(_ServiceSettings):
                 f"READER_INPUT={self.input!r} names no topic; set it to one or more "
                 "comma-separated topic names"
             )
+        if self.source is Transport.EVENTHUBS and len(self.topics()) != 1:
+            raise ValueError(
+                f"READER_INPUT={self.input!r} must name exactly one event hub; run "
+                "one reader per hub"
+            )
         return self
 
     def topics(self) -> list[str]:
@@ -393,7 +601,7 @@ class ReaderSettings(_ServiceSettings):
         """Return the dead-letter topic or file, applying the default."""
         if self.dead_letter:
             return self.dead_letter
-        if self.source is Transport.KAFKA:
+        if self.source in (Transport.KAFKA, Transport.EVENTHUBS):
             return f"{self.topics()[0]}.dlq"
         if self.input == "-":
             return "dead-letter.jsonl"
@@ -405,12 +613,14 @@ class WriterSettings(_ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="WRITER_", **_FROZEN)  # type: ignore[typeddict-item]
 
-    sink: Transport = Field(Transport.FILE, description="WRITER_SINK: kafka or file.")
+    sink: Transport = Field(
+        Transport.FILE, description="WRITER_SINK: kafka, eventhubs or file."
+    )
     output: str = Field(
         ...,
         min_length=1,
-        description="WRITER_OUTPUT: topic (kafka) or JSON Lines file path, '-' "
-        "for stdout (file).",
+        description="WRITER_OUTPUT: topic (kafka), event hub (eventhubs) or JSON "
+        "Lines file path, '-' for stdout (file).",
     )
     port: int = Field(
         8082,

@@ -38,7 +38,22 @@ class SourceError(TransportError):
 
 
 class SinkError(TransportError):
-    """A sink did not acknowledge every record it was given."""
+    """A sink did not acknowledge every record it was given.
+
+    Attributes:
+        failures: Message id of each record known not to be written, with the
+            reason. Empty when the sink cannot tell records apart.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retriable: bool = True,
+        failures: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retriable=retriable)
+        self.failures = failures or {}
 
 
 class AppRequestError(AgogosmlError):

@@ -6,12 +6,18 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from agogosml.app import AppSettings
-from agogosml.config import KafkaSettings, ReaderSettings, WriterSettings
+from agogosml.config import (
+    EventHubSettings,
+    KafkaSettings,
+    ReaderSettings,
+    WriterSettings,
+)
 
 SECTIONS: list[tuple[str, type[BaseSettings]]] = [
     ("Input reader", ReaderSettings),
     ("Output writer", WriterSettings),
     ("Kafka (reader and writer)", KafkaSettings),
+    ("Azure Event Hubs (reader and writer)", EventHubSettings),
     ("Model apps built on agogosml.app.ModelApp", AppSettings),
 ]
 

@@ -29,7 +29,9 @@ async def serve_reader(settings: ReaderSettings) -> None:
     if settings.transform:
         transform = import_object(settings.transform, "READER_TRANSFORM")
     source = build_source(settings)
-    dead_letter = build_sink(settings.source, settings.dead_letter_target())
+    dead_letter = build_sink(
+        settings.source, settings.dead_letter_target(), variable="READER_DEAD_LETTER"
+    )
     client = AppClient(
         str(settings.app_url),
         token=settings.app_token.get_secret_value(),

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from agogosml.config import KafkaSettings, ReaderSettings, Transport, load_settings
+from agogosml.config import (
+    EventHubSettings,
+    KafkaSettings,
+    ReaderSettings,
+    Transport,
+    load_settings,
+)
 from agogosml.transports.base import Sink, Source
 
 
@@ -16,6 +22,14 @@ def build_source(settings: ReaderSettings) -> Source:
             settings.topics(),
             revoke_timeout_seconds=settings.shutdown_timeout_ms / 1000,
         )
+    if settings.source is Transport.EVENTHUBS:
+        from agogosml.transports.eventhubs import EventHubsSource
+
+        return EventHubsSource(
+            load_settings(EventHubSettings),
+            settings.topics()[0],
+            revoke_timeout_seconds=settings.shutdown_timeout_ms / 1000,
+        )
     from agogosml.transports.file import FileSource
 
     return FileSource(
@@ -25,12 +39,25 @@ def build_source(settings: ReaderSettings) -> Source:
     )
 
 
-def build_sink(transport: Transport, target: str, *, fsync: bool = True) -> Sink:
-    """Return a sink writing to a Kafka topic or a JSON Lines file."""
+def build_sink(
+    transport: Transport,
+    target: str,
+    *,
+    fsync: bool = True,
+    variable: str = "WRITER_OUTPUT",
+) -> Sink:
+    """Return a sink writing to a Kafka topic, an event hub or a JSON Lines file.
+
+    `variable` names the setting that `target` came from, for error messages.
+    """
     if transport is Transport.KAFKA:
         from agogosml.transports.kafka import KafkaSink
 
         return KafkaSink(load_settings(KafkaSettings), target)
+    if transport is Transport.EVENTHUBS:
+        from agogosml.transports.eventhubs import EventHubsSink
+
+        return EventHubsSink(load_settings(EventHubSettings), target, variable=variable)
     from agogosml.transports.file import FileSink
 
     return FileSink(target, fsync=fsync)

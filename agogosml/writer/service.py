@@ -163,6 +163,7 @@ class OutputWriter:
                 "sink did not acknowledge records",
                 extra={
                     "message_ids": [e.id for e in envelopes[:20]],
+                    "failed_ids": list(exc.failures)[:20],
                     "error": str(exc),
                     "retriable": exc.retriable,
                 },

@@ -1,0 +1,215 @@
+"""Event Hubs sink: a producer that sends envelopes in size-limited batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from azure.eventhub import EventDataBatch
+from azure.eventhub.aio import EventHubProducerClient
+from azure.eventhub.exceptions import EventDataError, EventHubError
+
+from agogosml.config import EventHubSettings
+from agogosml.envelope import Envelope
+from agogosml.errors import SinkError
+from agogosml.transports.base import Sink
+from agogosml.transports.eventhubs import clients
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _KeyBatches:
+    """The batches of one partition key, in order, with their envelopes."""
+
+    key: str | None
+    batches: list[tuple[EventDataBatch, list[Envelope]]] = field(default_factory=list)
+
+
+class EventHubsSink(Sink):
+    """Send envelopes to one event hub; `send` returns once every batch was accepted.
+
+    Envelopes are grouped by partition key, keeping their order within a key,
+    and packed into batches up to the hub's maximum message size (or
+    EVENTHUB_MAX_BATCH_BYTES). Batches of one key are sent one after another;
+    different keys are sent concurrently. After a batch fails, the later
+    batches of its key are not sent, so a retry keeps the key's order.
+    """
+
+    def __init__(
+        self,
+        settings: EventHubSettings,
+        hub: str,
+        *,
+        variable: str = "WRITER_OUTPUT",
+        producer: EventHubProducerClient | None = None,
+    ) -> None:
+        clients.check_hub(settings, hub, variable)
+        self._settings = settings
+        self._hub = hub
+        self._producer = producer
+        self._owns_producer = producer is None
+        self._credential: Any = None
+        self._started = False
+        self._failing = False
+
+    @property
+    def connected(self) -> bool:
+        """Whether the producer is started and its last send did not fail."""
+        return self._started and not self._failing
+
+    async def start(self) -> None:
+        """Create the producer and check that the hub exists and accepts it."""
+        if self._producer is None:
+            self._producer, self._credential = clients.new_producer(
+                self._settings, self._hub
+            )
+        try:
+            properties = await self._producer.get_eventhub_properties()
+        except EventHubError as exc:
+            await self._close()
+            raise SinkError(
+                f"cannot open event hub {self._hub!r}: {type(exc).__name__}: "
+                f"{str(exc)[:300]}; check that the hub exists and that the "
+                "EVENTHUB_ credentials may send to it",
+                retriable=False,
+            ) from None
+        self._started = True
+        logger.info(
+            "eventhubs sink started",
+            extra={
+                "hub": self._hub,
+                "partitions": len(properties.get("partition_ids", [])),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Close the producer; every `send` has returned by then."""
+        self._started = False
+        await self._close()
+        logger.info("eventhubs sink stopped", extra={"hub": self._hub})
+
+    async def _close(self) -> None:
+        if self._producer is not None and self._owns_producer:
+            await self._producer.close()
+            self._producer = None
+        if self._credential is not None:
+            await self._credential.close()
+            self._credential = None
+
+    async def send(self, envelopes: Sequence[Envelope]) -> None:
+        """Send every envelope and wait until the service accepted each batch.
+
+        Raises:
+            SinkError: when an event is too large for an empty batch (before
+                any event is sent, not retriable), or when a batch was not
+                accepted. ``failures`` maps each unsent message id to why.
+        """
+        if self._producer is None or not self._started:
+            raise SinkError("Event Hubs sink is not started", retriable=True)
+        groups = await self._pack(envelopes)
+        failures: dict[str, str] = {}
+        retriable = await asyncio.gather(
+            *(self._send_key(group, failures) for group in groups)
+        )
+        if failures:
+            first_id, first_reason = next(iter(failures.items()))
+            raise SinkError(
+                f"{len(failures)} of {len(envelopes)} events were not accepted by "
+                f"event hub {self._hub!r}; event {first_id!r}: {first_reason}",
+                retriable=all(retriable),
+                failures=failures,
+            )
+
+    async def _pack(self, envelopes: Sequence[Envelope]) -> list[_KeyBatches]:
+        """Pack envelopes into batches per partition key, checking every size first.
+
+        Rejecting an oversized event before the first send keeps such a request
+        all-or-nothing: otherwise the events before it would be written, and
+        written again when the request is retried.
+        """
+        groups: dict[str | None, _KeyBatches] = {}
+        too_large: dict[str, str] = {}
+        for envelope in envelopes:
+            key = clients.partition_key(envelope)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _KeyBatches(key)
+            reason = await self._add(group, envelope)
+            if reason:
+                too_large[envelope.id] = reason
+        if too_large:
+            first_id, reason = next(iter(too_large.items()))
+            raise SinkError(
+                f"{len(too_large)} of {len(envelopes)} events are too large for "
+                f"event hub {self._hub!r}, so no event of this request was sent; "
+                f"event {first_id!r}: {reason}",
+                retriable=False,
+                failures=too_large,
+            )
+        return list(groups.values())
+
+    async def _add(self, group: _KeyBatches, envelope: Envelope) -> str:
+        """Add an envelope to the group's last batch, or to a new one when full.
+
+        Returns:
+            Why the event fits no batch, or "" when it was added.
+        """
+        event = clients.to_event(envelope)
+        if group.batches:
+            batch, members = group.batches[-1]
+            try:
+                batch.add(event)
+            except ValueError:
+                pass
+            else:
+                members.append(envelope)
+                return ""
+        batch = await self._new_batch(group.key)
+        try:
+            batch.add(event)
+        except ValueError:
+            return (
+                f"it is {len(envelope.value)} bytes of value plus key and headers, "
+                f"over the batch limit of {batch.max_size_in_bytes} bytes; send a "
+                "smaller value (the hub's maximum message size is set by its tier)"
+            )
+        group.batches.append((batch, [envelope]))
+        return ""
+
+    async def _new_batch(self, key: str | None) -> EventDataBatch:
+        assert self._producer is not None
+        return await self._producer.create_batch(
+            partition_key=key, max_size_in_bytes=self._settings.max_batch_bytes
+        )
+
+    async def _send_key(self, group: _KeyBatches, failures: dict[str, str]) -> bool:
+        """Send the batches of one key in order; return whether failures may pass."""
+        assert self._producer is not None
+        timeout = self._settings.send_timeout_ms / 1000
+        for index, (batch, members) in enumerate(group.batches):
+            try:
+                await self._producer.send_batch(batch, timeout=timeout)
+            except EventHubError as exc:
+                self._failing = not isinstance(exc, EventDataError)
+                reason = f"send failed: {type(exc).__name__}: {str(exc)[:300]}"
+                self._fail(failures, members, reason)
+                for _, later in group.batches[index + 1 :]:
+                    self._fail(
+                        failures,
+                        later,
+                        "not sent, because an earlier batch with the same "
+                        "partition key failed",
+                    )
+                return not isinstance(exc, EventDataError)
+            self._failing = False
+        return True
+
+    def _fail(
+        self, failures: dict[str, str], members: list[Envelope], reason: str
+    ) -> None:
+        for envelope in members:
+            failures[envelope.id] = reason
