@@ -317,6 +317,10 @@ class Listener:
         properties: Settings of this listener only, without the
             ``listener.name.<name>.`` prefix, such as
             ``sasl.enabled.mechanisms`` or ``ssl.keystore.location``.
+        advertised_host: Address given to clients when it differs from the
+            bound one. A listener for containers on a Podman network binds
+            0.0.0.0, because the network's gateway address exists only
+            while a container is attached, and advertises the gateway.
     """
 
     name: str
@@ -324,6 +328,12 @@ class Listener:
     port: int | None = None
     protocol: str = "PLAINTEXT"
     properties: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    advertised_host: str | None = None
+
+    @property
+    def client_host(self) -> str:
+        """The address that clients of this listener connect to."""
+        return self.advertised_host or self.host
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.name):
@@ -350,7 +360,7 @@ def _server_properties(
     scoped: dict[str, str] = {}
     for listener, listener_port in listeners:
         bound.append(f"{listener.name}://{listener.host}:{listener_port}")
-        advertised.append(f"{listener.name}://{listener.host}:{listener_port}")
+        advertised.append(f"{listener.name}://{listener.client_host}:{listener_port}")
         protocols.append(f"{listener.name}:{listener.protocol}")
         prefix = f"listener.name.{listener.name.lower()}."
         scoped.update(
@@ -446,7 +456,7 @@ class LocalKafkaBroker:
             raise BrokerError("the broker is not running. Call start() first.")
         for listener, port in self._listener_ports:
             if listener.name == name:
-                return f"{listener.host}:{port}"
+                return f"{listener.client_host}:{port}"
         known = [listener.name for listener in self._listeners]
         raise BrokerError(
             f"the broker has no listener {name!r}. Its listeners: {known}."
