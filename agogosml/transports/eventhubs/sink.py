@@ -54,12 +54,16 @@ class EventHubsSink(Sink):
         self._owns_producer = producer is None
         self._credential: Any = None
         self._started = False
-        self._failing = False
 
     @property
     def connected(self) -> bool:
-        """Whether the producer is started and its last send did not fail."""
-        return self._started and not self._failing
+        """Whether the producer is started.
+
+        A failed send does not count as disconnected: the writer rejects
+        requests while its sink is not connected, so no later send could
+        succeed and show that the hub is back.
+        """
+        return self._started
 
     async def start(self) -> None:
         """Create the producer and check that the hub exists and accepts it."""
@@ -194,7 +198,6 @@ class EventHubsSink(Sink):
             try:
                 await self._producer.send_batch(batch, timeout=timeout)
             except EventHubError as exc:
-                self._failing = not isinstance(exc, EventDataError)
                 reason = f"send failed: {type(exc).__name__}: {str(exc)[:300]}"
                 self._fail(failures, members, reason)
                 for _, later in group.batches[index + 1 :]:
@@ -205,7 +208,6 @@ class EventHubsSink(Sink):
                         "partition key failed",
                     )
                 return not isinstance(exc, EventDataError)
-            self._failing = False
         return True
 
     def _fail(
