@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from agogosml import AgogosmlError, __version__
+from agogosml_cli.container_commands import COMMANDS as CONTAINER_COMMANDS
 from agogosml_cli.generate import generate
 from agogosml_cli.init import init
 from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
@@ -156,7 +157,7 @@ def settings() -> None:
 
 cli.add_command(init)
 cli.add_command(generate)
-for command in RELEASE_COMMANDS:
+for command in [*RELEASE_COMMANDS, *CONTAINER_COMMANDS]:
     cli.add_command(command)
 
 if __name__ == "__main__":

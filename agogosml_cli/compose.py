@@ -1,0 +1,533 @@
+"""Read a docker-compose file into the plan that `agogosml up` carries out.
+
+`agogosml up` runs a compose file through the Docker Engine API, so that it
+works wherever that API answers, Podman's included, without the compose
+plugin. It supports the part of the Compose Specification that pipelines
+use: services with an image or a build, environment, ports, bind and named
+volumes, entrypoint, command, user, labels, health checks, restart policies
+and `depends_on` conditions. A key outside that part stops `up` with the key's
+name, so nothing is silently dropped.
+
+Variables in values are interpolated as Compose does (``$VAR``, ``${VAR}``,
+``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}``, ``$$``) from the
+environment, then from the ``.env`` file next to the compose file.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agogosml.errors import AgogosmlError
+
+#: Label that marks the services a pipeline's own Kafka broker consists of.
+#: ``agogosml up --kafka`` skips them and points the others at another broker.
+KAFKA_ROLE_LABEL = "io.agogosml.role"
+KAFKA_ROLE = "kafka"
+
+_SERVICE_KEYS = {
+    "build",
+    "command",
+    "container_name",
+    "depends_on",
+    "entrypoint",
+    "environment",
+    "healthcheck",
+    "image",
+    "labels",
+    "ports",
+    "read_only",
+    "restart",
+    "tmpfs",
+    "user",
+    "volumes",
+}
+_TOP_LEVEL_KEYS = {"name", "services", "volumes", "version"}
+_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+_RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})"
+)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
+_DURATION_UNITS_NS = {"us": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+
+
+class ComposeError(AgogosmlError):
+    """A compose file that `agogosml up` cannot run, with the reason and fix."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """The ``build`` section of a service."""
+
+    context: Path
+    dockerfile: str = "Dockerfile"
+    args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A health check, with durations in nanoseconds as the Engine API takes them."""
+
+    test: list[str]
+    interval_ns: int = 30_000_000_000
+    timeout_ns: int = 30_000_000_000
+    retries: int = 3
+    start_period_ns: int = 0
+
+    def to_api(self) -> dict[str, Any]:
+        """Return the check in the form of the Engine API's ``Healthcheck``."""
+        return {
+            "test": self.test,
+            "interval": self.interval_ns,
+            "timeout": self.timeout_ns,
+            "retries": self.retries,
+            "start_period": self.start_period_ns,
+        }
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One entry of ``depends_on``."""
+
+    service: str
+    condition: str = "service_started"
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Port:
+    """A published port."""
+
+    container_port: int
+    host_port: int | None
+    host_ip: str | None = None
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount (``source`` is a host path) or a named volume."""
+
+    source: str
+    target: str
+    read_only: bool = False
+    named: bool = False
+
+
+@dataclass
+class Service:
+    """One service of the compose file, interpolated and checked."""
+
+    name: str
+    image: str | None = None
+    build: Build | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    ports: list[Port] = field(default_factory=list)
+    mounts: list[Mount] = field(default_factory=list)
+    tmpfs: list[str] = field(default_factory=list)
+    depends_on: list[Dependency] = field(default_factory=list)
+    healthcheck: HealthCheck | None = None
+    entrypoint: list[str] | None = None
+    command: list[str] | None = None
+    user: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    restart: str = "no"
+    read_only: bool = False
+    container_name: str | None = None
+
+    @property
+    def is_kafka(self) -> bool:
+        """True for the services of the pipeline's own Kafka broker."""
+        return self.labels.get(KAFKA_ROLE_LABEL) == KAFKA_ROLE
+
+
+@dataclass
+class ComposeProject:
+    """A compose file ready to run: its name, directory and services."""
+
+    name: str
+    directory: Path
+    services: dict[str, Service]
+    volumes: list[str] = field(default_factory=list)
+
+    @property
+    def network(self) -> str:
+        """Name of the project's default network, as Compose names it."""
+        return f"{self.name}_default"
+
+    def container_name(self, service: Service) -> str:
+        """Return the container's name, as Compose names a service's first one."""
+        return service.container_name or f"{self.name}-{service.name}-1"
+
+    def start_order(self) -> list[Service]:
+        """Return the services so that each comes after those it depends on."""
+        graph = {
+            name: {dependency.service for dependency in service.depends_on}
+            for name, service in self.services.items()
+        }
+        try:
+            order = list(graph_order(graph))
+        except graphlib.CycleError as error:
+            cycle = " -> ".join(error.args[1])
+            raise ComposeError(
+                f"depends_on forms a cycle: {cycle}. Remove one of these dependencies."
+            ) from None
+        return [self.services[name] for name in order]
+
+    def use_external_kafka(self, bootstrap_servers: str) -> list[str]:
+        """Drop the project's Kafka services and point the others at another broker.
+
+        Returns:
+            The names of the dropped services.
+        """
+        dropped = [name for name, service in self.services.items() if service.is_kafka]
+        if not dropped:
+            raise ComposeError(
+                f"no service carries the label {KAFKA_ROLE_LABEL}={KAFKA_ROLE}, so "
+                "--kafka has no broker service to replace. Label the broker "
+                "services, or leave out --kafka."
+            )
+        for name in dropped:
+            del self.services[name]
+        for service in self.services.values():
+            service.depends_on = [
+                dependency
+                for dependency in service.depends_on
+                if dependency.service not in dropped
+            ]
+            if "KAFKA_BOOTSTRAP_SERVERS" in service.environment:
+                service.environment["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap_servers
+        return dropped
+
+
+def graph_order(graph: Mapping[str, set[str]]) -> tuple[str, ...]:
+    """Return the nodes of `graph` with every node after its dependencies."""
+    return tuple(graphlib.TopologicalSorter(graph).static_order())
+
+
+def load_compose(
+    path: Path, environ: Mapping[str, str], project_name: str | None = None
+) -> ComposeProject:
+    """Read, interpolate and check a compose file.
+
+    Args:
+        path: The compose file.
+        environ: Variables for interpolation. They take precedence over the
+            ``.env`` file next to the compose file.
+        project_name: Overrides the file's ``name``.
+
+    Raises:
+        ComposeError: The file is missing, is not YAML, or uses something
+            that `agogosml up` does not support. The message names the key.
+    """
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ComposeError(
+            f"cannot read the compose file {path}: {error.strerror}. "
+            "Run the command in a generated project, or pass --file."
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ComposeError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
+        raise ComposeError(f"{path} has no services mapping. Add a services: section.")
+    variables = {**read_env_file(path.parent / ".env"), **environ}
+    data = _interpolate(raw, variables, "")
+    _reject_unknown(data, _TOP_LEVEL_KEYS, "the top level")
+    name = project_name or data.get("name") or path.parent.name
+    name = re.sub(r"[^a-z0-9_-]", "", str(name).lower())
+    if not name:
+        raise ComposeError(
+            f"cannot derive a project name from {path}. Add name: to the file."
+        )
+    directory = path.parent.resolve()
+    services = {
+        service_name: _service(service_name, spec or {}, directory)
+        for service_name, spec in data["services"].items()
+    }
+    volumes = list((data.get("volumes") or {}).keys())
+    for service in services.values():
+        for dependency in service.depends_on:
+            if dependency.service not in services:
+                raise ComposeError(
+                    f"service {service.name} depends on {dependency.service}, "
+                    f"which is not defined. Defined services: {sorted(services)}."
+                )
+        for mount in service.mounts:
+            if mount.named and mount.source not in volumes:
+                raise ComposeError(
+                    f"service {service.name} mounts the volume {mount.source}, which "
+                    "the top-level volumes: section does not declare. Declare it."
+                )
+    return ComposeProject(
+        name=name, directory=directory, services=services, volumes=volumes
+    )
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Return the variables of a Compose ``.env`` file, or {} if there is none."""
+    if not path.is_file():
+        return {}
+    variables = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.removeprefix("export ").split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        variables[key.strip()] = value
+    return variables
+
+
+def interpolate(text: str, variables: Mapping[str, str], where: str = "") -> str:
+    """Replace Compose variable references in `text`."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["plain"] or match["braced"]
+        op, arg = match["op"], match["arg"] or ""
+        value = variables.get(name)
+        unset_or_empty = value is None or (value == "" and op and op.startswith(":"))
+        if op in ("-", ":-") and (value is None if op == "-" else unset_or_empty):
+            return interpolate(arg, variables, where)
+        if op in ("?", ":?") and (value is None if op == "?" else unset_or_empty):
+            raise ComposeError(
+                f"{where or 'a value'} needs the variable {name}: "
+                f"{arg or 'it is not set'}. Set {name} in the environment or .env."
+            )
+        return value or ""
+
+    return _VARIABLE.sub(replace, text)
+
+
+def parse_duration_ns(value: object, where: str) -> int:
+    """Return a Compose duration such as ``1m30s`` or ``500ms`` in nanoseconds."""
+    text = str(value).strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ComposeError(
+            f"{where} is {value!r}, which is not a duration. "
+            "Write it like 5s, 1m30s or 500ms."
+        )
+    return int(sum(float(number) * _DURATION_UNITS_NS[unit] for number, unit in parts))
+
+
+def _interpolate(value: Any, variables: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+        return interpolate(value, variables, where)
+    if isinstance(value, list):
+        return [_interpolate(item, variables, where) for item in value]
+    if isinstance(value, dict):
+        return {
+            key: _interpolate(item, variables, f"{where}.{key}".lstrip("."))
+            for key, item in value.items()
+        }
+    return value
+
+
+def _reject_unknown(data: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ComposeError(
+            f"{where} uses {', '.join(unknown)}, which agogosml up does not support. "
+            f"Supported keys: {', '.join(sorted(known))}. Run the file with docker "
+            "compose, or remove these keys."
+        )
+
+
+def _service(name: str, spec: Mapping[str, Any], directory: Path) -> Service:
+    where = f"service {name}"
+    if not isinstance(spec, Mapping):
+        raise ComposeError(f"{where} is not a mapping. Give it image: or build:.")
+    _reject_unknown(spec, _SERVICE_KEYS, where)
+    if "image" not in spec and "build" not in spec:
+        raise ComposeError(f"{where} has neither image: nor build:. Add one of them.")
+    restart = str(spec.get("restart", "no"))
+    if restart.split(":")[0] not in _RESTART_POLICIES:
+        raise ComposeError(
+            f"{where} has restart: {restart}. Use one of {sorted(_RESTART_POLICIES)}."
+        )
+    build = _build(spec["build"], directory, where) if "build" in spec else None
+    image = str(spec["image"]) if spec.get("image") else None
+    return Service(
+        name=name,
+        image=image,
+        build=build,
+        environment=_mapping(spec.get("environment"), f"{where} environment"),
+        ports=[_port(item, where) for item in spec.get("ports") or []],
+        mounts=[_mount(item, directory, where) for item in spec.get("volumes") or []],
+        tmpfs=_strings(spec.get("tmpfs"), f"{where} tmpfs") or [],
+        depends_on=_dependencies(spec.get("depends_on"), where),
+        healthcheck=_healthcheck(spec.get("healthcheck"), where),
+        entrypoint=_strings(spec.get("entrypoint"), f"{where} entrypoint"),
+        command=_strings(spec.get("command"), f"{where} command"),
+        user=str(spec["user"]) if spec.get("user") is not None else None,
+        labels=_mapping(spec.get("labels"), f"{where} labels"),
+        restart=restart,
+        read_only=bool(spec.get("read_only", False)),
+        container_name=spec.get("container_name"),
+    )
+
+
+def _build(spec: Any, directory: Path, where: str) -> Build:
+    if isinstance(spec, str):
+        return Build(context=(directory / spec).resolve())
+    if not isinstance(spec, Mapping):
+        raise ComposeError(f"{where} build is not a path or mapping. Write build: .")
+    _reject_unknown(spec, {"context", "dockerfile", "args"}, f"{where} build")
+    return Build(
+        context=(directory / str(spec.get("context", "."))).resolve(),
+        dockerfile=str(spec.get("dockerfile", "Dockerfile")),
+        args=_mapping(spec.get("args"), f"{where} build args"),
+    )
+
+
+def _mapping(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {
+            str(key): "" if item is None else _scalar(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        result = {}
+        for item in value:
+            key, _, item_value = str(item).partition("=")
+            result[key] = item_value
+        return result
+    raise ComposeError(f"{where} must be a mapping or a list of KEY=VALUE.")
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _strings(value: Any, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (
+            ["/bin/sh", "-c", value] if where.endswith("entrypoint") else value.split()
+        )
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    raise ComposeError(f"{where} must be a string or a list of strings.")
+
+
+def _port(value: Any, where: str) -> Port:
+    text = str(value)
+    protocol = "tcp"
+    if "/" in text:
+        text, protocol = text.split("/", 1)
+    parts = text.rsplit(":", 2)
+    try:
+        if len(parts) == 1:
+            return Port(int(parts[0]), None, protocol=protocol)
+        if len(parts) == 2:
+            return Port(int(parts[1]), int(parts[0]), protocol=protocol)
+        return Port(
+            int(parts[2]), int(parts[1]), host_ip=parts[0] or None, protocol=protocol
+        )
+    except ValueError:
+        raise ComposeError(
+            f"{where} publishes {value!r}, which agogosml up cannot read. "
+            "Write it as [IP:]HOST_PORT:CONTAINER_PORT, such as 127.0.0.1:8080:80."
+        ) from None
+
+
+def _mount(value: Any, directory: Path, where: str) -> Mount:
+    if not isinstance(value, str):
+        raise ComposeError(
+            f"{where} has a long-form volume, which agogosml up does not support. "
+            "Write it as SOURCE:TARGET[:ro]."
+        )
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise ComposeError(
+            f"{where} mounts {value!r}. Write it as SOURCE:TARGET or SOURCE:TARGET:ro."
+        )
+    source, target = parts[0], parts[1]
+    read_only = len(parts) == 3 and parts[2] == "ro"
+    if source.startswith((".", "/", "~")):
+        host_path = (directory / Path(source).expanduser()).resolve()
+        return Mount(str(host_path), target, read_only)
+    return Mount(source, target, read_only, named=True)
+
+
+def _dependencies(value: Any, where: str) -> list[Dependency]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [Dependency(str(name)) for name in value]
+    if not isinstance(value, Mapping):
+        raise ComposeError(f"{where} depends_on must be a list or a mapping.")
+    dependencies = []
+    for name, spec in value.items():
+        spec = spec or {}
+        condition = str(spec.get("condition", "service_started"))
+        if condition not in _CONDITIONS:
+            raise ComposeError(
+                f"{where} waits for {name} with condition {condition}. "
+                f"Use one of {sorted(_CONDITIONS)}."
+            )
+        dependencies.append(
+            Dependency(str(name), condition, bool(spec.get("required", True)))
+        )
+    return dependencies
+
+
+def _healthcheck(value: Any, where: str) -> HealthCheck | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ComposeError(f"{where} healthcheck must be a mapping.")
+    where = f"{where} healthcheck"
+    _reject_unknown(
+        value,
+        {"test", "interval", "timeout", "retries", "start_period", "disable"},
+        where,
+    )
+    if value.get("disable"):
+        return HealthCheck(test=["NONE"])
+    test = value.get("test")
+    if isinstance(test, str):
+        test = ["CMD-SHELL", test]
+    if (
+        not isinstance(test, list)
+        or not test
+        or test[0] not in ("CMD", "CMD-SHELL", "NONE")
+    ):
+        raise ComposeError(
+            f"{where} test must be a string or a list that starts with CMD, "
+            "CMD-SHELL or NONE."
+        )
+    check = HealthCheck(test=[str(item) for item in test])
+    durations = {
+        "interval_ns": value.get("interval"),
+        "timeout_ns": value.get("timeout"),
+        "start_period_ns": value.get("start_period"),
+    }
+    overrides: dict[str, Any] = {
+        key: parse_duration_ns(raw, f"{where} {key.removesuffix('_ns')}")
+        for key, raw in durations.items()
+        if raw is not None
+    }
+    if value.get("retries") is not None:
+        overrides["retries"] = int(value["retries"])
+    return HealthCheck(**{**check.__dict__, **overrides})

@@ -1,0 +1,295 @@
+"""The ``agogosml build``, ``up`` and ``down`` commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from agogosml import AgogosmlError, __version__
+from agogosml_cli.compose import ComposeProject, load_compose
+from agogosml_cli.containers import (
+    SAMPLE_MODEL,
+    SOURCE_IMAGES,
+    Engine,
+    ImageBuild,
+    ServiceState,
+    build_image,
+    down,
+    find_source_tree,
+    project_builds,
+    source_builds,
+    up,
+)
+
+COMPOSE_FILE = "docker-compose.yml"
+
+project_option = click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory of the generated project.",
+)
+file_option = click.option(
+    "--file",
+    "-f",
+    "compose_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Compose file. Default: {COMPOSE_FILE} in the project directory.",
+)
+base_image_option = click.option(
+    "--base-image",
+    envvar="AGOGOSML_BASE_IMAGE",
+    help="Base image of every build (BASE_IMAGE build argument). "
+    "Default: AGOGOSML_BASE_IMAGE, else the Dockerfiles' own default.",
+)
+env_option = click.option(
+    "--env",
+    "-e",
+    "variables",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Variable for the compose file's ${...} references, such as "
+    "APP_IMAGE=my-app:1. Repeatable. Overrides the environment and .env.",
+)
+
+
+def _console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{value!r} is not KEY=VALUE. Write it like APP_IMAGE=my-app:1.",
+                param_hint=option,
+            )
+        pairs[key] = item
+    return pairs
+
+
+def _load(
+    project: Path, compose_file: Path | None, variables: dict[str, str]
+) -> ComposeProject:
+    path = compose_file or project / COMPOSE_FILE
+    return load_compose(path, {**os.environ, **variables})
+
+
+def _connect() -> Engine:
+    return Engine()
+
+
+@click.command()
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Generated project: build its app image, and tag the reader and writer "
+    "images with the names its compose file uses.",
+)
+@click.option(
+    "--source",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="agogosml source tree with Dockerfile.input and Dockerfile.output. "
+    "Default: the tree the running agogosml comes from.",
+)
+@click.option(
+    "--only",
+    multiple=True,
+    type=click.Choice([*SOURCE_IMAGES, "app"]),
+    help="Build only these images. Repeatable. Default without --project: "
+    "reader, writer and sample-app; with --project: reader, writer and the "
+    "project's app.",
+)
+@click.option(
+    "--tag", default=__version__, show_default=True, help="Tag of the source images."
+)
+@click.option(
+    "--registry",
+    default="",
+    help="Registry prefix of the source images' names, such as myregistry.azurecr.io.",
+)
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help=f"Trained model for the sample app image; copied to {SAMPLE_MODEL} "
+    "in the source tree.",
+)
+@base_image_option
+@click.option(
+    "--build-arg",
+    "build_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Build argument. Repeatable.",
+)
+@click.option("--verbose", is_flag=True, help="Print every line of the build logs.")
+def build(
+    project: Path | None,
+    source: Path | None,
+    only: tuple[str, ...],
+    tag: str,
+    registry: str,
+    model: Path | None,
+    base_image: str | None,
+    build_args: tuple[str, ...],
+    verbose: bool,
+) -> None:
+    """Build the reader, writer and app images through the Docker Engine API."""
+    console = _console()
+    args = _pairs(build_args, "--build-arg")
+    if base_image:
+        args["BASE_IMAGE"] = base_image
+    try:
+        if project is not None:
+            compose = _load(project, None, {})
+            builds = project_builds(compose, source, args)
+            if only:
+                builds = [item for item in builds if item.name in only]
+        else:
+            tree = find_source_tree(source)
+            if model is not None:
+                target = tree / SAMPLE_MODEL
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(model, target)
+                console.print(f"Copied {model} to {target}")
+            names = [name for name in SOURCE_IMAGES if not only or name in only]
+            prefix = f"{registry.rstrip('/')}/" if registry else ""
+            tags = {name: f"{prefix}{SOURCE_IMAGES[name][1]}:{tag}" for name in names}
+            builds = source_builds(tree, names, tags=tags, args=args)
+        if not builds:
+            raise click.UsageError("nothing to build: --only excludes every image.")
+        engine = _connect()
+        try:
+            console.print(
+                f"Building {len(builds)} images with {engine.kind} "
+                f"{engine.version} at {engine.base_url}"
+            )
+            for item in builds:
+                _build_one(engine, item, console, verbose)
+        finally:
+            engine.close()
+    except AgogosmlError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _build_one(
+    engine: Engine, item: ImageBuild, console: Console, verbose: bool
+) -> None:
+    import time
+
+    started = time.monotonic()
+    console.print(f"[bold]{item.name}[/bold]: {item.tag} from {item.dockerfile}")
+
+    def log(line: str) -> None:
+        if verbose or line.upper().startswith("STEP"):
+            console.print(f"  {line}", markup=False)
+
+    image_id = build_image(engine, item, log)
+    console.print(f"  built {image_id[:19]} in {time.monotonic() - started:.0f} s")
+
+
+@click.command(name="up")
+@project_option
+@file_option
+@click.option(
+    "--kafka",
+    metavar="BOOTSTRAP",
+    help="Use this Kafka broker instead of the compose file's own: skip the "
+    "services labelled io.agogosml.role=kafka and set KAFKA_BOOTSTRAP_SERVERS "
+    "of the others. The containers must reach the address, and the topics must exist.",
+)
+@click.option(
+    "--build",
+    "rebuild",
+    is_flag=True,
+    help="Build the services with a build section even if their images exist.",
+)
+@base_image_option
+@env_option
+@click.option(
+    "--wait-seconds",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="How long to wait for every service to be healthy.",
+)
+def up_command(
+    project: Path,
+    compose_file: Path | None,
+    kafka: str | None,
+    rebuild: bool,
+    base_image: str | None,
+    variables: tuple[str, ...],
+    wait_seconds: float,
+) -> None:
+    """Start the pipeline of a compose file and wait until it is healthy."""
+    console = _console()
+    try:
+        compose = _load(project, compose_file, _pairs(variables, "--env"))
+        if kafka:
+            dropped = compose.use_external_kafka(kafka)
+            console.print(f"Using Kafka at {kafka} instead of {', '.join(dropped)}")
+        engine = _connect()
+        try:
+            states = up(
+                engine,
+                compose,
+                build=rebuild,
+                build_args={"BASE_IMAGE": base_image} if base_image else {},
+                wait_seconds=wait_seconds,
+                log=lambda line: console.print(line, markup=False),
+            )
+        finally:
+            engine.close()
+    except AgogosmlError as error:
+        raise click.ClickException(str(error)) from None
+    _print_states(states, console)
+
+
+@click.command(name="down")
+@project_option
+@file_option
+@env_option
+@click.option("--volumes", is_flag=True, help="Also remove the named volumes.")
+def down_command(
+    project: Path, compose_file: Path | None, variables: tuple[str, ...], volumes: bool
+) -> None:
+    """Stop and remove the containers and network of a compose file's pipeline."""
+    console = _console()
+    try:
+        compose = _load(project, compose_file, _pairs(variables, "--env"))
+        engine = _connect()
+        try:
+            removed = down(engine, compose, volumes=volumes)
+        finally:
+            engine.close()
+    except AgogosmlError as error:
+        raise click.ClickException(str(error)) from None
+    for name in removed:
+        console.print(f"Removed {name}")
+    console.print(f"{compose.name}: {len(removed)} containers removed")
+
+
+def _print_states(states: list[ServiceState], console: Console) -> None:
+    table = Table("service", "container", "image", "status", "health", "ports")
+    for state in states:
+        table.add_row(
+            state.service,
+            state.container,
+            state.image,
+            state.status,
+            state.health or "-",
+            state.ports or "-",
+        )
+    console.print(table)
+
+
+COMMANDS = [build, up_command, down_command]

@@ -1,0 +1,675 @@
+"""Build images and run a pipeline's containers through the Docker Engine API.
+
+`agogosml build`, `agogosml up` and `agogosml down` talk to the engine that
+``DOCKER_HOST`` names (the default socket when it is unset) with the `docker`
+package. Docker serves that API, and so does Podman (``podman system
+service``), so the commands work with both.
+
+Podman schedules health checks with systemd timers. Where systemd does not
+run, no check ever runs by itself, so `up` runs them through Podman's own API
+while it waits for a service to become healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+import agogosml
+from agogosml import __version__
+from agogosml.errors import AgogosmlError
+from agogosml_cli.compose import ComposeProject, Dependency, Service
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+CONFIG_HASH_LABEL = "io.agogosml.config-hash"
+DEFAULT_TIMEOUT_SECONDS = 900
+STOP_TIMEOUT_SECONDS = 10
+#: Longest pause between two health checks that `up` runs on Podman.
+HEALTH_POLL_SECONDS = 2.0
+LOG_TAIL_LINES = 40
+
+#: The images that build from the agogosml source tree: name, Dockerfile and
+#: repository, the last without a registry.
+SOURCE_IMAGES = {
+    "reader": ("Dockerfile.input", "agogosml-input-reader"),
+    "writer": ("Dockerfile.output", "agogosml-output-writer"),
+    "sample-app": ("Dockerfile.app", "agogosml-sample-app"),
+}
+SAMPLE_MODEL = Path("models") / "fraud-model.joblib"
+
+Log = Callable[[str], None]
+
+
+class ContainerError(AgogosmlError):
+    """A build or run failed, with the reason and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBuild:
+    """One image to build: its Dockerfile, context, tag and build arguments."""
+
+    name: str
+    context: Path
+    dockerfile: str
+    tag: str
+    args: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceState:
+    """What `up` leaves behind for one service."""
+
+    service: str
+    container: str
+    image: str
+    status: str
+    health: str | None
+    ports: str
+
+
+class Engine:
+    """A connection to a Docker Engine API endpoint, Docker's or Podman's.
+
+    Args:
+        base_url: The API address. None takes DOCKER_HOST, or the default
+            socket.
+        timeout: Seconds to wait for one API call; builds take long.
+    """
+
+    def __init__(
+        self, base_url: str | None = None, timeout: int = DEFAULT_TIMEOUT_SECONDS
+    ):
+        self.base_url = (
+            base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        )
+        try:
+            self.client = docker.DockerClient(base_url=self.base_url, timeout=timeout)
+            version = self.client.version()
+        except (docker.errors.DockerException, OSError) as error:
+            raise ContainerError(
+                f"no container engine answers at {self.base_url} ({error}). Start "
+                "Docker, or start Podman's API service (podman system service "
+                "--time=0 unix:///run/podman/podman.sock) and set "
+                "DOCKER_HOST=unix:///run/podman/podman.sock."
+            ) from None
+        components = [
+            str(item.get("Name", "")) for item in version.get("Components") or []
+        ]
+        self.is_podman = any("podman" in name.lower() for name in components)
+        self.version = str(version.get("Version", ""))
+
+    @property
+    def kind(self) -> str:
+        """``podman`` or ``docker``."""
+        return "podman" if self.is_podman else "docker"
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.client.close()
+
+    def image_exists(self, tag: str) -> bool:
+        """Return True if the engine has an image with this tag."""
+        try:
+            self.client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def health(self, container: Container) -> str | None:
+        """Return the container's health, running the check on Podman.
+
+        Returns:
+            ``starting``, ``healthy`` or ``unhealthy``; None when the
+            container has no health check.
+        """
+        container.reload()
+        state = container.attrs.get("State", {})
+        health = state.get("Health") or state.get("Healthcheck")
+        if not health:
+            return None
+        if self.is_podman and state.get("Status") == "running":
+            api = self.client.api
+            path = f"/v{self.version}/libpod/containers/{container.id}/healthcheck"
+            response = api.get(api.base_url + path)
+            if response.ok:
+                container.reload()
+                state = container.attrs.get("State", {})
+                health = state.get("Health") or health
+        return str(health.get("Status")) or None
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+
+def find_source_tree(source: Path | None) -> Path:
+    """Return the agogosml source tree with the service Dockerfiles.
+
+    Raises:
+        ContainerError: `source` is not such a tree, or none is next to the
+            installed package.
+    """
+    if source is None:
+        candidate = Path(agogosml.__file__).resolve().parents[1]
+        if (candidate / "Dockerfile.input").is_file():
+            return candidate
+        raise ContainerError(
+            "the reader and writer images build from the agogosml source tree, "
+            f"and none is next to the installed package ({candidate}). Pass "
+            f"--source with a checkout of agogosml {__version__}."
+        )
+    source = source.resolve()
+    missing = [
+        dockerfile
+        for dockerfile, _ in SOURCE_IMAGES.values()
+        if not (source / dockerfile).is_file()
+    ]
+    if missing:
+        raise ContainerError(
+            f"{source} is not an agogosml source tree: {', '.join(missing)} "
+            "missing. Pass --source with the repository root."
+        )
+    return source
+
+
+def source_builds(
+    source: Path,
+    names: list[str],
+    *,
+    tags: Mapping[str, str],
+    args: Mapping[str, str],
+) -> list[ImageBuild]:
+    """Return the builds of the reader, writer and sample app images.
+
+    Args:
+        source: The agogosml source tree.
+        names: Which of ``reader``, ``writer`` and ``sample-app`` to build.
+        tags: The tag of each image.
+        args: Build arguments for every image.
+    """
+    revision = _git_revision(source)
+    common = {
+        "VERSION": __version__,
+        **({"REVISION": revision} if revision else {}),
+        **args,
+    }
+    builds = []
+    for name in names:
+        dockerfile, _ = SOURCE_IMAGES[name]
+        if name == "sample-app" and not (source / SAMPLE_MODEL).is_file():
+            raise ContainerError(
+                f"Dockerfile.app copies {SAMPLE_MODEL}, which is missing in {source}. "
+                "Pass --model with a trained model, or train one: python -m "
+                f"sample_app.train --out {SAMPLE_MODEL}"
+            )
+        builds.append(ImageBuild(name, source, dockerfile, tags[name], common))
+    return builds
+
+
+def project_builds(
+    project: ComposeProject, source: Path | None, args: Mapping[str, str]
+) -> list[ImageBuild]:
+    """Return the builds of a generated project's images.
+
+    The reader and writer images build from the agogosml source tree, tagged
+    with the image names of the project's ``reader`` and ``writer`` services;
+    each service with a ``build`` section builds from it.
+    """
+    builds = []
+    wanted = {"reader": "reader", "writer": "writer"}
+    stream_services = [name for name in wanted if name in project.services]
+    if stream_services:
+        tree = find_source_tree(source)
+        tags = {
+            name: _image_of(project, project.services[name]) for name in stream_services
+        }
+        builds += source_builds(tree, stream_services, tags=tags, args=args)
+    for service in project.services.values():
+        if service.build is not None:
+            builds.append(
+                ImageBuild(
+                    service.name,
+                    service.build.context,
+                    service.build.dockerfile,
+                    _image_of(project, service),
+                    {**service.build.args, **args},
+                )
+            )
+    return builds
+
+
+def build_image(engine: Engine, build: ImageBuild, log: Log) -> str:
+    """Build one image and return its id.
+
+    A Dockerfile with ``RUN --mount`` needs BuildKit, which Docker's Engine
+    API does not offer to this client, so on Docker such a file is built by
+    the ``docker build`` command. Podman builds it through the API.
+
+    Raises:
+        ContainerError: The build failed. The message has the end of the log.
+    """
+    dockerfile = build.context / build.dockerfile
+    if not dockerfile.is_file():
+        raise ContainerError(f"{dockerfile} does not exist. Check the build context.")
+    if not engine.is_podman and "--mount=" in dockerfile.read_text():
+        return _build_with_docker_cli(engine, build, log)
+    lines: list[str] = []
+    image_id = None
+    try:
+        for chunk in engine.client.api.build(
+            path=str(build.context),
+            dockerfile=build.dockerfile,
+            tag=build.tag,
+            buildargs=dict(build.args),
+            pull=False,
+            rm=True,
+            forcerm=True,
+            decode=True,
+        ):
+            if "error" in chunk:
+                lines.append(str(chunk["error"]))
+                raise ContainerError(
+                    f"building {build.tag} from {dockerfile} failed:\n"
+                    + "\n".join(lines[-LOG_TAIL_LINES:])
+                )
+            text = str(chunk.get("stream", "")).rstrip()
+            if text:
+                lines.append(text)
+                log(text)
+            if "aux" in chunk and "ID" in chunk["aux"]:
+                image_id = chunk["aux"]["ID"]
+    except docker.errors.APIError as error:
+        raise ContainerError(
+            f"the engine refused to build {build.tag}: {error}"
+        ) from None
+    return image_id or engine.client.images.get(build.tag).id
+
+
+def _build_with_docker_cli(engine: Engine, build: ImageBuild, log: Log) -> str:
+    docker_cli = shutil.which("docker")
+    if docker_cli is None:
+        raise ContainerError(
+            f"{build.dockerfile} uses RUN --mount, which needs BuildKit, and the "
+            "docker command is not on PATH. Install the Docker CLI with buildx."
+        )
+    command = [
+        docker_cli,
+        "build",
+        "-f",
+        str(build.context / build.dockerfile),
+        "-t",
+        build.tag,
+    ]
+    for key, value in build.args.items():
+        command += ["--build-arg", f"{key}={value}"]
+    pip_conf = Path.home() / ".config" / "pip" / "pip.conf"
+    if pip_conf.is_file():
+        command += ["--secret", f"id=pipconf,src={pip_conf}"]
+    command.append(str(build.context))
+    environment = {**os.environ, "DOCKER_HOST": engine.base_url, "DOCKER_BUILDKIT": "1"}
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip())
+        log(line.rstrip())
+    if process.wait() != 0:
+        raise ContainerError(
+            f"docker build of {build.tag} failed with code {process.returncode}:\n"
+            + "\n".join(lines[-LOG_TAIL_LINES:])
+        )
+    return str(engine.client.images.get(build.tag).id)
+
+
+def _git_revision(source: Path) -> str | None:
+    if shutil.which("git") is None:
+        return None
+    result = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _image_of(project: ComposeProject, service: Service) -> str:
+    return service.image or f"{project.name}-{service.name}"
+
+
+# ---------------------------------------------------------------------------
+# up and down
+# ---------------------------------------------------------------------------
+
+
+def up(
+    engine: Engine,
+    project: ComposeProject,
+    *,
+    build: bool = False,
+    build_args: Mapping[str, str] | None = None,
+    wait_seconds: float = 300.0,
+    log: Log = lambda _: None,
+) -> list[ServiceState]:
+    """Create and start the project's containers, like ``docker compose up --wait``.
+
+    Each service starts once the services it depends on meet their
+    condition. A container whose configuration did not change since the last
+    `up` keeps running; a changed or stopped one is replaced.
+
+    Raises:
+        ContainerError: An image is missing, a container exited or did not
+            become healthy in time. The message has the end of its log.
+    """
+    deadline = time.monotonic() + wait_seconds
+    _ensure_network(engine, project)
+    for volume in project.volumes:
+        _ensure_volume(engine, project, volume)
+    containers: dict[str, Container] = {}
+    for service in project.start_order():
+        for dependency in service.depends_on:
+            if dependency.service in containers:
+                _wait_for(engine, containers[dependency.service], dependency, deadline)
+        _ensure_image(engine, project, service, build, build_args or {}, log)
+        containers[service.name] = _ensure_container(engine, project, service, log)
+    for name, container in containers.items():
+        service = project.services[name]
+        if service.healthcheck is not None and service.healthcheck.test != ["NONE"]:
+            _wait_for(engine, container, Dependency(name, "service_healthy"), deadline)
+    return [
+        _state(engine, project, service, containers[service.name])
+        for service in project.start_order()
+    ]
+
+
+def down(
+    engine: Engine, project: ComposeProject, *, volumes: bool = False
+) -> list[str]:
+    """Stop and remove the project's containers and network.
+
+    Returns:
+        The names of the removed containers.
+    """
+    removed = []
+    for container in _project_containers(engine, project.name):
+        try:
+            container.stop(timeout=STOP_TIMEOUT_SECONDS)
+        except docker.errors.APIError:
+            pass
+        container.remove(force=True)
+        removed.append(container.name)
+    for network in engine.client.networks.list(names=[project.network]):
+        if network.name == project.network:
+            network.remove()
+    if volumes:
+        for volume in project.volumes:
+            try:
+                engine.client.volumes.get(f"{project.name}_{volume}").remove(force=True)
+            except docker.errors.NotFound:
+                pass
+    return removed
+
+
+def project_container(
+    engine: Engine, project: ComposeProject, service: str
+) -> Container:
+    """Return the container of one service of the project."""
+    name = project.container_name(project.services[service])
+    try:
+        return engine.client.containers.get(name)
+    except docker.errors.NotFound:
+        raise ContainerError(
+            f"service {service} has no container {name}. Run agogosml up first."
+        ) from None
+
+
+def _project_containers(engine: Engine, name: str) -> list[Container]:
+    return list(
+        engine.client.containers.list(
+            all=True, filters={"label": f"{PROJECT_LABEL}={name}"}
+        )
+    )
+
+
+def _ensure_network(engine: Engine, project: ComposeProject) -> None:
+    if any(
+        n.name == project.network
+        for n in engine.client.networks.list(names=[project.network])
+    ):
+        return
+    engine.client.networks.create(
+        project.network,
+        driver="bridge",
+        labels={PROJECT_LABEL: project.name, "com.docker.compose.network": "default"},
+    )
+
+
+def _ensure_volume(engine: Engine, project: ComposeProject, volume: str) -> None:
+    name = f"{project.name}_{volume}"
+    try:
+        engine.client.volumes.get(name)
+    except docker.errors.NotFound:
+        engine.client.volumes.create(
+            name,
+            labels={PROJECT_LABEL: project.name, "com.docker.compose.volume": volume},
+        )
+
+
+def _ensure_image(
+    engine: Engine,
+    project: ComposeProject,
+    service: Service,
+    build: bool,
+    build_args: Mapping[str, str],
+    log: Log,
+) -> None:
+    image = _image_of(project, service)
+    if service.build is not None and (build or not engine.image_exists(image)):
+        log(f"Building {image} for service {service.name}")
+        build_image(
+            engine,
+            ImageBuild(
+                service.name,
+                service.build.context,
+                service.build.dockerfile,
+                image,
+                {**service.build.args, **build_args},
+            ),
+            log,
+        )
+        return
+    if engine.image_exists(image):
+        return
+    log(f"Pulling {image} for service {service.name}")
+    try:
+        engine.client.images.pull(image)
+    except docker.errors.APIError as error:
+        raise ContainerError(
+            f"service {service.name} needs the image {image}, which the engine does "
+            f"not have and cannot pull ({error.explanation or error}). Build it with "
+            "agogosml build, or set the image variable of the compose file to an "
+            "image that exists."
+        ) from None
+
+
+def _create_options(project: ComposeProject, service: Service) -> dict[str, Any]:
+    ports: dict[str, Any] = {}
+    for port in service.ports:
+        key = f"{port.container_port}/{port.protocol}"
+        ports[key] = (port.host_ip, port.host_port) if port.host_ip else port.host_port
+    volumes = {
+        (f"{project.name}_{mount.source}" if mount.named else mount.source): {
+            "bind": mount.target,
+            "mode": "ro" if mount.read_only else "rw",
+        }
+        for mount in service.mounts
+    }
+    restart = service.restart.split(":")
+    options: dict[str, Any] = {
+        "image": _image_of(project, service),
+        "command": service.command,
+        "entrypoint": service.entrypoint,
+        "environment": service.environment,
+        "ports": ports,
+        "volumes": volumes,
+        "tmpfs": {path: "" for path in service.tmpfs},
+        "user": service.user,
+        "read_only": service.read_only,
+        "healthcheck": service.healthcheck.to_api() if service.healthcheck else None,
+        "restart_policy": None
+        if restart[0] == "no"
+        else {
+            "Name": restart[0],
+            "MaximumRetryCount": int(restart[1]) if len(restart) > 1 else 0,
+        },
+    }
+    return {key: value for key, value in options.items() if value not in (None, {}, [])}
+
+
+def _ensure_container(
+    engine: Engine, project: ComposeProject, service: Service, log: Log
+) -> Container:
+    name = project.container_name(service)
+    options = _create_options(project, service)
+    config_hash = hashlib.sha256(
+        json.dumps(options, sort_keys=True).encode()
+    ).hexdigest()
+    try:
+        existing = engine.client.containers.get(name)
+    except docker.errors.NotFound:
+        existing = None
+    if existing is not None:
+        unchanged = existing.labels.get(CONFIG_HASH_LABEL) == config_hash
+        if unchanged and existing.status == "running":
+            log(f"Service {service.name}: {name} is up to date")
+            return existing
+        if (
+            unchanged
+            and service.restart == "no"
+            and existing.attrs["State"].get("ExitCode") == 0
+        ):
+            log(f"Service {service.name}: {name} has completed")
+            return existing
+        existing.remove(force=True)
+    labels = {
+        **service.labels,
+        PROJECT_LABEL: project.name,
+        SERVICE_LABEL: service.name,
+        "com.docker.compose.container-number": "1",
+        "com.docker.compose.oneoff": "False",
+        CONFIG_HASH_LABEL: config_hash,
+    }
+    networking = {
+        project.network: engine.client.api.create_endpoint_config(
+            aliases=[service.name]
+        )
+    }
+    log(f"Service {service.name}: starting {name}")
+    try:
+        container = engine.client.containers.create(
+            name=name,
+            labels=labels,
+            network=project.network,
+            networking_config=networking,
+            **options,
+        )
+        container.start()
+    except docker.errors.APIError as error:
+        raise ContainerError(
+            f"the engine refused to start {name} for service {service.name}: "
+            f"{error.explanation or error}"
+        ) from None
+    return container
+
+
+def _wait_for(
+    engine: Engine, container: Container, dependency: Dependency, deadline: float
+) -> None:
+    """Wait until `container` meets the dependency's condition."""
+    condition = dependency.condition
+    while True:
+        container.reload()
+        state = container.attrs.get("State", {})
+        status = state.get("Status")
+        if condition == "service_completed_successfully":
+            if status in ("exited", "stopped"):
+                if state.get("ExitCode") == 0:
+                    return
+                raise _exited(container, dependency.service, state.get("ExitCode"))
+        elif status in ("exited", "stopped", "dead"):
+            raise _exited(container, dependency.service, state.get("ExitCode"))
+        elif condition == "service_started" and status == "running":
+            return
+        elif condition == "service_healthy":
+            health = engine.health(container)
+            if health in ("healthy", None):
+                return
+        if time.monotonic() > deadline:
+            raise ContainerError(
+                f"service {dependency.service} ({container.name}) did not reach "
+                f"{condition} in time; it is {status}. Last health check output: "
+                f"{_last_health_output(container)!r}. Its log:\n{_log_tail(container)}"
+            )
+        time.sleep(min(HEALTH_POLL_SECONDS, max(0.1, deadline - time.monotonic())))
+
+
+def _exited(container: Container, service: str, code: object) -> ContainerError:
+    return ContainerError(
+        f"service {service} ({container.name}) exited with code {code}. "
+        f"Its log:\n{_log_tail(container)}"
+    )
+
+
+def _last_health_output(container: Container) -> str:
+    health = container.attrs.get("State", {}).get("Health") or {}
+    log = health.get("Log") or []
+    return str(log[-1].get("Output", "")).strip() if log else ""
+
+
+def _log_tail(container: Container) -> str:
+    try:
+        return container.logs(tail=LOG_TAIL_LINES).decode(errors="replace")
+    except docker.errors.APIError:
+        return "(no log)"
+
+
+def _state(
+    engine: Engine, project: ComposeProject, service: Service, container: Container
+) -> ServiceState:
+    container.reload()
+    state = container.attrs.get("State", {})
+    health = (state.get("Health") or {}).get("Status")
+    bindings = container.attrs.get("NetworkSettings", {}).get("Ports") or {}
+    ports = ", ".join(
+        f"{binding['HostIp'] or '0.0.0.0'}:{binding['HostPort']}->{port}"
+        for port, values in bindings.items()
+        for binding in values or []
+    )
+    return ServiceState(
+        service=service.name,
+        container=project.container_name(service),
+        image=_image_of(project, service),
+        status=str(state.get("Status")),
+        health=health,
+        ports=ports,
+    )
