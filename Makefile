@@ -31,6 +31,7 @@ demo: $(SAMPLE_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python deployment/azurite/azurite.py fetch
 	$(BIN)/python deployment/helm/helm.py fetch
 	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment benchmarks
 	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment benchmarks

@@ -13,6 +13,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployment" / "kafka"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deployment" / "azurite"))
+from azurite import LocalAzurite  # noqa: E402
 from broker import LocalKafkaBroker  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -85,6 +87,22 @@ def _wait_for_partition_leaders(
         f"topic {topic!r} did not get leaders for all {partitions} partitions "
         f"within {TOPIC_TIMEOUT_SECONDS:.0f} s"
     )
+
+
+# ---------------------------------------------------------------------------
+# Azure Storage emulator
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def azurite_connection_string() -> Iterator[str]:
+    """Storage connection string of an Azurite blob service for this session.
+
+    deployment/azurite/azurite.py installs Azurite with npm on first use and
+    caches it.
+    """
+    with LocalAzurite() as azurite:
+        yield azurite.connection_string
 
 
 # ---------------------------------------------------------------------------
