@@ -13,16 +13,23 @@ ARG BASE_IMAGE=python:3.12-slim-bookworm
 FROM ${BASE_IMAGE} AS builder
 
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+
+# Dependencies first, from pyproject.toml alone, so that a change to the
+# source reuses this layer. The virtual environment gets no pip of its own:
+# the base image's pip installs into it, so the final image has no installer
+# in /opt/venv.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + p['optional-dependencies']['sample']))" > requirements.txt \
+    && python -m venv --without-pip /opt/venv \
+    && python -m pip --python /opt/venv/bin/python install --no-cache-dir \
+        --disable-pip-version-check -r requirements.txt
+
+COPY setup.py README.md ./
 COPY agogosml ./agogosml
 COPY agogosml_cli ./agogosml_cli
 COPY sample_app ./sample_app
-
-# The virtual environment gets no pip of its own: the base image's pip installs
-# into it, so the final image has no installer in /opt/venv.
-RUN python -m venv --without-pip /opt/venv \
-    && python -m pip --python /opt/venv/bin/python install --no-cache-dir \
-        --disable-pip-version-check ".[sample]"
+RUN python -m pip --python /opt/venv/bin/python install --no-cache-dir \
+    --disable-pip-version-check --no-deps ".[sample]"
 
 # A path inside the build context. .dockerignore admits only models/*.joblib.
 ARG MODEL_FILE=models/fraud-model.joblib

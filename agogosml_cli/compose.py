@@ -51,9 +51,9 @@ _SERVICE_KEYS = {
 _TOP_LEVEL_KEYS = {"name", "services", "volumes", "version"}
 _CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 _RESTART_POLICIES = {"no", "always", "on-failure", "unless-stopped"}
-_VARIABLE = re.compile(
-    r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
-    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE = re.compile(
+    r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>.*))?", re.S
 )
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_UNITS_NS = {"us": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
@@ -292,25 +292,69 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def interpolate(text: str, variables: Mapping[str, str], where: str = "") -> str:
-    """Replace Compose variable references in `text`."""
+    """Replace Compose variable references in `text`.
 
-    def replace(match: re.Match[str]) -> str:
-        if match["escaped"]:
-            return "$"
-        name = match["plain"] or match["braced"]
-        op, arg = match["op"], match["arg"] or ""
-        value = variables.get(name)
-        unset_or_empty = value is None or (value == "" and op and op.startswith(":"))
-        if op in ("-", ":-") and (value is None if op == "-" else unset_or_empty):
-            return interpolate(arg, variables, where)
-        if op in ("?", ":?") and (value is None if op == "?" else unset_or_empty):
-            raise ComposeError(
-                f"{where or 'a value'} needs the variable {name}: "
-                f"{arg or 'it is not set'}. Set {name} in the environment or .env."
-            )
-        return value or ""
+    A default may itself hold references, as in ``${A:-${B:-b}}``.
+    """
+    result = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char != "$" or index + 1 == len(text):
+            result.append(char)
+            index += 1
+            continue
+        following = text[index + 1]
+        if following == "$":
+            result.append("$")
+            index += 2
+        elif following == "{":
+            end = _closing_brace(text, index + 2, where)
+            result.append(_expand(text[index + 2 : end], variables, where))
+            index = end + 1
+        else:
+            match = _NAME.match(text, index + 1)
+            if match is None:
+                result.append(char)
+                index += 1
+                continue
+            result.append(variables.get(match.group(), ""))
+            index = match.end()
+    return "".join(result)
 
-    return _VARIABLE.sub(replace, text)
+
+def _closing_brace(text: str, start: int, where: str) -> int:
+    depth = 1
+    for index in range(start, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise ComposeError(
+        f"{where or 'a value'} has an unclosed ${{ in {text!r}. Close it with }}."
+    )
+
+
+def _expand(body: str, variables: Mapping[str, str], where: str) -> str:
+    match = _REFERENCE.fullmatch(body)
+    if match is None:
+        raise ComposeError(
+            f"{where or 'a value'} has the reference ${{{body}}}, which is not "
+            "valid. Write ${NAME}, ${NAME:-default} or ${NAME:?message}."
+        )
+    name, op, arg = match["name"], match["op"], match["arg"] or ""
+    value = variables.get(name)
+    unset = value is None or (value == "" and op is not None and op.startswith(":"))
+    if op in ("-", ":-") and (value is None if op == "-" else unset):
+        return interpolate(arg, variables, where)
+    if op in ("?", ":?") and (value is None if op == "?" else unset):
+        raise ComposeError(
+            f"{where or 'a value'} needs the variable {name}: "
+            f"{arg or 'it is not set'}. Set {name} in the environment or .env."
+        )
+    return value or ""
 
 
 def parse_duration_ns(value: object, where: str) -> int:

@@ -48,6 +48,12 @@ base_image_option = click.option(
     help="Base image of every build (BASE_IMAGE build argument). "
     "Default: AGOGOSML_BASE_IMAGE, else the Dockerfiles' own default.",
 )
+name_option = click.option(
+    "--project-name",
+    "-p",
+    help="Project name, which prefixes the container, network and volume "
+    "names. Default: the compose file's name: field.",
+)
 env_option = click.option(
     "--env",
     "-e",
@@ -77,10 +83,13 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def _load(
-    project: Path, compose_file: Path | None, variables: dict[str, str]
+    project: Path,
+    compose_file: Path | None,
+    variables: dict[str, str],
+    name: str | None = None,
 ) -> ComposeProject:
     path = compose_file or project / COMPOSE_FILE
-    return load_compose(path, {**os.environ, **variables})
+    return load_compose(path, {**os.environ, **variables}, name)
 
 
 def _connect() -> Engine:
@@ -199,6 +208,7 @@ def _build_one(
 @click.command(name="up")
 @project_option
 @file_option
+@name_option
 @click.option(
     "--kafka",
     metavar="BOOTSTRAP",
@@ -224,6 +234,7 @@ def _build_one(
 def up_command(
     project: Path,
     compose_file: Path | None,
+    project_name: str | None,
     kafka: str | None,
     rebuild: bool,
     base_image: str | None,
@@ -233,7 +244,7 @@ def up_command(
     """Start the pipeline of a compose file and wait until it is healthy."""
     console = _console()
     try:
-        compose = _load(project, compose_file, _pairs(variables, "--env"))
+        compose = _load(project, compose_file, _pairs(variables, "--env"), project_name)
         if kafka:
             dropped = compose.use_external_kafka(kafka)
             console.print(f"Using Kafka at {kafka} instead of {', '.join(dropped)}")
@@ -257,15 +268,20 @@ def up_command(
 @click.command(name="down")
 @project_option
 @file_option
+@name_option
 @env_option
 @click.option("--volumes", is_flag=True, help="Also remove the named volumes.")
 def down_command(
-    project: Path, compose_file: Path | None, variables: tuple[str, ...], volumes: bool
+    project: Path,
+    compose_file: Path | None,
+    project_name: str | None,
+    variables: tuple[str, ...],
+    volumes: bool,
 ) -> None:
     """Stop and remove the containers and network of a compose file's pipeline."""
     console = _console()
     try:
-        compose = _load(project, compose_file, _pairs(variables, "--env"))
+        compose = _load(project, compose_file, _pairs(variables, "--env"), project_name)
         engine = _connect()
         try:
             removed = down(engine, compose, volumes=volumes)
