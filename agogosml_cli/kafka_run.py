@@ -1,72 +1,182 @@
-"""Kafka side of ``agogosml run --kafka``: topics, input production, output counting."""
+"""Kafka side of ``agogosml run --kafka``: topics, input production, output counting.
+
+The same code serves a plain broker and the Kafka endpoint of Azure Event
+Hubs: every client the run opens takes the librdkafka properties of one
+`KafkaSettings`, which the services read from the same environment.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from rich.console import Console
 
-from agogosml_cli.run import OutputTally, message_id_of
+from agogosml.config import KafkaSettings
+from agogosml_cli.run import OutputTally, RunTopics, message_id_of
 
 # The run reports broker problems itself; librdkafka's reconnect lines would
 # only bury the progress bar.
 _QUIET = logging.getLogger("agogosml_cli.librdkafka")
 _QUIET.setLevel(logging.CRITICAL)
 
+#: Partitions of the input and output topics that a run creates.
+PARTITIONS = 3
+_TIMEOUT_SECONDS = 30.0
 
-@dataclass(frozen=True)
-class RunTopics:
-    """Topics of one run."""
-
-    input: str
-    output: str
-    dead_letter: str
+#: Start offset of each partition of each topic, where the run's records begin.
+StartOffsets = dict[str, dict[int, int]]
 
 
-def create_topics(bootstrap: str, run_id: str, partitions: int = 3) -> RunTopics:
-    """Create the input, output and dead-letter topics of a run."""
-    topics = RunTopics(
-        input=f"agogosml-run-{run_id}-input",
-        output=f"agogosml-run-{run_id}-output",
-        dead_letter=f"agogosml-run-{run_id}-input.dlq",
+class KafkaBackend:
+    """Run through topics on a Kafka broker or on the Event Hubs Kafka endpoint."""
+
+    transport = "kafka"
+
+    def __init__(self, settings: KafkaSettings, topics: RunTopics, run_id: str) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.group_id = f"agogosml-run-{run_id}"
+        self._config = settings.client_config()
+        self._start: StartOffsets = {}
+
+    def prepare(self, input_path: Path, count: int, console: Console) -> None:
+        """Create missing topics, skip older records, and produce the input."""
+        self._start = prepare_topics(self._config, self.topics)
+        skip_older_input(self._config, self.group_id, self.topics, self._start)
+        console.print(f"Producing {count} records to topic {self.topics.input} ...")
+        produce_file(self._config, self.topics.input, input_path)
+
+    def service_env(self) -> dict[str, str]:
+        """Return the KAFKA_ variables of the connection, without the secrets.
+
+        The services inherit KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and
+        KAFKA_EVENTHUBS_CONNECTION_STRING from the environment that the
+        settings were read from.
+        """
+        settings = self.settings
+        env = {"KAFKA_BOOTSTRAP_SERVERS": settings.resolved_bootstrap_servers()}
+        if not settings.eventhubs_connection_string.get_secret_value():
+            env["KAFKA_SECURITY_PROTOCOL"] = settings.security_protocol.value
+        if settings.sasl_mechanism is not None:
+            env["KAFKA_SASL_MECHANISM"] = settings.sasl_mechanism.value
+        if settings.ssl_ca_location is not None:
+            env["KAFKA_SSL_CA_LOCATION"] = str(settings.ssl_ca_location)
+        return env
+
+    def reader_env(self) -> dict[str, str]:
+        """Return the reader's consumer group, new for each run."""
+        return {"KAFKA_GROUP_ID": self.group_id}
+
+    def output_reader(self) -> OutputConsumer:
+        """Return a consumer of the output and dead-letter records of this run."""
+        return OutputConsumer(self._config, self.topics, self._start)
+
+
+def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
+    bootstrap = config["bootstrap.servers"]
+    return RuntimeError(
+        f"cannot reach a Kafka broker at {bootstrap!r} ({exc.args[0].str()}); "
+        "check the address and the security settings, or start a local broker "
+        "with 'make broker'"
     )
-    admin = AdminClient({"bootstrap.servers": bootstrap}, logger=_QUIET)
+
+
+def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
+    """Create the topics that do not exist; return where this run's records start.
+
+    A created topic starts at offset 0. A topic that exists starts at its
+    current end, so records of earlier runs are not counted.
+    """
+    admin = AdminClient(config, logger=_QUIET)
     try:
-        admin.list_topics(timeout=15)
+        existing = admin.list_topics(timeout=15).topics
     except KafkaException as exc:
-        raise RuntimeError(
-            f"cannot reach a Kafka broker at {bootstrap!r} ({exc.args[0].str()}); "
-            "check the address, or start a local broker with 'make broker'"
-        ) from None
-    futures = admin.create_topics(
-        [
-            NewTopic(topics.input, partitions, 1),
-            NewTopic(topics.output, partitions, 1),
-            NewTopic(topics.dead_letter, 1, 1),
-        ],
-        operation_timeout=30,
-    )
+        raise _broker_error(config, exc) from None
+    partition_counts = {topics.input: PARTITIONS, topics.output: PARTITIONS}
+    partition_counts[topics.dead_letter] = 1
+    missing = [
+        NewTopic(name, partitions, 1)
+        for name, partitions in partition_counts.items()
+        if name not in existing
+    ]
+    if missing:
+        _create_topics(admin, missing, config["bootstrap.servers"])
+    start: StartOffsets = {
+        topic.topic: dict.fromkeys(range(topic.num_partitions), 0) for topic in missing
+    }
+    for name in partition_counts.keys() - start.keys():
+        partitions = existing[name].partitions
+        start[name] = end_offsets(config, name, sorted(partitions))
+    return start
+
+
+def _create_topics(admin: AdminClient, topics: list[NewTopic], bootstrap: str) -> None:
+    futures = admin.create_topics(topics, operation_timeout=_TIMEOUT_SECONDS)
     for name, future in futures.items():
         try:
             future.result(60)
         except KafkaException as exc:
             raise RuntimeError(
-                f"cannot create topic {name!r} on {bootstrap}: {exc}; check that a "
-                "broker runs there"
+                f"cannot create topic {name!r} on {bootstrap}: {exc}; create it "
+                "yourself and name it with --input-topic, --output-topic or "
+                "--dead-letter-topic"
             ) from exc
-    return topics
 
 
-def produce_file(bootstrap: str, topic: str, path: Path) -> int:
+def end_offsets(
+    config: dict[str, Any], topic: str, partitions: list[int]
+) -> dict[int, int]:
+    """Return the high watermark of each partition of `topic`."""
+    consumer = Consumer({**config, "group.id": "agogosml-run-offsets"}, logger=_QUIET)
+    try:
+        return {
+            partition: consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=_TIMEOUT_SECONDS
+            )[1]
+            for partition in partitions
+        }
+    except KafkaException as exc:
+        raise _broker_error(config, exc) from None
+    finally:
+        consumer.close()
+
+
+def skip_older_input(
+    config: dict[str, Any], group_id: str, topics: RunTopics, start: StartOffsets
+) -> None:
+    """Commit the input's start offsets for the reader's new consumer group.
+
+    The reader then begins at the records this run produces, even when the
+    input topic contains records of earlier runs.
+    """
+    offsets = [
+        TopicPartition(topics.input, partition, offset)
+        for partition, offset in start[topics.input].items()
+        if offset > 0
+    ]
+    if not offsets:
+        return
+    consumer = Consumer(
+        {**config, "group.id": group_id, "enable.auto.commit": False}, logger=_QUIET
+    )
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException as exc:
+        raise _broker_error(config, exc) from None
+    finally:
+        consumer.close()
+
+
+def produce_file(config: dict[str, Any], topic: str, path: Path) -> int:
     """Produce every line of a JSON Lines file, keyed by transaction id."""
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20},
-        logger=_QUIET,
+        {**config, "enable.idempotence": True, "linger.ms": 20}, logger=_QUIET
     )
     count = 0
     with path.open("rb") as file:
@@ -86,20 +196,28 @@ def produce_file(bootstrap: str, topic: str, path: Path) -> int:
 
 
 class OutputConsumer:
-    """Read the output and dead-letter topics of a run from the beginning."""
+    """Read the output and dead-letter topics of a run from its start offsets."""
 
-    def __init__(self, bootstrap: str, topics: RunTopics) -> None:
+    def __init__(
+        self, config: dict[str, Any], topics: RunTopics, start: StartOffsets
+    ) -> None:
         self._topics = topics
         self._consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **config,
                 "group.id": f"{topics.output}-counter",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
             },
             logger=_QUIET,
         )
-        self._consumer.subscribe([topics.output, topics.dead_letter])
+        self._consumer.assign(
+            [
+                TopicPartition(topic, partition, offset)
+                for topic in (topics.output, topics.dead_letter)
+                for partition, offset in start[topic].items()
+            ]
+        )
 
     def __enter__(self) -> OutputConsumer:
         return self

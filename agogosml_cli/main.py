@@ -6,6 +6,7 @@ import importlib.util
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -15,6 +16,7 @@ from agogosml_cli.container_commands import COMMANDS as CONTAINER_COMMANDS
 from agogosml_cli.generate import generate
 from agogosml_cli.init import init
 from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
+from agogosml_cli.run_options import StreamOptions, resolve_stream, stream_options
 
 #: Packages that the sample app (and so `agogosml run`) imports, from the
 #: ``sample`` extra.
@@ -34,6 +36,7 @@ def cli() -> None:
     metavar="BOOTSTRAP",
     help="Stream through Kafka topics on this broker (host:port) instead of files.",
 )
+@stream_options
 @click.option(
     "--limit", type=click.IntRange(min=1), help="Stream only the first N records."
 )
@@ -92,6 +95,7 @@ def run(
     batch_size: int,
     ordering: str,
     stall_timeout_seconds: float,
+    **stream: Any,
 ) -> None:
     """Stream the fraud dataset through input reader, sample app and output writer.
 
@@ -109,6 +113,8 @@ def run(
         )
     from agogosml_cli.run import RunOptions, print_summary, run_pipeline
     from sample_app.data import fetch_dataset
+
+    choice = resolve_stream(StreamOptions(kafka=kafka, **stream))
 
     # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -129,7 +135,9 @@ def run(
         data_path=data,
         work_dir=work_dir,
         limit=limit,
-        kafka=kafka,
+        kafka=choice.kafka,
+        eventhubs=choice.eventhubs,
+        topics=choice.topics,
         batch_size=batch_size,
         ordering=ordering,
         stall_timeout_seconds=stall_timeout_seconds,

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from rich.console import Console
@@ -23,6 +23,37 @@ from agogosml_cli.local import (
     writer_process,
 )
 
+if TYPE_CHECKING:
+    from agogosml.config import EventHubSettings, KafkaSettings
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Topics or event hubs named on the command line; None means the default."""
+
+    input: str | None = None
+    output: str | None = None
+    dead_letter: str | None = None
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    """Input, output and dead-letter topics (or event hubs) of one run."""
+
+    input: str
+    output: str
+    dead_letter: str
+
+    @classmethod
+    def for_run(cls, run_id: str, names: TopicNames) -> RunTopics:
+        """Return the named topics, with run-specific names for the others."""
+        input_topic = names.input or f"agogosml-run-{run_id}-input"
+        return cls(
+            input=input_topic,
+            output=names.output or f"agogosml-run-{run_id}-output",
+            dead_letter=names.dead_letter or f"{input_topic}.dlq",
+        )
+
 
 @dataclass
 class RunOptions:
@@ -31,7 +62,9 @@ class RunOptions:
     data_path: Path
     work_dir: Path
     limit: int | None = None
-    kafka: str | None = None
+    kafka: KafkaSettings | None = None
+    eventhubs: EventHubSettings | None = None
+    topics: TopicNames = TopicNames()
     batch_size: int = 100
     ordering: str = "partition"
     stall_timeout_seconds: float = 120.0
@@ -58,6 +91,33 @@ class RunSummary:
     def to_json(self) -> bytes:
         """Return the summary as indented JSON."""
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+
+
+class OutputReader(Protocol):
+    """Reads the output and dead-letter records of a run as they arrive."""
+
+    def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
+        """Count the records that arrive within `timeout_seconds`."""
+
+
+class StreamBackend(Protocol):
+    """A broker that a run streams through: Kafka or native Event Hubs."""
+
+    #: READER_SOURCE and WRITER_SINK of the services.
+    transport: str
+    topics: RunTopics
+
+    def prepare(self, input_path: Path, count: int, console: Console) -> None:
+        """Check or create the topics, then produce the input file to the input."""
+
+    def service_env(self) -> dict[str, str]:
+        """Return the connection variables of the reader and the writer."""
+
+    def reader_env(self) -> dict[str, str]:
+        """Return the consumer group and start position variables of the reader."""
+
+    def output_reader(self) -> contextlib.AbstractContextManager[OutputReader]:
+        """Return a reader of the run's output and dead-letter records."""
 
 
 class OutputTally:
@@ -111,9 +171,24 @@ def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
     input_path = options.work_dir / "input.jsonl"
     console.print(f"Preparing input from {options.data_path} ...")
     ids = write_input_file(options, input_path)
-    if options.kafka:
-        return _run_kafka(options, ids, input_path, console)
+    backend = _stream_backend(options)
+    if backend is not None:
+        return _run_stream(options, ids, input_path, backend, console)
     return _run_files(options, ids, input_path, console)
+
+
+def _stream_backend(options: RunOptions) -> StreamBackend | None:
+    run_id = uuid.uuid4().hex[:8]
+    topics = RunTopics.for_run(run_id, options.topics)
+    if options.eventhubs is not None:
+        from agogosml_cli.eventhubs_run import EventHubsBackend
+
+        return EventHubsBackend(options.eventhubs, topics, run_id)
+    if options.kafka is not None:
+        from agogosml_cli.kafka_run import KafkaBackend
+
+        return KafkaBackend(options.kafka, topics, run_id)
+    return None
 
 
 def _reader_settings(options: RunOptions) -> dict[str, str]:
@@ -173,48 +248,49 @@ def _run_files(
     return summary
 
 
-def _run_kafka(
-    options: RunOptions, ids: list[str], input_path: Path, console: Console
+def _run_stream(
+    options: RunOptions,
+    ids: list[str],
+    input_path: Path,
+    backend: StreamBackend,
+    console: Console,
 ) -> RunSummary:
-    from agogosml_cli import kafka_run
-
-    assert options.kafka is not None
-    run_id = uuid.uuid4().hex[:8]
-    topics = kafka_run.create_topics(options.kafka, run_id)
-    console.print(f"Producing {len(ids)} records to topic {topics.input} ...")
-    kafka_run.produce_file(options.kafka, topics.input, input_path)
-    kafka_env = {"KAFKA_BOOTSTRAP_SERVERS": options.kafka}
+    topics = backend.topics
+    backend.prepare(input_path, len(ids), console)
     work = options.work_dir
-    writer = writer_process(work, sink="kafka", output=topics.output, extra=kafka_env)
+    writer = writer_process(
+        work, sink=backend.transport, output=topics.output, extra=backend.service_env()
+    )
     tally = OutputTally()
-    with (
-        _services(writer) as started,
-        kafka_run.OutputConsumer(options.kafka, topics) as consumer,
-    ):
+    with _services(writer) as started, backend.output_reader() as output_reader:
         app = app_process(work, writer.url, extra=_app_settings(options))
         started.append(app.start())
         app.wait_ready(60)
         reader_env = {
-            **kafka_env,
+            **backend.service_env(),
+            **backend.reader_env(),
             **_reader_settings(options),
-            "KAFKA_GROUP_ID": f"agogosml-run-{run_id}",
             "READER_DEAD_LETTER": topics.dead_letter,
         }
         reader = reader_process(
-            work, app.url, source="kafka", input_=topics.input, extra=reader_env
+            work,
+            app.url,
+            source=backend.transport,
+            input_=topics.input,
+            extra=reader_env,
         )
         started_at = time.monotonic()
         started.append(reader.start())
 
         def poll() -> bool:
-            consumer.poll_into(tally, 0.2)
+            output_reader.poll_into(tally, 0.2)
             if not reader.running():
                 raise RuntimeError(f"input reader exited:\n{reader.log_tail()}")
             return False
 
         _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
         elapsed = time.monotonic() - started_at
-    summary = _summarise("kafka", ids, tally, elapsed)
+    summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     return summary
 

@@ -69,6 +69,22 @@ def kafka_topic_factory(
             future.result(timeout=TOPIC_TIMEOUT_SECONDS)
 
 
+@pytest.fixture(scope="session")
+def eventhubs_kafka_endpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Path]]:
+    """Start a broker with a listener like the Event Hubs Kafka endpoint.
+
+    Yields the listener's host:port and the PEM file of the CA that signed its
+    certificate. tests/kafka_endpoint.py describes the listener.
+    """
+    from kafka_endpoint import LISTENER, eventhubs_listener, write_tls_files
+
+    ca_path, keystore = write_tls_files(tmp_path_factory.mktemp("tls"))
+    with LocalKafkaBroker(listeners=[eventhubs_listener(keystore)]) as broker:
+        yield broker.listener_address(LISTENER), ca_path
+
+
 def _wait_for_partition_leaders(
     admin: AdminClient, topic: str, partitions: int
 ) -> None:

@@ -1,4 +1,4 @@
-"""`agogosml run`: the main job, on the real dataset, through files and Kafka."""
+"""`agogosml run`: the main job, on the real dataset, through files and brokers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import Consumer, TopicPartition
+from kafka_endpoint import CONNECTION_STRING
 
 from agogosml_cli.main import cli
 
@@ -28,11 +30,13 @@ SUMMARY_KEYS = {
 REPO_ROOT = Path(__file__).parents[1]
 
 
-def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *arguments: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agogosml_cli.main", "run", *arguments],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
@@ -87,6 +91,112 @@ def test_run_through_kafka(
     assert summary["written"] == 2000
     assert summary["dead_lettered"] == 0
     assert summary["missing"] == 0
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = orjson.loads(path.read_bytes())
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+@pytest.mark.parametrize("form", ["security options", "eventhubs-kafka shortcut"])
+def test_run_through_eventhubs_kafka_endpoint(
+    tmp_path: Path,
+    fraud_model: Path,
+    eventhubs_kafka_endpoint: tuple[str, Path],
+    form: str,
+) -> None:
+    # The listener accepts only SASL_SSL with PLAIN, user $ConnectionString and
+    # the test connection string, verified against the test CA.
+    address, ca_path = eventhubs_kafka_endpoint
+    if form == "security options":
+        mode = [
+            "--kafka", address,
+            "--kafka-security-protocol", "SASL_SSL",
+            "--kafka-sasl-mechanism", "PLAIN",
+        ]  # fmt: skip
+        env = {
+            "KAFKA_SASL_USERNAME": "$ConnectionString",
+            "KAFKA_SASL_PASSWORD": CONNECTION_STRING,
+        }
+    else:
+        mode = ["--eventhubs-kafka", address]
+        env = {"KAFKA_EVENTHUBS_CONNECTION_STRING": CONNECTION_STRING}
+    summary_path = tmp_path / "summary.json"
+
+    result = run_cli(
+        *mode,
+        "--kafka-ca-file", str(ca_path),
+        "--limit", "200",
+        "--model", str(fraud_model),
+        "--summary-json", str(summary_path),
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(summary_path)
+    assert summary["transport"] == "kafka"
+    assert summary["read"] == 200
+    assert summary["written"] == 200
+    assert summary["dead_lettered"] == 0
+    assert summary["duplicates"] == 0
+    assert summary["missing"] == 0
+    assert CONNECTION_STRING not in result.stderr
+    for log in ("reader.log", "writer.log"):
+        assert CONNECTION_STRING not in (tmp_path / "work" / log).read_text()
+
+
+def record_count(bootstrap: str, topic: str, partitions: int) -> int:
+    """Return how many records a topic contains, from its high watermarks."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "count"})
+    try:
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in range(partitions)
+        )
+    finally:
+        consumer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_run_reuses_named_topics(
+    tmp_path: Path, fraud_model: Path, kafka_bootstrap: str
+) -> None:
+    prefix = f"named-{os.getpid()}-{tmp_path.name}"
+    topics = [
+        "--input-topic", f"{prefix}-input",
+        "--output-topic", f"{prefix}-output",
+        "--dead-letter-topic", f"{prefix}-dlq",
+    ]  # fmt: skip
+
+    def run(limit: int, name: str) -> dict[str, Any]:
+        result = run_cli(
+            "--kafka", kafka_bootstrap, *topics,
+            "--limit", str(limit),
+            "--model", str(fraud_model),
+            "--summary-json", str(tmp_path / f"{name}.json"),
+            "--work-dir", str(tmp_path / name),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return read_summary(tmp_path / f"{name}.json")
+
+    first = run(100, "first")
+    second = run(150, "second")
+
+    assert first["written"] == 100
+    assert second["read"] == 150
+    assert second["written"] == 150
+    assert second["missing"] == 0
+    assert second["output"] == f"{prefix}-output"
+    # The second reader began after the first run's input, so each input
+    # record was scored once.
+    assert record_count(kafka_bootstrap, f"{prefix}-input", 3) == 250
+    assert record_count(kafka_bootstrap, f"{prefix}-output", 3) == 250
 
 
 def test_run_rejects_missing_data_file(tmp_path: Path) -> None:

@@ -13,21 +13,13 @@ only the broker address differs, because the test cannot serve
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import Listener, LocalKafkaBroker
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
+from kafka_endpoint import CONNECTION_STRING, write_tls_files
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
@@ -35,103 +27,11 @@ from agogosml.transports.kafka import KafkaSink, KafkaSource
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-CONNECTION_STRING = (
-    "Endpoint=sb://agogosml-test.servicebus.windows.net/;"
-    "SharedAccessKeyName=RootManageSharedAccessKey;"
-    "SharedAccessKey=dGVzdC1rZXktZm9yLXRoZS1sb2NhbC1icm9rZXI="
-)
-KEYSTORE_PASSWORD = "local-test-keystore"
-LISTENER = "EVENTHUBS"
 
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    subject: str,
-    public_key: ec.EllipticCurvePublicKey,
-    issuer: str,
-    signing_key: ec.EllipticCurvePrivateKey,
-    *,
-    ca: bool,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-    return builder.sign(signing_key, hashes.SHA256())
-
-
-def write_tls_files(directory: Path) -> tuple[Path, Path]:
-    """Write a test CA (PEM) and a broker keystore (PKCS12) signed by it."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _certificate(
-        "agogosml test CA", ca_key.public_key(), "agogosml test CA", ca_key, ca=True
-    )
-    broker_key = ec.generate_private_key(ec.SECP256R1())
-    broker_cert = _certificate(
-        "127.0.0.1", broker_key.public_key(), "agogosml test CA", ca_key, ca=False
-    )
-    ca_path = directory / "ca.pem"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    keystore_path = directory / "broker.p12"
-    keystore_path.write_bytes(
-        pkcs12.serialize_key_and_certificates(
-            b"broker",
-            broker_key,
-            broker_cert,
-            [ca_cert],
-            serialization.BestAvailableEncryption(KEYSTORE_PASSWORD.encode()),
-        )
-    )
-    return ca_path, keystore_path
-
-
-def eventhubs_listener(keystore: Path) -> Listener:
-    jaas = (
-        "org.apache.kafka.common.security.plain.PlainLoginModule required "
-        f'user_$ConnectionString="{CONNECTION_STRING}";'
-    )
-    return Listener(
-        name=LISTENER,
-        host="127.0.0.1",
-        protocol="SASL_SSL",
-        properties={
-            "sasl.enabled.mechanisms": "PLAIN",
-            "plain.sasl.jaas.config": jaas,
-            "ssl.keystore.type": "PKCS12",
-            "ssl.keystore.location": str(keystore),
-            "ssl.keystore.password": KEYSTORE_PASSWORD,
-            "ssl.key.password": KEYSTORE_PASSWORD,
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """Start a broker with the Event Hubs-like listener; yield its address and CA."""
-    directory = tmp_path_factory.mktemp("tls")
-    ca_path, keystore = write_tls_files(directory)
-    with LocalKafkaBroker(listeners=[eventhubs_listener(keystore)]) as broker:
-        yield broker.listener_address(LISTENER), ca_path
+@pytest.fixture
+def endpoint(eventhubs_kafka_endpoint: tuple[str, Path]) -> tuple[str, Path]:
+    """Address and CA file of the broker's Event Hubs-like listener."""
+    return eventhubs_kafka_endpoint
 
 
 def endpoint_settings(address: str, ca_path: Path, **overrides: str) -> KafkaSettings:

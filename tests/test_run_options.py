@@ -1,0 +1,358 @@
+"""`agogosml run` broker options: combinations, secrets from the environment, wiring.
+
+None of these tests reaches a broker or a namespace. The runs over a real
+broker are in test_cli_run.py, and the run over a real Event Hubs namespace
+is in test_pipeline_eventhubs.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from kafka_endpoint import CONNECTION_STRING
+from rich.console import Console
+
+from agogosml.config import EventHubSettings, KafkaSettings
+from agogosml_cli import eventhubs_run
+from agogosml_cli.eventhubs_run import EventHubsBackend
+from agogosml_cli.kafka_run import KafkaBackend
+from agogosml_cli.local import ServiceProcess
+from agogosml_cli.main import cli
+from agogosml_cli.run import (
+    OutputTally,
+    RunOptions,
+    RunTopics,
+    TopicNames,
+    run_pipeline,
+)
+from agogosml_cli.run_options import eventhubs_kafka_address
+from sample_app.data import COLUMNS
+
+STORAGE_CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=https;AccountName=agogosmltest;"
+    "AccountKey=dGVzdC1zdG9yYWdlLWtleQ==;EndpointSuffix=core.windows.net"
+)
+SECRET_VARIABLES = (
+    "EVENTHUB_CONNECTION_STRING",
+    "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING",
+    "EVENTHUB_FULLY_QUALIFIED_NAMESPACE",
+    "EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL",
+    "EVENTHUB_CHECKPOINT_STORE_CONTAINER",
+    "EVENTHUB_CONSUMER_GROUP",
+    "KAFKA_EVENTHUBS_CONNECTION_STRING",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SSL_CA_LOCATION",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in SECRET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def eventhubs_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTHUB_CONNECTION_STRING", CONNECTION_STRING)
+    monkeypatch.setenv(
+        "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING", STORAGE_CONNECTION_STRING
+    )
+
+
+def invoke_run(tmp_path: Path, *arguments: str) -> Any:
+    return CliRunner().invoke(
+        cli, ["run", "--work-dir", str(tmp_path / "work"), *arguments]
+    )
+
+
+# ---------------------------------------------------------------------------
+# Option combinations
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--kafka", "k:9092", "--eventhubs"], "--kafka and --eventhubs exclude"),
+        (
+            ["--kafka", "k:9092", "--eventhubs-kafka", "ns"],
+            "--kafka and --eventhubs-kafka exclude",
+        ),
+        (["--kafka-sasl-mechanism", "PLAIN"], "--kafka-sasl-mechanism needs --kafka"),
+        (
+            ["--eventhubs-kafka", "ns", "--kafka-security-protocol", "SSL"],
+            "--kafka-security-protocol does not apply to --eventhubs-kafka",
+        ),
+        (
+            ["--kafka", "k:9092", "--eventhubs-consumer-group", "g"],
+            "--eventhubs-consumer-group needs --eventhubs",
+        ),
+        (["--input-topic", "t"], "--input-topic needs --kafka"),
+        (["--eventhubs", "--input-topic", "in"], "--eventhubs needs --input-topic"),
+    ],
+)
+def test_conflicting_options_rejected(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    result = invoke_run(tmp_path, *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_eventhubs_names_missing_variables(tmp_path: Path) -> None:
+    result = invoke_run(
+        tmp_path, "--eventhubs", "--input-topic", "in", "--output-topic", "out"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "EVENTHUB_CONNECTION_STRING" in result.output
+    assert "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" in result.output
+
+
+def test_eventhubs_names_only_missing_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EVENTHUB_CONNECTION_STRING", CONNECTION_STRING)
+
+    result = invoke_run(
+        tmp_path, "--eventhubs", "--input-topic", "in", "--output-topic", "out"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "needs EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING in" in result.output
+    assert CONNECTION_STRING not in result.output
+
+
+def test_eventhubs_rejects_hub_connection_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eventhubs_environment: None
+) -> None:
+    monkeypatch.setenv(
+        "EVENTHUB_CONNECTION_STRING", CONNECTION_STRING + ";EntityPath=transactions"
+    )
+
+    result = invoke_run(
+        tmp_path, "--eventhubs", "--input-topic", "in", "--output-topic", "out"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "'transactions' only (EntityPath)" in result.output
+    assert "SharedAccessKey=" not in result.output
+
+
+def test_eventhubs_kafka_needs_connection_string(tmp_path: Path) -> None:
+    result = invoke_run(tmp_path, "--eventhubs-kafka", "ns")
+
+    assert result.exit_code == 2, result.output
+    assert "KAFKA_EVENTHUBS_CONNECTION_STRING" in result.output
+
+
+def test_sasl_needs_credentials_from_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "pipeline")
+
+    result = invoke_run(
+        tmp_path,
+        "--kafka", "127.0.0.1:9093",
+        "--kafka-security-protocol", "SASL_SSL",
+        "--kafka-sasl-mechanism", "SCRAM-SHA-512",
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert "SCRAM-SHA-512 needs KAFKA_SASL_PASSWORD in" in result.output
+    assert "KAFKA_SASL_USERNAME and" not in result.output
+
+
+def test_sasl_protocol_needs_mechanism(tmp_path: Path) -> None:
+    result = invoke_run(
+        tmp_path, "--kafka", "127.0.0.1:9093", "--kafka-security-protocol", "SASL_SSL"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "KAFKA_SASL_MECHANISM" in result.output
+
+
+@pytest.mark.parametrize(
+    ("namespace", "address"),
+    [
+        ("scoring", "scoring.servicebus.windows.net:9093"),
+        ("scoring.servicebus.windows.net", "scoring.servicebus.windows.net:9093"),
+        ("127.0.0.1:19093", "127.0.0.1:19093"),
+    ],
+)
+def test_eventhubs_kafka_address(namespace: str, address: str) -> None:
+    assert eventhubs_kafka_address(namespace) == address
+
+
+# ---------------------------------------------------------------------------
+# Environment of the services
+# ---------------------------------------------------------------------------
+
+
+def test_kafka_env_with_security_options(tmp_path: Path) -> None:
+    ca_path = tmp_path / "ca.pem"
+    ca_path.write_text("")
+    values = {
+        "bootstrap_servers": "broker:9093",
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "PLAIN",
+        "sasl_username": "pipeline",
+        "sasl_password": "secret-password",
+        "ssl_ca_location": str(ca_path),
+    }
+    settings = KafkaSettings(**values)  # type: ignore[arg-type]
+    backend = KafkaBackend(settings, RunTopics("in", "out", "in.dlq"), "abc")
+
+    assert backend.service_env() == {
+        "KAFKA_BOOTSTRAP_SERVERS": "broker:9093",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "PLAIN",
+        "KAFKA_SSL_CA_LOCATION": str(ca_path),
+    }
+    assert backend.reader_env() == {"KAFKA_GROUP_ID": "agogosml-run-abc"}
+
+
+def test_kafka_env_of_eventhubs_endpoint() -> None:
+    values = {
+        "bootstrap_servers": "scoring.servicebus.windows.net:9093",
+        "eventhubs_connection_string": CONNECTION_STRING,
+    }
+    settings = KafkaSettings(**values)  # type: ignore[arg-type]
+    backend = KafkaBackend(settings, RunTopics("in", "out", "in.dlq"), "abc")
+
+    assert backend.service_env() == {
+        "KAFKA_BOOTSTRAP_SERVERS": "scoring.servicebus.windows.net:9093"
+    }
+
+
+class FakeReceiver:
+    """Count every input record as written on the first poll."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
+        for number, transaction in enumerate(self.ids):
+            tally.add_output(f"m{number}", {"transaction_id": transaction})
+
+
+@pytest.fixture
+def started_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str]]:
+    """Record the environment of each service instead of starting it."""
+    started: dict[str, dict[str, str]] = {}
+
+    def start(self: ServiceProcess) -> ServiceProcess:
+        started[self.name] = dict(self.env)
+        return self
+
+    monkeypatch.setattr(ServiceProcess, "start", start)
+    monkeypatch.setattr(ServiceProcess, "wait_ready", lambda self, timeout: None)
+    monkeypatch.setattr(ServiceProcess, "running", lambda self: True)
+    monkeypatch.setattr(ServiceProcess, "stop", lambda self: 0)
+    return started
+
+
+def write_dataset(path: Path, rows: int) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(COLUMNS)
+        for _ in range(rows):
+            writer.writerow([0] * len(COLUMNS))
+
+
+def test_eventhubs_run_wiring(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    eventhubs_environment: None,
+    started_services: dict[str, dict[str, str]],
+) -> None:
+    sent: list[tuple[str, int]] = []
+
+    async def latest_enqueued_time(settings: EventHubSettings, hub: str) -> str:
+        return {"in": "2026-01-02T03:04:05+00:00"}.get(hub, "earliest")
+
+    async def send_file(settings: EventHubSettings, hub: str, path: Path) -> None:
+        sent.append((hub, len(path.read_bytes().splitlines())))
+
+    @contextlib.contextmanager
+    def output_reader(self: EventHubsBackend) -> Iterator[FakeReceiver]:
+        yield FakeReceiver([f"tx-{n:06d}" for n in range(5)])
+
+    monkeypatch.setattr(eventhubs_run, "latest_enqueued_time", latest_enqueued_time)
+    monkeypatch.setattr(eventhubs_run, "send_file", send_file)
+    monkeypatch.setattr(EventHubsBackend, "output_reader", output_reader)
+    data = tmp_path / "data.csv"
+    write_dataset(data, 5)
+    options = RunOptions(
+        data_path=data,
+        work_dir=tmp_path / "work",
+        eventhubs=eventhubs_run.load_run_settings("scoring", None),
+        topics=TopicNames(input="in", output="out"),
+        batch_size=10,
+    )
+
+    summary = run_pipeline(options, Console(file=io.StringIO()))
+
+    writer = started_services["output writer"]
+    reader = started_services["input reader"]
+    container = reader.pop("EVENTHUB_CHECKPOINT_STORE_CONTAINER")
+    assert sent == [("in", 5)]
+    assert summary.transport == "eventhubs"
+    assert summary.written == 5
+    assert summary.output == "out"
+    assert summary.dead_letter == "in.dlq"
+    assert writer == {
+        "WRITER_SINK": "eventhubs",
+        "WRITER_OUTPUT": "out",
+        "WRITER_PORT": writer["WRITER_PORT"],
+    }
+    assert container.startswith("agogosml-run-")
+    assert reader == {
+        "READER_SOURCE": "eventhubs",
+        "READER_INPUT": "in",
+        "READER_APP_URL": reader["READER_APP_URL"],
+        "READER_PORT": reader["READER_PORT"],
+        "READER_DEAD_LETTER": "in.dlq",
+        "READER_BATCH_MAX_MESSAGES": "10",
+        "READER_ORDERING": "partition",
+        "READER_MAX_IN_FLIGHT": "1000",
+        "EVENTHUB_CONSUMER_GROUP": "scoring",
+        "EVENTHUB_STARTING_POSITION": "2026-01-02T03:04:05+00:00",
+    }
+    for env in (writer, reader):
+        assert not any("CONNECTION_STRING" in name for name in env)
+
+
+def test_eventhubs_checkpoint_container_option(eventhubs_environment: None) -> None:
+    settings = eventhubs_run.load_run_settings(None, "scoring-checkpoints")
+    backend = EventHubsBackend(settings, RunTopics("in", "out", "in.dlq"), "abc")
+
+    env = backend.reader_env()
+
+    assert env["EVENTHUB_CHECKPOINT_STORE_CONTAINER"] == "scoring-checkpoints"
+    assert env["EVENTHUB_CONSUMER_GROUP"] == "$Default"
+    assert env["EVENTHUB_STARTING_POSITION"] == "earliest"
+
+
+def test_eventhubs_ignores_container_variable(
+    monkeypatch: pytest.MonkeyPatch, eventhubs_environment: None
+) -> None:
+    monkeypatch.setenv("EVENTHUB_CHECKPOINT_STORE_CONTAINER", "service-checkpoints")
+
+    settings = eventhubs_run.load_run_settings(None, None)
+    backend = EventHubsBackend(settings, RunTopics("in", "out", "in.dlq"), "abc")
+
+    assert backend.reader_env()["EVENTHUB_CHECKPOINT_STORE_CONTAINER"] == (
+        "agogosml-run-abc"
+    )
