@@ -1,8 +1,8 @@
-"""End-to-end test over a real Azure Event Hubs namespace, when one is configured.
+"""End-to-end tests over a real Azure Event Hubs namespace, when one is configured.
 
 Set EVENTHUB_CONNECTION_STRING (namespace level),
 EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING and EVENTHUB_TEST_HUBS
-(``input,output,dead-letter``: three existing hubs) to run it.
+(``input,output,dead-letter``: three existing hubs) to run them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -126,3 +128,35 @@ async def test_pipeline_over_eventhubs(tmp_path: Path) -> None:
     assert {value["n"] for value in outputs} == set(range(RECORDS)) - {7}
     assert [value["n"] for value in dead] == [7]
     assert received[dead_letter_hub][0].properties[b"dlq.status"] == b"400"
+
+
+def test_run_command_over_eventhubs(tmp_path: Path, fraud_model: Path) -> None:
+    input_hub, output_hub, dead_letter_hub = os.environ["EVENTHUB_TEST_HUBS"].split(",")
+    summary_path = tmp_path / "summary.json"
+
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "agogosml_cli.main", "run", "--eventhubs",
+            "--input-topic", input_hub,
+            "--output-topic", output_hub,
+            "--dead-letter-topic", dead_letter_hub,
+            "--limit", str(RECORDS),
+            "--model", str(fraud_model),
+            "--summary-json", str(summary_path),
+            "--work-dir", str(tmp_path / "work"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["transport"] == "eventhubs"
+    assert summary["read"] == RECORDS
+    assert summary["written"] == RECORDS
+    assert summary["dead_lettered"] == 0
+    assert summary["missing"] == 0
+    assert summary["output"] == output_hub
