@@ -12,7 +12,12 @@ import pytest
 import yaml
 
 from agogosml.app import AppSettings
-from agogosml.config import KafkaSettings, ReaderSettings, WriterSettings
+from agogosml.config import (
+    EventHubSettings,
+    KafkaSettings,
+    ReaderSettings,
+    WriterSettings,
+)
 from agogosml_cli.release import CHART_DEFAULT_STATE
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
@@ -36,6 +41,8 @@ RESTRICTED_CONTAINER_FIELDS = {
 SECRET_VARIABLES = {
     "KAFKA_SASL_PASSWORD",
     "KAFKA_EVENTHUBS_CONNECTION_STRING",
+    "EVENTHUB_CONNECTION_STRING",
+    "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING",
     "READER_APP_TOKEN",
     "APP_TOKEN",
     "APP_WRITER_TOKEN",
@@ -59,6 +66,25 @@ EVENT_HUBS = [
     "kafka.eventHubsConnectionString.existingSecret=eventhubs",
     "kafka.eventHubsConnectionString.key=connection-string",
 ]
+NATIVE_EVENT_HUBS = [
+    "transport=eventhubs",
+    "reader.topics={transactions}",
+    "writer.topic=transactions-scored",
+    "eventhubs.connectionString.existingSecret=eventhubs",
+    "eventhubs.connectionString.key=connection-string",
+    "eventhubs.consumerGroup=scoring",
+    "eventhubs.checkpointStore.container=scoring-checkpoints",
+    "eventhubs.checkpointStore.connectionString.existingSecret=checkpoints",
+    "eventhubs.checkpointStore.connectionString.key=connection-string",
+]
+CLIENT_ID = "00000000-1111-2222-3333-444444444444"
+EVENT_HUBS_AZURE_AD = [
+    "transport=eventhubs",
+    "eventhubs.fullyQualifiedNamespace=scoring.servicebus.windows.net",
+    "eventhubs.checkpointStore.accountUrl=https://scoring.blob.core.windows.net",
+    "eventhubs.workloadIdentity.enabled=true",
+    f"eventhubs.workloadIdentity.clientId={CLIENT_ID}",
+]
 
 # Value combinations that every rendering check runs on.
 COMBINATIONS = {
@@ -71,6 +97,13 @@ COMBINATIONS = {
     "sasl secrets": SASL,
     "keda with sasl": ["keda.enabled=true", *SASL],
     "event hubs with keda": ["keda.enabled=true", *EVENT_HUBS],
+    "native event hubs": NATIVE_EVENT_HUBS,
+    "native event hubs with azure ad": [
+        *EVENT_HUBS_AZURE_AD,
+        "networkPolicy.enabled=true",
+        "auth.appToken.existingSecret=pipeline-tokens",
+        "auth.appToken.key=app",
+    ],
     "everything": [
         "keda.enabled=true",
         "networkPolicy.enabled=true",
@@ -153,6 +186,19 @@ def test_chart_lints_with_every_option(helm_binary: str) -> None:
     settings = [
         arg for setting in COMBINATIONS["everything"] for arg in ("--set", setting)
     ]
+
+    result = helm(helm_binary, "lint", str(CHART), "--strict", *settings)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "values", [NATIVE_EVENT_HUBS, EVENT_HUBS_AZURE_AD], ids=["secrets", "azure ad"]
+)
+def test_chart_lints_with_native_event_hubs(
+    helm_binary: str, values: list[str]
+) -> None:
+    settings = [arg for setting in values for arg in ("--set", setting)]
 
     result = helm(helm_binary, "lint", str(CHART), "--strict", *settings)
 
@@ -338,16 +384,135 @@ def test_schema_settings_cover_every_variable() -> None:
         "WRITER_OUTPUT", "APP_HOST", "APP_PORT", "APP_WRITER_URL",
         "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID", "KAFKA_AUTO_OFFSET_RESET",
         "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME",
-        "KAFKA_SSL_CA_LOCATION",
+        "KAFKA_SSL_CA_LOCATION", "EVENTHUB_FULLY_QUALIFIED_NAMESPACE",
+        "EVENTHUB_CONSUMER_GROUP", "EVENTHUB_STARTING_POSITION",
+        "EVENTHUB_CHECKPOINT_STORE_CONTAINER", "EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL",
     }  # fmt: skip
     file_only = {"READER_STOP_AT_END", "READER_CHECKPOINT_PATH", "WRITER_FSYNC"}
 
     documented = set()
-    for model in (ReaderSettings, WriterSettings, KafkaSettings, AppSettings):
+    models = (ReaderSettings, WriterSettings, KafkaSettings, EventHubSettings)
+    for model in (*models, AppSettings):
         prefix = str(model.model_config.get("env_prefix", ""))
         documented |= {f"{prefix}{name}".upper() for name in model.model_fields}
     assert allowed | wired | file_only | SECRET_VARIABLES == documented
     assert not allowed & (wired | SECRET_VARIABLES)
+
+
+# ---------------------------------------------------------------------------
+# Native Event Hubs
+# ---------------------------------------------------------------------------
+
+
+def test_native_event_hubs_env(helm_binary: str) -> None:
+    manifests = render(helm_binary, *NATIVE_EVENT_HUBS)
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    writer = env_of(find(manifests, "Deployment", "rel-agogosml-writer"))
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-blue"))
+
+    hubs = {"name": "eventhubs", "key": "connection-string"}
+    storage = {"name": "checkpoints", "key": "connection-string"}
+    assert reader["READER_SOURCE"]["value"] == "eventhubs"
+    assert reader["READER_INPUT"]["value"] == "transactions"
+    assert reader["EVENTHUB_CONNECTION_STRING"]["valueFrom"]["secretKeyRef"] == hubs
+    assert reader["EVENTHUB_CONSUMER_GROUP"]["value"] == "scoring"
+    assert reader["EVENTHUB_STARTING_POSITION"]["value"] == "earliest"
+    assert reader["EVENTHUB_CHECKPOINT_STORE_CONTAINER"]["value"] == (
+        "scoring-checkpoints"
+    )
+    assert (
+        reader["EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING"]["valueFrom"][
+            "secretKeyRef"
+        ]
+        == storage
+    )
+    assert writer["WRITER_SINK"]["value"] == "eventhubs"
+    assert writer["WRITER_OUTPUT"]["value"] == "transactions-scored"
+    assert writer["EVENTHUB_CONNECTION_STRING"]["valueFrom"]["secretKeyRef"] == hubs
+    for env in (reader, writer):
+        assert not [name for name in env if name.startswith("KAFKA_")]
+        assert "EVENTHUB_FULLY_QUALIFIED_NAMESPACE" not in env
+    assert not [name for name in writer if "CHECKPOINT" in name]
+    assert not [name for name in app if name.startswith("EVENTHUB_")]
+
+
+def test_native_event_hubs_settings_reach_env(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        *NATIVE_EVENT_HUBS,
+        "reader.settings.EVENTHUB_CHECKPOINT_INTERVAL_MS=1000",
+        "reader.settings.READER_DEAD_LETTER=transactions-dead",
+        "writer.settings.EVENTHUB_MAX_BATCH_BYTES=262144",
+    )
+
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    writer = env_of(find(manifests, "Deployment", "rel-agogosml-writer"))
+    assert reader["EVENTHUB_CHECKPOINT_INTERVAL_MS"]["value"] == "1000"
+    assert reader["READER_DEAD_LETTER"]["value"] == "transactions-dead"
+    assert writer["EVENTHUB_MAX_BATCH_BYTES"]["value"] == "262144"
+
+
+def test_event_hubs_workload_identity(helm_binary: str) -> None:
+    manifests = render(helm_binary, *EVENT_HUBS_AZURE_AD)
+    account = find(manifests, "ServiceAccount", "rel-agogosml")
+    reader_deployment = find(manifests, "Deployment", "rel-agogosml-reader")
+    writer_deployment = find(manifests, "Deployment", "rel-agogosml-writer")
+    app_deployment = find(manifests, "Deployment", "rel-agogosml-app-blue")
+    reader = env_of(reader_deployment)
+    writer = env_of(writer_deployment)
+
+    def pod_labels(deployment: dict) -> dict[str, str]:
+        labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+        return labels
+
+    annotations = account["metadata"]["annotations"]
+    assert annotations["azure.workload.identity/client-id"] == CLIENT_ID
+    assert pod_labels(reader_deployment)["azure.workload.identity/use"] == "true"
+    assert pod_labels(writer_deployment)["azure.workload.identity/use"] == "true"
+    assert "azure.workload.identity/use" not in pod_labels(app_deployment)
+    namespace = "scoring.servicebus.windows.net"
+    assert reader["EVENTHUB_FULLY_QUALIFIED_NAMESPACE"]["value"] == namespace
+    assert writer["EVENTHUB_FULLY_QUALIFIED_NAMESPACE"]["value"] == namespace
+    assert reader["EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL"]["value"] == (
+        "https://scoring.blob.core.windows.net"
+    )
+    for env in (reader, writer):
+        assert "EVENTHUB_CONNECTION_STRING" not in env
+        assert "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" not in env
+
+
+def test_workload_identity_needs_eventhubs_transport(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "eventhubs.workloadIdentity.enabled=true",
+        f"eventhubs.workloadIdentity.clientId={CLIENT_ID}",
+    )
+
+    account = find(manifests, "ServiceAccount", "rel-agogosml")
+    reader = find(manifests, "Deployment", "rel-agogosml-reader")
+    assert "annotations" not in account["metadata"]
+    assert (
+        "azure.workload.identity/use"
+        not in (reader["spec"]["template"]["metadata"]["labels"])
+    )
+
+
+def test_network_policy_opens_event_hubs_ports(helm_binary: str) -> None:
+    manifests = render(helm_binary, *NATIVE_EVENT_HUBS, "networkPolicy.enabled=true")
+
+    for component in ("reader", "writer"):
+        policy = find(manifests, "NetworkPolicy", f"rel-agogosml-{component}")
+        broker = policy["spec"]["egress"][-1]
+        assert [port["port"] for port in broker["ports"]] == [5671, 443], component
+
+
+def test_literal_eventhubs_secret_in_extra_env_rejected(helm_binary: str) -> None:
+    error = render_error(
+        helm_binary,
+        json_settings='app.extraEnv=[{"name":"EVENTHUB_CONNECTION_STRING","value":"x"}]',
+    )
+
+    assert "app.extraEnv[0].value" in error
 
 
 # ---------------------------------------------------------------------------
@@ -555,6 +720,23 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         ("reader.settings.KAFKA_SASL_PASSWORD=x", "/reader/settings"),
         ("app.slots.orange.replicas=1", "/app/slots"),
         ("keda.enabled=yes", "/keda/enabled"),
+        ("transport=pulsar", "/transport"),
+        ("eventhubs.connectionString=Endpoint=sb://x", "/eventhubs/connectionString"),
+        (
+            "eventhubs.fullyQualifiedNamespace=sb://ns.servicebus.windows.net",
+            "/eventhubs/fullyQualifiedNamespace",
+        ),
+        (
+            "eventhubs.checkpointStore.container=Checkpoints",
+            "/eventhubs/checkpointStore/container",
+        ),
+        (
+            "eventhubs.checkpointStore.accountUrl=http://a.blob.core.windows.net",
+            "/eventhubs/checkpointStore/accountUrl",
+        ),
+        ("eventhubs.startingPosition=yesterday", "/eventhubs/startingPosition"),
+        ("reader.settings.EVENTHUB_CONNECTION_STRING=x", "/reader/settings"),
+        ("writer.settings.EVENTHUB_PREFETCH=10", "/writer/settings"),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:
@@ -580,6 +762,24 @@ def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) ->
             [*EVENT_HUBS[1:], "kafka.bootstrapServers=", "keda.enabled=true"],
             "kafka.bootstrapServers",
         ),
+        (["transport=eventhubs"], "set one of eventhubs.connectionString"),
+        (
+            [*NATIVE_EVENT_HUBS, "eventhubs.fullyQualifiedNamespace=ns.example.net"],
+            "not both or neither",
+        ),
+        (
+            [*NATIVE_EVENT_HUBS, "eventhubs.checkpointStore.connectionString.key="],
+            "eventhubs.checkpointStore.connectionString.key is empty",
+        ),
+        (
+            [
+                *NATIVE_EVENT_HUBS,
+                "eventhubs.checkpointStore.connectionString.existingSecret=",
+            ],
+            "set one of eventhubs.checkpointStore.connectionString",
+        ),
+        ([*NATIVE_EVENT_HUBS, "reader.topics={a,b}"], "reads one event hub"),
+        ([*NATIVE_EVENT_HUBS, "keda.enabled=true"], "keda.enabled is true"),
     ],
 )
 def test_template_rejects_inconsistent_values(

@@ -121,7 +121,9 @@ Checks of value combinations that values.schema.json cannot express.
 {{- end }}
 {{- $kafka := .Values.kafka }}
 {{- $sasl := has $kafka.securityProtocol (list "SASL_SSL" "SASL_PLAINTEXT") }}
-{{- if not (include "agogosml.usesEventHubs" .) }}
+{{- if eq .Values.transport "eventhubs" }}
+{{- include "agogosml.validateEventHubs" . }}
+{{- else if not (include "agogosml.usesEventHubs" .) }}
 {{- if not $kafka.bootstrapServers }}
 {{- fail "kafka.bootstrapServers is empty: set it to the broker's host:port list, or set kafka.eventHubsConnectionString" }}
 {{- end }}
@@ -139,14 +141,92 @@ Checks of value combinations that values.schema.json cannot express.
 {{- fail "kafka.bootstrapServers is empty but keda.enabled is true: the KEDA Kafka trigger needs the broker's host:port list" }}
 {{- end }}
 {{- range $index, $variable := .Values.app.extraEnv }}
-{{- if and (has $variable.name (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
+{{- if and (has $variable.name (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "EVENTHUB_CONNECTION_STRING" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
 {{- fail (printf "app.extraEnv[%d].value is set for %s, which carries a secret: use valueFrom.secretKeyRef, or the auth and kafka values that name a Secret" $index $variable.name) }}
 {{- end }}
 {{- end }}
-{{- range $name, $ref := dict "kafka.sasl.password" $kafka.sasl.password "kafka.eventHubsConnectionString" $kafka.eventHubsConnectionString "kafka.caCertificate" $kafka.caCertificate "auth.appToken" .Values.auth.appToken "auth.writerToken" .Values.auth.writerToken }}
+{{- $eventhubs := .Values.eventhubs }}
+{{- range $name, $ref := dict "kafka.sasl.password" $kafka.sasl.password "kafka.eventHubsConnectionString" $kafka.eventHubsConnectionString "kafka.caCertificate" $kafka.caCertificate "auth.appToken" .Values.auth.appToken "auth.writerToken" .Values.auth.writerToken "eventhubs.connectionString" $eventhubs.connectionString "eventhubs.checkpointStore.connectionString" $eventhubs.checkpointStore.connectionString }}
 {{- if and $ref.existingSecret (not $ref.key) }}
 {{- fail (printf "%s.key is empty: name the key of Secret %s that holds the value" $name $ref.existingSecret) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of the eventhubs values, when transport is eventhubs.
+*/}}
+{{- define "agogosml.validateEventHubs" -}}
+{{- $eventhubs := .Values.eventhubs }}
+{{- $store := $eventhubs.checkpointStore }}
+{{- if eq (empty $eventhubs.connectionString.existingSecret) (empty $eventhubs.fullyQualifiedNamespace) }}
+{{- fail "set one of eventhubs.connectionString (a Secret key) and eventhubs.fullyQualifiedNamespace (for Azure AD), not both or neither" }}
+{{- end }}
+{{- if eq (empty $store.connectionString.existingSecret) (empty $store.accountUrl) }}
+{{- fail "set one of eventhubs.checkpointStore.connectionString (a Secret key) and eventhubs.checkpointStore.accountUrl (for Azure AD), not both or neither" }}
+{{- end }}
+{{- if ne (len .Values.reader.topics) 1 }}
+{{- fail (printf "reader.topics has %d entries but transport eventhubs reads one event hub: run one release per hub" (len .Values.reader.topics)) }}
+{{- end }}
+{{- if .Values.keda.enabled }}
+{{- fail "keda.enabled is true but the chart's KEDA trigger measures Kafka consumer lag: turn it off with transport eventhubs, or use transport kafka with kafka.eventHubsConnectionString" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Event Hubs environment variables of the reader and the writer. Call with
+(dict "root" $ "reader" true) for the reader's checkpoint settings.
+*/}}
+{{- define "agogosml.eventHubsEnv" -}}
+{{- $eventhubs := .root.Values.eventhubs }}
+{{- $store := $eventhubs.checkpointStore }}
+{{- if $eventhubs.connectionString.existingSecret }}
+{{- include "agogosml.secretEnv" (dict "name" "EVENTHUB_CONNECTION_STRING" "ref" $eventhubs.connectionString) }}
+{{- else }}
+- name: EVENTHUB_FULLY_QUALIFIED_NAMESPACE
+  value: {{ $eventhubs.fullyQualifiedNamespace | quote }}
+{{- end }}
+{{- if .reader }}
+- name: EVENTHUB_CONSUMER_GROUP
+  value: {{ $eventhubs.consumerGroup | quote }}
+- name: EVENTHUB_STARTING_POSITION
+  value: {{ $eventhubs.startingPosition | quote }}
+- name: EVENTHUB_CHECKPOINT_STORE_CONTAINER
+  value: {{ $store.container | quote }}
+{{- if $store.connectionString.existingSecret }}
+{{- include "agogosml.secretEnv" (dict "name" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "ref" $store.connectionString) }}
+{{- else }}
+- name: EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL
+  value: {{ $store.accountUrl | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Broker environment variables of the reader or the writer: Kafka or Event
+Hubs, as .Values.transport says. Call with (dict "root" $ "reader" true) for
+the reader.
+*/}}
+{{- define "agogosml.brokerEnv" -}}
+{{- if eq .root.Values.transport "eventhubs" }}
+{{- include "agogosml.eventHubsEnv" . }}
+{{- else }}
+{{- if .reader }}
+- name: KAFKA_GROUP_ID
+  value: {{ .root.Values.reader.groupId | quote }}
+- name: KAFKA_AUTO_OFFSET_RESET
+  value: {{ .root.Values.reader.autoOffsetReset | quote }}
+{{- end }}
+{{- include "agogosml.kafkaEnv" .root }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod labels of the reader and the writer for Azure AD workload identity.
+*/}}
+{{- define "agogosml.workloadIdentityLabels" -}}
+{{- if and (eq .Values.transport "eventhubs") .Values.eventhubs.workloadIdentity.enabled }}
+azure.workload.identity/use: "true"
 {{- end }}
 {{- end }}
 
