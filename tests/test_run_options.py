@@ -7,21 +7,25 @@ is in test_pipeline_eventhubs.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
+import datetime
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from eventhubs_fakes import FakeHub
 from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
 from agogosml.config import EventHubSettings, KafkaSettings
 from agogosml_cli import eventhubs_run
-from agogosml_cli.eventhubs_run import EventHubsBackend
+from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
 from agogosml_cli.kafka_run import KafkaBackend
 from agogosml_cli.local import ServiceProcess
 from agogosml_cli.main import cli
@@ -356,3 +360,64 @@ def test_eventhubs_ignores_container_variable(
     assert backend.reader_env()["EVENTHUB_CHECKPOINT_STORE_CONTAINER"] == (
         "agogosml-run-abc"
     )
+
+
+class HubConsumer:
+    """Consumer client that delivers every event of a `FakeHub` until closed."""
+
+    def __init__(self, hub: FakeHub, positions: dict[str, Any]) -> None:
+        self.hub = hub
+        self.positions = positions
+        self.closed = asyncio.Event()
+
+    async def receive(self, on_event: Any, *, starting_position: Any) -> None:
+        self.positions[self.hub.name] = starting_position
+        for partition_id in self.hub.partition_ids:
+            for index in range(len(self.hub.partitions[partition_id])):
+                await on_event(None, self.hub.received(partition_id, index))
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+def test_output_receiver_counts_both_hubs(
+    monkeypatch: pytest.MonkeyPatch, eventhubs_environment: None
+) -> None:
+    output, dead_letters = FakeHub("out"), FakeHub("in.dlq")
+    output.add("0", b'{"transaction_id": "tx-000000"}', **{"message-id": "m0"})
+    output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
+    output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
+    dead_letters.add("0", b'{"transaction_id": "tx-000002"}')
+    hubs = {"out": output, "in.dlq": dead_letters}
+    positions: dict[str, Any] = {}
+
+    def from_connection_string(
+        connection_string: str, consumer_group: str, *, eventhub_name: str
+    ) -> HubConsumer:
+        return HubConsumer(hubs[eventhub_name], positions)
+
+    monkeypatch.setattr(
+        eventhubs_run.EventHubConsumerClient,
+        "from_connection_string",
+        from_connection_string,
+    )
+    settings = eventhubs_run.load_run_settings(None, None)
+    start = {"out": "2026-01-02T03:04:05+00:00", "in.dlq": "earliest"}
+    tally = OutputTally()
+
+    with OutputReceiver(settings, RunTopics("in", "out", "in.dlq"), start) as receiver:
+        deadline = time.monotonic() + 10
+        while (tally.finished, tally.duplicates) != (3, 1) and (
+            time.monotonic() < deadline
+        ):
+            receiver.poll_into(tally, 0.1)
+
+    assert tally.transactions == {"tx-000000", "tx-000001"}
+    assert tally.dead_transactions == {"tx-000002"}
+    assert tally.seen_messages == {"m0", "m1"}
+    assert tally.duplicates == 1
+    assert positions["out"] == datetime.datetime(
+        2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC
+    )
+    assert positions["in.dlq"] == "-1"
