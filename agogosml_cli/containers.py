@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -451,6 +452,23 @@ def _project_containers(engine: Engine, name: str) -> list[Container]:
     )
 
 
+def network_gateway(engine: Engine, project: ComposeProject) -> str:
+    """Create the project's network if needed and return its gateway address.
+
+    The gateway is the host's address on that network, where containers
+    reach a server that runs on the host, such as a development broker.
+    """
+    _ensure_network(engine, project)
+    network = engine.client.networks.get(project.network)
+    for config in (network.attrs.get("IPAM") or {}).get("Config") or []:
+        if config.get("Gateway"):
+            return str(config["Gateway"])
+    raise ContainerError(
+        f"network {project.network} has no gateway address. Remove it "
+        "(agogosml down) and run again."
+    )
+
+
 def _ensure_network(engine: Engine, project: ComposeProject) -> None:
     if any(
         n.name == project.network
@@ -512,7 +530,22 @@ def _ensure_image(
         ) from None
 
 
-def _create_options(project: ComposeProject, service: Service) -> dict[str, Any]:
+def _healthcheck_for(engine: Engine, service: Service) -> dict[str, Any] | None:
+    if service.healthcheck is None:
+        return None
+    check = service.healthcheck.to_api()
+    test = check["test"]
+    # NOTE: Podman 4's Docker-compatible API splits the arguments of a CMD
+    # health check at whitespace, so `python -c "import x; ..."` arrives as
+    # `python -c import x; ...`. The shell form keeps each argument whole.
+    if engine.is_podman and test[0] == "CMD" and any(" " in arg for arg in test[1:]):
+        check["test"] = ["CMD-SHELL", shlex.join(test[1:])]
+    return check
+
+
+def _create_options(
+    engine: Engine, project: ComposeProject, service: Service
+) -> dict[str, Any]:
     ports: dict[str, Any] = {}
     for port in service.ports:
         key = f"{port.container_port}/{port.protocol}"
@@ -535,7 +568,7 @@ def _create_options(project: ComposeProject, service: Service) -> dict[str, Any]
         "tmpfs": {path: "" for path in service.tmpfs},
         "user": service.user,
         "read_only": service.read_only,
-        "healthcheck": service.healthcheck.to_api() if service.healthcheck else None,
+        "healthcheck": _healthcheck_for(engine, service),
         "restart_policy": None
         if restart[0] == "no"
         else {
@@ -550,7 +583,7 @@ def _ensure_container(
     engine: Engine, project: ComposeProject, service: Service, log: Log
 ) -> Container:
     name = project.container_name(service)
-    options = _create_options(project, service)
+    options = _create_options(engine, project, service)
     config_hash = hashlib.sha256(
         json.dumps(options, sort_keys=True).encode()
     ).hexdigest()

@@ -154,6 +154,10 @@ def default_state_dir() -> Path:
 
 def answers(base_url: str) -> str | None:
     """Return the engine's name if `base_url` serves the Docker API, else None."""
+    # The docker package leaks the socket of a failed unix connection, so a
+    # missing socket file is checked here instead of by connecting.
+    if base_url.startswith("unix://") and not Path(base_url[7:]).exists():
+        return None
     try:
         client = docker.DockerClient(base_url=base_url, timeout=5)
         try:
@@ -193,6 +197,7 @@ class PodmanService:
         self.log_path = self.state_dir / "service.log"
         self.config_path = self.state_dir / "containers.conf"
         self.wrapper_path = self.state_dir / "runc-without-rlimits"
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -259,6 +264,7 @@ class PodmanService:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self._process = process
         self.pid_path.write_text(str(process.pid))
         deadline = time.monotonic() + SERVICE_START_SECONDS
         while time.monotonic() < deadline:
@@ -294,6 +300,9 @@ class PodmanService:
             else:
                 os.killpg(pid, signal.SIGKILL)
             logger.info("Stopped the Podman service (pid %d)", pid)
+        if self._process is not None:
+            self._process.wait()
+            self._process = None
         self.pid_path.unlink(missing_ok=True)
 
     def ensure_base_image(self) -> None:
