@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SAMPLE_STAMP := $(VENV)/.installed-sample
 
-.PHONY: demo test lint broker bench bench-quick clean
+.PHONY: demo test test-containers lint broker bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "agogosml needs Python 3.11 or newer"'
@@ -37,6 +37,12 @@ test: $(STAMP)
 	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Only the tests that build images and run containers (docs/containers.md).
+# They set up Podman where no Docker engine responds.
+test-containers: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python -m pytest -m containers
 
 lint: $(STAMP)
 	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment benchmarks

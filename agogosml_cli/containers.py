@@ -20,7 +20,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ SERVICE_LABEL = "com.docker.compose.service"
 CONFIG_HASH_LABEL = "io.agogosml.config-hash"
 DEFAULT_TIMEOUT_SECONDS = 900
 STOP_TIMEOUT_SECONDS = 10
-#: Longest pause between two health checks that `up` runs on Podman.
+#: Maximum pause between two health checks that `up` runs on Podman.
 HEALTH_POLL_SECONDS = 2.0
 LOG_TAIL_LINES = 40
 
@@ -71,7 +71,7 @@ class ImageBuild:
 
 @dataclasses.dataclass(frozen=True)
 class ServiceState:
-    """What `up` leaves behind for one service."""
+    """State of one service after `up`."""
 
     service: str
     container: str
@@ -101,7 +101,7 @@ class Engine:
             version = self.client.version()
         except (docker.errors.DockerException, OSError) as error:
             raise ContainerError(
-                f"no container engine answers at {self.base_url} ({error}). Start "
+                f"no container engine responds at {self.base_url} ({error}). Start "
                 "Docker, or start Podman's API service (podman system service "
                 "--time=0 unix:///run/podman/podman.sock) and set "
                 "DOCKER_HOST=unix:///run/podman/podman.sock."
@@ -189,7 +189,7 @@ def find_source_tree(source: Path | None) -> Path:
 
 def source_builds(
     source: Path,
-    names: list[str],
+    names: Sequence[str],
     *,
     tags: Mapping[str, str],
     args: Mapping[str, str],
@@ -226,13 +226,14 @@ def project_builds(
 ) -> list[ImageBuild]:
     """Return the builds of a generated project's images.
 
-    The reader and writer images build from the agogosml source tree, tagged
-    with the image names of the project's ``reader`` and ``writer`` services;
-    each service with a ``build`` section builds from it.
+    The reader and writer images build from the agogosml source tree. They are
+    tagged with the image names of the project's ``reader`` and ``writer``
+    services. Each service with a ``build`` section builds from it.
     """
     builds = []
-    wanted = {"reader": "reader", "writer": "writer"}
-    stream_services = [name for name in wanted if name in project.services]
+    stream_services = [
+        name for name in ("reader", "writer") if name in project.services
+    ]
     if stream_services:
         tree = find_source_tree(source)
         tags = {
@@ -295,7 +296,7 @@ def build_image(engine: Engine, build: ImageBuild, log: Log) -> str:
                 image_id = chunk["aux"]["ID"]
     except docker.errors.APIError as error:
         raise ContainerError(
-            f"the engine refused to build {build.tag}: {error}"
+            f"the engine rejected the build of {build.tag}: {error}"
         ) from None
     return image_id or engine.client.images.get(build.tag).id
 
@@ -629,7 +630,7 @@ def _ensure_container(
         container.start()
     except docker.errors.APIError as error:
         raise ContainerError(
-            f"the engine refused to start {name} for service {service.name}: "
+            f"the engine failed to start {name} for service {service.name}: "
             f"{error.explanation or error}"
         ) from None
     return container

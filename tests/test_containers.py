@@ -1,6 +1,6 @@
 """Build the images and run the pipeline in containers through the Engine API.
 
-Where no Docker engine answers, the module fixture sets up Podman's
+Where no Docker engine responds, the module fixture sets up Podman's
 Docker-compatible service and a Debian base image built with debootstrap
 (deployment/containers/engine.py), so these tests run on any Linux machine
 where apt-get works.
@@ -181,7 +181,7 @@ class OutputCounter:
         self._consumer.close()
 
 
-def test_pipeline_in_containers_loses_nothing_when_app_is_killed(
+def test_containers_survive_app_kill(
     engine: tuple[Engine, str | None],
     images: dict[str, str],
     docker_host: str,
@@ -275,7 +275,7 @@ def test_pipeline_in_containers_loses_nothing_when_app_is_killed(
     assert client.client.networks.list(names=[compose.network]) == []
 
 
-def test_generated_project_app_image_builds_and_turns_healthy(
+def test_project_app_image_turns_healthy(
     engine: tuple[Engine, str | None], docker_host: str, kafka_project: Path
 ) -> None:
     client, base_image = engine

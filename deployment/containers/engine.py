@@ -1,7 +1,7 @@
 """Find a container engine with the Docker Engine API, or set up Podman's.
 
 agogosml builds and runs its containers through the Docker Engine API. Where
-a Docker engine answers (DOCKER_HOST, or the default socket), this script
+a Docker engine responds (DOCKER_HOST, or the default socket), this script
 uses it and changes nothing. Elsewhere it sets up Podman, which serves the
 same API:
 
@@ -68,10 +68,10 @@ DEBOOTSTRAP_TIMEOUT_SECONDS = 1200.0
 APT_TIMEOUT_SECONDS = 1200.0
 
 # Podman calls this wrapper instead of runc. The OCI specs that Podman writes
-# ask for RLIMIT_NPROC and other limits; where setrlimit is refused, runc
-# fails to start the container or an exec in it (such as a health check), so
-# the wrapper removes the limits from the bundle's config.json (`create`,
-# `run`) and from the process file (`exec --process`) first.
+# ask for RLIMIT_NPROC and other limits. Where setrlimit is rejected, runc
+# fails to start the container or an exec in it, such as a health check. So
+# the wrapper first removes the limits from the bundle's config.json (`create`,
+# `run`) and from the process file (`exec --process`).
 RUNC_WRAPPER = """\
 #!{python}
 import json
@@ -152,8 +152,8 @@ def default_state_dir() -> Path:
     return Path(root) / "podman"
 
 
-def answers(base_url: str) -> str | None:
-    """Return the engine's name if `base_url` serves the Docker API, else None."""
+def probe(base_url: str) -> str | None:
+    """Return ``docker`` or ``podman`` if `base_url` serves the API, else None."""
     # The docker package leaks the socket of a failed unix connection, so a
     # missing socket file is checked here instead of by connecting.
     if base_url.startswith("unix://") and not Path(base_url[7:]).exists():
@@ -177,7 +177,7 @@ def find_engine() -> Engine | None:
     """Return the Docker engine that DOCKER_HOST or the default socket names."""
     candidates = [os.environ.get("DOCKER_HOST", ""), DEFAULT_DOCKER_SOCKET]
     for base_url in filter(None, candidates):
-        kind = answers(base_url)
+        kind = probe(base_url)
         if kind is not None:
             return Engine(base_url=base_url, kind=kind)
     return None
@@ -249,8 +249,8 @@ class PodmanService:
         return pid
 
     def start(self) -> None:
-        """Start the service unless it already answers."""
-        if self.running_pid() is not None and answers(self.base_url) is not None:
+        """Start the service unless it already responds."""
+        if self.running_pid() is not None and probe(self.base_url) is not None:
             logger.info("Podman service already runs at %s", self.base_url)
             return
         self.stop()
@@ -273,15 +273,15 @@ class PodmanService:
                     f"podman system service exited with code {process.returncode}. "
                     f"Its log:\n{_tail(self.log_path)}"
                 )
-            if answers(self.base_url) is not None:
+            if probe(self.base_url) is not None:
                 logger.info(
-                    "Podman service (pid %d) answers at %s", process.pid, self.base_url
+                    "Podman service (pid %d) responds at %s", process.pid, self.base_url
                 )
                 return
             time.sleep(0.2)
         self.stop()
         raise EngineError(
-            "podman system service did not answer within "
+            "podman system service did not respond within "
             f"{SERVICE_START_SECONDS:.0f} s. "
             f"Its log:\n{_tail(self.log_path)}"
         )
@@ -370,7 +370,7 @@ def install_podman() -> None:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise EngineError(
-            "No Docker engine answers and podman is not installed. Start Docker "
+            "No Docker engine responds and podman is not installed. Start Docker "
             "and set DOCKER_HOST, or install podman (as root on Debian: apt-get "
             f"install {' '.join(APT_PACKAGES)})."
         )
@@ -401,7 +401,7 @@ def debian_mirror() -> str:
 
 
 def ensure_engine(state_dir: Path | None = None) -> tuple[Engine, PodmanService | None]:
-    """Return a Docker API engine, setting up Podman where none answers.
+    """Return a Docker API engine, setting up Podman where none responds.
 
     Returns:
         The engine, and the Podman service when this call set one up, so that
