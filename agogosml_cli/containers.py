@@ -231,7 +231,7 @@ def project_builds(
     services. Each service with a ``build`` section builds from it.
     """
     builds = []
-    stream_services = [
+    stream_services: list[str] = [
         name for name in ("reader", "writer") if name in project.services
     ]
     if stream_services:
