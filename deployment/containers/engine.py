@@ -198,6 +198,8 @@ class PodmanService:
         self.config_path = self.state_dir / "containers.conf"
         self.wrapper_path = self.state_dir / "runc-without-rlimits"
         self._process: subprocess.Popen[bytes] | None = None
+        #: True when `ensure` started the service, False when it was running.
+        self.started = False
 
     @property
     def base_url(self) -> str:
@@ -216,7 +218,7 @@ class PodmanService:
         """Install, configure and start Podman, and build the base image."""
         install_podman()
         self.write_config()
-        self.start()
+        self.started = self.start()
         self.ensure_base_image()
         return Engine(
             base_url=self.base_url, kind="podman", base_image=LOCAL_BASE_IMAGE
@@ -248,11 +250,15 @@ class PodmanService:
             return None
         return pid
 
-    def start(self) -> None:
-        """Start the service unless it already responds."""
+    def start(self) -> bool:
+        """Start the service unless it already responds.
+
+        Returns:
+            True if this call started the service.
+        """
         if self.running_pid() is not None and probe(self.base_url) is not None:
             logger.info("Podman service already runs at %s", self.base_url)
-            return
+            return False
         self.stop()
         self.socket_path.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
@@ -277,7 +283,7 @@ class PodmanService:
                 logger.info(
                     "Podman service (pid %d) responds at %s", process.pid, self.base_url
                 )
-                return
+                return True
             time.sleep(0.2)
         self.stop()
         raise EngineError(
@@ -404,15 +410,17 @@ def ensure_engine(state_dir: Path | None = None) -> tuple[Engine, PodmanService 
     """Return a Docker API engine, setting up Podman where none responds.
 
     Returns:
-        The engine, and the Podman service when this call set one up, so that
-        the caller can stop it.
+        The engine, and the Podman service when this call started it, so that
+        the caller can stop it. A service that was already running is left to
+        whoever started it.
     """
     engine = find_engine()
     if engine is not None:
         logger.info("Using the %s engine at %s", engine.kind, engine.base_url)
         return engine, None
     service = PodmanService(state_dir)
-    return service.ensure(), service
+    engine = service.ensure()
+    return engine, service if service.started else None
 
 
 def _write_if_changed(path: Path, text: str) -> None:
