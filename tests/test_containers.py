@@ -23,7 +23,13 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from docker.models.containers import Container
-from test_scaffold import KAFKA_FLAGS, generate, init_manifest, isolate_git
+from test_scaffold import (
+    FILE_FLAGS,
+    KAFKA_FLAGS,
+    generate,
+    init_manifest,
+    isolate_git,
+)
 
 from agogosml_cli.compose import ComposeProject, load_compose
 from agogosml_cli.containers import (
@@ -91,16 +97,20 @@ def docker_host(
     return engine[0].base_url
 
 
-@pytest.fixture
-def kafka_project(tmp_path: Path) -> Path:
-    (tmp_path / "git").mkdir()
-    project = tmp_path / "project"
+def generate_project(directory: Path, flags: list[str]) -> Path:
+    (directory / "git").mkdir()
+    project = directory / "project"
     project.mkdir()
     with pytest.MonkeyPatch.context() as monkeypatch:
-        isolate_git(monkeypatch, tmp_path / "git")
-        result = generate(init_manifest(project, KAFKA_FLAGS))
+        isolate_git(monkeypatch, directory / "git")
+        result = generate(init_manifest(project, flags))
     assert result.exit_code == 0, result.output
     return project
+
+
+@pytest.fixture
+def kafka_project(tmp_path: Path) -> Path:
+    return generate_project(tmp_path, KAFKA_FLAGS)
 
 
 def agogosml(*args: str) -> str:
@@ -273,6 +283,54 @@ def test_containers_survive_app_kill(
         == []
     )
     assert client.client.networks.list(names=[compose.network]) == []
+
+
+def test_file_pipeline_runs_compose_file_unchanged(
+    engine: tuple[Engine, str | None],
+    images: dict[str, str],
+    docker_host: str,
+    tmp_path: Path,
+) -> None:
+    from sample_app.data import fetch_dataset, iter_transactions
+
+    client, _ = engine
+    project = generate_project(tmp_path, FILE_FLAGS)
+    data = project / "data"
+    data.mkdir()
+    # The services run as UID 10001 and write their output and checkpoint here.
+    data.chmod(0o777)
+    records = list(iter_transactions(fetch_dataset().path, limit=2000))
+    (data / "input.jsonl").write_bytes(
+        b"".join(orjson.dumps(record) + b"\n" for record in records)
+    )
+    name = f"agogosml-file-{uuid.uuid4().hex[:6]}"
+    options = [
+        f"--env=READER_IMAGE={images['reader']}",
+        f"--env=WRITER_IMAGE={images['writer']}",
+        f"--env=APP_IMAGE={images['sample-app']}",
+    ]
+    output = data / "output.jsonl"
+
+    def scored() -> list[str]:
+        if not output.exists():
+            return []
+        lines = output.read_bytes().splitlines()
+        # The file sink writes one envelope per line, with the result as value.
+        values = [orjson.loads(line)["value"] for line in lines if line]
+        return [str(value["transaction_id"]) for value in values]
+
+    try:
+        agogosml("up", f"--project={project}", f"--project-name={name}", *options)
+        deadline = time.monotonic() + 180
+        while len(scored()) < len(records) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        ids = scored()
+    finally:
+        agogosml("down", f"--project={project}", f"--project-name={name}", *options)
+
+    assert sorted(ids) == sorted(str(record["transaction_id"]) for record in records)
+    dead_letters = data / "input.jsonl.dlq.jsonl"
+    assert not dead_letters.exists() or dead_letters.read_bytes() == b""
 
 
 def test_project_app_image_turns_healthy(
