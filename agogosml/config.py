@@ -360,11 +360,8 @@ class EventHubSettings(BaseSettings):
     @field_validator("checkpoint_store_container")
     @classmethod
     def _container_name(cls, value: str) -> str:
-        if value and not _BLOB_CONTAINER.fullmatch(value):
-            raise ValueError(
-                "a blob container name has 3 to 63 lower-case letters, digits and "
-                "single hyphens, and starts with a letter or digit"
-            )
+        if value:
+            check_blob_container_name(value)
         return value
 
     @model_validator(mode="after")
@@ -419,6 +416,15 @@ class EventHubSettings(BaseSettings):
         if self.starting_position == "latest":
             return "@latest"
         return datetime.datetime.fromisoformat(self.starting_position)
+
+
+def check_blob_container_name(value: str) -> None:
+    """Raise ValueError if `value` is not a valid Azure blob container name."""
+    if not _BLOB_CONTAINER.fullmatch(value):
+        raise ValueError(
+            "a blob container name has 3 to 63 lower-case letters, digits and "
+            "single hyphens, and starts with a letter or digit"
+        )
 
 
 def _check_eventhubs_connection_string(value: str) -> None:

@@ -16,7 +16,12 @@ from agogosml_cli.container_commands import COMMANDS as CONTAINER_COMMANDS
 from agogosml_cli.generate import generate
 from agogosml_cli.init import init
 from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
-from agogosml_cli.run_options import StreamOptions, resolve_stream, stream_options
+from agogosml_cli.run_options import (
+    StreamOptions,
+    check_kafka_option,
+    resolve_stream,
+    stream_options,
+)
 
 #: Packages that the sample app (and so `agogosml run`) imports, from the
 #: ``sample`` extra.
@@ -34,6 +39,7 @@ def cli() -> None:
     "--kafka",
     "kafka",
     metavar="BOOTSTRAP",
+    callback=check_kafka_option,
     help="Stream through Kafka topics on this broker (host:port) instead of files.",
 )
 @stream_options

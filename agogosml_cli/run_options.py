@@ -27,6 +27,114 @@ FunctionT = TypeVar("FunctionT", bound=Callable[..., Any])
 EVENTHUBS_KAFKA_PORT = 9093
 EVENTHUBS_DOMAIN = "servicebus.windows.net"
 
+
+def eventhubs_kafka_address(namespace: str) -> str:
+    """Return host:port of a namespace's Kafka endpoint.
+
+    An address with a port (``HOST:PORT`` or ``[IPv6]:PORT``) is returned
+    unchanged. A name without dots gets the ``servicebus.windows.net`` domain,
+    and a host without a port gets port 9093.
+
+    Raises:
+        ValueError: when the host is empty, the port is not a number from 1 to
+            65535, or an IPv6 address is not in brackets.
+    """
+    if not namespace.strip():
+        raise ValueError(
+            "the namespace is empty. Give a namespace name, a host name or HOST:PORT"
+        )
+    host, port = _split_host_port(namespace)
+    if not host or host == "[]":
+        raise ValueError(
+            "the host is empty. Give HOST:PORT, such as "
+            f"scoring.{EVENTHUBS_DOMAIN}:{EVENTHUBS_KAFKA_PORT}"
+        )
+    if port is not None:
+        return namespace
+    if not host.startswith("[") and "." not in host:
+        host = f"{host}.{EVENTHUBS_DOMAIN}"
+    return f"{host}:{EVENTHUBS_KAFKA_PORT}"
+
+
+def _split_host_port(address: str) -> tuple[str, int | None]:
+    """Split HOST, HOST:PORT, [IPv6] or [IPv6]:PORT into the host and the port."""
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0:
+            raise ValueError("close the IPv6 address with ']', such as [::1]:9093")
+        host, rest = address[: end + 1], address[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(
+                "put ':' between the IPv6 address and the port, such as [::1]:9093"
+            )
+        return host, _port(rest[1:])
+    if address.count(":") > 1:
+        raise ValueError("put an IPv6 address in brackets, such as [::1]:9093")
+    if ":" not in address:
+        return address, None
+    host, port = address.split(":")
+    return host, _port(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def check_kafka_option(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    """Reject an empty ``--kafka``, which would otherwise mean files."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "the broker address is empty. Give HOST:PORT, or leave --kafka out "
+            "to stream through files"
+        )
+    return value
+
+
+def _check_eventhubs_kafka_option(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    if value is None:
+        return None
+    try:
+        eventhubs_kafka_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _check_consumer_group_option(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    if value is not None and not value:
+        raise click.BadParameter(
+            "the consumer group is empty. Give a consumer group of the hubs, "
+            "such as $Default, or leave the option out"
+        )
+    return value
+
+
+def _check_container_option(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    from agogosml.config import check_blob_container_name
+
+    if value is None:
+        return None
+    try:
+        check_blob_container_name(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{value!r} is not a valid blob container name, because {exc}"
+        ) from None
+    return value
+
+
 _OPTIONS = [
     click.option(
         "--kafka-security-protocol",
@@ -49,6 +157,7 @@ _OPTIONS = [
     click.option(
         "--eventhubs-kafka",
         metavar="NAMESPACE",
+        callback=_check_eventhubs_kafka_option,
         help="Stream through the Kafka endpoint of this Event Hubs namespace "
         "(a name, a host name, or host:port) with SASL_SSL, PLAIN and the "
         "connection string in KAFKA_EVENTHUBS_CONNECTION_STRING.",
@@ -63,12 +172,14 @@ _OPTIONS = [
     click.option(
         "--eventhubs-consumer-group",
         metavar="GROUP",
+        callback=_check_consumer_group_option,
         help="Event Hubs consumer group of the reader and of the run's own "
         "receivers. Default: EVENTHUB_CONSUMER_GROUP, else $Default.",
     ),
     click.option(
         "--eventhubs-checkpoint-container",
         metavar="NAME",
+        callback=_check_container_option,
         help="Blob container of the reader's checkpoints, created if missing. "
         "Default: agogosml-run-<run id>, new for each run.",
     ),
@@ -182,18 +293,6 @@ def _check_combination(options: StreamOptions) -> None:
             "--eventhubs needs --input-topic and --output-topic: the names of "
             "existing event hubs, because a run cannot create hubs"
         )
-
-
-def eventhubs_kafka_address(namespace: str) -> str:
-    """Return host:port of a namespace's Kafka endpoint.
-
-    A bare name gets the ``servicebus.windows.net`` domain, and an address
-    without a port gets port 9093.
-    """
-    host = namespace if "." in namespace else f"{namespace}.{EVENTHUBS_DOMAIN}"
-    if ":" in host:
-        return host
-    return f"{host}:{EVENTHUBS_KAFKA_PORT}"
 
 
 def _kafka_settings(options: StreamOptions) -> KafkaSettings:

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import datetime
 import io
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,10 +194,96 @@ def test_sasl_protocol_needs_mechanism(tmp_path: Path) -> None:
         ("scoring", "scoring.servicebus.windows.net:9093"),
         ("scoring.servicebus.windows.net", "scoring.servicebus.windows.net:9093"),
         ("127.0.0.1:19093", "127.0.0.1:19093"),
+        ("localhost:9093", "localhost:9093"),
+        ("localhost", "localhost.servicebus.windows.net:9093"),
+        ("[::1]:9093", "[::1]:9093"),
+        ("[::1]", "[::1]:9093"),
+        ("127.0.0.1", "127.0.0.1:9093"),
     ],
 )
 def test_eventhubs_kafka_address(namespace: str, address: str) -> None:
     assert eventhubs_kafka_address(namespace) == address
+
+
+@pytest.mark.parametrize(
+    ("namespace", "message"),
+    [
+        ("", "is empty"),
+        ("localhost:", "port '' is not a number"),
+        ("localhost:kafka", "port 'kafka' is not a number"),
+        ("localhost:70000", "port '70000' is not a number from 1 to 65535"),
+        (":9093", "host is empty"),
+        ("::1", "put an IPv6 address in brackets"),
+        ("[::1", "close the IPv6 address"),
+        ("[::1]9093", "put ':' between"),
+    ],
+)
+def test_eventhubs_kafka_address_invalid(namespace: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        eventhubs_kafka_address(namespace)
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a run that passes the option checks fail instead of streaming."""
+
+    def run_pipeline(options: RunOptions, console: Console) -> None:
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr("agogosml_cli.run.run_pipeline", run_pipeline)
+
+
+@pytest.mark.usefixtures("no_pipeline")
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--kafka", ""], "Invalid value for '--kafka': the broker address is empty"),
+        (["--kafka", "  "], "Invalid value for '--kafka'"),
+        (["--eventhubs-kafka", ""], "Invalid value for '--eventhubs-kafka'"),
+        (
+            ["--eventhubs-kafka", "ns:kafka"],
+            "Invalid value for '--eventhubs-kafka': port 'kafka'",
+        ),
+    ],
+)
+def test_invalid_broker_option_rejected(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    data = tmp_path / "data.csv"
+    write_dataset(data, 3)
+
+    result = invoke_run(tmp_path, "--data", str(data), "--limit", "3", *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--eventhubs-checkpoint-container", "Bad_Name"],
+            "Invalid value for '--eventhubs-checkpoint-container': 'Bad_Name' "
+            "is not a valid blob container name",
+        ),
+        (
+            ["--eventhubs-consumer-group", ""],
+            "Invalid value for '--eventhubs-consumer-group': the consumer group "
+            "is empty",
+        ),
+    ],
+)
+def test_eventhubs_option_named_in_error(
+    tmp_path: Path, eventhubs_environment: None, arguments: list[str], message: str
+) -> None:
+    result = invoke_run(
+        tmp_path,
+        "--eventhubs", "--input-topic", "in", "--output-topic", "out", *arguments,
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "EVENTHUB_" not in result.output
 
 
 # ---------------------------------------------------------------------------
