@@ -390,6 +390,92 @@ async def test_oversized_event_rejected_before_sending(
     assert all_bodies(producer.hub) == []
 
 
+async def test_oversized_key_named(producer: FakeProducerClient) -> None:
+    envelope = Envelope(value=b'{"n":1}', key=b"k" * 3000, id="long-key")
+
+    async with started_sink(producer, max_batch_bytes=2048) as sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send([envelope])
+
+    reason = caught.value.failures["long-key"]
+    assert "3000 bytes of partition key" in reason
+    assert "7 bytes of value" in reason
+    assert "Shorten the key" in reason
+    assert producer.sent_batches == []
+
+
+async def test_oversized_events_counted_by_position(
+    producer: FakeProducerClient,
+) -> None:
+    envelopes = [
+        Envelope(value=b"x" * 5000, id="same"),
+        Envelope(value=b"small", id="same"),
+        Envelope(value=b"x" * 5000, id="same"),
+    ]
+
+    async with started_sink(producer, max_batch_bytes=2048) as sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send(envelopes)
+
+    assert "2 of 3 events are too large" in str(caught.value)
+    assert list(caught.value.failures) == ["same"]
+    assert producer.sent_batches == []
+
+
+async def test_failed_events_counted_by_position(
+    producer: FakeProducerClient,
+) -> None:
+    envelopes = [Envelope(value=b"v", key=b"k", id="same") for _ in range(3)]
+    producer.fail_next(EventDataSendError("server busy"))
+
+    async with started_sink(producer) as sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send(envelopes)
+
+    assert "3 of 3 events were not accepted" in str(caught.value)
+
+
+async def test_sink_start_rejects_batch_over_hub_limit(
+    producer: FakeProducerClient,
+) -> None:
+    producer.max_message_bytes = 1_048_576
+    sink = EventHubsSink(
+        settings(max_batch_bytes=2_000_000), producer.hub.name, producer=producer
+    )
+
+    with pytest.raises(SinkError) as caught:
+        await sink.start()
+
+    message = str(caught.value)
+    assert "EVENTHUB_MAX_BATCH_BYTES=2000000" in message
+    assert "maximum message size of 1048576 bytes" in message
+    assert not caught.value.retriable
+    assert not sink.connected
+
+
+async def test_writer_503_when_hub_limit_shrinks(producer: FakeProducerClient) -> None:
+    sink = EventHubsSink(
+        settings(max_batch_bytes=2048), producer.hub.name, producer=producer
+    )
+    await sink.start()
+    writer = OutputWriter(WriterSettings(output=producer.hub.name), sink)
+    client = TestClient(TestServer(writer.build_app()))
+    await client.start_server()
+    producer.max_message_bytes = 1024
+
+    try:
+        response = await client.post("/", json={"n": 1})
+        body = await response.json()
+    finally:
+        await client.close()
+        await sink.stop()
+
+    assert response.status == 503
+    assert "EVENTHUB_MAX_BATCH_BYTES=2048" in body["error"]
+    assert "maximum message size of 1024 bytes" in body["error"]
+    assert all_bodies(producer.hub) == []
+
+
 async def test_failed_batch_reports_its_events(producer: FakeProducerClient) -> None:
     envelopes = [
         Envelope(value=b"x" * 400, key=b"a" if n < 6 else b"b", id=f"m{n}")

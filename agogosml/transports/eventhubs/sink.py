@@ -66,13 +66,21 @@ class EventHubsSink(Sink):
         return self._started
 
     async def start(self) -> None:
-        """Create the producer and check that the hub exists and accepts it."""
+        """Create the producer and check the hub, its access and its batch limit.
+
+        Raises:
+            SinkError: when the hub cannot be opened, or when
+                EVENTHUB_MAX_BATCH_BYTES is over the hub's maximum message size
+                (not retriable).
+        """
         if self._producer is None:
             self._producer, self._credential = clients.new_producer(
                 self._settings, self._hub
             )
         try:
             properties = await self._producer.get_eventhub_properties()
+            # A batch without a size limit gets the hub's maximum message size.
+            hub_batch = await self._producer.create_batch()
         except EventHubError as exc:
             await self._close()
             raise SinkError(
@@ -81,6 +89,10 @@ class EventHubsSink(Sink):
                 "EVENTHUB_ credentials may send to it",
                 retriable=False,
             ) from None
+        limit = self._settings.max_batch_bytes
+        if limit is not None and limit > hub_batch.max_size_in_bytes:
+            await self._close()
+            raise self._batch_limit_error(hub_batch.max_size_in_bytes, retriable=False)
         self._started = True
         logger.info(
             "eventhubs sink started",
@@ -88,6 +100,14 @@ class EventHubsSink(Sink):
                 "hub": self._hub,
                 "partitions": len(properties.get("partition_ids", [])),
             },
+        )
+
+    def _batch_limit_error(self, hub_limit: int, *, retriable: bool) -> SinkError:
+        return SinkError(
+            f"EVENTHUB_MAX_BATCH_BYTES={self._settings.max_batch_bytes} is over the "
+            f"maximum message size of {hub_limit} bytes of event hub {self._hub!r}. "
+            f"Set it to {hub_limit} or less, or unset it to use the hub's maximum",
+            retriable=retriable,
         )
 
     async def stop(self) -> None:
@@ -109,23 +129,25 @@ class EventHubsSink(Sink):
 
         Raises:
             SinkError: when an event is too large for an empty batch (before
-                any event is sent, not retriable), or when a batch was not
-                accepted. ``failures`` maps each unsent message id to why.
+                any event is sent, not retriable), when the hub's maximum
+                message size fell below EVENTHUB_MAX_BATCH_BYTES (before any
+                event is sent, retriable), or when a batch was not accepted.
+                ``failures`` maps each unsent message id to why.
         """
         if self._producer is None or not self._started:
             raise SinkError("Event Hubs sink is not started", retriable=True)
         groups = await self._pack(envelopes)
-        failures: dict[str, str] = {}
+        failed: list[tuple[Envelope, str]] = []
         retriable = await asyncio.gather(
-            *(self._send_key(group, failures) for group in groups)
+            *(self._send_key(group, failed) for group in groups)
         )
-        if failures:
-            first_id, first_reason = next(iter(failures.items()))
+        if failed:
+            first, first_reason = failed[0]
             raise SinkError(
-                f"{len(failures)} of {len(envelopes)} events were not accepted by "
-                f"event hub {self._hub!r}; event {first_id!r}: {first_reason}",
+                f"{len(failed)} of {len(envelopes)} events were not accepted by "
+                f"event hub {self._hub!r}; event {first.id!r}: {first_reason}",
                 retriable=all(retriable),
-                failures=failures,
+                failures=_by_id(failed),
             )
 
     async def _pack(self, envelopes: Sequence[Envelope]) -> list[_KeyBatches]:
@@ -136,7 +158,8 @@ class EventHubsSink(Sink):
         written again when the request is retried.
         """
         groups: dict[str | None, _KeyBatches] = {}
-        too_large: dict[str, str] = {}
+        # A list, not a dict by id, so that events sharing an id are all counted.
+        too_large: list[tuple[Envelope, str]] = []
         for envelope in envelopes:
             key = clients.partition_key(envelope)
             group = groups.get(key)
@@ -144,15 +167,15 @@ class EventHubsSink(Sink):
                 group = groups[key] = _KeyBatches(key)
             reason = await self._add(group, envelope)
             if reason:
-                too_large[envelope.id] = reason
+                too_large.append((envelope, reason))
         if too_large:
-            first_id, reason = next(iter(too_large.items()))
+            first, reason = too_large[0]
             raise SinkError(
                 f"{len(too_large)} of {len(envelopes)} events are too large for "
                 f"event hub {self._hub!r}, so no event of this request was sent; "
-                f"event {first_id!r}: {reason}",
+                f"event {first.id!r}: {reason}",
                 retriable=False,
-                failures=too_large,
+                failures=_by_id(too_large),
             )
         return list(groups.values())
 
@@ -176,21 +199,31 @@ class EventHubsSink(Sink):
         try:
             batch.add(event)
         except ValueError:
-            return (
-                f"it is {len(envelope.value)} bytes of value plus key and headers, "
-                f"over the batch limit of {batch.max_size_in_bytes} bytes; send a "
-                "smaller value (the hub's maximum message size is set by its tier)"
-            )
+            return _too_large_reason(envelope, batch.max_size_in_bytes)
         group.batches.append((batch, [envelope]))
         return ""
 
     async def _new_batch(self, key: str | None) -> EventDataBatch:
-        assert self._producer is not None
-        return await self._producer.create_batch(
-            partition_key=key, max_size_in_bytes=self._settings.max_batch_bytes
-        )
+        """Create an empty batch of the configured size for a partition key.
 
-    async def _send_key(self, group: _KeyBatches, failures: dict[str, str]) -> bool:
+        Raises:
+            SinkError: when the SDK rejects EVENTHUB_MAX_BATCH_BYTES because the
+                hub's maximum message size is now lower than at `start`.
+        """
+        assert self._producer is not None
+        try:
+            return await self._producer.create_batch(
+                partition_key=key, max_size_in_bytes=self._settings.max_batch_bytes
+            )
+        except ValueError:
+            # azure-eventhub 5.15 raises ValueError here only for a size over
+            # the hub's maximum; a batch without a size reports that maximum.
+            hub_batch = await self._producer.create_batch(partition_key=key)
+        raise self._batch_limit_error(hub_batch.max_size_in_bytes, retriable=True)
+
+    async def _send_key(
+        self, group: _KeyBatches, failed: list[tuple[Envelope, str]]
+    ) -> bool:
         """Send the batches of one key in order; return whether failures may pass."""
         assert self._producer is not None
         timeout = self._settings.send_timeout_ms / 1000
@@ -199,19 +232,41 @@ class EventHubsSink(Sink):
                 await self._producer.send_batch(batch, timeout=timeout)
             except EventHubError as exc:
                 reason = f"send failed: {type(exc).__name__}: {str(exc)[:300]}"
-                self._fail(failures, members, reason)
+                failed.extend((envelope, reason) for envelope in members)
                 for _, later in group.batches[index + 1 :]:
-                    self._fail(
-                        failures,
-                        later,
-                        "not sent, because an earlier batch with the same "
-                        "partition key failed",
+                    failed.extend(
+                        (envelope, _NOT_SENT_AFTER_FAILURE) for envelope in later
                     )
                 return not isinstance(exc, EventDataError)
         return True
 
-    def _fail(
-        self, failures: dict[str, str], members: list[Envelope], reason: str
-    ) -> None:
-        for envelope in members:
-            failures[envelope.id] = reason
+
+_NOT_SENT_AFTER_FAILURE = (
+    "not sent, because an earlier batch with the same partition key failed"
+)
+
+
+def _by_id(failed: list[tuple[Envelope, str]]) -> dict[str, str]:
+    """Return the reason of each failed message id; a repeated id keeps its last."""
+    return {envelope.id: reason for envelope, reason in failed}
+
+
+def _too_large_reason(envelope: Envelope, limit: int) -> str:
+    """Return why an event fits no empty batch, naming its largest part."""
+    key = len((clients.partition_key(envelope) or "").encode())
+    headers = sum(
+        len(name.encode()) + len(value) for name, value in envelope.record_headers()
+    )
+    sizes = {"value": len(envelope.value), "key": key, "headers": headers}
+    advice = {
+        "value": "send a smaller value",
+        "key": "shorten the key",
+        "headers": "send fewer or shorter headers",
+    }
+    largest = max(sizes, key=lambda part: sizes[part])
+    return (
+        f"it is {sizes['value']} bytes of value, {key} bytes of partition key and "
+        f"{headers} bytes of headers, over the batch limit of {limit} bytes once "
+        f"encoded. {advice[largest].capitalize()} (the hub's maximum message "
+        "size is set by its tier)"
+    )
