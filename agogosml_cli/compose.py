@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import graphlib
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,12 @@ _REFERENCE = re.compile(
 )
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 _DURATION_UNITS_NS = {"us": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+#: Project names as Compose accepts them.
+_PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_SERVICE_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*")
+#: Maximum number of values in a compose file after YAML aliases are
+#: expanded. A few hundred bytes of nested aliases expand to billions.
+MAX_VALUES = 100_000
 
 
 class ComposeError(AgogosmlError):
@@ -122,6 +129,21 @@ class Mount:
     named: bool = False
 
 
+@dataclass(frozen=True)
+class Volume:
+    """A top-level named volume: created by `up` unless it is external."""
+
+    key: str
+    name: str | None = None
+    external: bool = False
+
+    def engine_name(self, project: str) -> str:
+        """Return the volume's name on the engine."""
+        if self.name:
+            return self.name
+        return self.key if self.external else f"{project}_{self.key}"
+
+
 @dataclass
 class Service:
     """One service of the compose file, interpolated and checked."""
@@ -156,7 +178,7 @@ class ComposeProject:
     name: str
     directory: Path
     services: dict[str, Service]
-    volumes: list[str] = field(default_factory=list)
+    volumes: dict[str, Volume] = field(default_factory=dict)
 
     @property
     def network(self) -> str:
@@ -208,6 +230,27 @@ class ComposeProject:
         return dropped
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping, as Compose does."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:
+                continue
+            if repeated:
+                line = key_node.start_mark.line + 1
+                raise ComposeError(
+                    f"the key {key!r} appears twice in one mapping (line {line}). "
+                    "Remove one of them."
+                )
+        return super().construct_mapping(node, deep)
+
+
 def graph_order(graph: Mapping[str, set[str]]) -> tuple[str, ...]:
     """Return the nodes of `graph` with every node after its dependencies."""
     return tuple(graphlib.TopologicalSorter(graph).static_order())
@@ -229,39 +272,115 @@ def load_compose(
             that `agogosml up` does not support. The message names the key.
     """
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ComposeError(
             f"cannot read the compose file {path}: {error.strerror}. "
             "Run the command in a generated project, or pass --file."
         ) from None
+    except UnicodeDecodeError as error:
+        raise ComposeError(
+            f"{path} is not UTF-8 text (byte {error.start}). Save it as UTF-8."
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ComposeError(f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise ComposeError(f"{path} nests too deeply. Flatten it.") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("services"), dict):
         raise ComposeError(f"{path} has no services mapping. Add a services: section.")
+    if not raw["services"]:
+        raise ComposeError(f"{path} defines no services. Add at least one.")
+    # Unknown keys are rejected before interpolation expands any aliases.
+    _reject_unknown(raw, _TOP_LEVEL_KEYS, "the top level")
+    for service_name, spec in raw["services"].items():
+        if isinstance(spec, Mapping):
+            _reject_unknown(spec, _SERVICE_KEYS, f"service {service_name}")
     variables = {**read_env_file(path.parent / ".env"), **environ}
-    data = _interpolate(raw, variables, "")
-    _reject_unknown(data, _TOP_LEVEL_KEYS, "the top level")
-    name = project_name or data.get("name") or path.parent.name
-    name = re.sub(r"[^a-z0-9_-]", "", str(name).lower())
+    data = _interpolate(raw, variables, "", [0])
+    name = _project_name(project_name, data.get("name"), path)
+    directory = path.parent.resolve()
+    services = {}
+    for key, spec in data["services"].items():
+        service_name = str(key)
+        if not _SERVICE_NAME.fullmatch(service_name):
+            raise ComposeError(
+                f"service name {service_name!r} is not valid. Use letters, digits, "
+                "dots, dashes and underscores, starting with a letter or digit."
+            )
+        services[service_name] = _service(service_name, spec, directory, variables)
+    volumes = _volumes(data.get("volumes"))
+    _check_references(services, volumes)
+    project = ComposeProject(
+        name=name, directory=directory, services=services, volumes=volumes
+    )
+    project.start_order()
+    return project
+
+
+def _project_name(explicit: str | None, from_file: Any, path: Path) -> str:
+    for value, source in ((explicit, "--project-name"), (from_file, "name:")):
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or not _PROJECT_NAME.fullmatch(value):
+            raise ComposeError(
+                f"project name {value!r} from {source} is not valid. Use lower-case "
+                "letters, digits, dashes and underscores, starting with a letter "
+                "or digit."
+            )
+        return value
+    # Like Compose, a name taken from the directory is normalized.
+    directory = path.resolve().parent.name
+    name = re.sub(r"[^a-z0-9_-]", "", directory.lower()).lstrip("_-")
     if not name:
         raise ComposeError(
-            f"cannot derive a project name from {path}. Add name: to the file."
+            f"cannot derive a project name from the directory {directory!r}. Add "
+            "name: to the file or pass --project-name."
         )
-    directory = path.parent.resolve()
-    services = {
-        service_name: _service(service_name, spec or {}, directory)
-        for service_name, spec in data["services"].items()
-    }
-    volumes = list((data.get("volumes") or {}).keys())
+    return name
+
+
+def _volumes(value: Any) -> dict[str, Volume]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ComposeError(
+            "the top-level volumes: must be a mapping of volume names, such as "
+            "volumes: {data: {}}."
+        )
+    volumes = {}
+    for key, spec in value.items():
+        where = f"volume {key}"
+        spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise ComposeError(f"{where} must be a mapping, such as {key}: {{}}.")
+        _reject_unknown(spec, {"external", "name"}, where)
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ComposeError(f"{where} name must be a string.")
+        external = _boolean(spec.get("external", False), f"{where} external")
+        volumes[str(key)] = Volume(str(key), name, external)
+    return volumes
+
+
+def _check_references(services: dict[str, Service], volumes: dict[str, Volume]) -> None:
     for service in services.values():
         for dependency in service.depends_on:
-            if dependency.service not in services:
+            target = services.get(dependency.service)
+            if target is None:
                 raise ComposeError(
                     f"service {service.name} depends on {dependency.service}, "
                     f"which is not defined. Defined services: {sorted(services)}."
+                )
+            unchecked = target.healthcheck is None or target.healthcheck.test == [
+                "NONE"
+            ]
+            if dependency.condition == "service_healthy" and unchecked:
+                raise ComposeError(
+                    f"service {service.name} waits for {dependency.service} to be "
+                    f"healthy, but {dependency.service} has no health check. Add "
+                    "one, or use condition: service_started."
                 )
         for mount in service.mounts:
             if mount.named and mount.source not in volumes:
@@ -269,17 +388,20 @@ def load_compose(
                     f"service {service.name} mounts the volume {mount.source}, which "
                     "the top-level volumes: section does not declare. Declare it."
                 )
-    return ComposeProject(
-        name=name, directory=directory, services=services, volumes=volumes
-    )
 
 
 def read_env_file(path: Path) -> dict[str, str]:
     """Return the variables of a Compose ``.env`` file, or {} if there is none."""
     if not path.is_file():
         return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ComposeError(
+            f"{path} is not UTF-8 text (byte {error.start}). Save it as UTF-8."
+        ) from None
     variables = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
@@ -287,6 +409,9 @@ def read_env_file(path: Path) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        else:
+            # An unquoted value ends at " #", where a comment starts.
+            value = value.split(" #", 1)[0].rstrip()
         variables[key.strip()] = value
     return variables
 
@@ -369,21 +494,29 @@ def parse_duration_ns(value: object, where: str) -> int:
     return int(sum(float(number) * _DURATION_UNITS_NS[unit] for number, unit in parts))
 
 
-def _interpolate(value: Any, variables: Mapping[str, str], where: str) -> Any:
+def _interpolate(
+    value: Any, variables: Mapping[str, str], where: str, count: list[int]
+) -> Any:
+    count[0] += 1
+    if count[0] > MAX_VALUES:
+        raise ComposeError(
+            f"the compose file expands to more than {MAX_VALUES} values, through "
+            "YAML aliases or sheer size. Write it out without nested aliases."
+        )
     if isinstance(value, str):
         return interpolate(value, variables, where)
     if isinstance(value, list):
-        return [_interpolate(item, variables, where) for item in value]
+        return [_interpolate(item, variables, where, count) for item in value]
     if isinstance(value, dict):
         return {
-            key: _interpolate(item, variables, f"{where}.{key}".lstrip("."))
+            key: _interpolate(item, variables, f"{where}.{key}".lstrip("."), count)
             for key, item in value.items()
         }
     return value
 
 
 def _reject_unknown(data: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(key) for key in set(data) - known)
     if unknown:
         raise ComposeError(
             f"{where} uses {', '.join(unknown)}, which agogosml up does not support. "
@@ -392,38 +525,132 @@ def _reject_unknown(data: Mapping[str, Any], known: set[str], where: str) -> Non
         )
 
 
-def _service(name: str, spec: Mapping[str, Any], directory: Path) -> Service:
+def _service(
+    name: str, spec: Any, directory: Path, variables: Mapping[str, str]
+) -> Service:
     where = f"service {name}"
+    if spec is None:
+        spec = {}
     if not isinstance(spec, Mapping):
         raise ComposeError(f"{where} is not a mapping. Give it image: or build:.")
-    _reject_unknown(spec, _SERVICE_KEYS, where)
     if "image" not in spec and "build" not in spec:
         raise ComposeError(f"{where} has neither image: nor build:. Add one of them.")
-    restart = str(spec.get("restart", "no"))
-    if restart.split(":")[0] not in _RESTART_POLICIES:
-        raise ComposeError(
-            f"{where} has restart: {restart}. Use one of {sorted(_RESTART_POLICIES)}."
-        )
     build = _build(spec["build"], directory, where) if "build" in spec else None
-    image = str(spec["image"]) if spec.get("image") else None
+    image = _string(spec.get("image"), f"{where} image")
+    container_name = _string(spec.get("container_name"), f"{where} container_name")
+    user = spec.get("user")
     return Service(
         name=name,
-        image=image,
+        image=image or None,
         build=build,
-        environment=_mapping(spec.get("environment"), f"{where} environment"),
-        ports=[_port(item, where) for item in spec.get("ports") or []],
-        mounts=[_mount(item, directory, where) for item in spec.get("volumes") or []],
-        tmpfs=_strings(spec.get("tmpfs"), f"{where} tmpfs") or [],
+        environment=_environment(spec.get("environment"), variables, where),
+        ports=[_port(item, where) for item in _list(spec, "ports", where)],
+        mounts=[
+            _mount(item, directory, where) for item in _list(spec, "volumes", where)
+        ],
+        tmpfs=_tmpfs(spec.get("tmpfs"), where),
         depends_on=_dependencies(spec.get("depends_on"), where),
         healthcheck=_healthcheck(spec.get("healthcheck"), where),
-        entrypoint=_strings(spec.get("entrypoint"), f"{where} entrypoint"),
-        command=_strings(spec.get("command"), f"{where} command"),
-        user=str(spec["user"]) if spec.get("user") is not None else None,
+        entrypoint=_command(spec.get("entrypoint"), f"{where} entrypoint"),
+        command=_command(spec.get("command"), f"{where} command"),
+        user=str(user) if user is not None else None,
         labels=_mapping(spec.get("labels"), f"{where} labels"),
-        restart=restart,
-        read_only=bool(spec.get("read_only", False)),
-        container_name=spec.get("container_name"),
+        restart=_restart(spec.get("restart", "no"), where),
+        read_only=_boolean(spec.get("read_only", False), f"{where} read_only"),
+        container_name=container_name or None,
     )
+
+
+def _string(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ComposeError(f"{where} is {value!r}, not a string. Quote it.")
+    return value
+
+
+def _list(spec: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = spec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ComposeError(
+            f'{where} {key} must be a list, such as {key}: ["..."]; got {value!r}.'
+        )
+    return value
+
+
+def _tmpfs(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise ComposeError(f"{where} tmpfs must be a path or a list of paths.")
+
+
+def _boolean(value: Any, where: str) -> bool:
+    """Return a Compose boolean, which interpolation may have made a string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ComposeError(f"{where} is {value!r}. Write true or false.")
+
+
+def _restart(value: Any, where: str) -> str:
+    # YAML 1.1 reads an unquoted `no` as false.
+    policy = "no" if value is False else str(value)
+    name, _, count = policy.partition(":")
+    if name not in _RESTART_POLICIES or (
+        count and (name != "on-failure" or not count.isdigit())
+    ):
+        raise ComposeError(
+            f"{where} has restart: {policy}. Use one of {sorted(_RESTART_POLICIES)}, "
+            "or on-failure:N with a whole number N."
+        )
+    return policy
+
+
+def _environment(
+    value: Any, variables: Mapping[str, str], where: str
+) -> dict[str, str]:
+    """Return a service's environment, with values passed through from the host.
+
+    As in Compose, a variable given without a value (``- NAME`` or ``NAME:``)
+    takes the host's value and is left out when the host has none.
+    """
+    where = f"{where} environment"
+    entries: list[tuple[str, Any]]
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        entries = [(str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        entries = []
+        for item in value:
+            if not isinstance(item, str):
+                raise ComposeError(f"{where} has {item!r}. Write KEY=VALUE strings.")
+            key, sep, item_value = item.partition("=")
+            entries.append((key, item_value if sep else None))
+    else:
+        raise ComposeError(f"{where} must be a mapping or a list of KEY=VALUE.")
+    environment = {}
+    for key, item in entries:
+        if item is None:
+            if key in variables:
+                environment[key] = variables[key]
+        elif isinstance(item, bool):
+            raise ComposeError(
+                f"{where} sets {key} to the YAML boolean {item}. Quote it, such as "
+                f'{key}: "{str(item).lower()}".'
+            )
+        elif isinstance(item, str | int | float):
+            environment[key] = str(item)
+        else:
+            raise ComposeError(f"{where} sets {key} to {item!r}. Use a string.")
+    return environment
 
 
 def _build(spec: Any, directory: Path, where: str) -> Build:
@@ -443,10 +670,12 @@ def _mapping(value: Any, where: str) -> dict[str, str]:
     if value is None:
         return {}
     if isinstance(value, Mapping):
-        return {
-            str(key): "" if item is None else _scalar(item)
-            for key, item in value.items()
-        }
+        result = {}
+        for key, item in value.items():
+            if isinstance(item, list | dict):
+                raise ComposeError(f"{where} sets {key} to {item!r}. Use a string.")
+            result[str(key)] = "" if item is None else _scalar(item)
+        return result
     if isinstance(value, list):
         result = {}
         for item in value:
@@ -462,13 +691,15 @@ def _scalar(value: Any) -> str:
     return str(value)
 
 
-def _strings(value: Any, where: str) -> list[str] | None:
+def _command(value: Any, where: str) -> list[str] | None:
+    """Return a command or entrypoint; a string is split as a shell would."""
     if value is None:
         return None
     if isinstance(value, str):
-        return (
-            ["/bin/sh", "-c", value] if where.endswith("entrypoint") else value.split()
-        )
+        try:
+            return shlex.split(value)
+        except ValueError as error:
+            raise ComposeError(f"{where} {value!r} cannot be split: {error}.") from None
     if isinstance(value, list):
         return [str(item) for item in value]
     raise ComposeError(f"{where} must be a string or a list of strings.")
@@ -524,15 +755,19 @@ def _dependencies(value: Any, where: str) -> list[Dependency]:
     dependencies = []
     for name, spec in value.items():
         spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise ComposeError(
+                f"{where} depends_on {name}: {spec!r} is not a mapping. Write "
+                f"{name}: {{condition: service_healthy}}."
+            )
         condition = str(spec.get("condition", "service_started"))
         if condition not in _CONDITIONS:
             raise ComposeError(
                 f"{where} waits for {name} with condition {condition}. "
                 f"Use one of {sorted(_CONDITIONS)}."
             )
-        dependencies.append(
-            Dependency(str(name), condition, bool(spec.get("required", True)))
-        )
+        required = _boolean(spec.get("required", True), f"{where} depends_on required")
+        dependencies.append(Dependency(str(name), condition, required))
     return dependencies
 
 
@@ -572,6 +807,11 @@ def _healthcheck(value: Any, where: str) -> HealthCheck | None:
         for key, raw in durations.items()
         if raw is not None
     }
-    if value.get("retries") is not None:
-        overrides["retries"] = int(value["retries"])
+    retries = value.get("retries")
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int | str):
+            raise ComposeError(f"{where} retries is {retries!r}. Use a whole number.")
+        if isinstance(retries, str) and not retries.isdigit():
+            raise ComposeError(f"{where} retries is {retries!r}. Use a whole number.")
+        overrides["retries"] = int(retries)
     return HealthCheck(**{**check.__dict__, **overrides})

@@ -164,12 +164,12 @@ def build(
                 builds = [item for item in builds if item.name in only]
         else:
             tree = find_source_tree(source)
-            if model is not None:
+            names = [name for name in SOURCE_IMAGES if not only or name in only]
+            if model is not None and "sample-app" in names:
                 target = tree / SAMPLE_MODEL
                 target.parent.mkdir(exist_ok=True)
                 shutil.copyfile(model, target)
                 console.print(f"Copied {model} to {target}")
-            names = [name for name in SOURCE_IMAGES if not only or name in only]
             prefix = f"{registry.rstrip('/')}/" if registry else ""
             tags = {name: f"{prefix}{SOURCE_IMAGES[name][1]}:{tag}" for name in names}
             builds = source_builds(tree, names, tags=tags, args=args)
@@ -226,7 +226,7 @@ def _build_one(
 @env_option
 @click.option(
     "--wait-seconds",
-    type=float,
+    type=click.FloatRange(min=1, max=86400),
     default=300.0,
     show_default=True,
     help="How long to wait for every service to be healthy.",
@@ -278,20 +278,36 @@ def down_command(
     variables: tuple[str, ...],
     volumes: bool,
 ) -> None:
-    """Stop and remove the containers and network of a compose file's pipeline."""
+    """Stop and remove the containers and network of a compose file's pipeline.
+
+    With --project-name and no readable compose file, it removes the
+    project's containers and network by name.
+    """
     console = _console()
     try:
-        compose = _load(project, compose_file, _pairs(variables, "--env"), project_name)
+        path = compose_file or project / COMPOSE_FILE
+        if project_name and not path.is_file():
+            name, volume_names = project_name, []
+        else:
+            compose = _load(
+                project, compose_file, _pairs(variables, "--env"), project_name
+            )
+            name = compose.name
+            volume_names = [
+                volume.engine_name(name)
+                for volume in compose.volumes.values()
+                if not volume.external
+            ]
         engine = _connect()
         try:
-            removed = down(engine, compose, volumes=volumes)
+            removed = down(engine, name, volumes=volume_names if volumes else None)
         finally:
             engine.close()
     except AgogosmlError as error:
         raise click.ClickException(str(error)) from None
-    for name in removed:
-        console.print(f"Removed {name}")
-    console.print(f"{compose.name}: {len(removed)} containers removed")
+    for container in removed:
+        console.print(f"Removed {container}")
+    console.print(f"{name}: {len(removed)} containers removed")
 
 
 def _print_states(states: list[ServiceState], console: Console) -> None:

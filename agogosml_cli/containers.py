@@ -13,6 +13,7 @@ while it waits for a service to become healthy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from docker.models.containers import Container
 import agogosml
 from agogosml import __version__
 from agogosml.errors import AgogosmlError
-from agogosml_cli.compose import ComposeProject, Dependency, Service
+from agogosml_cli.compose import ComposeProject, Dependency, Service, Volume
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -41,6 +42,9 @@ STOP_TIMEOUT_SECONDS = 10
 #: Maximum pause between two health checks that `up` runs on Podman.
 HEALTH_POLL_SECONDS = 2.0
 LOG_TAIL_LINES = 40
+#: Seconds that a service without a health check must keep running after the
+#: last container started before `up` counts it as up.
+SETTLE_SECONDS = 2.0
 
 #: The images that build from the agogosml source tree: name, Dockerfile and
 #: repository, the last without a registry.
@@ -121,13 +125,26 @@ class Engine:
         """Close the connection."""
         self.client.close()
 
+    def image_id(self, tag: str) -> str | None:
+        """Return the id of the image with this tag, or None if there is none.
+
+        Raises:
+            ContainerError: The engine rejected the tag, such as one with a
+                space or upper-case letters in its repository.
+        """
+        try:
+            return str(self.client.images.get(tag).id)
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as error:
+            raise ContainerError(
+                f"the image reference {tag!r} is not valid: "
+                f"{error.explanation or error}. Fix the image name."
+            ) from None
+
     def image_exists(self, tag: str) -> bool:
         """Return True if the engine has an image with this tag."""
-        try:
-            self.client.images.get(tag)
-        except docker.errors.ImageNotFound:
-            return False
-        return True
+        return self.image_id(tag) is not None
 
     def health(self, container: Container) -> str | None:
         """Return the container's health, running the check on Podman.
@@ -385,19 +402,26 @@ def up(
     """
     deadline = time.monotonic() + wait_seconds
     _ensure_network(engine, project)
-    for volume in project.volumes:
+    for volume in project.volumes.values():
         _ensure_volume(engine, project, volume)
     containers: dict[str, Container] = {}
+    started_at = time.monotonic()
     for service in project.start_order():
         for dependency in service.depends_on:
             if dependency.service in containers:
                 _wait_for(engine, containers[dependency.service], dependency, deadline)
         _ensure_image(engine, project, service, build, build_args or {}, log)
         containers[service.name] = _ensure_container(engine, project, service, log)
+        started_at = time.monotonic()
     for name, container in containers.items():
         service = project.services[name]
         if service.healthcheck is not None and service.healthcheck.test != ["NONE"]:
             _wait_for(engine, container, Dependency(name, "service_healthy"), deadline)
+    # A service without a health check counts as up once it has run for a
+    # moment, so that one that fails on start-up fails `up` too.
+    time.sleep(max(0.0, started_at + SETTLE_SECONDS - time.monotonic()))
+    for name, container in containers.items():
+        _check_not_failed(container, name)
     return [
         _state(engine, project, service, containers[service.name])
         for service in project.start_order()
@@ -405,31 +429,58 @@ def up(
 
 
 def down(
-    engine: Engine, project: ComposeProject, *, volumes: bool = False
+    engine: Engine,
+    project_name: str,
+    *,
+    volumes: list[str] | None = None,
 ) -> list[str]:
-    """Stop and remove the project's containers and network.
+    """Stop and remove the containers and the network of a project.
+
+    Containers are found by the project label, so no compose file is needed.
+
+    Args:
+        engine: The engine that runs the project.
+        project_name: The project's name.
+        volumes: Engine names of the volumes to remove as well.
 
     Returns:
         The names of the removed containers.
+
+    Raises:
+        ContainerError: The engine failed to remove a container, the network
+            (a container of another project may still use it) or a volume.
     """
     removed = []
-    for container in _project_containers(engine, project.name):
+    for container in _project_containers(engine, project_name):
         try:
             container.stop(timeout=STOP_TIMEOUT_SECONDS)
         except docker.errors.APIError:
-            pass
-        container.remove(force=True)
+            pass  # Already stopped, or removed below by force.
+        _remove(functools.partial(container.remove, force=True), container.name)
         removed.append(container.name)
-    for network in engine.client.networks.list(names=[project.network]):
-        if network.name == project.network:
-            network.remove()
-    if volumes:
-        for volume in project.volumes:
-            try:
-                engine.client.volumes.get(f"{project.name}_{volume}").remove(force=True)
-            except docker.errors.NotFound:
-                pass
+    network_name = f"{project_name}_default"
+    for network in engine.client.networks.list(names=[network_name]):
+        if network.name == network_name:
+            _remove(network.remove, f"network {network_name}")
+    for volume in volumes or []:
+        try:
+            found = engine.client.volumes.get(volume)
+        except docker.errors.NotFound:
+            continue
+        _remove(functools.partial(found.remove, force=True), f"volume {volume}")
     return removed
+
+
+def _remove(action: Callable[[], object], what: str) -> None:
+    try:
+        action()
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        raise ContainerError(
+            f"the engine failed to remove {what}: {error.explanation or error}. "
+            "Stop what still uses it, then run agogosml down again."
+        ) from None
 
 
 def project_container(
@@ -483,14 +534,22 @@ def _ensure_network(engine: Engine, project: ComposeProject) -> None:
     )
 
 
-def _ensure_volume(engine: Engine, project: ComposeProject, volume: str) -> None:
-    name = f"{project.name}_{volume}"
+def _ensure_volume(engine: Engine, project: ComposeProject, volume: Volume) -> None:
+    name = volume.engine_name(project.name)
     try:
         engine.client.volumes.get(name)
     except docker.errors.NotFound:
+        if volume.external:
+            raise ContainerError(
+                f"the external volume {name} does not exist. Create it first "
+                f"(docker volume create {name}), or drop external: true."
+            ) from None
         engine.client.volumes.create(
             name,
-            labels={PROJECT_LABEL: project.name, "com.docker.compose.volume": volume},
+            labels={
+                PROJECT_LABEL: project.name,
+                "com.docker.compose.volume": volume.key,
+            },
         )
 
 
@@ -547,12 +606,22 @@ def _healthcheck_for(engine: Engine, service: Service) -> dict[str, Any] | None:
 def _create_options(
     engine: Engine, project: ComposeProject, service: Service
 ) -> dict[str, Any]:
-    ports: dict[str, Any] = {}
+    bindings: dict[str, list[Any]] = {}
     for port in service.ports:
         key = f"{port.container_port}/{port.protocol}"
-        ports[key] = (port.host_ip, port.host_port) if port.host_ip else port.host_port
+        binding = (port.host_ip, port.host_port) if port.host_ip else port.host_port
+        bindings.setdefault(key, []).append(binding)
+    # One container port may be published on several host ports.
+    ports = {
+        key: values[0] if len(values) == 1 else values
+        for key, values in bindings.items()
+    }
     volumes = {
-        (f"{project.name}_{mount.source}" if mount.named else mount.source): {
+        (
+            project.volumes[mount.source].engine_name(project.name)
+            if mount.named
+            else mount.source
+        ): {
             "bind": mount.target,
             "mode": "ro" if mount.read_only else "rw",
         }
@@ -585,14 +654,32 @@ def _ensure_container(
 ) -> Container:
     name = project.container_name(service)
     options = _create_options(engine, project, service)
+    # The image id and the labels are part of the configuration, so a rebuilt
+    # image or a changed label replaces the container.
+    configuration = {
+        **options,
+        "image_id": engine.image_id(options["image"]),
+        "labels": service.labels,
+    }
     config_hash = hashlib.sha256(
-        json.dumps(options, sort_keys=True).encode()
+        json.dumps(configuration, sort_keys=True).encode()
     ).hexdigest()
     try:
         existing = engine.client.containers.get(name)
     except docker.errors.NotFound:
         existing = None
     if existing is not None:
+        owner = existing.labels.get(PROJECT_LABEL)
+        if owner != project.name or existing.labels.get(SERVICE_LABEL) != service.name:
+            whose = (
+                f"project {owner}"
+                if owner
+                else "a container that compose did not create"
+            )
+            raise ContainerError(
+                f"the container name {name} is taken by {whose}. Remove that "
+                "container, or choose another --project-name or container_name."
+            )
         unchanged = existing.labels.get(CONFIG_HASH_LABEL) == config_hash
         if unchanged and existing.status == "running":
             log(f"Service {service.name}: {name} is up to date")
@@ -658,6 +745,12 @@ def _wait_for(
             health = engine.health(container)
             if health in ("healthy", None):
                 return
+            if health == "unhealthy":
+                raise ContainerError(
+                    f"service {dependency.service} ({container.name}) is unhealthy. "
+                    f"Last health check output: {_last_health_output(container)!r}. "
+                    f"Its log:\n{_log_tail(container)}"
+                )
         if time.monotonic() > deadline:
             raise ContainerError(
                 f"service {dependency.service} ({container.name}) did not reach "
@@ -665,6 +758,14 @@ def _wait_for(
                 f"{_last_health_output(container)!r}. Its log:\n{_log_tail(container)}"
             )
         time.sleep(min(HEALTH_POLL_SECONDS, max(0.1, deadline - time.monotonic())))
+
+
+def _check_not_failed(container: Container, service: str) -> None:
+    """Raise if the container stopped with a non-zero exit code."""
+    container.reload()
+    state = container.attrs.get("State", {})
+    if state.get("Status") in ("exited", "stopped", "dead") and state.get("ExitCode"):
+        raise _exited(container, service, state.get("ExitCode"))
 
 
 def _exited(container: Container, service: str, code: object) -> ContainerError:

@@ -181,6 +181,42 @@ def test_bad_duration_names_value(value: str) -> None:
         ("services: [app]\n", "no services mapping"),
         ("services:\n  app: [\n", "not valid YAML"),
         ("secrets: {}\nservices:\n  app:\n    image: a\n", "uses secrets"),
+        ("services:\n  app:\n    image: a\n    image: b\n", "appears twice"),
+        ("services: {}\n", "defines no services"),
+        (
+            "services:\n  app:\n    image: a\n    depends_on: {b: service_healthy}\n"
+            "  b:\n    image: b\n",
+            "is not a mapping",
+        ),
+        (
+            "services:\n  app:\n    image: a\n    depends_on:\n"
+            "      b: {condition: service_healthy}\n  b:\n    image: b\n",
+            "b has no health check",
+        ),
+        (
+            "services:\n  app:\n    image: a\n    healthcheck:\n"
+            "      test: [CMD, 'true']\n      retries: three\n",
+            "retries is 'three'",
+        ),
+        (
+            "services:\n  app:\n    image: a\n    restart: on-failure:x\n",
+            "on-failure:N",
+        ),
+        ("services:\n  app:\n    image: a\nvolumes: [data]\n", "must be a mapping"),
+        ("services:\n  app:\n    image: a\n    container_name: 12\n", "not a string"),
+        (
+            "services:\n  1:\n    image: a\n  a:\n    image: b\n    depends_on: [x]\n",
+            "depends on x",
+        ),
+        ("services:\n  app:\n    image: a\n    read_only: maybe\n", "true or false"),
+        ("services:\n  app:\n    image: a\n    ports: '8080:80'\n", "must be a list"),
+        (
+            "services:\n  app:\n    image: a\n    environment: {FLAG: yes}\n",
+            "YAML boolean True. Quote it",
+        ),
+        ("services:\n  app:\n    image: a\n    command: 'a \"b'\n", "cannot be split"),
+        ("services:\n  app:\n    image: a\n    x-extra: 1\n", "uses x-extra"),
+        ("name: Bad Name\nservices:\n  app:\n    image: a\n", "is not valid"),
     ],
 )
 def test_unsupported_or_wrong_compose_is_named(
@@ -199,7 +235,7 @@ def test_missing_compose_file_says_where(tmp_path: Path) -> None:
 def test_ports_volumes_and_names(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "name: Demo.Pipeline\nservices:\n  app:\n    image: a\n"
+        "name: demo-pipeline\nservices:\n  app:\n    image: a\n"
         "    ports: ['127.0.0.1:9094:9094', '8080:80', '53/udp']\n"
         "    volumes: ['./data:/data:ro', 'cache:/cache']\n"
         "    command: serve --fast\n"
@@ -207,9 +243,9 @@ def test_ports_volumes_and_names(tmp_path: Path) -> None:
     )
     project = load_compose(path, {})
     app = project.services["app"]
-    assert project.name == "demopipeline"
-    assert project.network == "demopipeline_default"
-    assert project.container_name(app) == "demopipeline-app-1"
+    assert project.name == "demo-pipeline"
+    assert project.network == "demo-pipeline_default"
+    assert project.container_name(app) == "demo-pipeline-app-1"
     assert [
         (p.host_ip, p.host_port, p.container_port, p.protocol) for p in app.ports
     ] == [
@@ -221,3 +257,110 @@ def test_ports_volumes_and_names(tmp_path: Path) -> None:
     assert app.mounts[0].read_only
     assert app.mounts[1].named and app.mounts[1].source == "cache"
     assert app.command == ["serve", "--fast"]
+
+
+def test_alias_expansion_is_capped(tmp_path: Path) -> None:
+    # Each level lists the previous one ten times: 10**7 values from 500 bytes.
+    levels = ["&x0 [" + ", ".join(["a"] * 10) + "]"]
+    for level in range(1, 7):
+        levels.append(f"&x{level} [" + ", ".join([f"*x{level - 1}"] * 10) + "]")
+    text = "services:\n  app:\n    image: a\n    command: [" + ", ".join(levels) + "]\n"
+    with pytest.raises(ComposeError, match="expands to more than"):
+        load_compose(write(tmp_path, text), {})
+
+
+def test_deep_nesting_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, "services:\n  app:\n    image: a\n    labels: " + "[" * 5000)
+    with pytest.raises(ComposeError, match="nests too deeply|not valid YAML"):
+        load_compose(path, {})
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", ".env"])
+def test_non_utf8_file_is_named(tmp_path: Path, name: str) -> None:
+    write(tmp_path, "services:\n  app:\n    image: a\n")
+    (tmp_path / name).write_bytes(b"services:\n  app:\n    image: \xff\n")
+    with pytest.raises(ComposeError, match="is not UTF-8"):
+        load_compose(tmp_path / "docker-compose.yml", {})
+
+
+def test_interpolated_boolean_is_parsed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  app:\n    image: a\n    read_only: ${RO:-false}\n",
+    )
+    assert load_compose(path, {}).services["app"].read_only is False
+    assert load_compose(path, {"RO": "true"}).services["app"].read_only is True
+
+
+def test_environment_passes_host_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  app:\n    image: a\n    environment:\n"
+        "      - FROM_HOST\n      - ABSENT\n      - SET=1\n",
+    )
+    environment = load_compose(path, {"FROM_HOST": "x"}).services["app"].environment
+    assert environment == {"FROM_HOST": "x", "SET": "1"}
+
+
+def test_null_environment_value_passes_host_value(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "services:\n  app:\n    image: a\n    environment:\n      A:\n"
+    )
+    assert load_compose(path, {"A": "y"}).services["app"].environment == {"A": "y"}
+
+
+def test_command_and_entrypoint_split_like_shell(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  app:\n    image: a\n    entrypoint: python3\n"
+        '    command: -c "import time; time.sleep(1)"\n',
+    )
+    app = load_compose(path, {}).services["app"]
+    assert app.entrypoint == ["python3"]
+    assert app.command == ["-c", "import time; time.sleep(1)"]
+
+
+def test_env_file_strips_inline_comment(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("A=1 # the first\nB='2 # kept'\n")
+    path = write(
+        tmp_path,
+        "services:\n  app:\n    image: a\n    environment: {A: $A, B: $B}\n",
+    )
+    assert load_compose(path, {}).services["app"].environment == {
+        "A": "1",
+        "B": "2 # kept",
+    }
+
+
+def test_unquoted_restart_no_is_accepted(tmp_path: Path) -> None:
+    path = write(tmp_path, "services:\n  app:\n    image: a\n    restart: no\n")
+    assert load_compose(path, {}).services["app"].restart == "no"
+
+
+def test_external_volume_keeps_its_name(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "name: demo\nservices:\n  app:\n    image: a\n"
+        "    volumes: ['data:/d', 'own:/o']\n"
+        "volumes:\n  data: {external: true, name: shared-data}\n  own: {}\n",
+    )
+    project = load_compose(path, {})
+    assert project.volumes["data"].engine_name("demo") == "shared-data"
+    assert project.volumes["own"].engine_name("demo") == "demo_own"
+
+
+def test_cycle_is_found_on_load(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  a:\n    image: a\n    depends_on: [b]\n"
+        "  b:\n    image: b\n    depends_on: [a]\n",
+    )
+    with pytest.raises(ComposeError, match="cycle"):
+        load_compose(path, {})
+
+
+def test_name_from_directory_is_normalized(tmp_path: Path) -> None:
+    directory = tmp_path / "My Pipeline"
+    directory.mkdir()
+    path = write(directory, "services:\n  app:\n    image: a\n")
+    assert load_compose(path, {}).name == "mypipeline"

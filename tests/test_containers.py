@@ -357,3 +357,126 @@ def test_project_app_image_turns_healthy(
         assert (exit_code, uid.strip()) == (0, b"10001")
     finally:
         container.remove(force=True)
+
+
+@pytest.fixture
+def small_image(engine: tuple[Engine, str | None]) -> str:
+    """An image with Python and a shell, as small as this engine offers."""
+    return engine[1] or "python:3.12-slim-bookworm"
+
+
+def write_compose(directory: Path, text: str) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "docker-compose.yml").write_text(text)
+    return directory
+
+
+def up_fails(project: Path, name: str, *args: str) -> str:
+    result = CliRunner().invoke(
+        cli, ["up", f"--project={project}", f"--project-name={name}", *args]
+    )
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+def test_up_keeps_foreign_container(
+    engine: tuple[Engine, str | None],
+    docker_host: str,
+    small_image: str,
+    tmp_path: Path,
+) -> None:
+    client, _ = engine
+    taken = f"agogosml-foreign-{uuid.uuid4().hex[:6]}"
+    foreign = client.client.containers.run(
+        small_image, ["sleep", "300"], name=taken, detach=True
+    )
+    project = write_compose(
+        tmp_path / "p",
+        f"services:\n  app:\n    image: {small_image}\n"
+        f"    container_name: {taken}\n    command: sleep 300\n",
+    )
+    name = f"agogosml-own-{uuid.uuid4().hex[:6]}"
+    try:
+        output = up_fails(project, name)
+        foreign.reload()
+        assert foreign.status == "running"
+        assert "is taken by a container that compose did not create" in output
+    finally:
+        foreign.remove(force=True)
+        agogosml("down", f"--project={project}", f"--project-name={name}")
+
+
+def test_up_fails_on_exited_service(
+    engine: tuple[Engine, str | None],
+    docker_host: str,
+    small_image: str,
+    tmp_path: Path,
+) -> None:
+    project = write_compose(
+        tmp_path / "p",
+        f"services:\n  app:\n    image: {small_image}\n"
+        "    command: [python3, -c, 'import sys, time; time.sleep(1); sys.exit(3)']\n"
+        "  other:\n    image: " + small_image + "\n    command: sleep 300\n"
+        "    depends_on: [app]\n",
+    )
+    name = f"agogosml-exit-{uuid.uuid4().hex[:6]}"
+    try:
+        # `other` takes long enough to start that `app` has exited by the end.
+        output = up_fails(project, name, "--wait-seconds=60")
+    finally:
+        agogosml("down", f"--project={project}", f"--project-name={name}")
+    assert "exited with code 3" in output
+
+
+def test_up_fails_fast_when_unhealthy(
+    engine: tuple[Engine, str | None],
+    docker_host: str,
+    small_image: str,
+    tmp_path: Path,
+) -> None:
+    project = write_compose(
+        tmp_path / "p",
+        f"services:\n  app:\n    image: {small_image}\n    command: sleep 300\n"
+        "    healthcheck:\n      test: [CMD, python3, -c, 'raise SystemExit(1)']\n"
+        "      interval: 1s\n      retries: 1\n",
+    )
+    name = f"agogosml-sick-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    try:
+        output = up_fails(project, name, "--wait-seconds=120")
+    finally:
+        agogosml("down", f"--project={project}", f"--project-name={name}")
+    assert "is unhealthy" in output
+    assert time.monotonic() - started < 60
+
+
+def test_up_replaces_container_of_rebuilt_image(
+    engine: tuple[Engine, str | None],
+    docker_host: str,
+    small_image: str,
+    tmp_path: Path,
+) -> None:
+    client, _ = engine
+    tag = f"localhost/agogosml-rebuilt-{uuid.uuid4().hex[:6]}:1"
+    context = tmp_path / "image"
+    context.mkdir()
+    dockerfile = context / "Dockerfile"
+    project = write_compose(
+        tmp_path / "p",
+        f"services:\n  app:\n    image: {tag}\n    command: sleep 300\n",
+    )
+    name = f"agogosml-rebuilt-{uuid.uuid4().hex[:6]}"
+    try:
+        ids = []
+        for generation in ("one", "two"):
+            dockerfile.write_text(
+                f"FROM {small_image}\nLABEL generation={generation}\n"
+            )
+            client.client.images.build(path=str(context), tag=tag, pull=False)
+            agogosml("up", f"--project={project}", f"--project-name={name}")
+            compose = load_compose(project / "docker-compose.yml", {}, name)
+            ids.append(project_container(client, compose, "app").id)
+        assert ids[0] != ids[1]
+    finally:
+        agogosml("down", f"--project={project}", f"--project-name={name}")
+        client.client.images.remove(tag, force=True)
