@@ -282,7 +282,8 @@ class EventHubSettings(BaseSettings):
         SecretStr(""),
         description="EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING: connection "
         "string of the storage account that keeps checkpoints and partition "
-        "ownership (reader).",
+        "ownership (reader), with AccountName and AccountKey, or BlobEndpoint and "
+        "SharedAccessSignature. UseDevelopmentStorage=true is not supported.",
     )
     checkpoint_store_account_url: str = Field(
         "",
@@ -318,7 +319,8 @@ class EventHubSettings(BaseSettings):
         None,
         ge=1024,
         description="EVENTHUB_MAX_BATCH_BYTES: largest batch the writer sends, in "
-        "bytes. Unset means the hub's maximum message size.",
+        "bytes. Unset means the hub's maximum message size, and a larger value "
+        "stops the writer at start-up.",
     )
     send_timeout_ms: int = Field(
         60000,
@@ -381,14 +383,16 @@ class EventHubSettings(BaseSettings):
             )
         if connection_string:
             _check_eventhubs_connection_string(connection_string)
-        if (
+        storage_connection_string = (
             self.checkpoint_store_connection_string.get_secret_value()
-            and self.checkpoint_store_account_url
-        ):
+        )
+        if storage_connection_string and self.checkpoint_store_account_url:
             raise ValueError(
                 "both EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING and "
                 "EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL are set; keep one"
             )
+        if storage_connection_string:
+            _check_storage_connection_string(storage_connection_string)
         return self
 
     def namespace(self) -> str:
@@ -440,6 +444,49 @@ def _check_eventhubs_connection_string(value: str) -> None:
             "Endpoint=sb://<namespace>.servicebus.windows.net/;"
             "SharedAccessKeyName=<policy>;SharedAccessKey=<key>"
         ) from None
+
+
+_STORAGE_CONNECTION_STRING_FORM = (
+    "copy it from the storage account's Access keys, in the form "
+    "DefaultEndpointsProtocol=https;AccountName=<account>;AccountKey=<key>;"
+    "EndpointSuffix=core.windows.net, or give "
+    "BlobEndpoint=<url>;SharedAccessSignature=<token>"
+)
+
+
+def _check_storage_connection_string(value: str) -> None:
+    """Raise ValueError, without the secret, unless the blob client accepts `value`.
+
+    The check is the parser of the blob client that the checkpoint store uses
+    (vendored in azure-eventhub-checkpointstoreblob-aio), plus a credential:
+    AccountName with AccountKey, or SharedAccessSignature.
+    """
+    from azure.eventhub.extensions.checkpointstoreblobaio._vendor.storage.blob._shared.base_client_async import (  # noqa: E501
+        parse_connection_str,
+    )
+
+    if value.strip().rstrip(";").lower() == "usedevelopmentstorage=true":
+        # The vendored parser (checkpointstoreblob-aio 1.2.0) has no case for it.
+        raise ValueError(
+            "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING=UseDevelopmentStorage=true "
+            "is not supported by the checkpoint store's blob client; give Azurite's "
+            "full connection string: DefaultEndpointsProtocol=http;"
+            "AccountName=devstoreaccount1;AccountKey=<key>;"
+            "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1"
+        )
+    try:
+        _, _, credential = parse_connection_str(value, None, "blob")
+    except ValueError as exc:
+        raise ValueError(
+            f"EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING is malformed ({exc}); "
+            f"{_STORAGE_CONNECTION_STRING_FORM}"
+        ) from None
+    if not credential:
+        raise ValueError(
+            "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING has no credential, "
+            "because it contains neither AccountName with AccountKey nor "
+            f"SharedAccessSignature; {_STORAGE_CONNECTION_STRING_FORM}"
+        )
 
 
 class _ServiceSettings(BaseSettings):

@@ -41,7 +41,7 @@ from agogosml.config import (
 )
 from agogosml.envelope import Envelope
 from agogosml.errors import ConfigurationError, SinkError
-from agogosml.transports.eventhubs import EventHubsSink, EventHubsSource
+from agogosml.transports.eventhubs import EventHubsSink, EventHubsSource, clients
 from agogosml.writer.service import OutputWriter
 
 HUB = "input-hub"
@@ -632,6 +632,64 @@ def test_invalid_setting_named(
 
     assert f"{variable}={value!r} is invalid" in str(caught.value)
     assert message in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_eventhub_environment")
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("AccountKey=s3cr3t;garbage", "is malformed (Connection string is either"),
+        ("AccountKey=s3cr3t", "is malformed (Connection string missing"),
+        ("AccountName=acct", "has no credential"),
+        ("BlobEndpoint=https://acct.blob.core.windows.net", "has no credential"),
+        ("UseDevelopmentStorage=true", "give Azurite's full connection string"),
+    ],
+)
+def test_malformed_storage_connection_string_named(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    monkeypatch.setenv("EVENTHUB_CONNECTION_STRING", CONNECTION_STRING)
+    monkeypatch.setenv("EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING", value)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(EventHubSettings)
+
+    assert "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" in str(caught.value)
+    assert message in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        (
+            "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"
+            "EndpointSuffix=core.windows.net",
+            "https://acct.blob.core.windows.net/checkpoints",
+        ),
+        (
+            "BlobEndpoint=https://acct.blob.core.windows.net;"
+            "SharedAccessSignature=sv=2024-05-04&sig=c2ln",
+            "https://acct.blob.core.windows.net/checkpoints",
+        ),
+        (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            "AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1",
+            "http://127.0.0.1:10000/devstoreaccount1/checkpoints",
+        ),
+    ],
+)
+async def test_storage_connection_string_accepted(value: str, url: str) -> None:
+    accepted = settings(
+        checkpoint_store_connection_string=value,
+        checkpoint_store_container="checkpoints",
+    )
+
+    store, credential = clients.new_checkpoint_store(accepted)
+
+    assert store._container_client.url.partition("?")[0] == url
+    assert credential is None
+    await store.close()
 
 
 def test_connection_string_of_other_hub_rejected() -> None:
