@@ -1,7 +1,7 @@
 """Read a docker-compose file into the plan that `agogosml up` carries out.
 
 `agogosml up` runs a compose file through the Docker Engine API, so that it
-works wherever that API answers, Podman's included, without the compose
+works wherever that API responds, Podman's included, without the compose
 plugin. It supports the part of the Compose Specification that pipelines
 use: services with an image or a build, environment, ports, bind and named
 volumes, entrypoint, command, user, labels, health checks, restart policies

@@ -471,14 +471,14 @@ def down(
     return removed
 
 
-def _remove(action: Callable[[], object], what: str) -> None:
+def _remove(action: Callable[[], object], resource: str) -> None:
     try:
         action()
     except docker.errors.NotFound:
         pass
     except docker.errors.APIError as error:
         raise ContainerError(
-            f"the engine failed to remove {what}: {error.explanation or error}. "
+            f"the engine failed to remove {resource}: {error.explanation or error}. "
             "Stop what still uses it, then run agogosml down again."
         ) from None
 
@@ -649,11 +649,7 @@ def _create_options(
     return {key: value for key, value in options.items() if value not in (None, {}, [])}
 
 
-def _ensure_container(
-    engine: Engine, project: ComposeProject, service: Service, log: Log
-) -> Container:
-    name = project.container_name(service)
-    options = _create_options(engine, project, service)
+def _config_hash(engine: Engine, service: Service, options: dict[str, Any]) -> str:
     # The image id and the labels are part of the configuration, so a rebuilt
     # image or a changed label replaces the container.
     configuration = {
@@ -661,25 +657,38 @@ def _ensure_container(
         "image_id": engine.image_id(options["image"]),
         "labels": service.labels,
     }
-    config_hash = hashlib.sha256(
-        json.dumps(configuration, sort_keys=True).encode()
-    ).hexdigest()
+    encoded = json.dumps(configuration, sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _check_owner(
+    container: Container, project: ComposeProject, service: Service
+) -> None:
+    owner = container.labels.get(PROJECT_LABEL)
+    if owner == project.name and container.labels.get(SERVICE_LABEL) == service.name:
+        return
+    if owner:
+        taken_by = f"project {owner}"
+    else:
+        taken_by = "a container that compose did not create"
+    raise ContainerError(
+        f"the container name {container.name} is taken by {taken_by}. Remove that "
+        "container, or choose another --project-name or container_name."
+    )
+
+
+def _ensure_container(
+    engine: Engine, project: ComposeProject, service: Service, log: Log
+) -> Container:
+    name = project.container_name(service)
+    options = _create_options(engine, project, service)
+    config_hash = _config_hash(engine, service, options)
     try:
         existing = engine.client.containers.get(name)
     except docker.errors.NotFound:
         existing = None
     if existing is not None:
-        owner = existing.labels.get(PROJECT_LABEL)
-        if owner != project.name or existing.labels.get(SERVICE_LABEL) != service.name:
-            whose = (
-                f"project {owner}"
-                if owner
-                else "a container that compose did not create"
-            )
-            raise ContainerError(
-                f"the container name {name} is taken by {whose}. Remove that "
-                "container, or choose another --project-name or container_name."
-            )
+        _check_owner(existing, project, service)
         unchanged = existing.labels.get(CONFIG_HASH_LABEL) == config_hash
         if unchanged and existing.status == "running":
             log(f"Service {service.name}: {name} is up to date")
