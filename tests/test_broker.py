@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from broker import BrokerError, Listener, LocalKafkaBroker
@@ -187,3 +191,26 @@ def test_duplicate_listener_names_are_rejected() -> None:
 def test_bad_listener_names_are_rejected(name: str, message: str) -> None:
     with pytest.raises(BrokerError, match=message):
         Listener(name, "127.0.0.2")
+
+
+def test_run_prints_container_listener() -> None:
+    script = Path(__file__).resolve().parents[1] / "deployment" / "kafka" / "broker.py"
+    process = subprocess.Popen(
+        [sys.executable, str(script), "run", "--container-address", "127.0.0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(2)]
+        assert lines[0].startswith("KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:")
+        assert lines[1].startswith("KAFKA_CONTAINER_BOOTSTRAP_SERVERS=127.0.0.2:")
+        container_bootstrap = lines[1].split("=", 1)[1]
+        _produce(container_bootstrap, "container-listener", 3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(60)
+        assert process.stdout is not None
+        process.stdout.close()
+    assert exit_code == 0

@@ -7,7 +7,7 @@ compiled for Java 17 (class file version 61). Resolving the jars needs Maven.
 
 Command line::
 
-    python deployment/kafka/broker.py run [--port 9092]
+    python deployment/kafka/broker.py run [--port 9092] [--container-address ADDRESS]
     python deployment/kafka/broker.py fetch
 
 `run` prints ``KAFKA_BOOTSTRAP_SERVERS=host:port`` on stdout once the broker is
@@ -53,6 +53,8 @@ STOP_TIMEOUT_SECONDS = 30.0
 READINESS_TOPIC = "local-broker-readiness"
 READINESS_GROUP = "local-broker-readiness"
 LOG_TAIL_LINES = 80
+#: Name of the listener that `run --container-address` opens.
+CONTAINER_LISTENER = "CONTAINERS"
 
 JAVA_INSTALL_HINT = (
     "Install a Java 17+ runtime (for example `apt-get install openjdk-17-jre-headless`"
@@ -439,6 +441,11 @@ class LocalKafkaBroker:
         self._log_file: IO[bytes] | None = None
 
     @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The listeners in addition to PLAINTEXT on 127.0.0.1."""
+        return self._listeners
+
+    @property
     def pid(self) -> int | None:
         """Process id of the broker's JVM, while it runs."""
         return self._process.pid if self._process is not None else None
@@ -782,7 +789,21 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    broker = LocalKafkaBroker(args.port, version=args.kafka_version)
+    listeners = []
+    if getattr(args, "container_address", None):
+        # Bound on every interface, because a container network's gateway
+        # address may exist only while a container is attached to it.
+        listeners.append(
+            Listener(
+                CONTAINER_LISTENER,
+                "0.0.0.0",
+                port=args.container_port,
+                advertised_host=args.container_address,
+            )
+        )
+    broker = LocalKafkaBroker(
+        args.port, version=args.kafka_version, listeners=listeners
+    )
     try:
         if args.command == "fetch":
             logger.info(
@@ -818,6 +839,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PLAINTEXT listener port (default: a free port)",
     )
     run.add_argument(
+        "--container-address",
+        metavar="ADDRESS",
+        help="also open a listener for containers, bound on every interface and "
+        "advertised at ADDRESS, such as the gateway of the containers' network; "
+        "prints KAFKA_CONTAINER_BOOTSTRAP_SERVERS=ADDRESS:PORT",
+    )
+    run.add_argument(
+        "--container-port",
+        type=int,
+        help="port of the container listener (default: a free port)",
+    )
+    run.add_argument(
         "--timeout-seconds",
         type=float,
         default=90.0,
@@ -825,7 +858,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: %(default)s)",
     )
     fetch = commands.add_parser("fetch", help="resolve the broker jars into the cache")
-    fetch.set_defaults(port=None)
+    fetch.set_defaults(port=None, container_address=None, container_port=None)
     return parser.parse_args(argv)
 
 
@@ -849,6 +882,9 @@ def _run_in_foreground(broker: LocalKafkaBroker, timeout_seconds: float) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+        if any(listener.name == CONTAINER_LISTENER for listener in broker.listeners):
+            address = broker.listener_address(CONTAINER_LISTENER)
+            print(f"KAFKA_CONTAINER_BOOTSTRAP_SERVERS={address}", flush=True)
         while not stop_requested.wait(1.0):
             if broker.exit_code is not None:
                 logger.error(
