@@ -210,6 +210,14 @@ class ComposeProject:
         Returns:
             The names of the dropped services.
         """
+        host = bootstrap_servers.split(",")[0].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost" or host.startswith("127.") or host == "::1":
+            raise ComposeError(
+                f"--kafka {bootstrap_servers} is a loopback address, which inside a "
+                "container is the container itself. Give an address that the "
+                "containers reach, such as the gateway of the project's network "
+                "(docs/containers.md shows how)."
+            )
         dropped = [name for name, service in self.services.items() if service.is_kafka]
         if not dropped:
             raise ComposeError(

@@ -307,7 +307,8 @@ def down_command(
         raise click.ClickException(str(error)) from None
     for container in removed:
         console.print(f"Removed {container}")
-    console.print(f"{name}: {len(removed)} containers removed")
+    noun = "container" if len(removed) == 1 else "containers"
+    console.print(f"{name}: {len(removed)} {noun} removed, and its network")
 
 
 def _print_states(states: list[ServiceState], console: Console) -> None:

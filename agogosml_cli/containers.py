@@ -108,7 +108,8 @@ class Engine:
                 f"no container engine responds at {self.base_url} ({error}). Start "
                 "Docker, or start Podman's API service (podman system service "
                 "--time=0 unix:///run/podman/podman.sock) and set "
-                "DOCKER_HOST=unix:///run/podman/podman.sock."
+                "DOCKER_HOST=unix:///run/podman/podman.sock. docs/containers.md "
+                "describes the Podman set-up for machines without a Docker engine."
             ) from None
         components = [
             str(item.get("Name", "")) for item in version.get("Components") or []
@@ -582,11 +583,20 @@ def _ensure_image(
     try:
         engine.client.images.pull(image)
     except docker.errors.APIError as error:
+        if service.is_kafka:
+            fix = (
+                "Pass --kafka HOST:PORT to use a broker of your own instead of "
+                "the file's Kafka services, or set KAFKA_IMAGE to an image that "
+                "exists."
+            )
+        else:
+            fix = (
+                "Build it with agogosml build, or set the image variable of the "
+                "compose file to an image that exists."
+            )
         raise ContainerError(
             f"service {service.name} needs the image {image}, which the engine does "
-            f"not have and cannot pull ({error.explanation or error}). Build it with "
-            "agogosml build, or set the image variable of the compose file to an "
-            "image that exists."
+            f"not have and cannot pull ({error.explanation or error}). {fix}"
         ) from None
 
 

@@ -364,3 +364,17 @@ def test_name_from_directory_is_normalized(tmp_path: Path) -> None:
     directory.mkdir()
     path = write(directory, "services:\n  app:\n    image: a\n")
     assert load_compose(path, {}).name == "mypipeline"
+
+
+@pytest.mark.parametrize(
+    "bootstrap", ["127.0.0.1:9092", "localhost:9092", "[::1]:9092", "127.0.1.1:1"]
+)
+def test_external_kafka_rejects_loopback(tmp_path: Path, bootstrap: str) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  kafka:\n    image: k\n    labels: {io.agogosml.role: kafka}\n"
+        "  app:\n    image: a\n",
+    )
+    project = load_compose(path, {})
+    with pytest.raises(ComposeError, match="loopback address"):
+        project.use_external_kafka(bootstrap)

@@ -275,7 +275,7 @@ def test_containers_survive_app_kill(
             down = agogosml(
                 "down", f"--project={kafka_project}", f"--project-name={name}", *options
             )
-    assert "3 containers removed" in down
+    assert "3 containers removed, and its network" in down
     assert (
         client.client.containers.list(
             all=True, filters={"label": f"com.docker.compose.project={name}"}

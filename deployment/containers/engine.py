@@ -179,8 +179,24 @@ def find_engine() -> Engine | None:
     for base_url in filter(None, candidates):
         kind = probe(base_url)
         if kind is not None:
-            return Engine(base_url=base_url, kind=kind)
+            # A Podman service that this script set up earlier has the local
+            # base image, and builds need it where no registry is reachable.
+            base_image = (
+                LOCAL_BASE_IMAGE if _has_image(base_url, LOCAL_BASE_IMAGE) else None
+            )
+            return Engine(base_url=base_url, kind=kind, base_image=base_image)
     return None
+
+
+def _has_image(base_url: str, tag: str) -> bool:
+    client = docker.DockerClient(base_url=base_url, timeout=30)
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    finally:
+        client.close()
+    return True
 
 
 class PodmanService:
