@@ -21,6 +21,7 @@ from agogosml_cli.containers import (
     build_image,
     down,
     find_source_tree,
+    network_gateway,
     project_builds,
     source_builds,
     up,
@@ -311,6 +312,34 @@ def down_command(
     console.print(f"{name}: {len(removed)} {noun} removed, and its network")
 
 
+@click.command(name="gateway")
+@project_option
+@file_option
+@name_option
+@env_option
+def gateway_command(
+    project: Path,
+    compose_file: Path | None,
+    project_name: str | None,
+    variables: tuple[str, ...],
+) -> None:
+    """Create the project's network if needed and print its gateway address.
+
+    Containers of the project reach a server on the host, such as a Kafka
+    broker for `up --kafka`, at this address.
+    """
+    try:
+        compose = _load(project, compose_file, _pairs(variables, "--env"), project_name)
+        engine = _connect()
+        try:
+            address = network_gateway(engine, compose)
+        finally:
+            engine.close()
+    except AgogosmlError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(address)
+
+
 def _print_states(states: list[ServiceState], console: Console) -> None:
     table = Table("service", "container", "image", "status", "health", "ports")
     for state in states:
@@ -325,4 +354,4 @@ def _print_states(states: list[ServiceState], console: Console) -> None:
     console.print(table)
 
 
-COMMANDS = [build, up_command, down_command]
+COMMANDS = [build, up_command, down_command, gateway_command]

@@ -209,7 +209,10 @@ def test_containers_survive_app_kill(
     options = [f"--env={key}={value}" for key, value in variables.items()]
     compose = load_compose(kafka_project / "docker-compose.yml", variables, name)
     # Containers reach a broker on the host at their network's gateway.
-    gateway = network_gateway(client, compose)
+    gateway = agogosml(
+        "gateway", f"--project={kafka_project}", f"--project-name={name}", *options
+    ).strip()
+    assert gateway == network_gateway(client, compose)
     listener = Listener("CONTAINERS", "0.0.0.0", advertised_host=gateway)
     records = list(iter_transactions(fetch_dataset().path, limit=RECORDS))
     sent = {str(record["transaction_id"]) for record in records}
