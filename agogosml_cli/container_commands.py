@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -91,6 +92,13 @@ def _load(
 ) -> ComposeProject:
     path = compose_file or project / COMPOSE_FILE
     return load_compose(path, {**os.environ, **variables}, name)
+
+
+def _finite(value: float) -> float:
+    # FloatRange lets nan through, because every comparison with it is false.
+    if math.isnan(value):
+        raise click.BadParameter("nan is not a number of seconds. Give 1 to 86400.")
+    return value
 
 
 def _connect() -> Engine:
@@ -228,6 +236,7 @@ def _build_one(
 @click.option(
     "--wait-seconds",
     type=click.FloatRange(min=1, max=86400),
+    callback=lambda _context, _param, value: _finite(value),
     default=300.0,
     show_default=True,
     help="How long to wait for every service to be healthy.",
