@@ -88,6 +88,38 @@ class Source(_Lifecycle):
         return True
 
 
+class TrackedSource(Source):
+    """A source that tracks the position of each message in an `OffsetTracker`.
+
+    Subclasses create ``self._tracker`` in ``__init__`` and register each
+    message's position with it.
+    """
+
+    _tracker: OffsetTracker
+
+    @property
+    def tracker(self) -> OffsetTracker:
+        """Offset tracker of this source (exposed for tests and metrics)."""
+        return self._tracker
+
+    def ack(self, envelope: Envelope) -> None:
+        """Mark a message finished; it is committed with the next commit."""
+        if envelope.position is not None:
+            self._tracker.finish(envelope.position)
+
+    def owns(self, envelope: Envelope) -> bool:
+        """Return whether the message was read in the current assignment.
+
+        A message of a partition that was revoked since is stale: the source
+        must not send it, because the partition's new owner reads it again.
+        """
+        position = envelope.position
+        if position is None:
+            return True
+        generation = self._tracker.generation(position.topic, position.partition)
+        return generation == position.generation
+
+
 class Sink(_Lifecycle):
     """A destination that acknowledges records once they are durable."""
 

@@ -14,7 +14,7 @@ from azure.eventhub.exceptions import AuthenticationError, ConnectError
 from agogosml.config import EventHubSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
-from agogosml.transports.base import OffsetTracker, RevokeHandler, Source
+from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.eventhubs import clients
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 BUFFER_EVENTS = 1000
 
 
-class EventHubsSource(Source):
+class EventHubsSource(TrackedSource):
     """Receive one event hub through a consumer group, checkpointing finished events.
 
     The SDK's event processor claims partitions through the checkpoint store and
@@ -64,11 +64,6 @@ class EventHubsSource(Source):
         self._receive_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._failing: Exception | None = None
-
-    @property
-    def tracker(self) -> OffsetTracker:
-        """Offset tracker of this source, keyed by sequence number."""
-        return self._tracker
 
     @property
     def connected(self) -> bool:
@@ -163,23 +158,6 @@ class EventHubsSource(Source):
             envelopes.append(self._buffer.popleft())
         self._room.set()
         return envelopes
-
-    def owns(self, envelope: Envelope) -> bool:
-        """Return whether the event was received in the current claim of its partition.
-
-        A stale event (its partition was closed since) is not sent, and the new
-        owner of the partition receives it again.
-        """
-        position = envelope.position
-        if position is None:
-            return True
-        generation = self._tracker.generation(position.topic, position.partition)
-        return generation == position.generation
-
-    def ack(self, envelope: Envelope) -> None:
-        """Mark an event finished; it is checkpointed with the next checkpoint."""
-        if envelope.position is not None:
-            self._tracker.finish(envelope.position)
 
     async def pause(self) -> None:
         """Stop delivering events; the partition receivers wait meanwhile."""

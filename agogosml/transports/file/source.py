@@ -12,12 +12,12 @@ from typing import BinaryIO
 
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
-from agogosml.transports.base import OffsetTracker, Source
+from agogosml.transports.base import OffsetTracker, TrackedSource
 
 logger = logging.getLogger(__name__)
 
 
-class FileSource(Source):
+class FileSource(TrackedSource):
     """Read a JSON Lines file (or stdin with ``-``) line by line.
 
     The position of a message is the byte offset of its line. With a checkpoint
@@ -189,11 +189,6 @@ class FileSource(Source):
         self.at_end = True
         line, self._partial = self._partial, b""
         return line or None
-
-    def ack(self, envelope: Envelope) -> None:
-        """Mark a line finished."""
-        if envelope.position is not None:
-            self._tracker.finish(envelope.position)
 
     async def pause(self) -> None:
         """Stop reading lines until `resume`."""

@@ -13,13 +13,13 @@ from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
 from agogosml.metrics import CONSUMER_LAG
-from agogosml.transports.base import OffsetTracker, RevokeHandler, Source
+from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
 
 
-class KafkaSource(Source):
+class KafkaSource(TrackedSource):
     """Consume topics with a consumer group, committing only finished messages.
 
     Every call into the consumer runs on one dedicated thread, so rebalance
@@ -49,11 +49,6 @@ class KafkaSource(Source):
         self._committed: dict[tuple[str, int], int] = {}
         self._commit_task: asyncio.Task[None] | None = None
         self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
-
-    @property
-    def tracker(self) -> OffsetTracker:
-        """Offset tracker of this source (exposed for tests and metrics)."""
-        return self._tracker
 
     @property
     def connected(self) -> bool:
@@ -182,19 +177,6 @@ class KafkaSource(Source):
         return Envelope.from_record(
             message.value() or b"", message.key(), message.headers(), position
         )
-
-    def owns(self, envelope: Envelope) -> bool:
-        """Return whether the message was read in the current assignment."""
-        position = envelope.position
-        if position is None:
-            return True
-        generation = self._tracker.generation(position.topic, position.partition)
-        return generation == position.generation
-
-    def ack(self, envelope: Envelope) -> None:
-        """Mark a message finished; it is committed with the next commit."""
-        if envelope.position is not None:
-            self._tracker.finish(envelope.position)
 
     async def pause(self) -> None:
         """Pause fetching from every assigned partition; polling goes on."""
