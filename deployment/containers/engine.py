@@ -5,8 +5,8 @@ a Docker engine responds (DOCKER_HOST, or the default socket), this script
 uses it and changes nothing. Elsewhere it sets up Podman, which serves the
 same API:
 
-1. installs podman, runc, netavark, aardvark-dns and debootstrap with apt-get
-   when podman is missing (this needs root);
+1. installs with apt-get those of podman, runc, netavark, aardvark-dns,
+   iptables and debootstrap that are missing (this needs root);
 2. writes a containers.conf for machines that refuse ``setrlimit`` and run
    cgroups v1 or hybrid: the cgroupfs manager, runc behind a wrapper that
    drops ``process.rlimits`` from each container's OCI config, no pids limit,
@@ -61,7 +61,16 @@ DEBIAN_PACKAGES = (
     "ca-certificates",
 )
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-APT_PACKAGES = ("podman", "runc", "netavark", "aardvark-dns", "debootstrap")
+# Each Debian package, with a file that shows it is installed. netavark sets up
+# container networks with iptables, which no package above depends on.
+APT_PACKAGES = {
+    "podman": "podman",
+    "runc": "runc",
+    "netavark": "/usr/lib/podman/netavark",
+    "aardvark-dns": "/usr/lib/podman/aardvark-dns",
+    "iptables": "iptables",
+    "debootstrap": "debootstrap",
+}
 DEFAULT_DOCKER_SOCKET = "unix:///var/run/docker.sock"
 SERVICE_START_SECONDS = 30.0
 DEBOOTSTRAP_TIMEOUT_SECONDS = 1200.0
@@ -387,23 +396,34 @@ class PodmanService:
 
 
 def install_podman() -> None:
-    """Install the Podman packages with apt-get unless podman is on PATH."""
-    if shutil.which("podman") and shutil.which("runc"):
+    """Install with apt-get the Podman packages that are missing."""
+    missing = [
+        package
+        for package, probe in APT_PACKAGES.items()
+        if not (Path(probe).exists() if probe.startswith("/") else _on_path(probe))
+    ]
+    if not missing:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise EngineError(
-            "No Docker engine responds and podman is not installed. Start Docker "
-            "and set DOCKER_HOST, or install podman (as root on Debian: apt-get "
-            f"install {' '.join(APT_PACKAGES)})."
+            "No Docker engine responds and these Podman packages are missing: "
+            f"{', '.join(missing)}. Start Docker and set DOCKER_HOST, or install "
+            f"them (as root on Debian: apt-get install {' '.join(missing)})."
         )
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    logger.info("Installing %s with apt-get", ", ".join(APT_PACKAGES))
+    logger.info("Installing %s with apt-get", ", ".join(missing))
     _run(["apt-get", "update"], env=environment, timeout=APT_TIMEOUT_SECONDS)
     _run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
+        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
         env=environment,
         timeout=APT_TIMEOUT_SECONDS,
     )
+
+
+def _on_path(command: str) -> bool:
+    """Tell whether ``command`` is on PATH or in the sbin directories."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which(command, path=search) is not None
 
 
 def debian_mirror() -> str:
