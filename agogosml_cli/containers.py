@@ -735,9 +735,17 @@ def _ensure_container(
         )
         container.start()
     except docker.errors.APIError as error:
+        explanation = str(error.explanation or error)
+        hint = ""
+        if "netavark" in explanation and "No such file" in explanation:
+            # netavark reports a missing iptables binary this way.
+            hint = (
+                ". Podman's network stack, netavark, needs iptables: install it "
+                "(apt-get install iptables) and run agogosml up again"
+            )
         raise ContainerError(
             f"the engine failed to start {name} for service {service.name}: "
-            f"{error.explanation or error}"
+            f"{explanation}{hint}"
         ) from None
     return container
 

@@ -6,10 +6,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import docker.errors
 import pytest
 
 from agogosml_cli.compose import load_compose
-from agogosml_cli.containers import Engine, _create_options
+from agogosml_cli.containers import (
+    ContainerError,
+    Engine,
+    _create_options,
+    _ensure_container,
+)
 
 COMPOSE = """\
 name: demo
@@ -86,3 +92,55 @@ def test_podman_gets_shell_form_for_spaced_arguments(
     engine = cast(Engine, SimpleNamespace(is_podman=True))
     created = _create_options(engine, project, project.services["app"])
     assert created["healthcheck"]["test"] == expected
+
+
+class _FailingStart:
+    """The containers API of an engine whose start fails with ``explanation``."""
+
+    def __init__(self, explanation: str) -> None:
+        self.explanation = explanation
+
+    def get(self, name: str) -> None:
+        raise docker.errors.NotFound(name)
+
+    def create(self, **options: Any) -> SimpleNamespace:
+        def start() -> None:
+            response = SimpleNamespace(status_code=500, reason="Internal Server Error")
+            raise docker.errors.APIError(
+                "start", cast(Any, response), explanation=self.explanation
+            )
+
+        return SimpleNamespace(start=start)
+
+
+def start_error(tmp_path: Path, explanation: str) -> str:
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(COMPOSE)
+    project = load_compose(path, {})
+    engine = SimpleNamespace(
+        is_podman=True,
+        image_id=lambda image: "sha256:0",
+        client=SimpleNamespace(
+            containers=_FailingStart(explanation),
+            api=SimpleNamespace(create_endpoint_config=lambda **kw: kw),
+        ),
+    )
+    with pytest.raises(ContainerError) as error:
+        _ensure_container(
+            cast(Engine, engine), project, project.services["app"], lambda line: None
+        )
+    return str(error.value)
+
+
+def test_missing_iptables_named_in_start_error(tmp_path: Path) -> None:
+    message = start_error(tmp_path, "netavark: No such file or directory (os error 2)")
+
+    assert "failed to start demo-app-1 for service app" in message
+    assert "apt-get install iptables" in message
+
+
+def test_other_start_error_passed_on(tmp_path: Path) -> None:
+    message = start_error(tmp_path, "port 8000 is already allocated")
+
+    assert message.endswith("port 8000 is already allocated")
+    assert "iptables" not in message
