@@ -733,12 +733,18 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         elif field:
             lines.append(
                 f"  {name}={displayed!r} is invalid: "
-                f"{error['msg'].removeprefix('Value error, ')} "
+                f"{error['msg'].removeprefix('Value error, ')}"
+                f"{_URL_HINTS.get(error['type'], '')} "
                 f"({_describe(cls, field)})"
             )
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
+
+
+#: The fix for URL errors, whose pydantic messages do not name one.
+_URL_HINT = "; write the whole URL with its scheme, like http://127.0.0.1:8000/"
+_URL_HINTS = {"url_parsing": _URL_HINT, "url_scheme": _URL_HINT}
 
 
 def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str:

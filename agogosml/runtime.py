@@ -42,6 +42,31 @@ def run_service(
         raise SystemExit(1) from None
 
 
+def check_arguments(program: str, settings_class: type[BaseSettings]) -> None:
+    """Answer ``--help``, and reject arguments: a service reads only its environment.
+
+    Exits 0 after printing the usage for ``-h`` or ``--help``, and 2 for any
+    other argument.
+    """
+    arguments = sys.argv[1:]
+    if not arguments:
+        return
+    prefix = str(settings_class.model_config.get("env_prefix", ""))
+    usage = (
+        f"usage: {program}\n\n"
+        f"{program} takes no arguments. Configure it with environment variables: "
+        f"{prefix}*, and KAFKA_* or EVENTHUB_* for its transport. Run "
+        "'agogosml settings' to list every variable with its default and meaning."
+    )
+    if arguments[0] in ("-h", "--help"):
+        print(usage)
+        raise SystemExit(0)
+    print(
+        f"{usage}\n\n{program}: unexpected argument {arguments[0]!r}", file=sys.stderr
+    )
+    raise SystemExit(2)
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop

@@ -67,8 +67,15 @@ env_option = click.option(
 )
 
 
+#: Width of output to a file or pipe, where Rich would otherwise wrap at 80.
+PIPE_COLUMNS = 200
+
+
 def _console() -> Console:
-    return Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_COLUMNS
+    return console
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -186,8 +193,9 @@ def build(
             raise click.UsageError("nothing to build: --only excludes every image.")
         engine = _connect()
         try:
+            noun = "image" if len(builds) == 1 else "images"
             console.print(
-                f"Building {len(builds)} images with {engine.kind} "
+                f"Building {len(builds)} {noun} with {engine.kind} "
                 f"{engine.version} at {engine.base_url}"
             )
             for item in builds:
@@ -315,10 +323,17 @@ def down_command(
             engine.close()
     except AgogosmlError as error:
         raise click.ClickException(str(error)) from None
-    for container in removed:
+    for container in removed.containers:
         console.print(f"Removed {container}")
-    noun = "container" if len(removed) == 1 else "containers"
-    console.print(f"{name}: {len(removed)} {noun} removed, and its network")
+    for network in removed.networks:
+        console.print(f"Removed network {network}")
+    for volume in removed.volumes:
+        console.print(f"Removed volume {volume}")
+    count = len(removed.containers)
+    summary = f"{name}: {count} {'container' if count == 1 else 'containers'} removed"
+    if not removed.networks:
+        summary += f"; no network {name}_default was found"
+    console.print(summary)
 
 
 @click.command(name="gateway")

@@ -429,12 +429,21 @@ def up(
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Removed:
+    """What ``down`` removed: engine names of containers, networks and volumes."""
+
+    containers: list[str]
+    networks: list[str]
+    volumes: list[str]
+
+
 def down(
     engine: Engine,
     project_name: str,
     *,
     volumes: list[str] | None = None,
-) -> list[str]:
+) -> Removed:
     """Stop and remove the containers and the network of a project.
 
     Containers are found by the project label, so no compose file is needed.
@@ -445,30 +454,32 @@ def down(
         volumes: Engine names of the volumes to remove as well.
 
     Returns:
-        The names of the removed containers.
+        What was removed; a network or volume that did not exist is not listed.
 
     Raises:
         ContainerError: The engine failed to remove a container, the network
             (a container of another project may still use it) or a volume.
     """
-    removed = []
+    removed = Removed(containers=[], networks=[], volumes=[])
     for container in _project_containers(engine, project_name):
         try:
             container.stop(timeout=STOP_TIMEOUT_SECONDS)
         except docker.errors.APIError:
             pass  # Already stopped, or removed below by force.
         _remove(functools.partial(container.remove, force=True), container.name)
-        removed.append(container.name)
+        removed.containers.append(container.name)
     network_name = f"{project_name}_default"
     for network in engine.client.networks.list(names=[network_name]):
         if network.name == network_name:
             _remove(network.remove, f"network {network_name}")
+            removed.networks.append(network_name)
     for volume in volumes or []:
         try:
             found = engine.client.volumes.get(volume)
         except docker.errors.NotFound:
             continue
         _remove(functools.partial(found.remove, force=True), f"volume {volume}")
+        removed.volumes.append(volume)
     return removed
 
 

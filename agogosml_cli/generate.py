@@ -126,6 +126,12 @@ def _report(outcome: Outcome, project: Path) -> None:
             f"Rendered {len(outcome.changed)} files into {project} from template "
             f"{outcome.template_version} and committed them ({outcome.commit})."
         )
+        repository = outcome.repository
+        if repository is not None and repository != project.resolve():
+            click.echo(
+                f"The commit is in the git repository at {repository}, which "
+                f"holds {project}."
+            )
         if outcome.identity_fallback:
             click.echo(
                 "git has no user name and email here, so the commit's author is "

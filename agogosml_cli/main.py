@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import sys
 from pathlib import Path
@@ -22,10 +21,7 @@ from agogosml_cli.run_options import (
     resolve_stream,
     stream_options,
 )
-
-#: Packages that the sample app (and so `agogosml run`) imports, from the
-#: ``sample`` extra.
-SAMPLE_MODULES = ("joblib", "numpy", "pandas", "sklearn")
+from sample_app import missing_packages_message
 
 
 @click.group()
@@ -109,14 +105,9 @@ def run(
     records through them and prints a summary. Exits with status 1 if any record
     is missing from both the output and the dead letters.
     """
-    missing = [
-        name for name in SAMPLE_MODULES if importlib.util.find_spec(name) is None
-    ]
+    missing = missing_packages_message()
     if missing:
-        raise click.ClickException(
-            f"the sample app needs {', '.join(missing)}, which are not installed; "
-            "install them with: pip install 'agogosml[sample]'"
-        )
+        raise click.ClickException(missing)
     from agogosml_cli.run import RunOptions, print_summary, run_pipeline
     from sample_app.data import fetch_dataset
 

@@ -58,6 +58,7 @@ class Outcome:
         template_version: The template version now recorded in the project.
         changed: Paths (relative to the repository root) that changed.
         commit: The commit of a first render, if one was made.
+        repository: The root of the git work tree that holds the commit.
         identity_fallback: True when git had no user identity, so the first
             render was committed as "agogosml <agogosml@localhost>".
     """
@@ -66,6 +67,7 @@ class Outcome:
     template_version: str
     changed: list[str]
     commit: str | None = None
+    repository: Path | None = None
     identity_fallback: bool = False
 
 
@@ -180,11 +182,13 @@ def _commit_first_render(project: Path, name: str, tag: str) -> Outcome:
     message = f"Generate {name} from the agogosml pipeline template {tag}"
     run_git(["commit", "--quiet", "-m", message, "--", "."], project, env=identity)
     commit = run_git(["rev-parse", "--short", "HEAD"], project).strip()
+    repository = run_git(["rev-parse", "--show-toplevel"], project).strip()
     return Outcome(
         created=True,
         template_version=tag,
         changed=changed,
         commit=commit,
+        repository=Path(repository),
         identity_fallback=bool(identity),
     )
 

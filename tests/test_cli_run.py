@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer, TopicPartition
 from kafka_endpoint import CONNECTION_STRING
 
+import sample_app
 from agogosml_cli.main import cli
 
 SUMMARY_KEYS = {
@@ -233,4 +234,23 @@ def test_run_names_missing_sample_extra(
 
     assert result.exit_code == 1
     assert "sklearn" in result.output
-    assert "pip install 'agogosml[sample]'" in result.output
+    assert f"pip install -e '{REPO_ROOT.resolve()}[sample]'" in result.output
+
+
+def test_sample_app_names_missing_sample_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in ("joblib", "pandas") else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    with pytest.raises(SystemExit) as exit_info:
+        sample_app.main()
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "needs joblib, pandas, which are not installed" in error
+    assert "[sample]'" in error

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -351,3 +353,44 @@ def test_cooperative_rebalancing_rejected(extra):
     )
 
     assert "cooperative" in message
+
+
+@pytest.mark.parametrize(
+    ("module", "prefix"),
+    [("agogosml.reader", "READER_*"), ("agogosml.writer", "WRITER_*")],
+)
+def test_service_help_names_environment(module, prefix):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert prefix in result.stdout
+    assert "agogosml settings" in result.stdout
+
+
+def test_service_rejects_arguments():
+    result = subprocess.run(
+        [sys.executable, "-m", "agogosml.reader", "--input", "topic"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "unexpected argument '--input'" in result.stderr
+    assert "takes no arguments" in result.stderr
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9000", "localhost:9000"])
+def test_reader_url_without_scheme_names_fix(url):
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(ReaderSettings, app_url=url, input="in.jsonl", transport="file")
+
+    assert f"READER_APP_URL='{url}' is invalid" in str(error.value)
+    assert "write the whole URL with its scheme" in str(error.value)

@@ -278,7 +278,8 @@ def test_containers_survive_app_kill(
             down = agogosml(
                 "down", f"--project={kafka_project}", f"--project-name={name}", *options
             )
-    assert "3 containers removed, and its network" in down
+    assert f"Removed network {compose.network}" in down
+    assert "3 containers removed" in down
     assert (
         client.client.containers.list(
             all=True, filters={"label": f"com.docker.compose.project={name}"}
@@ -286,6 +287,10 @@ def test_containers_survive_app_kill(
         == []
     )
     assert client.client.networks.list(names=[compose.network]) == []
+    again = agogosml(
+        "down", f"--project={kafka_project}", f"--project-name={name}", *options
+    )
+    assert f"0 containers removed; no network {compose.network} was found" in again
 
 
 def test_file_pipeline_runs_compose_file_unchanged(

@@ -609,6 +609,19 @@ def test_generate_into_other_directory(tmp_path: Path) -> None:
     assert (project / "docker-compose.yml").is_file()
     assert not (project / "agogosml.yaml").exists()
     assert git(project, "status", "--porcelain") == ""
+    assert "git repository at" not in result.output
+
+
+def test_generate_names_enclosing_repository(tmp_path: Path) -> None:
+    git(tmp_path, "init", "--quiet")
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    project = tmp_path / "pipelines" / "scoring"
+
+    result = generate(manifest, "--output", str(project))
+
+    assert result.exit_code == 0, result.output
+    assert f"git repository at {tmp_path.resolve()}, which holds" in result.output
+    assert git(tmp_path, "log", "--format=%s").startswith("Generate fraud-scoring")
 
 
 def test_generate_rejects_unrelated_directory(tmp_path: Path) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from agogosml.config import WriterSettings
-from agogosml.runtime import run_service
+from agogosml.runtime import check_arguments, run_service
 from agogosml.writer.service import serve_writer
 
 
 def main() -> None:
     """Start the output writer with settings from the environment."""
+    check_arguments("agogosml-output-writer", WriterSettings)
     run_service(WriterSettings, serve_writer, "output_writer")
 
 
