@@ -554,6 +554,8 @@ def test_generate_python_template(kafka_project: Path) -> None:
     assert answers["_src_path"] == ".agogosml/template.bundle"
     assert answers["_commit"] == template_history.__version__
     assert answers["project_name"] == "fraud-scoring"
+    readme = (kafka_project / "README.md").read_text()
+    assert "`agogosml up --kafka HOST:PORT`\nuses a broker of your own" in readme
 
 
 def test_generate_commits_first_render(kafka_project: Path) -> None:
@@ -597,6 +599,7 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     # The reader exits when its input file is missing.
     readme = (tmp_path / "README.md").read_text()
     assert "touch data/input.jsonl\ndocker compose up --build" in readme
+    assert "--kafka" not in readme
 
 
 def test_generate_into_other_directory(tmp_path: Path) -> None:
