@@ -644,7 +644,32 @@ class ReaderSettings(_ServiceSettings):
                 f"READER_INPUT={self.input!r} must name exactly one event hub; run "
                 "one reader per hub"
             )
+        self._check_dead_letter_is_not_input()
         return self
+
+    def _check_dead_letter_is_not_input(self) -> None:
+        dead_letter = self.dead_letter_target()
+        if self.source is Transport.FILE:
+            files = {"READER_INPUT": self.input, "READER_DEAD_LETTER": dead_letter}
+            if self.checkpoint_path is not None:
+                files["READER_CHECKPOINT_PATH"] = str(self.checkpoint_path)
+            seen: dict[Path, str] = {}
+            for variable, name in files.items():
+                if name == "-":
+                    continue
+                path = Path(name).expanduser().resolve()
+                if path in seen:
+                    raise ValueError(
+                        f"{seen[path]} and {variable} name the same file "
+                        f"{name!r}; give each its own file"
+                    )
+                seen[path] = variable
+        elif dead_letter in self.topics():
+            raise ValueError(
+                f"READER_DEAD_LETTER={dead_letter!r} is also in READER_INPUT, so "
+                "dead letters would be read again as input; choose another "
+                "dead-letter topic"
+            )
 
     def topics(self) -> list[str]:
         """Return the input topics (kafka source)."""

@@ -394,3 +394,48 @@ def test_reader_url_without_scheme_names_fix(url):
 
     assert f"READER_APP_URL='{url}' is invalid" in str(error.value)
     assert "write the whole URL with its scheme" in str(error.value)
+
+
+def test_reader_dead_letter_file_same_as_input_rejected(tmp_path):
+    path = tmp_path / "loop.jsonl"
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(
+            ReaderSettings,
+            input=str(path),
+            dead_letter=str(tmp_path / "." / "loop.jsonl"),
+            app_url="http://127.0.0.1:9000",
+        )
+
+    assert "READER_INPUT and READER_DEAD_LETTER name the same file" in str(error.value)
+
+
+def test_reader_checkpoint_same_as_dead_letter_rejected(tmp_path):
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(
+            ReaderSettings,
+            input=str(tmp_path / "in.jsonl"),
+            dead_letter=str(tmp_path / "state"),
+            checkpoint_path=tmp_path / "state",
+            app_url="http://127.0.0.1:9000",
+        )
+
+    assert "READER_DEAD_LETTER and READER_CHECKPOINT_PATH" in str(error.value)
+
+
+def test_reader_dead_letter_topic_among_inputs_rejected():
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(
+            ReaderSettings,
+            source="kafka",
+            input="orders, refunds",
+            dead_letter="refunds",
+            app_url="http://127.0.0.1:9000",
+        )
+
+    assert "READER_DEAD_LETTER='refunds' is also in READER_INPUT" in str(error.value)
+
+
+def test_reader_stdin_with_default_dead_letter_accepted(clean_environment):
+    settings = load_settings(ReaderSettings, input="-", app_url="http://127.0.0.1:9000")
+
+    assert settings.dead_letter_target() == "dead-letter.jsonl"
