@@ -13,10 +13,12 @@ import datetime
 import enum
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BeforeValidator,
     Field,
@@ -70,6 +72,27 @@ LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR"],
     BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
 ]
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with the password of its user info, if any, replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _base_url(value: AnyHttpUrl) -> AnyHttpUrl:
+    if value.query or value.fragment:
+        raise ValueError(
+            "a base URL has no query or fragment; remove the part from '?' or '#'"
+        )
+    return value
+
+
+#: The base URL of a service, to which paths such as /batch are appended.
+BaseUrl = Annotated[AnyHttpUrl, AfterValidator(_base_url)]
 
 #: librdkafka properties that KAFKA_EXTRA_CONFIG may not override, because the
 #: delivery guarantee depends on them.
@@ -518,7 +541,7 @@ class ReaderSettings(_ServiceSettings):
         description="READER_INPUT: comma-separated topics (kafka), one event hub "
         "(eventhubs) or a JSON Lines file path, '-' for stdin (file).",
     )
-    app_url: AnyHttpUrl = Field(
+    app_url: BaseUrl = Field(
         ..., description="READER_APP_URL: base URL of the model app."
     )
     app_token: SecretStr = Field(
@@ -753,6 +776,8 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         name = f"{prefix}{field}".upper() if field else "settings"
         value = error.get("input")
         displayed = "<secret>" if _is_secret(cls, field) else value
+        if isinstance(displayed, str) and "://" in displayed:
+            displayed = redact_url(displayed)
         if error["type"] == "missing":
             lines.append(f"  {name} is missing: set it ({_describe(cls, field)})")
         elif field:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import importlib
 import logging
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -219,12 +218,3 @@ def bound_port(runner: web.AppRunner) -> int:
     """Return the port a runner listens on (useful after binding port 0)."""
     server = runner.addresses[0]
     return int(server[1])
-
-
-def redact_url(url: str) -> str:
-    """Return `url` with the password of its user info, if any, replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from agogosml.app import AppSettings
 from agogosml.config import (
     KafkaSettings,
     Ordering,
@@ -439,3 +440,30 @@ def test_reader_stdin_with_default_dead_letter_accepted(clean_environment):
     settings = load_settings(ReaderSettings, input="-", app_url="http://127.0.0.1:9000")
 
     assert settings.dead_letter_target() == "dead-letter.jsonl"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9000/x?q=1", "http://h:1/#part"])
+def test_reader_app_url_with_query_rejected(url):
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(ReaderSettings, app_url=url, input="in.jsonl")
+
+    assert "a base URL has no query or fragment" in str(error.value)
+
+
+def test_invalid_url_error_hides_password():
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(
+            ReaderSettings, app_url="http://user:hunter2@h:1/?q", input="in.jsonl"
+        )
+
+    assert "hunter2" not in str(error.value)
+    assert "http://user:***@h:1/?q" in str(error.value)
+
+
+def test_app_writer_url_with_query_rejected():
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(AppSettings, writer_url="http://127.0.0.1:8082/?token=x")
+
+    assert "APP_WRITER_URL='http://127.0.0.1:8082/?token=x' is invalid" in str(
+        error.value
+    )

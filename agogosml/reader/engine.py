@@ -10,9 +10,8 @@ from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agogosml.config import Ordering, ReaderSettings
+from agogosml.config import Ordering, ReaderSettings, redact_url
 from agogosml.envelope import Envelope
-from agogosml.http import redact_url
 from agogosml.metrics import (
     DEAD_LETTERED,
     IN_FLIGHT,

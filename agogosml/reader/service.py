@@ -8,12 +8,11 @@ import signal
 
 from aiohttp import web
 
-from agogosml.config import ReaderSettings
+from agogosml.config import ReaderSettings, redact_url
 from agogosml.http import (
     add_health_routes,
     bound_port,
     import_object,
-    redact_url,
     start_site,
 )
 from agogosml.reader.client import AppClient
