@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import select
+import stat
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -75,12 +76,28 @@ class FileSource(TrackedSource):
                     retriable=False,
                 ) from exc
             if self._offset:
+                self._check_offset_in_file(self._file)
                 self._file.seek(self._offset)
         self._tracker.assign(self._path, 0)
         self._commit_task = asyncio.create_task(self._commit_periodically())
         logger.info(
             "file source started", extra={"path": self._path, "offset": self._offset}
         )
+
+    def _check_offset_in_file(self, file: BinaryIO) -> None:
+        """Refuse a checkpoint past the end: the input changed since it was written."""
+        status = os.fstat(file.fileno())
+        size = status.st_size
+        if stat.S_ISREG(status.st_mode) and self._offset > size:
+            file.close()
+            self._file = None
+            raise SourceError(
+                f"checkpoint file {str(self._checkpoint)!r} holds offset "
+                f"{self._offset}, past the end of {self._path!r} ({size} bytes), so "
+                "the input was truncated or replaced after the checkpoint. Restore "
+                "the input, or delete the checkpoint to read it from the beginning",
+                retriable=False,
+            )
 
     def _read_checkpoint(self) -> int:
         if self._checkpoint is None:

@@ -1,0 +1,39 @@
+"""A file source's checkpoint against an input that changed since it was written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agogosml.errors import SourceError
+from agogosml.transports.file import FileSource
+
+
+async def test_checkpoint_past_end_of_input_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_text("999999")
+    source = FileSource(str(path), checkpoint_path=checkpoint)
+
+    with pytest.raises(SourceError) as error:
+        await source.start()
+
+    message = str(error.value)
+    assert "offset 999999, past the end of" in message
+    assert "(9 bytes)" in message
+    assert "delete the checkpoint" in message
+    assert not source.connected
+
+
+async def test_checkpoint_at_end_of_input_reads_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_text("9")
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as source:
+        envelopes = await source.fetch(100, 0.01)
+
+    assert envelopes == []
