@@ -164,7 +164,8 @@ def child_traceparent(parent: str) -> str:
     recommendation requires of a receiver.
     """
     match = _TRACEPARENT.match(parent.strip().lower()) if parent else None
-    if match is None or match.group(1) == "0" * 32:
+    # All zeros is not a valid trace id or parent id.
+    if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
         return new_traceparent()
     return f"00-{match.group(1)}-{_random_hex(64)}-{match.group(3)}"
 
