@@ -7,6 +7,7 @@ the model file that ``FraudModel.load`` reads.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import os
@@ -31,7 +32,10 @@ __all__ = [
 ]
 
 # Stored in every model file, so load can reject files of another layout.
-ARTIFACT_FORMAT = "agogosml-fraud-model/1"
+# Format 2 keeps a scaler + logistic regression also as plain arrays, so that
+# serving it does not import scikit-learn; format 1 files still load.
+ARTIFACT_FORMAT = "agogosml-fraud-model/2"
+_FORMAT_1 = "agogosml-fraud-model/1"
 
 # Strict, so a JSON string such as "1.5" is rejected instead of converted.
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -156,6 +160,19 @@ class FraudModel:
         version: str,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        _fraud_column(estimator)
+        self._set_fields(feature_names, threshold, version, metadata)
+        self._fitted: Any = estimator
+        self._pickled: bytes | None = None
+        self._linear = _ScaledLogistic.from_estimator(estimator)
+
+    def _set_fields(
+        self,
+        feature_names: Sequence[str],
+        threshold: float,
+        version: str,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
         unknown = [name for name in feature_names if name not in FEATURE_COLUMNS]
         if unknown or not feature_names:
             raise ValueError(
@@ -164,19 +181,19 @@ class FraudModel:
             )
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
-
-        classes = [int(label) for label in estimator.classes_]
-        if 1 not in classes:
-            raise ValueError(f"the estimator has no fraud class 1, only {classes}")
-
-        self._estimator = estimator
-        self._fraud_column = classes.index(1)
-        self._linear = _ScaledLogistic.from_estimator(estimator)
         self._feature_names = tuple(feature_names)
         self._read_features = operator.attrgetter(*self._feature_names)
         self._threshold = float(threshold)
         self._version = version
         self._metadata = dict(metadata or {})
+
+    @property
+    def _estimator(self) -> Any:
+        """The fitted estimator, unpickled on first use after ``load``."""
+        if self._fitted is None:
+            assert self._pickled is not None
+            self._fitted = pickle.loads(self._pickled)  # noqa: S301 - see load
+        return self._fitted
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -217,23 +234,65 @@ class FraudModel:
                 "Train a model with python -m sample_app.train."
             ) from exc
 
-        if not isinstance(artifact, dict) or artifact.get("format") != ARTIFACT_FORMAT:
+        if not isinstance(artifact, dict) or artifact.get("format") not in (
+            ARTIFACT_FORMAT,
+            _FORMAT_1,
+        ):
             raise ModelLoadError(
                 f"{str(path)!r} is not a fraud model of format {ARTIFACT_FORMAT!r}. "
                 "Train a model with python -m sample_app.train."
             )
         try:
+            if artifact["format"] == _FORMAT_1:
+                return cls(
+                    artifact["estimator"],
+                    feature_names=artifact["feature_names"],
+                    threshold=artifact["threshold"],
+                    version=artifact["version"],
+                    metadata=artifact["metadata"],
+                )
+            return cls._from_artifact(artifact)
+        except (KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+            raise ModelLoadError(
+                f"The model file {str(path)!r} is invalid: {exc!r}"
+            ) from exc
+
+    @staticmethod
+    def is_current(path: str | os.PathLike[str]) -> bool:
+        """Tell whether ``path`` holds a model file of the current format.
+
+        False for a missing or unreadable file, and for a file of an older
+        format, which ``load`` still reads but serves with scikit-learn.
+        """
+        try:
+            artifact = joblib.load(path)
+        except Exception:  # noqa: BLE001 - any unreadable file is not current
+            return False
+        return isinstance(artifact, dict) and artifact.get("format") == ARTIFACT_FORMAT
+
+    @classmethod
+    def _from_artifact(cls, artifact: Mapping[str, Any]) -> FraudModel:
+        """Restore a format 2 model; its estimator stays pickled while unused."""
+        linear = artifact["linear"]
+        if linear is None:
             return cls(
-                artifact["estimator"],
+                pickle.loads(artifact["estimator"]),  # noqa: S301 - see load
                 feature_names=artifact["feature_names"],
                 threshold=artifact["threshold"],
                 version=artifact["version"],
                 metadata=artifact["metadata"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(
-                f"The model file {str(path)!r} is invalid: {exc!r}"
-            ) from exc
+        model = cls.__new__(cls)
+        model._set_fields(
+            artifact["feature_names"],
+            artifact["threshold"],
+            artifact["version"],
+            artifact["metadata"],
+        )
+        model._fitted = None
+        model._pickled = bytes(artifact["estimator"])
+        model._linear = _ScaledLogistic.from_arrays(linear)
+        return model
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model to ``path`` atomically, creating parent directories.
@@ -243,9 +302,13 @@ class FraudModel:
         """
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        pickled = self._pickled
+        if pickled is None:
+            pickled = pickle.dumps(self._fitted, protocol=pickle.HIGHEST_PROTOCOL)
         artifact = {
             "format": ARTIFACT_FORMAT,
-            "estimator": self._estimator,
+            "estimator": pickled,
+            "linear": None if self._linear is None else self._linear.arrays(),
             "feature_names": list(self._feature_names),
             "threshold": self._threshold,
             "version": self._version,
@@ -257,13 +320,9 @@ class FraudModel:
 
     def with_metadata(self, extra: Mapping[str, Any]) -> FraudModel:
         """Return a copy of the model whose metadata also has the ``extra`` keys."""
-        return FraudModel(
-            self._estimator,
-            feature_names=self._feature_names,
-            threshold=self._threshold,
-            version=self._version,
-            metadata={**self._metadata, **extra},
-        )
+        model = copy.copy(self)
+        model._metadata = {**self._metadata, **extra}
+        return model
 
     def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Return the fraud probability of each row of a feature matrix.
@@ -279,7 +338,8 @@ class FraudModel:
         """
         if self._linear is not None:
             return self._linear.fraud_probabilities(features)
-        return self._estimator.predict_proba(features)[:, self._fraud_column]
+        estimator = self._estimator
+        return estimator.predict_proba(features)[:, _fraud_column(estimator)]
 
     def score(self, transaction: Transaction) -> dict[str, Any]:
         """Score one transaction. ``score_many`` describes the result."""
@@ -317,6 +377,14 @@ class FraudModel:
         ]
 
 
+def _fraud_column(estimator: Any) -> int:
+    """Return the predict_proba column of class 1, or raise ValueError."""
+    classes = [int(label) for label in estimator.classes_]
+    if 1 not in classes:
+        raise ValueError(f"the estimator has no fraud class 1, only {classes}")
+    return classes.index(1)
+
+
 #: Up to this many rows, the logistic function runs per row in Python.
 _PYTHON_ROWS = 16
 
@@ -325,18 +393,28 @@ class _ScaledLogistic:
     """A fitted StandardScaler + binary LogisticRegression, as plain arrays."""
 
     def __init__(
-        self,
-        mean: np.ndarray,
-        scale: np.ndarray,
-        coefficients: np.ndarray,
-        intercept: float,
-        fraud_is_positive: bool,
+        self, weights: np.ndarray, bias: float, *, fraud_is_positive: bool
     ) -> None:
-        # Scaling folded into the weights: ((x - mean) / scale) . w + b
-        # equals x . (w / scale) + (b - mean . (w / scale)).
-        self._weights = coefficients / scale
-        self._bias = float(intercept - mean @ self._weights)
-        self._fraud_is_positive = fraud_is_positive
+        self._weights = np.asarray(weights, dtype=np.float64)
+        self._bias = float(bias)
+        self._fraud_is_positive = bool(fraud_is_positive)
+
+    def arrays(self) -> dict[str, Any]:
+        """Return the parameters for a model file; ``from_arrays`` reads them."""
+        return {
+            "weights": self._weights,
+            "bias": self._bias,
+            "fraud_is_positive": self._fraud_is_positive,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> _ScaledLogistic:
+        """Return the model whose parameters ``arrays`` wrote."""
+        return cls(
+            arrays["weights"],
+            arrays["bias"],
+            fraud_is_positive=arrays["fraud_is_positive"],
+        )
 
     @classmethod
     def from_estimator(cls, estimator: Any) -> _ScaledLogistic | None:
@@ -357,13 +435,15 @@ class _ScaledLogistic:
         width = classifier.coef_.shape[1]
         mean = scaler.mean_ if scaler.with_mean else np.zeros(width)
         scale = scaler.scale_ if scaler.with_std else np.ones(width)
-        return cls(
-            np.asarray(mean, dtype=np.float64),
-            np.asarray(scale, dtype=np.float64),
-            np.asarray(classifier.coef_[0], dtype=np.float64),
-            float(classifier.intercept_[0]),
-            fraud_is_positive=int(classifier.classes_[1]) == 1,
+        # Scaling folded into the weights: ((x - mean) / scale) . w + b
+        # equals x . (w / scale) + (b - mean . (w / scale)).
+        weights = np.asarray(classifier.coef_[0], dtype=np.float64) / np.asarray(
+            scale, dtype=np.float64
         )
+        bias = float(classifier.intercept_[0]) - float(
+            np.asarray(mean, dtype=np.float64) @ weights
+        )
+        return cls(weights, bias, fraud_is_positive=int(classifier.classes_[1]) == 1)
 
     def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
         """Return the probability of class 1 for each row."""

@@ -231,11 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--if-missing",
         action="store_true",
-        help="do nothing when the model file already exists",
+        help="do nothing when the model file already exists in the current format",
     )
     arguments = parser.parse_args(argv)
-    if arguments.if_missing and (arguments.out or default_model_path()).exists():
-        print(f"model: {arguments.out or default_model_path()} (exists, not retrained)")
+    target = arguments.out or default_model_path()
+    if arguments.if_missing and FraudModel.is_current(target):
+        print(f"model: {target} (exists, not retrained)")
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
