@@ -20,6 +20,7 @@ from agogosml_cli.manifest import (
     Manifest,
     ManifestError,
     load_manifest,
+    package_name,
 )
 from agogosml_cli.project import GenerateError, Outcome, generate_project
 from agogosml_cli.wheel import WheelError, wheel_name
@@ -34,7 +35,7 @@ def template_answers(manifest: Manifest) -> dict[str, Any]:
     """
     return {
         "project_name": manifest.name,
-        "package_name": manifest.name.replace("-", "_"),
+        "package_name": package_name(manifest.name),
         "app_template": manifest.app.template.value,
         "source": _endpoint_answer(manifest.source),
         "sink": _endpoint_answer(manifest.sink),

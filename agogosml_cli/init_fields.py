@@ -79,11 +79,21 @@ class FieldValueType(click.ParamType):
         """Return the value if the field accepts it, otherwise fail with the rule."""
         try:
             self._check.validate_python(value)
-        except ValidationError:
+        except ValidationError as exc:
             self.fail(
-                f"{value!r} is invalid. Expected: {self._description}", param, ctx
+                f"{value!r} is invalid{_reason(exc)}. Expected: {self._description}",
+                param,
+                ctx,
             )
         return value
+
+
+def _reason(exc: ValidationError) -> str:
+    """Return ": <validator message>", or "" when the value only has the wrong form."""
+    error = exc.errors(include_url=False)[0]
+    if error["type"] != "value_error":
+        return ""
+    return ": " + str(error["msg"]).removeprefix("Value error, ")
 
 
 @dataclass(frozen=True)

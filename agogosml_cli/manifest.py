@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import enum
 import json
+import keyword
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -54,10 +57,58 @@ REGISTRY_PATTERN = (
 )
 EVENTHUBS_KAFKA_PORT = 9093
 EVENTHUBS_DOMAIN = "servicebus.windows.net"
+# sys.stdlib_module_names leaves out the standard library's test package,
+# which CPython distributions usually install and which would then shadow a
+# project package "test".
+_STDLIB_MODULES = sys.stdlib_module_names | {"test"}
+# Top-level packages of the agogosml wheel, which every generated project
+# installs, so a project package of one of these names would shadow it.
+AGOGOSML_PACKAGES = frozenset({"agogosml", "agogosml_cli", "sample_app"})
 
 
 class ManifestError(AgogosmlError):
     """A manifest is missing, unreadable or invalid; the message lists each problem."""
+
+
+def package_name(project_name: str) -> str:
+    """Return the Python package name of a project: its name with '-' as '_'."""
+    return project_name.replace("-", "_")
+
+
+def _package_name_problem(package: str) -> str | None:
+    """Return why `package` cannot be the generated app's package, or None.
+
+    Soft keywords (match, case, type) are valid module names, so only hard
+    keywords are rejected. The standard library's names are those of the
+    running Python.
+    """
+    if keyword.iskeyword(package):
+        return (
+            f"its package name {package!r} is a Python keyword, so the generated "
+            f"'from {package}.app import ...' is a syntax error"
+        )
+    if package in _STDLIB_MODULES:
+        return (
+            f"its package name {package!r} is a module of Python's standard "
+            "library, which would shadow the generated package"
+        )
+    if package in AGOGOSML_PACKAGES:
+        return (
+            f"its package name {package!r} is a package of agogosml, which the "
+            "generated project imports too, so the two would clash"
+        )
+    return None
+
+
+def _check_project_name(name: str) -> str:
+    problem = _package_name_problem(package_name(name))
+    if problem is None:
+        return name
+    suggestion = f"{name}-app"
+    hint = f". Choose another name, such as {suggestion!r}"
+    if _package_name_problem(package_name(suggestion)) is not None:
+        hint = ". Choose another name"
+    raise ValueError(problem + hint)
 
 
 class AppTemplate(enum.StrEnum):
@@ -323,10 +374,12 @@ class Manifest(_Model):
     )
 
     version: Literal[1] = Field(1, description="Manifest format version: 1.")
-    name: str = Field(
+    name: Annotated[str, AfterValidator(_check_project_name)] = Field(
         pattern=PROJECT_NAME_PATTERN,
         description="Project name: 1 to 40 lowercase letters, digits and '-', "
-        "starting with a letter. It names the images and the Helm release.",
+        "starting with a letter. It names the images and the Helm release, and "
+        "with '_' for '-' the Python package, so that must not be a Python "
+        "keyword, a standard-library module or a package of agogosml.",
     )
     app: App = Field(
         default_factory=lambda: App(template=AppTemplate.PYTHON),

@@ -324,6 +324,28 @@ def test_init_invalid_flag_value_named(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_init_rejects_keyword_name(tmp_path: Path) -> None:
+    flags = list(KAFKA_FLAGS)
+    flags[flags.index("fraud-scoring")] = "class"
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    assert result.exit_code == 2
+    assert "'--name': 'class' is invalid" in result.output
+    assert "'class' is a Python keyword" in result.output
+    assert "such as 'class-app'" in result.output
+    assert not (tmp_path / "m.yaml").exists()
+
+
+def test_soft_keyword_name_accepted() -> None:
+    data = valid_manifest_data()
+    data["name"] = "match"
+
+    assert Manifest.model_validate(data).name == "match"
+
+
 def test_init_keeps_existing_manifest(tmp_path: Path) -> None:
     path = init_manifest(tmp_path, KAFKA_FLAGS)
     before = path.read_text()
@@ -408,6 +430,24 @@ _DELETE = object()
 INVALID_CASES = [
     pytest.param(
         "name", "Fraud Scoring", ["name: invalid value 'Fraud Scoring'"], id="name"
+    ),
+    pytest.param(
+        "name",
+        "import",
+        ["name: invalid value 'import'", "Python keyword", "such as 'import-app'"],
+        id="name-keyword",
+    ),
+    pytest.param(
+        "name",
+        "test",
+        ["name: invalid value 'test'", "standard library", "such as 'test-app'"],
+        id="name-stdlib",
+    ),
+    pytest.param(
+        "name",
+        "sample-app",
+        ["name: invalid value 'sample-app'", "'sample_app' is a package of agogosml"],
+        id="name-agogosml-package",
     ),
     pytest.param(
         "app.template",
