@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from agogosml.errors import AgogosmlError
+from agogosml_cli.yaml_loader import DuplicateKeyError, load_unique_keys
 
 #: Label that marks the services a pipeline's own Kafka broker consists of.
 #: ``agogosml up --kafka`` skips them and points the others at another broker.
@@ -238,27 +239,6 @@ class ComposeProject:
         return dropped
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping, as Compose does."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                repeated = key in seen
-                seen.add(key)
-            except TypeError:
-                continue
-            if repeated:
-                line = key_node.start_mark.line + 1
-                raise ComposeError(
-                    f"the key {key!r} appears twice in one mapping (line {line}). "
-                    "Remove one of them."
-                )
-        return super().construct_mapping(node, deep)
-
-
 def graph_order(graph: Mapping[str, set[str]]) -> tuple[str, ...]:
     """Return the nodes of `graph` with every node after its dependencies."""
     return tuple(graphlib.TopologicalSorter(graph).static_order())
@@ -291,7 +271,9 @@ def load_compose(
             f"{path} is not UTF-8 text (byte {error.start}). Save it as UTF-8."
         ) from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = load_unique_keys(text)
+    except DuplicateKeyError as error:
+        raise ComposeError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ComposeError(f"{path} is not valid YAML: {error}") from None
     except RecursionError:

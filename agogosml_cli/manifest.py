@@ -32,6 +32,7 @@ from pydantic import (
 
 from agogosml.config import SaslMechanism, SecurityProtocol
 from agogosml.errors import AgogosmlError
+from agogosml_cli.yaml_loader import DuplicateKeyError, load_unique_keys
 
 DEFAULT_MANIFEST_PATH = Path("agogosml.yaml")
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
@@ -468,9 +469,13 @@ def load_manifest(path: Path) -> Manifest:
 def parse_manifest(text: str, source_name: str) -> Manifest:
     """Validate manifest YAML; `source_name` names it in error messages."""
     try:
-        data = yaml.safe_load(text)
+        data = load_unique_keys(text)
+    except DuplicateKeyError as exc:
+        raise ManifestError(f"{source_name} is invalid: {exc}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(f"{source_name} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ManifestError(f"{source_name} nests too deeply; flatten it.") from None
     if not isinstance(data, dict):
         raise ManifestError(
             f"{source_name} must be a YAML mapping of manifest fields (name, "

@@ -181,7 +181,10 @@ def test_bad_duration_names_value(value: str) -> None:
         ("services: [app]\n", "no services mapping"),
         ("services:\n  app: [\n", "not valid YAML"),
         ("secrets: {}\nservices:\n  app:\n    image: a\n", "uses secrets"),
-        ("services:\n  app:\n    image: a\n    image: b\n", "appears twice"),
+        (
+            "services:\n  app:\n    image: a\n    image: b\n",
+            "the key 'image' appears twice in one mapping, on lines 3 and 4",
+        ),
         ("services: {}\n", "defines no services"),
         (
             "services:\n  app:\n    image: a\n    depends_on: {b: service_healthy}\n"

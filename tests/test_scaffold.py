@@ -556,6 +556,33 @@ def test_manifest_not_yaml_rejected(tmp_path: Path) -> None:
     assert "line 1" in result.output
 
 
+def test_manifest_duplicate_key_rejected(tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    text = yaml.safe_dump(valid_manifest_data(), sort_keys=False)
+    assert text.splitlines()[1] == "name: fraud-scoring"
+    manifest.write_text(text + "name: other\n")
+    last_line = len(text.splitlines()) + 1
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert f"{manifest} is invalid" in result.output
+    assert "the key 'name' appears twice" in result.output
+    assert f"on lines 2 and {last_line}" in result.output
+    assert not (tmp_path / ".copier-answers.yml").exists()
+
+
+def test_manifest_nested_duplicate_key_rejected(tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text("name: demo\nkubernetes:\n  namespace: one\n  namespace: two\n")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "the key 'namespace' appears twice" in result.output
+    assert "on lines 3 and 4" in result.output
+
+
 def test_manifest_missing_rejected(tmp_path: Path) -> None:
     result = generate(tmp_path / "agogosml.yaml")
 

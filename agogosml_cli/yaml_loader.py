@@ -1,0 +1,70 @@
+"""Load YAML that agogosml reads from users, rejecting a key repeated in one mapping.
+
+PyYAML's SafeLoader keeps the last value of a repeated key and drops the
+others without a message, so a second ``name:`` in a manifest or a compose
+file would silently replace the first. `load_unique_keys` raises
+`DuplicateKeyError` instead, as Docker Compose does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping contains a key twice; the message names it and both lines.
+
+    Attributes:
+        key: The repeated key.
+        first_line: The 1-based line of its first occurrence.
+        line: The 1-based line of its second occurrence.
+    """
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(
+            f"the key {key!r} appears twice in one mapping, on lines {first_line} "
+            f"and {line}. Remove one of them."
+        )
+        self.key = key
+        self.first_line = first_line
+        self.line = line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that raises `DuplicateKeyError` for a key repeated in a mapping.
+
+    Keys that a merge key (``<<: *anchor``) brings in may be overridden, as
+    YAML allows, because they are not in the mapping node itself.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        """Check the keys for repeats, then construct the mapping as SafeLoader does."""
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first_line = first_lines.get(key)
+                first_lines.setdefault(key, line)
+            except TypeError:
+                # An unhashable key, which SafeLoader itself rejects below.
+                continue
+            if first_line is not None:
+                raise DuplicateKeyError(key, first_line, line)
+        return super().construct_mapping(node, deep)
+
+
+def load_unique_keys(text: str) -> Any:
+    """Parse one YAML document safely, rejecting repeated keys.
+
+    Raises:
+        DuplicateKeyError: A mapping contains a key twice.
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
