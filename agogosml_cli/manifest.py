@@ -461,9 +461,25 @@ def load_manifest(path: Path) -> Manifest:
             f"manifest {str(path)!r} not found; create one with 'agogosml init' "
             "or pass its path with --manifest"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ManifestError(_not_utf8_message(path, exc)) from None
+    except OSError as exc:
         raise ManifestError(f"cannot read manifest {str(path)!r}: {exc}") from None
     return parse_manifest(text, str(path))
+
+
+def _not_utf8_message(path: Path, exc: UnicodeDecodeError) -> str:
+    data = exc.object
+    line_start = data.rfind(b"\n", 0, exc.start) + 1
+    line = data.count(b"\n", 0, exc.start) + 1
+    # The bytes before the first invalid one decode, so the column counts
+    # characters, as editors do.
+    column = len(data[line_start : exc.start].decode("utf-8")) + 1
+    return (
+        f"manifest {str(path)!r} is not UTF-8 text: byte 0x{data[exc.start]:02x} at "
+        f"offset {exc.start} (line {line}, column {column}) is invalid. Save the "
+        "file as UTF-8."
+    )
 
 
 def parse_manifest(text: str, source_name: str) -> Manifest:

@@ -583,6 +583,22 @@ def test_manifest_nested_duplicate_key_rejected(tmp_path: Path) -> None:
     assert "on lines 3 and 4" in result.output
 
 
+def test_manifest_not_utf8_rejected(tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    text = yaml.safe_dump(valid_manifest_data(), sort_keys=False)
+    text = text.replace("name: fraud-scoring", "name: caf\u00e9")
+    manifest.write_bytes(text.encode("latin-1"))
+    offset = text.index("\u00e9")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert f"manifest {str(manifest)!r} is not UTF-8 text" in result.output
+    assert f"byte 0xe9 at offset {offset} (line 2, column 10)" in result.output
+    assert "Save the file as UTF-8" in result.output
+    assert "codec" not in result.output
+
+
 def test_manifest_missing_rejected(tmp_path: Path) -> None:
     result = generate(tmp_path / "agogosml.yaml")
 
