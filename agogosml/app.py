@@ -28,10 +28,11 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from pydantic import Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agogosml.config import BaseUrl, LogLevel
+from agogosml import exact_json
+from agogosml.config import LogLevel
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -87,7 +88,7 @@ class AppSettings(BaseSettings):
     port: int = Field(
         8000, ge=0, le=65535, description="APP_PORT: port of the app's HTTP server."
     )
-    writer_url: BaseUrl = Field(
+    writer_url: AnyHttpUrl = Field(
         ..., description="APP_WRITER_URL: base URL of the output writer."
     )
     token: SecretStr = Field(
@@ -460,7 +461,7 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
     that cannot be encoded is a bug of the scoring function, so it gets a 500.
     """
     try:
-        return orjson.dumps(
+        return exact_json.dumps(
             document, option=orjson.OPT_SERIALIZE_NUMPY, default=_array_to_list
         )
     except orjson.JSONEncodeError as exc:
@@ -533,10 +534,29 @@ def _chunks(
 
 
 def _decode(body: bytes) -> Any:
+    """Decode a request body, with integers beyond 64 bits as exact Python ints.
+
+    orjson would decode such an integer to a float, so a body that may contain
+    one is decoded again with the standard library.
+    """
     try:
-        return orjson.loads(body)
+        document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+        # orjson rejects an integer beyond the range of a double, which is
+        # valid JSON, so the exact decoder gets a second look.
+        if "infinity" not in str(exc):
+            raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+        return _decode_exactly(body, exc)
+    if exact_json.may_contain_big_int(body):
+        return _decode_exactly(body, None)
+    return document
+
+
+def _decode_exactly(body: bytes, error: Exception | None) -> Any:
+    try:
+        return exact_json.loads_exact(body)
+    except ValueError as exc:
+        raise _Reject(400, f"request body is not valid JSON: {error or exc}") from None
 
 
 def _error_text(body: str) -> str:

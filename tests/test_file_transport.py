@@ -93,6 +93,17 @@ async def test_sink_keeps_one_record_per_line(tmp_path: Path) -> None:
     assert lines[2]["value_encoding"] == "base64"
 
 
+async def test_sink_embeds_huge_integer_as_number(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    number = b"1" + b"0" * 400
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=number, id="huge")])
+
+    line = path.read_bytes()
+    assert b'"value":%s}' % number in line
+
+
 async def test_sink_starts_after_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": "whole"}\n{"id": "torn", "val')

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import logging
 import os
 import socket
@@ -531,6 +532,43 @@ async def test_batch_scored_and_forwarded():
     assert [output["value"] for output in outputs] == [{"score": 2}, {"score": 4}]
     assert trace_id(outputs[0]["traceparent"]) == TRACE_ID
     assert trace_id(outputs[1]["traceparent"]) == OTHER_TRACE_ID
+
+
+async def test_batch_big_integers_exact():
+    big = 18446744073709551616
+    items = [
+        {"id": "in:0:0", "value": {"n": big}},
+        {"id": "in:0:1", "value": {"n": -big}},
+        {"id": "in:0:2", "value": {"n": 10**400}},
+    ]
+    received = []
+
+    def echo(values: list[Any]) -> list[Any]:
+        received.extend(values)
+        return values
+
+    async with stub_writer() as writer:
+        async with model_app(echo, writer.url) as client:
+            response = await client.post("/batch", data=json.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    assert received == [item["value"] for item in items]
+    forwarded = writer.requests[0].body
+    assert b'"value":{"n":18446744073709551616}' in forwarded
+    assert b'"value":{"n":-18446744073709551616}' in forwarded
+    assert b'"value":{"n":1%s}' % (b"0" * 400) in forwarded
+
+
+async def test_single_big_integer_exact():
+    async with stub_writer() as writer:
+        async with model_app(lambda values: values, writer.url) as client:
+            response = await client.post(
+                "/", data=b'{"n": 123456789012345678901234567890}', headers=JSON
+            )
+
+    assert response.status == 200
+    forwarded = writer.requests[0].body
+    assert b'"value":{"n":123456789012345678901234567890}' in forwarded
 
 
 async def test_batch_invalid_record_per_item_400():

@@ -298,6 +298,67 @@ async def test_batch_empty_array_writes_nothing():
     assert sink.send_calls == 0
 
 
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"18446744073709551616",
+        b"123456789012345678901234567890",
+        b"-9223372036854775809",
+        b"1" + b"0" * 400,
+    ],
+)
+async def test_batch_big_integer_written_exactly(number):
+    sink = await started_sink()
+    body = b'[{"value": {"id": %s}}, {"value": %s}, {"value": 0.5}]' % (
+        number,
+        number,
+    )
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+
+    assert response.status == 200
+    values = [record.value for record in sink.envelopes]
+    assert values == [b'{"id":%s}' % number, number, b"0.5"]
+
+
+async def test_batch_64_bit_integers_exact():
+    sink = await started_sink()
+    numbers = [b"18446744073709551615", b"-9223372036854775808", b"1e+16"]
+    body = b"[%s]" % b",".join(b'{"value": %s}' % number for number in numbers)
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+
+    assert response.status == 200
+    assert [record.value for record in sink.envelopes] == numbers
+
+
+async def test_batch_big_integer_id_400():
+    sink = await started_sink()
+    body = b'[{"value": 1, "id": 18446744073709551616}]'
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=body, headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 0: 'id' must be a string or null, got a number" in error
+
+
+async def test_post_one_huge_integer_accepted():
+    sink = await started_sink()
+    body = b"1" + b"0" * 400
+
+    async with serve_writer(sink) as (client, _):
+        accepted = await client.post("/", data=body, headers=JSON)
+        infinite = await client.post("/", data=b"[1e400]", headers=JSON)
+
+    assert accepted.status == 200
+    assert infinite.status == 400
+    assert [record.value for record in sink.envelopes] == [body]
+
+
 async def test_batch_element_without_value_400():
     sink = await started_sink()
     items = [{"value": 1}, {"key": "a"}, {"value": 3}]

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from agogosml import exact_json
 from agogosml.config import WriterSettings
 from agogosml.envelope import (
     MESSAGE_ID_HEADER,
@@ -106,31 +107,29 @@ class OutputWriter:
 
     async def post_one(self, request: web.Request) -> web.Response:
         """Write the request body as one record."""
-        body, _ = await self._read_json_body(request)
+        body = await self._read_json_body(request)
+        _decode_json(body)
         envelope = _envelope_from_headers(body, request.headers)
         await self._write([envelope])
         return web.json_response({"written": 1, "ids": [envelope.id]})
 
     async def post_batch(self, request: web.Request) -> web.Response:
         """Write every element of a JSON array as a record."""
-        _, items = await self._read_json_body(request)
-        if not isinstance(items, list):
-            raise BadRequest(
-                400,
-                f"POST /batch expects a JSON array, got {type(items).__name__}; "
-                'send [{"value": ...}, ...] or POST a single document to /',
-            )
-        envelopes = [
-            _envelope_from_item(index, item) for index, item in enumerate(items)
-        ]
+        body = await self._read_json_body(request)
+        envelopes = _envelopes_from_batch(_decode_json(body))
+        # orjson decodes an integer outside the 64-bit range to a float, which it
+        # encodes with an exponent of at least 18, so only values with "e+" may
+        # have been changed. Those batches are decoded again, exactly.
+        if any(b"e+" in envelope.value for envelope in envelopes):
+            envelopes = _envelopes_from_batch(_decode_json_exactly(body))
         if envelopes:
             await self._write(envelopes)
         return web.json_response(
             {"written": len(envelopes), "ids": [envelope.id for envelope in envelopes]}
         )
 
-    async def _read_json_body(self, request: web.Request) -> tuple[bytes, Any]:
-        """Return the request body and its decoded JSON, or raise `BadRequest`."""
+    async def _read_json_body(self, request: web.Request) -> bytes:
+        """Return the body of a JSON request, or raise `BadRequest`."""
         if self._draining:
             raise BadRequest(
                 503, "the writer is shutting down; retry on another replica"
@@ -143,11 +142,7 @@ class OutputWriter:
                 f"Content-Type {request.content_type!r} is not supported; send "
                 "'application/json'",
             )
-        body = await read_body(request)
-        try:
-            return body, orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        return await read_body(request)
 
     async def _write(self, envelopes: list[Envelope]) -> None:
         count = len(envelopes)
@@ -291,6 +286,42 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _decode_json(body: bytes) -> Any:
+    """Return the decoded body, or raise `BadRequest` if it is not valid JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson rejects an integer beyond the range of a double, which is
+        # valid JSON, so the exact decoder gets a second look.
+        if "infinity" not in str(exc):
+            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+        error = exc
+    try:
+        return exact_json.loads_exact(body, exact_json.int_or_fragment)
+    except ValueError:
+        raise BadRequest(400, f"request body is not valid JSON: {error}") from None
+
+
+def _decode_json_exactly(body: bytes) -> Any:
+    """Decode `body` (which orjson accepted) with integers beyond 64 bits exact."""
+    try:
+        return exact_json.loads_exact(body, exact_json.int_or_fragment)
+    except ValueError as exc:
+        raise BadRequest(
+            400, f"request body cannot be decoded exactly: {exc}"
+        ) from None
+
+
+def _envelopes_from_batch(items: Any) -> list[Envelope]:
+    if not isinstance(items, list):
+        raise BadRequest(
+            400,
+            f"POST /batch expects a JSON array, got {type(items).__name__}; "
+            'send [{"value": ...}, ...] or POST a single document to /',
+        )
+    return [_envelope_from_item(index, item) for index, item in enumerate(items)]
+
+
 def _envelope_from_item(index: int, item: object) -> Envelope:
     if not isinstance(item, dict) or "value" not in item:
         raise BadRequest(
@@ -355,7 +386,7 @@ def _json_type(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | orjson.Fragment):
         return "a number"
     if isinstance(value, dict):
         return "an object"

@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import orjson
 
+from agogosml import exact_json
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.base import Sink
@@ -159,13 +160,12 @@ def encode_line(envelope: Envelope) -> bytes:
     key, key_is_base64 = envelope.key_text()
     value: object
     value_is_base64 = False
-    try:
-        orjson.loads(envelope.value)
+    if _is_json(envelope.value):
         raw = envelope.value
         if b"\n" in raw or b"\r" in raw:
             raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
         value = orjson.Fragment(raw)
-    except orjson.JSONDecodeError:
+    else:
         try:
             value = envelope.value.decode("utf-8")
         except UnicodeDecodeError:
@@ -185,3 +185,18 @@ def encode_line(envelope: Envelope) -> bytes:
     if value_is_base64:
         document["value_encoding"] = "base64"
     return orjson.dumps(document) + b"\n"
+
+
+def _is_json(value: bytes) -> bool:
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        # orjson rejects an integer beyond the range of a double, which is
+        # valid JSON.
+        if "infinity" not in str(exc):
+            return False
+        try:
+            exact_json.loads_exact(value, exact_json.int_or_fragment)
+        except ValueError:
+            return False
+    return True

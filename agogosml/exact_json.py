@@ -1,0 +1,126 @@
+"""JSON decoding and encoding that keep integers outside the 64-bit range exact.
+
+orjson (3.x) decodes an integer outside [-2**63, 2**64) to the nearest float
+without an error, rejects one beyond the range of a double as "infinity", and
+refuses to encode a Python int outside that range. The services decode with
+orjson first, because it is several times faster than the standard library, and
+decode again with `json` only when a body may contain such an integer.
+
+NOTE: numbers with a fraction or an exponent are decoded to the nearest double
+on both paths, so digits beyond the 17 significant digits of a double are lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
+
+#: Maps digits to "0", bytes that can precede a JSON number to " ", "-" to
+#: itself and any other byte to "x", so that `bytes.translate` and two
+#: substring searches find long integers at C speed.
+_NUMBER_SHAPE = bytes(
+    ord("0")
+    if byte in b"0123456789"
+    else ord(" ")
+    if byte in b" \t\r\n[:,"
+    else ord("-")
+    if byte == ord("-")
+    else ord("x")
+    for byte in range(256)
+)
+#: A positive integer of 20 or more digits (2**64 has 20) or a negative one of
+#: 19 or more (-2**63 has 19), after a byte that can precede a JSON number.
+_LONG_POSITIVE = b" " + b"0" * 20
+_LONG_NEGATIVE = b" -" + b"0" * 19
+
+
+def may_contain_big_int(body: bytes) -> bool:
+    """Return whether `body` may contain an integer outside the 64-bit range.
+
+    Digits inside strings after a space or comma can match too; such a body
+    only takes the slower exact decoding.
+    """
+    shape = b" " + body.translate(_NUMBER_SHAPE)
+    return _LONG_POSITIVE in shape or _LONG_NEGATIVE in shape
+
+
+def loads_exact(body: bytes, parse_int: Callable[[str], Any] = int) -> Any:
+    """Decode `body` with the standard library, which keeps every integer exact.
+
+    `parse_int` gets the text of each integer. Raises ValueError for invalid
+    JSON, NaN, Infinity, a number beyond the range of a double, nesting too deep
+    for the recursion limit, and (with the default `parse_int`) an integer of
+    more than `sys.get_int_max_str_digits()` digits.
+    """
+    try:
+        return json.loads(
+            body.decode(),
+            parse_int=parse_int,
+            parse_float=_finite_float,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError:
+        raise ValueError("the JSON document is nested too deeply") from None
+
+
+def int_or_fragment(text: str) -> int | orjson.Fragment:
+    """Return an integer that orjson encodes exactly, else its text as a Fragment."""
+    if len(text) <= 18:
+        return int(text)
+    if len(text) > 21:
+        return orjson.Fragment(text)
+    value = int(text)
+    if INT64_MIN <= value <= UINT64_MAX:
+        return value
+    return orjson.Fragment(text)
+
+
+def dumps(document: Any, *, option: int = 0, default: Any = None) -> bytes:
+    """Encode `document` like `orjson.dumps`, including integers beyond 64 bits.
+
+    Raises:
+        orjson.JSONEncodeError: when `document` cannot be encoded for another
+            reason.
+    """
+    try:
+        return orjson.dumps(document, option=option, default=default)
+    except orjson.JSONEncodeError:
+        converted, changed = _big_ints_to_fragments(document)
+        if not changed:
+            raise
+        return orjson.dumps(converted, option=option, default=default)
+
+
+def _big_ints_to_fragments(document: Any) -> tuple[Any, bool]:
+    """Return a copy of `document` with ints beyond 64 bits as Fragments."""
+    if isinstance(document, int) and not isinstance(document, bool):
+        if INT64_MIN <= document <= UINT64_MAX:
+            return document, False
+        return orjson.Fragment(int.__repr__(document)), True
+    if isinstance(document, dict):
+        pairs = {key: _big_ints_to_fragments(value) for key, value in document.items()}
+        changed = any(value_changed for _, value_changed in pairs.values())
+        return {key: value for key, (value, _) in pairs.items()}, changed
+    if isinstance(document, list | tuple):
+        elements = [_big_ints_to_fragments(value) for value in document]
+        changed = any(element_changed for _, element_changed in elements)
+        return [value for value, _ in elements], changed
+    return document, False
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is beyond the range of a double")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
