@@ -28,11 +28,11 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import exact_json
-from agogosml.config import LogLevel
+from agogosml.config import BaseUrl, LogLevel
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -88,7 +88,7 @@ class AppSettings(BaseSettings):
     port: int = Field(
         8000, ge=0, le=65535, description="APP_PORT: port of the app's HTTP server."
     )
-    writer_url: AnyHttpUrl = Field(
+    writer_url: BaseUrl = Field(
         ..., description="APP_WRITER_URL: base URL of the output writer."
     )
     token: SecretStr = Field(
