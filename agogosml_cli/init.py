@@ -36,31 +36,29 @@ def collect_manifest_data(
     """Return manifest data from flag values, defaults and (if `interactive`) prompts.
 
     Fields are handled in the order of `FIELDS`, so a type is known before the
-    fields that depend on it. `suggestions` gives prompt defaults by parameter
-    name, in place of the fields' own.
+    fields that depend on it, and flag values are converted in that order too:
+    a flag that does not fit the chosen types is reported as such, not as an
+    invalid value. `suggestions` gives prompt defaults by parameter name, in
+    place of the fields' own.
 
     Raises:
-        click.UsageError: A flag does not apply to the chosen types, or (without
-            prompts) required fields are missing; the message lists their flags.
+        click.BadParameter: A flag value is invalid.
+        click.UsageError: A flag does not apply to the chosen types, the source
+            and sink types conflict, or (without prompts) required fields are
+            missing; the message lists their flags.
     """
     data: Data = {}
     missing: list[InitField] = []
     for field in FIELDS:
-        value = values.get(field.dest)
+        flag_value = values.get(field.dest)
         if not field.applies(data):
-            if value is not None:
+            if flag_value is not None:
                 raise click.UsageError(_inapplicable_message(field))
             continue
-        default = field.default(data) if field.default is not None else None
-        if value is None and interactive and field.confirm:
-            value = _prompt(field, default)
-        if value is None:
-            value = default
-        if value is None and interactive and field.ask:
-            suggestion = (suggestions or {}).get(field.dest)
-            if suggestion is None and field.suggestion is not None:
-                suggestion = field.suggestion(data)
-            value = _prompt(field, suggestion)
+        if flag_value is not None:
+            value = _flag_value(field, flag_value, data)
+        else:
+            value = _default_or_prompt(field, data, interactive, suggestions or {})
         if value is None:
             if field.required:
                 missing.append(field)
@@ -75,13 +73,46 @@ def collect_manifest_data(
     return data
 
 
-def _prompt(field: InitField, suggestion: Any) -> Any:
-    return click.prompt(
-        field.prompt,
-        type=field.type,
-        default=suggestion,
-        show_choices=isinstance(field.type, click.Choice),
-    )
+def _flag_value(field: InitField, value: Any, data: Data) -> Any:
+    """Convert a flag's value with the field's type and check it against `data`."""
+    ctx = click.get_current_context(silent=True)
+    param = None
+    if ctx is not None:
+        param = next((p for p in ctx.command.params if p.name == field.dest), None)
+    value = field.type.convert(value, param, ctx)
+    problem = field.check(data, value) if field.check is not None else None
+    if problem is not None:
+        raise click.UsageError(f"{field.flag} {value}: {problem}")
+    return value
+
+
+def _default_or_prompt(
+    field: InitField, data: Data, interactive: bool, suggestions: dict[str, Any]
+) -> Any:
+    default = field.default(data) if field.default is not None else None
+    if interactive and field.confirm:
+        return _prompt(field, default, data)
+    if default is not None or not (interactive and field.ask):
+        return default
+    suggestion = suggestions.get(field.dest)
+    if suggestion is None and field.suggestion is not None:
+        suggestion = field.suggestion(data)
+    return _prompt(field, suggestion, data)
+
+
+def _prompt(field: InitField, suggestion: Any, data: Data) -> Any:
+    """Prompt until the input passes the field's type and its check against `data`."""
+    while True:
+        value = click.prompt(
+            field.prompt,
+            type=field.type,
+            default=suggestion,
+            show_choices=isinstance(field.type, click.Choice),
+        )
+        problem = field.check(data, value) if field.check is not None else None
+        if problem is None:
+            return value
+        click.echo(f"Error: {problem}", err=True)
 
 
 def _inapplicable_message(field: InitField) -> str:
@@ -100,10 +131,25 @@ def _inapplicable_message(field: InitField) -> str:
 
 
 def _field_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add a flag per field.
+
+    Only choices are converted while click parses the flags.
+    `collect_manifest_data` converts the other values in field order.
+    """
     for field in reversed(FIELDS):
-        command = click.option(
-            field.flag, field.dest, type=field.type, help=field.help
-        )(command)
+        if isinstance(field.type, click.Choice):
+            option = click.option(
+                field.flag, field.dest, type=field.type, help=field.help
+            )
+        else:
+            option = click.option(
+                field.flag,
+                field.dest,
+                type=click.STRING,
+                metavar=field.type.name.upper(),
+                help=field.help,
+            )
+        command = option(command)
     return command
 
 

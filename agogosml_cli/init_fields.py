@@ -29,6 +29,7 @@ from agogosml_cli.manifest import (
     Manifest,
     Sasl,
     SecretRef,
+    stream_type_conflict,
 )
 
 #: Manifest data while init collects it: nested dictionaries by field name.
@@ -103,7 +104,9 @@ class InitField:
     `default` applies with and without prompts, but a field with `confirm`
     is still prompted for, with the default shown. `suggestion` is only the
     default that a prompt shows. A field whose `applies` returns False for
-    the values set so far is skipped.
+    the values set so far is skipped. `check` returns why a value conflicts
+    with the values set so far, or None: a flag value is then rejected, and a
+    prompt asks again.
     """
 
     path: tuple[str, ...]
@@ -117,6 +120,7 @@ class InitField:
     ask: bool = True
     confirm: bool = False
     required: bool = True
+    check: Callable[[Data, Any], str | None] | None = None
 
     @property
     def dest(self) -> str:
@@ -181,6 +185,17 @@ def _suggest_sink_type(data: Data) -> Any:
     return get_value(data, ("source", "type"))
 
 
+def _check_sink_type(data: Data, sink_type: Any) -> str | None:
+    source_type = get_value(data, ("source", "type"))
+    conflict = stream_type_conflict(source_type, sink_type)
+    if conflict is None:
+        return None
+    return (
+        f"{conflict}. Choose {source_type} or file as the sink type, or change "
+        "the source type."
+    )
+
+
 def _suggest_sink_topic(data: Data) -> str:
     topics = get_value(data, ("source", "topics")) or ["output"]
     return f"{topics[0]}-scored"
@@ -232,6 +247,7 @@ def _type_fields(side: _Side) -> list[InitField]:
         f"Type of the {side.name}: kafka, eventhubs or file.",
         _choice(EndpointType),
         suggestion=_suggest_sink_type if side.name == "sink" else _suggest_kafka,
+        check=_check_sink_type if side.name == "sink" else None,
     )
     if side.name == "source":
         topics = InitField(

@@ -127,6 +127,29 @@ class EndpointType(enum.StrEnum):
     FILE = "file"
 
 
+STREAM_TYPES = frozenset({EndpointType.KAFKA, EndpointType.EVENTHUBS})
+
+
+def stream_type_conflict(source_type: Any, sink_type: Any) -> str | None:
+    """Return why a source and a sink of these types cannot be combined, or None.
+
+    The Helm chart gives the input reader and the output writer one Kafka
+    connection, so two streams must be of one type. A file endpoint combines
+    with anything, because the chart never runs it.
+    """
+    streams = [
+        isinstance(kind, str) and kind in STREAM_TYPES
+        for kind in (source_type, sink_type)
+    ]
+    if not all(streams) or source_type == sink_type:
+        return None
+    return (
+        f"the source is {source_type} and the sink is {sink_type}, but two "
+        "streams must be of one type, because the Helm chart gives the input "
+        "reader and the output writer one Kafka connection"
+    )
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -400,17 +423,30 @@ class Manifest(_Model):
     def _strip_registry(cls, value: Any) -> Any:
         return value.rstrip("/") if isinstance(value, str) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_stream_types(cls, data: Any) -> Any:
+        # Checked before the fields, because a field that is invalid only for
+        # the wrong type (an Event Hubs namespace given for a Kafka sink) would
+        # otherwise hide the conflict.
+        if not isinstance(data, dict):
+            return data
+        conflict = stream_type_conflict(
+            _endpoint_type(data.get("source")), _endpoint_type(data.get("sink"))
+        )
+        if conflict is not None:
+            raise ValueError(
+                f"{conflict}. Set source.type and sink.type both to kafka or both "
+                "to eventhubs, with the same connection settings, or make one of "
+                "them a file for a local run"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_one_kafka_connection(self) -> Manifest:
         source, sink = self.source, self.sink
         if isinstance(source, FileSource) or isinstance(sink, FileSink):
             return self
-        if source.type != sink.type:
-            raise ValueError(
-                f"the source is {source.type.value} and the sink is "
-                f"{sink.type.value}; the Helm chart gives the input reader and the "
-                "output writer one Kafka connection, so both must be of one type"
-            )
         source_connection = _connection_fields(source)
         sink_connection = _connection_fields(sink)
         if source_connection != sink_connection:
@@ -437,6 +473,13 @@ class Manifest(_Model):
         if isinstance(self.source, FileSource):
             return None
         return self.source.group_id or self.name
+
+
+def _endpoint_type(endpoint: Any) -> Any:
+    """Return the type of a source or sink given as a mapping or a model."""
+    if isinstance(endpoint, dict):
+        return endpoint.get("type")
+    return getattr(endpoint, "type", None)
 
 
 def _connection_fields(endpoint: BaseModel) -> dict[str, Any]:

@@ -324,6 +324,52 @@ def test_init_invalid_flag_value_named(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_init_rejects_mixed_stream_types(tmp_path: Path) -> None:
+    flags = [*KAFKA_FLAGS]
+    flags[flags.index("--sink") + 1] = "eventhubs"
+    # Invalid for any sink, so its own error would hide the type conflict if
+    # flags were checked before the types.
+    flags += ["--sink-eventhubs-namespace", "ns1"]
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    assert result.exit_code == 2
+    assert "--sink eventhubs: the source is kafka and the sink is eventhubs" in (
+        result.output
+    )
+    assert "two streams must be of one type" in result.output
+    assert "Choose kafka or file as the sink type" in result.output
+    assert "'ns1'" not in result.output
+    assert not (tmp_path / "m.yaml").exists()
+
+
+def test_init_prompt_rejects_mixed_stream_types(tmp_path: Path) -> None:
+    answers = [
+        "demo-app",  # project name
+        "",  # app template
+        "kafka",  # source type
+        "in",  # source topics
+        "kafka:9092",  # bootstrap servers
+        "",  # security protocol
+        "eventhubs",  # sink type, rejected and asked again
+        "file",
+        "out.jsonl",  # sink path
+        "r.io",  # registry
+        "",  # namespace
+    ]
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke(
+        "init", "--manifest", str(path), input_text="\n".join(answers) + "\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "the source is kafka and the sink is eventhubs" in result.output
+    assert load_manifest(path).sink.type.value == "file"
+
+
 def test_init_rejects_keyword_name(tmp_path: Path) -> None:
     flags = list(KAFKA_FLAGS)
     flags[flags.index("fraud-scoring")] = "class"
@@ -523,6 +569,26 @@ def test_invalid_manifest_rejected(
         assert text in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / ".copier-answers.yml").exists()
+
+
+def test_mixed_stream_types_rule_stated(tmp_path: Path) -> None:
+    data = valid_manifest_data()
+    data["sink"] = {
+        "type": "eventhubs",
+        "namespace": "ns1",
+        "connection_string": {"secret": "eventhubs", "key": "connection-string"},
+        "topic": "scores",
+    }
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "the source is kafka and the sink is eventhubs" in result.output
+    assert "two streams must be of one type" in result.output
+    assert "both to kafka or both to eventhubs" in result.output
+    assert "'ns1'" not in result.output
 
 
 def test_invalid_manifest_hides_secret_literal(tmp_path: Path) -> None:
