@@ -278,9 +278,11 @@ def _kafka_fields(side: _Side) -> list[InitField]:
         InitField(
             (side.name, "bootstrap_servers"),
             f"--{side.name}-bootstrap-servers",
-            f"{side.title} Kafka bootstrap servers (host:port,...)",
-            f"Kafka brokers of the {side.name}, as a comma-separated host:port list."
-            + side.shared_note(),
+            f"{side.title} Kafka bootstrap servers that the pipeline reaches on "
+            "Kubernetes (host:port,..., such as kafka.example.svc:9092)",
+            f"Kafka brokers of the {side.name} that the pipeline reaches on "
+            "Kubernetes, as a comma-separated host:port list. Local runs use the "
+            "broker of docker-compose.yml instead." + side.shared_note(),
             FieldValueType(KafkaConnection, "bootstrap_servers"),
             applies=kafka,
             default=side.shared("bootstrap_servers"),
@@ -346,7 +348,8 @@ def _eventhubs_fields(side: _Side) -> list[InitField]:
         InitField(
             (side.name, "namespace"),
             f"--{side.name}-eventhubs-namespace",
-            f"{side.title} Event Hubs namespace",
+            f"{side.title} Event Hubs namespace (a name such as payments-prod, "
+            "or a full host name)",
             "Event Hubs namespace name, or its full host name." + side.shared_note(),
             FieldValueType(EventHubsConnection, "namespace"),
             applies=eventhubs,
@@ -442,7 +445,8 @@ FIELDS: list[InitField] = [
     InitField(
         ("registry",),
         "--registry",
-        "Container registry (host[/path])",
+        "Container registry of the images (host[:port][/path], such as "
+        "myregistry.azurecr.io)",
         "Container registry of the images, such as myregistry.azurecr.io.",
         FieldValueType(Manifest, "registry"),
     ),

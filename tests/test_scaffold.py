@@ -251,6 +251,9 @@ def test_init_prompts_for_missing_fields(tmp_path: Path) -> None:
     )
 
     assert result.exit_code == 0, result.output
+    # Fields without a default show an example of their form.
+    assert "such as kafka.example.svc:9092" in result.output
+    assert "such as myregistry.azurecr.io" in result.output
     assert "never the secret value" in result.output
     # The prompt echoes the input once; the error message does not repeat it.
     assert result.output.count("hunter2") == 1
