@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 from pathlib import Path
 
 import orjson
@@ -153,3 +155,49 @@ async def test_sink_failed_write_leaves_no_bytes(tmp_path: Path) -> None:
 
     ids = [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()]
     assert ids == ["first", "third"]
+
+
+async def test_sink_recovers_after_failed_write(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(str(path), fsync=False, retry_interval_seconds=0.01)
+
+    async with sink:
+        assert sink._file is not None
+        real_write = sink._file.write
+
+        def no_space(data: object) -> int:
+            raise OSError(28, "No space left on device")
+
+        sink._file.write = no_space  # type: ignore[method-assign]
+        with pytest.raises(SinkError):
+            await sink.send([Envelope(value=b"1", id="lost")])
+        connected_after_failure = sink.connected
+        reason = sink.unavailable_reason
+        sink._file.write = real_write  # type: ignore[method-assign]
+        async with asyncio.timeout(2):
+            while not sink.connected:
+                await asyncio.sleep(0.01)
+        await sink.send([Envelope(value=b"2", id="after")])
+
+    assert connected_after_failure is False
+    assert "No space left on device" in reason
+    assert "checks every 0.01 s" in reason
+    ids = [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()]
+    assert ids == ["after"]
+
+
+async def test_sink_writes_fifo_without_fsync(tmp_path: Path) -> None:
+    path = tmp_path / "out.fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+    try:
+        async with FileSink(str(path), fsync=True) as sink:
+            await sink.send([Envelope(value=b"1", id="piped")])
+            connected = sink.connected
+        line = os.read(reader, 65536)
+    finally:
+        os.close(reader)
+
+    assert connected is True
+    assert orjson.loads(line)["id"] == "piped"

@@ -275,8 +275,11 @@ async def test_unreachable_broker_failure_is_retriable() -> None:
     async with sink:
         with pytest.raises(SinkError) as caught:
             await sink.send([Envelope(value=b"{}")])
+        reason = sink.unavailable_reason
 
     assert caught.value.retriable is True
+    assert f"not connected to the brokers at {settings.bootstrap_servers}" in reason
+    assert "Connection refused" in reason
 
 
 @pytest.mark.parametrize(

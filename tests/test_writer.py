@@ -18,6 +18,7 @@ from agogosml.envelope import Envelope, trace_id
 from agogosml.errors import SinkError
 from agogosml.http import bound_port, start_site
 from agogosml.logs import JsonFormatter
+from agogosml.transports.file import FileSink
 from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -525,6 +526,41 @@ async def test_sink_failure_503_then_recovers():
     assert retried.status == 200
     assert ready.status == 200
     assert [record.value for record in sink.envelopes] == [b'{"n": 1}']
+
+
+async def test_file_sink_recovers_after_no_space(tmp_path):
+    sink = FileSink(str(tmp_path / "out.jsonl"), retry_interval_seconds=0.05)
+    await sink.start()
+    assert sink._file is not None
+    real_write = sink._file.write
+
+    def no_space(data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    try:
+        async with serve_writer(sink) as (client, _):
+            sink._file.write = no_space  # type: ignore[method-assign]
+            failed = await client.post("/", data=b"1", headers=JSON)
+            failed_error = (await failed.json())["error"]
+            while_failing = await client.post("/", data=b"2", headers=JSON)
+            while_failing_error = (await while_failing.json())["error"]
+            ready_while_failing = await client.get("/readyz")
+
+            sink._file.write = real_write  # type: ignore[method-assign]
+            await wait_for(lambda: sink.connected)
+            recovered = await client.post("/", data=b"3", headers=JSON)
+            ready = await client.get("/readyz")
+    finally:
+        await sink.stop()
+
+    assert failed.status == 503
+    assert "No space left on device" in failed_error
+    assert while_failing.status == 503
+    assert "No space left on device" in while_failing_error
+    assert "not connected yet" not in while_failing_error
+    assert ready_while_failing.status == 503
+    assert recovered.status == 200
+    assert ready.status == 200
 
 
 class RejectingSink(MemorySink):

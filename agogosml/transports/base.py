@@ -144,6 +144,11 @@ class Sink(_Lifecycle):
     def connected(self) -> bool:
         """Return whether the sink is started and reachable."""
 
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the sink is not connected, for the 503 response to a request."""
+        return "the sink is not connected yet; retry shortly"
+
 
 class OffsetTracker:
     """Tracks finished messages per partition and the position safe to commit.

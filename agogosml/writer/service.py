@@ -135,7 +135,7 @@ class OutputWriter:
                 503, "the writer is shutting down; retry on another replica"
             )
         if not self._sink.connected:
-            raise BadRequest(503, "the sink is not connected yet; retry shortly")
+            raise BadRequest(503, self._sink.unavailable_reason)
         if request.content_type != "application/json":
             raise BadRequest(
                 415,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import logging
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -19,6 +21,9 @@ from agogosml.transports.base import Sink
 
 logger = logging.getLogger(__name__)
 
+#: How often a sink whose last write failed checks whether it can write again.
+RETRY_INTERVAL_SECONDS = 1.0
+
 
 class FileSink(Sink):
     """Append one JSON object per record: ``{"id", "key", "headers", "value"}``.
@@ -26,22 +31,47 @@ class FileSink(Sink):
     `send` returns after the lines are written and, with `fsync`, on disk.
     Concurrent calls share one write and one fsync, so the cost of durability is
     paid per flush, not per record. The value is embedded as JSON when it parses,
-    else as a string.
+    else as a string. Only a regular file is fsynced, because fsync fails with
+    EINVAL on a pipe, a FIFO or a terminal.
+
+    After a failed write the sink is not connected, and every
+    `retry_interval_seconds` it checks whether the file can take data again. A
+    regular file needs free space and a successful fsync. Other files count as
+    recovered after one interval, and the next write shows whether they are.
     """
 
-    def __init__(self, path: str, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        fsync: bool = True,
+        retry_interval_seconds: float = RETRY_INTERVAL_SECONDS,
+    ) -> None:
         self._path = path
         self._fsync = fsync and path != "-"
+        self._regular_file = False
+        self._retry_interval = retry_interval_seconds
         self._file: BinaryIO | None = None
         self._buffer: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._failing = False
+        self._failure: str | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
-        """Whether the file is open and the last write succeeded."""
-        return self._file is not None and not self._failing
+        """Whether the file is open and neither the last write nor check failed."""
+        return self._file is not None and self._failure is None
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the sink is not connected, for error responses."""
+        if self._failure is not None:
+            return (
+                f"{self._failure}; the sink checks every "
+                f"{self._retry_interval:g} s whether it can write again"
+            )
+        return super().unavailable_reason
 
     async def start(self) -> None:
         """Open the file for appending."""
@@ -54,6 +84,7 @@ class FileSink(Sink):
                 self._file = open(self._path, "ab+", buffering=0)  # noqa: SIM115
                 if self._file.seekable():
                     self._end_torn_line(self._file)
+                self._regular_file = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
             except OSError as exc:
                 raise SinkError(
                     f"cannot open output file {self._path!r}: {exc.strerror}; check "
@@ -82,6 +113,9 @@ class FileSink(Sink):
 
     async def stop(self) -> None:
         """Wait for pending writes and close the file."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._file is not None and self._path != "-":
@@ -112,10 +146,12 @@ class FileSink(Sink):
             except OSError as exc:
                 logger.error("writing %s failed: %s", self._path, exc)
                 error = SinkError(f"writing output file {self._path!r} failed: {exc}")
+                self._fail(str(error))
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(error)
                 continue
+            self._failure = None
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -131,14 +167,40 @@ class FileSink(Sink):
                 written = self._file.write(view)
                 view = view[written or 0 :]
             self._file.flush()
-            if self._fsync:
+            if self._fsync and self._regular_file:
                 os.fsync(self._file.fileno())
         except OSError:
             if seekable:
                 self._cut_back(start)
-            self._failing = True
             raise
-        self._failing = False
+
+    def _fail(self, failure: str) -> None:
+        """Mark the sink not connected, and check in the background for recovery."""
+        self._failure = failure
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while self._failure is not None and self._file is not None:
+            await asyncio.sleep(self._retry_interval)
+            try:
+                await asyncio.to_thread(self._check_writable)
+            except OSError as exc:
+                self._failure = f"writing output file {self._path!r} failed: {exc}"
+                continue
+            logger.info("output file %s can be written again", self._path)
+            self._failure = None
+
+    def _check_writable(self) -> None:
+        """Raise OSError unless the regular file has free space and fsync works."""
+        if self._file is None or not self._regular_file:
+            return
+        descriptor = self._file.fileno()
+        filesystem = os.fstatvfs(descriptor)
+        free_blocks = filesystem.f_bfree if os.geteuid() == 0 else filesystem.f_bavail
+        if free_blocks == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(descriptor)
 
     def _cut_back(self, size: int) -> None:
         assert self._file is not None

@@ -35,6 +35,8 @@ class BrokerHealth:
         self._unreachable_logged = False
         self.up = False
         self.fatal = False
+        #: Text of the last connection or fatal error, for error responses.
+        self.last_error = ""
 
     def on_statistics(self, stats: dict[str, Any]) -> None:
         """Update from one parsed statistics report."""
@@ -49,6 +51,7 @@ class BrokerHealth:
     def on_error(self, error: KafkaError) -> None:
         """Update from an error callback, logging the error."""
         if error.fatal():
+            self.last_error = error.str()
             self.fatal = True
             self.up = False
             logger.error("kafka %s failed for good: %s", self._client, error)
@@ -56,6 +59,7 @@ class BrokerHealth:
         if error.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             logger.error("kafka %s error: %s", self._client, error)
             return
+        self.last_error = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.up = False
         # librdkafka reports every failed reconnect; one line per outage is enough.
@@ -68,6 +72,19 @@ class BrokerHealth:
                 self._bootstrap_servers,
                 error.str(),
             )
+
+    def describe_down(self) -> str:
+        """Return why the client is not up, naming the brokers and the last error."""
+        if self.fatal:
+            return (
+                f"the kafka {self._client} failed for good ({self.last_error}); "
+                "restart the service"
+            )
+        cause = f" ({self.last_error})" if self.last_error else " yet"
+        return (
+            f"the kafka {self._client} is not connected to the brokers at "
+            f"{self._bootstrap_servers}{cause}; retry shortly"
+        )
 
     def config(self, on_statistics: Any = None) -> dict[str, Any]:
         """Return the client properties that feed this tracker."""

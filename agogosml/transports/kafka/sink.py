@@ -48,6 +48,13 @@ class KafkaSink(Sink):
         """Whether the producer runs and has a broker connection."""
         return self._producer is not None and self._health.up
 
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the sink is not connected: not started, or the broker connection."""
+        if self._producer is None:
+            return "the Kafka sink is not started"
+        return self._health.describe_down()
+
     async def start(self) -> None:
         """Create the producer and start polling for delivery reports."""
         config = self._settings.client_config()
