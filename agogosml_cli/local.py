@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from agogosml.errors import AgogosmlError
@@ -17,6 +18,25 @@ from agogosml.errors import AgogosmlError
 
 class ServiceStartError(AgogosmlError):
     """A service process exited or did not become ready in time."""
+
+
+class ServiceExitError(AgogosmlError):
+    """A service process exited while the others still needed it.
+
+    Attributes:
+        service: name of the service, such as "output writer".
+        returncode: exit code, or the negative signal number that ended it.
+        log_path: file of the service's stdout and stderr.
+    """
+
+    def __init__(self, service: ServiceProcess, during: str) -> None:
+        self.service = service.name
+        self.returncode = service.returncode
+        self.log_path = service.log_path
+        super().__init__(
+            f"{service.name} ({service.module}) {service.exit_description()} "
+            f"{during}; its log is {service.log_path}"
+        )
 
 
 def free_port() -> int:
@@ -54,7 +74,11 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
-        """Launch the process with the current environment plus `env`."""
+        """Launch the process with the current environment plus `env`.
+
+        The process gets its own process group, so Ctrl-C in a terminal reaches
+        only the parent, which then stops the services in order.
+        """
         environment = {**os.environ, **self.env}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -63,18 +87,31 @@ class ServiceProcess:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                process_group=0,
             )
         return self
 
-    def wait_ready(self, timeout_seconds: float = 30.0) -> None:
-        """Wait until GET /readyz returns 200, or raise `ServiceStartError`."""
+    def wait_ready(
+        self,
+        timeout_seconds: float = 30.0,
+        *,
+        others: Iterable[ServiceProcess] = (),
+    ) -> None:
+        """Wait until GET /readyz returns 200.
+
+        Raises:
+            ServiceStartError: the process exited or was not ready in time.
+            ServiceExitError: one of `others` exited in the meantime.
+        """
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                tail = self.log_tail()
                 raise ServiceStartError(
-                    f"{self.name} exited with code {self.process.returncode} while "
-                    f"starting:\n{self.log_tail()}"
+                    f"{self.name} {self.exit_description()} while starting; its "
+                    f"log is {self.log_path}" + (f":\n{tail}" if tail else "")
                 )
+            check_running(others, f"while the {self.name} was starting")
             if self.is_ready():
                 return
             time.sleep(0.1)
@@ -94,6 +131,24 @@ class ServiceProcess:
     def running(self) -> bool:
         """Return whether the process is alive."""
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code, the negative signal number that ended the process, or None."""
+        return None if self.process is None else self.process.poll()
+
+    def exit_description(self) -> str:
+        """Describe how the process ended: its exit code or the signal."""
+        code = self.returncode
+        if code is None:
+            return "is running"
+        if code >= 0:
+            return f"exited with code {code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
 
     def signal(self, signum: int) -> None:
         """Send `signum` to the process, if it runs."""
@@ -132,6 +187,16 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def check_running(services: Iterable[ServiceProcess], during: str) -> None:
+    """Raise `ServiceExitError` for the first started service that has exited.
+
+    `during` completes the message, such as "during the run".
+    """
+    for service in services:
+        if service.process is not None and not service.running():
+            raise ServiceExitError(service, during)
 
 
 def writer_process(

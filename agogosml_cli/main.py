@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -22,6 +22,9 @@ from agogosml_cli.run_options import (
     stream_options,
 )
 from sample_app import missing_packages_message
+
+if TYPE_CHECKING:
+    from agogosml_cli.run import RunOptions
 
 
 @click.group()
@@ -103,53 +106,95 @@ def run(
 
     Starts the three services as local processes on loopback, streams the
     records through them and prints a summary. Exits with status 1 if any record
-    is missing from both the output and the dead letters.
+    is missing from both the output and the dead letters, or if a service
+    exits during the run, and with 130 when interrupted by Ctrl-C.
     """
     missing = missing_packages_message()
     if missing:
         raise click.ClickException(missing)
-    from agogosml_cli.run import RunOptions, print_summary, run_pipeline
-    from sample_app.data import fetch_dataset
+    from agogosml_cli.run import RunOptions
+    from agogosml_cli.run_paths import (
+        check_run_files,
+        check_summary_path,
+        prepare_work_dir,
+    )
 
     choice = resolve_stream(StreamOptions(kafka=kafka, **stream))
+    check_run_files(work_dir, {"--data": data, "--model": model}, summary_json)
+    prepare_work_dir(work_dir)
+    if summary_json is not None:
+        check_summary_path(summary_json)
 
     # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if summary_json is not None:
-        try:
-            summary_json.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise click.BadParameter(
-                f"cannot create directory {str(summary_json.parent)!r}: {exc.strerror}",
-                param_hint="--summary-json",
-            ) from None
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     console = Console(stderr=True)
-    if data is None:
-        info = fetch_dataset()
-        console.print(f"Dataset: {info.path} (source: {info.source})", soft_wrap=True)
-        data = info.path
-    options = RunOptions(
-        data_path=data,
-        work_dir=work_dir,
-        limit=limit,
-        kafka=choice.kafka,
-        eventhubs=choice.eventhubs,
-        topics=choice.topics,
-        batch_size=batch_size,
-        ordering=ordering,
-        stall_timeout_seconds=stall_timeout_seconds,
-        model_path=model,
-    )
+    try:
+        if data is None:
+            data = _fetch_dataset(console)
+        options = RunOptions(
+            data_path=data,
+            work_dir=work_dir,
+            limit=limit,
+            kafka=choice.kafka,
+            eventhubs=choice.eventhubs,
+            topics=choice.topics,
+            batch_size=batch_size,
+            ordering=ordering,
+            stall_timeout_seconds=stall_timeout_seconds,
+            model_path=model,
+        )
+        _run(options, summary_json, console)
+    except KeyboardInterrupt:
+        signum = received[-1] if received else signal.SIGINT
+        console.print(
+            f"Interrupted by {signal.Signals(signum).name}; the services were stopped."
+        )
+        # 128 + the signal number, as a shell reports a process ended by it.
+        sys.exit(128 + signum)
+
+
+def _fetch_dataset(console: Console) -> Path:
+    from sample_app.data import fetch_dataset
+
+    info = fetch_dataset()
+    console.print(f"Dataset: {info.path} (source: {info.source})", soft_wrap=True)
+    return info.path
+
+
+def _run(options: RunOptions, summary_json: Path | None, console: Console) -> None:
+    from agogosml_cli.run import print_summary, run_pipeline
+
     try:
         summary = run_pipeline(options, console)
     except (RuntimeError, AgogosmlError) as exc:
         raise click.ClickException(str(exc)) from None
     print_summary(summary, console)
     if summary_json is not None:
-        summary_json.write_bytes(summary.to_json())
+        _write_summary_json(summary_json, summary.to_json(), console)
+    if summary.error:
+        raise click.ClickException(f"the run stopped early: {summary.error}")
     if summary.missing:
         console.print(f"[red]{summary.missing} records are missing[/red]")
         sys.exit(1)
+
+
+def _write_summary_json(path: Path, content: bytes, console: Console) -> None:
+    from agogosml_cli.run_paths import write_summary
+
+    try:
+        write_summary(path, content)
+    except OSError as exc:
+        console.print(content.decode(), markup=False, highlight=False)
+        raise click.ClickException(
+            f"cannot write the summary to {str(path)!r}: {exc.strerror or exc}; "
+            "the summary JSON is printed above"
+        ) from None
 
 
 @cli.command()

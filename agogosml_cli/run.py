@@ -16,15 +16,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from agogosml.envelope import MESSAGE_ID_HEADER
+from agogosml.errors import AgogosmlError
 from agogosml_cli.local import (
+    ServiceExitError,
     ServiceProcess,
     app_process,
+    check_running,
     reader_process,
     writer_process,
 )
 
 if TYPE_CHECKING:
     from agogosml.config import EventHubSettings, KafkaSettings
+
+#: Files that a run writes to its work directory and deletes at its start.
+WORK_FILES = (
+    "input.jsonl",
+    "output.jsonl",
+    "dead-letter.jsonl",
+    "checkpoint",
+    "reader.log",
+    "app.log",
+    "writer.log",
+)
+
+
+class RunStalledError(AgogosmlError):
+    """No record finished within the stall timeout."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +105,8 @@ class RunSummary:
     output: str = ""
     dead_letter: str = ""
     missing_ids: list[str] = field(default_factory=list)
+    #: Reason the run stopped before every record was accounted for, or "".
+    error: str = ""
 
     def to_json(self) -> bytes:
         """Return the summary as indented JSON."""
@@ -215,10 +235,20 @@ def _run_files(
         path.unlink(missing_ok=True)
     writer = writer_process(work, sink="file", output=str(output))
     tally = OutputTally()
+    outputs = _JsonLinesFollower(output)
+    dead = _JsonLinesFollower(dead_letter)
+
+    def read_files() -> None:
+        for record in outputs.read_new():
+            tally.add_output(str(record.get("id")), record.get("value"))
+        for record in dead.read_new():
+            tally.add_dead_letter(record.get("value"))
+
+    error = ""
     with _services(writer) as started:
         app = app_process(work, writer.url, extra=_app_settings(options))
         started.append(app.start())
-        app.wait_ready(60)
+        app.wait_ready(60, others=started)
         reader_env = {
             **_reader_settings(options),
             "READER_STOP_AT_END": "true",
@@ -230,21 +260,24 @@ def _run_files(
         )
         started_at = time.monotonic()
         started.append(reader.start())
-        outputs = _JsonLinesFollower(output)
-        dead = _JsonLinesFollower(dead_letter)
 
         def poll() -> bool:
-            for record in outputs.read_new():
-                tally.add_output(str(record.get("id")), record.get("value"))
-            for record in dead.read_new():
-                tally.add_dead_letter(record.get("value"))
+            read_files()
+            # The reader exits by itself at the end of the input file.
+            check_running([writer, app], "during the run")
             return not reader.running()
 
-        _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+        try:
+            _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+            _check_exit(reader)
+        except (ServiceExitError, RunStalledError) as exc:
+            error = str(exc)
         elapsed = time.monotonic() - started_at
-        _check_exit(reader)
+    # Count what the writer and the reader wrote while they were stopped.
+    read_files()
     summary = _summarise("file", ids, tally, elapsed)
     summary.output, summary.dead_letter = str(output), str(dead_letter)
+    summary.error = error
     return summary
 
 
@@ -262,10 +295,11 @@ def _run_stream(
         work, sink=backend.transport, output=topics.output, extra=backend.service_env()
     )
     tally = OutputTally()
+    error = ""
     with _services(writer) as started, backend.output_reader() as output_reader:
         app = app_process(work, writer.url, extra=_app_settings(options))
         started.append(app.start())
-        app.wait_ready(60)
+        app.wait_ready(60, others=started)
         reader_env = {
             **backend.service_env(),
             **backend.reader_env(),
@@ -284,14 +318,17 @@ def _run_stream(
 
         def poll() -> bool:
             output_reader.poll_into(tally, 0.2)
-            if not reader.running():
-                raise RuntimeError(f"input reader exited:\n{reader.log_tail()}")
+            check_running(started, "during the run")
             return False
 
-        _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+        try:
+            _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+        except (ServiceExitError, RunStalledError) as exc:
+            error = str(exc)
         elapsed = time.monotonic() - started_at
     summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
+    summary.error = error
     return summary
 
 
@@ -321,7 +358,7 @@ def _follow(
             if tally.finished != last_count:
                 last_count, last_change = tally.finished, time.monotonic()
             elif time.monotonic() - last_change > stall_seconds:
-                raise RuntimeError(
+                raise RunStalledError(
                     f"no progress for {stall_seconds:.0f} s with "
                     f"{total - tally.finished} records outstanding"
                 )
@@ -333,11 +370,8 @@ def _follow(
 
 
 def _check_exit(reader: ServiceProcess) -> None:
-    code = reader.wait(60)
-    if code != 0:
-        raise RuntimeError(
-            f"input reader exited with code {code}:\n{reader.log_tail()}"
-        )
+    if reader.wait(60) != 0:
+        raise ServiceExitError(reader, "before the end of the input")
 
 
 def _summarise(
@@ -354,7 +388,7 @@ def _summarise(
         missing=len(missing),
         flagged_as_fraud=tally.flagged,
         elapsed_seconds=round(elapsed, 3),
-        messages_per_second=round(len(ids) / elapsed, 1) if elapsed > 0 else 0.0,
+        messages_per_second=round(tally.finished / elapsed, 1) if elapsed > 0 else 0.0,
         missing_ids=missing[:20],
     )
 
@@ -375,6 +409,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ("output", summary.output),
         ("dead letters", summary.dead_letter),
     ]
+    if summary.error:
+        rows.append(("stopped early", "yes: the counts cover only part of the run"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

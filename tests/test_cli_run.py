@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +18,12 @@ import pytest
 from click.testing import CliRunner
 from confluent_kafka import Consumer, TopicPartition
 from kafka_endpoint import CONNECTION_STRING
+from rich.console import Console
 
 import sample_app
 from agogosml_cli.main import cli
+from agogosml_cli.run import RunOptions, RunSummary
+from sample_app.data import COLUMNS
 
 SUMMARY_KEYS = {
     "read",
@@ -254,3 +261,240 @@ def test_sample_app_names_missing_sample_extra(
     error = capsys.readouterr().err
     assert "needs joblib, pandas, which are not installed" in error
     assert "[sample]'" in error
+
+
+def child_pids(parent: int) -> dict[str, int]:
+    """Return the module name and pid of each `python -m` child of `parent`."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            arguments = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"-m" in arguments:
+            module = arguments[arguments.index(b"-m") + 1].decode()
+            children[module] = int(stat.parent.name)
+    return children
+
+
+def wait_for(condition: Any, timeout_seconds: float = 60) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def running_cli(tmp_path: Path, fraud_model: Path) -> Iterator[subprocess.Popen[str]]:
+    """Start a file run that would take far longer than a test; kill it at exit."""
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "agogosml_cli.main", "run",
+            "--limit", "20000",
+            "--batch-size", "1",
+            "--model", str(fraud_model),
+            "--summary-json", str(tmp_path / "summary.json"),
+            "--work-dir", str(tmp_path / "work"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        for pid in child_pids(process.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+
+
+def output_started(work: Path) -> bool:
+    output = work / "output.jsonl"
+    return output.exists() and output.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "service"),
+    [("agogosml.writer", "output writer"), ("sample_app.app", "model app")],
+)
+def test_run_stops_when_service_killed(
+    tmp_path: Path, fraud_model: Path, module: str, service: str
+) -> None:
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: output_started(tmp_path / "work"))
+        children = child_pids(process.pid)
+        os.kill(children[module], signal.SIGKILL)
+
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 1, stderr
+    assert f"{service} ({module}) was killed by SIGKILL during the run" in stderr
+    log = "app.log" if module == "sample_app.app" else "writer.log"
+    assert str(tmp_path / "work" / log) in stderr
+    summary = read_summary(tmp_path / "summary.json")
+    assert summary["read"] == 20000
+    assert summary["written"] < 20000
+    assert summary["missing"] == 20000 - summary["written"] - summary["dead_lettered"]
+    assert "was killed by SIGKILL" in summary["error"]
+    assert "stopped early" in stderr
+    for pid in children.values():
+        assert not is_alive(pid)
+
+
+@pytest.mark.slow
+def test_run_names_writer_killed_while_app_starts(
+    tmp_path: Path, fraud_model: Path
+) -> None:
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: "sample_app.app" in child_pids(process.pid))
+        children = child_pids(process.pid)
+        os.kill(children["agogosml.writer"], signal.SIGKILL)
+
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 1, stderr
+    assert (
+        "output writer (agogosml.writer) was killed by SIGKILL while the model "
+        "app was starting"
+    ) in stderr
+    assert "not ready" not in stderr
+    assert not is_alive(children["sample_app.app"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+)
+def test_run_interrupted_stops_services(
+    tmp_path: Path, fraud_model: Path, signum: int, code: int
+) -> None:
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: output_started(tmp_path / "work"))
+        children = child_pids(process.pid)
+        process.send_signal(signum)
+
+        _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == code, stderr
+    assert f"Interrupted by {signal.Signals(signum).name}" in stderr
+    assert "Traceback" not in stderr
+    assert len(children) == 3
+    for pid in children.values():
+        assert not is_alive(pid)
+
+
+def invoke(*arguments: str) -> Any:
+    return CliRunner().invoke(cli, ["run", *arguments])
+
+
+@pytest.mark.parametrize(
+    ("work_dir", "reason"),
+    [
+        ("a-file/sub", "Not a directory"),
+        ("/proc/agogosml-run", "No such file or directory"),
+    ],
+)
+def test_run_rejects_invalid_work_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, work_dir: str, reason: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+
+    result = invoke("--work-dir", work_dir)
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --work-dir" in result.output
+    assert f"cannot create directory '{work_dir}'" in result.output
+    assert reason in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any directory")
+def test_run_rejects_unwritable_work_dir(tmp_path: Path) -> None:
+    parent = tmp_path / "read-only"
+    parent.mkdir(mode=0o500)
+
+    result = invoke("--work-dir", str(parent / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert "Permission denied" in result.output
+
+
+def test_run_rejects_summary_in_unwritable_place(tmp_path: Path) -> None:
+    result = invoke("--work-dir", str(tmp_path), "--summary-json", "/proc/version")
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --summary-json" in result.output
+    assert "cannot write '/proc/version'" in " ".join(result.output.split())
+
+
+def test_run_prints_summary_it_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    summary_dir = tmp_path / "summaries"
+
+    def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
+        # The directory checked at the start is gone when the run ends.
+        summary_dir.rmdir()
+        summary_dir.write_text("")
+        return RunSummary(transport="file", read=3, written=3)
+
+    monkeypatch.setattr("agogosml_cli.run.run_pipeline", run_pipeline)
+    data = tmp_path / "data.csv"
+    data.write_text(",".join(COLUMNS) + "\n")
+
+    result = invoke(
+        "--data", str(data),
+        "--work-dir", str(tmp_path / "work"),
+        "--summary-json", str(summary_dir / "summary.json"),
+    )  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    assert '"written": 3' in result.output
+    assert "cannot write the summary to" in result.output
+    assert "Not a directory" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("option", ["--data", "--model", "--summary-json"])
+@pytest.mark.parametrize("name", ["input.jsonl", "output.jsonl", "writer.log"])
+def test_run_rejects_file_inside_run_files(
+    tmp_path: Path, option: str, name: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / name).write_text("Time\n")
+
+    result = invoke("--work-dir", str(work), option, str(work / name))
+
+    assert result.exit_code == 2, result.output
+    assert f"{option} '{work / name}' is the run's own {name}" in " ".join(
+        result.output.split()
+    )
+    assert (work / name).read_text() == "Time\n"
+
+
+def test_run_rejects_summary_over_data(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("Time\n")
+
+    result = invoke(
+        "--work-dir", str(tmp_path / "work"),
+        "--data", str(data),
+        "--summary-json", str(tmp_path / "." / "data.csv"),
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert "--data and --summary-json name the same file" in result.output

@@ -348,7 +348,7 @@ def started_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str
         return self
 
     monkeypatch.setattr(ServiceProcess, "start", start)
-    monkeypatch.setattr(ServiceProcess, "wait_ready", lambda self, timeout: None)
+    monkeypatch.setattr(ServiceProcess, "wait_ready", lambda self, *args, **kw: None)
     monkeypatch.setattr(ServiceProcess, "running", lambda self: True)
     monkeypatch.setattr(ServiceProcess, "stop", lambda self: 0)
     return started
