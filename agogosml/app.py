@@ -32,7 +32,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import exact_json
-from agogosml.config import BaseUrl, LogLevel
+from agogosml.config import BaseUrl, BearerToken, LogLevel
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -91,12 +91,15 @@ class AppSettings(BaseSettings):
     writer_url: BaseUrl = Field(
         ..., description="APP_WRITER_URL: base URL of the output writer."
     )
-    token: SecretStr = Field(
+    token: BearerToken = Field(
         SecretStr(""),
-        description="APP_TOKEN: bearer token required from the reader, if set.",
+        description="APP_TOKEN: bearer token required from the reader, if set; "
+        "surrounding whitespace is removed.",
     )
-    writer_token: SecretStr = Field(
-        SecretStr(""), description="APP_WRITER_TOKEN: bearer token sent to the writer."
+    writer_token: BearerToken = Field(
+        SecretStr(""),
+        description="APP_WRITER_TOKEN: bearer token sent to the writer; "
+        "surrounding whitespace is removed.",
     )
     writer_timeout_ms: int = Field(
         30000,

@@ -100,6 +100,28 @@ _GUARANTEED_PROPERTIES = frozenset(
     {"acks", "enable.idempotence", "enable.auto.commit", "enable.auto.offset.store"}
 )
 
+
+def _clean_token(value: Any) -> Any:
+    """Strip the whitespace around a bearer token, and reject whitespace inside.
+
+    A bearer token (RFC 6750) contains no whitespace, so the newline that a
+    Kubernetes Secret made from a file often ends with cannot be part of it.
+    """
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if not isinstance(text, str):
+        return value
+    token = text.strip()
+    if any(character.isspace() or not character.isprintable() for character in token):
+        raise ValueError(
+            "the token contains whitespace or a control character, which an HTTP "
+            "Authorization header cannot carry; set the token alone"
+        )
+    return token
+
+
+#: A bearer token setting; surrounding whitespace is removed.
+BearerToken = Annotated[SecretStr, BeforeValidator(_clean_token)]
+
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
 _SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
@@ -544,9 +566,10 @@ class ReaderSettings(_ServiceSettings):
     app_url: BaseUrl = Field(
         ..., description="READER_APP_URL: base URL of the model app."
     )
-    app_token: SecretStr = Field(
+    app_token: BearerToken = Field(
         SecretStr(""),
-        description="READER_APP_TOKEN: bearer token sent to the app, if set.",
+        description="READER_APP_TOKEN: bearer token sent to the app, if set; "
+        "surrounding whitespace is removed.",
     )
     app_ready_path: str = Field(
         "/readyz",
@@ -730,9 +753,10 @@ class WriterSettings(_ServiceSettings):
         description="WRITER_PORT: port of POST /, POST /batch, /healthz, /readyz "
         "and /metrics.",
     )
-    token: SecretStr = Field(
+    token: BearerToken = Field(
         SecretStr(""),
-        description="WRITER_TOKEN: bearer token required on POST / and /batch, if set.",
+        description="WRITER_TOKEN: bearer token required on POST / and /batch, if "
+        "set; surrounding whitespace is removed.",
     )
     max_body_bytes: int = Field(
         1_048_576,

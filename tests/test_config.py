@@ -467,3 +467,42 @@ def test_app_writer_url_with_query_rejected():
     assert "APP_WRITER_URL='http://127.0.0.1:8082/?token=x' is invalid" in str(
         error.value
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        (WriterSettings, "token"),
+        (ReaderSettings, "app_token"),
+        (AppSettings, "token"),
+        (AppSettings, "writer_token"),
+    ],
+)
+def test_token_whitespace_stripped(clean_environment, monkeypatch, settings, field):
+    prefix = settings.model_config["env_prefix"]
+    monkeypatch.setenv(f"{prefix}{field}".upper(), "  s3cret-token\n")
+    required = {
+        "output": "out.jsonl",
+        "input": "in.jsonl",
+        "app_url": "http://app:8000",
+        "writer_url": "http://writer:8082",
+    }
+    overrides = {
+        name: value for name, value in required.items() if name in settings.model_fields
+    }
+
+    loaded = load_settings(settings, **overrides)
+
+    assert getattr(loaded, field).get_secret_value() == "s3cret-token"
+
+
+def test_token_inner_whitespace_rejected(clean_environment, monkeypatch):
+    monkeypatch.setenv("WRITER_TOKEN", "s3cret token")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(WriterSettings, output="out.jsonl")
+    text = str(caught.value)
+
+    assert "WRITER_TOKEN='<secret>' is invalid" in text
+    assert "contains whitespace" in text
+    assert "s3cret" not in text
