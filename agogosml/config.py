@@ -125,6 +125,8 @@ BearerToken = Annotated[SecretStr, BeforeValidator(_clean_token)]
 _FROZEN = {"frozen": True, "extra": "ignore", "case_sensitive": False}
 _EVENTHUBS_ENDPOINT = re.compile(r"Endpoint=sb://([^/;]+)/?", re.IGNORECASE)
 _SETTINGS_ERROR_FIELD = re.compile(r'field "(\w+)"')
+#: A legal Kafka topic name (Apache Kafka's Topic.validate).
+_KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _BLOB_CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 
 
@@ -467,6 +469,17 @@ class EventHubSettings(BaseSettings):
         return datetime.datetime.fromisoformat(self.starting_position)
 
 
+def check_kafka_topic(variable: str, topic: str) -> None:
+    """Raise ValueError if `topic`, from setting `variable`, is not a legal name."""
+    if _KAFKA_TOPIC.fullmatch(topic) and topic not in (".", ".."):
+        return
+    raise ValueError(
+        f"{variable} names topic {topic!r}, which is not a legal Kafka topic name: "
+        "use 1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-', other than "
+        "'.' and '..'"
+    )
+
+
 def check_blob_container_name(value: str) -> None:
     """Raise ValueError if `value` is not a valid Azure blob container name."""
     if not _BLOB_CONTAINER.fullmatch(value):
@@ -685,6 +698,10 @@ class ReaderSettings(_ServiceSettings):
                 f"READER_INPUT={self.input!r} names no topic; set it to one or more "
                 "comma-separated topic names"
             )
+        if self.source is Transport.KAFKA:
+            for topic in self.topics():
+                check_kafka_topic("READER_INPUT", topic)
+            check_kafka_topic("READER_DEAD_LETTER", self.dead_letter_target())
         if self.source is Transport.EVENTHUBS and len(self.topics()) != 1:
             raise ValueError(
                 f"READER_INPUT={self.input!r} must name exactly one event hub; run "
@@ -774,6 +791,12 @@ class WriterSettings(_ServiceSettings):
         description="WRITER_TAP: 'module:function' called with the envelopes of "
         "each request once they are durable.",
     )
+
+    @model_validator(mode="after")
+    def _check_topic(self) -> WriterSettings:
+        if self.sink is Transport.KAFKA:
+            check_kafka_topic("WRITER_OUTPUT", self.output)
+        return self
 
 
 def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:

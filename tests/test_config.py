@@ -506,3 +506,39 @@ def test_token_inner_whitespace_rejected(clean_environment, monkeypatch):
     assert "WRITER_TOKEN='<secret>' is invalid" in text
     assert "contains whitespace" in text
     assert "s3cret" not in text
+
+
+@pytest.mark.parametrize("topic", ["bad topic!", ".", "..", "a" * 250, "t/x"])
+def test_writer_illegal_kafka_topic_rejected(clean_environment, topic):
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(WriterSettings, sink="kafka", output=topic)
+    text = str(caught.value)
+
+    assert f"WRITER_OUTPUT names topic {topic!r}" in text
+    assert "1 to 249 characters of a-z, A-Z, 0-9" in text
+
+
+def test_writer_legal_kafka_topic_accepted(clean_environment):
+    settings = load_settings(WriterSettings, sink="kafka", output="scores.v2_-x")
+
+    assert settings.output == "scores.v2_-x"
+
+
+def test_reader_illegal_kafka_topics_rejected(clean_environment):
+    with pytest.raises(ConfigurationError) as input_error:
+        load_settings(
+            ReaderSettings, source="kafka", input="orders,bad topic", app_url="http://a"
+        )
+    with pytest.raises(ConfigurationError) as dead_letter_error:
+        load_settings(
+            ReaderSettings,
+            source="kafka",
+            input="orders",
+            dead_letter="dead letters",
+            app_url="http://a",
+        )
+
+    assert "READER_INPUT names topic 'bad topic'" in str(input_error.value)
+    assert "READER_DEAD_LETTER names topic 'dead letters'" in str(
+        dead_letter_error.value
+    )
