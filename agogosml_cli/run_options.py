@@ -293,6 +293,41 @@ def _check_combination(options: StreamOptions) -> None:
             "--eventhubs needs --input-topic and --output-topic: the names of "
             "existing event hubs, because a run cannot create hubs"
         )
+    _check_distinct_topics(options)
+
+
+#: What goes wrong when two of the run's topics are one topic.
+_SHARED_TOPIC_EFFECTS = {
+    ("input", "output"): "the scored records would be read again as input",
+    ("input", "dead-letter"): "the dead letters would be read again as input",
+    ("output", "dead-letter"): "scored records and dead letters would mix",
+}
+
+
+def _check_distinct_topics(options: StreamOptions) -> None:
+    """Reject input, output and dead-letter topics (or event hubs) that coincide.
+
+    A dead-letter topic left out defaults to '<input>.dlq', so the output
+    topic must differ from that too.
+    """
+    dead_letter_option = "--dead-letter-topic"
+    dead_letter = options.dead_letter_topic
+    if dead_letter is None and options.input_topic is not None:
+        dead_letter_option = "the default dead-letter topic '<--input-topic>.dlq'"
+        dead_letter = f"{options.input_topic}.dlq"
+    topics = [
+        ("input", "--input-topic", options.input_topic),
+        ("output", "--output-topic", options.output_topic),
+        ("dead-letter", dead_letter_option, dead_letter),
+    ]
+    for index, (role, option, name) in enumerate(topics):
+        for other_role, other_option, other_name in topics[index + 1 :]:
+            if name is not None and name == other_name:
+                effect = _SHARED_TOPIC_EFFECTS[role, other_role]
+                raise click.UsageError(
+                    f"{option} and {other_option} name the same topic {name!r}, "
+                    f"so {effect}; give each its own topic"
+                )
 
 
 def _kafka_settings(options: StreamOptions) -> KafkaSettings:

@@ -115,6 +115,58 @@ def test_conflicting_options_rejected(
     assert message in result.output
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--input-topic", "same-u", "--output-topic", "same-u"],
+            "--input-topic and --output-topic name the same topic 'same-u', so "
+            "the scored records would be read again as input",
+        ),
+        (
+            [
+                "--input-topic",
+                "in-a",
+                "--output-topic",
+                "o",
+                "--dead-letter-topic",
+                "in-a",
+            ],
+            "--input-topic and --dead-letter-topic name the same topic 'in-a', so "
+            "the dead letters would be read again as input",
+        ),
+        (
+            [
+                "--input-topic",
+                "i",
+                "--output-topic",
+                "out",
+                "--dead-letter-topic",
+                "out",
+            ],
+            "--output-topic and --dead-letter-topic name the same topic 'out', so "
+            "scored records and dead letters would mix",
+        ),
+        (
+            ["--input-topic", "in", "--output-topic", "in.dlq"],
+            "--output-topic and the default dead-letter topic '<--input-topic>.dlq' "
+            "name the same topic 'in.dlq'",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "mode",
+    [["--kafka", "127.0.0.1:9092"], ["--eventhubs-kafka", "ns"], ["--eventhubs"]],
+)
+def test_shared_topic_rejected(
+    tmp_path: Path, mode: list[str], arguments: list[str], message: str
+) -> None:
+    result = invoke_run(tmp_path, *mode, *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
 def test_eventhubs_names_missing_variables(tmp_path: Path) -> None:
     result = invoke_run(
         tmp_path, "--eventhubs", "--input-topic", "in", "--output-topic", "out"
