@@ -205,28 +205,46 @@ def iter_transactions(
 
     Raises:
         ValueError: ``limit`` is negative.
-        DatasetFormatError: A column is missing or a value is not a number.
+        DatasetFormatError: The file is not UTF-8 text, a column is missing or
+            a value is not a number.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit!r}")
 
     csv_path = Path(path)
-    with csv_path.open(newline="") as file:
+    # utf-8-sig also accepts the byte order mark that spreadsheet programs write.
+    with csv_path.open(newline="", encoding="utf-8-sig") as file:
         reader = csv.DictReader(file)
-        _check_header(reader.fieldnames, csv_path)
-        for row_number, row in enumerate(reader):
-            if limit is not None and row_number >= limit:
-                return
-            yield _parse_row(row, row_number, csv_path)
+        try:
+            _check_header(reader.fieldnames, csv_path)
+            for row_number, row in enumerate(reader):
+                if limit is not None and row_number >= limit:
+                    return
+                yield _parse_row(row, row_number, csv_path)
+        except UnicodeDecodeError as exc:
+            raise DatasetFormatError(
+                f"{csv_path} is not UTF-8 text: it contains the invalid byte "
+                f"0x{exc.object[exc.start]:02x}. Give a UTF-8 CSV with the "
+                f"columns {_EXPECTED_COLUMNS}."
+            ) from None
+
+
+#: The dataset's columns, as error messages list them.
+_EXPECTED_COLUMNS = ", ".join(COLUMNS)
 
 
 def _check_header(fieldnames: object, path: Path) -> None:
     present = set(fieldnames) if isinstance(fieldnames, list) else set()
     missing = [column for column in COLUMNS if column not in present]
+    if len(missing) == len(COLUMNS):
+        raise DatasetFormatError(
+            f"{path} has none of the dataset's columns. Give a UTF-8 CSV whose "
+            f"header has the columns {_EXPECTED_COLUMNS}."
+        )
     if missing:
         raise DatasetFormatError(
-            f"{path} is missing the columns {missing}. "
-            f"Expected the columns {list(COLUMNS)}."
+            f"{path} is missing the columns {', '.join(map(repr, missing))}. "
+            f"Give a UTF-8 CSV whose header has the columns {_EXPECTED_COLUMNS}."
         )
 
 

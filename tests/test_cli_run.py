@@ -498,3 +498,14 @@ def test_run_rejects_summary_over_data(tmp_path: Path) -> None:
 
     assert result.exit_code == 2, result.output
     assert "--data and --summary-json name the same file" in result.output
+
+
+def test_run_rejects_non_utf8_data(tmp_path: Path) -> None:
+    data = tmp_path / "bin.csv"
+    data.write_bytes(b"\xff\xfe")
+
+    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 1, result.output
+    assert f"{data} is not UTF-8 text" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit)

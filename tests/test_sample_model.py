@@ -657,3 +657,38 @@ def test_scaled_logistic_small_and_large_batches(
     assert np.allclose(
         direct, estimator.predict_proba(features)[:, fraud_column], rtol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe", "Time,V1\n".encode("utf-16"), b"Time\n1\n\xe9\n"]
+)
+def test_iter_transactions_rejects_non_utf8(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bin.csv"
+    path.write_bytes(content)
+
+    with pytest.raises(DatasetFormatError) as raised:
+        list(iter_transactions(path))
+
+    assert f"{path} is not UTF-8 text" in str(raised.value)
+    assert "Give a UTF-8 CSV with the columns Time, V1" in str(raised.value)
+
+
+def test_iter_transactions_accepts_byte_order_mark(
+    tmp_path: Path, small_csv: Path
+) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + small_csv.read_bytes())
+
+    assert len(list(iter_transactions(path))) == 20
+
+
+def test_iter_transactions_lists_columns_once(tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+
+    with pytest.raises(DatasetFormatError) as raised:
+        next(iter_transactions(path))
+
+    message = str(raised.value)
+    assert "has none of the dataset's columns" in message
+    assert message.count("V28") == 1
