@@ -39,7 +39,7 @@ def template_answers(manifest: Manifest) -> dict[str, Any]:
         "app_template": manifest.app.template.value,
         "source": _endpoint_answer(manifest.source),
         "sink": _endpoint_answer(manifest.sink),
-        "group_id": manifest.group_id(),
+        "group_id": manifest.group_id() or "",
         "kafka": _chart_kafka(manifest),
         "registry": manifest.registry,
         "kubernetes_namespace": manifest.kubernetes.namespace,

@@ -16,6 +16,7 @@ import enum
 import json
 import keyword
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -129,6 +130,49 @@ class EndpointType(enum.StrEnum):
 
 STREAM_TYPES = frozenset({EndpointType.KAFKA, EndpointType.EVENTHUBS})
 
+# Characters that a free-form string must not contain, because a generated
+# YAML file, comment or shell line cannot carry them: control characters
+# (newline and tab included), surrogates, the line and paragraph separators,
+# which YAML parsers read as line breaks, and the noncharacters U+FFFE and
+# U+FFFF, which YAML does not allow.
+_NON_PRINTABLE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_NON_PRINTABLE_EXTRA = frozenset({"\ufffe", "\uffff"})
+# The same rule for the JSON Schema, in ECMAScript regex syntax.
+PRINTABLE_PATTERN = (
+    r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029\ud800-\udfff\ufffe\uffff]*$"
+)
+
+
+def _reject_non_printable(value: str) -> str:
+    for index, char in enumerate(value):
+        if (
+            unicodedata.category(char) in _NON_PRINTABLE_CATEGORIES
+            or char in _NON_PRINTABLE_EXTRA
+        ):
+            raise ValueError(
+                f"it contains the non-printable character U+{ord(char):04X} at "
+                f"position {index}, which generated files cannot hold. Remove it"
+            )
+    return value
+
+
+def _check_file_path(path: str) -> str:
+    if path.rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise ValueError(
+            "it does not end in a file name. Give the path of a file, such as "
+            "data/input.jsonl"
+        )
+    return path
+
+
+#: A free-form string: any text without non-printable characters.
+Text = Annotated[
+    str,
+    AfterValidator(_reject_non_printable),
+    Field(json_schema_extra={"pattern": PRINTABLE_PATTERN}),
+]
+FilePath = Annotated[Text, AfterValidator(_check_file_path)]
+
 
 def stream_type_conflict(source_type: Any, sink_type: Any) -> str | None:
     """Return why a source and a sink of these types cannot be combined, or None.
@@ -211,7 +255,7 @@ class Sasl(_Model):
     mechanism: SaslMechanism = Field(
         description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
     )
-    username: str = Field(min_length=1, description="SASL user name.")
+    username: Text = Field(min_length=1, description="SASL user name.")
     password: SecretRef = Field(
         description="Secret key that contains the SASL password, as "
         "{secret: NAME, key: KEY}."
@@ -227,7 +271,7 @@ Topic = Annotated[
     ),
 ]
 GroupId = Annotated[
-    str | None,
+    Text | None,
     Field(
         min_length=1,
         description="Consumer group of the input reader. Default: the project name.",
@@ -238,7 +282,7 @@ GroupId = Annotated[
 class KafkaConnection(_Model):
     """Connection settings of a Kafka cluster."""
 
-    bootstrap_servers: str = Field(
+    bootstrap_servers: Annotated[str, AfterValidator(_reject_non_printable)] = Field(
         pattern=BOOTSTRAP_SERVERS_PATTERN,
         description="Comma-separated host:port list of Kafka brokers, such as "
         "broker-0:9092,broker-1:9092.",
@@ -329,7 +373,10 @@ class FileSource(_Model):
     """A JSON Lines file that the input reader follows."""
 
     type: Literal[EndpointType.FILE]
-    path: str = Field(min_length=1, description="Path of the JSON Lines input file.")
+    path: FilePath = Field(
+        min_length=1,
+        description="Path of the JSON Lines input file, without control characters.",
+    )
 
 
 class KafkaSink(KafkaConnection):
@@ -350,7 +397,10 @@ class FileSink(_Model):
     """A JSON Lines file that the output writer appends to."""
 
     type: Literal[EndpointType.FILE]
-    path: str = Field(min_length=1, description="Path of the JSON Lines output file.")
+    path: FilePath = Field(
+        min_length=1,
+        description="Path of the JSON Lines output file, without control characters.",
+    )
 
 
 Source = Annotated[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from agogosml_cli import template_history, wheel
+from agogosml_cli.compose import load_compose
 from agogosml_cli.main import cli
 from agogosml_cli.manifest import (
     SCHEMA_PATH,
@@ -594,6 +596,35 @@ def test_mixed_stream_types_rule_stated(tmp_path: Path) -> None:
     assert "'ns1'" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("source.path", "in\n.jsonl", "non-printable character U+000A at position 2"),
+        ("sink.path", "out\u2028.jsonl", "non-printable character U+2028"),
+        ("source.group_id", "g\tx", "non-printable character U+0009"),
+        ("sink.path", "data/", "does not end in a file name"),
+        ("source.path", "data/..", "does not end in a file name"),
+    ],
+)
+def test_unwritable_manifest_text_rejected(
+    tmp_path: Path, path: str, value: str, expected: str
+) -> None:
+    data = valid_manifest_data()
+    if path.endswith(".path"):
+        side = path.split(".")[0]
+        data[side] = {"type": "file", "path": "data/file.jsonl"}
+    _set(data, path, value)
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert f"{path}: invalid value {value!r}" in result.output
+    assert expected in result.output
+    assert not (tmp_path / ".copier-answers.yml").exists()
+
+
 def test_invalid_manifest_hides_secret_literal(tmp_path: Path) -> None:
     data = valid_manifest_data()
     data["source"] = {
@@ -752,6 +783,139 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert "touch data/input.jsonl\ndocker compose up --build" in readme
     assert "--kafka" not in readme
+
+
+# Legal manifest values that YAML would misread unquoted: ": " and " #" end
+# a plain scalar, quotes and backslashes need escaping, "$" starts a Compose
+# variable, and null, true, 1.0 and 123 would change type.
+AWKWARD_TEXT = "a: b #1 \"q\" 'r' \\ $HOME ${X} caf\u00e9 \U0001f600"
+AWKWARD_KAFKA = {
+    "version": 1,
+    "name": "null",
+    "source": {
+        "type": "kafka",
+        "bootstrap_servers": "k#1:9092,'b\":9093",
+        "security_protocol": "SASL_SSL",
+        "sasl": {
+            "mechanism": "PLAIN",
+            "username": AWKWARD_TEXT,
+            "password": {"secret": "1.0", "key": "null"},
+        },
+        "ca_certificate": {"secret": "true", "key": "123"},
+        "topics": ["1e3", "true"],
+        "group_id": AWKWARD_TEXT,
+    },
+    "sink": {
+        "type": "kafka",
+        "bootstrap_servers": "k#1:9092,'b\":9093",
+        "security_protocol": "SASL_SSL",
+        "sasl": {
+            "mechanism": "PLAIN",
+            "username": AWKWARD_TEXT,
+            "password": {"secret": "1.0", "key": "null"},
+        },
+        "ca_certificate": {"secret": "true", "key": "123"},
+        "topic": "null",
+    },
+    "registry": "123.example:5000/yes",
+    "kubernetes": {"namespace": "123"},
+}
+
+
+def generate_from_data(directory: Path, data: dict[str, Any]) -> Path:
+    """Write `data` as the manifest in `directory` and generate the project there."""
+    manifest = directory / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    result = generate(manifest)
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def parse_generated_yaml(project: Path) -> dict[str, Any]:
+    """Parse every YAML file that generate wrote, by path relative to `project`."""
+    parsed = {}
+    for path in sorted(project.rglob("*")):
+        if path.suffix in (".yml", ".yaml") and ".git" not in path.parts:
+            text = path.read_text(encoding="utf-8")
+            parsed[path.relative_to(project).as_posix()] = yaml.safe_load(text)
+    return parsed
+
+
+def test_generated_yaml_quotes_kafka_values(tmp_path: Path) -> None:
+    project = generate_from_data(tmp_path, AWKWARD_KAFKA)
+
+    parsed = parse_generated_yaml(project)
+    values = parsed["helm/values.yaml"]
+    cd_variables = parsed["azure-pipelines-cd.yml"]["variables"]
+    ci_variables = parsed["azure-pipelines.yml"]["variables"]
+    compose = load_compose(project / "docker-compose.yml", {})
+
+    assert set(parsed) >= {
+        "agogosml.yaml",
+        ".copier-answers.yml",
+        "docker-compose.yml",
+        "helm/values.yaml",
+        "azure-pipelines.yml",
+        "azure-pipelines-cd.yml",
+        ".azure-pipelines/release-setup.yml",
+    }
+    assert values["kafka"]["bootstrapServers"] == "k#1:9092,'b\":9093"
+    assert values["kafka"]["securityProtocol"] == "SASL_SSL"
+    assert values["kafka"]["sasl"]["username"] == AWKWARD_TEXT
+    assert values["kafka"]["sasl"]["password"] == {
+        "existingSecret": "1.0",
+        "key": "null",
+    }
+    assert values["kafka"]["caCertificate"] == {"existingSecret": "true", "key": "123"}
+    assert values["reader"]["topics"] == ["1e3", "true"]
+    assert values["reader"]["groupId"] == AWKWARD_TEXT
+    assert values["writer"]["topic"] == "null"
+    assert values["reader"]["image"]["repository"] == (
+        "123.example:5000/yes/agogosml-input-reader"
+    )
+    assert values["app"]["slots"]["blue"]["image"]["repository"] == (
+        "123.example:5000/yes/null-app"
+    )
+    assert cd_variables["release"] == "null"
+    assert cd_variables["namespace"] == "123"
+    assert cd_variables["image"].startswith("123.example:5000/yes/null-app:")
+    assert ci_variables["imageRepository"] == "null-app"
+    assert compose.name == "null"
+    assert compose.services["reader"].environment["KAFKA_GROUP_ID"] == AWKWARD_TEXT
+    assert compose.services["reader"].environment["READER_INPUT"] == "1e3,true"
+    assert compose.services["writer"].environment["WRITER_OUTPUT"] == "null"
+    assert compose.services["app"].image == "123.example:5000/yes/null-app:dev"
+
+
+def test_generated_yaml_quotes_file_paths(tmp_path: Path) -> None:
+    source_name = f"in {AWKWARD_TEXT}.jsonl"
+    sink_name = "out: 'x' #2.jsonl"
+    data = {
+        "name": "no",
+        "source": {"type": "file", "path": f"data dir/{source_name}"},
+        "sink": {"type": "file", "path": f"/tmp/{sink_name}"},
+        "registry": "localhost:5000/team",
+        "kubernetes": {"namespace": "no"},
+    }
+    project = generate_from_data(tmp_path, data)
+
+    parsed = parse_generated_yaml(project)
+    compose = load_compose(project / "docker-compose.yml", {})
+    reader = compose.services["reader"].environment
+    writer = compose.services["writer"].environment
+
+    assert parsed["docker-compose.yml"]["name"] == "no"
+    assert compose.name == "no"
+    assert reader["READER_INPUT"] == f"/data/{source_name}"
+    assert reader["READER_CHECKPOINT_PATH"] == f"/data/{source_name}.checkpoint"
+    assert writer["WRITER_OUTPUT"] == f"/data/{sink_name}"
+    assert compose.services["writer"].image == (
+        f"localhost:5000/team/agogosml-output-writer:{template_history.__version__}"
+    )
+    # The shell lines that create the input file quote its name.
+    touch = f"touch {shlex.quote('data/' + source_name)}"
+    assert f"# ({touch})." in (project / "docker-compose.yml").read_text()
+    assert f"{touch}\n" in (project / "README.md").read_text()
 
 
 def test_generate_into_other_directory(tmp_path: Path) -> None:
