@@ -10,8 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from agogosml.config import Transport
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError, SourceError
+from agogosml.transports.factory import build_sink
 from agogosml.transports.file import FileSink, FileSource
 
 
@@ -201,3 +203,17 @@ async def test_sink_writes_fifo_without_fsync(tmp_path: Path) -> None:
 
     assert connected is True
     assert orjson.loads(line)["id"] == "piped"
+
+
+@pytest.mark.parametrize("variable", ["WRITER_OUTPUT", "READER_DEAD_LETTER"])
+async def test_sink_open_error_names_setting(tmp_path: Path, variable: str) -> None:
+    missing_directory = tmp_path / "missing" / "out.jsonl"
+    sink = build_sink(Transport.FILE, str(missing_directory), variable=variable)
+
+    with pytest.raises(SinkError) as caught:
+        await sink.start()
+
+    message = str(caught.value)
+    assert message.endswith(f"check {variable}")
+    other = "READER_DEAD_LETTER" if variable == "WRITER_OUTPUT" else "WRITER_OUTPUT"
+    assert other not in message

@@ -60,4 +60,4 @@ def build_sink(
         return EventHubsSink(load_settings(EventHubSettings), target, variable=variable)
     from agogosml.transports.file import FileSink
 
-    return FileSink(target, fsync=fsync)
+    return FileSink(target, fsync=fsync, variable=variable)

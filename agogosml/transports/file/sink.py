@@ -38,6 +38,9 @@ class FileSink(Sink):
     `retry_interval_seconds` it checks whether the file can take data again. A
     regular file needs free space and a successful fsync. Other files count as
     recovered after one interval, and the next write shows whether they are.
+
+    `variable` names the setting that `path` came from, for the error raised
+    when the file cannot be opened.
     """
 
     def __init__(
@@ -46,8 +49,10 @@ class FileSink(Sink):
         *,
         fsync: bool = True,
         retry_interval_seconds: float = RETRY_INTERVAL_SECONDS,
+        variable: str = "WRITER_OUTPUT",
     ) -> None:
         self._path = path
+        self._variable = variable
         self._fsync = fsync and path != "-"
         self._regular_file = False
         self._retry_interval = retry_interval_seconds
@@ -88,7 +93,7 @@ class FileSink(Sink):
             except OSError as exc:
                 raise SinkError(
                     f"cannot open output file {self._path!r}: {exc.strerror}; check "
-                    "WRITER_OUTPUT (or READER_DEAD_LETTER for dead letters)",
+                    f"{self._variable}",
                     retriable=False,
                 ) from exc
         logger.info("file sink started", extra={"path": self._path})
