@@ -130,6 +130,81 @@ _KAFKA_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _BLOB_CONTAINER = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 
 
+def split_host_port(address: str) -> tuple[str, int | None]:
+    """Split HOST, HOST:PORT, [IPv6] or [IPv6]:PORT into the host and the port.
+
+    Raises:
+        ValueError: the port is not a number from 1 to 65535, or an IPv6
+            address is not in brackets.
+    """
+    if address.startswith("["):
+        end = address.find("]")
+        if end < 0:
+            raise ValueError("close the IPv6 address with ']', such as [::1]:9093")
+        host, rest = address[: end + 1], address[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(
+                "put ':' between the IPv6 address and the port, such as [::1]:9093"
+            )
+        return host, _port(rest[1:])
+    if address.count(":") > 1:
+        raise ValueError("put an IPv6 address in brackets, such as [::1]:9093")
+    if ":" not in address:
+        return address, None
+    host, port = address.split(":")
+    return host, _port(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+#: The form of KAFKA_BOOTSTRAP_SERVERS and of ``agogosml run --kafka``.
+BOOTSTRAP_SERVERS_FORM = (
+    "HOST:PORT[,HOST:PORT...], such as broker-0:9092,broker-1:9092 or [::1]:9092"
+)
+
+
+def check_bootstrap_servers(value: str) -> str:
+    """Check a comma-separated list of broker addresses and return it unchanged.
+
+    librdkafka adds port 9092 to an address without one, so a missing port
+    is rejected here rather than guessed.
+
+    Raises:
+        ValueError: the list contains whitespace or an address with an empty
+            host, a URL scheme, no port, a port outside 1 to 65535, or an IPv6
+            address without brackets.
+    """
+    if any(character.isspace() for character in value):
+        raise ValueError(f"it contains whitespace; expected {BOOTSTRAP_SERVERS_FORM}")
+    for address in value.split(","):
+        problem = _bootstrap_address_problem(address)
+        if problem:
+            raise ValueError(
+                f"address {address!r} {problem}; expected {BOOTSTRAP_SERVERS_FORM}"
+            )
+    return value
+
+
+def _bootstrap_address_problem(address: str) -> str:
+    if "://" in address:
+        return "has a URL scheme, which Kafka addresses do not take"
+    try:
+        host, port = split_host_port(address)
+    except ValueError as exc:
+        return f"is invalid: {exc}"
+    if host in ("", "[]"):
+        return "has an empty host"
+    if port is None:
+        return "has no port"
+    return ""
+
+
 class KafkaSettings(BaseSettings):
     """Kafka client settings shared by the reader and the writer."""
 
@@ -217,6 +292,11 @@ class KafkaSettings(BaseSettings):
                 "remove them"
             )
         return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap_servers(cls, value: str) -> str:
+        return check_bootstrap_servers(value) if value else value
 
     @field_validator("ssl_ca_location")
     @classmethod

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from agogosml.config import SaslMechanism, SecurityProtocol
+from agogosml.config import (
+    SaslMechanism,
+    SecurityProtocol,
+    check_bootstrap_servers,
+    split_host_port,
+)
 from agogosml_cli.run import TopicNames
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ def eventhubs_kafka_address(namespace: str) -> str:
         raise ValueError(
             "the namespace is empty. Give a namespace name, a host name or HOST:PORT"
         )
-    host, port = _split_host_port(namespace)
+    host, port = split_host_port(namespace)
     if not host or host == "[]":
         raise ValueError(
             "the host is empty. Give HOST:PORT, such as "
@@ -56,44 +61,21 @@ def eventhubs_kafka_address(namespace: str) -> str:
     return f"{host}:{EVENTHUBS_KAFKA_PORT}"
 
 
-def _split_host_port(address: str) -> tuple[str, int | None]:
-    """Split HOST, HOST:PORT, [IPv6] or [IPv6]:PORT into the host and the port."""
-    if address.startswith("["):
-        end = address.find("]")
-        if end < 0:
-            raise ValueError("close the IPv6 address with ']', such as [::1]:9093")
-        host, rest = address[: end + 1], address[end + 1 :]
-        if not rest:
-            return host, None
-        if not rest.startswith(":"):
-            raise ValueError(
-                "put ':' between the IPv6 address and the port, such as [::1]:9093"
-            )
-        return host, _port(rest[1:])
-    if address.count(":") > 1:
-        raise ValueError("put an IPv6 address in brackets, such as [::1]:9093")
-    if ":" not in address:
-        return address, None
-    host, port = address.split(":")
-    return host, _port(port)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"port {text!r} is not a number from 1 to 65535")
-    return int(text)
-
-
 def check_kafka_option(
     context: click.Context, parameter: click.Parameter, value: str | None
 ) -> str | None:
-    """Reject an empty ``--kafka``, which would otherwise mean files."""
-    if value is not None and not value.strip():
+    """Reject an empty or malformed ``--kafka``; empty would otherwise mean files."""
+    if value is None:
+        return None
+    if not value.strip():
         raise click.BadParameter(
             "the broker address is empty. Give HOST:PORT, or leave --kafka out "
             "to stream through files"
         )
-    return value
+    try:
+        return check_bootstrap_servers(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _check_eventhubs_kafka_option(
@@ -296,7 +278,7 @@ def _check_combination(options: StreamOptions) -> None:
     _check_distinct_topics(options)
 
 
-#: What goes wrong when two of the run's topics are one topic.
+#: Consequence of two of the run's topics being one topic, by the pair of roles.
 _SHARED_TOPIC_EFFECTS = {
     ("input", "output"): "the scored records would be read again as input",
     ("input", "dead-letter"): "the dead letters would be read again as input",

@@ -542,3 +542,40 @@ def test_reader_illegal_kafka_topics_rejected(clean_environment):
     assert "READER_DEAD_LETTER names topic 'dead letters'" in str(
         dead_letter_error.value
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("host without port", "it contains whitespace"),
+        ("broker", "address 'broker' has no port"),
+        ("broker:9092,", "address '' has an empty host"),
+        ("127.0.0.1:99999", "port '99999' is not a number from 1 to 65535"),
+        ("broker:0", "port '0' is not a number from 1 to 65535"),
+        (":9092", "address ':9092' has an empty host"),
+        ("::1:9092", "put an IPv6 address in brackets"),
+        ("kafka://broker:9092", "has a URL scheme"),
+    ],
+)
+def test_kafka_invalid_bootstrap_servers_named(clean_environment, value, problem):
+    text = configuration_error(KafkaSettings, KAFKA_BOOTSTRAP_SERVERS=value)
+
+    assert f"KAFKA_BOOTSTRAP_SERVERS={value!r} is invalid" in text
+    assert problem in text
+    assert "expected HOST:PORT[,HOST:PORT...]" in text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "broker:9092",
+        "broker-0:9092,broker-1:9092",
+        "10.0.0.4:9093",
+        "[::1]:9092",
+        "fraud-ns.servicebus.windows.net:9093",
+    ],
+)
+def test_kafka_valid_bootstrap_servers_accepted(clean_environment, value):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", value)
+
+    assert load_settings(KafkaSettings).client_config()["bootstrap.servers"] == value

@@ -291,6 +291,16 @@ def no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--kafka", ""], "Invalid value for '--kafka': the broker address is empty"),
         (["--kafka", "  "], "Invalid value for '--kafka'"),
+        (
+            ["--kafka", "127.0.0.1:99999"],
+            "Invalid value for '--kafka': address '127.0.0.1:99999' is invalid: "
+            "port '99999' is not a number from 1 to 65535; expected "
+            "HOST:PORT[,HOST:PORT...]",
+        ),
+        (
+            ["--kafka", "broker"],
+            "Invalid value for '--kafka': address 'broker' has no port",
+        ),
         (["--eventhubs-kafka", ""], "Invalid value for '--eventhubs-kafka'"),
         (
             ["--eventhubs-kafka", "ns:kafka"],
