@@ -679,3 +679,103 @@ async def test_client_disconnect_logged_once_debug(caplog):
     assert errors == []
     assert all(r.levelno == logging.DEBUG for r in disconnect_records(caplog))
     assert sink.send_calls == 0
+
+
+@pytest.mark.parametrize("encoding", ["hex", "utf-16"])
+async def test_post_one_unsupported_key_encoding_400(encoding):
+    sink = await started_sink()
+    headers = {**JSON, "X-Message-Key": "6b6579", "X-Message-Key-Encoding": encoding}
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+        body = await response.json()
+
+    assert response.status == 400
+    assert f"X-Message-Key-Encoding {encoding!r} is not supported" in body["error"]
+    assert "'base64'" in body["error"]
+    assert sink.envelopes == []
+
+
+@pytest.mark.parametrize(
+    ("encoding", "expected"),
+    [
+        ("hex", "'key_encoding' 'hex' is not supported"),
+        ({"a": 1}, "'key_encoding' must be a string or null, got an object"),
+        (64, "'key_encoding' must be a string or null, got a number"),
+    ],
+)
+async def test_batch_unsupported_key_encoding_400(encoding, expected):
+    sink = await started_sink()
+    items = [{"value": 1}, {"value": 2, "key": "6b6579", "key_encoding": encoding}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert body["error"].startswith("batch element 1: ")
+    assert expected in body["error"]
+    assert "'base64'" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_batch_null_key_encoding_means_utf8():
+    sink = await started_sink()
+    items = [{"value": 1, "key": "k", "key_encoding": None}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    assert sink.envelopes[0].key == b"k"
+
+
+async def test_batch_unknown_field_400():
+    sink = await started_sink()
+    items = [{"value": 1}, {"value": 2, "vaule": 3}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert "batch element 1: unknown field 'vaule'" in body["error"]
+    for field in ("headers", "id", "key", "key_encoding", "traceparent", "value"):
+        assert repr(field) in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_batch_empty_header_name_400():
+    sink = await started_sink()
+    items = [{"value": 1, "headers": {"": "v"}}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert "batch element 0: a header has an empty name" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_post_one_empty_record_header_name_400():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        status, _, body = await raw_post(client, "/", b"X-Record-Header-: v\r\n", b"1")
+
+    assert status == 400
+    assert "header X-Record-Header- has no record header name" in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_post_one_repeated_record_header_400():
+    sink = await started_sink()
+    repeated = b"X-Record-Header-Foo: a\r\nx-record-header-foo: b\r\n"
+
+    async with serve_writer(sink) as (client, _):
+        status, _, body = await raw_post(client, "/", repeated, b"1")
+
+    assert status == 400
+    assert "header X-Record-Header-foo is sent more than once" in body["error"]
+    assert sink.envelopes == []

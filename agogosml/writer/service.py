@@ -52,6 +52,10 @@ RECORD_HEADER_PREFIX = "X-Record-Header-"
 #: Record headers that the writer sets from the message id and trace context.
 #: Extra headers of these names are not written, so they cannot override them.
 RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
+#: Fields a ``POST /batch`` element may have; any other field is rejected.
+BATCH_FIELDS = ("headers", "id", "key", "key_encoding", "traceparent", "value")
+#: Key encodings the writer decodes; without one, the key is UTF-8 text.
+KEY_ENCODINGS = ("base64",)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 Tap = Callable[[Sequence[Envelope]], Any]
@@ -70,10 +74,9 @@ class OutputWriter:
 
     ``POST /`` takes one JSON document as the record value, with the key in
     ``X-Message-Key``, the id in ``X-Message-Id`` and trace context in
-    ``traceparent``. ``POST /batch`` takes a JSON array of
-    ``{"value", "key", "id", "traceparent", "headers"}`` objects, where only
-    ``value`` is required. Either responds with 200 only after the sink acknowledged
-    every record of the request.
+    ``traceparent``. ``POST /batch`` takes a JSON array of objects with the
+    `BATCH_FIELDS`, where only ``value`` is required. Either responds with 200
+    only after the sink acknowledged every record of the request.
     """
 
     def __init__(self, settings: WriterSettings, sink: Sink, tap: Tap | None = None):
@@ -233,7 +236,8 @@ def _reject(request: web.Request, status: int, message: str) -> web.Response:
 
 
 def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
-    encoding = headers.get("X-Message-Key-Encoding", "")
+    encoding = _utf8_header(headers, "X-Message-Key-Encoding") or ""
+    _check_key_encoding(encoding, "header X-Message-Key-Encoding")
     return Envelope(
         value=body,
         key=_decode_key(_utf8_header(headers, "X-Message-Key"), encoding),
@@ -263,6 +267,7 @@ def _utf8_header(headers: Any, name: str) -> str | None:
 def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
     """Return the ``X-Record-Header-<name>`` request headers as record headers."""
     record_headers = []
+    seen: set[str] = set()
     for name, value in headers.items():
         if not name.lower().startswith(RECORD_HEADER_PREFIX.lower()):
             continue
@@ -273,6 +278,21 @@ def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
                 "UTF-8; send record header names and values as UTF-8 text",
             )
         record_name = name[len(RECORD_HEADER_PREFIX) :].lower()
+        if not record_name:
+            raise BadRequest(
+                400,
+                f"header {name} has no record header name; send "
+                f"{RECORD_HEADER_PREFIX}<name>",
+            )
+        if record_name in seen:
+            # A file sink stores headers as a JSON object, which has one value
+            # per name, so a repeated header is rejected for every sink alike.
+            raise BadRequest(
+                400,
+                f"header {RECORD_HEADER_PREFIX}{record_name} is sent more than "
+                "once; a record has one value per header name, so send it once",
+            )
+        seen.add(record_name)
         if record_name not in RESERVED_HEADERS:
             record_headers.append((record_name, value.encode()))
     return record_headers
@@ -329,6 +349,7 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             f"batch element {index} must be an object with a 'value' field, got "
             f"{_preview(item)}",
         )
+    _check_fields(index, item)
     headers = _item_headers(index, item.get("headers"))
     reserved = {
         name.lower(): value
@@ -340,7 +361,7 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     return Envelope(
         value=_encode_value(index, item["value"]),
         key=_decode_key(
-            _optional_text(index, item, "key"), str(item.get("key_encoding", ""))
+            _optional_text(index, item, "key"), _item_key_encoding(index, item)
         ),
         headers=[
             (name, value.encode())
@@ -352,6 +373,44 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     )
 
 
+def _check_fields(index: int, item: dict[str, Any]) -> None:
+    """Raise `BadRequest` for a field outside `BATCH_FIELDS`, such as a typo."""
+    for field in item:
+        if field not in BATCH_FIELDS:
+            allowed = ", ".join(repr(name) for name in BATCH_FIELDS)
+            raise BadRequest(
+                400,
+                f"batch element {index}: unknown field {field!r}; the allowed "
+                f"fields are {allowed}",
+            )
+
+
+def _item_key_encoding(index: int, item: dict[str, Any]) -> str:
+    """Return the ``key_encoding`` of a batch element, "" when absent or null."""
+    encoding = item.get("key_encoding")
+    if encoding is None:
+        return ""
+    if not isinstance(encoding, str):
+        raise BadRequest(
+            400,
+            f"batch element {index}: 'key_encoding' must be a string or null, got "
+            f"{_json_type(encoding)}; send 'base64' for a base64-encoded key, or "
+            "null for a UTF-8 key",
+        )
+    _check_key_encoding(encoding, f"batch element {index}: 'key_encoding'")
+    return encoding
+
+
+def _check_key_encoding(encoding: str, where: str) -> None:
+    """Raise `BadRequest` unless `encoding` is empty or in `KEY_ENCODINGS`."""
+    if encoding and encoding.lower() not in KEY_ENCODINGS:
+        raise BadRequest(
+            400,
+            f"{where} {encoding!r:.60} is not supported; use 'base64' for a "
+            "base64-encoded key, or leave it out for a UTF-8 key",
+        )
+
+
 def _item_headers(index: int, headers: object) -> dict[str, str]:
     """Return the ``headers`` object of a batch element, checking every value."""
     if headers is None:
@@ -359,6 +418,12 @@ def _item_headers(index: int, headers: object) -> dict[str, str]:
     if not isinstance(headers, dict):
         raise BadRequest(400, f"batch element {index}: 'headers' must be an object")
     for name, value in headers.items():
+        if not name:
+            raise BadRequest(
+                400,
+                f"batch element {index}: a header has an empty name; give every "
+                "header a name, or leave it out",
+            )
         if not isinstance(value, str):
             raise BadRequest(
                 400,
