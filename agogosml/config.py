@@ -170,25 +170,29 @@ BOOTSTRAP_SERVERS_FORM = (
 
 
 def check_bootstrap_servers(value: str) -> str:
-    """Check a comma-separated list of broker addresses and return it unchanged.
+    """Check a comma-separated list of broker addresses and return it normalized.
 
-    librdkafka adds port 9092 to an address without one, so a missing port
-    is rejected here rather than guessed.
+    Spaces around the commas are dropped. librdkafka adds port 9092 to an
+    address without one, so a missing port is rejected here rather than guessed.
 
     Raises:
-        ValueError: the list contains whitespace or an address with an empty
-            host, a URL scheme, no port, a port outside 1 to 65535, or an IPv6
-            address without brackets.
+        ValueError: an address contains whitespace, or has an empty host, a URL
+            scheme, no port, a port outside 1 to 65535, or is an IPv6 address
+            without brackets.
     """
-    if any(character.isspace() for character in value):
-        raise ValueError(f"it contains whitespace; expected {BOOTSTRAP_SERVERS_FORM}")
-    for address in value.split(","):
+    addresses = [address.strip() for address in value.split(",")]
+    for address in addresses:
+        if any(character.isspace() for character in address):
+            raise ValueError(
+                f"address {address!r} contains whitespace; expected "
+                f"{BOOTSTRAP_SERVERS_FORM}"
+            )
         problem = _bootstrap_address_problem(address)
         if problem:
             raise ValueError(
                 f"address {address!r} {problem}; expected {BOOTSTRAP_SERVERS_FORM}"
             )
-    return value
+    return ",".join(addresses)
 
 
 def _bootstrap_address_problem(address: str) -> str:

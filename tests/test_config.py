@@ -547,7 +547,7 @@ def test_reader_illegal_kafka_topics_rejected(clean_environment):
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
-        ("host without port", "it contains whitespace"),
+        ("host without port", "address 'host without port' contains whitespace"),
         ("broker", "address 'broker' has no port"),
         ("broker:9092,", "address '' has an empty host"),
         ("127.0.0.1:99999", "port '99999' is not a number from 1 to 65535"),
@@ -563,6 +563,16 @@ def test_kafka_invalid_bootstrap_servers_named(clean_environment, value, problem
     assert f"KAFKA_BOOTSTRAP_SERVERS={value!r} is invalid" in text
     assert problem in text
     assert "expected HOST:PORT[,HOST:PORT...]" in text
+
+
+def test_kafka_bootstrap_servers_spaces_after_commas_dropped(clean_environment):
+    clean_environment.setenv(
+        "KAFKA_BOOTSTRAP_SERVERS", " broker-0:9092, broker-1:9092 "
+    )
+
+    settings = load_settings(KafkaSettings)
+
+    assert settings.bootstrap_servers == "broker-0:9092,broker-1:9092"
 
 
 @pytest.mark.parametrize(
