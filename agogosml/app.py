@@ -129,6 +129,12 @@ class AppSettings(BaseSettings):
     log_level: LogLevel = Field(
         "INFO", description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR, any case."
     )
+    shutdown_timeout_ms: int = Field(
+        30000,
+        ge=0,
+        description="APP_SHUTDOWN_TIMEOUT_MS: How long requests in progress may "
+        "take after SIGTERM or SIGINT, in milliseconds; the rest get no response.",
+    )
 
 
 class _Reject(Exception):
@@ -163,7 +169,13 @@ class ModelApp:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         async with self.running(settings) as app:
-            runner = await start_site(app, settings.host, settings.port, "APP_")
+            runner = await start_site(
+                app,
+                settings.host,
+                settings.port,
+                "APP_",
+                shutdown_timeout_seconds=settings.shutdown_timeout_ms / 1000,
+            )
             logger.info("%s started", self._name, extra={"port": bound_port(runner)})
             try:
                 await stop.wait()

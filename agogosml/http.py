@@ -5,15 +5,22 @@ from __future__ import annotations
 import hmac
 import importlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agogosml.metrics import REJECTED_REQUESTS
 
 logger = logging.getLogger(__name__)
+#: Logger given to aiohttp's request handlers in place of "aiohttp.server".
+server_logger = logging.getLogger(f"{__name__}.server")
+#: How many malformed requests are logged per `MALFORMED_LOG_INTERVAL_SECONDS`.
+MALFORMED_LOG_LIMIT = 10
+MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -190,17 +197,86 @@ def import_object(spec: str, setting: str) -> Any:
         ) from exc
 
 
+class MalformedRequestFilter(logging.Filter):
+    """Turn aiohttp's ERROR traceback for a malformed request into one WARNING.
+
+    aiohttp 3.14 responds to a request it cannot parse (an invalid
+    Content-Length, a header line over 8190 bytes, more than 100 headers) with
+    a plain-text 400 and logs it with ``logger.exception``, so any client could
+    fill the log with tracebacks. This filter rewrites those records to one
+    line. It passes at most `limit` of them per `interval_seconds`, and the
+    next line it passes counts the ones dropped. Other records, such as
+    exceptions raised by handlers, pass unchanged.
+    """
+
+    def __init__(
+        self,
+        limit: int = MALFORMED_LOG_LIMIT,
+        interval_seconds: float = MALFORMED_LOG_INTERVAL_SECONDS,
+    ) -> None:
+        super().__init__()
+        self._limit = limit
+        self._interval = interval_seconds
+        self._window_start = float("-inf")
+        self._logged = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a malformed-request record; return False to drop it."""
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._window_start >= self._interval:
+            self._window_start = now
+            self._logged = 0
+        if self._logged >= self._limit:
+            self._dropped += 1
+            return False
+        self._logged += 1
+        remote = (
+            record.args[0] if isinstance(record.args, tuple) and record.args else None
+        )
+        record.msg = "malformed HTTP request from %s rejected with %d: %s"
+        record.args = (remote, error.code, error.message)
+        if self._dropped:
+            record.msg += " (%d more were not logged)"
+            record.args += (self._dropped,)
+            self._dropped = 0
+        record.levelno = logging.WARNING
+        record.levelname = logging.getLevelName(logging.WARNING)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+server_logger.addFilter(MalformedRequestFilter())
+
+
 async def start_site(
-    app: web.Application, host: str, port: int, prefix: str
+    app: web.Application,
+    host: str,
+    port: int,
+    prefix: str,
+    *,
+    shutdown_timeout_seconds: float,
 ) -> web.AppRunner:
     """Start serving `app` on host:port and return its runner (for cleanup).
 
     `prefix` names the settings (``READER_``...) in the error raised when the
-    address cannot be bound.
+    address cannot be bound. ``runner.cleanup()`` waits at most
+    `shutdown_timeout_seconds` for requests in progress, then cancels them;
+    aiohttp's own default is 60 s.
     """
     from agogosml.errors import ConfigurationError
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout_seconds,
+        logger=server_logger,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

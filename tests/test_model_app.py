@@ -815,7 +815,9 @@ async def test_client_disconnect_logged_once_debug(caplog):
         async with ModelApp(double_amount).running(settings) as app:
             # start_site, as in production: aiohttp's TestServer cancels the
             # handler of a lost connection, so it never logs the disconnect.
-            runner = await start_site(app, "127.0.0.1", 0, "APP_")
+            runner = await start_site(
+                app, "127.0.0.1", 0, "APP_", shutdown_timeout_seconds=1.0
+            )
             try:
                 for _ in range(3):
                     await send_partial_body(bound_port(runner))

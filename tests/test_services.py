@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,3 +147,89 @@ def test_reader_reads_stdin_lines_as_they_arrive(tmp_path: Path) -> None:
 
     assert exit_code == 0
     assert len(dead_letter.read_bytes().splitlines()) == 3
+
+
+def start_writer(output: Path, timeout_ms: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a file-sink writer process and wait until it serves /healthz."""
+    port = free_port()
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
+    }
+    env = {
+        "WRITER_OUTPUT": str(output),
+        "WRITER_PORT": str(port),
+        "WRITER_SHUTDOWN_TIMEOUT_MS": str(timeout_ms),
+    }
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "agogosml.writer"],
+        env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while http_status(f"http://127.0.0.1:{port}/healthz") != 200:
+        assert writer.poll() is None, "the writer exited during start-up"
+        assert time.monotonic() < deadline, "the writer did not start"
+        time.sleep(0.1)
+    return writer, port
+
+
+def open_request(port: int, body_length: int, sent: bytes) -> socket.socket:
+    """Send a POST / head announcing `body_length` bytes, then only `sent`."""
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (body_length, sent)
+    )
+    return connection
+
+
+def stop_and_time(writer: subprocess.Popen[bytes]) -> float:
+    """Send SIGTERM and return the seconds until the process exited."""
+    started = time.monotonic()
+    writer.send_signal(signal.SIGTERM)
+    try:
+        writer.wait(15)
+    except subprocess.TimeoutExpired:
+        writer.kill()
+        writer.wait()
+    return time.monotonic() - started
+
+
+def test_writer_stops_with_fifo_unread(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    writer, port = start_writer(fifo, timeout_ms=1000)
+    value = b'"' + b"x" * 200_000 + b'"'
+    connections = [open_request(port, len(value), value) for _ in range(3)]
+    time.sleep(0.5)  # the pipe buffer fills and the write blocks
+
+    elapsed = stop_and_time(writer)
+    assert writer.stderr is not None
+    log = writer.stderr.read().decode()
+    writer.stderr.close()
+    responses = [connection.recv(100) for connection in connections]
+    for connection in connections:
+        connection.close()
+
+    assert elapsed < 4, log
+    assert "records still in flight after 1.0 s" in log
+    assert "the sink did not stop within" in log
+    assert all(not response.startswith(b"HTTP/1.1 2") for response in responses)
+
+
+def test_writer_stops_with_half_sent_body(tmp_path: Path) -> None:
+    writer, port = start_writer(tmp_path / "out.jsonl", timeout_ms=1000)
+    connection = open_request(port, 1000, b'{"half": "')
+    time.sleep(0.2)
+
+    elapsed = stop_and_time(writer)
+    connection.close()
+    assert writer.stderr is not None
+    log = writer.stderr.read().decode()
+    writer.stderr.close()
+
+    assert elapsed < 4, log
+    assert writer.returncode == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == b""

@@ -16,7 +16,12 @@ from fakes import MemorySink, disconnect_records, send_partial_body
 from agogosml.config import WriterSettings
 from agogosml.envelope import Envelope, trace_id
 from agogosml.errors import SinkError
-from agogosml.http import bound_port, start_site
+from agogosml.http import (
+    MalformedRequestFilter,
+    bound_port,
+    server_logger,
+    start_site,
+)
 from agogosml.logs import JsonFormatter
 from agogosml.transports.file import FileSink
 from agogosml.writer.service import OutputWriter
@@ -666,7 +671,9 @@ async def test_client_disconnect_logged_once_debug(caplog):
     writer = OutputWriter(WriterSettings(output="memory"), sink)
     # start_site, as in production: aiohttp's TestServer cancels the handler
     # of a lost connection, so it never logs the disconnect.
-    runner = await start_site(writer.build_app(), "127.0.0.1", 0, "WRITER_")
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
 
     try:
         for _ in range(3):
@@ -779,3 +786,62 @@ async def test_post_one_repeated_record_header_400():
     assert status == 400
     assert "header X-Record-Header-foo is sent more than once" in body["error"]
     assert sink.envelopes == []
+
+
+async def send_raw_request(port: int, request: bytes) -> bytes:
+    """Send raw bytes as a request and return the whole response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return response
+
+
+MALFORMED_REQUESTS = {
+    "bad Content-Length": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+    "long header": b"GET /healthz HTTP/1.1\r\nX-Long: %s\r\n\r\n" % (b"a" * 9000),
+    "101 headers": b"GET /healthz HTTP/1.1\r\n"
+    + b"".join(b"X-H%d: v\r\n" % n for n in range(101))
+    + b"\r\n",
+}
+
+
+async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter(limit=2)])
+    writer = OutputWriter(WriterSettings(output="memory"), await started_sink())
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
+
+    try:
+        responses = [
+            await send_raw_request(bound_port(runner), request)
+            for request in MALFORMED_REQUESTS.values()
+        ]
+    finally:
+        await runner.cleanup()
+
+    for response in responses:
+        status_line = response.split(b"\r\n", 1)[0]
+        assert status_line.endswith(b" 400 Bad Request")
+    logged = [r for r in caplog.records if r.name == server_logger.name]
+    assert len(logged) == 2
+    for record in logged:
+        assert record.levelno == logging.WARNING
+        assert record.exc_info is None
+        assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1")
+    assert "Content-Length" in logged[0].getMessage()
+
+
+def test_malformed_filter_passes_other_errors():
+    log_filter = MalformedRequestFilter(limit=1, interval_seconds=0.0)
+    error = ValueError("not a parse error")
+    unrelated = logging.LogRecord(
+        "x", logging.ERROR, "f", 1, "handler failed", None, (ValueError, error, None)
+    )
+
+    assert log_filter.filter(unrelated) is True
+    assert unrelated.levelno == logging.ERROR
+    assert unrelated.exc_info is not None

@@ -50,7 +50,10 @@ async def serve_reader(settings: ReaderSettings) -> None:
             and not reader.setup_error
         ),
     )
-    runner = await start_site(app, settings.host, settings.port, "READER_")
+    # Only health and metrics requests are served, which finish quickly.
+    runner = await start_site(
+        app, settings.host, settings.port, "READER_", shutdown_timeout_seconds=1.0
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, reader.request_stop)

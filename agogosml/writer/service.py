@@ -57,6 +57,9 @@ BATCH_FIELDS = ("headers", "id", "key", "key_encoding", "traceparent", "value")
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+#: Time that shutdown steps after the drain get even when the drain used all of
+#: WRITER_SHUTDOWN_TIMEOUT_MS, so that finished requests can still respond.
+SHUTDOWN_GRACE_SECONDS = 0.5
 
 Tap = Callable[[Sequence[Envelope]], Any]
 
@@ -494,7 +497,14 @@ def _decode_key(key: str | None, encoding: str) -> bytes | None:
 
 
 async def serve_writer(settings: WriterSettings) -> None:
-    """Run the writer until SIGTERM/SIGINT, then drain and flush the sink."""
+    """Run the writer until SIGTERM/SIGINT, then drain and flush the sink.
+
+    The shutdown takes at most WRITER_SHUTDOWN_TIMEOUT_MS plus three times
+    `SHUTDOWN_GRACE_SECONDS`: aiohttp 3.14 waits up to that grace for requests
+    in progress and as long again after it cancels them, and the sink gets
+    the time left, or the grace if none is left. Requests cut off get no 2xx
+    response.
+    """
     tap = import_object(settings.tap, "WRITER_TAP") if settings.tap else None
     sink = build_sink(settings.sink, settings.output, fsync=settings.fsync)
     writer = OutputWriter(settings, sink, tap)
@@ -502,9 +512,17 @@ async def serve_writer(settings: WriterSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with sink:
+    timeout_seconds = settings.shutdown_timeout_ms / 1000
+    deadline = loop.time() + timeout_seconds
+
+    await sink.start()
+    try:
         runner = await start_site(
-            writer.build_app(), settings.host, settings.port, "WRITER_"
+            writer.build_app(),
+            settings.host,
+            settings.port,
+            "WRITER_",
+            shutdown_timeout_seconds=SHUTDOWN_GRACE_SECONDS,
         )
         logger.info(
             "output writer started",
@@ -517,7 +535,23 @@ async def serve_writer(settings: WriterSettings) -> None:
         try:
             await stop.wait()
             logger.info("stop requested; finishing in-flight writes")
-            await writer.drain(settings.shutdown_timeout_ms / 1000)
+            deadline = loop.time() + timeout_seconds
+            await writer.drain(timeout_seconds)
         finally:
             await runner.cleanup()
+    finally:
+        await _stop_sink(sink, deadline - loop.time())
     logger.info("output writer stopped")
+
+
+async def _stop_sink(sink: Sink, remaining_seconds: float) -> None:
+    """Stop `sink`, giving up after the shutdown time left (or the grace time)."""
+    timeout_seconds = max(remaining_seconds, SHUTDOWN_GRACE_SECONDS)
+    try:
+        await asyncio.wait_for(sink.stop(), timeout_seconds)
+    except TimeoutError:
+        logger.error(
+            "the sink did not stop within %.1f s; records it had not written "
+            "are lost, and their requests got no 2xx response",
+            timeout_seconds,
+        )

@@ -9,8 +9,9 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import Sequence
-from typing import BinaryIO
+import threading
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, TypeVar
 
 import orjson
 
@@ -20,6 +21,8 @@ from agogosml.errors import SinkError
 from agogosml.transports.base import Sink
 
 logger = logging.getLogger(__name__)
+
+ResultT = TypeVar("ResultT")
 
 #: How often a sink whose last write failed checks whether it can write again.
 RETRY_INTERVAL_SECONDS = 1.0
@@ -147,7 +150,7 @@ class FileSink(Sink):
             lines, self._buffer = self._buffer, []
             waiters, self._waiters = self._waiters, []
             try:
-                await asyncio.to_thread(self._write, b"".join(lines))
+                await run_in_daemon_thread(self._write, b"".join(lines))
             except OSError as exc:
                 logger.error("writing %s failed: %s", self._path, exc)
                 error = SinkError(f"writing output file {self._path!r} failed: {exc}")
@@ -189,7 +192,7 @@ class FileSink(Sink):
         while self._failure is not None and self._file is not None:
             await asyncio.sleep(self._retry_interval)
             try:
-                await asyncio.to_thread(self._check_writable)
+                await run_in_daemon_thread(self._check_writable)
             except OSError as exc:
                 self._failure = f"writing output file {self._path!r} failed: {exc}"
                 continue
@@ -215,6 +218,43 @@ class FileSink(Sink):
             logger.error(
                 "cutting %s back after a failed write failed: %s", self._path, exc
             )
+
+
+async def run_in_daemon_thread(
+    function: Callable[..., ResultT], *args: object
+) -> ResultT:
+    """Run a blocking call in a new daemon thread and return its result.
+
+    ``asyncio.to_thread`` uses the default executor, whose threads the
+    interpreter joins at exit. A write to a FIFO that no process reads blocks
+    until one does, so in that executor it would keep the service from
+    exiting after its shutdown timeout. A daemon thread is abandoned at exit.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[ResultT] = loop.create_future()
+
+    def deliver(result: ResultT | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome: tuple[ResultT | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        try:
+            loop.call_soon_threadsafe(deliver, *outcome)
+        except RuntimeError:
+            pass  # the event loop closed while the call ran
+
+    threading.Thread(target=run, name="file-sink-io", daemon=True).start()
+    return await future
 
 
 def encode_line(envelope: Envelope) -> bytes:

@@ -24,6 +24,10 @@ DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 #: before it compares a record with ``message.max.bytes``
 #: (``RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`` in librdkafka 2.16).
 RECORD_OVERHEAD_BYTES = 36
+#: Maximum time `KafkaSink.stop` waits for outstanding deliveries.
+FLUSH_TIMEOUT_SECONDS = 30.0
+#: Length of one blocking flush call while stopping.
+FLUSH_STEP_SECONDS = 0.1
 
 
 class KafkaSink(Sink):
@@ -92,10 +96,15 @@ class KafkaSink(Sink):
             self._producer.poll(0.1)
 
     async def stop(self) -> None:
-        """Flush outstanding records, then stop the polling thread."""
+        """Flush outstanding records for up to 30 s, then stop the polling thread.
+
+        The flush runs in steps of `FLUSH_STEP_SECONDS`, so a caller that
+        cancels `stop` at its own shutdown deadline does not leave a thread
+        flushing behind, which would delay the exit of the process.
+        """
         if self._producer is None:
             return
-        remaining = await asyncio.to_thread(self._producer.flush, 30)
+        remaining = await self._flush(FLUSH_TIMEOUT_SECONDS)
         self._running = False
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join)
@@ -103,6 +112,17 @@ class KafkaSink(Sink):
             logger.error("%d records were not delivered before shutdown", remaining)
         self._producer = None
         logger.info("kafka sink stopped", extra={"topic": self._topic})
+
+    async def _flush(self, timeout_seconds: float) -> int:
+        """Flush the producer; return how many records are still undelivered."""
+        assert self._producer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while True:
+            step = min(FLUSH_STEP_SECONDS, max(deadline - loop.time(), 0))
+            remaining = await asyncio.to_thread(self._producer.flush, step)
+            if remaining == 0 or loop.time() >= deadline:
+                return int(remaining)
 
     async def send(self, envelopes: Sequence[Envelope]) -> None:
         """Produce every envelope and wait for all acknowledgements.
