@@ -25,10 +25,22 @@ MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def add_health_routes(app: web.Application, is_ready: Callable[[], bool]) -> None:
-    """Add ``/healthz`` (process alive), ``/readyz`` and ``/metrics`` to `app`."""
+def add_health_routes(
+    app: web.Application,
+    is_ready: Callable[[], bool],
+    failure: Callable[[], str | None] = lambda: None,
+) -> None:
+    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to `app`.
+
+    ``/healthz`` answers 503 with the reason while `failure` returns one: an
+    error that only a restart clears, so that a liveness probe restarts the
+    process.
+    """
 
     async def healthz(request: web.Request) -> web.Response:
+        reason = failure()
+        if reason:
+            return web.json_response({"status": "failed", "error": reason}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:

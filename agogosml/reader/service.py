@@ -49,6 +49,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
             and not reader.dead_letter_failing
             and not reader.setup_error
         ),
+        lambda: source.failure or dead_letter.failure,
     )
     # Only health and metrics requests are served, which finish quickly.
     runner = await start_site(

@@ -34,6 +34,11 @@ class _Lifecycle(abc.ABC):
     async def stop(self) -> None:
         """Disconnect."""
 
+    @property
+    def failure(self) -> str | None:
+        """Why the transport cannot recover without a restart, or None."""
+        return None
+
 
 class Source(_Lifecycle):
     """A stream of messages that commits only finished messages.

@@ -108,7 +108,7 @@ class OutputWriter:
         app[MAX_BODY_BYTES] = self._settings.max_body_bytes
         app.router.add_post("/", self.post_one)
         app.router.add_post("/batch", self.post_batch)
-        add_health_routes(app, lambda: self.ready)
+        add_health_routes(app, lambda: self.ready, lambda: self._sink.failure)
         return app
 
     async def post_one(self, request: web.Request) -> web.Response:

@@ -48,6 +48,11 @@ class KafkaSink(Sink):
         self._health = BrokerHealth("producer", settings.resolved_bootstrap_servers())
 
     @property
+    def failure(self) -> str | None:
+        """The fatal client error, after which only a restart helps, or None."""
+        return self._health.describe_down() if self._health.fatal else None
+
+    @property
     def connected(self) -> bool:
         """Whether the producer runs and has a broker connection."""
         return self._producer is not None and self._health.up

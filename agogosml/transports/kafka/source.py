@@ -51,6 +51,11 @@ class KafkaSource(TrackedSource):
         self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
 
     @property
+    def failure(self) -> str | None:
+        """The fatal client error, after which only a restart helps, or None."""
+        return self._health.describe_down() if self._health.fatal else None
+
+    @property
     def connected(self) -> bool:
         """Whether the consumer runs and has a broker connection."""
         return self._consumer is not None and self._health.up

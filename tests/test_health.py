@@ -1,0 +1,59 @@
+"""/healthz fails on an error that only a restart clears, so liveness probes act."""
+
+from __future__ import annotations
+
+from aiohttp.test_utils import TestClient, TestServer
+from confluent_kafka import KafkaError
+from fakes import MemorySink
+
+from agogosml.config import KafkaSettings, WriterSettings, load_settings
+from agogosml.transports.kafka import KafkaSink, KafkaSource
+from agogosml.writer.service import OutputWriter
+
+FAILURE = "the kafka producer failed for good (boom); restart the service"
+
+
+class FailedSink(MemorySink):
+    """A started sink that reports a failure only a restart clears."""
+
+    @property
+    def failure(self) -> str | None:
+        return FAILURE
+
+
+async def health_of(sink: MemorySink) -> tuple[int, dict]:
+    await sink.start()
+    settings = load_settings(WriterSettings, output="unused.jsonl")
+    writer = OutputWriter(settings, sink)
+    async with TestClient(TestServer(writer.build_app())) as client:
+        response = await client.get("/healthz")
+        return response.status, await response.json()
+
+
+async def test_writer_healthz_fails_on_sink_failure() -> None:
+    status, body = await health_of(FailedSink())
+
+    assert status == 503
+    assert body == {"status": "failed", "error": FAILURE}
+
+
+async def test_writer_healthz_ok_without_failure() -> None:
+    status, body = await health_of(MemorySink())
+
+    assert status == 200
+    assert body == {"status": "ok"}
+
+
+def test_kafka_clients_report_fatal_error() -> None:
+    settings = load_settings(KafkaSettings, bootstrap_servers="127.0.0.1:9092")
+    sink = KafkaSink(settings, "scores")
+    source = KafkaSource(settings, ["transactions"])
+    assert sink.failure is None
+    assert source.failure is None
+
+    fatal = KafkaError(KafkaError._FATAL, "producer fenced", fatal=True)
+    sink._health.on_error(fatal)
+    source._health.on_error(fatal)
+
+    assert sink.failure is not None and "restart the service" in sink.failure
+    assert source.failure is not None and "producer fenced" in source.failure
