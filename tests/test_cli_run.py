@@ -293,6 +293,12 @@ def is_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _default_sigint() -> None:
+    # A shell that starts a job in the background makes it ignore SIGINT, and
+    # Python then installs no KeyboardInterrupt handler: restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def running_cli(tmp_path: Path, fraud_model: Path) -> Iterator[subprocess.Popen[str]]:
     """Start a file run that would take far longer than a test; kill it at exit."""
@@ -309,6 +315,7 @@ def running_cli(tmp_path: Path, fraud_model: Path) -> Iterator[subprocess.Popen[
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         yield process
