@@ -32,7 +32,7 @@ def add_health_routes(
 ) -> None:
     """Add ``/healthz``, ``/readyz`` and ``/metrics`` to `app`.
 
-    ``/healthz`` answers 503 with the reason while `failure` returns one: an
+    ``/healthz`` returns 503 with the reason while `failure` returns one: an
     error that only a restart clears, so that a liveness probe restarts the
     process.
     """

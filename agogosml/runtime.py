@@ -43,10 +43,10 @@ def run_service(
 
 
 def check_arguments(program: str, settings_class: type[BaseSettings]) -> None:
-    """Answer ``--help``, and reject arguments: a service reads only its environment.
+    """Print the usage for ``--help`` and reject any other command-line argument.
 
-    Exits 0 after printing the usage for ``-h`` or ``--help``, and 2 for any
-    other argument.
+    A service reads its configuration only from the environment. Exits 0 after
+    printing the usage for ``-h`` or ``--help``, and 2 for any other argument.
     """
     arguments = sys.argv[1:]
     if not arguments:

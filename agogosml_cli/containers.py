@@ -431,7 +431,7 @@ def up(
 
 @dataclasses.dataclass(frozen=True)
 class Removed:
-    """What ``down`` removed: engine names of containers, networks and volumes."""
+    """Engine names of the containers, networks and volumes that ``down`` removed."""
 
     containers: list[str]
     networks: list[str]

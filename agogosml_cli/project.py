@@ -58,7 +58,7 @@ class Outcome:
         template_version: The template version now recorded in the project.
         changed: Paths (relative to the repository root) that changed.
         commit: The commit of a first render, if one was made.
-        repository: The root of the git work tree that holds the commit.
+        repository: The root of the git work tree that contains the commit.
         identity_fallback: True when git had no user identity, so the first
             render was committed as "agogosml <agogosml@localhost>".
     """

@@ -259,7 +259,7 @@ class FraudModel:
 
     @staticmethod
     def is_current(path: str | os.PathLike[str]) -> bool:
-        """Tell whether ``path`` holds a model file of the current format.
+        """Return whether ``path`` contains a model file of the current format.
 
         False for a missing or unreadable file, and for a file of an older
         format, which ``load`` still reads but serves with scikit-learn.

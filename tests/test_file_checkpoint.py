@@ -21,7 +21,7 @@ async def test_checkpoint_past_end_of_input_rejected(tmp_path: Path) -> None:
         await source.start()
 
     message = str(error.value)
-    assert "offset 999999, past the end of" in message
+    assert "contains offset 999999, past the end of" in message
     assert "(9 bytes)" in message
     assert "delete the checkpoint" in message
     assert not source.connected

@@ -939,7 +939,7 @@ def test_generate_names_enclosing_repository(tmp_path: Path) -> None:
     result = generate(manifest, "--output", str(project))
 
     assert result.exit_code == 0, result.output
-    assert f"git repository at {tmp_path.resolve()}, which holds" in result.output
+    assert f"git repository at {tmp_path.resolve()}, which contains" in result.output
     assert git(tmp_path, "log", "--format=%s").startswith("Generate fraud-scoring")
 
 

@@ -85,14 +85,14 @@ class FileSource(TrackedSource):
         )
 
     def _check_offset_in_file(self, file: BinaryIO) -> None:
-        """Refuse a checkpoint past the end: the input changed since it was written."""
+        """Reject a checkpoint past the end, because the input changed since then."""
         status = os.fstat(file.fileno())
         size = status.st_size
         if stat.S_ISREG(status.st_mode) and self._offset > size:
             file.close()
             self._file = None
             raise SourceError(
-                f"checkpoint file {str(self._checkpoint)!r} holds offset "
+                f"checkpoint file {str(self._checkpoint)!r} contains offset "
                 f"{self._offset}, past the end of {self._path!r} ({size} bytes), so "
                 "the input was truncated or replaced after the checkpoint. Restore "
                 "the input, or delete the checkpoint to read it from the beginning",
