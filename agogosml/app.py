@@ -42,6 +42,7 @@ from agogosml.http import (
     error_response,
     header_for_log,
     http_error_middleware,
+    json_response,
     read_body,
     start_site,
 )
@@ -218,7 +219,7 @@ class ModelApp:
         assert self._writer_queue is not None
         await self._writer_queue.write(element)
         MESSAGES_OUT.labels(SERVICE).inc()
-        return web.json_response({"status": 200})
+        return json_response({"status": 200})
 
     async def _post_batch(self, request: web.Request) -> web.Response:
         items = _decode(await read_body(request))
@@ -234,7 +235,7 @@ class ModelApp:
             await self._forward_chunk(items, chunk, statuses)
         written = sum(1 for status in statuses if status["status"] == 200)
         MESSAGES_OUT.labels(SERVICE).inc(written)
-        return web.json_response({"results": statuses})
+        return json_response({"results": statuses})
 
     def _encode_outputs(
         self,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import random
 import re
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MESSAGE_ID_HEADER = "message-id"
 TRACEPARENT_HEADER = "traceparent"
@@ -16,11 +18,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 _ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACEPARENT_LENGTH = 55
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(NamedTuple):
     """Source position of a message: enough for the source to commit past it.
+
+    A named tuple rather than a frozen dataclass: a source makes one per message,
+    and a tuple is built in a third of the time.
 
     Attributes:
         topic: Topic name, or the file path for file sources.
@@ -74,10 +81,19 @@ class Envelope:
         position: Position | None,
     ) -> Envelope:
         """Build an envelope from a raw record, lifting out the id and trace context."""
+        if not headers:
+            return cls(
+                value=value,
+                key=key,
+                headers=[],
+                id=_position_id(position) if position else new_id(),
+                traceparent=new_traceparent(),
+                position=position,
+            )
         message_id = ""
         parent = ""
         rest = []
-        for name, raw in headers or ():
+        for name, raw in headers:
             lowered = name.lower()
             if lowered == MESSAGE_ID_HEADER and raw:
                 message_id = _header_safe_id(raw)
@@ -139,7 +155,9 @@ _ids = random.Random(os.urandom(32))
 
 def _random_hex(bits: int) -> str:
     """Return a random non-zero number of `bits` bits as lower-case hex digits."""
-    return f"{_ids.getrandbits(bits) or 1:0{bits // 4}x}"
+    digits = _ids.randbytes(bits // 8).hex()
+    # All zeros is not a valid trace id, span id or message id.
+    return digits if digits.strip("0") else _random_hex(bits)
 
 
 def new_id() -> str:
@@ -148,8 +166,16 @@ def new_id() -> str:
 
 
 def _position_id(position: Position) -> str:
+    if _is_plain(position.topic):
+        return f"{position.topic}:{position.partition}:{position.offset}"
     text = f"{position.topic}:{position.partition}:{position.offset}"
     return _header_safe_id(text.encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _is_plain(topic: str) -> bool:
+    """Return whether `_header_safe_id` keeps an id that starts with `topic`."""
+    return bool(_PRINTABLE_ASCII.fullmatch(topic.encode())) and topic == topic.strip()
 
 
 def new_traceparent() -> str:
@@ -163,11 +189,15 @@ def child_traceparent(parent: str) -> str:
     A missing or malformed parent starts a new trace, as the W3C Trace Context
     recommendation requires of a receiver.
     """
-    match = _TRACEPARENT.match(parent.strip().lower()) if parent else None
-    # All zeros is not a valid trace id or parent id.
-    if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
+    # Most parents were written by another agogosml service, in canonical form.
+    if len(parent) != _TRACEPARENT_LENGTH or _TRACEPARENT.match(parent) is None:
+        parent = parent.strip().lower()
+        if _TRACEPARENT.match(parent) is None:
+            return new_traceparent()
+    if parent[3:35] == _ZERO_TRACE or parent[36:52] == _ZERO_SPAN:
         return new_traceparent()
-    return f"00-{match.group(1)}-{_random_hex(64)}-{match.group(3)}"
+    # Keep "00-<trace id>-" and "-<flags>"; the span id between them is new.
+    return f"{parent[:36]}{_random_hex(64)}{parent[52:]}"
 
 
 def trace_id(traceparent: str) -> str | None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -181,6 +182,17 @@ def _served_routes(app: web.Application) -> list[str]:
         if route.resource is not None and route.method != "HEAD"
     }
     return sorted(routes, key=lambda route: route.split(" ")[::-1])
+
+
+def json_response(document: Any, status: int = 200) -> web.Response:
+    """Return `document` as a JSON response, encoded with orjson.
+
+    aiohttp's own `json_response` encodes with the standard library, which costs
+    more than the rest of a batch response together.
+    """
+    return web.Response(
+        body=orjson.dumps(document), status=status, content_type="application/json"
+    )
 
 
 def error_response(

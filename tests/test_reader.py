@@ -11,6 +11,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import json
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -710,6 +711,16 @@ async def test_batch_wrong_result_count_not_accepted():
     assert "1 results for a batch of 2" in context["dlq.error"]
 
 
+async def reject_invalid_json(received: Received) -> web.Response:
+    """Answer like a model app: 400 for a body that is not JSON, else 200."""
+    try:
+        # The standard library, because it accepts integers of any size.
+        json.loads(received.body)
+    except ValueError:
+        return status_response(400, "request body is not valid JSON")
+    return status_response(200)
+
+
 async def test_batch_non_json_value_dead_lettered():
     source = MemorySource(TOPIC)
     source.add(b'{"n": 0}')
@@ -717,18 +728,54 @@ async def test_batch_non_json_value_dead_lettered():
     source.add(b'{"n": 2}')
     dead_letter = MemorySink()
 
-    async with stub_app() as app:
+    async with stub_app(reject_invalid_json) as app:
         settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
         await run_reader(settings, source, dead_letter)
 
-    assert len(app.requests) == 1
-    items = app.requests[0].json()
-    assert [item["value"] for item in items] == [{"n": 0}, {"n": 2}]
+    # The first request carries all three values and is refused as a whole;
+    # the second goes without the value that is not JSON.
+    assert len(app.requests) == 2
+    assert [item["value"] for item in app.requests[1].json()] == [{"n": 0}, {"n": 2}]
     assert [record.value for record in dead_letter.envelopes] == [b"not json"]
     context = dead_letter_headers(dead_letter.envelopes[0])
     assert context["dlq.status"] == "400"
     assert "not valid JSON" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_batch_of_valid_values_refused_whole_is_not_sent_again():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}')
+    source.add(b'{"n": 1}')
+    dead_letter = MemorySink()
+
+    async def refuse(received: Received) -> web.Response:
+        return status_response(400, "this app refuses every batch")
+
+    async with stub_app(refuse) as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    assert len(dead_letter.envelopes) == 2
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert "this app refuses every batch" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_batch_value_with_integer_beyond_double_range_is_sent():
+    source = MemorySource(TOPIC)
+    huge = b'{"n": 1' + b"0" * 400 + b"}"
+    source.add(huge)
+    source.add(b"not json")
+    dead_letter = MemorySink()
+
+    async with stub_app(reject_invalid_json) as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert huge in app.requests[-1].body
+    assert [record.value for record in dead_letter.envelopes] == [b"not json"]
 
 
 # ---------------------------------------------------------------------------

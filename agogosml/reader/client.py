@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from agogosml import exact_json
 from agogosml.envelope import Envelope
 from agogosml.errors import is_retriable_status
 from agogosml.metrics import REQUEST_SECONDS
@@ -111,26 +112,30 @@ class AppClient:
         return Outcome(status, error or _error_text(status, body))
 
     async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
-        # A value that is not JSON would make the whole array invalid, so it is
-        # rejected here and the rest of the batch goes on without it.
-        outcomes: list[Outcome | None] = [None] * len(envelopes)
-        valid = []
-        for index, envelope in enumerate(envelopes):
-            try:
-                orjson.loads(envelope.value)
-            except orjson.JSONDecodeError as exc:
-                outcomes[index] = Outcome(
-                    400, f"message value is not valid JSON: {exc}"
-                )
-            else:
-                valid.append(index)
-        if valid:
-            sent = await self._post_batch([envelopes[index] for index in valid])
-            for index, outcome in zip(valid, sent, strict=True):
-                outcomes[index] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
+        """Send a batch; a value that is not JSON is answered 400 on its own.
 
-    async def _post_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        Values go into the JSON array unchecked, because checking each one costs
+        as much as decoding it. A value that is not JSON makes the whole array
+        invalid, so only when the app rejects a whole batch with 400 are the
+        values checked, and the batch sent again without the invalid ones.
+        """
+        outcomes, whole = await self._post_batch(envelopes)
+        if not whole or outcomes[0].status != 400:
+            return outcomes
+        checked: list[Outcome | None] = [_json_problem(e.value) for e in envelopes]
+        valid = [index for index, problem in enumerate(checked) if problem is None]
+        if len(valid) == len(envelopes):
+            return outcomes
+        if valid:
+            sent, _ = await self._post_batch([envelopes[index] for index in valid])
+            for index, outcome in zip(valid, sent, strict=True):
+                checked[index] = outcome
+        return [outcome for outcome in checked if outcome is not None]
+
+    async def _post_batch(
+        self, envelopes: Sequence[Envelope]
+    ) -> tuple[list[Outcome], bool]:
+        """Post one batch; return the outcomes and whether the app refused it whole."""
         items = []
         for envelope in envelopes:
             key, key_is_base64 = envelope.key_text()
@@ -147,10 +152,9 @@ class AppClient:
         headers = {"Content-Type": "application/json"}
         status, response, error = await self._post(self._url + "/batch", body, headers)
         if not 200 <= status < 300:
-            return [Outcome(status, error or _error_text(status, response))] * len(
-                envelopes
-            )
-        return _per_item_outcomes(status, response, len(envelopes))
+            outcome = Outcome(status, error or _error_text(status, response))
+            return [outcome] * len(envelopes), True
+        return _per_item_outcomes(status, response, len(envelopes)), False
 
     async def _post(
         self, url: str, body: bytes, headers: dict[str, str]
@@ -176,6 +180,24 @@ class AppClient:
                 return 200 <= response.status < 300
         except (TimeoutError, aiohttp.ClientError):
             return False
+
+
+def _json_problem(value: bytes) -> Outcome | None:
+    """Return a 400 outcome for a message value that is not JSON, else None."""
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        # orjson rejects an integer beyond the range of a double, which is
+        # valid JSON and which the app may decode exactly.
+        if "infinity" in str(exc):
+            try:
+                exact_json.loads_exact(value)
+            except ValueError:
+                pass
+            else:
+                return None
+        return Outcome(400, f"message value is not valid JSON: {exc}")
+    return None
 
 
 def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:

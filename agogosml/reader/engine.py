@@ -164,6 +164,8 @@ class InputReader:
                 paused = should_pause
                 logger.debug("fetching %s", "paused" if paused else "resumed")
             envelopes = await self._source.fetch(max(1, min(capacity, 500)), 0.1)
+            if envelopes:
+                self._messages_in.inc(len(envelopes))
             for envelope in envelopes:
                 self._admit(envelope)
 
@@ -311,11 +313,12 @@ class InputReader:
                     envelope = await asyncio.wait_for(lane.queue.get(), remaining)
                 except TimeoutError:
                     break
-            if size + _request_size(envelope) > self._settings.batch_max_bytes:
+            envelope_size = _request_size(envelope)
+            if size + envelope_size > self._settings.batch_max_bytes:
                 lane.carry.append(envelope)
                 break
             batch.append(envelope)
-            size += _request_size(envelope)
+            size += envelope_size
         return batch
 
     async def _deliver(self, batch: list[Envelope]) -> None:
@@ -486,7 +489,6 @@ class InputReader:
 
     def _track_start(self, envelope: Envelope) -> None:
         self._unfinished.add(id(envelope))
-        self._messages_in.inc()
         self._in_flight += 1
         if envelope.position is not None:
             position = envelope.position

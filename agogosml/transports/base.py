@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import collections
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Self
 
 from agogosml.envelope import Envelope, Position
@@ -204,6 +204,18 @@ class OffsetTracker:
             pending = self._pending.get(key)
             if pending is not None and self._generation.get(key) == position.generation:
                 pending.append(position)
+
+    def register_many(self, positions: Iterable[Position]) -> None:
+        """Record that messages were read, in order, and are now in flight."""
+        with self._lock:
+            for position in positions:
+                key = (position.topic, position.partition)
+                pending = self._pending.get(key)
+                if (
+                    pending is not None
+                    and self._generation.get(key) == position.generation
+                ):
+                    pending.append(position)
 
     def finish(self, position: Position) -> bool:
         """Mark a message finished; return False if its partition was lost since."""

@@ -30,6 +30,7 @@ from agogosml.http import (
     header_for_log,
     http_error_middleware,
     import_object,
+    json_response,
     read_body,
     start_site,
 )
@@ -54,6 +55,7 @@ RECORD_HEADER_PREFIX = "X-Record-Header-"
 RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 #: Fields a ``POST /batch`` element may have; any other field is rejected.
 BATCH_FIELDS = ("headers", "id", "key", "key_encoding", "traceparent", "value")
+_BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
@@ -117,7 +119,7 @@ class OutputWriter:
         _decode_json(body)
         envelope = _envelope_from_headers(body, request.headers)
         await self._write([envelope])
-        return web.json_response({"written": 1, "ids": [envelope.id]})
+        return json_response({"written": 1, "ids": [envelope.id]})
 
     async def post_batch(self, request: web.Request) -> web.Response:
         """Write every element of a JSON array as a record."""
@@ -130,7 +132,7 @@ class OutputWriter:
             envelopes = _envelopes_from_batch(_decode_json_exactly(body))
         if envelopes:
             await self._write(envelopes)
-        return web.json_response(
+        return json_response(
             {"written": len(envelopes), "ids": [envelope.id for envelope in envelopes]}
         )
 
@@ -352,27 +354,29 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             f"batch element {index} must be an object with a 'value' field, got "
             f"{_preview(item)}",
         )
-    _check_fields(index, item)
-    headers = _item_headers(index, item.get("headers"))
-    reserved = {
-        name.lower(): value
-        for name, value in headers.items()
-        if name.lower() in RESERVED_HEADERS
-    }
+    if not _BATCH_FIELD_SET.issuperset(item):
+        _check_fields(index, item)
     message_id = _optional_text(index, item, "id")
     parent = _optional_text(index, item, "traceparent")
+    record_headers: list[tuple[str, bytes]] = []
+    if item.get("headers") is not None:
+        for name, value in _item_headers(index, item["headers"]).items():
+            lowered = name.lower()
+            if lowered == MESSAGE_ID_HEADER:
+                message_id = message_id or value
+            elif lowered == TRACEPARENT_HEADER:
+                parent = parent or value
+            else:
+                record_headers.append((name, value.encode()))
+    encoding = (
+        _item_key_encoding(index, item) if item.get("key_encoding") is not None else ""
+    )
     return Envelope(
         value=_encode_value(index, item["value"]),
-        key=_decode_key(
-            _optional_text(index, item, "key"), _item_key_encoding(index, item)
-        ),
-        headers=[
-            (name, value.encode())
-            for name, value in headers.items()
-            if name.lower() not in RESERVED_HEADERS
-        ],
-        id=message_id or reserved.get(MESSAGE_ID_HEADER) or "",
-        traceparent=child_traceparent(parent or reserved.get(TRACEPARENT_HEADER) or ""),
+        key=_decode_key(_optional_text(index, item, "key"), encoding),
+        headers=record_headers,
+        id=message_id or "",
+        traceparent=child_traceparent(parent or ""),
     )
 
 

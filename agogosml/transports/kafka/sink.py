@@ -139,12 +139,14 @@ class KafkaSink(Sink):
         """
         if self._producer is None:
             raise SinkError("Kafka sink is not started", retriable=True)
-        self._check_sizes(envelopes)
+        sized = self._check_sizes(envelopes)
         report = _DeliveryReport(asyncio.get_running_loop(), len(envelopes))
         produced = 0
         try:
-            for envelope in envelopes:
-                await self._produce(envelope, report.on_delivery)
+            for envelope, headers in sized:
+                while not self._produce(envelope, headers, report.on_delivery):
+                    # The local queue is full: wait for deliveries to drain it.
+                    await asyncio.sleep(0.005)
                 produced += 1
         except SinkError:
             # Records produced before the error still get delivery reports;
@@ -161,15 +163,19 @@ class KafkaSink(Sink):
                 retriable=all(is_retriable(e) for e in report.errors),
             )
 
-    def _check_sizes(self, envelopes: Sequence[Envelope]) -> None:
-        """Reject the whole request if the producer would reject any record.
+    def _check_sizes(
+        self, envelopes: Sequence[Envelope]
+    ) -> list[tuple[Envelope, list[tuple[str, bytes]]]]:
+        """Return each envelope with its record headers, or raise for an oversized one.
 
         Checking before the first produce call keeps a request all-or-nothing:
         otherwise the records before the oversized one would be written, and
         written again when the request is retried.
         """
+        sized = []
         for envelope in envelopes:
-            size = record_size(envelope)
+            headers = envelope.record_headers()
+            size = _record_size(envelope, headers)
             if size > self._message_max_bytes:
                 raise SinkError(
                     f"record {envelope.id!r} is {size} bytes with key, headers and "
@@ -179,35 +185,43 @@ class KafkaSink(Sink):
                     "KAFKA_EXTRA_CONFIG together with the topic's max.message.bytes",
                     retriable=False,
                 )
+            sized.append((envelope, headers))
+        return sized
 
-    async def _produce(self, envelope: Envelope, callback: Any) -> None:
+    def _produce(
+        self, envelope: Envelope, headers: list[tuple[str, bytes]], callback: Any
+    ) -> bool:
+        """Hand one record to the producer; return False when its queue is full."""
         assert self._producer is not None
-        while True:
-            try:
-                self._producer.produce(
-                    self._topic,
-                    value=envelope.value,
-                    key=envelope.key,
-                    headers=envelope.record_headers(),  # type: ignore[arg-type]
-                    on_delivery=callback,
-                )
-                return
-            except BufferError:
-                # The local queue is full: wait for deliveries to drain it.
-                await asyncio.sleep(0.005)
-            except KafkaException as exc:
-                raise SinkError(
-                    f"producing record {envelope.id!r} to topic {self._topic!r} "
-                    f"failed: {exc}",
-                    retriable=is_retriable(exc.args[0]),
-                ) from exc
+        try:
+            self._producer.produce(
+                self._topic,
+                value=envelope.value,
+                key=envelope.key,
+                headers=headers,  # type: ignore[arg-type]
+                on_delivery=callback,
+            )
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            raise SinkError(
+                f"producing record {envelope.id!r} to topic {self._topic!r} "
+                f"failed: {exc}",
+                retriable=is_retriable(exc.args[0]),
+            ) from exc
+        return True
 
 
 def record_size(envelope: Envelope) -> int:
     """Return the size librdkafka compares with ``message.max.bytes``, in bytes."""
+    return _record_size(envelope, envelope.record_headers())
+
+
+def _record_size(envelope: Envelope, headers: list[tuple[str, bytes]]) -> int:
     size = RECORD_OVERHEAD_BYTES + len(envelope.value) + len(envelope.key or b"")
-    for name, value in envelope.record_headers():
-        name_length = len(name.encode())
+    for name, value in headers:
+        # Header names are mostly ASCII, whose UTF-8 length is their length.
+        name_length = len(name) if name.isascii() else len(name.encode())
         value_length = len(value or b"")
         size += _varint_size(name_length) + name_length
         size += _varint_size(value_length) + value_length
@@ -217,6 +231,8 @@ def record_size(envelope: Envelope) -> int:
 def _varint_size(number: int) -> int:
     """Return the bytes of `number` as a Kafka zigzag varint (non-negative only)."""
     zigzag = number << 1
+    if zigzag < 0x80:
+        return 1
     size = 1
     while zigzag >= 0x80:
         zigzag >>= 7

@@ -130,6 +130,9 @@ class KafkaSource(TrackedSource):
             envelope = self._to_envelope(message, generation)
             if envelope is not None:
                 envelopes.append(envelope)
+        self._tracker.register_many(
+            [envelope.position for envelope in envelopes]  # type: ignore[misc]
+        )
         return envelopes
 
     def _consume(
@@ -145,20 +148,26 @@ class KafkaSource(TrackedSource):
         then releases it instead of sending it.
         """
         assert self._consumer is not None
-        stamped = [
-            (message, self._generation_of(message))
-            for message in self._consumer.consume(1, timeout_seconds)
-        ]
+        stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
         if not stamped or max_messages <= 1:
             return stamped
-        for message in self._consumer.consume(max_messages - 1, 0):
-            stamped.append((message, self._generation_of(message)))
+        stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
         return stamped
 
-    def _generation_of(self, message: Any) -> int:
-        if message.error() is not None:
-            return 0
-        return self._tracker.generation(message.topic(), message.partition())
+    def _stamp(self, messages: list[Any]) -> list[tuple[Any, int]]:
+        """Pair each message with its partition's current generation (0 for errors)."""
+        generations: dict[tuple[str, int], int] = {}
+        stamped = []
+        for message in messages:
+            if message.error() is not None:
+                stamped.append((message, 0))
+                continue
+            key = (message.topic(), message.partition())
+            generation = generations.get(key)
+            if generation is None:
+                generation = generations[key] = self._tracker.generation(*key)
+            stamped.append((message, generation))
+        return stamped
 
     def _to_envelope(self, message: Any, generation: int) -> Envelope | None:
         error = message.error()
@@ -177,8 +186,8 @@ class KafkaSource(TrackedSource):
             message.partition(),
             message.offset(),
         )
+        # `fetch` registers the positions, all under one lock.
         position = Position(topic, partition, offset, offset + 1, generation)
-        self._tracker.register(position)
         return Envelope.from_record(
             message.value() or b"", message.key(), message.headers(), position
         )
