@@ -92,9 +92,23 @@ async def test_sink_keeps_one_record_per_line(tmp_path: Path) -> None:
     lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     assert [line["id"] for line in lines] == ["pretty", "text", "binary"]
     assert lines[0]["value"] == {"a": "x\ny"}
+    assert "value_encoding" not in lines[0]
     assert lines[1]["value"] == "not json"
+    assert lines[1]["value_encoding"] == "text"
     assert base64.b64decode(lines[2]["value"]) == b"\xff\xfe{}"
     assert lines[2]["value_encoding"] == "base64"
+
+
+async def test_sink_tells_text_from_a_json_string(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"hello"), Envelope(value=b'"hello"')])
+
+    text, string = (orjson.loads(line) for line in path.read_bytes().splitlines())
+    assert (text["value"], text["value_encoding"]) == ("hello", "text")
+    assert string["value"] == "hello"
+    assert "value_encoding" not in string
 
 
 async def test_sink_embeds_huge_integer_as_number(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ class FileSink(Sink):
     `send` returns after the lines are written and, with `fsync`, on disk.
     Concurrent calls share one write and one fsync, so the cost of durability is
     paid per flush, not per record. The value is embedded as JSON when it parses,
-    else as a string. Only a regular file is fsynced, because fsync fails with
+    else as a string (`encode_line`). Only a regular file is fsynced, because fsync fails with
     EINVAL on a pipe, a FIFO or a terminal.
 
     After a failed write the sink is not connected, and every
@@ -262,11 +262,13 @@ def encode_line(envelope: Envelope) -> bytes:
 
     A JSON value is embedded as it is, except that line breaks, which valid JSON
     can only have as whitespace, become spaces. Any other value is embedded as a
-    string, or as base64 (with ``"value_encoding": "base64"``) if it is not UTF-8.
+    string marked ``"value_encoding": "text"``, so that the text ``hello`` and
+    the JSON string ``"hello"`` stay apart, or as base64 (marked ``"base64"``) if
+    it is not UTF-8.
     """
     key, key_is_base64 = envelope.key_text()
     value: object
-    value_is_base64 = False
+    value_encoding = ""
     if _is_json(envelope.value):
         raw = envelope.value
         if b"\n" in raw or b"\r" in raw:
@@ -275,9 +277,10 @@ def encode_line(envelope: Envelope) -> bytes:
     else:
         try:
             value = envelope.value.decode("utf-8")
+            value_encoding = "text"
         except UnicodeDecodeError:
             value = base64.b64encode(envelope.value).decode("ascii")
-            value_is_base64 = True
+            value_encoding = "base64"
     document = {
         "id": envelope.id,
         "key": key,
@@ -289,8 +292,8 @@ def encode_line(envelope: Envelope) -> bytes:
     }
     if key_is_base64:
         document["key_encoding"] = "base64"
-    if value_is_base64:
-        document["value_encoding"] = "base64"
+    if value_encoding:
+        document["value_encoding"] = value_encoding
     return orjson.dumps(document) + b"\n"
 
 
