@@ -402,20 +402,57 @@ async def test_retries_exhausted_dead_lettered():
     assert source.committed == {(TOPIC, 0): 2}
 
 
-async def test_unreachable_app_dead_lettered():
+async def test_unreachable_app_waited_for_without_spending_attempts():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    port = closed_port()
+    stub = StubApp(accept)
+    settings = reader_settings(f"http://127.0.0.1:{port}", retry_max_attempts=2)
+
+    retries_before = retries_total()
+
+    async with running_reader(settings, source, dead_letter) as (reader, task):
+        # Far more failed connections than attempts, as while an app restarts.
+        await wait_for(lambda: retries_total() - retries_before >= 10)
+        server = TestServer(stub.build_app(), port=port)
+        await server.start_server()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+        finally:
+            await server.close()
+
+    assert dead_letter.envelopes == []
+    assert stub.numbers() == [0, 1, 2]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_503_while_app_not_ready_spends_no_attempts():
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
-    settings = reader_settings(
-        f"http://127.0.0.1:{closed_port()}", retry_max_attempts=2
-    )
 
-    await run_reader(settings, source, dead_letter)
+    async def writer_down(received: Received) -> web.Response:
+        if len(app.requests) == 1:
+            # The writer behind the app goes down: the app reports not ready,
+            # and this request fails once the reader has seen that.
+            app.ready = False
+            await wait_for(lambda: "ready 503" in app.events)
+        if len(app.requests) >= 6:
+            app.ready = True
+        if app.ready:
+            return status_response(200)
+        return status_response(503, "output writer is unreachable")
 
-    context = dead_letter_headers(dead_letter.envelopes[0])
-    assert context["dlq.status"] == "0"
-    assert context["dlq.attempts"] == "2"
-    assert "failed" in context["dlq.error"]
+    async with stub_app(writer_down) as app:
+        settings = reader_settings(
+            app.url, app_ready_path="/readyz", retry_max_attempts=2
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert dead_letter.envelopes == []
+    assert len(app.requests) == 6
+    assert app.numbers() == [0]
     assert source.committed == {(TOPIC, 0): 1}
 
 

@@ -30,10 +30,15 @@ TRACEPARENT = "traceparent"
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Result of sending one message: an HTTP status (0 when none) and an error."""
+    """Result of sending one message: an HTTP status (0 when none) and an error.
+
+    `unreachable` is set when no connection to the app could be made, so the
+    app never saw the message.
+    """
 
     status: int
     error: str = ""
+    unreachable: bool = False
 
     @property
     def ok(self) -> bool:
@@ -44,6 +49,21 @@ class Outcome:
     def retriable(self) -> bool:
         """Whether a retry may succeed."""
         return not self.ok and is_retriable_status(self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    """What a request to the app returned: a status and body, or an error."""
+
+    status: int
+    body: bytes = b""
+    error: str = ""
+    unreachable: bool = False
+
+    def outcome(self) -> Outcome:
+        """Return the outcome of every message of the request."""
+        error = self.error or _error_text(self.status, self.body)
+        return Outcome(self.status, error, self.unreachable)
 
 
 class AppClient:
@@ -108,8 +128,8 @@ class AppClient:
             headers[MESSAGE_KEY] = key
             if key_is_base64:
                 headers[MESSAGE_KEY_ENCODING] = "base64"
-        status, body, error = await self._post(self._url + "/", envelope.value, headers)
-        return Outcome(status, error or _error_text(status, body))
+        response = await self._post(self._url + "/", envelope.value, headers)
+        return response.outcome()
 
     async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
         """Send a batch; a value that is not JSON is answered 400 on its own.
@@ -150,25 +170,27 @@ class AppClient:
             items.append(item)
         body = orjson.dumps(items)
         headers = {"Content-Type": "application/json"}
-        status, response, error = await self._post(self._url + "/batch", body, headers)
-        if not 200 <= status < 300:
-            outcome = Outcome(status, error or _error_text(status, response))
-            return [outcome] * len(envelopes), True
-        return _per_item_outcomes(status, response, len(envelopes)), False
+        response = await self._post(self._url + "/batch", body, headers)
+        if not 200 <= response.status < 300:
+            return [response.outcome()] * len(envelopes), True
+        return _per_item_outcomes(response.status, response.body, len(envelopes)), False
 
-    async def _post(
-        self, url: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes, str]:
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         assert self._session is not None, "AppClient.start() was not called"
         try:
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                return response.status, await response.read(), ""
+                return _Response(response.status, await response.read())
         except TimeoutError:
-            return 0, b"", f"request to {url} timed out after {self._timeout.total} s"
+            error = f"request to {url} timed out after {self._timeout.total} s"
+            return _Response(0, error=error)
+        except aiohttp.ClientConnectorError as exc:
+            # No connection was made, so the app did not see the request.
+            error = f"cannot connect to the app: request to {url} failed: {exc!s}"
+            return _Response(0, error=error, unreachable=True)
         except aiohttp.ClientError as exc:
-            return 0, b"", f"request to {url} failed: {exc!s}"
+            return _Response(0, error=f"request to {url} failed: {exc!s}")
 
     async def is_ready(self, path: str) -> bool:
         """Return whether GET `path` on the app returns 2xx within 2 seconds."""

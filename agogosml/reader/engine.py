@@ -326,6 +326,7 @@ class InputReader:
         as_batch = settings.batch_max_messages > 1
         pending = batch
         attempt = 0
+        waits = 0
         while pending:
             pending = self._drop_unsendable(pending)
             if not pending:
@@ -336,6 +337,25 @@ class InputReader:
                 # without spending attempts, so nothing is dead-lettered for it.
                 await asyncio.sleep(settings.retry_max_backoff_ms / 1000)
                 continue
+            if self._app_unavailable(outcomes):
+                # Nothing is wrong with the messages: wait for the app without
+                # spending attempts, so a restart of the app or of the writer
+                # behind it dead-letters nothing.
+                waits += 1
+                self._log_waiting(pending, outcomes[0], waits)
+                await wait_backoff(
+                    waits,
+                    settings.retry_initial_backoff_ms / 1000,
+                    settings.retry_max_backoff_ms / 1000,
+                )
+                continue
+            if waits:
+                logger.info(
+                    "the app answers again; delivering %d waiting message(s)",
+                    len(pending),
+                    extra={"message_id": pending[0].id},
+                )
+                waits = 0
             attempt += 1
             retry = []
             delivered = 0
@@ -393,6 +413,38 @@ class InputReader:
             )
         self._setup_error = True
         return True
+
+    def _app_unavailable(self, outcomes: list[Outcome]) -> bool:
+        """Return whether a request failed because the app is down or not ready.
+
+        That is so when no connection to the app could be made, or when the
+        app's readiness check fails and the request failed with a status worth
+        a retry (the app answers 503 while its writer is down, for example).
+        """
+        if not all(outcome.retriable for outcome in outcomes):
+            return False
+        return all(o.unreachable for o in outcomes) or not self._app_ready
+
+    def _log_waiting(
+        self, pending: list[Envelope], outcome: Outcome, waits: int
+    ) -> None:
+        RETRIES.labels(SERVICE).inc(len(pending))
+        # Waiting goes on until the app answers; log the first and every 30th.
+        if waits != 1 and waits % 30:
+            return
+        logger.warning(
+            "the app is unreachable or not ready; %d message(s) wait for it "
+            "without using up their %d attempts. Check that the app runs at "
+            "READER_APP_URL",
+            len(pending),
+            self._settings.retry_max_attempts,
+            extra={
+                "message_id": pending[0].id,
+                "status": outcome.status,
+                "error": outcome.error,
+                "waits": waits,
+            },
+        )
 
     def _log_retry(
         self, retry: list[Envelope], outcomes: list[Outcome], attempt: int

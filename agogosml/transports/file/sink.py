@@ -34,8 +34,8 @@ class FileSink(Sink):
     `send` returns after the lines are written and, with `fsync`, on disk.
     Concurrent calls share one write and one fsync, so the cost of durability is
     paid per flush, not per record. The value is embedded as JSON when it parses,
-    else as a string (`encode_line`). Only a regular file is fsynced, because fsync fails with
-    EINVAL on a pipe, a FIFO or a terminal.
+    else as a string (`encode_line`). Only a regular file is fsynced, because
+    fsync fails with EINVAL on a pipe, a FIFO or a terminal.
 
     After a failed write the sink is not connected, and every
     `retry_interval_seconds` it checks whether the file can take data again. A
