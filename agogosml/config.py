@@ -111,6 +111,13 @@ def _clean_token(value: Any) -> Any:
     if not isinstance(text, str):
         return value
     token = text.strip()
+    if text and not token:
+        # An empty token turns authentication off, which a value of only
+        # whitespace (an empty Secret file with its newline) should not do.
+        raise ValueError(
+            "the token is only whitespace; set the token, or leave the variable "
+            "unset (or empty) to turn authentication off"
+        )
     if any(character.isspace() or not character.isprintable() for character in token):
         raise ValueError(
             "the token contains whitespace or a control character, which an HTTP "

@@ -508,6 +508,21 @@ def test_token_inner_whitespace_rejected(clean_environment, monkeypatch):
     assert "s3cret" not in text
 
 
+def test_token_of_only_whitespace_rejected(clean_environment, monkeypatch):
+    monkeypatch.setenv("WRITER_TOKEN", "  \n")
+
+    with pytest.raises(ConfigurationError, match="only whitespace"):
+        load_settings(WriterSettings, output="out.jsonl")
+
+
+def test_empty_token_turns_authentication_off(clean_environment, monkeypatch):
+    monkeypatch.setenv("WRITER_TOKEN", "")
+
+    loaded = load_settings(WriterSettings, output="out.jsonl")
+
+    assert loaded.token.get_secret_value() == ""
+
+
 @pytest.mark.parametrize("topic", ["bad topic!", ".", "..", "a" * 250, "t/x"])
 def test_writer_illegal_kafka_topic_rejected(clean_environment, topic):
     with pytest.raises(ConfigurationError) as caught:
