@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib
 import logging
@@ -99,10 +100,23 @@ class ClientDisconnectedError(Exception):
     """The client closed the connection before its whole request body arrived."""
 
 
+#: How long a client may take to send a request body, in seconds. aiohttp has
+#: no such limit, so a client that stops sending would hold a connection open.
+BODY_TIMEOUT_SECONDS = 30.0
+
+
 async def read_body(request: web.Request) -> bytes:
-    """Return the request body, or raise `ClientDisconnectedError`."""
+    """Return the request body, or raise `ClientDisconnectedError`.
+
+    Raises:
+        web.HTTPRequestTimeout: when the body takes longer than
+            `BODY_TIMEOUT_SECONDS` to arrive (408).
+    """
     try:
-        return await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
     except ConnectionResetError as exc:
         # aiohttp 3.14 raises ConnectionResetError("Connection lost"), or its
         # subclass ClientConnectionResetError, when the peer goes away mid-body.
@@ -171,6 +185,11 @@ def _describe_http_error(request: web.Request, exc: web.HTTPException) -> str:
         allowed = " or ".join(sorted(exc.allowed_methods))
         return (
             f"method {request.method} is not allowed on {request.path!r}; use {allowed}"
+        )
+    if isinstance(exc, web.HTTPRequestTimeout):
+        return (
+            f"the request body did not arrive within {BODY_TIMEOUT_SECONDS:g} s "
+            f"({request.method} {request.path!r}); send the whole body without pauses"
         )
     return f"{exc.reason} ({request.method} {request.path!r})"
 

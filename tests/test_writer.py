@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink, disconnect_records, send_partial_body
 
+from agogosml import http
 from agogosml.config import WriterSettings
 from agogosml.envelope import Envelope, trace_id
 from agogosml.errors import SinkError
@@ -477,6 +478,27 @@ async def test_body_over_limit_413():
     assert "WRITER_MAX_BODY_BYTES" in error
     assert small.status == 200
     assert len(sink.envelopes) == 1
+
+
+async def test_body_that_stops_arriving_408(monkeypatch):
+    monkeypatch.setattr(http, "BODY_TIMEOUT_SECONDS", 0.2)
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"half": '
+        )
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+        writer.close()
+
+    assert head.startswith(b"HTTP/1.1 408")
+    assert "did not arrive within 0.2 s" in orjson.loads(body)["error"]
+    assert sink.envelopes == []
 
 
 async def test_wrong_content_type_415():
