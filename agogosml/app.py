@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -212,6 +214,8 @@ class ModelApp:
         (result,) = await self._call_score([value])
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
+        if has_non_finite(result):
+            raise _Reject(422, _NON_FINITE_ERROR)
         element = _encode_json(_writer_element(item, result), result, 0)
         size = len(element) + 2
         if size > self._writer_max_body_bytes:
@@ -252,6 +256,9 @@ class ModelApp:
         for index, (item, result) in enumerate(zip(items, results, strict=True)):
             if isinstance(result, InvalidRecord):
                 statuses[index] = {"status": 400, "error": result.reason}
+                continue
+            if has_non_finite(result):
+                statuses[index] = {"status": 422, "error": _NON_FINITE_ERROR}
                 continue
             output = _encode_json(_writer_element(item, result), result, index)
             # Sent alone, the element is a request of its length plus two brackets.
@@ -488,6 +495,39 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
             "dicts, lists, strings, numbers, booleans, None or numpy values",
             log_level=logging.ERROR,
         ) from None
+
+
+_NON_FINITE_ERROR = (
+    "the scoring function returned NaN or Infinity for this message, which JSON "
+    "cannot carry; the result was not written. Return a finite number, or "
+    "InvalidRecord for an input that cannot be scored"
+)
+
+
+def has_non_finite(result: Any) -> bool:
+    """Return whether a result holds a NaN or an infinity anywhere.
+
+    orjson would encode them as ``null``, so the output record would lose the
+    fact that the model failed. numpy scalars and arrays are checked too.
+    """
+    if type(result) is float:
+        return not math.isfinite(result)
+    if isinstance(result, dict):
+        return any(has_non_finite(value) for value in result.values())
+    if isinstance(result, list | tuple):
+        return any(has_non_finite(value) for value in result)
+    if isinstance(result, str | int | bool) or result is None:
+        return False
+    kind = getattr(getattr(result, "dtype", None), "kind", "")
+    numpy = sys.modules.get("numpy")
+    if kind in ("f", "c") and numpy is not None:
+        # A numpy float, complex or array of them.
+        return not bool(numpy.isfinite(result).all())
+    if kind == "O" and hasattr(result, "tolist"):
+        return has_non_finite(result.tolist())
+    if isinstance(result, float):
+        return not math.isfinite(result)
+    return False
 
 
 def _array_to_list(value: Any) -> Any:

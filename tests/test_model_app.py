@@ -8,12 +8,14 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from aiohttp import web
@@ -22,7 +24,7 @@ from fakes import MemorySink, disconnect_records, send_partial_body
 from multidict import CIMultiDict
 from test_writer import raw_post
 
-from agogosml.app import AppSettings, InvalidRecord, ModelApp
+from agogosml.app import AppSettings, InvalidRecord, ModelApp, has_non_finite
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
 from agogosml.http import bound_port, start_site
@@ -593,6 +595,57 @@ async def test_batch_invalid_record_per_item_400():
     ]
     outputs = writer.requests[0].json()
     assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
+
+
+async def test_single_non_finite_result_422():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1e308}', headers=JSON)
+            body = await response.json()
+
+    assert response.status == 422
+    assert "NaN or Infinity" in body["error"]
+    assert writer.requests == []
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"score": math.nan},
+        {"scores": [1.0, -math.inf]},
+        {"score": np.float32("nan")},
+        {"scores": np.array([[0.5, np.inf]])},
+        np.array([np.nan]),
+    ],
+    ids=["float", "nested", "numpy-scalar", "numpy-array", "array-result"],
+)
+async def test_batch_non_finite_result_422_only(result):
+    items = [{"id": "in:0:0", "value": {}}, {"id": "in:0:1", "value": {}}]
+
+    def score(values: list[Any]) -> list[Any]:
+        return [{"score": 0.5}, result]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert [result["status"] for result in body["results"]] == [200, 422]
+    assert "NaN or Infinity" in body["results"][1]["error"]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:0"]
+
+
+def test_finite_results_pass():
+    finite = [
+        {"score": 0.5, "label": "x", "flags": [True, None, 3]},
+        np.float64(1.5),
+        np.array([1, 2]),
+        np.array(["a"]),
+    ]
+
+    assert not any(has_non_finite(result) for result in finite)
 
 
 async def test_batch_all_invalid_not_forwarded():
