@@ -505,7 +505,7 @@ _NON_FINITE_ERROR = (
 
 
 def has_non_finite(result: Any) -> bool:
-    """Return whether a result holds a NaN or an infinity anywhere.
+    """Return whether a result contains a NaN or an infinity anywhere.
 
     orjson would encode them as ``null``, so the output record would lose the
     fact that the model failed. numpy scalars and arrays are checked too.

@@ -53,7 +53,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Response:
-    """What a request to the app returned: a status and body, or an error."""
+    """The response of the app to one request: a status and body, or an error."""
 
     status: int
     body: bytes = b""
@@ -132,7 +132,7 @@ class AppClient:
         return response.outcome()
 
     async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
-        """Send a batch; a value that is not JSON is answered 400 on its own.
+        """Send a batch, giving a value that is not JSON its own 400 outcome.
 
         Values go into the JSON array unchecked, because checking each one costs
         as much as decoding it. A value that is not JSON makes the whole array
@@ -155,7 +155,7 @@ class AppClient:
     async def _post_batch(
         self, envelopes: Sequence[Envelope]
     ) -> tuple[list[Outcome], bool]:
-        """Post one batch; return the outcomes and whether the app refused it whole."""
+        """Post one batch. Return the outcomes and whether the app rejected it whole."""
         items = []
         for envelope in envelopes:
             key, key_is_base64 = envelope.key_text()

@@ -351,7 +351,7 @@ class InputReader:
                 continue
             if waits:
                 logger.info(
-                    "the app answers again; delivering %d waiting message(s)",
+                    "the app responds again; delivering %d waiting message(s)",
                     len(pending),
                     extra={"message_id": pending[0].id},
                 )
@@ -419,7 +419,7 @@ class InputReader:
 
         That is so when no connection to the app could be made, or when the
         app's readiness check fails and the request failed with a status worth
-        a retry (the app answers 503 while its writer is down, for example).
+        a retry (the app responds with 503 while its writer is down, for example).
         """
         if not all(outcome.retriable for outcome in outcomes):
             return False
@@ -429,7 +429,7 @@ class InputReader:
         self, pending: list[Envelope], outcome: Outcome, waits: int
     ) -> None:
         RETRIES.labels(SERVICE).inc(len(pending))
-        # Waiting goes on until the app answers; log the first and every 30th.
+        # Waiting goes on until the app responds. Log the first and every 30th wait.
         if waits != 1 and waits % 30:
             return
         logger.warning(
