@@ -1,4 +1,4 @@
-"""A file source's checkpoint against an input that changed since it was written."""
+"""A file source's checkpoint and the start of its input."""
 
 from __future__ import annotations
 
@@ -37,3 +37,43 @@ async def test_checkpoint_at_end_of_input_reads_nothing(tmp_path: Path) -> None:
         envelopes = await source.fetch(100, 0.01)
 
     assert envelopes == []
+
+
+async def test_checkpoint_inside_a_line_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_text("12")
+    source = FileSource(str(path), checkpoint_path=checkpoint)
+
+    with pytest.raises(SourceError) as error:
+        await source.start()
+
+    message = str(error.value)
+    assert "contains offset 12, inside a line of" in message
+    assert "delete the checkpoint" in message
+    assert not source.connected
+
+
+async def test_checkpoint_at_start_of_a_line_resumes(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_text("9")
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as source:
+        envelopes = await source.fetch(100, 0.01)
+
+    assert [envelope.value for envelope in envelopes] == [b'{"n": 2}']
+
+
+async def test_byte_order_mark_not_part_of_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"n": 1}\n{"n": 2}\n')
+
+    async with FileSource(str(path)) as source:
+        envelopes = await source.fetch(100, 0.01)
+
+    assert [envelope.value for envelope in envelopes] == [b'{"n": 1}', b'{"n": 2}']
+    assert envelopes[1].position is not None
+    assert envelopes[1].position.offset == 12

@@ -17,6 +17,9 @@ from agogosml.transports.base import OffsetTracker, TrackedSource
 
 logger = logging.getLogger(__name__)
 
+#: The UTF-8 byte order mark, which some editors write at the start of a file.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class FileSource(TrackedSource):
     """Read a JSON Lines file (or stdin with ``-``) line by line.
@@ -85,17 +88,31 @@ class FileSource(TrackedSource):
         )
 
     def _check_offset_in_file(self, file: BinaryIO) -> None:
-        """Reject a checkpoint past the end, because the input changed since then."""
+        """Reject a checkpoint that no longer fits the input, which changed since.
+
+        A checkpoint is always the start of a line, so an offset past the end of
+        the file, or one that does not follow a line break, means the input was
+        truncated, replaced or edited after the checkpoint was written.
+        """
         status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            return
         size = status.st_size
-        if stat.S_ISREG(status.st_mode) and self._offset > size:
+        problem = ""
+        if self._offset > size:
+            problem = f"past the end of {self._path!r} ({size} bytes)"
+        else:
+            file.seek(self._offset - 1)
+            if file.read(1) != b"\n":
+                problem = f"inside a line of {self._path!r}, not at the start of one"
+        if problem:
             file.close()
             self._file = None
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains offset "
-                f"{self._offset}, past the end of {self._path!r} ({size} bytes), so "
-                "the input was truncated or replaced after the checkpoint. Restore "
-                "the input, or delete the checkpoint to read it from the beginning",
+                f"{self._offset}, {problem}, so the input was truncated or replaced "
+                "after the checkpoint. Restore the input, or delete the checkpoint "
+                "to read it from the beginning",
                 retriable=False,
             )
 
@@ -154,6 +171,10 @@ class FileSource(TrackedSource):
             start = self._offset
             self._offset += len(line)
             value = line.strip()
+            if start == 0 and value.startswith(UTF8_BOM):
+                # Editors on Windows often start a UTF-8 file with a byte order
+                # mark, which is not part of the first record.
+                value = value[len(UTF8_BOM) :].strip()
             if not value:
                 continue
             position = Position(self._path, 0, start, self._offset, 1)
