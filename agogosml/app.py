@@ -19,6 +19,7 @@ the writer responded with 2xx, so the reader retries anything not yet durable.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import math
@@ -257,6 +258,10 @@ class ModelApp:
             if isinstance(result, InvalidRecord):
                 statuses[index] = {"status": 400, "error": result.reason}
                 continue
+            problem = _key_problem(item)
+            if problem:
+                statuses[index] = {"status": 400, "error": f"the key{problem}"}
+                continue
             if has_non_finite(result):
                 statuses[index] = {"status": 422, "error": _NON_FINITE_ERROR}
                 continue
@@ -449,7 +454,10 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(exc.status, str(exc))
     except web.HTTPRequestEntityTooLarge:
         return error_response(
-            413, f"request body exceeds {request.app[MAX_BODY_BYTES]} bytes"
+            413,
+            f"request body exceeds APP_MAX_BODY_BYTES={request.app[MAX_BODY_BYTES]} "
+            "bytes; send smaller requests (READER_BATCH_MAX_BYTES), or raise "
+            "APP_MAX_BODY_BYTES",
         )
 
 
@@ -648,4 +656,31 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
                 "base64)",
             ) from None
         item[field] = headers[name]
+    problem = _key_problem(item)
+    if problem:
+        raise _Reject(400, f"header X-Message-Key{problem}")
     return item
+
+
+def _key_problem(item: dict[str, Any]) -> str:
+    """Return why an item's key does not match its encoding, or ''.
+
+    The writer would reject such a key, and its 400 would come back as a 422
+    about the writer, so the request to the app is rejected here instead.
+    """
+    encoding = item.get("key_encoding")
+    if not encoding:
+        return ""
+    if not isinstance(encoding, str) or encoding.lower() != "base64":
+        return (
+            f" has the encoding {encoding!r:.40}; use base64, or send a UTF-8 key "
+            "without an encoding"
+        )
+    key = item.get("key")
+    if key is None:
+        return ""
+    try:
+        base64.b64decode(str(key), validate=True)
+    except ValueError:
+        return f" {str(key)!r:.60} is not valid base64; send the key base64-encoded"
+    return ""

@@ -197,6 +197,50 @@ async def test_single_key_encoding_forwarded():
     assert element["key_encoding"] == "base64"
 
 
+@pytest.mark.parametrize(
+    ("key", "encoding", "expected"),
+    [
+        ("not base64!", "base64", "is not valid base64"),
+        ("a2V5", "hex", "has the encoding 'hex'"),
+    ],
+)
+async def test_single_key_not_matching_encoding_400(key, encoding, expected):
+    headers = {**JSON, "X-Message-Key": key, "X-Message-Key-Encoding": encoding}
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+            error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert error.startswith("header X-Message-Key")
+    assert expected in error
+    assert writer.requests == []
+
+
+async def test_batch_key_not_base64_400_only():
+    items = [
+        {
+            "id": "in:0:0",
+            "key": "a2V5",
+            "key_encoding": "base64",
+            "value": {"amount": 1},
+        },
+        {"id": "in:0:1", "key": "%%", "key_encoding": "base64", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    assert [result["status"] for result in results] == [200, 400]
+    assert "is not valid base64" in results[1]["error"]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:0"]
+
+
 @pytest.mark.parametrize("header", ["X-Message-Id", "X-Message-Key"])
 async def test_single_non_utf8_header_400(header):
     raw_header = header.encode() + b": caf\xe9\r\n"
@@ -365,7 +409,7 @@ async def test_body_over_limit_413():
             error = (await response.json())["error"]
 
     assert response.status == 413
-    assert "64 bytes" in error
+    assert "APP_MAX_BODY_BYTES=64 bytes" in error
     assert writer.requests == []
 
 
