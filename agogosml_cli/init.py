@@ -79,11 +79,11 @@ def _flag_value(field: InitField, value: Any, data: Data) -> Any:
     param = None
     if ctx is not None:
         param = next((p for p in ctx.command.params if p.name == field.dest), None)
-    value = field.type.convert(value, param, ctx)
-    problem = field.check(data, value) if field.check is not None else None
+    converted = field.type.convert(value, param, ctx)
+    problem = field.check(data, converted) if field.check is not None else None
     if problem is not None:
         raise click.UsageError(f"{field.flag} {value}: {problem}")
-    return value
+    return converted
 
 
 def _default_or_prompt(
@@ -206,12 +206,36 @@ def init(manifest_path: Path, force: bool, no_input: bool, **values: Any) -> Non
         manifest = validate_manifest(data, "the manifest", FLAGS)
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(dump_manifest(manifest), encoding="utf-8")
+    _write_manifest(manifest_path, dump_manifest(manifest))
     click.echo(
         f"Wrote {manifest_path}. Next: 'agogosml generate --manifest "
         f"{manifest_path}' renders the project."
     )
+
+
+def _write_manifest(path: Path, text: str) -> None:
+    """Write the manifest, creating its directory (and saying so) if it is missing.
+
+    Raises:
+        click.ClickException: The directory or the file cannot be created.
+    """
+    directory = path.parent
+    if not directory.is_dir():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot create directory {str(directory)!r} for the manifest: "
+                f"{exc.strerror or exc}; create it or choose another --manifest path"
+            ) from None
+        click.echo(f"Created directory {directory}.")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write the manifest to {str(path)!r}: {exc.strerror or exc}; "
+            "choose another --manifest path"
+        ) from None
 
 
 def _serializable(data: Any) -> Any:

@@ -7,6 +7,7 @@ source or sink types it applies to.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from agogosml_cli.manifest import (
     SecretRef,
     stream_type_conflict,
 )
+from agogosml_cli.shared_endpoints import find_shared_endpoint, flag_label
 
 #: Manifest data while init collects it: nested dictionaries by field name.
 Data = dict[str, Any]
@@ -196,6 +198,20 @@ def _check_sink_type(data: Data, sink_type: Any) -> str | None:
     )
 
 
+def _check_shared(*path: str) -> Callable[[Data, Any], str | None]:
+    """Return a check that the value at `path` shares no name with another role."""
+
+    def check(data: Data, value: Any) -> str | None:
+        candidate = copy.deepcopy(data)
+        put_value(candidate, path, value)
+        conflict = find_shared_endpoint(candidate.get("source"), candidate.get("sink"))
+        if conflict is None:
+            return None
+        return conflict.describe(flag_label(FLAGS)) + "."
+
+    return check
+
+
 def _suggest_sink_topic(data: Data) -> str:
     topics = get_value(data, ("source", "topics")) or ["output"]
     return f"{topics[0]}-scored"
@@ -257,6 +273,7 @@ def _type_fields(side: _Side) -> list[InitField]:
             "Topics or event hubs to consume, comma-separated.",
             ListType(),
             applies=stream,
+            check=_check_shared("source", "topics"),
         )
     else:
         topics = InitField(
@@ -267,6 +284,7 @@ def _type_fields(side: _Side) -> list[InitField]:
             FieldValueType(KafkaSink, "topic"),
             applies=stream,
             suggestion=_suggest_sink_topic,
+            check=_check_shared("sink", "topic"),
         )
     return [kind, topics]
 
@@ -379,6 +397,7 @@ def _file_fields(side: _Side) -> list[InitField]:
             f"Path of the JSON Lines {side.name} file.",
             FieldValueType(model, "path"),
             applies=side.of_type(EndpointType.FILE),
+            check=_check_shared(side.name, "path"),
         ),
     ]
 

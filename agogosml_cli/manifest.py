@@ -33,7 +33,8 @@ from pydantic import (
 
 from agogosml.config import SaslMechanism, SecurityProtocol
 from agogosml.errors import AgogosmlError
-from agogosml_cli.yaml_loader import DuplicateKeyError, load_unique_keys
+from agogosml_cli.shared_endpoints import find_shared_endpoint
+from agogosml_cli.yaml_loader import DuplicateKeyError, load_document
 
 DEFAULT_MANIFEST_PATH = Path("agogosml.yaml")
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "manifest.schema.json"
@@ -512,6 +513,15 @@ class Manifest(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_shared_endpoints(self) -> Manifest:
+        # Runs after the connection check, so the two streams are on one
+        # cluster or namespace and equal names are one topic or event hub.
+        conflict = find_shared_endpoint(self.source, self.sink)
+        if conflict is not None:
+            raise conflict
+        return self
+
     def deployable(self) -> bool:
         """Return whether the chart can run this pipeline (no file endpoints)."""
         return not isinstance(self.source, FileSource) and not isinstance(
@@ -578,7 +588,7 @@ def _not_utf8_message(path: Path, exc: UnicodeDecodeError) -> str:
 def parse_manifest(text: str, source_name: str) -> Manifest:
     """Validate manifest YAML; `source_name` names it in error messages."""
     try:
-        data = load_unique_keys(text)
+        data, document = load_document(text)
     except DuplicateKeyError as exc:
         raise ManifestError(f"{source_name} is invalid: {exc}") from None
     except yaml.YAMLError as exc:
@@ -591,23 +601,29 @@ def parse_manifest(text: str, source_name: str) -> Manifest:
             f"source, sink, ...), got {type(data).__name__}; create one with "
             "'agogosml init'"
         )
-    return validate_manifest(data, source_name)
+    return validate_manifest(data, source_name, document=document)
 
 
 def validate_manifest(
-    data: dict[str, Any], source_name: str, flags: dict[str, str] | None = None
+    data: dict[str, Any],
+    source_name: str,
+    flags: dict[str, str] | None = None,
+    *,
+    document: yaml.Node | None = None,
 ) -> Manifest:
     """Validate a manifest mapping, raising `ManifestError` on invalid fields.
 
     `flags` maps field paths such as ``source.topics`` to the command-line flag
-    that sets them, which the messages then name.
+    that sets them, which the messages then name. `document` is the YAML node
+    tree that `data` was parsed from, whose scalars the messages can quote.
     """
     from agogosml_cli.manifest_errors import describe_errors
 
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(describe_errors(exc, source_name, flags or {})) from None
+        message = describe_errors(exc, source_name, flags or {}, document)
+        raise ManifestError(message) from None
 
 
 def dump_manifest(manifest: Manifest) -> str:

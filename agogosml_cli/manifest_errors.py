@@ -5,9 +5,12 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from agogosml_cli.manifest import EndpointType, Manifest
+from agogosml_cli.shared_endpoints import SharedEndpointError, flag_label
+from agogosml_cli.yaml_loader import scalar_node_at
 
 # Fields whose invalid input is never shown, because it may be a secret that
 # was pasted in place of a reference to a Kubernetes Secret.
@@ -18,7 +21,10 @@ _MAX_VALUE_CHARS = 80
 
 
 def describe_errors(
-    exc: ValidationError, source_name: str, flags: dict[str, str]
+    exc: ValidationError,
+    source_name: str,
+    flags: dict[str, str],
+    document: yaml.Node | None = None,
 ) -> str:
     """Return a message with one line per error of `exc`.
 
@@ -26,14 +32,16 @@ def describe_errors(
         exc: The validation error of `Manifest`.
         source_name: The manifest's path, or another name for the input.
         flags: Command-line flags by field path, named next to their field.
+        document: The YAML node tree of the manifest, or None when the data
+            did not come from YAML.
     """
     lines = [f"{source_name} is invalid:"]
     for error in exc.errors(include_url=False):
-        lines.append("  " + _describe_one(error, flags))
+        lines.append("  " + _describe_one(error, flags, document))
     return "\n".join(lines)
 
 
-def _describe_one(error: Any, flags: dict[str, str]) -> str:
+def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None) -> str:
     location = _location(error["loc"])
     path = _path_text(location)
     flag = flags.get(_flag_key(location))
@@ -44,6 +52,9 @@ def _describe_one(error: Any, flags: dict[str, str]) -> str:
     hint = _field_hint(error["loc"])
 
     if not location:
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, SharedEndpointError):
+            message = cause.describe(flag_label(flags))
         return f"{message}."
     if kind == "missing":
         return f"{where} is missing: set it. {hint}".rstrip()
@@ -57,6 +68,8 @@ def _describe_one(error: Any, flags: dict[str, str]) -> str:
     value = _shown_value(location, error.get("input"))
     if kind == "string_pattern_mismatch":
         message = "it does not have the expected form"
+    if kind == "string_type":
+        hint = _quote_hint(document, location, error.get("input")) + hint
     return f"{where}: invalid value {value}: {message}. {hint}".rstrip()
 
 
@@ -94,6 +107,35 @@ def _shown_value(location: list[int | str], value: Any) -> str:
     if len(text) > _MAX_VALUE_CHARS:
         text = text[: _MAX_VALUE_CHARS - 3] + "..."
     return text
+
+
+def _quote_hint(
+    document: yaml.Node | None, location: list[int | str], value: Any
+) -> str:
+    """Return advice to quote a YAML scalar that YAML read as a boolean or number.
+
+    PyYAML follows YAML 1.1, so unquoted yes, no, on and off are booleans too,
+    and 0777 and 1_000 are numbers. The advice quotes the scalar's text from
+    the file, which can differ from the parsed value (0777 is 511), unless
+    the field's input is never shown.
+    """
+    if document is None or not isinstance(value, bool | int | float):
+        return ""
+    kind = "a boolean" if isinstance(value, bool) else "a number"
+    node = scalar_node_at(document, location)
+    if node is None or any(part in _SECRET_FIELDS for part in location):
+        return (
+            f"YAML reads this unquoted value as {kind}; put it in quotes to keep "
+            "it as text. "
+        )
+    if node.style is not None:
+        # A quoted scalar with an explicit tag such as !!int: quotes do not help.
+        return ""
+    line = node.start_mark.line + 1
+    return (
+        f'YAML reads the unquoted "{node.value}" on line {line} as {kind}; put it '
+        f'in quotes, "{node.value}", to keep it as text. '
+    )
 
 
 def _field_hint(loc: tuple[int | str, ...]) -> str:

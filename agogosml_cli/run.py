@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import time
 import uuid
 from collections.abc import Iterator
@@ -91,10 +92,17 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
-    """Counts and timings of one run; `missing` should be 0."""
+    """Counts and timings of one run; `missing` should be 0.
+
+    `read` equals `input_records` unless the run stopped early. Then it is
+    the count up to the file reader's last checkpoint, or None when the run
+    streamed through a broker and cannot tell.
+    """
 
     transport: str
-    read: int = 0
+    read: int | None = 0
+    #: Records that the run put into the input: the dataset, or --limit of it.
+    input_records: int = 0
     written: int = 0
     dead_lettered: int = 0
     duplicates: int = 0
@@ -172,15 +180,78 @@ class OutputTally:
 
 
 def write_input_file(options: RunOptions, path: Path) -> list[str]:
-    """Write the dataset rows as JSON Lines; return the transaction ids in order."""
-    from sample_app.data import iter_transactions
+    """Write the dataset rows as JSON Lines; return the transaction ids in order.
 
-    ids = []
-    with path.open("wb") as file:
-        for transaction in iter_transactions(options.data_path, options.limit):
-            ids.append(transaction["transaction_id"])
-            file.write(orjson.dumps(transaction) + b"\n")
+    Raises:
+        DatasetFormatError: The CSV is invalid; for a row, the message names
+            its line in the file, counting the header as line 1.
+    """
+    from sample_app.data import DatasetFormatError, iter_transactions
+
+    ids: list[str] = []
+    try:
+        with path.open("wb") as file:
+            for transaction in iter_transactions(options.data_path, options.limit):
+                ids.append(transaction["transaction_id"])
+                file.write(orjson.dumps(transaction) + b"\n")
+    except DatasetFormatError as exc:
+        message = _name_row_line(str(exc), options.data_path, len(ids))
+        raise DatasetFormatError(message) from None
+    except csv.Error as exc:
+        line = csv_row_line(options.data_path, len(ids))
+        where = f"line {line}"
+        if line is None:
+            where = f"data row {len(ids)} (counting from 0 after the header)"
+        raise DatasetFormatError(
+            f"{options.data_path}: {where} is not valid CSV: {exc}"
+        ) from None
     return ids
+
+
+def _name_row_line(message: str, data_path: Path, row_index: int) -> str:
+    """Replace the zero-based data row number in `message` by the file's line.
+
+    NOTE: sample_app.data names an invalid row "data row N", counting from 0
+    after the header, so this relies on that wording and leaves any other
+    message as it is.
+    """
+    marker = f"data row {row_index} "
+    line = csv_row_line(data_path, row_index) if marker in message else None
+    if line is None:
+        return message
+    return message.replace(marker, f"line {line} ", 1)
+
+
+def csv_row_line(path: Path, row_index: int) -> int | None:
+    """Return the line of `path` on which a data row starts, counting from 1.
+
+    `row_index` counts data rows from 0 as csv.DictReader yields them: after
+    the header, with empty lines skipped. A quoted value may span lines, so
+    the line can be greater than the row's position. Returns None if the file
+    has no such row or cannot be read.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            if next(reader, None) is None:
+                return None
+            index, end = 0, reader.line_num
+            while True:
+                start = end + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return None
+                except csv.Error:
+                    return start if index == row_index else None
+                end = reader.line_num
+                if not row:
+                    continue
+                if index == row_index:
+                    return start
+                index += 1
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
@@ -231,7 +302,8 @@ def _run_files(
     work = options.work_dir
     output = work / "output.jsonl"
     dead_letter = work / "dead-letter.jsonl"
-    for path in (output, dead_letter, work / "checkpoint"):
+    checkpoint = work / "checkpoint"
+    for path in (output, dead_letter, checkpoint):
         path.unlink(missing_ok=True)
     writer = writer_process(work, sink="file", output=str(output))
     tally = OutputTally()
@@ -253,7 +325,7 @@ def _run_files(
             **_reader_settings(options),
             "READER_STOP_AT_END": "true",
             "READER_DEAD_LETTER": str(dead_letter),
-            "READER_CHECKPOINT_PATH": str(work / "checkpoint"),
+            "READER_CHECKPOINT_PATH": str(checkpoint),
         }
         reader = reader_process(
             work, app.url, source="file", input_=str(input_path), extra=reader_env
@@ -269,7 +341,7 @@ def _run_files(
 
         try:
             _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
-            _check_exit(reader)
+            _check_exit(reader, tally.finished < len(ids), input_path, checkpoint)
         except (ServiceExitError, RunStalledError) as exc:
             error = str(exc)
         elapsed = time.monotonic() - started_at
@@ -278,6 +350,9 @@ def _run_files(
     summary = _summarise("file", ids, tally, elapsed)
     summary.output, summary.dead_letter = str(output), str(dead_letter)
     summary.error = error
+    if error:
+        # The reader has stopped, so its checkpoint is final.
+        summary.read = _lines_before(input_path, _checkpoint_offset(checkpoint))
     return summary
 
 
@@ -329,6 +404,10 @@ def _run_stream(
     summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
+    if error:
+        # NOTE: the reader's committed offsets or checkpoints would give the
+        # count; the run does not read them yet.
+        summary.read = None
     return summary
 
 
@@ -369,9 +448,43 @@ def _follow(
             time.sleep(0.1)
 
 
-def _check_exit(reader: ServiceProcess) -> None:
-    if reader.wait(60) != 0:
+def _check_exit(
+    reader: ServiceProcess, records_missing: bool, input_path: Path, checkpoint: Path
+) -> None:
+    """Raise `ServiceExitError` if the file reader failed or stopped before the end.
+
+    A reader that is stopped by a signal exits with code 0 too, so with
+    records missing, its final checkpoint shows whether it read the whole
+    input. Without missing records, the reader has read everything whatever
+    its checkpoint says.
+    """
+    code = reader.wait(60)
+    stopped_early = (
+        records_missing and _checkpoint_offset(checkpoint) < input_path.stat().st_size
+    )
+    if code != 0 or stopped_early:
         raise ServiceExitError(reader, "before the end of the input")
+
+
+def _checkpoint_offset(checkpoint: Path) -> int:
+    """Return the byte offset in the file reader's checkpoint, or 0 if there is none."""
+    try:
+        return int(checkpoint.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """Return how many complete lines the first `offset` bytes of `path` contain."""
+    count = 0
+    with path.open("rb") as file:
+        while offset > 0:
+            chunk = file.read(min(offset, 1 << 20))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count
 
 
 def _summarise(
@@ -382,6 +495,7 @@ def _summarise(
     return RunSummary(
         transport=transport,
         read=len(ids),
+        input_records=len(ids),
         written=len(tally.transactions),
         dead_lettered=len(tally.dead_transactions),
         duplicates=tally.duplicates,
@@ -398,7 +512,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     table = Table(title="agogosml run", show_header=False)
     rows = [
         ("transport", summary.transport),
-        ("read", f"{summary.read:,}"),
+        *_read_rows(summary),
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
         ("duplicates", f"{summary.duplicates:,}"),
@@ -414,6 +528,16 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _read_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    if summary.read is None:
+        read = "unknown, because the run stopped early"
+    elif summary.error:
+        read = f"{summary.read:,}, up to the input reader's last checkpoint"
+    else:
+        return [("read", f"{summary.read:,}")]
+    return [("input records", f"{summary.input_records:,}"), ("read", read)]
 
 
 class _JsonLinesFollower:

@@ -23,6 +23,7 @@ from agogosml.config import (
     split_host_port,
 )
 from agogosml_cli.run import TopicNames
+from agogosml_cli.shared_endpoints import SHARED_EFFECTS
 
 if TYPE_CHECKING:
     from agogosml.config import EventHubSettings, KafkaSettings
@@ -278,14 +279,6 @@ def _check_combination(options: StreamOptions) -> None:
     _check_distinct_topics(options)
 
 
-#: Consequence of two of the run's topics being one topic, by the pair of roles.
-_SHARED_TOPIC_EFFECTS = {
-    ("input", "output"): "the scored records would be read again as input",
-    ("input", "dead-letter"): "the dead letters would be read again as input",
-    ("output", "dead-letter"): "scored records and dead letters would mix",
-}
-
-
 def _check_distinct_topics(options: StreamOptions) -> None:
     """Reject input, output and dead-letter topics (or event hubs) that coincide.
 
@@ -305,7 +298,7 @@ def _check_distinct_topics(options: StreamOptions) -> None:
     for index, (role, option, name) in enumerate(topics):
         for other_role, other_option, other_name in topics[index + 1 :]:
             if name is not None and name == other_name:
-                effect = _SHARED_TOPIC_EFFECTS[role, other_role]
+                effect = SHARED_EFFECTS[role, other_role]
                 raise click.UsageError(
                     f"{option} and {other_option} name the same topic {name!r}, "
                     f"so {effect}; give each its own topic"

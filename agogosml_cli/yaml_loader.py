@@ -8,11 +8,13 @@ file would silently replace the first. `load_unique_keys` raises
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STRING_TAG = "tag:yaml.org,2002:str"
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -67,4 +69,51 @@ def load_unique_keys(text: str) -> Any:
         DuplicateKeyError: A mapping contains a key twice.
         yaml.YAMLError: The text is not valid YAML.
     """
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    data, _ = load_document(text)
+    return data
+
+
+def load_document(text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document like `load_unique_keys`; also return its node tree.
+
+    The nodes keep each scalar's text and line, which error messages about
+    the parsed values can quote. SafeLoader resolves merge keys in the tree,
+    so the merged keys are found there too. The node is None for an empty
+    document.
+
+    Raises:
+        DuplicateKeyError: A mapping contains a key twice.
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    loader = UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def scalar_node_at(
+    node: yaml.Node | None, path: Sequence[str | int]
+) -> yaml.ScalarNode | None:
+    """Return the scalar at `path` (mapping keys and list indexes), or None.
+
+    Of a key that appears more than once after merging, the last one counts,
+    as in the parsed data.
+    """
+    for part in path:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            values = [
+                value
+                for key, value in node.value
+                if isinstance(key, yaml.ScalarNode)
+                and key.tag == _STRING_TAG
+                and key.value == part
+            ]
+            node = values[-1] if values else None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if 0 <= part < len(node.value) else None
+        else:
+            return None
+    return node if isinstance(node, yaml.ScalarNode) else None

@@ -22,7 +22,7 @@ from rich.console import Console
 
 import sample_app
 from agogosml_cli.main import cli
-from agogosml_cli.run import RunOptions, RunSummary
+from agogosml_cli.run import RunOptions, RunSummary, csv_row_line
 from sample_app.data import COLUMNS
 
 SUMMARY_KEYS = {
@@ -351,13 +351,40 @@ def test_run_stops_when_service_killed(
     log = "app.log" if module == "sample_app.app" else "writer.log"
     assert str(tmp_path / "work" / log) in stderr
     summary = read_summary(tmp_path / "summary.json")
-    assert summary["read"] == 20000
+    assert summary["input_records"] == 20000
+    assert summary["read"] < 20000
     assert summary["written"] < 20000
     assert summary["missing"] == 20000 - summary["written"] - summary["dead_lettered"]
     assert "was killed by SIGKILL" in summary["error"]
     assert "stopped early" in stderr
     for pid in children.values():
         assert not is_alive(pid)
+
+
+@pytest.mark.slow
+def test_run_names_reader_stopped_early(tmp_path: Path, fraud_model: Path) -> None:
+    work = tmp_path / "work"
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: output_started(work))
+        children = child_pids(process.pid)
+        # The reader stops cleanly on SIGTERM and exits with code 0.
+        os.kill(children["agogosml.reader"], signal.SIGTERM)
+
+        _, stderr = process.communicate(timeout=60)
+
+    message = "input reader (agogosml.reader) exited with code 0 before the end"
+    assert process.returncode == 1, stderr
+    assert message in " ".join(stderr.split())
+    assert "records are missing" not in stderr
+    assert "stopped early" in stderr
+    summary = read_summary(tmp_path / "summary.json")
+    assert message in summary["error"]
+    assert summary["input_records"] == 20000
+    checkpoint = int((work / "checkpoint").read_text())
+    input_bytes = (work / "input.jsonl").read_bytes()
+    assert summary["read"] == input_bytes[:checkpoint].count(b"\n")
+    assert summary["read"] < 20000
+    assert summary["written"] + summary["dead_lettered"] >= summary["read"]
 
 
 @pytest.mark.slow
@@ -516,3 +543,56 @@ def test_run_rejects_non_utf8_data(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert f"{data} is not UTF-8 text" in " ".join(result.output.split())
     assert isinstance(result.exception, SystemExit)
+
+
+def write_csv(path: Path, rows: list[str]) -> None:
+    path.write_text(",".join(COLUMNS) + "\n" + "".join(row + "\n" for row in rows))
+
+
+VALID_ROW = ",".join(["0"] * (len(COLUMNS) - 1) + ["1"])
+BAD_ROW = ",".join(["0", "abc"] + ["0"] * (len(COLUMNS) - 3) + ["1"])
+
+
+@pytest.mark.parametrize(
+    ("rows", "line"),
+    [
+        pytest.param([VALID_ROW, BAD_ROW], 3, id="third-line"),
+        pytest.param([BAD_ROW], 2, id="first-row"),
+        pytest.param([VALID_ROW, "", "", BAD_ROW], 5, id="after-blank-lines"),
+    ],
+)
+def test_run_names_csv_line_of_bad_value(
+    tmp_path: Path, rows: list[str], line: int
+) -> None:
+    data = tmp_path / "data.csv"
+    write_csv(data, rows)
+
+    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"{data}: line {line} has the invalid value 'abc' in column 'V1'" in output
+    assert "data row" not in output
+
+
+def test_csv_row_line_counts_quoted_newlines(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text('a,b\n1,"x\ny"\n\n2,3\n')
+
+    assert csv_row_line(data, 0) == 2
+    assert csv_row_line(data, 1) == 5
+    assert csv_row_line(data, 2) is None
+
+
+def test_run_names_csv_line_not_parsable(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    huge = '"' + "9" * 200_000 + '"'
+    write_csv(data, [VALID_ROW, VALID_ROW, huge + VALID_ROW[1:]])
+
+    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"{data}: line 4 is not valid CSV" in output
+    assert "field larger than field limit" in output
+    assert "Traceback" not in output

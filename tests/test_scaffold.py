@@ -707,6 +707,301 @@ def test_manifest_missing_rejected(tmp_path: Path) -> None:
     assert "agogosml init" in result.output
 
 
+EVENTHUBS_SECRET = {"secret": "eventhubs", "key": "connection-string"}
+
+
+def eventhubs_endpoints(topics: list[str], sink_topic: str) -> dict[str, Any]:
+    connection = {"namespace": "payments-prod", "connection_string": EVENTHUBS_SECRET}
+    return {
+        "source": {"type": "eventhubs", "topics": topics, **connection},
+        "sink": {"type": "eventhubs", "topic": sink_topic, **connection},
+    }
+
+
+def file_endpoints(source_path: str, sink_path: str) -> dict[str, Any]:
+    return {
+        "source": {"type": "file", "path": source_path},
+        "sink": {"type": "file", "path": sink_path},
+    }
+
+
+SHARED_ENDPOINT_CASES = [
+    pytest.param(
+        {"source.topics": ["scores"]},
+        "source.topics[0] and sink.topic name the same topic 'scores', so the "
+        "scored records would be read again as input; give each its own topic.",
+        id="kafka-sink-is-source",
+    ),
+    pytest.param(
+        {"source.topics": ["a", "scores"]},
+        "source.topics[1] and sink.topic name the same topic 'scores'",
+        id="kafka-sink-is-second-source",
+    ),
+    pytest.param(
+        {"sink.topic": "transactions.dlq"},
+        "sink.topic and the input reader's dead-letter topic "
+        "'<source.topics[0]>.dlq' name the same topic 'transactions.dlq', so "
+        "scored records and dead letters would mix; change sink.topic.",
+        id="kafka-sink-is-dead-letter",
+    ),
+    pytest.param(
+        {"source.topics": ["transactions", "transactions.dlq"]},
+        "source.topics[1] and the input reader's dead-letter topic "
+        "'<source.topics[0]>.dlq' name the same topic 'transactions.dlq', so "
+        "the dead letters would be read again as input; change source.topics[1].",
+        id="kafka-source-is-dead-letter",
+    ),
+    pytest.param(
+        eventhubs_endpoints(["payments"], "payments"),
+        "source.topics[0] and sink.topic name the same event hub 'payments', so "
+        "the scored records would be read again as input; give each its own "
+        "event hub.",
+        id="eventhubs-sink-is-source",
+    ),
+    pytest.param(
+        file_endpoints("data/in.jsonl", "data/in.jsonl"),
+        "source.path and sink.path name the same file 'data/in.jsonl', so the "
+        "scored records would be read again as input; give each its own file.",
+        id="file-same-path",
+    ),
+    pytest.param(
+        file_endpoints("in/records.jsonl", "out/records.jsonl"),
+        "source.path 'in/records.jsonl' and sink.path 'out/records.jsonl' name "
+        "the same file 'records.jsonl' in ./data",
+        id="file-same-name",
+    ),
+    pytest.param(
+        file_endpoints("in.jsonl", "out/in.jsonl.dlq.jsonl"),
+        "sink.path 'out/in.jsonl.dlq.jsonl' and the input reader's dead-letter "
+        "file '<file name of source.path>.dlq.jsonl' name the same file "
+        "'in.jsonl.dlq.jsonl' in ./data",
+        id="file-sink-is-dead-letter",
+    ),
+    pytest.param(
+        file_endpoints("in.jsonl", "in.jsonl.checkpoint"),
+        "so the input reader's checkpoints would replace the scored records; "
+        "change sink.path.",
+        id="file-sink-is-checkpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "expected"), SHARED_ENDPOINT_CASES)
+def test_shared_endpoint_rejected(
+    tmp_path: Path, changes: dict[str, Any], expected: str
+) -> None:
+    data = valid_manifest_data()
+    for path, value in changes.items():
+        _set(data, path, value)
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1, result.output
+    assert f"{manifest} is invalid" in result.output
+    assert expected in " ".join(result.output.split())
+    assert not (tmp_path / ".copier-answers.yml").exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"source.topics": ["a", "b"], "sink.topic": "a.dlq.dlq"}),
+        pytest.param(file_endpoints("in/a.jsonl", "out/b.jsonl"), id="files"),
+        pytest.param(
+            {"sink": {"type": "file", "path": "transactions"}}, id="topic-and-file"
+        ),
+    ],
+)
+def test_distinct_endpoints_accepted(changes: dict[str, Any]) -> None:
+    data = valid_manifest_data()
+    for path, value in changes.items():
+        _set(data, path, value)
+
+    assert Manifest.model_validate(data).name == "fraud-scoring"
+
+
+def test_init_rejects_sink_topic_of_source(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(path),
+        "--name", "y",
+        "--source", "kafka",
+        "--source-topics", "t",
+        "--source-bootstrap-servers", "k:9092",
+        "--sink", "kafka",
+        "--sink-topic", "t",
+        "--registry", "r.io",
+    )  # fmt: skip
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert (
+        "--sink-topic t: source.topics[0] (--source-topics) and sink.topic "
+        "(--sink-topic) name the same topic 't'"
+    ) in output
+    assert "give each its own topic" in output
+    assert not path.exists()
+
+
+def test_init_rejects_source_file_as_sink(tmp_path: Path) -> None:
+    flags = list(FILE_FLAGS)
+    flags[flags.index("/data/output.jsonl")] = "/data/input.jsonl"
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert (
+        "source.path (--source-path) and sink.path (--sink-path) name the same "
+        "file '/data/input.jsonl'"
+    ) in output
+
+
+def test_init_prompt_asks_again_for_shared_topic(tmp_path: Path) -> None:
+    answers = [
+        "demo-app",  # project name
+        "",  # app template
+        "kafka",  # source type
+        "in",  # source topics
+        "kafka:9092",  # bootstrap servers
+        "",  # security protocol
+        "",  # sink type: kafka
+        "in",  # sink topic, rejected and asked again
+        "in.dlq",  # the reader's dead-letter topic, rejected and asked again
+        "out",
+        "r.io",  # registry
+        "",  # namespace
+    ]
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke(
+        "init", "--manifest", str(path), input_text="\n".join(answers) + "\n"
+    )
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "name the same topic 'in'" in output
+    assert "name the same topic 'in.dlq'" in output
+    assert load_manifest(path).sink.topic == "out"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("topic", "field", "hint"),
+    [
+        pytest.param(
+            "yes",
+            "sink.topic: invalid value True",
+            'YAML reads the unquoted "yes" on line {line} as a boolean; put it in '
+            'quotes, "yes", to keep it as text.',
+            id="boolean",
+        ),
+        pytest.param(
+            "0777",
+            "sink.topic: invalid value 511",
+            'YAML reads the unquoted "0777" on line {line} as a number; put it in '
+            'quotes, "0777", to keep it as text.',
+            id="octal-number",
+        ),
+        pytest.param(
+            "Off",
+            "sink.topic: invalid value False",
+            'the unquoted "Off" on line {line} as a boolean',
+            id="capitalised-boolean",
+        ),
+    ],
+)
+def test_unquoted_scalar_gets_quote_hint(
+    tmp_path: Path, topic: str, field: str, hint: str
+) -> None:
+    lines = yaml.safe_dump(valid_manifest_data(), sort_keys=False).splitlines()
+    index = lines.index("  topic: scores")
+    lines[index] = f"  topic: {topic}"
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text("\n".join(lines) + "\n")
+
+    result = generate(manifest)
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert field in output
+    assert hint.format(line=index + 1) in output
+    assert "Expected: Topic (or event hub) name" in output
+
+
+def test_quote_hint_in_list_and_merged_mapping(tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(
+        "name: fraud-scoring\n"
+        "connection: &kafka\n"
+        "  type: kafka\n"
+        "  bootstrap_servers: kafka:9092\n"
+        "source:\n"
+        "  <<: *kafka\n"
+        "  topics: [transactions, on]\n"
+        "sink:\n"
+        "  <<: *kafka\n"
+        "  topic: scores\n"
+        "registry: myregistry.azurecr.io\n"
+        "kubernetes: {namespace: fraud}\n"
+    )
+
+    result = generate(manifest)
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "source.topics[1]: invalid value True" in output
+    assert 'the unquoted "on" on line 7 as a boolean' in output
+
+
+def test_explicitly_tagged_scalar_gets_no_quote_hint(tmp_path: Path) -> None:
+    text = yaml.safe_dump(valid_manifest_data(), sort_keys=False)
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(text.replace("topic: scores", 'topic: !!int "5"'))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1, result.output
+    assert "sink.topic: invalid value 5" in result.output
+    assert "quotes" not in result.output
+
+
+def test_init_creates_manifest_directory(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "agogosml.yaml"
+
+    result = invoke("init", "--no-input", "--manifest", str(path), *FILE_FLAGS)
+
+    assert result.exit_code == 0, result.output
+    assert f"Created directory {path.parent}." in result.output
+    assert load_manifest(path).name == "file-demo"
+
+
+def test_init_existing_directory_not_reported(tmp_path: Path) -> None:
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke("init", "--no-input", "--manifest", str(path), *FILE_FLAGS)
+
+    assert result.exit_code == 0, result.output
+    assert "Created directory" not in result.output
+
+
+def test_init_names_directory_it_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "dir" / "agogosml.yaml"
+
+    result = invoke("init", "--no-input", "--manifest", str(path), *FILE_FLAGS)
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"cannot create directory '{path.parent}' for the manifest" in output
+    assert "Not a directory" in output
+    assert "Traceback" not in output
+
+
 # ---------------------------------------------------------------------------
 # generate: first render
 # ---------------------------------------------------------------------------
