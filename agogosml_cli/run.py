@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import time
 import uuid
 from collections.abc import Iterator
@@ -186,72 +185,14 @@ def write_input_file(options: RunOptions, path: Path) -> list[str]:
         DatasetFormatError: The CSV is invalid; for a row, the message names
             its line in the file, counting the header as line 1.
     """
-    from sample_app.data import DatasetFormatError, iter_transactions
+    from sample_app.data import iter_transactions
 
     ids: list[str] = []
-    try:
-        with path.open("wb") as file:
-            for transaction in iter_transactions(options.data_path, options.limit):
-                ids.append(transaction["transaction_id"])
-                file.write(orjson.dumps(transaction) + b"\n")
-    except DatasetFormatError as exc:
-        message = _name_row_line(str(exc), options.data_path, len(ids))
-        raise DatasetFormatError(message) from None
-    except csv.Error as exc:
-        line = csv_row_line(options.data_path, len(ids))
-        where = f"line {line}"
-        if line is None:
-            where = f"data row {len(ids)} (counting from 0 after the header)"
-        raise DatasetFormatError(
-            f"{options.data_path}: {where} is not valid CSV: {exc}"
-        ) from None
+    with path.open("wb") as file:
+        for transaction in iter_transactions(options.data_path, options.limit):
+            ids.append(transaction["transaction_id"])
+            file.write(orjson.dumps(transaction) + b"\n")
     return ids
-
-
-def _name_row_line(message: str, data_path: Path, row_index: int) -> str:
-    """Replace the zero-based data row number in `message` by the file's line.
-
-    NOTE: sample_app.data names an invalid row "data row N", counting from 0
-    after the header, so this relies on that wording and leaves any other
-    message as it is.
-    """
-    marker = f"data row {row_index} "
-    line = csv_row_line(data_path, row_index) if marker in message else None
-    if line is None:
-        return message
-    return message.replace(marker, f"line {line} ", 1)
-
-
-def csv_row_line(path: Path, row_index: int) -> int | None:
-    """Return the line of `path` on which a data row starts, counting from 1.
-
-    `row_index` counts data rows from 0 as csv.DictReader yields them: after
-    the header, with empty lines skipped. A quoted value may span lines, so
-    the line can be greater than the row's position. Returns None if the file
-    has no such row or cannot be read.
-    """
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:
-            reader = csv.reader(file)
-            if next(reader, None) is None:
-                return None
-            index, end = 0, reader.line_num
-            while True:
-                start = end + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return None
-                except csv.Error:
-                    return start if index == row_index else None
-                end = reader.line_num
-                if not row:
-                    continue
-                if index == row_index:
-                    return start
-                index += 1
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
 
 
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:

@@ -205,8 +205,9 @@ def iter_transactions(
 
     Raises:
         ValueError: ``limit`` is negative.
-        DatasetFormatError: The file is not UTF-8 text, a column is missing or
-            a value is not a number.
+        DatasetFormatError: The file is not UTF-8 text or not valid CSV, a
+            column is missing or a value is not a number. The message names the
+            line, counting the header as line 1.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit!r}")
@@ -220,7 +221,13 @@ def iter_transactions(
             for row_number, row in enumerate(reader):
                 if limit is not None and row_number >= limit:
                     return
-                yield _parse_row(row, row_number, csv_path)
+                yield _parse_row(row, row_number, csv_path, reader.line_num)
+        except csv.Error as exc:
+            # DictReader counts only the rows it returned; its reader counts the
+            # line that failed too.
+            raise DatasetFormatError(
+                f"{csv_path}: line {reader.reader.line_num} is not valid CSV: {exc}"
+            ) from None
         except UnicodeDecodeError as exc:
             raise DatasetFormatError(
                 f"{csv_path} is not UTF-8 text: it contains the invalid byte "
@@ -248,7 +255,10 @@ def _check_header(fieldnames: object, path: Path) -> None:
         )
 
 
-def _parse_row(row: dict[str, str], row_number: int, path: Path) -> dict[str, Any]:
+def _parse_row(
+    row: dict[str, str], row_number: int, path: Path, line: int
+) -> dict[str, Any]:
+    """Convert one CSV row; `line` is where the row ends, counting the header as 1."""
     transaction: dict[str, Any] = {"transaction_id": format_transaction_id(row_number)}
     column = ""
     try:
@@ -257,7 +267,7 @@ def _parse_row(row: dict[str, str], row_number: int, path: Path) -> dict[str, An
     except (TypeError, ValueError) as exc:
         # TypeError: csv.DictReader fills the columns of a short row with None.
         raise DatasetFormatError(
-            f"{path}: data row {row_number} has the invalid value "
+            f"{path}: line {line} has the invalid value "
             f"{row.get(column)!r} in column {column!r}"
         ) from exc
     return transaction

@@ -22,7 +22,7 @@ from rich.console import Console
 
 import sample_app
 from agogosml_cli.main import cli
-from agogosml_cli.run import RunOptions, RunSummary, csv_row_line
+from agogosml_cli.run import RunOptions, RunSummary
 from sample_app.data import COLUMNS
 
 SUMMARY_KEYS = {
@@ -573,15 +573,6 @@ def test_run_names_csv_line_of_bad_value(
     assert result.exit_code == 1, result.output
     assert f"{data}: line {line} has the invalid value 'abc' in column 'V1'" in output
     assert "data row" not in output
-
-
-def test_csv_row_line_counts_quoted_newlines(tmp_path: Path) -> None:
-    data = tmp_path / "data.csv"
-    data.write_text('a,b\n1,"x\ny"\n\n2,3\n')
-
-    assert csv_row_line(data, 0) == 2
-    assert csv_row_line(data, 1) == 5
-    assert csv_row_line(data, 2) is None
 
 
 def test_run_names_csv_line_not_parsable(tmp_path: Path) -> None:
