@@ -451,7 +451,8 @@ def test_iter_transactions_rejects_invalid_value(tmp_path: Path) -> None:
     with pytest.raises(DatasetFormatError) as raised:
         list(iter_transactions(path))
 
-    assert "row 2" in str(raised.value)
+    # The header is line 1, so the third data row is line 4.
+    assert "line 4 has the invalid value" in str(raised.value)
     assert "'V5'" in str(raised.value)
     assert "'oops'" in str(raised.value)
 

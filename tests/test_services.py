@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,39 +115,74 @@ def test_writer_without_broker_is_not_ready(tmp_path: Path) -> None:
     assert alive
 
 
+class _RejectingApp(http.server.BaseHTTPRequestHandler):
+    """An app that rejects every message with 400, so each one is dead-lettered."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"error": "rejected"}'
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Keep the test output quiet."""
+
+
+@contextlib.contextmanager
+def rejecting_app() -> Iterator[str]:
+    """Serve `_RejectingApp` on a loopback port and yield its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RejectingApp)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_reader_reads_stdin_lines_as_they_arrive(tmp_path: Path) -> None:
     dead_letter = tmp_path / "dlq.jsonl"
-    env = {
-        "READER_INPUT": "-",
-        "READER_APP_URL": f"http://127.0.0.1:{free_port()}",
-        "READER_APP_READY_PATH": "",
-        "READER_PORT": "0",
-        "READER_DEAD_LETTER": str(dead_letter),
-        "READER_RETRY_MAX_ATTEMPTS": "1",
-        "READER_STOP_AT_END": "true",
-    }
     clean = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
     }
-    reader = subprocess.Popen(
-        [sys.executable, "-m", "agogosml.reader"],
-        env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert reader.stdin is not None
-
-    reader.stdin.write(b'{"n": 1}\n')
-    reader.stdin.flush()
-    deadline = time.monotonic() + 20
-    while not dead_letter.exists() or not dead_letter.read_bytes():
-        assert time.monotonic() < deadline, "the first line was not processed alone"
-        time.sleep(0.1)
-    reader.stdin.write(b'{"n": 2}\n{"n": 3}')
-    reader.stdin.close()
-    exit_code = reader.wait(30)
+    with rejecting_app() as app_url:
+        env = {
+            "READER_INPUT": "-",
+            "READER_APP_URL": app_url,
+            "READER_APP_READY_PATH": "",
+            "READER_PORT": "0",
+            "READER_DEAD_LETTER": str(dead_letter),
+            "READER_STOP_AT_END": "true",
+        }
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "agogosml.reader"],
+            env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
+            stdin=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert reader.stdin is not None
+        try:
+            reader.stdin.write(b'{"n": 1}\n')
+            reader.stdin.flush()
+            deadline = time.monotonic() + 20
+            while not dead_letter.exists() or not dead_letter.read_bytes():
+                assert time.monotonic() < deadline, (
+                    "the first line was not processed alone"
+                )
+                time.sleep(0.1)
+            reader.stdin.write(b'{"n": 2}\n{"n": 3}')
+            reader.stdin.close()
+            exit_code = reader.wait(30)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
 
     assert exit_code == 0
     assert len(dead_letter.read_bytes().splitlines()) == 3
