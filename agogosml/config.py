@@ -740,8 +740,8 @@ class ReaderSettings(_ServiceSettings):
         8,
         ge=1,
         description="READER_RETRY_MAX_ATTEMPTS: requests per message before it is "
-        "dead-lettered. Requests that find no app, or fail while the app's "
-        "readiness check fails, do not count.",
+        "dead-lettered. Requests that find no app, and 503 or 429 responses "
+        "while the app's readiness check fails, do not count.",
     )
     retry_initial_backoff_ms: int = Field(
         100,

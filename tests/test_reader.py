@@ -456,6 +456,39 @@ async def test_503_while_app_not_ready_spends_no_attempts():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_message_that_stalls_app_spends_attempts():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def stall_on_zero(received: Received) -> web.Response:
+        if received.number != 0:
+            return status_response(200)
+        # The message blocks the app, whose readiness check then fails too.
+        app.ready = False
+        await wait_for(lambda: "ready 503" in app.events)
+        await asyncio.sleep(1)
+        return status_response(200)
+
+    async with stub_app(stall_on_zero) as app:
+        settings = reader_settings(
+            app.url,
+            app_ready_path="/readyz",
+            retry_max_attempts=2,
+            request_timeout_ms=200,
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(dead_letter.envelopes) == 1)
+            app.ready = True
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.attempts"] == "2"
+    assert "timed out" in context["dlq.error"]
+    assert app.numbers() == [1]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
 async def test_dead_letter_failures_retried_before_commit():
     source = MemorySource(TOPIC)
     fill(source, 3)

@@ -331,13 +331,14 @@ class InputReader:
             pending = self._drop_unsendable(pending)
             if not pending:
                 return
+            ready_before = self._app_ready
             outcomes = await self._client.send(pending, batch=as_batch)
             if self._is_setup_error(outcomes):
                 # The app did not look at the messages: wait for the operator
                 # without spending attempts, so nothing is dead-lettered for it.
                 await asyncio.sleep(settings.retry_max_backoff_ms / 1000)
                 continue
-            if self._app_unavailable(outcomes):
+            if self._app_unavailable(outcomes, ready_before):
                 # Nothing is wrong with the messages: wait for the app without
                 # spending attempts, so a restart of the app or of the writer
                 # behind it dead-letters nothing.
@@ -414,16 +415,21 @@ class InputReader:
         self._setup_error = True
         return True
 
-    def _app_unavailable(self, outcomes: list[Outcome]) -> bool:
+    def _app_unavailable(self, outcomes: list[Outcome], ready_before: bool) -> bool:
         """Return whether a request failed because the app is down or not ready.
 
-        That is so when no connection to the app could be made, or when the
-        app's readiness check fails and the request failed with a status worth
-        a retry (the app responds with 503 while its writer is down, for example).
+        That is so when no connection to the app could be made, or when the app
+        responded 503 or 429 to a request sent while its readiness check was
+        already failing (`ready_before`), as `ModelApp` does while its writer is
+        down. A timeout, a dropped connection or a 500 always uses up an
+        attempt: a message that stalls or crashes the app makes its readiness
+        check fail too, and it must still reach the dead letters.
         """
-        if not all(outcome.retriable for outcome in outcomes):
+        if all(outcome.unreachable for outcome in outcomes):
+            return True
+        if ready_before or self._app_ready:
             return False
-        return all(o.unreachable for o in outcomes) or not self._app_ready
+        return all(outcome.status in (429, 503) for outcome in outcomes)
 
     def _log_waiting(
         self, pending: list[Envelope], outcome: Outcome, waits: int
@@ -435,7 +441,7 @@ class InputReader:
         logger.warning(
             "the app is unreachable or not ready; %d message(s) wait for it "
             "without using up their %d attempts. Check that the app runs at "
-            "READER_APP_URL",
+            "READER_APP_URL and that its readiness check passes",
             len(pending),
             self._settings.retry_max_attempts,
             extra={
