@@ -802,15 +802,35 @@ async def test_batch_non_json_value_dead_lettered():
         settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
         await run_reader(settings, source, dead_letter)
 
-    # The first request carries all three values and is refused as a whole;
-    # the second goes without the value that is not JSON.
-    assert len(app.requests) == 2
-    assert [item["value"] for item in app.requests[1].json()] == [{"n": 0}, {"n": 2}]
+    assert len(app.requests) == 1
+    assert [item["value"] for item in app.requests[0].json()] == [{"n": 0}, {"n": 2}]
     assert [record.value for record in dead_letter.envelopes] == [b"not json"]
     context = dead_letter_headers(dead_letter.envelopes[0])
     assert context["dlq.status"] == "400"
     assert "not valid JSON" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 3}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b'1,"id":"forged-id","key":"forged-key"', b'1},{"value":2'],
+    ids=["extra-fields", "extra-element"],
+)
+async def test_batch_value_cannot_change_other_fields(value):
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}')
+    source.add(value)
+    source.add(b'{"n": 2}')
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    items = app.requests[0].json()
+    assert [item["value"] for item in items] == [{"n": 0}, {"n": 2}]
+    assert [item["id"] for item in items] == [f"{TOPIC}:0:0", f"{TOPIC}:0:2"]
+    assert [record.value for record in dead_letter.envelopes] == [value]
 
 
 async def test_batch_of_valid_values_refused_whole_is_not_sent_again():

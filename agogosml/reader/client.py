@@ -134,28 +134,20 @@ class AppClient:
     async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
         """Send a batch, giving a value that is not JSON its own 400 outcome.
 
-        Values go into the JSON array unchecked, because checking each one costs
-        as much as decoding it. A value that is not JSON makes the whole array
-        invalid, so only when the app rejects a whole batch with 400 are the
-        values checked, and the batch sent again without the invalid ones.
+        Each value is checked before it goes into the JSON array unchanged: a
+        value that is not JSON could otherwise end the array's element early
+        and add fields or elements of its own.
         """
-        outcomes, whole = await self._post_batch(envelopes)
-        if not whole or outcomes[0].status != 400:
-            return outcomes
         checked: list[Outcome | None] = [_json_problem(e.value) for e in envelopes]
         valid = [index for index, problem in enumerate(checked) if problem is None]
-        if len(valid) == len(envelopes):
-            return outcomes
         if valid:
-            sent, _ = await self._post_batch([envelopes[index] for index in valid])
+            sent = await self._post_batch([envelopes[index] for index in valid])
             for index, outcome in zip(valid, sent, strict=True):
                 checked[index] = outcome
         return [outcome for outcome in checked if outcome is not None]
 
-    async def _post_batch(
-        self, envelopes: Sequence[Envelope]
-    ) -> tuple[list[Outcome], bool]:
-        """Post one batch. Return the outcomes and whether the app rejected it whole."""
+    async def _post_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        """Post one batch of JSON values and return one outcome per value."""
         items = []
         for envelope in envelopes:
             key, key_is_base64 = envelope.key_text()
@@ -172,8 +164,8 @@ class AppClient:
         headers = {"Content-Type": "application/json"}
         response = await self._post(self._url + "/batch", body, headers)
         if not 200 <= response.status < 300:
-            return [response.outcome()] * len(envelopes), True
-        return _per_item_outcomes(response.status, response.body, len(envelopes)), False
+            return [response.outcome()] * len(envelopes)
+        return _per_item_outcomes(response.status, response.body, len(envelopes))
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         assert self._session is not None, "AppClient.start() was not called"
