@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 import logging
 import math
@@ -526,6 +527,12 @@ def has_non_finite(result: Any) -> bool:
         return any(has_non_finite(value) for value in result)
     if isinstance(result, str | int | bool) or result is None:
         return False
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        # orjson encodes dataclasses itself, field by field.
+        return any(
+            has_non_finite(getattr(result, field.name))
+            for field in dataclasses.fields(result)
+        )
     kind = getattr(getattr(result, "dtype", None), "kind", "")
     numpy = sys.modules.get("numpy")
     if kind in ("f", "c") and numpy is not None:

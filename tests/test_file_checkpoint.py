@@ -77,3 +77,15 @@ async def test_byte_order_mark_not_part_of_first_record(tmp_path: Path) -> None:
     assert [envelope.value for envelope in envelopes] == [b'{"n": 1}', b'{"n": 2}']
     assert envelopes[1].position is not None
     assert envelopes[1].position.offset == 12
+
+
+async def test_checkpoint_after_last_line_without_line_break(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_text("17")
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as source:
+        envelopes = await source.fetch(100, 0.01)
+
+    assert envelopes == []

@@ -641,6 +641,11 @@ async def test_batch_invalid_record_per_item_400():
     assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
 
 
+@dataclass
+class Score:
+    value: float
+
+
 async def test_single_non_finite_result_422():
     async with stub_writer() as writer:
         async with model_app(double_amount, writer.url) as client:
@@ -660,8 +665,9 @@ async def test_single_non_finite_result_422():
         {"score": np.float32("nan")},
         {"scores": np.array([[0.5, np.inf]])},
         np.array([np.nan]),
+        Score(math.nan),
     ],
-    ids=["float", "nested", "numpy-scalar", "numpy-array", "array-result"],
+    ids=["float", "nested", "numpy-scalar", "numpy-array", "array-result", "dataclass"],
 )
 async def test_batch_non_finite_result_422_only(result):
     items = [{"id": "in:0:0", "value": {}}, {"id": "in:0:1", "value": {}}]
@@ -687,6 +693,7 @@ def test_finite_results_pass():
         np.float64(1.5),
         np.array([1, 2]),
         np.array(["a"]),
+        Score(0.5),
     ]
 
     assert not any(has_non_finite(result) for result in finite)

@@ -90,9 +90,9 @@ class FileSource(TrackedSource):
     def _check_offset_in_file(self, file: BinaryIO) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
 
-        A checkpoint is always the start of a line, so an offset past the end of
-        the file, or one that does not follow a line break, means the input was
-        truncated, replaced or edited after the checkpoint was written.
+        A checkpoint is the start of a line or the end of the file, so an offset
+        past the end, or one inside the file that does not follow a line break,
+        means the input was truncated, replaced or edited after the checkpoint.
         """
         status = os.fstat(file.fileno())
         if not stat.S_ISREG(status.st_mode):
@@ -101,7 +101,9 @@ class FileSource(TrackedSource):
         problem = ""
         if self._offset > size:
             problem = f"past the end of {self._path!r} ({size} bytes)"
-        else:
+        # An offset equal to the size is fine: a last line without a line
+        # break ends there.
+        elif self._offset < size:
             file.seek(self._offset - 1)
             if file.read(1) != b"\n":
                 problem = f"inside a line of {self._path!r}, not at the start of one"
