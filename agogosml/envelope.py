@@ -19,6 +19,7 @@ _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 _ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _TRACEPARENT_LENGTH = 55
+_HEX_VERSION = re.compile(r"[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
@@ -166,16 +167,22 @@ def new_id() -> str:
 
 
 def _position_id(position: Position) -> str:
-    if _is_plain(position.topic):
-        return f"{position.topic}:{position.partition}:{position.offset}"
     text = f"{position.topic}:{position.partition}:{position.offset}"
-    return _header_safe_id(text.encode())
+    if _is_plain(position.topic):
+        return text
+    # "%" is encoded too, so that a file named "%C3%A9" and one named "é" get
+    # different ids.
+    return urllib.parse.quote(text.encode(), safe=_ID_SAFE)
 
 
 @functools.lru_cache(maxsize=256)
 def _is_plain(topic: str) -> bool:
-    """Return whether `_header_safe_id` keeps an id that starts with `topic`."""
-    return bool(_PRINTABLE_ASCII.fullmatch(topic.encode())) and topic == topic.strip()
+    """Return whether an id that starts with `topic` can go in a header as it is."""
+    return (
+        bool(_PRINTABLE_ASCII.fullmatch(topic.encode()))
+        and "%" not in topic
+        and topic == topic.strip()
+    )
 
 
 def new_traceparent() -> str:
@@ -191,13 +198,28 @@ def child_traceparent(parent: str) -> str:
     """
     # Most parents were written by another agogosml service, in canonical form.
     if len(parent) != _TRACEPARENT_LENGTH or _TRACEPARENT.match(parent) is None:
-        parent = parent.strip().lower()
+        parent = _as_version_00(parent.strip().lower())
         if _TRACEPARENT.match(parent) is None:
             return new_traceparent()
     if parent[3:35] == _ZERO_TRACE or parent[36:52] == _ZERO_SPAN:
         return new_traceparent()
     # Keep "00-<trace id>-" and "-<flags>"; the span id between them is new.
     return f"{parent[:36]}{_random_hex(64)}{parent[52:]}"
+
+
+def _as_version_00(parent: str) -> str:
+    """Return a traceparent of a later version in the form of version 00.
+
+    A later version may append fields after a dash, so its first 55 characters
+    are read as version 00, and the trace of a newer caller goes on. Version ff
+    is invalid. Any other value is returned unchanged.
+    """
+    version = parent[:2]
+    if version in ("00", "ff") or _HEX_VERSION.fullmatch(version) is None:
+        return parent
+    if len(parent) > _TRACEPARENT_LENGTH and parent[_TRACEPARENT_LENGTH] != "-":
+        return parent
+    return "00" + parent[2:_TRACEPARENT_LENGTH]
 
 
 def trace_id(traceparent: str) -> str | None:

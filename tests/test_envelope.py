@@ -73,3 +73,39 @@ def test_invalid_traceparent_starts_new_trace(parent):
 
     assert trace_id(child) is not None
     assert trace_id(child) not in ("0" * 32, "a" * 32)
+
+
+@pytest.mark.parametrize(
+    ("parent", "flags"),
+    [
+        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "01"),
+        ("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-more", "00"),
+    ],
+    ids=["version-01", "later-version-with-more-fields"],
+)
+def test_later_traceparent_version_read_as_00(parent, flags):
+    child = child_traceparent(parent)
+
+    assert child.startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert child.endswith(f"-{flags}")
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01more",
+    ],
+    ids=["version-ff", "version-00-with-more", "no-dash-after-flags"],
+)
+def test_invalid_traceparent_version_starts_new_trace(parent):
+    assert trace_id(child_traceparent(parent)) != "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_position_ids_of_percent_and_non_ascii_paths_differ():
+    literal = Envelope(value=b"{}", position=Position("%C3%A9", 0, 7, 8))
+    encoded = Envelope(value=b"{}", position=Position("é", 0, 7, 8))
+
+    assert literal.id != encoded.id
+    assert encoded.id == "%C3%A9:0:7"

@@ -90,9 +90,9 @@ class FileSource(TrackedSource):
     def _check_offset_in_file(self, file: BinaryIO) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
 
-        A checkpoint is the start of a line or the end of the file, so an offset
+        A checkpoint is the start of a line or the end of the file. An offset
         past the end, or one inside the file that does not follow a line break,
-        means the input was truncated, replaced or edited after the checkpoint.
+        means that the input was truncated, replaced or edited since.
         """
         status = os.fstat(file.fileno())
         if not stat.S_ISREG(status.st_mode):
