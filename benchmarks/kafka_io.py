@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 from confluent_kafka import (
@@ -127,15 +126,8 @@ def produce_all(
     return count
 
 
-def end_offsets(bootstrap: str, topics: list[str], consumer: Any = None) -> int:
-    """Sum of the high watermarks of every partition of `topics`.
-
-    Pass a `consumer` to reuse its connection, which costs the broker far less
-    than a new client per call.
-    """
-    if consumer is None:
-        with _watcher(bootstrap) as watcher:
-            return end_offsets(bootstrap, topics, watcher)
+def end_offsets(consumer: Consumer, topics: list[str]) -> int:
+    """Sum of the high watermarks of every partition of `topics`."""
     total = 0
     for topic in topics:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -149,7 +141,11 @@ def end_offsets(bootstrap: str, topics: list[str], consumer: Any = None) -> int:
 
 @contextlib.contextmanager
 def _watcher(bootstrap: str) -> Iterator[Consumer]:
-    """Yield a consumer that only reads watermarks: it joins no group."""
+    """Yield a consumer that only reads watermarks: it joins no group.
+
+    One consumer serves a whole wait, because a new client per poll costs the
+    broker far more than the watermark requests.
+    """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-watch"})
     try:
         yield consumer
@@ -168,7 +164,7 @@ def wait_for_records(
     last_total, last_change = -1, time.monotonic()
     with _watcher(bootstrap) as watcher:
         while True:
-            total = end_offsets(bootstrap, topics, watcher)
+            total = end_offsets(watcher, topics)
             if total >= expected:
                 return
             now = time.monotonic()
