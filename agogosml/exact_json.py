@@ -70,6 +70,26 @@ def loads_exact(body: bytes, parse_int: Callable[[str], Any] = int) -> Any:
         raise ValueError("the JSON document is nested too deeply") from None
 
 
+def json_error(value: bytes) -> str:
+    """Return why `value` is not a JSON document, or '' when it is one.
+
+    A document with an integer beyond the range of a double, which orjson
+    rejects, is valid JSON, so it gets a second look with the exact decoder.
+    """
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" in str(exc):
+            try:
+                loads_exact(value, int_or_fragment)
+            except ValueError:
+                pass
+            else:
+                return ""
+        return str(exc)
+    return ""
+
+
 def int_or_fragment(text: str) -> int | orjson.Fragment:
     """Return an integer that orjson encodes exactly, else its text as a Fragment."""
     if len(text) <= 18:

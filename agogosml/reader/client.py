@@ -198,20 +198,8 @@ class AppClient:
 
 def _json_problem(value: bytes) -> Outcome | None:
     """Return a 400 outcome for a message value that is not JSON, else None."""
-    try:
-        orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        # orjson rejects an integer beyond the range of a double, which is
-        # valid JSON and which the app may decode exactly.
-        if "infinity" in str(exc):
-            try:
-                exact_json.loads_exact(value)
-            except ValueError:
-                pass
-            else:
-                return None
-        return Outcome(400, f"message value is not valid JSON: {exc}")
-    return None
+    error = exact_json.json_error(value)
+    return Outcome(400, f"message value is not valid JSON: {error}") if error else None
 
 
 def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:

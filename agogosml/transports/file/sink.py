@@ -269,7 +269,7 @@ def encode_line(envelope: Envelope) -> bytes:
     key, key_is_base64 = envelope.key_text()
     value: object
     value_encoding = ""
-    if _is_json(envelope.value):
+    if not exact_json.json_error(envelope.value):
         raw = envelope.value
         if b"\n" in raw or b"\r" in raw:
             raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
@@ -295,18 +295,3 @@ def encode_line(envelope: Envelope) -> bytes:
     if value_encoding:
         document["value_encoding"] = value_encoding
     return orjson.dumps(document) + b"\n"
-
-
-def _is_json(value: bytes) -> bool:
-    try:
-        orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        # orjson rejects an integer beyond the range of a double, which is
-        # valid JSON.
-        if "infinity" not in str(exc):
-            return False
-        try:
-            exact_json.loads_exact(value, exact_json.int_or_fragment)
-        except ValueError:
-            return False
-    return True
