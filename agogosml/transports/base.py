@@ -199,11 +199,7 @@ class OffsetTracker:
 
     def register(self, position: Position) -> None:
         """Record that a message was read and is now in flight."""
-        key = (position.topic, position.partition)
-        with self._lock:
-            pending = self._pending.get(key)
-            if pending is not None and self._generation.get(key) == position.generation:
-                pending.append(position)
+        self.register_many((position,))
 
     def register_many(self, positions: Iterable[Position]) -> None:
         """Record that messages were read, in order, and are now in flight."""
