@@ -396,8 +396,8 @@ def _check_exit(
 
     A reader that is stopped by a signal exits with code 0 too, so with
     records missing, its final checkpoint shows whether it read the whole
-    input. Without missing records, the reader has read everything whatever
-    its checkpoint says.
+    input. Without missing records, the reader has read everything, whatever
+    its checkpoint contains.
     """
     code = reader.wait(60)
     stopped_early = (

@@ -103,7 +103,7 @@ def test_invalid_traceparent_version_starts_new_trace(parent):
     assert trace_id(child_traceparent(parent)) != "0af7651916cd43dd8448eb211c80319c"
 
 
-def test_position_ids_of_percent_and_non_ascii_paths_differ():
+def test_position_id_encodes_percent():
     literal = Envelope(value=b"{}", position=Position("%C3%A9", 0, 7, 8))
     encoded = Envelope(value=b"{}", position=Position("é", 0, 7, 8))
 

@@ -402,7 +402,7 @@ async def test_retries_exhausted_dead_lettered():
     assert source.committed == {(TOPIC, 0): 2}
 
 
-async def test_unreachable_app_waited_for_without_spending_attempts():
+async def test_unreachable_app_spends_no_attempts():
     source = MemorySource(TOPIC)
     fill(source, 3)
     dead_letter = MemorySink()
@@ -413,7 +413,7 @@ async def test_unreachable_app_waited_for_without_spending_attempts():
     retries_before = retries_total()
 
     async with running_reader(settings, source, dead_letter) as (reader, task):
-        # Far more failed connections than attempts, as while an app restarts.
+        # Many more failed connections than attempts, as while an app restarts.
         await wait_for(lambda: retries_total() - retries_before >= 10)
         server = TestServer(stub.build_app(), port=port)
         await server.start_server()
@@ -782,7 +782,7 @@ async def test_batch_wrong_result_count_not_accepted():
 
 
 async def reject_invalid_json(received: Received) -> web.Response:
-    """Answer like a model app: 400 for a body that is not JSON, else 200."""
+    """Respond like a model app: 400 for a body that is not JSON, else 200."""
     try:
         # The standard library, because it accepts integers of any size.
         json.loads(received.body)
@@ -833,7 +833,7 @@ async def test_batch_value_cannot_change_other_fields(value):
     assert [record.value for record in dead_letter.envelopes] == [value]
 
 
-async def test_batch_of_valid_values_refused_whole_is_not_sent_again():
+async def test_batch_rejected_whole_not_resent():
     source = MemorySource(TOPIC)
     source.add(b'{"n": 0}')
     source.add(b'{"n": 1}')
@@ -853,7 +853,7 @@ async def test_batch_of_valid_values_refused_whole_is_not_sent_again():
     assert source.committed == {(TOPIC, 0): 2}
 
 
-async def test_batch_value_with_integer_beyond_double_range_is_sent():
+async def test_batch_huge_integer_value_sent():
     source = MemorySource(TOPIC)
     huge = b'{"n": 1' + b"0" * 400 + b"}"
     source.add(huge)
