@@ -29,6 +29,14 @@ TARGETS = {
 }
 
 
+def _settings_document(settings: Settings) -> dict[str, Any]:
+    """Return the settings as JSON types; the profile directory as a string."""
+    document = asdict(settings)
+    if settings.profile_dir is not None:
+        document["profile_dir"] = str(settings.profile_dir)
+    return document
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, minimum and maximum of `values` (NaN when empty)."""
     if not values:
@@ -102,7 +110,7 @@ def summarise(
         "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "machine": machine(kafka_version),
-        "settings": asdict(settings),
+        "settings": _settings_document(settings),
         "raw_relay_mps": median_mps("raw"),
         "pipeline_single_mps": median_mps("single"),
         "pipeline_batch_mps": median_mps("batch"),

@@ -129,6 +129,17 @@ def test_missing_records_fail_the_loss_check():
     assert document["loss_check_passed"] is False
 
 
+def test_profile_directory_is_written_as_text(tmp_path: Path):
+    settings = Settings(modes=("raw",), latency_modes=(), profile_dir=tmp_path)
+    run = throughput_run("raw", 1, 10_000)
+
+    document = summarise(settings, [run], [], "4.1.1", "python -m benchmarks")
+
+    assert orjson.loads(orjson.dumps(document))["settings"]["profile_dir"] == str(
+        tmp_path
+    )
+
+
 def test_results_block_is_replaced(tmp_path: Path):
     settings = Settings(modes=("raw",), latency_modes=())
     document = summarise(
