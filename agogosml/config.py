@@ -10,10 +10,14 @@ names the variable, the value and the fix.
 from __future__ import annotations
 
 import datetime
+import difflib
 import enum
 import json
+import logging
+import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -32,6 +36,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from agogosml.errors import ConfigurationError
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+logger = logging.getLogger(__name__)
 
 
 class Transport(enum.StrEnum):
@@ -230,9 +236,8 @@ class KafkaSettings(BaseSettings):
         "agogosml-input-reader",
         description="KAFKA_GROUP_ID: consumer group of the input reader.",
     )
-    auto_offset_reset: str = Field(
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest",
-        pattern="^(earliest|latest)$",
         description="KAFKA_AUTO_OFFSET_RESET: where a new group starts: "
         "earliest or latest.",
     )
@@ -689,7 +694,8 @@ class ReaderSettings(_ServiceSettings):
         "",
         description="READER_DEAD_LETTER: dead-letter topic (kafka), event hub "
         "(eventhubs) or file (file). Default: '<first input>.dlq' for kafka and "
-        "eventhubs, '<input>.dlq.jsonl' for files.",
+        "eventhubs, '<input>.dlq.jsonl' for files, 'dead-letter.jsonl' in the "
+        "working directory when the input is stdin.",
     )
     port: int = Field(
         8081,
@@ -908,6 +914,46 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         raise ConfigurationError(describe_validation_error(cls, exc)) from None
     except SettingsError as exc:
         raise ConfigurationError(_describe_settings_error(cls, exc)) from None
+
+
+def misspelled_variables(
+    cls: type[BaseSettings], environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """Return (set variable, known variable) pairs for likely misspellings.
+
+    A variable with the prefix of `cls` that names no setting is ignored by
+    pydantic-settings; when it is close to one that does, such as
+    ``READER_PROT`` for ``READER_PORT``, the user most likely meant that one.
+    Variables far from every setting (``APP_ENV`` of some other tool) are not
+    reported.
+    """
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    if not prefix:
+        return []
+    known = [f"{prefix}{field}".upper() for field in cls.model_fields]
+    pairs = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper in known:
+            continue
+        match = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        if match:
+            pairs.append((name, match[0]))
+    return pairs
+
+
+_warned: set[type[BaseSettings]] = set()
+
+
+def warn_misspelled_variables(cls: type[BaseSettings]) -> None:
+    """Log a warning, once per settings class, for each likely misspelling."""
+    if cls in _warned:
+        return
+    _warned.add(cls)
+    for name, known in misspelled_variables(cls):
+        logger.warning(
+            "%s is not a setting and is ignored; did you mean %s?", name, known
+        )
 
 
 def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import importlib
 import logging
@@ -326,9 +327,12 @@ async def start_site(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            fix = f"set {prefix}PORT to a free port, or stop what listens on it"
+        else:
+            fix = f"set {prefix}HOST to an address of this machine, such as 0.0.0.0"
         raise ConfigurationError(
-            f"cannot listen on {host}:{port}: {exc.strerror}; set {prefix}PORT to "
-            f"a free port (or {prefix}HOST to an address of this machine)"
+            f"cannot listen on {host}:{port}: {exc.strerror}; {fix}"
         ) from None
     return runner
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic_settings import BaseSettings
 
-from agogosml.config import load_settings
+from agogosml.config import load_settings, warn_misspelled_variables
 from agogosml.errors import AgogosmlError, ConfigurationError
 from agogosml.logs import configure_logging
 
@@ -31,6 +31,7 @@ def run_service(
         print(f"{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(getattr(settings, "log_level", "INFO"), service)
+    warn_misspelled_variables(settings_class)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(settings))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+from aiohttp import web
 
+from agogosml import config
 from agogosml.app import AppSettings
 from agogosml.config import (
     KafkaSettings,
@@ -15,8 +18,11 @@ from agogosml.config import (
     ReaderSettings,
     WriterSettings,
     load_settings,
+    misspelled_variables,
+    warn_misspelled_variables,
 )
 from agogosml.errors import ConfigurationError
+from agogosml.http import bound_port, start_site
 
 SERVICE_PREFIXES = ("KAFKA_", "READER_", "WRITER_", "APP_")
 EVENTHUBS_KEY = "c2VjcmV0LWtleS1kby1ub3QtbG9n"
@@ -24,6 +30,7 @@ EVENTHUBS_CONNECTION = (
     "Endpoint=sb://fraud-ns.servicebus.windows.net/;"
     f"SharedAccessKeyName=send;SharedAccessKey={EVENTHUBS_KEY}"
 )
+NO_WAIT = {"shutdown_timeout_seconds": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -604,3 +611,62 @@ def test_kafka_valid_bootstrap_servers_accepted(clean_environment, value):
     clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", value)
 
     assert load_settings(KafkaSettings).client_config()["bootstrap.servers"] == value
+
+
+def test_misspelled_variable_gets_close_setting():
+    environment = {
+        "READER_PROT": "8080",
+        "reader_ordring": "key",
+        "READER_PORT": "8081",
+        "READER_CUSTOM_FLAG": "1",
+        "WRITER_PROT": "8080",
+    }
+
+    pairs = misspelled_variables(ReaderSettings, environment)
+
+    assert pairs == [
+        ("READER_PROT", "READER_PORT"),
+        ("reader_ordring", "READER_ORDERING"),
+    ]
+
+
+def test_misspelled_variable_is_logged_once(clean_environment, caplog):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVER", "broker:9092")
+    clean_environment.setattr(config, "_warned", set())
+
+    with caplog.at_level(logging.WARNING, logger="agogosml.config"):
+        warn_misspelled_variables(KafkaSettings)
+        warn_misspelled_variables(KafkaSettings)
+
+    assert caplog.messages == [
+        "KAFKA_BOOTSTRAP_SERVER is not a setting and is ignored; did you mean "
+        "KAFKA_BOOTSTRAP_SERVERS?"
+    ]
+
+
+def test_auto_offset_reset_lists_its_values():
+    text = configuration_error(KafkaSettings, KAFKA_AUTO_OFFSET_RESET="middle")
+
+    assert "KAFKA_AUTO_OFFSET_RESET='middle' is invalid" in text
+    assert "'earliest' or 'latest'" in text
+
+
+async def test_port_in_use_names_port_setting():
+    first = await start_site(web.Application(), "127.0.0.1", 0, "WRITER_", **NO_WAIT)
+    try:
+        with pytest.raises(ConfigurationError) as error:
+            await start_site(
+                web.Application(), "127.0.0.1", bound_port(first), "WRITER_", **NO_WAIT
+            )
+    finally:
+        await first.cleanup()
+
+    assert "set WRITER_PORT to a free port" in str(error.value)
+
+
+async def test_foreign_address_names_host_setting():
+    with pytest.raises(ConfigurationError) as error:
+        await start_site(web.Application(), "192.0.2.1", 0, "READER_", **NO_WAIT)
+
+    assert "cannot listen on 192.0.2.1:0" in str(error.value)
+    assert "set READER_HOST to an address of this machine" in str(error.value)

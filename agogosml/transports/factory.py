@@ -6,10 +6,18 @@ from agogosml.config import (
     EventHubSettings,
     KafkaSettings,
     ReaderSettings,
+    SettingsT,
     Transport,
     load_settings,
+    warn_misspelled_variables,
 )
 from agogosml.transports.base import Sink, Source
+
+
+def _transport_settings(cls: type[SettingsT]) -> SettingsT:
+    """Load KAFKA_ or EVENTHUB_ settings, warning about misspelled variables."""
+    warn_misspelled_variables(cls)
+    return load_settings(cls)
 
 
 def build_source(settings: ReaderSettings) -> Source:
@@ -18,7 +26,7 @@ def build_source(settings: ReaderSettings) -> Source:
         from agogosml.transports.kafka import KafkaSource
 
         return KafkaSource(
-            load_settings(KafkaSettings),
+            _transport_settings(KafkaSettings),
             settings.topics(),
             revoke_timeout_seconds=settings.shutdown_timeout_ms / 1000,
         )
@@ -26,7 +34,7 @@ def build_source(settings: ReaderSettings) -> Source:
         from agogosml.transports.eventhubs import EventHubsSource
 
         return EventHubsSource(
-            load_settings(EventHubSettings),
+            _transport_settings(EventHubSettings),
             settings.topics()[0],
             revoke_timeout_seconds=settings.shutdown_timeout_ms / 1000,
         )
@@ -53,11 +61,13 @@ def build_sink(
     if transport is Transport.KAFKA:
         from agogosml.transports.kafka import KafkaSink
 
-        return KafkaSink(load_settings(KafkaSettings), target)
+        return KafkaSink(_transport_settings(KafkaSettings), target)
     if transport is Transport.EVENTHUBS:
         from agogosml.transports.eventhubs import EventHubsSink
 
-        return EventHubsSink(load_settings(EventHubSettings), target, variable=variable)
+        return EventHubsSink(
+            _transport_settings(EventHubSettings), target, variable=variable
+        )
     from agogosml.transports.file import FileSink
 
     return FileSink(target, fsync=fsync, variable=variable)
