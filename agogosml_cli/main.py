@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +69,8 @@ def cli() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".agogosml/run"),
     show_default=True,
-    help="Directory for the input, output, dead-letter and log files.",
+    help="Directory for the input, output, dead-letter and log files. A run "
+    "locks it, so two runs cannot share it.",
 )
 @click.option(
     "--batch-size",
@@ -116,6 +119,7 @@ def run(
     from agogosml_cli.run_paths import (
         check_run_files,
         check_summary_path,
+        lock_work_dir,
         prepare_work_dir,
     )
 
@@ -124,7 +128,33 @@ def run(
     prepare_work_dir(work_dir)
     if summary_json is not None:
         check_summary_path(summary_json)
+    # Every option but the dataset, which may still have to be fetched.
+    make_options = functools.partial(
+        RunOptions,
+        work_dir=work_dir,
+        limit=limit,
+        kafka=choice.kafka,
+        eventhubs=choice.eventhubs,
+        topics=choice.topics,
+        batch_size=batch_size,
+        ordering=ordering,
+        stall_timeout_seconds=stall_timeout_seconds,
+        model_path=model,
+    )
+    with lock_work_dir(work_dir):
+        _run_until_signal(make_options, data, summary_json)
 
+
+def _run_until_signal(
+    make_options: Callable[..., RunOptions],
+    data: Path | None,
+    summary_json: Path | None,
+) -> None:
+    """Run the pipeline; on SIGINT or SIGTERM, exit with 128 + the signal number.
+
+    `make_options` takes the dataset path as `data_path`. Without `data`, the
+    cached dataset is fetched first.
+    """
     # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
     received: list[int] = []
 
@@ -137,19 +167,7 @@ def run(
     try:
         if data is None:
             data = _fetch_dataset(console)
-        options = RunOptions(
-            data_path=data,
-            work_dir=work_dir,
-            limit=limit,
-            kafka=choice.kafka,
-            eventhubs=choice.eventhubs,
-            topics=choice.topics,
-            batch_size=batch_size,
-            ordering=ordering,
-            stall_timeout_seconds=stall_timeout_seconds,
-            model_path=model,
-        )
-        _run(options, summary_json, console)
+        _run(make_options(data_path=data), summary_json, console)
     except KeyboardInterrupt:
         signum = received[-1] if received else signal.SIGINT
         console.print(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from agogosml_cli.run import WORK_FILES
+
+#: File in the work directory that a run holds an exclusive lock on.
+LOCK_FILE = "run.lock"
 
 
 def prepare_work_dir(work_dir: Path) -> None:
@@ -31,6 +37,69 @@ def prepare_work_dir(work_dir: Path) -> None:
             f"cannot create files in directory {str(work_dir)!r}: {_reason(exc)}",
             param_hint="--work-dir",
         ) from None
+
+
+@contextlib.contextmanager
+def lock_work_dir(work_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `work_dir` until the block ends.
+
+    Two runs in one work directory would delete and rewrite each other's
+    files. The lock is `fcntl.flock` on `LOCK_FILE`, so the kernel releases
+    it when the process exits, also when the process is killed. The file
+    stays, and contains the pid of the run that last held the lock.
+
+    NOTE: flock excludes processes on one host only. On a network file system
+    two hosts may both get the lock.
+
+    Raises:
+        click.UsageError: another process holds the lock; naming the
+            directory, the holder's pid when known, and the fix.
+        click.BadParameter: the lock file cannot be opened or locked.
+    """
+    path = work_dir / LOCK_FILE
+    try:
+        # os.open makes a descriptor that child processes do not inherit, so a
+        # service that outlives the run does not keep the lock.
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot open the lock file {str(path)!r}: {_reason(exc)}",
+            param_hint="--work-dir",
+        ) from None
+    try:
+        _lock(descriptor, work_dir, path)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        # Closing the only descriptor of the open file releases the lock.
+        os.close(descriptor)
+
+
+def _lock(descriptor: int, work_dir: Path, path: Path) -> None:
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_pid(descriptor)
+        process = f" (pid {holder})" if holder else ""
+        raise click.UsageError(
+            f"--work-dir {str(work_dir)!r} is in use by another 'agogosml run'"
+            f"{process}, which holds the lock on {str(path)!r}. Wait until that "
+            "run ends, or pass another --work-dir"
+        ) from None
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot lock {str(path)!r}: {_reason(exc)}", param_hint="--work-dir"
+        ) from None
+
+
+def _holder_pid(descriptor: int) -> str:
+    """Return the pid that the lock's holder wrote to the lock file, or ""."""
+    try:
+        text = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def check_summary_path(path: Path) -> None:
@@ -87,14 +156,16 @@ def write_summary(path: Path, content: bytes) -> None:
 def check_run_files(
     work_dir: Path, inputs: dict[str, Path | None], summary_json: Path | None
 ) -> None:
-    """Reject a file option that names one of the files the run writes or deletes.
+    """Reject a file option that names a file that the run writes, deletes or locks.
 
     `inputs` maps option names, such as "--data", to the files the run reads.
 
     Raises:
         click.UsageError: naming the option, the file and the conflict.
     """
-    run_files = {(work_dir / name).resolve(): name for name in WORK_FILES}
+    effects = dict.fromkeys(WORK_FILES, "which the run deletes and rewrites")
+    effects[LOCK_FILE] = "which the run locks to keep other runs out"
+    run_files = {(work_dir / name).resolve(): name for name in effects}
     file_options = {**inputs, "--summary-json": summary_json}
     for option, path in file_options.items():
         if path is None:
@@ -103,8 +174,8 @@ def check_run_files(
         if name is not None:
             raise click.UsageError(
                 f"{option} {str(path)!r} is the run's own {name} in --work-dir "
-                f"{str(work_dir)!r}, which the run deletes and rewrites; give "
-                "another file or another --work-dir"
+                f"{str(work_dir)!r}, {effects[name]}; give another file or "
+                "another --work-dir"
             )
     if summary_json is None:
         return

@@ -388,6 +388,35 @@ def test_run_names_reader_stopped_early(tmp_path: Path, fraud_model: Path) -> No
 
 
 @pytest.mark.slow
+def test_second_run_in_work_dir_rejected(tmp_path: Path, fraud_model: Path) -> None:
+    work = tmp_path / "work"
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: output_started(work))
+        output_before = (work / "output.jsonl").stat().st_size
+
+        second = run_cli(
+            "--limit", "10",
+            "--model", str(fraud_model),
+            "--work-dir", str(work),
+            cwd=tmp_path,
+        )  # fmt: skip
+
+        first_running = process.poll() is None
+        output_after = (work / "output.jsonl").stat().st_size
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+    message = " ".join(second.stderr.split())
+    assert second.returncode == 2, second.stderr
+    assert f"--work-dir '{work}' is in use by another 'agogosml run'" in message
+    assert f"(pid {process.pid})" in message
+    assert "pass another --work-dir" in message
+    assert first_running
+    assert output_after >= output_before
+    assert process.returncode == 143
+
+
+@pytest.mark.slow
 def test_run_names_writer_killed_while_app_starts(
     tmp_path: Path, fraud_model: Path
 ) -> None:
