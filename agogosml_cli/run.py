@@ -96,6 +96,12 @@ class RunSummary:
     `read` equals `input_records` unless the run stopped early. Then it is
     the count up to the file reader's last checkpoint, or None when the run
     streamed through a broker and cannot tell.
+
+    A record in neither the output nor the dead letters counts as `missing`
+    (lost) when the reader had finished it: in a finished run every record,
+    in a run that stopped early those before the reader's last checkpoint.
+    The others count as `not_finished`. When `read` is None, the run cannot
+    tell the two apart, and both are None.
     """
 
     transport: str
@@ -105,7 +111,10 @@ class RunSummary:
     written: int = 0
     dead_lettered: int = 0
     duplicates: int = 0
-    missing: int = 0
+    missing: int | None = 0
+    #: Records that the run stopped before the reader finished: not read yet,
+    #: or read but neither written nor dead-lettered yet.
+    not_finished: int | None = 0
     flagged_as_fraud: int = 0
     elapsed_seconds: float = 0.0
     messages_per_second: float = 0.0
@@ -293,7 +302,8 @@ def _run_files(
     summary.error = error
     if error:
         # The reader has stopped, so its checkpoint is final.
-        summary.read = _lines_before(input_path, _checkpoint_offset(checkpoint))
+        read = _lines_before(input_path, _checkpoint_offset(checkpoint))
+        split_unfinished(summary, ids, tally, read)
     return summary
 
 
@@ -348,7 +358,8 @@ def _run_stream(
     if error:
         # NOTE: the reader's committed offsets or checkpoints would give the
         # count; the run does not read them yet.
-        summary.read = None
+        summary.read = summary.missing = summary.not_finished = None
+        summary.missing_ids = []
     return summary
 
 
@@ -428,11 +439,32 @@ def _lines_before(path: Path, offset: int) -> int:
     return count
 
 
+def split_unfinished(
+    summary: RunSummary, ids: list[str], tally: OutputTally, read: int
+) -> None:
+    """Set the counts of a run that stopped after the reader finished `read` records.
+
+    The file reader checkpoints only a prefix of finished records, so a record
+    before the checkpoint that is in neither the output nor the dead letters
+    was lost. A record after it may simply not have been read yet.
+    """
+    missing = _unaccounted(ids[:read], tally)
+    summary.read = read
+    summary.missing = len(missing)
+    summary.missing_ids = missing[:20]
+    summary.not_finished = len(_unaccounted(ids[read:], tally))
+
+
+def _unaccounted(ids: list[str], tally: OutputTally) -> list[str]:
+    """Return the ids that are in neither the output nor the dead letters."""
+    accounted = tally.transactions | tally.dead_transactions
+    return [tx for tx in ids if tx not in accounted]
+
+
 def _summarise(
     transport: str, ids: list[str], tally: OutputTally, elapsed: float
 ) -> RunSummary:
-    accounted = tally.transactions | tally.dead_transactions
-    missing = [tx for tx in ids if tx not in accounted]
+    missing = _unaccounted(ids, tally)
     return RunSummary(
         transport=transport,
         read=len(ids),
@@ -457,7 +489,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
         ("duplicates", f"{summary.duplicates:,}"),
-        ("missing", f"{summary.missing:,}"),
+        *_missing_rows(summary),
         ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
         ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
         ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),
@@ -479,6 +511,23 @@ def _read_rows(summary: RunSummary) -> list[tuple[str, str]]:
     else:
         return [("read", f"{summary.read:,}")]
     return [("input records", f"{summary.input_records:,}"), ("read", read)]
+
+
+def _missing_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    read, missing = summary.read, summary.missing
+    if read is None or missing is None or summary.not_finished is None:
+        unknown = "unknown, because the run cannot tell which records the reader read"
+        return [("missing", unknown)]
+    if not summary.error:
+        return [("missing", f"{missing:,}")]
+    return [
+        ("missing", f"{missing:,} of the {read:,} records that the reader finished"),
+        (
+            "not finished",
+            f"{summary.not_finished:,}, not read or still in flight when the run "
+            "stopped",
+        ),
+    ]
 
 
 class _JsonLinesFollower:

@@ -1,0 +1,107 @@
+"""The summary of `agogosml run`: lost records apart from records not finished."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+from rich.console import Console
+
+from agogosml_cli.run import OutputTally, RunSummary, print_summary, split_unfinished
+
+IDS = [f"tx-{index}" for index in range(10)]
+
+
+def tally_of(written: list[str], dead_lettered: list[str]) -> OutputTally:
+    tally = OutputTally()
+    for transaction in written:
+        tally.add_output(f"message-{transaction}", {"transaction_id": transaction})
+    for transaction in dead_lettered:
+        tally.add_dead_letter({"transaction_id": transaction})
+    return tally
+
+
+def table_text(summary: RunSummary) -> str:
+    output = io.StringIO()
+    print_summary(summary, Console(file=output, width=200))
+    return output.getvalue()
+
+
+def test_split_counts_records_after_checkpoint() -> None:
+    # Records 0 to 5 are before the checkpoint; 3 is in neither output.
+    tally = tally_of(["tx-0", "tx-1", "tx-2", "tx-5", "tx-7"], ["tx-4"])
+    summary = RunSummary(transport="file", input_records=10, error="app killed")
+
+    split_unfinished(summary, IDS, tally, read=6)
+
+    assert summary.read == 6
+    assert summary.missing == 1
+    assert summary.missing_ids == ["tx-3"]
+    assert summary.not_finished == 3
+
+
+def test_split_without_loss() -> None:
+    tally = tally_of(["tx-0", "tx-1"], [])
+    summary = RunSummary(transport="file", input_records=10, error="app killed")
+
+    split_unfinished(summary, IDS, tally, read=2)
+
+    assert summary.missing == 0
+    assert summary.missing_ids == []
+    assert summary.not_finished == 8
+
+
+def test_summary_json_has_not_finished() -> None:
+    summary = RunSummary(transport="file", missing=0, not_finished=8)
+
+    data = orjson.loads(summary.to_json())
+
+    assert data["missing"] == 0
+    assert data["not_finished"] == 8
+
+
+def test_table_of_stopped_run_shows_not_finished() -> None:
+    summary = RunSummary(
+        transport="file",
+        read=2,
+        input_records=10,
+        written=2,
+        missing=0,
+        not_finished=8,
+        error="model app was killed",
+    )
+
+    text = table_text(summary)
+
+    assert "missing" in text
+    assert "0 of the 2 records that the reader finished" in text
+    assert "not finished" in text
+    assert "8, not read or still in flight when the run stopped" in text
+
+
+def test_table_of_finished_run_has_no_not_finished() -> None:
+    summary = RunSummary(transport="file", read=10, input_records=10, written=10)
+
+    text = table_text(summary)
+
+    assert "missing" in text
+    assert "not finished" not in text
+
+
+def test_table_of_stopped_broker_run() -> None:
+    summary = RunSummary(
+        transport="kafka",
+        read=None,
+        input_records=10,
+        written=4,
+        missing=None,
+        not_finished=None,
+        error="model app was killed",
+    )
+
+    text = " ".join(table_text(summary).split())
+
+    assert "unknown, because the run cannot tell which records the reader read" in (
+        text
+    )
+    assert "not finished" not in text
