@@ -108,10 +108,19 @@ def run(
     """Stream the fraud dataset through input reader, sample app and output writer.
 
     Starts the three services as local processes on loopback, streams the
-    records through them and prints a summary. Exits with status 1 if any record
-    is missing from both the output and the dead letters, or if a service
-    exits during the run, and with 130 when interrupted by Ctrl-C.
-    """
+    records through them and prints a summary. The app is agogosml's sample
+    fraud app, not the app of a generated project.
+
+    \b
+    Exit codes:
+      0    every record was written or dead-lettered
+      1    a failure, a service that exited during the run, or a record that
+           is in neither the output nor the dead letters
+      2    a usage error, such as an invalid option value, found before any
+           service starts
+      130  interrupted by Ctrl-C (SIGINT); the services are stopped first
+      143  stopped by SIGTERM; the services are stopped first
+    """  # noqa: D301 - click reads the \b line as "do not rewrap this paragraph"
     missing = missing_packages_message()
     if missing:
         raise click.ClickException(missing)

@@ -44,6 +44,13 @@ _DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
+# Helm's rule for release names, as the error message of Helm 3.21.4 states it:
+# this pattern, which allows dot-separated lowercase RFC 1123 labels, and at
+# most 53 characters.
+_RELEASE_NAME = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+MAX_RELEASE_NAME_LENGTH = 53
 
 
 class ReleaseStateError(HelmError):
@@ -319,6 +326,24 @@ def execute(
 # ---------------------------------------------------------------------------
 
 
+def check_release_name(
+    context: click.Context | None, parameter: click.Parameter | None, value: str
+) -> str:
+    """Reject a release name that Helm would reject, before Helm runs.
+
+    Raises:
+        click.BadParameter: naming the value and the rule.
+    """
+    if len(value) <= MAX_RELEASE_NAME_LENGTH and _RELEASE_NAME.match(value):
+        return value
+    raise click.BadParameter(
+        f"{value!r} is not a valid Helm release name. A release name has 1 to "
+        f"{MAX_RELEASE_NAME_LENGTH} lowercase letters, digits, '-' and '.', and "
+        "starts and ends with a letter or digit, as does each part between dots, "
+        "such as 'scoring' or 'fraud-scoring'"
+    )
+
+
 def _target_options(function: Callable[..., None]) -> Callable[..., None]:
     """Add the options that select the release, the chart and the cluster."""
     options = [
@@ -326,7 +351,9 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
             "--release",
             default=DEFAULT_RELEASE,
             show_default=True,
-            help="Helm release name.",
+            callback=check_release_name,
+            help="Helm release name: lowercase letters, digits, '-' and '.', at "
+            f"most {MAX_RELEASE_NAME_LENGTH} characters.",
         ),
         click.option(
             "--namespace",
@@ -467,7 +494,11 @@ def _require_release(target: HelmTarget, *, dry_run: bool) -> dict[str, Any]:
 
 @click.command()
 @click.option(
-    "--release", default=DEFAULT_RELEASE, show_default=True, help="Helm release name."
+    "--release",
+    default=DEFAULT_RELEASE,
+    show_default=True,
+    callback=check_release_name,
+    help="Helm release name.",
 )
 @click.option(
     "--namespace",

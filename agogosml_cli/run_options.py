@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from pydantic_settings import EnvSettingsSource
 
 from agogosml.config import (
     SaslMechanism,
@@ -322,6 +323,7 @@ def _kafka_settings(options: StreamOptions) -> KafkaSettings:
         )
     else:
         overrides["bootstrap_servers"] = options.kafka
+        _check_sasl_flags(options)
     if options.kafka_security_protocol:
         overrides["security_protocol"] = options.kafka_security_protocol
     if options.kafka_sasl_mechanism:
@@ -334,6 +336,75 @@ def _kafka_settings(options: StreamOptions) -> KafkaSettings:
         raise click.UsageError(str(exc)) from None
     _check_sasl_credentials(settings)
     return settings
+
+
+def _check_sasl_flags(options: StreamOptions) -> None:
+    """Reject a security protocol and SASL mechanism that do not fit together.
+
+    `KafkaSettings` rejects the same combinations, but its messages name the
+    environment variables. This check runs when at least one of the two values
+    comes from a flag, so that the message names the flag.
+
+    Raises:
+        click.UsageError: naming each value's flag or variable, and the fix.
+    """
+    from agogosml.config import KafkaSettings
+
+    if not (options.kafka_security_protocol or options.kafka_sasl_mechanism):
+        return
+    environment = EnvSettingsSource(KafkaSettings)()
+    if environment.get("eventhubs_connection_string"):
+        # The Event Hubs connection string sets SASL_SSL and PLAIN itself.
+        return
+    protocol, shown_protocol = _flag_or_variable(
+        options.kafka_security_protocol,
+        "--kafka-security-protocol",
+        environment.get("security_protocol"),
+        "KAFKA_SECURITY_PROTOCOL",
+    )
+    mechanism, shown_mechanism = _flag_or_variable(
+        options.kafka_sasl_mechanism,
+        "--kafka-sasl-mechanism",
+        environment.get("sasl_mechanism"),
+        "KAFKA_SASL_MECHANISM",
+    )
+    uses_sasl = str(protocol).upper() in _SASL_PROTOCOLS
+    if mechanism and not uses_sasl:
+        if not protocol:
+            shown_protocol = "the default security protocol PLAINTEXT"
+        fix = "pass --kafka-security-protocol SASL_SSL (SASL_PLAINTEXT for a broker "
+        fix += "without TLS)"
+        if not options.kafka_sasl_mechanism:
+            fix += ", or unset KAFKA_SASL_MECHANISM"
+        raise click.UsageError(
+            f"{shown_mechanism} needs the security protocol SASL_SSL or "
+            f"SASL_PLAINTEXT, not {shown_protocol}; {fix}"
+        )
+    if uses_sasl and not mechanism:
+        raise click.UsageError(
+            f"{shown_protocol} needs a SASL mechanism; pass --kafka-sasl-mechanism "
+            "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, or set KAFKA_SASL_MECHANISM"
+        )
+
+
+_SASL_PROTOCOLS = frozenset(
+    {SecurityProtocol.SASL_PLAINTEXT.value, SecurityProtocol.SASL_SSL.value}
+)
+
+
+def _flag_or_variable(
+    flag_value: str | None, flag: str, variable_value: Any, variable: str
+) -> tuple[str | None, str]:
+    """Return a setting's value and how a message shows it.
+
+    The flag wins over the environment variable, as in `KafkaSettings`, and
+    is shown as "--flag VALUE", the variable as "VARIABLE=VALUE".
+    """
+    if flag_value:
+        return flag_value, f"{flag} {flag_value}"
+    if variable_value:
+        return str(variable_value), f"{variable}={variable_value}"
+    return None, ""
 
 
 def _check_sasl_credentials(settings: KafkaSettings) -> None:

@@ -1,0 +1,139 @@
+"""Usage errors and help text of `agogosml run` and the release commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from agogosml_cli.main import cli
+
+KAFKA_VARIABLES = (
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_EVENTHUBS_CONNECTION_STRING",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in KAFKA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # No release command may get as far as running Helm.
+    monkeypatch.setenv("HELM", "/nonexistent/helm")
+
+
+def invoke(*arguments: str) -> Result:
+    return CliRunner().invoke(cli, list(arguments))
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_run_help_lists_exit_codes() -> None:
+    result = invoke("run", "--help")
+
+    lines = [line.split() for line in result.output.splitlines()]
+    codes = {words[0] for words in lines if words and words[0].isdigit()}
+    assert result.exit_code == 0
+    assert codes >= {"0", "1", "2", "130", "143"}
+    assert "SIGTERM" in result.output
+    assert "sample fraud app, not the app of a generated project" in flat(result.output)
+
+
+@pytest.mark.parametrize("command", ["deploy", "promote", "rollback", "status"])
+@pytest.mark.parametrize(
+    "name", ["Bad_Name", "scoring-", "-scoring", "a..b", "a" * 54, ""]
+)
+def test_release_name_rejected(command: str, name: str) -> None:
+    extra = ["--image", "2.0"] if command == "deploy" else []
+
+    result = invoke(command, "--release", name, *extra)
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--release': {name!r} is not a valid Helm" in output
+    assert "1 to 53 lowercase letters, digits, '-' and '.'" in output
+    assert "/nonexistent/helm" not in output
+
+
+@pytest.mark.parametrize("name", ["scoring", "a.b", "1abc", "a" * 53])
+def test_release_name_accepted(name: str) -> None:
+    result = invoke("promote", "--release", name)
+
+    # The command gets past the option checks and fails on the missing Helm.
+    assert result.exit_code == 1, result.output
+    assert "HELM='/nonexistent/helm' is not an executable file" in result.output
+
+
+def invoke_kafka_run(tmp_path: Path, *arguments: str) -> Result:
+    return invoke(
+        "run", "--work-dir", str(tmp_path), "--kafka", "127.0.0.1:9092", *arguments
+    )
+
+
+def test_sasl_mechanism_flag_without_protocol(tmp_path: Path) -> None:
+    result = invoke_kafka_run(tmp_path, "--kafka-sasl-mechanism", "PLAIN")
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "--kafka-sasl-mechanism PLAIN needs the security protocol" in output
+    assert "not the default security protocol PLAINTEXT" in output
+    assert "pass --kafka-security-protocol SASL_SSL" in output
+    assert "KAFKA_SASL_MECHANISM is set" not in output
+
+
+def test_sasl_mechanism_flag_with_ssl_flag(tmp_path: Path) -> None:
+    result = invoke_kafka_run(
+        tmp_path,
+        "--kafka-security-protocol", "SSL",
+        "--kafka-sasl-mechanism", "SCRAM-SHA-256",
+    )  # fmt: skip
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "--kafka-sasl-mechanism SCRAM-SHA-256 needs the security protocol" in (
+        output
+    )
+    assert "not --kafka-security-protocol SSL" in output
+
+
+def test_sasl_mechanism_flag_with_ssl_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+
+    result = invoke_kafka_run(tmp_path, "--kafka-sasl-mechanism", "PLAIN")
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "not KAFKA_SECURITY_PROTOCOL=SSL" in output
+
+
+def test_sasl_variable_with_ssl_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "PLAIN")
+
+    result = invoke_kafka_run(tmp_path, "--kafka-security-protocol", "SSL")
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "KAFKA_SASL_MECHANISM=PLAIN needs the security protocol" in output
+    assert "not --kafka-security-protocol SSL" in output
+    assert "or unset KAFKA_SASL_MECHANISM" in output
+
+
+def test_sasl_protocol_flag_without_mechanism(tmp_path: Path) -> None:
+    result = invoke_kafka_run(tmp_path, "--kafka-security-protocol", "SASL_SSL")
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "--kafka-security-protocol SASL_SSL needs a SASL mechanism" in output
+    assert "pass --kafka-sasl-mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512" in (
+        output
+    )
