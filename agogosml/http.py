@@ -71,7 +71,10 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in protected:
-            received = request.headers.get("Authorization", "").encode()
+            # aiohttp decodes bytes that are not UTF-8 to lone surrogates;
+            # surrogateescape turns them back into the bytes that were sent.
+            header = request.headers.get("Authorization", "")
+            received = header.encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(received, expected):
                 return error_response(
                     401,

@@ -538,6 +538,18 @@ async def test_token_required_when_set():
     assert len(sink.envelopes) == 1
 
 
+async def test_non_utf8_token_gets_401():
+    sink = await started_sink()
+    wrong_header = b"Authorization: Bearer caf\xe9\r\n"
+
+    async with serve_writer(sink, token="writer-secret") as (client, _):
+        status, _, body = await raw_post(client, "/", wrong_header, b"1")
+
+    assert status == 401
+    assert "bearer token" in body["error"]
+    assert sink.envelopes == []
+
+
 async def test_sink_failure_503_then_recovers():
     sink = await started_sink()
     sink.fail_next(1)
