@@ -89,3 +89,24 @@ async def test_checkpoint_after_last_line_without_line_break(tmp_path: Path) -> 
         envelopes = await source.fetch(100, 0.01)
 
     assert envelopes == []
+
+
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [(b"\xff\xfe\x00", r"'\\xff\\xfe\x00'"), (b"12x", "'12x'")],
+)
+async def test_unreadable_checkpoint_rejected(
+    tmp_path: Path, content: bytes, shown: str
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.write_bytes(content)
+    source = FileSource(str(path), checkpoint_path=checkpoint)
+
+    with pytest.raises(SourceError) as error:
+        await source.start()
+
+    message = str(error.value)
+    assert f"contains {shown}, not a byte offset" in message
+    assert "delete it to start from the beginning" in message

@@ -130,7 +130,7 @@ class FileSource(TrackedSource):
             )
         if not self._checkpoint.exists():
             return 0
-        text = self._checkpoint.read_text().strip()
+        text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
         try:
             offset = int(text)
             if offset < 0:
@@ -138,8 +138,8 @@ class FileSource(TrackedSource):
             return offset
         except ValueError:
             raise SourceError(
-                f"checkpoint file {str(self._checkpoint)!r} contains {text!r}, not a "
-                "byte offset; delete it to start from the beginning",
+                f"checkpoint file {str(self._checkpoint)!r} contains {text[:60]!r}, "
+                "not a byte offset; delete it to start from the beginning",
                 retriable=False,
             ) from None
 
