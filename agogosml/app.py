@@ -617,17 +617,19 @@ def _decode(body: bytes) -> Any:
         # valid JSON, so the exact decoder gets a second look.
         if "infinity" not in str(exc):
             raise _Reject(400, f"request body is not valid JSON: {exc}") from None
-        return _decode_exactly(body, exc)
+        return _decode_exactly(body)
     if exact_json.may_contain_big_int(body):
-        return _decode_exactly(body, None)
+        return _decode_exactly(body)
     return document
 
 
-def _decode_exactly(body: bytes, error: Exception | None) -> Any:
+def _decode_exactly(body: bytes) -> Any:
     try:
         return exact_json.loads_exact(body)
     except ValueError as exc:
-        raise _Reject(400, f"request body is not valid JSON: {error or exc}") from None
+        # The exact decoder names the first problem in the document, where
+        # orjson's error may be about a long integer that is valid JSON.
+        raise _Reject(400, f"request body is not valid JSON: {exc}") from None
 
 
 def _error_text(body: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,22 +53,26 @@ def may_contain_big_int(body: bytes) -> bool:
 
 
 def loads_exact(body: bytes, parse_int: Callable[[str], Any] = int) -> Any:
-    """Decode `body` with the standard library, which keeps every integer exact.
+    r"""Decode `body` with the standard library, which keeps every integer exact.
 
     `parse_int` gets the text of each integer. Raises ValueError for invalid
     JSON, NaN, Infinity, a number beyond the range of a double, nesting too deep
     for the recursion limit, and (with the default `parse_int`) an integer of
-    more than `sys.get_int_max_str_digits()` digits.
+    more than `sys.get_int_max_str_digits()` digits. A string with a lone
+    surrogate escape such as ``"\ud800"`` is rejected too, as orjson rejects it,
+    so that both paths accept the same documents.
     """
     try:
-        return json.loads(
+        document = json.loads(
             body.decode(),
-            parse_int=parse_int,
+            parse_int=_bounded(parse_int),
             parse_float=_finite_float,
             parse_constant=_reject_constant,
         )
+        _check_strings(document)
     except RecursionError:
         raise ValueError("the JSON document is nested too deeply") from None
+    return document
 
 
 def json_error(value: bytes) -> str:
@@ -133,6 +138,45 @@ def _big_ints_to_fragments(document: Any) -> tuple[Any, bool]:
         changed = any(element_changed for _, element_changed in elements)
         return [value for value, _ in elements], changed
     return document, False
+
+
+def _bounded(parse_int: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap `parse_int` so that an integer too long to convert names its length."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_int(text)
+        except ValueError:
+            raise ValueError(
+                f"an integer of {len(text.lstrip('-'))} digits is longer than the "
+                f"{sys.get_int_max_str_digits()} digits this service converts; "
+                "send it as a JSON string"
+            ) from None
+
+    return parse
+
+
+def _check_strings(document: Any) -> None:
+    """Raise ValueError for a string or key that contains a lone surrogate."""
+    if isinstance(document, str):
+        _check_text(document)
+    elif isinstance(document, dict):
+        for key, value in document.items():
+            _check_text(key)
+            _check_strings(value)
+    elif isinstance(document, list):
+        for value in document:
+            _check_strings(value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"the string {text[:40]!r} contains a lone surrogate escape, which is "
+            "not valid Unicode; escape characters outside the BMP as surrogate pairs"
+        ) from None
 
 
 def _finite_float(text: str) -> float:

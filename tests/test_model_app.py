@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -615,6 +616,21 @@ async def test_single_big_integer_exact():
     assert response.status == 200
     forwarded = writer.requests[0].body
     assert b'"value":{"n":123456789012345678901234567890}' in forwarded
+
+
+async def test_integer_too_long_to_convert_400():
+    digits = sys.get_int_max_str_digits() + 1
+    body = b'{"n": %s}' % (b"7" * digits)
+
+    async with stub_writer() as writer:
+        async with model_app(lambda values: values, writer.url) as client:
+            response = await client.post("/", data=body, headers=JSON)
+            error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert f"an integer of {digits} digits is longer than" in error
+    assert "send it as a JSON string" in error
+    assert writer.requests == []
 
 
 async def test_batch_invalid_record_per_item_400():

@@ -353,6 +353,28 @@ async def test_batch_big_integer_id_400():
     assert "batch element 0: 'id' must be a string or null, got a number" in error
 
 
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b'[{"value": [%s, -Infinity]}]' % (b"1" * 400), "-Infinity is not valid JSON"),
+        (b'{"b": %s, "a": "\\ud800"}' % (b"1" * 400), "lone surrogate"),
+        (b'{"a": "\\ud800", "b": %s}' % (b"1" * 400), "no low surrogate"),
+    ],
+)
+async def test_long_integer_body_names_real_problem(body, problem):
+    sink = await started_sink()
+    path = "/batch" if body.startswith(b"[") else "/"
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post(path, data=body, headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert problem in error
+    assert "infinity when parsed" not in error
+    assert sink.envelopes == []
+
+
 async def test_post_one_huge_integer_accepted():
     sink = await started_sink()
     body = b"1" + b"0" * 400

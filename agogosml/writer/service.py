@@ -320,11 +320,12 @@ def _decode_json(body: bytes) -> Any:
         # valid JSON, so the exact decoder gets a second look.
         if "infinity" not in str(exc):
             raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
-        error = exc
     try:
         return exact_json.loads_exact(body, exact_json.int_or_fragment)
-    except ValueError:
-        raise BadRequest(400, f"request body is not valid JSON: {error}") from None
+    except ValueError as exc:
+        # The exact decoder names the first problem in the document, where
+        # orjson's error may be about a long integer that is valid JSON.
+        raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
 
 
 def _decode_json_exactly(body: bytes) -> Any:
