@@ -149,7 +149,7 @@ async def test_post_one_invalid_base64_key_400():
         body = await response.json()
 
     assert response.status == 400
-    assert "not valid base64" in body["error"]
+    assert "header X-Message-Key '@@@' is not valid base64" in body["error"]
     assert sink.envelopes == []
 
 
@@ -249,6 +249,22 @@ async def test_batch_id_not_string_400():
 
     assert response.status == 400
     assert "batch element 0: 'id' must be a string or null, got an object" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_invalid_base64_key_names_element():
+    sink = await started_sink()
+    items = [
+        {"value": 1, "key": "a2V5", "key_encoding": "base64"},
+        {"value": 2, "key": "!!", "key_encoding": "base64"},
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 1: key '!!' is not valid base64" in error
     assert sink.envelopes == []
 
 

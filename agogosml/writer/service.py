@@ -245,7 +245,9 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
     _check_key_encoding(encoding, "header X-Message-Key-Encoding")
     return Envelope(
         value=body,
-        key=_decode_key(_utf8_header(headers, "X-Message-Key"), encoding),
+        key=_decode_key(
+            _utf8_header(headers, "X-Message-Key"), encoding, "header X-Message-Key"
+        ),
         headers=_record_headers(headers),
         id=_utf8_header(headers, "X-Message-Id") or "",
         traceparent=child_traceparent(headers.get("traceparent", "")),
@@ -374,7 +376,9 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     )
     return Envelope(
         value=_encode_value(index, item["value"]),
-        key=_decode_key(_optional_text(index, item, "key"), encoding),
+        key=_decode_key(
+            _optional_text(index, item, "key"), encoding, f"batch element {index}: key"
+        ),
         headers=record_headers,
         id=message_id or "",
         traceparent=child_traceparent(parent or ""),
@@ -490,14 +494,19 @@ def _preview(item: object) -> str:
     return repr(text[:100])
 
 
-def _decode_key(key: str | None, encoding: str) -> bytes | None:
+def _decode_key(key: str | None, encoding: str, where: str) -> bytes | None:
+    """Return the key's bytes; `where` names the key in the error for bad base64."""
     if key is None:
         return None
     if encoding.lower() == "base64":
         try:
             return base64.b64decode(key, validate=True)
         except ValueError:
-            raise BadRequest(400, f"key {key!r:.60} is not valid base64") from None
+            raise BadRequest(
+                400,
+                f"{where} {key!r:.60} is not valid base64; send the key "
+                "base64-encoded, or leave out the base64 key encoding",
+            ) from None
     return key.encode()
 
 
