@@ -95,6 +95,21 @@ def json_error(value: bytes) -> str:
     return ""
 
 
+def json_type(value: object) -> str:
+    """Return the JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float | orjson.Fragment):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string"
+
+
 def int_or_fragment(text: str) -> int | orjson.Fragment:
     """Return an integer that orjson encodes exactly, else its text as a Fragment."""
     if len(text) <= 18:

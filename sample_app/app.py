@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agogosml.app import InvalidRecord, ModelApp
+from agogosml.exact_json import json_type
 from sample_app.scoring import (
     FraudModel,
     Transaction,
@@ -32,7 +33,7 @@ def make_score_function(model: FraudModel) -> Any:
         for index, value in enumerate(values):
             if not isinstance(value, dict):
                 results[index] = InvalidRecord(
-                    f"a transaction must be a JSON object, got {type(value).__name__}"
+                    f"a transaction must be a JSON object, got {json_type(value)}"
                 )
                 continue
             try:

@@ -24,7 +24,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.utils import Bunch
 
+from agogosml.app import InvalidRecord
 from sample_app import data, train
+from sample_app.app import make_score_function
 from sample_app.data import (
     COLUMNS,
     FEATURE_COLUMNS,
@@ -467,6 +469,18 @@ def test_fraud_model_rejects_invalid_arguments(tiny_model: FraudModel) -> None:
         FraudModel(estimator, feature_names=FEATURE_COLUMNS, threshold=1.5, version="")
     with pytest.raises(ValueError, match="Merchant"):
         FraudModel(estimator, feature_names=["Merchant"], threshold=0.5, version="")
+
+
+@pytest.mark.parametrize(
+    ("value", "json_type"), [(None, "null"), ("1.5", "a string"), ([1], "an array")]
+)
+def test_score_function_names_json_type(
+    tiny_model: FraudModel, value: object, json_type: str
+) -> None:
+    (result,) = make_score_function(tiny_model)([value])
+
+    assert isinstance(result, InvalidRecord)
+    assert result.reason == f"a transaction must be a JSON object, got {json_type}"
 
 
 def test_score_many_handles_empty_batch(tiny_model: FraudModel) -> None:

@@ -22,6 +22,7 @@ from agogosml.envelope import (
     child_traceparent,
 )
 from agogosml.errors import SinkError
+from agogosml.exact_json import json_type
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
@@ -406,7 +407,7 @@ def _item_key_encoding(index: int, item: dict[str, Any]) -> str:
         raise BadRequest(
             400,
             f"batch element {index}: 'key_encoding' must be a string or null, got "
-            f"{_json_type(encoding)}; send 'base64' for a base64-encoded key, or "
+            f"{json_type(encoding)}; send 'base64' for a base64-encoded key, or "
             "null for a UTF-8 key",
         )
     _check_key_encoding(encoding, f"batch element {index}: 'key_encoding'")
@@ -440,7 +441,7 @@ def _item_headers(index: int, headers: object) -> dict[str, str]:
             raise BadRequest(
                 400,
                 f"batch element {index}: header {name!r} must be a string, got "
-                f"{_json_type(value)}; send the value as a JSON string, or leave "
+                f"{json_type(value)}; send the value as a JSON string, or leave "
                 "the header out",
             )
     return headers
@@ -452,24 +453,9 @@ def _optional_text(index: int, item: dict[str, Any], field: str) -> str | None:
         raise BadRequest(
             400,
             f"batch element {index}: {field!r} must be a string or null, got "
-            f"{_json_type(value)}",
+            f"{json_type(value)}",
         )
     return value
-
-
-def _json_type(value: object) -> str:
-    """Return the JSON name of a decoded value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float | orjson.Fragment):
-        return "a number"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    return "a string"
 
 
 def _encode_value(index: int, value: object) -> bytes:
