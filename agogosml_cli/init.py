@@ -52,7 +52,9 @@ def collect_manifest_data(
     for field in FIELDS:
         flag_value = values.get(field.dest)
         if not field.applies(data):
-            if flag_value is not None:
+            # A flag may apply to the type that its --source or --sink would
+            # have set, so a missing type is reported in place of the flag.
+            if flag_value is not None and not _type_missing(field, missing):
                 raise click.UsageError(_inapplicable_message(field))
             continue
         if flag_value is not None:
@@ -68,9 +70,31 @@ def collect_manifest_data(
         listed = ", ".join(f"{'.'.join(f.path)} ({f.flag})" for f in missing)
         raise click.UsageError(
             f"missing required fields: {listed}; pass them as flags, or run without "
-            "--no-input to be prompted"
+            f"--no-input to be prompted.{_choices_note(missing)}"
         )
     return data
+
+
+def _type_missing(field: InitField, missing: list[InitField]) -> bool:
+    """Return whether the type of the source or sink of `field` is missing."""
+    return any(other.path == (field.path[0], "type") for other in missing)
+
+
+def _choices_note(fields: list[InitField]) -> str:
+    """Return sentences on the values of the flags that take a choice, or ""."""
+    flags_by_choices: dict[tuple[str, ...], list[str]] = {}
+    for field in fields:
+        if isinstance(field.type, click.Choice):
+            choices = tuple(str(choice) for choice in field.type.choices)
+            flags_by_choices.setdefault(choices, []).append(field.flag)
+    sentences = []
+    for choices, flags in flags_by_choices.items():
+        verb = "take" if len(flags) > 1 else "takes"
+        values = choices[-1]
+        if len(choices) > 1:
+            values = f"{', '.join(choices[:-1])} or {values}"
+        sentences.append(f" {' and '.join(flags)} {verb} {values}.")
+    return "".join(sentences)
 
 
 def _flag_value(field: InitField, value: Any, data: Data) -> Any:

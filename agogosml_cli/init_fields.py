@@ -26,10 +26,12 @@ from agogosml_cli.manifest import (
     FileSource,
     KafkaConnection,
     KafkaSink,
+    KafkaSource,
     Kubernetes,
     Manifest,
     Sasl,
     SecretRef,
+    repeated_names,
     stream_type_conflict,
 )
 from agogosml_cli.shared_endpoints import find_shared_endpoint, flag_label
@@ -54,18 +56,36 @@ class SecretRefType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class ListType(click.ParamType):
-    """A comma-separated list of names."""
+class TopicListType(click.ParamType):
+    """A comma-separated list of topic (or event hub) names, none twice.
+
+    Each name is checked with the manifest's rule for a topic, so a prompt
+    repeats, and a flag fails, at the first invalid name.
+    """
 
     name = "NAME[,NAME...]"
 
+    def __init__(self) -> None:
+        self._topic = FieldValueType(KafkaSink, "topic")
+
     def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
-        """Split at commas and drop empty items."""
+        """Split at commas, drop empty items and check each name."""
         if isinstance(value, list):
-            return value
-        items = [item.strip() for item in str(value).split(",") if item.strip()]
+            items = value
+        else:
+            items = [item.strip() for item in str(value).split(",") if item.strip()]
         if not items:
             self.fail("expected one or more comma-separated names", param, ctx)
+        for item in items:
+            self._topic.convert(item, param, ctx)
+        repeated = repeated_names(items)
+        if repeated:
+            self.fail(
+                f"{repeated[0]!r} is listed more than once in {value!r}. List each "
+                "topic once.",
+                param,
+                ctx,
+            )
         return items
 
 
@@ -271,7 +291,7 @@ def _type_fields(side: _Side) -> list[InitField]:
             "--source-topics",
             "Source topics (comma-separated)",
             "Topics or event hubs to consume, comma-separated.",
-            ListType(),
+            TopicListType(),
             applies=stream,
             check=_check_shared("source", "topics"),
         )
@@ -408,7 +428,7 @@ def _group_id_field() -> InitField:
         "--source-group-id",
         "Consumer group",
         "Consumer group of the input reader. Default: the project name.",
-        click.STRING,
+        FieldValueType(KafkaSource, "group_id"),
         applies=_is_type("source", EndpointType.KAFKA, EndpointType.EVENTHUBS),
         ask=False,
         required=False,

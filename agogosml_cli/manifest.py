@@ -263,6 +263,26 @@ class Sasl(_Model):
     )
 
 
+def repeated_names(names: list[str]) -> list[str]:
+    """Return the names that occur more than once, in the order of their repeats."""
+    seen: set[str] = set()
+    repeated: dict[str, None] = {}
+    for name in names:
+        if name in seen:
+            repeated[name] = None
+        seen.add(name)
+    return list(repeated)
+
+
+def _reject_repeated_topics(topics: list[str]) -> list[str]:
+    repeated = repeated_names(topics)
+    if repeated:
+        raise ValueError(
+            f"topic {repeated[0]!r} is listed more than once. List each topic once"
+        )
+    return topics
+
+
 Topic = Annotated[
     str,
     Field(
@@ -271,11 +291,18 @@ Topic = Annotated[
         "'_' and '-'.",
     ),
 ]
+#: The topics of a source: at least one, none twice.
+Topics = Annotated[
+    list[Topic],
+    AfterValidator(_reject_repeated_topics),
+    Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+]
 GroupId = Annotated[
     Text | None,
     Field(
         min_length=1,
-        description="Consumer group of the input reader. Default: the project name.",
+        description="Consumer group of the input reader: text of at least one "
+        "character, without control characters. Default: the project name.",
     ),
 ]
 
@@ -350,10 +377,9 @@ class KafkaSource(KafkaConnection):
     """Kafka topics that the input reader consumes."""
 
     type: Literal[EndpointType.KAFKA]
-    topics: list[Topic] = Field(
-        min_length=1,
+    topics: Topics = Field(
         description="Topics to consume, each 1 to 249 letters, digits, '.', '_' "
-        "and '-'.",
+        "and '-', none twice.",
     )
     group_id: GroupId = None
 
@@ -362,10 +388,9 @@ class EventHubsSource(EventHubsConnection):
     """Event hubs that the input reader consumes through the Kafka endpoint."""
 
     type: Literal[EndpointType.EVENTHUBS]
-    topics: list[Topic] = Field(
-        min_length=1,
+    topics: Topics = Field(
         description="Event hubs to consume, each 1 to 249 letters, digits, '.', "
-        "'_' and '-'.",
+        "'_' and '-', none twice.",
     )
     group_id: GroupId = None
 
