@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "app"
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+#: Prefix of the request headers that carry record headers, in lower case.
+_RECORD_HEADER_PREFIX = "x-record-header-"
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 
@@ -561,14 +563,21 @@ def _array_to_list(value: Any) -> Any:
 
 
 def _writer_element(item: dict[str, Any], result: Any) -> dict[str, Any]:
-    """Return the writer batch element for the result of one batch item."""
-    return {
+    """Return the writer batch element for the result of one batch item.
+
+    The item's ``headers`` go on unchecked: the writer rejects invalid ones,
+    and its 400 for that element alone comes back as a 422.
+    """
+    element = {
         "id": item.get("id"),
         "key": item.get("key"),
         "key_encoding": item.get("key_encoding"),
         "traceparent": child_traceparent(str(item.get("traceparent", ""))),
         "value": result,
     }
+    if item.get("headers") is not None:
+        element["headers"] = item["headers"]
+    return element
 
 
 def _oversized_error(size: int, max_body_bytes: int) -> str:
@@ -668,7 +677,49 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     problem = _key_problem(item)
     if problem:
         raise _Reject(400, f"header X-Message-Key{problem}")
+    record_headers = _record_headers(headers)
+    if record_headers:
+        item["headers"] = record_headers
     return item
+
+
+def _record_headers(headers: Any) -> dict[str, str]:
+    """Return the ``X-Record-Header-<name>`` request headers by record header name.
+
+    The writer takes them in the ``headers`` field of a batch element, an
+    object with one value per name, so a name sent twice is rejected here.
+    """
+    record_headers: dict[str, str] = {}
+    for name, value in headers.items():
+        if not name.lower().startswith(_RECORD_HEADER_PREFIX):
+            continue
+        record_name = name[len(_RECORD_HEADER_PREFIX) :].lower()
+        if not _is_utf8(name) or not _is_utf8(value):
+            # Escaped, because a lone surrogate cannot go into a JSON error body.
+            shown = name.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace"
+            )
+            raise _Reject(
+                400,
+                f"header {shown} is not valid UTF-8; send record header names and "
+                "values as UTF-8 text",
+            )
+        if record_name in record_headers:
+            raise _Reject(
+                400,
+                f"header X-Record-Header-{record_name} is sent more than once; a "
+                "record has one value per header name, so send it once",
+            )
+        record_headers[record_name] = value
+    return record_headers
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _key_problem(item: dict[str, Any]) -> str:

@@ -258,6 +258,60 @@ async def test_single_non_utf8_header_400(header):
     assert writer.requests == []
 
 
+async def test_single_record_headers_forwarded():
+    headers = {
+        **JSON,
+        "X-Record-Header-Source-System": "pos-7",
+        "X-Record-Header-Region": "eu",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (element,) = writer.requests[0].json()
+    assert element["headers"] == {"source-system": "pos-7", "region": "eu"}
+
+
+@pytest.mark.parametrize(
+    ("raw_headers", "problem"),
+    [
+        (b"X-Record-Header-Region: caf\xe9\r\n", "is not valid UTF-8"),
+        (
+            b"X-Record-Header-Region: eu\r\nX-Record-Header-Region: us\r\n",
+            "X-Record-Header-region is sent more than once",
+        ),
+    ],
+)
+async def test_single_bad_record_header_400(raw_headers, problem):
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            status, _, body = await raw_post(client, "/", raw_headers, b'{"amount": 1}')
+
+    assert status == 400
+    assert problem in body["error"]
+    assert writer.requests == []
+
+
+async def test_batch_item_headers_forwarded():
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}, "headers": {"region": "eu"}},
+        {"id": "in:0:1", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+
+    assert response.status == 200
+    first, second = writer.requests[0].json()
+    assert first["headers"] == {"region": "eu"}
+    assert "headers" not in second
+
+
 async def test_single_invalid_record_400():
     async with stub_writer() as writer:
         async with model_app(reject_negative, writer.url) as client:
