@@ -46,6 +46,7 @@ from agogosml.http import (
     error_response,
     header_for_log,
     http_error_middleware,
+    is_utf8,
     json_response,
     read_body,
     start_site,
@@ -694,7 +695,7 @@ def _record_headers(headers: Any) -> dict[str, str]:
         if not name.lower().startswith(_RECORD_HEADER_PREFIX):
             continue
         record_name = name[len(_RECORD_HEADER_PREFIX) :].lower()
-        if not _is_utf8(name) or not _is_utf8(value):
+        if not is_utf8(name) or not is_utf8(value):
             # Escaped, because a lone surrogate cannot go into a JSON error body.
             shown = name.encode("utf-8", "surrogateescape").decode(
                 "utf-8", "backslashreplace"
@@ -712,14 +713,6 @@ def _record_headers(headers: Any) -> dict[str, str]:
             )
         record_headers[record_name] = value
     return record_headers
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _key_problem(item: dict[str, Any]) -> str:

@@ -100,6 +100,19 @@ def header_for_log(headers: Any, name: str) -> str | None:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def is_utf8(text: str) -> bool:
+    """Return whether a decoded header is UTF-8 text.
+
+    aiohttp decodes header bytes that are not UTF-8 to lone surrogates, which
+    do not encode.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ClientDisconnectedError(Exception):
     """The client closed the connection before its whole request body arrived."""
 

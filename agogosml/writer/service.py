@@ -31,6 +31,7 @@ from agogosml.http import (
     header_for_log,
     http_error_middleware,
     import_object,
+    is_utf8,
     json_response,
     read_body,
     start_site,
@@ -262,7 +263,7 @@ def _utf8_header(headers: Any, name: str) -> str | None:
     cannot be encoded again, so such a value is rejected here with a 400.
     """
     value = headers.get(name)
-    if value is not None and not _is_utf8(value):
+    if value is not None and not is_utf8(value):
         hint = (
             "; base64-encode the key and send X-Message-Key-Encoding: base64"
             if name == "X-Message-Key"
@@ -279,7 +280,7 @@ def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
     for name, value in headers.items():
         if not name.lower().startswith(RECORD_HEADER_PREFIX.lower()):
             continue
-        if not (_is_utf8(name) and _is_utf8(value)):
+        if not (is_utf8(name) and is_utf8(value)):
             raise BadRequest(
                 400,
                 f"header {name.encode(errors='replace').decode()} is not valid "
@@ -304,14 +305,6 @@ def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
         if record_name not in RESERVED_HEADERS:
             record_headers.append((record_name, value.encode()))
     return record_headers
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _decode_json(body: bytes) -> Any:
