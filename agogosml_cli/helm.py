@@ -27,8 +27,8 @@ _HELM_HINT = (
 )
 _CLUSTER_HINT = (
     "Check KUBECONFIG and --kube-context. deploy, promote and rollback also take "
-    "--dry-run, which prints the helm command and renders the manifests without "
-    "a cluster."
+    "--dry-run, which prints the helm command and renders the manifests; without "
+    "a cluster, promote and rollback need --release-values for it."
 )
 
 

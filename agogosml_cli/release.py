@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
@@ -276,25 +277,52 @@ def plan_rollback(values: dict[str, Any], release: str) -> Plan:
 # ---------------------------------------------------------------------------
 
 
-def read_release_values(target: HelmTarget, *, dry_run: bool) -> dict[str, Any] | None:
+def read_release_values(target: HelmTarget) -> dict[str, Any] | None:
     """Return the release's user-supplied values, or None if it does not exist.
 
-    In a dry run an unreachable cluster counts as a new release, so the
-    commands can be tried without a cluster.
+    Raises:
+        ClusterUnreachableError: No cluster was reachable.
     """
     try:
         return helm.get_values(target)
     except helm.ReleaseNotFoundError:
         return None
-    except helm.ClusterUnreachableError:
-        if not dry_run:
-            raise
-        click.echo(
-            "No cluster is reachable, so the release state is unknown: the dry "
-            "run assumes a new release.",
-            err=True,
+
+
+# The first line of `helm get values` without --output, which is not YAML data.
+_VALUES_HEADERS = ("USER-SUPPLIED VALUES:", "COMPUTED VALUES:")
+
+
+def load_release_values(path: Path) -> dict[str, Any]:
+    """Read release values from a file that `helm get values` wrote.
+
+    The file is YAML or JSON, as ``--output yaml`` and ``--output json``
+    print it. The header line that Helm prints without ``--output`` is
+    skipped, and an empty file or ``null`` means a release without values.
+
+    Raises:
+        click.BadParameter: The file is not YAML, or not a mapping.
+    """
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and lines[0].strip() in _VALUES_HEADERS:
+        text = "\n".join(lines[1:])
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(
+            f"{str(path)!r} is not YAML or JSON: {exc}", param_hint="--release-values"
+        ) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise click.BadParameter(
+            f"{str(path)!r} contains a {type(values).__name__}, not a mapping of "
+            "values; write the output of `helm get values RELEASE --output yaml` "
+            "to it",
+            param_hint="--release-values",
         )
-        return None
+    return values
 
 
 def execute(
@@ -382,8 +410,17 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
             "--dry-run",
             is_flag=True,
             help="Print the helm upgrade command and render the manifests with "
-            "helm template instead of changing the release. Works without a "
-            "cluster.",
+            "helm template instead of changing the release. Without a reachable "
+            "cluster, deploy assumes a new release, and promote and rollback "
+            "need --release-values.",
+        ),
+        click.option(
+            "--release-values",
+            "release_values_file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="With --dry-run: the release's current values, as `helm get "
+            "values RELEASE --output yaml` prints them, used in place of reading "
+            "them from the cluster, so the dry run needs no cluster.",
         ),
         click.option(
             "--timeout-seconds",
@@ -444,7 +481,12 @@ def _make_target(
 )
 @_target_options
 def deploy(
-    image: str, slot: str | None, force: bool, dry_run: bool, **target_options: Any
+    image: str,
+    slot: str | None,
+    force: bool,
+    dry_run: bool,
+    release_values_file: Path | None,
+    **target_options: Any,
 ) -> None:
     """Put a new model app image on the idle slot, in preview.
 
@@ -453,41 +495,98 @@ def deploy(
     it. On a new release the image goes to the active slot.
     """
     reference = ImageReference.parse(image)
+    given = _given_values(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = read_release_values(target, dry_run=dry_run)
+    values = given if given is not None else _deploy_values(target, dry_run=dry_run)
     plan = plan_deploy(values, reference, slot, force=force, release=target.release)
     execute(target, plan, values, dry_run=dry_run)
 
 
 @click.command()
 @_target_options
-def promote(dry_run: bool, **target_options: Any) -> None:
+def promote(
+    dry_run: bool, release_values_file: Path | None, **target_options: Any
+) -> None:
     """Switch the app Service to the preview slot that `deploy` prepared.
 
     The slot that was active becomes idle and is recorded as the slot that
     `agogosml rollback` returns to.
     """
+    given = _given_values(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = _require_release(target, dry_run=dry_run)
+    values = given if given is not None else _require_release(target, dry_run=dry_run)
     execute(target, plan_promote(values, target.release), values, dry_run=dry_run)
 
 
 @click.command()
 @_target_options
-def rollback(dry_run: bool, **target_options: Any) -> None:
+def rollback(
+    dry_run: bool, release_values_file: Path | None, **target_options: Any
+) -> None:
     """Switch the app Service back to the slot that was active before promote."""
+    given = _given_values(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = _require_release(target, dry_run=dry_run)
+    values = given if given is not None else _require_release(target, dry_run=dry_run)
     execute(target, plan_rollback(values, target.release), values, dry_run=dry_run)
 
 
+def _given_values(path: Path | None, dry_run: bool) -> dict[str, Any] | None:
+    """Return the values of --release-values, or None when it is not given."""
+    if path is None:
+        return None
+    if not dry_run:
+        raise click.UsageError(
+            "--release-values applies only with --dry-run: a command that changes "
+            "the release reads its values from the cluster. Add --dry-run, or "
+            "remove --release-values"
+        )
+    return load_release_values(path)
+
+
+def _deploy_values(target: HelmTarget, *, dry_run: bool) -> dict[str, Any] | None:
+    """Return the release's values, or None for a new release.
+
+    In a dry run an unreachable cluster counts as a new release, so deploy can
+    be tried without a cluster.
+    """
+    try:
+        return read_release_values(target)
+    except helm.ClusterUnreachableError:
+        if not dry_run:
+            raise
+    click.echo(
+        "No cluster is reachable, so the release state is unknown: the dry run "
+        "assumes a new release. Pass the release's values with --release-values "
+        "to dry-run an upgrade of it.",
+        err=True,
+    )
+    return None
+
+
 def _require_release(target: HelmTarget, *, dry_run: bool) -> dict[str, Any]:
-    values = read_release_values(target, dry_run=dry_run)
+    """Return the values of a release that must exist.
+
+    Raises:
+        ReleaseStateError: The release does not exist, or a dry run cannot
+            reach the cluster to read its values.
+        ClusterUnreachableError: No cluster was reachable, outside a dry run.
+    """
+    try:
+        values = read_release_values(target)
+    except helm.ClusterUnreachableError:
+        if not dry_run:
+            raise
+        raise ReleaseStateError(
+            f"no cluster is reachable, so the state of {target.describe()} is "
+            "unknown, and this dry run needs it. Pass the release's values with "
+            "--release-values FILE: the output of `helm get values RELEASE "
+            "--output yaml` on a machine that reaches the cluster, or a file that "
+            "sets app.activeSlot, app.previewSlot and app.previousSlot."
+        ) from None
     if values is None:
         raise ReleaseStateError(
-            f"{target.describe()} does not exist or its state is unknown. "
-            "Install it with `agogosml deploy --image TAG`, or check --release, "
-            "--namespace and --kube-context."
+            f"{target.describe()} does not exist. Install it with `agogosml deploy "
+            "--image TAG`, or check --release, --namespace and --kube-context."
         )
     return values
 

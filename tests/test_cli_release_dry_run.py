@@ -1,0 +1,171 @@
+"""Dry runs of `agogosml deploy`, `promote` and `rollback` without a cluster.
+
+tests/fake_helm.py stands in for Helm. With the file ``unreachable`` in its
+state directory, every command that needs a cluster fails as Helm does
+without one, and `helm template` runs the real binary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from agogosml_cli.main import cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCOPE = ["--release", "rel", "--namespace", "ml"]
+
+
+@pytest.fixture
+def helm_state(
+    tmp_path: Path, helm_binary: str, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point HELM at the fake Helm without a cluster; return its state directory."""
+    state_dir = tmp_path / "helm-state"
+    state_dir.mkdir()
+    (state_dir / "calls.jsonl").touch()
+    (state_dir / "unreachable").touch()
+    script = tmp_path / "helm"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import runpy\n"
+        f"runpy.run_path({str(REPO_ROOT / 'tests' / 'fake_helm.py')!r}, "
+        "run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("HELM", str(script))
+    monkeypatch.setenv("FAKE_HELM_DIR", str(state_dir))
+    monkeypatch.setenv("FAKE_HELM_REAL", helm_binary)
+    return state_dir
+
+
+def helm_commands(state_dir: Path) -> list[str]:
+    lines = (state_dir / "calls.jsonl").read_text().splitlines()
+    return [json.loads(line)[0] for line in lines]
+
+
+def invoke(*arguments: str) -> Result:
+    return CliRunner().invoke(cli, list(arguments))
+
+
+def write_values(path: Path, **app: Any) -> Path:
+    path.write_text(yaml.safe_dump({"app": {"slots": {"blue": {}}, **app}}))
+    return path
+
+
+def service_slot(manifests: str) -> str:
+    for document in yaml.safe_load_all(manifests):
+        if document and document["kind"] == "Service":
+            if document["metadata"]["name"] == "rel-agogosml-app":
+                return str(document["spec"]["selector"]["agogosml.io/slot"])
+    raise AssertionError("no app Service in the rendered manifests")
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_dry_run_without_cluster_names_fix(helm_state: Path, command: str) -> None:
+    result = invoke(command, "--dry-run", *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1, result.output
+    assert "no cluster is reachable" in message
+    assert "release 'rel' in namespace 'ml' is unknown" in message
+    assert "--release-values FILE" in message
+    assert "helm get values RELEASE --output yaml" in message
+    assert "Install it with" not in message
+
+
+def test_promote_dry_run_with_release_values(helm_state: Path, tmp_path: Path) -> None:
+    values = write_values(
+        tmp_path / "values.yaml", activeSlot="blue", previewSlot="green"
+    )
+
+    result = invoke("promote", "--dry-run", "--release-values", str(values), *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert "--set-string app.activeSlot=green" in result.stderr
+    assert "--set-string app.previousSlot=blue" in result.stderr
+    assert "--create-namespace" not in result.stderr
+    assert service_slot(result.stdout) == "green"
+    assert "get" not in helm_commands(helm_state)
+    assert "upgrade" not in helm_commands(helm_state)
+
+
+def test_rollback_dry_run_with_release_values(helm_state: Path, tmp_path: Path) -> None:
+    values = write_values(
+        tmp_path / "values.json", activeSlot="green", previousSlot="blue"
+    )
+
+    result = invoke("rollback", "--dry-run", "--release-values", str(values), *SCOPE)
+
+    would_run = [line for line in result.stderr.splitlines() if "Would run" in line]
+    assert result.exit_code == 0, result.output
+    assert len(would_run) == 2
+    assert "app.activeSlot=blue" in would_run[1]
+    assert service_slot(result.stdout) == "blue"
+
+
+def test_deploy_dry_run_with_release_values(helm_state: Path, tmp_path: Path) -> None:
+    values = write_values(tmp_path / "values.yaml", activeSlot="green")
+
+    result = invoke(
+        "deploy", "--image", "2.0", "--dry-run", "--release-values", str(values),
+        *SCOPE,
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "app.previewSlot=blue" in result.stderr
+    assert "assumes a new release" not in result.stderr
+    assert service_slot(result.stdout) == "green"
+
+
+def test_release_values_skips_helm_header(helm_state: Path, tmp_path: Path) -> None:
+    values = tmp_path / "values.txt"
+    values.write_text(
+        "USER-SUPPLIED VALUES:\napp:\n  activeSlot: blue\n  previewSlot: green\n"
+    )
+
+    result = invoke("promote", "--dry-run", "--release-values", str(values), *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert service_slot(result.stdout) == "green"
+
+
+def test_release_values_needs_dry_run(helm_state: Path, tmp_path: Path) -> None:
+    values = write_values(tmp_path / "values.yaml", previewSlot="green")
+
+    result = invoke("promote", "--release-values", str(values), *SCOPE)
+
+    assert result.exit_code == 2, result.output
+    assert "--release-values applies only with --dry-run" in result.output
+    assert helm_commands(helm_state) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("- a\n- b\n", "contains a list, not a mapping"), ("app: [\n", "is not YAML")],
+)
+def test_release_values_rejects_bad_file(
+    helm_state: Path, tmp_path: Path, content: str, problem: str
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(content)
+
+    result = invoke("promote", "--dry-run", "--release-values", str(values), *SCOPE)
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --release-values" in result.output
+    assert problem in result.output
+
+
+def test_promote_help_states_dry_run_needs() -> None:
+    result = invoke("promote", "--help")
+
+    text = " ".join(result.output.split())
+    assert "Works without a cluster" not in text
+    assert "promote and rollback need --release-values" in text
