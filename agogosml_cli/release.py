@@ -45,12 +45,10 @@ _DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
-# Helm's rule for release names, as the error message of Helm 3.21.4 states it:
-# this pattern, which allows dot-separated lowercase RFC 1123 labels, and at
-# most 53 characters.
-_RELEASE_NAME = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
+# Helm allows dot-separated RFC 1123 labels of up to 53 characters in all, but
+# the chart names its Services after the release, and a Service name must be a
+# DNS-1035 label: it starts with a letter and has no dots.
+_RELEASE_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_RELEASE_NAME_LENGTH = 53
 
 
@@ -357,7 +355,7 @@ def execute(
 def check_release_name(
     context: click.Context | None, parameter: click.Parameter | None, value: str
 ) -> str:
-    """Reject a release name that Helm would reject, before Helm runs.
+    """Reject a release name that Helm or the chart's Service names would reject.
 
     Raises:
         click.BadParameter: naming the value and the rule.
@@ -365,10 +363,10 @@ def check_release_name(
     if len(value) <= MAX_RELEASE_NAME_LENGTH and _RELEASE_NAME.match(value):
         return value
     raise click.BadParameter(
-        f"{value!r} is not a valid Helm release name. A release name has 1 to "
-        f"{MAX_RELEASE_NAME_LENGTH} lowercase letters, digits, '-' and '.', and "
-        "starts and ends with a letter or digit, as does each part between dots, "
-        "such as 'scoring' or 'fraud-scoring'"
+        f"{value!r} is not a valid release name. A release name has 1 to "
+        f"{MAX_RELEASE_NAME_LENGTH} lowercase letters, digits and '-', starts with "
+        "a letter and ends with a letter or digit, such as 'scoring' or "
+        "'fraud-scoring-2': the chart names Kubernetes Services after it"
     )
 
 
