@@ -106,6 +106,43 @@ _GUARANTEED_PROPERTIES = frozenset(
     {"acks", "enable.idempotence", "enable.auto.commit", "enable.auto.offset.store"}
 )
 
+#: librdkafka properties, aliases included, that have their own KAFKA_ variable.
+#: KAFKA_EXTRA_CONFIG may not set them, so that the variable is the one value in
+#: effect and the messages that quote it are true.
+_PROPERTY_VARIABLES = {
+    "bootstrap.servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "metadata.broker.list": "KAFKA_BOOTSTRAP_SERVERS",
+    "group.id": "KAFKA_GROUP_ID",
+    "auto.offset.reset": "KAFKA_AUTO_OFFSET_RESET",
+    "security.protocol": "KAFKA_SECURITY_PROTOCOL",
+    "sasl.mechanism": "KAFKA_SASL_MECHANISM",
+    "sasl.mechanisms": "KAFKA_SASL_MECHANISM",
+    "sasl.username": "KAFKA_SASL_USERNAME",
+    "sasl.password": "KAFKA_SASL_PASSWORD",
+    "ssl.ca.location": "KAFKA_SSL_CA_LOCATION",
+    "delivery.timeout.ms": "KAFKA_DELIVERY_TIMEOUT_MS",
+    "message.timeout.ms": "KAFKA_DELIVERY_TIMEOUT_MS",
+    "linger.ms": "KAFKA_LINGER_MS",
+    "queue.buffering.max.ms": "KAFKA_LINGER_MS",
+}
+
+#: Integer properties that the Kafka sink reads from KAFKA_EXTRA_CONFIG, with
+#: the range that librdkafka 2.16 allows.
+SIZE_PROPERTY_RANGES = {
+    "message.max.bytes": (1000, 1_000_000_000),
+    "batch.size": (1, 2_147_483_647),
+}
+#: An integer as librdkafka's strtol reads it and Python's int(text, 0) reads it
+#: alike: decimal, or hexadecimal with 0x. Octal (a leading 0) and digit
+#: separators are left out, because the two read them differently.
+_INTEGER_TEXT = re.compile(r"\s*[+-]?(0[xX][0-9a-fA-F]+|[1-9][0-9]*|0)\s*")
+
+#: Maximum of librdkafka's message.timeout.ms (delivery.timeout.ms), a 32-bit
+#: signed integer of milliseconds.
+MAX_DELIVERY_TIMEOUT_MS = 2_147_483_647
+#: Maximum of librdkafka's queue.buffering.max.ms (linger.ms), 15 minutes.
+MAX_LINGER_MS = 900_000
+
 
 def _clean_token(value: Any) -> Any:
     """Strip the whitespace around a bearer token, and reject whitespace inside.
@@ -234,7 +271,8 @@ class KafkaSettings(BaseSettings):
     )
     group_id: str = Field(
         "agogosml-input-reader",
-        description="KAFKA_GROUP_ID: consumer group of the input reader.",
+        description="KAFKA_GROUP_ID: consumer group of the input reader, which "
+        "must not be empty.",
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest",
@@ -273,8 +311,10 @@ class KafkaSettings(BaseSettings):
     delivery_timeout_ms: int = Field(
         30000,
         ge=1000,
+        le=MAX_DELIVERY_TIMEOUT_MS,
         description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
-        "record before reporting it failed, in milliseconds.",
+        "record before reporting it failed, in milliseconds, from 1000 to "
+        "2147483647 and greater than KAFKA_LINGER_MS.",
     )
     # The writer responds only after the broker acknowledged, so any linger adds
     # to every request's latency. Records of concurrent requests still batch
@@ -282,16 +322,52 @@ class KafkaSettings(BaseSettings):
     linger_ms: int = Field(
         0,
         ge=0,
+        le=MAX_LINGER_MS,
         description="KAFKA_LINGER_MS: how long the producer waits to fill a batch, "
-        "in ms. 0 sends at once, for the lowest latency; 5 (librdkafka's default) "
+        "in ms, from 0 to 900000. 0 sends at once, for the lowest latency; 5 "
+        "(librdkafka's default) "
         "makes fewer, larger produce requests, which raises throughput under load "
         "and adds up to 5 ms to each write (docs/benchmarks.md).",
     )
     extra_config: dict[str, str | int | bool] = Field(
         default_factory=dict,
         description="KAFKA_EXTRA_CONFIG: JSON object of further librdkafka "
-        "properties, applied last.",
+        "properties, applied last. Values are JSON strings, integers or booleans. "
+        "Properties that have a KAFKA_ variable, and acks, enable.idempotence, "
+        "enable.auto.commit and enable.auto.offset.store, are rejected.",
     )
+
+    @field_validator("extra_config", mode="before")
+    @classmethod
+    def _check_value_types(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {key: _librdkafka_value(key, item) for key, item in value.items()}
+
+    @field_validator("extra_config")
+    @classmethod
+    def _check_size_properties(
+        cls, value: dict[str, str | int | bool]
+    ) -> dict[str, str | int | bool]:
+        checked = dict(value)
+        for name, (minimum, maximum) in SIZE_PROPERTY_RANGES.items():
+            if name in value:
+                checked[name] = _integer_property(name, value[name], minimum, maximum)
+        return checked
+
+    @field_validator("extra_config")
+    @classmethod
+    def _reject_properties_with_variables(
+        cls, value: dict[str, str | int | bool]
+    ) -> dict[str, str | int | bool]:
+        for name in value:
+            variable = _PROPERTY_VARIABLES.get(name)
+            if variable is not None:
+                raise ValueError(
+                    f"it sets {name}, which has its own variable, so set {variable} "
+                    f"instead and remove {name} from KAFKA_EXTRA_CONFIG"
+                )
+        return value
 
     @field_validator("extra_config")
     @classmethod
@@ -318,6 +394,31 @@ class KafkaSettings(BaseSettings):
     @classmethod
     def _check_bootstrap_servers(cls, value: str) -> str:
         return check_bootstrap_servers(value) if value else value
+
+    @field_validator("group_id")
+    @classmethod
+    def _check_group_id(cls, value: str) -> str:
+        # confluent-kafka 2.16 aborts the process (a failed assertion in
+        # Consumer_init) when it creates a consumer with such a group id.
+        if not value.strip():
+            raise ValueError(
+                "the consumer group id is empty or only whitespace; set "
+                "KAFKA_GROUP_ID to a group name, or unset it to use "
+                "agogosml-input-reader"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_linger_within_delivery_timeout(self) -> KafkaSettings:
+        if self.delivery_timeout_ms <= self.linger_ms:
+            raise ValueError(
+                f"KAFKA_DELIVERY_TIMEOUT_MS={self.delivery_timeout_ms} must be "
+                f"greater than KAFKA_LINGER_MS={self.linger_ms}, because librdkafka "
+                "requires a delivery timeout longer than the time a record may "
+                "wait for its batch; lower KAFKA_LINGER_MS or raise "
+                "KAFKA_DELIVERY_TIMEOUT_MS"
+            )
+        return self
 
     @field_validator("ssl_ca_location")
     @classmethod
@@ -384,6 +485,51 @@ class KafkaSettings(BaseSettings):
             config["ssl.ca.location"] = str(self.ssl_ca_location)
         config.update(self.extra_config)
         return config
+
+
+def _librdkafka_value(name: str, value: Any) -> Any:
+    """Return a KAFKA_EXTRA_CONFIG value as librdkafka takes it, or raise ValueError.
+
+    A JSON number with a zero fraction, such as 1e6, becomes an integer. The
+    message leaves the value out, because it may be a password.
+    """
+    if isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
+        kind = "a number with a fraction"
+    elif value is None:
+        kind = "null"
+    elif isinstance(value, list):
+        kind = "an array"
+    elif isinstance(value, dict):
+        kind = "an object"
+    else:
+        kind = f"a {type(value).__name__}"
+    raise ValueError(
+        f"property {name!r} is {kind}; give each property a JSON string, an "
+        'integer or a boolean, such as "lz4", 5 or true'
+    )
+
+
+def _integer_property(
+    name: str, value: str | int | bool, minimum: int, maximum: int
+) -> int:
+    """Return the integer of a size property, or raise ValueError naming the range."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+        number = int(value.strip(), 0)
+    if number is None or not minimum <= number <= maximum:
+        raise ValueError(
+            f"property {name!r} is {json.dumps(value)}; set it to an integer from "
+            f"{minimum} "
+            f"to {maximum}, as a JSON integer or as a string of decimal digits or "
+            "of hexadecimal digits after 0x"
+        )
+    return number
 
 
 class EventHubsTransportType(enum.StrEnum):

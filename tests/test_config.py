@@ -275,13 +275,173 @@ def test_kafka_extra_config_applied_last(clean_environment):
     clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
     clean_environment.setenv(
         "KAFKA_EXTRA_CONFIG",
-        '{"security.protocol": "SSL", "socket.nagle.disable": true}',
+        '{"enable.ssl.certificate.verification": false, "socket.nagle.disable": true}',
     )
 
     config = load_settings(KafkaSettings).client_config()
 
-    assert config["security.protocol"] == "SSL"
+    assert config["enable.ssl.certificate.verification"] is False
     assert config["socket.nagle.disable"] is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "variable"),
+    [
+        ('{"bootstrap.servers": "nohost:1"}', "KAFKA_BOOTSTRAP_SERVERS"),
+        ('{"metadata.broker.list": "nohost:1"}', "KAFKA_BOOTSTRAP_SERVERS"),
+        ('{"group.id": "other"}', "KAFKA_GROUP_ID"),
+        ('{"auto.offset.reset": "latest"}', "KAFKA_AUTO_OFFSET_RESET"),
+        ('{"security.protocol": "SSL"}', "KAFKA_SECURITY_PROTOCOL"),
+        ('{"sasl.mechanisms": "PLAIN"}', "KAFKA_SASL_MECHANISM"),
+        ('{"sasl.password": "hunter2"}', "KAFKA_SASL_PASSWORD"),
+        ('{"ssl.ca.location": "/ca.pem"}', "KAFKA_SSL_CA_LOCATION"),
+        ('{"message.timeout.ms": 5000}', "KAFKA_DELIVERY_TIMEOUT_MS"),
+        ('{"linger.ms": 5}', "KAFKA_LINGER_MS"),
+    ],
+)
+def test_extra_config_property_with_variable_rejected(extra, variable):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG=extra,
+    )
+    name = extra.split('"')[1]
+
+    assert f"it sets {name}, which has its own variable" in message
+    assert f"set {variable} instead" in message
+    assert "hunter2" not in message
+
+
+def test_extra_config_hexadecimal_size_accepted(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    clean_environment.setenv(
+        "KAFKA_EXTRA_CONFIG", '{"message.max.bytes": "0x100000", "batch.size": 1e4}'
+    )
+
+    settings = load_settings(KafkaSettings)
+
+    assert settings.extra_config == {"message.max.bytes": 1048576, "batch.size": 10000}
+
+
+@pytest.mark.parametrize(
+    "value", ['"1e6"', '"1_000_000"', '"010"', '"1000kb"', "true", "999", '"0x"']
+)
+def test_extra_config_size_not_integer_named(value):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG=f'{{"message.max.bytes": {value}}}',
+    )
+
+    assert f"property 'message.max.bytes' is {value};" in message
+    assert "integer from 1000 to 1000000000" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("1.5", "a number with a fraction"),
+        ("null", "null"),
+        ("[1]", "an array"),
+        ('{"a": 1}', "an object"),
+    ],
+)
+def test_extra_config_value_type_named(value, kind):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_EXTRA_CONFIG=f'{{"socket.timeout.ms": {value}}}',
+    )
+    errors = message.splitlines()[1:]
+
+    assert len(errors) == 1
+    assert f"property 'socket.timeout.ms' is {kind}" in errors[0]
+    assert "a JSON string, an integer or a boolean" in errors[0]
+
+
+def test_extra_config_whole_number_becomes_integer(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    clean_environment.setenv("KAFKA_EXTRA_CONFIG", '{"socket.timeout.ms": 6e4}')
+
+    settings = load_settings(KafkaSettings)
+
+    assert settings.extra_config == {"socket.timeout.ms": 60000}
+    assert isinstance(settings.extra_config["socket.timeout.ms"], int)
+
+
+@pytest.mark.parametrize("group_id", ["", " ", "\t\n"])
+def test_kafka_blank_group_id_rejected(group_id):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_GROUP_ID=group_id,
+    )
+
+    assert f"KAFKA_GROUP_ID={group_id!r} is invalid" in message
+    assert "empty or only whitespace" in message
+    assert "set KAFKA_GROUP_ID to a group name" in message
+
+
+def test_reader_blank_group_id_exits_with_message(tmp_path):
+    environment = {
+        **{
+            name: value
+            for name, value in os.environ.items()
+            if not name.upper().startswith(SERVICE_PREFIXES)
+        },
+        "READER_SOURCE": "kafka",
+        "READER_INPUT": "transactions",
+        "READER_APP_URL": "http://127.0.0.1:1",
+        "READER_PORT": "0",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "KAFKA_GROUP_ID": "",
+    }
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agogosml.reader"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environment,
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "KAFKA_GROUP_ID='' is invalid" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "maximum"),
+    [
+        ("KAFKA_DELIVERY_TIMEOUT_MS", "1000000000000", "2147483647"),
+        ("KAFKA_DELIVERY_TIMEOUT_MS", "2147483648", "2147483647"),
+        ("KAFKA_LINGER_MS", "1000000", "900000"),
+    ],
+)
+def test_kafka_integer_setting_over_maximum_named(variable, value, maximum):
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        **{variable: value},
+    )
+
+    assert f"{variable}='{value}' is invalid" in message
+    assert f"less than or equal to {maximum}" in message
+    assert "message.timeout.ms" not in message
+    assert "queue.buffering.max.ms" not in message
+
+
+def test_kafka_linger_not_below_delivery_timeout_rejected():
+    message = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:9092",
+        KAFKA_DELIVERY_TIMEOUT_MS="30000",
+        KAFKA_LINGER_MS="30000",
+    )
+
+    assert "KAFKA_DELIVERY_TIMEOUT_MS=30000 must be greater than" in message
+    assert "KAFKA_LINGER_MS=30000" in message
 
 
 def test_overrides_win_over_environment(clean_environment):
