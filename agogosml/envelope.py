@@ -15,6 +15,8 @@ MESSAGE_ID_HEADER = "message-id"
 TRACEPARENT_HEADER = "traceparent"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: An HTTP field name (an RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 _ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -118,6 +120,28 @@ class Envelope:
             (TRACEPARENT_HEADER, self.traceparent.encode()),
             *self.headers,
         ]
+
+    def text_headers(self) -> dict[str, str]:
+        """Return the record headers that can travel over HTTP, by lower-case name.
+
+        A header qualifies when its name is an HTTP token and its value is UTF-8
+        text without control characters, so that it fits in an
+        ``X-Record-Header-<name>`` request header unchanged. An output record
+        has one value per name, so the last value of a repeated name wins.
+        """
+        if not self.headers:
+            return {}
+        headers = {}
+        for name, raw in self.headers:
+            if not _TOKEN.fullmatch(name):
+                continue
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if not _CONTROL.search(value):
+                headers[name.lower()] = value
+        return headers
 
     def key_text(self) -> tuple[str | None, bool]:
         """Return the key as text and whether it had to be base64-encoded.

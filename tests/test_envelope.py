@@ -109,3 +109,26 @@ def test_position_id_encodes_percent():
 
     assert literal.id != encoded.id
     assert encoded.id == "%C3%A9:0:7"
+
+
+def test_text_headers_keep_http_safe_ones():
+    envelope = Envelope(
+        value=b"{}",
+        headers=[
+            ("Source-System", b"pos-7"),
+            ("region", b"eu"),
+            ("Region", b"us"),
+            ("bad name", b"x"),
+            ("binary", b"\xff\x00"),
+            ("multi-line", b"a\r\nb"),
+            ("utf8", "café".encode()),
+        ],
+    )
+
+    headers = envelope.text_headers()
+
+    assert headers == {"source-system": "pos-7", "region": "us", "utf8": "café"}
+
+
+def test_text_headers_empty_without_headers():
+    assert Envelope(value=b"{}").text_headers() == {}
