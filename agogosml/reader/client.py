@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,18 +30,44 @@ MESSAGE_KEY = "X-Message-Key"
 MESSAGE_KEY_ENCODING = "X-Message-Key-Encoding"
 TRACEPARENT = "traceparent"
 
+#: Maximum length of a header line (name, ": " and value, in UTF-8) that the
+#: reader sends.
+#: The server of aiohttp 3.14, which ModelApp runs on, rejects a longer line
+#: with 400 by default (its max_field_size).
+MAX_HEADER_LINE_BYTES = 8190
+
+#: Maximum wait that a Retry-After header of the app can request. A longer
+#: value is cut to this, so a mistaken value does not stall a lane for hours.
+RETRY_AFTER_MAX_SECONDS = 60.0
+
+#: Statuses whose Retry-After header the reader honours.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """Result of sending one message: an HTTP status (0 when none) and an error.
 
-    `unreachable` is set when no connection to the app could be made, so the
-    app never saw the message.
+    Attributes:
+        unreachable: No connection to the app could be made, so the app never
+            saw the message.
+        retry_after_seconds: The delay that the Retry-After header of a 429 or
+            503 response asked for, at most `RETRY_AFTER_MAX_SECONDS`; None
+            without a valid header.
+        item_result: The status is the app's result for this message in a
+            batch response, not the status of the whole response.
+        sent: False when the reader rejected the message without sending it
+            (a batch value that is not JSON, a header that is too long).
     """
 
     status: int
     error: str = ""
     unreachable: bool = False
+    retry_after_seconds: float | None = None
+    item_result: bool = False
+    sent: bool = True
 
     @property
     def ok(self) -> bool:
@@ -59,11 +88,17 @@ class _Response:
     body: bytes = b""
     error: str = ""
     unreachable: bool = False
+    retry_after_seconds: float | None = None
 
     def outcome(self) -> Outcome:
         """Return the outcome of every message of the request."""
         error = self.error or _error_text(self.status, self.body)
-        return Outcome(self.status, error, self.unreachable)
+        return Outcome(
+            self.status,
+            error,
+            self.unreachable,
+            retry_after_seconds=self.retry_after_seconds,
+        )
 
 
 class AppClient:
@@ -128,6 +163,9 @@ class AppClient:
             headers[MESSAGE_KEY] = key
             if key_is_base64:
                 headers[MESSAGE_KEY_ENCODING] = "base64"
+        problem = _oversized_header(headers)
+        if problem is not None:
+            return problem
         response = await self._post(self._url + "/", envelope.value, headers)
         return response.outcome()
 
@@ -173,7 +211,14 @@ class AppClient:
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                return _Response(response.status, await response.read())
+                retry_after = None
+                if response.status in RETRY_AFTER_STATUSES:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                return _Response(
+                    response.status,
+                    await response.read(),
+                    retry_after_seconds=retry_after,
+                )
         except TimeoutError:
             error = f"request to {url} timed out after {self._timeout.total} s"
             return _Response(0, error=error)
@@ -199,7 +244,58 @@ class AppClient:
 def _json_problem(value: bytes) -> Outcome | None:
     """Return a 400 outcome for a message value that is not JSON, else None."""
     error = exact_json.json_error(value)
-    return Outcome(400, f"message value is not valid JSON: {error}") if error else None
+    if not error:
+        return None
+    return Outcome(400, f"message value is not valid JSON: {error}", sent=False)
+
+
+def _oversized_header(headers: dict[str, str]) -> Outcome | None:
+    """Return a 431 outcome when a header line is too long to send, else None.
+
+    Only the id and the key can grow that long. The app's server would reject
+    the request with a parser error that names neither, so the reader does not
+    send it and names the header, the limit and the fix.
+    """
+    for name in (MESSAGE_ID, MESSAGE_KEY):
+        value = headers.get(name)
+        if value is None:
+            continue
+        size = len(name) + 2 + len(value.encode("utf-8"))
+        if size > MAX_HEADER_LINE_BYTES:
+            field = "message id" if name == MESSAGE_ID else "message key"
+            error = (
+                f"the {name} header line would be {size} bytes, over the "
+                f"{MAX_HEADER_LINE_BYTES} bytes that an aiohttp server such as "
+                f"ModelApp accepts by default, so the {field} cannot travel in a "
+                "header: send batches (READER_BATCH_MAX_MESSAGES above 1), which "
+                f"carry it in the request body, or shorten the {field}"
+            )
+            return Outcome(431, error, sent=False)
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Return the delay in seconds that a Retry-After header value requests.
+
+    Both forms of RFC 9110 are read: delay-seconds (``120``) and an HTTP-date
+    (``Wed, 21 Oct 2015 07:28:00 GMT``), which is compared with the local
+    clock. The result is between 0 and `RETRY_AFTER_MAX_SECONDS`. None means
+    no header or a value in neither form.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        return min(float(text), RETRY_AFTER_MAX_SECONDS)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        # The asctime form has no zone; HTTP dates are always in GMT.
+        when = when.replace(tzinfo=datetime.UTC)
+    delay = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return min(max(delay, 0.0), RETRY_AFTER_MAX_SECONDS)
 
 
 def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
@@ -228,11 +324,12 @@ def _item_outcome(item: object) -> Outcome:
             502,
             f"app returned an invalid batch result {item!r:.200}; each result needs "
             'a "status" between 200 and 599',
+            item_result=True,
         )
     error = str(fields.get("error") or "")
     if not error and status >= 300:
         error = f"app returned status {status} for this message"
-    return Outcome(status, error)
+    return Outcome(status, error, item_result=True)
 
 
 def _error_text(status: int, body: bytes) -> str:
@@ -248,13 +345,18 @@ def _error_text(status: int, body: bytes) -> str:
     return f"app responded {status}: {text}" if text else f"app responded {status}"
 
 
-async def wait_backoff(
-    attempt: int, initial_seconds: float, max_seconds: float
-) -> None:
-    """Sleep before retry `attempt` + 1: exponential backoff with equal jitter.
+def backoff_seconds(attempt: int, initial_seconds: float, max_seconds: float) -> float:
+    """Return the delay before retry `attempt` + 1: exponential, with equal jitter.
 
     The delay is drawn from [d/2, d], where d = initial * 2**(attempt - 1) capped
     at `max_seconds`.
     """
     ceiling = min(max_seconds, initial_seconds * 2 ** (attempt - 1))
-    await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+async def wait_backoff(
+    attempt: int, initial_seconds: float, max_seconds: float
+) -> None:
+    """Sleep for `backoff_seconds` before retry `attempt` + 1."""
+    await asyncio.sleep(backoff_seconds(attempt, initial_seconds, max_seconds))
