@@ -12,11 +12,11 @@ from agogosml.config import ReaderSettings, redact_url
 from agogosml.http import (
     add_health_routes,
     bound_port,
-    import_object,
     start_site,
 )
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader
+from agogosml.reader.transform import load_transform
 from agogosml.transports.factory import build_sink, build_source
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
     """Run the reader until SIGTERM/SIGINT, or the input end with READER_STOP_AT_END."""
     transform = None
     if settings.transform:
-        transform = import_object(settings.transform, "READER_TRANSFORM")
+        transform = load_transform(settings.transform)
     source = build_source(settings)
     dead_letter = build_sink(
         settings.source, settings.dead_letter_target(), variable="READER_DEAD_LETTER"

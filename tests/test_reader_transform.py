@@ -1,0 +1,152 @@
+"""Tests of checking READER_TRANSFORM when the reader starts."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agogosml.envelope import Envelope
+from agogosml.errors import ConfigurationError
+from agogosml.reader.transform import load_transform
+
+MODULE = __name__
+TESTS_DIR = Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+# Transforms that READER_TRANSFORM names in these tests, by module:function.
+
+
+def keep(envelope: Envelope) -> Envelope:
+    return envelope
+
+
+def keep_with_option(envelope: Envelope, label: str = "") -> Envelope:
+    return envelope
+
+
+def keep_any(*arguments: Any) -> Any:
+    return arguments[0]
+
+
+async def keep_async(envelope: Envelope) -> Envelope:
+    return envelope
+
+
+async def keep_async_generator(envelope: Envelope) -> Any:
+    yield envelope
+
+
+def keep_generator(envelope: Envelope) -> Any:
+    yield envelope
+
+
+def keep_two(envelope: Envelope, label: str) -> Envelope:
+    return envelope
+
+
+def keep_none() -> None:
+    return None
+
+
+def keep_keyword_only(envelope: Envelope, *, label: str) -> Envelope:
+    return envelope
+
+
+class Keeper:
+    def __call__(self, envelope: Envelope) -> Envelope:
+        return envelope
+
+
+class AsyncKeeper:
+    async def __call__(self, envelope: Envelope) -> Envelope:
+        return envelope
+
+
+keeper = Keeper()
+async_keeper = AsyncKeeper()
+keep_labelled = functools.partial(keep_two, label="x")
+keep_async_partial = functools.partial(keep_async)
+NOT_A_FUNCTION = 42
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["keep", "keep_with_option", "keep_any", "keeper", "keep_labelled", "len"],
+)
+def test_valid_transform_loaded(name):
+    module = "builtins" if name == "len" else MODULE
+
+    assert callable(load_transform(f"{module}:{name}"))
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("keep_async", "async function"),
+        ("keep_async_generator", "async function"),
+        ("async_keeper", "async function"),
+        ("keep_async_partial", "async function"),
+        ("keep_generator", "generator function"),
+        ("keep_two", "(envelope: 'Envelope', label: 'str')"),
+        ("keep_none", "signature ()"),
+        ("keep_keyword_only", "as its only argument"),
+        ("NOT_A_FUNCTION", "an object of type int, not a function"),
+    ],
+)
+def test_invalid_transform_rejected(name, reason):
+    spec = f"{MODULE}:{name}"
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_transform(spec)
+
+    message = str(caught.value)
+    assert message.startswith(f"READER_TRANSFORM={spec!r} is invalid: ")
+    assert reason in message
+    assert "name a plain function (def, not async def)" in message
+
+
+def test_missing_transform_rejected():
+    with pytest.raises(ConfigurationError, match="cannot be imported"):
+        load_transform(f"{MODULE}:no_such_function")
+
+
+def test_async_transform_stops_reader(tmp_path):
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_text('{"n": 0}\n')
+    spec = f"{MODULE}:keep_async"
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("READER_", "KAFKA_", "EVENTHUB_"))
+    }
+    environment.update(
+        {
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
+            "READER_INPUT": str(input_file),
+            "READER_APP_URL": "http://127.0.0.1:1",
+            "READER_PORT": "0",
+            "READER_TRANSFORM": spec,
+        }
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agogosml.reader"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert f"READER_TRANSFORM={spec!r} is invalid" in result.stderr
+    assert "async function" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "RuntimeWarning" not in result.stderr
+    assert not (tmp_path / "in.jsonl.dlq.jsonl").exists()
