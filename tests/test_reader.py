@@ -11,13 +11,19 @@ import asyncio
 import base64
 import collections
 import contextlib
+import datetime
+import email.utils
 import json
+import logging
 import os
 import socket
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -26,10 +32,13 @@ from fakes import MemorySink, MemorySource
 from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 
+from agogosml.app import AppSettings, ModelApp
 from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope, trace_id
+from agogosml.reader import engine
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
+from agogosml.reader.service import serve_reader
 
 TOPIC = "input"
 RUN_TIMEOUT_SECONDS = 5.0
@@ -677,6 +686,27 @@ def batch_response(results: list[dict[str, Any]]) -> web.Response:
     return web.json_response({"results": results})
 
 
+def batch_numbers(received: Received) -> list[int]:
+    """Return the ``n`` of each value of a batch request, in order."""
+    return [item["value"]["n"] for item in received.json()]
+
+
+def fill_marked(source: MemorySource, count: int, marked: set[int]) -> None:
+    """Add ``{"n": ...}`` values, with ``"bad": true`` in those numbered in `marked`."""
+    for number in range(count):
+        value: dict[str, Any] = {"n": number}
+        if number in marked:
+            value["bad"] = True
+        source.add(orjson.dumps(value), key=f"key-{number % 3}".encode())
+
+
+async def reject_marked_batch(received: Received) -> web.Response:
+    """Respond 400 to a whole batch that contains a marked value."""
+    if any(item["value"].get("bad") for item in received.json()):
+        return status_response(400, "request body is not valid JSON: int too large")
+    return status_response(200)
+
+
 async def test_batch_per_item_400_dead_lettered():
     source = MemorySource(TOPIC)
     fill(source, 3, key=b"card-1")
@@ -808,6 +838,7 @@ async def test_batch_non_json_value_dead_lettered():
     context = dead_letter_headers(dead_letter.envelopes[0])
     assert context["dlq.status"] == "400"
     assert "not valid JSON" in context["dlq.error"]
+    assert context["dlq.attempts"] == "0"
     assert source.committed == {(TOPIC, 0): 3}
 
 
@@ -833,7 +864,7 @@ async def test_batch_value_cannot_change_other_fields(value):
     assert [record.value for record in dead_letter.envelopes] == [value]
 
 
-async def test_batch_rejected_whole_not_resent():
+async def test_batch_rejecting_app_dead_letters_each():
     source = MemorySource(TOPIC)
     source.add(b'{"n": 0}')
     source.add(b'{"n": 1}')
@@ -846,11 +877,238 @@ async def test_batch_rejected_whole_not_resent():
         settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
         await run_reader(settings, source, dead_letter)
 
-    assert len(app.requests) == 1
+    assert [batch_numbers(r) for r in app.requests] == [[0, 1], [0], [1]]
     assert len(dead_letter.envelopes) == 2
     context = dead_letter_headers(dead_letter.envelopes[0])
     assert "this app refuses every batch" in context["dlq.error"]
+    assert context["dlq.attempts"] == "1"
     assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_batch_rejected_whole_split_in_halves():
+    source = MemorySource(TOPIC)
+    fill_marked(source, 10, marked={6})
+    dead_letter = MemorySink()
+
+    async with stub_app(reject_marked_batch) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=10, batch_max_wait_ms=50, retry_max_attempts=2
+        )
+        reader = await run_reader(settings, source, dead_letter)
+
+    assert [batch_numbers(r) for r in app.requests] == [
+        list(range(10)),
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+        [5, 6, 7],
+        [5, 6],
+        [5],
+        [6],
+        [7],
+        [8, 9],
+    ]
+    accepted = [n for r in app.accepted for n in batch_numbers(r)]
+    assert accepted == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert [record.value for record in dead_letter.envelopes] == [b'{"n":6,"bad":true}']
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "400"
+    assert "int too large" in context["dlq.error"]
+    assert context["dlq.attempts"] == "1"
+    assert context["dlq.source.offset"] == "6"
+    assert reader.dead_lettered_count == 1
+    assert source.committed == {(TOPIC, 0): 10}
+
+
+async def test_batch_413_split_until_it_fits():
+    source = MemorySource(TOPIC)
+    for number in range(8):
+        padding = "x" * (2000 if number == 5 else 100)
+        source.add(orjson.dumps({"n": number, "padding": padding}))
+    dead_letter = MemorySink()
+    max_body_bytes = 1000
+
+    async def limit_body(received: Received) -> web.Response:
+        if len(received.body) > max_body_bytes:
+            return status_response(413, "request body is over APP_MAX_BODY_BYTES")
+        return status_response(200)
+
+    async with stub_app(limit_body) as app:
+        settings = reader_settings(app.url, batch_max_messages=8, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    accepted = [n for r in app.accepted for n in batch_numbers(r)]
+    assert accepted == [0, 1, 2, 3, 4, 6, 7]
+    assert all(len(r.body) <= max_body_bytes for r in app.accepted)
+    assert len(dead_letter.envelopes) == 1
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "413"
+    assert context["dlq.source.offset"] == "5"
+    assert source.committed == {(TOPIC, 0): 8}
+
+
+async def test_batch_split_keeps_key_order():
+    source = MemorySource(TOPIC)
+    fill_marked(source, 24, marked={4, 11, 12})
+    dead_letter = MemorySink()
+    failed_once: list[int] = []
+
+    async def reject_marked_fail_once(received: Received) -> web.Response:
+        numbers = batch_numbers(received)
+        clean = not any(item["value"].get("bad") for item in received.json())
+        # The first clean half fails once with 500, so its retry must hold
+        # back the rest of its lane.
+        if len(numbers) == 2 and clean and not failed_once:
+            failed_once.extend(numbers)
+            return status_response(500)
+        await asyncio.sleep(len(numbers) % 3 / 1000)
+        return await reject_marked_batch(received)
+
+    async with stub_app(reject_marked_fail_once) as app:
+        settings = reader_settings(
+            app.url,
+            ordering=Ordering.KEY,
+            concurrency=3,
+            batch_max_messages=4,
+            batch_max_wait_ms=50,
+        )
+        await run_reader(settings, source, dead_letter)
+
+    by_key = collections.defaultdict(list)
+    for received in app.accepted:
+        for item in received.json():
+            by_key[item["key"]].append(item["value"]["n"])
+    assert by_key["key-0"] == [0, 3, 6, 9, 15, 18, 21]
+    assert by_key["key-1"] == [1, 7, 10, 13, 16, 19, 22]
+    assert by_key["key-2"] == [2, 5, 8, 14, 17, 20, 23]
+    dead_numbers = sorted(orjson.loads(r.value)["n"] for r in dead_letter.envelopes)
+    assert dead_numbers == [4, 11, 12]
+    assert len(failed_once) == 2
+    assert source.committed == {(TOPIC, 0): 24}
+
+
+async def test_batch_split_counts_earlier_attempts():
+    source = MemorySource(TOPIC)
+    fill_marked(source, 4, marked={2})
+    dead_letter = MemorySink()
+    failures_left = 2
+
+    async def fail_twice_then_reject(received: Received) -> web.Response:
+        nonlocal failures_left
+        if failures_left > 0:
+            failures_left -= 1
+            return status_response(500, "model is warming up")
+        return await reject_marked_batch(received)
+
+    async with stub_app(fail_twice_then_reject) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=4, batch_max_wait_ms=50, retry_max_attempts=3
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert [batch_numbers(r) for r in app.requests] == [
+        [0, 1, 2, 3],
+        [0, 1, 2, 3],
+        [0, 1, 2, 3],
+        [0, 1],
+        [2, 3],
+        [2],
+        [3],
+    ]
+    assert len(dead_letter.envelopes) == 1
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.source.offset"] == "2"
+    assert context["dlq.status"] == "400"
+    assert context["dlq.attempts"] == "3"
+    assert source.committed == {(TOPIC, 0): 4}
+
+
+async def test_batch_item_results_not_split():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    async def reject_every_item(received: Received) -> web.Response:
+        return batch_response([{"status": 400, "error": "bad"}] * 3)
+
+    async with stub_app(reject_every_item) as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    assert len(dead_letter.envelopes) == 3
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+@contextlib.asynccontextmanager
+async def model_app_url(**app_settings: Any) -> AsyncIterator[tuple[str, list[Any]]]:
+    """Serve a ModelApp that returns its inputs, and a writer that accepts all.
+
+    Yields the app's URL and the list of values the writer received.
+    """
+    written: list[Any] = []
+
+    async def write(request: web.Request) -> web.Response:
+        document = orjson.loads(await request.read())
+        if request.path == "/batch":
+            written.extend(item["value"] for item in document)
+        else:
+            written.append(document)
+        return web.json_response({"written": 1})
+
+    writer = web.Application()
+    writer.router.add_post("/", write)
+    writer.router.add_post("/batch", write)
+    writer_server = TestServer(writer)
+    await writer_server.start_server()
+    settings = AppSettings(writer_url=str(writer_server.make_url("")), **app_settings)
+    try:
+        async with ModelApp(lambda values: values).running(settings) as app:
+            app_server = TestServer(app)
+            await app_server.start_server()
+            try:
+                yield str(app_server.make_url("")), written
+            finally:
+                await app_server.close()
+    finally:
+        await writer_server.close()
+
+
+async def test_model_app_bad_integer_dead_lettered():
+    source = MemorySource(TOPIC)
+    digits = sys.get_int_max_str_digits() + 1
+    for number in range(10):
+        if number == 6:
+            source.add(b'{"n": %s}' % (b"7" * digits))
+        else:
+            source.add(orjson.dumps({"n": number}))
+    dead_letter = MemorySink()
+
+    async with model_app_url() as (url, written):
+        settings = reader_settings(url, batch_max_messages=10, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert [value["n"] for value in written] == [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert len(dead_letter.envelopes) == 1
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.source.offset"] == "6"
+    assert context["dlq.status"] == "400"
+    assert f"an integer of {digits} digits" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 10}
+
+
+async def test_model_app_body_limit_delivered():
+    source = MemorySource(TOPIC)
+    for number in range(10):
+        source.add(orjson.dumps({"n": number, "padding": "x" * 200}))
+    dead_letter = MemorySink()
+
+    async with model_app_url(max_body_bytes=1024) as (url, written):
+        settings = reader_settings(url, batch_max_messages=10, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert [value["n"] for value in written] == list(range(10))
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 10}
 
 
 async def test_batch_huge_integer_value_sent():
@@ -1282,3 +1540,370 @@ async def test_unauthorised_app_not_dead_lettered():
     assert app.numbers() == [0, 1]
     assert reader.setup_error is False
     assert source.committed == {(TOPIC, 0): 2}
+
+
+# ---------------------------------------------------------------------------
+# Retry-After
+# ---------------------------------------------------------------------------
+
+
+def retry_after_response(status: int, retry_after: str) -> web.Response:
+    return web.json_response(
+        {"error": "slow down"}, status=status, headers={"Retry-After": retry_after}
+    )
+
+
+@pytest.mark.parametrize("form", ["delay-seconds", "http-date"])
+async def test_retry_after_waited_for(form):
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    request_times: list[float] = []
+
+    async def throttle_once(received: Received) -> web.Response:
+        request_times.append(time.monotonic())
+        if len(request_times) > 1:
+            return status_response(200)
+        if form == "delay-seconds":
+            return retry_after_response(429, "1")
+        # HTTP dates have whole seconds, so this requests a wait of 1 to 2 s.
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2)
+        return retry_after_response(429, email.utils.format_datetime(later, True))
+
+    async with stub_app(throttle_once) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [0]
+    assert request_times[1] - request_times[0] >= 0.95
+    assert dead_letter.envelopes == []
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_spends_no_attempts(status):
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    throttled_left = 5
+
+    async def throttle(received: Received) -> web.Response:
+        nonlocal throttled_left
+        if throttled_left > 0:
+            throttled_left -= 1
+            return retry_after_response(status, "0")
+        return status_response(200)
+
+    async with stub_app(throttle) as app:
+        settings = reader_settings(app.url, retry_max_attempts=2)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 7
+    assert app.numbers() == [0, 1]
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_429_without_retry_after_spends_attempts():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def throttle(received: Received) -> web.Response:
+        return status_response(429, "slow down")
+
+    async with stub_app(throttle) as app:
+        settings = reader_settings(app.url, retry_max_attempts=3)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 3
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "429"
+    assert context["dlq.attempts"] == "3"
+
+
+async def test_stop_ends_retry_after_wait():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def throttle(received: Received) -> web.Response:
+        return retry_after_response(503, "3600")
+
+    async with stub_app(throttle) as app:
+        settings = reader_settings(
+            app.url, stop_at_end=False, shutdown_timeout_ms=30000
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(app.requests) == 1)
+            await asyncio.sleep(0.05)
+            stop_requested = time.monotonic()
+            reader.request_stop()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+            stop_seconds = time.monotonic() - stop_requested
+
+    assert stop_seconds < 1.0
+    assert len(app.requests) == 1
+    assert reader.in_flight == 0
+    assert dead_letter.envelopes == []
+    assert source.committed == {}
+
+
+async def test_revoke_ends_retry_after_wait():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def throttle(received: Received) -> web.Response:
+        return retry_after_response(429, "3600")
+
+    async with stub_app(throttle) as app:
+        settings = reader_settings(app.url, stop_at_end=False)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: len(app.requests) == 1)
+            await asyncio.sleep(0.05)
+            assert source.revoke_handler is not None
+            await asyncio.wait_for(source.revoke_handler([(TOPIC, 0)]), 1)
+            in_flight_after_revoke = reader.in_flight
+
+    assert in_flight_after_revoke == 0
+    assert len(app.requests) == 1
+    assert dead_letter.envelopes == []
+    assert source.committed == {}
+
+
+async def test_batch_retry_after_waited_for():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    request_times: list[float] = []
+
+    async def throttle_once(received: Received) -> web.Response:
+        request_times.append(time.monotonic())
+        if len(request_times) == 1:
+            return retry_after_response(429, "1")
+        return status_response(200)
+
+    async with stub_app(throttle_once) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=2, batch_max_wait_ms=50, retry_max_attempts=1
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert [batch_numbers(r) for r in app.requests] == [[0, 1], [0, 1]]
+    assert request_times[1] - request_times[0] >= 0.95
+    assert dead_letter.envelopes == []
+
+
+# ---------------------------------------------------------------------------
+# Set-up errors
+# ---------------------------------------------------------------------------
+
+
+def setup_error_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "agogosml.reader.engine" and record.levelno == logging.ERROR
+    ]
+
+
+@pytest.mark.parametrize("status", [404, 405])
+async def test_wrong_app_not_dead_lettered(status, caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    rejections_left = 4
+
+    async def wrong_service(received: Received) -> web.Response:
+        nonlocal rejections_left
+        if rejections_left > 0:
+            rejections_left -= 1
+            if status == 404:
+                raise web.HTTPNotFound()
+            raise web.HTTPMethodNotAllowed("POST", ["GET"])
+        return status_response(200)
+
+    async with stub_app(wrong_service) as app:
+        settings = reader_settings(
+            app.url, app_ready_path="/readyz", retry_max_attempts=1
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: reader.setup_error)
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert dead_letter.envelopes == []
+    assert app.numbers() == [0, 1]
+    assert reader.setup_error is False
+    assert source.committed == {(TOPIC, 0): 2}
+    (record,) = setup_error_records(caplog)
+    message = record.getMessage()
+    assert f"responded {status} to POST {app.url.rstrip('/')}/" in message
+    assert "READER_APP_URL" in message
+
+
+async def test_wrong_app_path_keeps_reader_not_ready(caplog, monkeypatch):
+    monkeypatch.setattr(engine, "SETUP_ERROR_LOG_INTERVAL_SECONDS", 0.0)
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        # The router of the app responds 404 to a path it does not serve.
+        wrong_url = app.url.rstrip("/") + "/v1"
+        settings = reader_settings(
+            wrong_url,
+            app_ready_path="",
+            retry_max_attempts=1,
+            batch_max_messages=2,
+            batch_max_wait_ms=1,
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: len(setup_error_records(caplog)) >= 3)
+            not_ready = reader.setup_error
+
+    assert not_ready is True
+    assert dead_letter.envelopes == []
+    assert source.committed == {}
+    message = setup_error_records(caplog)[0].getMessage()
+    assert f"POST {wrong_url}/batch" in message
+    assert f"READER_APP_URL='{wrong_url}'" in message
+    assert "POST /batch" in message
+
+
+async def test_wrong_app_fails_reader_readyz(tmp_path):
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_text('{"n": 0}\n')
+    port = closed_port()
+
+    async def wrong_service(received: Received) -> web.Response:
+        raise web.HTTPNotFound()
+
+    async with stub_app(wrong_service) as app:
+        settings = reader_settings(
+            app.url,
+            input=str(input_file),
+            port=port,
+            app_ready_path="/readyz",
+            retry_max_backoff_ms=20,
+            shutdown_timeout_ms=100,
+        )
+        service = asyncio.create_task(serve_reader(settings))
+        try:
+            await wait_for(lambda: len(app.requests) >= 2)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    readyz_status = response.status
+        finally:
+            service.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await service
+
+    assert "ready 200" in app.events
+    assert readyz_status == 503
+    assert (tmp_path / "in.jsonl.dlq.jsonl").read_text() == ""
+
+
+async def test_batch_item_404_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def unknown_item(received: Received) -> web.Response:
+        return batch_response(
+            [{"status": 404, "error": "no such card"}, {"status": 200}]
+        )
+
+    async with stub_app(unknown_item) as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
+        reader = await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    assert [record.value for record in dead_letter.envelopes] == [b'{"n":0}']
+    assert reader.setup_error is False
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_transform_returning_coroutine_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async def enrich(envelope: Envelope) -> Envelope:
+        return envelope
+
+    def call_enrich(envelope: Envelope) -> Any:
+        return enrich(envelope)
+
+    async with stub_app() as app:
+        await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=call_enrich
+        )
+
+    assert app.requests == []
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert "transform returned a coroutine" in headers["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+# ---------------------------------------------------------------------------
+# Header size
+# ---------------------------------------------------------------------------
+
+
+def key_of_line_size(size: int) -> bytes:
+    """Return a key whose X-Message-Key header line is `size` bytes long."""
+    return b"k" * (size - len("X-Message-Key: "))
+
+
+async def test_oversized_key_header_dead_lettered():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', key=key_of_line_size(8190))
+    source.add(b'{"n": 1}', key=key_of_line_size(8191))
+    source.add(b'{"n": 2}', key=b"k" * 20000)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [0]
+    assert [orjson.loads(r.value)["n"] for r in dead_letter.envelopes] == [1, 2]
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "431"
+    assert context["dlq.attempts"] == "0"
+    assert "X-Message-Key header line would be 8191 bytes" in context["dlq.error"]
+    assert "8190" in context["dlq.error"]
+    assert "READER_BATCH_MAX_MESSAGES" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_oversized_id_header_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    def long_id(envelope: Envelope) -> Envelope:
+        if orjson.loads(envelope.value)["n"] == 0:
+            return replace(envelope, id="i" * 9000)
+        return envelope
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter, long_id)
+
+    assert app.numbers() == [1]
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "431"
+    assert "X-Message-Id header line" in context["dlq.error"]
+    assert "shorten the message id" in context["dlq.error"]
+
+
+async def test_batch_sends_long_key_in_body():
+    source = MemorySource(TOPIC)
+    long_key = b"k" * 20000
+    source.add(b'{"n": 0}', key=long_key)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=5)
+        await run_reader(settings, source, dead_letter)
+
+    assert [item["key"] for item in app.accepted[0].json()] == [long_key.decode()]
+    assert dead_letter.envelopes == []

@@ -6,7 +6,7 @@ import asyncio
 import collections
 import logging
 import zlib
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,16 @@ from agogosml.metrics import (
     MESSAGES_OUT,
     RETRIES,
 )
-from agogosml.reader.client import AppClient, Outcome, wait_backoff
+from agogosml.reader.client import (
+    AppClient,
+    Outcome,
+    backoff_seconds,
+    wait_backoff,
+)
+from agogosml.reader.transform import Transform, result_problem
 from agogosml.transports.base import Sink, Source
+
+__all__ = ["InputReader", "Transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +38,18 @@ SERVICE = "input_reader"
 #: pauses the source (and keeps polling it, to stay in the consumer group).
 PAUSE_AFTER_SECONDS = 1.0
 
-#: A transform gets each envelope before the app and returns it (changed or not),
-#: or None to drop the message. Dropped messages count as finished.
-Transform = Callable[[Envelope], Envelope | None]
+#: While requests fail without spending attempts (the app is unreachable, not
+#: ready, or asked to wait with Retry-After), a lane logs the first failure and
+#: then one WARNING per this many seconds.
+WAIT_LOG_INTERVAL_SECONDS = 300.0
+
+#: While the app rejects the reader's requests themselves (401, 403, 404, 405),
+#: the reader logs one ERROR at first and then one per this many seconds.
+SETUP_ERROR_LOG_INTERVAL_SECONDS = 60.0
+
+#: Statuses of a whole response that mean a set-up error, not a bad message.
+CREDENTIAL_STATUSES = frozenset({401, 403})
+ADDRESS_STATUSES = frozenset({404, 405})
 
 
 @dataclass
@@ -42,6 +59,14 @@ class _Lane:
     queue: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
     carry: list[Envelope] = field(default_factory=list)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass
+class _Stall:
+    """Failed requests of one delivery that spent no attempts."""
+
+    count: int = 0
+    logged_at: float = float("-inf")
 
 
 class InputReader:
@@ -90,7 +115,11 @@ class InputReader:
         self._dead_letter_failures = 0
         self._stopped = False
         self._setup_error = False
+        self._setup_error_status = 0
+        self._setup_error_logged_at = float("-inf")
         self._revoking: set[tuple[str, int]] = set()
+        # Set, then replaced, to wake lanes that wait before a retry.
+        self._wake = asyncio.Event()
         self.finished_count = 0
         self.dead_lettered_count = 0
         self._messages_in = MESSAGES_IN.labels(SERVICE)
@@ -110,7 +139,11 @@ class InputReader:
 
     @property
     def setup_error(self) -> bool:
-        """Whether the app rejects the reader's requests as unauthorised."""
+        """Whether the app rejects the reader's requests themselves.
+
+        That is a whole response of 401 or 403 (credentials), or 404 or 405
+        (READER_APP_URL is not the app).
+        """
         return self._setup_error
 
     @property
@@ -123,6 +156,7 @@ class InputReader:
         if not self._stopping.is_set():
             logger.info("stop requested; finishing in-flight messages")
         self._stopping.set()
+        self._wake_waiting_lanes()
 
     async def run(self) -> None:
         """Process messages until `request_stop`, or the end of a bounded source."""
@@ -213,7 +247,7 @@ class InputReader:
         position = envelope.position
         try:
             transformed = transform(envelope)
-            problem = _transform_problem(transformed)
+            problem = result_problem(transformed)
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             transformed, problem = None, f"transform failed: {exc!r}"
         envelope.position = position
@@ -321,62 +355,144 @@ class InputReader:
             size += envelope_size
         return batch
 
-    async def _deliver(self, batch: list[Envelope]) -> None:
+    async def _deliver(self, batch: list[Envelope], attempts_spent: int = 0) -> None:
+        """Send messages until each is finished, or released unfinished.
+
+        `attempts_spent` counts the requests that already carried the messages
+        and count towards READER_RETRY_MAX_ATTEMPTS.
+        """
         settings = self._settings
         as_batch = settings.batch_max_messages > 1
         pending = batch
-        attempt = 0
-        waits = 0
+        attempt = attempts_spent
+        stall = _Stall()
         while pending:
             pending = self._drop_unsendable(pending)
             if not pending:
                 return
             ready_before = self._app_ready
             outcomes = await self._client.send(pending, batch=as_batch)
-            if self._is_setup_error(outcomes):
+            pending, outcomes = await self._reject_unsent(pending, outcomes, attempt)
+            if not pending:
+                return
+            if self._is_setup_error(outcomes, as_batch):
                 # The app did not look at the messages: wait for the operator
                 # without spending attempts, so nothing is dead-lettered for it.
-                await asyncio.sleep(settings.retry_max_backoff_ms / 1000)
+                await self._wait(settings.retry_max_backoff_ms / 1000, pending)
                 continue
-            if self._app_unavailable(outcomes, ready_before):
+            delay = self._delay_without_attempt(outcomes, ready_before, stall.count + 1)
+            if delay is not None:
                 # Nothing is wrong with the messages: wait for the app without
                 # spending attempts, so a restart of the app or of the writer
-                # behind it dead-letters nothing.
-                waits += 1
-                self._log_waiting(pending, outcomes[0], waits)
-                await wait_backoff(
-                    waits,
-                    settings.retry_initial_backoff_ms / 1000,
-                    settings.retry_max_backoff_ms / 1000,
-                )
+                # behind it, or a throttling app, dead-letters nothing.
+                stall.count += 1
+                self._log_waiting(pending, outcomes[0], stall, delay)
+                await self._wait(delay, pending)
                 continue
-            if waits:
+            if stall.count:
                 logger.info(
                     "the app responds again; delivering %d waiting message(s)",
                     len(pending),
                     extra={"message_id": pending[0].id},
                 )
-                waits = 0
+                stall = _Stall()
+            if len(pending) > 1 and _rejected_as_whole(outcomes):
+                await self._deliver_in_halves(pending, outcomes[0], attempt)
+                return
             attempt += 1
-            retry = []
-            delivered = 0
-            for envelope, outcome in zip(pending, outcomes, strict=True):
-                if outcome.ok:
-                    delivered += 1
-                    self._finish(envelope)
-                elif outcome.retriable and attempt < settings.retry_max_attempts:
-                    retry.append(envelope)
-                else:
-                    await self._reject(envelope, outcome, attempt)
-            self._messages_out.inc(delivered)
-            if retry:
-                self._log_retry(retry, outcomes, attempt)
-                await wait_backoff(
-                    attempt,
-                    settings.retry_initial_backoff_ms / 1000,
-                    settings.retry_max_backoff_ms / 1000,
+            pending = await self._settle(pending, outcomes, attempt)
+            if pending:
+                await self._wait(
+                    backoff_seconds(
+                        attempt,
+                        settings.retry_initial_backoff_ms / 1000,
+                        settings.retry_max_backoff_ms / 1000,
+                    ),
+                    pending,
                 )
-            pending = retry
+
+    async def _reject_unsent(
+        self, pending: list[Envelope], outcomes: list[Outcome], attempt: int
+    ) -> tuple[list[Envelope], list[Outcome]]:
+        """Dead-letter the messages that the client rejected without sending.
+
+        Returns the other messages and their outcomes.
+        """
+        sent: list[Envelope] = []
+        sent_outcomes: list[Outcome] = []
+        for envelope, outcome in zip(pending, outcomes, strict=True):
+            if outcome.sent:
+                sent.append(envelope)
+                sent_outcomes.append(outcome)
+            else:
+                await self._reject(envelope, outcome, attempt)
+        return sent, sent_outcomes
+
+    async def _settle(
+        self, pending: list[Envelope], outcomes: list[Outcome], attempt: int
+    ) -> list[Envelope]:
+        """Finish accepted messages, dead-letter failed ones, return the retries."""
+        retry = []
+        delivered = 0
+        for envelope, outcome in zip(pending, outcomes, strict=True):
+            if outcome.ok:
+                delivered += 1
+                self._finish(envelope)
+            elif outcome.retriable and attempt < self._settings.retry_max_attempts:
+                retry.append(envelope)
+            else:
+                await self._reject(envelope, outcome, attempt)
+        self._messages_out.inc(delivered)
+        if retry:
+            self._log_retry(retry, outcomes, attempt)
+        return retry
+
+    async def _deliver_in_halves(
+        self, pending: list[Envelope], outcome: Outcome, attempts_spent: int
+    ) -> None:
+        """Send a batch that the app rejected as a whole again, in two halves.
+
+        A 4xx for a whole batch (a value the app cannot decode, a body over its
+        size limit) may be the fault of one message. So each half is sent, and
+        split again while the app rejects it whole, down to single messages.
+        Only a message that the app rejects on its own is dead-lettered. The
+        first half is finished before the second is sent, so the lane keeps its
+        order. The rejected request spends no attempt.
+        """
+        logger.info(
+            "the app rejected a batch of %d messages as a whole; sending it "
+            "again in two halves to find the messages it rejects",
+            len(pending),
+            extra={
+                "message_id": pending[0].id,
+                "status": outcome.status,
+                "error": outcome.error,
+            },
+        )
+        middle = (len(pending) + 1) // 2
+        await self._deliver(pending[:middle], attempts_spent)
+        await self._deliver(pending[middle:], attempts_spent)
+
+    async def _wait(self, seconds: float, pending: list[Envelope]) -> None:
+        """Sleep before sending `pending` again, ending early if they must not be.
+
+        A stop or a revocation ends the wait, so a long Retry-After holds up
+        neither a shutdown nor a rebalance.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while all(self._sendable(envelope) for envelope in pending):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _wake_waiting_lanes(self) -> None:
+        self._wake.set()
+        self._wake = asyncio.Event()
 
     def _drop_unsendable(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Release messages that must not be sent now, and return the others.
@@ -388,32 +504,106 @@ class InputReader:
         """
         sendable = []
         for envelope in envelopes:
-            position = envelope.position
-            revoking = position is not None and (
-                (position.topic, position.partition) in self._revoking
-            )
-            if self._stopping.is_set() or revoking or not self._source.owns(envelope):
-                self._release(envelope)
-            else:
+            if self._sendable(envelope):
                 sendable.append(envelope)
+            else:
+                self._release(envelope)
         return sendable
 
-    def _is_setup_error(self, outcomes: list[Outcome]) -> bool:
-        """Return whether the app rejected the request itself (401 or 403)."""
-        failure = next((o for o in outcomes if o.status in (401, 403)), None)
+    def _sendable(self, envelope: Envelope) -> bool:
+        if self._stopping.is_set() or not self._source.owns(envelope):
+            return False
+        position = envelope.position
+        return position is None or (
+            (position.topic, position.partition) not in self._revoking
+        )
+
+    def _is_setup_error(self, outcomes: list[Outcome], as_batch: bool) -> bool:
+        """Return whether the app rejected the request itself, and log it.
+
+        401 and 403 mean wrong credentials, 404 and 405 that READER_APP_URL
+        does not point at the app. The same status as the result of one item of
+        a batch is about that message, so it is not a set-up error.
+        """
+        failure = next(
+            (
+                outcome
+                for outcome in outcomes
+                if not outcome.item_result
+                and outcome.status in CREDENTIAL_STATUSES | ADDRESS_STATUSES
+            ),
+            None,
+        )
         if failure is None:
             self._setup_error = False
+            self._setup_error_status = 0
             return False
-        if not self._setup_error:
+        now = asyncio.get_running_loop().time()
+        since_log = now - self._setup_error_logged_at
+        if (
+            failure.status != self._setup_error_status
+            or since_log >= SETUP_ERROR_LOG_INTERVAL_SECONDS
+        ):
+            self._log_setup_error(failure, as_batch)
+            self._setup_error_logged_at = now
+        self._setup_error = True
+        self._setup_error_status = failure.status
+        return True
+
+    def _log_setup_error(self, failure: Outcome, as_batch: bool) -> None:
+        wait_ms = self._settings.retry_max_backoff_ms
+        if failure.status in CREDENTIAL_STATUSES:
             logger.error(
                 "the app rejected the reader's credentials (%d); set "
-                "READER_APP_TOKEN to the app's token. Retrying without "
-                "dead-lettering",
+                "READER_APP_TOKEN to the app's token. Retrying every %d ms "
+                "(READER_RETRY_MAX_BACKOFF_MS) without dead-lettering",
                 failure.status,
+                wait_ms,
                 extra={"error": failure.error},
             )
-        self._setup_error = True
-        return True
+            return
+        app_url = redact_url(str(self._settings.app_url))
+        path = "/batch" if as_batch else "/"
+        batch_hint = (
+            ", and that the app serves POST /batch, which the reader uses because "
+            "READER_BATCH_MAX_MESSAGES is above 1"
+            if as_batch
+            else ""
+        )
+        logger.error(
+            "the app responded %d to POST %s; check that READER_APP_URL=%r is the "
+            "base URL of the model app%s. Retrying every %d ms "
+            "(READER_RETRY_MAX_BACKOFF_MS) without dead-lettering",
+            failure.status,
+            app_url.rstrip("/") + path,
+            app_url,
+            batch_hint,
+            wait_ms,
+            extra={"error": failure.error},
+        )
+
+    def _delay_without_attempt(
+        self, outcomes: list[Outcome], ready_before: bool, waits: int
+    ) -> float | None:
+        """Return how long to wait when a request failed without spending attempts.
+
+        That is so when the app is unavailable (see `_app_unavailable`), or
+        when it responded 429 or 503 with a Retry-After header. A Retry-After
+        delay replaces the backoff when it is longer. Returns None when the
+        failure spends an attempt.
+        """
+        settings = self._settings
+        backoff = backoff_seconds(
+            waits,
+            settings.retry_initial_backoff_ms / 1000,
+            settings.retry_max_backoff_ms / 1000,
+        )
+        retry_after = _retry_after_seconds(outcomes)
+        if retry_after is not None:
+            return max(retry_after, backoff)
+        if self._app_unavailable(outcomes, ready_before):
+            return backoff
+        return None
 
     def _app_unavailable(self, outcomes: list[Outcome], ready_before: bool) -> bool:
         """Return whether a request failed because the app is down or not ready.
@@ -432,11 +622,31 @@ class InputReader:
         return all(outcome.status in (429, 503) for outcome in outcomes)
 
     def _log_waiting(
-        self, pending: list[Envelope], outcome: Outcome, waits: int
+        self, pending: list[Envelope], outcome: Outcome, stall: _Stall, delay: float
     ) -> None:
         RETRIES.labels(SERVICE).inc(len(pending))
-        # Waiting goes on until the app responds. Log the first and every 30th wait.
-        if waits != 1 and waits % 30:
+        # Waiting goes on until the app responds: log the first wait, then one
+        # line per WAIT_LOG_INTERVAL_SECONDS.
+        now = asyncio.get_running_loop().time()
+        if stall.count != 1 and now - stall.logged_at < WAIT_LOG_INTERVAL_SECONDS:
+            return
+        stall.logged_at = now
+        fields = {
+            "message_id": pending[0].id,
+            "status": outcome.status,
+            "error": outcome.error,
+            "waits": stall.count,
+        }
+        if outcome.retry_after_seconds is not None:
+            logger.warning(
+                "the app responded %d with Retry-After; %d message(s) wait %.1f s "
+                "for it without using up their %d attempts",
+                outcome.status,
+                len(pending),
+                delay,
+                self._settings.retry_max_attempts,
+                extra=fields,
+            )
             return
         logger.warning(
             "the app is unreachable or not ready; %d message(s) wait for it "
@@ -444,12 +654,7 @@ class InputReader:
             "READER_APP_URL and that its readiness check passes",
             len(pending),
             self._settings.retry_max_attempts,
-            extra={
-                "message_id": pending[0].id,
-                "status": outcome.status,
-                "error": outcome.error,
-                "waits": waits,
-            },
+            extra=fields,
         )
 
     def _log_retry(
@@ -573,6 +778,7 @@ class InputReader:
         finish anything.
         """
         self._revoking.update(partitions)
+        self._wake_waiting_lanes()
         try:
             while not self._stopped and any(
                 self._partition_in_flight[key] > 0 for key in partitions
@@ -640,28 +846,25 @@ def _request_size(envelope: Envelope) -> int:
     return len(envelope.value) + key_size + len(envelope.id) + 120
 
 
-def _transform_problem(result: object) -> str:
-    """Return why a transform's result cannot be sent, or '' when it can."""
-    if result is None:
-        return ""
-    if not isinstance(result, Envelope):
-        return (
-            f"transform returned {type(result).__name__}; it must return an "
-            "Envelope or None"
-        )
-    if not isinstance(result.value, bytes):
-        return f"transform set value to {type(result.value).__name__}, not bytes"
-    if result.key is not None and not isinstance(result.key, bytes):
-        return f"transform set key to {type(result.key).__name__}, not bytes or None"
-    for header in result.headers:
-        if not (
-            isinstance(header, tuple)
-            and len(header) == 2
-            and isinstance(header[0], str)
-            and isinstance(header[1], bytes)
-        ):
-            return f"transform set header {header!r:.100}; headers are (str, bytes)"
-    return ""
+def _rejected_as_whole(outcomes: list[Outcome]) -> bool:
+    """Return whether the app rejected the whole request with a 4xx not retried.
+
+    Statuses of set-up errors (401, 403, 404, 405) are handled before this.
+    """
+    first = outcomes[0]
+    return (
+        400 <= first.status < 500
+        and not first.retriable
+        and not any(outcome.item_result for outcome in outcomes)
+    )
+
+
+def _retry_after_seconds(outcomes: list[Outcome]) -> float | None:
+    """Return the Retry-After delay of a whole 429 or 503 response, else None."""
+    first = outcomes[0]
+    if first.item_result or first.retry_after_seconds is None:
+        return None
+    return first.retry_after_seconds
 
 
 def _position_fields(envelope: Envelope) -> dict[str, object]:
