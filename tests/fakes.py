@@ -25,7 +25,9 @@ class MemorySource(Source):
     def __init__(self, topic: str = "input", partitions: int = 1) -> None:
         self.topic = topic
         self.tracker = OffsetTracker()
-        self._records: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self._records: dict[
+            int, list[tuple[bytes, bytes | None, list[tuple[str, bytes]] | None]]
+        ] = {}
         self._next_index: dict[int, int] = {}
         self._generations: dict[int, int] = {}
         for partition in range(partitions):
@@ -43,10 +45,15 @@ class MemorySource(Source):
         self.revoke_handler: RevokeHandler | None = None
 
     def add(
-        self, value: bytes, *, partition: int = 0, key: bytes | None = None
+        self,
+        value: bytes,
+        *,
+        partition: int = 0,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Append a record to the end of a partition."""
-        self._records[partition].append((value, key))
+        self._records[partition].append((value, key, headers))
 
     @property
     def at_end(self) -> bool:  # type: ignore[override]
@@ -89,12 +96,12 @@ class MemorySource(Source):
         if offset == len(self._records[partition]):
             return None
         self._next_index[partition] = offset + 1
-        value, key = self._records[partition][offset]
+        value, key, headers = self._records[partition][offset]
         position = Position(
             self.topic, partition, offset, offset + 1, self._generations[partition]
         )
         self.tracker.register(position)
-        return Envelope.from_record(value, key, None, position)
+        return Envelope.from_record(value, key, headers, position)
 
     def ack(self, envelope: Envelope) -> None:
         """Mark a message finished and commit the finished prefix."""

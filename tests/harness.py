@@ -29,6 +29,7 @@ class Output:
 
     values: list[dict[str, Any]] = field(default_factory=list)
     message_ids: list[str] = field(default_factory=list)
+    headers: list[dict[str, bytes]] = field(default_factory=list)
     dead_letters: list[Any] = field(default_factory=list)
 
     def numbers(self) -> set[int]:
@@ -105,13 +106,20 @@ class KafkaPipeline:
             for service in (self.reader, self.app, self.writer)
         )
 
-    def produce(self, values: list[dict[str, Any]], key_field: str = "n") -> None:
+    def produce(
+        self,
+        values: list[dict[str, Any]],
+        key_field: str = "n",
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         producer = Producer(
             {"bootstrap.servers": self.bootstrap, "enable.idempotence": True}
         )
         for value in values:
             key = str(value.get(key_field, "")).encode()
-            producer.produce(self.input, value=orjson.dumps(value), key=key)
+            producer.produce(
+                self.input, value=orjson.dumps(value), key=key, headers=headers
+            )
             producer.poll(0)
         assert producer.flush(60) == 0, "input records were not all delivered"
 
@@ -154,6 +162,7 @@ class KafkaPipeline:
         output.values.append(value)
         headers = dict(message.headers() or [])
         output.message_ids.append(headers["message-id"].decode())
+        output.headers.append(headers)
 
     def committed(self, partitions: int = 1) -> list[int]:
         """Return the committed offset of each input partition (-1001 if none)."""

@@ -69,7 +69,9 @@ def test_dataset_records_all_arrive(
         app_env={"SAMPLE_APP_MODEL_PATH": str(fraud_model)},
         reader_env={"READER_BATCH_MAX_MESSAGES": "20"},
     )
-    pipeline.produce(records, key_field="transaction_id")
+    pipeline.produce(
+        records, key_field="transaction_id", headers=[("source-system", b"pos-7")]
+    )
 
     pipeline.start()
     output = pipeline.read_output(len(records), timeout_seconds=300)
@@ -80,6 +82,7 @@ def test_dataset_records_all_arrive(
     assert len(output.dead_letters) == 0
     assert output.duplicates() == 0
     assert all(0.0 <= value["fraud_probability"] <= 1.0 for value in output.values)
+    assert all(headers["source-system"] == b"pos-7" for headers in output.headers)
     wait_until(
         lambda: sum(pipeline.committed(3)) == len(records), 15, "commit of all offsets"
     )

@@ -288,6 +288,53 @@ async def test_single_request_headers():
     assert "X-Message-Key" not in third.headers
 
 
+@pytest.mark.parametrize("batch_max_messages", [1, 2])
+async def test_record_headers_sent_to_app(batch_max_messages):
+    source = MemorySource(TOPIC)
+    source.add(
+        b'{"n": 0}',
+        headers=[
+            ("Source-System", b"pos-7"),
+            ("binary", b"\xff"),
+            ("message-id", b"m-1"),
+        ],
+    )
+    settings_values = {
+        "batch_max_messages": batch_max_messages,
+        "batch_max_wait_ms": 10,
+    }
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, **settings_values)
+        await run_reader(settings, source, MemorySink())
+
+    (received,) = app.requests
+    if batch_max_messages == 1:
+        assert received.headers["X-Record-Header-source-system"] == "pos-7"
+        assert "X-Record-Header-binary" not in received.headers
+        assert received.headers["X-Message-Id"] == "m-1"
+    else:
+        (item,) = received.json()
+        assert item["headers"] == {"source-system": "pos-7"}
+        assert item["id"] == "m-1"
+
+
+async def test_oversized_record_header_dead_lettered():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', headers=[("note", b"x" * 9000)])
+    source.add(b'{"n": 1}')
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert [received.body for received in app.requests] == [b'{"n": 1}']
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "431"
+    assert "record header 'note' cannot travel in a header" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
 async def test_500_twice_then_200_delivered():
     source = MemorySource(TOPIC)
     fill(source, 3)

@@ -29,6 +29,8 @@ MESSAGE_ID = "X-Message-Id"
 MESSAGE_KEY = "X-Message-Key"
 MESSAGE_KEY_ENCODING = "X-Message-Key-Encoding"
 TRACEPARENT = "traceparent"
+#: Prefix of the HTTP headers that carry the input record's headers.
+RECORD_HEADER_PREFIX = "X-Record-Header-"
 
 #: Maximum length of a header line (name, ": " and value, in UTF-8) that the
 #: reader sends.
@@ -163,6 +165,8 @@ class AppClient:
             headers[MESSAGE_KEY] = key
             if key_is_base64:
                 headers[MESSAGE_KEY_ENCODING] = "base64"
+        for name, value in envelope.text_headers().items():
+            headers[RECORD_HEADER_PREFIX + name] = value
         problem = _oversized_header(headers)
         if problem is not None:
             return problem
@@ -189,7 +193,7 @@ class AppClient:
         items = []
         for envelope in envelopes:
             key, key_is_base64 = envelope.key_text()
-            item = {
+            item: dict[str, object] = {
                 "id": envelope.id,
                 "key": key,
                 "traceparent": envelope.traceparent,
@@ -197,6 +201,9 @@ class AppClient:
             }
             if key_is_base64:
                 item["key_encoding"] = "base64"
+            record_headers = envelope.text_headers()
+            if record_headers:
+                item["headers"] = record_headers
             items.append(item)
         body = orjson.dumps(items)
         headers = {"Content-Type": "application/json"}
@@ -252,17 +259,20 @@ def _json_problem(value: bytes) -> Outcome | None:
 def _oversized_header(headers: dict[str, str]) -> Outcome | None:
     """Return a 431 outcome when a header line is too long to send, else None.
 
-    Only the id and the key can grow that long. The app's server would reject
-    the request with a parser error that names neither, so the reader does not
-    send it and names the header, the limit and the fix.
+    The id, the key and the record headers can grow that long. The app's
+    server would reject the request with a parser error that names none of
+    them, so the reader does not send it and names the header, the limit and
+    the fix.
     """
-    for name in (MESSAGE_ID, MESSAGE_KEY):
-        value = headers.get(name)
-        if value is None:
-            continue
+    for name, value in headers.items():
         size = len(name) + 2 + len(value.encode("utf-8"))
         if size > MAX_HEADER_LINE_BYTES:
-            field = "message id" if name == MESSAGE_ID else "message key"
+            if name == MESSAGE_ID:
+                field = "message id"
+            elif name == MESSAGE_KEY:
+                field = "message key"
+            else:
+                field = f"record header {name[len(RECORD_HEADER_PREFIX) :]!r}"
             error = (
                 f"the {name} header line would be {size} bytes, over the "
                 f"{MAX_HEADER_LINE_BYTES} bytes that an aiohttp server such as "
