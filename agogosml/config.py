@@ -39,6 +39,9 @@ SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 logger = logging.getLogger(__name__)
 
+#: Upper bound of the reader's retry delays: one hour, in milliseconds.
+MAX_BACKOFF_MS = 3_600_000
+
 
 class Transport(enum.StrEnum):
     """Transport of a source or sink."""
@@ -892,18 +895,22 @@ class ReaderSettings(_ServiceSettings):
         8,
         ge=1,
         description="READER_RETRY_MAX_ATTEMPTS: requests per message before it is "
-        "dead-lettered. Requests that find no app, and 503 or 429 responses "
-        "while the app's readiness check fails, do not count.",
+        "dead-lettered. Requests that find no app, 503 or 429 responses while "
+        "the app's readiness check fails or with Retry-After, 401, 403, 404 and "
+        "405 responses, and batch requests the app rejects as a whole with a "
+        "4xx do not count.",
     )
     retry_initial_backoff_ms: int = Field(
         100,
         ge=1,
+        le=MAX_BACKOFF_MS,
         description="READER_RETRY_INITIAL_BACKOFF_MS: delay before the first retry, "
         "in milliseconds; it doubles per attempt.",
     )
     retry_max_backoff_ms: int = Field(
         10000,
         ge=1,
+        le=MAX_BACKOFF_MS,
         description="READER_RETRY_MAX_BACKOFF_MS: longest delay between retries, "
         "in milliseconds.",
     )
@@ -920,8 +927,9 @@ class ReaderSettings(_ServiceSettings):
     )
     transform: str = Field(
         "",
-        description="READER_TRANSFORM: 'module:function' applied to each envelope "
-        "before the app; returning None drops the message.",
+        description="READER_TRANSFORM: 'module:function', a plain (not async) "
+        "function of one argument, applied to each envelope before the app; "
+        "returning None drops the message.",
     )
 
     @field_validator("app_ready_path")

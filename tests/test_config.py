@@ -830,3 +830,15 @@ async def test_foreign_address_names_host_setting():
 
     assert "cannot listen on 192.0.2.1:0" in str(error.value)
     assert "set READER_HOST to an address of this machine" in str(error.value)
+
+
+def test_retry_backoff_over_an_hour_rejected():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="in.jsonl",
+        READER_APP_URL="http://app:8000",
+        READER_RETRY_INITIAL_BACKOFF_MS="100000000000000000000",
+    )
+
+    assert "READER_RETRY_INITIAL_BACKOFF_MS='100000000000000000000' is invalid" in text
+    assert "less than or equal to 3600000" in text
