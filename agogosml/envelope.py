@@ -60,6 +60,8 @@ class Envelope:
             position, so a redelivered message keeps its id.
         traceparent: W3C trace context header value.
         position: Where the message was read, for sources that commit.
+        null_value: Whether the record had no value at all (a Kafka tombstone),
+            as opposed to an empty one; `value` is then empty.
     """
 
     value: bytes
@@ -68,6 +70,7 @@ class Envelope:
     id: str = ""
     traceparent: str = ""
     position: Position | None = None
+    null_value: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -26,7 +26,8 @@ class MemorySource(Source):
         self.topic = topic
         self.tracker = OffsetTracker()
         self._records: dict[
-            int, list[tuple[bytes, bytes | None, list[tuple[str, bytes]] | None]]
+            int,
+            list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]],
         ] = {}
         self._next_index: dict[int, int] = {}
         self._generations: dict[int, int] = {}
@@ -46,7 +47,7 @@ class MemorySource(Source):
 
     def add(
         self,
-        value: bytes,
+        value: bytes | None,
         *,
         partition: int = 0,
         key: bytes | None = None,
@@ -101,7 +102,9 @@ class MemorySource(Source):
             self.topic, partition, offset, offset + 1, self._generations[partition]
         )
         self.tracker.register(position)
-        return Envelope.from_record(value, key, headers, position)
+        envelope = Envelope.from_record(value or b"", key, headers, position)
+        envelope.null_value = value is None
+        return envelope
 
     def ack(self, envelope: Envelope) -> None:
         """Mark a message finished and commit the finished prefix."""

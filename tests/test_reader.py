@@ -335,6 +335,34 @@ async def test_oversized_record_header_dead_lettered():
     assert source.committed == {(TOPIC, 0): 2}
 
 
+@pytest.mark.parametrize("batch_max_messages", [1, 3])
+async def test_tombstone_dead_lettered_unsent(batch_max_messages):
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}')
+    source.add(None, key=b"card-1")
+    source.add(b'{"n": 2}')
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=batch_max_messages, batch_max_wait_ms=10
+        )
+        await run_reader(settings, source, dead_letter)
+
+    if batch_max_messages == 1:
+        sent = [orjson.loads(request.body) for request in app.requests]
+    else:
+        sent = [item["value"] for item in app.requests[0].json()]
+    assert sent == [{"n": 0}, {"n": 2}]
+    (record,) = dead_letter.envelopes
+    assert record.key == b"card-1"
+    context = dead_letter_headers(record)
+    assert context["dlq.status"] == "400"
+    assert context["dlq.attempts"] == "0"
+    assert "value is null (a Kafka tombstone)" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
 async def test_500_twice_then_200_delivered():
     source = MemorySource(TOPIC)
     fill(source, 3)

@@ -155,6 +155,8 @@ class AppClient:
         return outcomes
 
     async def _send_one(self, envelope: Envelope) -> Outcome:
+        if envelope.null_value:
+            return _null_value_problem()
         headers = {
             "Content-Type": "application/json",
             MESSAGE_ID: envelope.id,
@@ -180,7 +182,10 @@ class AppClient:
         value that is not JSON could otherwise end the array's element early
         and add fields or elements of its own.
         """
-        checked: list[Outcome | None] = [_json_problem(e.value) for e in envelopes]
+        checked: list[Outcome | None] = [
+            _null_value_problem() if e.null_value else _json_problem(e.value)
+            for e in envelopes
+        ]
         valid = [index for index, problem in enumerate(checked) if problem is None]
         if valid:
             sent = await self._post_batch([envelopes[index] for index in valid])
@@ -246,6 +251,16 @@ class AppClient:
                 return 200 <= response.status < 300
         except (TimeoutError, aiohttp.ClientError):
             return False
+
+
+def _null_value_problem() -> Outcome:
+    """Return the 400 outcome of a record without a value, which is not sent."""
+    return Outcome(
+        400,
+        "the record's value is null (a Kafka tombstone), not a JSON document, so "
+        "it was not sent to the app; the dead letter's value is empty",
+        sent=False,
+    )
 
 
 def _json_problem(value: bytes) -> Outcome | None:

@@ -188,9 +188,13 @@ class KafkaSource(TrackedSource):
         )
         # `fetch` registers the positions, all under one lock.
         position = Position(topic, partition, offset, offset + 1, generation)
-        return Envelope.from_record(
-            message.value() or b"", message.key(), message.headers(), position
+        value = message.value()
+        envelope = Envelope.from_record(
+            value or b"", message.key(), message.headers(), position
         )
+        if value is None:
+            envelope.null_value = True
+        return envelope
 
     async def pause(self) -> None:
         """Pause fetching from every assigned partition; polling goes on."""
