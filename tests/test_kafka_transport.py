@@ -6,6 +6,8 @@ use the real broker.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +21,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from agogosml.config import KafkaSettings
+from agogosml.config import MAX_DELIVERY_TIMEOUT_MS, MAX_LINGER_MS, KafkaSettings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
-from agogosml.transports.kafka import KafkaSink, KafkaSource
-from agogosml.transports.kafka.sink import is_retriable, record_size
+from agogosml.transports.kafka import KafkaSink, KafkaSource, topic_limit
+from agogosml.transports.kafka.records import record_size
+from agogosml.transports.kafka.sink import is_retriable
+from agogosml.transports.kafka.topic_limit import TopicSizeLimit
 from agogosml_cli.local import free_port
 
 
@@ -51,6 +55,10 @@ def committed(bootstrap: str, group: str, topic: str) -> int:
         return int(partition.offset)
     finally:
         consumer.close()
+
+
+def size_of(envelope: Envelope) -> int:
+    return record_size(envelope.value, envelope.key, envelope.record_headers())
 
 
 async def fetch_all(source: KafkaSource, count: int) -> list[Envelope]:
@@ -175,7 +183,7 @@ async def test_sink_oversized_record_writes_nothing(mock_bootstrap: str) -> None
     error = caught.value
     assert error.retriable is False
     assert "'big-2'" in str(error)
-    assert f"{record_size(batch[1])} bytes" in str(error)
+    assert f"{size_of(batch[1])} bytes" in str(error)
     assert "message.max.bytes=2000" in str(error)
     written = consume_until(mock_bootstrap, topic, "g-oversized", b'{"n": 4}')
     assert written == [b'{"n": 4}']
@@ -195,7 +203,7 @@ def test_record_size_matches_librdkafka(mock_bootstrap: str) -> None:
 
     for shape in shapes:
         envelope = Envelope(value=b"", id="id-1", **shape)
-        fixed = record_size(envelope)
+        fixed = size_of(envelope)
         largest = Envelope(value=b"x" * (limit - fixed), id="id-1", **shape)
         too_large = Envelope(value=b"x" * (limit - fixed + 1), id="id-1", **shape)
         producer.produce(
@@ -209,7 +217,7 @@ def test_record_size_matches_librdkafka(mock_bootstrap: str) -> None:
                 headers=too_large.record_headers(),
             )
 
-        assert record_size(largest) == limit
+        assert size_of(largest) == limit
         assert caught.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
     producer.purge()
     assert producer.flush(5) == 0
@@ -266,17 +274,55 @@ async def test_sink_produce_error_waits_for_earlier(mock_bootstrap: str) -> None
     assert delivered_before_error == 2
 
 
+async def test_sink_reads_hexadecimal_message_max_bytes(mock_bootstrap: str) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=mock_bootstrap,
+        extra_config={"message.max.bytes": "0x100000"},
+    )
+    sink = KafkaSink(settings, "sink-hexadecimal")
+    fixed = size_of(Envelope(value=b"", id="big"))
+    too_large = Envelope(value=b"x" * (1_048_577 - fixed), id="big")
+
+    async with sink:
+        with pytest.raises(SinkError) as caught:
+            await sink.send([too_large])
+        await sink.send([Envelope(value=b'{"n": 1}')])
+
+    assert size_of(too_large) == 1_048_577
+    assert "message.max.bytes=1048576" in str(caught.value)
+    assert caught.value.retriable is False
+
+
+async def test_sink_accepts_maximum_timeouts(mock_bootstrap: str) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers=mock_bootstrap,
+        delivery_timeout_ms=MAX_DELIVERY_TIMEOUT_MS,
+        linger_ms=MAX_LINGER_MS,
+    )
+
+    async with KafkaSink(settings, "sink-maximum-timeouts") as sink:
+        started = sink._producer is not None
+
+    assert started
+
+
 async def test_unreachable_broker_failure_is_retriable() -> None:
     settings = KafkaSettings(
         bootstrap_servers=f"127.0.0.1:{free_port()}", delivery_timeout_ms=1000
     )
     sink = KafkaSink(settings, "nowhere")
 
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     async with sink:
+        start_seconds = loop.time() - began
         with pytest.raises(SinkError) as caught:
             await sink.send([Envelope(value=b"{}")])
         reason = sink.unavailable_reason
+        topic_limit = sink.topic_max_message_bytes
 
+    assert start_seconds < 1.0
+    assert topic_limit is None
     assert caught.value.retriable is True
     assert f"not connected to the brokers at {settings.bootstrap_servers}" in reason
     assert "Connection refused" in reason
@@ -294,6 +340,79 @@ async def test_unreachable_broker_failure_is_retriable() -> None:
 )
 def test_kafka_error_retriable_by_code(code: int, retriable: bool) -> None:
     assert is_retriable(KafkaError(code)) is retriable
+
+
+async def test_topic_limit_failure_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def denied(self: TopicSizeLimit) -> int:
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+    changes: list[int] = []
+    limit = TopicSizeLimit({}, "scores", changes.append)
+
+    with caplog.at_level(logging.DEBUG, logger=topic_limit.__name__):
+        for _ in range(3):
+            await limit.refresh(max_age_seconds=0)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    delays = []
+    for failures in range(1, 8):
+        limit._failures = failures
+        delays.append(limit._next_read_delay())
+
+    assert limit.value is None
+    assert changes == []
+    assert len(warnings) == 1
+    assert (
+        "cannot read max.message.bytes of kafka topic 'scores'" in warnings[0].message
+    )
+    assert "Allow the DescribeConfigs operation" in warnings[0].message
+    assert delays == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0]
+
+
+async def test_topic_limit_reads_at_most_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads: list[str] = []
+
+    async def describe(self: TopicSizeLimit) -> int:
+        reads.append("read")
+        return 10_000
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", describe)
+    changes: list[int] = []
+    limit = TopicSizeLimit({}, "scores", changes.append)
+
+    await limit.refresh()
+    await limit.refresh()
+    await limit.refresh(max_age_seconds=0)
+
+    assert len(reads) == 2
+    assert limit.value == 10_000
+    assert changes == [10_000]
+
+
+async def test_topic_limit_stop_releases_waiting_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reading = asyncio.Event()
+
+    async def slow(self: TopicSizeLimit) -> int:
+        reading.set()
+        await asyncio.sleep(60)
+        return 10_000
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", slow)
+    limit = TopicSizeLimit({}, "scores", lambda value: None)
+    waiting = asyncio.create_task(limit.refresh(max_age_seconds=0))
+    await reading.wait()
+
+    await limit.stop()
+    await asyncio.wait_for(waiting, 1)
+
+    assert not waiting.cancelled()
+    assert limit.value is None
 
 
 class FakeMessage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import Sequence
@@ -15,15 +16,20 @@ from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.base import Sink
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
+from agogosml.transports.kafka.records import (
+    RECORD_BATCH_OVERHEAD_BYTES,
+    Headers,
+    record_batch_size,
+    record_size,
+)
+from agogosml.transports.kafka.topic_limit import TopicSizeLimit
 
 logger = logging.getLogger(__name__)
 
 #: librdkafka's default ``message.max.bytes``.
 DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
-#: Per-record framing, in bytes, that librdkafka adds to value, key and headers
-#: before it compares a record with ``message.max.bytes``
-#: (``RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`` in librdkafka 2.16).
-RECORD_OVERHEAD_BYTES = 36
+#: librdkafka's default ``batch.size``.
+DEFAULT_BATCH_SIZE = 1_000_000
 #: Maximum time `KafkaSink.stop` waits for outstanding deliveries.
 FLUSH_TIMEOUT_SECONDS = 30.0
 #: Length of one blocking flush call while stopping.
@@ -36,16 +42,40 @@ class KafkaSink(Sink):
     A background thread polls the producer for delivery reports, and the last
     report of a `send` resolves its asyncio future. Records are never flushed one
     by one: the producer batches them (``linger.ms``) while callers wait.
+
+    The broker rejects a whole record batch over the topic's
+    ``max.message.bytes``, so the sink reads that limit in the background
+    (`TopicSizeLimit`). Once it is known, the sink rejects a record over the
+    limit before producing it, and replaces the producer with one whose
+    ``batch.size`` fits the limit, so that records which fit are not batched
+    beyond it.
     """
 
     def __init__(self, settings: KafkaSettings, topic: str) -> None:
         self._settings = settings
         self._topic = topic
+        self._config: dict[str, Any] = {}
         self._producer: Producer | None = None
+        # Replaced producers, polled until every record they hold is reported
+        # and no `send` produces to them any more. The lock also guards the
+        # count of `send` calls producing to each producer.
+        self._retired: list[Producer] = []
+        self._producing: collections.Counter[Producer] = collections.Counter()
+        self._retired_lock = threading.Lock()
         self._message_max_bytes = DEFAULT_MESSAGE_MAX_BYTES
+        self._batch_size = DEFAULT_BATCH_SIZE
+        self._compresses = False
         self._poller: threading.Thread | None = None
         self._running = False
         self._health = BrokerHealth("producer", settings.resolved_bootstrap_servers())
+        self._topic_limit = TopicSizeLimit(
+            settings.client_config(), topic, self._apply_topic_limit
+        )
+
+    @property
+    def topic_max_message_bytes(self) -> int | None:
+        """The topic's ``max.message.bytes``, or None while it is unknown."""
+        return self._topic_limit.value
 
     @property
     def failure(self) -> str | None:
@@ -65,7 +95,11 @@ class KafkaSink(Sink):
         return self._health.describe_down()
 
     async def start(self) -> None:
-        """Create the producer and start polling for delivery reports."""
+        """Create the producer, start polling it and start reading the topic limit.
+
+        Raises:
+            SinkError: when librdkafka rejects the producer configuration.
+        """
         config = self._settings.client_config()
         config.update(
             {
@@ -77,28 +111,82 @@ class KafkaSink(Sink):
             }
         )
         config.update(self._settings.extra_config)
-        try:
-            self._producer = Producer(config, logger=client_logger())
-        except KafkaException as exc:
-            raise SinkError(
-                f"cannot create Kafka producer: {exc.args[0].str()}; check the "
-                "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
-                retriable=False,
-            ) from exc
-        # librdkafka accepted the value, so it is an integer.
+        self._producer = _create_producer(config)
+        self._config = config
+        # KafkaSettings stores both properties as integers.
         self._message_max_bytes = int(
             config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
         )
+        self._batch_size = int(config.get("batch.size", DEFAULT_BATCH_SIZE))
+        self._compresses = _compresses(config)
         self._running = True
         self._poller = threading.Thread(
             target=self._poll, name="kafka-producer-poll", daemon=True
         )
         self._poller.start()
+        self._topic_limit.start()
         logger.info("kafka sink started", extra={"topic": self._topic})
 
+    def _apply_topic_limit(self, limit: int) -> None:
+        """Replace the producer when its ``batch.size`` no longer fits `limit`.
+
+        A record batch that is larger than the topic's limit fails with every
+        record in it, so batches must not grow beyond the limit.
+        """
+        configured = int(self._config.get("batch.size", DEFAULT_BATCH_SIZE))
+        batch_size = max(limit, 1) if limit < configured else configured
+        if self._producer is None or batch_size == self._batch_size:
+            return
+        try:
+            producer = _create_producer({**self._config, "batch.size": batch_size})
+        except SinkError as exc:
+            logger.error(
+                "cannot replace the kafka producer for topic %r with one of "
+                "batch.size=%d: %s",
+                self._topic,
+                batch_size,
+                exc,
+            )
+            return
+        with self._retired_lock:
+            self._retired.append(self._producer)
+            self._producer = producer
+        self._batch_size = batch_size
+        logger.info(
+            "kafka producer replaced by one with batch.size=%d, to fit "
+            "max.message.bytes=%d of topic %r",
+            batch_size,
+            limit,
+            self._topic,
+        )
+
     def _poll(self) -> None:
-        while self._running and self._producer is not None:
-            self._producer.poll(0.1)
+        while self._running:
+            producer = self._producer
+            if producer is None:
+                return
+            self._poll_retired()
+            producer.poll(0.1)
+
+    def _poll_retired(self) -> None:
+        """Serve the delivery reports of replaced producers, and drop the idle ones."""
+        with self._retired_lock:
+            retired = list(self._retired)
+        if not retired:
+            return
+        for producer in retired:
+            producer.poll(0)
+        with self._retired_lock:
+            self._retired = [
+                producer
+                for producer in self._retired
+                if len(producer) or self._producing[producer]
+            ]
+
+    def _producers(self) -> list[Producer]:
+        with self._retired_lock:
+            current = [] if self._producer is None else [self._producer]
+            return current + self._retired
 
     async def stop(self) -> None:
         """Flush outstanding records for up to 30 s, then stop the polling thread.
@@ -109,97 +197,167 @@ class KafkaSink(Sink):
         """
         if self._producer is None:
             return
+        await self._topic_limit.stop()
         remaining = await self._flush(FLUSH_TIMEOUT_SECONDS)
         self._running = False
         if self._poller is not None:
             await asyncio.to_thread(self._poller.join)
         if remaining:
             logger.error("%d records were not delivered before shutdown", remaining)
-        self._producer = None
+        with self._retired_lock:
+            self._producer = None
+            self._retired = []
         logger.info("kafka sink stopped", extra={"topic": self._topic})
 
     async def _flush(self, timeout_seconds: float) -> int:
-        """Flush the producer; return how many records are still undelivered."""
-        assert self._producer is not None
+        """Flush every producer; return how many records are still undelivered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_seconds
         while True:
             step = min(FLUSH_STEP_SECONDS, max(deadline - loop.time(), 0))
-            remaining = await asyncio.to_thread(self._producer.flush, step)
+            remaining = 0
+            for producer in self._producers():
+                remaining += await asyncio.to_thread(producer.flush, step)
             if remaining == 0 or loop.time() >= deadline:
-                return int(remaining)
+                return remaining
 
     async def send(self, envelopes: Sequence[Envelope]) -> None:
         """Produce every envelope and wait for all acknowledgements.
 
         Raises:
-            SinkError: when a record is over ``message.max.bytes`` (before any
-                record is produced, not retriable), or when a record was not
-                acknowledged.
+            SinkError: when a record is over ``message.max.bytes`` or over the
+                topic's ``max.message.bytes`` (before any record is produced,
+                not retriable), or when a record was not acknowledged.
         """
         if self._producer is None:
             raise SinkError("Kafka sink is not started", retriable=True)
-        sized = self._check_sizes(envelopes)
+        sized = await self._check_sizes(envelopes)
+        # Taken after the size check, which may replace the producer.
+        producer = self._producer
+        if producer is None:
+            raise SinkError("Kafka sink is not started", retriable=True)
         report = _DeliveryReport(asyncio.get_running_loop(), len(envelopes))
-        produced = 0
         try:
-            for envelope, headers in sized:
-                while not self._produce(envelope, headers, report.on_delivery):
-                    # The local queue is full: wait for deliveries to drain it.
-                    await asyncio.sleep(0.005)
-                produced += 1
+            await self._produce_all(producer, sized, report)
         except SinkError:
             # Records produced before the error still get delivery reports;
             # wait for them, so none resolves after the caller gave up.
-            report.expect(produced)
             await report.done
             raise
         await report.done
         if report.errors:
-            error = report.errors[0]
-            raise SinkError(
-                f"{len(report.errors)} of {len(envelopes)} records were not "
-                f"acknowledged by topic {self._topic!r}: delivery failed: {error}",
-                retriable=all(is_retriable(e) for e in report.errors),
-            )
+            raise await self._delivery_error(report.errors, sized)
 
-    def _check_sizes(
+    async def _produce_all(
+        self,
+        producer: Producer,
+        sized: list[tuple[Envelope, list[tuple[str, bytes]]]],
+        report: _DeliveryReport,
+    ) -> None:
+        """Produce the records in order, counting the call as producing to `producer`.
+
+        The count keeps the polling thread from dropping `producer` while this
+        call waits for room in its queue, even if the producer was replaced.
+        """
+        with self._retired_lock:
+            self._producing[producer] += 1
+        produced = 0
+        try:
+            for envelope, headers in sized:
+                while not self._produce(producer, envelope, headers, report):
+                    # The local queue is full: wait for deliveries to drain it.
+                    await asyncio.sleep(0.005)
+                produced += 1
+        except SinkError:
+            report.expect(produced)
+            raise
+        finally:
+            with self._retired_lock:
+                self._producing[producer] -= 1
+                if not self._producing[producer]:
+                    del self._producing[producer]
+
+    async def _check_sizes(
         self, envelopes: Sequence[Envelope]
     ) -> list[tuple[Envelope, list[tuple[str, bytes]]]]:
-        """Return each envelope with its record headers, or raise for an oversized one.
+        """Return each envelope with its record headers, or raise for oversized ones.
 
         Checking before the first produce call keeps a request all-or-nothing:
-        otherwise the records before the oversized one would be written, and
-        written again when the request is retried.
+        otherwise the records before an oversized one would be written, and
+        written again when the request is retried. Before it rejects a record
+        for the topic's limit, the sink reads that limit again, in case it was
+        raised (at most once per `MIN_READ_INTERVAL_SECONDS`).
         """
-        sized = []
-        for envelope in envelopes:
-            headers = envelope.record_headers()
-            size = _record_size(envelope, headers)
-            if size > self._message_max_bytes:
-                raise SinkError(
-                    f"record {envelope.id!r} is {size} bytes with key, headers and "
-                    f"framing, over the producer limit message.max.bytes="
-                    f"{self._message_max_bytes}; no record of this request was "
-                    "written. Send a smaller value, or raise message.max.bytes in "
-                    "KAFKA_EXTRA_CONFIG together with the topic's max.message.bytes",
-                    retriable=False,
-                )
-            sized.append((envelope, headers))
+        sized = [(envelope, envelope.record_headers()) for envelope in envelopes]
+        too_large = self._find_too_large(sized)
+        if too_large and self._topic_limit.value is not None:
+            await self._topic_limit.refresh()
+            too_large = self._find_too_large(sized)
+        if too_large:
+            envelope, problem = too_large[0]
+            raise SinkError(
+                f"{len(too_large)} of {len(envelopes)} records are too large, so no "
+                f"record of this request was written. Record {envelope.id!r} is "
+                f"{problem}",
+                retriable=False,
+                failures={envelope.id: problem for envelope, problem in too_large},
+            )
         return sized
 
+    def _find_too_large(
+        self, sized: list[tuple[Envelope, list[tuple[str, bytes]]]]
+    ) -> list[tuple[Envelope, str]]:
+        too_large = []
+        for envelope, headers in sized:
+            problem = self._size_problem(envelope, headers)
+            if problem:
+                too_large.append((envelope, problem))
+        return too_large
+
+    def _size_problem(self, envelope: Envelope, headers: Headers) -> str:
+        """Return why a record exceeds a known limit, or "" when it fits them."""
+        size = record_size(envelope.value, envelope.key, headers)
+        if size > self._message_max_bytes:
+            return (
+                f"{size} bytes with key, headers and framing, over the producer "
+                f"limit message.max.bytes={self._message_max_bytes}. Send a smaller "
+                "value, or raise message.max.bytes in KAFKA_EXTRA_CONFIG together "
+                "with the topic's max.message.bytes"
+            )
+        limit = self._topic_limit.value
+        # NOTE: the broker compares compressed batches with the topic's limit,
+        # so with compression the sink cannot tell whether a record fits, and
+        # leaves the decision to the broker.
+        if limit is None or self._compresses:
+            return ""
+        # A record batch of one record is at most the batch header larger than
+        # librdkafka's upper bound of the record's size.
+        if size + RECORD_BATCH_OVERHEAD_BYTES <= limit:
+            return ""
+        batch_size = record_batch_size(envelope.value, envelope.key, headers)
+        if batch_size <= limit:
+            return ""
+        return (
+            f"{batch_size} bytes as a record batch of its own, over "
+            f"max.message.bytes={limit} of topic {self._topic!r}. Send a smaller "
+            "value, or raise max.message.bytes of the topic"
+        )
+
     def _produce(
-        self, envelope: Envelope, headers: list[tuple[str, bytes]], callback: Any
+        self,
+        producer: Producer,
+        envelope: Envelope,
+        headers: list[tuple[str, bytes]],
+        report: _DeliveryReport,
     ) -> bool:
         """Hand one record to the producer; return False when its queue is full."""
-        assert self._producer is not None
         try:
-            self._producer.produce(
+            producer.produce(
                 self._topic,
                 value=envelope.value,
                 key=envelope.key,
                 headers=headers,  # type: ignore[arg-type]
-                on_delivery=callback,
+                on_delivery=report.on_delivery,
             )
         except BufferError:
             return False
@@ -211,33 +369,67 @@ class KafkaSink(Sink):
             ) from exc
         return True
 
+    async def _delivery_error(
+        self,
+        errors: list[KafkaError],
+        sized: list[tuple[Envelope, list[tuple[str, bytes]]]],
+    ) -> SinkError:
+        """Return the error for failed deliveries, retriable unless all would fail.
 
-def record_size(envelope: Envelope) -> int:
-    """Return the size librdkafka compares with ``message.max.bytes``, in bytes."""
-    return _record_size(envelope, envelope.record_headers())
+        The broker fails a whole record batch with MSG_SIZE_TOO_LARGE when the
+        batch is over the topic's limit, and the batch may hold records of other
+        requests. So that error is permanent only when a record of this request
+        is over the limit alone. The limit is read again before deciding,
+        because it may have been lowered.
+        """
+        size_error = any(e.code() == KafkaError.MSG_SIZE_TOO_LARGE for e in errors)
+        too_large: list[tuple[Envelope, str]] = []
+        if size_error:
+            await self._topic_limit.refresh()
+            too_large = self._find_too_large(sized)
+        text = (
+            f"{len(errors)} of {len(sized)} records were not acknowledged by topic "
+            f"{self._topic!r}: delivery failed: {errors[0]}"
+        )
+        if too_large:
+            envelope, problem = too_large[0]
+            text += f". Record {envelope.id!r} is {problem}"
+        elif size_error:
+            text += (
+                ". The broker rejects a record batch over the topic's "
+                "max.message.bytes, and records of other requests may have made "
+                "the batch too large, so retry. A record that fails this way on "
+                "every retry is too large for the topic"
+            )
+        retriable = not too_large and all(
+            error.code() == KafkaError.MSG_SIZE_TOO_LARGE or is_retriable(error)
+            for error in errors
+        )
+        return SinkError(
+            text,
+            retriable=retriable,
+            failures={envelope.id: problem for envelope, problem in too_large},
+        )
 
 
-def _record_size(envelope: Envelope, headers: list[tuple[str, bytes]]) -> int:
-    size = RECORD_OVERHEAD_BYTES + len(envelope.value) + len(envelope.key or b"")
-    for name, value in headers:
-        # Header names are mostly ASCII, whose UTF-8 length is their length.
-        name_length = len(name) if name.isascii() else len(name.encode())
-        value_length = len(value or b"")
-        size += _varint_size(name_length) + name_length
-        size += _varint_size(value_length) + value_length
-    return size
+def _create_producer(config: dict[str, Any]) -> Producer:
+    try:
+        return Producer(config, logger=client_logger())
+    except KafkaException as exc:
+        raise SinkError(
+            f"cannot create Kafka producer: {exc.args[0].str()}; check the "
+            "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
+            retriable=False,
+        ) from exc
 
 
-def _varint_size(number: int) -> int:
-    """Return the bytes of `number` as a Kafka zigzag varint (non-negative only)."""
-    zigzag = number << 1
-    if zigzag < 0x80:
-        return 1
-    size = 1
-    while zigzag >= 0x80:
-        zigzag >>= 7
-        size += 1
-    return size
+def _compresses(config: dict[str, Any]) -> bool:
+    """Return whether a producer with `config` compresses its record batches."""
+    codecs = (
+        str(config.get(name, "none")).lower()
+        for name in ("compression.type", "compression.codec")
+    )
+    return any(codec not in ("none", "inherit") for codec in codecs)
 
 
 class _DeliveryReport:
@@ -283,6 +475,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 #: Errors that the same record will meet again on every attempt. Everything else
 #: (timeouts, unavailable leaders, missing replicas, a broker outage) may pass.
+#: MSG_SIZE_TOO_LARGE in a delivery report is judged by the record's size
+#: instead (`KafkaSink._delivery_error`).
 _PERMANENT_ERRORS = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
