@@ -297,8 +297,19 @@ Topics = Annotated[
     AfterValidator(_reject_repeated_topics),
     Field(min_length=1, json_schema_extra={"uniqueItems": True}),
 ]
+
+
+def _reject_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError(
+            "it has only spaces, which the Kafka client cannot use as a consumer "
+            "group. Give a name, or leave the field out to use the project name"
+        )
+    return value
+
+
 GroupId = Annotated[
-    Text | None,
+    Annotated[Text, AfterValidator(_reject_blank)] | None,
     Field(
         min_length=1,
         description="Consumer group of the input reader: text of at least one "

@@ -113,7 +113,11 @@ def test_init_prompt_asks_again_for_topics(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("group", "problem"),
-    [("", "'' is invalid"), ("a\nb", "non-printable character U+000A")],
+    [
+        ("", "'' is invalid"),
+        ("a\nb", "non-printable character U+000A"),
+        ("   ", "it has only spaces"),
+    ],
 )
 def test_init_rejects_invalid_group_id_flag(
     tmp_path: Path, group: str, problem: str
