@@ -697,13 +697,13 @@ def _record_headers(headers: Any) -> dict[str, str]:
         record_name = name[len(_RECORD_HEADER_PREFIX) :].lower()
         if not is_utf8(name) or not is_utf8(value):
             # Escaped, because a lone surrogate cannot go into a JSON error body.
-            shown = name.encode("utf-8", "surrogateescape").decode(
+            escaped_name = name.encode("utf-8", "surrogateescape").decode(
                 "utf-8", "backslashreplace"
             )
             raise _Reject(
                 400,
-                f"header {shown} is not valid UTF-8; send record header names and "
-                "values as UTF-8 text",
+                f"header {escaped_name} is not valid UTF-8; send record header "
+                "names and values as UTF-8 text",
             )
         if record_name in record_headers:
             raise _Reject(

@@ -183,8 +183,10 @@ class AppClient:
         and add fields or elements of its own.
         """
         checked: list[Outcome | None] = [
-            _null_value_problem() if e.null_value else _json_problem(e.value)
-            for e in envelopes
+            _null_value_problem()
+            if envelope.null_value
+            else _json_problem(envelope.value)
+            for envelope in envelopes
         ]
         valid = [index for index, problem in enumerate(checked) if problem is None]
         if valid:
