@@ -128,9 +128,10 @@ class Envelope:
         """Return the record headers that can travel over HTTP, by lower-case name.
 
         A header qualifies when its name is an HTTP token and its value is UTF-8
-        text without control characters, so that it fits in an
-        ``X-Record-Header-<name>`` request header unchanged. An output record
-        has one value per name, so the last value of a repeated name wins.
+        text without control characters or surrounding whitespace, so that it
+        fits in an ``X-Record-Header-<name>`` request header unchanged. An
+        output record has one value per name, so the last value of a repeated
+        name wins.
         """
         if not self.headers:
             return {}
@@ -142,7 +143,9 @@ class Envelope:
                 value = raw.decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            if not _CONTROL.search(value):
+            # HTTP drops whitespace around a header value, so such a value
+            # would not arrive unchanged.
+            if value == value.strip() and not _CONTROL.search(value):
                 headers[name.lower()] = value
         return headers
 

@@ -122,6 +122,7 @@ def test_text_headers_keep_http_safe_ones():
             ("binary", b"\xff\x00"),
             ("multi-line", b"a\r\nb"),
             ("utf8", "café".encode()),
+            ("padded", b"  pad  "),
         ],
     )
 

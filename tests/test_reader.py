@@ -1471,6 +1471,31 @@ async def test_transform_wrong_type_dead_lettered():
     assert reader.in_flight == 0
 
 
+@pytest.mark.parametrize("batch_max_messages", [1, 4])
+async def test_transform_non_text_id_dead_lettered(batch_max_messages):
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def number_id(envelope: Envelope) -> Envelope:
+        if envelope.value == b'{"n":1}':
+            envelope.id = 12345  # type: ignore[assignment]
+        return envelope
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=batch_max_messages, batch_max_wait_ms=10
+        )
+        reader = await run_reader(settings, source, dead_letter, transform=number_id)
+
+    (record,) = dead_letter.envelopes
+    assert (
+        "transform set id to int, not str" in dead_letter_headers(record)["dlq.error"]
+    )
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+
+
 async def test_failing_dead_letter_sink_marks_not_ready():
     source = MemorySource(TOPIC)
     fill(source, 1)

@@ -7,7 +7,11 @@ import email.utils
 
 import pytest
 
-from agogosml.reader.client import RETRY_AFTER_MAX_SECONDS, parse_retry_after
+from agogosml.reader.client import (
+    RETRY_AFTER_MAX_SECONDS,
+    backoff_seconds,
+    parse_retry_after,
+)
 
 
 def http_date(seconds_from_now: float) -> str:
@@ -59,3 +63,10 @@ def test_far_http_date_capped():
 )
 def test_obsolete_http_date_forms_read(value):
     assert parse_retry_after(value) == 0.0
+
+
+@pytest.mark.parametrize("attempt", [1, 1025, 100_000])
+def test_backoff_capped_after_many_waits(attempt):
+    delay = backoff_seconds(attempt, 0.001, 0.5)
+
+    assert 0.0005 <= delay <= 0.5

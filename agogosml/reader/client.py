@@ -378,7 +378,10 @@ def backoff_seconds(attempt: int, initial_seconds: float, max_seconds: float) ->
     The delay is drawn from [d/2, d], where d = initial * 2**(attempt - 1) capped
     at `max_seconds`.
     """
-    ceiling = min(max_seconds, initial_seconds * 2 ** (attempt - 1))
+    # The exponent is capped, because a wait that spends no attempt may repeat
+    # for hours, and 2.0 ** 1024 overflows a float.
+    exponent = min(max(attempt - 1, 0), 64)
+    ceiling = min(max_seconds, initial_seconds * 2.0**exponent)
     return random.uniform(ceiling / 2, ceiling)
 
 

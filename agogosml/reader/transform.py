@@ -105,6 +105,10 @@ def result_problem(result: object) -> str:
         return f"transform set value to {type(result.value).__name__}, not bytes"
     if result.key is not None and not isinstance(result.key, bytes):
         return f"transform set key to {type(result.key).__name__}, not bytes or None"
+    for field in ("id", "traceparent"):
+        text = getattr(result, field)
+        if not isinstance(text, str):
+            return f"transform set {field} to {type(text).__name__}, not str"
     for header in result.headers:
         if not (
             isinstance(header, tuple)
