@@ -1075,9 +1075,9 @@ def misspelled_variables(
 ) -> list[tuple[str, str]]:
     """Return (set variable, known variable) pairs for likely misspellings.
 
-    A variable with the prefix of `cls` that names no setting is ignored by
-    pydantic-settings; when it is close to one that does, such as
-    ``READER_PROT`` for ``READER_PORT``, the user most likely meant that one.
+    pydantic-settings ignores a variable with the prefix of `cls` that names no
+    setting. When its name is close to a setting's, such as ``READER_PROT`` to
+    ``READER_PORT``, the user most likely meant that setting.
     Variables far from every setting (``APP_ENV`` of some other tool) are not
     reported.
     """

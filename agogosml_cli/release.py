@@ -493,9 +493,10 @@ def deploy(
     it. On a new release the image goes to the active slot.
     """
     reference = ImageReference.parse(image)
-    given = _given_values(release_values_file, dry_run)
+    values = _values_from_file(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = given if given is not None else _deploy_values(target, dry_run=dry_run)
+    if values is None:
+        values = _deploy_values(target, dry_run=dry_run)
     plan = plan_deploy(values, reference, slot, force=force, release=target.release)
     execute(target, plan, values, dry_run=dry_run)
 
@@ -510,9 +511,10 @@ def promote(
     The slot that was active becomes idle and is recorded as the slot that
     `agogosml rollback` returns to.
     """
-    given = _given_values(release_values_file, dry_run)
+    values = _values_from_file(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = given if given is not None else _require_release(target, dry_run=dry_run)
+    if values is None:
+        values = _require_release(target, dry_run=dry_run)
     execute(target, plan_promote(values, target.release), values, dry_run=dry_run)
 
 
@@ -522,13 +524,14 @@ def rollback(
     dry_run: bool, release_values_file: Path | None, **target_options: Any
 ) -> None:
     """Switch the app Service back to the slot that was active before promote."""
-    given = _given_values(release_values_file, dry_run)
+    values = _values_from_file(release_values_file, dry_run)
     target = _make_target(**target_options)
-    values = given if given is not None else _require_release(target, dry_run=dry_run)
+    if values is None:
+        values = _require_release(target, dry_run=dry_run)
     execute(target, plan_rollback(values, target.release), values, dry_run=dry_run)
 
 
-def _given_values(path: Path | None, dry_run: bool) -> dict[str, Any] | None:
+def _values_from_file(path: Path | None, dry_run: bool) -> dict[str, Any] | None:
     """Return the values of --release-values, or None when it is not given."""
     if path is None:
         return None

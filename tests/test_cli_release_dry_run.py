@@ -1,6 +1,6 @@
 """Dry runs of `agogosml deploy`, `promote` and `rollback` without a cluster.
 
-tests/fake_helm.py stands in for Helm. With the file ``unreachable`` in its
+tests/fake_helm.py replaces Helm. With the file ``unreachable`` in its
 state directory, every command that needs a cluster fails as Helm does
 without one, and `helm template` runs the real binary.
 """

@@ -43,8 +43,8 @@ class TopicSizeLimit:
     `on_change` is called on the event loop with each new value.
 
     NOTE: checked against Apache Kafka 4.1 only. Whether the Kafka endpoint of
-    Azure Event Hubs answers DescribeConfigs for an event hub is not tested;
-    when it does not, `value` stays None.
+    Azure Event Hubs supports DescribeConfigs for an event hub is not tested.
+    If it does not, `value` stays None.
     """
 
     def __init__(
