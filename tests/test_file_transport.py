@@ -111,6 +111,18 @@ async def test_sink_tells_text_from_a_json_string(tmp_path: Path) -> None:
     assert "value_encoding" not in string
 
 
+async def test_sink_tells_missing_value_from_null(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"", null_value=True), Envelope(value=b"null")])
+
+    missing, null = (orjson.loads(line) for line in path.read_bytes().splitlines())
+    assert (missing["value"], missing["value_encoding"]) == (None, "none")
+    assert null["value"] is None
+    assert "value_encoding" not in null
+
+
 async def test_sink_embeds_huge_integer_as_number(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     number = b"1" + b"0" * 400

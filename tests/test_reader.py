@@ -356,6 +356,7 @@ async def test_tombstone_dead_lettered_unsent(batch_max_messages):
     assert sent == [{"n": 0}, {"n": 2}]
     (record,) = dead_letter.envelopes
     assert record.key == b"card-1"
+    assert record.null_value
     context = dead_letter_headers(record)
     assert context["dlq.status"] == "400"
     assert context["dlq.attempts"] == "0"

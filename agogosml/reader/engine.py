@@ -914,4 +914,5 @@ def _dead_letter_record(
         headers=headers,
         id=envelope.id,
         traceparent=envelope.traceparent,
+        null_value=envelope.null_value,
     )

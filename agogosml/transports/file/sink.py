@@ -264,12 +264,16 @@ def encode_line(envelope: Envelope) -> bytes:
     can only have as whitespace, become spaces. Any other value is embedded as a
     string marked ``"value_encoding": "text"``, so that the text ``hello`` and
     the JSON string ``"hello"`` stay apart, or as base64 (marked ``"base64"``) if
-    it is not UTF-8.
+    it is not UTF-8. A record without a value (a Kafka tombstone) has the value
+    ``null`` and ``"value_encoding": "none"``, so that it differs from the JSON
+    document ``null``.
     """
     key, key_is_base64 = envelope.key_text()
     value: object
     value_encoding = ""
-    if not exact_json.json_error(envelope.value):
+    if envelope.null_value:
+        value, value_encoding = None, "none"
+    elif not exact_json.json_error(envelope.value):
         raw = envelope.value
         if b"\n" in raw or b"\r" in raw:
             raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")

@@ -354,7 +354,7 @@ class KafkaSink(Sink):
         try:
             producer.produce(
                 self._topic,
-                value=envelope.value,
+                value=None if envelope.null_value else envelope.value,
                 key=envelope.key,
                 headers=headers,  # type: ignore[arg-type]
                 on_delivery=report.on_delivery,
