@@ -99,16 +99,15 @@ class FieldValueType(click.ParamType):
         self.name = "TEXT"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        """Return the value if the field accepts it, otherwise fail with the rule."""
+        """Return the value as the field stores it, or fail with the rule."""
         try:
-            self._check.validate_python(value)
+            return self._check.validate_python(value)
         except ValidationError as exc:
             self.fail(
                 f"{value!r} is invalid{_reason(exc)}. Expected: {self._description}",
                 param,
                 ctx,
             )
-        return value
 
 
 def _reason(exc: ValidationError) -> str:

@@ -24,10 +24,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -476,6 +476,10 @@ class Kubernetes(_Model):
     )
 
 
+def _strip_trailing_slashes(value: Any) -> Any:
+    return value.rstrip("/") if isinstance(value, str) else value
+
+
 class Manifest(_Model):
     """An agogosml pipeline: model app, source, sink, registry and namespace."""
 
@@ -498,17 +502,12 @@ class Manifest(_Model):
     )
     source: Source
     sink: Sink
-    registry: str = Field(
+    registry: Annotated[str, BeforeValidator(_strip_trailing_slashes)] = Field(
         pattern=REGISTRY_PATTERN,
         description="Container registry host, with an optional port and path and "
         "no scheme, such as myregistry.azurecr.io.",
     )
     kubernetes: Kubernetes = Field(description="Kubernetes settings: namespace.")
-
-    @field_validator("registry", mode="before")
-    @classmethod
-    def _strip_registry(cls, value: Any) -> Any:
-        return value.rstrip("/") if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod

@@ -187,3 +187,20 @@ def test_init_still_rejects_flag_of_other_type(tmp_path: Path) -> None:
 
     assert result.exit_code == 2, result.output
     assert "--source-path applies only to a file source" in result.output
+
+
+def test_init_strips_registry_trailing_slash(tmp_path: Path) -> None:
+    flags = [
+        *KAFKA_SOURCE,
+        "--source-topics", "in",
+        "--source-bootstrap-servers", "kafka:9092",
+        "--sink", "kafka",
+        "--sink-topic", "scored",
+        "--registry", "registry.example.com/ml/",
+    ]  # fmt: skip
+
+    result = init_no_input(tmp_path, *flags)
+
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(tmp_path / "agogosml.yaml")
+    assert manifest.registry == "registry.example.com/ml"
