@@ -121,6 +121,13 @@ class ClientDisconnectedError(Exception):
 #: no such limit, so a client that stops sending would hold a connection open.
 BODY_TIMEOUT_SECONDS = 30.0
 
+#: How long a connection may stay without a whole request head, in seconds:
+#: from the moment it opens and from each response. aiohttp's web server
+#: allows about an hour, so clients that send their headers a byte at a time
+#: could keep connections open that long. 75 s is aiohttp's own default for
+#: ``web.run_app`` and nginx's keep-alive timeout.
+IDLE_TIMEOUT_SECONDS = 75.0
+
 
 async def read_body(request: web.Request) -> bytes:
     """Return the request body, or raise `ClientDisconnectedError`.
@@ -326,7 +333,8 @@ async def start_site(
     `prefix` names the settings (``READER_``...) in the error raised when the
     address cannot be bound. ``runner.cleanup()`` waits at most
     `shutdown_timeout_seconds` for requests in progress, then cancels them;
-    aiohttp's own default is 60 s.
+    aiohttp's own default is 60 s. A connection is closed when it has been
+    without a whole request head for `IDLE_TIMEOUT_SECONDS`.
     """
     from agogosml.errors import ConfigurationError
 
@@ -335,6 +343,7 @@ async def start_site(
         access_log=None,
         handle_signals=False,
         shutdown_timeout=shutdown_timeout_seconds,
+        keepalive_timeout=IDLE_TIMEOUT_SECONDS,
         logger=server_logger,
     )
     await runner.setup()

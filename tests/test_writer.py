@@ -737,6 +737,35 @@ async def test_tap_error_does_not_fail_write():
     assert len(sink.envelopes) == 1
 
 
+async def test_slow_request_head_closed(monkeypatch):
+    monkeypatch.setattr(http, "IDLE_TIMEOUT_SECONDS", 0.3)
+    sink = await started_sink()
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
+
+    try:
+        reader, stream = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+        stream.write(b"POST / HTTP/1.1\r\nHost: test\r\n")
+        lines_sent = 0
+        # A header line every 0.1 s, for up to 5 s, so that no read waits long.
+        while lines_sent < 50 and not reader.at_eof():
+            await asyncio.sleep(0.1)
+            try:
+                stream.write(b"X-Slow: 1\r\n")
+                await stream.drain()
+            except ConnectionError:
+                break
+            lines_sent += 1
+        stream.close()
+    finally:
+        await runner.cleanup()
+
+    assert lines_sent < 50
+    assert sink.send_calls == 0
+
+
 async def test_client_disconnect_logged_once_debug(caplog):
     caplog.set_level(logging.DEBUG)
     sink = await started_sink()
