@@ -219,9 +219,9 @@ class ModelApp:
         (result,) = await self._call_score([value])
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
-        if has_non_finite(result):
+        element = _encode_element(item, result, 0)
+        if element is None:
             raise _Reject(422, _NON_FINITE_ERROR)
-        element = _encode_json(_writer_element(item, result), result, 0)
         size = len(element) + 2
         if size > self._writer_max_body_bytes:
             raise _Reject(413, _oversized_error(size, self._writer_max_body_bytes))
@@ -266,10 +266,10 @@ class ModelApp:
             if problem:
                 statuses[index] = {"status": 400, "error": f"the key{problem}"}
                 continue
-            if has_non_finite(result):
+            output = _encode_element(item, result, index)
+            if output is None:
                 statuses[index] = {"status": 422, "error": _NON_FINITE_ERROR}
                 continue
-            output = _encode_json(_writer_element(item, result), result, index)
             # Sent alone, the element is a request of its length plus two brackets.
             size = len(output) + 2
             if size > self._writer_max_body_bytes:
@@ -487,6 +487,18 @@ def _result_list(returned: object) -> list[Any]:
             log_level=logging.ERROR,
         )
     return list(returned)  # type: ignore[call-overload]
+
+
+def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | None:
+    """Encode the writer batch element of a result, or return None for NaN or infinity.
+
+    orjson encodes NaN and the infinities as ``null``, so only a result whose
+    JSON contains ``null`` is searched for them.
+    """
+    value = _encode_json(result, result, index)
+    if b"null" in value and has_non_finite(result):
+        return None
+    return exact_json.dumps(_writer_element(item, orjson.Fragment(value)))
 
 
 def _encode_json(document: Any, result: Any, index: int) -> bytes:
