@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SAMPLE_STAMP := $(VENV)/.installed-sample
 
-.PHONY: demo test test-containers lint broker bench bench-quick clean
+.PHONY: demo test test-containers lint broker bench bench-quick bench-hops clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "agogosml needs Python 3.11 or newer"'
@@ -62,6 +62,12 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m sample_app.data
 	$(BIN)/python -m sample_app.train --if-missing
 	$(BIN)/python -m benchmarks --quick
+
+bench-hops: $(STAMP)
+	$(BIN)/python deployment/kafka/broker.py fetch
+	$(BIN)/python -m sample_app.data
+	$(BIN)/python -m sample_app.train --if-missing
+	$(BIN)/python -m benchmarks.hops
 
 broker: $(STAMP)
 	$(BIN)/python deployment/kafka/broker.py run

@@ -33,7 +33,7 @@ def run_service(
     configure_logging(getattr(settings, "log_level", "INFO"), service)
     warn_misspelled_variables(settings_class)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(serve(settings))
     except ConfigurationError as exc:
         print(f"{service}: {exc}", file=sys.stderr)
@@ -68,7 +68,8 @@ def check_arguments(program: str, settings_class: type[BaseSettings]) -> None:
     raise SystemExit(2)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's event loop constructor, or None (asyncio's) without uvloop."""
     try:
         import uvloop
     except ImportError:

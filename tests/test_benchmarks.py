@@ -6,6 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from benchmarks.hops import measure
 from benchmarks.report import RESULTS_END, RESULTS_START, summarise, update_docs
 from benchmarks.sampler import Series
 from benchmarks.suite import (
@@ -201,3 +202,14 @@ def test_benchmark_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path):
     for run in document["latency"]:
         assert run["measured"] > 0
         assert run["missing"] == 0
+
+
+async def test_hops_times_each_hop(kafka_bootstrap, fraud_model, tmp_path):
+    rows = await measure(kafka_bootstrap, tmp_path, requests=5, rate=1000.0)
+
+    assert len(rows) == 6
+    assert "model app" in rows[3][0]
+    for name, durations in rows:
+        assert len(durations) == 5, name
+        assert durations == sorted(durations), name
+        assert durations[0] > 0, name
