@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import os
+import sys
 from pathlib import Path
 
 import orjson
@@ -50,6 +52,29 @@ async def test_source_without_follow_takes_last_line(tmp_path: Path) -> None:
 
     assert [e.value for e in envelopes] == [b'{"n": 1}', b'{"n": 2}']
     assert source.at_end is True
+
+
+async def test_stdin_stop_reading_returns_buffered_lines(monkeypatch) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"n": 0}\n{"n": 1}\n{"n": 2')
+    stdin = io.TextIOWrapper(os.fdopen(read_end, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    source = FileSource("-")
+
+    try:
+        async with source:
+            first = await source.fetch(1, 1.0)
+            source.stop_reading()
+            rest = await source.fetch(500, 0)
+    finally:
+        os.close(write_end)
+        stdin.close()
+
+    assert not source.replayable
+    assert [envelope.value for envelope in first] == [b'{"n": 0}']
+    # The last line never got its newline; it is sent as it is.
+    assert [envelope.value for envelope in rest] == [b'{"n": 1}', b'{"n": 2']
+    assert source.at_end
 
 
 async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:

@@ -1317,6 +1317,72 @@ async def test_shutdown_timeout_leaves_uncommitted():
     assert dead_letter.envelopes == []
 
 
+class OnceSource(MemorySource):
+    """A source that cannot be read again, as stdin: records added before the
+    stop are what it has read, and `stop_reading` makes it return them all."""
+
+    replayable = False
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.reading_stopped = False
+
+    def stop_reading(self) -> None:
+        self.reading_stopped = True
+
+
+async def test_stop_sends_queued_of_unreplayable_source():
+    source = OnceSource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_all(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_all) as app:
+        settings = reader_settings(app.url, stop_at_end=False)
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: len(app.requests) == 1)
+            reader.request_stop()
+            # Read but not yet fetched when the stop came, as stdin's buffer.
+            source.add(b'{"n": 3}')
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert source.reading_stopped
+    assert sorted(app.numbers()) == [0, 1, 2, 3]
+    assert source.committed == {(TOPIC, 0): 4}
+    assert reader.in_flight == 0
+
+
+async def test_shutdown_timeout_reports_unreplayable_loss(caplog):
+    source = OnceSource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_all(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_all) as app:
+        settings = reader_settings(app.url, stop_at_end=False, shutdown_timeout_ms=100)
+        try:
+            async with running_reader(settings, source, dead_letter) as (reader, _):
+                await wait_for(lambda: len(app.requests) == 1)
+        finally:
+            release.set()
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert reader.in_flight == 2
+    assert any("2 messages were still in flight" in text for text in errors)
+    assert any("are lost" in text for text in errors)
+    assert source.committed == {}
+
+
 # ---------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def _null_value_problem() -> Outcome:
     return Outcome(
         400,
         "the record's value is null (a Kafka tombstone), not a JSON document, so "
-        "it was not sent to the app; the dead letter's value is empty",
+        "it was not sent to the app; the dead letter has no value either",
         sent=False,
     )
 

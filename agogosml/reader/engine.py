@@ -175,11 +175,18 @@ class InputReader:
 
     async def _fetch_loop(self) -> None:
         paused = False
+        idle_at_end = False
         while not self._stopping.is_set():
             if self._source.at_end and self._in_flight == 0:
                 if self._settings.stop_at_end:
                     logger.info("source read to the end; stopping")
                     return
+                if not idle_at_end:
+                    logger.info(
+                        "source read to the end; waiting for a stop signal, "
+                        "because READER_STOP_AT_END is false"
+                    )
+                    idle_at_end = True
             # NOTE: the limit is shared by all partitions, and librdkafka returns
             # fetched messages partition by partition, so with a slow app one
             # partition's backlog can fill it while other partitions wait.
@@ -200,6 +207,23 @@ class InputReader:
             envelopes = await self._source.fetch(max(1, min(capacity, 500)), 0.1)
             if envelopes:
                 self._messages_in.inc(len(envelopes))
+            for envelope in envelopes:
+                self._admit(envelope)
+        if not self._source.replayable:
+            await self._take_buffered(paused)
+
+    async def _take_buffered(self, paused: bool) -> None:
+        """Admit what a source that cannot be read again has read but not returned.
+
+        Its lines are lost once the process exits, so they are sent before the
+        shutdown like the messages already in flight.
+        """
+        if paused:
+            await self._source.resume()
+        self._source.stop_reading()
+        while not self._source.at_end:
+            envelopes = await self._source.fetch(500, 0)
+            self._messages_in.inc(len(envelopes))
             for envelope in envelopes:
                 self._admit(envelope)
 
@@ -504,7 +528,9 @@ class InputReader:
         While stopping, and for partitions being revoked or already lost, a
         message that was not delivered yet is released unfinished. Its offset is
         not committed, so it is read again later, by this reader or the new owner
-        of its partition. It was not delivered here, so that is no duplicate.
+        of its partition. It was not delivered here, so that is no duplicate. A
+        source that cannot be read again (stdin) keeps its messages sendable
+        while stopping, until the shutdown timeout.
         """
         sendable = []
         for envelope in envelopes:
@@ -515,7 +541,9 @@ class InputReader:
         return sendable
 
     def _sendable(self, envelope: Envelope) -> bool:
-        if self._stopping.is_set() or not self._source.owns(envelope):
+        if self._stopping.is_set() and self._source.replayable:
+            return False
+        if not self._source.owns(envelope):
             return False
         position = envelope.position
         return position is None or (
@@ -801,6 +829,16 @@ class InputReader:
         try:
             await asyncio.wait_for(wait_all(), timeout_seconds)
         except TimeoutError:
+            if not self._source.replayable:
+                logger.error(
+                    "%d messages were still in flight after %.1f s and are lost: "
+                    "the source cannot be read again. Raise "
+                    "READER_SHUTDOWN_TIMEOUT_MS, or read from a file with "
+                    "READER_CHECKPOINT_PATH instead of stdin",
+                    self._in_flight,
+                    timeout_seconds,
+                )
+                return
             logger.warning(
                 "%d messages were still in flight after %.1f s; they are not "
                 "committed and will be redelivered",

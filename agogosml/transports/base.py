@@ -52,6 +52,19 @@ class Source(_Lifecycle):
     #: True once a bounded source (a file) has returned its last message.
     at_end: bool = False
 
+    #: Whether a message left uncommitted is read again after a restart. A
+    #: source that cannot read it again (stdin) has its queued messages
+    #: delivered at shutdown, not released.
+    replayable: bool = True
+
+    def stop_reading(self) -> None:
+        """Read no more input; `fetch` then returns only what is already read.
+
+        Called at shutdown on a source that is not `replayable`, which then
+        returns its buffered messages and sets `at_end`.
+        """
+        self.at_end = True
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect and subscribe."""

@@ -33,6 +33,9 @@ class FileSource(TrackedSource):
     as ``tail -f`` does, and a last line without its newline waits until the line
     is complete. Without it (or for stdin), the end of the file is the end of the
     stream, and a last line without a newline is a message too.
+
+    Stdin cannot be read again, so it is not `replayable`: at shutdown the
+    reader sends the lines already read instead of leaving them uncommitted.
     """
 
     def __init__(
@@ -48,6 +51,10 @@ class FileSource(TrackedSource):
         self._partial = b""
         self._stdin_fd = -1
         self._stdin_closed = False
+        self._reading_stopped = False
+        # NOTE: a named pipe given by its path cannot be read again either, but
+        # counts as replayable, so its queued lines are dropped at shutdown.
+        self.replayable = path != "-"
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
@@ -157,6 +164,18 @@ class FileSource(TrackedSource):
         self._file = None
         logger.info("file source stopped", extra={"path": self._path})
 
+    def stop_reading(self) -> None:
+        """Read nothing more from stdin; `fetch` returns the lines already read.
+
+        A last line without its newline is returned too, as at the end of stdin.
+        A file other than stdin is at its end at once.
+        """
+        if self._path == "-":
+            self._stdin_closed = True
+            self._reading_stopped = True
+        else:
+            self.at_end = True
+
     async def fetch(self, max_messages: int, timeout_seconds: float) -> list[Envelope]:
         """Read up to `max_messages` lines; returns [] while paused or at the end."""
         if self._paused or self.at_end or self._file is None:
@@ -228,6 +247,13 @@ class FileSource(TrackedSource):
             return None
         self.at_end = True
         line, self._partial = self._partial, b""
+        if line and self._reading_stopped:
+            logger.warning(
+                "reading stdin stopped inside a line: its first %d bytes are sent "
+                "as they are, and the rest stays unread",
+                len(line),
+                extra={"offset": self._offset},
+            )
         return line or None
 
     async def pause(self) -> None:
