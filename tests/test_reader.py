@@ -1432,6 +1432,30 @@ async def test_transform_error_dead_lettered():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+async def test_transform_changing_then_raising_dead_lettered():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def break_one(envelope: Envelope) -> Envelope:
+        if orjson.loads(envelope.value)["n"] == 1:
+            envelope.value = b"changed"
+            envelope.headers = None  # type: ignore[assignment]
+            raise ValueError("half done")
+        return envelope
+
+    async with stub_app() as app:
+        await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=break_one
+        )
+
+    assert app.numbers() == [0, 2]
+    (record,) = dead_letter.envelopes
+    assert record.value == b'{"n":1}'
+    assert "half done" in dead_letter_headers(record)["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
 async def test_transform_changed_value_sent():
     source = MemorySource(TOPIC)
     fill(source, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import zlib
 from collections.abc import Coroutine, Hashable
@@ -268,20 +269,24 @@ class InputReader:
         The source commits by position, so the message keeps the position it was
         read from, whatever the transform did to the envelope.
         """
-        position = envelope.position
+        original = dataclasses.replace(envelope, headers=list(envelope.headers))
         try:
             transformed = transform(envelope)
             problem = result_problem(transformed)
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             transformed, problem = None, f"transform failed: {exc!r}"
-        envelope.position = position
         if problem:
-            self._spawn(self._dead_letter(envelope, 0, problem, 0))
+            # The transform may have changed the envelope before it failed, so
+            # the dead letter gets the message as it was read.
+            self._unfinished.discard(id(envelope))
+            self._unfinished.add(id(original))
+            self._spawn(self._dead_letter(original, 0, problem, 0))
             return None
+        envelope.position = original.position
         if transformed is None:
             self._finish(envelope)
             return None
-        transformed.position = position
+        transformed.position = original.position
         self._unfinished.discard(id(envelope))
         self._unfinished.add(id(transformed))
         return transformed
@@ -856,7 +861,16 @@ class InputReader:
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+        task.add_done_callback(self._side_task_done)
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "a background task of the reader failed; a message it handled "
+                "stays uncommitted until a restart",
+                exc_info=task.exception(),
+            )
 
     async def _watch_app_readiness(self) -> None:
         base_url = redact_url(str(self._settings.app_url)).rstrip("/")
