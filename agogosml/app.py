@@ -49,6 +49,7 @@ from agogosml.http import (
     is_utf8,
     json_response,
     read_body,
+    read_start,
     start_site,
 )
 from agogosml.metrics import MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
@@ -62,6 +63,8 @@ MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 _RECORD_HEADER_PREFIX = "x-record-header-"
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
+#: Bytes of an error response of the writer that are read for its message.
+_ERROR_TEXT_BYTES = 65536
 
 
 class InvalidRecord:
@@ -342,7 +345,10 @@ class ModelApp:
             ) as response:
                 if 200 <= response.status < 300:
                     return
-                text = await response.text(errors="replace")
+                # Only the start of the error goes into the message, so a
+                # large body is not read in full.
+                start = await read_start(response.content, _ERROR_TEXT_BYTES)
+                text = start.decode("utf-8", "replace")
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _Reject(
                 503, f"output writer at {url} is unreachable: {exc!s}"

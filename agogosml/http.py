@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -111,6 +112,19 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+async def read_start(stream: aiohttp.StreamReader, size: int) -> bytes:
+    """Return the first `size` bytes of a response body, or all of a shorter one."""
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = await stream.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 class ClientDisconnectedError(Exception):

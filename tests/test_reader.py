@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY
 from agogosml.app import AppSettings, ModelApp
 from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope, trace_id
+from agogosml.reader import client as client_module
 from agogosml.reader import engine
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
@@ -484,6 +485,29 @@ async def test_retries_exhausted_dead_lettered():
     assert context["dlq.status"] == "503"
     assert context["dlq.attempts"] == "3"
     assert "model is loading" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
+async def test_oversized_response_not_read(monkeypatch):
+    monkeypatch.setattr(client_module, "MAX_RESPONSE_BYTES", 1000)
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def huge_for_zero(received: Received) -> web.Response:
+        if received.number == 0:
+            return web.Response(body=b"x" * 200_000)
+        return status_response(200)
+
+    async with stub_app(huge_for_zero) as app:
+        settings = reader_settings(app.url, retry_max_attempts=2)
+        await run_reader(settings, source, dead_letter)
+
+    assert [received.number for received in app.requests] == [0, 0, 1]
+    (record,) = dead_letter.envelopes
+    context = dead_letter_headers(record)
+    assert context["dlq.status"] == "502"
+    assert "app responded 200 with a body over 1000 bytes" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 2}
 
 

@@ -18,6 +18,7 @@ import orjson
 from agogosml import exact_json
 from agogosml.envelope import Envelope
 from agogosml.errors import is_retriable_status
+from agogosml.http import read_start
 from agogosml.metrics import REQUEST_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ RETRY_AFTER_MAX_SECONDS = 60.0
 
 #: Statuses whose Retry-After header the reader honours.
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+#: Largest response body the reader reads from the app. A batch response needs
+#: a status and a short error per message, and an error response has its first
+#: 500 bytes logged, so a larger body is a bug of the app, and reading it all
+#: could use any amount of memory.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 
@@ -228,11 +235,15 @@ class AppClient:
                 retry_after = None
                 if response.status in RETRY_AFTER_STATUSES:
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                return _Response(
-                    response.status,
-                    await response.read(),
-                    retry_after_seconds=retry_after,
-                )
+                body = await read_start(response.content, MAX_RESPONSE_BYTES + 1)
+                if len(body) > MAX_RESPONSE_BYTES:
+                    error = (
+                        f"app responded {response.status} with a body over "
+                        f"{MAX_RESPONSE_BYTES} bytes, which the reader does not read; "
+                        "a response needs only a status per message and a short error"
+                    )
+                    return _Response(502, error=error)
+                return _Response(response.status, body, retry_after_seconds=retry_after)
         except TimeoutError:
             error = f"request to {url} timed out after {self._timeout.total} s"
             return _Response(0, error=error)
