@@ -47,9 +47,8 @@ RETRY_AFTER_MAX_SECONDS = 60.0
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 #: Largest response body the reader reads from the app. A batch response needs
-#: a status and a short error per message, and an error response has its first
-#: 500 bytes logged, so a larger body is a bug of the app, and reading it all
-#: could use any amount of memory.
+#: only a status and a short error per message, so a larger body is a bug of
+#: the app. Reading it all could use any amount of memory.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
