@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agogosml.metrics import REJECTED_REQUESTS
@@ -149,16 +150,39 @@ async def read_body(request: web.Request) -> bytes:
     Raises:
         web.HTTPRequestTimeout: when the body takes longer than
             `BODY_TIMEOUT_SECONDS` to arrive (408).
+        web.HTTPBadRequest: when the body cannot be decoded, for example
+            invalid gzip data under ``Content-Encoding: gzip`` (400).
     """
     try:
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
             return await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout() from None
+    except RequestPayloadError as exc:
+        raise web.HTTPBadRequest(reason=_payload_problem(request, exc)) from None
     except ConnectionResetError as exc:
         # aiohttp 3.14 raises ConnectionResetError("Connection lost"), or its
         # subclass ClientConnectionResetError, when the peer goes away mid-body.
         raise ClientDisconnectedError(str(exc)) from exc
+
+
+def _payload_problem(request: web.Request, exc: RequestPayloadError) -> str:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding:
+        return (
+            f"request body is not valid {encoding[:40]!r} data, as its "
+            "Content-Encoding header says it is; send it compressed that way, or "
+            "uncompressed without Content-Encoding"
+        )
+    return f"request body is malformed: {_payload_error(exc).message}"
+
+
+def _payload_error(exc: RequestPayloadError) -> HttpProcessingError:
+    """Return the parser error behind a payload error, which carries the message."""
+    cause = exc.__cause__
+    if isinstance(cause, HttpProcessingError):
+        return cause
+    return HttpProcessingError(code=400, message=str(exc))
 
 
 def http_error_middleware(service: str) -> Any:
@@ -305,6 +329,10 @@ class MalformedRequestFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a malformed-request record; return False to drop it."""
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError):
+            # A body that cannot be decoded, which aiohttp logs again when it
+            # reads the rest of the body after the handler's 400.
+            error = _payload_error(error)
         if not isinstance(error, HttpProcessingError):
             return True
         now = time.monotonic()
@@ -318,8 +346,12 @@ class MalformedRequestFilter(logging.Filter):
         remote = (
             record.args[0] if isinstance(record.args, tuple) and record.args else None
         )
-        record.msg = "malformed HTTP request from %s rejected with %d: %s"
-        record.args = (remote, error.code, error.message)
+        if remote is None:
+            record.msg = "malformed HTTP request rejected with %d: %s"
+            record.args = (error.code, error.message)
+        else:
+            record.msg = "malformed HTTP request from %s rejected with %d: %s"
+            record.args = (remote, error.code, error.message)
         if self._dropped:
             record.msg += " (%d more were not logged)"
             record.args += (self._dropped,)

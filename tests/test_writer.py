@@ -936,6 +936,39 @@ async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
     assert "Content-Length" in logged[0].getMessage()
 
 
+async def test_invalid_gzip_body_400_one_line(caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter(limit=5)])
+    sink = await started_sink()
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
+    request = (
+        b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 2\r\n\r\nxx"
+    )
+
+    try:
+        response = await send_raw_request(bound_port(runner), request)
+    finally:
+        await runner.cleanup()
+
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert b"application/json" in head
+    assert "not valid 'gzip' data" in orjson.loads(body)["error"]
+    assert sink.send_calls == 0
+    (logged,) = [r for r in caplog.records if r.name == server_logger.name]
+    assert logged.levelno == logging.WARNING
+    assert logged.exc_info is None
+    assert logged.getMessage() == (
+        "malformed HTTP request rejected with 400: "
+        "Can not decode content-encoding: gzip"
+    )
+
+
 def test_malformed_filter_passes_other_errors():
     log_filter = MalformedRequestFilter(limit=1, interval_seconds=0.0)
     error = ValueError("not a parse error")
