@@ -66,9 +66,10 @@ def add_health_routes(
 def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
     """Return middleware requiring ``Authorization: Bearer <token>`` on `protected`.
 
-    Paths outside `protected` (health and metrics) stay open for probes.
+    Paths outside `protected` (health and metrics) stay open for probes. The
+    scheme name is case-insensitive, as RFC 9110 section 11.1 requires.
     """
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -76,8 +77,11 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
             # aiohttp decodes bytes that are not UTF-8 to lone surrogates;
             # surrogateescape turns them back into the bytes that were sent.
             header = request.headers.get("Authorization", "")
-            received = header.encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(received, expected):
+            scheme, _, credentials = header.partition(" ")
+            received = credentials.lstrip(" ").encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                received, expected
+            ):
                 return error_response(
                     401,
                     "missing or wrong bearer token; send the configured token as "

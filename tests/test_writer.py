@@ -553,6 +553,28 @@ async def test_wrong_content_type_415():
     assert sink.envelopes == []
 
 
+@pytest.mark.parametrize(
+    ("authorization", "status"),
+    [
+        ("bearer writer-secret", 200),
+        ("BEARER writer-secret", 200),
+        ("Bearer  writer-secret", 200),
+        ("Basic writer-secret", 401),
+        ("writer-secret", 401),
+        ("Bearer writer-secret2", 401),
+    ],
+)
+async def test_token_scheme_case_insensitive(authorization, status):
+    sink = await started_sink()
+
+    async with serve_writer(sink, token="writer-secret") as (client, _):
+        response = await client.post(
+            "/", data=b"1", headers={**JSON, "Authorization": authorization}
+        )
+
+    assert response.status == status
+
+
 async def test_token_required_when_set():
     sink = await started_sink()
 
