@@ -1,4 +1,4 @@
-"""Tests of checking READER_TRANSFORM when the reader starts."""
+"""Tests of checking READER_TRANSFORM and WRITER_TAP when the services start."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import pytest
 from agogosml.envelope import Envelope
 from agogosml.errors import ConfigurationError
 from agogosml.reader.transform import load_transform
+from agogosml.writer.service import load_tap
 
 MODULE = __name__
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
 
 
-# Transforms that READER_TRANSFORM names in these tests, by module:function.
+# Functions that READER_TRANSFORM and WRITER_TAP name in these tests.
 
 
 def keep(envelope: Envelope) -> Envelope:
@@ -96,7 +97,7 @@ def test_valid_transform_loaded(name):
         ("keep_generator", "generator function"),
         ("keep_two", "(envelope: 'Envelope', label: 'str')"),
         ("keep_none", "signature ()"),
-        ("keep_keyword_only", "as its only argument"),
+        ("keep_keyword_only", "does not take one positional argument"),
         ("NOT_A_FUNCTION", "an object of type int, not a function"),
     ],
 )
@@ -150,3 +151,53 @@ def test_async_transform_stops_reader(tmp_path):
     assert "Traceback" not in result.stderr
     assert "RuntimeWarning" not in result.stderr
     assert not (tmp_path / "in.jsonl.dlq.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (f"{MODULE}:keep_async", "the tap is called synchronously after each write"),
+        ("math:pi", "an object of type float, not a function"),
+        ("os:getpid", "does not take one positional argument"),
+        (f"{MODULE}:keep_generator", "generator function"),
+    ],
+)
+def test_invalid_tap_rejected(spec, reason):
+    with pytest.raises(ConfigurationError) as caught:
+        load_tap(spec)
+
+    message = str(caught.value)
+    assert message.startswith(f"WRITER_TAP={spec!r} is invalid: ")
+    assert reason in message
+    assert "the list of written Envelopes" in message
+
+
+def test_valid_tap_loaded():
+    assert callable(load_tap(f"{MODULE}:keep"))
+
+
+def test_invalid_tap_stops_writer(tmp_path):
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("WRITER_", "KAFKA_", "EVENTHUB_"))
+    }
+    environment.update(
+        {
+            "WRITER_OUTPUT": str(tmp_path / "out.jsonl"),
+            "WRITER_PORT": "0",
+            "WRITER_TAP": "math:pi",
+        }
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agogosml.writer"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "WRITER_TAP='math:pi' is invalid" in result.stderr
+    assert "Traceback" not in result.stderr

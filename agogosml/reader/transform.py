@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 from agogosml.envelope import Envelope
-from agogosml.errors import ConfigurationError
-from agogosml.http import import_object
+from agogosml.hooks import load_hook
 
 #: A transform gets each envelope before the app and returns it (changed or not),
 #: or None to drop the message. Dropped messages count as finished.
 Transform = Callable[[Envelope], Envelope | None]
 
 
+#: How to fix a transform that does not fit.
+_TRANSFORM_FIX = (
+    "name a plain function (def, not async def) that takes one argument, "
+    "the Envelope, and returns an Envelope or None"
+)
+
+
 def load_transform(spec: str) -> Transform:
     """Import the transform that READER_TRANSFORM names and check that it fits.
+
+    Transforms run in the loop that fetches messages, before the lane of a
+    message is chosen from its key, so an async transform would hold up
+    fetching for every message. Async functions are therefore rejected rather
+    than awaited.
 
     Raises:
         ConfigurationError: The function cannot be imported, is not callable, is
@@ -24,65 +34,12 @@ def load_transform(spec: str) -> Transform:
             positional argument. Such a transform would make every message
             fail, so it stops the reader at start-up instead.
     """
-    transform = import_object(spec, "READER_TRANSFORM")
-    problem = signature_problem(transform)
-    if problem:
-        raise ConfigurationError(f"READER_TRANSFORM={spec!r} is invalid: {problem}")
-    return transform  # type: ignore[no-any-return]
-
-
-def signature_problem(transform: object) -> str:
-    """Return why `transform` cannot be a transform, or '' when it can.
-
-    Transforms run in the loop that fetches messages, before the lane of a
-    message is chosen from its key, so an async transform would hold up
-    fetching for every message. Async functions are therefore rejected rather
-    than awaited.
-    """
-    fix = (
-        "name a plain function (def, not async def) that takes one argument, "
-        "the Envelope, and returns an Envelope or None"
+    return load_hook(  # type: ignore[no-any-return]
+        spec,
+        "READER_TRANSFORM",
+        _TRANSFORM_FIX,
+        "transforms run synchronously before each message is sent",
     )
-    if not callable(transform):
-        kind = type(transform).__name__
-        return f"it names an object of type {kind}, not a function; {fix}"
-    functions = _called_functions(transform)
-    if any(_is_async(function) for function in functions):
-        return (
-            "it names an async function, but transforms run synchronously before "
-            f"each message is sent; {fix}. Do I/O in the model app instead"
-        )
-    if any(inspect.isgeneratorfunction(function) for function in functions):
-        return f"it names a generator function; {fix}"
-    try:
-        signature = inspect.signature(transform)
-    except (TypeError, ValueError):
-        # Some built-in callables have no signature to check.
-        return ""
-    try:
-        signature.bind(None)
-    except TypeError:
-        return (
-            f"its signature {signature} does not take the envelope as its only "
-            f"argument; {fix}"
-        )
-    return ""
-
-
-def _called_functions(transform: Any) -> list[Any]:
-    """Return `transform` and, for an instance, the ``__call__`` method it runs.
-
-    `inspect.iscoroutinefunction` unwraps functools.partial, but it does not
-    look at the class of an instance that defines ``async def __call__``.
-    """
-    functions = [transform]
-    if not inspect.isroutine(transform) and not inspect.isclass(transform):
-        functions.append(type(transform).__call__)
-    return functions
-
-
-def _is_async(function: Any) -> bool:
-    return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
 
 
 def result_problem(result: object) -> str:

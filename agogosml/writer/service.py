@@ -23,6 +23,7 @@ from agogosml.envelope import (
 )
 from agogosml.errors import SinkError
 from agogosml.exact_json import json_type
+from agogosml.hooks import load_hook
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
@@ -30,7 +31,6 @@ from agogosml.http import (
     error_response,
     header_for_log,
     http_error_middleware,
-    import_object,
     is_utf8,
     json_response,
     read_body,
@@ -66,6 +66,30 @@ MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 SHUTDOWN_GRACE_SECONDS = 0.5
 
 Tap = Callable[[Sequence[Envelope]], Any]
+
+#: How to fix a tap that does not fit.
+_TAP_FIX = (
+    "name a plain function (def, not async def) that takes one argument, the "
+    "list of written Envelopes"
+)
+
+
+def load_tap(spec: str) -> Tap:
+    """Import the tap that WRITER_TAP names and check that it fits.
+
+    A tap is called synchronously once the records of a request are durable,
+    before the writer responds, so it is checked like a transform.
+
+    Raises:
+        ConfigurationError: as `agogosml.hooks.load_hook`.
+    """
+    return load_hook(  # type: ignore[no-any-return]
+        spec,
+        "WRITER_TAP",
+        _TAP_FIX,
+        "the tap is called synchronously after each write. Hand the envelopes "
+        "to a queue or thread of your own for I/O",
+    )
 
 
 class BadRequest(Exception):
@@ -498,7 +522,7 @@ async def serve_writer(settings: WriterSettings) -> None:
     the time left, or the grace if none is left. Requests cut off get no 2xx
     response.
     """
-    tap = import_object(settings.tap, "WRITER_TAP") if settings.tap else None
+    tap = load_tap(settings.tap) if settings.tap else None
     sink = build_sink(settings.sink, settings.output, fsync=settings.fsync)
     writer = OutputWriter(settings, sink, tap)
     stop = asyncio.Event()
