@@ -46,15 +46,15 @@ def signature_problem(function: object, fix: str, why_not_async: str) -> str:
     return ""
 
 
-def _called_functions(transform: Any) -> list[Any]:
-    """Return `transform` and, for an instance, the ``__call__`` method it runs.
+def _called_functions(function: Any) -> list[Any]:
+    """Return `function` and, for an instance, the ``__call__`` method it runs.
 
     `inspect.iscoroutinefunction` unwraps functools.partial, but it does not
     look at the class of an instance that defines ``async def __call__``.
     """
-    functions = [transform]
-    if not inspect.isroutine(transform) and not inspect.isclass(transform):
-        functions.append(type(transform).__call__)
+    functions = [function]
+    if not inspect.isroutine(function) and not inspect.isclass(function):
+        functions.append(type(function).__call__)
     return functions
 
 
