@@ -13,6 +13,7 @@ from agogosml_cli.init_fields import (
     FLAGS,
     Data,
     InitField,
+    get_value,
     put_value,
     suggest_name,
 )
@@ -66,6 +67,9 @@ def collect_manifest_data(
                 missing.append(field)
             continue
         put_value(data, field.path, value)
+    # A sink field that would copy a missing source field is not listed: the
+    # source's flag sets both.
+    missing = [field for field in missing if not _copies_missing(field, missing, data)]
     if missing:
         listed = ", ".join(f"{'.'.join(f.path)} ({f.flag})" for f in missing)
         raise click.UsageError(
@@ -73,6 +77,20 @@ def collect_manifest_data(
             f"--no-input to be prompted.{_choices_note(missing)}"
         )
     return data
+
+
+def _copies_missing(field: InitField, missing: list[InitField], data: Data) -> bool:
+    """Return whether `field` of the sink defaults to a source field that is missing.
+
+    The sink's connection settings default to the source's when both are of
+    one type.
+    """
+    if field.path[0] != "sink" or field.default is None:
+        return False
+    if get_value(data, ("source", "type")) != get_value(data, ("sink", "type")):
+        return False
+    source_path = ("source", *field.path[1:])
+    return any(other.path == source_path for other in missing)
 
 
 def _type_missing(field: InitField, missing: list[InitField]) -> bool:

@@ -41,7 +41,8 @@ def cli() -> None:
     "kafka",
     metavar="BOOTSTRAP",
     callback=check_kafka_option,
-    help="Stream through Kafka topics on this broker (host:port) instead of files.",
+    help="Stream through Kafka topics on these brokers (host:port, or a "
+    "comma-separated list) instead of files.",
 )
 @stream_options
 @click.option(
@@ -204,6 +205,9 @@ def _run(options: RunOptions, summary_json: Path | None, console: Console) -> No
     print_summary(summary, console)
     if summary_json is not None:
         _write_summary_json(summary_json, summary.to_json(), console)
+    if summary.interrupted:
+        # The caller reports the signal and exits with its status.
+        raise KeyboardInterrupt
     if summary.error:
         raise click.ClickException(f"the run stopped early: {summary.error}")
     if summary.missing:
@@ -222,6 +226,7 @@ def _write_summary_json(path: Path, content: bytes, console: Console) -> None:
             f"cannot write the summary to {str(path)!r}: {exc.strerror or exc}; "
             "the summary JSON is printed above"
         ) from None
+    console.print(f"Summary JSON written to {path}", soft_wrap=True, highlight=False)
 
 
 @cli.command()

@@ -631,12 +631,26 @@ def parse_manifest(text: str, source_name: str) -> Manifest:
     except RecursionError:
         raise ManifestError(f"{source_name} nests too deeply; flatten it.") from None
     if not isinstance(data, dict):
+        found = "an empty document" if data is None else _yaml_kind(data)
         raise ManifestError(
             f"{source_name} must be a YAML mapping of manifest fields (name, "
-            f"source, sink, ...), got {type(data).__name__}; create one with "
+            f"source, sink, ...), but it contains {found}; create one with "
             "'agogosml init'"
         )
     return validate_manifest(data, source_name, document=document)
+
+
+def _yaml_kind(data: object) -> str:
+    """Return what a YAML document that is not a mapping contains, in words."""
+    if isinstance(data, list):
+        return "a list"
+    if isinstance(data, str):
+        return "a string"
+    if isinstance(data, bool):
+        return "a boolean"
+    if isinstance(data, int | float):
+        return "a number"
+    return f"a value of type {type(data).__name__}"
 
 
 def validate_manifest(

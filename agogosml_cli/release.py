@@ -378,8 +378,9 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
             default=DEFAULT_RELEASE,
             show_default=True,
             callback=check_release_name,
-            help="Helm release name: lowercase letters, digits, '-' and '.', at "
-            f"most {MAX_RELEASE_NAME_LENGTH} characters.",
+            help="Helm release name: lowercase letters, digits and '-', starting "
+            "with a letter and ending with a letter or digit, at most "
+            f"{MAX_RELEASE_NAME_LENGTH} characters.",
         ),
         click.option(
             "--namespace",

@@ -89,6 +89,10 @@ class RunOptions:
     model_path: Path | None = None
 
 
+#: The `error` of a run that SIGINT or SIGTERM ended.
+INTERRUPTED = "interrupted by a signal"
+
+
 @dataclass
 class RunSummary:
     """Counts and timings of one run; `missing` should be 0.
@@ -123,6 +127,8 @@ class RunSummary:
     missing_ids: list[str] = field(default_factory=list)
     #: Reason the run stopped before every record was accounted for, or "".
     error: str = ""
+    #: Whether SIGINT or SIGTERM ended the run, which `error` then names too.
+    interrupted: bool = False
 
     def to_json(self) -> bytes:
         """Return the summary as indented JSON."""
@@ -294,12 +300,15 @@ def _run_files(
             _check_exit(reader, tally.finished < len(ids), input_path, checkpoint)
         except (ServiceExitError, RunStalledError) as exc:
             error = str(exc)
+        except KeyboardInterrupt:
+            error = INTERRUPTED
         elapsed = time.monotonic() - started_at
     # Count what the writer and the reader wrote while they were stopped.
     read_files()
     summary = _summarise("file", ids, tally, elapsed)
     summary.output, summary.dead_letter = str(output), str(dead_letter)
     summary.error = error
+    summary.interrupted = error == INTERRUPTED
     if error:
         # The reader has stopped, so its checkpoint is final.
         read = _lines_before(input_path, _checkpoint_offset(checkpoint))
@@ -351,10 +360,13 @@ def _run_stream(
             _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
         except (ServiceExitError, RunStalledError) as exc:
             error = str(exc)
+        except KeyboardInterrupt:
+            error = INTERRUPTED
         elapsed = time.monotonic() - started_at
     summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
+    summary.interrupted = error == INTERRUPTED
     if error:
         # NOTE: the reader's committed offsets or checkpoints would give the
         # count; the run does not read them yet.

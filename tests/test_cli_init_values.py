@@ -204,3 +204,21 @@ def test_init_strips_registry_trailing_slash(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "agogosml.yaml")
     assert manifest.registry == "registry.example.com/ml"
+
+
+def test_init_lists_only_source_sasl_flags(tmp_path: Path) -> None:
+    flags = [
+        *KAFKA_SOURCE,
+        "--source-topics", "in",
+        *KAFKA_REST,
+        "--source-security-protocol", "SASL_SSL",
+    ]  # fmt: skip
+
+    result = init_no_input(tmp_path, *flags)
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "source.sasl.mechanism (--source-sasl-mechanism)" in output
+    assert "source.sasl.password (--source-sasl-password-secret)" in output
+    assert "--sink-sasl" not in output
+    assert not (tmp_path / "agogosml.yaml").exists()

@@ -463,6 +463,15 @@ def test_run_interrupted_stops_services(
     assert len(children) == 3
     for pid in children.values():
         assert not is_alive(pid)
+    # The counts until the signal are kept, in the table and in the JSON.
+    assert "stopped early" in stderr
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert summary["interrupted"] is True
+    assert summary["error"] == "interrupted by a signal"
+    assert summary["written"] > 0
+    assert summary["missing"] == 0
+    assert summary["read"] <= summary["written"] + summary["dead_lettered"]
+    assert summary["not_finished"] > 0
 
 
 def invoke(*arguments: str) -> Any:

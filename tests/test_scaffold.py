@@ -25,6 +25,7 @@ from agogosml_cli.main import cli
 from agogosml_cli.manifest import (
     SCHEMA_PATH,
     Manifest,
+    ManifestError,
     load_manifest,
     manifest_json_schema,
 )
@@ -656,6 +657,23 @@ def test_manifest_not_yaml_rejected(tmp_path: Path) -> None:
     assert "line 1" in result.output
 
 
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [("", "an empty document"), ("- a\n- b\n", "a list"), ("42\n", "a number")],
+)
+def test_manifest_not_mapping_rejected(tmp_path: Path, text: str, found: str) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(text)
+
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest)
+
+    message = str(caught.value)
+    assert "must be a YAML mapping of manifest fields" in message
+    assert f"but it contains {found}" in message
+    assert "agogosml init" in message
+
+
 def test_manifest_duplicate_key_rejected(tmp_path: Path) -> None:
     manifest = tmp_path / "agogosml.yaml"
     text = yaml.safe_dump(valid_manifest_data(), sort_keys=False)
@@ -1058,7 +1076,26 @@ def test_generate_fraud_template(fraud_project: Path) -> None:
     assert "from sample_app.scoring import" in app
     assert f'"agogosml[sample]=={template_history.__version__}"' in pyproject
     assert "COPY model/fraud-model.joblib" in dockerfile
-    assert "model/*.joblib" in (fraud_project / ".gitignore").read_text()
+
+
+def test_fraud_project_ignores_training_and_run_files(fraud_project: Path) -> None:
+    written = [
+        fraud_project / "model/fraud-model.joblib",
+        fraud_project / "model/fraud-model.metrics.json",
+        fraud_project / "data/transactions.jsonl",
+    ]
+    for path in written:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{}")
+
+    try:
+        status = git(fraud_project, "status", "--porcelain")
+    finally:
+        for path in written:
+            path.unlink()
+        (fraud_project / "data").rmdir()
+
+    assert status == ""
 
 
 def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
