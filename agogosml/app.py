@@ -46,6 +46,7 @@ from agogosml.http import (
     error_response,
     header_for_log,
     http_error_middleware,
+    is_repeated,
     is_utf8,
     json_response,
     read_body,
@@ -644,7 +645,8 @@ def _decode(body: bytes) -> Any:
         # orjson rejects an integer beyond the range of a double, which is
         # valid JSON, so the exact decoder gets a second look.
         if "infinity" not in str(exc):
-            raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+            error = exact_json.decode_error(body, exc)
+            raise _Reject(400, f"request body is not valid JSON: {error}") from None
         return _decode_exactly(body)
     if exact_json.may_contain_big_int(body):
         return _decode_exactly(body)
@@ -681,6 +683,8 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     ):
         if name not in headers:
             continue
+        if is_repeated(headers, name):
+            raise _Reject(400, f"header {name} is sent more than once; send it once")
         try:
             headers[name].encode()
         except UnicodeEncodeError:

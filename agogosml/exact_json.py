@@ -75,6 +75,26 @@ def loads_exact(body: bytes, parse_int: Callable[[str], Any] = int) -> Any:
     return document
 
 
+def decode_error(value: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Return orjson's message for `value`, naming the first byte that is not UTF-8.
+
+    orjson reports any invalid UTF-8 as "surrogates not allowed", even when
+    the input has no surrogate.
+    """
+    text = str(exc)
+    if "not valid UTF-8" not in text:
+        return text
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = value[error.start]
+        return (
+            f"the bytes are not valid UTF-8: byte 0x{byte:02x} at position "
+            f"{error.start}; send JSON encoded as UTF-8"
+        )
+    return text
+
+
 def json_error(value: bytes) -> str:
     """Return why `value` is not a JSON document, or '' when it is one.
 
@@ -91,7 +111,7 @@ def json_error(value: bytes) -> str:
                 pass
             else:
                 return ""
-        return str(exc)
+        return decode_error(value, exc)
     return ""
 
 

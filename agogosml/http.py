@@ -106,6 +106,11 @@ def header_for_log(headers: Any, name: str) -> str | None:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def is_repeated(headers: Any, name: str) -> bool:
+    """Return whether a request has header `name` more than once."""
+    return len(headers.getall(name, ())) > 1
+
+
 def is_utf8(text: str) -> bool:
     """Return whether a decoded header is UTF-8 text.
 

@@ -282,6 +282,14 @@ async def test_single_record_headers_forwarded():
             b"X-Record-Header-Region: eu\r\nX-Record-Header-Region: us\r\n",
             "X-Record-Header-region is sent more than once",
         ),
+        (
+            b"X-Message-Id: a\r\nX-Message-Id: b\r\n",
+            "header X-Message-Id is sent more than once",
+        ),
+        (
+            b"X-Message-Key: a\r\nX-Message-Key: b\r\n",
+            "header X-Message-Key is sent more than once",
+        ),
     ],
 )
 async def test_single_bad_record_header_400(raw_headers, problem):

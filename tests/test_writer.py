@@ -503,6 +503,32 @@ async def test_invalid_json_400():
     assert sink.envelopes == []
 
 
+async def test_body_not_utf8_names_byte():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b'{"city": "caf\xe9"}', headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "not valid UTF-8: byte 0xe9 at position 13" in error
+    assert "surrogates" not in error
+    assert sink.envelopes == []
+
+
+@pytest.mark.parametrize("name", [b"X-Message-Id", b"X-Message-Key"])
+async def test_repeated_message_header_400(name):
+    sink = await started_sink()
+    headers = b"%s: a\r\n%s: b\r\n" % (name, name)
+
+    async with serve_writer(sink) as (client, _):
+        status, _, body = await raw_post(client, "/", headers, b"1")
+
+    assert status == 400
+    assert f"header {name.decode()} is sent more than once" in body["error"]
+    assert sink.envelopes == []
+
+
 async def test_body_over_limit_413():
     sink = await started_sink()
     body = orjson.dumps({"padding": "x" * 200})

@@ -31,6 +31,7 @@ from agogosml.http import (
     error_response,
     header_for_log,
     http_error_middleware,
+    is_repeated,
     is_utf8,
     json_response,
     read_body,
@@ -286,6 +287,8 @@ def _utf8_header(headers: Any, name: str) -> str | None:
     aiohttp decodes header bytes that are not UTF-8 to lone surrogates, which
     cannot be encoded again, so such a value is rejected here with a 400.
     """
+    if is_repeated(headers, name):
+        raise BadRequest(400, f"header {name} is sent more than once; send it once")
     value = headers.get(name)
     if value is not None and not is_utf8(value):
         hint = (
@@ -339,7 +342,8 @@ def _decode_json(body: bytes) -> Any:
         # orjson rejects an integer beyond the range of a double, which is
         # valid JSON, so the exact decoder gets a second look.
         if "infinity" not in str(exc):
-            raise BadRequest(400, f"request body is not valid JSON: {exc}") from None
+            error = exact_json.decode_error(body, exc)
+            raise BadRequest(400, f"request body is not valid JSON: {error}") from None
     try:
         return exact_json.loads_exact(body, exact_json.int_or_fragment)
     except ValueError as exc:
