@@ -207,7 +207,9 @@ class FileSource(TrackedSource):
         """Return the next complete line, or None at the current end of the file.
 
         NOTE: a followed file that is truncated or replaced (log rotation) is not
-        detected; the source keeps waiting past the old end.
+        detected; the source keeps waiting past the old end. A line has no
+        length limit: it is held in memory whole, and the reader's copies of
+        it take several times its size before the app rejects it as too large.
         """
         if self._path == "-":
             return self._next_stdin_line()
