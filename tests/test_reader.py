@@ -1732,6 +1732,30 @@ async def test_permanent_dead_letter_error_drops_value():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_permanent_dead_letter_error_drops_key_next():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', key=b"card-1", headers=[("region", b"eu")])
+    dead_letter = MemorySink()
+    dead_letter.fail_next(2, retriable=False)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    headers = dead_letter_headers(record)
+    assert record.value == b""
+    assert record.key is None
+    assert "region" not in headers
+    assert "fail_next" in headers["dlq.value_dropped"]
+    assert "fail_next" in headers["dlq.key_and_headers_dropped"]
+    assert headers["dlq.source.offset"] == "0"
+    assert headers["dlq.status"] == "400"
+    assert source.committed == {(TOPIC, 0): 1}
+
+
 async def test_unauthorised_app_not_dead_lettered():
     source = MemorySource(TOPIC)
     fill(source, 2)

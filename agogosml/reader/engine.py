@@ -731,8 +731,9 @@ class InputReader:
         Any error is retried, not only SinkError, because giving up would leave
         the message unfinished and stall every commit behind it. An error that a
         retry cannot fix (a record too large for the sink, say) makes the next
-        attempt drop the value. The record keeps the source position, so the
-        value can still be read from the source.
+        attempt drop the value, and the one after that the key and the record
+        headers too. The record keeps the source position, so the message can
+        still be read from the source.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
@@ -746,8 +747,8 @@ class InputReader:
                     if failures == 1:
                         self._dead_letter_failures += 1
                     self._log_dead_letter_failure(envelope, exc, failures)
-                    if not getattr(exc, "retriable", False) and record.value:
-                        record = _without_value(record, exc)
+                    if not getattr(exc, "retriable", False):
+                        record = _smaller_dead_letter(record, exc)
                     await wait_backoff(
                         failures,
                         self._settings.retry_initial_backoff_ms / 1000,
@@ -934,15 +935,21 @@ def _position_fields(envelope: Envelope) -> dict[str, object]:
     }
 
 
-def _without_value(record: Envelope, error: Exception) -> Envelope:
-    headers = [*record.headers, ("dlq.value_dropped", str(error)[:500].encode())]
-    return Envelope(
-        value=b"",
-        key=record.key,
-        headers=headers,
-        id=record.id,
-        traceparent=record.traceparent,
-    )
+def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
+    """Return the dead letter with less of the message, after the sink rejected it.
+
+    The value goes first. Then the key and the record headers go, leaving the
+    ``dlq.*`` headers, which name the source position and are small.
+    """
+    reason = str(error)[:500].encode()
+    if record.value:
+        headers = [*record.headers, ("dlq.value_dropped", reason)]
+        return dataclasses.replace(record, value=b"", headers=headers)
+    context = [(name, value) for name, value in record.headers if name.startswith("dlq.")]
+    if record.key is None and len(context) == len(record.headers):
+        return record
+    headers = [*context, ("dlq.key_and_headers_dropped", reason)]
+    return dataclasses.replace(record, key=None, headers=headers)
 
 
 def _dead_letter_record(
