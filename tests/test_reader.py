@@ -1859,6 +1859,33 @@ async def test_429_without_retry_after_spends_attempts():
     assert context["dlq.attempts"] == "3"
 
 
+async def test_revoke_skips_wait_of_other_partition():
+    source = MemorySource(TOPIC, partitions=2)
+    fill(source, 1, partition=0)
+    fill(source, 1, partition=1)
+    dead_letter = MemorySink()
+
+    async def throttle_partition_zero(received: Received) -> web.Response:
+        if received.headers["X-Message-Id"].startswith(f"{TOPIC}:0:"):
+            return retry_after_response(429, "3600")
+        return status_response(200)
+
+    async with stub_app(throttle_partition_zero) as app:
+        # One lane for both keys: partition 1's message waits behind 0's.
+        settings = reader_settings(
+            app.url, stop_at_end=False, ordering=Ordering.KEY, concurrency=1
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: len(app.requests) == 1 and reader.in_flight == 2)
+            assert source.revoke_handler is not None
+            await asyncio.wait_for(source.revoke_handler([(TOPIC, 1)]), 5)
+            in_flight = reader.in_flight
+
+    assert [r.headers["X-Message-Id"] for r in app.requests] == [f"{TOPIC}:0:0"]
+    assert in_flight == 1
+    assert source.committed == {}
+
+
 async def test_stop_ends_retry_after_wait():
     source = MemorySource(TOPIC)
     fill(source, 1)

@@ -812,11 +812,14 @@ class InputReader:
     async def drain_partitions(self, partitions: list[tuple[str, int]]) -> None:
         """Wait until no message of `partitions` is in flight.
 
-        Returns at once after `run` has ended, because no worker is left to
-        finish anything.
+        Their messages that wait in a lane are released at once, so that the
+        revocation waits only for requests already sent, not for other
+        partitions' messages ahead of them in the lane. Returns at once after
+        `run` has ended, because no worker is left to finish anything.
         """
         self._revoking.update(partitions)
         self._wake_waiting_lanes()
+        self._release_queued(set(partitions))
         try:
             while not self._stopped and any(
                 self._partition_in_flight[key] > 0 for key in partitions
@@ -825,6 +828,30 @@ class InputReader:
                 await self._progress.wait()
         finally:
             self._revoking.difference_update(partitions)
+
+    def _release_queued(self, partitions: set[tuple[str, int]]) -> None:
+        """Release the messages of `partitions` that no worker has taken yet."""
+
+        def revoked(envelope: Envelope) -> bool:
+            position = envelope.position
+            return (
+                position is not None
+                and (position.topic, position.partition) in partitions
+            )
+
+        for lane in self._lanes.values():
+            queued = []
+            while not lane.queue.empty():
+                queued.append(lane.queue.get_nowait())
+            for envelope in [*lane.carry, *queued]:
+                if revoked(envelope):
+                    self._release(envelope)
+            lane.carry[:] = [
+                envelope for envelope in lane.carry if not revoked(envelope)
+            ]
+            for envelope in queued:
+                if not revoked(envelope):
+                    lane.queue.put_nowait(envelope)
 
     async def _finish_in_flight(self, timeout_seconds: float) -> None:
         async def wait_all() -> None:
@@ -945,7 +972,9 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
     if record.value:
         headers = [*record.headers, ("dlq.value_dropped", reason)]
         return dataclasses.replace(record, value=b"", headers=headers)
-    context = [(name, value) for name, value in record.headers if name.startswith("dlq.")]
+    context = [
+        (name, value) for name, value in record.headers if name.startswith("dlq.")
+    ]
     if record.key is None and len(context) == len(record.headers):
         return record
     headers = [*context, ("dlq.key_and_headers_dropped", reason)]
