@@ -470,3 +470,26 @@ async def test_rebalance_between_consume_calls_marks_stale() -> None:
     for envelope in fresh:
         source.ack(envelope)
     assert source._tracker.committable() == {("in", 0): 2}
+
+
+async def test_source_stop_quick_when_broker_gone(caplog) -> None:
+    # A cluster of its own, which stops when its last client is deleted.
+    admin = AdminClient({"test.mock.num.brokers": "1"})
+    brokers = admin.list_topics(timeout=10).brokers
+    bootstrap = ",".join(f"{b.host}:{b.port}" for b in brokers.values())
+    produce(bootstrap, "stop-in", 2)
+    settings = KafkaSettings(bootstrap_servers=bootstrap, group_id="g-stop")
+    source = KafkaSource(settings, ["stop-in"], revoke_timeout_seconds=1)
+    await source.start()
+    envelopes = await fetch_all(source, 2)
+    source.ack(envelopes[0])
+    await source.commit()
+
+    del admin
+    await asyncio.sleep(0.5)
+    source.ack(envelopes[1])  # finished while no broker runs
+    # A synchronous commit waited for the whole session timeout, 45 s.
+    await asyncio.wait_for(source.stop(), 20)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("will be delivered again" in text for text in errors)

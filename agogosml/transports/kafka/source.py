@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -18,6 +19,11 @@ from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
 
+#: How long the final commit at shutdown may wait for the broker. A synchronous
+#: commit has no time limit: with the coordinator gone it waited for the whole
+#: session timeout (45 s by default), past a pod's grace period.
+FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
+
 
 class KafkaSource(TrackedSource):
     """Consume topics with a consumer group, committing only finished messages.
@@ -26,6 +32,9 @@ class KafkaSource(TrackedSource):
     callbacks run there too. On revocation the source waits (up to
     `revoke_timeout_seconds`) for the reader to finish in-flight messages of the
     revoked partitions, then commits their finished prefix synchronously.
+    Periodic commits are asynchronous, so a broker that does not answer holds up
+    neither fetching nor a stop, and the commit at shutdown waits at most
+    `FINAL_COMMIT_TIMEOUT_SECONDS`.
     """
 
     def __init__(
@@ -47,6 +56,11 @@ class KafkaSource(TrackedSource):
         self._revoke_handler: RevokeHandler | None = None
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
+        #: Offsets of asynchronous commits that the broker has not confirmed.
+        self._committing: dict[tuple[str, int], int] = {}
+        #: Set at shutdown when the final commit did not finish: close() then
+        #: does not try again, which would wait without a time limit.
+        self._skip_closing_commit = False
         self._commit_task: asyncio.Task[None] | None = None
         self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
 
@@ -99,6 +113,7 @@ class KafkaSource(TrackedSource):
                 "auto.offset.reset": self._settings.auto_offset_reset,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
+                "on_commit": self._on_commit,
                 **self._health.config(on_statistics=_record_lag),
             }
         )
@@ -112,11 +127,10 @@ class KafkaSource(TrackedSource):
             await asyncio.gather(self._commit_task, return_exceptions=True)
         if self._consumer is not None:
             try:
-                await self._call(self._commit_sync, None)
-            except KafkaException as exc:
-                # close() commits again while it revokes the partitions.
-                logger.error("final offset commit failed: %s", exc)
+                await self._call(self._commit_final, FINAL_COMMIT_TIMEOUT_SECONDS)
             finally:
+                # NOTE: close() still waits for a periodic commit that was sent
+                # just before the brokers went away, up to the session timeout.
                 await self._call(self._consumer.close)
                 self._consumer = None
         self._thread.shutdown(wait=True)
@@ -225,19 +239,119 @@ class KafkaSource(TrackedSource):
         while True:
             await asyncio.sleep(interval)
             try:
-                await self._call(self._commit_sync, None)
+                await self._call(self._commit_async)
             except KafkaException as exc:
                 logger.warning("offset commit failed, will retry: %s", exc)
 
-    def _commit_sync(self, only: set[tuple[str, int]] | None) -> None:
-        if self._consumer is None:
-            return
-        offsets = [
+    def _uncommitted(self, only: set[tuple[str, int]] | None) -> list[TopicPartition]:
+        """Return the finished prefixes that differ from the last confirmed commit."""
+        return [
             TopicPartition(topic, partition, offset)
             for (topic, partition), offset in self._tracker.committable().items()
             if self._committed.get((topic, partition)) != offset
             and (only is None or (topic, partition) in only)
         ]
+
+    def _commit_async(self) -> None:
+        """Commit the finished prefixes without waiting for the broker.
+
+        `_on_commit` records the result, during a later consume call.
+        """
+        if self._consumer is None:
+            return
+        offsets = [
+            tp
+            for tp in self._uncommitted(None)
+            if self._committing.get((tp.topic, tp.partition)) != tp.offset
+        ]
+        if not offsets:
+            return
+        for tp in offsets:
+            self._committing[(tp.topic, tp.partition)] = tp.offset
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException:
+            for tp in offsets:
+                self._committing.pop((tp.topic, tp.partition), None)
+            raise
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[Any]) -> None:
+        """Record the partitions of an asynchronous commit that the broker confirmed."""
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if self._committing.get(key) != tp.offset:
+                continue  # an older commit, or a partition assigned again since
+            del self._committing[key]
+            if error is None and tp.error is None:
+                self._committed[key] = tp.offset
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            logger.warning("offset commit failed, will retry: %s", error)
+
+    def _commit_final(self, timeout_seconds: float) -> None:
+        """Commit every finished prefix at shutdown, waiting at most `timeout_seconds`.
+
+        The commit is asynchronous, and polling serves its result. A message
+        that a poll returns now is past every message the reader took, so it
+        is neither sent nor committed, and is read again after a restart.
+        """
+        assert self._consumer is not None
+        offsets = self._uncommitted(None)
+        if not offsets:
+            return
+        # Serves the callbacks that arrived since the last fetch, error reports
+        # of a lost broker connection among them.
+        self._consumer.poll(0)
+        if not self._health.up:
+            # close() would wait for a commit that no broker answers.
+            self._skip_closing_commit = True
+            logger.error(
+                "final offset commit skipped, because the brokers at %s are "
+                "unreachable (%s); the messages finished since the last commit "
+                "will be delivered again",
+                self._settings.resolved_bootstrap_servers(),
+                self._health.last_error or "no connection",
+            )
+            return
+        for tp in offsets:
+            self._committing[(tp.topic, tp.partition)] = tp.offset
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                logger.error("final offset commit failed: %s", exc)
+                self._skip_closing_commit = True
+            return
+        deadline = time.monotonic() + timeout_seconds
+        keys = [(tp.topic, tp.partition) for tp in offsets]
+        while any(key in self._committing for key in keys):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._skip_closing_commit = True
+                logger.error(
+                    "final offset commit not confirmed by the brokers at %s within "
+                    "%.1f s (last error: %s); the messages finished since the last "
+                    "commit will be delivered again",
+                    self._settings.resolved_bootstrap_servers(),
+                    timeout_seconds,
+                    self._health.last_error or "none",
+                )
+                return
+            self._consumer.poll(min(remaining, 0.1))
+        confirmed = all(
+            self._committed.get(key) == tp.offset
+            for key, tp in zip(keys, offsets, strict=True)
+        )
+        if not confirmed:
+            self._skip_closing_commit = True
+            logger.error(
+                "final offset commit failed; the messages finished since the last "
+                "commit will be delivered again"
+            )
+
+    def _commit_sync(self, only: set[tuple[str, int]] | None) -> None:
+        if self._consumer is None:
+            return
+        offsets = self._uncommitted(only)
         if not offsets:
             return
         try:
@@ -254,6 +368,7 @@ class KafkaSource(TrackedSource):
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
             self._committed.pop((tp.topic, tp.partition), None)
+            self._committing.pop((tp.topic, tp.partition), None)
         consumer.assign(partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
@@ -262,10 +377,11 @@ class KafkaSource(TrackedSource):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._drain(keys)
-        try:
-            self._commit_sync(set(keys))
-        except KafkaException as exc:
-            logger.error("commit on revocation failed: %s", exc)
+        if not self._skip_closing_commit:
+            try:
+                self._commit_sync(set(keys))
+            except KafkaException as exc:
+                logger.error("commit on revocation failed: %s", exc)
         for topic, partition in keys:
             self._tracker.revoke(topic, partition)
             _forget_lag(topic, partition)
