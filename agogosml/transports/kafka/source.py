@@ -32,7 +32,7 @@ class KafkaSource(TrackedSource):
     callbacks run there too. On revocation the source waits (up to
     `revoke_timeout_seconds`) for the reader to finish in-flight messages of the
     revoked partitions, then commits their finished prefix synchronously.
-    Periodic commits are asynchronous, so a broker that does not answer holds up
+    Periodic commits are asynchronous, so a broker that does not respond holds up
     neither fetching nor a stop, and the commit at shutdown waits at most
     `FINAL_COMMIT_TIMEOUT_SECONDS`.
     """
@@ -302,7 +302,7 @@ class KafkaSource(TrackedSource):
         # of a lost broker connection among them.
         self._consumer.poll(0)
         if not self._health.up:
-            # close() would wait for a commit that no broker answers.
+            # close() would wait for a commit that no broker confirms.
             self._skip_closing_commit = True
             logger.error(
                 "final offset commit skipped, because the brokers at %s are "
