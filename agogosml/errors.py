@@ -43,6 +43,8 @@ class SinkError(TransportError):
     Attributes:
         failures: Message id of each record known not to be written, with the
             reason. Empty when the sink cannot tell records apart.
+        too_large: True when the records in `failures` are over a size limit of
+            the sink, so that only smaller records can be written.
     """
 
     def __init__(
@@ -51,9 +53,11 @@ class SinkError(TransportError):
         *,
         retriable: bool = True,
         failures: dict[str, str] | None = None,
+        too_large: bool = False,
     ) -> None:
         super().__init__(message, retriable=retriable)
         self.failures = failures or {}
+        self.too_large = too_large
 
 
 class AppRequestError(AgogosmlError):

@@ -159,11 +159,19 @@ class MemorySink(Sink):
         self.on_send: Callable[[], None] | None = None
         self._failures_left = 0
         self._failures_retriable = True
+        self._failures_too_large = False
 
-    def fail_next(self, count: int, *, retriable: bool = True) -> None:
-        """Make the next `count` calls of `send` raise `SinkError`."""
+    def fail_next(
+        self, count: int, *, retriable: bool = True, too_large: bool = False
+    ) -> None:
+        """Make the next `count` calls of `send` raise `SinkError`.
+
+        With `too_large`, the error names every record as too large, as a sink
+        does for a record over its size limit.
+        """
         self._failures_left = count
         self._failures_retriable = retriable
+        self._failures_too_large = too_large
 
     @property
     def connected(self) -> bool:
@@ -188,9 +196,16 @@ class MemorySink(Sink):
             raise SinkError("memory sink is not started")
         if self._failures_left > 0:
             self._failures_left -= 1
+            failures = (
+                {envelope.id: "too large" for envelope in envelopes}
+                if self._failures_too_large
+                else None
+            )
             raise SinkError(
                 "memory sink failed this send, as fail_next requested",
                 retriable=self._failures_retriable,
+                failures=failures,
+                too_large=self._failures_too_large,
             )
         self.envelopes.extend(envelopes)
 

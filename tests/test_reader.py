@@ -1716,7 +1716,7 @@ async def test_permanent_dead_letter_error_drops_value():
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
-    dead_letter.fail_next(1, retriable=False)
+    dead_letter.fail_next(1, retriable=False, too_large=True)
 
     async def reject(received: Received) -> web.Response:
         return status_response(400, "invalid")
@@ -1732,11 +1732,31 @@ async def test_permanent_dead_letter_error_drops_value():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_permanent_dead_letter_error_keeps_value():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    # Say a missing permission: an operator fixes it, and the record is whole.
+    dead_letter.fail_next(2, retriable=False)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    assert record.value == b'{"n":0}'
+    assert "dlq.value_dropped" not in dead_letter_headers(record)
+    assert dead_letter.send_calls == 3
+    assert source.committed == {(TOPIC, 0): 1}
+
+
 async def test_permanent_dead_letter_error_drops_key_next():
     source = MemorySource(TOPIC)
     source.add(b'{"n": 0}', key=b"card-1", headers=[("region", b"eu")])
     dead_letter = MemorySink()
-    dead_letter.fail_next(2, retriable=False)
+    dead_letter.fail_next(2, retriable=False, too_large=True)
 
     async def reject(received: Received) -> web.Response:
         return status_response(400, "invalid")

@@ -13,6 +13,7 @@ from typing import Any
 
 from agogosml.config import Ordering, ReaderSettings, redact_url
 from agogosml.envelope import Envelope
+from agogosml.errors import SinkError
 from agogosml.metrics import (
     DEAD_LETTERED,
     IN_FLIGHT,
@@ -729,11 +730,12 @@ class InputReader:
         """Write a message to the dead-letter sink, retrying until it succeeds.
 
         Any error is retried, not only SinkError, because giving up would leave
-        the message unfinished and stall every commit behind it. An error that a
-        retry cannot fix (a record too large for the sink, say) makes the next
-        attempt drop the value, and the one after that the key and the record
-        headers too. The record keeps the source position, so the message can
-        still be read from the source.
+        the message unfinished and stall every commit behind it. When the sink
+        rejects the record for good as too large, the next attempt drops the
+        value, and the one after that the key and the record headers too. The
+        record keeps the source position, so the message can still be read from
+        the source. Any other error, a missing permission say, is retried with
+        the whole record until an operator fixes it.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
@@ -747,7 +749,7 @@ class InputReader:
                     if failures == 1:
                         self._dead_letter_failures += 1
                     self._log_dead_letter_failure(envelope, exc, failures)
-                    if not getattr(exc, "retriable", False):
+                    if _too_large(exc):
                         record = _smaller_dead_letter(record, exc)
                     await wait_backoff(
                         failures,
@@ -960,6 +962,11 @@ def _position_fields(envelope: Envelope) -> dict[str, object]:
         "partition": position.partition,
         "offset": position.offset,
     }
+
+
+def _too_large(error: Exception) -> bool:
+    """Return whether a sink rejected a record for good because of its size."""
+    return isinstance(error, SinkError) and error.too_large and not error.retriable
 
 
 def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:

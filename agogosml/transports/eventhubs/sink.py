@@ -176,6 +176,7 @@ class EventHubsSink(Sink):
                 f"event {first.id!r}: {reason}",
                 retriable=False,
                 failures=_by_id(too_large),
+                too_large=True,
             )
         return list(groups.values())
 

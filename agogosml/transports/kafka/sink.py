@@ -301,6 +301,7 @@ class KafkaSink(Sink):
                 f"{problem}",
                 retriable=False,
                 failures={envelope.id: problem for envelope, problem in too_large},
+                too_large=bool(too_large),
             )
         return sized
 
@@ -409,6 +410,7 @@ class KafkaSink(Sink):
             text,
             retriable=retriable,
             failures={envelope.id: problem for envelope, problem in too_large},
+            too_large=bool(too_large),
         )
 
 
