@@ -8,6 +8,8 @@ from fakes import MemorySink
 
 from agogosml.config import KafkaSettings, WriterSettings, load_settings
 from agogosml.transports.kafka import KafkaSink, KafkaSource
+from agogosml.transports.kafka import health as health_module
+from agogosml.transports.kafka.health import BrokerHealth
 from agogosml.writer.service import OutputWriter
 
 FAILURE = "the kafka producer failed for good (boom); restart the service"
@@ -57,3 +59,16 @@ def test_kafka_clients_report_fatal_error() -> None:
 
     assert sink.failure is not None and "restart the service" in sink.failure
     assert source.failure is not None and "producer fenced" in source.failure
+
+
+def test_repeated_kafka_error_logged_once(caplog) -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    error = KafkaError(KafkaError._AUTHENTICATION, "SASL handshake failed")
+
+    for _ in range(20):
+        health.on_error(error)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == health_module.__name__]
+    assert len(lines) == 1
+    assert "SASL handshake failed" in lines[0]
+    assert "check KAFKA_SECURITY_PROTOCOL" in lines[0]

@@ -278,6 +278,9 @@ def _free_port(host: str = HOST) -> int:
 
 def _check_port_free(port: int, host: str = HOST) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # A port whose earlier connections wait in TIME_WAIT is free for a
+        # listening server, so it counts as free here too.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:

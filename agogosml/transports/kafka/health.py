@@ -16,6 +16,22 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_MS = 2000
 
 
+#: Least time between two log lines of one Kafka error code.
+ERROR_LOG_INTERVAL_SECONDS = 60.0
+
+#: What to check for errors of the client's own settings.
+_ERROR_HINTS = {
+    KafkaError._AUTHENTICATION: (
+        "check KAFKA_SECURITY_PROTOCOL against the broker's listener, and "
+        "KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+    ),
+    KafkaError._SSL: (
+        "check KAFKA_SECURITY_PROTOCOL and KAFKA_SSL_CA_LOCATION against the "
+        "broker's certificate"
+    ),
+}
+
+
 class BrokerHealth:
     """Track whether a client can reach a broker, from its statistics and errors.
 
@@ -37,6 +53,8 @@ class BrokerHealth:
         self.fatal = False
         #: Text of the last connection or fatal error, for error responses.
         self.last_error = ""
+        self._error_logged_at: dict[int, float] = {}
+        self._errors_not_logged: dict[int, int] = {}
 
     def on_statistics(self, stats: dict[str, Any]) -> None:
         """Update from one parsed statistics report."""
@@ -57,7 +75,7 @@ class BrokerHealth:
             logger.error("kafka %s failed for good: %s", self._client, error)
             return
         if error.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
-            logger.error("kafka %s error: %s", self._client, error)
+            self._log_error(error)
             return
         self.last_error = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
@@ -72,6 +90,29 @@ class BrokerHealth:
                 self._bootstrap_servers,
                 error.str(),
             )
+
+    def _log_error(self, error: KafkaError) -> None:
+        """Log an error, each error code at most once per interval.
+
+        librdkafka reports some errors, such as a failed SASL handshake, on
+        every reconnect, several times a second.
+        """
+        code = error.code()
+        now = time.monotonic()
+        last = self._error_logged_at.get(code)
+        if last is not None and now - last < ERROR_LOG_INTERVAL_SECONDS:
+            self._errors_not_logged[code] = self._errors_not_logged.get(code, 0) + 1
+            return
+        self._error_logged_at[code] = now
+        repeats = self._errors_not_logged.pop(code, 0)
+        hint = _ERROR_HINTS.get(code, "")
+        logger.error(
+            "kafka %s error: %s%s%s",
+            self._client,
+            error,
+            f"; {hint}" if hint else "",
+            f" ({repeats} more since the last line)" if repeats else "",
+        )
 
     def describe_down(self) -> str:
         """Return why the client is not up, naming the brokers and the last error."""

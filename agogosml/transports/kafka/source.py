@@ -391,6 +391,7 @@ class KafkaSource(TrackedSource):
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._tracker.revoke(tp.topic, tp.partition)
+            _forget_lag(tp.topic, tp.partition)
         consumer.unassign()
         logger.warning(
             "partitions lost; their in-flight messages will be redelivered",
