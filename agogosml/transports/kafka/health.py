@@ -16,10 +16,10 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_MS = 2000
 
 
-#: Least time between two log lines of one Kafka error code.
+#: Minimum time between two log lines of one Kafka error code, in seconds.
 ERROR_LOG_INTERVAL_SECONDS = 60.0
 
-#: What to check for errors of the client's own settings.
+#: Hints for errors that come from the client's own settings, by error code.
 _ERROR_HINTS = {
     KafkaError._AUTHENTICATION: (
         "check KAFKA_SECURITY_PROTOCOL against the broker's listener, and "
