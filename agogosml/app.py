@@ -114,9 +114,12 @@ class AppSettings(BaseSettings):
         "surrounding whitespace is removed.",
     )
     writer_timeout_ms: int = Field(
-        30000,
+        25000,
         ge=1,
-        description="APP_WRITER_TIMEOUT_MS: timeout of one writer request, in ms.",
+        description="APP_WRITER_TIMEOUT_MS: timeout of one writer request, in ms. "
+        "Keep it between the writer's KAFKA_DELIVERY_TIMEOUT_MS and the reader's "
+        "READER_REQUEST_TIMEOUT_MS, so that a failed write reaches the reader as "
+        "a 503 and not as a timeout.",
     )
     writer_max_body_bytes: int = Field(
         DEFAULT_WRITER_MAX_BODY_BYTES,

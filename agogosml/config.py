@@ -312,12 +312,14 @@ class KafkaSettings(BaseSettings):
         "string; sets SASL_SSL, PLAIN and the username $ConnectionString.",
     )
     delivery_timeout_ms: int = Field(
-        30000,
+        20000,
         ge=1000,
         le=MAX_DELIVERY_TIMEOUT_MS,
         description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
         "record before reporting it failed, in milliseconds, from 1000 to "
-        "2147483647 and greater than KAFKA_LINGER_MS.",
+        "2147483647 and greater than KAFKA_LINGER_MS. Keep it below "
+        "APP_WRITER_TIMEOUT_MS, so that the writer responds 503 before the app "
+        "gives up on it.",
     )
     # The writer responds only after the broker acknowledged, so any linger adds
     # to every request's latency. Records of concurrent requests still batch
@@ -620,10 +622,11 @@ class EventHubSettings(BaseSettings):
         "stops the writer at start-up.",
     )
     send_timeout_ms: int = Field(
-        60000,
+        20000,
         ge=1000,
         description="EVENTHUB_SEND_TIMEOUT_MS: how long the producer tries to "
-        "send one batch before it reports the batch failed, in milliseconds.",
+        "send one batch before it reports the batch failed, in milliseconds. Keep "
+        "it below APP_WRITER_TIMEOUT_MS, as KAFKA_DELIVERY_TIMEOUT_MS.",
     )
     transport_type: EventHubsTransportType = Field(
         EventHubsTransportType.AMQP,

@@ -117,13 +117,22 @@ class OutputWriter:
         self._tap = tap
         self._in_flight = 0
         self._draining = False
+        self._sink_failing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def ready(self) -> bool:
-        """Whether the sink is connected and the writer is not shutting down."""
-        return self._sink.connected and not self._draining
+        """Whether the sink is connected and writes, and the writer is not stopping.
+
+        After a write that failed with an error that a retry may fix (a broker
+        that does not acknowledge, a missing topic), the writer is not ready
+        until a write succeeds. Requests are still accepted meanwhile, so the
+        retries show when the sink writes again. A model app follows the
+        writer's readiness, and the reader then waits without spending attempts
+        instead of dead-lettering valid messages.
+        """
+        return self._sink.connected and not self._draining and not self._sink_failing
 
     def build_app(self) -> web.Application:
         """Return the aiohttp application with data, health and metrics routes."""
@@ -189,6 +198,12 @@ class OutputWriter:
         try:
             await self._sink.send(envelopes)
         except SinkError as exc:
+            if exc.retriable and not self._sink_failing:
+                self._sink_failing = True
+                logger.warning(
+                    "not ready until a write succeeds, because the sink failed: %s",
+                    exc,
+                )
             logger.error(
                 "sink did not acknowledge records",
                 extra={
@@ -204,6 +219,9 @@ class OutputWriter:
             IN_FLIGHT.labels(SERVICE).set(self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
+        if self._sink_failing:
+            self._sink_failing = False
+            logger.info("the sink writes again; ready")
         SINK_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
         MESSAGES_OUT.labels(SERVICE).inc(count)
         if self._tap is not None:
