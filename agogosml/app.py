@@ -159,6 +159,8 @@ class _Reject(Exception):
         super().__init__(message)
         self.status = status
         self.log_level = log_level
+        #: Retry-After of the writer's response, passed on to the reader.
+        self.retry_after: str | None = None
 
 
 class ModelApp:
@@ -353,11 +355,16 @@ class ModelApp:
                 # large body is not read in full.
                 start = await read_start(response.content, _ERROR_TEXT_BYTES)
                 text = start.decode("utf-8", "replace")
+                retry_after = response.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _Reject(
                 503, f"output writer at {url} is unreachable: {exc!s}"
             ) from None
-        raise _writer_error(self._writer_url, response.status, text)
+        error = _writer_error(self._writer_url, response.status, text)
+        if error.status == 503 and response.status in (429, 503) and retry_after:
+            # The reader waits so without using up an attempt.
+            error.retry_after = retry_after
+        raise error
 
     async def _watch_writer(self) -> None:
         assert self._session is not None
@@ -465,7 +472,8 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
                 "message_id": header_for_log(request.headers, "X-Message-Id"),
             },
         )
-        return error_response(exc.status, str(exc))
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return error_response(exc.status, str(exc), headers=headers)
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             413,

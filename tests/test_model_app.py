@@ -69,6 +69,7 @@ class StubWriter:
         self.url = ""
         self.status = 200
         self.status_by_request: dict[int, int] = {}
+        self.retry_after = ""
         self.requests: list[Forwarded] = []
 
     def build_app(self) -> web.Application:
@@ -85,7 +86,10 @@ class StubWriter:
         status = self.status_by_request.get(len(self.requests), self.status)
         if status == 200:
             return web.json_response({"written": 1})
-        return web.json_response({"error": "sink unavailable"}, status=status)
+        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        return web.json_response(
+            {"error": "sink unavailable"}, status=status, headers=headers
+        )
 
     async def _readyz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ready"})
@@ -495,6 +499,25 @@ async def test_unknown_path_and_method_json():
 # ---------------------------------------------------------------------------
 # Writer failures
 # ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("writer_status", "retry_after", "passed_on"),
+    [(503, "7", "7"), (429, "7", "7"), (503, "", None), (500, "7", None)],
+)
+@pytest.mark.parametrize("path", ["/", "/batch"])
+async def test_writer_retry_after_passed_on(
+    writer_status, retry_after, passed_on, path
+):
+    body = b'{"amount": 1}' if path == "/" else b'[{"value": {"amount": 1}}]'
+    async with stub_writer() as writer:
+        writer.status = writer_status
+        writer.retry_after = retry_after
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(path, data=body, headers=JSON)
+
+    assert response.status == 503
+    assert response.headers.get("Retry-After") == passed_on
 
 
 @pytest.mark.parametrize(

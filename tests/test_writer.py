@@ -756,36 +756,28 @@ async def test_draining_rejects_new_waits_in_flight():
     assert [record.value for record in sink.envelopes] == [b"1"]
 
 
-async def test_not_ready_while_sink_fails():
+async def test_sink_failure_503_asks_retry_after():
     sink = await started_sink()
-    sink.fail_next(2)
+    sink.fail_next(1)
 
-    async with serve_writer(sink) as (client, writer):
-        first = await client.post("/", data=b"1", headers=JSON)
-        ready_after_failure = (await client.get("/readyz")).status
-        second = await client.post("/", data=b"2", headers=JSON)
-        third = await client.post("/", data=b"3", headers=JSON)
-        ready_after_success = (await client.get("/readyz")).status
+    async with serve_writer(sink) as (client, _):
+        failed = await client.post("/", data=b"1", headers=JSON)
+        retried = await client.post("/", data=b"1", headers=JSON)
 
-    assert first.status == 503
-    assert ready_after_failure == 503
-    # Requests are still taken while not ready, so a retry shows the recovery.
-    assert second.status == 503
-    assert third.status == 200
-    assert ready_after_success == 200
-    assert [envelope.value for envelope in sink.envelopes] == [b"3"]
+    assert failed.status == 503
+    assert failed.headers["Retry-After"] == "5"
+    assert retried.status == 200
 
 
-async def test_permanent_sink_error_keeps_ready():
+async def test_permanent_sink_error_no_retry_after():
     sink = await started_sink()
     sink.fail_next(1, retriable=False)
 
     async with serve_writer(sink) as (client, _):
         response = await client.post("/", data=b"1", headers=JSON)
-        ready = (await client.get("/readyz")).status
 
     assert response.status == 422
-    assert ready == 200
+    assert "Retry-After" not in response.headers
 
 
 async def test_tap_gets_written_records():

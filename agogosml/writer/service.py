@@ -93,12 +93,24 @@ def load_tap(spec: str) -> Tap:
     )
 
 
-class BadRequest(Exception):
-    """A request that cannot become records; `status` is the HTTP response status."""
+#: Seconds that a 503 for a sink failure asks clients to wait with Retry-After.
+#: The reader waits so without using up an attempt, so a broker outage or a
+#: missing topic does not move valid messages to the dead letters.
+SINK_RETRY_AFTER_SECONDS = 5
 
-    def __init__(self, status: int, message: str) -> None:
+
+class BadRequest(Exception):
+    """A request that cannot become records; `status` is the HTTP response status.
+
+    `retry_after` is the value of a Retry-After header in seconds, or None.
+    """
+
+    def __init__(
+        self, status: int, message: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 class OutputWriter:
@@ -117,22 +129,13 @@ class OutputWriter:
         self._tap = tap
         self._in_flight = 0
         self._draining = False
-        self._sink_failing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def ready(self) -> bool:
-        """Whether the sink is connected and writes, and the writer is not stopping.
-
-        After a write that failed with an error that a retry may fix (a broker
-        that does not acknowledge, a missing topic), the writer is not ready
-        until a write succeeds. Requests are still accepted meanwhile, so the
-        retries show when the sink writes again. A model app follows the
-        writer's readiness, and the reader then waits without spending attempts
-        instead of dead-lettering valid messages.
-        """
-        return self._sink.connected and not self._draining and not self._sink_failing
+        """Whether the sink is connected and the writer is not shutting down."""
+        return self._sink.connected and not self._draining
 
     def build_app(self) -> web.Application:
         """Return the aiohttp application with data, health and metrics routes."""
@@ -198,12 +201,6 @@ class OutputWriter:
         try:
             await self._sink.send(envelopes)
         except SinkError as exc:
-            if exc.retriable and not self._sink_failing:
-                self._sink_failing = True
-                logger.warning(
-                    "not ready until a write succeeds, because the sink failed: %s",
-                    exc,
-                )
             logger.error(
                 "sink did not acknowledge records",
                 extra={
@@ -219,9 +216,6 @@ class OutputWriter:
             IN_FLIGHT.labels(SERVICE).set(self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
-        if self._sink_failing:
-            self._sink_failing = False
-            logger.info("the sink writes again; ready")
         SINK_SECONDS.labels(SERVICE).observe(time.perf_counter() - started)
         MESSAGES_OUT.labels(SERVICE).inc(count)
         if self._tap is not None:
@@ -249,7 +243,11 @@ class OutputWriter:
 def _sink_error_response(exc: SinkError) -> BadRequest:
     """Return 503 for a failure a retry may fix, else 422 so callers stop retrying."""
     if exc.retriable:
-        return BadRequest(503, f"records were not written: {exc}")
+        return BadRequest(
+            503,
+            f"records were not written: {exc}",
+            retry_after=SINK_RETRY_AFTER_SECONDS,
+        )
     return BadRequest(
         422,
         f"records were not written, and a retry would fail the same way: {exc}",
@@ -261,7 +259,10 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         return await handler(request)
     except BadRequest as exc:
-        return _reject(request, exc.status, str(exc))
+        headers = None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
+        return _reject(request, exc.status, str(exc), headers)
     except web.HTTPRequestEntityTooLarge:
         return _reject(
             request,
@@ -271,7 +272,12 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         )
 
 
-def _reject(request: web.Request, status: int, message: str) -> web.Response:
+def _reject(
+    request: web.Request,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     REJECTED_REQUESTS.labels(SERVICE, str(status)).inc()
     logger.info(
         "request rejected",
@@ -282,7 +288,7 @@ def _reject(request: web.Request, status: int, message: str) -> web.Response:
             "message_id": header_for_log(request.headers, "X-Message-Id"),
         },
     )
-    return error_response(status, message)
+    return error_response(status, message, headers=headers)
 
 
 def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
