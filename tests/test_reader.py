@@ -37,6 +37,7 @@ from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope, trace_id
 from agogosml.reader import client as client_module
 from agogosml.reader import engine
+from agogosml.reader import service as reader_service
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
 from agogosml.reader.service import serve_reader
@@ -2193,3 +2194,21 @@ async def test_batch_sends_long_key_in_body():
 
     assert [item["key"] for item in app.accepted[0].json()] == [long_key.decode()]
     assert dead_letter.envelopes == []
+
+
+class StuckSink(MemorySink):
+    """A sink whose stop never returns, as a flush to an unreachable broker."""
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_dead_letter_stop_bounded(monkeypatch, caplog):
+    monkeypatch.setattr(reader_service, "DEAD_LETTER_STOP_SECONDS", 0.1)
+    sink = StuckSink()
+    await sink.start()
+
+    await asyncio.wait_for(reader_service.stop_dead_letter_sink(sink), 5)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("did not stop within 0.1 s" in text for text in errors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -17,9 +18,28 @@ from agogosml.http import (
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader
 from agogosml.reader.transform import load_transform
+from agogosml.transports.base import Sink
 from agogosml.transports.factory import build_sink, build_source
 
 logger = logging.getLogger(__name__)
+
+#: How long the dead-letter sink may take to stop. A record it has not written
+#: by the shutdown belongs to a message that is not finished, and so not
+#: committed: it is read again after a restart. Without a limit, a Kafka sink
+#: flushes for up to 30 s after READER_SHUTDOWN_TIMEOUT_MS already passed.
+DEAD_LETTER_STOP_SECONDS = 5.0
+
+
+async def stop_dead_letter_sink(sink: Sink) -> None:
+    """Stop the dead-letter sink, giving up after `DEAD_LETTER_STOP_SECONDS`."""
+    try:
+        await asyncio.wait_for(sink.stop(), DEAD_LETTER_STOP_SECONDS)
+    except TimeoutError:
+        logger.error(
+            "the dead-letter sink did not stop within %.1f s; the messages of its "
+            "unwritten records are not committed and will be read again",
+            DEAD_LETTER_STOP_SECONDS,
+        )
 
 
 async def serve_reader(settings: ReaderSettings) -> None:
@@ -60,7 +80,10 @@ async def serve_reader(settings: ReaderSettings) -> None:
         loop.add_signal_handler(signum, reader.request_stop)
     try:
         await client.start()
-        async with source, dead_letter:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(source)
+            await dead_letter.start()
+            stack.push_async_callback(stop_dead_letter_sink, dead_letter)
             logger.info(
                 "input reader started",
                 extra={
