@@ -362,7 +362,7 @@ class ModelApp:
             ) from None
         error = _writer_error(self._writer_url, response.status, text)
         if error.status == 503 and response.status in (429, 503) and retry_after:
-            # The reader waits so without using up an attempt.
+            # The reader then waits that long without using up an attempt.
             error.retry_after = retry_after
         raise error
 

@@ -179,8 +179,8 @@ def _payload_problem(request: web.Request, exc: RequestPayloadError) -> str:
     encoding = request.headers.get("Content-Encoding")
     if encoding:
         return (
-            f"request body is not valid {encoding[:40]!r} data, as its "
-            "Content-Encoding header says it is; send it compressed that way, or "
+            f"request body is not valid {encoding[:40]!r} data, which its "
+            "Content-Encoding header declares; send it compressed that way, or "
             "uncompressed without Content-Encoding"
         )
     return f"request body is malformed: {_payload_error(exc).message}"

@@ -135,6 +135,16 @@ class StubApp:
         return [received.number for received in self.accepted]
 
 
+def accept_after(release: asyncio.Event) -> Responder:
+    """Return a responder that holds every request until `release` is set."""
+
+    async def respond(received: Received) -> web.Response:
+        await release.wait()
+        return status_response(200)
+
+    return respond
+
+
 @contextlib.asynccontextmanager
 async def stub_app(respond: Responder = accept) -> AsyncIterator[StubApp]:
     stub = StubApp(respond)
@@ -1238,11 +1248,7 @@ async def test_max_in_flight_pauses_source():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_all(received: Received) -> web.Response:
-        await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_all) as app:
+    async with stub_app(accept_after(release)) as app:
         settings = reader_settings(
             app.url, ordering=Ordering.UNORDERED, concurrency=4, max_in_flight=2
         )
@@ -1296,11 +1302,7 @@ async def test_request_stop_finishes_only_sent_requests():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_all(received: Received) -> web.Response:
-        await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_all) as app:
+    async with stub_app(accept_after(release)) as app:
         settings = reader_settings(app.url, stop_at_end=False)
         async with running_reader(settings, source, dead_letter) as (reader, task):
             await wait_for(lambda: len(app.requests) == 1)
@@ -1325,11 +1327,7 @@ async def test_shutdown_timeout_leaves_uncommitted():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_all(received: Received) -> web.Response:
-        await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_all) as app:
+    async with stub_app(accept_after(release)) as app:
         settings = reader_settings(app.url, stop_at_end=False, shutdown_timeout_ms=100)
         try:
             async with running_reader(settings, source, dead_letter) as (reader, _):
@@ -1362,11 +1360,7 @@ async def test_stop_sends_queued_of_unreplayable_source():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_all(received: Received) -> web.Response:
-        await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_all) as app:
+    async with stub_app(accept_after(release)) as app:
         settings = reader_settings(app.url, stop_at_end=False)
         async with running_reader(settings, source, dead_letter) as (reader, task):
             await wait_for(lambda: len(app.requests) == 1)
@@ -1389,11 +1383,7 @@ async def test_shutdown_timeout_reports_unreplayable_loss(caplog):
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_all(received: Received) -> web.Response:
-        await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_all) as app:
+    async with stub_app(accept_after(release)) as app:
         settings = reader_settings(app.url, stop_at_end=False, shutdown_timeout_ms=100)
         try:
             async with running_reader(settings, source, dead_letter) as (reader, _):

@@ -118,31 +118,37 @@ def test_missing_transform_rejected():
         load_transform(f"{MODULE}:no_such_function")
 
 
-def test_async_transform_stops_reader(tmp_path):
-    input_file = tmp_path / "in.jsonl"
-    input_file.write_text('{"n": 0}\n')
-    spec = f"{MODULE}:keep_async"
+def run_service(module: str, settings: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a service with `settings` and none of the caller's own service settings."""
     environment = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("READER_", "KAFKA_", "EVENTHUB_"))
+        if not name.startswith(("READER_", "WRITER_", "KAFKA_", "EVENTHUB_"))
     }
-    environment.update(
-        {
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
-            "READER_INPUT": str(input_file),
-            "READER_APP_URL": "http://127.0.0.1:1",
-            "READER_PORT": "0",
-            "READER_TRANSFORM": spec,
-        }
-    )
-
-    result = subprocess.run(
-        [sys.executable, "-m", "agogosml.reader"],
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])
+    environment.update(settings)
+    return subprocess.run(
+        [sys.executable, "-m", module],
         env=environment,
         capture_output=True,
         text=True,
         timeout=60,
+    )
+
+
+def test_async_transform_stops_reader(tmp_path):
+    input_file = tmp_path / "in.jsonl"
+    input_file.write_text('{"n": 0}\n')
+    spec = f"{MODULE}:keep_async"
+
+    result = run_service(
+        "agogosml.reader",
+        {
+            "READER_INPUT": str(input_file),
+            "READER_APP_URL": "http://127.0.0.1:1",
+            "READER_PORT": "0",
+            "READER_TRANSFORM": spec,
+        },
     )
 
     assert result.returncode == 2
@@ -177,25 +183,13 @@ def test_valid_tap_loaded():
 
 
 def test_invalid_tap_stops_writer(tmp_path):
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("WRITER_", "KAFKA_", "EVENTHUB_"))
-    }
-    environment.update(
+    result = run_service(
+        "agogosml.writer",
         {
             "WRITER_OUTPUT": str(tmp_path / "out.jsonl"),
             "WRITER_PORT": "0",
             "WRITER_TAP": "math:pi",
-        }
-    )
-
-    result = subprocess.run(
-        [sys.executable, "-m", "agogosml.writer"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        },
     )
 
     assert result.returncode == 2

@@ -206,11 +206,7 @@ class InputReader:
                 await (self._source.pause() if should_pause else self._source.resume())
                 paused = should_pause
                 logger.debug("fetching %s", "paused" if paused else "resumed")
-            envelopes = await self._source.fetch(max(1, min(capacity, 500)), 0.1)
-            if envelopes:
-                self._messages_in.inc(len(envelopes))
-            for envelope in envelopes:
-                self._admit(envelope)
+            self._admit_all(await self._source.fetch(max(1, min(capacity, 500)), 0.1))
         if not self._source.replayable:
             await self._take_buffered(paused)
 
@@ -224,10 +220,7 @@ class InputReader:
             await self._source.resume()
         self._source.stop_reading()
         while not self._source.at_end:
-            envelopes = await self._source.fetch(500, 0)
-            self._messages_in.inc(len(envelopes))
-            for envelope in envelopes:
-                self._admit(envelope)
+            self._admit_all(await self._source.fetch(500, 0))
 
     def _room(self) -> int:
         """Free in-flight slots worth a fetch: a tenth of the maximum, 1 to 100."""
@@ -252,6 +245,12 @@ class InputReader:
             except TimeoutError:
                 return False
         return True
+
+    def _admit_all(self, envelopes: list[Envelope]) -> None:
+        if envelopes:
+            self._messages_in.inc(len(envelopes))
+        for envelope in envelopes:
+            self._admit(envelope)
 
     def _admit(self, envelope: Envelope) -> None:
         self._track_start(envelope)
@@ -734,8 +733,8 @@ class InputReader:
         rejects the record for good as too large, the next attempt drops the
         value, and the one after that the key and the record headers too. The
         record keeps the source position, so the message can still be read from
-        the source. Any other error, a missing permission say, is retried with
-        the whole record until an operator fixes it.
+        the source. Any other error, such as a missing permission, is retried
+        with the whole record until an operator fixes it.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0

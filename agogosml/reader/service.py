@@ -18,7 +18,7 @@ from agogosml.http import (
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader
 from agogosml.reader.transform import load_transform
-from agogosml.transports.base import Sink
+from agogosml.transports.base import Sink, stop_within
 from agogosml.transports.factory import build_sink, build_source
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ DEAD_LETTER_STOP_SECONDS = 5.0
 
 async def stop_dead_letter_sink(sink: Sink) -> None:
     """Stop the dead-letter sink, giving up after `DEAD_LETTER_STOP_SECONDS`."""
-    try:
-        await asyncio.wait_for(sink.stop(), DEAD_LETTER_STOP_SECONDS)
-    except TimeoutError:
+    if not await stop_within(sink, DEAD_LETTER_STOP_SECONDS):
         logger.error(
             "the dead-letter sink did not stop within %.1f s; the messages of its "
             "unwritten records are not committed and will be read again",

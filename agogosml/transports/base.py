@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -14,6 +15,15 @@ from agogosml.envelope import Envelope, Position
 #: (topic, partition) pairs. It returns once the in-flight messages of those
 #: partitions are finished, or the source stops waiting after its timeout.
 RevokeHandler = Callable[[list[tuple[str, int]]], Coroutine[Any, Any, None]]
+
+
+async def stop_within(transport: _Lifecycle, timeout_seconds: float) -> bool:
+    """Stop `transport` within `timeout_seconds`; return False if it did not stop."""
+    try:
+        await asyncio.wait_for(transport.stop(), timeout_seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 class _Lifecycle(abc.ABC):

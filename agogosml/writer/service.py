@@ -44,7 +44,7 @@ from agogosml.metrics import (
     REJECTED_REQUESTS,
     SINK_SECONDS,
 )
-from agogosml.transports.base import Sink
+from agogosml.transports.base import Sink, stop_within
 from agogosml.transports.factory import build_sink
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ def load_tap(spec: str) -> Tap:
     )
 
 
-#: Seconds that a 503 for a sink failure asks clients to wait with Retry-After.
-#: The reader waits so without using up an attempt, so a broker outage or a
+#: Retry-After of a 503 for a sink failure, in seconds.
+#: The reader waits that long without using up an attempt, so a broker outage or a
 #: missing topic does not move valid messages to the dead letters.
 SINK_RETRY_AFTER_SECONDS = 5
 
@@ -592,9 +592,7 @@ async def serve_writer(settings: WriterSettings) -> None:
 async def _stop_sink(sink: Sink, remaining_seconds: float) -> None:
     """Stop `sink`, giving up after the shutdown time left (or the grace time)."""
     timeout_seconds = max(remaining_seconds, SHUTDOWN_GRACE_SECONDS)
-    try:
-        await asyncio.wait_for(sink.stop(), timeout_seconds)
-    except TimeoutError:
+    if not await stop_within(sink, timeout_seconds):
         logger.error(
             "the sink did not stop within %.1f s; records it had not written "
             "are lost, and their requests got no 2xx response",

@@ -264,8 +264,12 @@ class KafkaSource(TrackedSource):
             for tp in self._uncommitted(None)
             if self._committing.get((tp.topic, tp.partition)) != tp.offset
         ]
-        if not offsets:
-            return
+        if offsets:
+            self._send_commit(offsets)
+
+    def _send_commit(self, offsets: list[TopicPartition]) -> None:
+        """Send an asynchronous commit of `offsets`, marking them as in progress."""
+        assert self._consumer is not None
         for tp in offsets:
             self._committing[(tp.topic, tp.partition)] = tp.offset
         try:
@@ -312,10 +316,8 @@ class KafkaSource(TrackedSource):
                 self._health.last_error or "no connection",
             )
             return
-        for tp in offsets:
-            self._committing[(tp.topic, tp.partition)] = tp.offset
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=True)
+            self._send_commit(offsets)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 logger.error("final offset commit failed: %s", exc)
