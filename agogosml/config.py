@@ -923,6 +923,13 @@ class ReaderSettings(_ServiceSettings):
         "end and every message is finished. Otherwise the reader follows the file "
         "as 'tail -f' does.",
     )
+    max_line_bytes: int = Field(
+        16_777_216,
+        ge=1,
+        description="READER_MAX_LINE_BYTES: longest line a file source reads, in "
+        "bytes, not counting its line break; a longer line is dead-lettered "
+        "without its value instead of being held in memory.",
+    )
     checkpoint_path: Path | None = Field(
         None,
         description="READER_CHECKPOINT_PATH: file that stores the committed byte "

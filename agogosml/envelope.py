@@ -62,6 +62,9 @@ class Envelope:
         position: Where the message was read, for sources that commit.
         null_value: Whether the record had no value at all (a Kafka tombstone),
             as opposed to an empty one; `value` is then empty.
+        problem: Why the source could not read the message whole, such as a
+            line over the length limit. The reader dead-letters such a message
+            with this error instead of sending it to the app.
     """
 
     value: bytes
@@ -71,6 +74,7 @@ class Envelope:
     traceparent: str = ""
     position: Position | None = None
     null_value: bool = False
+    problem: str = ""
 
     def __post_init__(self) -> None:
         if not self.id:

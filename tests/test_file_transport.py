@@ -77,6 +77,96 @@ async def test_stdin_stop_reading_returns_buffered_lines(monkeypatch) -> None:
     assert source.at_end
 
 
+def values_and_problems(envelopes: list[Envelope]) -> list[tuple[bytes, str]]:
+    return [(e.value, e.problem.split(" is ")[-1][:14]) for e in envelopes]
+
+
+@pytest.mark.parametrize("last_newline", [b"\n", b""])
+async def test_source_skips_line_over_limit(tmp_path: Path, last_newline) -> None:
+    path = tmp_path / "in.jsonl"
+    lines = [b'{"n": 1}', b"x" * 25, b"y" * 10, b'{"n": 2}', b"z" * 11]
+    path.write_bytes(b"\n".join(lines) + last_newline)
+    # A line of exactly the limit is read; one byte more is skipped.
+    source = FileSource(str(path), max_line_bytes=10)
+
+    async with source:
+        envelopes = await read_all(source)
+
+    assert values_and_problems(envelopes) == [
+        (b'{"n": 1}', ""),
+        (b"", "25 bytes long,"),
+        (b"y" * 10, ""),
+        (b'{"n": 2}', ""),
+        (b"", "11 bytes long,"),
+    ]
+    overlong = envelopes[1]
+    assert overlong.position.offset == 9
+    assert overlong.position.next_offset == 9 + 26
+    assert "READER_MAX_LINE_BYTES (10)" in overlong.problem
+    assert "byte offset 9" in overlong.problem
+
+
+async def test_source_skips_growing_line_it_follows(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n' + b"x" * 6)
+    source = FileSource(str(path), follow=True, max_line_bytes=10)
+
+    async with source:
+        first = await read_all(source)
+        for part in (b"x" * 6, b"x" * 30, b'"\n{"n": 2}\n'):
+            with path.open("ab") as file:
+                file.write(part)
+            first.extend(await read_all(source))
+
+    assert values_and_problems(first) == [
+        (b'{"n": 1}', ""),
+        (b"", "43 bytes long,"),
+        (b'{"n": 2}', ""),
+    ]
+
+
+async def test_source_checkpoint_passes_skipped_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"x" * 40 + b'\n{"n": 1}\n')
+    checkpoint = tmp_path / "in.offset"
+    async with FileSource(
+        str(path), checkpoint_path=checkpoint, max_line_bytes=10
+    ) as first:
+        envelopes = await read_all(first)
+        first.ack(envelopes[0])
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as second:
+        assert [e.value for e in await read_all(second)] == [b'{"n": 1}']
+
+
+async def test_stdin_skips_line_over_limit(monkeypatch) -> None:
+    read_end, write_end = os.pipe()
+    stdin = io.TextIOWrapper(os.fdopen(read_end, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    source = FileSource("-", max_line_bytes=10)
+    envelopes: list[Envelope] = []
+
+    try:
+        async with source:
+            # The overlong line arrives in parts, as a pipe delivers it.
+            for part in (b'{"n": 1}\n' + b"x" * 8, b"x" * 20, b'\n{"n": 2}\nyyy'):
+                os.write(write_end, part)
+                envelopes.extend(await read_all(source))
+            os.write(write_end, b"y" * 9)
+            os.close(write_end)
+            envelopes.extend(await read_all(source))
+    finally:
+        stdin.close()
+
+    assert values_and_problems(envelopes) == [
+        (b'{"n": 1}', ""),
+        (b"", "28 bytes long,"),
+        (b'{"n": 2}', ""),
+        (b"", "12 bytes long,"),
+    ]
+    assert source.at_end
+
+
 async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')

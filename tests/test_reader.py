@@ -41,6 +41,7 @@ from agogosml.reader import service as reader_service
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
 from agogosml.reader.service import serve_reader
+from agogosml.transports.file import FileSource
 
 TOPIC = "input"
 RUN_TIMEOUT_SECONDS = 5.0
@@ -374,6 +375,42 @@ async def test_tombstone_dead_lettered_unsent(batch_max_messages):
     assert context["dlq.attempts"] == "0"
     assert "value is null (a Kafka tombstone)" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 3}
+
+
+@pytest.mark.parametrize("batch_max_messages", [1, 3])
+async def test_overlong_line_dead_lettered_unsent(tmp_path, batch_max_messages):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 0}\n{"n": 1, "pad": "' + b"x" * 40 + b'"}\n{"n": 2}\n')
+    checkpoint = tmp_path / "in.offset"
+    source = FileSource(str(path), checkpoint_path=checkpoint, max_line_bytes=20)
+    dead_letter = MemorySink()
+    transformed: list[bytes] = []
+
+    def note(envelope: Envelope) -> Envelope:
+        transformed.append(envelope.value)
+        return envelope
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, input=str(path), batch_max_messages=batch_max_messages
+        )
+        await run_reader(settings, source, dead_letter, transform=note)
+
+    if batch_max_messages == 1:
+        sent = [orjson.loads(request.body) for request in app.requests]
+    else:
+        sent = [item["value"] for item in app.requests[0].json()]
+    assert sent == [{"n": 0}, {"n": 2}]
+    assert transformed == [b'{"n": 0}', b'{"n": 2}']
+    (record,) = dead_letter.envelopes
+    assert record.value == b""
+    context = dead_letter_headers(record)
+    assert context["dlq.source.offset"] == "9"
+    assert context["dlq.attempts"] == "0"
+    assert "is 59 bytes long, more than READER_MAX_LINE_BYTES (20)" in (
+        context["dlq.error"]
+    )
+    assert checkpoint.read_text() == str(path.stat().st_size)
 
 
 async def test_500_twice_then_200_delivered():

@@ -254,6 +254,10 @@ class InputReader:
 
     def _admit(self, envelope: Envelope) -> None:
         self._track_start(envelope)
+        if envelope.problem:
+            error = envelope.problem
+            self._spawn(self._dead_letter(envelope, 0, error, 0, "unreadable"))
+            return
         if self._transform is not None:
             transformed = self._apply_transform(self._transform, envelope)
             if transformed is None:

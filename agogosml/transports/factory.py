@@ -44,6 +44,7 @@ def build_source(settings: ReaderSettings) -> Source:
         settings.input,
         checkpoint_path=settings.checkpoint_path,
         follow=not settings.stop_at_end,
+        max_line_bytes=settings.max_line_bytes,
     )
 
 

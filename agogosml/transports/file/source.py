@@ -9,7 +9,7 @@ import select
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
@@ -19,6 +19,19 @@ logger = logging.getLogger(__name__)
 
 #: The UTF-8 byte order mark, which some editors write at the start of a file.
 UTF8_BOM = b"\xef\xbb\xbf"
+
+#: Default of `max_line_bytes`.
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+
+#: Bytes read at a time while the rest of an overlong line is skipped.
+SKIP_CHUNK_BYTES = 1024 * 1024
+
+
+class _Overlong(NamedTuple):
+    """A line over the length limit, returned instead of its content."""
+
+    consumed: int  # bytes read, line break included
+    length: int  # bytes of the line, line break not counted
 
 
 class FileSource(TrackedSource):
@@ -36,6 +49,10 @@ class FileSource(TrackedSource):
 
     Stdin cannot be read again, so it is not `replayable`: at shutdown the
     reader sends the lines already read instead of leaving them uncommitted.
+
+    A line longer than `max_line_bytes` (its line break not counted) is not
+    held in memory: the source skips it and returns a message without a value
+    whose `problem` names its size, which the reader dead-letters.
     """
 
     def __init__(
@@ -45,10 +62,13 @@ class FileSource(TrackedSource):
         checkpoint_path: Path | None = None,
         commit_interval_seconds: float = 1.0,
         follow: bool = False,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self._path = path
         self._follow = follow and path != "-"
+        self._max_line_bytes = max_line_bytes
         self._partial = b""
+        self._skipped = 0  # bytes skipped so far of an overlong line
         self._stdin_fd = -1
         self._stdin_closed = False
         self._reading_stopped = False
@@ -190,6 +210,10 @@ class FileSource(TrackedSource):
             if line is None:
                 break
             start = self._offset
+            if isinstance(line, _Overlong):
+                self._offset += line.consumed
+                envelopes.append(self._overlong_message(start, line.length))
+                continue
             self._offset += len(line)
             value = line.strip()
             if start == 0 and value.startswith(UTF8_BOM):
@@ -203,31 +227,66 @@ class FileSource(TrackedSource):
             envelopes.append(Envelope(value=value, position=position))
         return envelopes
 
-    def _next_line(self) -> bytes | None:
+    def _overlong_message(self, start: int, size: int) -> Envelope:
+        position = Position(self._path, 0, start, self._offset, 1)
+        self._tracker.register(position)
+        problem = (
+            f"line at byte offset {start} is {size} bytes long, more than "
+            f"READER_MAX_LINE_BYTES ({self._max_line_bytes}); it was skipped "
+            "unread. Split the record, or raise READER_MAX_LINE_BYTES"
+        )
+        logger.warning(
+            "skipped a line of %d bytes, over READER_MAX_LINE_BYTES (%d)",
+            size,
+            self._max_line_bytes,
+            extra={"path": self._path, "offset": start},
+        )
+        return Envelope(value=b"", position=position, problem=problem)
+
+    def _next_line(self) -> bytes | _Overlong | None:
         """Return the next complete line, or None at the current end of the file.
 
+        A line over the length limit comes back as its length (`_Overlong`).
+
         NOTE: a followed file that is truncated or replaced (log rotation) is not
-        detected; the source keeps waiting past the old end. A line has no
-        length limit: it is held in memory whole, and the reader's copies of
-        it take several times its size before the app rejects it as too large.
+        detected; the source keeps waiting past the old end.
         """
         if self._path == "-":
             return self._next_stdin_line()
         assert self._file is not None
-        chunk = self._file.readline()
-        self._partial += chunk
-        if chunk.endswith(b"\n"):
+        while True:
+            if self._skipped:
+                chunk = self._file.readline(SKIP_CHUNK_BYTES)
+                self._skipped += len(chunk)
+                if chunk.endswith(b"\n"):
+                    return self._end_overlong(newline=True)
+                if len(chunk) == SKIP_CHUNK_BYTES:
+                    continue
+            else:
+                # One byte over the limit shows that a line is too long.
+                limit = self._max_line_bytes + 1 - len(self._partial)
+                chunk = self._file.readline(limit)
+                self._partial += chunk
+                if chunk.endswith(b"\n"):
+                    line, self._partial = self._partial, b""
+                    return line
+                if len(self._partial) > self._max_line_bytes:
+                    self._skipped, self._partial = len(self._partial), b""
+                    continue
+            # At the current end of the file, inside a line or between lines.
+            if self._follow:
+                return None  # wait for the rest of the line
+            self.at_end = True
+            if self._skipped:
+                return self._end_overlong(newline=False)
             line, self._partial = self._partial, b""
-            return line
-        if chunk:
-            return None  # a line still being written; wait for its newline
-        if self._follow:
-            return None
-        self.at_end = True
-        line, self._partial = self._partial, b""
-        return line or None
+            return line or None
 
-    def _next_stdin_line(self) -> bytes | None:
+    def _end_overlong(self, *, newline: bool) -> _Overlong:
+        consumed, self._skipped = self._skipped, 0
+        return _Overlong(consumed, consumed - 1 if newline else consumed)
+
+    def _next_stdin_line(self) -> bytes | _Overlong | None:
         """Return the next line of stdin, waiting at most 50 ms for more input.
 
         Reads the file descriptor directly, because a buffered readline would
@@ -244,10 +303,18 @@ class FileSource(TrackedSource):
         if newline >= 0:
             line = self._partial[: newline + 1]
             self._partial = self._partial[newline + 1 :]
+            if self._skipped or newline > self._max_line_bytes:
+                self._skipped += len(line)
+                return self._end_overlong(newline=True)
             return line
+        if self._skipped or len(self._partial) > self._max_line_bytes:
+            self._skipped += len(self._partial)
+            self._partial = b""
         if not self._stdin_closed:
             return None
         self.at_end = True
+        if self._skipped:
+            return self._end_overlong(newline=False)
         line, self._partial = self._partial, b""
         if line and self._reading_stopped:
             logger.warning(
