@@ -167,6 +167,58 @@ async def test_stdin_skips_line_over_limit(monkeypatch) -> None:
     assert source.at_end
 
 
+async def test_named_pipe_read_as_stream(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.fifo"
+    os.mkfifo(path)
+    checkpoint = tmp_path / "in.offset"
+    checkpoint.write_text("5")
+    source = FileSource(str(path), checkpoint_path=checkpoint, follow=True)
+
+    # Opening returns at once although no process has the pipe open to write.
+    async with source:
+        before = await read_all(source)
+        writer = os.open(path, os.O_WRONLY)
+        try:
+            os.write(writer, b'{"n": 0}\n{"n": 1}\n{"n": 2')
+            first = await source.fetch(1, 1.0)
+            source.stop_reading()
+            rest = await read_all(source)
+        finally:
+            os.close(writer)
+
+    assert before == []
+    assert not source.replayable
+    assert [envelope.value for envelope in first] == [b'{"n": 0}']
+    assert [envelope.value for envelope in rest] == [b'{"n": 1}', b'{"n": 2']
+    assert source.at_end
+    assert "READER_CHECKPOINT_PATH is not read" in caplog.text
+
+
+async def test_named_pipe_ends_with_its_writer(tmp_path: Path) -> None:
+    path = tmp_path / "in.fifo"
+    os.mkfifo(path)
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        writer = os.open(path, os.O_WRONLY)
+        os.write(writer, b'{"n": 0}\n{"n": 1}')
+        os.close(writer)
+        envelopes = await read_all(source, rounds=5)
+
+    assert [envelope.value for envelope in envelopes] == [b'{"n": 0}', b'{"n": 1}']
+    assert source.at_end
+
+
+async def test_directory_input_rejected(tmp_path: Path) -> None:
+    source = FileSource(str(tmp_path))
+
+    with pytest.raises(SourceError) as error:
+        await source.start()
+
+    assert "is a directory; set READER_INPUT to a JSON Lines file" in str(error.value)
+    assert not source.connected
+
+
 async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')

@@ -407,8 +407,9 @@ async def test_overlong_line_dead_lettered_unsent(tmp_path, batch_max_messages):
     context = dead_letter_headers(record)
     assert context["dlq.source.offset"] == "9"
     assert context["dlq.attempts"] == "0"
-    assert "is 59 bytes long, more than READER_MAX_LINE_BYTES (20)" in (
-        context["dlq.error"]
+    assert (
+        "is 59 bytes long, more than READER_MAX_LINE_BYTES (20)"
+        in (context["dlq.error"])
     )
     assert checkpoint.read_text() == str(path.stat().st_size)
 

@@ -44,11 +44,14 @@ class FileSource(TrackedSource):
 
     With `follow`, the source keeps reading lines appended after the current end,
     as ``tail -f`` does, and a last line without its newline waits until the line
-    is complete. Without it (or for stdin), the end of the file is the end of the
-    stream, and a last line without a newline is a message too.
+    is complete. Without it, the end of the file is the end of the stream, and a
+    last line without a newline is a message too.
 
-    Stdin cannot be read again, so it is not `replayable`: at shutdown the
-    reader sends the lines already read instead of leaving them uncommitted.
+    Stdin and a named pipe (any input that is not a regular file) are streams:
+    their end of file ends them, even with `follow`, and they cannot be read
+    again. So they are not `replayable`: at shutdown the reader sends the lines
+    already read instead of leaving them uncommitted, and a checkpoint is not
+    read at start.
 
     A line longer than `max_line_bytes` (its line break not counted) is not
     held in memory: the source skips it and returns a message without a value
@@ -65,15 +68,13 @@ class FileSource(TrackedSource):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self._path = path
-        self._follow = follow and path != "-"
+        self._follow = follow
         self._max_line_bytes = max_line_bytes
         self._partial = b""
         self._skipped = 0  # bytes skipped so far of an overlong line
-        self._stdin_fd = -1
-        self._stdin_closed = False
+        self._stream_fd = -1  # file descriptor of stdin or a named pipe
+        self._stream_closed = False
         self._reading_stopped = False
-        # NOTE: a named pipe given by its path cannot be read again either, but
-        # counts as replayable, so its queued lines are dropped at shutdown.
         self.replayable = path != "-"
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
@@ -94,25 +95,61 @@ class FileSource(TrackedSource):
         """Open the file and seek past the checkpoint, if any."""
         if self._path == "-":
             self._file = sys.stdin.buffer
-            self._stdin_fd = sys.stdin.fileno()
+            self._stream_fd = sys.stdin.fileno()
         else:
-            self._offset = self._read_checkpoint()
+            self._file = self._open_input()
             try:
-                self._file = open(self._path, "rb")  # noqa: SIM115
-            except OSError as exc:
-                raise SourceError(
-                    f"cannot open input file {self._path!r}: {exc.strerror}; "
-                    "check READER_INPUT",
-                    retriable=False,
-                ) from exc
-            if self._offset:
-                self._check_offset_in_file(self._file)
-                self._file.seek(self._offset)
+                if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+                    self._offset = self._read_checkpoint()
+                else:
+                    self._stream_fd = self._file.fileno()
+                if self._offset:
+                    self._check_offset_in_file(self._file)
+                    self._file.seek(self._offset)
+            except SourceError:
+                self._file.close()
+                self._file = None
+                raise
+        if self._stream_fd >= 0:
+            self.replayable = False
+            self._follow = False
+            if self._checkpoint is not None:
+                logger.warning(
+                    "READER_CHECKPOINT_PATH is not read for %s, which is stdin or "
+                    "a named pipe and cannot be read again from an offset",
+                    self._path,
+                )
         self._tracker.assign(self._path, 0)
         self._commit_task = asyncio.create_task(self._commit_periodically())
         logger.info(
             "file source started", extra={"path": self._path, "offset": self._offset}
         )
+
+    def _open_input(self) -> BinaryIO:
+        """Open the input without blocking, even a named pipe that has no writer yet.
+
+        The descriptor of a regular file is switched back to blocking. A named
+        pipe stays non-blocking and is read only once `select` reports data.
+        """
+        try:
+            descriptor = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot open input file {self._path!r}: {exc.strerror}; "
+                "check READER_INPUT",
+                retriable=False,
+            ) from exc
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            os.close(descriptor)
+            raise SourceError(
+                f"input file {self._path!r} is a directory; set READER_INPUT to a "
+                "JSON Lines file, or '-' for stdin",
+                retriable=False,
+            )
+        if stat.S_ISREG(mode):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
 
     def _check_offset_in_file(self, file: BinaryIO) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
@@ -121,10 +158,7 @@ class FileSource(TrackedSource):
         past the end, or one inside the file that does not follow a line break,
         means that the input was truncated, replaced or edited since.
         """
-        status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            return
-        size = status.st_size
+        size = os.fstat(file.fileno()).st_size
         problem = ""
         if self._offset > size:
             problem = f"past the end of {self._path!r} ({size} bytes)"
@@ -135,8 +169,6 @@ class FileSource(TrackedSource):
             if file.read(1) != b"\n":
                 problem = f"inside a line of {self._path!r}, not at the start of one"
         if problem:
-            file.close()
-            self._file = None
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains offset "
                 f"{self._offset}, {problem}, so the input was truncated or replaced "
@@ -185,13 +217,13 @@ class FileSource(TrackedSource):
         logger.info("file source stopped", extra={"path": self._path})
 
     def stop_reading(self) -> None:
-        """Read nothing more from stdin; `fetch` returns the lines already read.
+        """Read nothing more from a stream; `fetch` returns the lines already read.
 
-        A last line without its newline is returned too, as at the end of stdin.
-        A file other than stdin is at its end at once.
+        A last line without its newline is returned too, as at the end of a
+        stream. A regular file is at its end at once.
         """
-        if self._path == "-":
-            self._stdin_closed = True
+        if self._stream_fd >= 0:
+            self._stream_closed = True
             self._reading_stopped = True
         else:
             self.at_end = True
@@ -251,8 +283,8 @@ class FileSource(TrackedSource):
         NOTE: a followed file that is truncated or replaced (log rotation) is not
         detected; the source keeps waiting past the old end.
         """
-        if self._path == "-":
-            return self._next_stdin_line()
+        if self._stream_fd >= 0:
+            return self._next_stream_line()
         assert self._file is not None
         while True:
             if self._skipped:
@@ -286,19 +318,20 @@ class FileSource(TrackedSource):
         consumed, self._skipped = self._skipped, 0
         return _Overlong(consumed, consumed - 1 if newline else consumed)
 
-    def _next_stdin_line(self) -> bytes | _Overlong | None:
-        """Return the next line of stdin, waiting at most 50 ms for more input.
+    def _next_stream_line(self) -> bytes | _Overlong | None:
+        """Return the next line of stdin or a pipe, waiting at most 50 ms for input.
 
         Reads the file descriptor directly, because a buffered readline would
         block until a whole line or the end arrives, and stop would wait for it.
         """
         newline = self._partial.find(b"\n")
-        if newline < 0 and not self._stdin_closed:
-            ready, _, _ = select.select([self._stdin_fd], [], [], 0.05)
+        if newline < 0 and not self._stream_closed:
+            ready, _, _ = select.select([self._stream_fd], [], [], 0.05)
             if ready:
-                chunk = os.read(self._stdin_fd, 65536)
-                self._partial += chunk
-                self._stdin_closed = not chunk
+                chunk = _read_ready(self._stream_fd)
+                if chunk is not None:
+                    self._partial += chunk
+                    self._stream_closed = not chunk
             newline = self._partial.find(b"\n")
         if newline >= 0:
             line = self._partial[: newline + 1]
@@ -310,7 +343,7 @@ class FileSource(TrackedSource):
         if self._skipped or len(self._partial) > self._max_line_bytes:
             self._skipped += len(self._partial)
             self._partial = b""
-        if not self._stdin_closed:
+        if not self._stream_closed:
             return None
         self.at_end = True
         if self._skipped:
@@ -318,8 +351,9 @@ class FileSource(TrackedSource):
         line, self._partial = self._partial, b""
         if line and self._reading_stopped:
             logger.warning(
-                "reading stdin stopped inside a line: its first %d bytes are sent "
+                "reading %s stopped inside a line: its first %d bytes are sent "
                 "as they are, and the rest stays unread",
+                "stdin" if self._path == "-" else self._path,
                 len(line),
                 extra={"offset": self._offset},
             )
@@ -373,3 +407,11 @@ class FileSource(TrackedSource):
                         failures,
                         exc,
                     )
+
+
+def _read_ready(descriptor: int) -> bytes | None:
+    """Read what `select` reported, or return None if another reader took it."""
+    try:
+        return os.read(descriptor, 65536)
+    except BlockingIOError:
+        return None
