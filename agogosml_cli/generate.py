@@ -131,7 +131,7 @@ def _report(outcome: Outcome, project: Path) -> None:
         if repository is not None and repository != project.resolve():
             click.echo(
                 f"The commit is in the git repository at {repository}, which "
-                f"contains {project}."
+                f"contains {project.resolve()}."
             )
         if outcome.identity_fallback:
             click.echo(

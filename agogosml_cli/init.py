@@ -145,16 +145,42 @@ def _default_or_prompt(
 def _prompt(field: InitField, suggestion: Any, data: Data) -> Any:
     """Prompt until the input passes the field's type and its check against `data`."""
     while True:
-        value = click.prompt(
-            field.prompt,
-            type=field.type,
-            default=suggestion,
-            show_choices=isinstance(field.type, click.Choice),
-        )
+        if suggestion is None:
+            value = _prompt_without_default(field)
+            if value is None:
+                continue
+        else:
+            value = click.prompt(
+                field.prompt,
+                type=field.type,
+                default=suggestion,
+                show_choices=isinstance(field.type, click.Choice),
+            )
         problem = field.check(data, value) if field.check is not None else None
         if problem is None:
             return value
         click.echo(f"Error: {problem}", err=True)
+
+
+def _prompt_without_default(field: InitField) -> Any:
+    """Prompt once for a field without a default; return None after an error.
+
+    click repeats such a prompt silently after an empty answer, so the empty
+    answer is taken here and reported.
+    """
+    text = field.prompt
+    if isinstance(field.type, click.Choice):
+        text += f" ({', '.join(str(choice) for choice in field.type.choices)})"
+    answer = click.prompt(text, default="", show_default=False)
+    if not answer.strip():
+        name = ".".join(field.path)
+        click.echo(f"Error: {name} is required; enter a value", err=True)
+        return None
+    try:
+        return field.type.convert(answer, None, None)
+    except click.BadParameter as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        return None
 
 
 def _inapplicable_message(field: InitField) -> str:

@@ -134,7 +134,7 @@ def run(
     )
 
     choice = resolve_stream(StreamOptions(kafka=kafka, **stream))
-    check_run_files(work_dir, {"--data": data, "--model": model}, summary_json)
+    check_run_files(work_dir, _run_inputs(data, model), summary_json)
     prepare_work_dir(work_dir)
     if summary_json is not None:
         check_summary_path(summary_json)
@@ -185,6 +185,21 @@ def _run_until_signal(
         )
         # 128 + the signal number, as a shell reports a process ended by it.
         sys.exit(128 + signum)
+
+
+def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:
+    """Return the files a run reads, by the option or default that names them."""
+    from sample_app.data import default_dataset_path
+    from sample_app.scoring import default_model_path
+
+    return {
+        "--data" if data else "the cached dataset (default of --data)": (
+            data or default_dataset_path()
+        ),
+        "--model" if model else "the cached model (default of --model)": (
+            model or default_model_path()
+        ),
+    }
 
 
 def _fetch_dataset(console: Console) -> Path:

@@ -150,9 +150,18 @@ def _check_empty(project: Path, manifest_file: Path | None) -> None:
     others = sorted(path.name for path in project.iterdir() if path.name not in allowed)
     if others:
         listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        generated = sorted(
+            str(answers.parent) for answers in project.glob(f"*/{ANSWERS_FILE}")
+        )
+        hint = "pass an empty or new directory as --output"
+        if generated:
+            hint = (
+                f"to update the generated project in {generated[0]}, pass "
+                f"--output {generated[0]}; for a new project, {hint}"
+            )
         raise GenerateError(
             f"{project} is not empty ({listed}) and has no {ANSWERS_FILE}, so it "
-            "is not a generated project; pass an empty or new directory as --output"
+            f"is not a generated project; {hint}"
         )
 
 
@@ -276,14 +285,26 @@ def _check_clean(top: Path, project: Path, manifest_file: Path | None) -> None:
     skipped = ""
     if manifest_file is not None and manifest_file.is_relative_to(top):
         skipped = manifest_file.relative_to(top).as_posix()
-    dirty = [path for _, path in _status_entries(status) if path != skipped]
-    if dirty:
-        listed = ", ".join(dirty[:10]) + (", ..." if len(dirty) > 10 else "")
+    entries = [entry for entry in _status_entries(status) if entry[1] != skipped]
+    untracked = [path for letters, path in entries if letters == "??"]
+    changed = [path for letters, path in entries if letters != "??"]
+    problems = []
+    if changed:
+        problems.append(f"uncommitted changes ({_listing(changed)})")
+    if untracked:
+        problems.append(f"untracked files ({_listing(untracked)})")
+    if problems:
         raise GenerateError(
-            f"the project has uncommitted changes ({listed}); commit or stash them, "
-            "then run 'agogosml generate' again, so that the update can be reviewed "
-            "on its own"
+            f"the project has {' and '.join(problems)}; commit them, or set them "
+            "aside with 'git stash --include-untracked' (or add untracked files to "
+            ".gitignore), then run 'agogosml generate' again, so that the update "
+            "can be reviewed on its own"
         )
+
+
+def _listing(paths: list[str]) -> str:
+    """Return up to ten paths, comma-separated, with '...' when there are more."""
+    return ", ".join(paths[:10]) + (", ..." if len(paths) > 10 else "")
 
 
 def _status_entries(status: str) -> list[tuple[str, str]]:

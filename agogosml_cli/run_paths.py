@@ -154,11 +154,12 @@ def write_summary(path: Path, content: bytes) -> None:
 
 
 def check_run_files(
-    work_dir: Path, inputs: dict[str, Path | None], summary_json: Path | None
+    work_dir: Path, inputs: dict[str, Path], summary_json: Path | None
 ) -> None:
     """Reject a file option that names a file that the run writes, deletes or locks.
 
-    `inputs` maps option names, such as "--data", to the files the run reads.
+    `inputs` maps option names, such as "--data", or descriptions of defaults
+    to the files the run reads.
 
     Raises:
         click.UsageError: naming the option, the file and the conflict.
@@ -166,7 +167,7 @@ def check_run_files(
     effects = dict.fromkeys(WORK_FILES, "which the run deletes and rewrites")
     effects[LOCK_FILE] = "which the run locks to keep other runs out"
     run_files = {(work_dir / name).resolve(): name for name in effects}
-    file_options = {**inputs, "--summary-json": summary_json}
+    file_options: dict[str, Path | None] = {**inputs, "--summary-json": summary_json}
     for option, path in file_options.items():
         if path is None:
             continue
@@ -180,7 +181,7 @@ def check_run_files(
     if summary_json is None:
         return
     for option, path in inputs.items():
-        if path is not None and path.resolve() == summary_json.resolve():
+        if path.resolve() == summary_json.resolve():
             raise click.UsageError(
                 f"{option} and --summary-json name the same file {str(path)!r}, "
                 "which the summary would overwrite; give the summary its own file"

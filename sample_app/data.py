@@ -142,11 +142,19 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "agogosml"
 
 
+def default_dataset_path() -> Path:
+    """Return where `fetch_dataset` keeps the CSV without a `cache_dir`."""
+    return default_cache_root() / "data" / CSV_NAME
+
+
 def fetch_dataset(cache_dir: str | os.PathLike[str] | None = None) -> DatasetInfo:
     """Fetch the dataset into the cache, unless the cache already has a copy.
 
     A cached copy counts when both ``creditcard.csv`` and its metadata file
-    ``creditcard.json`` are present. The CSV is not hashed again on a cache hit.
+    ``creditcard.json`` are present and the CSV still has the size and
+    modification time recorded in the metadata. The CSV is then not hashed
+    again. A CSV that changed since, or whose metadata records no size, is
+    hashed, and fetched again unless it still has the recorded digest.
 
     Args:
         cache_dir: The directory that stores the CSV and its metadata. Defaults to
@@ -160,7 +168,7 @@ def fetch_dataset(cache_dir: str | os.PathLike[str] | None = None) -> DatasetInf
         DatasetFetchError: Neither PyPI nor OpenML delivered the dataset.
     """
     if cache_dir is None:
-        directory = default_cache_root() / "data"
+        directory = default_dataset_path().parent
     else:
         directory = Path(cache_dir)
 
@@ -284,6 +292,7 @@ def _read_cached(directory: Path) -> DatasetInfo | None:
         source = metadata["source"]
         sha256 = metadata["sha256"]
         filled_columns = tuple(metadata.get("filled_columns", ()))
+        recorded_stamp = metadata.get("stamp")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning(
             "Ignoring the invalid metadata file %s and fetching again: %s",
@@ -291,12 +300,32 @@ def _read_cached(directory: Path) -> DatasetInfo | None:
             exc,
         )
         return None
-    return DatasetInfo(
+    info = DatasetInfo(
         path=csv_path,
         source=str(source),
         sha256=str(sha256),
         filled_columns=tuple(str(column) for column in filled_columns),
     )
+    if recorded_stamp == _stamp(csv_path):
+        return info
+    actual = _sha256_file(csv_path)
+    if actual != info.sha256:
+        logger.warning(
+            "The cached dataset %s changed since it was fetched (sha256 %s, "
+            "expected %s); fetching it again",
+            csv_path,
+            actual,
+            info.sha256,
+        )
+        return None
+    _write_metadata(directory, info)  # records the stamp, so the next hit is cheap
+    return info
+
+
+def _stamp(path: Path) -> list[int]:
+    """Return the size and modification time of a file, to tell that it changed."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _write_metadata(directory: Path, info: DatasetInfo) -> None:
@@ -305,6 +334,7 @@ def _write_metadata(directory: Path, info: DatasetInfo) -> None:
         "source": info.source,
         "sha256": info.sha256,
         "filled_columns": list(info.filled_columns),
+        "stamp": _stamp(info.path),
     }
     with _atomic_target(directory / METADATA_NAME) as temporary:
         temporary.write_text(json.dumps(metadata, indent=2) + "\n")

@@ -84,9 +84,11 @@ def test_init_prompt_asks_again_for_topics(tmp_path: Path) -> None:
         "scoring",  # project name
         "",  # app template
         "kafka",  # source type
+        "",  # no source topics, rejected and asked again
         "bad topic",  # source topics, rejected and asked again
         "in,in",  # repeated, rejected and asked again
         "transactions",
+        "  ",  # no bootstrap servers, rejected and asked again
         "kafka:9092",  # bootstrap servers
         "",  # security protocol
         "",  # sink type: kafka
@@ -102,6 +104,8 @@ def test_init_prompt_asks_again_for_topics(tmp_path: Path) -> None:
 
     output = flat(result.output)
     assert result.exit_code == 0, result.output
+    assert "Error: source.topics is required; enter a value" in output
+    assert "Error: source.bootstrap_servers is required; enter a value" in output
     assert "'bad topic' is invalid" in output
     assert "'in' is listed more than once in 'in,in'" in output
     assert "bad topic-scored" not in output

@@ -579,6 +579,30 @@ def test_run_rejects_summary_over_data(tmp_path: Path) -> None:
     assert "--data and --summary-json name the same file" in result.output
 
 
+@pytest.mark.parametrize(
+    ("relative", "described"),
+    [
+        ("data/creditcard.csv", "the cached dataset (default of --data)"),
+        ("models/fraud-model.joblib", "the cached model (default of --model)"),
+    ],
+)
+def test_run_rejects_summary_over_default_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: str, described: str
+) -> None:
+    monkeypatch.setenv("AGOGOSML_CACHE_DIR", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / relative
+
+    result = invoke(
+        "--work-dir", str(tmp_path / "work"), "--summary-json", str(target)
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert f"{described} and --summary-json name the same file" in " ".join(
+        result.output.split()
+    )
+    assert not target.exists()
+
+
 def test_run_rejects_non_utf8_data(tmp_path: Path) -> None:
     data = tmp_path / "bin.csv"
     data.write_bytes(b"\xff\xfe")

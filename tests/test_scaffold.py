@@ -1271,7 +1271,9 @@ def test_generate_names_enclosing_repository(tmp_path: Path) -> None:
     result = generate(manifest, "--output", str(project))
 
     assert result.exit_code == 0, result.output
-    assert f"git repository at {tmp_path.resolve()}, which contains" in result.output
+    output = " ".join(result.output.split())
+    assert f"git repository at {tmp_path.resolve()}, which contains" in output
+    assert f"which contains {project.resolve()}." in output
     assert git(tmp_path, "log", "--format=%s").startswith("Generate fraud-scoring")
 
 
@@ -1284,6 +1286,18 @@ def test_generate_rejects_unrelated_directory(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "not empty (notes.txt)" in result.output
     assert not (tmp_path / "docker-compose.yml").exists()
+
+
+def test_generate_points_to_project_below(tmp_path: Path) -> None:
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    assert generate(manifest, "--output", str(tmp_path / "proj")).exit_code == 0
+
+    # The manifest stays outside the project; its directory is the default output.
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"pass --output {tmp_path / 'proj'}" in output
 
 
 def test_generate_failure_leaves_directory(
@@ -1793,7 +1807,11 @@ def test_regenerate_rejects_uncommitted_changes(project: Path) -> None:
     result = generate(project / "agogosml.yaml")
 
     assert result.exit_code == 1
-    assert "uncommitted changes (Dockerfile, scratch.txt)" in result.output
+    output = " ".join(result.output.split())
+    assert "uncommitted changes (Dockerfile) and untracked files (scratch.txt)" in (
+        output
+    )
+    assert "git stash --include-untracked" in output
     assert "EXPOSE 8001" in (project / "Dockerfile").read_text()
 
 
