@@ -356,9 +356,15 @@ class ModelApp:
                 start = await read_start(response.content, _ERROR_TEXT_BYTES)
                 text = start.decode("utf-8", "replace")
                 retry_after = response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _Reject(
-                503, f"output writer at {url} is unreachable: {exc!s}"
+        except TimeoutError:
+            seconds = self._session.timeout.total
+            raise _writer_unavailable(
+                f"output writer at {url} did not respond within {seconds:g} s "
+                "(APP_WRITER_TIMEOUT_MS); check that the writer and its sink work"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _writer_unavailable(
+                f"output writer at {url} is unreachable: {str(exc) or type(exc).__name__}"
             ) from None
         error = _writer_error(self._writer_url, response.status, text)
         if error.status == 503 and response.status in (429, 503) and retry_after:
@@ -417,6 +423,21 @@ class _Running:
             await self._model_app._writer_queue.close()
         if self._model_app._session is not None:
             await self._model_app._session.close()
+
+
+#: Retry-After of the app's 503 when the writer is unreachable or timed out.
+WRITER_DOWN_RETRY_AFTER_SECONDS = 1
+
+
+def _writer_unavailable(message: str) -> _Reject:
+    """Return a 503 that makes the reader wait without using up an attempt.
+
+    The message is not at fault when the writer cannot be reached, so it must
+    not reach the dead letters however long a writer restart takes.
+    """
+    error = _Reject(503, message)
+    error.retry_after = str(WRITER_DOWN_RETRY_AFTER_SECONDS)
+    return error
 
 
 def _writer_error(writer_url: str, status: int, text: str) -> _Reject:

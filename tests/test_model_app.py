@@ -578,8 +578,10 @@ async def test_writer_unreachable_503():
         )
 
     assert response.status == 503
-    assert "is unreachable" in body["error"]
+    assert "is unreachable: Cannot connect to host" in body["error"]
+    assert response.headers["Retry-After"] == "1"
     assert batch.status == 503
+    assert batch.headers["Retry-After"] == "1"
 
 
 async def test_writer_timeout_503():
@@ -591,6 +593,7 @@ async def test_writer_timeout_503():
 
     app = web.Application()
     app.router.add_post("/", hang)
+    app.router.add_post("/batch", hang)
     async with TestServer(app) as server:
         writer_url = str(server.make_url(""))
         try:
@@ -598,10 +601,13 @@ async def test_writer_timeout_503():
                 double_amount, writer_url, writer_timeout_ms=100
             ) as client:
                 response = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+                body = await response.json()
         finally:
             release.set()
 
     assert response.status == 503
+    assert "did not respond within 0.1 s (APP_WRITER_TIMEOUT_MS)" in body["error"]
+    assert response.headers["Retry-After"] == "1"
 
 
 async def test_readiness_follows_writer():

@@ -1222,6 +1222,45 @@ async def model_app_url(**app_settings: Any) -> AsyncIterator[tuple[str, list[An
         await writer_server.close()
 
 
+async def test_writer_restart_spends_no_attempts():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    written: list[Any] = []
+
+    async def write(request: web.Request) -> web.Response:
+        written.extend(item["value"] for item in orjson.loads(await request.read()))
+        return web.json_response({"written": 1})
+
+    writer = web.Application()
+    writer.router.add_post("/batch", write)
+    port = closed_port()
+    settings = AppSettings(writer_url=f"http://127.0.0.1:{port}")
+    retries_before = retries_total()
+
+    async with ModelApp(lambda values: values).running(settings) as app:
+        app_server = TestServer(app)
+        await app_server.start_server()
+        reader = reader_settings(str(app_server.make_url("")), retry_max_attempts=2)
+        try:
+            async with running_reader(reader, source, dead_letter) as (_, task):
+                # The app answers 503 while its writer is down, more often than
+                # the reader has attempts.
+                await wait_for(lambda: retries_total() - retries_before >= 3)
+                writer_server = TestServer(writer, port=port)
+                await writer_server.start_server()
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+                finally:
+                    await writer_server.close()
+        finally:
+            await app_server.close()
+
+    assert dead_letter.envelopes == []
+    assert sorted(value["n"] for value in written) == [0, 1, 2]
+    assert source.committed == {(TOPIC, 0): 3}
+
+
 async def test_model_app_bad_integer_dead_lettered():
     source = MemorySource(TOPIC)
     digits = sys.get_int_max_str_digits() + 1
