@@ -141,6 +141,10 @@ class ClientDisconnectedError(Exception):
     """The client closed the connection before its whole request body arrived."""
 
 
+#: Content-Encoding values of a request body that the services accept. aiohttp
+#: decodes the compressed ones and passes any other value on undecoded.
+CONTENT_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+
 #: How long a client may take to send a request body, in seconds. aiohttp has
 #: no such limit, so a client that stops sending would hold a connection open.
 BODY_TIMEOUT_SECONDS = 30.0
@@ -161,7 +165,10 @@ async def read_body(request: web.Request) -> bytes:
             `BODY_TIMEOUT_SECONDS` to arrive (408).
         web.HTTPBadRequest: when the body cannot be decoded, for example
             invalid gzip data under ``Content-Encoding: gzip`` (400).
+        web.HTTPUnsupportedMediaType: for a Content-Encoding other than one
+            of `CONTENT_ENCODINGS` (415).
     """
+    _check_content_encoding(request)
     try:
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
             return await request.read()
@@ -173,6 +180,21 @@ async def read_body(request: web.Request) -> bytes:
         # aiohttp 3.14 raises ConnectionResetError("Connection lost"), or its
         # subclass ClientConnectionResetError, when the peer goes away mid-body.
         raise ClientDisconnectedError(str(exc)) from exc
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    """Reject a body coding that aiohttp would pass on undecoded."""
+    codings = request.headers.getall("Content-Encoding", [])
+    if not codings:
+        return
+    coding = codings[0].strip().lower()
+    if len(codings) == 1 and coding in CONTENT_ENCODINGS:
+        return
+    supported = ", ".join(sorted(CONTENT_ENCODINGS))
+    raise web.HTTPUnsupportedMediaType(
+        reason=f"Content-Encoding {', '.join(codings)[:60]!r} is not supported; "
+        f"send one of {supported}, or no Content-Encoding header"
+    )
 
 
 def _payload_problem(request: web.Request, exc: RequestPayloadError) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import logging
+import zlib
 from collections.abc import AsyncIterator, Sequence
 
+import brotli
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -26,6 +29,11 @@ from agogosml.http import (
 from agogosml.logs import JsonFormatter
 from agogosml.transports.file import FileSink
 from agogosml.writer.service import OutputWriter
+
+try:
+    from compression import zstd  # Python 3.14 and newer
+except ImportError:
+    from backports import zstd
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -1006,6 +1014,55 @@ async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
         assert record.exc_info is None
         assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1")
     assert "Content-Length" in logged[0].getMessage()
+
+
+def compress(coding: str, data: bytes) -> bytes:
+    """Compress `data` with an HTTP content coding other than identity."""
+    if coding == "br":
+        return brotli.compress(data)
+    if coding == "zstd":
+        return zstd.compress(data)
+    if coding == "gzip":
+        return gzip.compress(data)
+    return zlib.compress(data)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd", "identity"])
+async def test_compressed_body_written(coding):
+    sink = await started_sink()
+    body = b'{"n": 1}' if coding == "identity" else compress(coding, b'{"n": 1}')
+
+    async with serve_writer(sink) as (client, _):
+        status, _, document = await raw_post(
+            client, "/", b"Content-Encoding: %s\r\n" % coding.encode(), body
+        )
+
+    assert status == 200, document
+    assert [envelope.value for envelope in sink.envelopes] == [b'{"n": 1}']
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        (b"Content-Encoding: foo\r\n", "'foo'"),
+        (b"Content-Encoding: gzip, identity\r\n", "'gzip, identity'"),
+        (
+            b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n",
+            "'identity, gzip'",
+        ),
+    ],
+)
+async def test_unknown_content_encoding_415(headers, named):
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        status, content_type, document = await raw_post(client, "/", headers, b"{}")
+
+    assert status == 415
+    assert content_type.startswith(b"application/json")
+    assert f"Content-Encoding {named} is not supported" in document["error"]
+    assert "br, deflate, gzip, identity, zstd" in document["error"]
+    assert sink.send_calls == 0
 
 
 async def test_invalid_gzip_body_400_one_line(caplog, monkeypatch):
