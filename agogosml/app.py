@@ -363,8 +363,9 @@ class ModelApp:
                 "(APP_WRITER_TIMEOUT_MS); check that the writer and its sink work"
             ) from None
         except aiohttp.ClientError as exc:
+            reason = str(exc) or type(exc).__name__
             raise _writer_unavailable(
-                f"output writer at {url} is unreachable: {str(exc) or type(exc).__name__}"
+                f"output writer at {url} is unreachable: {reason}"
             ) from None
         error = _writer_error(self._writer_url, response.status, text)
         if error.status == 503 and response.status in (429, 503) and retry_after:
