@@ -868,8 +868,9 @@ class ReaderSettings(_ServiceSettings):
     concurrency: int = Field(
         16,
         ge=1,
+        le=10_000,
         description="READER_CONCURRENCY: parallel requests to the app in key and "
-        "unordered modes.",
+        "unordered modes, at most 10000.",
     )
     batch_max_messages: int = Field(
         1,
@@ -926,9 +927,10 @@ class ReaderSettings(_ServiceSettings):
     max_line_bytes: int = Field(
         16_777_216,
         ge=1,
+        le=1_073_741_824,
         description="READER_MAX_LINE_BYTES: longest line a file source reads, in "
         "bytes, not counting its line break; a longer line is dead-lettered "
-        "without its value instead of being held in memory.",
+        "without its value instead of being held in memory. At most 1 GiB.",
     )
     checkpoint_path: Path | None = Field(
         None,

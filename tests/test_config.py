@@ -564,6 +564,24 @@ def test_reader_url_without_scheme_names_fix(url):
     assert "write the whole URL with its scheme" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "limit"),
+    [
+        ("max_line_bytes", 9223372036854775807, 1073741824),
+        ("concurrency", 10**6, 10000),
+    ],
+)
+def test_reader_upper_limits_named(field, value, limit):
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(
+            ReaderSettings, input="in.jsonl", app_url="http://a", **{field: value}
+        )
+
+    message = str(error.value)
+    assert f"READER_{field.upper()}={value} is invalid" in message
+    assert f"less than or equal to {limit}" in message
+
+
 def test_reader_dead_letter_file_same_as_input_rejected(tmp_path):
     path = tmp_path / "loop.jsonl"
     with pytest.raises(ConfigurationError) as error:
