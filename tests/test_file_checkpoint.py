@@ -93,7 +93,13 @@ async def test_checkpoint_after_last_line_without_line_break(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("content", "shown"),
-    [(b"\xff\xfe\x00", r"'\\xff\\xfe\x00'"), (b"12x", "'12x'")],
+    [
+        (b"\xff\xfe\x00", r"'\\xff\\xfe\x00'"),
+        (b"12x", "'12x'"),
+        (b"1_0", "'1_0'"),
+        (b"-3", "'-3'"),
+        ("\u0663".encode(), "'\u0663'"),
+    ],
 )
 async def test_unreadable_checkpoint_rejected(
     tmp_path: Path, content: bytes, shown: str

@@ -106,6 +106,23 @@ async def test_source_skips_line_over_limit(tmp_path: Path, last_newline) -> Non
     assert "byte offset 9" in overlong.problem
 
 
+async def test_source_limit_excludes_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"a" * 10 + b"\r\n" + b"b" * 11 + b"\r\n" + b"c" * 10 + b"\r")
+    source = FileSource(str(path), max_line_bytes=10)
+
+    async with source:
+        envelopes = await read_all(source)
+
+    # The last line has no line break, so its "\r" counts.
+    assert values_and_problems(envelopes) == [
+        (b"a" * 10, ""),
+        (b"", "11 bytes long,"),
+        (b"", "11 bytes long,"),
+    ]
+    assert envelopes[2].position.next_offset == path.stat().st_size
+
+
 async def test_source_skips_growing_line_it_follows(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n' + b"x" * 6)

@@ -72,6 +72,7 @@ class FileSource(TrackedSource):
         self._max_line_bytes = max_line_bytes
         self._partial = b""
         self._skipped = 0  # bytes skipped so far of an overlong line
+        self._skipped_tail = b""  # the last of those bytes
         self._stream_fd = -1  # file descriptor of stdin or a named pipe
         self._stream_closed = False
         self._reading_stopped = False
@@ -190,17 +191,14 @@ class FileSource(TrackedSource):
         if not self._checkpoint.exists():
             return 0
         text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
-        try:
-            offset = int(text)
-            if offset < 0:
-                raise ValueError(offset)
-            return offset
-        except ValueError:
+        # Only ASCII digits: int() would also take "1_0", "+5" or other scripts.
+        if not (text.isascii() and text.isdigit()):
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains {text[:60]!r}, "
                 "not a byte offset; delete it to start from the beginning",
                 retriable=False,
-            ) from None
+            )
+        return int(text)
 
     async def stop(self) -> None:
         """Write the final checkpoint and close the file."""
@@ -289,34 +287,53 @@ class FileSource(TrackedSource):
         while True:
             if self._skipped:
                 chunk = self._file.readline(SKIP_CHUNK_BYTES)
-                self._skipped += len(chunk)
                 if chunk.endswith(b"\n"):
-                    return self._end_overlong(newline=True)
+                    return self._end_overlong(chunk)
+                self._skip(chunk)
                 if len(chunk) == SKIP_CHUNK_BYTES:
                     continue
             else:
-                # One byte over the limit shows that a line is too long.
-                limit = self._max_line_bytes + 1 - len(self._partial)
+                # Room for the longest line and a "\r\n" line break. A line
+                # that fills it without a "\n" is too long.
+                limit = self._max_line_bytes + 2 - len(self._partial)
                 chunk = self._file.readline(limit)
                 self._partial += chunk
                 if chunk.endswith(b"\n"):
                     line, self._partial = self._partial, b""
-                    return line
-                if len(self._partial) > self._max_line_bytes:
-                    self._skipped, self._partial = len(self._partial), b""
+                    return self._checked(line)
+                if len(self._partial) > self._max_line_bytes + 1:
+                    self._skip(self._partial)
+                    self._partial = b""
                     continue
             # At the current end of the file, inside a line or between lines.
             if self._follow:
                 return None  # wait for the rest of the line
             self.at_end = True
             if self._skipped:
-                return self._end_overlong(newline=False)
+                return self._end_overlong(b"")
             line, self._partial = self._partial, b""
-            return line or None
+            return self._checked(line) if line else None
 
-    def _end_overlong(self, *, newline: bool) -> _Overlong:
-        consumed, self._skipped = self._skipped, 0
-        return _Overlong(consumed, consumed - 1 if newline else consumed)
+    def _checked(self, line: bytes) -> bytes | _Overlong:
+        """Return a line read whole, or `_Overlong` if it is over the limit."""
+        length = _length_without_break(line)
+        if length > self._max_line_bytes:
+            return _Overlong(len(line), length)
+        return line
+
+    def _skip(self, data: bytes) -> None:
+        """Count `data` as skipped bytes of an overlong line."""
+        self._skipped += len(data)
+        if data:
+            self._skipped_tail = data[-1:]
+
+    def _end_overlong(self, rest: bytes) -> _Overlong:
+        """End skipping an overlong line, whose `rest` was read last."""
+        ending = self._skipped_tail + rest
+        consumed = self._skipped + len(rest)
+        self._skipped, self._skipped_tail = 0, b""
+        line_break = len(ending) - _length_without_break(ending)
+        return _Overlong(consumed, consumed - line_break)
 
     def _next_stream_line(self) -> bytes | _Overlong | None:
         """Return the next line of stdin or a pipe, waiting at most 50 ms for input.
@@ -336,18 +353,17 @@ class FileSource(TrackedSource):
         if newline >= 0:
             line = self._partial[: newline + 1]
             self._partial = self._partial[newline + 1 :]
-            if self._skipped or newline > self._max_line_bytes:
-                self._skipped += len(line)
-                return self._end_overlong(newline=True)
-            return line
-        if self._skipped or len(self._partial) > self._max_line_bytes:
-            self._skipped += len(self._partial)
+            if self._skipped:
+                return self._end_overlong(line)
+            return self._checked(line)
+        if self._skipped or len(self._partial) > self._max_line_bytes + 1:
+            self._skip(self._partial)
             self._partial = b""
         if not self._stream_closed:
             return None
         self.at_end = True
         if self._skipped:
-            return self._end_overlong(newline=False)
+            return self._end_overlong(b"")
         line, self._partial = self._partial, b""
         if line and self._reading_stopped:
             logger.warning(
@@ -357,7 +373,7 @@ class FileSource(TrackedSource):
                 len(line),
                 extra={"offset": self._offset},
             )
-        return line or None
+        return self._checked(line) if line else None
 
     async def pause(self) -> None:
         """Stop reading lines until `resume`."""
@@ -407,6 +423,15 @@ class FileSource(TrackedSource):
                         failures,
                         exc,
                     )
+
+
+def _length_without_break(line: bytes) -> int:
+    """Return the length of a line without its "\n" or "\r\n" line break."""
+    if line.endswith(b"\r\n"):
+        return len(line) - 2
+    if line.endswith(b"\n"):
+        return len(line) - 1
+    return len(line)
 
 
 def _read_ready(descriptor: int) -> bytes | None:
