@@ -426,7 +426,7 @@ class FileSource(TrackedSource):
 
 
 def _length_without_break(line: bytes) -> int:
-    """Return the length of a line without its "\n" or "\r\n" line break."""
+    """Return the length of a line without its LF or CRLF line break."""
     if line.endswith(b"\r\n"):
         return len(line) - 2
     if line.endswith(b"\n"):
