@@ -431,10 +431,13 @@ def _check_exit(
 
 
 def _checkpoint_offset(checkpoint: Path) -> int:
-    """Return the byte offset in the file reader's checkpoint, or 0 if there is none."""
+    """Return the byte offset in the file reader's checkpoint, or 0 if there is none.
+
+    The offset is the first word of the checkpoint; its fingerprint follows.
+    """
     try:
-        return int(checkpoint.read_text().strip())
-    except (OSError, ValueError):
+        return int(checkpoint.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return 0
 
 

@@ -385,7 +385,7 @@ def test_run_names_reader_stopped_early(tmp_path: Path, fraud_model: Path) -> No
     summary = read_summary(tmp_path / "summary.json")
     assert message in summary["error"]
     assert summary["input_records"] == 20000
-    checkpoint = int((work / "checkpoint").read_text())
+    checkpoint = int((work / "checkpoint").read_text().split()[0])
     input_bytes = (work / "input.jsonl").read_bytes()
     assert summary["read"] == input_bytes[:checkpoint].count(b"\n")
     assert summary["read"] < 20000

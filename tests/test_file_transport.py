@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import os
 import sys
@@ -236,6 +237,83 @@ async def test_directory_input_rejected(tmp_path: Path) -> None:
     assert not source.connected
 
 
+def positions(envelopes: list[Envelope]) -> list[tuple[bytes, int, int]]:
+    return [(e.value, e.position.partition, e.position.offset) for e in envelopes]
+
+
+async def test_followed_file_truncated_read_again(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"half')
+    checkpoint = tmp_path / "in.offset"
+    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+
+    async with source:
+        before = await read_all(source)
+        for envelope in before:
+            source.ack(envelope)
+        path.write_bytes(b'{"n": 3}\n')  # truncates and writes anew
+        after = await read_all(source)
+        source.ack(after[0])
+
+    assert positions(before) == [(b'{"n": 1}', 0, 0), (b'{"n": 2}', 0, 9)]
+    assert positions(after) == [(b'{"n": 3}', 1, 0)]
+    assert after[0].id != before[0].id
+    assert "was truncated to 9 bytes; reading it from the start, without the 6 " in (
+        caplog.text
+    )
+    assert checkpoint.read_text().split(" ")[0] == "9"
+
+
+async def test_followed_file_replaced_read_anew(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        before = await read_all(source)
+        # Log rotation: the file is renamed, and a new one takes its path.
+        path.rename(tmp_path / "in.jsonl.1")
+        assert await read_all(source) == []
+        path.write_bytes(b'{"n": 2}\n{"n": 3}\n')
+        after = await read_all(source)
+
+    assert positions(before) == [(b'{"n": 1}', 0, 0)]
+    assert positions(after) == [(b'{"n": 2}', 1, 0), (b'{"n": 3}', 1, 9)]
+    assert "was replaced by a new file; reading it from the start" in caplog.text
+
+
+async def test_checkpoint_of_replaced_input_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "in.offset"
+    async with FileSource(str(path), checkpoint_path=checkpoint) as first:
+        first.ack((await read_all(first))[0])
+    # Another file of the same line lengths takes the place of the input.
+    path.write_bytes(b'{"n": 7}\n{"n": 8}\n{"n": 9}\n')
+    second = FileSource(str(path), checkpoint_path=checkpoint)
+
+    with pytest.raises(SourceError) as error:
+        await second.start()
+
+    message = " ".join(str(error.value).split())
+    assert "contains offset 9, but the bytes of" in message
+    assert "before that offset differ from those read then" in message
+    assert "delete the checkpoint" in message
+    assert not second.connected
+
+
+async def test_checkpoint_without_fingerprint_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "in.offset"
+    checkpoint.write_text("9")
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as source:
+        envelopes = await read_all(source)
+
+    assert [e.value for e in envelopes] == [b'{"n": 2}']
+
+
 async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
@@ -248,7 +326,9 @@ async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     async with FileSource(str(path), checkpoint_path=checkpoint) as second:
         again = await read_all(second)
 
-    assert checkpoint.read_text() == str(len(b'{"n": 1}\n'))
+    offset, fingerprint = checkpoint.read_text().split(" ")
+    assert offset == str(len(b'{"n": 1}\n'))
+    assert fingerprint == "sha256:" + hashlib.sha256(b'{"n": 1}\n').hexdigest()
     assert [e.value for e in again] == [b'{"n": 2}', b'{"n": 3}']
 
 

@@ -411,7 +411,7 @@ async def test_overlong_line_dead_lettered_unsent(tmp_path, batch_max_messages):
         "is 59 bytes long, more than READER_MAX_LINE_BYTES (20)"
         in (context["dlq.error"])
     )
-    assert checkpoint.read_text() == str(path.stat().st_size)
+    assert checkpoint.read_text().split(" ")[0] == str(path.stat().st_size)
 
 
 async def test_500_twice_then_200_delivered():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import select
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -25,6 +27,10 @@ DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 
 #: Bytes read at a time while the rest of an overlong line is skipped.
 SKIP_CHUNK_BYTES = 1024 * 1024
+
+#: Bytes before the checkpoint offset whose digest the checkpoint records, so
+#: that a restart can tell that the input was replaced.
+FINGERPRINT_BYTES = 4096
 
 
 class _Overlong(NamedTuple):
@@ -56,6 +62,12 @@ class FileSource(TrackedSource):
     A line longer than `max_line_bytes` (its line break not counted) is not
     held in memory: the source skips it and returns a message without a value
     whose `problem` names its size, which the reader dead-letters.
+
+    A followed file that is truncated, or replaced by a new file at its path
+    (log rotation), is read again from its start, as ``tail -F`` does. Lines
+    read from the file before are still delivered. Their positions have the
+    partition number 0, and each truncation or replacement adds 1, so that
+    message ids stay unique within a run.
     """
 
     def __init__(
@@ -80,10 +92,15 @@ class FileSource(TrackedSource):
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
+        self._part = 0  # partition number: truncations and replacements so far
+        self._reopen_error = ""  # why the replacement file cannot be opened
+        # Held while lines are read and while a commit reads the file, because
+        # reading may replace the file object.
+        self._file_lock = threading.Lock()
         self._file: BinaryIO | None = None
         self._offset = 0
         self._paused = False
-        self._committed: int | None = None
+        self._committed: tuple[int, int] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self.at_end = False
 
@@ -100,12 +117,13 @@ class FileSource(TrackedSource):
         else:
             self._file = self._open_input()
             try:
+                fingerprint = None
                 if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-                    self._offset = self._read_checkpoint()
+                    self._offset, fingerprint = self._read_checkpoint()
                 else:
                     self._stream_fd = self._file.fileno()
                 if self._offset:
-                    self._check_offset_in_file(self._file)
+                    self._check_offset_in_file(self._file, fingerprint)
                     self._file.seek(self._offset)
             except SourceError:
                 self._file.close()
@@ -152,17 +170,26 @@ class FileSource(TrackedSource):
             os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")
 
-    def _check_offset_in_file(self, file: BinaryIO) -> None:
+    def _check_offset_in_file(self, file: BinaryIO, fingerprint: str | None) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
 
         A checkpoint is the start of a line or the end of the file. An offset
-        past the end, or one inside the file that does not follow a line break,
-        means that the input was truncated, replaced or edited since.
+        past the end, one inside the file that does not follow a line break,
+        or bytes before the offset that differ from those read then
+        (`fingerprint`) mean that the input was truncated, replaced or edited
+        since.
         """
         size = os.fstat(file.fileno()).st_size
         problem = ""
         if self._offset > size:
             problem = f"past the end of {self._path!r} ({size} bytes)"
+        elif fingerprint is not None and fingerprint != _fingerprint(
+            file, self._offset
+        ):
+            problem = (
+                f"but the bytes of {self._path!r} before that offset differ from "
+                "those read then"
+            )
         # An offset equal to the size is fine: a last line without a line
         # break ends there.
         elif self._offset < size:
@@ -178,9 +205,14 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
 
-    def _read_checkpoint(self) -> int:
+    def _read_checkpoint(self) -> tuple[int, str | None]:
+        """Return the offset of the checkpoint and its fingerprint, if any.
+
+        A checkpoint is ``<offset> sha256:<hex digest>``. A checkpoint of only
+        the offset is accepted too, without the fingerprint check.
+        """
         if self._checkpoint is None:
-            return 0
+            return 0, None
         if self._checkpoint.is_dir() or not self._checkpoint.parent.is_dir():
             raise SourceError(
                 f"checkpoint path {str(self._checkpoint)!r} is a directory or lies in "
@@ -189,16 +221,19 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
         if not self._checkpoint.exists():
-            return 0
+            return 0, None
         text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
+        offset, _, fingerprint = text.partition(" ")
         # Only ASCII digits: int() would also take "1_0", "+5" or other scripts.
-        if not (text.isascii() and text.isdigit()):
+        if not (offset.isascii() and offset.isdigit()) or (
+            fingerprint and not _is_fingerprint(fingerprint)
+        ):
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains {text[:60]!r}, "
                 "not a byte offset; delete it to start from the beginning",
                 retriable=False,
             )
-        return int(text)
+        return int(offset), fingerprint or None
 
     async def stop(self) -> None:
         """Write the final checkpoint and close the file."""
@@ -234,6 +269,10 @@ class FileSource(TrackedSource):
         return await asyncio.to_thread(self._read_lines, max_messages)
 
     def _read_lines(self, max_messages: int) -> list[Envelope]:
+        with self._file_lock:
+            return self._read_lines_locked(max_messages)
+
+    def _read_lines_locked(self, max_messages: int) -> list[Envelope]:
         envelopes: list[Envelope] = []
         while len(envelopes) < max_messages:
             line = self._next_line()
@@ -252,13 +291,13 @@ class FileSource(TrackedSource):
                 value = value[len(UTF8_BOM) :].strip()
             if not value:
                 continue
-            position = Position(self._path, 0, start, self._offset, 1)
+            position = Position(self._path, self._part, start, self._offset, 1)
             self._tracker.register(position)
             envelopes.append(Envelope(value=value, position=position))
         return envelopes
 
     def _overlong_message(self, start: int, size: int) -> Envelope:
-        position = Position(self._path, 0, start, self._offset, 1)
+        position = Position(self._path, self._part, start, self._offset, 1)
         self._tracker.register(position)
         problem = (
             f"line at byte offset {start} is {size} bytes long, more than "
@@ -278,8 +317,8 @@ class FileSource(TrackedSource):
 
         A line over the length limit comes back as its length (`_Overlong`).
 
-        NOTE: a followed file that is truncated or replaced (log rotation) is not
-        detected; the source keeps waiting past the old end.
+        NOTE: lines appended to a replaced file after the source moved on to
+        the new file are not read, as with ``tail -F``.
         """
         if self._stream_fd >= 0:
             return self._next_stream_line()
@@ -307,12 +346,57 @@ class FileSource(TrackedSource):
                     continue
             # At the current end of the file, inside a line or between lines.
             if self._follow:
+                if self._restart_if_replaced():
+                    continue
                 return None  # wait for the rest of the line
             self.at_end = True
             if self._skipped:
                 return self._end_overlong(b"")
             line, self._partial = self._partial, b""
             return self._checked(line) if line else None
+
+    def _restart_if_replaced(self) -> bool:
+        """Read the followed file from its start if it was truncated or replaced.
+
+        Returns whether it was. The bytes of a line that was not finished
+        before are dropped with a warning.
+        """
+        assert self._file is not None
+        status = os.fstat(self._file.fileno())
+        if status.st_size < self._file.tell():
+            change = f"was truncated to {status.st_size} bytes"
+            self._file.seek(0)
+        else:
+            try:
+                current = os.stat(self._path)
+            except OSError:
+                return False  # renamed, and the new file is not there yet
+            if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
+                return False
+            try:
+                replacement = self._open_input()
+            except SourceError as exc:
+                if str(exc) != self._reopen_error:  # logged once, not every poll
+                    logger.warning("cannot open the new input file yet: %s", exc)
+                self._reopen_error = str(exc)
+                return False
+            self._reopen_error = ""
+            self._file.close()
+            self._file = replacement
+            change = "was replaced by a new file"
+        dropped = len(self._partial) + self._skipped
+        self._partial, self._skipped, self._skipped_tail = b"", 0, b""
+        self._offset = 0
+        self._part += 1
+        self._tracker.assign(self._path, self._part)
+        logger.warning(
+            "input file %s %s; reading it from the start%s",
+            self._path,
+            change,
+            f", without the {dropped} bytes of an unfinished line" if dropped else "",
+            extra={"path": self._path, "partition": self._part},
+        )
+        return True
 
     def _checked(self, line: bytes) -> bytes | _Overlong:
         """Return a line read whole, or `_Overlong` if it is over the limit."""
@@ -389,14 +473,19 @@ class FileSource(TrackedSource):
         Raises:
             OSError: when the checkpoint cannot be written.
         """
-        position = self._tracker.committable().get((self._path, 0))
-        if self._checkpoint is None or position is None:
-            return
-        if position == self._committed:
-            return
+        if self._checkpoint is None or self._stream_fd >= 0:
+            return  # a stream cannot be read again from an offset
+        with self._file_lock:
+            part = self._part
+            position = self._tracker.committable().get((self._path, part))
+            if position is None or (part, position) == self._committed:
+                return
+            if self._file is None:
+                return
+            fingerprint = _fingerprint(self._file, position)
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
         with temporary.open("w") as file:
-            file.write(str(position))
+            file.write(f"{position} {fingerprint}")
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self._checkpoint)
@@ -405,7 +494,7 @@ class FileSource(TrackedSource):
             os.fsync(directory)  # makes the rename itself durable
         finally:
             os.close(directory)
-        self._committed = position
+        self._committed = (part, position)
 
     async def _commit_periodically(self) -> None:
         failures = 0
@@ -423,6 +512,23 @@ class FileSource(TrackedSource):
                         failures,
                         exc,
                     )
+
+
+def _fingerprint(file: BinaryIO, offset: int) -> str:
+    """Return the digest of up to `FINGERPRINT_BYTES` bytes before `offset`."""
+    start = max(0, offset - FINGERPRINT_BYTES)
+    data = os.pread(file.fileno(), offset - start, start)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _is_fingerprint(text: str) -> bool:
+    """Return whether `text` has the form that `_fingerprint` returns."""
+    digest = text.removeprefix("sha256:")
+    return (
+        digest != text
+        and len(digest) == 64
+        and all(character in "0123456789abcdef" for character in digest)
+    )
 
 
 def _length_without_break(line: bytes) -> int:
