@@ -209,7 +209,7 @@ async def test_named_pipe_read_as_stream(tmp_path: Path, caplog) -> None:
     assert [envelope.value for envelope in first] == [b'{"n": 0}']
     assert [envelope.value for envelope in rest] == [b'{"n": 1}', b'{"n": 2']
     assert source.at_end
-    assert "READER_CHECKPOINT_PATH is not read" in caplog.text
+    assert "READER_CHECKPOINT_PATH is ignored" in caplog.text
 
 
 async def test_named_pipe_ends_with_its_writer(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ class FileSource(TrackedSource):
             self._follow = False
             if self._checkpoint is not None:
                 logger.warning(
-                    "READER_CHECKPOINT_PATH is not read for %s, which is stdin or "
+                    "READER_CHECKPOINT_PATH is ignored for %s, which is stdin or "
                     "a named pipe and cannot be read again from an offset",
                     self._path,
                 )
