@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -73,8 +74,9 @@ async def test_stdin_stop_reading_returns_buffered_lines(monkeypatch) -> None:
 
     assert not source.replayable
     assert [envelope.value for envelope in first] == [b'{"n": 0}']
-    # The last line never got its newline; it is sent as it is.
     assert [envelope.value for envelope in rest] == [b'{"n": 1}', b'{"n": 2']
+    # The last line never got its newline: it is dead-lettered, not sent.
+    assert "reading stdin stopped at shutdown inside the line" in rest[1].problem
     assert source.at_end
 
 
@@ -208,6 +210,11 @@ async def test_named_pipe_read_as_stream(tmp_path: Path, caplog) -> None:
     assert not source.replayable
     assert [envelope.value for envelope in first] == [b'{"n": 0}']
     assert [envelope.value for envelope in rest] == [b'{"n": 1}', b'{"n": 2']
+    assert rest[0].problem == ""
+    assert rest[1].problem.startswith(
+        f"reading {path} stopped at shutdown inside the line at byte offset 18: "
+        "this value is its first 7 bytes"
+    )
     assert source.at_end
     assert "READER_CHECKPOINT_PATH is ignored" in caplog.text
 
@@ -215,7 +222,7 @@ async def test_named_pipe_read_as_stream(tmp_path: Path, caplog) -> None:
 async def test_named_pipe_ends_with_its_writer(tmp_path: Path) -> None:
     path = tmp_path / "in.fifo"
     os.mkfifo(path)
-    source = FileSource(str(path), follow=True)
+    source = FileSource(str(path))
 
     async with source:
         writer = os.open(path, os.O_WRONLY)
@@ -225,6 +232,24 @@ async def test_named_pipe_ends_with_its_writer(tmp_path: Path) -> None:
 
     assert [envelope.value for envelope in envelopes] == [b'{"n": 0}', b'{"n": 1}']
     assert source.at_end
+
+
+async def test_followed_pipe_reads_next_writer(tmp_path: Path) -> None:
+    path = tmp_path / "in.fifo"
+    os.mkfifo(path)
+    source = FileSource(str(path), follow=True)
+    envelopes: list[Envelope] = []
+
+    async with source:
+        for number in range(3):
+            # Each writer opens the pipe, writes one line and closes it.
+            writer = os.open(path, os.O_WRONLY)
+            os.write(writer, b'{"n": %d}\n' % number)
+            os.close(writer)
+            envelopes.extend(await read_all(source, rounds=5))
+
+    assert [e.value for e in envelopes] == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
+    assert not source.at_end
 
 
 async def test_directory_input_rejected(tmp_path: Path) -> None:
@@ -280,6 +305,75 @@ async def test_followed_file_replaced_read_anew(tmp_path: Path, caplog) -> None:
     assert positions(before) == [(b'{"n": 1}', 0, 0)]
     assert positions(after) == [(b'{"n": 2}', 1, 0), (b'{"n": 3}', 1, 9)]
     assert "was replaced by a new file; reading it from the start" in caplog.text
+    # The old file cannot be read again from the path, so the reader sends its
+    # lines already read at shutdown.
+    assert not source.replayable
+
+
+async def test_checkpoint_after_rotation_starts_new_file(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "in.offset"
+    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+
+    async with source:
+        for envelope in await read_all(source):
+            source.ack(envelope)
+        path.rename(tmp_path / "in.jsonl.1")
+        path.write_bytes(b"")
+        assert await read_all(source) == []
+    path.write_bytes(b'{"n": 3}\n')
+
+    assert checkpoint.read_text().split(" ")[0] == "0"
+    async with FileSource(str(path), checkpoint_path=checkpoint) as again:
+        assert [e.value for e in await read_all(again)] == [b'{"n": 3}']
+
+
+async def test_truncation_found_before_file_end(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        first = await source.fetch(2, 0.01)
+        path.write_bytes(b'{"a"}\n')
+        rest = await read_all(source)
+
+    assert positions(first) == [(b'{"n": 1}', 0, 0), (b'{"n": 2}', 0, 9)]
+    assert positions(rest) == [(b'{"a"}', 1, 0)]
+
+
+async def test_replacement_by_pipe_not_read(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        before = await read_all(source)
+        path.rename(tmp_path / "in.jsonl.1")
+        os.mkfifo(path)
+        after = await read_all(source, rounds=5)
+
+    assert [e.value for e in before] == [b'{"n": 1}']
+    assert after == []
+    assert caplog.text.count("is now not a regular file") == 1
+
+
+async def test_followed_file_end_waits(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        await read_all(source)
+        started = time.monotonic()
+        for _ in range(5):
+            assert await source.fetch(100, 0.05) == []
+        waited = time.monotonic() - started
+
+    # Each fetch at the end waits instead of returning at once, so an idle
+    # reader does not keep a core busy.
+    assert waited >= 0.2
 
 
 async def test_checkpoint_of_replaced_input_rejected(tmp_path: Path) -> None:

@@ -40,6 +40,12 @@ class _Overlong(NamedTuple):
     length: int  # bytes of the line, line break not counted
 
 
+class _Fragment(NamedTuple):
+    """The start of a stream's line whose rest was not read, at shutdown."""
+
+    data: bytes
+
+
 class FileSource(TrackedSource):
     """Read a JSON Lines file (or stdin with ``-``) line by line.
 
@@ -53,11 +59,12 @@ class FileSource(TrackedSource):
     is complete. Without it, the end of the file is the end of the stream, and a
     last line without a newline is a message too.
 
-    Stdin and a named pipe (any input that is not a regular file) are streams:
-    their end of file ends them, even with `follow`, and they cannot be read
-    again. So they are not `replayable`: at shutdown the reader sends the lines
-    already read instead of leaving them uncommitted, and a checkpoint is not
-    read at start.
+    Stdin and a named pipe (any input that is not a regular file) are streams.
+    The end of stdin ends it. A named pipe is opened again for the next writer
+    with `follow`, and ends at its end of file without. Streams cannot be read
+    again, so they are not `replayable`: at shutdown the reader sends the
+    lines already read instead of leaving them uncommitted, and the checkpoint
+    is ignored.
 
     A line longer than `max_line_bytes` (its line break not counted) is not
     held in memory: the source skips it and returns a message without a value
@@ -81,6 +88,11 @@ class FileSource(TrackedSource):
     ) -> None:
         self._path = path
         self._follow = follow
+        # A named pipe read with `follow` is opened again after its writers
+        # close it, for the next writer.
+        self._reopen_pipe_at_end = False
+        self._buffer = bytearray()  # stream bytes read but not yet returned
+        self._scanned = 0  # length of the start of `_buffer` without a newline
         self._max_line_bytes = max_line_bytes
         self._partial = b""
         self._skipped = 0  # bytes skipped so far of an overlong line
@@ -131,6 +143,7 @@ class FileSource(TrackedSource):
                 raise
         if self._stream_fd >= 0:
             self.replayable = False
+            self._reopen_pipe_at_end = self._follow and self._path != "-"
             self._follow = False
             if self._checkpoint is not None:
                 logger.warning(
@@ -229,8 +242,9 @@ class FileSource(TrackedSource):
             fingerprint and not _is_fingerprint(fingerprint)
         ):
             raise SourceError(
-                f"checkpoint file {str(self._checkpoint)!r} contains {text[:60]!r}, "
-                "not a byte offset; delete it to start from the beginning",
+                f"checkpoint file {str(self._checkpoint)!r} contains {text[:80]!r}, "
+                "not a byte offset, optionally followed by a space and "
+                "'sha256:<digest>'; delete it to start from the beginning",
                 retriable=False,
             )
         return int(offset), fingerprint or None
@@ -252,8 +266,8 @@ class FileSource(TrackedSource):
     def stop_reading(self) -> None:
         """Read nothing more from a stream; `fetch` returns the lines already read.
 
-        A last line without its newline is returned too, as at the end of a
-        stream. A regular file is at its end at once.
+        A last line without its newline comes with a `problem`, so the reader
+        dead-letters it. A regular file is at its end at once.
         """
         if self._stream_fd >= 0:
             self._stream_closed = True
@@ -266,7 +280,11 @@ class FileSource(TrackedSource):
         if self._paused or self.at_end or self._file is None:
             await asyncio.sleep(min(timeout_seconds, 0.05))
             return []
-        return await asyncio.to_thread(self._read_lines, max_messages)
+        envelopes = await asyncio.to_thread(self._read_lines, max_messages)
+        if not envelopes and self._follow:
+            # At the end of a followed file: wait a little before looking again.
+            await asyncio.sleep(min(timeout_seconds, 0.05))
+        return envelopes
 
     def _read_lines(self, max_messages: int) -> list[Envelope]:
         with self._file_lock:
@@ -274,6 +292,8 @@ class FileSource(TrackedSource):
 
     def _read_lines_locked(self, max_messages: int) -> list[Envelope]:
         envelopes: list[Envelope] = []
+        if self._follow:
+            self._restart_if_replaced(at_end=False)
         while len(envelopes) < max_messages:
             line = self._next_line()
             if line is None:
@@ -282,6 +302,10 @@ class FileSource(TrackedSource):
             if isinstance(line, _Overlong):
                 self._offset += line.consumed
                 envelopes.append(self._overlong_message(start, line.length))
+                continue
+            if isinstance(line, _Fragment):
+                self._offset += len(line.data)
+                envelopes.append(self._fragment_message(start, line.data))
                 continue
             self._offset += len(line)
             value = line.strip()
@@ -312,7 +336,24 @@ class FileSource(TrackedSource):
         )
         return Envelope(value=b"", position=position, problem=problem)
 
-    def _next_line(self) -> bytes | _Overlong | None:
+    def _fragment_message(self, start: int, data: bytes) -> Envelope:
+        position = Position(self._path, self._part, start, self._offset, 1)
+        self._tracker.register(position)
+        name = "stdin" if self._path == "-" else self._path
+        problem = (
+            f"reading {name} stopped at shutdown inside the line at byte offset "
+            f"{start}: this value is its first {len(data)} bytes, and the rest "
+            "was not read"
+        )
+        logger.warning(
+            "reading %s stopped inside a line: its first %d bytes are dead-lettered",
+            name,
+            len(data),
+            extra={"offset": start},
+        )
+        return Envelope(value=data.strip(), position=position, problem=problem)
+
+    def _next_line(self) -> bytes | _Overlong | _Fragment | None:
         """Return the next complete line, or None at the current end of the file.
 
         A line over the length limit comes back as its length (`_Overlong`).
@@ -346,7 +387,7 @@ class FileSource(TrackedSource):
                     continue
             # At the current end of the file, inside a line or between lines.
             if self._follow:
-                if self._restart_if_replaced():
+                if self._restart_if_replaced(at_end=True):
                     continue
                 return None  # wait for the rest of the line
             self.at_end = True
@@ -355,32 +396,34 @@ class FileSource(TrackedSource):
             line, self._partial = self._partial, b""
             return self._checked(line) if line else None
 
-    def _restart_if_replaced(self) -> bool:
+    def _restart_if_replaced(self, *, at_end: bool) -> bool:
         """Read the followed file from its start if it was truncated or replaced.
 
-        Returns whether it was. The bytes of a line that was not finished
-        before are dropped with a warning.
+        Returns whether it was. A file shorter than the read position was
+        truncated. Whether a new file took the path is checked only `at_end`,
+        so the old file is read to its end first. The bytes of a line that was
+        not finished before are dropped with a warning. The lines read before
+        cannot be read again from the path, so from then on the source is not
+        `replayable`: the reader sends them at shutdown.
+
+        NOTE: a file that is truncated and then grows past the read position
+        while fetching is paused is read on from that position, and a file
+        replaced twice while paused skips the file in between.
         """
         assert self._file is not None
         status = os.fstat(self._file.fileno())
         if status.st_size < self._file.tell():
             change = f"was truncated to {status.st_size} bytes"
+            # A seek to the end drops the read-ahead buffer, which still contains
+            # bytes of the old content; a seek into it would only move within it.
+            self._file.seek(0, os.SEEK_END)
             self._file.seek(0)
+        elif not at_end:
+            return False
         else:
-            try:
-                current = os.stat(self._path)
-            except OSError:
-                return False  # renamed, and the new file is not there yet
-            if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
+            replacement = self._replacement(status)
+            if replacement is None:
                 return False
-            try:
-                replacement = self._open_input()
-            except SourceError as exc:
-                if str(exc) != self._reopen_error:  # logged once, not every poll
-                    logger.warning("cannot open the new input file yet: %s", exc)
-                self._reopen_error = str(exc)
-                return False
-            self._reopen_error = ""
             self._file.close()
             self._file = replacement
             change = "was replaced by a new file"
@@ -389,6 +432,7 @@ class FileSource(TrackedSource):
         self._offset = 0
         self._part += 1
         self._tracker.assign(self._path, self._part)
+        self.replayable = False
         logger.warning(
             "input file %s %s; reading it from the start%s",
             self._path,
@@ -398,6 +442,32 @@ class FileSource(TrackedSource):
         )
         return True
 
+    def _replacement(self, status: os.stat_result) -> BinaryIO | None:
+        """Open the file that took the input's path, or return None if there is none.
+
+        A path that is missing, or names something other than a regular file,
+        is looked at again later; the reason is logged once.
+        """
+        try:
+            current = os.stat(self._path)
+        except OSError:
+            return None  # renamed, and the new file is not there yet
+        if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
+            return None
+        problem = ""
+        replacement = None
+        if not stat.S_ISREG(current.st_mode):
+            problem = f"{self._path!r} is now not a regular file"
+        else:
+            try:
+                replacement = self._open_input()
+            except SourceError as exc:
+                problem = str(exc)
+        if problem and problem != self._reopen_error:  # logged once, not every poll
+            logger.warning("cannot read the new input file yet: %s", problem)
+        self._reopen_error = problem
+        return replacement
+
     def _checked(self, line: bytes) -> bytes | _Overlong:
         """Return a line read whole, or `_Overlong` if it is over the limit."""
         length = _length_without_break(line)
@@ -405,11 +475,11 @@ class FileSource(TrackedSource):
             return _Overlong(len(line), length)
         return line
 
-    def _skip(self, data: bytes) -> None:
+    def _skip(self, data: bytes | bytearray) -> None:
         """Count `data` as skipped bytes of an overlong line."""
         self._skipped += len(data)
         if data:
-            self._skipped_tail = data[-1:]
+            self._skipped_tail = bytes(data[-1:])
 
     def _end_overlong(self, rest: bytes) -> _Overlong:
         """End skipping an overlong line, whose `rest` was read last."""
@@ -419,45 +489,78 @@ class FileSource(TrackedSource):
         line_break = len(ending) - _length_without_break(ending)
         return _Overlong(consumed, consumed - line_break)
 
-    def _next_stream_line(self) -> bytes | _Overlong | None:
+    def _next_stream_line(self) -> bytes | _Overlong | _Fragment | None:
         """Return the next line of stdin or a pipe, waiting at most 50 ms for input.
 
         Reads the file descriptor directly, because a buffered readline would
         block until a whole line or the end arrives, and stop would wait for it.
+        A line cut off by `stop_reading` comes back as a `_Fragment`.
         """
-        newline = self._partial.find(b"\n")
+        buffer = self._buffer
+        newline = buffer.find(b"\n", self._scanned)
         if newline < 0 and not self._stream_closed:
+            self._scanned = len(buffer)
             ready, _, _ = select.select([self._stream_fd], [], [], 0.05)
             if ready:
-                chunk = _read_ready(self._stream_fd)
-                if chunk is not None:
-                    self._partial += chunk
-                    self._stream_closed = not chunk
-            newline = self._partial.find(b"\n")
+                self._read_stream_chunk()
+            newline = buffer.find(b"\n", self._scanned)
         if newline >= 0:
-            line = self._partial[: newline + 1]
-            self._partial = self._partial[newline + 1 :]
+            line = bytes(buffer[: newline + 1])
+            del buffer[: newline + 1]
+            self._scanned = 0
             if self._skipped:
                 return self._end_overlong(line)
             return self._checked(line)
-        if self._skipped or len(self._partial) > self._max_line_bytes + 1:
-            self._skip(self._partial)
-            self._partial = b""
+        if self._skipped or len(buffer) > self._max_line_bytes + 1:
+            self._skip(buffer)
+            buffer.clear()
+            self._scanned = 0
         if not self._stream_closed:
             return None
         self.at_end = True
         if self._skipped:
             return self._end_overlong(b"")
-        line, self._partial = self._partial, b""
+        line = bytes(buffer)
+        buffer.clear()
+        self._scanned = 0
         if line and self._reading_stopped:
-            logger.warning(
-                "reading %s stopped inside a line: its first %d bytes are sent "
-                "as they are, and the rest stays unread",
-                "stdin" if self._path == "-" else self._path,
-                len(line),
-                extra={"offset": self._offset},
-            )
+            return _Fragment(line)
         return self._checked(line) if line else None
+
+    def _read_stream_chunk(self) -> None:
+        """Append what the stream has to the buffer, and note its end."""
+        chunk = _read_ready(self._stream_fd)
+        if chunk is None:
+            return
+        if chunk:
+            self._buffer += chunk
+        elif self._reopen_pipe_at_end:
+            self._reopen_pipe()
+        else:
+            self._stream_closed = True
+
+    def _reopen_pipe(self) -> None:
+        """Open the named pipe again after its writers closed it, for the next one.
+
+        Without that, a later writer would fill the pipe's buffer unread. The
+        stream ends if the path no longer names a named pipe.
+        """
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        try:
+            reopened = self._open_input()
+        except SourceError as exc:
+            logger.warning("the input pipe ended and cannot be opened again: %s", exc)
+            self._stream_closed = True
+            return
+        if not stat.S_ISFIFO(os.fstat(reopened.fileno()).st_mode):
+            reopened.close()
+            logger.warning("%s is no longer a named pipe; its stream ends", self._path)
+            self._stream_closed = True
+            return
+        self._file = reopened
+        self._stream_fd = reopened.fileno()
 
     async def pause(self) -> None:
         """Stop reading lines until `resume`."""
@@ -478,6 +581,8 @@ class FileSource(TrackedSource):
         with self._file_lock:
             part = self._part
             position = self._tracker.committable().get((self._path, part))
+            if position is None and part:
+                position = 0  # the file was replaced: start of the new one
             if position is None or (part, position) == self._committed:
                 return
             if self._file is None:
