@@ -310,6 +310,23 @@ async def test_followed_file_replaced_read_anew(tmp_path: Path, caplog) -> None:
     assert not source.replayable
 
 
+async def test_periodic_commit_skipped_while_reading(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    checkpoint = tmp_path / "in.offset"
+
+    async with FileSource(str(path), checkpoint_path=checkpoint) as source:
+        source.ack((await read_all(source))[0])
+        # As while a thread reads lines, for example skips an overlong one.
+        with source._file_lock:
+            source.commit(wait=False)
+            skipped = checkpoint.exists()
+        source.commit(wait=False)
+
+    assert not skipped
+    assert checkpoint.read_text().split(" ")[0] == "9"
+
+
 async def test_checkpoint_after_rotation_starts_new_file(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n')

@@ -570,15 +570,21 @@ class FileSource(TrackedSource):
         """Read lines again."""
         self._paused = False
 
-    def commit(self) -> None:
+    def commit(self, *, wait: bool = True) -> None:
         """Store the finished prefix in the checkpoint file, atomically.
+
+        Without `wait`, nothing is stored while lines are being read, which can
+        take a while when an overlong line is skipped, so that the event loop
+        does not wait for that.
 
         Raises:
             OSError: when the checkpoint cannot be written.
         """
         if self._checkpoint is None or self._stream_fd >= 0:
             return  # a stream cannot be read again from an offset
-        with self._file_lock:
+        if not self._file_lock.acquire(blocking=wait):
+            return  # the next periodic commit stores it
+        try:
             part = self._part
             position = self._tracker.committable().get((self._path, part))
             if position is None and part:
@@ -588,6 +594,8 @@ class FileSource(TrackedSource):
             if self._file is None:
                 return
             fingerprint = _fingerprint(self._file, position)
+        finally:
+            self._file_lock.release()
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
         with temporary.open("w") as file:
             file.write(f"{position} {fingerprint}")
@@ -606,7 +614,7 @@ class FileSource(TrackedSource):
         while True:
             await asyncio.sleep(self._commit_interval)
             try:
-                self.commit()
+                self.commit(wait=False)
                 failures = 0
             except OSError as exc:
                 failures += 1
