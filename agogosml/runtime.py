@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ def run_service(
     service: str,
 ) -> None:
     """Load settings, configure logging and run `serve`; exit 2 on bad settings."""
+    open_closed_standard_descriptors()
     try:
         settings = load_settings(settings_class)
     except ConfigurationError as exc:
@@ -41,6 +43,23 @@ def run_service(
     except AgogosmlError as exc:
         logger.error("%s failed: %s", service, exc)
         raise SystemExit(1) from None
+
+
+def open_closed_standard_descriptors() -> None:
+    """Point each closed descriptor 0, 1 or 2 at /dev/null.
+
+    A service started with a standard stream closed (``<&-`` in a shell)
+    would give that number to its first socket, and uvloop aborts the process
+    when it closes a socket numbered 2 or lower.
+    """
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != descriptor:
+                os.dup2(opened, descriptor)
+                os.close(opened)
 
 
 def check_arguments(program: str, settings_class: type[BaseSettings]) -> None:

@@ -252,6 +252,18 @@ async def test_followed_pipe_reads_next_writer(tmp_path: Path) -> None:
     assert not source.at_end
 
 
+async def test_closed_stdin_rejected(monkeypatch) -> None:
+    # Python sets sys.stdin to None when the process starts without it.
+    monkeypatch.setattr(sys, "stdin", None)
+    source = FileSource("-")
+
+    with pytest.raises(SourceError) as error:
+        await source.start()
+
+    assert "started with stdin closed" in str(error.value)
+    assert "set READER_INPUT to a file path" in str(error.value)
+
+
 async def test_directory_input_rejected(tmp_path: Path) -> None:
     source = FileSource(str(tmp_path))
 

@@ -115,6 +115,39 @@ def test_writer_without_broker_is_not_ready(tmp_path: Path) -> None:
     assert alive
 
 
+def test_writer_with_stdin_closed_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("WRITER_")},
+        "PYTHONPATH": str(REPO_ROOT),
+        "WRITER_OUTPUT": str(tmp_path / "out.jsonl"),
+        "WRITER_PORT": str(port),
+    }
+    # As a shell's "<&-": the service starts without descriptor 0.
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "agogosml.writer"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(0),  # noqa: PLW1509 - no threads in the child yet
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while http_status(f"http://127.0.0.1:{port}/healthz") != 200:
+            assert writer.poll() is None, writer.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        writer.send_signal(signal.SIGTERM)
+        _, stderr = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+    assert writer.returncode == 0, stderr
+    assert b"Assertion" not in stderr
+
+
 class _RejectingApp(http.server.BaseHTTPRequestHandler):
     """An app that rejects every message with 400, so each one is dead-lettered."""
 

@@ -124,6 +124,13 @@ class FileSource(TrackedSource):
     async def start(self) -> None:
         """Open the file and seek past the checkpoint, if any."""
         if self._path == "-":
+            if sys.stdin is None:
+                raise SourceError(
+                    "READER_INPUT is '-', but the reader was started with stdin "
+                    "closed; give it the input on stdin, or set READER_INPUT to a "
+                    "file path",
+                    retriable=False,
+                )
             self._file = sys.stdin.buffer
             self._stream_fd = sys.stdin.fileno()
         else:
