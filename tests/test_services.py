@@ -123,13 +123,12 @@ def test_writer_with_stdin_closed_stops_cleanly(tmp_path: Path) -> None:
         "WRITER_OUTPUT": str(tmp_path / "out.jsonl"),
         "WRITER_PORT": str(port),
     }
-    # As a shell's "<&-": the service starts without descriptor 0.
+    # The shell's "<&-" starts the service without descriptor 0.
     writer = subprocess.Popen(
-        [sys.executable, "-m", "agogosml.writer"],
+        ["sh", "-c", 'exec "$0" -m agogosml.writer <&-', sys.executable],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.close(0),  # noqa: PLW1509 - no threads in the child yet
     )
     try:
         deadline = time.monotonic() + 30
