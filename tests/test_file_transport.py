@@ -358,6 +358,45 @@ async def test_checkpoint_after_rotation_starts_new_file(tmp_path: Path) -> None
         assert [e.value for e in await read_all(again)] == [b'{"n": 3}']
 
 
+async def test_followed_file_overwritten_read_again(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(b'{"id":"old%d"}\n' % n for n in range(10)))
+    source = FileSource(str(path), follow=True)
+
+    async with source:
+        before = await read_all(source)
+        # Longer content written from the start between two reads: the file
+        # never looks shorter than the read position.
+        path.write_bytes(b"".join(b'{"id":"new%03d"}\n' % n for n in range(20)))
+        after = await read_all(source)
+
+    assert len(before) == 10
+    assert [e.value for e in after] == [b'{"id":"new%03d"}' % n for n in range(20)]
+    assert {e.position.partition for e in after} == {1}
+    assert "was overwritten from its start; reading it from the start" in caplog.text
+
+
+async def test_rotation_checkpointed_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    checkpoint = tmp_path / "in.offset"
+    source = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, commit_interval_seconds=60
+    )
+
+    async with source:
+        for envelope in await read_all(source):
+            source.ack(envelope)
+        source.commit()
+        path.rename(tmp_path / "in.jsonl.1")
+        path.write_bytes(b'{"n": 3}\n')
+        await read_all(source)
+        # Read before the source stops, as a crash would leave it.
+        after_rotation = checkpoint.read_text().split(" ")[0]
+
+    assert after_rotation == "0"
+
+
 async def test_truncation_found_before_file_end(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')

@@ -32,6 +32,10 @@ SKIP_CHUNK_BYTES = 1024 * 1024
 #: that a restart can tell that the input was replaced.
 FINGERPRINT_BYTES = 4096
 
+#: Bytes last read from a followed file that are compared with the file on
+#: every read, so that a file overwritten from its start is read again.
+READ_TAIL_BYTES = 64
+
 
 class _Overlong(NamedTuple):
     """A line over the length limit, returned instead of its content."""
@@ -106,6 +110,8 @@ class FileSource(TrackedSource):
         self._tracker = OffsetTracker()
         self._part = 0  # partition number: truncations and replacements so far
         self._reopen_error = ""  # why the replacement file cannot be opened
+        self._read_tail = b""  # the last bytes read from a followed file
+        self._restarted = False  # whether a restart awaits its checkpoint
         # Held while lines are read and while a commit reads the file, because
         # reading may replace the file object.
         self._file_lock = threading.Lock()
@@ -288,6 +294,14 @@ class FileSource(TrackedSource):
             await asyncio.sleep(min(timeout_seconds, 0.05))
             return []
         envelopes = await asyncio.to_thread(self._read_lines, max_messages)
+        if self._restarted and self._checkpoint is not None:
+            # Record the start of the new file at once: a checkpoint of the
+            # old one would not fit the new file after a crash.
+            self._restarted = False
+            try:
+                self.commit()
+            except OSError as exc:
+                logger.error("writing the checkpoint failed: %s", exc)
         if not envelopes and self._follow:
             # At the end of a followed file: wait a little before looking again.
             await asyncio.sleep(min(timeout_seconds, 0.05))
@@ -374,6 +388,7 @@ class FileSource(TrackedSource):
         while True:
             if self._skipped:
                 chunk = self._file.readline(SKIP_CHUNK_BYTES)
+                self._remember(chunk)
                 if chunk.endswith(b"\n"):
                     return self._end_overlong(chunk)
                 self._skip(chunk)
@@ -384,6 +399,7 @@ class FileSource(TrackedSource):
                 # that fills it without a "\n" is too long.
                 limit = self._max_line_bytes + 2 - len(self._partial)
                 chunk = self._file.readline(limit)
+                self._remember(chunk)
                 self._partial += chunk
                 if chunk.endswith(b"\n"):
                     line, self._partial = self._partial, b""
@@ -413,14 +429,20 @@ class FileSource(TrackedSource):
         cannot be read again from the path, so from then on the source is not
         `replayable`: the reader sends them at shutdown.
 
-        NOTE: a file that is truncated and then grows past the read position
-        while fetching is paused is read on from that position, and a file
-        replaced twice while paused skips the file in between.
+        NOTE: an overwrite is found by comparing the last bytes read with the
+        file, so one that writes those same bytes at the same place is read on
+        from the read position. A file replaced twice while fetching is paused
+        skips the file in between.
         """
         assert self._file is not None
         status = os.fstat(self._file.fileno())
-        if status.st_size < self._file.tell():
+        position = self._file.tell()
+        change = ""
+        if status.st_size < position:
             change = f"was truncated to {status.st_size} bytes"
+        elif self._overwritten(position):
+            change = "was overwritten from its start"
+        if change:
             # A seek to the end drops the read-ahead buffer, which still contains
             # bytes of the old content; a seek into it would only move within it.
             self._file.seek(0, os.SEEK_END)
@@ -436,10 +458,12 @@ class FileSource(TrackedSource):
             change = "was replaced by a new file"
         dropped = len(self._partial) + self._skipped
         self._partial, self._skipped, self._skipped_tail = b"", 0, b""
+        self._read_tail = b""
         self._offset = 0
         self._part += 1
         self._tracker.assign(self._path, self._part)
         self.replayable = False
+        self._restarted = True
         logger.warning(
             "input file %s %s; reading it from the start%s",
             self._path,
@@ -448,6 +472,26 @@ class FileSource(TrackedSource):
             extra={"path": self._path, "partition": self._part},
         )
         return True
+
+    def _remember(self, chunk: bytes) -> None:
+        """Keep the last `READ_TAIL_BYTES` bytes read from a followed file."""
+        if self._follow and chunk:
+            self._read_tail = (self._read_tail + chunk)[-READ_TAIL_BYTES:]
+
+    def _overwritten(self, position: int) -> bool:
+        """Return whether the bytes before `position` differ from those read.
+
+        That is so when a program overwrote the file from its start, with
+        content at least as long as what was read, between two reads.
+        """
+        if not self._read_tail:
+            return False
+        assert self._file is not None
+        length = len(self._read_tail)
+        start = position - length
+        return start < 0 or (
+            os.pread(self._file.fileno(), length, start) != self._read_tail
+        )
 
     def _replacement(self, status: os.stat_result) -> BinaryIO | None:
         """Open the file that took the input's path, or return None if there is none.
