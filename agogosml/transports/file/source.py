@@ -74,8 +74,9 @@ class FileSource(TrackedSource):
     held in memory: the source skips it and returns a message without a value
     whose `problem` names its size, which the reader dead-letters.
 
-    A followed file that is truncated, or replaced by a new file at its path
-    (log rotation), is read again from its start, as ``tail -F`` does. Lines
+    A followed file that is truncated, overwritten from its start, or replaced
+    by a new file at its path (log rotation), is read again from its start, as
+    ``tail -F`` does. Lines
     read from the file before are still delivered. Their positions have the
     partition number 0, and each truncation or replacement adds 1, so that
     message ids stay unique within a run.
