@@ -337,14 +337,17 @@ class FileSource(TrackedSource):
                 value = value[len(UTF8_BOM) :].strip()
             if not value:
                 continue
-            position = Position(self._path, self._part, start, self._offset, 1)
-            self._tracker.register(position)
-            envelopes.append(Envelope(value=value, position=position))
+            envelopes.append(Envelope(value=value, position=self._register(start)))
         return envelopes
 
-    def _overlong_message(self, start: int, size: int) -> Envelope:
+    def _register(self, start: int) -> Position:
+        """Track the line from byte `start` to the current offset, and return it."""
         position = Position(self._path, self._part, start, self._offset, 1)
         self._tracker.register(position)
+        return position
+
+    def _overlong_message(self, start: int, size: int) -> Envelope:
+        position = self._register(start)
         problem = (
             f"line at byte offset {start} is {size} bytes long, more than "
             f"READER_MAX_LINE_BYTES ({self._max_line_bytes}); it was skipped "
@@ -359,8 +362,7 @@ class FileSource(TrackedSource):
         return Envelope(value=b"", position=position, problem=problem)
 
     def _fragment_message(self, start: int, data: bytes) -> Envelope:
-        position = Position(self._path, self._part, start, self._offset, 1)
-        self._tracker.register(position)
+        position = self._register(start)
         name = "stdin" if self._path == "-" else self._path
         problem = (
             f"reading {name} stopped at shutdown inside the line at byte offset "
