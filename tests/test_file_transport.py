@@ -89,7 +89,7 @@ async def test_source_skips_line_over_limit(tmp_path: Path, last_newline) -> Non
     path = tmp_path / "in.jsonl"
     lines = [b'{"n": 1}', b"x" * 25, b"y" * 10, b'{"n": 2}', b"z" * 11]
     path.write_bytes(b"\n".join(lines) + last_newline)
-    # A line of exactly the limit is read; one byte more is skipped.
+    # A line of exactly the limit is read, and one byte more is skipped.
     source = FileSource(str(path), max_line_bytes=10)
 
     async with source:

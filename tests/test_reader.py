@@ -1244,8 +1244,8 @@ async def test_writer_restart_spends_no_attempts():
         reader = reader_settings(str(app_server.make_url("")), retry_max_attempts=2)
         try:
             async with running_reader(reader, source, dead_letter) as (_, task):
-                # The app answers 503 while its writer is down, more often than
-                # the reader has attempts.
+                # The app responds 503 while its writer is down, more often
+                # than the reader has attempts.
                 await wait_for(lambda: retries_total() - retries_before >= 3)
                 writer_server = TestServer(writer, port=port)
                 await writer_server.start_server()

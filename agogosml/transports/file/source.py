@@ -76,10 +76,9 @@ class FileSource(TrackedSource):
 
     A followed file that is truncated, overwritten from its start, or replaced
     by a new file at its path (log rotation), is read again from its start, as
-    ``tail -F`` does. Lines
-    read from the file before are still delivered. Their positions have the
-    partition number 0, and each truncation or replacement adds 1, so that
-    message ids stay unique within a run.
+    ``tail -F`` does. Lines read from the file before are still delivered.
+    Their positions have the partition number 0, and each restart adds 1, so
+    that message ids stay unique within a run.
     """
 
     def __init__(
@@ -426,9 +425,10 @@ class FileSource(TrackedSource):
         """Read the followed file from its start if it was truncated or replaced.
 
         Returns whether it was. A file shorter than the read position was
-        truncated. Whether a new file took the path is checked only `at_end`,
-        so the old file is read to its end first. The bytes of a line that was
-        not finished before are dropped with a warning. The lines read before
+        truncated, and one whose last bytes read changed was overwritten.
+        Whether a new file took the path is checked only `at_end`, so the old
+        file is read to its end first. The bytes of a line that was not
+        finished before are dropped with a warning. The lines read before
         cannot be read again from the path, so from then on the source is not
         `replayable`: the reader sends them at shutdown.
 
@@ -446,8 +446,8 @@ class FileSource(TrackedSource):
         elif self._overwritten(position):
             change = "was overwritten from its start"
         if change:
-            # A seek to the end drops the read-ahead buffer, which still contains
-            # bytes of the old content; a seek into it would only move within it.
+            # The read-ahead buffer still contains old bytes, and a seek into it
+            # only moves within it. A seek to the end drops it first.
             self._file.seek(0, os.SEEK_END)
             self._file.seek(0)
         elif not at_end:
