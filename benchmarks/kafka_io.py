@@ -59,8 +59,14 @@ class Topics:
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._client: AdminClient | None = AdminClient({"bootstrap.servers": bootstrap})
         self._created: list[str] = []
+
+    @property
+    def _admin(self) -> AdminClient:
+        if self._client is None:
+            raise RuntimeError("the topics' admin client is closed")
+        return self._client
 
     def create(self, label: str, partitions: int) -> str:
         """Create a topic and wait until every partition has a leader."""
@@ -95,6 +101,17 @@ class Topics:
     def delete_all(self) -> None:
         """Delete every topic this object created."""
         self.delete(*list(self._created))
+
+    def close(self) -> None:
+        """Delete every topic this object created and release the admin client.
+
+        The client is dropped before the broker stops, so that it does not log
+        the broker's disconnection.
+        """
+        try:
+            self.delete_all()
+        finally:
+            self._client = None
 
 
 def produce_all(

@@ -118,7 +118,7 @@ class Suite:
             self._run_rounds()
             self._run_latency()
         finally:
-            self.topics.delete_all()
+            self.topics.close()
 
     # -- throughput ------------------------------------------------------------
 

@@ -99,6 +99,12 @@ async def test_checkpoint_after_last_line_without_line_break(tmp_path: Path) -> 
         (b"1_0", "'1_0'"),
         (b"-3", "'-3'"),
         ("\u0663".encode(), "'\u0663'"),
+        (b"9 inode:1:2", "'9 inode:1:2'"),
+        (b"9 sha256:" + b"0" * 64 + b" inode:1", "'9 sha256:" + "0" * 64 + " inode:1'"),
+        (
+            b"9 sha256:" + b"0" * 64 + b" inode:1:2 x",
+            "'9 sha256:" + "0" * 64 + " inode:1:2 x'",
+        ),
     ],
 )
 async def test_unreadable_checkpoint_rejected(

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import os
 import sys
 import time
@@ -397,6 +398,105 @@ async def test_rotation_checkpointed_at_once(tmp_path: Path) -> None:
     assert after_rotation == "0"
 
 
+async def rotate_with_lines_in_flight(path: Path, checkpoint: Path) -> None:
+    """Read three lines, finish the first, rotate the file and read the new one.
+
+    The source stops with the second and third lines of the rotated file
+    unfinished, as a reader killed at that moment would leave its checkpoint.
+    """
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
+    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+    async with source:
+        old = await read_all(source)
+        source.ack(old[0])
+        path.rename(path.with_name("in.jsonl.1"))
+        path.write_bytes(b'{"n": 4}\n{"n": 5}\n')
+        new = await read_all(source)
+        source.ack(new[0])
+        source.ack(new[1])
+    assert positions(new) == [(b'{"n": 4}', 1, 0), (b'{"n": 5}', 1, 9)]
+
+
+async def test_checkpoint_waits_for_rotated_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
+    rotated = tmp_path / "in.jsonl.1"
+    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+
+    async with source:
+        old = await read_all(source)
+        path.rename(rotated)
+        path.write_bytes(b'{"n": 3}\n')
+        new = await read_all(source)
+        source.ack(new[0])
+        source.ack(old[0])
+        source.commit()
+        while_old_in_flight = checkpoint.read_text().split(" ")
+        source.ack(old[1])
+        source.commit()
+        after_old_finished = checkpoint.read_text().split(" ")
+
+    old_inode = f"inode:{rotated.stat().st_dev}:{rotated.stat().st_ino}"
+    new_inode = f"inode:{path.stat().st_dev}:{path.stat().st_ino}"
+    assert (while_old_in_flight[0], while_old_in_flight[2]) == ("9", old_inode)
+    assert (after_old_finished[0], after_old_finished[2]) == ("9", new_inode)
+
+
+async def test_restart_reads_rotated_file_first(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    await rotate_with_lines_in_flight(path, checkpoint)
+    caplog.set_level(logging.INFO, "agogosml.transports.file.source")
+
+    async with FileSource(str(path), follow=True, checkpoint_path=checkpoint) as again:
+        envelopes = await read_all(again, rounds=5)
+
+    # The unfinished lines of the rotated file, then the whole new file: the
+    # lines of the new one finished before the restart come again (at least
+    # once), and none is lost.
+    assert positions(envelopes) == [
+        (b'{"n": 2}', 0, 9),
+        (b'{"n": 3}', 0, 18),
+        (b'{"n": 4}', 1, 0),
+        (b'{"n": 5}', 1, 9),
+    ]
+    assert "reading on from byte 9 of the file it was, now " in caplog.text
+
+
+async def test_restart_without_rotated_file(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    await rotate_with_lines_in_flight(path, checkpoint)
+    (tmp_path / "in.jsonl.1").unlink()  # rotated away, e.g. compressed
+
+    async with FileSource(str(path), follow=True, checkpoint_path=checkpoint) as again:
+        envelopes = await read_all(again)
+
+    assert positions(envelopes) == [(b'{"n": 4}', 0, 0), (b'{"n": 5}', 0, 9)]
+    message = " ".join(caplog.text.split())
+    assert "was replaced since the checkpoint, and the file it was is no longer" in (
+        message
+    )
+    assert "Lines of the old file after byte 9 may not have been delivered" in message
+
+
+async def test_unfollowed_restart_rejects_rotation(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    await rotate_with_lines_in_flight(path, checkpoint)
+    source = FileSource(str(path), checkpoint_path=checkpoint)
+
+    # Without following, the input is one file: another one at its path is an
+    # error, as for any input that no longer fits its checkpoint.
+    with pytest.raises(SourceError, match="delete the checkpoint"):
+        await source.start()
+
+
 async def test_truncation_found_before_file_end(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
@@ -488,9 +588,10 @@ async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     async with FileSource(str(path), checkpoint_path=checkpoint) as second:
         again = await read_all(second)
 
-    offset, fingerprint = checkpoint.read_text().split(" ")
+    offset, fingerprint, identity = checkpoint.read_text().split(" ")
     assert offset == str(len(b'{"n": 1}\n'))
     assert fingerprint == "sha256:" + hashlib.sha256(b'{"n": 1}\n').hexdigest()
+    assert identity == f"inode:{path.stat().st_dev}:{path.stat().st_ino}"
     assert [e.value for e in again] == [b'{"n": 2}', b'{"n": 3}']
 
 

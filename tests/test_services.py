@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,107 @@ def test_writer_stops_with_half_sent_body(tmp_path: Path) -> None:
     assert elapsed < 4, log
     assert writer.returncode == 0
     assert (tmp_path / "out.jsonl").read_bytes() == b""
+
+
+class _HoldingApp(http.server.BaseHTTPRequestHandler):
+    """An app that accepts every message except the `held` ones.
+
+    A held message gets no response until `release` is set, and then a 503. The
+    numbers of the accepted messages collect in `accepted`.
+    """
+
+    held: frozenset[int] = frozenset()
+    release = threading.Event()
+    accepted: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        number = json.loads(body)["n"]
+        if number in self.held and not self.release.is_set():
+            self.release.wait(60)
+            with contextlib.suppress(OSError):  # the reader may be gone
+                self.send_error(503)
+            return
+        self.accepted.append(number)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        """Keep the test output quiet."""
+
+
+def lines(numbers: range) -> bytes:
+    return b"".join(b'{"n": %d}\n' % number for number in numbers)
+
+
+def test_reader_killed_after_rotation(tmp_path: Path) -> None:
+    stack = contextlib.ExitStack()
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    path.write_bytes(lines(range(1, 6)))
+    _HoldingApp.held = frozenset({2})
+    _HoldingApp.accepted = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HoldingApp)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
+    }
+    env = {
+        **clean,
+        "PYTHONPATH": str(REPO_ROOT),
+        "READER_INPUT": str(path),
+        "READER_CHECKPOINT_PATH": str(checkpoint),
+        "READER_COMMIT_INTERVAL_MS": "100",
+        "READER_ORDERING": "unordered",
+        "READER_APP_URL": f"http://127.0.0.1:{server.server_address[1]}",
+        "READER_APP_READY_PATH": "",
+        "READER_PORT": "0",
+        "READER_DEAD_LETTER": str(tmp_path / "dlq.jsonl"),
+    }
+
+    def until(condition: Callable[[], bool], description: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, description
+            time.sleep(0.05)
+
+    log = stack.enter_context((tmp_path / "reader.log").open("ab"))
+
+    def start_reader() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agogosml.reader"], env=env, stderr=log
+        )
+
+    reader = start_reader()
+    try:
+        until(lambda: sorted(_HoldingApp.accepted) == [1, 3, 4, 5], "first file")
+        # Log rotation while message 2 is in flight: the file is renamed, and a
+        # new one takes its path.
+        path.rename(tmp_path / "in.jsonl.1")
+        path.write_bytes(lines(range(6, 9)))
+        until(lambda: len(_HoldingApp.accepted) == 7, "new file")
+        time.sleep(0.5)  # a few checkpoint intervals
+        reader.kill()
+        reader.wait()
+        _HoldingApp.release.set()
+
+        reader = start_reader()
+        until(lambda: 2 in _HoldingApp.accepted, "message 2 after the restart")
+        until(lambda: len(_HoldingApp.accepted) >= 14, "both files again")
+    finally:
+        reader.kill()
+        reader.wait()
+        server.shutdown()
+        server.server_close()
+        stack.close()
+
+    # Each message was accepted, 2 once and the others at least once: the
+    # restart read the rotated file on from message 2, then the new file.
+    assert set(_HoldingApp.accepted) == set(range(1, 9))
+    assert _HoldingApp.accepted.count(2) == 1

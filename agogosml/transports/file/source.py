@@ -44,6 +44,13 @@ class _Overlong(NamedTuple):
     length: int  # bytes of the line, line break not counted
 
 
+class _Replaced(NamedTuple):
+    """A followed file replaced by another at its path, with lines in flight."""
+
+    file: BinaryIO
+    start: int  # byte offset where reading it started
+
+
 class _Fragment(NamedTuple):
     """The start of a stream's line whose rest was not read, at shutdown."""
 
@@ -79,6 +86,12 @@ class FileSource(TrackedSource):
     ``tail -F`` does. Lines read from the file before are still delivered.
     Their positions have the partition number 0, and each restart adds 1, so
     that message ids stay unique within a run.
+
+    A checkpoint records the file's device and inode numbers too. It stays in a
+    replaced file until every line read from that file is finished. A restart
+    that finds another file at the path looks for the checkpoint's file by its
+    inode in the same directory, reads it on, and then the new file from its
+    start.
     """
 
     def __init__(
@@ -109,6 +122,9 @@ class FileSource(TrackedSource):
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
         self._part = 0  # partition number: truncations and replacements so far
+        self._part_start = 0  # byte offset where reading the current part started
+        # Replaced files, by partition number, whose lines are not all finished.
+        self._replaced: dict[int, _Replaced] = {}
         self._reopen_error = ""  # why the replacement file cannot be opened
         self._read_tail = b""  # the last bytes read from a followed file
         self._restarted = False  # whether a restart awaits its checkpoint
@@ -144,7 +160,15 @@ class FileSource(TrackedSource):
             try:
                 fingerprint = None
                 if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-                    self._offset, fingerprint = self._read_checkpoint()
+                    self._offset, fingerprint, identity = self._read_checkpoint()
+                    if (
+                        self._follow
+                        and identity is not None
+                        and identity != _identity(self._file)
+                        and not self._fits(self._file, fingerprint)
+                    ):
+                        fingerprint = self._open_rotated(identity, fingerprint)
+                    self._part_start = self._offset
                 else:
                     self._stream_fd = self._file.fileno()
                 if self._offset:
@@ -196,6 +220,66 @@ class FileSource(TrackedSource):
             os.set_blocking(descriptor, True)
         return os.fdopen(descriptor, "rb")
 
+    def _fits(self, file: BinaryIO, fingerprint: str | None) -> bool:
+        """Return whether the checkpoint's bytes are those of `file`."""
+        return self._offset <= os.fstat(file.fileno()).st_size and (
+            fingerprint is None or fingerprint == _fingerprint(file, self._offset)
+        )
+
+    def _open_rotated(
+        self, identity: tuple[int, int], fingerprint: str | None
+    ) -> str | None:
+        """Read on from the rotated file of the checkpoint, found by its inode.
+
+        The checkpoint names a file that no longer has the input's path. When a
+        file with its device and inode numbers is in the path's directory and
+        fits the checkpoint, it becomes the file read, and the input's path is
+        read from its start after it. Otherwise the path is read from its
+        start, with a warning. Returns the fingerprint to check.
+        """
+        assert self._file is not None
+        directory = os.path.dirname(self._path) or "."
+        try:
+            with os.scandir(directory) as entries:
+                names = [
+                    entry.path
+                    for entry in entries
+                    if entry.inode() == identity[1] and entry.is_file()
+                ]
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                file = open(name, "rb")  # kept open while it is read
+            except OSError:
+                continue
+            if _identity(file) == identity and self._fits(file, fingerprint):
+                self._file.close()
+                self._file = file
+                logger.info(
+                    "input file %s was replaced since the checkpoint; reading on "
+                    "from byte %d of the file it was, now %s, then %s from its start",
+                    self._path,
+                    self._offset,
+                    name,
+                    self._path,
+                    extra={"path": self._path, "offset": self._offset},
+                )
+                return fingerprint
+            file.close()
+        logger.warning(
+            "input file %s was replaced since the checkpoint, and the file it was "
+            "is no longer in %s; reading %s from its start. Lines of the old file "
+            "after byte %d may not have been delivered",
+            self._path,
+            directory,
+            self._path,
+            self._offset,
+            extra={"path": self._path, "offset": self._offset},
+        )
+        self._offset = 0
+        return None
+
     def _check_offset_in_file(self, file: BinaryIO, fingerprint: str | None) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
 
@@ -231,14 +315,15 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
 
-    def _read_checkpoint(self) -> tuple[int, str | None]:
-        """Return the offset of the checkpoint and its fingerprint, if any.
+    def _read_checkpoint(self) -> tuple[int, str | None, tuple[int, int] | None]:
+        """Return the offset of the checkpoint, its fingerprint and file identity.
 
-        A checkpoint is ``<offset> sha256:<hex digest>``. A checkpoint of only
-        the offset is accepted too, without the fingerprint check.
+        A checkpoint is ``<offset> sha256:<hex digest> inode:<device>:<inode>``.
+        A checkpoint without the identity, or of only the offset, is accepted
+        too, without the checks that need them.
         """
         if self._checkpoint is None:
-            return 0, None
+            return 0, None, None
         if self._checkpoint.is_dir() or not self._checkpoint.parent.is_dir():
             raise SourceError(
                 f"checkpoint path {str(self._checkpoint)!r} is a directory or lies in "
@@ -247,20 +332,25 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
         if not self._checkpoint.exists():
-            return 0, None
+            return 0, None, None
         text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
-        offset, _, fingerprint = text.partition(" ")
+        offset, fingerprint, identity, *rest = [*text.split(" "), "", ""]
         # Only ASCII digits: int() would also take "1_0", "+5" or other scripts.
-        if not (offset.isascii() and offset.isdigit()) or (
-            fingerprint and not _is_fingerprint(fingerprint)
+        if (
+            not (offset.isascii() and offset.isdigit())
+            or (fingerprint and not _is_fingerprint(fingerprint))
+            or (identity and _parse_identity(identity) is None)
+            or (identity and not fingerprint)
+            or any(rest)
         ):
             raise SourceError(
-                f"checkpoint file {str(self._checkpoint)!r} contains {text[:80]!r}, "
-                "not a byte offset, optionally followed by a space and "
-                "'sha256:<digest>'; delete it to start from the beginning",
+                f"checkpoint file {str(self._checkpoint)!r} contains {text[:160]!r}, "
+                "not a byte offset, optionally followed by 'sha256:<digest>' and "
+                "'inode:<device>:<inode>', separated by spaces; delete it to start "
+                "from the beginning",
                 retriable=False,
             )
-        return int(offset), fingerprint or None
+        return int(offset), fingerprint or None, _parse_identity(identity)
 
     async def stop(self) -> None:
         """Write the final checkpoint and close the file."""
@@ -274,6 +364,9 @@ class FileSource(TrackedSource):
         if self._file is not None and self._path != "-":
             self._file.close()
         self._file = None
+        for replaced in self._replaced.values():
+            replaced.file.close()
+        self._replaced.clear()
         logger.info("file source stopped", extra={"path": self._path})
 
     def stop_reading(self) -> None:
@@ -295,8 +388,9 @@ class FileSource(TrackedSource):
             return []
         envelopes = await asyncio.to_thread(self._read_lines, max_messages)
         if self._restarted and self._checkpoint is not None:
-            # Record the start of the new file at once: a checkpoint of the
-            # old one would not fit the new file after a crash.
+            # Record the start of the new content at once: the checkpoint of a
+            # truncated or overwritten file would not fit it after a crash. A
+            # replaced file with lines in flight keeps the checkpoint.
             self._restarted = False
             try:
                 self.commit()
@@ -456,13 +550,20 @@ class FileSource(TrackedSource):
             replacement = self._replacement(status)
             if replacement is None:
                 return False
-            self._file.close()
+            if self._checkpoint is not None and self._tracker.in_flight(
+                self._path, self._part
+            ):
+                # Kept open for the checkpoint until its lines are finished.
+                self._replaced[self._part] = _Replaced(self._file, self._part_start)
+            else:
+                self._file.close()
             self._file = replacement
             change = "was replaced by a new file"
         dropped = len(self._partial) + self._skipped
         self._partial, self._skipped, self._skipped_tail = b"", 0, b""
         self._read_tail = b""
         self._offset = 0
+        self._part_start = 0
         self._part += 1
         self._tracker.assign(self._path, self._part)
         self.replayable = False
@@ -639,22 +740,23 @@ class FileSource(TrackedSource):
         if not self._file_lock.acquire(blocking=wait):
             return  # the next periodic commit stores it
         try:
-            part = self._part
-            position = self._tracker.committable().get((self._path, part))
-            if position is None and part:
-                position = 0  # the file was replaced: start of the new one
-            if position is None or (part, position) == self._committed:
-                return
             if self._file is None:
                 return
-            fingerprint = _fingerprint(self._file, position)
+            part, file, start = self._checkpointed_part()
+            position = self._tracker.committable().get((self._path, part))
+            if position is None and part:
+                position = start  # nothing finished yet since the restart
+            if position is None or (part, position) == self._committed:
+                return
+            fingerprint = _fingerprint(file, position)
+            device, inode = _identity(file)
         finally:
             self._file_lock.release()
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
-        with temporary.open("w") as file:
-            file.write(f"{position} {fingerprint}")
-            file.flush()
-            os.fsync(file.fileno())
+        with temporary.open("w") as output:
+            output.write(f"{position} {fingerprint} inode:{device}:{inode}")
+            output.flush()
+            os.fsync(output.fileno())
         os.replace(temporary, self._checkpoint)
         directory = os.open(self._checkpoint.parent, os.O_RDONLY)
         try:
@@ -662,6 +764,20 @@ class FileSource(TrackedSource):
         finally:
             os.close(directory)
         self._committed = (part, position)
+
+    def _checkpointed_part(self) -> tuple[int, BinaryIO, int]:
+        """Return the part the checkpoint is in: its number, file and start.
+
+        That is the oldest replaced file with lines in flight, or else the
+        current file. Replaced files whose lines are all finished are closed.
+        """
+        for part in sorted(self._replaced):
+            if self._tracker.in_flight(self._path, part):
+                replaced = self._replaced[part]
+                return part, replaced.file, replaced.start
+            self._replaced.pop(part).file.close()
+        assert self._file is not None
+        return self._part, self._file, self._part_start
 
     async def _commit_periodically(self) -> None:
         failures = 0
@@ -686,6 +802,23 @@ def _fingerprint(file: BinaryIO, offset: int) -> str:
     start = max(0, offset - FINGERPRINT_BYTES)
     data = os.pread(file.fileno(), offset - start, start)
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _identity(file: BinaryIO) -> tuple[int, int]:
+    """Return the device and inode numbers of an open file."""
+    status = os.fstat(file.fileno())
+    return status.st_dev, status.st_ino
+
+
+def _parse_identity(text: str) -> tuple[int, int] | None:
+    """Parse ``inode:<device>:<inode>``, or return None for any other text."""
+    prefix, _, numbers = text.partition(":")
+    device, _, inode = numbers.partition(":")
+    if prefix != "inode" or not all(
+        part.isascii() and part.isdigit() for part in (device, inode)
+    ):
+        return None
+    return int(device), int(inode)
 
 
 def _is_fingerprint(text: str) -> bool:
