@@ -163,6 +163,13 @@ class _Reject(Exception):
         self.retry_after: str | None = None
 
 
+class _ScoringFailed(_Reject):
+    """A 500 response for an exception that the scoring function raised."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(500, f"the scoring function raised {exc!r}")
+
+
 class ModelApp:
     """An HTTP model app around a scoring function."""
 
@@ -246,7 +253,7 @@ class ModelApp:
         ):
             raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
         MESSAGES_IN.labels(SERVICE).inc(len(items))
-        results = await self._call_score([item["value"] for item in items])
+        results = await self._score_batch([item["value"] for item in items])
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
         outputs = self._encode_outputs(items, results, statuses)
         for chunk in _chunks(outputs, self._writer_max_body_bytes):
@@ -270,6 +277,9 @@ class ModelApp:
         for index, (item, result) in enumerate(zip(items, results, strict=True)):
             if isinstance(result, InvalidRecord):
                 statuses[index] = {"status": 400, "error": result.reason}
+                continue
+            if isinstance(result, _ScoringFailed):
+                statuses[index] = {"status": 500, "error": str(result)}
                 continue
             problem = _key_problem(item)
             if problem:
@@ -323,14 +333,52 @@ class ModelApp:
             )
             statuses[index] = {"status": 422, "error": str(exc)}
 
-    async def _call_score(self, values: list[Any]) -> list[Any]:
+    async def _score_batch(self, values: list[Any]) -> list[Any]:
+        """Score a batch, and each value alone when the batch raised.
+
+        The value that makes the scoring function raise then fails alone,
+        with a 500 as its result, and the other values of the batch go on.
+        """
+        try:
+            return await self._call_score(values)
+        except _ScoringFailed:
+            if len(values) == 1:
+                raise
+        logger.warning(
+            "the scoring function raised on a batch of %d values; scoring each "
+            "value alone to find the ones that fail",
+            len(values),
+        )
+        results: list[Any] = []
+        failures: list[_ScoringFailed] = []
+        for value in values:
+            try:
+                (result,) = await self._call_score([value], log_exceptions=False)
+            except _ScoringFailed as exc:
+                result = exc
+                failures.append(exc)
+            results.append(result)
+        if failures:
+            logger.warning(
+                "the scoring function raised on %d of %d values alone; they fail "
+                "with 500, and the first error was: %s",
+                len(failures),
+                len(values),
+                failures[0],
+            )
+        return results
+
+    async def _call_score(
+        self, values: list[Any], *, log_exceptions: bool = True
+    ) -> list[Any]:
         try:
             returned = self._score(values)
             if inspect.isawaitable(returned):
                 returned = await returned
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
-            logger.exception("the scoring function raised")
-            raise _Reject(500, f"the scoring function raised {exc!r}") from None
+            if log_exceptions:
+                logger.exception("the scoring function raised")
+            raise _ScoringFailed(exc) from None
         results = _result_list(returned)
         if len(results) != len(values):
             raise _Reject(

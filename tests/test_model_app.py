@@ -373,6 +373,56 @@ async def test_score_raising_500():
     assert writer.requests == []
 
 
+async def test_batch_score_raising_fails_one_item(caplog):
+    def amounts(values: list[Any]) -> list[Any]:
+        return [{"amount": value["amount"]} for value in values]
+
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}},
+        {"id": "in:0:1", "value": {}},
+        {"id": "in:0:2", "value": {"amount": 3}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(amounts, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    # The batch raised, so each value was scored alone: only the value without
+    # "amount" fails, and the reader retries only that one.
+    assert response.status == 200
+    assert body["results"] == [
+        {"status": 200},
+        {"status": 500, "error": "the scoring function raised KeyError('amount')"},
+        {"status": 200},
+    ]
+    outputs = writer.requests[0].json()
+    assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
+    assert "scoring each value alone" in caplog.text
+    assert "raised on 1 of 3 values alone" in caplog.text
+
+
+async def test_batch_score_always_raising_500():
+    def broken(values: list[Any]) -> list[Any]:
+        raise RuntimeError("model not loaded")
+
+    items = [{"id": "in:0:0", "value": {}}, {"id": "in:0:1", "value": {}}]
+
+    async with stub_writer() as writer:
+        async with model_app(broken, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    error = "the scoring function raised RuntimeError('model not loaded')"
+    assert response.status == 200
+    assert body["results"] == [{"status": 500, "error": error}] * 2
+    assert writer.requests == []
+
+
 async def test_score_wrong_count_500():
     async with stub_writer() as writer:
         async with model_app(lambda values: [], writer.url) as client:
