@@ -36,13 +36,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import exact_json
-from agogosml.config import BaseUrl, BearerToken, LogLevel
+from agogosml.config import BaseUrl, BearerToken, LogLevel, redact_url
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
+    check_readiness,
     error_response,
     header_for_log,
     http_error_middleware,
@@ -59,6 +60,14 @@ from agogosml.runtime import run_service
 logger = logging.getLogger(__name__)
 
 SERVICE = "app"
+
+#: The service name of the app's health responses (`SERVICE_HEADER`).
+HEALTH_NAME = "model_app"
+
+#: Failed writer checks, one per second, before the app logs a warning, and
+#: the checks between two warnings while the writer stays not ready.
+WRITER_GRACE_CHECKS = 5
+WRITER_WARNING_CHECKS = 300
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 #: Prefix of the request headers that carry record headers, in lower case.
 _RECORD_HEADER_PREFIX = "x-record-header-"
@@ -180,6 +189,7 @@ class ModelApp:
         self._writer_url = ""
         self._writer_max_body_bytes = DEFAULT_WRITER_MAX_BODY_BYTES
         self._writer_ready = False
+        self._writer_reason = "the output writer's readiness was not checked yet"
         self._writer_queue: WriterQueue | None = None
 
     def run(self) -> None:
@@ -225,7 +235,13 @@ class ModelApp:
         app[MAX_BODY_BYTES] = settings.max_body_bytes
         app.router.add_post("/", self._post_one)
         app.router.add_post("/batch", self._post_batch)
-        add_health_routes(app, lambda: self._writer_ready)
+        add_health_routes(
+            app,
+            HEALTH_NAME,
+            lambda: self._writer_ready,
+            lambda: None,
+            self._writer_problem,
+        )
         return app
 
     async def _post_one(self, request: web.Request) -> web.Response:
@@ -421,19 +437,44 @@ class ModelApp:
             error.retry_after = retry_after
         raise error
 
+    def _writer_problem(self) -> str:
+        return self._writer_reason
+
     async def _watch_writer(self) -> None:
+        """Check the writer's readiness every second, which is the app's own.
+
+        A writer that stays not ready is logged after a few seconds, and then
+        every 5 minutes, with the reason and the setting to check.
+        """
         assert self._session is not None
+        shown = redact_url(self._writer_url) + "/readyz"
+        checks_not_ready = 0
         while True:
-            try:
-                async with self._session.get(
-                    self._writer_url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ) as response:
-                    ready = response.status == 200
-            except (TimeoutError, aiohttp.ClientError):
-                ready = False
+            readiness = await check_readiness(
+                self._session, self._writer_url + "/readyz", shown
+            )
+            ready = readiness.ready and readiness.service in ("", "output_writer")
+            if readiness.service and readiness.service != "output_writer":
+                self._writer_reason = (
+                    f"APP_WRITER_URL {redact_url(self._writer_url)} is an agogosml "
+                    f"{readiness.service.replace('_', ' ')}, not an output writer; "
+                    "set it to the output writer's URL"
+                )
+            elif readiness.service:
+                self._writer_reason = (
+                    f"the output writer is not ready: {readiness.detail}"
+                )
+            else:
+                self._writer_reason = (
+                    f"the output writer is not reachable or not ready: "
+                    f"{readiness.detail}; check APP_WRITER_URL"
+                )
             if ready != self._writer_ready:
                 logger.info("output writer is %s", "ready" if ready else "not ready")
             self._writer_ready = ready
+            checks_not_ready = 0 if ready else checks_not_ready + 1
+            if checks_not_ready % WRITER_WARNING_CHECKS == WRITER_GRACE_CHECKS:
+                logger.warning("model app not ready: %s", self._writer_reason)
             await asyncio.sleep(1.0)
 
 

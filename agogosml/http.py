@@ -9,7 +9,7 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -30,28 +30,43 @@ MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: Header of the health responses that names the agogosml service, so that a
+#: reader or an app pointed at the wrong service can tell.
+SERVICE_HEADER = "Agogosml-Service"
+
+
 def add_health_routes(
     app: web.Application,
+    service: str,
     is_ready: Callable[[], bool],
     failure: Callable[[], str | None] = lambda: None,
+    not_ready_reason: Callable[[], str] = lambda: "",
 ) -> None:
     """Add ``/healthz``, ``/readyz`` and ``/metrics`` to `app`.
 
     ``/healthz`` returns 503 with the reason while `failure` returns one: an
     error that only a restart clears, so that a liveness probe restarts the
-    process.
+    process. ``/readyz`` returns 503 with `not_ready_reason` while the service
+    is not ready. Both name the `service` in the `SERVICE_HEADER` header.
     """
+    headers = {SERVICE_HEADER: service}
 
     async def healthz(request: web.Request) -> web.Response:
         reason = failure()
         if reason:
-            return web.json_response({"status": "failed", "error": reason}, status=503)
-        return web.json_response({"status": "ok"})
+            return web.json_response(
+                {"status": "failed", "error": reason}, status=503, headers=headers
+            )
+        return web.json_response({"status": "ok"}, headers=headers)
 
     async def readyz(request: web.Request) -> web.Response:
         if is_ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+            return web.json_response({"status": "ready"}, headers=headers)
+        body = {"status": "not ready"}
+        reason = not_ready_reason()
+        if reason:
+            body["reason"] = reason
+        return web.json_response(body, status=503, headers=headers)
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest())
@@ -135,6 +150,57 @@ async def read_start(stream: aiohttp.StreamReader, size: int) -> bytes:
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
+
+
+class Readiness(NamedTuple):
+    """The result of a readiness check of another service."""
+
+    ready: bool
+    detail: str  # why it is not ready, naming the URL; "" when ready
+    service: str  # the agogosml service named by SERVICE_HEADER, or ""
+
+
+#: Seconds a readiness check waits for the response.
+READINESS_TIMEOUT_SECONDS = 2.0
+
+
+async def check_readiness(
+    session: aiohttp.ClientSession, url: str, shown_url: str
+) -> Readiness:
+    """GET `url` and return whether it returned 2xx, and if not, why.
+
+    The reason comes from the ``reason`` of a JSON body, as an agogosml
+    service gives it, or else the start of the body. `shown_url` is the URL to
+    name in the reason, without a password.
+    """
+    try:
+        async with session.get(
+            url, timeout=aiohttp.ClientTimeout(total=READINESS_TIMEOUT_SECONDS)
+        ) as response:
+            service = response.headers.get(SERVICE_HEADER, "")
+            if 200 <= response.status < 300:
+                return Readiness(True, "", service)
+            start = await read_start(response.content, 500)
+    except TimeoutError:
+        detail = f"GET {shown_url} timed out after {READINESS_TIMEOUT_SECONDS:g} s"
+        return Readiness(False, detail, "")
+    except aiohttp.ClientError as exc:
+        reason = str(exc) or type(exc).__name__
+        return Readiness(False, f"GET {shown_url} failed: {reason}", "")
+    detail = f"GET {shown_url} returned {response.status}"
+    reason = _reason_in(start)
+    return Readiness(False, f"{detail}: {reason}" if reason else detail, service)
+
+
+def _reason_in(body: bytes) -> str:
+    """Return the ``reason`` of a JSON object body, else the body's start as text."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(document, dict) and isinstance(document.get("reason"), str):
+        return document["reason"]
+    return ""
 
 
 class ClientDisconnectedError(Exception):

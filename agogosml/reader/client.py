@@ -16,9 +16,10 @@ import aiohttp
 import orjson
 
 from agogosml import exact_json
+from agogosml.config import redact_url
 from agogosml.envelope import Envelope
 from agogosml.errors import is_retriable_status
-from agogosml.http import read_start
+from agogosml.http import Readiness, check_readiness, read_start
 from agogosml.metrics import REQUEST_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -253,16 +254,11 @@ class AppClient:
         except aiohttp.ClientError as exc:
             return _Response(0, error=f"request to {url} failed: {exc!s}")
 
-    async def is_ready(self, path: str) -> bool:
-        """Return whether GET `path` on the app returns 2xx within 2 seconds."""
+    async def readiness(self, path: str) -> Readiness:
+        """Check whether GET `path` on the app returns 2xx, and if not, why."""
         assert self._session is not None
-        try:
-            async with self._session.get(
-                self._url + path, timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
-                return 200 <= response.status < 300
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+        shown = redact_url(self._url) + path
+        return await check_readiness(self._session, self._url + path, shown)
 
 
 def _null_value_problem() -> Outcome:

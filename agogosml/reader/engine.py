@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "input_reader"
 
+#: Agogosml services that a READER_APP_URL may point at by mistake: their
+#: health responses name them, and a reader pointed at one stays not ready.
+NOT_AN_APP = frozenset({"input_reader", "output_writer"})
+
 #: How long fetching waits for room among the in-flight messages before it
 #: pauses the source (and keeps polling it, to stay in the consumer group).
 PAUSE_AFTER_SECONDS = 1.0
@@ -109,6 +113,8 @@ class InputReader:
         # Without a readiness path the app counts as ready; otherwise fetching
         # waits for the first successful check.
         self._app_ready = not settings.app_ready_path
+        #: Why the app is not ready, from the last readiness check.
+        self.app_not_ready_reason = "the app's readiness was not checked yet"
         self._round_robin = 0
         self._side_tasks: set[asyncio.Task[None]] = set()
         # Object ids of envelopes read and not finished (transforms may replace
@@ -910,7 +916,23 @@ class InputReader:
         url = base_url + self._settings.app_ready_path
         checks_not_ready = 0
         while True:
-            ready = await self._client.is_ready(self._settings.app_ready_path)
+            readiness = await self._client.readiness(self._settings.app_ready_path)
+            ready = readiness.ready
+            if readiness.service in NOT_AN_APP:
+                ready = False
+                self.app_not_ready_reason = (
+                    f"READER_APP_URL {base_url} is an agogosml "
+                    f"{readiness.service.replace('_', ' ')}, not a model app, so "
+                    "messages would not be scored; set it to the model app's URL"
+                )
+            elif readiness.service:
+                # The app gave its own reason, which names the setting to fix.
+                self.app_not_ready_reason = readiness.detail
+            else:
+                self.app_not_ready_reason = (
+                    f"{readiness.detail}; check READER_APP_URL and "
+                    "READER_APP_READY_PATH"
+                )
             if ready != self._app_ready:
                 logger.info(
                     "app is %s; %s fetching",
@@ -921,10 +943,12 @@ class InputReader:
                 self._app_ready = ready
             checks_not_ready = 0 if ready else checks_not_ready + 1
             if checks_not_ready % 30 == 1:
-                logger.warning(
-                    "waiting for the app to become ready: GET %s does not return 2xx; "
-                    "check READER_APP_URL and READER_APP_READY_PATH",
-                    url,
+                logger.log(
+                    logging.ERROR
+                    if readiness.service in NOT_AN_APP
+                    else logging.WARNING,
+                    "waiting for the app to become ready: %s",
+                    self.app_not_ready_reason,
                 )
             await asyncio.sleep(1.0)
 

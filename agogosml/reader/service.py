@@ -16,7 +16,7 @@ from agogosml.http import (
     start_site,
 )
 from agogosml.reader.client import AppClient
-from agogosml.reader.engine import InputReader
+from agogosml.reader.engine import SERVICE, InputReader
 from agogosml.reader.transform import load_transform
 from agogosml.transports.base import Sink, stop_within
 from agogosml.transports.factory import build_sink, build_source
@@ -58,8 +58,24 @@ async def serve_reader(settings: ReaderSettings) -> None:
     reader = InputReader(settings, source, client, dead_letter, transform=transform)
 
     app = web.Application()
+
+    def not_ready_reason() -> str:
+        reasons = []
+        if not source.connected:
+            reasons.append("the source is not connected")
+        if not dead_letter.connected:
+            reasons.append(f"the dead-letter sink: {dead_letter.unavailable_reason}")
+        if not reader.app_ready:
+            reasons.append(f"the app is not ready: {reader.app_not_ready_reason}")
+        if reader.dead_letter_failing:
+            reasons.append("writing a dead letter fails and is being retried")
+        if reader.setup_error:
+            reasons.append("the app rejects the reader's requests; see the log")
+        return "; ".join(reasons)
+
     add_health_routes(
         app,
+        SERVICE,
         lambda: (
             source.connected
             and dead_letter.connected
@@ -68,6 +84,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
             and not reader.setup_error
         ),
         lambda: source.failure or dead_letter.failure,
+        not_ready_reason,
     )
     # Only health and metrics requests are served, which finish quickly.
     runner = await start_site(

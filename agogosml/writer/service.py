@@ -137,6 +137,11 @@ class OutputWriter:
         """Whether the sink is connected and the writer is not shutting down."""
         return self._sink.connected and not self._draining
 
+    def _not_ready_reason(self) -> str:
+        if self._draining:
+            return "the output writer is shutting down"
+        return self._sink.unavailable_reason
+
     def build_app(self) -> web.Application:
         """Return the aiohttp application with data, health and metrics routes."""
         middlewares = [http_error_middleware(SERVICE), _error_middleware]
@@ -149,7 +154,13 @@ class OutputWriter:
         app[MAX_BODY_BYTES] = self._settings.max_body_bytes
         app.router.add_post("/", self.post_one)
         app.router.add_post("/batch", self.post_batch)
-        add_health_routes(app, lambda: self.ready, lambda: self._sink.failure)
+        add_health_routes(
+            app,
+            SERVICE,
+            lambda: self.ready,
+            lambda: self._sink.failure,
+            self._not_ready_reason,
+        )
         return app
 
     async def post_one(self, request: web.Request) -> web.Response:
