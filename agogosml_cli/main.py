@@ -217,7 +217,9 @@ def _run(options: RunOptions, summary_json: Path | None, console: Console) -> No
         summary = run_pipeline(options, console)
     except (RuntimeError, AgogosmlError) as exc:
         raise click.ClickException(str(exc)) from None
-    print_summary(summary, console)
+    # The summary is the result of the run, so it goes to stdout, and the
+    # progress and messages to stderr.
+    print_summary(summary, Console())
     if summary_json is not None:
         _write_summary_json(summary_json, summary.to_json(), console)
     if summary.interrupted:

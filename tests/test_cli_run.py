@@ -73,7 +73,7 @@ def test_run_through_files(tmp_path: Path, fraud_model: Path) -> None:
     assert summary["missing"] == 0
     output_lines = (tmp_path / "work" / "output.jsonl").read_bytes().splitlines()
     assert len(output_lines) == 2000
-    assert "written" in result.stderr  # the summary table
+    assert "written" in result.stdout  # the summary table
 
 
 @pytest.mark.slow
@@ -313,6 +313,7 @@ def running_cli(tmp_path: Path, fraud_model: Path) -> Iterator[subprocess.Popen[
         ],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
@@ -344,7 +345,7 @@ def test_run_stops_when_service_killed(
         children = child_pids(process.pid)
         os.kill(children[module], signal.SIGKILL)
 
-        _, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
 
     assert process.returncode == 1, stderr
     assert f"{service} ({module}) was killed by SIGKILL during the run" in stderr
@@ -360,8 +361,8 @@ def test_run_stops_when_service_killed(
     unaccounted = 20000 - summary["written"] - summary["dead_lettered"]
     assert summary["not_finished"] == unaccounted
     assert "was killed by SIGKILL" in summary["error"]
-    assert "stopped early" in stderr
-    assert "not finished" in stderr
+    assert "stopped early" in stdout
+    assert "not finished" in stdout
     for pid in children.values():
         assert not is_alive(pid)
 
@@ -375,13 +376,13 @@ def test_run_names_reader_stopped_early(tmp_path: Path, fraud_model: Path) -> No
         # The reader stops cleanly on SIGTERM and exits with code 0.
         os.kill(children["agogosml.reader"], signal.SIGTERM)
 
-        _, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
 
     message = "input reader (agogosml.reader) exited with code 0 before the end"
     assert process.returncode == 1, stderr
     assert message in " ".join(stderr.split())
     assert "records are missing" not in stderr
-    assert "stopped early" in stderr
+    assert "stopped early" in stdout
     summary = read_summary(tmp_path / "summary.json")
     assert message in summary["error"]
     assert summary["input_records"] == 20000
@@ -455,7 +456,7 @@ def test_run_interrupted_stops_services(
         children = child_pids(process.pid)
         process.send_signal(signum)
 
-        _, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
 
     assert process.returncode == code, stderr
     assert f"Interrupted by {signal.Signals(signum).name}" in stderr
@@ -464,7 +465,7 @@ def test_run_interrupted_stops_services(
     for pid in children.values():
         assert not is_alive(pid)
     # The counts until the signal are kept, in the table and in the JSON.
-    assert "stopped early" in stderr
+    assert "stopped early" in stdout
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     assert summary["interrupted"] is True
     assert summary["error"] == "interrupted by a signal"
