@@ -23,6 +23,7 @@ from agogosml_cli.run_options import (
     resolve_stream,
     stream_options,
 )
+from agogosml_cli.run_paths import FilePath
 from sample_app import missing_packages_message
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def cli() -> None:
 )
 @click.option(
     "--summary-json",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FilePath(dir_okay=False, path_type=Path),
     help="Also write the summary as JSON to this file.",
 )
 @click.option(

@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,6 +16,28 @@ from agogosml_cli.run import WORK_FILES
 
 #: File in the work directory that a run holds an exclusive lock on.
 LOCK_FILE = "run.lock"
+
+
+class FilePath(click.Path):
+    """A `click.Path` of a file to write.
+
+    It rejects an empty value, and a value that ends with a slash before
+    `Path` drops the slash.
+    """
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        """Reject an empty path or a directory path, then convert as `click.Path`."""
+        if isinstance(value, str):
+            if not value:
+                self.fail("the path is empty; give a file path such as summary.json")
+            if value.endswith(os.sep):
+                self.fail(
+                    f"{value!r} ends with {os.sep!r}, so it names a directory; give "
+                    f"a file path such as {os.path.join(value, 'summary.json')!r}"
+                )
+        return super().convert(value, param, ctx)
 
 
 def prepare_work_dir(work_dir: Path) -> None:

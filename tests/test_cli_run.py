@@ -512,6 +512,28 @@ def test_run_rejects_unwritable_work_dir(tmp_path: Path) -> None:
     assert "Permission denied" in result.output
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "the path is empty; give a file path such as summary.json"),
+        (
+            "out/sub/",
+            "'out/sub/' ends with '/', so it names a directory; give a file path "
+            "such as 'out/sub/summary.json'",
+        ),
+    ],
+)
+def test_run_rejects_summary_path_of_no_file(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    result = invoke("--work-dir", str(tmp_path), "--summary-json", value)
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--summary-json'" in result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_rejects_summary_in_unwritable_place(tmp_path: Path) -> None:
     result = invoke("--work-dir", str(tmp_path), "--summary-json", "/proc/version")
 
