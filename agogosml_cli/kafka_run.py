@@ -80,10 +80,17 @@ class KafkaBackend:
 
 def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
     bootstrap = config["bootstrap.servers"]
+    protocol = str(config.get("security.protocol", "PLAINTEXT")).upper()
+    mechanism = config.get("sasl.mechanism")
+    used = f"security protocol {protocol}"
+    if mechanism and protocol.startswith("SASL"):
+        used += f" with SASL mechanism {mechanism}"
     return RuntimeError(
-        f"cannot reach a Kafka broker at {bootstrap!r} ({exc.args[0].str()}); "
-        "check the address and the security settings, or start a local broker "
-        "with 'make broker'"
+        f"cannot reach a Kafka broker at {bootstrap!r} with {used} "
+        f"({exc.args[0].str()}); check the address, and that the broker's "
+        "listener expects that protocol (set by --kafka-security-protocol and "
+        "--kafka-sasl-mechanism, or KAFKA_SECURITY_PROTOCOL and "
+        "KAFKA_SASL_MECHANISM), or start a local broker with 'make broker'"
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from confluent_kafka import KafkaError, KafkaException
 from eventhubs_fakes import FakeHub
 from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
@@ -27,7 +28,7 @@ from rich.console import Console
 from agogosml.config import EventHubSettings, KafkaSettings
 from agogosml_cli import eventhubs_run
 from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
-from agogosml_cli.kafka_run import KafkaBackend
+from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
 from agogosml_cli.main import cli
 from agogosml_cli.run import (
@@ -570,3 +571,27 @@ def test_output_receiver_counts_both_hubs(
         2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC
     )
     assert positions["in.dlq"] == "-1"
+
+
+@pytest.mark.parametrize(
+    ("config", "used"),
+    [
+        ({}, "with security protocol PLAINTEXT ("),
+        ({"security.protocol": "SSL"}, "with security protocol SSL ("),
+        (
+            {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"},
+            "with security protocol SASL_SSL with SASL mechanism PLAIN (",
+        ),
+    ],
+)
+def test_broker_error_names_protocol(config: dict[str, str], used: str) -> None:
+    error = KafkaException(
+        KafkaError(KafkaError._TRANSPORT, "Broker transport failure")
+    )
+
+    message = str(_broker_error({"bootstrap.servers": "127.0.0.1:1", **config}, error))
+
+    assert message.startswith(f"cannot reach a Kafka broker at '127.0.0.1:1' {used}")
+    assert "Broker transport failure" in message
+    assert "--kafka-security-protocol" in message
+    assert "KAFKA_SECURITY_PROTOCOL" in message
