@@ -139,6 +139,7 @@ def run(
     prepare_work_dir(work_dir)
     if summary_json is not None:
         check_summary_path(summary_json)
+    _check_model(model)
     # Every option but the dataset, which may still have to be fetched.
     make_options = functools.partial(
         RunOptions,
@@ -201,6 +202,19 @@ def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:
             model or default_model_path()
         ),
     }
+
+
+def _check_model(model: Path | None) -> None:
+    """Raise when no --model is given and no model was trained yet."""
+    from sample_app.scoring import default_model_path
+
+    default = default_model_path()
+    if model is None and not default.is_file():
+        raise click.ClickException(
+            f"no trained model at {str(default)!r}, the default of --model; train "
+            "one with 'python -m sample_app.train' (make demo does), or pass "
+            "--model FILE"
+        )
 
 
 def _fetch_dataset(console: Console) -> Path:

@@ -543,7 +543,7 @@ def test_run_rejects_summary_in_unwritable_place(tmp_path: Path) -> None:
 
 
 def test_run_prints_summary_it_cannot_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fraud_model: Path
 ) -> None:
     summary_dir = tmp_path / "summaries"
 
@@ -559,6 +559,7 @@ def test_run_prints_summary_it_cannot_write(
 
     result = invoke(
         "--data", str(data),
+        "--model", str(fraud_model),
         "--work-dir", str(tmp_path / "work"),
         "--summary-json", str(summary_dir / "summary.json"),
     )  # fmt: skip
@@ -626,11 +627,15 @@ def test_run_rejects_summary_over_default_input(
     assert not target.exists()
 
 
-def test_run_rejects_non_utf8_data(tmp_path: Path) -> None:
+def test_run_rejects_non_utf8_data(tmp_path: Path, fraud_model: Path) -> None:
     data = tmp_path / "bin.csv"
     data.write_bytes(b"\xff\xfe")
 
-    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+    result = invoke(
+        "--data", str(data),
+        "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
 
     assert result.exit_code == 1, result.output
     assert f"{data} is not UTF-8 text" in " ".join(result.output.split())
@@ -654,12 +659,16 @@ BAD_ROW = ",".join(["0", "abc"] + ["0"] * (len(COLUMNS) - 3) + ["1"])
     ],
 )
 def test_run_names_csv_line_of_bad_value(
-    tmp_path: Path, rows: list[str], line: int
+    tmp_path: Path, fraud_model: Path, rows: list[str], line: int
 ) -> None:
     data = tmp_path / "data.csv"
     write_csv(data, rows)
 
-    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+    result = invoke(
+        "--data", str(data),
+        "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
 
     output = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
@@ -667,15 +676,36 @@ def test_run_names_csv_line_of_bad_value(
     assert "data row" not in output
 
 
-def test_run_names_csv_line_not_parsable(tmp_path: Path) -> None:
+def test_run_names_csv_line_not_parsable(tmp_path: Path, fraud_model: Path) -> None:
     data = tmp_path / "data.csv"
     huge = '"' + "9" * 200_000 + '"'
     write_csv(data, [VALID_ROW, VALID_ROW, huge + VALID_ROW[1:]])
 
-    result = invoke("--data", str(data), "--work-dir", str(tmp_path / "work"))
+    result = invoke(
+        "--data", str(data),
+        "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
 
     output = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert f"{data}: line 4 is not valid CSV" in output
     assert "field larger than field limit" in output
     assert "Traceback" not in output
+
+
+def test_run_without_trained_model_names_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGOGOSML_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "cache" / "models" / "fraud-model.joblib"
+
+    result = invoke("--work-dir", str(tmp_path / "work"))
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"no trained model at '{model}', the default of --model" in output
+    assert "train one with 'python -m sample_app.train'" in output
+    assert "or pass --model FILE" in output
+    # It stops before fetching the dataset.
+    assert not (tmp_path / "cache" / "data").exists()

@@ -71,7 +71,15 @@ def write_data(tmp_path: Path) -> Path:
 
 
 def invoke_run(tmp_path: Path, work: Path) -> Result:
-    arguments = ["run", "--data", str(write_data(tmp_path)), "--work-dir", str(work)]
+    # The pipeline is replaced in these tests, so the model file is not read.
+    model = tmp_path / "model.joblib"
+    model.touch()
+    arguments = [
+        "run",
+        "--data", str(write_data(tmp_path)),
+        "--model", str(model),
+        "--work-dir", str(work),
+    ]  # fmt: skip
     return CliRunner().invoke(cli, arguments)
 
 
