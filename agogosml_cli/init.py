@@ -67,8 +67,8 @@ def collect_manifest_data(
                 missing.append(field)
             continue
         put_value(data, field.path, value)
-    # A sink field that would copy a missing source field is not listed: the
-    # source's flag sets both.
+    # A field that would copy a missing field is not listed: the flag of the
+    # missing field sets both.
     missing = [field for field in missing if not _copies_missing(field, missing, data)]
     if missing:
         listed = ", ".join(f"{'.'.join(f.path)} ({f.flag})" for f in missing)
@@ -80,11 +80,13 @@ def collect_manifest_data(
 
 
 def _copies_missing(field: InitField, missing: list[InitField], data: Data) -> bool:
-    """Return whether `field` of the sink defaults to a source field that is missing.
+    """Return whether `field` defaults to the value of a field that is missing.
 
-    The sink's connection settings default to the source's when both are of
-    one type.
+    That is its `default_from` field, and for the sink's connection settings
+    the source's, when both are of one type.
     """
+    if field.default_from is not None:
+        return any(other.path == field.default_from for other in missing)
     if field.path[0] != "sink" or field.default is None:
         return False
     if get_value(data, ("source", "type")) != get_value(data, ("sink", "type")):

@@ -127,7 +127,8 @@ class InitField:
     default that a prompt shows. A field whose `applies` returns False for
     the values set so far is skipped. `check` returns why a value conflicts
     with the values set so far, or None: a flag value is then rejected, and a
-    prompt asks again.
+    prompt asks again. `default_from` is the path of the field whose value
+    `default` copies, if any.
     """
 
     path: tuple[str, ...]
@@ -142,6 +143,7 @@ class InitField:
     confirm: bool = False
     required: bool = True
     check: Callable[[Data, Any], str | None] | None = None
+    default_from: tuple[str, ...] | None = None
 
     @property
     def dest(self) -> str:
@@ -495,6 +497,7 @@ FIELDS: list[InitField] = [
         "Kubernetes namespace of the pipeline. Default: the project name.",
         FieldValueType(Kubernetes, "namespace"),
         default=lambda data: data.get("name"),
+        default_from=("name",),
         confirm=True,
     ),
 ]

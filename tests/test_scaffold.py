@@ -203,6 +203,15 @@ def test_init_no_input_lists_missing_fields(tmp_path: Path) -> None:
     assert "source.type (--source)" in result.output
     assert "sink.type (--sink)" in result.output
     assert "registry (--registry)" in result.output
+
+
+def test_init_no_input_without_name_omits_namespace(tmp_path: Path) -> None:
+    result = invoke("init", "--no-input", "--manifest", str(tmp_path / "m.yaml"))
+
+    # The namespace defaults to the name, so --name alone supplies both.
+    assert result.exit_code == 2
+    assert "name (--name)" in result.output
+    assert "--namespace" not in result.output
     assert not (tmp_path / "m.yaml").exists()
 
 
