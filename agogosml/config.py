@@ -895,6 +895,15 @@ class ReaderSettings(_ServiceSettings):
         description="READER_REQUEST_TIMEOUT_MS: timeout of one app request, in "
         "milliseconds.",
     )
+    app_connection_max_age_ms: int = Field(
+        30000,
+        ge=0,
+        description="READER_APP_CONNECTION_MAX_AGE_MS: how long the reader keeps "
+        "using its keep-alive connections to the app, in milliseconds; then it "
+        "opens new ones and closes the old ones once their requests finish. New "
+        "connections reach app replicas added since, and the active slot after "
+        "a blue/green switch. 0 keeps connections open as long as they work.",
+    )
     retry_max_attempts: int = Field(
         8,
         ge=1,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -127,26 +128,77 @@ class AppClient:
         token: str = "",
         timeout_seconds: float = 30.0,
         max_connections: int = 100,
+        connection_max_age_seconds: float = 0.0,
     ) -> None:
         self._url = app_url.rstrip("/")
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._max_connections = max_connections
+        self._max_age = connection_max_age_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._session_opened = 0.0
+        # Requests under way per connection pool, and the pools replaced by a
+        # newer one, which close once their requests are finished.
+        self._users: dict[aiohttp.ClientSession, int] = {}
+        self._retired: set[aiohttp.ClientSession] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open the connection pool (keep-alive)."""
+        self._session = self._new_session()
+
+    def _new_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self._max_connections)
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        self._session = aiohttp.ClientSession(
+        self._session_opened = time.monotonic()
+        session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, headers=headers
         )
+        self._users[session] = 0
+        return session
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[aiohttp.ClientSession]:
+        """Yield the connection pool for one request.
+
+        A pool older than the maximum connection age is replaced first, so
+        that new connections go wherever the app's address leads now: to
+        replicas added since, or to another slot after a blue/green switch.
+        The old pool closes once its last request is finished.
+        """
+        assert self._session is not None, "AppClient.start() was not called"
+        if self._max_age and time.monotonic() - self._session_opened >= self._max_age:
+            self._retired.add(self._session)
+            self._session = self._new_session()
+            self._close_retired()
+        session = self._session
+        self._users[session] += 1
+        try:
+            yield session
+        finally:
+            self._users[session] -= 1
+            if session in self._retired:
+                self._close_retired()
+
+    def _close_retired(self) -> None:
+        """Close each retired pool that no request uses any more."""
+        for session in [s for s in self._retired if not self._users[s]]:
+            self._retired.discard(session)
+            del self._users[session]
+            task = asyncio.create_task(session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def stop(self) -> None:
-        """Close the connection pool."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the connection pools."""
+        sessions = [*self._retired, *([self._session] if self._session else [])]
+        self._session = None
+        self._retired.clear()
+        self._users.clear()
+        for session in sessions:
+            await session.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def send(
         self, envelopes: Sequence[Envelope], *, batch: bool
@@ -227,9 +279,18 @@ class AppClient:
         return _per_item_outcomes(response.status, response.body, len(envelopes))
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
-        assert self._session is not None, "AppClient.start() was not called"
+        with self._lease() as session:
+            return await self._post_with(session, url, body, headers)
+
+    async def _post_with(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> _Response:
         try:
-            async with self._session.post(
+            async with session.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 retry_after = None
@@ -256,9 +317,11 @@ class AppClient:
 
     async def readiness(self, path: str) -> Readiness:
         """Check whether GET `path` on the app returns 2xx, and if not, why."""
-        assert self._session is not None
-        shown = redact_url(self._url) + path
-        return await check_readiness(self._session, self._url + path, shown)
+        url_without_password = redact_url(self._url) + path
+        with self._lease() as session:
+            return await check_readiness(
+                session, self._url + path, url_without_password
+            )
 
 
 def _null_value_problem() -> Outcome:

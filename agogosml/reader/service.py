@@ -54,6 +54,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
         token=settings.app_token.get_secret_value(),
         timeout_seconds=settings.request_timeout_ms / 1000,
         max_connections=settings.concurrency + 4,
+        connection_max_age_seconds=settings.app_connection_max_age_ms / 1000,
     )
     reader = InputReader(settings, source, client, dead_letter, transform=transform)
 
