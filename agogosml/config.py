@@ -946,6 +946,15 @@ class ReaderSettings(_ServiceSettings):
         description="READER_CHECKPOINT_PATH: file that stores the committed byte "
         "offset of a file source, so a restart resumes there.",
     )
+    rotate_wait_ms: int = Field(
+        5000,
+        ge=0,
+        le=3_600_000,
+        description="READER_ROTATE_WAIT_MS: how long a followed input file that "
+        "another file replaced at its path (log rotation) is still read, in "
+        "milliseconds, for the lines that its writer adds before it reopens the "
+        "path; then the reader moves to the new file. 0 moves at once.",
+    )
     transform: str = Field(
         "",
         description="READER_TRANSFORM: 'module:function', a plain (not async) "

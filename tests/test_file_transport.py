@@ -305,7 +305,7 @@ async def test_followed_file_truncated_read_again(tmp_path: Path, caplog) -> Non
 async def test_followed_file_replaced_read_anew(tmp_path: Path, caplog) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n')
-    source = FileSource(str(path), follow=True)
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=0)
 
     async with source:
         before = await read_all(source)
@@ -344,7 +344,9 @@ async def test_checkpoint_after_rotation_starts_new_file(tmp_path: Path) -> None
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
     checkpoint = tmp_path / "in.offset"
-    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+    source = FileSource(
+        str(path), follow=True, rotate_wait_seconds=0, checkpoint_path=checkpoint
+    )
 
     async with source:
         for envelope in await read_all(source):
@@ -382,7 +384,11 @@ async def test_rotation_checkpointed_at_once(tmp_path: Path) -> None:
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
     checkpoint = tmp_path / "in.offset"
     source = FileSource(
-        str(path), follow=True, checkpoint_path=checkpoint, commit_interval_seconds=60
+        str(path),
+        follow=True,
+        rotate_wait_seconds=0,
+        checkpoint_path=checkpoint,
+        commit_interval_seconds=60,
     )
 
     async with source:
@@ -405,7 +411,9 @@ async def rotate_with_lines_in_flight(path: Path, checkpoint: Path) -> None:
     unfinished, as a reader killed at that moment would leave its checkpoint.
     """
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
-    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+    source = FileSource(
+        str(path), follow=True, rotate_wait_seconds=0, checkpoint_path=checkpoint
+    )
     async with source:
         old = await read_all(source)
         source.ack(old[0])
@@ -424,7 +432,9 @@ async def test_checkpoint_waits_for_rotated_lines(
     checkpoint = tmp_path / "in.offset"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n')
     rotated = tmp_path / "in.jsonl.1"
-    source = FileSource(str(path), follow=True, checkpoint_path=checkpoint)
+    source = FileSource(
+        str(path), follow=True, rotate_wait_seconds=0, checkpoint_path=checkpoint
+    )
 
     async with source:
         old = await read_all(source)
@@ -451,7 +461,10 @@ async def test_restart_reads_rotated_file_first(tmp_path: Path, caplog) -> None:
     await rotate_with_lines_in_flight(path, checkpoint)
     caplog.set_level(logging.INFO, "agogosml.transports.file.source")
 
-    async with FileSource(str(path), follow=True, checkpoint_path=checkpoint) as again:
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with again:
         envelopes = await read_all(again, rounds=5)
 
     # The unfinished lines of the rotated file, then the whole new file: the
@@ -497,6 +510,33 @@ async def test_unfollowed_restart_rejects_rotation(
         await source.start()
 
 
+async def test_rotated_file_read_for_rotate_wait(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 1}\n')
+    rotated = tmp_path / "in.jsonl.1"
+    caplog.set_level(logging.INFO, "agogosml.transports.file.source")
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=0.3)
+
+    async with source:
+        before = await read_all(source)
+        path.rename(rotated)
+        path.write_bytes(b'{"n": 3}\n')
+        waiting = await read_all(source)
+        # The program that writes the log adds a line to the renamed file
+        # before it opens the new one.
+        with rotated.open("ab") as old:
+            old.write(b'{"n": 2}\n')
+        late = await read_all(source)
+        await asyncio.sleep(0.3)
+        after = await read_all(source)
+
+    assert positions(before) == [(b'{"n": 1}', 0, 0)]
+    assert waiting == []
+    assert positions(late) == [(b'{"n": 2}', 0, 9)]
+    assert positions(after) == [(b'{"n": 3}', 1, 0)]
+    assert "reading the old one for 0.3 s more (READER_ROTATE_WAIT_MS)" in caplog.text
+
+
 async def test_truncation_found_before_file_end(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n{"n": 2}\n{"n": 3}\n')
@@ -514,7 +554,7 @@ async def test_truncation_found_before_file_end(tmp_path: Path) -> None:
 async def test_replacement_by_pipe_not_read(tmp_path: Path, caplog) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"n": 1}\n')
-    source = FileSource(str(path), follow=True)
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=0)
 
     async with source:
         before = await read_all(source)

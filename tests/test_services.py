@@ -361,7 +361,7 @@ def test_reader_killed_after_rotation(tmp_path: Path) -> None:
         "PYTHONPATH": str(REPO_ROOT),
         "READER_INPUT": str(path),
         "READER_CHECKPOINT_PATH": str(checkpoint),
-        "READER_COMMIT_INTERVAL_MS": "100",
+        "READER_ROTATE_WAIT_MS": "200",
         "READER_ORDERING": "unordered",
         "READER_APP_URL": f"http://127.0.0.1:{server.server_address[1]}",
         "READER_APP_READY_PATH": "",
@@ -390,7 +390,7 @@ def test_reader_killed_after_rotation(tmp_path: Path) -> None:
         path.rename(tmp_path / "in.jsonl.1")
         path.write_bytes(lines(range(6, 9)))
         until(lambda: len(_HoldingApp.accepted) == 7, "new file")
-        time.sleep(0.5)  # a few checkpoint intervals
+        time.sleep(1.5)  # longer than the file source's checkpoint interval
         reader.kill()
         reader.wait()
         _HoldingApp.release.set()

@@ -45,6 +45,7 @@ def build_source(settings: ReaderSettings) -> Source:
         checkpoint_path=settings.checkpoint_path,
         follow=not settings.stop_at_end,
         max_line_bytes=settings.max_line_bytes,
+        rotate_wait_seconds=settings.rotate_wait_ms / 1000,
     )
 
 

@@ -10,6 +10,7 @@ import select
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -31,6 +32,9 @@ SKIP_CHUNK_BYTES = 1024 * 1024
 #: Bytes before the checkpoint offset whose digest the checkpoint records, so
 #: that a restart can tell that the input was replaced.
 FINGERPRINT_BYTES = 4096
+
+#: Default of `rotate_wait_seconds`.
+DEFAULT_ROTATE_WAIT_SECONDS = 5.0
 
 #: Bytes last read from a followed file that are compared with the file on
 #: every read, so that a file overwritten from its start is read again.
@@ -83,7 +87,9 @@ class FileSource(TrackedSource):
 
     A followed file that is truncated, overwritten from its start, or replaced
     by a new file at its path (log rotation), is read again from its start, as
-    ``tail -F`` does. Lines read from the file before are still delivered.
+    ``tail -F`` does. A replaced file is read on for `rotate_wait_seconds`
+    first, for the lines that its writer adds before it opens the new file.
+    Lines read from the file before are still delivered.
     Their positions have the partition number 0, and each restart adds 1, so
     that message ids stay unique within a run.
 
@@ -102,6 +108,7 @@ class FileSource(TrackedSource):
         commit_interval_seconds: float = 1.0,
         follow: bool = False,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        rotate_wait_seconds: float = DEFAULT_ROTATE_WAIT_SECONDS,
     ) -> None:
         self._path = path
         self._follow = follow
@@ -122,6 +129,8 @@ class FileSource(TrackedSource):
         self._commit_interval = commit_interval_seconds
         self._tracker = OffsetTracker()
         self._part = 0  # partition number: truncations and replacements so far
+        self._rotate_wait = rotate_wait_seconds
+        self._rotation_seen: float | None = None  # when a replacement was found
         self._part_start = 0  # byte offset where reading the current part started
         # Replaced files, by partition number, whose lines are not all finished.
         self._replaced: dict[int, _Replaced] = {}
@@ -544,12 +553,13 @@ class FileSource(TrackedSource):
             # only moves within it. A seek to the end drops it first.
             self._file.seek(0, os.SEEK_END)
             self._file.seek(0)
-        elif not at_end:
+        elif not at_end or self._waiting_for_rotation(status):
             return False
         else:
             replacement = self._replacement(status)
             if replacement is None:
                 return False
+            self._rotation_seen = None
             if self._checkpoint is not None and self._tracker.in_flight(
                 self._path, self._part
             ):
@@ -576,6 +586,34 @@ class FileSource(TrackedSource):
             extra={"path": self._path, "partition": self._part},
         )
         return True
+
+    def _waiting_for_rotation(self, status: os.stat_result) -> bool:
+        """Return whether a file replaced at the path is still to be read on.
+
+        The writer of a log may add lines to the old file until it opens the
+        path again, so the old file is read for `rotate_wait_seconds` after the
+        replacement was found.
+        """
+        if not self._rotate_wait:
+            return False
+        try:
+            current = os.stat(self._path)
+        except OSError:
+            return False  # no new file yet: `_replacement` looks again later
+        if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
+            self._rotation_seen = None
+            return False
+        now = time.monotonic()
+        if self._rotation_seen is None:
+            self._rotation_seen = now
+            logger.info(
+                "input file %s was replaced by a new file; reading the old one "
+                "for %g s more (READER_ROTATE_WAIT_MS) before the new one",
+                self._path,
+                self._rotate_wait,
+                extra={"path": self._path},
+            )
+        return now - self._rotation_seen < self._rotate_wait
 
     def _remember(self, chunk: bytes) -> None:
         """Keep the last `READ_TAIL_BYTES` bytes read from a followed file."""
