@@ -485,7 +485,7 @@ class FileSource(TrackedSource):
         A line over the length limit comes back as its length (`_Overlong`).
 
         NOTE: lines appended to a replaced file after the source moved on to
-        the new file are not read, as with ``tail -F``.
+        the new file, `rotate_wait_seconds` after the replacement, are not read.
         """
         if self._stream_fd >= 0:
             return self._next_stream_line()
