@@ -17,6 +17,7 @@ from agogosml_cli.container_commands import COMMANDS as CONTAINER_COMMANDS
 from agogosml_cli.generate import generate
 from agogosml_cli.init import init
 from agogosml_cli.release import COMMANDS as RELEASE_COMMANDS
+from agogosml_cli.release_status import status
 from agogosml_cli.run_options import (
     StreamOptions,
     check_kafka_option,
@@ -271,7 +272,7 @@ def settings() -> None:
 
 cli.add_command(init)
 cli.add_command(generate)
-for command in [*RELEASE_COMMANDS, *CONTAINER_COMMANDS]:
+for command in [*RELEASE_COMMANDS, status, *CONTAINER_COMMANDS]:
     cli.add_command(command)
 
 if __name__ == "__main__":

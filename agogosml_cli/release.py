@@ -13,7 +13,6 @@ release and writes them back with ``helm upgrade --install --atomic``:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import yaml
 
 from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
+from agogosml_cli.slot_images import ImageReference
 
 SLOTS = ("blue", "green")
 DEFAULT_RELEASE = "agogosml"
@@ -38,13 +38,6 @@ CHART_DEFAULT_STATE = {
     "idleSlot": "scaleToZero",
 }
 
-# REPOSITORY@sha256:DIGEST, REPOSITORY:TAG or TAG. A colon after the last
-# slash separates the tag, so registry ports (host:5000/name) stay in the
-# repository.
-_DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
 # Helm allows dot-separated RFC 1123 labels of up to 53 characters in all, but
 # the chart names its Services after the release, and a Service name must be a
 # DNS-1035 label: it starts with a letter and has no dots.
@@ -56,7 +49,7 @@ class ReleaseStateError(HelmError):
     """The release's slot values do not allow the requested step."""
 
 
-_NOT_AGOGOSML = (
+NOT_AGOGOSML = (
     "the release's values have no app.slots.blue and app.slots.green, so it was "
     "not installed from the agogosml chart; check --release and --namespace"
 )
@@ -76,7 +69,7 @@ class SlotState:
         """Read the state from release values, filling in the chart's defaults."""
         app_values = values.get("app")
         if app_values is not None and not isinstance(app_values, dict):
-            raise ReleaseStateError(_NOT_AGOGOSML)
+            raise ReleaseStateError(NOT_AGOGOSML)
         app = {**CHART_DEFAULT_STATE, **(app_values or {})}
         state = cls(
             active=str(app["activeSlot"]),
@@ -109,48 +102,6 @@ class SlotState:
         """Return the replicas that the chart gives `slot`, as its templates do."""
         running = slot in (self.active, self.preview) or self.idle_policy == "warm"
         return configured if running else 0
-
-
-@dataclass(frozen=True)
-class ImageReference:
-    """Image given to `deploy`: a tag, with a repository or a digest if given."""
-
-    repository: str | None
-    tag: str
-    digest: str
-
-    @classmethod
-    def parse(cls, text: str) -> ImageReference:
-        """Parse TAG, REPOSITORY:TAG or REPOSITORY@sha256:DIGEST."""
-        match = _DIGEST.match(text)
-        if match and _REPOSITORY.match(match["repository"]):
-            return cls(match["repository"], "", match["digest"])
-        repository, _, tag = text.rpartition(":")
-        if "/" in tag or not repository:
-            repository, tag = "", text
-        if not _TAG.match(tag) or (repository and not _REPOSITORY.match(repository)):
-            raise click.BadParameter(
-                f"{text!r} is not an image tag, REPOSITORY:TAG or "
-                "REPOSITORY@sha256:DIGEST. A tag has letters, digits, '_', '.' and "
-                "'-', at most 128 characters.",
-                param_hint="--image",
-            )
-        return cls(repository or None, tag, "")
-
-    def settings(self, slot: str) -> dict[str, str]:
-        """Return the --set-string settings that put this image on `slot`."""
-        prefix = f"app.slots.{slot}.image"
-        settings = {f"{prefix}.tag": self.tag, f"{prefix}.digest": self.digest}
-        if self.repository:
-            settings[f"{prefix}.repository"] = self.repository
-        return settings
-
-    def __str__(self) -> str:
-        if self.digest:
-            return f"{self.repository}@{self.digest}"
-        if self.repository:
-            return f"{self.repository}:{self.tag}"
-        return f"tag {self.tag}"
 
 
 def other_slot(slot: str) -> str:
@@ -593,105 +544,4 @@ def _require_release(target: HelmTarget, *, dry_run: bool) -> dict[str, Any]:
     return values
 
 
-@click.command()
-@click.option(
-    "--release",
-    default=DEFAULT_RELEASE,
-    show_default=True,
-    callback=check_release_name,
-    help="Helm release name.",
-)
-@click.option(
-    "--namespace",
-    "-n",
-    help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
-)
-@click.option("--kube-context", help="kubeconfig context. Default: the current one.")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(
-    release: str, namespace: str | None, kube_context: str | None, as_json: bool
-) -> None:
-    """Print the active, preview and idle slots with their images and replicas."""
-    target = HelmTarget(
-        release=release, chart="", namespace=namespace, kube_context=kube_context
-    )
-    report = status_report(
-        helm.get_values(target, all_values=True), helm.get_status(target)
-    )
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(format_status(report))
-
-
-def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
-    """Return the slot state of a release from `helm get values --all` and status."""
-    state = SlotState.from_values(values)
-    try:
-        slot_values_by_name = {
-            slot: dict(values["app"]["slots"][slot]) for slot in SLOTS
-        }
-    except (KeyError, TypeError, ValueError):
-        raise ReleaseStateError(_NOT_AGOGOSML) from None
-    app_version = str(
-        (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
-    )
-    slots = {}
-    for slot in SLOTS:
-        slot_values = slot_values_by_name[slot]
-        configured = int(slot_values.get("replicas", 0))
-        slots[slot] = {
-            "role": _role(state, slot),
-            "image": _image_name(slot_values.get("image") or {}, app_version),
-            "replicas": state.replicas(slot, configured),
-            "configuredReplicas": configured,
-        }
-    info = release.get("info") or {}
-    return {
-        "release": release.get("name", ""),
-        "namespace": release.get("namespace", ""),
-        "status": info.get("status", ""),
-        "revision": release.get("version", 0),
-        "lastDeployed": info.get("last_deployed", ""),
-        "activeSlot": state.active,
-        "previewSlot": state.preview,
-        "previousSlot": state.previous,
-        "idleSlot": state.idle_policy,
-        "slots": slots,
-    }
-
-
-def format_status(report: dict[str, Any]) -> str:
-    """Return `status_report` as lines of text."""
-    lines = [
-        f"Release {report['release']} in namespace {report['namespace']}: "
-        f"{report['status']}, revision {report['revision']}, last deployed "
-        f"{report['lastDeployed']}",
-        f"{'slot':<7}{'role':<19}{'replicas':<10}image",
-    ]
-    for slot, row in report["slots"].items():
-        role = row["role"]
-        if role == "idle":
-            role = f"idle ({report['idleSlot']})"
-        lines.append(f"{slot:<7}{role:<19}{row['replicas']:<10}{row['image']}")
-    previous = report["previousSlot"] or "none recorded"
-    lines.append(f"Rollback returns to: {previous}")
-    return "\n".join(lines)
-
-
-def _role(state: SlotState, slot: str) -> str:
-    if slot == state.active:
-        return "active"
-    if slot == state.preview:
-        return "preview"
-    return "idle"
-
-
-def _image_name(image: dict[str, Any], app_version: str) -> str:
-    repository = image.get("repository", "")
-    if image.get("digest"):
-        return f"{repository}@{image['digest']}"
-    return f"{repository}:{image.get('tag') or app_version}"
-
-
-COMMANDS = (deploy, promote, rollback, status)
+COMMANDS = (deploy, promote, rollback)

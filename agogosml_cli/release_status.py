@@ -1,0 +1,120 @@
+"""`agogosml status`: the slots of a blue/green release, read from Helm."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from agogosml_cli import helm
+from agogosml_cli.helm import HelmTarget
+from agogosml_cli.release import (
+    DEFAULT_RELEASE,
+    NOT_AGOGOSML,
+    SLOTS,
+    ReleaseStateError,
+    SlotState,
+    check_release_name,
+)
+
+
+@click.command()
+@click.option(
+    "--release",
+    default=DEFAULT_RELEASE,
+    show_default=True,
+    callback=check_release_name,
+    help="Helm release name.",
+)
+@click.option(
+    "--namespace",
+    "-n",
+    help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
+)
+@click.option("--kube-context", help="kubeconfig context. Default: the current one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(
+    release: str, namespace: str | None, kube_context: str | None, as_json: bool
+) -> None:
+    """Print the active, preview and idle slots with their images and replicas."""
+    target = HelmTarget(
+        release=release, chart="", namespace=namespace, kube_context=kube_context
+    )
+    report = status_report(
+        helm.get_values(target, all_values=True), helm.get_status(target)
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_status(report))
+
+
+def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
+    """Return the slot state of a release from `helm get values --all` and status."""
+    state = SlotState.from_values(values)
+    try:
+        slot_values_by_name = {
+            slot: dict(values["app"]["slots"][slot]) for slot in SLOTS
+        }
+    except (KeyError, TypeError, ValueError):
+        raise ReleaseStateError(NOT_AGOGOSML) from None
+    app_version = str(
+        (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
+    )
+    slots = {}
+    for slot in SLOTS:
+        slot_values = slot_values_by_name[slot]
+        configured = int(slot_values.get("replicas", 0))
+        slots[slot] = {
+            "role": _role(state, slot),
+            "image": _image_name(slot_values.get("image") or {}, app_version),
+            "replicas": state.replicas(slot, configured),
+            "configuredReplicas": configured,
+        }
+    info = release.get("info") or {}
+    return {
+        "release": release.get("name", ""),
+        "namespace": release.get("namespace", ""),
+        "status": info.get("status", ""),
+        "revision": release.get("version", 0),
+        "lastDeployed": info.get("last_deployed", ""),
+        "activeSlot": state.active,
+        "previewSlot": state.preview,
+        "previousSlot": state.previous,
+        "idleSlot": state.idle_policy,
+        "slots": slots,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """Return `status_report` as lines of text."""
+    lines = [
+        f"Release {report['release']} in namespace {report['namespace']}: "
+        f"{report['status']}, revision {report['revision']}, last deployed "
+        f"{report['lastDeployed']}",
+        f"{'slot':<7}{'role':<19}{'replicas':<10}image",
+    ]
+    for slot, row in report["slots"].items():
+        role = row["role"]
+        if role == "idle":
+            role = f"idle ({report['idleSlot']})"
+        lines.append(f"{slot:<7}{role:<19}{row['replicas']:<10}{row['image']}")
+    previous = report["previousSlot"] or "none recorded"
+    lines.append(f"Rollback returns to: {previous}")
+    return "\n".join(lines)
+
+
+def _role(state: SlotState, slot: str) -> str:
+    if slot == state.active:
+        return "active"
+    if slot == state.preview:
+        return "preview"
+    return "idle"
+
+
+def _image_name(image: dict[str, Any], app_version: str) -> str:
+    repository = image.get("repository", "")
+    if image.get("digest"):
+        return f"{repository}@{image['digest']}"
+    return f"{repository}:{image.get('tag') or app_version}"
