@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 #: Seconds that a command which reads release state may take.
 READ_TIMEOUT_SECONDS = 120
@@ -169,6 +170,26 @@ def get_status(target: HelmTarget) -> dict[str, Any]:
     result = run_helm(target, args, timeout_seconds=READ_TIMEOUT_SECONDS)
     check_result(target, result, "read the release status")
     return _parse_json_object(result.stdout, "helm status") or {}
+
+
+def show_values(target: HelmTarget) -> dict[str, Any]:
+    """Return the default values of the target's chart, from `helm show values`.
+
+    Raises:
+        HelmError: Helm could not read the chart, or printed no YAML mapping.
+    """
+    args = ["show", "values", target.chart]
+    result = run_helm(target, args, timeout_seconds=READ_TIMEOUT_SECONDS)
+    check_result(target, result, f"read the default values of chart {target.chart}")
+    try:
+        values = yaml.safe_load(result.stdout)
+    except yaml.YAMLError as exc:
+        raise HelmError(f"helm show values printed invalid YAML: {exc}") from None
+    if values is not None and not isinstance(values, dict):
+        raise HelmError(
+            f"helm show values printed {type(values).__name__}, expected a mapping"
+        )
+    return values or {}
 
 
 def upgrade_args(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,12 @@ import yaml
 
 from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
-from agogosml_cli.slot_images import ImageReference
+from agogosml_cli.slot_images import (
+    ImageReference,
+    ignored_image_values,
+    image_settings,
+    slot_image,
+)
 
 SLOTS = ("blue", "green")
 DEFAULT_RELEASE = "agogosml"
@@ -119,6 +124,46 @@ def fullname(release: str, values: dict[str, Any]) -> str:
     return prefix[:51].rstrip("-")
 
 
+@dataclass(frozen=True)
+class InstalledRelease:
+    """A release that exists, as a release command reads it before an upgrade.
+
+    Attributes:
+        name: Helm release name.
+        values: The release's user-supplied values, from `helm get values`.
+        chart_defaults: Default values of the chart that the upgrade installs,
+            which --reset-then-reuse-values puts under `values`.
+    """
+
+    name: str
+    values: dict[str, Any]
+    chart_defaults: dict[str, Any]
+
+    @property
+    def state(self) -> SlotState:
+        """Slot values of the release."""
+        return SlotState.from_values(self.values)
+
+    def image(self, slot: str) -> dict[str, str]:
+        """Return the repository, tag and digest of `slot`'s image.
+
+        A key that the release values do not set takes the chart's default.
+        """
+        return slot_image([self.chart_defaults, self.values], slot)
+
+    def pinned_images(self, *, except_slot: str = "") -> dict[str, str]:
+        """Return the settings that keep every slot but `except_slot` on its image.
+
+        An upgrade passes them after the --values files, so a values file
+        cannot change the image of a slot that the command does not deploy to.
+        """
+        settings: dict[str, str] = {}
+        for slot in SLOTS:
+            if slot != except_slot:
+                settings.update(image_settings(slot, self.image(slot)))
+        return settings
+
+
 # ---------------------------------------------------------------------------
 # Plans: the upgrades that each command runs, as --set-string settings
 # ---------------------------------------------------------------------------
@@ -126,73 +171,86 @@ def fullname(release: str, values: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """Upgrades that one command runs in order, and the message printed after them."""
+    """Upgrades that one command runs in order, and the message printed after them.
+
+    Attributes:
+        steps: --set-string settings of each upgrade.
+        message: Printed when every upgrade succeeded.
+        state: Slot values after the last upgrade.
+        pinned: Image settings that keep slots on their images, which values
+            files cannot change.
+    """
 
     steps: list[dict[str, str]]
     message: str
     state: SlotState
+    pinned: dict[str, str] = field(default_factory=dict)
 
 
 def plan_deploy(
-    values: dict[str, Any] | None,
+    installed: InstalledRelease | None,
     image: ImageReference,
     slot: str | None,
     *,
     force: bool,
-    release: str,
 ) -> Plan:
     """Plan putting `image` on the idle slot, or on `slot`.
 
-    A new release (`values` is None) gets the image on `slot`, blue by
-    default, as its active slot.
+    A new release (`installed` is None) gets the image on `slot`, blue by
+    default, as its active slot. On an existing release every other slot
+    keeps its image.
     """
-    if values is None:
+    if installed is None:
         target = slot or CHART_DEFAULT_STATE["activeSlot"]
         state = SlotState(target, "", "", CHART_DEFAULT_STATE["idleSlot"])
         message = f"Installed {image} on the {target} slot, which is active."
         return Plan([{**state.settings(), **image.settings(target)}], message, state)
 
-    current = SlotState.from_values(values)
+    current = installed.state
     target = slot or current.idle
     if target == current.active and not force:
         raise ReleaseStateError(
-            f"--slot {target} is the active slot of release {release!r}, which "
-            f"takes traffic. Deploy to the idle slot {current.idle} (omit --slot), "
-            "or pass --force to replace the active slot's image in place."
+            f"--slot {target} is the active slot of release {installed.name!r}, "
+            f"which takes traffic. Deploy to the idle slot {current.idle} (omit "
+            "--slot), or pass --force to replace the active slot's image in place."
         )
+    pinned = installed.pinned_images(except_slot=target)
     if target == current.active:
         message = f"Replaced the image of the active {target} slot with {image}."
-        return Plan([image.settings(target)], message, current)
+        settings = {**current.settings(), **pinned, **image.settings(target)}
+        return Plan([settings], message, current, pinned)
 
     # The idle slot no longer contains the previous version once it gets a new
     # image, so there is nothing to roll back to.
     previous = "" if current.previous == target else current.previous
     state = SlotState(current.active, target, previous, current.idle_policy)
-    preview_service = f"{fullname(release, values)}-app-preview"
+    preview_service = f"{fullname(installed.name, installed.values)}-app-preview"
     message = (
         f"Deployed {image} to the {target} slot, in preview. Smoke test it through "
         f"Service {preview_service}, then run `agogosml promote`."
     )
-    return Plan([{**state.settings(), **image.settings(target)}], message, state)
+    settings = {**state.settings(), **pinned, **image.settings(target)}
+    return Plan([settings], message, state, pinned)
 
 
-def plan_promote(values: dict[str, Any], release: str) -> Plan:
+def plan_promote(installed: InstalledRelease) -> Plan:
     """Plan switching the app Service to the preview slot."""
-    current = SlotState.from_values(values)
+    current = installed.state
     if not current.preview:
         raise ReleaseStateError(
-            f"release {release!r} has no slot in preview (app.previewSlot is empty). "
-            "Run `agogosml deploy --image TAG` first."
+            f"release {installed.name!r} has no slot in preview (app.previewSlot is "
+            "empty). Run `agogosml deploy --image TAG` first."
         )
+    pinned = installed.pinned_images()
     state = SlotState(current.preview, "", current.active, current.idle_policy)
     message = (
         f"Promoted the {state.active} slot: it takes traffic now. "
         f"`agogosml rollback` returns to the {state.previous} slot."
     )
-    return Plan([state.settings()], message, state)
+    return Plan([{**state.settings(), **pinned}], message, state, pinned)
 
 
-def plan_rollback(values: dict[str, Any], release: str) -> Plan:
+def plan_rollback(installed: InstalledRelease) -> Plan:
     """Plan switching the app Service back to the previous slot.
 
     With idleSlot scaleToZero the previous slot runs no pods, so a first
@@ -202,23 +260,24 @@ def plan_rollback(values: dict[str, Any], release: str) -> Plan:
     app.previousSlot, so a rollback whose second upgrade failed can be run
     again.
     """
-    current = SlotState.from_values(values)
+    current = installed.state
     if not current.previous:
         raise ReleaseStateError(
-            f"release {release!r} records no previous slot (app.previousSlot is "
+            f"release {installed.name!r} records no previous slot (app.previousSlot is "
             "empty): nothing was promoted since the last rollback, or the previous "
             "slot got a new image. Deploy the image to return to and promote it."
         )
+    pinned = installed.pinned_images()
     steps = []
     if current.idle_policy != "warm":
         warm_up = SlotState(
             current.active, current.previous, current.previous, current.idle_policy
         )
-        steps.append(warm_up.settings())
+        steps.append({**warm_up.settings(), **pinned})
     state = SlotState(current.previous, "", "", current.idle_policy)
-    steps.append(state.settings())
+    steps.append({**state.settings(), **pinned})
     message = f"Rolled back to the {state.active} slot: it takes traffic now."
-    return Plan(steps, message, state)
+    return Plan(steps, message, state, pinned)
 
 
 # ---------------------------------------------------------------------------
@@ -284,6 +343,8 @@ def execute(
     """Run the plan's upgrades, or with `dry_run` print them and render the result."""
     install = release_values is None
     commands = [helm.upgrade_args(target, step, install=install) for step in plan.steps]
+    for warning in ignored_image_values(target.values_files, plan.pinned):
+        click.echo(f"Warning: {warning}", err=True)
     if dry_run:
         for args in commands:
             click.echo(f"Would run: {helm.command_line(target, args)}", err=True)
@@ -449,7 +510,8 @@ def deploy(
     target = _make_target(**target_options)
     if values is None:
         values = _deploy_values(target, dry_run=dry_run)
-    plan = plan_deploy(values, reference, slot, force=force, release=target.release)
+    installed = None if values is None else _installed_release(target, values)
+    plan = plan_deploy(installed, reference, slot, force=force)
     execute(target, plan, values, dry_run=dry_run)
 
 
@@ -467,7 +529,8 @@ def promote(
     target = _make_target(**target_options)
     if values is None:
         values = _require_release(target, dry_run=dry_run)
-    execute(target, plan_promote(values, target.release), values, dry_run=dry_run)
+    plan = plan_promote(_installed_release(target, values))
+    execute(target, plan, values, dry_run=dry_run)
 
 
 @click.command()
@@ -480,7 +543,8 @@ def rollback(
     target = _make_target(**target_options)
     if values is None:
         values = _require_release(target, dry_run=dry_run)
-    execute(target, plan_rollback(values, target.release), values, dry_run=dry_run)
+    plan = plan_rollback(_installed_release(target, values))
+    execute(target, plan, values, dry_run=dry_run)
 
 
 def _values_from_file(path: Path | None, dry_run: bool) -> dict[str, Any] | None:
@@ -494,6 +558,11 @@ def _values_from_file(path: Path | None, dry_run: bool) -> dict[str, Any] | None
             "remove --release-values"
         )
     return load_release_values(path)
+
+
+def _installed_release(target: HelmTarget, values: dict[str, Any]) -> InstalledRelease:
+    """Return the release with the defaults of the chart that it is upgraded to."""
+    return InstalledRelease(target.release, values, helm.show_values(target))
 
 
 def _deploy_values(target: HelmTarget, *, dry_run: bool) -> dict[str, Any] | None:

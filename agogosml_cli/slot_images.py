@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import click
+import yaml
 
 # REPOSITORY@sha256:DIGEST, REPOSITORY:TAG or TAG. A colon after the last
 # slash separates the tag, so registry ports (host:5000/name) stay in the
@@ -56,3 +60,71 @@ class ImageReference:
         if self.repository:
             return f"{self.repository}:{self.tag}"
         return f"tag {self.tag}"
+
+
+#: Keys of a slot's image in the chart values, under app.slots.<slot>.image.
+IMAGE_KEYS = ("repository", "tag", "digest")
+
+_MISSING = object()
+
+
+def slot_image(layers: Sequence[Mapping[str, Any]], slot: str) -> dict[str, str]:
+    """Return the repository, tag and digest of `slot` in layered values.
+
+    Later layers override earlier ones key by key, as Helm merges values. A
+    null value is skipped here, although Helm removes the key for it.
+    """
+    image: dict[str, str] = dict.fromkeys(IMAGE_KEYS, "")
+    for layer in layers:
+        found = _lookup(layer, ["app", "slots", slot, "image"])
+        if not isinstance(found, Mapping):
+            continue
+        for key in IMAGE_KEYS:
+            if found.get(key) is not None:
+                image[key] = str(found[key])
+    return image
+
+
+def image_settings(slot: str, image: Mapping[str, str]) -> dict[str, str]:
+    """Return the --set-string settings that keep `slot` on `image`."""
+    return {f"app.slots.{slot}.image.{key}": image[key] for key in IMAGE_KEYS}
+
+
+def ignored_image_values(
+    values_files: Sequence[Path], pinned: Mapping[str, str]
+) -> list[str]:
+    """Return a message for each pinned image value that a values file changes.
+
+    A file that cannot be read as a YAML mapping is skipped, because Helm
+    reports it when the upgrade reads it.
+    """
+    messages = []
+    for path in values_files:
+        values = _load_mapping(path)
+        for key, pinned_value in pinned.items():
+            found = _lookup(values, key.split("."))
+            if found is _MISSING or found is None or str(found) == pinned_value:
+                continue
+            slot = key.split(".")[2]
+            messages.append(
+                f"{path} sets {key} to {str(found)!r}, but the upgrade keeps the "
+                f"{slot} slot's image and sets it to {pinned_value!r}. Only `agogosml "
+                f"deploy` onto the {slot} slot changes its image."
+            )
+    return messages
+
+
+def _lookup(values: Any, keys: Sequence[str]) -> Any:
+    for key in keys:
+        if not isinstance(values, Mapping) or key not in values:
+            return _MISSING
+        values = values[key]
+    return values
+
+
+def _load_mapping(path: Path) -> Mapping[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return values if isinstance(values, Mapping) else {}

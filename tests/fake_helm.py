@@ -8,7 +8,7 @@ directory, so the release commands run as against a cluster:
 - ``status`` prints a release object with the revision count.
 - ``upgrade`` applies the ``--set-string`` settings to the stored values, as
   ``--reset-then-reuse-values`` keeps them, and counts a revision.
-- ``template`` runs the real Helm binary.
+- ``template`` and ``show`` run the real Helm binary.
 
 Files in FAKE_HELM_DIR switch failures on: ``unreachable`` makes every
 cluster command fail as with no cluster, ``upgrade-fails`` makes upgrades fail.
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         calls.write(json.dumps(argv) + "\n")
 
     command = argv[0]
-    if command == "template":
+    if command in ("template", "show"):
         real_helm = os.environ["FAKE_HELM_REAL"]
         os.execv(real_helm, [real_helm, *argv])
     if (state_dir / "unreachable").exists():

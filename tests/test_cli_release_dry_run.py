@@ -124,6 +124,56 @@ def test_deploy_dry_run_with_release_values(helm_state: Path, tmp_path: Path) ->
     assert service_slot(result.stdout) == "green"
 
 
+def deployment_images(manifests: str) -> dict[str, str]:
+    images = {}
+    for document in yaml.safe_load_all(manifests):
+        if document and document["kind"] == "Deployment":
+            name = document["metadata"]["name"]
+            container = document["spec"]["template"]["spec"]["containers"][0]
+            images[name.removeprefix("rel-agogosml-app-")] = container["image"]
+    return images
+
+
+def test_deploy_dry_run_keeps_active_image(helm_state: Path, tmp_path: Path) -> None:
+    release_values = tmp_path / "release.yaml"
+    release_values.write_text(
+        yaml.safe_dump(
+            {
+                "app": {
+                    "activeSlot": "blue",
+                    "slots": {
+                        "blue": {"image": {"repository": "example/fraud", "tag": "1.0"}}
+                    },
+                }
+            }
+        )
+    )
+    user_values = tmp_path / "prod.yaml"
+    user_values.write_text(
+        yaml.safe_dump(
+            {
+                "app": {
+                    "slots": {
+                        slot: {"image": {"repository": "example/fraud", "tag": "0.9"}}
+                        for slot in ("blue", "green")
+                    }
+                }
+            }
+        )
+    )
+
+    result = invoke(
+        "deploy", "--image", "2.0", "--dry-run", *SCOPE,
+        "--release-values", str(release_values), "--values", str(user_values),
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    images = deployment_images(result.stdout)
+    assert images["blue"] == "example/fraud:1.0"
+    assert images["green"] == "example/fraud:2.0"
+    assert service_slot(result.stdout) == "blue"
+
+
 def test_release_values_skips_helm_header(helm_state: Path, tmp_path: Path) -> None:
     values = tmp_path / "values.txt"
     values.write_text(

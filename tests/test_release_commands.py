@@ -106,6 +106,16 @@ def set_strings(call: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
+def pinned(slot: str, tag: str = "") -> dict[str, str]:
+    """Return the settings that keep `slot` on the chart's repository and `tag`."""
+    prefix = f"app.slots.{slot}.image"
+    return {
+        f"{prefix}.repository": "agogosml-sample-app",
+        f"{prefix}.tag": tag,
+        f"{prefix}.digest": "",
+    }
+
+
 def find(manifests: list[dict], kind: str, name: str) -> dict:
     for manifest in manifests:
         if manifest["kind"] == kind and manifest["metadata"]["name"] == name:
@@ -174,12 +184,48 @@ def test_deploy_targets_idle_slot(fake_helm: FakeHelm, tmp_path: Path) -> None:
         "app.activeSlot": "blue",
         "app.previewSlot": "green",
         "app.previousSlot": "",
+        **pinned("blue", "1.0"),
         "app.slots.green.image.repository": "registry.example:5000/model",
         "app.slots.green.image.tag": "2.0",
         "app.slots.green.image.digest": "",
     }
     assert "rel-agogosml-app-preview" in result.stdout
     assert "agogosml promote" in result.stdout
+
+
+def test_deploy_pins_active_slot_image(fake_helm: FakeHelm, tmp_path: Path) -> None:
+    fake_helm.set_values(slot_values("blue"))
+    values_file = tmp_path / "prod.yaml"
+    values_file.write_text(
+        "app:\n  slots:\n    blue:\n      image:\n        tag: '0.9'\n"
+    )
+
+    result = invoke("deploy", "--image", "2.0", *SCOPE, "--values", str(values_file))
+
+    assert result.exit_code == 0, result.output
+    (upgrade,) = fake_helm.upgrades()
+    settings = set_strings(upgrade)
+    assert settings["app.slots.blue.image.repository"] == "agogosml-sample-app"
+    assert settings["app.slots.blue.image.tag"] == "1.0"
+    assert settings["app.slots.blue.image.digest"] == ""
+    assert settings["app.slots.green.image.tag"] == "2.0"
+    message = " ".join(result.stderr.split())
+    assert f"{values_file} sets app.slots.blue.image.tag to '0.9'" in message
+    assert "keeps the blue slot's image" in message
+
+
+def test_deploy_pins_without_warning(fake_helm: FakeHelm, tmp_path: Path) -> None:
+    fake_helm.set_values(slot_values("blue"))
+    values_file = tmp_path / "prod.yaml"
+    values_file.write_text(
+        "app:\n  slots:\n    blue:\n      image:\n        tag: '1.0'\n"
+    )
+
+    result = invoke("deploy", "--image", "2.0", *SCOPE, "--values", str(values_file))
+
+    assert result.exit_code == 0, result.output
+    assert set_strings(fake_helm.upgrades()[0])["app.slots.blue.image.tag"] == "1.0"
+    assert "keeps the blue slot's image" not in result.stderr
 
 
 def test_deploy_rejects_active_slot(fake_helm: FakeHelm) -> None:
@@ -202,6 +248,10 @@ def test_deploy_force_replaces_active_image(fake_helm: FakeHelm) -> None:
     assert result.exit_code == 0, result.output
     (upgrade,) = fake_helm.upgrades()
     assert set_strings(upgrade) == {
+        "app.activeSlot": "blue",
+        "app.previewSlot": "green",
+        "app.previousSlot": "",
+        **pinned("green"),
         "app.slots.blue.image.tag": "2.1",
         "app.slots.blue.image.digest": "",
     }
@@ -265,9 +315,31 @@ def test_promote_switches_to_preview(fake_helm: FakeHelm) -> None:
         "app.activeSlot": "green",
         "app.previewSlot": "",
         "app.previousSlot": "blue",
+        **pinned("blue", "1.0"),
+        **pinned("green"),
     }
     assert "--atomic" in upgrade
     assert "returns to the blue slot" in result.stdout
+
+
+def test_promote_pins_both_images(fake_helm: FakeHelm, tmp_path: Path) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": {"tag": "2.0"}}
+    fake_helm.set_values(values)
+    values_file = tmp_path / "prod.yaml"
+    values_file.write_text(
+        "app:\n  slots:\n    green:\n      image:\n        tag: '1.9'\n"
+    )
+
+    result = invoke("promote", *SCOPE, "--values", str(values_file))
+
+    assert result.exit_code == 0, result.output
+    for upgrade in fake_helm.upgrades():
+        settings = set_strings(upgrade)
+        assert settings["app.slots.blue.image.tag"] == "1.0"
+        assert settings["app.slots.green.image.tag"] == "2.0"
+        assert settings["app.slots.green.image.repository"] == "agogosml-sample-app"
+    assert "keeps the green slot's image" in " ".join(result.stderr.split())
 
 
 def test_promote_without_preview_fails(fake_helm: FakeHelm) -> None:
@@ -299,11 +371,15 @@ def test_rollback_starts_previous_slot_first(fake_helm: FakeHelm) -> None:
         "app.activeSlot": "green",
         "app.previewSlot": "blue",
         "app.previousSlot": "blue",
+        **pinned("blue", "1.0"),
+        **pinned("green"),
     }
     assert set_strings(switch) == {
         "app.activeSlot": "blue",
         "app.previewSlot": "",
         "app.previousSlot": "",
+        **pinned("blue", "1.0"),
+        **pinned("green"),
     }
 
 
