@@ -6,7 +6,8 @@ release and writes them back with ``helm upgrade --install --atomic``:
 
 - ``app.activeSlot``: the slot that the app Service sends traffic to.
 - ``app.previewSlot``: the slot that `deploy` put a new image on, running but
-  not yet promoted ("" when none).
+  not yet promoted ("" when none). Between the two upgrades of `promote` or
+  `rollback` it is the slot in app.previousSlot, kept running.
 - ``app.previousSlot``: the slot that was active before the last `promote`,
   which `rollback` returns to ("" when none).
 """
@@ -170,18 +171,32 @@ class InstalledRelease:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One upgrade of a plan.
+
+    Attributes:
+        settings: --set-string settings of the upgrade.
+        if_failed: Added to the error when the upgrade fails. It describes the
+            release after the earlier steps and the command that finishes.
+    """
+
+    settings: dict[str, str]
+    if_failed: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     """Upgrades that one command runs in order, and the message printed after them.
 
     Attributes:
-        steps: --set-string settings of each upgrade.
+        steps: The upgrades, in order.
         message: Printed when every upgrade succeeded.
         state: Slot values after the last upgrade.
         pinned: Image settings that keep slots on their images, which values
             files cannot change.
     """
 
-    steps: list[dict[str, str]]
+    steps: list[Step]
     message: str
     state: SlotState
     pinned: dict[str, str] = field(default_factory=dict)
@@ -204,7 +219,8 @@ def plan_deploy(
         target = slot or CHART_DEFAULT_STATE["activeSlot"]
         state = SlotState(target, "", "", CHART_DEFAULT_STATE["idleSlot"])
         message = f"Installed {image} on the {target} slot, which is active."
-        return Plan([{**state.settings(), **image.settings(target)}], message, state)
+        settings = {**state.settings(), **image.settings(target)}
+        return Plan([Step(settings)], message, state)
 
     current = installed.state
     target = slot or current.idle
@@ -218,7 +234,7 @@ def plan_deploy(
     if target == current.active:
         message = f"Replaced the image of the active {target} slot with {image}."
         settings = {**current.settings(), **pinned, **image.settings(target)}
-        return Plan([settings], message, current, pinned)
+        return Plan([Step(settings)], message, current, pinned)
 
     # The idle slot no longer contains the previous version once it gets a new
     # image, so there is nothing to roll back to.
@@ -230,24 +246,48 @@ def plan_deploy(
         f"Service {preview_service}, then run `agogosml promote`."
     )
     settings = {**state.settings(), **pinned, **image.settings(target)}
-    return Plan([settings], message, state, pinned)
+    return Plan([Step(settings)], message, state, pinned)
 
 
 def plan_promote(installed: InstalledRelease) -> Plan:
-    """Plan switching the app Service to the preview slot."""
+    """Plan switching the app Service to the preview slot.
+
+    With idleSlot scaleToZero a first upgrade switches the Service and keeps
+    the slot that was active running, as the preview slot, so that its pods
+    still serve the requests that reach them while the switch takes effect.
+    A second upgrade then scales that slot to zero. Between the two, the
+    slot that was active is both the preview slot and app.previousSlot, as
+    in the middle of a rollback. A promote from that state runs only the
+    second upgrade.
+    """
     current = installed.state
     if not current.preview:
         raise ReleaseStateError(
             f"release {installed.name!r} has no slot in preview (app.previewSlot is "
             "empty). Run `agogosml deploy --image TAG` first."
         )
+    switched = current.preview == current.previous
+    promoted = current.active if switched else current.preview
+    replaced = other_slot(promoted)
     pinned = installed.pinned_images()
-    state = SlotState(current.preview, "", current.active, current.idle_policy)
+    steps = []
+    if_failed = ""
+    if current.idle_policy != "warm":
+        if not switched:
+            switch = SlotState(promoted, replaced, replaced, current.idle_policy)
+            steps.append(Step({**switch.settings(), **pinned}))
+        if_failed = (
+            f"The app Service already points at the {promoted} slot, and the "
+            f"{replaced} slot still runs its pods. Run `agogosml promote` again to "
+            f"scale the {replaced} slot down, or `agogosml rollback` to return to it."
+        )
+    state = SlotState(promoted, "", replaced, current.idle_policy)
+    steps.append(Step({**state.settings(), **pinned}, if_failed))
     message = (
         f"Promoted the {state.active} slot: it takes traffic now. "
         f"`agogosml rollback` returns to the {state.previous} slot."
     )
-    return Plan([{**state.settings(), **pinned}], message, state, pinned)
+    return Plan(steps, message, state, pinned)
 
 
 def plan_rollback(installed: InstalledRelease) -> Plan:
@@ -269,13 +309,21 @@ def plan_rollback(installed: InstalledRelease) -> Plan:
         )
     pinned = installed.pinned_images()
     steps = []
+    if_failed = ""
     if current.idle_policy != "warm":
         warm_up = SlotState(
             current.active, current.previous, current.previous, current.idle_policy
         )
-        steps.append({**warm_up.settings(), **pinned})
+        steps.append(Step({**warm_up.settings(), **pinned}))
+        if_failed = (
+            f"The app Service still points at the {current.active} slot, and the "
+            f"{current.previous} slot runs its pods. Run `agogosml rollback` again "
+            f"to switch to the {current.previous} slot, or `agogosml promote` to "
+            f"stay on the {current.active} slot and scale the {current.previous} "
+            "slot down."
+        )
     state = SlotState(current.previous, "", "", current.idle_policy)
-    steps.append({**state.settings(), **pinned})
+    steps.append(Step({**state.settings(), **pinned}, if_failed))
     message = f"Rolled back to the {state.active} slot: it takes traffic now."
     return Plan(steps, message, state, pinned)
 
@@ -342,7 +390,9 @@ def execute(
 ) -> None:
     """Run the plan's upgrades, or with `dry_run` print them and render the result."""
     install = release_values is None
-    commands = [helm.upgrade_args(target, step, install=install) for step in plan.steps]
+    commands = [
+        helm.upgrade_args(target, step.settings, install=install) for step in plan.steps
+    ]
     for warning in ignored_image_values(target.values_files, plan.pinned):
         click.echo(f"Warning: {warning}", err=True)
     if dry_run:
@@ -350,12 +400,17 @@ def execute(
             click.echo(f"Would run: {helm.command_line(target, args)}", err=True)
         merged: dict[str, str] = {}
         for step in plan.steps:
-            merged.update(step)
+            merged.update(step.settings)
         click.echo(helm.template(target, release_values, merged), nl=False)
         return
-    for args in commands:
+    for step, args in zip(plan.steps, commands, strict=True):
         click.echo(f"Running: {helm.command_line(target, args)}", err=True)
-        helm.upgrade(target, args)
+        try:
+            helm.upgrade(target, args)
+        except HelmError as error:
+            if not step.if_failed:
+                raise
+            raise HelmError(f"{error.message}\n{step.if_failed}") from error
     click.echo(plan.message)
 
 

@@ -11,7 +11,9 @@ directory, so the release commands run as against a cluster:
 - ``template`` and ``show`` run the real Helm binary.
 
 Files in FAKE_HELM_DIR switch failures on: ``unreachable`` makes every
-cluster command fail as with no cluster, ``upgrade-fails`` makes upgrades fail.
+cluster command fail as with no cluster, ``upgrade-fails`` makes upgrades fail,
+and ``upgrades-before-failure`` holds a count of upgrades that succeed before
+the next ones fail.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> int:
 
 
 def upgrade(state_dir: Path, values_path: Path, argv: list[str]) -> int:
-    if (state_dir / "upgrade-fails").exists():
+    if upgrade_fails(state_dir):
         print(
             "Error: UPGRADE FAILED: release rel failed, and has been rolled back "
             "due to atomic being set: context deadline exceeded",
@@ -81,6 +83,19 @@ def upgrade(state_dir: Path, values_path: Path, argv: list[str]) -> int:
     count = int(revision.read_text()) if revision.exists() else 0
     revision.write_text(str(count + 1))
     return 0
+
+
+def upgrade_fails(state_dir: Path) -> bool:
+    if (state_dir / "upgrade-fails").exists():
+        return True
+    budget = state_dir / "upgrades-before-failure"
+    if not budget.exists():
+        return False
+    remaining = int(budget.read_text())
+    if remaining <= 0:
+        return True
+    budget.write_text(str(remaining - 1))
+    return False
 
 
 def release_object(state_dir: Path, argv: list[str]) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class FakeHelm:
     def fail(self, mode: str) -> None:
         (self.state_dir / mode).touch()
 
+    def fail_after(self, upgrades: int) -> None:
+        """Let `upgrades` upgrades succeed and fail the ones after them."""
+        (self.state_dir / "upgrades-before-failure").write_text(str(upgrades))
+
     def render(self) -> list[dict]:
         """Render the chart with the stored values, as the release would."""
         values_file = self.state_dir / "render-values.json"
@@ -304,22 +308,84 @@ def test_deploy_rejects_unknown_slot(fake_helm: FakeHelm) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_promote_switches_to_preview(fake_helm: FakeHelm) -> None:
+def test_promote_switches_before_scaling_down(fake_helm: FakeHelm) -> None:
     fake_helm.set_values(slot_values("blue", preview="green"))
 
     result = invoke("promote", *SCOPE)
 
     assert result.exit_code == 0, result.output
-    (upgrade,) = fake_helm.upgrades()
-    assert set_strings(upgrade) == {
+    switch, scale_down = fake_helm.upgrades()
+    assert set_strings(switch) == {
+        "app.activeSlot": "green",
+        "app.previewSlot": "blue",
+        "app.previousSlot": "blue",
+        **pinned("blue", "1.0"),
+        **pinned("green"),
+    }
+    assert set_strings(scale_down) == {
         "app.activeSlot": "green",
         "app.previewSlot": "",
         "app.previousSlot": "blue",
         **pinned("blue", "1.0"),
         **pinned("green"),
     }
-    assert "--atomic" in upgrade
+    assert "--atomic" in switch
+    assert "--atomic" in scale_down
     assert "returns to the blue slot" in result.stdout
+
+
+def test_promote_switch_keeps_old_pods(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+    fake_helm.fail_after(1)
+
+    invoke("promote", *SCOPE)
+
+    assert slot_view(fake_helm.render()) == {
+        "service": "green",
+        "blue": ("agogosml-sample-app:1.0", 2),
+        "green": ("agogosml-sample-app:0.1.0", 2),
+    }
+
+
+def test_promote_failed_scale_down_names_fix(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue", preview="green"))
+    fake_helm.fail_after(1)
+
+    result = invoke("promote", *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1
+    assert "helm failed to upgrade the release" in message
+    assert "The app Service already points at the green slot" in message
+    assert "Run `agogosml promote` again to scale the blue slot down" in message
+    assert "`agogosml rollback` to return to it" in message
+    assert len(fake_helm.upgrades()) == 2
+
+
+def test_promote_again_finishes_scale_down(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", preview="blue", previous="blue"))
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    (scale_down,) = fake_helm.upgrades()
+    assert set_strings(scale_down)["app.activeSlot"] == "green"
+    assert set_strings(scale_down)["app.previewSlot"] == ""
+    assert set_strings(scale_down)["app.previousSlot"] == "blue"
+    assert slot_view(fake_helm.render())["blue"] == ("agogosml-sample-app:1.0", 0)
+
+
+def test_promote_warm_switches_at_once(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["idleSlot"] = "warm"
+    fake_helm.set_values(values)
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    (switch,) = fake_helm.upgrades()
+    assert set_strings(switch)["app.activeSlot"] == "green"
+    assert set_strings(switch)["app.previewSlot"] == ""
 
 
 def test_promote_pins_both_images(fake_helm: FakeHelm, tmp_path: Path) -> None:
@@ -393,6 +459,18 @@ def test_rollback_retry_after_failed_switch(fake_helm: FakeHelm) -> None:
     assert app["activeSlot"] == "blue"
     assert app["previewSlot"] == ""
     assert app["previousSlot"] == ""
+
+
+def test_rollback_failed_switch_names_fix(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+    fake_helm.fail_after(1)
+
+    result = invoke("rollback", *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1
+    assert "The app Service still points at the green slot" in message
+    assert "Run `agogosml rollback` again to switch to the blue slot" in message
 
 
 def test_rollback_warm_switches_at_once(fake_helm: FakeHelm) -> None:
