@@ -27,6 +27,7 @@ from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
 from agogosml_cli.slot_images import (
     ImageReference,
+    describe_image,
     ignored_image_values,
     image_settings,
     slot_image,
@@ -194,12 +195,14 @@ class Plan:
         state: Slot values after the last upgrade.
         pinned: Image settings that keep slots on their images, which values
             files cannot change.
+        warnings: Printed on stderr before the upgrades.
     """
 
     steps: list[Step]
     message: str
     state: SlotState
     pinned: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def plan_deploy(
@@ -236,6 +239,7 @@ def plan_deploy(
         settings = {**current.settings(), **pinned, **image.settings(target)}
         return Plan([Step(settings)], message, current, pinned)
 
+    warnings = _check_replaced_image(installed, target, image, force=force)
     # The idle slot no longer contains the previous version once it gets a new
     # image, so there is nothing to roll back to.
     previous = "" if current.previous == target else current.previous
@@ -246,10 +250,54 @@ def plan_deploy(
         f"Service {preview_service}, then run `agogosml promote`."
     )
     settings = {**state.settings(), **pinned, **image.settings(target)}
-    return Plan([Step(settings)], message, state, pinned)
+    return Plan([Step(settings)], message, state, pinned, warnings)
 
 
-def plan_promote(installed: InstalledRelease) -> Plan:
+def _check_replaced_image(
+    installed: InstalledRelease, target: str, image: ImageReference, *, force: bool
+) -> tuple[str, ...]:
+    """Reject a deploy onto the idle slot `target` that loses an image, unless `force`.
+
+    The image is lost when it is the rollback target, or in preview and not
+    yet promoted and `image` is another one.
+
+    Returns:
+        A warning that names the lost image when `force` allows the deploy.
+
+    Raises:
+        ReleaseStateError: naming the image that the deploy would replace.
+    """
+    current = installed.state
+    running = describe_image(installed.image(target))
+    if target == current.previous:
+        problem = (
+            f"the {target} slot of release {installed.name!r} runs {running}, the "
+            "image that `agogosml rollback` returns to (app.previousSlot). "
+            f"Deploying {image} there replaces it, and rollback could no longer "
+            "return to it. Pass --force to deploy anyway."
+        )
+        warning = (
+            f"--force replaces {running}, the image that `agogosml rollback` would "
+            "return to. The release has no rollback target until the next promote."
+        )
+    elif target == current.preview and not image.matches(installed.image(target)):
+        problem = (
+            f"the {target} slot of release {installed.name!r} is in preview with "
+            f"{running}, deployed and not yet promoted. Deploying {image} there "
+            "replaces it. Promote it first with `agogosml promote`, or pass --force "
+            "to replace it."
+        )
+        warning = f"--force replaces {running}, which was in preview and not promoted."
+    else:
+        return ()
+    if not force:
+        raise ReleaseStateError(problem)
+    return (warning,)
+
+
+def plan_promote(
+    installed: InstalledRelease, expected: ImageReference | None = None
+) -> Plan:
     """Plan switching the app Service to the preview slot.
 
     With idleSlot scaleToZero a first upgrade switches the Service and keeps
@@ -259,6 +307,9 @@ def plan_promote(installed: InstalledRelease) -> Plan:
     slot that was active is both the preview slot and app.previousSlot, as
     in the middle of a rollback. A promote from that state runs only the
     second upgrade.
+
+    With `expected`, the plan is rejected unless the slot that becomes
+    active runs that image.
     """
     current = installed.state
     if not current.preview:
@@ -269,6 +320,9 @@ def plan_promote(installed: InstalledRelease) -> Plan:
     switched = current.preview == current.previous
     promoted = current.active if switched else current.preview
     replaced = other_slot(promoted)
+    if expected is not None:
+        role = "active" if switched else "preview"
+        _check_promoted_image(installed, promoted, role, expected)
     pinned = installed.pinned_images()
     steps = []
     if_failed = ""
@@ -288,6 +342,20 @@ def plan_promote(installed: InstalledRelease) -> Plan:
         f"`agogosml rollback` returns to the {state.previous} slot."
     )
     return Plan(steps, message, state, pinned)
+
+
+def _check_promoted_image(
+    installed: InstalledRelease, slot: str, role: str, expected: ImageReference
+) -> None:
+    """Reject a promote whose slot does not run the image that --image names."""
+    running = installed.image(slot)
+    if expected.matches(running):
+        return
+    raise ReleaseStateError(
+        f"the {role} slot {slot} of release {installed.name!r} runs "
+        f"{describe_image(running)}, not {expected}, the image that --image names. "
+        "Nothing was changed. Deploy that image and promote it, or check --image."
+    )
 
 
 def plan_rollback(installed: InstalledRelease) -> Plan:
@@ -393,7 +461,8 @@ def execute(
     commands = [
         helm.upgrade_args(target, step.settings, install=install) for step in plan.steps
     ]
-    for warning in ignored_image_values(target.values_files, plan.pinned):
+    warnings = [*plan.warnings, *ignored_image_values(target.values_files, plan.pinned)]
+    for warning in warnings:
         click.echo(f"Warning: {warning}", err=True)
     if dry_run:
         for args in commands:
@@ -542,8 +611,9 @@ def _make_target(
 @click.option(
     "--force",
     is_flag=True,
-    help="Allow deploying onto the active slot, which replaces the image that "
-    "takes traffic in a rolling update.",
+    help="Allow a deploy that replaces an image the release still needs: the "
+    "active slot's (with --slot, in a rolling update), a preview image not yet "
+    "promoted, or the image that rollback returns to.",
 )
 @_target_options
 def deploy(
@@ -571,20 +641,30 @@ def deploy(
 
 
 @click.command()
+@click.option(
+    "--image",
+    help="Promote only if the preview slot runs this image: TAG, REPOSITORY:TAG "
+    "or REPOSITORY@sha256:DIGEST, as given to deploy. A TAG matches the tag in "
+    "any repository. Default: no check.",
+)
 @_target_options
 def promote(
-    dry_run: bool, release_values_file: Path | None, **target_options: Any
+    image: str | None,
+    dry_run: bool,
+    release_values_file: Path | None,
+    **target_options: Any,
 ) -> None:
     """Switch the app Service to the preview slot that `deploy` prepared.
 
     The slot that was active becomes idle and is recorded as the slot that
     `agogosml rollback` returns to.
     """
+    expected = None if image is None else ImageReference.parse(image)
     values = _values_from_file(release_values_file, dry_run)
     target = _make_target(**target_options)
     if values is None:
         values = _require_release(target, dry_run=dry_run)
-    plan = plan_promote(_installed_release(target, values))
+    plan = plan_promote(_installed_release(target, values), expected)
     execute(target, plan, values, dry_run=dry_run)
 
 

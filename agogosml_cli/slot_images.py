@@ -54,6 +54,19 @@ class ImageReference:
             settings[f"{prefix}.repository"] = self.repository
         return settings
 
+    def matches(self, image: Mapping[str, str]) -> bool:
+        """Return whether `image`, as `slot_image` returns it, is this image.
+
+        A TAG without repository matches the tag in any repository, because
+        `deploy --image TAG` keeps the slot's repository. A slot whose tag is
+        empty (the chart's appVersion) matches no tag.
+        """
+        if self.repository and image["repository"] != self.repository:
+            return False
+        if self.digest:
+            return image["digest"] == self.digest
+        return not image["digest"] and image["tag"] == self.tag
+
     def __str__(self) -> str:
         if self.digest:
             return f"{self.repository}@{self.digest}"
@@ -83,6 +96,15 @@ def slot_image(layers: Sequence[Mapping[str, Any]], slot: str) -> dict[str, str]
             if found.get(key) is not None:
                 image[key] = str(found[key])
     return image
+
+
+def describe_image(image: Mapping[str, str]) -> str:
+    """Return `image`, as `slot_image` returns it, as an image name for messages."""
+    if image["digest"]:
+        return f"{image['repository']}@{image['digest']}"
+    if image["tag"]:
+        return f"{image['repository']}:{image['tag']}"
+    return f"{image['repository']} with the chart's appVersion as tag"
 
 
 def image_settings(slot: str, image: Mapping[str, str]) -> dict[str, str]:

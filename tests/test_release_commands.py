@@ -20,6 +20,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from agogosml_cli.main import cli
+from agogosml_cli.slot_images import ImageReference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHART = REPO_ROOT / "helm" / "agogosml"
@@ -262,15 +263,70 @@ def test_deploy_force_replaces_active_image(fake_helm: FakeHelm) -> None:
     assert fake_helm.values()["app"]["previewSlot"] == "green"
 
 
-def test_deploy_over_previous_slot_clears_it(fake_helm: FakeHelm) -> None:
+def test_deploy_rejects_clearing_rollback_target(fake_helm: FakeHelm) -> None:
     fake_helm.set_values(slot_values("green", previous="blue"))
 
     result = invoke("deploy", "--image", "3.0", *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1
+    assert "the blue slot of release 'rel' runs agogosml-sample-app:1.0" in message
+    assert "`agogosml rollback` returns to" in message
+    assert "Pass --force" in message
+    assert fake_helm.upgrades() == []
+
+
+def test_deploy_force_clears_rollback_target(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("deploy", "--image", "3.0", "--force", *SCOPE)
 
     assert result.exit_code == 0, result.output
     app = fake_helm.values()["app"]
     assert app["previewSlot"] == "blue"
     assert app["previousSlot"] == ""
+    message = " ".join(result.stderr.split())
+    assert "Warning: --force replaces agogosml-sample-app:1.0" in message
+
+
+def test_deploy_rejects_replacing_preview(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": {"tag": "2.0"}}
+    fake_helm.set_values(values)
+
+    result = invoke("deploy", "--image", "2.1", *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1
+    assert "in preview with agogosml-sample-app:2.0" in message
+    assert "not yet promoted" in message
+    assert "Deploying tag 2.1 there replaces it" in message
+    assert "pass --force to replace it" in message
+    assert fake_helm.upgrades() == []
+
+
+def test_deploy_force_replaces_preview(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": {"tag": "2.0"}}
+    fake_helm.set_values(values)
+
+    result = invoke("deploy", "--image", "2.1", "--force", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert fake_helm.values()["app"]["slots"]["green"]["image"]["tag"] == "2.1"
+    assert "--force replaces agogosml-sample-app:2.0" in result.stderr
+
+
+def test_deploy_same_preview_image_again(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": {"tag": "2.0"}}
+    fake_helm.set_values(values)
+
+    result = invoke("deploy", "--image", "2.0", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert len(fake_helm.upgrades()) == 1
+    assert "Warning" not in result.stderr
 
 
 def test_deploy_image_digest(fake_helm: FakeHelm) -> None:
@@ -406,6 +462,82 @@ def test_promote_pins_both_images(fake_helm: FakeHelm, tmp_path: Path) -> None:
         assert settings["app.slots.green.image.tag"] == "2.0"
         assert settings["app.slots.green.image.repository"] == "agogosml-sample-app"
     assert "keeps the green slot's image" in " ".join(result.stderr.split())
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("slot_image", "expected"),
+    [
+        ({"repository": "example/model", "tag": "2.0"}, "2.0"),
+        ({"repository": "example/model", "tag": "2.0"}, "example/model:2.0"),
+        ({"repository": "example/model", "digest": DIGEST}, f"example/model@{DIGEST}"),
+    ],
+)
+def test_promote_image_matches_preview(
+    fake_helm: FakeHelm, slot_image: dict[str, str], expected: str
+) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": slot_image}
+    fake_helm.set_values(values)
+
+    result = invoke("promote", "--image", expected, *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert fake_helm.values()["app"]["activeSlot"] == "green"
+
+
+@pytest.mark.parametrize(
+    ("slot_image", "expected", "running"),
+    [
+        ({"repository": "example/model", "tag": "2.1"}, "2.0", "example/model:2.1"),
+        (
+            {"repository": "example/model", "tag": "2.0"},
+            "other/model:2.0",
+            "example/model:2.0",
+        ),
+        (
+            {"repository": "example/model", "tag": "2.0", "digest": DIGEST},
+            "example/model:2.0",
+            f"example/model@{DIGEST}",
+        ),
+        (
+            {"repository": "example/model"},
+            "0.1.0",
+            "example/model with the chart's appVersion as tag",
+        ),
+    ],
+)
+def test_promote_rejects_other_image(
+    fake_helm: FakeHelm, slot_image: dict[str, str], expected: str, running: str
+) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["slots"]["green"] = {"image": slot_image}
+    fake_helm.set_values(values)
+
+    result = invoke("promote", "--image", expected, *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1
+    assert f"the preview slot green of release 'rel' runs {running}" in message
+    assert f"not {ImageReference.parse(expected)}, the image that --image names" in (
+        message
+    )
+    assert fake_helm.upgrades() == []
+
+
+def test_promote_image_checks_finishing_slot(fake_helm: FakeHelm) -> None:
+    values = slot_values("green", preview="blue", previous="blue")
+    values["app"]["slots"]["green"] = {"image": {"tag": "2.0"}}
+    fake_helm.set_values(values)
+
+    rejected = invoke("promote", "--image", "1.0", *SCOPE)
+    accepted = invoke("promote", "--image", "2.0", *SCOPE)
+
+    assert accepted.exit_code == 0, accepted.output
+    assert rejected.exit_code == 1
+    assert "the active slot green of release 'rel' runs" in rejected.stderr
 
 
 def test_promote_without_preview_fails(fake_helm: FakeHelm) -> None:
@@ -670,3 +802,9 @@ def test_help_lists_release_options() -> None:
         "--values", "--kube-context", "--dry-run", "--timeout-seconds",
     ):  # fmt: skip
         assert option in result.stdout
+
+
+def test_promote_help_lists_image() -> None:
+    result = invoke("promote", "--help")
+
+    assert "--image" in result.stdout

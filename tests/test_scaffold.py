@@ -1603,6 +1603,8 @@ def test_cd_pipeline_release_steps(kafka_project: Path) -> None:
     assert jobs["approval"]["pool"] == "server"
     assert jobs["approval"]["steps"][0]["task"] == "ManualValidation@1"
     assert "agogosml promote" in scripts["promote"]
+    assert 'agogosml promote --image "$(image)"' in scripts["promote"]
+    assert "--force" in scripts["deploy"]
     assert "agogosml rollback" in scripts["rollback"]
     assert "failed()" in jobs["rollback"]["condition"]
     assert "switch.promoted" in jobs["rollback"]["condition"]
