@@ -37,7 +37,11 @@ from agogosml_cli.release import (
 def status(
     release: str, namespace: str | None, kube_context: str | None, as_json: bool
 ) -> None:
-    """Print the active, preview and idle slots with their images and replicas."""
+    """Print the active, preview and idle slots with their images.
+
+    Replica counts are the desired replicas that the release values give each
+    slot's Deployment, not the pods that are ready.
+    """
     target = HelmTarget(
         release=release, chart="", namespace=namespace, kube_context=kube_context
     )
@@ -93,15 +97,19 @@ def format_status(report: dict[str, Any]) -> str:
         f"Release {report['release']} in namespace {report['namespace']}: "
         f"{report['status']}, revision {report['revision']}, last deployed "
         f"{report['lastDeployed']}",
-        f"{'slot':<7}{'role':<19}{'replicas':<10}image",
+        f"{'slot':<7}{'role':<19}{'desired replicas':<18}image",
     ]
     for slot, row in report["slots"].items():
         role = row["role"]
         if role == "idle":
             role = f"idle ({report['idleSlot']})"
-        lines.append(f"{slot:<7}{role:<19}{row['replicas']:<10}{row['image']}")
+        lines.append(f"{slot:<7}{role:<19}{row['replicas']:<18}{row['image']}")
     previous = report["previousSlot"] or "none recorded"
     lines.append(f"Rollback returns to: {previous}")
+    lines.append(
+        "Desired replicas come from the release values, not ready pods: "
+        f"`kubectl get deployments --namespace {report['namespace']}` shows those."
+    )
     return "\n".join(lines)
 
 

@@ -707,6 +707,17 @@ def test_status_prints_slots(fake_helm: FakeHelm) -> None:
     assert lines[4] == "Rollback returns to: blue"
 
 
+def test_status_labels_desired_replicas(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("status", "--release", "rel", "--namespace", "ml")
+
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["slot", "role", "desired", "replicas", "image"]
+    assert "not ready pods" in lines[5]
+    assert "kubectl get deployments --namespace ml" in lines[5]
+
+
 def test_status_rejects_foreign_release(fake_helm: FakeHelm) -> None:
     fake_helm.set_values({"app": "a value of another chart"})
 
