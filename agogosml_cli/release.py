@@ -256,31 +256,28 @@ def plan_deploy(
 def _check_replaced_image(
     installed: InstalledRelease, target: str, image: ImageReference, *, force: bool
 ) -> tuple[str, ...]:
-    """Reject a deploy onto the idle slot `target` that loses an image, unless `force`.
+    """Check a deploy onto the idle slot `target` that replaces an image.
 
-    The image is lost when it is the rollback target, or in preview and not
-    yet promoted and `image` is another one.
+    Replacing the rollback target is the usual next release, so it only gets a
+    warning. Replacing another image in preview, not yet promoted, needs
+    `force`, because that image may belong to a release still under test.
 
     Returns:
-        A warning that names the lost image when `force` allows the deploy.
+        Warnings that name the replaced image.
 
     Raises:
-        ReleaseStateError: naming the image that the deploy would replace.
+        ReleaseStateError: naming the preview image that the deploy would
+            replace, without `force`.
     """
     current = installed.state
     running = describe_image(installed.image(target))
     if target == current.previous:
-        problem = (
-            f"the {target} slot of release {installed.name!r} runs {running}, the "
-            "image that `agogosml rollback` returns to (app.previousSlot). "
-            f"Deploying {image} there replaces it, and rollback could no longer "
-            "return to it. Pass --force to deploy anyway."
+        return (
+            f"replacing {running} on the {target} slot, the image that `agogosml "
+            "rollback` would return to: the release has no rollback target until "
+            "the next promote.",
         )
-        warning = (
-            f"--force replaces {running}, the image that `agogosml rollback` would "
-            "return to. The release has no rollback target until the next promote."
-        )
-    elif target == current.preview and not image.matches(installed.image(target)):
+    if target == current.preview and not image.matches(installed.image(target)):
         problem = (
             f"the {target} slot of release {installed.name!r} is in preview with "
             f"{running}, deployed and not yet promoted. Deploying {image} there "
@@ -612,8 +609,8 @@ def _make_target(
     "--force",
     is_flag=True,
     help="Allow a deploy that replaces an image the release still needs: the "
-    "active slot's (with --slot, in a rolling update), a preview image not yet "
-    "promoted, or the image that rollback returns to.",
+    "active slot's (with --slot, in a rolling update) or a preview image not yet "
+    "promoted.",
 )
 @_target_options
 def deploy(

@@ -263,30 +263,21 @@ def test_deploy_force_replaces_active_image(fake_helm: FakeHelm) -> None:
     assert fake_helm.values()["app"]["previewSlot"] == "green"
 
 
-def test_deploy_rejects_clearing_rollback_target(fake_helm: FakeHelm) -> None:
+def test_deploy_over_rollback_target_warns(fake_helm: FakeHelm) -> None:
     fake_helm.set_values(slot_values("green", previous="blue"))
 
     result = invoke("deploy", "--image", "3.0", *SCOPE)
 
-    message = " ".join(result.stderr.split())
-    assert result.exit_code == 1
-    assert "the blue slot of release 'rel' runs agogosml-sample-app:1.0" in message
-    assert "`agogosml rollback` returns to" in message
-    assert "Pass --force" in message
-    assert fake_helm.upgrades() == []
-
-
-def test_deploy_force_clears_rollback_target(fake_helm: FakeHelm) -> None:
-    fake_helm.set_values(slot_values("green", previous="blue"))
-
-    result = invoke("deploy", "--image", "3.0", "--force", *SCOPE)
-
+    # The next release after a promote goes onto the slot that rollback would
+    # return to: that is the usual flow, so it needs no --force.
     assert result.exit_code == 0, result.output
     app = fake_helm.values()["app"]
     assert app["previewSlot"] == "blue"
     assert app["previousSlot"] == ""
+    assert app["slots"]["blue"]["image"]["tag"] == "3.0"
     message = " ".join(result.stderr.split())
-    assert "Warning: --force replaces agogosml-sample-app:1.0" in message
+    assert "Warning: replacing agogosml-sample-app:1.0 on the blue slot" in message
+    assert "the release has no rollback target until the next promote" in message
 
 
 def test_deploy_rejects_replacing_preview(fake_helm: FakeHelm) -> None:
