@@ -1,0 +1,100 @@
+{{/*
+Pod and container security settings of the Kubernetes "restricted" Pod
+Security Standard, with a read-only root file system.
+*/}}
+{{- define "agogosml.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "agogosml.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Liveness probe on /healthz and readiness probe on /readyz of the "http" port.
+*/}}
+{{- define "agogosml.probes" -}}
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  {{- toYaml .Values.probes.liveness | nindent 2 }}
+readinessProbe:
+  httpGet:
+    path: /readyz
+    port: http
+  {{- toYaml .Values.probes.readiness | nindent 2 }}
+{{- end }}
+
+{{/*
+Scheduling and metadata fields shared by every pod template spec.
+*/}}
+{{- define "agogosml.podSpecCommon" -}}
+serviceAccountName: {{ include "agogosml.serviceAccountName" . }}
+automountServiceAccountToken: false
+securityContext:
+  {{- include "agogosml.podSecurityContext" . | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes of the reader and writer pods: a writable /tmp, and the Kafka CA file
+when set.
+*/}}
+{{- define "agogosml.kafkaVolumes" -}}
+volumes:
+  - name: tmp
+    emptyDir:
+      sizeLimit: 64Mi
+{{- if .Values.kafka.caCertificate.existingSecret }}
+  - name: kafka-ca
+    secret:
+      secretName: {{ .Values.kafka.caCertificate.existingSecret }}
+      items:
+        - key: {{ .Values.kafka.caCertificate.key }}
+          path: ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts of the reader and the writer containers.
+*/}}
+{{- define "agogosml.kafkaVolumeMounts" -}}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+{{- if .Values.kafka.caCertificate.existingSecret }}
+  - name: kafka-ca
+    mountPath: /etc/agogosml/kafka-ca
+    readOnly: true
+{{- end }}
+{{- end }}

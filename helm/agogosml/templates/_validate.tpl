@@ -1,0 +1,64 @@
+{{/*
+Checks of value combinations that values.schema.json cannot express.
+*/}}
+{{- define "agogosml.validate" -}}
+{{- $app := .Values.app }}
+{{- if and $app.previewSlot (eq $app.previewSlot $app.activeSlot) }}
+{{- fail (printf "app.previewSlot (%s) must differ from app.activeSlot (%s): the preview slot is the one not serving traffic" $app.previewSlot $app.activeSlot) }}
+{{- end }}
+{{- if and $app.previousSlot (eq $app.previousSlot $app.activeSlot) }}
+{{- fail (printf "app.previousSlot (%s) must differ from app.activeSlot (%s): set it to the slot to roll back to, or to \"\"" $app.previousSlot $app.activeSlot) }}
+{{- end }}
+{{- $kafka := .Values.kafka }}
+{{- $sasl := has $kafka.securityProtocol (list "SASL_SSL" "SASL_PLAINTEXT") }}
+{{- if eq .Values.transport "eventhubs" }}
+{{- include "agogosml.validateEventHubs" . }}
+{{- else if not (include "agogosml.usesEventHubs" .) }}
+{{- if not $kafka.bootstrapServers }}
+{{- fail "kafka.bootstrapServers is empty: set it to the broker's host:port list, or set kafka.eventHubsConnectionString" }}
+{{- end }}
+{{- if and $sasl (not $kafka.sasl.mechanism) }}
+{{- fail (printf "kafka.sasl.mechanism is empty but kafka.securityProtocol is %s: set it to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512" $kafka.securityProtocol) }}
+{{- end }}
+{{- if and (not $sasl) $kafka.sasl.mechanism }}
+{{- fail (printf "kafka.sasl.mechanism is %s but kafka.securityProtocol is %s: use SASL_SSL" $kafka.sasl.mechanism $kafka.securityProtocol) }}
+{{- end }}
+{{- if and $kafka.sasl.mechanism (not $kafka.sasl.password.existingSecret) }}
+{{- fail "kafka.sasl.password.existingSecret is empty: SASL needs a Secret key with the password" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.keda.enabled (not $kafka.bootstrapServers) }}
+{{- fail "kafka.bootstrapServers is empty but keda.enabled is true: the KEDA Kafka trigger needs the broker's host:port list" }}
+{{- end }}
+{{- range $index, $variable := .Values.app.extraEnv }}
+{{- if and (has $variable.name (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "EVENTHUB_CONNECTION_STRING" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
+{{- fail (printf "app.extraEnv[%d].value is set for %s, which carries a secret: use valueFrom.secretKeyRef, or the auth and kafka values that name a Secret" $index $variable.name) }}
+{{- end }}
+{{- end }}
+{{- $eventhubs := .Values.eventhubs }}
+{{- range $name, $ref := dict "kafka.sasl.password" $kafka.sasl.password "kafka.eventHubsConnectionString" $kafka.eventHubsConnectionString "kafka.caCertificate" $kafka.caCertificate "auth.appToken" .Values.auth.appToken "auth.writerToken" .Values.auth.writerToken "eventhubs.connectionString" $eventhubs.connectionString "eventhubs.checkpointStore.connectionString" $eventhubs.checkpointStore.connectionString }}
+{{- if and $ref.existingSecret (not $ref.key) }}
+{{- fail (printf "%s.key is empty: name the key of Secret %s that holds the value" $name $ref.existingSecret) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of the eventhubs values, when transport is eventhubs.
+*/}}
+{{- define "agogosml.validateEventHubs" -}}
+{{- $eventhubs := .Values.eventhubs }}
+{{- $store := $eventhubs.checkpointStore }}
+{{- if eq (empty $eventhubs.connectionString.existingSecret) (empty $eventhubs.fullyQualifiedNamespace) }}
+{{- fail "set one of eventhubs.connectionString (a Secret key) and eventhubs.fullyQualifiedNamespace (for Azure AD), not both or neither" }}
+{{- end }}
+{{- if eq (empty $store.connectionString.existingSecret) (empty $store.accountUrl) }}
+{{- fail "set one of eventhubs.checkpointStore.connectionString (a Secret key) and eventhubs.checkpointStore.accountUrl (for Azure AD), not both or neither" }}
+{{- end }}
+{{- if ne (len .Values.reader.topics) 1 }}
+{{- fail (printf "reader.topics has %d entries but transport eventhubs reads one event hub: run one release per hub" (len .Values.reader.topics)) }}
+{{- end }}
+{{- if .Values.keda.enabled }}
+{{- fail "keda.enabled is true but the chart's KEDA trigger measures Kafka consumer lag: turn it off with transport eventhubs, or use transport kafka with kafka.eventHubsConnectionString" }}
+{{- end }}
+{{- end }}
