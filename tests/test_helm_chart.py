@@ -120,8 +120,12 @@ def helm(helm_binary: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def render(helm_binary: str, *settings: str, json_settings: str = "") -> list[dict]:
+def render(
+    helm_binary: str, *settings: str, json_settings: str = "", kube_version: str = ""
+) -> list[dict]:
     args = ["template", "rel", str(CHART)]
+    if kube_version:
+        args += ["--kube-version", kube_version]
     for setting in settings:
         args += ["--set", setting]
     if json_settings:
@@ -615,6 +619,158 @@ def test_chart_defaults_match_release_commands() -> None:
 
 
 # ---------------------------------------------------------------------------
+# PodDisruptionBudgets
+# ---------------------------------------------------------------------------
+
+
+def test_budgets_allow_evicting_unhealthy_pods(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    for component in ("reader", "writer", "app"):
+        budget = find(manifests, "PodDisruptionBudget", f"rel-agogosml-{component}")
+        policy = budget["spec"]["unhealthyPodEvictionPolicy"]
+        assert policy == "AlwaysAllow", component
+
+
+def test_budget_eviction_policy_configurable(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "writer.podDisruptionBudget.unhealthyPodEvictionPolicy=IfHealthyBudget",
+    )
+
+    writer = find(manifests, "PodDisruptionBudget", "rel-agogosml-writer")
+    reader = find(manifests, "PodDisruptionBudget", "rel-agogosml-reader")
+    assert writer["spec"]["unhealthyPodEvictionPolicy"] == "IfHealthyBudget"
+    assert reader["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_budget_eviction_policy_needs_kubernetes_1_27(helm_binary: str) -> None:
+    manifests = render(helm_binary, kube_version="1.26.0")
+
+    budget = find(manifests, "PodDisruptionBudget", "rel-agogosml-writer")
+    assert "unhealthyPodEvictionPolicy" not in budget["spec"]
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize(
+    ("component", "settings", "expected"),
+    [
+        ("writer", ["writer.podDisruptionBudget.minAvailable=1"], {"minAvailable": 1}),
+        (
+            "writer",
+            ["writer.replicas=3", "writer.podDisruptionBudget.minAvailable=50%"],
+            {"minAvailable": "50%"},
+        ),
+        (
+            "writer",
+            ["writer.podDisruptionBudget.maxUnavailable=10%"],
+            {"maxUnavailable": "10%"},
+        ),
+        (
+            "writer",
+            ["writer.replicas=0", "writer.podDisruptionBudget.maxUnavailable=0"],
+            {"maxUnavailable": 0},
+        ),
+        (
+            "reader",
+            [
+                "keda.enabled=true",
+                "keda.minReplicaCount=2",
+                "reader.podDisruptionBudget.minAvailable=1",
+            ],
+            {"minAvailable": 1},
+        ),
+    ],
+    ids=["below replicas", "percent below", "percent", "no pods", "keda minimum"],
+)
+def test_budget_that_allows_eviction_accepted(
+    helm_binary: str, component: str, settings: list[str], expected: dict[str, Any]
+) -> None:
+    manifests = render(helm_binary, *settings)
+
+    budget = find(manifests, "PodDisruptionBudget", f"rel-agogosml-{component}")
+    for field, value in expected.items():
+        assert budget["spec"][field] == value, field
+
+
+def test_disabled_budget_not_checked(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "writer.podDisruptionBudget.enabled=false",
+        "writer.podDisruptionBudget.minAvailable=5",
+    )
+
+    budgets = [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    names = {budget["metadata"]["name"] for budget in budgets}
+    assert names == {"rel-agogosml-reader", "rel-agogosml-app"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "messages"),
+    [
+        (
+            ["writer.podDisruptionBudget.minAvailable=2"],
+            ["writer.podDisruptionBudget.minAvailable is 2", "writer.replicas is 2"],
+        ),
+        (
+            ["reader.podDisruptionBudget.minAvailable=3"],
+            ["reader.podDisruptionBudget.minAvailable is 3", "reader.replicas is 1"],
+        ),
+        (
+            ["writer.replicas=1", "writer.podDisruptionBudget.minAvailable=50%"],
+            ["minAvailable is 50% (1 pod, rounded up)", "writer.replicas is 1"],
+        ),
+        (
+            ["app.podDisruptionBudget.minAvailable=100%"],
+            ["app.podDisruptionBudget.minAvailable is 100%", "app.slots.blue.replicas"],
+        ),
+        (
+            [
+                "app.activeSlot=green",
+                "app.slots.green.replicas=1",
+                "app.podDisruptionBudget.minAvailable=1",
+            ],
+            ["app.slots.green.replicas is 1"],
+        ),
+        (
+            [
+                "keda.enabled=true",
+                "keda.minReplicaCount=0",
+                "reader.podDisruptionBudget.minAvailable=1",
+            ],
+            ["reader.podDisruptionBudget.minAvailable is 1", "keda.minReplicaCount"],
+        ),
+        (
+            ["writer.podDisruptionBudget.maxUnavailable=0"],
+            ["writer.podDisruptionBudget.maxUnavailable is 0"],
+        ),
+        (
+            ["app.podDisruptionBudget.maxUnavailable=0%"],
+            ["app.podDisruptionBudget.maxUnavailable is 0%"],
+        ),
+    ],
+    ids=[
+        "min equals replicas",
+        "min above replicas",
+        "min percent rounds up",
+        "min 100 percent",
+        "active slot replicas",
+        "keda scales to zero",
+        "max zero",
+        "max zero percent",
+    ],
+)
+def test_budget_that_blocks_drains_rejected(
+    helm_binary: str, settings: list[str], messages: list[str]
+) -> None:
+    error = render_error(helm_binary, *settings)
+
+    for message in messages:
+        assert message in error
+    assert "node drains" in error
+
+
+# ---------------------------------------------------------------------------
 # KEDA and NetworkPolicy
 # ---------------------------------------------------------------------------
 
@@ -740,6 +896,14 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         ("eventhubs.startingPosition=yesterday", "/eventhubs/startingPosition"),
         ("reader.settings.EVENTHUB_CONNECTION_STRING=x", "/reader/settings"),
         ("writer.settings.EVENTHUB_PREFETCH=10", "/writer/settings"),
+        (
+            "writer.podDisruptionBudget.minAvailable=150%",
+            "/writer/podDisruptionBudget/minAvailable",
+        ),
+        (
+            "app.podDisruptionBudget.unhealthyPodEvictionPolicy=Never",
+            "/app/podDisruptionBudget/unhealthyPodEvictionPolicy",
+        ),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:

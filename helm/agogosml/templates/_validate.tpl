@@ -41,6 +41,7 @@ Checks of value combinations that values.schema.json cannot express.
 {{- fail (printf "%s.key is empty: name the key of Secret %s that holds the value" $name $ref.existingSecret) }}
 {{- end }}
 {{- end }}
+{{- include "agogosml.validateDisruptionBudgets" . }}
 {{- end }}
 
 {{/*
@@ -60,5 +61,59 @@ Checks of the eventhubs values, when transport is eventhubs.
 {{- end }}
 {{- if .Values.keda.enabled }}
 {{- fail "keda.enabled is true but the chart's KEDA trigger measures Kafka consumer lag: turn it off with transport eventhubs, or use transport kafka with kafka.eventHubsConnectionString" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks that each enabled PodDisruptionBudget lets a node drain evict at least
+one pod while all of the component's pods are healthy. A component that runs
+no pods blocks no drain, so its budget is not checked.
+*/}}
+{{- define "agogosml.validateDisruptionBudgets" -}}
+{{- range $component := list "reader" "writer" "app" }}
+{{- $budget := (index $.Values $component).podDisruptionBudget }}
+{{- $field := printf "%s.podDisruptionBudget" $component }}
+{{- $replicas := include "agogosml.budgetReplicas" (dict "root" $ "component" $component) | fromJson }}
+{{- $count := int $replicas.count }}
+{{- if and $budget.enabled (gt $count 0) }}
+{{- if hasKey $budget "minAvailable" }}
+{{- $minimum := $budget.minAvailable }}
+{{- $pods := 0 }}
+{{- $rounded := "" }}
+{{- if kindIs "string" $minimum }}
+{{- /* Kubernetes rounds a percentage of pods up. */}}
+{{- $pods = div (add (mul (trimSuffix "%" $minimum | int) $count) 99) 100 }}
+{{- $rounded = printf " (%d %s, rounded up)" $pods (ternary "pod" "pods" (eq (int $pods) 1)) }}
+{{- else }}
+{{- $pods = int $minimum }}
+{{- end }}
+{{- if ge (int $pods) $count }}
+{{- fail (printf "%s.minAvailable is %s%s and %s, so the budget allows no eviction and node drains block: set minAvailable to fewer pods, run more replicas, or remove minAvailable to use maxUnavailable" $field (include "agogosml.scalar" $minimum) $rounded $replicas.source) }}
+{{- end }}
+{{- else if has (include "agogosml.scalar" $budget.maxUnavailable) (list "0" "0%") }}
+{{- fail (printf "%s.maxUnavailable is %s, so the budget allows no eviction and node drains block: set it to 1 or more, or to a percentage above 0%%" $field (include "agogosml.scalar" $budget.maxUnavailable)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Smallest number of pods that a component runs while it runs any, as JSON
+{"count": N, "source": "the values that set it"}. Call with (dict "root" $
+"component" "reader"). The app's budget covers the active slot only.
+*/}}
+{{- define "agogosml.budgetReplicas" -}}
+{{- $values := .root.Values }}
+{{- if eq .component "app" }}
+{{- $slot := $values.app.activeSlot }}
+{{- $count := int (index $values.app.slots $slot).replicas }}
+{{- dict "count" $count "source" (printf "app.slots.%s.replicas is %d" $slot $count) | toJson }}
+{{- else if and (eq .component "reader") $values.keda.enabled }}
+{{- $minimum := int $values.keda.minReplicaCount }}
+{{- $count := max 1 $minimum }}
+{{- dict "count" $count "source" (printf "KEDA may run the reader with %d %s (keda.minReplicaCount is %d)" $count (ternary "pod" "pods" (eq (int $count) 1)) $minimum) | toJson }}
+{{- else }}
+{{- $count := int (index $values .component).replicas }}
+{{- dict "count" $count "source" (printf "%s.replicas is %d" .component $count) | toJson }}
 {{- end }}
 {{- end }}
