@@ -277,8 +277,10 @@ def test_probes_and_resources_set(rendered: list[dict]) -> None:
         env = env_of(manifest)
         port_variable = ports[container["name"]]
 
+        assert container["startupProbe"]["httpGet"]["path"] == "/healthz", name
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        assert container["startupProbe"]["httpGet"]["port"] == "http", name
         assert container["livenessProbe"]["httpGet"]["port"] == "http", name
         assert container["ports"][0]["name"] == "http", name
         assert (
@@ -288,6 +290,55 @@ def test_probes_and_resources_set(rendered: list[dict]) -> None:
         assert env[host_variable]["value"] == "0.0.0.0", name
         assert container["resources"]["requests"], name
         assert container["resources"]["limits"], name
+
+
+def containers_by_component(manifests: list[dict]) -> dict[str, dict]:
+    """Return the container of the reader, the writer and the blue app slot."""
+    names = {
+        "reader": "rel-agogosml-reader",
+        "writer": "rel-agogosml-writer",
+        "app": "rel-agogosml-app-blue",
+    }
+    return {
+        component: find(manifests, "Deployment", name)["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        for component, name in names.items()
+    }
+
+
+def test_app_startup_probe_allows_model_load(helm_binary: str) -> None:
+    containers = containers_by_component(render(helm_binary))
+
+    app = containers["app"]["startupProbe"]
+    reader = containers["reader"]["startupProbe"]
+    assert app["periodSeconds"] * app["failureThreshold"] == 300
+    assert reader["periodSeconds"] * reader["failureThreshold"] == 60
+    assert containers["app"]["livenessProbe"]["failureThreshold"] == 3
+
+
+def test_component_probes_override_shared(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "probes.liveness.periodSeconds=20",
+        "app.probes.liveness.periodSeconds=30",
+        "reader.probes.readiness.initialDelaySeconds=0",
+        "writer.probes.startup.failureThreshold=24",
+    )
+
+    containers = containers_by_component(manifests)
+    reader = containers["reader"]
+    writer = containers["writer"]
+    app = containers["app"]
+    assert app["livenessProbe"]["periodSeconds"] == 30
+    assert app["livenessProbe"]["timeoutSeconds"] == 2
+    assert writer["livenessProbe"]["periodSeconds"] == 20
+    assert reader["livenessProbe"]["periodSeconds"] == 20
+    assert reader["readinessProbe"]["initialDelaySeconds"] == 0
+    assert writer["readinessProbe"]["initialDelaySeconds"] == 2
+    assert writer["startupProbe"]["failureThreshold"] == 24
+    assert reader["startupProbe"]["failureThreshold"] == 12
+    assert app["startupProbe"]["failureThreshold"] == 60
 
 
 def test_secrets_only_from_secret_refs(rendered: list[dict]) -> None:
@@ -904,6 +955,12 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
             "app.podDisruptionBudget.unhealthyPodEvictionPolicy=Never",
             "/app/podDisruptionBudget/unhealthyPodEvictionPolicy",
         ),
+        (
+            "app.probes.startup.failureThreshold=0",
+            "/app/probes/startup/failureThreshold",
+        ),
+        ("reader.probes.liveness.path=/live", "/reader/probes/liveness"),
+        ("probes.startup.periodSeconds=fast", "/probes/startup/periodSeconds"),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:

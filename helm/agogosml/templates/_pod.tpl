@@ -25,19 +25,28 @@ seccompProfile:
 {{- end }}
 
 {{/*
-Liveness probe on /healthz and readiness probe on /readyz of the "http" port.
+Startup and liveness probes on /healthz and readiness probe on /readyz of the
+"http" port. Call with (dict "root" $ "component" "app"): the component's
+probes values override single fields of the shared probes.
 */}}
 {{- define "agogosml.probes" -}}
+{{- $overrides := (index .root.Values .component).probes | default dict }}
+{{- $probes := mustMergeOverwrite (deepCopy .root.Values.probes) (deepCopy $overrides) }}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: http
+  {{- toYaml $probes.startup | nindent 2 }}
 livenessProbe:
   httpGet:
     path: /healthz
     port: http
-  {{- toYaml .Values.probes.liveness | nindent 2 }}
+  {{- toYaml $probes.liveness | nindent 2 }}
 readinessProbe:
   httpGet:
     path: /readyz
     port: http
-  {{- toYaml .Values.probes.readiness | nindent 2 }}
+  {{- toYaml $probes.readiness | nindent 2 }}
 {{- end }}
 
 {{/*
