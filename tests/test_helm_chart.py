@@ -341,6 +341,77 @@ def test_component_probes_override_shared(helm_binary: str) -> None:
     assert app["startupProbe"]["failureThreshold"] == 60
 
 
+def test_pods_spread_over_nodes_and_zones(rendered: list[dict]) -> None:
+    for manifest in rendered:
+        if manifest["kind"] != "Deployment":
+            continue
+        name = manifest["metadata"]["name"]
+        selector = manifest["spec"]["selector"]["matchLabels"]
+        constraints = manifest["spec"]["template"]["spec"]["topologySpreadConstraints"]
+
+        keys = [constraint["topologyKey"] for constraint in constraints]
+        assert keys == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"], name
+        for constraint in constraints:
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", name
+            assert constraint["maxSkew"] == 1, name
+            assert constraint["labelSelector"] == {"matchLabels": selector}, name
+
+
+def test_app_slots_spread_separately(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    for slot in ("blue", "green"):
+        deployment = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")
+        spec = deployment["spec"]["template"]["spec"]
+        for constraint in spec["topologySpreadConstraints"]:
+            labels = constraint["labelSelector"]["matchLabels"]
+            assert labels["agogosml.io/slot"] == slot
+            assert labels["app.kubernetes.io/component"] == "app"
+
+
+def test_component_spread_overrides_shared(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "topologySpread.maxSkew=2",
+        "app.topologySpread.whenUnsatisfiable=DoNotSchedule",
+        "writer.topologySpread.topologyKeys={kubernetes.io/hostname}",
+        "reader.topologySpread.enabled=false",
+    )
+
+    def constraints(name: str) -> list[dict]:
+        spec = find(manifests, "Deployment", name)["spec"]["template"]["spec"]
+        return list(spec.get("topologySpreadConstraints", []))
+
+    app = constraints("rel-agogosml-app-blue")
+    writer = constraints("rel-agogosml-writer")
+    assert constraints("rel-agogosml-reader") == []
+    assert [constraint["topologyKey"] for constraint in writer] == [
+        "kubernetes.io/hostname"
+    ]
+    assert writer[0]["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert writer[0]["maxSkew"] == 2
+    assert len(app) == 2
+    for constraint in app:
+        assert constraint["whenUnsatisfiable"] == "DoNotSchedule"
+        assert constraint["maxSkew"] == 2
+
+
+def test_spread_disabled_for_every_component(helm_binary: str) -> None:
+    manifests = render(helm_binary, "topologySpread.enabled=false")
+
+    for name, spec in pod_specs(manifests):
+        assert "topologySpreadConstraints" not in spec, name
+
+
+def test_spread_without_keys_rejected(helm_binary: str) -> None:
+    error = render_error(
+        helm_binary, json_settings="writer.topologySpread.topologyKeys=[]"
+    )
+
+    assert "'/writer/topologySpread/topologyKeys'" in error
+    assert "minItems" in error
+
+
 def test_secrets_only_from_secret_refs(rendered: list[dict]) -> None:
     for manifest in rendered:
         if manifest["kind"] != "Deployment":
@@ -961,6 +1032,15 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         ),
         ("reader.probes.liveness.path=/live", "/reader/probes/liveness"),
         ("probes.startup.periodSeconds=fast", "/probes/startup/periodSeconds"),
+        (
+            "topologySpread.whenUnsatisfiable=Sometimes",
+            "/topologySpread/whenUnsatisfiable",
+        ),
+        ("app.topologySpread.maxSkew=0", "/app/topologySpread/maxSkew"),
+        (
+            "writer.topologySpread.topologyKeys={}",
+            "/writer/topologySpread/topologyKeys/0",
+        ),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:

@@ -76,6 +76,26 @@ affinity:
 {{- end }}
 
 {{/*
+topologySpreadConstraints of one component's pods, or of one app slot's
+pods. Call with the dict of agogosml.selectorLabels.
+*/}}
+{{- define "agogosml.topologySpreadConstraints" -}}
+{{- $overrides := (index .root.Values .component).topologySpread | default dict }}
+{{- $spread := mustMergeOverwrite (deepCopy .root.Values.topologySpread) (deepCopy $overrides) }}
+{{- if $spread.enabled }}
+topologySpreadConstraints:
+{{- range $key := $spread.topologyKeys }}
+  - topologyKey: {{ $key }}
+    maxSkew: {{ $spread.maxSkew }}
+    whenUnsatisfiable: {{ $spread.whenUnsatisfiable }}
+    labelSelector:
+      matchLabels:
+        {{- include "agogosml.selectorLabels" $ | nindent 8 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Volumes of the reader and writer pods: a writable /tmp, and the Kafka CA file
 when set.
 */}}
