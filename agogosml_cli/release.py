@@ -105,15 +105,35 @@ class SlotState:
             "app.previousSlot": self.previous,
         }
 
-    def replicas(self, slot: str, configured: int) -> int:
-        """Return the replicas that the chart gives `slot`, as its templates do."""
-        running = slot in (self.active, self.preview) or self.idle_policy == "warm"
-        return configured if running else 0
+    def replicas(self, slot: str, configured: int, *, has_image: bool) -> int:
+        """Return the replicas that the chart gives `slot`, as its templates do.
+
+        An idle slot runs pods only with idleSlot warm and an image tag or
+        digest of its own (`has_image`).
+        """
+        if slot in (self.active, self.preview):
+            return configured
+        return configured if self.idle_policy == "warm" and has_image else 0
 
 
 def other_slot(slot: str) -> str:
     """Return the slot that is not `slot`."""
     return "green" if slot == "blue" else "blue"
+
+
+def slot_has_image(values: dict[str, Any], slot: str) -> bool:
+    """Return whether release values give `slot` an image tag or digest.
+
+    Without one the chart runs no pods on the slot while it is idle, even
+    with idleSlot warm.
+    """
+    app = values.get("app")
+    slots = app.get("slots") if isinstance(app, dict) else None
+    slot_values = slots.get(slot) if isinstance(slots, dict) else None
+    image = slot_values.get("image") if isinstance(slot_values, dict) else None
+    if not isinstance(image, dict):
+        return False
+    return bool(image.get("tag") or image.get("digest"))
 
 
 def fullname(release: str, values: dict[str, Any]) -> str:
@@ -358,10 +378,11 @@ def _check_promoted_image(
 def plan_rollback(installed: InstalledRelease) -> Plan:
     """Plan switching the app Service back to the previous slot.
 
-    With idleSlot scaleToZero the previous slot runs no pods, so a first
-    upgrade starts them as the preview slot and waits until they are ready.
-    Only then does a second upgrade switch the Service, so that it never
-    points at a slot without ready pods. The first upgrade keeps
+    With idleSlot scaleToZero the previous slot runs no pods, and neither
+    does it with warm when it has no image tag or digest of its own. A
+    first upgrade then starts them as the preview slot and waits until they
+    are ready. Only then does a second upgrade switch the Service, so that it
+    never points at a slot without ready pods. The first upgrade keeps
     app.previousSlot, so a rollback whose second upgrade failed can be run
     again.
     """
@@ -373,9 +394,12 @@ def plan_rollback(installed: InstalledRelease) -> Plan:
             "slot got a new image. Deploy the image to return to and promote it."
         )
     pinned = installed.pinned_images()
+    previous_running = current.idle_policy == "warm" and slot_has_image(
+        installed.values, current.previous
+    )
     steps = []
     if_failed = ""
-    if current.idle_policy != "warm":
+    if not previous_running:
         warm_up = SlotState(
             current.active, current.previous, current.previous, current.idle_policy
         )

@@ -16,6 +16,7 @@ from agogosml_cli.release import (
     ReleaseStateError,
     SlotState,
     check_release_name,
+    slot_has_image,
 )
 
 
@@ -70,10 +71,11 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
     for slot in SLOTS:
         slot_values = slot_values_by_name[slot]
         configured = int(slot_values.get("replicas", 0))
+        has_image = slot_has_image(values, slot)
         slots[slot] = {
             "role": _role(state, slot),
             "image": _image_name(slot_values.get("image") or {}, app_version),
-            "replicas": state.replicas(slot, configured),
+            "replicas": state.replicas(slot, configured, has_image=has_image),
             "configuredReplicas": configured,
         }
     info = release.get("info") or {}

@@ -701,9 +701,34 @@ def test_idle_slot_kept_warm(helm_binary: str) -> None:
         "app.idleSlot=warm",
         "app.slots.blue.replicas=3",
         "app.slots.green.replicas=4",
+        "app.slots.green.image.tag=1.0",
     )
 
     assert slot_replicas(manifests) == {"blue": 3, "green": 4}
+
+
+@pytest.mark.parametrize(
+    ("image", "replicas"),
+    [
+        ("", 0),
+        ("app.slots.green.image.tag=1.0", 2),
+        ("app.slots.green.image.digest=sha256:" + "cd" * 32, 2),
+    ],
+    ids=["no image", "tag", "digest"],
+)
+def test_warm_idle_slot_needs_own_image(
+    helm_binary: str, image: str, replicas: int
+) -> None:
+    settings = ["app.idleSlot=warm", "app.slots.blue.image.tag=1.0"]
+    manifests = render(helm_binary, *settings, *([image] if image else []))
+
+    assert slot_replicas(manifests) == {"blue": 2, "green": replicas}
+
+
+def test_preview_slot_without_image_runs(helm_binary: str) -> None:
+    manifests = render(helm_binary, "app.previewSlot=green")
+
+    assert slot_replicas(manifests) == {"blue": 2, "green": 2}
 
 
 def test_preview_slot_runs_when_idle_scales_to_zero(helm_binary: str) -> None:

@@ -608,6 +608,22 @@ def test_rollback_warm_switches_at_once(fake_helm: FakeHelm) -> None:
     assert set_strings(switch)["app.activeSlot"] == "blue"
 
 
+def test_rollback_warm_starts_slot_without_image(fake_helm: FakeHelm) -> None:
+    values = slot_values("green", previous="blue")
+    values["app"]["idleSlot"] = "warm"
+    values["app"]["slots"] = {"green": {"image": {"tag": "2.0"}}}
+    fake_helm.set_values(values)
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    warm_up, switch = fake_helm.upgrades()
+    assert set_strings(warm_up)["app.previewSlot"] == "blue"
+    assert set_strings(warm_up)["app.activeSlot"] == "green"
+    assert set_strings(switch)["app.activeSlot"] == "blue"
+    assert slot_view(fake_helm.render())["blue"] == ("agogosml-sample-app:0.1.0", 2)
+
+
 def test_rollback_without_previous_fails(fake_helm: FakeHelm) -> None:
     fake_helm.set_values(slot_values("green"))
 
@@ -681,6 +697,38 @@ def test_dry_run_without_cluster(fake_helm: FakeHelm) -> None:
     view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
     assert view["service"] == "green"
     assert view["green"] == ("agogosml-sample-app:2.0", 2)
+
+
+def test_first_deploy_warm_leaves_other_slot_empty(
+    fake_helm: FakeHelm, tmp_path: Path
+) -> None:
+    fake_helm.fail("unreachable")
+    values_file = tmp_path / "warm.yaml"
+    values_file.write_text("app:\n  idleSlot: warm\n")
+
+    result = invoke(
+        "deploy", "--image", "1.0", "--dry-run", "--values", str(values_file), *SCOPE
+    )
+
+    assert result.exit_code == 0, result.output
+    view = slot_view([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert view["service"] == "blue"
+    assert view["blue"] == ("agogosml-sample-app:1.0", 2)
+    assert view["green"][1] == 0
+
+
+def test_status_counts_no_pods_without_image(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue")
+    values["app"]["idleSlot"] = "warm"
+    fake_helm.set_values(values)
+
+    result = invoke("status", "--release", "rel", "--json")
+
+    assert result.exit_code == 0, result.output
+    slots = json.loads(result.stdout)["slots"]
+    assert slots["blue"]["replicas"] == 2
+    assert slots["green"]["replicas"] == 0
+    assert slots["green"]["configuredReplicas"] == 2
 
 
 def test_status_prints_slots(fake_helm: FakeHelm) -> None:

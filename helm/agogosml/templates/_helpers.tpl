@@ -81,13 +81,20 @@ The app slot that is not the active one.
 {{/*
 Replica count of one app slot. Call with (dict "root" $ "slot" "green").
 The active slot and the preview slot run their own count. The idle slot runs
-its count when app.idleSlot is warm and none with scaleToZero.
+its count when app.idleSlot is warm and it has an image tag or digest of its
+own, and none otherwise. Without one it would run the chart's appVersion,
+which is not a version of the model app: on a first install with warm, the
+other slot would pull an image that may not exist, and --atomic would undo the
+install.
 */}}
 {{- define "agogosml.slotReplicas" -}}
 {{- $app := .root.Values.app }}
-{{- $replicas := (index $app.slots .slot).replicas }}
-{{- if or (eq .slot $app.activeSlot) (eq .slot $app.previewSlot) (eq $app.idleSlot "warm") }}
-{{- $replicas }}
+{{- $slot := index $app.slots .slot }}
+{{- $hasImage := or $slot.image.tag $slot.image.digest }}
+{{- if or (eq .slot $app.activeSlot) (eq .slot $app.previewSlot) }}
+{{- $slot.replicas }}
+{{- else if and (eq $app.idleSlot "warm") $hasImage }}
+{{- $slot.replicas }}
 {{- else }}
 {{- 0 }}
 {{- end }}
