@@ -1066,6 +1066,25 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
             "writer.topologySpread.topologyKeys={}",
             "/writer/topologySpread/topologyKeys/0",
         ),
+        ("reader.image.tag=-1.0", "/reader/image/tag"),
+        ("writer.image.tag=1.0+build", "/writer/image/tag"),
+        ("app.slots.blue.image.tag=" + "a" * 129, "/app/slots/blue/image/tag"),
+        (
+            "app.slots.green.image.repository=registry.example/Model",
+            "/app/slots/green/image/repository",
+        ),
+        ("writer.image.repository=example/writer:1.0", "/writer/image/repository"),
+        ("reader.image.repository=example//reader", "/reader/image/repository"),
+        ("reader.image.repository=example/reader-", "/reader/image/repository"),
+        ("fullnameOverride=Scoring", "/fullnameOverride"),
+        ("fullnameOverride=1scoring", "/fullnameOverride"),
+        ("fullnameOverride=scoring.prod", "/fullnameOverride"),
+        ("nameOverride=fraud_model", "/nameOverride"),
+        ("nameOverride=" + "a" * 64, "/nameOverride"),
+        ("app.resources.limits.memory=1 GB", "/app/resources/limits/memory"),
+        ("reader.resources.requests.cpu=half", "/reader/resources/requests/cpu"),
+        ("writer.resources.limits.memory=-1Gi", "/writer/resources/limits/memory"),
+        ("writer.resources.limits.memory=2K", "/writer/resources/limits/memory"),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:
@@ -1117,6 +1136,82 @@ def test_template_rejects_inconsistent_values(
     error = render_error(helm_binary, *settings)
 
     assert message in error
+
+
+@pytest.mark.parametrize(
+    "json_setting",
+    [
+        'reader.image.tag="1.0_rc-2"',
+        'writer.image.repository="registry.example:5000/team/output-writer"',
+        'app.slots.blue.image.repository="Registry.Example/team/fraud__model.v2"',
+        'app.slots.green.image.repository="localhost:5000/fraud-model"',
+        'fullnameOverride="scoring-prod"',
+        'nameOverride="9pipeline"',
+        "app.resources.limits.cpu=1.5",
+        'reader.resources.requests.memory="1.5Gi"',
+        'writer.resources.requests.cpu="250m"',
+        'writer.resources.limits.ephemeral-storage="1e9"',
+        "app.resources.limits.nvidia\\.com/gpu=1",
+    ],
+)
+def test_schema_accepts_valid_value(helm_binary: str, json_setting: str) -> None:
+    manifests = render(helm_binary, json_settings=json_setting)
+
+    assert len(pod_specs(manifests)) == 4
+
+
+def test_keda_minimum_above_maximum_rejected(helm_binary: str) -> None:
+    error = render_error(
+        helm_binary,
+        "keda.enabled=true",
+        "keda.minReplicaCount=7",
+        "keda.maxReplicaCount=6",
+    )
+
+    assert "keda.minReplicaCount (7)" in error
+    assert "keda.maxReplicaCount (6)" in error
+
+
+def test_keda_minimum_checked_only_when_enabled(helm_binary: str) -> None:
+    manifests = render(helm_binary, "keda.minReplicaCount=7", "keda.maxReplicaCount=6")
+
+    assert not [m for m in manifests if m["kind"] == "ScaledObject"]
+
+
+def test_extra_env_reaches_app(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        json_settings='app.extraEnv=[{"name":"MODEL_THRESHOLD","value":"0.7"}]',
+    )
+
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-blue"))
+    assert app["MODEL_THRESHOLD"]["value"] == "0.7"
+
+
+def test_extra_env_cannot_override_chart_variables(helm_binary: str) -> None:
+    settings = [*SASL, "app.settings.APP_LOG_LEVEL=DEBUG"]
+    app = env_of(
+        find(render(helm_binary, *settings), "Deployment", "rel-agogosml-app-blue")
+    )
+    reference = {"secretKeyRef": {"name": "other", "key": "value"}}
+
+    assert {"APP_PORT", "APP_TOKEN", "APP_LOG_LEVEL", "AGOGOSML_SLOT"} <= set(app)
+    for name in app:
+        entry = json.dumps([{"name": name, "valueFrom": reference}])
+        error = render_error(
+            helm_binary, *settings, json_settings=f"app.extraEnv={entry}"
+        )
+        assert f"app.extraEnv[0] sets {name}, which the chart sets" in error, name
+
+
+def test_extra_env_token_allowed_without_auth(helm_binary: str) -> None:
+    reference = {"secretKeyRef": {"name": "tokens", "key": "app"}}
+    entry = json.dumps([{"name": "APP_TOKEN", "valueFrom": reference}])
+
+    manifests = render(helm_binary, json_settings=f"app.extraEnv={entry}")
+
+    app = env_of(find(manifests, "Deployment", "rel-agogosml-app-blue"))
+    assert app["APP_TOKEN"]["valueFrom"] == reference
 
 
 def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:

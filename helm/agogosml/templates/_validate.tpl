@@ -30,6 +30,10 @@ Checks of value combinations that values.schema.json cannot express.
 {{- if and .Values.keda.enabled (not $kafka.bootstrapServers) }}
 {{- fail "kafka.bootstrapServers is empty but keda.enabled is true: the KEDA Kafka trigger needs the broker's host:port list" }}
 {{- end }}
+{{- $keda := .Values.keda }}
+{{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- fail (printf "keda.minReplicaCount (%d) is greater than keda.maxReplicaCount (%d): lower the minimum or raise the maximum" (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- end }}
 {{- range $index, $variable := .Values.app.extraEnv }}
 {{- if and (has $variable.name (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "EVENTHUB_CONNECTION_STRING" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
 {{- fail (printf "app.extraEnv[%d].value is set for %s, which carries a secret: use valueFrom.secretKeyRef, or the auth and kafka values that name a Secret" $index $variable.name) }}
@@ -41,7 +45,35 @@ Checks of value combinations that values.schema.json cannot express.
 {{- fail (printf "%s.key is empty: name the key of Secret %s that holds the value" $name $ref.existingSecret) }}
 {{- end }}
 {{- end }}
+{{- include "agogosml.validateExtraEnv" . }}
 {{- include "agogosml.validateDisruptionBudgets" . }}
+{{- end }}
+
+{{/*
+Checks that no app.extraEnv entry sets a variable that the chart sets in the
+app container. Kubernetes uses the last entry of a name, so the extraEnv entry
+would silently replace the chart's value: an APP_PORT that differs from the
+container port, for example, would make every probe fail.
+*/}}
+{{- define "agogosml.validateExtraEnv" -}}
+{{- $app := .Values.app }}
+{{- $source := dict "APP_HOST" "to 0.0.0.0" "APP_PORT" "from app.port" "APP_WRITER_URL" "to the writer Service's URL" "AGOGOSML_SLOT" "to the slot's name" }}
+{{- if .Values.auth.appToken.existingSecret }}
+{{- $_ := set $source "APP_TOKEN" "from auth.appToken" }}
+{{- end }}
+{{- if .Values.auth.writerToken.existingSecret }}
+{{- $_ := set $source "APP_WRITER_TOKEN" "from auth.writerToken" }}
+{{- end }}
+{{- range $name, $value := $app.settings }}
+{{- $_ := set $source $name (printf "from app.settings.%s" $name) }}
+{{- end }}
+{{- range $index, $variable := $app.extraEnv }}
+{{- if hasKey $source $variable.name }}
+{{- $where := get $source $variable.name }}
+{{- $fix := ternary (printf ", and set the value in %s" (trimPrefix "from " $where)) "" (hasPrefix "from " $where) }}
+{{- fail (printf "app.extraEnv[%d] sets %s, which the chart sets %s: remove the entry from app.extraEnv%s" $index $variable.name $where $fix) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
