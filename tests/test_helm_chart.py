@@ -267,6 +267,39 @@ def test_pods_mount_writable_tmp(rendered: list[dict]) -> None:
         assert "emptyDir" in volumes[mounts["/tmp"]], name
 
 
+def tmp_size_limits(manifests: list[dict]) -> dict[str, str]:
+    """Return the size limit of each Deployment's /tmp emptyDir by name."""
+    limits = {}
+    for name, spec in pod_specs(manifests):
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        mounts = {
+            m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]
+        }
+        limits[name] = volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]
+    return limits
+
+
+def test_tmp_size_limit_default(helm_binary: str) -> None:
+    limits = tmp_size_limits(render(helm_binary))
+
+    assert limits == {
+        "rel-agogosml-reader": "64Mi",
+        "rel-agogosml-writer": "64Mi",
+        "rel-agogosml-app-blue": "64Mi",
+        "rel-agogosml-app-green": "64Mi",
+    }
+
+
+def test_tmp_size_limit_per_component(helm_binary: str) -> None:
+    manifests = render(helm_binary, "writer.tmpSizeLimit=256Mi", "app.tmpSizeLimit=2Gi")
+
+    limits = tmp_size_limits(manifests)
+    assert limits["rel-agogosml-reader"] == "64Mi"
+    assert limits["rel-agogosml-writer"] == "256Mi"
+    assert limits["rel-agogosml-app-blue"] == "2Gi"
+    assert limits["rel-agogosml-app-green"] == "2Gi"
+
+
 def test_probes_and_resources_set(rendered: list[dict]) -> None:
     ports = {"reader": "READER_PORT", "writer": "WRITER_PORT", "app": "APP_PORT"}
     for manifest in rendered:
@@ -1085,6 +1118,7 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         ("reader.resources.requests.cpu=half", "/reader/resources/requests/cpu"),
         ("writer.resources.limits.memory=-1Gi", "/writer/resources/limits/memory"),
         ("writer.resources.limits.memory=2K", "/writer/resources/limits/memory"),
+        ("reader.tmpSizeLimit=lots", "/reader/tmpSizeLimit"),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:

@@ -97,21 +97,30 @@ topologySpreadConstraints:
 
 {{/*
 Volumes of the reader and writer pods: a writable /tmp, and the Kafka CA file
-when set.
+when set. Call with (dict "root" $ "component" "reader").
 */}}
 {{- define "agogosml.kafkaVolumes" -}}
+{{- $caCertificate := .root.Values.kafka.caCertificate }}
 volumes:
-  - name: tmp
-    emptyDir:
-      sizeLimit: 64Mi
-{{- if .Values.kafka.caCertificate.existingSecret }}
+  {{- include "agogosml.tmpVolume" . | nindent 2 }}
+{{- if $caCertificate.existingSecret }}
   - name: kafka-ca
     secret:
-      secretName: {{ .Values.kafka.caCertificate.existingSecret }}
+      secretName: {{ $caCertificate.existingSecret }}
       items:
-        - key: {{ .Values.kafka.caCertificate.key }}
+        - key: {{ $caCertificate.key }}
           path: ca.crt
 {{- end }}
+{{- end }}
+
+{{/*
+The emptyDir volume that every container mounts at /tmp. Call with (dict
+"root" $ "component" "app").
+*/}}
+{{- define "agogosml.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ include "agogosml.scalar" (index .root.Values .component).tmpSizeLimit | quote }}
 {{- end }}
 
 {{/*
