@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -703,6 +704,57 @@ def test_service_selects_active_slot(helm_binary: str, active: str) -> None:
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "app"
     assert preview["spec"]["selector"]["agogosml.io/slot"] == idle
     assert budget["spec"]["selector"]["matchLabels"]["agogosml.io/slot"] == active
+
+
+def test_chart_labels_only_on_objects(rendered: list[dict]) -> None:
+    for manifest in rendered:
+        if manifest["kind"] != "Deployment":
+            continue
+        name = manifest["metadata"]["name"]
+        object_labels = manifest["metadata"]["labels"]
+        pod_labels = manifest["spec"]["template"]["metadata"]["labels"]
+
+        assert object_labels["helm.sh/chart"] == "agogosml-0.1.0", name
+        assert "app.kubernetes.io/version" in object_labels, name
+        assert "helm.sh/chart" not in pod_labels, name
+        assert "app.kubernetes.io/version" not in pod_labels, name
+        assert pod_labels["app.kubernetes.io/part-of"] == "agogosml", name
+
+
+def test_chart_upgrade_keeps_pod_templates(helm_binary: str, tmp_path: Path) -> None:
+    upgraded = tmp_path / "agogosml"
+    shutil.copytree(CHART, upgraded)
+    chart_file = upgraded / "Chart.yaml"
+    chart = yaml.safe_load(chart_file.read_text())
+    chart["version"] = "0.2.0"
+    chart["appVersion"] = "0.2.0"
+    chart_file.write_text(yaml.safe_dump(chart))
+    tags = [
+        "reader.image.tag=1.0",
+        "writer.image.tag=1.0",
+        "app.slots.blue.image.tag=1.0",
+        "app.slots.green.image.tag=2.0",
+    ]
+
+    def pod_templates(chart_path: Path) -> dict[str, dict]:
+        args = ["template", "rel", str(chart_path)]
+        for tag in tags:
+            args += ["--set", tag]
+        result = helm(helm_binary, *args)
+        assert result.returncode == 0, result.stderr
+        manifests = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        return {
+            m["metadata"]["name"]: m["spec"]["template"]
+            for m in manifests
+            if m["kind"] == "Deployment"
+        }
+
+    before = pod_templates(CHART)
+    after = pod_templates(upgraded)
+
+    assert len(before) == 4
+    for name, template in before.items():
+        assert after[name] == template, name
 
 
 def test_slot_pods_carry_their_label(helm_binary: str) -> None:

@@ -32,8 +32,18 @@ Labels of every resource. Call with (dict "root" $ "component" "reader").
 */}}
 {{- define "agogosml.labels" -}}
 helm.sh/chart: {{ include "agogosml.chart" .root }}
-{{ include "agogosml.selectorLabels" . }}
+{{ include "agogosml.podLabels" . }}
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+{{- end }}
+
+{{/*
+Labels of the pods, in pod templates. They leave out the chart version and
+appVersion, because a change of a pod template rolls the Deployment: every
+chart upgrade would restart the active app slot, with no change to its image
+or settings. Call with the same dict as agogosml.labels.
+*/}}
+{{- define "agogosml.podLabels" -}}
+{{ include "agogosml.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 app.kubernetes.io/part-of: agogosml
 {{- end }}
