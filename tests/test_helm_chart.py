@@ -1337,3 +1337,27 @@ def test_large_numbers_render_as_integers(helm_binary: str, tmp_path: Path) -> N
     assert writer_env["WRITER_MAX_BODY_BYTES"] == "4194304"
     assert reader_env["READER_MAX_IN_FLIGHT"] == "1000000"
     assert trigger["metadata"]["lagThreshold"] == "5000000"
+
+
+@pytest.mark.parametrize(
+    ("component", "token"), [("writer", "writerToken"), ("app", "appToken")]
+)
+def test_exposed_service_needs_token(
+    helm_binary: str, component: str, token: str
+) -> None:
+    exposed = f"{component}.service.type=LoadBalancer"
+
+    error = render_error(helm_binary, exposed)
+    manifests = render(
+        helm_binary,
+        exposed,
+        f"auth.{token}.existingSecret=tokens",
+        f"auth.{token}.key={component}",
+    )
+
+    message = " ".join(error.split())
+    assert f"{component}.service.type is LoadBalancer" in message
+    assert f"auth.{token} names no Secret" in message
+    assert "or use ClusterIP" in message
+    services = [m for m in manifests if m["kind"] == "Service"]
+    assert any(service["spec"]["type"] == "LoadBalancer" for service in services)

@@ -9,6 +9,12 @@ Checks of value combinations that values.schema.json cannot express.
 {{- if and $app.previousSlot (eq $app.previousSlot $app.activeSlot) }}
 {{- fail (printf "app.previousSlot (%s) must differ from app.activeSlot (%s): set it to the slot to roll back to, or to \"\"" $app.previousSlot $app.activeSlot) }}
 {{- end }}
+{{- if and (ne .Values.writer.service.type "ClusterIP") (not .Values.auth.writerToken.existingSecret) }}
+{{- fail (printf "writer.service.type is %s, which lets clients outside the cluster write records, but auth.writerToken names no Secret: set auth.writerToken to a Secret key with a token, or use ClusterIP" .Values.writer.service.type) }}
+{{- end }}
+{{- if and (ne $app.service.type "ClusterIP") (not .Values.auth.appToken.existingSecret) }}
+{{- fail (printf "app.service.type is %s, which lets clients outside the cluster send messages to the model app, but auth.appToken names no Secret: set auth.appToken to a Secret key with a token, or use ClusterIP" $app.service.type) }}
+{{- end }}
 {{- $kafka := .Values.kafka }}
 {{- $sasl := has $kafka.securityProtocol (list "SASL_SSL" "SASL_PLAINTEXT") }}
 {{- if eq .Values.transport "eventhubs" }}
