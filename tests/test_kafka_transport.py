@@ -140,6 +140,30 @@ async def test_paused_source_returns_nothing(mock_bootstrap: str) -> None:
     assert [e.position.offset for e in after_resume if e.position] == [1, 2, 3]
 
 
+async def test_partitions_lost_while_paused_resume(mock_bootstrap: str) -> None:
+    topic = "source-lost-paused"
+    produce(mock_bootstrap, topic, 1)
+    settings = KafkaSettings(bootstrap_servers=mock_bootstrap, group_id="g-lost")
+    source = KafkaSource(settings, [topic])
+
+    async with source:
+        await fetch_all(source, 1)  # join the group and get the assignment
+        consumer = source._consumer
+        assert consumer is not None
+        partitions = consumer.assignment()
+        await source.pause()
+        # The session times out while the source is paused (a long broker
+        # outage): the partitions are lost, and the resume finds none.
+        await source._call(source._on_lost, consumer, partitions)
+        await source.resume()
+        await source._call(source._on_assign, consumer, partitions)
+        produce(mock_bootstrap, topic, 3)
+        after = await fetch_all(source, 4)
+
+    # Nothing was committed, so the partition is read again from its start.
+    assert [e.position.offset for e in after if e.position] == [0, 1, 2, 3]
+
+
 def consume_until(bootstrap: str, topic: str, group: str, last: bytes) -> list[bytes]:
     """Return the values in `topic` up to `last`, plus any that follow within 1 s."""
     consumer = Consumer(

@@ -372,8 +372,13 @@ class KafkaSource(TrackedSource):
             self._committed.pop((tp.topic, tp.partition), None)
             self._committing.pop((tp.topic, tp.partition), None)
         consumer.assign(partitions)
-        if self._paused and partitions:
-            consumer.pause(partitions)
+        # librdkafka keeps a partition's pause across unassign and assign, so a
+        # partition lost while paused comes back paused: set its state anew.
+        if partitions:
+            if self._paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
         logger.info("partitions assigned", extra={"partitions": _describe(partitions)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
