@@ -76,6 +76,9 @@ DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
 _ERROR_TEXT_BYTES = 65536
 
+#: Bytes of a writer's 2xx response that are read for its count of records.
+_WRITER_RESPONSE_BYTES = 16 * 1024 * 1024
+
 
 class InvalidRecord:
     """Returned by a scoring function for an input it rejects (the request gets 400)."""
@@ -334,7 +337,7 @@ class ModelApp:
         """
         body = b"[" + b",".join(output for _, output in chunk) + b"]"
         try:
-            await self._forward("/batch", body, {})
+            await self._forward("/batch", body, len(chunk))
         except _Reject as exc:
             if exc.status != 422:
                 raise
@@ -405,15 +408,23 @@ class ModelApp:
             )
         return results
 
-    async def _forward(self, path: str, body: bytes, headers: dict[str, str]) -> None:
+    async def _forward(self, path: str, body: bytes, count: int) -> None:
+        """Send a JSON array of `count` results to the writer.
+
+        A 2xx response must give the number of records written, as the output
+        writer does: any other server that responds with 2xx, found at a wrong
+        APP_WRITER_URL, would otherwise lose the results.
+        """
         assert self._session is not None
         url = self._writer_url + path
-        headers = {**headers, "Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"}
         try:
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
             ) as response:
                 if 200 <= response.status < 300:
+                    start = await read_start(response.content, _WRITER_RESPONSE_BYTES)
+                    _check_written(url, response.status, start, count)
                     return
                 # Only the start of the error goes into the message, so a
                 # large body is not read in full.
@@ -497,7 +508,7 @@ class _Running:
         model_app._writer_url = str(self._settings.writer_url).rstrip("/")
         model_app._writer_max_body_bytes = self._settings.writer_max_body_bytes
         model_app._writer_queue = WriterQueue(
-            lambda body: model_app._forward("/batch", body, {}),
+            lambda body, count: model_app._forward("/batch", body, count),
             max_body_bytes=self._settings.writer_max_body_bytes,
             max_requests=self._settings.writer_max_requests,
             isolate=lambda exc: isinstance(exc, _Reject) and exc.status == 422,
@@ -528,6 +539,30 @@ def _writer_unavailable(message: str) -> _Reject:
     error = _Reject(503, message)
     error.retry_after = str(WRITER_DOWN_RETRY_AFTER_SECONDS)
     return error
+
+
+def _check_written(url: str, status: int, body: bytes, count: int) -> None:
+    """Raise unless a writer's 2xx response says that `count` records were written.
+
+    Raises:
+        _Reject: a 503 with Retry-After, so the reader retries the messages
+            without using up attempts, and nothing is committed meanwhile.
+    """
+    try:
+        written = orjson.loads(body).get("written")
+    except (orjson.JSONDecodeError, AttributeError):
+        written = None
+    if type(written) is int and written == count:
+        return
+    if type(written) is int:
+        problem = f"says it wrote {written} of {count} records"
+    else:
+        problem = (
+            "does not say how many records it wrote, so it is not an agogosml "
+            "output writer; set APP_WRITER_URL to the output writer's URL"
+        )
+    logger.error("the response %d of %s %s", status, url, problem)
+    raise _writer_unavailable(f"{url} responded {status} but {problem}")
 
 
 def _writer_error(writer_url: str, status: int, text: str) -> _Reject:

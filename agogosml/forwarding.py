@@ -15,7 +15,8 @@ import collections
 from collections.abc import Awaitable, Callable
 
 #: Sends one ``POST /batch`` body to the writer; raises when it is not a 2xx.
-Post = Callable[[bytes], Awaitable[None]]
+#: Sends a JSON array body of the given number of elements.
+Post = Callable[[bytes, int], Awaitable[None]]
 
 
 class WriterQueue:
@@ -97,7 +98,7 @@ class WriterQueue:
 
     async def _send(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
         try:
-            await self._post(_array(element for element, _ in batch))
+            await self._post(_array(element for element, _ in batch), len(batch))
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             if len(batch) > 1 and self._isolate(exc):
                 # One at a time, so the resends stay within one writer request.

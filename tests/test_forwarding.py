@@ -14,8 +14,9 @@ class RecordingPost:
         self.gate: asyncio.Event | None = None
         self.fail_on: object = None
 
-    async def __call__(self, body: bytes) -> None:
+    async def __call__(self, body: bytes, count: int) -> None:
         elements = orjson.loads(body)
+        assert len(elements) == count
         self.bodies.append(elements)
         if self.gate is not None:
             await self.gate.wait()

@@ -14,6 +14,7 @@ from test_model_app import closed_port, model_app
 from test_reader import TOPIC, fill, reader_settings, running_reader, wait_for
 
 from agogosml import app as app_module
+from agogosml.app import InvalidRecord
 from agogosml.config import WriterSettings, load_settings
 from agogosml.http import SERVICE_HEADER, add_health_routes, check_readiness
 from agogosml.writer.service import OutputWriter
@@ -147,3 +148,24 @@ async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
     async with asyncio.timeout(10):
         while text not in caplog.text:
             await asyncio.sleep(0.05)
+
+
+async def test_app_forwarding_to_other_app_retries(caplog) -> None:
+    # The other app responds 200 to the batch with a 400 per item, which
+    # says nothing about records written.
+    def reject_all(values: list) -> list:
+        return [InvalidRecord("not a transaction") for _ in values]
+
+    async with model_app(reject_all, "http://127.0.0.1:9") as other:
+        other_url = str(other.make_url("")).rstrip("/")
+        async with model_app(double, other_url) as client:
+            response = await client.post(
+                "/", data=b'{"n": 1}', headers={"Content-Type": "application/json"}
+            )
+            body = await response.json()
+
+    assert response.status == 503, body
+    assert response.headers.get("Retry-After") == "1", body
+    assert "does not say how many records it wrote" in body["error"]
+    assert "set APP_WRITER_URL to the output writer's URL" in body["error"]
+    assert "does not say how many records it wrote" in caplog.text
