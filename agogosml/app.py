@@ -542,7 +542,7 @@ def _writer_unavailable(message: str) -> _Reject:
 
 
 def _check_written(url: str, status: int, body: bytes, count: int) -> None:
-    """Raise unless a writer's 2xx response says that `count` records were written.
+    """Raise unless a writer's 2xx response gives `count` records as written.
 
     Raises:
         _Reject: a 503 with Retry-After, so the reader retries the messages
