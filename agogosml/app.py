@@ -40,6 +40,7 @@ from agogosml.config import BaseUrl, BearerToken, LogLevel, redact_url
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
+    MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
@@ -68,7 +69,6 @@ HEALTH_NAME = "model_app"
 #: the checks between two warnings while the writer stays not ready.
 WRITER_GRACE_CHECKS = 5
 WRITER_WARNING_CHECKS = 300
-MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 #: Prefix of the request headers that carry record headers, in lower case.
 _RECORD_HEADER_PREFIX = "x-record-header-"
 #: The output writer's default WRITER_MAX_BODY_BYTES.

@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agogosml.body_codings import BodyCodingError, DecodedBodyTooLarge, decode_body
 from agogosml.metrics import REJECTED_REQUESTS
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+#: The largest request body of an application, decoded, in bytes.
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 #: Header of the health responses that names the agogosml service, so that a
 #: reader or an app pointed at the wrong service can tell.
@@ -207,8 +211,8 @@ class ClientDisconnectedError(Exception):
     """The client closed the connection before its whole request body arrived."""
 
 
-#: Content-Encoding values of a request body that the services accept. aiohttp
-#: decodes the compressed ones and passes any other value on undecoded.
+#: Content-Encoding values of a request body that the services accept and
+#: decode (`read_body`).
 CONTENT_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 #: How long a client may take to send a request body, in seconds. aiohttp has
@@ -224,17 +228,42 @@ IDLE_TIMEOUT_SECONDS = 75.0
 
 
 async def read_body(request: web.Request) -> bytes:
-    """Return the request body, or raise `ClientDisconnectedError`.
+    """Return the request body, decoded, or raise `ClientDisconnectedError`.
+
+    The server reads bodies undecoded (`start_site`), so a compressed body is
+    decoded here, up to the application's `MAX_BODY_BYTES`.
 
     Raises:
         web.HTTPRequestTimeout: when the body takes longer than
             `BODY_TIMEOUT_SECONDS` to arrive (408).
         web.HTTPBadRequest: when the body cannot be decoded, for example
-            invalid gzip data under ``Content-Encoding: gzip`` (400).
+            invalid or truncated gzip data under ``Content-Encoding: gzip``
+            (400).
+        web.HTTPRequestEntityTooLarge: when the decoded body is over the
+            limit (413).
         web.HTTPUnsupportedMediaType: for a Content-Encoding other than one
             of `CONTENT_ENCODINGS` (415).
     """
-    _check_content_encoding(request)
+    coding = _check_content_encoding(request)
+    body = await _read_raw_body(request)
+    if coding == "identity":
+        return body
+    limit = request.app[MAX_BODY_BYTES]
+    try:
+        return decode_body(coding, body, limit)
+    except DecodedBodyTooLarge:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=limit + 1
+        ) from None
+    except BodyCodingError as exc:
+        raise web.HTTPBadRequest(
+            reason=f"request body cannot be decoded as its Content-Encoding "
+            f"{coding!r} declares: {exc}. Send the whole body compressed that way, "
+            "or uncompressed without Content-Encoding"
+        ) from None
+
+
+async def _read_raw_body(request: web.Request) -> bytes:
     try:
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
             return await request.read()
@@ -248,14 +277,14 @@ async def read_body(request: web.Request) -> bytes:
         raise ClientDisconnectedError(str(exc)) from exc
 
 
-def _check_content_encoding(request: web.Request) -> None:
-    """Reject a body coding that aiohttp would pass on undecoded."""
+def _check_content_encoding(request: web.Request) -> str:
+    """Return the body's content coding; reject one that is not supported."""
     codings = request.headers.getall("Content-Encoding", [])
     if not codings:
-        return
+        return "identity"
     coding = codings[0].strip().lower()
     if len(codings) == 1 and coding in CONTENT_ENCODINGS:
-        return
+        return coding
     supported = ", ".join(sorted(CONTENT_ENCODINGS))
     raise web.HTTPUnsupportedMediaType(
         reason=f"Content-Encoding {', '.join(codings)[:60]!r} is not supported; "
@@ -483,6 +512,9 @@ async def start_site(
 
     runner = web.AppRunner(
         app,
+        # Bodies are decoded by `read_body`, which checks that a compressed
+        # body is complete.
+        auto_decompress=False,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=shutdown_timeout_seconds,

@@ -25,6 +25,7 @@ from agogosml.errors import SinkError
 from agogosml.exact_json import json_type
 from agogosml.hooks import load_hook
 from agogosml.http import (
+    MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
@@ -61,7 +62,6 @@ BATCH_FIELDS = ("headers", "id", "key", "key_encoding", "traceparent", "value")
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
-MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 #: Time that shutdown steps after the drain get even when the drain used all of
 #: WRITER_SHUTDOWN_TIMEOUT_MS, so that finished requests can still respond.
 SHUTDOWN_GRACE_SECONDS = 0.5
