@@ -624,8 +624,8 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return error_response(
             413,
             f"request body exceeds APP_MAX_BODY_BYTES={request.app[MAX_BODY_BYTES]} "
-            "bytes; send smaller requests (READER_BATCH_MAX_BYTES), or raise "
-            "APP_MAX_BODY_BYTES",
+            "bytes; raise APP_MAX_BODY_BYTES, or, for a batch of several messages, "
+            "send smaller batches (READER_BATCH_MAX_BYTES)",
         )
 
 
@@ -883,6 +883,12 @@ def _record_headers(headers: Any) -> dict[str, str]:
                 400,
                 f"header {escaped_name} is not valid UTF-8; send record header "
                 "names and values as UTF-8 text",
+            )
+        if not record_name:
+            raise _Reject(
+                400,
+                "header X-Record-Header- has no record header name after the "
+                "prefix; send X-Record-Header-<name>, or leave it out",
             )
         if record_name in record_headers:
             raise _Reject(

@@ -1200,8 +1200,8 @@ async def model_app_url(**app_settings: Any) -> AsyncIterator[tuple[str, list[An
         document = orjson.loads(await request.read())
         if request.path == "/batch":
             written.extend(item["value"] for item in document)
-        else:
-            written.append(document)
+            return web.json_response({"written": len(document)})
+        written.append(document)
         return web.json_response({"written": 1})
 
     writer = web.Application()
@@ -1229,8 +1229,9 @@ async def test_writer_restart_spends_no_attempts():
     written: list[Any] = []
 
     async def write(request: web.Request) -> web.Response:
-        written.extend(item["value"] for item in orjson.loads(await request.read()))
-        return web.json_response({"written": 1})
+        document = orjson.loads(await request.read())
+        written.extend(item["value"] for item in document)
+        return web.json_response({"written": len(document)})
 
     writer = web.Application()
     writer.router.add_post("/batch", write)

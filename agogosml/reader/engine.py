@@ -757,9 +757,17 @@ class InputReader:
                     failures += 1
                     if failures == 1:
                         self._dead_letter_failures += 1
-                    self._log_dead_letter_failure(envelope, exc, failures)
                     if _too_large(exc):
+                        logger.warning(
+                            "dead letter too large for %s; writing it again "
+                            "without its value (and then without its key and "
+                            "headers)",
+                            self._settings.dead_letter_target(),
+                            extra={"message_id": envelope.id, "error": str(exc)},
+                        )
                         record = _smaller_dead_letter(record, exc)
+                    else:
+                        self._log_dead_letter_failure(envelope, exc, failures)
                     await wait_backoff(
                         failures,
                         self._settings.retry_initial_backoff_ms / 1000,

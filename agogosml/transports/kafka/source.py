@@ -8,7 +8,13 @@ import logging
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, Position
@@ -427,7 +433,16 @@ class KafkaSource(TrackedSource):
 
 
 def _describe(partitions: list[TopicPartition]) -> list[str]:
-    return [f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions]
+    """Return topic[partition]@offset for each partition, for the logs.
+
+    A partition without an offset of its own (librdkafka's OFFSET_INVALID,
+    -1001, in an assignment) starts at its committed offset.
+    """
+    return [
+        f"{tp.topic}[{tp.partition}]@"
+        + ("committed" if tp.offset == OFFSET_INVALID else str(tp.offset))
+        for tp in partitions
+    ]
 
 
 def _forget_lag(topic: str, partition: int) -> None:
