@@ -1094,3 +1094,18 @@ async def test_client_disconnect_logged_once_debug(caplog):
     assert errors == []
     assert all(r.levelno == logging.DEBUG for r in disconnect_records(caplog))
     assert writer.requests == []
+
+
+async def test_record_header_without_name_400():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/",
+                data=b'{"amount": 1}',
+                headers={**JSON, "X-Record-Header-": "x"},
+            )
+            body = await response.json()
+
+    assert response.status == 400
+    assert "header X-Record-Header- has no record header name" in body["error"]
+    assert writer.requests == []
