@@ -24,12 +24,17 @@ from agogosml_cli.local import free_port, writer_process
 REPO_ROOT = Path(__file__).parents[1]
 
 
-def start_service(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
+def environment_without_settings() -> dict[str, str]:
+    """Return this process's environment without any service setting."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
     }
+
+
+def start_service(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = environment_without_settings()
     return subprocess.run(
         [sys.executable, "-m", module],
         env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
@@ -179,11 +184,7 @@ def rejecting_app() -> Iterator[str]:
 
 def test_reader_reads_stdin_lines_as_they_arrive(tmp_path: Path) -> None:
     dead_letter = tmp_path / "dlq.jsonl"
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
-    }
+    clean = environment_without_settings()
     with rejecting_app() as app_url:
         env = {
             "READER_INPUT": "-",
@@ -224,11 +225,7 @@ def test_reader_reads_stdin_lines_as_they_arrive(tmp_path: Path) -> None:
 def start_writer(output: Path, timeout_ms: int) -> tuple[subprocess.Popen[bytes], int]:
     """Start a file-sink writer process and wait until it serves /healthz."""
     port = free_port()
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
-    }
+    clean = environment_without_settings()
     env = {
         "WRITER_OUTPUT": str(output),
         "WRITER_PORT": str(port),
@@ -351,11 +348,7 @@ def test_reader_killed_after_rotation(tmp_path: Path) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HoldingApp)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("READER_", "WRITER_", "KAFKA_", "APP_"))
-    }
+    clean = environment_without_settings()
     env = {
         **clean,
         "PYTHONPATH": str(REPO_ROOT),
