@@ -378,8 +378,9 @@ class KafkaSource(TrackedSource):
             self._committed.pop((tp.topic, tp.partition), None)
             self._committing.pop((tp.topic, tp.partition), None)
         consumer.assign(partitions)
-        # librdkafka keeps a partition's pause across unassign and assign, so a
-        # partition lost while paused comes back paused: set its state anew.
+        # librdkafka 2.16 keeps a partition's pause across unassign and assign
+        # (a test shows it), so a partition lost while paused comes back
+        # paused. Its state is therefore set anew.
         if partitions:
             if self._paused:
                 consumer.pause(partitions)
