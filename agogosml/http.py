@@ -24,7 +24,8 @@ from agogosml.metrics import REJECTED_REQUESTS
 logger = logging.getLogger(__name__)
 #: Logger given to aiohttp's request handlers in place of "aiohttp.server".
 server_logger = logging.getLogger(f"{__name__}.server")
-#: How many malformed requests are logged per `MALFORMED_LOG_INTERVAL_SECONDS`.
+#: How many malformed or rejected requests are logged per
+#: `MALFORMED_LOG_INTERVAL_SECONDS`; the metrics count every one.
 MALFORMED_LOG_LIMIT = 10
 MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 
@@ -318,8 +319,10 @@ def http_error_middleware(service: str) -> Any:
     `web.HTTPException` errors with plain text, but clients of the services
     expect ``{"error": ...}`` with every error status. A client that
     disconnects while `read_body` waits is logged in one DEBUG line, in place
-    of aiohttp's ERROR traceback. `service` labels the metric.
+    of aiohttp's ERROR traceback. `service` labels the metric. At most
+    `MALFORMED_LOG_LIMIT` rejected requests a minute are logged.
     """
+    rate = LogRateLimit(MALFORMED_LOG_LIMIT, MALFORMED_LOG_INTERVAL_SECONDS)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -330,15 +333,18 @@ def http_error_middleware(service: str) -> Any:
                 raise
             message = _describe_http_error(request, exc)
             REJECTED_REQUESTS.labels(service, str(exc.status)).inc()
-            logger.info(
-                "request rejected",
-                extra={
-                    "status": exc.status,
-                    "method": request.method,
-                    "path": request.path,
-                    "error": message,
-                },
-            )
+            dropped = rate.take()
+            if dropped is not None:
+                logger.info(
+                    "request rejected",
+                    extra={
+                        "status": exc.status,
+                        "method": request.method,
+                        "path": request.path,
+                        "error": message,
+                        "not_logged_before": dropped,
+                    },
+                )
             kept_headers = {
                 name: value
                 for name, value in exc.headers.items()
@@ -428,6 +434,35 @@ def import_object(spec: str, setting: str) -> Any:
         ) from exc
 
 
+class LogRateLimit:
+    """A limit of `limit` log lines per `interval_seconds`.
+
+    Any client can make a server reject requests as fast as it sends them, so
+    the lines about rejected requests are limited, and the next line that
+    passes gives the number dropped.
+    """
+
+    def __init__(self, limit: int, interval_seconds: float) -> None:
+        self._limit = limit
+        self._interval = interval_seconds
+        self._window_start = float("-inf")
+        self._logged = 0
+        self._dropped = 0
+
+    def take(self) -> int | None:
+        """Return None to drop a line, or the number dropped since the last one."""
+        now = time.monotonic()
+        if now - self._window_start >= self._interval:
+            self._window_start = now
+            self._logged = 0
+        if self._logged >= self._limit:
+            self._dropped += 1
+            return None
+        self._logged += 1
+        dropped, self._dropped = self._dropped, 0
+        return dropped
+
+
 class MalformedRequestFilter(logging.Filter):
     """Turn aiohttp's ERROR traceback for a malformed request into one WARNING.
 
@@ -446,11 +481,7 @@ class MalformedRequestFilter(logging.Filter):
         interval_seconds: float = MALFORMED_LOG_INTERVAL_SECONDS,
     ) -> None:
         super().__init__()
-        self._limit = limit
-        self._interval = interval_seconds
-        self._window_start = float("-inf")
-        self._logged = 0
-        self._dropped = 0
+        self._rate = LogRateLimit(limit, interval_seconds)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a malformed-request record; return False to drop it."""
@@ -461,14 +492,9 @@ class MalformedRequestFilter(logging.Filter):
             error = _payload_error(error)
         if not isinstance(error, HttpProcessingError):
             return True
-        now = time.monotonic()
-        if now - self._window_start >= self._interval:
-            self._window_start = now
-            self._logged = 0
-        if self._logged >= self._limit:
-            self._dropped += 1
+        dropped = self._rate.take()
+        if dropped is None:
             return False
-        self._logged += 1
         remote = (
             record.args[0] if isinstance(record.args, tuple) and record.args else None
         )
@@ -478,10 +504,9 @@ class MalformedRequestFilter(logging.Filter):
         else:
             record.msg = "malformed HTTP request from %s rejected with %d: %s"
             record.args = (remote, error.code, error.message)
-        if self._dropped:
+        if dropped:
             record.msg += " (%d more were not logged)"
-            record.args += (self._dropped,)
-            self._dropped = 0
+            record.args += (dropped,)
         record.levelno = logging.WARNING
         record.levelname = logging.getLevelName(logging.WARNING)
         record.exc_info = None

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink, disconnect_records, send_partial_body
+from prometheus_client import REGISTRY
 
 from agogosml import http
 from agogosml.config import WriterSettings
@@ -1145,3 +1146,24 @@ def test_malformed_filter_passes_other_errors():
     assert log_filter.filter(unrelated) is True
     assert unrelated.levelno == logging.ERROR
     assert unrelated.exc_info is not None
+
+
+async def test_rejected_requests_logged_at_most_limit(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, "agogosml.http")
+    monkeypatch.setattr(http, "MALFORMED_LOG_LIMIT", 3)
+    monkeypatch.setattr(http, "MALFORMED_LOG_INTERVAL_SECONDS", 0.5)
+    sink = await started_sink()
+    labels = {"service": "output_writer", "status": "404"}
+    before = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
+
+    async with serve_writer(sink) as (client, _):
+        for _ in range(10):
+            response = await client.get("/nowhere")
+            assert response.status == 404
+        await asyncio.sleep(0.6)  # the next interval
+        await client.get("/nowhere")
+
+    lines = [r for r in caplog.records if r.getMessage() == "request rejected"]
+    after = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
+    assert [r.not_logged_before for r in lines] == [0, 0, 0, 7]
+    assert after - (before or 0) == 11
