@@ -553,13 +553,12 @@ class FileSource(TrackedSource):
             # only moves within it. A seek to the end drops it first.
             self._file.seek(0, os.SEEK_END)
             self._file.seek(0)
-        elif not at_end or self._waiting_for_rotation(status):
+        elif not at_end:
             return False
         else:
             replacement = self._replacement(status)
             if replacement is None:
                 return False
-            self._rotation_seen = None
             if self._checkpoint is not None and self._tracker.in_flight(
                 self._path, self._part
             ):
@@ -587,21 +586,14 @@ class FileSource(TrackedSource):
         )
         return True
 
-    def _waiting_for_rotation(self, status: os.stat_result) -> bool:
-        """Return whether a file replaced at the path is still to be read on.
+    def _waiting_for_rotation(self) -> bool:
+        """Return whether the file replaced at the path is still to be read on.
 
         The writer of a log may add lines to the old file until it opens the
         path again, so the old file is read for `rotate_wait_seconds` after the
         replacement was found.
         """
         if not self._rotate_wait:
-            return False
-        try:
-            current = os.stat(self._path)
-        except OSError:
-            return False  # no new file yet: `_replacement` looks again later
-        if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
-            self._rotation_seen = None
             return False
         now = time.monotonic()
         if self._rotation_seen is None:
@@ -639,13 +631,17 @@ class FileSource(TrackedSource):
         """Open the file that took the input's path, or return None if there is none.
 
         A path that is missing, or names something other than a regular file,
-        is looked at again later; the reason is logged once.
+        is looked at again later; the reason is logged once. A new file is
+        opened only `rotate_wait_seconds` after it was found.
         """
         try:
             current = os.stat(self._path)
         except OSError:
             return None  # renamed, and the new file is not there yet
-        if (current.st_ino, current.st_dev) == (status.st_ino, status.st_dev):
+        if os.path.samestat(current, status):
+            self._rotation_seen = None
+            return None
+        if self._waiting_for_rotation():
             return None
         problem = ""
         replacement = None
@@ -659,6 +655,8 @@ class FileSource(TrackedSource):
         if problem and problem != self._reopen_error:  # logged once, not every poll
             logger.warning("cannot read the new input file yet: %s", problem)
         self._reopen_error = problem
+        if replacement is not None:
+            self._rotation_seen = None
         return replacement
 
     def _checked(self, line: bytes) -> bytes | _Overlong:
