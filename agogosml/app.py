@@ -243,7 +243,7 @@ class ModelApp:
             HEALTH_NAME,
             lambda: self._writer_ready,
             lambda: None,
-            self._writer_problem,
+            lambda: self._writer_reason,
         )
         return app
 
@@ -448,9 +448,6 @@ class ModelApp:
             error.retry_after = retry_after
         raise error
 
-    def _writer_problem(self) -> str:
-        return self._writer_reason
-
     async def _watch_writer(self) -> None:
         """Check the writer's readiness every second, which is the app's own.
 
@@ -458,19 +455,21 @@ class ModelApp:
         every 5 minutes, with the reason and the setting to check.
         """
         assert self._session is not None
-        shown = redact_url(self._writer_url) + "/readyz"
+        writer_url = redact_url(self._writer_url)
         checks_not_ready = 0
         while True:
             readiness = await check_readiness(
-                self._session, self._writer_url + "/readyz", shown
+                self._session, self._writer_url + "/readyz", writer_url + "/readyz"
             )
             ready = readiness.ready and readiness.service in ("", "output_writer")
             if readiness.service and readiness.service != "output_writer":
                 self._writer_reason = (
-                    f"APP_WRITER_URL {redact_url(self._writer_url)} is an agogosml "
+                    f"APP_WRITER_URL {writer_url} is an agogosml "
                     f"{readiness.service.replace('_', ' ')}, not an output writer; "
                     "set it to the output writer's URL"
                 )
+            elif ready:
+                self._writer_reason = ""
             elif readiness.service:
                 self._writer_reason = (
                     f"the output writer is not ready: {readiness.detail}"

@@ -14,8 +14,8 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 
-#: Sends one ``POST /batch`` body to the writer; raises when it is not a 2xx.
-#: Sends a JSON array body of the given number of elements.
+#: Sends one ``POST /batch`` body, a JSON array of the given number of
+#: elements, to the writer, and raises unless the writer wrote them all.
 Post = Callable[[bytes, int], Awaitable[None]]
 
 

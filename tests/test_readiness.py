@@ -152,7 +152,7 @@ async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
 
 async def test_app_forwarding_to_other_app_retries(caplog) -> None:
     # The other app responds 200 to the batch with a 400 per item, which
-    # says nothing about records written.
+    # gives no count of records written.
     def reject_all(values: list) -> list:
         return [InvalidRecord("not a transaction") for _ in values]
 

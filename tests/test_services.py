@@ -305,20 +305,20 @@ def test_writer_stops_with_half_sent_body(tmp_path: Path) -> None:
 
 
 class _HoldingApp(http.server.BaseHTTPRequestHandler):
-    """An app that accepts every message except the `held` ones.
+    """An app that accepts every message except the `held_numbers`.
 
     A held message gets no response until `release` is set, and then a 503. The
     numbers of the accepted messages collect in `accepted`.
     """
 
-    held: frozenset[int] = frozenset()
+    held_numbers: frozenset[int] = frozenset()
     release = threading.Event()
     accepted: list[int] = []
 
     def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         number = json.loads(body)["n"]
-        if number in self.held and not self.release.is_set():
+        if number in self.held_numbers and not self.release.is_set():
             self.release.wait(60)
             with contextlib.suppress(OSError):  # the reader may be gone
                 self.send_error(503)
@@ -343,7 +343,7 @@ def test_reader_killed_after_rotation(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     checkpoint = tmp_path / "in.offset"
     path.write_bytes(lines(range(1, 6)))
-    _HoldingApp.held = frozenset({2})
+    _HoldingApp.held_numbers = frozenset({2})
     _HoldingApp.accepted = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HoldingApp)
     server.daemon_threads = True

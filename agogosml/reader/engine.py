@@ -933,6 +933,8 @@ class InputReader:
                     f"{readiness.service.replace('_', ' ')}, not a model app, so "
                     "messages would not be scored; set it to the model app's URL"
                 )
+            elif ready:
+                self.app_not_ready_reason = ""
             elif readiness.service:
                 # The app gave its own reason, which names the setting to fix.
                 self.app_not_ready_reason = readiness.detail
