@@ -405,7 +405,7 @@ class LocalKafkaBroker:
 
     Each start() uses a fresh temporary directory for the configuration, the
     data and the log, and stop() deletes it. stop() also runs at interpreter
-    exit.
+    exit. restart() keeps the directory and the ports.
 
     NOTE: if the Python process is killed with SIGKILL, the broker keeps
     running. start() logs its pid so that it can be stopped by hand.
@@ -441,6 +441,7 @@ class LocalKafkaBroker:
         self._port: int | None = None
         self._work_dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._command: list[str] = []
         self._log_file: IO[bytes] | None = None
 
     @property
@@ -556,28 +557,84 @@ class LocalKafkaBroker:
         ]
 
         self._format_storage(java, java_options, classpath, config_path, deadline)
+        self._command = [java, "-Xmx512m", "-Xms256m", *java_options]
+        self._command += ["-cp", classpath, "kafka.Kafka", str(config_path)]
+        self._port = port
+        process = self._spawn()
+        logger.info(
+            "Started Kafka %s broker (pid %d) on %s:%d, controller port %d",
+            self.version,
+            process.pid,
+            HOST,
+            port,
+            controller_port,
+        )
+        return process
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        assert self._work_dir is not None
         # Log4j writes to stdout, and stdout and stderr both go to one file, so
-        # JVM errors such as a wrong class version land in the same log.
-        self._log_file = open(self._work_dir / "broker.log", "wb")
+        # JVM errors such as a wrong class version land in the same log. A
+        # restarted broker appends to the log of the one before.
+        if self._log_file is None:
+            self._log_file = open(self._work_dir / "broker.log", "ab")
         self._process = subprocess.Popen(
-            [java, "-Xmx512m", "-Xms256m", *java_options, "-cp", classpath]
-            + ["kafka.Kafka", str(config_path)],
+            self._command,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             cwd=self._work_dir,
         )
-        self._port = port
-        logger.info(
-            "Started Kafka %s broker (pid %d) on %s:%d, controller port %d",
-            self.version,
-            self._process.pid,
-            HOST,
-            port,
-            controller_port,
-        )
         return self._process
+
+    def restart(
+        self,
+        *,
+        kill: bool = False,
+        down_seconds: float = 0.0,
+        timeout_seconds: float = 90.0,
+    ) -> None:
+        """Stop the broker process and start it again on the same data and ports.
+
+        Topics, records and committed offsets survive, and clients reconnect
+        to the same address: this is how tests take the broker away from a
+        running pipeline.
+
+        Args:
+            kill: Send SIGKILL, as in a crash, instead of SIGTERM, which
+                starts Kafka's controlled shutdown.
+            down_seconds: How long the broker stays stopped.
+            timeout_seconds: Maximum time to wait for the restarted broker to
+                become ready.
+
+        Raises:
+            BrokerError: The broker is not running.
+            BrokerStartError: The restarted broker exited or timed out.
+        """
+        process = self._process
+        if process is None or self._port is None:
+            raise BrokerError("the broker is not running. Call start() first.")
+        if kill:
+            process.kill()
+            process.wait()
+        else:
+            _terminate(process, STOP_TIMEOUT_SECONDS)
+        logger.info(
+            "Stopped Kafka broker (pid %d, exit code %s) for a restart",
+            process.pid,
+            process.returncode,
+        )
+        time.sleep(down_seconds)
+        deadline = time.monotonic() + timeout_seconds
+        process = self._spawn()
+        try:
+            self._wait_until_ready(deadline, timeout_seconds)
+        except BaseException:
+            self.stop()
+            raise
+        logger.info(
+            "Kafka broker restarted at %s (pid %d)", self.bootstrap_servers, process.pid
+        )
 
     def _format_storage(
         self,
