@@ -11,16 +11,18 @@ SAMPLE_STAMP := $(VENV)/.installed-sample
 .PHONY: demo test test-containers lint broker bench bench-quick bench-hops clean
 
 $(BIN)/python:
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "agogosml needs Python 3.11 or newer"'
+	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("agogosml needs Python 3.11 or newer, and $(PYTHON) is " + sys.version.split()[0] + "; name another interpreter, as in: make demo PYTHON=python3.12")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # The demo needs only the sample app's packages; the checks need the dev tools.
 $(SAMPLE_STAMP): pyproject.toml setup.py | $(BIN)/python
+	@echo "Installing agogosml and the sample app's packages into $(VENV) (about a minute the first time)"
 	$(BIN)/python -m pip install --quiet -e '.[sample]'
 	touch $(SAMPLE_STAMP)
 
 $(STAMP): pyproject.toml setup.py | $(BIN)/python
+	@echo "Installing agogosml and its development tools into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP) $(SAMPLE_STAMP)
 

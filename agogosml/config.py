@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -76,10 +76,26 @@ class SaslMechanism(enum.StrEnum):
     SCRAM_SHA_512 = "SCRAM-SHA-512"
 
 
-#: A log level name; lower case is accepted and converted.
+def _any_case(choices: Iterable[str]) -> BeforeValidator:
+    """Accept a choice in any letter case, converted to its spelling in `choices`.
+
+    Any other value passes on unchanged, so an error message shows it as set.
+    """
+    spellings = {choice.casefold(): choice for choice in choices}
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            return spellings.get(value.casefold(), value)
+        return value
+
+    return BeforeValidator(convert)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: A log level name, in any letter case.
 LogLevel = Annotated[
-    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
-    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"], _any_case(_LOG_LEVELS)
 ]
 
 
@@ -277,7 +293,9 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_GROUP_ID: consumer group of the input reader, which "
         "must not be empty.",
     )
-    auto_offset_reset: Literal["earliest", "latest"] = Field(
+    auto_offset_reset: Annotated[
+        Literal["earliest", "latest"], _any_case(("earliest", "latest"))
+    ] = Field(
         "earliest",
         description="KAFKA_AUTO_OFFSET_RESET: where a new group starts: "
         "earliest or latest.",
@@ -288,12 +306,12 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_COMMIT_INTERVAL_MS: how often finished offsets are "
         "committed, in milliseconds.",
     )
-    security_protocol: SecurityProtocol = Field(
+    security_protocol: Annotated[SecurityProtocol, _any_case(SecurityProtocol)] = Field(
         SecurityProtocol.PLAINTEXT,
         description="KAFKA_SECURITY_PROTOCOL: PLAINTEXT, SSL, SASL_PLAINTEXT or "
         "SASL_SSL.",
     )
-    sasl_mechanism: SaslMechanism | None = Field(
+    sasl_mechanism: Annotated[SaslMechanism | None, _any_case(SaslMechanism)] = Field(
         None,
         description="KAFKA_SASL_MECHANISM: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.",
     )
@@ -434,8 +452,11 @@ class KafkaSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
-        if self.eventhubs_connection_string.get_secret_value():
-            if not self.resolved_bootstrap_servers():
+        connection_string = self.eventhubs_connection_string.get_secret_value()
+        if connection_string:
+            # Checked also when KAFKA_BOOTSTRAP_SERVERS is set, because the
+            # string is the SASL password, which the namespace would reject.
+            if not _EVENTHUBS_ENDPOINT.search(connection_string):
                 raise ValueError(
                     "the Event Hubs connection string has no Endpoint=sb://...; "
                     "copy it from the namespace's Shared access policies"
@@ -453,7 +474,8 @@ class KafkaSettings(BaseSettings):
         if not sasl and self.sasl_mechanism is not None:
             raise ValueError(
                 "KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL is "
-                f"{self.security_protocol.value}; use SASL_SSL"
+                f"{self.security_protocol.value}; set the protocol to SASL_SSL "
+                "(or SASL_PLAINTEXT), or unset KAFKA_SASL_MECHANISM"
             )
         if not self.bootstrap_servers:
             raise ValueError(
@@ -628,7 +650,9 @@ class EventHubSettings(BaseSettings):
         "send one batch before it reports the batch failed, in milliseconds. Keep "
         "it below APP_WRITER_TIMEOUT_MS, as KAFKA_DELIVERY_TIMEOUT_MS.",
     )
-    transport_type: EventHubsTransportType = Field(
+    transport_type: Annotated[
+        EventHubsTransportType, _any_case(EventHubsTransportType)
+    ] = Field(
         EventHubsTransportType.AMQP,
         description="EVENTHUB_TRANSPORT_TYPE: amqp (port 5671) or websocket (AMQP "
         "over WebSocket, port 443).",
@@ -820,7 +844,7 @@ class ReaderSettings(_ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="READER_", **_FROZEN)  # type: ignore[typeddict-item]
 
-    source: Transport = Field(
+    source: Annotated[Transport, _any_case(Transport)] = Field(
         Transport.FILE, description="READER_SOURCE: kafka, eventhubs or file."
     )
     input: str = Field(
@@ -855,7 +879,7 @@ class ReaderSettings(_ServiceSettings):
         le=65535,
         description="READER_PORT: port of /healthz, /readyz and /metrics.",
     )
-    ordering: Ordering = Field(
+    ordering: Annotated[Ordering, _any_case(Ordering)] = Field(
         Ordering.PARTITION,
         description="READER_ORDERING: partition, key or unordered.",
     )
@@ -1041,7 +1065,7 @@ class WriterSettings(_ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="WRITER_", **_FROZEN)  # type: ignore[typeddict-item]
 
-    sink: Transport = Field(
+    sink: Annotated[Transport, _any_case(Transport)] = Field(
         Transport.FILE, description="WRITER_SINK: kafka, eventhubs or file."
     )
     output: str = Field(
@@ -1143,7 +1167,9 @@ def warn_misspelled_variables(cls: type[BaseSettings]) -> None:
 def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
     """Return one line per invalid field, naming its environment variable."""
     prefix = str(cls.model_config.get("env_prefix", ""))
-    lines = [f"invalid configuration for {cls.__name__}:"]
+    lines = [_error_heading(cls)]
+    # A misspelled variable leaves the one it meant unset or at its default.
+    meant = {known: name for name, known in misspelled_variables(cls)}
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]
         field = location[0] if location else ""
@@ -1153,22 +1179,36 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         if isinstance(displayed, str) and "://" in displayed:
             displayed = redact_url(displayed)
         if error["type"] == "missing":
-            lines.append(f"  {name} is missing: set it ({_describe(cls, field)})")
+            line = f"  {name} is missing: set it ({_describe(cls, field)})"
+            if name in meant:
+                line += f"; {meant.pop(name)} is set, did you mean {name}?"
+            lines.append(line)
         elif field:
             lines.append(
                 f"  {name}={displayed!r} is invalid: "
                 f"{error['msg'].removeprefix('Value error, ')}"
-                f"{_URL_HINTS.get(error['type'], '')} "
+                f"{_TYPE_HINTS.get(error['type'], '')} "
                 f"({_describe(cls, field)})"
             )
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+    for known, name in meant.items():
+        lines.append(f"  {name} is not a setting and is ignored; did you mean {known}?")
     return "\n".join(lines)
 
 
-#: The fix for URL errors, whose pydantic messages do not name one.
+def _error_heading(cls: type[BaseSettings]) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    return f"invalid {prefix}* settings:" if prefix else "invalid settings:"
+
+
+#: The fix for errors whose pydantic messages do not name one, by error type.
 _URL_HINT = "; write the whole URL with its scheme, like http://127.0.0.1:8000/"
-_URL_HINTS = {"url_parsing": _URL_HINT, "url_scheme": _URL_HINT}
+_TYPE_HINTS = {
+    "url_parsing": _URL_HINT,
+    "url_scheme": _URL_HINT,
+    "bool_parsing": "; use true or false",
+}
 
 
 def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str:
@@ -1184,8 +1224,7 @@ def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str
     if isinstance(cause, json.JSONDecodeError):
         problem = "is not valid JSON"
     return (
-        f"invalid configuration for {cls.__name__}:\n"
-        f"  {name} {problem}: {cause} ({_describe(cls, field)})"
+        f"{_error_heading(cls)}\n  {name} {problem}: {cause} ({_describe(cls, field)})"
     )
 
 

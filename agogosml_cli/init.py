@@ -190,7 +190,8 @@ def _inapplicable_message(field: InitField) -> str:
     if field.path[-1] in ("mechanism", "username", "password"):
         return (
             f"{field.flag} applies only to a Kafka {side} with security protocol "
-            "SASL_PLAINTEXT or SASL_SSL"
+            f"SASL_PLAINTEXT or SASL_SSL; add --{side}-security-protocol SASL_SSL, "
+            "or remove it"
         )
     kinds = [
         kind.value

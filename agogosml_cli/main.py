@@ -31,7 +31,26 @@ if TYPE_CHECKING:
     from agogosml_cli.run import RunOptions
 
 
-@click.group()
+class _CommandGroup(click.Group):
+    """A command group that lists each command with the whole first line of its help.
+
+    click cuts the line mid-phrase to fit the terminal. Here it wraps instead.
+    """
+
+    def format_commands(
+        self, ctx: click.Context, formatter: click.HelpFormatter
+    ) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=200)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_CommandGroup)
 @click.version_option(__version__, prog_name="agogosml")
 def cli() -> None:
     """Put a machine-learning model on a data stream."""

@@ -24,10 +24,14 @@ def missing_packages_message() -> str | None:
     if not missing:
         return None
     checkout = Path(__file__).resolve().parents[1]
+    # A generated project keeps the agogosml wheel it installs in wheels/.
+    wheel = Path("wheels") / f"agogosml-{__version__}-py3-none-any.whl"
     if (checkout / "pyproject.toml").is_file():
         command = f"pip install -e '{checkout}[sample]'"
+    elif wheel.is_file():
+        command = f"pip install '{wheel.resolve()}[sample]'"
     else:
-        command = f"pip install 'agogosml-{__version__}-py3-none-any.whl[sample]'"
+        command = f"pip install 'agogosml[sample]=={__version__}'"
     return (
         f"the sample app needs {', '.join(missing)}, which are not installed; "
         f"install the sample extra: {command}"

@@ -193,6 +193,20 @@ def test_init_still_rejects_flag_of_other_type(tmp_path: Path) -> None:
     assert "--source-path applies only to a file source" in result.output
 
 
+def test_init_sasl_flag_without_protocol_names_fix(tmp_path: Path) -> None:
+    flags = [*KAFKA_SOURCE, "--source-topics", "in", "--source-sasl-username", "me"]
+
+    result = init_no_input(tmp_path, *flags)
+
+    assert result.exit_code == 2, result.output
+    assert "--source-sasl-username applies only to a Kafka source" in flat(
+        result.output
+    )
+    assert "add --source-security-protocol SASL_SSL, or remove it" in flat(
+        result.output
+    )
+
+
 def test_init_strips_registry_trailing_slash(tmp_path: Path) -> None:
     flags = [
         *KAFKA_SOURCE,

@@ -45,6 +45,16 @@ def test_run_help_lists_exit_codes() -> None:
     assert "sample fraud app, not the app of a generated project" in flat(result.output)
 
 
+def test_help_lists_whole_command_summaries() -> None:
+    result = invoke("--help")
+
+    commands = result.output.split("Commands:")[1]
+    assert result.exit_code == 0
+    assert "..." not in commands
+    assert "through the Docker Engine API." in flat(result.output)
+    assert "for 'agogosml generate'." in flat(result.output)
+
+
 @pytest.mark.parametrize("command", ["deploy", "promote", "rollback", "status"])
 @pytest.mark.parametrize(
     "name",

@@ -259,6 +259,17 @@ def test_eventhubs_without_endpoint_hides_key():
     assert EVENTHUBS_KEY not in text
 
 
+def test_eventhubs_without_endpoint_rejected_with_bootstrap():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_EVENTHUBS_CONNECTION_STRING="garbage-secret",
+        KAFKA_BOOTSTRAP_SERVERS="10.0.0.4:9093",
+    )
+
+    assert "Event Hubs connection string has no Endpoint=sb://" in text
+    assert "garbage-secret" not in text
+
+
 def test_kafka_extra_config_not_json_named():
     text = configuration_error(
         KafkaSettings,
@@ -860,3 +871,70 @@ def test_retry_backoff_over_an_hour_rejected():
 
     assert "READER_RETRY_INITIAL_BACKOFF_MS='100000000000000000000' is invalid" in text
     assert "less than or equal to 3600000" in text
+
+
+def test_missing_setting_names_its_misspelling():
+    text = configuration_error(
+        ReaderSettings, READER_INPUT="orders", READER_APP_UR="http://app:8000"
+    )
+
+    assert "READER_APP_URL is missing" in text
+    assert "READER_APP_UR is set, did you mean READER_APP_URL?" in text
+
+
+def test_invalid_settings_list_other_misspellings():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_ORDERING="sideways",
+        READER_PROT="8080",
+    )
+
+    assert text.startswith("invalid READER_* settings:")
+    assert (
+        "READER_PROT is not a setting and is ignored; did you mean READER_PORT?" in text
+    )
+
+
+def test_invalid_boolean_names_accepted_values():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_STOP_AT_END="ture",
+    )
+
+    assert "READER_STOP_AT_END='ture' is invalid" in text
+    assert "use true or false" in text
+
+
+def test_invalid_log_level_shown_as_set():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_LOG_LEVEL="verbose",
+    )
+
+    assert "READER_LOG_LEVEL='verbose' is invalid" in text
+
+
+def test_choices_accepted_in_any_case(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")
+    clean_environment.setenv("KAFKA_SASL_MECHANISM", "scram-sha-256")
+    clean_environment.setenv("KAFKA_AUTO_OFFSET_RESET", "Latest")
+    clean_environment.setenv("READER_INPUT", "orders")
+    clean_environment.setenv("READER_APP_URL", "http://app:8000")
+    clean_environment.setenv("READER_SOURCE", "KAFKA")
+    clean_environment.setenv("READER_ORDERING", "Key")
+
+    kafka = load_settings(KafkaSettings)
+    reader = load_settings(ReaderSettings)
+
+    assert kafka.client_config()["security.protocol"] == "SASL_SSL"
+    assert kafka.client_config()["sasl.mechanism"] == "SCRAM-SHA-256"
+    assert kafka.auto_offset_reset == "latest"
+    assert reader.source.value == "kafka"
+    assert reader.ordering is Ordering.KEY

@@ -743,3 +743,50 @@ def test_iter_transactions_lists_columns_once(tmp_path: Path) -> None:
     message = str(raised.value)
     assert "has none of the dataset's columns" in message
     assert message.count("V28") == 1
+
+
+def _missing_packages_hint(
+    monkeypatch: pytest.MonkeyPatch, installed_at: Path, cwd: Path
+) -> str:
+    import importlib.util
+
+    import sample_app
+
+    monkeypatch.setattr(sample_app, "__file__", str(installed_at / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.chdir(cwd)
+    message = sample_app.missing_packages_message()
+    assert message is not None
+    return message
+
+
+def test_missing_packages_hint_in_checkout(monkeypatch, tmp_path):
+    (tmp_path / "pyproject.toml").touch()
+
+    message = _missing_packages_hint(monkeypatch, tmp_path / "sample_app", tmp_path)
+
+    assert "joblib, numpy, pandas, sklearn" in message
+    assert f"pip install -e '{tmp_path}[sample]'" in message
+
+
+def test_missing_packages_hint_names_project_wheel(monkeypatch, tmp_path):
+    from agogosml import __version__
+
+    wheel = tmp_path / "wheels" / f"agogosml-{__version__}-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.touch()
+    installed_at = tmp_path / "venv" / "site-packages" / "sample_app"
+
+    message = _missing_packages_hint(monkeypatch, installed_at, tmp_path)
+
+    assert f"pip install '{wheel}[sample]'" in message
+
+
+def test_missing_packages_hint_from_package_index(monkeypatch, tmp_path):
+    from agogosml import __version__
+
+    installed_at = tmp_path / "venv" / "site-packages" / "sample_app"
+
+    message = _missing_packages_hint(monkeypatch, installed_at, tmp_path)
+
+    assert f"pip install 'agogosml[sample]=={__version__}'" in message
