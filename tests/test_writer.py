@@ -740,6 +740,7 @@ async def test_sink_not_connected_503():
         ready = await client.get("/readyz")
 
     assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
     assert ready.status == 503
     assert sink.send_calls == 0
 
@@ -764,6 +765,7 @@ async def test_draining_rejects_new_waits_in_flight():
         await asyncio.wait_for(drain, 2)
 
     assert rejected.status == 503
+    assert rejected.headers["Retry-After"] == "1"
     assert "shutting down" in rejected_error
     assert ready.status == 503
     assert drain_finished_early is False

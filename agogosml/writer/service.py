@@ -98,6 +98,10 @@ def load_tap(spec: str) -> Tap:
 #: missing topic does not move valid messages to the dead letters.
 SINK_RETRY_AFTER_SECONDS = 5
 
+#: Retry-After of a 503 while the writer shuts down, in seconds: a restarted or
+#: other replica takes requests soon.
+DRAINING_RETRY_AFTER_SECONDS = 1
+
 
 class BadRequest(Exception):
     """A request that cannot become records; `status` is the HTTP response status.
@@ -188,12 +192,20 @@ class OutputWriter:
 
     async def _read_json_body(self, request: web.Request) -> bytes:
         """Return the body of a JSON request, or raise `BadRequest`."""
+        # Both 503s carry Retry-After, so a reader waits them out without using
+        # up the attempts of valid messages, as for a failed write.
         if self._draining:
             raise BadRequest(
-                503, "the writer is shutting down; retry on another replica"
+                503,
+                "the writer is shutting down; retry on another replica",
+                retry_after=DRAINING_RETRY_AFTER_SECONDS,
             )
         if not self._sink.connected:
-            raise BadRequest(503, self._sink.unavailable_reason)
+            raise BadRequest(
+                503,
+                self._sink.unavailable_reason,
+                retry_after=SINK_RETRY_AFTER_SECONDS,
+            )
         if request.content_type != "application/json":
             raise BadRequest(
                 415,
