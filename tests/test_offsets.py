@@ -29,6 +29,33 @@ def test_nothing_finished_nothing_committable():
     assert tracker.in_flight(TOPIC, 0) == 3
 
 
+def test_first_offset_committable_before_any_finish():
+    tracker = OffsetTracker(commit_first_offset=True)
+    tracker.assign(TOPIC, 0)
+    positions = register(tracker, [40, 41, 42])
+
+    assert tracker.committable() == {(TOPIC, 0): 40}
+
+    tracker.finish(positions[41])
+    assert tracker.committable() == {(TOPIC, 0): 40}
+
+    tracker.finish(positions[40])
+    assert tracker.committable() == {(TOPIC, 0): 42}
+
+
+def test_first_offset_reset_by_reassign():
+    tracker = OffsetTracker(commit_first_offset=True)
+    tracker.assign(TOPIC, 0)
+    register(tracker, [40])
+
+    revoked = tracker.revoke(TOPIC, 0)
+    tracker.assign(TOPIC, 0)
+    register(tracker, [35])
+
+    assert revoked == 40
+    assert tracker.committable() == {(TOPIC, 0): 35}
+
+
 def test_in_order_finish_commits_each():
     tracker = OffsetTracker()
     tracker.assign(TOPIC, 0)

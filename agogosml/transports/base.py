@@ -186,9 +186,18 @@ class OffsetTracker:
     finished prefix, so a message finished out of order is committed only once
     every earlier message is finished too. Thread-safe, because Kafka rebalance
     callbacks run on the client's thread.
+
+    Args:
+        commit_first_offset: Make the offset of a partition's first registered
+            message its commit position until a message finishes. A Kafka
+            group without a committed offset that starts at the end of the log
+            (``auto.offset.reset=latest``) then commits where it started, so the
+            next consumer of the partition does not skip the messages that were
+            read but not finished.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, commit_first_offset: bool = False) -> None:
+        self._commit_first_offset = commit_first_offset
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], collections.deque[Position]] = {}
         self._finished: dict[tuple[str, int], set[int]] = {}
@@ -235,6 +244,8 @@ class OffsetTracker:
                     and self._generation.get(key) == position.generation
                 ):
                     pending.append(position)
+                    if self._commit_first_offset:
+                        self._committable.setdefault(key, position.offset)
 
     def finish(self, position: Position) -> bool:
         """Mark a message finished; return False if its partition was lost since."""
@@ -256,7 +267,7 @@ class OffsetTracker:
             return True
 
     def committable(self) -> dict[tuple[str, int], int]:
-        """Return the commit position of every partition with finished messages."""
+        """Return the commit position of every partition that has one."""
         with self._lock:
             return dict(self._committable)
 

@@ -53,7 +53,7 @@ class KafkaSource(TrackedSource):
         self._settings = settings
         self._topics = topics
         self._revoke_timeout = revoke_timeout_seconds
-        self._tracker = OffsetTracker()
+        self._tracker = OffsetTracker(commit_first_offset=True)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kafka-consumer"
         )

@@ -1,0 +1,104 @@
+"""A group that starts at the end of the log keeps the messages it left unfinished.
+
+With ``KAFKA_AUTO_OFFSET_RESET=latest`` and no committed offset, a reader that
+stops before any message finished must still commit where it started. Otherwise
+the next reader of the group starts at the end of the log again, past the
+messages the first one read and released unfinished. These tests use
+librdkafka's mock cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from fakes import MemorySink
+from test_reader import accept, reader_settings, running_reader, stub_app, wait_for
+
+from agogosml.config import KafkaSettings
+from agogosml.transports.kafka import KafkaSource
+
+TOPIC = "latest-in"
+GROUP = "g-latest"
+
+
+def mock_cluster() -> tuple[AdminClient, str]:
+    admin = AdminClient({"test.mock.num.brokers": "1"})
+    brokers = admin.list_topics(timeout=10).brokers
+    return admin, ",".join(f"{b.host}:{b.port}" for b in brokers.values())
+
+
+def produce(bootstrap: str, numbers: range) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for number in numbers:
+        producer.produce(TOPIC, value=orjson.dumps({"n": number}), partition=0)
+    assert producer.flush(10) == 0
+
+
+def committed(bootstrap: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": GROUP})
+    try:
+        (partition,) = consumer.committed([TopicPartition(TOPIC, 0)], timeout=10)
+        return int(partition.offset)
+    finally:
+        consumer.close()
+
+
+async def wait_long(condition, seconds=30.0):
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def hold(received):
+    """Keep every request open until the reader stops."""
+    await asyncio.sleep(3600)
+
+
+async def test_latest_reset_keeps_unfinished_messages():
+    admin, bootstrap = mock_cluster()
+    produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=GROUP,
+        auto_offset_reset="latest",
+        # The mock cluster waits for a closed member's session before it
+        # assigns the partition again.
+        extra_config={"session.timeout.ms": 6000},
+    )
+    dead_letter = MemorySink()
+
+    # The first reader reads n=0..4, the app keeps the first request open, and the
+    # reader stops.
+    async with stub_app(hold) as app:
+        settings = reader_settings(
+            app.url, input=TOPIC, stop_at_end=False, shutdown_timeout_ms=300
+        )
+        source = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=0.3)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_long(lambda: source.tracker.generation(TOPIC, 0) > 0)
+            await asyncio.sleep(1.0)  # the consumer resolves "latest" (offset 2)
+            produce(bootstrap, range(0, 5))  # offsets 2..6
+            await wait_for(lambda: reader.in_flight == 5 and len(app.requests) == 1)
+    after_first = committed(bootstrap)
+
+    # A second reader of the same group, with an app that accepts everything.
+    async with stub_app(accept) as app:
+        settings = reader_settings(app.url, input=TOPIC, stop_at_end=False)
+        source = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=1)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_long(lambda: source.tracker.generation(TOPIC, 0) > 0)
+            await asyncio.sleep(1.0)
+            produce(bootstrap, range(5, 10))  # offsets 7..11
+            await wait_long(lambda: len(app.accepted) >= 5)
+            await asyncio.sleep(2.0)
+        delivered = sorted(app.numbers())
+    after_second = committed(bootstrap)
+    del admin
+
+    assert after_first == 2  # where the first reader started: n=0
+    assert delivered == list(range(10))
+    assert dead_letter.envelopes == []
+    assert after_second == 12
