@@ -45,6 +45,10 @@ class SinkError(TransportError):
             reason. Empty when the sink cannot tell records apart.
         too_large: True when the records in `failures` are over a size limit of
             the sink, so that only smaller records can be written.
+        size_rejected: True when the destination rejected records as too large
+            but the sink cannot tell whether a record of this call is over the
+            limit alone. A retry may succeed, and a record that fails this way on
+            every retry is too large.
     """
 
     def __init__(
@@ -54,10 +58,12 @@ class SinkError(TransportError):
         retriable: bool = True,
         failures: dict[str, str] | None = None,
         too_large: bool = False,
+        size_rejected: bool = False,
     ) -> None:
         super().__init__(message, retriable=retriable)
         self.failures = failures or {}
         self.too_large = too_large
+        self.size_rejected = size_rejected
 
 
 class AppRequestError(AgogosmlError):

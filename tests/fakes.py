@@ -160,18 +160,27 @@ class MemorySink(Sink):
         self._failures_left = 0
         self._failures_retriable = True
         self._failures_too_large = False
+        self._failures_size_rejected = False
 
     def fail_next(
-        self, count: int, *, retriable: bool = True, too_large: bool = False
+        self,
+        count: int,
+        *,
+        retriable: bool = True,
+        too_large: bool = False,
+        size_rejected: bool = False,
     ) -> None:
         """Make the next `count` calls of `send` raise `SinkError`.
 
         With `too_large`, the error names every record as too large, as a sink
-        does for a record over its size limit.
+        does for a record over its size limit. With `size_rejected`, the error
+        says that the destination rejected records as too large without naming
+        them, as the Kafka sink does while it cannot read the topic's limit.
         """
         self._failures_left = count
         self._failures_retriable = retriable
         self._failures_too_large = too_large
+        self._failures_size_rejected = size_rejected
 
     @property
     def connected(self) -> bool:
@@ -206,6 +215,7 @@ class MemorySink(Sink):
                 retriable=self._failures_retriable,
                 failures=failures,
                 too_large=self._failures_too_large,
+                size_rejected=self._failures_size_rejected,
             )
         self.envelopes.extend(envelopes)
 

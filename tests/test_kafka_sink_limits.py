@@ -328,8 +328,66 @@ async def test_size_error_retriable_while_limit_unknown(
     assert small_errors == [None] * len(small)
     assert big_error is not None
     assert big_error.retriable is True
+    assert big_error.size_rejected is True
     assert "Message size too large" in str(big_error)
     assert sorted(written) == sorted(envelope.value for envelope in small)
+
+
+async def test_oversized_result_dead_lettered_while_limit_unknown(
+    kafka_bootstrap: str,
+    limited_topic: TopicFactory,
+    sinks: list[KafkaSink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fakes import MemorySink, MemorySource
+    from test_reader import reader_settings, running_reader
+
+    from agogosml.app import AppSettings, ModelApp
+
+    async def denied(self: TopicSizeLimit) -> int:
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+    topic = limited_topic(TOPIC_LIMIT)
+    sink = KafkaSink(
+        load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
+    )
+    sinks.append(sink)
+    await sink.start()
+    writer = OutputWriter(load_settings(WriterSettings, output=topic), sink)
+    source = MemorySource("input")
+    source.add(orjson.dumps({"n": 0, "pad": "x" * 20_000}))
+    source.add(orjson.dumps({"n": 1}))
+    dead_letter = MemorySink()
+    settings = reader_settings(
+        "http://127.0.0.1:1",
+        input="input",
+        stop_at_end=False,
+        retry_max_attempts=2,
+        app_ready_path="/readyz",
+    )
+
+    async with TestServer(writer.build_app()) as writer_server:
+        app_settings = AppSettings(writer_url=str(writer_server.make_url("")))
+        async with (
+            ModelApp(lambda values: values).running(app_settings) as app,
+            TestServer(app) as app_server,
+        ):
+            settings = settings.model_copy(
+                update={"app_url": str(app_server.make_url(""))}
+            )
+            async with running_reader(settings, source, dead_letter):
+                deadline = time.monotonic() + TIMEOUT_SECONDS
+                while source.committed != {("input", 0): 2}:
+                    assert time.monotonic() < deadline, source.committed
+                    await asyncio.sleep(0.1)
+
+    (record,) = dead_letter.envelopes
+    headers = {name: value.decode() for name, value in record.headers}
+    assert sink.topic_max_message_bytes is None
+    assert headers["dlq.status"] == "503"
+    assert "Message size too large" in headers["dlq.error"]
+    assert topic_values(kafka_bootstrap, topic) == [b'{"n":1}']
 
 
 async def test_raised_topic_limit_read_before_rejecting(

@@ -1801,6 +1801,42 @@ async def test_permanent_dead_letter_error_drops_value():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_size_rejected_dead_letter_dropped_after_three():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(3, size_rejected=True)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    assert record.value == b""
+    assert "fail_next" in dead_letter_headers(record)["dlq.value_dropped"]
+    assert dead_letter.send_calls == 4
+    assert source.committed == {(TOPIC, 0): 1}
+
+
+async def test_size_rejected_dead_letter_kept_after_two():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(2, size_rejected=True)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    assert record.value == b'{"n":0}'
+    assert dead_letter.send_calls == 3
+
+
 async def test_permanent_dead_letter_error_keeps_value():
     source = MemorySource(TOPIC)
     fill(source, 1)

@@ -732,6 +732,17 @@ async def test_sink_permanent_failure_422():
     assert sink.send_calls == 2
 
 
+async def test_size_rejected_503_without_retry_after():
+    sink = await started_sink()
+    sink.fail_next(1, size_rejected=True)
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b'{"n": 1}', headers=JSON)
+
+    assert response.status == 503
+    assert "Retry-After" not in response.headers
+
+
 async def test_sink_not_connected_503():
     sink = MemorySink()
 

@@ -743,11 +743,15 @@ class InputReader:
         rejects the record for good as too large, the next attempt drops the
         value, and the one after that the key and the record headers too. The
         record keeps the source position, so the message can still be read from
-        the source. Any other error, such as a missing permission, is retried
-        with the whole record until an operator fixes it.
+        the source. A record that the sink rejects as possibly too large
+        (`SinkError.size_rejected`) counts as too large after
+        `_SIZE_REJECTIONS_TOO_LARGE` such failures in a row. Any other error,
+        such as a missing permission, is retried with the whole record until an
+        operator fixes it.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
+        size_rejections = 0
         try:
             while True:
                 try:
@@ -757,7 +761,10 @@ class InputReader:
                     failures += 1
                     if failures == 1:
                         self._dead_letter_failures += 1
-                    if _too_large(exc):
+                    rejected = isinstance(exc, SinkError) and exc.size_rejected
+                    size_rejections = size_rejections + 1 if rejected else 0
+                    if _too_large(exc) or size_rejections >= _SIZE_REJECTIONS_TOO_LARGE:
+                        size_rejections = 0
                         logger.warning(
                             "dead letter too large for %s; writing it again "
                             "without its value (and then without its key and "
@@ -999,6 +1006,11 @@ def _position_fields(envelope: Envelope) -> dict[str, object]:
         "partition": position.partition,
         "offset": position.offset,
     }
+
+
+#: Failures in a row of a dead letter that the sink rejected as possibly too
+#: large, after which the record counts as too large and is made smaller.
+_SIZE_REJECTIONS_TOO_LARGE = 3
 
 
 def _too_large(error: Exception) -> bool:

@@ -264,12 +264,17 @@ class OutputWriter:
 
 
 def _sink_error_response(exc: SinkError) -> BadRequest:
-    """Return 503 for a failure a retry may fix, else 422 so callers stop retrying."""
+    """Return 503 for a failure a retry may fix, else 422 so callers stop retrying.
+
+    A 503 for records the destination rejected as too large has no Retry-After,
+    so each retry uses up an attempt and a record too large for the topic ends
+    in the dead letters instead of being retried forever.
+    """
     if exc.retriable:
         return BadRequest(
             503,
             f"records were not written: {exc}",
-            retry_after=SINK_RETRY_AFTER_SECONDS,
+            retry_after=None if exc.size_rejected else SINK_RETRY_AFTER_SECONDS,
         )
     return BadRequest(
         422,

@@ -411,6 +411,7 @@ class KafkaSink(Sink):
             retriable=retriable,
             failures={envelope.id: problem for envelope, problem in too_large},
             too_large=bool(too_large),
+            size_rejected=size_error and not too_large,
         )
 
 
