@@ -174,7 +174,7 @@ class MemorySink(Sink):
 
         With `too_large`, the error names every record as too large, as a sink
         does for a record over its size limit. With `size_rejected`, the error
-        says that the destination rejected records as too large without naming
+        reports that the destination rejected records as too large without naming
         them, as the Kafka sink does while it cannot read the topic's limit.
         """
         self._failures_left = count
