@@ -110,6 +110,9 @@ class InputReader:
         )
         self._progress = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Event-loop time by which a requested stop ends the wait for in-flight
+        #: messages, for revoked partitions and for the final drain alike.
+        self._stop_deadline: float | None = None
         # Without a readiness path the app counts as ready; otherwise fetching
         # waits for the first successful check.
         self._app_ready = not settings.app_ready_path
@@ -163,8 +166,12 @@ class InputReader:
         """Stop fetching; `run` then finishes in-flight work and returns."""
         if not self._stopping.is_set():
             logger.info("stop requested; finishing in-flight messages")
+            timeout_seconds = self._settings.shutdown_timeout_ms / 1000
+            self._stop_deadline = asyncio.get_running_loop().time() + timeout_seconds
         self._stopping.set()
         self._wake_waiting_lanes()
+        # Wakes a revocation that waits for its partitions, so it checks the deadline.
+        self._progress.set()
 
     async def run(self) -> None:
         """Process messages until `request_stop`, or the end of a bounded source."""
@@ -174,7 +181,7 @@ class InputReader:
         try:
             await self._fetch_loop()
         finally:
-            await self._finish_in_flight(self._settings.shutdown_timeout_ms / 1000)
+            await self._finish_in_flight(self._shutdown_seconds_left())
             if watcher is not None:
                 watcher.cancel()
             await self._cancel_workers()
@@ -841,7 +848,9 @@ class InputReader:
         Their messages that wait in a lane are released at once, so that the
         revocation waits only for requests already sent, not for other
         partitions' messages ahead of them in the lane. Returns at once after
-        `run` has ended, because no worker is left to finish anything.
+        `run` has ended, because no worker is left to finish anything, and when
+        the time a requested stop gives in-flight messages is up, so that a stop
+        during a revocation does not wait for them twice.
         """
         self._revoking.update(partitions)
         self._wake_waiting_lanes()
@@ -851,9 +860,24 @@ class InputReader:
                 self._partition_in_flight[key] > 0 for key in partitions
             ):
                 self._progress.clear()
-                await self._progress.wait()
+                if self._stop_deadline is None:
+                    await self._progress.wait()
+                    continue
+                left = self._shutdown_seconds_left()
+                if left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(self._progress.wait(), left)
+                except TimeoutError:
+                    return
         finally:
             self._revoking.difference_update(partitions)
+
+    def _shutdown_seconds_left(self) -> float:
+        """Return the seconds left for in-flight messages before the reader stops."""
+        if self._stop_deadline is None:
+            return self._settings.shutdown_timeout_ms / 1000
+        return max(0.0, self._stop_deadline - asyncio.get_running_loop().time())
 
     def _release_queued(self, partitions: set[tuple[str, int]]) -> None:
         """Release the messages of `partitions` that no worker has taken yet."""
