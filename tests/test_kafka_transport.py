@@ -359,11 +359,26 @@ async def test_unreachable_broker_failure_is_retriable() -> None:
         (KafkaError.NOT_ENOUGH_REPLICAS, True),
         (KafkaError._TRANSPORT, True),
         (KafkaError.MSG_SIZE_TOO_LARGE, False),
-        (KafkaError.TOPIC_AUTHORIZATION_FAILED, False),
+        (KafkaError.TOPIC_AUTHORIZATION_FAILED, True),
+        (KafkaError.INVALID_RECORD, False),
     ],
 )
 def test_kafka_error_retriable_by_code(code: int, retriable: bool) -> None:
     assert is_retriable(KafkaError(code)) is retriable
+
+
+async def test_write_denied_retriable_with_fix() -> None:
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    sink = KafkaSink(settings, "scores")
+    envelope = Envelope(value=b'{"n": 1}', id="m-1")
+    denied = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+
+    error = await sink._delivery_error([denied], [(envelope, [])])
+
+    assert error.retriable is True
+    assert error.failures == {}
+    assert "may not write to topic 'scores'" in str(error)
+    assert "grant it the Write and Describe operations" in str(error)
 
 
 async def test_topic_limit_failure_logged_once(

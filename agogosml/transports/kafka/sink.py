@@ -392,6 +392,12 @@ class KafkaSink(Sink):
             f"{len(errors)} of {len(sized)} records were not acknowledged by topic "
             f"{self._topic!r}: delivery failed: {errors[0]}"
         )
+        if any(e.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED for e in errors):
+            text += (
+                f". The Kafka principal of this service may not write to topic "
+                f"{self._topic!r}: grant it the Write and Describe operations on "
+                "the topic"
+            )
         if too_large:
             envelope, problem = too_large[0]
             text += f". Record {envelope.id!r} is {problem}"
@@ -479,14 +485,15 @@ def _resolve(future: asyncio.Future[None]) -> None:
 #: Errors that the same record will meet again on every attempt. Everything else
 #: (timeouts, unavailable leaders, missing replicas, a broker outage) may pass.
 #: MSG_SIZE_TOO_LARGE in a delivery report is judged by the record's size
-#: instead (`KafkaSink._delivery_error`).
+#: instead (`KafkaSink._delivery_error`). TOPIC_AUTHORIZATION_FAILED is not
+#: here: once an operator grants the missing permission, every record passes,
+#: so valid records wait for that instead of going to the dead letters.
 _PERMANENT_ERRORS = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
         KafkaError.INVALID_RECORD,
         KafkaError.RECORD_LIST_TOO_LARGE,
         KafkaError._INVALID_ARG,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
         KafkaError.TOPIC_EXCEPTION,
     }
 )
