@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import os
 import random
 import re
@@ -172,15 +173,26 @@ class Envelope:
         return base64.b64encode(self.key).decode("ascii"), True
 
 
+#: Longest message id kept from a ``message-id`` header, in bytes as encoded.
+MAX_ID_BYTES = 512
+
+
 def _header_safe_id(raw: bytes) -> str:
     """Return a message id that fits in an HTTP header unchanged.
 
     An id of printable ASCII is kept. Any other id is percent-encoded, so
-    distinct ids stay distinct and a redelivered message gets the same id.
+    distinct ids stay distinct and a redelivered message gets the same id. An
+    id longer than `MAX_ID_BYTES` becomes ``sha256:`` and the hex digest of the
+    header, which is as stable and keeps every request and dead letter of the
+    message small.
     """
     if _PRINTABLE_ASCII.fullmatch(raw) and raw == raw.strip():
-        return raw.decode("ascii")
-    return urllib.parse.quote(raw, safe=_ID_SAFE)
+        text = raw.decode("ascii")
+    else:
+        text = urllib.parse.quote(raw, safe=_ID_SAFE)
+    if len(text) > MAX_ID_BYTES:
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return text
 
 
 #: Ids need to be unique, not secret, so a seeded generator makes them without

@@ -1,4 +1,5 @@
 import base64
+import hashlib
 
 import pytest
 
@@ -40,6 +41,17 @@ def test_message_id_header_made_header_safe(raw, expected):
     envelope = Envelope.from_record(b"{}", None, [("message-id", raw)], None)
 
     assert envelope.id == expected
+
+
+def test_long_message_id_header_hashed():
+    raw = b"x" * 513
+    kept = b"y" * 512
+
+    long_id = Envelope.from_record(b"{}", None, [("message-id", raw)], None).id
+    kept_id = Envelope.from_record(b"{}", None, [("message-id", kept)], None).id
+
+    assert long_id == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert kept_id == kept.decode()
 
 
 def test_id_derived_from_position():
