@@ -105,6 +105,15 @@ async def test_checkpoint_after_last_line_without_line_break(tmp_path: Path) -> 
             b"9 sha256:" + b"0" * 64 + b" inode:1:2 x",
             "'9 sha256:" + "0" * 64 + " inode:1:2 x'",
         ),
+        (
+            b"9 sha256:" + b"0" * 64 + b" inode:1:2 then:3",
+            "'9 sha256:" + "0" * 64 + " inode:1:2 then:3'",
+        ),
+        (
+            b"9 sha256:" + b"0" * 64 + b" inode:1:2  then:3:4",
+            "'9 sha256:" + "0" * 64 + " inode:1:2  then:3:4'",
+        ),
+        (b"9 then:3:4", "'9 then:3:4'"),
     ],
 )
 async def test_unreadable_checkpoint_rejected(

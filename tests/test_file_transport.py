@@ -479,6 +479,118 @@ async def test_restart_reads_rotated_file_first(tmp_path: Path, caplog) -> None:
     assert "reading on from byte 9 of the file it was, now " in caplog.text
 
 
+async def rotate_twice_then_crash(
+    path: Path, checkpoint: Path, first_lines: int = 2
+) -> FileSource:
+    """Leave a checkpoint as a reader killed after two rotations would.
+
+    The lines after the first of the first file (A) and both lines of the
+    second (B) are unfinished. A is renamed to ``.2`` and B to ``.1``; the file
+    at the path (C) has one line. Returns the source, which the caller stops
+    after the test.
+    """
+    path.write_bytes(
+        b"".join(b'{"f": "a", "n": %d}\n' % n for n in range(1, first_lines + 1))
+    )
+    source = FileSource(
+        str(path), follow=True, rotate_wait_seconds=0, checkpoint_path=checkpoint
+    )
+    await source.start()
+    first = await read_all(source)
+    source.ack(first[0])
+    path.rename(path.with_name("in.jsonl.1"))
+    path.write_bytes(b'{"f": "b", "n": 1}\n{"f": "b", "n": 2}\n')
+    await read_all(source)
+    path.with_name("in.jsonl.1").rename(path.with_name("in.jsonl.2"))
+    path.rename(path.with_name("in.jsonl.1"))
+    path.write_bytes(b'{"f": "c", "n": 1}\n')
+    await read_all(source)
+    source.commit()
+    return source
+
+
+async def test_restart_after_two_rotations_reads_middle_file(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    crashed = await rotate_twice_then_crash(path, checkpoint)
+    written = checkpoint.read_text().split(" ")
+
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with again:
+        envelopes = await read_all(again, rounds=8)
+        for envelope in envelopes:
+            again.ack(envelope)
+    await crashed.stop()
+
+    middle = path.with_name("in.jsonl.1").stat()
+    assert written[3] == f"then:{middle.st_dev}:{middle.st_ino}"
+    assert written[4] == f"then:{path.stat().st_dev}:{path.stat().st_ino}"
+    assert [e.value for e in envelopes] == [
+        b'{"f": "a", "n": 2}',
+        b'{"f": "b", "n": 1}',
+        b'{"f": "b", "n": 2}',
+        b'{"f": "c", "n": 1}',
+    ]
+    assert checkpoint.read_text().split(" ")[0] == "19"
+
+
+async def test_checkpoint_in_rotated_file_keeps_later_files(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    crashed = await rotate_twice_then_crash(path, checkpoint, first_lines=3)
+    written = checkpoint.read_text()
+
+    # After a restart the second line of the first file finishes, and the
+    # reader is killed again before the third does. The new checkpoint keeps
+    # the files after the first, so a third start still reads them.
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    await again.start()
+    read_again = await read_all(again, rounds=8)
+    again.ack(read_again[0])
+    again.commit()
+    rewritten = checkpoint.read_text()
+    third = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with third:
+        envelopes = await read_all(third, rounds=8)
+    await again.stop()
+    await crashed.stop()
+
+    assert (written.split(" ")[0], rewritten.split(" ")[0]) == ("19", "38")
+    assert rewritten.split(" ")[2:] == written.split(" ")[2:]
+    assert [e.value for e in envelopes][:3] == [
+        b'{"f": "a", "n": 3}',
+        b'{"f": "b", "n": 1}',
+        b'{"f": "b", "n": 2}',
+    ]
+
+
+async def test_restart_without_middle_file_warns(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    crashed = await rotate_twice_then_crash(path, checkpoint)
+    path.with_name("in.jsonl.1").unlink()  # rotated away, e.g. compressed
+
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with again:
+        envelopes = await read_all(again, rounds=8)
+    await crashed.stop()
+
+    message = " ".join(caplog.text.split())
+    assert [e.value for e in envelopes] == [
+        b'{"f": "a", "n": 2}',
+        b'{"f": "c", "n": 1}',
+    ]
+    assert "is no longer in its directory; lines of it may not have been" in message
+
+
 async def test_restart_without_rotated_file(tmp_path: Path, caplog) -> None:
     path = tmp_path / "in.jsonl"
     checkpoint = tmp_path / "in.offset"

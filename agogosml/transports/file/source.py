@@ -11,6 +11,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -94,10 +95,11 @@ class FileSource(TrackedSource):
     that message ids stay unique within a run.
 
     A checkpoint records the file's device and inode numbers too. It stays in a
-    replaced file until every line read from that file is finished. A restart
-    that finds another file at the path looks for the checkpoint's file by its
-    inode in the same directory, reads it on, and then the new file from its
-    start.
+    replaced file until every line read from that file is finished, and then
+    also names the files that replaced it after it. A restart that finds another
+    file at the path looks for the checkpoint's file by its inode in the same
+    directory and reads it on. It then reads each file named after it, found the
+    same way, and last the new file at the path, each from its start.
     """
 
     def __init__(
@@ -134,6 +136,9 @@ class FileSource(TrackedSource):
         self._part_start = 0  # byte offset where reading the current part started
         # Replaced files, by partition number, whose lines are not all finished.
         self._replaced: dict[int, _Replaced] = {}
+        # After a restart, the device and inode numbers of the files that
+        # replaced the checkpoint's file, to read before the file at the path.
+        self._later_files: list[tuple[int, int]] = []
         self._reopen_error = ""  # why the replacement file cannot be opened
         self._read_tail = b""  # the last bytes read from a followed file
         self._restarted = False  # whether a restart awaits its checkpoint
@@ -143,7 +148,7 @@ class FileSource(TrackedSource):
         self._file: BinaryIO | None = None
         self._offset = 0
         self._paused = False
-        self._committed: tuple[int, int] | None = None
+        self._committed: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self.at_end = False
 
@@ -169,7 +174,8 @@ class FileSource(TrackedSource):
             try:
                 fingerprint = None
                 if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-                    self._offset, fingerprint, identity = self._read_checkpoint()
+                    checkpoint = self._read_checkpoint()
+                    self._offset, fingerprint, identity, later = checkpoint
                     if (
                         self._follow
                         and identity is not None
@@ -177,6 +183,8 @@ class FileSource(TrackedSource):
                         and not self._fits(self._file, fingerprint)
                     ):
                         fingerprint = self._open_rotated(identity, fingerprint)
+                        if fingerprint is not None:
+                            self._later_files = later
                     self._part_start = self._offset
                 else:
                     self._stream_fd = self._file.fileno()
@@ -247,6 +255,44 @@ class FileSource(TrackedSource):
         start, with a warning. Returns the fingerprint to check.
         """
         assert self._file is not None
+        found = self._open_by_identity(
+            identity, lambda file: self._fits(file, fingerprint)
+        )
+        if found is not None:
+            self._file.close()
+            self._file, name = found
+            logger.info(
+                "input file %s was replaced since the checkpoint; reading on "
+                "from byte %d of the file it was, now %s, then %s from its start",
+                self._path,
+                self._offset,
+                name,
+                self._path,
+                extra={"path": self._path, "offset": self._offset},
+            )
+            return fingerprint
+        directory = os.path.dirname(self._path) or "."
+        logger.warning(
+            "input file %s was replaced since the checkpoint, and the file it was "
+            "is no longer in %s; reading %s from its start. Lines of the old file "
+            "after byte %d may not have been delivered",
+            self._path,
+            directory,
+            self._path,
+            self._offset,
+            extra={"path": self._path, "offset": self._offset},
+        )
+        self._offset = 0
+        return None
+
+    def _open_by_identity(
+        self, identity: tuple[int, int], accept: Callable[[BinaryIO], bool]
+    ) -> tuple[BinaryIO, str] | None:
+        """Open the file of the input's directory with these device and inode numbers.
+
+        Returns the open file and its path, or None when no such file is there
+        or `accept` rejects it.
+        """
         directory = os.path.dirname(self._path) or "."
         try:
             with os.scandir(directory) as entries:
@@ -262,31 +308,42 @@ class FileSource(TrackedSource):
                 file = open(name, "rb")  # kept open while it is read
             except OSError:
                 continue
-            if _identity(file) == identity and self._fits(file, fingerprint):
-                self._file.close()
-                self._file = file
+            if _identity(file) == identity and accept(file):
+                return file, name
+            file.close()
+        return None
+
+    def _open_later_file(self, current: os.stat_result) -> BinaryIO | None:
+        """Open the next file that replaced the checkpoint's file before a restart.
+
+        Returns None when none is left to read before the file at the path, whose
+        status is `current`. A file that is no longer in the directory is
+        skipped with a warning, because its lines may not have been delivered.
+        """
+        while self._later_files:
+            identity = self._later_files.pop(0)
+            if identity == (current.st_dev, current.st_ino):
+                self._later_files.clear()  # the rest came after the path's file
+                return None
+            found = self._open_by_identity(identity, lambda file: True)
+            if found is not None:
+                file, name = found
                 logger.info(
-                    "input file %s was replaced since the checkpoint; reading on "
-                    "from byte %d of the file it was, now %s, then %s from its start",
-                    self._path,
-                    self._offset,
+                    "reading %s, which replaced the input file %s before the "
+                    "restart, from its start",
                     name,
                     self._path,
-                    extra={"path": self._path, "offset": self._offset},
+                    extra={"path": self._path},
                 )
-                return fingerprint
-            file.close()
-        logger.warning(
-            "input file %s was replaced since the checkpoint, and the file it was "
-            "is no longer in %s; reading %s from its start. Lines of the old file "
-            "after byte %d may not have been delivered",
-            self._path,
-            directory,
-            self._path,
-            self._offset,
-            extra={"path": self._path, "offset": self._offset},
-        )
-        self._offset = 0
+                return file
+            logger.warning(
+                "a file that replaced the input file %s before the restart "
+                "(inode %d) is no longer in its directory; lines of it may not "
+                "have been delivered",
+                self._path,
+                identity[1],
+                extra={"path": self._path},
+            )
         return None
 
     def _check_offset_in_file(self, file: BinaryIO, fingerprint: str | None) -> None:
@@ -324,15 +381,19 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
 
-    def _read_checkpoint(self) -> tuple[int, str | None, tuple[int, int] | None]:
-        """Return the offset of the checkpoint, its fingerprint and file identity.
+    def _read_checkpoint(
+        self,
+    ) -> tuple[int, str | None, tuple[int, int] | None, list[tuple[int, int]]]:
+        """Return the checkpoint's offset, fingerprint, file identity and later files.
 
-        A checkpoint is ``<offset> sha256:<hex digest> inode:<device>:<inode>``.
-        A checkpoint without the identity, or of only the offset, is accepted
-        too, without the checks that need them.
+        A checkpoint is ``<offset> sha256:<hex digest> inode:<device>:<inode>``,
+        followed by ``then:<device>:<inode>`` for each file that replaced that
+        file at the path after it, in order. A checkpoint without the identity,
+        or of only the offset, is accepted too, without the checks that need
+        them.
         """
         if self._checkpoint is None:
-            return 0, None, None
+            return 0, None, None, []
         if self._checkpoint.is_dir() or not self._checkpoint.parent.is_dir():
             raise SourceError(
                 f"checkpoint path {str(self._checkpoint)!r} is a directory or lies in "
@@ -341,25 +402,29 @@ class FileSource(TrackedSource):
                 retriable=False,
             )
         if not self._checkpoint.exists():
-            return 0, None, None
+            return 0, None, None, []
         text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
         offset, fingerprint, identity, *rest = [*text.split(" "), "", ""]
+        later = [_parse_identity(entry, "then") for entry in rest if entry]
         # Only ASCII digits: int() would also take "1_0", "+5" or other scripts.
         if (
             not (offset.isascii() and offset.isdigit())
             or (fingerprint and not _is_fingerprint(fingerprint))
             or (identity and _parse_identity(identity) is None)
             or (identity and not fingerprint)
-            or any(rest)
+            or (later and not identity)
+            or None in later
+            or any(rest[len(later) :])
         ):
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains {text[:160]!r}, "
-                "not a byte offset, optionally followed by 'sha256:<digest>' and "
-                "'inode:<device>:<inode>', separated by spaces; delete it to start "
-                "from the beginning",
+                "not a byte offset, optionally followed by 'sha256:<digest>', "
+                "'inode:<device>:<inode>' and any number of 'then:<device>:<inode>', "
+                "separated by spaces; delete it to start from the beginning",
                 retriable=False,
             )
-        return int(offset), fingerprint or None, _parse_identity(identity)
+        files = [entry for entry in later if entry is not None]
+        return int(offset), fingerprint or None, _parse_identity(identity), files
 
     async def stop(self) -> None:
         """Write the final checkpoint and close the file."""
@@ -643,6 +708,10 @@ class FileSource(TrackedSource):
             return None
         if self._waiting_for_rotation():
             return None
+        later = self._open_later_file(current)
+        if later is not None:
+            self._rotation_seen = None
+            return later
         problem = ""
         replacement = None
         if not stat.S_ISREG(current.st_mode):
@@ -782,15 +851,18 @@ class FileSource(TrackedSource):
             position = self._tracker.committable().get((self._path, part))
             if position is None and part:
                 position = start  # nothing finished yet since the restart
-            if position is None or (part, position) == self._committed:
+            later = self._files_after(part)
+            if position is None or (part, position, later) == self._committed:
                 return
             fingerprint = _fingerprint(file, position)
             device, inode = _identity(file)
         finally:
             self._file_lock.release()
+        text = f"{position} {fingerprint} inode:{device}:{inode}"
+        text += "".join(f" then:{device}:{inode}" for device, inode in later)
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
         with temporary.open("w") as output:
-            output.write(f"{position} {fingerprint} inode:{device}:{inode}")
+            output.write(text)
             output.flush()
             os.fsync(output.fileno())
         os.replace(temporary, self._checkpoint)
@@ -799,7 +871,24 @@ class FileSource(TrackedSource):
             os.fsync(directory)  # makes the rename itself durable
         finally:
             os.close(directory)
-        self._committed = (part, position)
+        self._committed = (part, position, later)
+
+    def _files_after(self, part: int) -> tuple[tuple[int, int], ...]:
+        """Return the identities of the files to read after `part` before a restart.
+
+        Those are the replaced files after it that are still open, the current
+        file when it is a later part, and the files that a restart still has to
+        read before the file at the path.
+        """
+        files = [
+            _identity(replaced.file)
+            for number, replaced in sorted(self._replaced.items())
+            if number > part
+        ]
+        if self._part > part:
+            assert self._file is not None
+            files.append(_identity(self._file))
+        return (*files, *self._later_files)
 
     def _checkpointed_part(self) -> tuple[int, BinaryIO, int]:
         """Return the part the checkpoint is in: its number, file and start.
@@ -846,11 +935,11 @@ def _identity(file: BinaryIO) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _parse_identity(text: str) -> tuple[int, int] | None:
-    """Parse ``inode:<device>:<inode>``, or return None for any other text."""
+def _parse_identity(text: str, label: str = "inode") -> tuple[int, int] | None:
+    """Parse ``<label>:<device>:<inode>``, or return None for any other text."""
     prefix, _, numbers = text.partition(":")
     device, _, inode = numbers.partition(":")
-    if prefix != "inode" or not all(
+    if prefix != label or not all(
         part.isascii() and part.isdigit() for part in (device, inode)
     ):
         return None
