@@ -227,17 +227,31 @@ class FakeConsumerClient:
             await self.claim(owned)
         await self._stopped.wait()
 
+    async def get_partition_properties(self, partition_id: str) -> dict[str, Any]:
+        """Return the partition's last event, as the SDK's client does."""
+        count = len(self.hub.partitions[partition_id])
+        return {
+            "id": partition_id,
+            "last_enqueued_sequence_number": count - 1,
+            "last_enqueued_offset": offset_of(count - 1) if count else "-1",
+            "is_empty": count == 0,
+        }
+
     async def claim(self, partition_id: str) -> None:
         """Start receiving a partition, as after a load-balancing round."""
         checkpoints = await self.checkpoint_store.list_checkpoints(
             NAMESPACE, self.hub.name, self.consumer_group
         )
-        start = 0
+        # The SDK starts after a checkpoint's event, and without a checkpoint
+        # at `starting_position`. A checkpoint of sequence number -1 (offset
+        # "-1", an empty partition) starts at the beginning.
+        start = None
         for checkpoint in checkpoints:
             if checkpoint["partition_id"] == partition_id:
                 start = int(checkpoint["sequence_number"]) + 1
-        if start == 0 and self.receive_kwargs["starting_position"] == "@latest":
-            start = len(self.hub.partitions[partition_id])
+        if start is None:
+            latest = self.receive_kwargs["starting_position"] == "@latest"
+            start = len(self.hub.partitions[partition_id]) if latest else 0
         self._tasks[partition_id] = asyncio.create_task(
             self._run_partition(partition_id, start)
         )

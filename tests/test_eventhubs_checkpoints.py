@@ -106,6 +106,38 @@ async def test_checkpoints_survive_restart(
 
 
 @pytest.mark.slow
+async def test_latest_start_checkpointed_in_blob(
+    eventhub_settings: EventHubSettings, store: BlobCheckpointStore
+) -> None:
+    hub = FakeHub(HUB, partition_ids=["0", "1"])
+    hub.add("0", orjson.dumps({"n": 0}))
+    latest = eventhub_settings.model_copy(update={"starting_position": "latest"})
+    first = EventHubsSource(
+        latest, HUB, consumer=FakeConsumerClient(hub, store), checkpoint_store=store
+    )
+    await first.start()
+    async with asyncio.timeout(TIMEOUT_SECONDS):
+        while len(await stored_checkpoints(store)) < 2:
+            await asyncio.sleep(0.05)
+    hub.add("0", orjson.dumps({"n": 1}))
+    hub.add("1", orjson.dumps({"n": 2}))
+    released = await fetch_all(first, 2)
+    await first.stop()
+    written = await stored_checkpoints(store)
+
+    second = EventHubsSource(
+        latest, HUB, consumer=FakeConsumerClient(hub, store), checkpoint_store=store
+    )
+    await second.start()
+    again = await fetch_all(second, 2)
+    await second.stop()
+
+    assert written == {"0": (0, offset_of(0)), "1": (-1, "-1")}
+    assert sorted(e.value for e in again) == sorted(e.value for e in released)
+    assert sorted(orjson.loads(e.value)["n"] for e in again) == [1, 2]
+
+
+@pytest.mark.slow
 async def test_blob_checkpoint_holds_prefix(
     eventhub_settings: EventHubSettings, store: BlobCheckpointStore
 ) -> None:

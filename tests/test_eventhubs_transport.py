@@ -25,6 +25,7 @@ from azure.eventhub.exceptions import (
     EventHubError,
 )
 from eventhubs_fakes import (
+    NAMESPACE,
     FakeConsumerClient,
     FakeHub,
     FakeProducerClient,
@@ -90,7 +91,10 @@ class Pipeline:
         self.store = store
         self.consumer = FakeConsumerClient(hub, store, owned=["0"])
         self.source = EventHubsSource(
-            settings(**options), hub.name, consumer=self.consumer
+            settings(**options),
+            hub.name,
+            consumer=self.consumer,
+            checkpoint_store=store,
         )
 
 
@@ -277,6 +281,50 @@ async def test_latest_skips_existing_events() -> None:
     await started.source.stop()
 
     assert [e.value for e in received] == [b'{"n": 99}']
+
+
+async def test_latest_keeps_events_released_unfinished() -> None:
+    hub = FakeHub(HUB)
+    fill(hub, 2)
+    store = RecordingCheckpointStore()
+    first = Pipeline(hub, store, starting_position="latest")
+    await first.source.start()
+    await wait_claimed(first.source)
+    for n in range(2, 5):
+        hub.add("0", orjson.dumps({"n": n}))
+    released = await fetch_all(first.source, 3)
+    await first.source.stop()
+    second = Pipeline(hub, store, starting_position="latest")
+    await second.source.start()
+    again = await fetch_all(second.source, 3)
+    await second.source.stop()
+
+    assert store.written() == [(1, offset_of(1))]
+    assert [e.value for e in released] == [e.value for e in again]
+    assert [orjson.loads(e.value)["n"] for e in again] == [2, 3, 4]
+
+
+async def test_latest_keeps_existing_checkpoint() -> None:
+    hub = FakeHub(HUB)
+    fill(hub, 4)
+    store = RecordingCheckpointStore()
+    await store.update_checkpoint(
+        {
+            "fully_qualified_namespace": NAMESPACE,
+            "eventhub_name": HUB,
+            "consumer_group": "$Default",
+            "partition_id": "0",
+            "sequence_number": 1,
+            "offset": offset_of(1),
+        }
+    )
+    started = Pipeline(hub, store, starting_position="latest")
+    await started.source.start()
+    received = await fetch_all(started.source, 2)
+    await started.source.stop()
+
+    assert store.written() == [(1, offset_of(1))]
+    assert [orjson.loads(e.value)["n"] for e in received] == [2, 3]
 
 
 async def test_receive_error_marks_disconnected(pipeline: Pipeline) -> None:

@@ -33,6 +33,15 @@ class EventHubsSource(TrackedSource):
     processor closes a partition for shutdown, the source waits for its
     in-flight events and checkpoints their prefix. When another reader took the
     partition (ownership lost), nothing of it is checkpointed any more.
+
+    Args:
+        settings: The ``EVENTHUB_`` settings.
+        hub: The event hub to read.
+        revoke_timeout_seconds: How long a closed partition waits for its
+            in-flight events.
+        consumer: A consumer client to use instead of one made from
+            `settings`, with its checkpoint store as `checkpoint_store`.
+        checkpoint_store: The checkpoint store of `consumer`.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class EventHubsSource(TrackedSource):
         *,
         revoke_timeout_seconds: float = 10.0,
         consumer: EventHubConsumerClient | None = None,
+        checkpoint_store: Any = None,
     ) -> None:
         clients.check_hub(settings, hub, "READER_INPUT")
         self._settings = settings
@@ -50,7 +60,8 @@ class EventHubsSource(TrackedSource):
         self._consumer = consumer
         self._owns_clients = consumer is None
         self._credentials: list[Any] = []
-        self._store: Any = None
+        # The store of a given `consumer`, or the one that start() creates.
+        self._store: Any = checkpoint_store
         self._tracker = OffsetTracker()
         self._buffer: collections.deque[Envelope] = collections.deque()
         self._buffered = asyncio.Event()
@@ -219,6 +230,43 @@ class EventHubsSource(TrackedSource):
         logger.info(
             "partition claimed", extra={"hub": self._hub, "partition": partition}
         )
+        if self._settings.starting_position == "latest":
+            await self._checkpoint_start(context)
+
+    async def _checkpoint_start(self, context: PartitionContext) -> None:
+        """Checkpoint the end of a claimed partition that has no checkpoint yet.
+
+        A partition without a checkpoint starts at its end with ``latest``, and a
+        checkpoint names the last finished event. Without this one, a reader that
+        stopped before any event finished would leave the next owner starting at
+        the end again, past the events it read.
+        """
+        try:
+            existing = await self._store.list_checkpoints(
+                context.fully_qualified_namespace,
+                context.eventhub_name,
+                context.consumer_group,
+            )
+            if any(c["partition_id"] == context.partition_id for c in existing):
+                return
+            assert self._consumer is not None
+            properties = await self._consumer.get_partition_properties(
+                context.partition_id
+            )
+            event = clients.checkpoint_event(
+                properties["last_enqueued_sequence_number"],
+                properties["last_enqueued_offset"],
+            )
+            await context.update_checkpoint(event)
+        except Exception as exc:  # noqa: BLE001 - the partition is read anyway
+            logger.warning(
+                "cannot checkpoint the start of a partition read from its end "
+                "(EVENTHUB_STARTING_POSITION=latest): %s: %s. Until one of its "
+                "events finishes, a new owner starts at its end again",
+                type(exc).__name__,
+                str(exc)[:300],
+                extra={"hub": self._hub, "partition": context.partition_id},
+            )
 
     async def _on_partition_close(
         self, context: PartitionContext, reason: CloseReason
