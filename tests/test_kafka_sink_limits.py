@@ -25,7 +25,10 @@ from confluent_kafka.admin import (
     NewTopic,
     ResourceType,
 )
+from fakes import MemorySink, MemorySource
+from test_reader import reader_settings, running_reader
 
+from agogosml.app import AppSettings, ModelApp
 from agogosml.config import KafkaSettings, WriterSettings, load_settings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
@@ -207,6 +210,15 @@ async def sinks() -> AsyncIterator[list[KafkaSink]]:
         await sink.stop()
 
 
+def deny_describe_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reading a topic's limit fail, as for a principal without permission."""
+
+    async def denied(self: TopicSizeLimit) -> int:
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+
+
 def small_values(count: int, pad: int) -> list[bytes]:
     return [orjson.dumps({"n": n, "pad": "x" * pad}) for n in range(count)]
 
@@ -303,10 +315,7 @@ async def test_size_error_retriable_while_limit_unknown(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async def denied(self: TopicSizeLimit) -> int:
-        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
-
-    monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+    deny_describe_configs(monkeypatch)
     topic = limited_topic(TOPIC_LIMIT)
     sink = KafkaSink(
         load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
@@ -339,15 +348,7 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
     sinks: list[KafkaSink],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fakes import MemorySink, MemorySource
-    from test_reader import reader_settings, running_reader
-
-    from agogosml.app import AppSettings, ModelApp
-
-    async def denied(self: TopicSizeLimit) -> int:
-        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
-
-    monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+    deny_describe_configs(monkeypatch)
     topic = limited_topic(TOPIC_LIMIT)
     sink = KafkaSink(
         load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
