@@ -591,6 +591,34 @@ async def test_restart_without_middle_file_warns(tmp_path: Path, caplog) -> None
     assert "is no longer in its directory; lines of it may not have been" in message
 
 
+async def test_second_rotation_within_wait_reads_middle_file(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"f": "a"}\n')
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=0.3)
+    caplog.set_level(logging.INFO, "agogosml.transports.file.source")
+
+    async with source:
+        first = await read_all(source)
+        path.rename(path.with_name("in.jsonl.1"))
+        path.write_bytes(b'{"f": "b"}\n')
+        waiting = await read_all(source)
+        path.with_name("in.jsonl.1").rename(path.with_name("in.jsonl.2"))
+        path.rename(path.with_name("in.jsonl.1"))
+        path.write_bytes(b'{"f": "c"}\n')
+        await asyncio.sleep(0.4)
+        middle = await read_all(source)
+        await asyncio.sleep(0.4)
+        last = await read_all(source, rounds=5)
+
+    assert [e.value for e in first] == [b'{"f": "a"}']
+    assert waiting == []
+    assert [e.value for e in middle] == [b'{"f": "b"}']
+    assert [e.value for e in last] == [b'{"f": "c"}']
+    assert "was rotated again, to " in caplog.text
+
+
 async def test_restart_without_rotated_file(tmp_path: Path, caplog) -> None:
     path = tmp_path / "in.jsonl"
     checkpoint = tmp_path / "in.offset"

@@ -133,6 +133,10 @@ class FileSource(TrackedSource):
         self._part = 0  # partition number: truncations and replacements so far
         self._rotate_wait = rotate_wait_seconds
         self._rotation_seen: float | None = None  # when a replacement was found
+        # Device and inode numbers of the file first found at the path after a
+        # replacement. It is read next, even when it was rotated away again
+        # within the rotate wait.
+        self._rotation_target: tuple[int, int] | None = None
         self._part_start = 0  # byte offset where reading the current part started
         # Replaced files, by partition number, whose lines are not all finished.
         self._replaced: dict[int, _Replaced] = {}
@@ -345,6 +349,33 @@ class FileSource(TrackedSource):
                 extra={"path": self._path},
             )
         return None
+
+    def _open_first_replacement(self, identity: tuple[int, int]) -> BinaryIO | None:
+        """Open the file that first replaced the input, rotated away again since.
+
+        Returns None, after a warning, when it is no longer in the directory.
+        """
+        found = self._open_by_identity(identity, lambda file: True)
+        if found is None:
+            logger.warning(
+                "the file that replaced the input file %s (inode %d) was rotated "
+                "away and is no longer in its directory; lines of it may not have "
+                "been delivered. Set READER_ROTATE_WAIT_MS below the time "
+                "between two rotations",
+                self._path,
+                identity[1],
+                extra={"path": self._path},
+            )
+            return None
+        file, name = found
+        logger.info(
+            "the file that replaced the input file %s was rotated again, to %s; "
+            "reading it from its start before the file now at the path",
+            self._path,
+            name,
+            extra={"path": self._path},
+        )
+        return file
 
     def _check_offset_in_file(self, file: BinaryIO, fingerprint: str | None) -> None:
         """Reject a checkpoint that no longer fits the input, which changed since.
@@ -705,10 +736,16 @@ class FileSource(TrackedSource):
             return None  # renamed, and the new file is not there yet
         if os.path.samestat(current, status):
             self._rotation_seen = None
+            self._rotation_target = None
             return None
+        if self._rotation_target is None:
+            self._rotation_target = (current.st_dev, current.st_ino)
         if self._waiting_for_rotation():
             return None
+        target, self._rotation_target = self._rotation_target, None
         later = self._open_later_file(current)
+        if later is None and target != (current.st_dev, current.st_ino):
+            later = self._open_first_replacement(target)
         if later is not None:
             self._rotation_seen = None
             return later
