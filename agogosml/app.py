@@ -525,6 +525,9 @@ class _Running:
             await self._model_app._session.close()
 
 
+#: Retry-After of the app's 503 when the writer rejects the app's token or URL.
+SETUP_ERROR_RETRY_AFTER_SECONDS = 5
+
 #: Retry-After of the app's 503 when the writer is unreachable or timed out.
 WRITER_DOWN_RETRY_AFTER_SECONDS = 1
 
@@ -569,29 +572,29 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
 
     The reader retries 5xx, 408 and 429 and dead-letters any other 4xx at once,
     so a result the writer can never accept becomes 422, and a problem that a
-    retry or an operator can fix becomes 503.
+    retry or an operator can fix becomes 503. The 503 of a set-up error (a
+    wrong token or URL) carries Retry-After, so valid messages wait for the fix
+    instead of using up their attempts.
     """
     message = f"output writer responded {status}: {_error_text(text)}"
     if status in (401, 403):
-        return _Reject(
-            503,
-            f"{message}; set APP_WRITER_TOKEN to the writer's WRITER_TOKEN",
-            log_level=logging.ERROR,
+        fix = "set APP_WRITER_TOKEN to the writer's WRITER_TOKEN"
+    elif status in (404, 405):
+        fix = (
+            f"check that APP_WRITER_URL={writer_url!r} is the output writer's "
+            "base URL"
         )
-    if status in (404, 405):
-        return _Reject(
-            503,
-            f"{message}; check that APP_WRITER_URL={writer_url!r} is the output "
-            "writer's base URL",
-            log_level=logging.ERROR,
+    elif 300 <= status < 400:
+        fix = (
+            "redirects are not followed, because a redirected POST may arrive as "
+            "a GET: point APP_WRITER_URL at the writer itself"
         )
-    if 300 <= status < 400:
-        return _Reject(
-            503,
-            f"{message}; redirects are not followed, because a redirected POST may "
-            "arrive as a GET: point APP_WRITER_URL at the writer itself",
-            log_level=logging.ERROR,
-        )
+    else:
+        fix = ""
+    if fix:
+        error = _Reject(503, f"{message}; {fix}", log_level=logging.ERROR)
+        error.retry_after = str(SETUP_ERROR_RETRY_AFTER_SECONDS)
+        return error
     if status in (400, 413, 415, 422):
         return _Reject(422, message)
     if status in (408, 429) or status >= 500:

@@ -179,8 +179,12 @@ async def check_readiness(
     name in the reason, without a password.
     """
     try:
+        # A redirect is not followed: requests to the service would not
+        # follow it either, so it is not ready at this URL.
         async with session.get(
-            url, timeout=aiohttp.ClientTimeout(total=READINESS_TIMEOUT_SECONDS)
+            url,
+            timeout=aiohttp.ClientTimeout(total=READINESS_TIMEOUT_SECONDS),
+            allow_redirects=False,
         ) as response:
             service = response.headers.get(SERVICE_HEADER, "")
             if 200 <= response.status < 300:

@@ -616,6 +616,7 @@ async def test_writer_token_rejected_logged(caplog):
 
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
     assert "APP_WRITER_TOKEN" in body["error"]
     assert len(errors) == 1
     assert "APP_WRITER_TOKEN" in errors[0].error

@@ -585,7 +585,8 @@ async def test_unreachable_app_spends_no_attempts():
     assert source.committed == {(TOPIC, 0): 3}
 
 
-async def test_503_while_app_not_ready_spends_no_attempts():
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_503_while_app_not_ready_spends_no_attempts(status: int):
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
@@ -600,7 +601,8 @@ async def test_503_while_app_not_ready_spends_no_attempts():
             app.ready = True
         if app.ready:
             return status_response(200)
-        return status_response(503, "output writer is unreachable")
+        # 502 and 504 as a proxy in front of a restarting app responds.
+        return status_response(status, "output writer is unreachable")
 
     async with stub_app(writer_down) as app:
         settings = reader_settings(
@@ -1722,25 +1724,32 @@ async def test_invalid_batch_status_not_accepted(status):
     assert "between 200 and 599" in headers["dlq.error"]
 
 
-async def test_redirect_not_followed():
+async def test_redirect_not_followed_nor_dead_lettered(caplog):
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
+    redirects_left = 3
 
     async def redirect(received: Received) -> web.Response:
-        if received.path == "/":
+        nonlocal redirects_left
+        if received.path == "/elsewhere":
+            return status_response(200)
+        if redirects_left > 0:
+            redirects_left -= 1
             raise web.HTTPMovedPermanently(location="/elsewhere")
         return status_response(200)
 
     async with stub_app(redirect) as app:
         settings = reader_settings(app.url, retry_max_attempts=2)
-        await run_reader(settings, source, dead_letter)
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(lambda: reader.setup_error)
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
 
-    assert [request.path for request in app.requests] == ["/", "/"]
-    headers = dead_letter_headers(dead_letter.envelopes[0])
-    assert headers["dlq.status"] == "301"
-    assert "READER_APP_URL" in headers["dlq.error"]
-    assert headers["dlq.attempts"] == "2"
+    assert [request.path for request in app.requests] == ["/"] * 4
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 1}
+    assert "the app responded 301 to POST" in caplog.text
+    assert "READER_APP_URL" in caplog.text
 
 
 async def test_transform_bad_key_type_dead_lettered():

@@ -65,6 +65,25 @@ async def test_readiness_of_unreachable_url() -> None:
     assert readiness.detail.startswith(f"GET {url} failed: ")
 
 
+async def test_readiness_redirect_not_followed() -> None:
+    app = web.Application()
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(location="/ready-elsewhere")
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app.router.add_get("/readyz", moved)
+    app.router.add_get("/ready-elsewhere", ready)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        url = str(server.make_url("/readyz"))
+        readiness = await check_readiness(session, url, url)
+
+    assert readiness.ready is False
+    assert readiness.detail.startswith(f"GET {url} returned 308")
+
+
 async def test_writer_readyz_names_sink_problem() -> None:
     settings = load_settings(WriterSettings, output="unused.jsonl")
     writer = OutputWriter(settings, MemorySink())  # not started: not connected

@@ -55,7 +55,9 @@ SETUP_ERROR_LOG_INTERVAL_SECONDS = 60.0
 
 #: Statuses of a whole response that mean a set-up error, not a bad message.
 CREDENTIAL_STATUSES = frozenset({401, 403})
-ADDRESS_STATUSES = frozenset({404, 405})
+#: A redirect counts too: the reader does not follow one, because a POST
+#: body may not survive it.
+ADDRESS_STATUSES = frozenset({301, 302, 303, 307, 308, 404, 405})
 
 
 @dataclass
@@ -665,15 +667,17 @@ class InputReader:
         That is so when no connection to the app could be made, or when the app
         responded 503 or 429 to a request sent while its readiness check was
         already failing (`ready_before`), as `ModelApp` does while its writer is
-        down. A timeout, a dropped connection or a 500 always uses up an
-        attempt: a message that stalls or crashes the app makes its readiness
-        check fail too, and it must still reach the dead letters.
+        down. 502 and 504 count as 503 then: a proxy or ingress in front of an
+        app that restarts responds with them. A timeout, a dropped connection
+        or a 500 always uses up an attempt: a message that stalls or crashes
+        the app makes its readiness check fail too, and it must still reach the
+        dead letters.
         """
         if all(outcome.unreachable for outcome in outcomes):
             return True
         if ready_before or self._app_ready:
             return False
-        return all(outcome.status in (429, 503) for outcome in outcomes)
+        return all(outcome.status in (429, 502, 503, 504) for outcome in outcomes)
 
     def _log_waiting(
         self, pending: list[Envelope], outcome: Outcome, stall: _Stall, delay: float
