@@ -304,7 +304,16 @@ class ModelApp:
             if problem:
                 statuses[index] = {"status": 400, "error": f"the key{problem}"}
                 continue
-            output = _encode_element(item, result, index)
+            try:
+                output = _encode_element(item, result, index)
+            except _Reject as exc:
+                # Only this result cannot be encoded: the others go on.
+                logger.error(
+                    "result of the scoring function not written",
+                    extra={"message_id": item.get("id"), "error": str(exc)},
+                )
+                statuses[index] = {"status": exc.status, "error": str(exc)}
+                continue
             if output is None:
                 statuses[index] = {"status": 422, "error": _NON_FINITE_ERROR}
                 continue
@@ -581,8 +590,7 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
         fix = "set APP_WRITER_TOKEN to the writer's WRITER_TOKEN"
     elif status in (404, 405):
         fix = (
-            f"check that APP_WRITER_URL={writer_url!r} is the output writer's "
-            "base URL"
+            f"check that APP_WRITER_URL={writer_url!r} is the output writer's base URL"
         )
     elif 300 <= status < 400:
         fix = (

@@ -517,9 +517,31 @@ async def test_score_unencodable_result_500():
     assert single.status == 500
     assert "result 0 of the scoring function, of type dict, cannot be" in single_error
     assert "not JSON serializable: set" in single_error
-    assert batch.status == 500
-    assert "result 0 of the scoring function, of type dict" in batch_body["error"]
+    results = batch_body["results"]
+    assert batch.status == 200
+    assert [result["status"] for result in results] == [500, 500]
+    assert "result 0 of the scoring function, of type dict" in results[0]["error"]
+    assert "result 1 of the scoring function" in results[1]["error"]
     assert writer.requests == []
+
+
+async def test_batch_unencodable_result_fails_one_item():
+    def score(values: list[Any]) -> list[Any]:
+        return [{"labels": {"fraud"}} if value == 2 else value for value in values]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            batch = await client.post(
+                "/batch",
+                data=b'[{"value": 1}, {"value": 2}, {"value": 3}]',
+                headers=JSON,
+            )
+            results = (await batch.json())["results"]
+
+    assert batch.status == 200
+    assert [result["status"] for result in results] == [200, 500, 200]
+    assert "result 1 of the scoring function" in results[1]["error"]
+    assert [output["value"] for output in writer.requests[0].json()] == [1, 3]
 
 
 async def test_body_over_limit_413():
