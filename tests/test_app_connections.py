@@ -1,4 +1,4 @@
-"""The reader's connections to the app: renewed after a maximum age."""
+"""The reader's connections to the app: pool size, and renewal after a maximum age."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.reader.client import AppClient
+from agogosml.reader.service import _max_connections
 
 
 class NamedApp:
@@ -153,3 +155,44 @@ async def test_switched_service_reached_within_max_age() -> None:
     assert blue_before > 0
     assert blue.requests == blue_before
     assert green.requests > 0
+
+
+class SlowApp(NamedApp):
+    """An app that takes `delay` seconds for every message."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__("slow")
+        self.delay = delay
+
+    async def _accept(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.delay)
+        return await super()._accept(request)
+
+
+async def test_unlimited_pool_sends_every_lane_at_once() -> None:
+    app = SlowApp(0.5)
+    async with serving(app) as server:
+        # One request per partition lane, for 40 partitions, and a timeout that
+        # a request waiting for a pooled connection behind them would miss.
+        client = AppClient(
+            str(server.make_url("")), timeout_seconds=1.2, max_connections=0
+        )
+        await client.start()
+        try:
+            outcomes = await asyncio.gather(
+                *(client.send([message(n)], batch=False) for n in range(40))
+            )
+        finally:
+            await client.stop()
+
+    assert [outcome.ok for (outcome,) in outcomes] == [True] * 40
+    assert len(app.peers) == 40
+
+
+def test_partition_mode_pool_has_no_limit() -> None:
+    base = {"input": "in", "app_url": "http://127.0.0.1:1", "concurrency": 8}
+    partition = ReaderSettings(**base, ordering=Ordering.PARTITION)
+    key = ReaderSettings(**base, ordering=Ordering.KEY)
+
+    assert _max_connections(partition) == 0
+    assert _max_connections(key) == 12

@@ -119,6 +119,9 @@ class AppClient:
     ``{"id", "key", "traceparent", "value"}`` objects. The app may respond to a batch
     with ``{"results": [{"status": 200}, {"status": 400, "error": "..."}, ...]}``,
     one entry per message in order; any other 2xx response accepts them all.
+
+    `max_connections` limits the pool of connections to the app; 0 means no
+    limit.
     """
 
     def __init__(

@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from agogosml.config import ReaderSettings, redact_url
+from agogosml.config import Ordering, ReaderSettings, redact_url
 from agogosml.http import (
     add_health_routes,
     bound_port,
@@ -40,6 +40,20 @@ async def stop_dead_letter_sink(sink: Sink) -> None:
         )
 
 
+def _max_connections(settings: ReaderSettings) -> int:
+    """Return the size of the reader's connection pool to the app (0: no limit).
+
+    In partition mode each partition has a lane with one request at a time, and
+    the number of partitions is not known ahead, so the pool has no limit: a
+    smaller one would make requests wait for a connection and time out. In the
+    other modes `READER_CONCURRENCY` bounds the requests, and the pool keeps a
+    few connections more for the readiness checks.
+    """
+    if settings.ordering is Ordering.PARTITION:
+        return 0
+    return settings.concurrency + 4
+
+
 async def serve_reader(settings: ReaderSettings) -> None:
     """Run the reader until SIGTERM/SIGINT, or the input end with READER_STOP_AT_END."""
     transform = None
@@ -53,7 +67,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
         str(settings.app_url),
         token=settings.app_token.get_secret_value(),
         timeout_seconds=settings.request_timeout_ms / 1000,
-        max_connections=settings.concurrency + 4,
+        max_connections=_max_connections(settings),
         connection_max_age_seconds=settings.app_connection_max_age_ms / 1000,
     )
     reader = InputReader(settings, source, client, dead_letter, transform=transform)
