@@ -36,7 +36,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import exact_json
-from agogosml.config import BaseUrl, BearerToken, LogLevel, redact_url
+from agogosml.config import (
+    MAX_SHUTDOWN_TIMEOUT_MS,
+    BaseUrl,
+    BearerToken,
+    ListenAddress,
+    LogLevel,
+    redact_url,
+)
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -108,7 +115,7 @@ class AppSettings(BaseSettings):
         env_prefix="APP_", frozen=True, extra="ignore", case_sensitive=False
     )
 
-    host: str = Field("127.0.0.1", description="APP_HOST: listen address.")
+    host: ListenAddress = Field("127.0.0.1", description="APP_HOST: listen address.")
     port: int = Field(
         8000, ge=0, le=65535, description="APP_PORT: port of the app's HTTP server."
     )
@@ -159,8 +166,10 @@ class AppSettings(BaseSettings):
     shutdown_timeout_ms: int = Field(
         30000,
         ge=0,
+        le=MAX_SHUTDOWN_TIMEOUT_MS,
         description="APP_SHUTDOWN_TIMEOUT_MS: How long requests in progress may "
-        "take after SIGTERM or SIGINT, in milliseconds; the rest get no response.",
+        "take after SIGTERM or SIGINT, in milliseconds, at most one day; the rest "
+        "get no response.",
     )
 
 

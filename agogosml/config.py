@@ -93,6 +93,14 @@ def _any_case(choices: Iterable[str]) -> BeforeValidator:
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+
+def _empty_as_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+#: An optional path; an empty variable means unset, not the current directory.
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_as_none)]
+
 #: A log level name, in any letter case.
 LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR"], _any_case(_LOG_LEVELS)
@@ -100,11 +108,20 @@ LogLevel = Annotated[
 
 
 def redact_url(url: str) -> str:
-    """Return `url` with the password of its user info, if any, replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """Return `url` with the password of its user info, if any, replaced by ***.
+
+    A URL that cannot be parsed, such as one with an unclosed ``[``, is returned
+    without the part before its ``@``, which may hold a password.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, separator, rest = url.rpartition("://")
+        return scheme + separator + rest.rpartition("@")[2]
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    netloc = parts.netloc.replace(f":{password}@", ":***@")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -122,7 +139,12 @@ BaseUrl = Annotated[AnyHttpUrl, AfterValidator(_base_url)]
 #: librdkafka properties that KAFKA_EXTRA_CONFIG may not override, because the
 #: delivery guarantee depends on them.
 _GUARANTEED_PROPERTIES = frozenset(
-    {"acks", "enable.idempotence", "enable.auto.commit", "enable.auto.offset.store"}
+    {
+        "acks",
+        "enable.idempotence",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+    }
 )
 
 #: librdkafka properties, aliases included, that have their own KAFKA_ variable.
@@ -319,10 +341,11 @@ class KafkaSettings(BaseSettings):
     sasl_password: SecretStr = Field(
         SecretStr(""), description="KAFKA_SASL_PASSWORD: SASL password."
     )
-    ssl_ca_location: Path | None = Field(
+    ssl_ca_location: OptionalPath = Field(
         None,
         description="KAFKA_SSL_CA_LOCATION: PEM file of the CA that signed the "
-        "broker certificates. Unset means the system CA store.",
+        "broker certificates, or a directory of CA certificates. Unset means the "
+        "system CA store.",
     )
     eventhubs_connection_string: SecretStr = Field(
         SecretStr(""),
@@ -405,6 +428,13 @@ class KafkaSettings(BaseSettings):
                 "assigns partitions eagerly; remove partition.assignment.strategy "
                 "and group.protocol"
             )
+        if "transactional.id" in value:
+            # A transactional producer needs init_transactions() and a
+            # transaction around each produce, which the sinks do not make.
+            raise ValueError(
+                "it sets transactional.id, but agogosml's producers do not use "
+                "transactions, so every produce would fail; remove it"
+            )
         if overridden:
             raise ValueError(
                 f"it sets {', '.join(overridden)}, which agogosml sets itself to keep "
@@ -446,8 +476,12 @@ class KafkaSettings(BaseSettings):
     @field_validator("ssl_ca_location")
     @classmethod
     def _ca_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"CA file {str(value)!r} does not exist")
+        # librdkafka takes a file of certificates or a directory of them.
+        if value is not None and not (value.is_file() or value.is_dir()):
+            raise ValueError(
+                f"CA file {str(value)!r} does not exist; set the path of a PEM file "
+                "or of a directory of CA certificates"
+            )
         return value
 
     @model_validator(mode="after")
@@ -824,8 +858,25 @@ def _check_storage_connection_string(value: str) -> None:
         )
 
 
+#: Upper bound of a shutdown timeout: one day, in milliseconds.
+MAX_SHUTDOWN_TIMEOUT_MS = 86_400_000
+
+
+def _listen_address(value: str) -> str:
+    if not value.strip():
+        raise ValueError(
+            "the listen address is empty, which would listen on every interface; "
+            "set 127.0.0.1, or 0.0.0.0 to listen on every interface on purpose"
+        )
+    return value.strip()
+
+
+#: The address an HTTP server listens on; an empty one is rejected.
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+
+
 class _ServiceSettings(BaseSettings):
-    host: str = Field(
+    host: ListenAddress = Field(
         "127.0.0.1",
         description="Address the HTTP server listens on (0.0.0.0 in containers).",
     )
@@ -835,7 +886,9 @@ class _ServiceSettings(BaseSettings):
     shutdown_timeout_ms: int = Field(
         30000,
         ge=0,
-        description="How long a graceful shutdown may take, in milliseconds.",
+        le=MAX_SHUTDOWN_TIMEOUT_MS,
+        description="How long a graceful shutdown may take, in milliseconds, at "
+        "most one day.",
     )
 
 
@@ -965,7 +1018,7 @@ class ReaderSettings(_ServiceSettings):
         "bytes, not counting its line break; a longer line is dead-lettered "
         "without its value instead of being held in memory. At most 1 GiB.",
     )
-    checkpoint_path: Path | None = Field(
+    checkpoint_path: OptionalPath = Field(
         None,
         description="READER_CHECKPOINT_PATH: file that stores the committed byte "
         "offset of a file source, so a restart resumes there.",

@@ -938,3 +938,78 @@ def test_choices_accepted_in_any_case(clean_environment):
     assert kafka.auto_offset_reset == "latest"
     assert reader.source.value == "kafka"
     assert reader.ordering is Ordering.KEY
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1:8000", "http://[localhost]:8000", "http://u:pw@[::1:80"]
+)
+def test_malformed_bracketed_url_named(url):
+    text = configuration_error(
+        ReaderSettings, READER_INPUT="orders", READER_APP_URL=url
+    )
+
+    assert "READER_APP_URL=" in text
+    assert "is invalid" in text
+    assert "pw" not in text
+
+
+@pytest.mark.parametrize("cls", [ReaderSettings, WriterSettings, AppSettings])
+def test_empty_listen_address_rejected(cls):
+    prefix = str(cls.model_config["env_prefix"])
+    environment = {
+        f"{prefix}HOST": "",
+        "READER_INPUT": "orders",
+        "READER_APP_URL": "http://app:8000",
+        "WRITER_OUTPUT": "out.jsonl",
+        "APP_WRITER_URL": "http://writer:8000",
+    }
+
+    text = configuration_error(cls, **environment)
+
+    assert f"{prefix}HOST='' is invalid" in text
+    assert "set 127.0.0.1, or 0.0.0.0" in text
+
+
+def test_shutdown_timeout_over_a_day_rejected():
+    text = configuration_error(
+        ReaderSettings,
+        READER_INPUT="orders",
+        READER_APP_URL="http://app:8000",
+        READER_SHUTDOWN_TIMEOUT_MS="10000000000000",
+    )
+
+    assert "READER_SHUTDOWN_TIMEOUT_MS='10000000000000' is invalid" in text
+
+
+def test_transactional_id_rejected():
+    text = configuration_error(
+        KafkaSettings,
+        KAFKA_BOOTSTRAP_SERVERS="broker:9092",
+        KAFKA_EXTRA_CONFIG='{"transactional.id": "writer-1"}',
+    )
+
+    assert "it sets transactional.id" in text
+    assert "remove it" in text
+
+
+def test_ca_directory_accepted(clean_environment, tmp_path):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SSL_CA_LOCATION", str(tmp_path))
+
+    config = load_settings(KafkaSettings).client_config()
+
+    assert config["ssl.ca.location"] == str(tmp_path)
+
+
+def test_empty_paths_mean_unset(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SSL_CA_LOCATION", "")
+    clean_environment.setenv("READER_INPUT", "orders.jsonl")
+    clean_environment.setenv("READER_APP_URL", "http://app:8000")
+    clean_environment.setenv("READER_CHECKPOINT_PATH", " ")
+
+    kafka = load_settings(KafkaSettings)
+    reader = load_settings(ReaderSettings)
+
+    assert "ssl.ca.location" not in kafka.client_config()
+    assert reader.checkpoint_path is None
