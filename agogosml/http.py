@@ -471,7 +471,7 @@ class MalformedRequestFilter(logging.Filter):
     """Turn aiohttp's ERROR traceback for a malformed request into one WARNING.
 
     aiohttp 3.14 responds to a request it cannot parse (an invalid
-    Content-Length, a header line over 8190 bytes, more than 100 headers) with
+    Content-Length, a header line over 8190 bytes, more than 128 headers) with
     a plain-text 400 and logs it with ``logger.exception``, so any client could
     fill the log with tracebacks. This filter rewrites those records to one
     line. It passes at most `limit` of them per `interval_seconds`, and the

@@ -2282,6 +2282,27 @@ async def test_oversized_id_header_dead_lettered():
     assert "shorten the message id" in context["dlq.error"]
 
 
+async def test_too_many_record_headers_dead_lettered():
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', headers=[(f"h{i}", b"v") for i in range(100)])
+    source.add(b'{"n": 1}', headers=[(f"h{i}", b"v") for i in range(101)])
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [0]
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "431"
+    assert context["dlq.attempts"] == "0"
+    assert (
+        "the message has 101 record headers, more than the 100"
+        in (context["dlq.error"])
+    )
+    assert "READER_BATCH_MAX_MESSAGES" in context["dlq.error"]
+    assert source.committed == {(TOPIC, 0): 2}
+
+
 async def test_batch_sends_long_key_in_body():
     source = MemorySource(TOPIC)
     long_key = b"k" * 20000

@@ -41,6 +41,12 @@ RECORD_HEADER_PREFIX = "X-Record-Header-"
 #: with 400 by default (its max_field_size).
 MAX_HEADER_LINE_BYTES = 8190
 
+#: Maximum number of record headers that a single-message request carries. The
+#: server of aiohttp 3.14 rejects a request of more than 128 header lines with
+#: 400 by default (its max_headers), and the reader's own header lines, a proxy
+#: and the app's framework may take up to 28 of them.
+MAX_RECORD_HEADERS = 100
+
 #: Maximum wait that a Retry-After header of the app can request. A longer
 #: value is cut to this, so a mistaken value does not stall a lane for hours.
 RETRY_AFTER_MAX_SECONDS = 60.0
@@ -229,7 +235,10 @@ class AppClient:
             headers[MESSAGE_KEY] = key
             if key_is_base64:
                 headers[MESSAGE_KEY_ENCODING] = "base64"
-        for name, value in envelope.text_headers().items():
+        record_headers = envelope.text_headers()
+        if len(record_headers) > MAX_RECORD_HEADERS:
+            return _too_many_headers(len(record_headers))
+        for name, value in record_headers.items():
             headers[RECORD_HEADER_PREFIX + name] = value
         problem = _oversized_header(headers)
         if problem is not None:
@@ -343,6 +352,18 @@ def _json_problem(value: bytes) -> Outcome | None:
     if not error:
         return None
     return Outcome(400, f"message value is not valid JSON: {error}", sent=False)
+
+
+def _too_many_headers(count: int) -> Outcome:
+    """Return the 431 outcome of a message with too many record headers to send."""
+    error = (
+        f"the message has {count} record headers, more than the "
+        f"{MAX_RECORD_HEADERS} that travel as {RECORD_HEADER_PREFIX}<name> header "
+        "lines (an aiohttp server such as ModelApp accepts 128 header lines by "
+        "default): send batches (READER_BATCH_MAX_MESSAGES above 1), which carry "
+        "them in the request body, or drop headers with READER_TRANSFORM"
+    )
+    return Outcome(431, error, sent=False)
 
 
 def _oversized_header(headers: dict[str, str]) -> Outcome | None:
