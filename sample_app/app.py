@@ -7,6 +7,7 @@ Run it with ``agogosml-sample-app`` (or ``python -m sample_app.app``). It reads 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,12 @@ from sample_app.scoring import (
     Transaction,
     default_model_path,
     validation_error_message,
+)
+
+_UNSCORABLE = (
+    "the transaction cannot be scored: its values are so large that the model's "
+    "weighted sum of them is not a finite number; send the values of a real "
+    "transaction"
 )
 
 
@@ -43,7 +50,10 @@ def make_score_function(model: FraudModel) -> Any:
         if valid:
             scores = model.score_many([transaction for _, transaction in valid])
             for (index, _), result in zip(valid, scores, strict=True):
-                results[index] = result
+                if math.isfinite(result["fraud_probability"]):
+                    results[index] = result
+                else:
+                    results[index] = InvalidRecord(_UNSCORABLE)
         return results
 
     return score

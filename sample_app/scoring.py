@@ -446,8 +446,13 @@ class _ScaledLogistic:
         return cls(weights, bias, fraud_is_positive=int(classifier.classes_[1]) == 1)
 
     def fraud_probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Return the probability of class 1 for each row."""
-        decisions = features @ self._weights + self._bias
+        """Return the probability of class 1 for each row.
+
+        A row whose values are so large that their weighted sum overflows gets
+        NaN, without a numpy warning on stderr.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            decisions = features @ self._weights + self._bias
         if not self._fraud_is_positive:
             decisions = -decisions
         if len(decisions) <= _PYTHON_ROWS:

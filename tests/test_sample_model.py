@@ -519,6 +519,24 @@ def test_score_function_names_json_type(
     assert result.reason == f"a transaction must be a JSON object, got {json_type}"
 
 
+def test_score_function_rejects_unscorable_values(tiny_model: FraudModel) -> None:
+    class Overflowing:
+        """A model whose weighted sum overflowed for the first transaction."""
+
+        def score_many(self, transactions: list[Transaction]) -> list[dict]:
+            scores = tiny_model.score_many(transactions)
+            scores[0]["fraud_probability"] = math.nan
+            return scores
+
+    values = [{name: 1.0 for name in FEATURE_COLUMNS}] * 2
+
+    first, second = make_score_function(Overflowing())(values)  # type: ignore[arg-type]
+
+    assert isinstance(first, InvalidRecord)
+    assert "is not a finite number" in first.reason
+    assert 0.0 <= second["fraud_probability"] <= 1.0
+
+
 def test_score_many_handles_empty_batch(tiny_model: FraudModel) -> None:
     assert tiny_model.score_many([]) == []
 
