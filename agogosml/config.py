@@ -892,6 +892,15 @@ class _ServiceSettings(BaseSettings):
     )
 
 
+#: Reader settings that only a file source reads.
+_FILE_SOURCE_FIELDS = (
+    "stop_at_end",
+    "max_line_bytes",
+    "checkpoint_path",
+    "rotate_wait_ms",
+)
+
+
 class ReaderSettings(_ServiceSettings):
     """Settings of the input reader (prefix ``READER_``)."""
 
@@ -1073,6 +1082,16 @@ class ReaderSettings(_ServiceSettings):
             )
         self._check_dead_letter_is_not_input()
         return self
+
+    def ignored_settings(self) -> list[str]:
+        """Return the variables set that only a file source reads, if it is another."""
+        if self.source is Transport.FILE:
+            return []
+        return [
+            f"READER_{name.upper()}"
+            for name in _FILE_SOURCE_FIELDS
+            if name in self.model_fields_set
+        ]
 
     def _check_dead_letter_is_not_input(self) -> None:
         dead_letter = self.dead_letter_target()

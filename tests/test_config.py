@@ -1013,3 +1013,20 @@ def test_empty_paths_mean_unset(clean_environment):
 
     assert "ssl.ca.location" not in kafka.client_config()
     assert reader.checkpoint_path is None
+
+
+def test_file_settings_named_as_ignored_for_kafka(clean_environment):
+    clean_environment.setenv("READER_SOURCE", "kafka")
+    clean_environment.setenv("READER_INPUT", "orders")
+    clean_environment.setenv("READER_APP_URL", "http://app:8000")
+    clean_environment.setenv("READER_CHECKPOINT_PATH", "/tmp/offset")
+    clean_environment.setenv("READER_STOP_AT_END", "true")
+
+    settings = load_settings(ReaderSettings)
+    file_settings = settings.model_copy(update={"source": config.Transport.FILE})
+
+    assert settings.ignored_settings() == [
+        "READER_STOP_AT_END",
+        "READER_CHECKPOINT_PATH",
+    ]
+    assert file_settings.ignored_settings() == []

@@ -56,6 +56,13 @@ def _max_connections(settings: ReaderSettings) -> int:
 
 async def serve_reader(settings: ReaderSettings) -> None:
     """Run the reader until SIGTERM/SIGINT, or the input end with READER_STOP_AT_END."""
+    for variable in settings.ignored_settings():
+        logger.warning(
+            "%s applies only to a file source and is ignored with READER_SOURCE=%s; "
+            "unset it",
+            variable,
+            settings.source.value,
+        )
     transform = None
     if settings.transform:
         transform = load_transform(settings.transform)
