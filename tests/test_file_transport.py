@@ -525,8 +525,11 @@ async def test_restart_after_two_rotations_reads_middle_file(tmp_path: Path) -> 
     await crashed.stop()
 
     middle = path.with_name("in.jsonl.1").stat()
-    assert written[3] == f"then:{middle.st_dev}:{middle.st_ino}"
-    assert written[4] == f"then:{path.stat().st_dev}:{path.stat().st_ino}"
+    middle_start = hashlib.sha256(path.with_name("in.jsonl.1").read_bytes())
+    assert written[3] == (
+        f"then:{middle.st_dev}:{middle.st_ino}:38:sha256:{middle_start.hexdigest()}"
+    )
+    assert written[4].startswith(f"then:{path.stat().st_dev}:{path.stat().st_ino}:19:")
     assert [e.value for e in envelopes] == [
         b'{"f": "a", "n": 2}',
         b'{"f": "b", "n": 1}',
@@ -617,6 +620,60 @@ async def test_second_rotation_within_wait_reads_middle_file(
     assert [e.value for e in middle] == [b'{"f": "b"}']
     assert [e.value for e in last] == [b'{"f": "c"}']
     assert "was rotated again, to " in caplog.text
+
+
+def reuse_inode(directory: Path, inode: int, content: bytes) -> Path | None:
+    """Create files in `directory` until one gets `inode`, as ext4 reuses it."""
+    for number in range(50):
+        candidate = directory / f"unrelated-{number}.log"
+        candidate.write_bytes(content)
+        if candidate.stat().st_ino == inode:
+            return candidate
+    return None
+
+
+async def test_restart_skips_file_that_reused_inode(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    crashed = await rotate_twice_then_crash(path, checkpoint)
+    written = checkpoint.read_text()
+    await crashed.stop()  # closes the files, as the end of the process does
+    checkpoint.write_text(written)
+    middle = path.with_name("in.jsonl.1")
+    inode = middle.stat().st_ino
+    middle.unlink()  # deleted while the reader was down
+    other = reuse_inode(tmp_path, inode, b'{"not": "input"}\n')
+    if other is None:
+        pytest.skip("this file system did not reuse the inode number")
+
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with again:
+        values = [e.value for e in await read_all(again, rounds=8)]
+
+    assert values == [b'{"f": "a", "n": 2}', b'{"f": "c", "n": 1}']
+    assert "is no longer in its directory" in caplog.text
+
+
+async def test_restart_without_first_file_reads_later_one(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    checkpoint = tmp_path / "in.offset"
+    crashed = await rotate_twice_then_crash(path, checkpoint)
+    path.with_name("in.jsonl.2").unlink()  # the first file, e.g. compressed
+
+    again = FileSource(
+        str(path), follow=True, checkpoint_path=checkpoint, rotate_wait_seconds=0
+    )
+    async with again:
+        values = [e.value for e in await read_all(again, rounds=8)]
+    await crashed.stop()
+
+    assert values == [
+        b'{"f": "b", "n": 1}',
+        b'{"f": "b", "n": 2}',
+        b'{"f": "c", "n": 1}',
+    ]
 
 
 async def test_restart_without_rotated_file(tmp_path: Path, caplog) -> None:

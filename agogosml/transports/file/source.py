@@ -56,6 +56,29 @@ class _Replaced(NamedTuple):
     start: int  # byte offset where reading it started
 
 
+class _LaterFile(NamedTuple):
+    """A file that replaced the checkpoint's file, named in the checkpoint.
+
+    Its first `length` bytes (at most `FINGERPRINT_BYTES`) have the digest
+    `digest`, so that a restart does not take another file that got its inode
+    number after it was deleted.
+    """
+
+    device: int
+    inode: int
+    length: int
+    digest: str
+
+    def text(self) -> str:
+        """Return the entry as the checkpoint writes it."""
+        return f"then:{self.device}:{self.inode}:{self.length}:{self.digest}"
+
+    def matches(self, file: BinaryIO) -> bool:
+        """Return whether `file` starts with the bytes this entry names."""
+        size = os.fstat(file.fileno()).st_size
+        return size >= self.length and _fingerprint(file, self.length) == self.digest
+
+
 class _Fragment(NamedTuple):
     """The start of a stream's line whose rest was not read, at shutdown."""
 
@@ -142,7 +165,7 @@ class FileSource(TrackedSource):
         self._replaced: dict[int, _Replaced] = {}
         # After a restart, the device and inode numbers of the files that
         # replaced the checkpoint's file, to read before the file at the path.
-        self._later_files: list[tuple[int, int]] = []
+        self._later_files: list[_LaterFile] = []
         self._reopen_error = ""  # why the replacement file cannot be opened
         self._read_tail = b""  # the last bytes read from a followed file
         self._restarted = False  # whether a restart awaits its checkpoint
@@ -152,7 +175,7 @@ class FileSource(TrackedSource):
         self._file: BinaryIO | None = None
         self._offset = 0
         self._paused = False
-        self._committed: tuple[int, int, tuple[tuple[int, int], ...]] | None = None
+        self._committed: tuple[int, int, tuple[_LaterFile, ...]] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self.at_end = False
 
@@ -186,9 +209,16 @@ class FileSource(TrackedSource):
                         and identity != _identity(self._file)
                         and not self._fits(self._file, fingerprint)
                     ):
+                        self._later_files = later
                         fingerprint = self._open_rotated(identity, fingerprint)
-                        if fingerprint is not None:
-                            self._later_files = later
+                        if fingerprint is None:
+                            # The checkpoint's file is gone: read the files
+                            # that replaced it first, if any is left.
+                            status = os.fstat(self._file.fileno())
+                            replacement = self._open_later_file(status)
+                            if replacement is not None:
+                                self._file.close()
+                                self._file = replacement
                     self._part_start = self._offset
                 else:
                     self._stream_fd = self._file.fileno()
@@ -325,11 +355,14 @@ class FileSource(TrackedSource):
         skipped with a warning, because its lines may not have been delivered.
         """
         while self._later_files:
-            identity = self._later_files.pop(0)
-            if identity == (current.st_dev, current.st_ino):
+            later = self._later_files.pop(0)
+            identity = (later.device, later.inode)
+            if identity == (current.st_dev, current.st_ino) and self._path_matches(
+                later
+            ):
                 self._later_files.clear()  # the rest came after the path's file
                 return None
-            found = self._open_by_identity(identity, lambda file: True)
+            found = self._open_by_identity(identity, self._accepts(later))
             if found is not None:
                 file, name = found
                 logger.info(
@@ -345,10 +378,40 @@ class FileSource(TrackedSource):
                 "(inode %d) is no longer in its directory; lines of it may not "
                 "have been delivered",
                 self._path,
-                identity[1],
+                later.inode,
                 extra={"path": self._path},
             )
         return None
+
+    def _accepts(self, later: _LaterFile) -> Callable[[BinaryIO], bool]:
+        """Return a check that a file found by inode is the one `later` names."""
+
+        def accept(file: BinaryIO) -> bool:
+            return later.matches(file) and not self._is_own(file)
+
+        return accept
+
+    def _path_matches(self, later: _LaterFile) -> bool:
+        """Return whether the file at the input's path starts as `later` names."""
+        try:
+            with open(self._path, "rb") as file:
+                return later.matches(file)
+        except OSError:
+            return False
+
+    def _is_own(self, file: BinaryIO) -> bool:
+        """Return whether `file` is the checkpoint file or its temporary copy."""
+        if self._checkpoint is None:
+            return False
+        status = os.fstat(file.fileno())
+        temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
+        for path in (self._checkpoint, temporary):
+            try:
+                if os.path.samestat(status, os.stat(path)):
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _open_first_replacement(self, identity: tuple[int, int]) -> BinaryIO | None:
         """Open the file that first replaced the input, rotated away again since.
@@ -414,14 +477,14 @@ class FileSource(TrackedSource):
 
     def _read_checkpoint(
         self,
-    ) -> tuple[int, str | None, tuple[int, int] | None, list[tuple[int, int]]]:
+    ) -> tuple[int, str | None, tuple[int, int] | None, list[_LaterFile]]:
         """Return the checkpoint's offset, fingerprint, file identity and later files.
 
         A checkpoint is ``<offset> sha256:<hex digest> inode:<device>:<inode>``,
-        followed by ``then:<device>:<inode>`` for each file that replaced that
-        file at the path after it, in order. A checkpoint without the identity,
-        or of only the offset, is accepted too, without the checks that need
-        them.
+        followed by ``then:<device>:<inode>:<length>:sha256:<hex digest>`` for
+        each file that replaced that file at the path after it, in order. A
+        checkpoint without the identity, or of only the offset, is accepted too,
+        without the checks that need them.
         """
         if self._checkpoint is None:
             return 0, None, None, []
@@ -436,7 +499,7 @@ class FileSource(TrackedSource):
             return 0, None, None, []
         text = self._checkpoint.read_bytes().decode("utf-8", "backslashreplace").strip()
         offset, fingerprint, identity, *rest = [*text.split(" "), "", ""]
-        later = [_parse_identity(entry, "then") for entry in rest if entry]
+        later = [_parse_later_file(entry) for entry in rest if entry]
         # Only ASCII digits: int() would also take "1_0", "+5" or other scripts.
         if (
             not (offset.isascii() and offset.isdigit())
@@ -450,8 +513,9 @@ class FileSource(TrackedSource):
             raise SourceError(
                 f"checkpoint file {str(self._checkpoint)!r} contains {text[:160]!r}, "
                 "not a byte offset, optionally followed by 'sha256:<digest>', "
-                "'inode:<device>:<inode>' and any number of 'then:<device>:<inode>', "
-                "separated by spaces; delete it to start from the beginning",
+                "'inode:<device>:<inode>' and any number of "
+                "'then:<device>:<inode>:<length>:sha256:<digest>', separated by "
+                "spaces; delete it to start from the beginning",
                 retriable=False,
             )
         files = [entry for entry in later if entry is not None]
@@ -896,7 +960,7 @@ class FileSource(TrackedSource):
         finally:
             self._file_lock.release()
         text = f"{position} {fingerprint} inode:{device}:{inode}"
-        text += "".join(f" then:{device}:{inode}" for device, inode in later)
+        text += "".join(f" {entry.text()}" for entry in later)
         temporary = self._checkpoint.with_name(self._checkpoint.name + ".tmp")
         with temporary.open("w") as output:
             output.write(text)
@@ -910,21 +974,21 @@ class FileSource(TrackedSource):
             os.close(directory)
         self._committed = (part, position, later)
 
-    def _files_after(self, part: int) -> tuple[tuple[int, int], ...]:
-        """Return the identities of the files to read after `part` before a restart.
+    def _files_after(self, part: int) -> tuple[_LaterFile, ...]:
+        """Return the files to read after `part` before a restart.
 
         Those are the replaced files after it that are still open, the current
         file when it is a later part, and the files that a restart still has to
         read before the file at the path.
         """
         files = [
-            _identity(replaced.file)
+            _later_file(replaced.file)
             for number, replaced in sorted(self._replaced.items())
             if number > part
         ]
         if self._part > part:
             assert self._file is not None
-            files.append(_identity(self._file))
+            files.append(_later_file(self._file))
         return (*files, *self._later_files)
 
     def _checkpointed_part(self) -> tuple[int, BinaryIO, int]:
@@ -972,11 +1036,29 @@ def _identity(file: BinaryIO) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _parse_identity(text: str, label: str = "inode") -> tuple[int, int] | None:
-    """Parse ``<label>:<device>:<inode>``, or return None for any other text."""
+def _later_file(file: BinaryIO) -> _LaterFile:
+    """Return the checkpoint entry of an open file that replaced another."""
+    device, inode = _identity(file)
+    length = min(os.fstat(file.fileno()).st_size, FINGERPRINT_BYTES)
+    return _LaterFile(device, inode, length, _fingerprint(file, length))
+
+
+def _parse_later_file(text: str) -> _LaterFile | None:
+    """Parse ``then:<device>:<inode>:<length>:sha256:<digest>``, else return None."""
+    label, device, inode, length, digest = [*text.split(":", 4), "", "", "", ""][:5]
+    numbers = (device, inode, length)
+    if label != "then" or not all(n.isascii() and n.isdigit() for n in numbers):
+        return None
+    if not _is_fingerprint(digest) or int(length) > FINGERPRINT_BYTES:
+        return None
+    return _LaterFile(int(device), int(inode), int(length), digest)
+
+
+def _parse_identity(text: str) -> tuple[int, int] | None:
+    """Parse ``inode:<device>:<inode>``, or return None for any other text."""
     prefix, _, numbers = text.partition(":")
     device, _, inode = numbers.partition(":")
-    if prefix != label or not all(
+    if prefix != "inode" or not all(
         part.isascii() and part.isdigit() for part in (device, inode)
     ):
         return None
