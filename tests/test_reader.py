@@ -1457,6 +1457,35 @@ async def test_stop_sends_queued_of_unreplayable_source():
     assert reader.in_flight == 0
 
 
+@pytest.mark.parametrize("source_class", [MemorySource, OnceSource])
+async def test_stop_after_its_deadline_reports_nothing(source_class, caplog):
+    source = source_class(TOPIC)
+    settings = reader_settings(
+        "http://127.0.0.1:1", shutdown_timeout_ms=50, stop_at_end=False
+    )
+    client = AppClient(str(settings.app_url), timeout_seconds=1)
+    reader = InputReader(settings, source, client, MemorySink())
+    reader.request_stop()
+    await asyncio.sleep(0.1)  # the time of the stop runs out before run()
+
+    with caplog.at_level(logging.WARNING):
+        await reader.run()
+
+    assert "still in flight" not in caplog.text
+
+
+def test_stop_requested_outside_event_loop():
+    source = MemorySource(TOPIC)
+    settings = reader_settings("http://127.0.0.1:1", stop_at_end=False)
+    client = AppClient(str(settings.app_url), timeout_seconds=1)
+    reader = InputReader(settings, source, client, MemorySink())
+
+    reader.request_stop()
+    asyncio.run(asyncio.wait_for(reader.run(), RUN_TIMEOUT_SECONDS))
+
+    assert reader.in_flight == 0
+
+
 async def test_shutdown_timeout_reports_unreplayable_loss(caplog):
     source = OnceSource(TOPIC)
     fill(source, 2)

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 import zlib
 from collections.abc import Coroutine, Hashable
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ class InputReader:
         )
         self._progress = asyncio.Event()
         self._stopping = asyncio.Event()
-        #: Event-loop time by which a requested stop ends the wait for in-flight
+        #: Monotonic time by which a requested stop ends the wait for in-flight
         #: messages, for revoked partitions and for the final drain alike.
         self._stop_deadline: float | None = None
         # Without a readiness path the app counts as ready; otherwise fetching
@@ -169,7 +170,7 @@ class InputReader:
         if not self._stopping.is_set():
             logger.info("stop requested; finishing in-flight messages")
             timeout_seconds = self._settings.shutdown_timeout_ms / 1000
-            self._stop_deadline = asyncio.get_running_loop().time() + timeout_seconds
+            self._stop_deadline = time.monotonic() + timeout_seconds
         self._stopping.set()
         self._wake_waiting_lanes()
         # Wakes a revocation that waits for its partitions, so it checks the deadline.
@@ -881,7 +882,7 @@ class InputReader:
         """Return the seconds left for in-flight messages before the reader stops."""
         if self._stop_deadline is None:
             return self._settings.shutdown_timeout_ms / 1000
-        return max(0.0, self._stop_deadline - asyncio.get_running_loop().time())
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     def _release_queued(self, partitions: set[tuple[str, int]]) -> None:
         """Release the messages of `partitions` that no worker has taken yet."""
@@ -913,7 +914,11 @@ class InputReader:
                 self._progress.clear()
                 await self._progress.wait()
 
+        if self._in_flight == 0:
+            return
         try:
+            if timeout_seconds <= 0:
+                raise TimeoutError  # wait_for of 0 s times out even when done
             await asyncio.wait_for(wait_all(), timeout_seconds)
         except TimeoutError:
             if not self._source.replayable:
