@@ -348,10 +348,12 @@ class ModelApp:
         """Send one chunk of a batch to the writer as one ``POST /batch``.
 
         When the writer rejects a chunk of several records (422), they are sent
-        again one at a time, so only the record the sink cannot take fails. Any
-        other failure fails the whole request with 503 or 502, and the reader
-        retries the whole batch. The records of earlier chunks are then written
-        again, which at-least-once delivery allows.
+        again one at a time, so only the record the sink cannot take fails: with
+        422, or with a 503 without Retry-After, which the reader retries for
+        that record alone. Any other failure fails the whole request with 503
+        or 502, and
+        the reader retries the whole batch. The records of earlier chunks are
+        then written again, which at-least-once delivery allows.
         """
         body = b"[" + b",".join(output for _, output in chunk) + b"]"
         try:
@@ -361,7 +363,14 @@ class ModelApp:
                 raise
             if len(chunk) > 1:
                 for entry in chunk:
-                    await self._forward_chunk(items, [entry], statuses)
+                    try:
+                        await self._forward_chunk(items, [entry], statuses)
+                    except _Reject as alone:
+                        # A 503 with Retry-After is the writer or its sink down,
+                        # which fails the request as a whole.
+                        if alone.status != 503 or alone.retry_after:
+                            raise
+                        statuses[entry[0]] = {"status": 503, "error": str(alone)}
                 return
             ((index, _),) = chunk
             logger.info(

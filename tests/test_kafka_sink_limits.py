@@ -342,11 +342,13 @@ async def test_size_error_retriable_while_limit_unknown(
     assert sorted(written) == sorted(envelope.value for envelope in small)
 
 
+@pytest.mark.parametrize("batch_max_messages", [1, 2], ids=["single", "batch"])
 async def test_oversized_result_dead_lettered_while_limit_unknown(
     kafka_bootstrap: str,
     limited_topic: TopicFactory,
     sinks: list[KafkaSink],
     monkeypatch: pytest.MonkeyPatch,
+    batch_max_messages: int,
 ) -> None:
     deny_describe_configs(monkeypatch)
     topic = limited_topic(TOPIC_LIMIT)
@@ -366,6 +368,10 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
         stop_at_end=False,
         retry_max_attempts=2,
         app_ready_path="/readyz",
+        # In a batch, the valid result shares the writer request of the one
+        # too large, and only that one may fail.
+        batch_max_messages=batch_max_messages,
+        batch_max_wait_ms=200,
     )
 
     async with TestServer(writer.build_app()) as writer_server:
@@ -385,6 +391,7 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
 
     (record,) = dead_letter.envelopes
     headers = {name: value.decode() for name, value in record.headers}
+    assert orjson.loads(record.value)["n"] == 0
     assert sink.topic_max_message_bytes is None
     assert headers["dlq.status"] == "503"
     assert "Message size too large" in headers["dlq.error"]

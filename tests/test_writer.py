@@ -734,13 +734,20 @@ async def test_sink_permanent_failure_422():
 
 async def test_size_rejected_503_without_retry_after():
     sink = await started_sink()
-    sink.fail_next(1, size_rejected=True)
+    sink.fail_next(2, size_rejected=True)
 
     async with serve_writer(sink) as (client, _):
         response = await client.post("/", data=b'{"n": 1}', headers=JSON)
+        batch = await client.post(
+            "/batch", data=b'[{"value": 1}, {"value": 2}]', headers=JSON
+        )
+        batch_error = (await batch.json())["error"]
 
     assert response.status == 503
     assert "Retry-After" not in response.headers
+    # Several records: 422, so that the app sends them one at a time.
+    assert batch.status == 422
+    assert "Send the 2 records one at a time" in batch_error
 
 
 async def test_sink_not_connected_503():

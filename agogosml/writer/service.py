@@ -233,7 +233,7 @@ class OutputWriter:
                     "retriable": exc.retriable,
                 },
             )
-            raise _sink_error_response(exc) from None
+            raise _sink_error_response(exc, len(envelopes)) from None
         finally:
             self._in_flight -= count
             IN_FLIGHT.labels(SERVICE).set(self._in_flight)
@@ -263,13 +263,22 @@ class OutputWriter:
             )
 
 
-def _sink_error_response(exc: SinkError) -> BadRequest:
+def _sink_error_response(exc: SinkError, count: int) -> BadRequest:
     """Return 503 for a failure a retry may fix, else 422 so callers stop retrying.
 
-    A 503 for records the destination rejected as too large has no Retry-After,
-    so each retry uses up an attempt and a record too large for the topic ends
-    in the dead letters instead of being retried forever.
+    Records that the destination rejected as too large, without the sink
+    knowing which (`SinkError.size_rejected`), get 422 when the request had
+    several, so that `ModelApp` sends them again one at a time and only the
+    record too large fails. A single record gets 503 without Retry-After, so
+    each retry uses up an attempt and a record too large for the topic ends in
+    the dead letters instead of being retried forever.
     """
+    if exc.size_rejected and count > 1:
+        return BadRequest(
+            422,
+            f"records were not written: {exc}. Send the {count} records one at a "
+            "time to find the one that is too large",
+        )
     if exc.retriable:
         return BadRequest(
             503,
