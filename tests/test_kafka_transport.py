@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import unittest.mock
 from collections.abc import Iterator
 from typing import Any
 
@@ -379,6 +380,23 @@ async def test_write_denied_retriable_with_fix() -> None:
     assert error.failures == {}
     assert "may not write to topic 'scores'" in str(error)
     assert "grant it the Write and Describe operations" in str(error)
+
+
+def test_write_denied_at_produce_names_fix() -> None:
+    class DeniedProducer:
+        """A producer whose topic librdkafka already marked as not writable."""
+
+        def produce(self, *args: Any, **kwargs: Any) -> None:
+            raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+    sink = KafkaSink(KafkaSettings(bootstrap_servers="127.0.0.1:1"), "scores")
+    envelope = Envelope(value=b'{"n": 1}', id="m-1")
+
+    with pytest.raises(SinkError) as caught:
+        sink._produce(DeniedProducer(), envelope, [], unittest.mock.Mock())  # type: ignore[arg-type]
+
+    assert caught.value.retriable is True
+    assert "grant it the Write and Describe operations" in str(caught.value)
 
 
 async def test_topic_limit_failure_logged_once(

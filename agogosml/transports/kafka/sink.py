@@ -365,10 +365,20 @@ class KafkaSink(Sink):
         except KafkaException as exc:
             raise SinkError(
                 f"producing record {envelope.id!r} to topic {self._topic!r} "
-                f"failed: {exc}",
+                f"failed: {exc}{self._error_hint([exc.args[0]])}",
                 retriable=is_retriable(exc.args[0]),
             ) from exc
         return True
+
+    def _error_hint(self, errors: list[KafkaError]) -> str:
+        """Return the fix of an error that the settings cause, or ""."""
+        if any(e.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED for e in errors):
+            return (
+                f". The Kafka principal of this service may not write to topic "
+                f"{self._topic!r}: grant it the Write and Describe operations on "
+                "the topic"
+            )
+        return ""
 
     async def _delivery_error(
         self,
@@ -392,12 +402,7 @@ class KafkaSink(Sink):
             f"{len(errors)} of {len(sized)} records were not acknowledged by topic "
             f"{self._topic!r}: delivery failed: {errors[0]}"
         )
-        if any(e.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED for e in errors):
-            text += (
-                f". The Kafka principal of this service may not write to topic "
-                f"{self._topic!r}: grant it the Write and Describe operations on "
-                "the topic"
-            )
+        text += self._error_hint(errors)
         if too_large:
             envelope, problem = too_large[0]
             text += f". Record {envelope.id!r} is {problem}"
