@@ -492,8 +492,9 @@ class KafkaSettings(BaseSettings):
             # string is the SASL password, which the namespace would reject.
             if not _EVENTHUBS_ENDPOINT.search(connection_string):
                 raise ValueError(
-                    "the Event Hubs connection string has no Endpoint=sb://...; "
-                    "copy it from the namespace's Shared access policies"
+                    "KAFKA_EVENTHUBS_CONNECTION_STRING has no Endpoint=sb://...; "
+                    "copy the connection string from the namespace's Shared "
+                    "access policies"
                 )
             return self
         sasl = self.security_protocol in (
@@ -705,8 +706,8 @@ class EventHubSettings(BaseSettings):
     @field_validator("starting_position")
     @classmethod
     def _known_position(cls, value: str) -> str:
-        if value in ("earliest", "latest"):
-            return value
+        if value.strip().lower() in ("earliest", "latest"):
+            return value.strip().lower()
         try:
             parsed = datetime.datetime.fromisoformat(value)
         except ValueError:
@@ -1241,7 +1242,9 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
     prefix = str(cls.model_config.get("env_prefix", ""))
     lines = [_error_heading(cls)]
     # A misspelled variable leaves the one it meant unset or at its default.
-    meant = {known: name for name, known in misspelled_variables(cls)}
+    meant: dict[str, list[str]] = {}
+    for name, known in misspelled_variables(cls):
+        meant.setdefault(known, []).append(name)
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]
         field = location[0] if location else ""
@@ -1253,7 +1256,9 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         if error["type"] == "missing":
             line = f"  {name} is missing: set it ({_describe(cls, field)})"
             if name in meant:
-                line += f"; {meant.pop(name)} is set, did you mean {name}?"
+                unknown = meant.pop(name)
+                verb = "is" if len(unknown) == 1 else "are"
+                line += f"; {' and '.join(unknown)} {verb} set, did you mean {name}?"
             lines.append(line)
         elif field:
             lines.append(
@@ -1264,8 +1269,11 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
             )
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
-    for known, name in meant.items():
-        lines.append(f"  {name} is not a setting and is ignored; did you mean {known}?")
+    for known, unknown in meant.items():
+        for variable in unknown:
+            lines.append(
+                f"  {variable} is not a setting and is ignored; did you mean {known}?"
+            )
     return "\n".join(lines)
 
 

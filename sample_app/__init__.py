@@ -31,7 +31,10 @@ def missing_packages_message() -> str | None:
     elif wheel.is_file():
         command = f"pip install '{wheel.resolve()}[sample]'"
     else:
-        command = f"pip install 'agogosml[sample]=={__version__}'"
+        # agogosml is installed from a checkout or a wheel built from one.
+        command = (
+            f"pip install 'PATH/TO/agogosml-{__version__}-py3-none-any.whl[sample]'"
+        )
     return (
         f"the sample app needs {', '.join(missing)}, which are not installed; "
         f"install the sample extra: {command}"

@@ -255,7 +255,7 @@ def test_eventhubs_without_endpoint_hides_key():
         ),
     )
 
-    assert "Event Hubs connection string has no Endpoint=sb://" in text
+    assert "KAFKA_EVENTHUBS_CONNECTION_STRING has no Endpoint=sb://" in text
     assert EVENTHUBS_KEY not in text
 
 
@@ -266,7 +266,7 @@ def test_eventhubs_without_endpoint_rejected_with_bootstrap():
         KAFKA_BOOTSTRAP_SERVERS="10.0.0.4:9093",
     )
 
-    assert "Event Hubs connection string has no Endpoint=sb://" in text
+    assert "KAFKA_EVENTHUBS_CONNECTION_STRING has no Endpoint=sb://" in text
     assert "garbage-secret" not in text
 
 
@@ -895,6 +895,25 @@ def test_invalid_settings_list_other_misspellings():
     assert (
         "READER_PROT is not a setting and is ignored; did you mean READER_PORT?" in text
     )
+
+
+def test_missing_setting_names_every_misspelling():
+    text = configuration_error(
+        ReaderSettings,
+        READER_APP_URL="http://app:8000",
+        READER_INPT="a",
+        READER_INPU="b",
+    )
+
+    assert "READER_INPT and READER_INPU are set, did you mean READER_INPUT?" in text
+
+
+def test_eventhubs_starting_position_any_case():
+    settings = config.EventHubSettings(
+        connection_string=EVENTHUBS_CONNECTION, starting_position="Latest"
+    )
+
+    assert settings.sdk_starting_position() == "@latest"
 
 
 def test_invalid_boolean_names_accepted_values():

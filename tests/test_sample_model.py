@@ -800,11 +800,11 @@ def test_missing_packages_hint_names_project_wheel(monkeypatch, tmp_path):
     assert f"pip install '{wheel}[sample]'" in message
 
 
-def test_missing_packages_hint_from_package_index(monkeypatch, tmp_path):
+def test_missing_packages_hint_names_wheel(monkeypatch, tmp_path):
     from agogosml import __version__
 
     installed_at = tmp_path / "venv" / "site-packages" / "sample_app"
 
     message = _missing_packages_hint(monkeypatch, installed_at, tmp_path)
 
-    assert f"pip install 'agogosml[sample]=={__version__}'" in message
+    assert f"agogosml-{__version__}-py3-none-any.whl[sample]'" in message
