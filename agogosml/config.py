@@ -479,8 +479,8 @@ class KafkaSettings(BaseSettings):
         # librdkafka takes a file of certificates or a directory of them.
         if value is not None and not (value.is_file() or value.is_dir()):
             raise ValueError(
-                f"CA file {str(value)!r} does not exist; set the path of a PEM file "
-                "or of a directory of CA certificates"
+                f"there is no file or directory {str(value)!r}; set the path of a "
+                "PEM file or of a directory of CA certificates"
             )
         return value
 

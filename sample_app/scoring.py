@@ -449,7 +449,8 @@ class _ScaledLogistic:
         """Return the probability of class 1 for each row.
 
         A row whose values are so large that their weighted sum overflows gets
-        NaN, without a numpy warning on stderr.
+        0 or 1, or NaN when the overflow has both signs, without a numpy warning
+        on stderr.
         """
         with np.errstate(over="ignore", invalid="ignore"):
             decisions = features @ self._weights + self._bias

@@ -184,7 +184,7 @@ def test_kafka_missing_ca_file_named(tmp_path):
     )
 
     assert f"KAFKA_SSL_CA_LOCATION={str(missing)!r} is invalid" in text
-    assert "does not exist" in text
+    assert "there is no file or directory" in text
 
 
 def test_kafka_existing_ca_file_configured(clean_environment, tmp_path):

@@ -44,8 +44,9 @@ def _max_connections(settings: ReaderSettings) -> int:
     """Return the size of the reader's connection pool to the app (0: no limit).
 
     In partition mode each partition has a lane with one request at a time, and
-    the number of partitions is not known ahead, so the pool has no limit: a
-    smaller one would make requests wait for a connection and time out. In the
+    the number of partitions is not known ahead. So the pool has no limit,
+    because in a smaller one requests would wait for a connection and time out.
+    In the
     other modes `READER_CONCURRENCY` bounds the requests, and the pool keeps a
     few connections more for the readiness checks.
     """
