@@ -418,7 +418,8 @@ class FileSource(TrackedSource):
 
         Returns None, after a warning, when it is no longer in the directory.
         """
-        found = self._open_by_identity(identity, lambda file: True)
+        # Its inode number may have gone to the checkpoint file since.
+        found = self._open_by_identity(identity, lambda file: not self._is_own(file))
         if found is None:
             logger.warning(
                 "the file that replaced the input file %s (inode %d) was rotated "
