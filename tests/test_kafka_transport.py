@@ -123,6 +123,27 @@ async def test_source_commits_only_finished_prefix(mock_bootstrap: str) -> None:
     assert committed_after_all == 10
 
 
+async def test_missing_input_topic_named_until_created(mock_bootstrap: str) -> None:
+    topic = "not-created-yet"
+    settings = KafkaSettings(bootstrap_servers=mock_bootstrap, group_id="g-missing")
+    source = KafkaSource(settings, [topic])
+
+    async with source:
+        async with asyncio.timeout(30):
+            while source.connected or "not found" not in source.unavailable_reason:
+                await source.fetch(10, 0.1)
+        reason = source.unavailable_reason
+        produce(mock_bootstrap, topic, 1)
+        async with asyncio.timeout(30):
+            while not source.connected:
+                await source.fetch(10, 0.1)
+
+    assert reason == (
+        f"input topic {topic} not found on the brokers; check READER_INPUT, or "
+        "create the topic"
+    )
+
+
 async def test_paused_source_returns_nothing(mock_bootstrap: str) -> None:
     topic = "source-pause"
     produce(mock_bootstrap, topic, 1)

@@ -85,7 +85,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
     def not_ready_reason() -> str:
         reasons = []
         if not source.connected:
-            reasons.append("the source is not connected")
+            reasons.append(f"the source: {source.unavailable_reason}")
         if not dead_letter.connected:
             reasons.append(f"the dead-letter sink: {dead_letter.unavailable_reason}")
         if not reader.app_ready:

@@ -108,6 +108,11 @@ class Source(_Lifecycle):
     def connected(self) -> bool:
         """Return whether the source is started and reachable."""
 
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the source is not connected, for the reader's readiness check."""
+        return "the source is not connected"
+
     def set_revoke_handler(self, handler: RevokeHandler) -> None:  # noqa: B027
         """Register the coroutine to await before partitions are given up."""
 

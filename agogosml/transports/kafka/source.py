@@ -69,6 +69,10 @@ class KafkaSource(TrackedSource):
         self._skip_closing_commit = False
         self._commit_task: asyncio.Task[None] | None = None
         self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
+        #: Input topics that the broker reported as unknown, until one of their
+        #: partitions is assigned. Replaced whole, because the consumer thread
+        #: writes it and the event loop reads it.
+        self._missing_topics: frozenset[str] = frozenset()
 
     @property
     def failure(self) -> str | None:
@@ -77,8 +81,23 @@ class KafkaSource(TrackedSource):
 
     @property
     def connected(self) -> bool:
-        """Whether the consumer runs and has a broker connection."""
-        return self._consumer is not None and self._health.up
+        """Whether the consumer runs, has a broker connection and its topics exist."""
+        return (
+            self._consumer is not None and self._health.up and not self._missing_topics
+        )
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the source is not connected: not started, the broker or a topic."""
+        if self._consumer is None:
+            return "the Kafka source is not started"
+        if not self._health.up:
+            return self._health.describe_down()
+        missing = ", ".join(sorted(self._missing_topics))
+        return (
+            f"input topic {missing} not found on the brokers; check READER_INPUT, "
+            "or create the topic"
+        )
 
     def set_revoke_handler(self, handler: RevokeHandler) -> None:
         """Register the coroutine awaited before partitions are given up."""
@@ -193,6 +212,9 @@ class KafkaSource(TrackedSource):
         error = message.error()
         if error is not None:
             if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                topic = message.topic()
+                if topic and topic not in self._missing_topics:
+                    self._missing_topics = self._missing_topics | {topic}
                 logger.error(
                     "input topic not found: %s; check READER_INPUT, or create the "
                     "topic",
@@ -373,6 +395,7 @@ class KafkaSource(TrackedSource):
         logger.debug("committed offsets", extra={"offsets": _describe(offsets)})
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._missing_topics = self._missing_topics - {tp.topic for tp in partitions}
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
             self._committed.pop((tp.topic, tp.partition), None)
