@@ -351,9 +351,8 @@ class ModelApp:
         again one at a time, so only the record the sink cannot take fails: with
         422, or with a 503 without Retry-After, which the reader retries for
         that record alone. Any other failure fails the whole request with 503
-        or 502, and
-        the reader retries the whole batch. The records of earlier chunks are
-        then written again, which at-least-once delivery allows.
+        or 502, and the reader retries the whole batch. The records of earlier
+        chunks are then written again, which at-least-once delivery allows.
         """
         body = b"[" + b",".join(output for _, output in chunk) + b"]"
         try:

@@ -173,7 +173,8 @@ class Envelope:
         return base64.b64encode(self.key).decode("ascii"), True
 
 
-#: Longest message id kept from a ``message-id`` header, in bytes as encoded.
+#: Maximum length of a message id kept from a ``message-id`` header, in bytes
+#: as encoded.
 MAX_ID_BYTES = 512
 
 

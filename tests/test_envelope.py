@@ -45,13 +45,13 @@ def test_message_id_header_made_header_safe(raw, expected):
 
 def test_long_message_id_header_hashed():
     raw = b"x" * 513
-    kept = b"y" * 512
+    longest = b"y" * 512
 
     long_id = Envelope.from_record(b"{}", None, [("message-id", raw)], None).id
-    kept_id = Envelope.from_record(b"{}", None, [("message-id", kept)], None).id
+    longest_id = Envelope.from_record(b"{}", None, [("message-id", longest)], None).id
 
     assert long_id == "sha256:" + hashlib.sha256(raw).hexdigest()
-    assert kept_id == kept.decode()
+    assert longest_id == longest.decode()
 
 
 def test_id_derived_from_position():

@@ -865,12 +865,12 @@ class InputReader:
                 self._partition_in_flight[key] > 0 for key in partitions
             ):
                 self._progress.clear()
-                if self._stop_deadline is None:
-                    await self._progress.wait()
-                    continue
-                left = self._shutdown_seconds_left()
-                if left <= 0:
-                    return
+                # Without a requested stop, the wait has no time limit.
+                left = None
+                if self._stop_deadline is not None:
+                    left = self._shutdown_seconds_left()
+                    if left <= 0:
+                        return
                 try:
                     await asyncio.wait_for(self._progress.wait(), left)
                 except TimeoutError:

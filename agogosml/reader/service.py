@@ -46,9 +46,8 @@ def _max_connections(settings: ReaderSettings) -> int:
     In partition mode each partition has a lane with one request at a time, and
     the number of partitions is not known ahead. So the pool has no limit,
     because in a smaller one requests would wait for a connection and time out.
-    In the
-    other modes `READER_CONCURRENCY` bounds the requests, and the pool keeps a
-    few connections more for the readiness checks.
+    In the other modes `READER_CONCURRENCY` bounds the requests, and the pool
+    keeps a few connections more for the readiness checks.
     """
     if settings.ordering is Ordering.PARTITION:
         return 0

@@ -308,11 +308,11 @@ class FileSource(TrackedSource):
         directory = os.path.dirname(self._path) or "."
         logger.warning(
             "input file %s was replaced since the checkpoint, and the file it was "
-            "is no longer in %s; reading %s from its start. Lines of the old file "
-            "after byte %d may not have been delivered",
+            "is no longer in %s; reading on from the start of the files that "
+            "replaced it. Lines of the old file after byte %d may not have been "
+            "delivered",
             self._path,
             directory,
-            self._path,
             self._offset,
             extra={"path": self._path, "offset": self._offset},
         )
