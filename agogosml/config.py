@@ -111,7 +111,7 @@ def redact_url(url: str) -> str:
     """Return `url` with the password of its user info, if any, replaced by ***.
 
     A URL that cannot be parsed, such as one with an unclosed ``[``, is returned
-    without the part before its ``@``, which may hold a password.
+    without the part before its ``@``, which may contain a password.
     """
     try:
         parts = urllib.parse.urlsplit(url)
