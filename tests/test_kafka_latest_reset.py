@@ -1,10 +1,10 @@
 """A group that starts at the end of the log keeps the messages it left unfinished.
 
 With ``KAFKA_AUTO_OFFSET_RESET=latest`` and no committed offset, a reader that
-stops before any message finished must still commit where it started. Otherwise
-the next reader of the group starts at the end of the log again, past the
-messages the first one read and released unfinished. These tests use
-librdkafka's mock cluster.
+stops, or dies, before any message finished must still have committed where it
+started. Otherwise the next reader of the group starts at the end of the log
+again, past the messages the first one read. These tests use librdkafka's mock
+cluster, and a stand-in consumer for a commit that fails.
 """
 
 from __future__ import annotations
@@ -12,13 +12,19 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from fakes import MemorySink
 from test_reader import accept, reader_settings, running_reader, stub_app, wait_for
 
 from agogosml.config import KafkaSettings
-from agogosml.transports.kafka import KafkaSource
+from agogosml.transports.kafka import KafkaSource, source
 
 TOPIC = "latest-in"
 GROUP = "g-latest"
@@ -102,3 +108,97 @@ async def test_latest_reset_keeps_unfinished_messages():
     assert delivered == list(range(10))
     assert dead_letter.envelopes == []
     assert after_second == 12
+
+
+async def test_start_committed_before_the_first_request():
+    """The start offset is durable before the app sees a message.
+
+    A reader killed at any point after it read its first messages has
+    committed where it started, even with periodic commits an hour apart.
+    """
+    admin, bootstrap = mock_cluster()
+    produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=GROUP,
+        auto_offset_reset="latest",
+        commit_interval_ms=3_600_000,
+        extra_config={"session.timeout.ms": 6000},
+    )
+    seen_by_app: list[int] = []
+
+    async def record_committed(received):
+        seen_by_app.append(await asyncio.to_thread(committed, bootstrap))
+        await asyncio.sleep(3600)
+
+    async with stub_app(record_committed) as app:
+        settings = reader_settings(
+            app.url, input=TOPIC, stop_at_end=False, shutdown_timeout_ms=300
+        )
+        source_ = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=0.3)
+        async with running_reader(settings, source_, MemorySink()) as (reader, _):
+            await wait_long(lambda: source_.tracker.generation(TOPIC, 0) > 0)
+            await asyncio.sleep(1.0)  # the consumer resolves "latest" (offset 2)
+            produce(bootstrap, range(0, 3))  # offsets 2..4
+            await wait_long(lambda: len(seen_by_app) == 1)
+    del admin
+
+    assert seen_by_app == [2]
+
+
+class _Message:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition = partition
+        self._offset = offset
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+class _FailingCommits:
+    """A consumer whose commits fail until `fail` is cleared."""
+
+    def __init__(self) -> None:
+        self.fail = True
+        self.commits: list[list[tuple[int, int]]] = []
+        self.seeks: list[tuple[int, int]] = []
+
+    def commit(self, *, offsets, asynchronous):
+        assert asynchronous is False
+        if self.fail:
+            raise KafkaException(KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE))
+        self.commits.append([(tp.partition, tp.offset) for tp in offsets])
+
+    def seek(self, tp):
+        self.seeks.append((tp.partition, tp.offset))
+
+
+def test_failed_start_commit_holds_the_partition_back(monkeypatch):
+    monkeypatch.setattr(source, "START_COMMIT_RETRY_SECONDS", 0)
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9", auto_offset_reset="latest")
+    kafka_source = KafkaSource(kafka, [TOPIC])
+    consumer = _FailingCommits()
+    kafka_source._consumer = consumer
+    for partition in (0, 1):
+        kafka_source.tracker.assign(TOPIC, partition)
+    fetched = [(_Message(0, 7), 1), (_Message(0, 8), 1), (_Message(1, 3), 1)]
+
+    # Both partitions are new: neither commit went through, so both seek back
+    # to their first message and nothing goes out.
+    assert kafka_source._commit_starts(fetched) == []
+    assert sorted(consumer.seeks) == [(0, 7), (1, 3)]
+
+    consumer.fail = False
+    assert kafka_source._commit_starts(fetched) == fetched
+    assert sorted(consumer.commits[0]) == [(0, 7), (1, 3)]
+
+    # Once committed, a partition's later messages need no commit of their own.
+    later = [(_Message(0, 9), 1)]
+    assert kafka_source._commit_starts(later) == later
+    assert len(consumer.commits) == 1

@@ -198,8 +198,8 @@ class OffsetTracker:
             group without a committed offset that starts at the end of the log
             (``auto.offset.reset=latest``) then commits where it started, so the
             next consumer of the partition does not skip the messages that were
-            read but not finished. NOTE: that takes the source's next commit; a
-            crash before it still leaves no committed offset.
+            read but not finished. The Kafka source also commits that offset
+            before the first message goes out, so a crash cannot come first.
     """
 
     def __init__(self, *, commit_first_offset: bool = False) -> None:

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 #: commit has no time limit: with the coordinator gone it waited for the whole
 #: session timeout (45 s by default), past a pod's grace period.
 FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
+#: How long the consumer thread waits after it could not commit where a
+#: partition starts, before it fetches that partition's messages again.
+START_COMMIT_RETRY_SECONDS = 0.5
 
 
 class KafkaSource(TrackedSource):
@@ -62,6 +65,9 @@ class KafkaSource(TrackedSource):
         self._revoke_handler: RevokeHandler | None = None
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
+        #: Generation of each partition whose start offset is committed, with
+        #: ``auto.offset.reset=latest`` (see `_commit_starts`).
+        self._started: dict[tuple[str, int], int] = {}
         #: Offsets of asynchronous commits that the broker has not confirmed.
         self._committing: dict[tuple[str, int], int] = {}
         #: Set at shutdown when the final commit did not finish: close() then
@@ -188,10 +194,75 @@ class KafkaSource(TrackedSource):
         """
         assert self._consumer is not None
         stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
-        if not stamped or max_messages <= 1:
-            return stamped
-        stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
+        if stamped and max_messages > 1:
+            stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
+        if self._settings.auto_offset_reset == "latest":
+            return self._commit_starts(stamped)
         return stamped
+
+    def _commit_starts(self, stamped: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """Commit where each newly assigned partition starts, before it is read on.
+
+        A group without a committed offset that starts at the end of the log
+        would otherwise, after a crash before its first commit, start at the
+        end again and skip the messages it had read. The offset of a
+        partition's first message is therefore committed synchronously, once
+        per assignment, before that message is handed to the reader. When the
+        commit fails, the partition is sought back to that message, whose batch
+        then waits for the next fetch and another try.
+        """
+        assert self._consumer is not None
+        starts: dict[tuple[str, int], TopicPartition] = {}
+        for message, generation in stamped:
+            if generation == 0:
+                continue
+            key = (message.topic(), message.partition())
+            if key not in starts and self._started.get(key) != generation:
+                starts[key] = TopicPartition(*key, message.offset())
+        if not starts:
+            return stamped
+        offsets = list(starts.values())
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            held = self._seek_back(offsets)
+            logger.warning(
+                "cannot commit where partitions start, so their messages wait and "
+                "are fetched again: %s",
+                exc.args[0].str(),
+                extra={"partitions": _describe(offsets)},
+            )
+            time.sleep(START_COMMIT_RETRY_SECONDS)
+            return [
+                (message, generation)
+                for message, generation in stamped
+                if generation == 0 or (message.topic(), message.partition()) not in held
+            ]
+        for key, tp in starts.items():
+            self._committed[key] = tp.offset
+        for message, generation in stamped:
+            if generation:
+                self._started[(message.topic(), message.partition())] = generation
+        return stamped
+
+    def _seek_back(self, offsets: list[TopicPartition]) -> set[tuple[str, int]]:
+        """Seek each partition back to `offsets`; return those that were sought.
+
+        The messages of a partition that cannot seek go out as they are, with
+        their start committed later, as without ``latest``.
+        """
+        assert self._consumer is not None
+        sought = set()
+        for tp in offsets:
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                logger.warning(
+                    "cannot seek %s back: %s", _describe([tp])[0], exc.args[0].str()
+                )
+            else:
+                sought.add((tp.topic, tp.partition))
+        return sought
 
     def _stamp(self, messages: list[Any]) -> list[tuple[Any, int]]:
         """Pair each message with its partition's current generation (0 for errors)."""
