@@ -52,6 +52,7 @@ from agogosml.http import (
     bearer_auth_middleware,
     bound_port,
     check_readiness,
+    content_type_problem,
     error_response,
     header_for_log,
     http_error_middleware,
@@ -257,7 +258,7 @@ class ModelApp:
         return app
 
     async def _post_one(self, request: web.Request) -> web.Response:
-        value = _decode(await read_body(request))
+        value = _decode(await _read_json_body(request))
         MESSAGES_IN.labels(SERVICE).inc()
         item = _item_from_headers(request.headers)
         (result,) = await self._call_score([value])
@@ -275,7 +276,7 @@ class ModelApp:
         return json_response({"status": 200})
 
     async def _post_batch(self, request: web.Request) -> web.Response:
-        items = _decode(await read_body(request))
+        items = _decode(await _read_json_body(request))
         if not isinstance(items, list) or not all(
             isinstance(item, dict) and "value" in item for item in items
         ):
@@ -815,6 +816,14 @@ def _chunks(
     if chunk:
         chunks.append(chunk)
     return chunks
+
+
+async def _read_json_body(request: web.Request) -> bytes:
+    """Return the body of a request, raising a 415 unless it is sent as JSON."""
+    problem = content_type_problem(request)
+    if problem:
+        raise _Reject(415, problem)
+    return await read_body(request)
 
 
 def _decode(body: bytes) -> Any:

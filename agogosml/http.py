@@ -232,6 +232,20 @@ BODY_TIMEOUT_SECONDS = 30.0
 IDLE_TIMEOUT_SECONDS = 75.0
 
 
+def content_type_problem(request: web.Request) -> str:
+    """Return why the request's Content-Type is not JSON, or '' when it is.
+
+    Parameters such as ``charset=utf-8`` are allowed. A request without a
+    Content-Type counts as ``application/octet-stream``, as in aiohttp.
+    """
+    if request.content_type == "application/json":
+        return ""
+    return (
+        f"Content-Type {request.content_type!r} is not supported; send "
+        "'application/json'"
+    )
+
+
 async def read_body(request: web.Request) -> bytes:
     """Return the request body, decoded, or raise `ClientDisconnectedError`.
 

@@ -350,6 +350,36 @@ async def test_single_invalid_json_400():
     assert writer.requests == []
 
 
+@pytest.mark.parametrize("path", ["/", "/batch"])
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"Content-Type": "text/plain"}, "'text/plain'"),
+        ({}, "'application/octet-stream'"),
+    ],
+)
+async def test_wrong_content_type_415(path, headers, named):
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(path, data=b'{"amount": 1}', headers=headers)
+            body = await response.json()
+
+    assert response.status == 415
+    assert named in body["error"]
+    assert "send 'application/json'" in body["error"]
+    assert writer.requests == []
+
+
+async def test_json_content_type_with_charset_accepted():
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    assert len(writer.requests) == 1
+
+
 async def test_async_score_function():
     async def score(values: list[Any]) -> list[Any]:
         await asyncio.sleep(0)

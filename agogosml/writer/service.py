@@ -29,6 +29,7 @@ from agogosml.http import (
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
+    content_type_problem,
     error_response,
     header_for_log,
     http_error_middleware,
@@ -206,12 +207,9 @@ class OutputWriter:
                 self._sink.unavailable_reason,
                 retry_after=SINK_RETRY_AFTER_SECONDS,
             )
-        if request.content_type != "application/json":
-            raise BadRequest(
-                415,
-                f"Content-Type {request.content_type!r} is not supported; send "
-                "'application/json'",
-            )
+        problem = content_type_problem(request)
+        if problem:
+            raise BadRequest(415, problem)
         return await read_body(request)
 
     async def _write(self, envelopes: list[Envelope]) -> None:
