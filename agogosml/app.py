@@ -79,6 +79,8 @@ WRITER_GRACE_CHECKS = 5
 WRITER_WARNING_CHECKS = 300
 #: Prefix of the request headers that carry record headers, in lower case.
 _RECORD_HEADER_PREFIX = "x-record-header-"
+#: Request header that lists the record headers sent base64-encoded.
+_BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
@@ -782,6 +784,8 @@ def _writer_element(item: dict[str, Any], result: Any) -> dict[str, Any]:
     }
     if item.get("headers") is not None:
         element["headers"] = item["headers"]
+    if item.get("header_encodings") is not None:
+        element["header_encodings"] = item["header_encodings"]
     return element
 
 
@@ -896,7 +900,34 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     record_headers = _record_headers(headers)
     if record_headers:
         item["headers"] = record_headers
+    encodings = _header_encodings(headers)
+    if encodings:
+        item["header_encodings"] = encodings
     return item
+
+
+def _header_encodings(headers: Any) -> dict[str, str]:
+    """Return ``base64`` by the name of each record header that the request lists.
+
+    The writer checks that each name listed has a value that is base64.
+    """
+    if _BASE64_RECORD_HEADERS not in headers:
+        return {}
+    if is_repeated(headers, _BASE64_RECORD_HEADERS):
+        raise _Reject(
+            400,
+            f"header {_BASE64_RECORD_HEADERS} is sent more than once; list every "
+            "base64-encoded record header in one, separated by commas",
+        )
+    listed = headers[_BASE64_RECORD_HEADERS]
+    if not is_utf8(listed):
+        raise _Reject(
+            400,
+            f"header {_BASE64_RECORD_HEADERS} is not valid UTF-8; list record "
+            "header names as UTF-8 text",
+        )
+    names = {name.strip().lower() for name in listed.split(",") if name.strip()}
+    return dict.fromkeys(sorted(names), "base64")
 
 
 def _record_headers(headers: Any) -> dict[str, str]:

@@ -27,6 +27,35 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
+class HttpHeaders(NamedTuple):
+    """Record headers as text for HTTP: values by name, and which are base64."""
+
+    values: dict[str, str]
+    base64_names: list[str]
+
+    def non_token_name(self) -> str | None:
+        """Return the first name that cannot end an HTTP header name, or None."""
+        for name in self.values:
+            if not _TOKEN.fullmatch(name):
+                return name
+        return None
+
+
+def _header_text(raw: bytes) -> str | None:
+    """Return a header value as text if HTTP carries it unchanged, else None.
+
+    HTTP drops whitespace around a header value and rejects control
+    characters, so such values do not count as text.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text != text.strip() or _CONTROL.search(text):
+        return None
+    return text
+
+
 class Position(NamedTuple):
     """Source position of a message: enough for the source to commit past it.
 
@@ -129,30 +158,30 @@ class Envelope:
             *self.headers,
         ]
 
-    def text_headers(self) -> dict[str, str]:
-        """Return the record headers that can travel over HTTP, by lower-case name.
+    def http_headers(self) -> HttpHeaders:
+        """Return the record headers by lower-case name, as text that HTTP carries.
 
-        A header qualifies when its name is an HTTP token and its value is UTF-8
-        text without control characters or surrounding whitespace, so that it
-        fits in an ``X-Record-Header-<name>`` request header unchanged. An
-        output record has one value per name, so the last value of a repeated
-        name wins.
+        A value that is UTF-8 text without control characters or surrounding
+        whitespace goes as it is. Any other value, binary data included, is
+        base64-encoded and its name listed in `base64_names`, so that it fits
+        in an ``X-Record-Header-<name>`` request header unchanged. An output
+        record has one value per name, so the last value of a repeated name
+        wins.
         """
         if not self.headers:
-            return {}
-        headers = {}
+            return HttpHeaders({}, [])
+        values = {}
+        encoded = set()
         for name, raw in self.headers:
-            if not _TOKEN.fullmatch(name):
-                continue
-            try:
-                value = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            # HTTP drops whitespace around a header value, so such a value
-            # would not arrive unchanged.
-            if value == value.strip() and not _CONTROL.search(value):
-                headers[name.lower()] = value
-        return headers
+            lowered = name.lower()
+            text = _header_text(raw)
+            if text is None:
+                values[lowered] = base64.b64encode(raw).decode("ascii")
+                encoded.add(lowered)
+            else:
+                values[lowered] = text
+                encoded.discard(lowered)
+        return HttpHeaders(values, sorted(encoded))
 
     def key_text(self) -> tuple[str | None, bool]:
         """Return the key as text and whether it had to be base64-encoded.

@@ -123,14 +123,13 @@ def test_position_id_encodes_percent():
     assert encoded.id == "%C3%A9:0:7"
 
 
-def test_text_headers_keep_http_safe_ones():
+def test_http_headers_text_and_base64():
     envelope = Envelope(
         value=b"{}",
         headers=[
             ("Source-System", b"pos-7"),
             ("region", b"eu"),
             ("Region", b"us"),
-            ("bad name", b"x"),
             ("binary", b"\xff\x00"),
             ("multi-line", b"a\r\nb"),
             ("utf8", "café".encode()),
@@ -138,10 +137,38 @@ def test_text_headers_keep_http_safe_ones():
         ],
     )
 
-    headers = envelope.text_headers()
+    headers = envelope.http_headers()
 
-    assert headers == {"source-system": "pos-7", "region": "us", "utf8": "café"}
+    assert headers.values == {
+        "source-system": "pos-7",
+        "region": "us",
+        "binary": "/wA=",
+        "multi-line": "YQ0KYg==",
+        "utf8": "café",
+        "padded": "ICBwYWQgIA==",
+    }
+    assert headers.base64_names == ["binary", "multi-line", "padded"]
+    assert headers.non_token_name() is None
 
 
-def test_text_headers_empty_without_headers():
-    assert Envelope(value=b"{}").text_headers() == {}
+def test_http_headers_last_value_sets_encoding():
+    envelope = Envelope(value=b"{}", headers=[("tag", b"\xff"), ("tag", b"plain")])
+
+    headers = envelope.http_headers()
+
+    assert headers.values == {"tag": "plain"}
+    assert headers.base64_names == []
+
+
+@pytest.mark.parametrize("name", ["bad name", "", "caf\u00e9"])
+def test_http_headers_non_token_name(name):
+    envelope = Envelope(value=b"{}", headers=[("ok", b"1"), (name, b"x")])
+
+    assert envelope.http_headers().non_token_name() == name
+
+
+def test_http_headers_empty_without_headers():
+    headers = Envelope(value=b"{}").http_headers()
+
+    assert headers.values == {}
+    assert headers.base64_names == []

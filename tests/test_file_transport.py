@@ -863,6 +863,19 @@ async def test_sink_keeps_one_record_per_line(tmp_path: Path) -> None:
     assert lines[2]["value_encoding"] == "base64"
 
 
+async def test_sink_stores_binary_header_as_base64(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    headers = [("raw", b"\xff\x00"), ("text", "café".encode())]
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"1", id="m", headers=headers)])
+
+    (line,) = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert base64.b64decode(line["headers"]["raw"]) == b"\xff\x00"
+    assert line["headers"]["text"] == "café"
+    assert line["header_encodings"] == {"raw": "base64"}
+
+
 async def test_sink_tells_text_from_a_json_string(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
 

@@ -280,6 +280,25 @@ async def test_single_record_headers_forwarded():
     assert response.status == 200
     (element,) = writer.requests[0].json()
     assert element["headers"] == {"source-system": "pos-7", "region": "eu"}
+    assert "header_encodings" not in element
+
+
+async def test_single_base64_record_headers_forwarded():
+    headers = {
+        **JSON,
+        "X-Record-Header-Raw": "/wA=",
+        "X-Record-Header-Region": "eu",
+        "X-Base64-Record-Headers": " Raw ,",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (element,) = writer.requests[0].json()
+    assert element["headers"] == {"raw": "/wA=", "region": "eu"}
+    assert element["header_encodings"] == {"raw": "base64"}
 
 
 @pytest.mark.parametrize(
@@ -298,6 +317,14 @@ async def test_single_record_headers_forwarded():
             b"X-Message-Key: a\r\nX-Message-Key: b\r\n",
             "header X-Message-Key is sent more than once",
         ),
+        (
+            b"X-Base64-Record-Headers: a\r\nX-Base64-Record-Headers: b\r\n",
+            "header X-Base64-Record-Headers is sent more than once",
+        ),
+        (
+            b"X-Base64-Record-Headers: caf\xe9\r\n",
+            "header X-Base64-Record-Headers is not valid UTF-8",
+        ),
     ],
 )
 async def test_single_bad_record_header_400(raw_headers, problem):
@@ -312,7 +339,12 @@ async def test_single_bad_record_header_400(raw_headers, problem):
 
 async def test_batch_item_headers_forwarded():
     items = [
-        {"id": "in:0:0", "value": {"amount": 1}, "headers": {"region": "eu"}},
+        {
+            "id": "in:0:0",
+            "value": {"amount": 1},
+            "headers": {"region": "eu"},
+            "header_encodings": {"region": "base64"},
+        },
         {"id": "in:0:1", "value": {"amount": 2}},
     ]
 
@@ -325,7 +357,9 @@ async def test_batch_item_headers_forwarded():
     assert response.status == 200
     first, second = writer.requests[0].json()
     assert first["headers"] == {"region": "eu"}
+    assert first["header_encodings"] == {"region": "base64"}
     assert "headers" not in second
+    assert "header_encodings" not in second
 
 
 async def test_single_invalid_record_400():

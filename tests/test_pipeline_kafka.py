@@ -69,9 +69,9 @@ def test_dataset_records_all_arrive(
         app_env={"SAMPLE_APP_MODEL_PATH": str(fraud_model)},
         reader_env={"READER_BATCH_MAX_MESSAGES": "20"},
     )
-    pipeline.produce(
-        records, key_field="transaction_id", headers=[("source-system", b"pos-7")]
-    )
+    schema_id = b"\x00\x00\x01\xff"
+    headers = [("source-system", b"pos-7"), ("schema-id", schema_id)]
+    pipeline.produce(records, key_field="transaction_id", headers=headers)
 
     pipeline.start()
     output = pipeline.read_output(len(records), timeout_seconds=300)
@@ -83,6 +83,7 @@ def test_dataset_records_all_arrive(
     assert output.duplicates() == 0
     assert all(0.0 <= value["fraud_probability"] <= 1.0 for value in output.values)
     assert all(headers["source-system"] == b"pos-7" for headers in output.headers)
+    assert all(headers["schema-id"] == schema_id for headers in output.headers)
     wait_until(
         lambda: sum(pipeline.committed(3)) == len(records), 15, "commit of all offsets"
     )

@@ -324,12 +324,39 @@ async def test_record_headers_sent_to_app(batch_max_messages):
     (received,) = app.requests
     if batch_max_messages == 1:
         assert received.headers["X-Record-Header-source-system"] == "pos-7"
-        assert "X-Record-Header-binary" not in received.headers
+        assert received.headers["X-Record-Header-binary"] == "/w=="
+        assert received.headers["X-Base64-Record-Headers"] == "binary"
         assert received.headers["X-Message-Id"] == "m-1"
     else:
         (item,) = received.json()
-        assert item["headers"] == {"source-system": "pos-7"}
+        assert item["headers"] == {"source-system": "pos-7", "binary": "/w=="}
+        assert item["header_encodings"] == {"binary": "base64"}
         assert item["id"] == "m-1"
+
+
+async def test_non_token_header_name_batched_not_single():
+    """A header name that an HTTP header line cannot carry travels only in batches."""
+    single_source = MemorySource(TOPIC)
+    single_source.add(b'{"n": 0}', headers=[("shop id", b"7")])
+    single_source.add(b'{"n": 1}')
+    dead_letter = MemorySink()
+    batch_source = MemorySource(TOPIC)
+    batch_source.add(b'{"n": 0}', headers=[("shop id", b"7")])
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), single_source, dead_letter)
+        batched = reader_settings(app.url, batch_max_messages=2)
+        await run_reader(batched, batch_source, MemorySink())
+
+    single, batch = app.requests
+    assert single.body == b'{"n": 1}'
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "431"
+    assert "record header 'shop id' cannot travel" in context["dlq.error"]
+    assert "READER_BATCH_MAX_MESSAGES" in context["dlq.error"]
+    assert single_source.committed == {(TOPIC, 0): 2}
+    (item,) = batch.json()
+    assert item["headers"] == {"shop id": "7"}
 
 
 async def test_oversized_record_header_dead_lettered():

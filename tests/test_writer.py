@@ -126,6 +126,105 @@ async def test_post_one_writes_record():
     assert ("model-version", b"3") in record.headers
 
 
+async def test_post_one_base64_record_header():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Record-Header-Trace-Bytes": "/wAB",
+        "X-Record-Header-Model-Version": "3",
+        "X-Base64-Record-Headers": "trace-bytes",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    assert ("trace-bytes", b"\xff\x00\x01") in record.headers
+    assert ("model-version", b"3") in record.headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        (
+            {"X-Record-Header-Tag": "not base64!", "X-Base64-Record-Headers": "tag"},
+            "header X-Record-Header-Tag is listed as base64-encoded, but "
+            "'not base64!' is not valid base64",
+        ),
+        (
+            {"X-Record-Header-Tag": "AA==", "X-Base64-Record-Headers": "tag, other"},
+            "header X-Base64-Record-Headers lists other, but no X-Record-Header-",
+        ),
+    ],
+)
+async def test_post_one_bad_base64_record_header_400(headers, problem):
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers={**JSON, **headers})
+        body = await response.json()
+
+    assert response.status == 400
+    assert problem in body["error"]
+    assert sink.envelopes == []
+
+
+async def test_batch_base64_headers_written_as_bytes():
+    sink = await started_sink()
+    items = [
+        {
+            "value": 1,
+            "headers": {"raw": "/wA=", "text": "/wA="},
+            "header_encodings": {"raw": "BASE64"},
+        },
+        {"value": 2, "headers": {"raw": "AA=="}, "header_encodings": None},
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    first, second = sink.envelopes
+    assert first.headers == [("raw", b"\xff\x00"), ("text", b"/wA=")]
+    assert second.headers == [("raw", b"AA==")]
+
+
+@pytest.mark.parametrize(
+    ("element", "problem"),
+    [
+        (
+            {"headers": {"a": "AA=="}, "header_encodings": ["a"]},
+            "batch element 0: 'header_encodings' must be an object, got an array",
+        ),
+        (
+            {"headers": {"a": "AA=="}, "header_encodings": {"b": "base64"}},
+            "batch element 0: 'header_encodings' names 'b', which is not in 'headers'",
+        ),
+        (
+            {"headers": {"a": "AA=="}, "header_encodings": {"a": "hex"}},
+            "batch element 0: the encoding of header 'a' is '\"hex\"'; use 'base64'",
+        ),
+        (
+            {"headers": {"a": "%%"}, "header_encodings": {"a": "base64"}},
+            "batch element 0: header 'a' is listed as base64-encoded, but '%%' is "
+            "not valid base64",
+        ),
+    ],
+)
+async def test_batch_bad_header_encodings_400(element, problem):
+    sink = await started_sink()
+    items = [{"value": 1, **element}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        body = await response.json()
+
+    assert response.status == 400
+    assert problem in body["error"]
+    assert sink.envelopes == []
+
+
 async def test_post_one_without_headers_gets_ids():
     sink = await started_sink()
 

@@ -34,6 +34,9 @@ MESSAGE_KEY_ENCODING = "X-Message-Key-Encoding"
 TRACEPARENT = "traceparent"
 #: Prefix of the HTTP headers that carry the input record's headers.
 RECORD_HEADER_PREFIX = "X-Record-Header-"
+#: Names of the record headers whose values travel base64-encoded, separated
+#: by commas.
+BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 
 #: Maximum length of a header line (name, ": " and value, in UTF-8) that the
 #: reader sends.
@@ -235,11 +238,16 @@ class AppClient:
             headers[MESSAGE_KEY] = key
             if key_is_base64:
                 headers[MESSAGE_KEY_ENCODING] = "base64"
-        record_headers = envelope.text_headers()
-        if len(record_headers) > MAX_RECORD_HEADERS:
-            return _too_many_headers(len(record_headers))
-        for name, value in record_headers.items():
+        record_headers = envelope.http_headers()
+        if len(record_headers.values) > MAX_RECORD_HEADERS:
+            return _too_many_headers(len(record_headers.values))
+        name = record_headers.non_token_name()
+        if name is not None:
+            return _unsendable_header_name(name)
+        for name, value in record_headers.values.items():
             headers[RECORD_HEADER_PREFIX + name] = value
+        if record_headers.base64_names:
+            headers[BASE64_RECORD_HEADERS] = ",".join(record_headers.base64_names)
         problem = _oversized_header(headers)
         if problem is not None:
             return problem
@@ -279,9 +287,13 @@ class AppClient:
             }
             if key_is_base64:
                 item["key_encoding"] = "base64"
-            record_headers = envelope.text_headers()
-            if record_headers:
-                item["headers"] = record_headers
+            record_headers = envelope.http_headers()
+            if record_headers.values:
+                item["headers"] = record_headers.values
+            if record_headers.base64_names:
+                item["header_encodings"] = dict.fromkeys(
+                    record_headers.base64_names, "base64"
+                )
             items.append(item)
         body = orjson.dumps(items)
         headers = {"Content-Type": "application/json"}
@@ -362,6 +374,17 @@ def _too_many_headers(count: int) -> Outcome:
         "lines (an aiohttp server such as ModelApp accepts 128 header lines by "
         "default): send batches (READER_BATCH_MAX_MESSAGES above 1), which carry "
         "them in the request body, or drop headers with READER_TRANSFORM"
+    )
+    return Outcome(431, error, sent=False)
+
+
+def _unsendable_header_name(name: str) -> Outcome:
+    """Return the 431 outcome of a record header whose name HTTP cannot carry."""
+    error = (
+        f"record header {name!r} cannot travel as a {RECORD_HEADER_PREFIX}<name> "
+        "header line, because its name is not an HTTP token (letters, digits and "
+        "!#$%&'*+-.^_`|~): send batches (READER_BATCH_MAX_MESSAGES above 1), which "
+        "carry it in the request body, or rename or drop it with READER_TRANSFORM"
     )
     return Outcome(431, error, sent=False)
 

@@ -59,7 +59,17 @@ RECORD_HEADER_PREFIX = "X-Record-Header-"
 #: Extra headers of these names are not written, so they cannot override them.
 RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 #: Fields a ``POST /batch`` element may have; any other field is rejected.
-BATCH_FIELDS = ("headers", "id", "key", "key_encoding", "traceparent", "value")
+BATCH_FIELDS = (
+    "header_encodings",
+    "headers",
+    "id",
+    "key",
+    "key_encoding",
+    "traceparent",
+    "value",
+)
+#: Request header that lists the record headers sent base64-encoded.
+BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
@@ -334,7 +344,7 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
         key=_decode_key(
             _utf8_header(headers, "X-Message-Key"), encoding, "header X-Message-Key"
         ),
-        headers=_record_headers(headers),
+        headers=_record_headers(headers, _base64_header_names(headers)),
         id=_utf8_header(headers, "X-Message-Id") or "",
         traceparent=child_traceparent(headers.get("traceparent", "")),
     )
@@ -359,8 +369,18 @@ def _utf8_header(headers: Any, name: str) -> str | None:
     return value
 
 
-def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
-    """Return the ``X-Record-Header-<name>`` request headers as record headers."""
+def _base64_header_names(headers: Any) -> set[str]:
+    """Return the lower-case record header names that `BASE64_RECORD_HEADERS` lists."""
+    listed = _utf8_header(headers, BASE64_RECORD_HEADERS) or ""
+    return {name.strip().lower() for name in listed.split(",") if name.strip()}
+
+
+def _record_headers(headers: Any, base64_names: set[str]) -> list[tuple[str, bytes]]:
+    """Return the ``X-Record-Header-<name>`` request headers as record headers.
+
+    The values of the headers in `base64_names` are decoded from base64.
+    """
+    unmatched = set(base64_names)
     record_headers = []
     seen: set[str] = set()
     for name, value in headers.items():
@@ -388,9 +408,34 @@ def _record_headers(headers: Any) -> list[tuple[str, bytes]]:
                 "once; a record has one value per header name, so send it once",
             )
         seen.add(record_name)
+        raw = value.encode()
+        if record_name in base64_names:
+            unmatched.discard(record_name)
+            raw = _decode_header_value(raw, f"header {name}")
         if record_name not in RESERVED_HEADERS:
-            record_headers.append((record_name, value.encode()))
+            record_headers.append((record_name, raw))
+    if unmatched:
+        missing = ", ".join(sorted(unmatched))
+        raise BadRequest(
+            400,
+            f"header {BASE64_RECORD_HEADERS} lists {missing}, but no "
+            f"{RECORD_HEADER_PREFIX}<name> header has that name; list only the "
+            "record headers sent base64-encoded",
+        )
     return record_headers
+
+
+def _decode_header_value(value: bytes, where: str) -> bytes:
+    """Return a base64-encoded record header value as bytes."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise BadRequest(
+            400,
+            f"{where} is listed as base64-encoded, but {value.decode()!r:.60} is "
+            "not valid base64; send the value base64-encoded, or do not list the "
+            "header",
+        ) from None
 
 
 def _decode_json(body: bytes) -> Any:
@@ -443,15 +488,19 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     message_id = _optional_text(index, item, "id")
     parent = _optional_text(index, item, "traceparent")
     record_headers: list[tuple[str, bytes]] = []
-    if item.get("headers") is not None:
-        for name, value in _item_headers(index, item["headers"]).items():
-            lowered = name.lower()
-            if lowered == MESSAGE_ID_HEADER:
-                message_id = message_id or value
-            elif lowered == TRACEPARENT_HEADER:
-                parent = parent or value
-            else:
-                record_headers.append((name, value.encode()))
+    item_headers = _item_headers(index, item.get("headers"))
+    base64_names = _item_header_encodings(index, item, item_headers)
+    for name, value in item_headers.items():
+        lowered = name.lower()
+        if lowered == MESSAGE_ID_HEADER:
+            message_id = message_id or value
+        elif lowered == TRACEPARENT_HEADER:
+            parent = parent or value
+        elif name in base64_names:
+            where = f"batch element {index}: header {name!r}"
+            record_headers.append((name, _decode_header_value(value.encode(), where)))
+        else:
+            record_headers.append((name, value.encode()))
     encoding = (
         _item_key_encoding(index, item) if item.get("key_encoding") is not None else ""
     )
@@ -502,6 +551,40 @@ def _check_key_encoding(encoding: str, where: str) -> None:
             f"{where} {encoding!r:.60} is not supported; use 'base64' for a "
             "base64-encoded key, or leave it out for a UTF-8 key",
         )
+
+
+def _item_header_encodings(
+    index: int, item: dict[str, Any], headers: dict[str, str]
+) -> set[str]:
+    """Return the names of the headers that a batch element sends base64-encoded.
+
+    ``header_encodings`` maps a name of ``headers`` to ``base64`` (any case).
+    """
+    encodings = item.get("header_encodings")
+    if encodings is None:
+        return set()
+    if not isinstance(encodings, dict):
+        raise BadRequest(
+            400,
+            f"batch element {index}: 'header_encodings' must be an object, got "
+            f"{json_type(encodings)}; map each base64-encoded header's name to "
+            "'base64'",
+        )
+    for name, encoding in encodings.items():
+        if name not in headers:
+            raise BadRequest(
+                400,
+                f"batch element {index}: 'header_encodings' names {name!r}, which "
+                "is not in 'headers'; list only headers that the element sends",
+            )
+        if not isinstance(encoding, str) or encoding.lower() != "base64":
+            raise BadRequest(
+                400,
+                f"batch element {index}: the encoding of header {name!r} is "
+                f"{_preview(encoding)}; use 'base64', or leave the header out of "
+                "'header_encodings' for UTF-8 text",
+            )
+    return set(encodings)
 
 
 def _item_headers(index: int, headers: object) -> dict[str, str]:

@@ -266,7 +266,8 @@ def encode_line(envelope: Envelope) -> bytes:
     the JSON string ``"hello"`` stay apart, or as base64 (marked ``"base64"``) if
     it is not UTF-8. A record without a value (a Kafka tombstone) has the value
     ``null`` and ``"value_encoding": "none"``, so that it differs from the JSON
-    document ``null``.
+    document ``null``. A header value that is not UTF-8 is stored as base64,
+    its name mapped to ``"base64"`` in ``header_encodings``.
     """
     key, key_is_base64 = envelope.key_text()
     value: object
@@ -285,15 +286,24 @@ def encode_line(envelope: Envelope) -> bytes:
         except UnicodeDecodeError:
             value = base64.b64encode(envelope.value).decode("ascii")
             value_encoding = "base64"
-    document = {
+    headers = {}
+    header_encodings = {}
+    for name, raw in envelope.record_headers():
+        try:
+            headers[name] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            headers[name] = base64.b64encode(raw).decode("ascii")
+            header_encodings[name] = "base64"
+        else:
+            header_encodings.pop(name, None)
+    document: dict[str, object] = {
         "id": envelope.id,
         "key": key,
-        "headers": {
-            name: raw.decode("utf-8", "replace")
-            for name, raw in envelope.record_headers()
-        },
+        "headers": headers,
         "value": value,
     }
+    if header_encodings:
+        document["header_encodings"] = header_encodings
     if key_is_base64:
         document["key_encoding"] = "base64"
     if value_encoding:
