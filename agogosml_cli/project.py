@@ -35,6 +35,8 @@ from agogosml_cli.template_history import BUNDLE_PATH, TemplateHistory
 from agogosml_cli.wheel import write_wheel
 
 ANSWERS_FILE = Path(".copier-answers.yml")
+#: Answers that a project rename changes, and with them paths in the project.
+_NAME_FIELDS = ("project_name", "package_name")
 
 
 class GenerateError(AgogosmlError):
@@ -241,10 +243,11 @@ def _update(
         run_git(["clone", "--quiet", str(top), str(clone)], top)
         work = clone / subdirectory
         tag = _record_template(work, recorded)
+        names = _recorded_names(project)
         with contextlib.chdir(work):
             copier.run_update(
                 ".",
-                data=answers,
+                data={**answers, **names},
                 vcs_ref=tag,
                 defaults=True,
                 overwrite=True,
@@ -252,6 +255,8 @@ def _update(
                 conflict="inline",
             )
         _raise_on_conflicts(clone)
+        if names != _names(answers):
+            _rename(clone, subdirectory, {**answers, **names}, answers, tag)
         write_wheel(work)
         changed, patch = _staged_changes(clone, subdirectory, head)
     if patch:
@@ -259,6 +264,67 @@ def _update(
             ["apply", "--binary", "--whitespace=nowarn", "-"], top, input_text=patch
         )
     return Outcome(created=False, template_version=tag, changed=changed)
+
+
+def _names(answers: dict[str, Any]) -> dict[str, Any]:
+    """Return the answers that name the project and its package."""
+    return {field: answers.get(field) for field in _NAME_FIELDS}
+
+
+def _recorded_names(project: Path) -> dict[str, Any]:
+    recorded = yaml.safe_load((project / ANSWERS_FILE).read_text(encoding="utf-8"))
+    return _names(recorded if isinstance(recorded, dict) else {})
+
+
+def _rename(
+    clone: Path,
+    subdirectory: Path,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    tag: str,
+) -> None:
+    """Rename the project in the clone, carrying the user's edits along.
+
+    Copier's update matches files by path, so a new name, which moves the
+    package directory, would drop the edits of every moved file. So the
+    update above kept the old name, and the rename is a cherry-pick of two
+    renders that differ only in the name: git's merge follows the moved files
+    and applies their renaming to the edited ones.
+    """
+    run_git(["add", "--all"], clone)
+    run_git(
+        ["commit", "--quiet", "--allow-empty", "-m", "Update the template"],
+        clone,
+        env=TEMPORARY_IDENTITY,
+    )
+    with tempfile.TemporaryDirectory(prefix="agogosml-rename-") as tmp:
+        renders = Path(tmp)
+        run_git(["init", "--quiet"], renders)
+        bundle = clone / subdirectory / BUNDLE_PATH
+        for answers in (before, after):
+            work = renders / subdirectory
+            for path in renders.iterdir():
+                if path.name == ".git":
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            (work / BUNDLE_PATH).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle, work / BUNDLE_PATH)
+            _copy(work, answers, tag)
+            (work / BUNDLE_PATH).unlink()
+            run_git(["add", "--all"], renders)
+            message = f"Render {answers['project_name']}"
+            run_git(
+                ["commit", "--quiet", "-m", message], renders, env=TEMPORARY_IDENTITY
+            )
+        run_git(["fetch", "--quiet", str(renders), "HEAD"], clone)
+    try:
+        run_git(["cherry-pick", "--no-commit", "FETCH_HEAD"], clone)
+    except GitError:
+        pass  # The conflicts are named below.
+    _raise_on_conflicts(clone)
 
 
 def _repository_root(project: Path) -> Path:

@@ -1811,6 +1811,53 @@ def test_regenerate_conflict_names_files(project: Path, changed_template: Path) 
     assert 'MODEL_VERSION = "mine"' in app.read_text()
 
 
+def test_regenerate_rename_keeps_edits(project: Path) -> None:
+    """A new project name moves the package, and the edits of its files move along."""
+    old_app = project / "src" / "fraud_scoring" / "app.py"
+    edit(old_app, 'MODEL_VERSION = "mean-1"', 'MODEL_VERSION = "mean-2"')
+    old_app.write_text(old_app.read_text() + "\n\ndef helper():\n    return 42\n")
+    git(project, "commit", "--quiet", "--all", "--message", "My model")
+    edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
+    edit(project / "agogosml.yaml", "topic: transactions-scored", "topic: scores")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert not old_app.exists()
+    app = (project / "src" / "card_scoring" / "app.py").read_text()
+    assert 'MODEL_VERSION = "mean-2"' in app
+    assert "def helper():" in app
+    assert "Model app of card-scoring" in app
+    assert (
+        "from card_scoring.app import"
+        in (project / "tests" / "test_app.py").read_text()
+    )
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
+    assert compose["services"]["writer"]["environment"]["WRITER_OUTPUT"] == "scores"
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["project_name"] == "card-scoring"
+    assert answers["package_name"] == "card_scoring"
+    # The update is left for review: nothing was committed.
+    assert len(git(project, "log", "--format=%H").splitlines()) == 2
+
+
+def test_regenerate_rename_conflict_names_files(project: Path) -> None:
+    app = project / "src" / "fraud_scoring" / "app.py"
+    edit(app, '"""Model app of fraud-scoring:', '"""Model app of the fraud team:')
+    git(project, "commit", "--quiet", "--all", "--message", "My docstring")
+    edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
+    head = git(project, "rev-parse", "HEAD")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert "the update was not applied" in result.output
+    assert "src/card_scoring/app.py" in result.output
+    assert git(project, "status", "--porcelain").strip() == "M agogosml.yaml"
+    assert git(project, "rev-parse", "HEAD") == head
+    assert "the fraud team" in app.read_text()
+
+
 def test_regenerate_rejects_uncommitted_changes(project: Path) -> None:
     edit(project / "Dockerfile", "EXPOSE 8000", "EXPOSE 8001")
     (project / "scratch.txt").write_text("notes\n")
