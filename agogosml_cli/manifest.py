@@ -33,6 +33,7 @@ from pydantic import (
 
 from agogosml.config import SaslMechanism, SecurityProtocol
 from agogosml.errors import AgogosmlError
+from agogosml_cli.installed_names import installed_names, normalize
 from agogosml_cli.shared_endpoints import find_shared_endpoint
 from agogosml_cli.yaml_loader import DuplicateKeyError, load_document
 
@@ -99,6 +100,20 @@ def _package_name_problem(package: str) -> str | None:
         return (
             f"its package name {package!r} is a package of agogosml, which the "
             "generated project imports too, so the two would clash"
+        )
+    installed = installed_names()
+    distribution = installed.distributions.get(normalize(package))
+    if distribution is not None:
+        return (
+            f"the generated project installs {distribution} too (agogosml, its "
+            "template or their dependencies need it), and pip cannot install two "
+            "projects of one name"
+        )
+    distribution = installed.modules.get(package)
+    if distribution is not None:
+        return (
+            f"its package name {package!r} is a module of {distribution}, which "
+            "the generated project installs too, so the two would clash"
         )
     return None
 
@@ -494,7 +509,8 @@ class Manifest(_Model):
         description="Project name: 1 to 40 lowercase letters, digits and '-', "
         "starting with a letter. It names the images and the Helm release, and "
         "with '_' for '-' the Python package, so that must not be a Python "
-        "keyword, a standard-library module or a package of agogosml.",
+        "keyword, a standard-library module, a package of agogosml, or a "
+        "project or module that the generated project installs.",
     )
     app: App = Field(
         default_factory=lambda: App(template=AppTemplate.PYTHON),

@@ -400,6 +400,29 @@ def test_init_rejects_keyword_name(tmp_path: Path) -> None:
     assert not (tmp_path / "m.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("pydantic", "the generated project installs pydantic too"),
+        ("scikit-learn", "the generated project installs scikit-learn too"),
+        ("sklearn", "'sklearn' is a module of scikit-learn"),
+        ("pytest-asyncio", "the generated project installs pytest-asyncio too"),
+    ],
+)
+def test_init_rejects_dependency_name(tmp_path: Path, name: str, problem: str) -> None:
+    flags = list(KAFKA_FLAGS)
+    flags[flags.index("fraud-scoring")] = name
+
+    result = invoke(
+        "init", "--no-input", "--manifest", str(tmp_path / "m.yaml"), *flags
+    )
+
+    assert result.exit_code == 2
+    assert problem in result.output
+    assert f"such as '{name}-app'" in result.output
+    assert not (tmp_path / "m.yaml").exists()
+
+
 def test_soft_keyword_name_accepted() -> None:
     data = valid_manifest_data()
     data["name"] = "match"
