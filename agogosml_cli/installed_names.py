@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-#: What a generated project requires: agogosml with the extra of the fraud
+#: Requirements of a generated project: agogosml with the extra of the fraud
 #: template, the test tools of its ``test`` extra, and the build tools.
 PROJECT_REQUIREMENTS = (
     "agogosml[sample]",

@@ -9,6 +9,7 @@ Hubs). Secrets are read from the environment only, never from a flag.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from agogosml.config import (
     SaslMechanism,
     SecurityProtocol,
     check_bootstrap_servers,
+    check_kafka_topic,
     split_host_port,
 )
 from agogosml_cli.run import TopicNames
@@ -28,6 +30,10 @@ from agogosml_cli.shared_endpoints import SHARED_EFFECTS
 
 if TYPE_CHECKING:
     from agogosml.config import EventHubSettings, KafkaSettings
+
+#: A legal event hub name: letters, digits, '.', '_' and '-', starting and
+#: ending with a letter or digit.
+_EVENT_HUB_NAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9._-]{0,254}[a-zA-Z0-9])?")
 
 FunctionT = TypeVar("FunctionT", bound=Callable[..., Any])
 
@@ -277,7 +283,29 @@ def _check_combination(options: StreamOptions) -> None:
             "--eventhubs needs --input-topic and --output-topic: the names of "
             "existing event hubs, because a run cannot create hubs"
         )
+    _check_topic_names(options)
     _check_distinct_topics(options)
+
+
+def _check_topic_names(options: StreamOptions) -> None:
+    """Reject a topic or event hub name that the broker or the service rejects.
+
+    Event hub names allow the characters of Kafka topic names, up to 256 of
+    them, and start and end with a letter or digit.
+    """
+    for option in _given(options, "input_topic", "output_topic", "dead_letter_topic"):
+        name = getattr(options, option.removeprefix("--").replace("-", "_"))
+        if not options.eventhubs:
+            try:
+                check_kafka_topic(option, name)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        elif not _EVENT_HUB_NAME.fullmatch(name):
+            raise click.UsageError(
+                f"{option} names event hub {name!r}, which is not a legal event "
+                "hub name: use 1 to 256 characters of a-z, A-Z, 0-9, '.', '_' and "
+                "'-', starting and ending with a letter or digit"
+            )
 
 
 def _check_distinct_topics(options: StreamOptions) -> None:

@@ -26,7 +26,7 @@ from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
 from agogosml.config import EventHubSettings, KafkaSettings
-from agogosml_cli import eventhubs_run
+from agogosml_cli import eventhubs_run, run_options
 from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
 from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
@@ -114,6 +114,46 @@ def test_conflicting_options_rejected(
 
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("mode", "arguments", "message"),
+    [
+        (
+            ["--kafka", "127.0.0.1:9092"],
+            ["--input-topic", "bad topic", "--output-topic", "o"],
+            "--input-topic names topic 'bad topic', which is not a legal Kafka "
+            "topic name",
+        ),
+        (
+            ["--eventhubs-kafka", "ns"],
+            ["--input-topic", "i", "--output-topic", "a,b"],
+            "--output-topic names topic 'a,b', which is not a legal Kafka topic",
+        ),
+        (
+            ["--kafka", "127.0.0.1:9092"],
+            ["--input-topic", "i", "--output-topic", "o", "--dead-letter-topic", ".."],
+            "--dead-letter-topic names topic '..', which is not a legal Kafka",
+        ),
+        (
+            ["--eventhubs"],
+            ["--input-topic", "-hub", "--output-topic", "o"],
+            "--input-topic names event hub '-hub', which is not a legal event hub name",
+        ),
+    ],
+)
+def test_illegal_topic_name_rejected(
+    tmp_path: Path, mode: list[str], arguments: list[str], message: str
+) -> None:
+    result = invoke_run(tmp_path, *mode, *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_long_event_hub_name_accepted() -> None:
+    assert run_options._EVENT_HUB_NAME.fullmatch("h" * 256)
+    assert not run_options._EVENT_HUB_NAME.fullmatch("h" * 257)
 
 
 @pytest.mark.parametrize(
