@@ -418,11 +418,7 @@ def _record_template(work: Path, recorded: Version) -> str:
         history.open(work / BUNDLE_PATH)
         tag, added = history.add_packaged_template()
         if Version(tag) < recorded:
-            raise GenerateError(
-                f"the project was generated from template {recorded}, newer than "
-                f"this agogosml's template {tag}; install agogosml {recorded} or "
-                "newer to update it"
-            )
+            raise GenerateError(_older_template_error(recorded, Version(tag)))
         if not added:
             return tag
         history.write_bundle(work / BUNDLE_PATH)
@@ -432,6 +428,26 @@ def _record_template(work: Path, recorded: Version) -> str:
     message = f"Record template {tag}"
     run_git(["commit", "--quiet", "-m", message], work, env=TEMPORARY_IDENTITY)
     return tag
+
+
+def _older_template_error(recorded: Version, packaged: Version) -> str:
+    """Return the error for a project generated from a newer template.
+
+    A template version ``<version>.postN`` is a template change within one
+    agogosml version, not a release, so the advice names the release.
+    """
+    problem = (
+        f"the project was generated from template {recorded}, newer than this "
+        f"agogosml's template {packaged}"
+    )
+    release = recorded.base_version
+    if Version(release) > Version(packaged.base_version):
+        return f"{problem}; install agogosml {release} or newer to update it"
+    return (
+        f"{problem}, a later template of agogosml {release}; install agogosml from "
+        "the checkout or wheel that generated the project, or a newer release, to "
+        "update it"
+    )
 
 
 def _raise_on_conflicts(clone: Path) -> None:

@@ -18,7 +18,9 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from packaging.version import Version
 
+from agogosml_cli import project as project_module
 from agogosml_cli import template_history, wheel
 from agogosml_cli.compose import load_compose
 from agogosml_cli.main import cli
@@ -1911,6 +1913,17 @@ def test_regenerate_rejects_older_template(
     assert result.exit_code == 1
     assert "generated from template 99.0.0" in result.output
     assert "install agogosml 99.0.0 or newer" in result.output
+
+
+def test_older_template_error_names_a_release() -> None:
+    recorded = Version("0.1.0.post2")
+
+    error = project_module._older_template_error(recorded, Version("0.1.0"))
+
+    assert "generated from template 0.1.0.post2" in error
+    assert "a later template of agogosml 0.1.0" in error
+    assert "install agogosml 0.1.0.post2" not in error
+    assert "the checkout or wheel that generated the project" in error
 
 
 def test_regenerate_needs_template_history(project: Path) -> None:
