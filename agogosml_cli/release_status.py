@@ -20,6 +20,11 @@ from agogosml_cli.release import (
 )
 
 
+#: The image of an idle slot that release values give no tag or digest, so
+#: that it runs no pods.
+NO_IMAGE = "none (no image deployed)"
+
+
 @click.command()
 @click.option(
     "--release",
@@ -72,9 +77,13 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
         slot_values = slot_values_by_name[slot]
         configured = int(slot_values.get("replicas", 0))
         has_image = slot_has_image(values, slot)
+        role = _role(state, slot)
+        image = _image_name(slot_values.get("image") or {}, app_version)
         slots[slot] = {
-            "role": _role(state, slot),
-            "image": _image_name(slot_values.get("image") or {}, app_version),
+            "role": role,
+            # An active or preview slot without a tag runs the chart's
+            # appVersion, but an idle one runs nothing.
+            "image": image if has_image or role != "idle" else NO_IMAGE,
             "replicas": state.replicas(slot, configured, has_image=has_image),
             "configuredReplicas": configured,
         }

@@ -729,6 +729,8 @@ def test_status_counts_no_pods_without_image(fake_helm: FakeHelm) -> None:
     assert slots["blue"]["replicas"] == 2
     assert slots["green"]["replicas"] == 0
     assert slots["green"]["configuredReplicas"] == 2
+    assert slots["green"]["image"] == "none (no image deployed)"
+    assert slots["blue"]["image"] == "agogosml-sample-app:1.0"
 
 
 def test_status_prints_slots(fake_helm: FakeHelm) -> None:
