@@ -639,7 +639,7 @@ def _not_utf8_message(path: Path, exc: UnicodeDecodeError) -> str:
 def parse_manifest(text: str, source_name: str) -> Manifest:
     """Validate manifest YAML; `source_name` names it in error messages."""
     try:
-        data, document = load_document(text)
+        data, document = load_document(text, source_name)
     except DuplicateKeyError as exc:
         raise ManifestError(f"{source_name} is invalid: {exc}") from None
     except yaml.YAMLError as exc:

@@ -19,7 +19,6 @@ from agogosml_cli.release import (
     slot_has_image,
 )
 
-
 #: The image of an idle slot that release values give no tag or digest, so
 #: that it runs no pods.
 NO_IMAGE = "none (no image deployed)"

@@ -131,8 +131,10 @@ class RunSummary:
     interrupted: bool = False
 
     def to_json(self) -> bytes:
-        """Return the summary as indented JSON."""
-        return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        """Return the summary as indented JSON, ending with a newline."""
+        return orjson.dumps(
+            asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+        )
 
 
 class OutputReader(Protocol):

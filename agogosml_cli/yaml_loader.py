@@ -73,19 +73,22 @@ def load_unique_keys(text: str) -> Any:
     return data
 
 
-def load_document(text: str) -> tuple[Any, yaml.Node | None]:
+def load_document(text: str, name: str = "") -> tuple[Any, yaml.Node | None]:
     """Parse one YAML document like `load_unique_keys`; also return its node tree.
 
     The nodes keep each scalar's text and line, which error messages about
     the parsed values can quote. SafeLoader resolves merge keys in the tree,
     so the merged keys are found there too. The node is None for an empty
-    document.
+    document. `name`, when given, names the text in syntax errors in place of
+    ``<unicode string>``.
 
     Raises:
         DuplicateKeyError: A mapping contains a key twice.
         yaml.YAMLError: The text is not valid YAML.
     """
     loader = UniqueKeyLoader(text)
+    if name:
+        loader.name = name
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None

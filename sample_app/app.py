@@ -19,6 +19,7 @@ from agogosml.app import InvalidRecord, ModelApp
 from agogosml.exact_json import json_type
 from sample_app.scoring import (
     FraudModel,
+    ModelLoadError,
     Transaction,
     default_model_path,
     validation_error_message,
@@ -78,9 +79,12 @@ def main() -> None:
     try:
         model = FraudModel.load(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file ends the same way
+        # A ModelLoadError gives the fix itself.
+        fix = ""
+        if not isinstance(exc, ModelLoadError):
+            fix = "; retrain it with 'python -m sample_app.train'"
         print(
-            f"sample app: cannot load the model from {str(path)!r}: {exc!r}; "
-            "retrain it with 'python -m sample_app.train'",
+            f"sample app: cannot load the model from {str(path)!r}: {exc!s}{fix}",
             file=sys.stderr,
         )
         raise SystemExit(2) from None

@@ -54,10 +54,12 @@ def test_split_without_loss() -> None:
 def test_summary_json_has_not_finished() -> None:
     summary = RunSummary(transport="file", missing=0, not_finished=8)
 
-    data = orjson.loads(summary.to_json())
+    text = summary.to_json()
+    data = orjson.loads(text)
 
     assert data["missing"] == 0
     assert data["not_finished"] == 8
+    assert text.endswith(b"}\n")
 
 
 def test_table_of_stopped_run_shows_not_finished() -> None:

@@ -688,7 +688,8 @@ def test_manifest_not_yaml_rejected(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert "is not valid YAML" in result.output
-    assert "line 1" in result.output
+    assert f'in "{manifest}", line 1' in result.output
+    assert "<unicode string>" not in result.output
 
 
 @pytest.mark.parametrize(
