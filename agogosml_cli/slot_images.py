@@ -34,14 +34,35 @@ class ImageReference:
         match = _DIGEST.match(text)
         if match and _REPOSITORY.match(match["repository"]):
             return cls(match["repository"], "", match["digest"])
+        if "@" in text:
+            repository, _, digest = text.partition("@")
+            problem = f"the repository {repository!r} is invalid"
+            if _REPOSITORY.match(repository):
+                problem = (
+                    f"the digest {digest!r} is invalid; a digest is 'sha256:' and "
+                    "64 lower-case hexadecimal digits"
+                )
+            raise click.BadParameter(
+                f"{text!r} is not an image tag, REPOSITORY:TAG or "
+                f"REPOSITORY@sha256:DIGEST: {problem}.",
+                param_hint="--image",
+            )
         repository, _, tag = text.rpartition(":")
         if "/" in tag or not repository:
             repository, tag = "", text
-        if not _TAG.match(tag) or (repository and not _REPOSITORY.match(repository)):
+        if repository and not _REPOSITORY.match(repository):
             raise click.BadParameter(
                 f"{text!r} is not an image tag, REPOSITORY:TAG or "
-                "REPOSITORY@sha256:DIGEST. A tag has letters, digits, '_', '.' and "
-                "'-', at most 128 characters.",
+                f"REPOSITORY@sha256:DIGEST: the repository {repository!r} is "
+                "invalid. A repository has lower-case letters, digits, '.', '_' "
+                "and '-' between slashes, and a registry may have a :PORT.",
+                param_hint="--image",
+            )
+        if not _TAG.match(tag):
+            raise click.BadParameter(
+                f"{text!r} is not an image tag, REPOSITORY:TAG or "
+                f"REPOSITORY@sha256:DIGEST: the tag {tag!r} is invalid. A tag has "
+                "letters, digits, '_', '.' and '-', at most 128 characters.",
                 param_hint="--image",
             )
         return cls(repository or None, tag, "")

@@ -332,13 +332,25 @@ def test_deploy_image_digest(fake_helm: FakeHelm) -> None:
 
 
 @pytest.mark.parametrize(
-    "image", ["bad tag", "model:", "-1.0", "a@sha256:12", "Model/x:1", "a//b:1"]
+    ("image", "problem"),
+    [
+        ("bad tag", "the tag 'bad tag' is invalid"),
+        ("model:", "the tag '' is invalid"),
+        ("-1.0", "the tag '-1.0' is invalid"),
+        ("a@sha256:12", "the digest 'sha256:12' is invalid"),
+        ("A@sha256:12", "the repository 'A' is invalid"),
+        ("Model/x:1", "the repository 'Model/x' is invalid"),
+        ("a//b:1", "the repository 'a//b' is invalid"),
+    ],
 )
-def test_deploy_rejects_bad_image(fake_helm: FakeHelm, image: str) -> None:
+def test_deploy_rejects_bad_image(
+    fake_helm: FakeHelm, image: str, problem: str
+) -> None:
     result = invoke("deploy", "--image", image, *SCOPE)
 
     assert result.exit_code == 2
     assert "--image" in result.stderr
+    assert problem in " ".join(result.stderr.split())
     assert fake_helm.calls() == []
 
 
