@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -144,9 +146,76 @@ def check_result(
             f"{target.describe()} was not found. Install it with `agogosml deploy "
             "--image TAG`, or check --release and --namespace."
         )
+    hints = schema_hints(output, target.chart)
     raise HelmError(
         f"helm failed to {action} (exit code {result.returncode}).\nhelm: {output}"
+        + "".join(f"\n{hint}" for hint in hints)
     )
+
+
+_ADDITIONAL = re.compile(
+    r"- at '(?P<path>[^']*)': additional properties (?P<names>.+) not allowed"
+)
+_NOT_OBJECT = re.compile(r"- at '(?P<path>[^']*)': got \w+, want object")
+
+
+def schema_hints(output: str, chart: str) -> list[str]:
+    """Return a fix for each values schema error in Helm's `output`.
+
+    Helm names the path of an unknown key, or of a plain value where the
+    chart wants an object, but not the keys allowed there. They come from
+    the chart's ``values.schema.json``; a chart without one gets no hints.
+    """
+    try:
+        schema = json.loads((Path(chart) / "values.schema.json").read_text())
+    except (OSError, ValueError):
+        return []
+    hints = []
+    for match in _ADDITIONAL.finditer(output):
+        node = _schema_at(schema, match["path"])
+        allowed = sorted((node or {}).get("properties", {}))
+        where = match["path"].rstrip("/") + "/"
+        for name in re.findall(r"'([^']*)'", match["names"]):
+            hint = f"hint: {where}{name} is not a chart value"
+            close = difflib.get_close_matches(name, allowed, n=1)
+            if close:
+                hints.append(f"{hint}; did you mean {where}{close[0]}?")
+            elif allowed:
+                hints.append(f"{hint}; the values there are {', '.join(allowed)}")
+    for match in _NOT_OBJECT.finditer(output):
+        node = _schema_at(schema, match["path"])
+        if node and "existingSecret" in node.get("properties", {}):
+            hints.append(
+                f"hint: {match['path']} takes a Kubernetes Secret, never the secret "
+                "itself: set {existingSecret: SECRET, key: KEY}, after `kubectl "
+                "create secret generic SECRET --from-literal=KEY=...`"
+            )
+    if hints:
+        hints.append("Check the files given with --values and the --set options.")
+    return hints
+
+
+def _schema_at(schema: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """Return the schema of the value at a JSON pointer such as '/kafka/sasl'."""
+    node: Any = schema
+    for part in [part for part in path.split("/") if part]:
+        node = _resolve(schema, node)
+        properties = node.get("properties") if isinstance(node, dict) else None
+        if not isinstance(properties, dict) or part not in properties:
+            return None
+        node = properties[part]
+    node = _resolve(schema, node)
+    return node if isinstance(node, dict) else None
+
+
+def _resolve(schema: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` such as '#/definitions/image'."""
+    while isinstance(node, dict) and str(node.get("$ref", "")).startswith("#/"):
+        target: Any = schema
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        node = target
+    return node
 
 
 def get_values(target: HelmTarget, *, all_values: bool = False) -> dict[str, Any]:

@@ -219,3 +219,37 @@ def test_promote_help_states_dry_run_needs() -> None:
     text = " ".join(result.output.split())
     assert "Works without a cluster" not in text
     assert "promote and rollback need --release-values" in text
+
+
+@pytest.mark.parametrize(
+    ("values", "hint"),
+    [
+        (
+            {"kafka": {"bootstrapServer": "k:9092"}},
+            "hint: /kafka/bootstrapServer is not a chart value; did you mean "
+            "/kafka/bootstrapServers?",
+        ),
+        (
+            {"kafka": {"sasl": {"password": "hunter2"}}},
+            "hint: /kafka/sasl/password takes a Kubernetes Secret, never the secret "
+            "itself: set {existingSecret: SECRET, key: KEY}",
+        ),
+        (
+            {"zzz": 1},
+            "hint: /zzz is not a chart value; the values there are affinity, app,",
+        ),
+    ],
+)
+def test_dry_run_schema_error_hints(
+    helm_state: Path, tmp_path: Path, values: dict[str, Any], hint: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+
+    result = invoke("deploy", "--dry-run", "--image", "1.0", "-f", str(path), *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 1, result.output
+    assert "values don't meet the specifications of the schema" in message
+    assert hint in message
+    assert "Check the files given with --values and the --set options." in message
