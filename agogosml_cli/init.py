@@ -134,7 +134,8 @@ def _default_or_prompt(
     field: InitField, data: Data, interactive: bool, suggestions: dict[str, Any]
 ) -> Any:
     default = field.default(data) if field.default is not None else None
-    if interactive and field.confirm:
+    confirm = field.confirm(data) if callable(field.confirm) else field.confirm
+    if interactive and confirm:
         return _prompt(field, default, data)
     if default is not None or not (interactive and field.ask):
         return default

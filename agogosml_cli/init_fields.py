@@ -123,7 +123,8 @@ class InitField:
     """One manifest field that init sets from a flag, a default or a prompt.
 
     `default` applies with and without prompts, but a field with `confirm`
-    is still prompted for, with the default shown. `suggestion` is only the
+    (True, or a function of the values set so far that returns True) is still
+    prompted for, with the default shown. `suggestion` is only the
     default that a prompt shows. A field whose `applies` returns False for
     the values set so far is skipped. `check` returns why a value conflicts
     with the values set so far, or None: a flag value is then rejected, and a
@@ -140,7 +141,7 @@ class InitField:
     default: Callable[[Data], Any] | None = None
     suggestion: Callable[[Data], Any] | None = None
     ask: bool = True
-    confirm: bool = False
+    confirm: bool | Callable[[Data], bool] = False
     required: bool = True
     check: Callable[[Data, Any], str | None] | None = None
     default_from: tuple[str, ...] | None = None
@@ -498,7 +499,14 @@ FIELDS: list[InitField] = [
         FieldValueType(Kubernetes, "namespace"),
         default=lambda data: data.get("name"),
         default_from=("name",),
-        confirm=True,
+        # A project with files at both ends gets no Helm values and no CD
+        # pipeline, so the namespace is not worth a question there.
+        confirm=lambda data: (
+            not (
+                _is_type("source", EndpointType.FILE)(data)
+                and _is_type("sink", EndpointType.FILE)(data)
+            )
+        ),
     ),
 ]
 

@@ -282,6 +282,27 @@ def test_init_prompts_for_missing_fields(tmp_path: Path) -> None:
     assert manifest.kubernetes.namespace == "demo-app"
 
 
+def test_init_file_project_skips_namespace_prompt(tmp_path: Path) -> None:
+    answers = [
+        "files-demo",  # project name
+        "",  # app template: python
+        "file",  # source type
+        "in.jsonl",  # source path
+        "",  # sink type: the source's, file
+        "out.jsonl",  # sink path
+        "registry.example.com/ml",  # registry
+    ]
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke(
+        "init", "--manifest", str(path), input_text="\n".join(answers) + "\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Kubernetes namespace" not in result.output
+    assert load_manifest(path).kubernetes.namespace == "files-demo"
+
+
 def test_init_suggests_directory_name(tmp_path: Path) -> None:
     directory = tmp_path / "Scoring Service"
     directory.mkdir()
