@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,23 @@ def _default_or_prompt(
 
 
 def _prompt(field: InitField, suggestion: Any, data: Data) -> Any:
-    """Prompt until the input passes the field's type and its check against `data`."""
+    """Prompt until the input passes the field's type and its check against `data`.
+
+    Input that is not a terminal and ends before the answer (click aborts
+    then) gets an error that names the field and its flag.
+    """
+    try:
+        return _prompt_until_valid(field, suggestion, data)
+    except click.Abort:
+        if sys.stdin.isatty():
+            raise
+        raise click.UsageError(
+            f"the input ended before the prompt '{field.prompt}' was answered; "
+            f"give one answer per prompt, or set the field with {field.flag}"
+        ) from None
+
+
+def _prompt_until_valid(field: InitField, suggestion: Any, data: Data) -> Any:
     while True:
         if suggestion is None:
             value = _prompt_without_default(field)

@@ -303,6 +303,19 @@ def test_init_file_project_skips_namespace_prompt(tmp_path: Path) -> None:
     assert load_manifest(path).kubernetes.namespace == "files-demo"
 
 
+def test_init_names_prompt_when_input_ends(tmp_path: Path) -> None:
+    path = tmp_path / "agogosml.yaml"
+
+    result = invoke("init", "--manifest", str(path), input_text="demo-app\n")
+
+    assert result.exit_code == 2
+    assert "the input ended before the prompt 'App template' was answered" in (
+        result.output
+    )
+    assert "--template" in result.output
+    assert not path.exists()
+
+
 def test_init_suggests_directory_name(tmp_path: Path) -> None:
     directory = tmp_path / "Scoring Service"
     directory.mkdir()
