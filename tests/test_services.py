@@ -83,6 +83,22 @@ def test_invalid_setting_stops_service(
     assert "Traceback" not in result.stderr
 
 
+def test_writer_on_busy_port_creates_no_output(tmp_path: Path) -> None:
+    output = tmp_path / "out.jsonl"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"WRITER_OUTPUT": str(output), "WRITER_PORT": str(port)}
+
+        result = start_service("agogosml.writer", env)
+
+    assert result.returncode != 0
+    assert "WRITER_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.exists()
+
+
 def http_status(url: str, body: bytes | None = None) -> int:
     headers = {"Content-Type": "application/json"}
     request = urllib.request.Request(url, data=body, headers=headers)

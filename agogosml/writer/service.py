@@ -678,15 +678,20 @@ async def serve_writer(settings: WriterSettings) -> None:
     timeout_seconds = settings.shutdown_timeout_ms / 1000
     deadline = loop.time() + timeout_seconds
 
-    await sink.start()
+    # The port first: a writer that cannot listen exits before its sink
+    # creates an output file or connects. Until the sink runs, requests get
+    # 503 and /readyz fails.
+    runner = await start_site(
+        writer.build_app(),
+        settings.host,
+        settings.port,
+        "WRITER_",
+        shutdown_timeout_seconds=SHUTDOWN_GRACE_SECONDS,
+    )
+    sink_started = False
     try:
-        runner = await start_site(
-            writer.build_app(),
-            settings.host,
-            settings.port,
-            "WRITER_",
-            shutdown_timeout_seconds=SHUTDOWN_GRACE_SECONDS,
-        )
+        await sink.start()
+        sink_started = True
         logger.info(
             "output writer started",
             extra={
@@ -695,15 +700,14 @@ async def serve_writer(settings: WriterSettings) -> None:
                 "port": bound_port(runner),
             },
         )
-        try:
-            await stop.wait()
-            logger.info("stop requested; finishing in-flight writes")
-            deadline = loop.time() + timeout_seconds
-            await writer.drain(timeout_seconds)
-        finally:
-            await runner.cleanup()
+        await stop.wait()
+        logger.info("stop requested; finishing in-flight writes")
+        deadline = loop.time() + timeout_seconds
+        await writer.drain(timeout_seconds)
     finally:
-        await _stop_sink(sink, deadline - loop.time())
+        await runner.cleanup()
+        if sink_started:
+            await _stop_sink(sink, deadline - loop.time())
     logger.info("output writer stopped")
 
 
