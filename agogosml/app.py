@@ -663,9 +663,27 @@ def _result_list(returned: object) -> list[Any]:
     """Return the results of a scoring function as a list, or raise a JSON 500.
 
     Sequences and array-likes of one or more dimensions (numpy arrays, pandas
-    Series) are accepted. Sets, dicts, generators and None are rejected,
-    because they are unordered or have no length to check against the values.
+    Series) are accepted. A table such as a pandas DataFrame, which iterates
+    over its column names, gives one result per row: an object of its
+    columns. Sets, dicts, generators and None are rejected, because they are
+    unordered or have no length to check against the values.
     """
+    ndim = getattr(returned, "ndim", 0)
+    if (
+        isinstance(ndim, int)
+        and ndim >= 2
+        and not hasattr(returned, "__array_interface__")
+    ):
+        to_dict = getattr(returned, "to_dict", None)
+        if callable(to_dict) and hasattr(returned, "columns"):
+            return list(to_dict(orient="records"))
+        raise _Reject(
+            500,
+            f"the scoring function returned a {ndim}-dimensional "
+            f"{type(returned).__name__}, whose items are not its rows; return a "
+            "list, a numpy array or a pandas DataFrame with one result per value",
+            log_level=logging.ERROR,
+        )
     if isinstance(returned, str | bytes | bytearray):
         is_sequence = False
     else:

@@ -564,6 +564,54 @@ async def test_score_numpy_array_returned():
     assert [output["value"] for output in outputs] == [[0.9, 0.1], [0.25, 0.75]]
 
 
+@pytest.mark.parametrize("path", ["/", "/batch"])
+async def test_score_dataframe_rows_are_results(path):
+    pd = pytest.importorskip("pandas")
+    items = [{"id": "in:0:0", "value": 1}, {"id": "in:0:1", "value": 2}]
+    if path == "/":
+        items = items[:1]
+
+    def score(values: list[Any]) -> Any:
+        return pd.DataFrame({"fraud_probability": [0.5 * v for v in values]})
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            if path == "/":
+                response = await client.post("/", data=b"1", headers=JSON)
+            else:
+                response = await client.post(
+                    "/batch", data=orjson.dumps(items), headers=JSON
+                )
+
+    outputs = writer.requests[0].json()
+    assert response.status == 200
+    expected = [{"fraud_probability": 0.5}, {"fraud_probability": 1.0}]
+    assert [output["value"] for output in outputs] == expected[: len(items)]
+
+
+async def test_score_other_table_500():
+    class Table:
+        ndim = 2
+
+        def __iter__(self):
+            return iter(["column"])
+
+        def __len__(self):
+            return 1
+
+    async with stub_writer() as writer:
+        async with model_app(lambda values: Table(), writer.url) as client:
+            response = await client.post("/", data=b"1", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert (
+        "returned a 2-dimensional Table, whose items are not its rows"
+        in (body["error"])
+    )
+    assert writer.requests == []
+
+
 async def test_score_unencodable_result_500():
     def score(values: list[Any]) -> list[Any]:
         return [{"labels": {"fraud"}} for _ in values]
