@@ -152,7 +152,12 @@ def dumps(document: Any, *, option: int = 0, default: Any = None) -> bytes:
     try:
         return orjson.dumps(document, option=option, default=default)
     except orjson.JSONEncodeError:
-        converted, changed = _big_ints_to_fragments(document)
+        try:
+            converted, changed = _big_ints_to_fragments(document)
+        except RecursionError:
+            # Nested deeper than Python's recursion limit, so deeper than
+            # orjson's limit of 255 too: orjson's error stands.
+            changed = False
         if not changed:
             raise
         return orjson.dumps(converted, option=option, default=default)

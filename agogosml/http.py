@@ -337,7 +337,8 @@ def http_error_middleware(service: str) -> Any:
     `web.HTTPException` errors with plain text, but clients of the services
     expect ``{"error": ...}`` with every error status. A client that
     disconnects while `read_body` waits is logged in one DEBUG line, in place
-    of aiohttp's ERROR traceback. `service` labels the metric. At most
+    of aiohttp's ERROR traceback. Any other exception gets a JSON 500 and an
+    ERROR line with the traceback. `service` labels the metric. At most
     `MALFORMED_LOG_LIMIT` rejected requests a minute are logged.
     """
     rate = LogRateLimit(MALFORMED_LOG_LIMIT, MALFORMED_LOG_INTERVAL_SECONDS)
@@ -383,6 +384,18 @@ def http_error_middleware(service: str) -> Any:
             )
             # The client is gone, so aiohttp drops this response without logging.
             return web.Response(status=400)
+        except Exception as exc:
+            # aiohttp would respond with a plain-text 500 that names nothing.
+            logger.exception(
+                "request failed with an unexpected error",
+                extra={"method": request.method, "path": request.path},
+            )
+            REJECTED_REQUESTS.labels(service, "500").inc()
+            return error_response(
+                500,
+                f"the {service} failed with an unexpected error ({exc!r}); its log "
+                "has the traceback. This is a bug: please report it",
+            )
 
     return middleware
 

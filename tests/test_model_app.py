@@ -25,6 +25,7 @@ from fakes import MemorySink, disconnect_records, send_partial_body
 from multidict import CIMultiDict
 from test_writer import raw_post
 
+from agogosml import app as app_module
 from agogosml.app import AppSettings, InvalidRecord, ModelApp, has_non_finite
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
@@ -587,6 +588,59 @@ async def test_score_dataframe_rows_are_results(path):
     assert response.status == 200
     expected = [{"fraud_probability": 0.5}, {"fraud_probability": 1.0}]
     assert [output["value"] for output in outputs] == expected[: len(items)]
+
+
+def nested(depth: int) -> Any:
+    document: Any = 1
+    for _ in range(depth):
+        document = [document]
+    return document
+
+
+async def test_batch_deeply_nested_result_fails_one_item():
+    items = [
+        {"id": "in:0:0", "value": "good"},
+        {"id": "in:0:1", "value": "deep"},
+        {"id": "in:0:2", "value": "good"},
+    ]
+
+    def score(values: list[Any]) -> list[Any]:
+        return [nested(2000) if value == "deep" else {"ok": 1} for value in values]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    statuses = [result["status"] for result in body["results"]]
+    assert response.status == 200
+    assert statuses == [200, 500, 200]
+    assert "cannot be encoded as JSON" in body["results"][1]["error"]
+    assert [output["id"] for output in writer.requests[0].json()] == [
+        "in:0:0",
+        "in:0:2",
+    ]
+
+
+async def test_unexpected_error_gets_json_500(monkeypatch):
+    def fail(body: bytes) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_module, "_decode", fail)
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b"1", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert (
+        "the app failed with an unexpected error (RuntimeError('boom'))"
+        in (body["error"])
+    )
+    assert writer.requests == []
 
 
 async def test_score_other_table_500():
