@@ -18,4 +18,5 @@ def echo(values: list[Any]) -> list[Any]:
 
 
 if __name__ == "__main__":
-    ModelApp(echo, name="echo app").run()
+    # The echo does no work, so a thread switch would only add cost.
+    ModelApp(echo, name="echo app", score_in_thread=False).run()

@@ -88,7 +88,13 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-    ModelApp(make_score_function(model), name="fraud-scoring app").run()
+    # One transaction scores in about 12 µs and a batch of 100 in 0.5 ms, so a
+    # switch to a scoring thread and back (about 40 µs) would cost more than
+    # the scoring of a single message. The model runs on the event loop, which
+    # it holds for at most half a millisecond. A slow model keeps the default.
+    ModelApp(
+        make_score_function(model), name="fraud-scoring app", score_in_thread=False
+    ).run()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,11 +115,16 @@ async def stub_writer() -> AsyncIterator[StubWriter]:
 
 @contextlib.asynccontextmanager
 async def model_app(
-    score: Callable[[list[Any]], Any], writer_url: str, **settings: Any
+    score: Callable[[list[Any]], Any],
+    writer_url: str,
+    *,
+    score_in_thread: bool = True,
+    **settings: Any,
 ) -> AsyncIterator[TestClient]:
     """Serve a ModelApp around `score` that forwards to `writer_url`."""
     app_settings = AppSettings(writer_url=writer_url, **settings)
-    async with ModelApp(score).running(app_settings) as app:
+    model = ModelApp(score, score_in_thread=score_in_thread)
+    async with model.running(app_settings) as app:
         async with TestClient(TestServer(app)) as client:
             yield client
 
@@ -440,6 +446,70 @@ async def test_score_raising_500():
     assert response.status == 500
     assert "the scoring function raised KeyError('amount')" in body["error"]
     assert writer.requests == []
+
+
+@pytest.mark.parametrize("score_in_thread", [True, False])
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
+async def test_score_raising_exit_500(error, score_in_thread):
+    calls = []
+
+    def exits(values: list[Any]) -> list[Any]:
+        calls.append(values)
+        if len(calls) == 1:
+            raise error
+        return values
+
+    async with stub_writer() as writer:
+        async with model_app(
+            exits, writer.url, score_in_thread=score_in_thread
+        ) as client:
+            first = await client.post("/", data=b"1", headers=JSON)
+            body = await first.json()
+            second = await client.post("/", data=b"2", headers=JSON)
+
+    assert first.status == 500
+    assert f"the scoring function raised {error!r}" in body["error"]
+    assert second.status == 200
+    assert len(writer.requests) == 1
+
+
+async def test_slow_score_leaves_health_checks_free():
+    """The health check is served while a plain scoring function still runs."""
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(values: list[Any]) -> list[Any]:
+        started.set()
+        # Set once the health check was served; if the loop were blocked,
+        # that could only happen after the wait timed out.
+        served_meanwhile = release.wait(10)
+        return [[served_meanwhile, threading.current_thread().name] for _ in values]
+
+    async with stub_writer() as writer:
+        async with model_app(slow, writer.url) as client:
+            scoring = asyncio.create_task(client.post("/", data=b"1", headers=JSON))
+            await asyncio.to_thread(started.wait, 5)
+            health = await client.get("/healthz")
+            release.set()
+            response = await scoring
+
+    served_meanwhile, thread_name = writer.requests[0].json()[0]["value"]
+    assert health.status == 200
+    assert response.status == 200
+    assert served_meanwhile is True
+    assert thread_name.startswith("score")
+
+
+async def test_score_on_event_loop_when_asked():
+    def where(values: list[Any]) -> list[Any]:
+        return [threading.current_thread().name for _ in values]
+
+    async with stub_writer() as writer:
+        async with model_app(where, writer.url, score_in_thread=False) as client:
+            response = await client.post("/", data=b"1", headers=JSON)
+
+    assert response.status == 200
+    assert writer.requests[0].json()[0]["value"] == threading.current_thread().name
 
 
 async def test_batch_score_raising_fails_one_item(caplog):
