@@ -1052,6 +1052,12 @@ class ReaderSettings(_ServiceSettings):
     @field_validator("app_ready_path")
     @classmethod
     def _ready_path_is_absolute(cls, value: str) -> str:
+        if "://" in value:
+            path = urllib.parse.urlsplit(value).path or "/"
+            raise ValueError(
+                "give the path alone, relative to READER_APP_URL, as in "
+                f"{path!r}, not a URL"
+            )
         if value and not value.startswith("/"):
             raise ValueError(f"the path must start with '/', as in '/{value}'")
         return value
@@ -1073,8 +1079,16 @@ class ReaderSettings(_ServiceSettings):
                 "comma-separated topic names"
             )
         if self.source is Transport.KAFKA:
+            seen: set[str] = set()
             for topic in self.topics():
                 check_kafka_topic("READER_INPUT", topic)
+                if topic in seen:
+                    # librdkafka rejects the subscription with "Invalid argument".
+                    raise ValueError(
+                        f"READER_INPUT={self.input!r} names topic {topic!r} twice; "
+                        "name each topic once"
+                    )
+                seen.add(topic)
             check_kafka_topic("READER_DEAD_LETTER", self.dead_letter_target())
         if self.source is Transport.EVENTHUBS and len(self.topics()) != 1:
             raise ValueError(

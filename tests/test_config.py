@@ -474,6 +474,17 @@ def test_kafka_input_without_topic_rejected():
     assert "names no topic" in message
 
 
+def test_kafka_input_topic_twice_rejected():
+    message = configuration_error(
+        ReaderSettings,
+        READER_SOURCE="kafka",
+        READER_INPUT="t4.in, t4.in",
+        READER_APP_URL="http://127.0.0.1:8000",
+    )
+
+    assert "READER_INPUT='t4.in, t4.in' names topic 't4.in' twice" in message
+
+
 def test_ready_path_without_slash_rejected():
     message = configuration_error(
         ReaderSettings,
@@ -484,6 +495,20 @@ def test_ready_path_without_slash_rejected():
 
     assert "READER_APP_READY_PATH='readyz' is invalid" in message
     assert "'/readyz'" in message
+
+
+def test_ready_path_as_url_rejected():
+    message = configuration_error(
+        ReaderSettings,
+        READER_INPUT="in.jsonl",
+        READER_APP_URL="http://127.0.0.1:8000",
+        READER_APP_READY_PATH="http://127.0.0.1:8000/readyz",
+    )
+
+    assert "give the path alone, relative to READER_APP_URL, as in '/readyz'" in (
+        message
+    )
+    assert "'/http:" not in message
 
 
 def test_log_level_any_case_accepted(clean_environment):
