@@ -295,6 +295,11 @@ def _bootstrap_address_problem(address: str) -> str:
         return f"is invalid: {exc}"
     if host in ("", "[]"):
         return "has an empty host"
+    if "@" in host:
+        return (
+            "has user information before '@', which Kafka addresses do not take; "
+            "set the user name in KAFKA_SASL_USERNAME"
+        )
     if port is None:
         return "has no port"
     return ""
@@ -511,6 +516,30 @@ class KafkaSettings(BaseSettings):
                 "KAFKA_SASL_MECHANISM is set but KAFKA_SECURITY_PROTOCOL is "
                 f"{self.security_protocol.value}; set the protocol to SASL_SSL "
                 "(or SASL_PLAINTEXT), or unset KAFKA_SASL_MECHANISM"
+            )
+        # Credentials or a CA that the protocol does not use mean a forgotten
+        # KAFKA_SECURITY_PROTOCOL, which would fail later with errors about
+        # the connection that name none of these settings.
+        unused = []
+        if not sasl:
+            if self.sasl_username:
+                unused.append("KAFKA_SASL_USERNAME")
+            if self.sasl_password.get_secret_value():
+                unused.append("KAFKA_SASL_PASSWORD")
+        tls = self.security_protocol in (
+            SecurityProtocol.SSL,
+            SecurityProtocol.SASL_SSL,
+        )
+        if not tls and self.ssl_ca_location is not None:
+            unused.append("KAFKA_SSL_CA_LOCATION")
+        if unused:
+            verb = "are" if len(unused) > 1 else "is"
+            raise ValueError(
+                f"{' and '.join(unused)} {verb} set but KAFKA_SECURITY_PROTOCOL="
+                f"{self.security_protocol.value} does not use "
+                f"{'them' if len(unused) > 1 else 'it'}; set the protocol (SASL_SSL "
+                "for a user name and password, SSL or SASL_SSL for a CA), or unset "
+                f"{'them' if len(unused) > 1 else 'it'}"
             )
         if not self.bootstrap_servers:
             raise ValueError(

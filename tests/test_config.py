@@ -1038,11 +1038,64 @@ def test_transactional_id_rejected():
 
 def test_ca_directory_accepted(clean_environment, tmp_path):
     clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
     clean_environment.setenv("KAFKA_SSL_CA_LOCATION", str(tmp_path))
 
     config = load_settings(KafkaSettings).client_config()
 
     assert config["ssl.ca.location"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "variables", "named"),
+    [
+        (
+            "PLAINTEXT",
+            {"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "s3cr3t-pw"},
+            "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD are set but "
+            "KAFKA_SECURITY_PROTOCOL=PLAINTEXT does not use them",
+        ),
+        (
+            "SSL",
+            {"KAFKA_SASL_PASSWORD": "s3cr3t-pw"},
+            "KAFKA_SASL_PASSWORD is set but KAFKA_SECURITY_PROTOCOL=SSL does not "
+            "use it",
+        ),
+        (
+            "SASL_PLAINTEXT",
+            {
+                "KAFKA_SASL_MECHANISM": "PLAIN",
+                "KAFKA_SSL_CA_LOCATION": "CA",
+            },
+            "KAFKA_SSL_CA_LOCATION is set but KAFKA_SECURITY_PROTOCOL="
+            "SASL_PLAINTEXT does not use it",
+        ),
+    ],
+)
+def test_unused_credentials_rejected(
+    clean_environment, tmp_path, protocol, variables, named
+):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
+    clean_environment.setenv("KAFKA_SECURITY_PROTOCOL", protocol)
+    for name, value in variables.items():
+        clean_environment.setenv(name, str(tmp_path) if value == "CA" else value)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(KafkaSettings)
+
+    text = " ".join(str(caught.value).split())
+    assert named in text
+    assert "s3cr3t-pw" not in text
+
+
+def test_bootstrap_with_user_rejected(clean_environment):
+    clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "user@127.0.0.1:9092")
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(KafkaSettings)
+
+    assert "has user information before '@'" in str(caught.value)
+    assert "KAFKA_SASL_USERNAME" in str(caught.value)
 
 
 def test_empty_paths_mean_unset(clean_environment):

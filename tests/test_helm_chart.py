@@ -1193,6 +1193,11 @@ def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) ->
         ),
         (["auth.appToken.existingSecret=tokens"], "auth.appToken.key"),
         (
+            ["kafka.caCertificate.existingSecret=ca", "kafka.caCertificate.key=c"],
+            "kafka.caCertificate names a Secret but kafka.securityProtocol is "
+            "PLAINTEXT, which uses no TLS",
+        ),
+        (
             [*EVENT_HUBS[1:], "kafka.bootstrapServers=", "keda.enabled=true"],
             "kafka.bootstrapServers",
         ),

@@ -32,6 +32,9 @@ Checks of value combinations that values.schema.json cannot express.
 {{- if and $kafka.sasl.mechanism (not $kafka.sasl.password.existingSecret) }}
 {{- fail "kafka.sasl.password.existingSecret is empty: SASL needs a Secret key with the password" }}
 {{- end }}
+{{- if and $kafka.caCertificate.existingSecret (not (has $kafka.securityProtocol (list "SSL" "SASL_SSL"))) }}
+{{- fail (printf "kafka.caCertificate names a Secret but kafka.securityProtocol is %s, which uses no TLS: use SSL or SASL_SSL, or clear kafka.caCertificate" $kafka.securityProtocol) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.keda.enabled (not $kafka.bootstrapServers) }}
 {{- fail "kafka.bootstrapServers is empty but keda.enabled is true: the KEDA Kafka trigger needs the broker's host:port list" }}
