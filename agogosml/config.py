@@ -79,17 +79,25 @@ class SaslMechanism(enum.StrEnum):
 def _any_case(choices: Iterable[str]) -> BeforeValidator:
     """Accept a choice in any letter case, converted to its spelling in `choices`.
 
-    Any other value passes on unchanged, so an error message shows it as set.
+    Surrounding whitespace is ignored, as it is for numbers. Any other value
+    passes on unchanged, so an error message shows it as set.
     """
     spellings = {choice.casefold(): choice for choice in choices}
 
     def convert(value: Any) -> Any:
         if isinstance(value, str):
-            return spellings.get(value.casefold(), value)
+            return spellings.get(value.strip().casefold(), value)
         return value
 
     return BeforeValidator(convert)
 
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+#: A boolean setting; surrounding whitespace is ignored, as it is for numbers.
+Flag = Annotated[bool, BeforeValidator(_strip)]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -821,6 +829,18 @@ def check_kafka_topic(variable: str, topic: str) -> None:
     )
 
 
+def check_file_path(variable: str, path: str) -> None:
+    """Raise ValueError if `path`, from setting `variable`, has surrounding spaces.
+
+    A file name can start or end with spaces, but in a setting they are almost
+    always a copy mistake, which would create or read a file nobody meant.
+    """
+    if path != path.strip():
+        raise ValueError(
+            f"{variable}={path!r} starts or ends with whitespace; remove it"
+        )
+
+
 def check_blob_container_name(value: str) -> None:
     """Raise ValueError if `value` is not a valid Azure blob container name."""
     if not _BLOB_CONTAINER.fullmatch(value):
@@ -1043,7 +1063,7 @@ class ReaderSettings(_ServiceSettings):
         description="READER_RETRY_MAX_BACKOFF_MS: longest delay between retries, "
         "in milliseconds.",
     )
-    stop_at_end: bool = Field(
+    stop_at_end: Flag = Field(
         False,
         description="READER_STOP_AT_END: exit once a file source is read to the "
         "end and every message is finished. Otherwise the reader follows the file "
@@ -1102,6 +1122,9 @@ class ReaderSettings(_ServiceSettings):
 
     @model_validator(mode="after")
     def _check_topics(self) -> ReaderSettings:
+        if self.source is Transport.FILE:
+            check_file_path("READER_INPUT", self.input)
+            check_file_path("READER_DEAD_LETTER", self.dead_letter)
         if self.source is Transport.KAFKA and not self.topics():
             raise ValueError(
                 f"READER_INPUT={self.input!r} names no topic; set it to one or more "
@@ -1208,7 +1231,7 @@ class WriterSettings(_ServiceSettings):
         description="WRITER_MAX_BODY_BYTES: largest request body accepted, in "
         "bytes; larger requests get 413.",
     )
-    fsync: bool = Field(
+    fsync: Flag = Field(
         True,
         description="WRITER_FSYNC: fsync the output file before acknowledging "
         "(file sink).",
@@ -1223,6 +1246,8 @@ class WriterSettings(_ServiceSettings):
     def _check_topic(self) -> WriterSettings:
         if self.sink is Transport.KAFKA:
             check_kafka_topic("WRITER_OUTPUT", self.output)
+        if self.sink is Transport.FILE:
+            check_file_path("WRITER_OUTPUT", self.output)
         return self
 
 

@@ -1098,6 +1098,45 @@ def test_bootstrap_with_user_rejected(clean_environment):
     assert "KAFKA_SASL_USERNAME" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("cls", "variables", "named"),
+    [
+        (WriterSettings, {"WRITER_OUTPUT": " "}, "WRITER_OUTPUT=' '"),
+        (WriterSettings, {"WRITER_OUTPUT": " out.jsonl"}, "WRITER_OUTPUT=' out.jsonl'"),
+        (
+            ReaderSettings,
+            {"READER_INPUT": "in.jsonl\t", "READER_APP_URL": "http://app:8000"},
+            "READER_INPUT='in.jsonl\\t'",
+        ),
+        (
+            ReaderSettings,
+            {
+                "READER_INPUT": "in.jsonl",
+                "READER_DEAD_LETTER": "dlq.jsonl ",
+                "READER_APP_URL": "http://app:8000",
+            },
+            "READER_DEAD_LETTER='dlq.jsonl '",
+        ),
+    ],
+)
+def test_file_path_with_surrounding_space_rejected(cls, variables, named):
+    message = configuration_error(cls, **variables)
+
+    assert f"{named} starts or ends with whitespace; remove it" in message
+
+
+def test_choices_and_flags_ignore_surrounding_space(clean_environment):
+    clean_environment.setenv("READER_INPUT", "in.jsonl")
+    clean_environment.setenv("READER_APP_URL", "http://app:8000")
+    clean_environment.setenv("READER_ORDERING", " KEY ")
+    clean_environment.setenv("READER_STOP_AT_END", "FALSE ")
+
+    settings = load_settings(ReaderSettings)
+
+    assert settings.ordering is Ordering.KEY
+    assert settings.stop_at_end is False
+
+
 def test_empty_paths_mean_unset(clean_environment):
     clean_environment.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9093")
     clean_environment.setenv("KAFKA_SSL_CA_LOCATION", "")
