@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import joblib
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .data import FEATURE_COLUMNS, _atomic_target, default_cache_root
@@ -119,7 +120,16 @@ def validation_error_message(exc: ValidationError) -> str:
 
 
 def _short_repr(value: object) -> str:
-    text = repr(value)
+    """Return `value` as JSON, the form in which the client sent it, cut short.
+
+    NaN and the infinities, which JSON cannot carry, keep Python's spelling.
+    """
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        text = repr(value)
     if len(text) > _MAX_VALUE_REPR_CHARS:
         return text[: _MAX_VALUE_REPR_CHARS - 3] + "..."
     return text

@@ -465,7 +465,8 @@ def _item_outcome(item: object) -> Outcome:
     if type(status) is not int or not 200 <= status < 600:
         return Outcome(
             502,
-            f"app returned an invalid batch result {item!r:.200}; each result needs "
+            f"app returned an invalid batch result {_json_preview(item)}; each "
+            "result needs "
             'a "status" between 200 and 599',
             item_result=True,
         )
@@ -473,6 +474,11 @@ def _item_outcome(item: object) -> Outcome:
     if not error and status >= 300:
         error = f"app returned status {status} for this message"
     return Outcome(status, error, item_result=True)
+
+
+def _json_preview(item: object) -> str:
+    """Return the start of a decoded JSON value, as JSON, for an error message."""
+    return orjson.dumps(item).decode()[:200]
 
 
 def _error_text(status: int, body: bytes) -> str:
