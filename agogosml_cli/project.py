@@ -321,7 +321,18 @@ def _rename(
             )
         run_git(["fetch", "--quiet", str(renders), "HEAD"], clone)
     try:
-        run_git(["cherry-pick", "--no-commit", "FETCH_HEAD"], clone)
+        # A file the user added to the package moves with it, instead of
+        # being reported as a conflict (git's default for directory renames).
+        run_git(
+            [
+                "-c",
+                "merge.directoryRenames=true",
+                "cherry-pick",
+                "--no-commit",
+                "FETCH_HEAD",
+            ],
+            clone,
+        )
     except GitError:
         pass  # The conflicts are named below.
     _raise_on_conflicts(clone)

@@ -1876,7 +1876,9 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     old_app = project / "src" / "fraud_scoring" / "app.py"
     edit(old_app, 'MODEL_VERSION = "mean-1"', 'MODEL_VERSION = "mean-2"')
     old_app.write_text(old_app.read_text() + "\n\ndef helper():\n    return 42\n")
-    git(project, "commit", "--quiet", "--all", "--message", "My model")
+    (old_app.parent / "features.py").write_text("FEATURES = ['amount']\n")
+    git(project, "add", "--all")
+    git(project, "commit", "--quiet", "--message", "My model")
     edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
     edit(project / "agogosml.yaml", "topic: transactions-scored", "topic: scores")
 
@@ -1888,6 +1890,8 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     assert 'MODEL_VERSION = "mean-2"' in app
     assert "def helper():" in app
     assert "Model app of card-scoring" in app
+    features = project / "src" / "card_scoring" / "features.py"
+    assert features.read_text() == "FEATURES = ['amount']\n"
     assert (
         "from card_scoring.app import"
         in (project / "tests" / "test_app.py").read_text()
