@@ -166,13 +166,17 @@ class Envelope:
         base64-encoded and its name listed in `base64_names`, so that it fits
         in an ``X-Record-Header-<name>`` request header unchanged. An output
         record has one value per name, so the last value of a repeated name
-        wins.
+        wins. A header with an empty name is left out.
         """
         if not self.headers:
             return HttpHeaders({}, [])
         values = {}
         encoded = set()
         for name, raw in self.headers:
+            if not name:
+                # NOTE: a header without a name stays behind: no request
+                # header and no writer batch element can carry one.
+                continue
             lowered = name.lower()
             text = _header_text(raw)
             if text is None:
