@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import yaml
 from click.testing import CliRunner, Result
 from packaging.version import Version
 
+from agogosml_cli import installed_names as installed_names_module
 from agogosml_cli import project as project_module
 from agogosml_cli import template_history, wheel
 from agogosml_cli.compose import load_compose
@@ -457,6 +459,40 @@ def test_init_rejects_dependency_name(tmp_path: Path, name: str, problem: str) -
     assert problem in result.output
     assert f"such as '{name}-app'" in result.output
     assert not (tmp_path / "m.yaml").exists()
+
+
+def test_recorded_names_cover_installed_tree() -> None:
+    """The names recorded for machines without every dependency are complete.
+
+    When a dependency adds a package, this fails; add what it lists to
+    _RECORDED_DISTRIBUTIONS and _RECORDED_MODULES.
+    """
+    walked = installed_names_module.walk_installed()
+
+    missing_distributions = set(walked.distributions) - set(
+        installed_names_module._RECORDED_DISTRIBUTIONS
+    )
+    recorded_modules = installed_names_module._RECORDED_MODULES
+    missing_modules = set(walked.modules) - set(recorded_modules)
+    assert missing_distributions == set()
+    assert missing_modules == set()
+
+
+def test_recorded_names_count_without_installation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def nothing_installed(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", nothing_installed)
+    installed_names_module.installed_names.cache_clear()
+    try:
+        names = installed_names_module.installed_names()
+    finally:
+        installed_names_module.installed_names.cache_clear()
+
+    assert names.modules["sklearn"] == "scikit-learn"
+    assert names.distributions["python-dateutil"] == "python-dateutil"
 
 
 def test_soft_keyword_name_accepted() -> None:
