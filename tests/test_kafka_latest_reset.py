@@ -24,6 +24,7 @@ from fakes import MemorySink
 from test_reader import accept, reader_settings, running_reader, stub_app, wait_for
 
 from agogosml.config import KafkaSettings
+from agogosml.envelope import Position
 from agogosml.transports.kafka import KafkaSource, source
 
 TOPIC = "latest-in"
@@ -162,10 +163,14 @@ class _Message:
 
 
 class _FailingCommits:
-    """A consumer whose commits fail until `fail` is cleared."""
+    """A consumer whose commits fail until `fail` is cleared.
 
-    def __init__(self) -> None:
+    Seeks of the partitions in `unseekable` fail too.
+    """
+
+    def __init__(self, unseekable: tuple[int, ...] = ()) -> None:
         self.fail = True
+        self.unseekable = unseekable
         self.commits: list[list[tuple[int, int]]] = []
         self.seeks: list[tuple[int, int]] = []
 
@@ -176,17 +181,24 @@ class _FailingCommits:
         self.commits.append([(tp.partition, tp.offset) for tp in offsets])
 
     def seek(self, tp):
+        if tp.partition in self.unseekable:
+            raise KafkaException(KafkaError(KafkaError._STATE))
         self.seeks.append((tp.partition, tp.offset))
 
 
-def test_failed_start_commit_holds_the_partition_back(monkeypatch):
+def source_with(consumer, monkeypatch) -> KafkaSource:
     monkeypatch.setattr(source, "START_COMMIT_RETRY_SECONDS", 0)
     kafka = KafkaSettings(bootstrap_servers="127.0.0.1:9", auto_offset_reset="latest")
     kafka_source = KafkaSource(kafka, [TOPIC])
-    consumer = _FailingCommits()
     kafka_source._consumer = consumer
     for partition in (0, 1):
         kafka_source.tracker.assign(TOPIC, partition)
+    return kafka_source
+
+
+def test_failed_start_commit_holds_the_partition_back(monkeypatch):
+    consumer = _FailingCommits()
+    kafka_source = source_with(consumer, monkeypatch)
     fetched = [(_Message(0, 7), 1), (_Message(0, 8), 1), (_Message(1, 3), 1)]
 
     # Both partitions are new: neither commit went through, so both seek back
@@ -202,3 +214,36 @@ def test_failed_start_commit_holds_the_partition_back(monkeypatch):
     later = [(_Message(0, 9), 1)]
     assert kafka_source._commit_starts(later) == later
     assert len(consumer.commits) == 1
+
+
+def test_unseekable_partition_goes_on_without_later_start(monkeypatch):
+    """A partition that cannot seek back never commits a later offset as its start."""
+    consumer = _FailingCommits(unseekable=(1,))
+    kafka_source = source_with(consumer, monkeypatch)
+    fetched = [(_Message(0, 7), 1), (_Message(1, 3), 1), (_Message(1, 4), 1)]
+
+    sent = kafka_source._commit_starts(fetched)
+
+    assert sent == fetched[1:]
+    consumer.fail = False
+    later = [(_Message(0, 7), 1), (_Message(1, 5), 1)]
+    assert kafka_source._commit_starts(later) == later
+    assert consumer.commits == [[(0, 7)]]
+    # The periodic commit takes the partition's first offset from the tracker.
+    kafka_source.tracker.register_many([_position(1, 3), _position(1, 4)])
+    assert kafka_source.tracker.committable()[(TOPIC, 1)] == 3
+
+
+def test_revoked_partition_start_not_committed(monkeypatch):
+    consumer = _FailingCommits()
+    consumer.fail = False
+    kafka_source = source_with(consumer, monkeypatch)
+    kafka_source.tracker.revoke(TOPIC, 1)  # read before a rebalance took it
+    fetched = [(_Message(0, 7), 1), (_Message(1, 3), 1)]
+
+    assert kafka_source._commit_starts(fetched) == fetched
+    assert consumer.commits == [[(0, 7)]]
+
+
+def _position(partition: int, offset: int) -> Position:
+    return Position(TOPIC, partition, offset, offset + 1, 1)

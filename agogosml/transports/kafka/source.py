@@ -213,12 +213,19 @@ class KafkaSource(TrackedSource):
         """
         assert self._consumer is not None
         starts: dict[tuple[str, int], TopicPartition] = {}
+        generations: dict[tuple[str, int], int] = {}
         for message, generation in stamped:
             if generation == 0:
                 continue
             key = (message.topic(), message.partition())
-            if key not in starts and self._started.get(key) != generation:
-                starts[key] = TopicPartition(*key, message.offset())
+            if key in starts or self._started.get(key) == generation:
+                continue
+            # A partition revoked since this message was read belongs to
+            # another member now, whose commits this one must not overwrite.
+            if self._tracker.generation(*key) != generation:
+                continue
+            starts[key] = TopicPartition(*key, message.offset())
+            generations[key] = generation
         if not starts:
             return stamped
         offsets = list(starts.values())
@@ -226,6 +233,11 @@ class KafkaSource(TrackedSource):
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             held = self._seek_back(offsets)
+            # A partition that could not seek back sends its messages on. Its
+            # start is then committed with the next periodic commit (the
+            # tracker's first offset), never as a later fetch's first offset.
+            for key in starts.keys() - held:
+                self._started[key] = generations[key]
             logger.warning(
                 "cannot commit where partitions start, so their messages wait and "
                 "are fetched again: %s",
@@ -246,11 +258,7 @@ class KafkaSource(TrackedSource):
         return stamped
 
     def _seek_back(self, offsets: list[TopicPartition]) -> set[tuple[str, int]]:
-        """Seek each partition back to `offsets`; return those that were sought.
-
-        The messages of a partition that cannot seek go out as they are, with
-        their start committed later, as without ``latest``.
-        """
+        """Seek each partition back to `offsets`; return those that were sought."""
         assert self._consumer is not None
         sought = set()
         for tp in offsets:
