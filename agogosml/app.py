@@ -960,16 +960,18 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     record_headers = _record_headers(headers)
     if record_headers:
         item["headers"] = record_headers
-    encodings = _header_encodings(headers)
+    encodings = _header_encodings(headers, record_headers)
     if encodings:
         item["header_encodings"] = encodings
     return item
 
 
-def _header_encodings(headers: Any) -> dict[str, str]:
+def _header_encodings(headers: Any, record_headers: dict[str, str]) -> dict[str, str]:
     """Return ``base64`` by the name of each record header that the request lists.
 
-    The writer checks that each name listed has a value that is base64.
+    Each name listed must have its ``X-Record-Header-<name>`` with a base64
+    value. The writer checks that too, but its 400 would come back as a 422
+    about the writer, so the request to the app is rejected here instead.
     """
     if _BASE64_RECORD_HEADERS not in headers:
         return {}
@@ -986,8 +988,25 @@ def _header_encodings(headers: Any) -> dict[str, str]:
             f"header {_BASE64_RECORD_HEADERS} is not valid UTF-8; list record "
             "header names as UTF-8 text",
         )
-    names = {name.strip().lower() for name in listed.split(",") if name.strip()}
-    return dict.fromkeys(sorted(names), "base64")
+    names = sorted({name.strip().lower() for name in listed.split(",") if name.strip()})
+    for name in names:
+        if name not in record_headers:
+            raise _Reject(
+                400,
+                f"header {_BASE64_RECORD_HEADERS} lists {name}, but no "
+                f"X-Record-Header-{name} header has that name; list only the "
+                "record headers sent base64-encoded",
+            )
+        try:
+            base64.b64decode(record_headers[name], validate=True)
+        except ValueError:
+            raise _Reject(
+                400,
+                f"header X-Record-Header-{name} is listed as base64-encoded, but "
+                f"{record_headers[name]!r:.60} is not valid base64; send the value "
+                "base64-encoded, or do not list the header",
+            ) from None
+    return dict.fromkeys(names, "base64")
 
 
 def _record_headers(headers: Any) -> dict[str, str]:

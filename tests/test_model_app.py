@@ -332,6 +332,15 @@ async def test_single_base64_record_headers_forwarded():
             b"X-Base64-Record-Headers: caf\xe9\r\n",
             "header X-Base64-Record-Headers is not valid UTF-8",
         ),
+        (
+            b"X-Base64-Record-Headers: foo\r\n",
+            "header X-Base64-Record-Headers lists foo, but no X-Record-Header-foo",
+        ),
+        (
+            b"X-Record-Header-Foo: %%\r\nX-Base64-Record-Headers: foo\r\n",
+            "header X-Record-Header-foo is listed as base64-encoded, but '%%' is "
+            "not valid base64",
+        ),
     ],
 )
 async def test_single_bad_record_header_400(raw_headers, problem):
