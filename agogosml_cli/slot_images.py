@@ -20,6 +20,44 @@ _COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
 
 
+_REPOSITORY_FORM = (
+    "A repository has lower-case letters, digits, '.', '_' and '-' between "
+    "slashes, and a registry may have a :PORT."
+)
+
+
+def _image_problem(text: str, repository: str, tag: str) -> str:
+    """Return which part of an --image value is invalid, or '' if none is.
+
+    `repository` and `tag` are `text` split at a colon after its last slash.
+    """
+    if "@" in text:
+        named, _, digest = text.partition("@")
+        if not named:
+            return "the repository before '@' is missing."
+        if ":" in named.rpartition("/")[2]:
+            return (
+                "an image with both a tag and a digest is not supported; give "
+                "REPOSITORY@sha256:DIGEST or REPOSITORY:TAG."
+            )
+        if not _REPOSITORY.match(named):
+            return f"the repository {named!r} is invalid. {_REPOSITORY_FORM}"
+        return (
+            f"the digest {digest!r} is invalid; a digest is 'sha256:' and 64 "
+            "lower-case hexadecimal digits."
+        )
+    if not repository and "/" in text:
+        return f"{text!r} has no tag; add one, as in {text + ':1.0'!r}."
+    if repository and not _REPOSITORY.match(repository):
+        return f"the repository {repository!r} is invalid. {_REPOSITORY_FORM}"
+    if not _TAG.match(tag):
+        return (
+            f"the tag {tag!r} is invalid. A tag has letters, digits, '_', '.' and "
+            "'-', at most 128 characters."
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class ImageReference:
     """Image given to `deploy`: a tag, with a repository or a digest if given."""
@@ -34,35 +72,14 @@ class ImageReference:
         match = _DIGEST.match(text)
         if match and _REPOSITORY.match(match["repository"]):
             return cls(match["repository"], "", match["digest"])
-        if "@" in text:
-            repository, _, digest = text.partition("@")
-            problem = f"the repository {repository!r} is invalid"
-            if _REPOSITORY.match(repository):
-                problem = (
-                    f"the digest {digest!r} is invalid; a digest is 'sha256:' and "
-                    "64 lower-case hexadecimal digits"
-                )
-            raise click.BadParameter(
-                f"{text!r} is not an image tag, REPOSITORY:TAG or "
-                f"REPOSITORY@sha256:DIGEST: {problem}.",
-                param_hint="--image",
-            )
         repository, _, tag = text.rpartition(":")
         if "/" in tag or not repository:
             repository, tag = "", text
-        if repository and not _REPOSITORY.match(repository):
+        problem = _image_problem(text, repository, tag)
+        if problem:
             raise click.BadParameter(
                 f"{text!r} is not an image tag, REPOSITORY:TAG or "
-                f"REPOSITORY@sha256:DIGEST: the repository {repository!r} is "
-                "invalid. A repository has lower-case letters, digits, '.', '_' "
-                "and '-' between slashes, and a registry may have a :PORT.",
-                param_hint="--image",
-            )
-        if not _TAG.match(tag):
-            raise click.BadParameter(
-                f"{text!r} is not an image tag, REPOSITORY:TAG or "
-                f"REPOSITORY@sha256:DIGEST: the tag {tag!r} is invalid. A tag has "
-                "letters, digits, '_', '.' and '-', at most 128 characters.",
+                f"REPOSITORY@sha256:DIGEST: {problem}",
                 param_hint="--image",
             )
         return cls(repository or None, tag, "")

@@ -331,6 +331,9 @@ def test_deploy_image_digest(fake_helm: FakeHelm) -> None:
     assert green == {"repository": "example/model", "tag": "", "digest": digest}
 
 
+DIGEST = "sha256:" + "ab" * 32
+
+
 @pytest.mark.parametrize(
     ("image", "problem"),
     [
@@ -339,6 +342,9 @@ def test_deploy_image_digest(fake_helm: FakeHelm) -> None:
         ("-1.0", "the tag '-1.0' is invalid"),
         ("a@sha256:12", "the digest 'sha256:12' is invalid"),
         ("A@sha256:12", "the repository 'A' is invalid"),
+        ("registry:5000/app", "'registry:5000/app' has no tag"),
+        ("repo:v1@" + DIGEST, "both a tag and a digest is not supported"),
+        ("@" + DIGEST, "the repository before '@' is missing"),
         ("Model/x:1", "the repository 'Model/x' is invalid"),
         ("a//b:1", "the repository 'a//b' is invalid"),
     ],
@@ -465,9 +471,6 @@ def test_promote_pins_both_images(fake_helm: FakeHelm, tmp_path: Path) -> None:
         assert settings["app.slots.green.image.tag"] == "2.0"
         assert settings["app.slots.green.image.repository"] == "agogosml-sample-app"
     assert "keeps the green slot's image" in " ".join(result.stderr.split())
-
-
-DIGEST = "sha256:" + "ab" * 32
 
 
 @pytest.mark.parametrize(
