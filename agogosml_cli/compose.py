@@ -271,7 +271,7 @@ def load_compose(
             f"{path} is not UTF-8 text (byte {error.start}). Save it as UTF-8."
         ) from None
     try:
-        raw = load_unique_keys(text)
+        raw = load_unique_keys(text, str(path))
     except DuplicateKeyError as error:
         raise ComposeError(f"{path}: {error}") from None
     except yaml.YAMLError as error:

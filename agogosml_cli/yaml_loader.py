@@ -62,14 +62,16 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_unique_keys(text: str) -> Any:
+def load_unique_keys(text: str, name: str = "") -> Any:
     """Parse one YAML document safely, rejecting repeated keys.
+
+    `name`, when given, names the text in syntax errors.
 
     Raises:
         DuplicateKeyError: A mapping contains a key twice.
         yaml.YAMLError: The text is not valid YAML.
     """
-    data, _ = load_document(text)
+    data, _ = load_document(text, name)
     return data
 
 

@@ -230,6 +230,16 @@ def test_unsupported_or_wrong_compose_is_named(
         project.start_order()
 
 
+def test_compose_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "services:\n  app: [unclosed\n")
+
+    with pytest.raises(ComposeError) as caught:
+        load_compose(path, {})
+
+    assert f'in "{path}", line' in str(caught.value)
+    assert "<unicode string>" not in str(caught.value)
+
+
 def test_missing_compose_file_says_where(tmp_path: Path) -> None:
     with pytest.raises(ComposeError, match="cannot read the compose file"):
         load_compose(tmp_path / "docker-compose.yml", {})
