@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import dataclasses
 import inspect
 import logging
 import math
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -217,7 +218,7 @@ class ModelApp:
         self._score = score
         self._name = name
         self._threaded = score_in_thread and not _is_coroutine_function(score)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scoring_thread: _ScoringThread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._writer_url = ""
         self._writer_max_body_bytes = DEFAULT_WRITER_MAX_BODY_BYTES
@@ -438,11 +439,8 @@ class ModelApp:
         self, values: list[Any], *, log_exceptions: bool = True
     ) -> list[Any]:
         try:
-            if self._executor is not None:
-                loop = asyncio.get_running_loop()
-                returned = await loop.run_in_executor(
-                    self._executor, self._score, values
-                )
+            if self._scoring_thread is not None:
+                returned = await self._scoring_thread.call(self._score, values)
             else:
                 returned = self._score(values)
             if inspect.isawaitable(returned):
@@ -561,9 +559,7 @@ class _Running:
             headers={"Authorization": f"Bearer {token}"} if token else {},
         )
         if model_app._threaded:
-            model_app._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="score"
-            )
+            model_app._scoring_thread = _ScoringThread()
         model_app._writer_url = str(self._settings.writer_url).rstrip("/")
         model_app._writer_max_body_bytes = self._settings.writer_max_body_bytes
         model_app._writer_queue = WriterQueue(
@@ -583,10 +579,78 @@ class _Running:
             await self._model_app._writer_queue.close()
         if self._model_app._session is not None:
             await self._model_app._session.close()
-        if self._model_app._executor is not None:
-            # A call still running goes on in its thread; nothing waits for it.
-            self._model_app._executor.shutdown(wait=False, cancel_futures=True)
-            self._model_app._executor = None
+        if self._model_app._scoring_thread is not None:
+            self._model_app._scoring_thread.close()
+            self._model_app._scoring_thread = None
+
+
+class _ScoringThread:
+    """One daemon thread that runs the calls of a plain scoring function in turn.
+
+    A daemon, unlike the workers of `concurrent.futures`, which the interpreter
+    waits for at exit: a call that never returns must not keep a stopped app
+    alive.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[_ScoringCall | None] = queue.SimpleQueue()
+        self._running = False
+        self._thread = threading.Thread(target=self._run, name="score", daemon=True)
+        self._thread.start()
+
+    async def call(
+        self, function: Callable[[list[Any]], Any], values: list[Any]
+    ) -> Any:
+        """Run `function(values)` on the thread and return its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.put((function, values, future, loop))
+        return await future
+
+    def close(self) -> None:
+        """Let the thread end after the calls queued; a running call goes on."""
+        if self._running:
+            logger.warning(
+                "the scoring function was still running at the stop; its request "
+                "got no response, so the reader sends the message again"
+            )
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            function, values, future, loop = item
+            self._running = True
+            try:
+                outcome: tuple[Any, BaseException | None] = (function(values), None)
+            except BaseException as exc:  # noqa: BLE001 - passed to the caller
+                outcome = (None, exc)
+            finally:
+                self._running = False
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:
+                return  # The event loop is closed: nobody waits any more.
+
+
+#: A queued call: function, values, the future for its outcome, and its loop.
+_ScoringCall = tuple[
+    Callable[[list[Any]], Any],
+    list[Any],
+    "asyncio.Future[Any]",
+    asyncio.AbstractEventLoop,
+]
+
+
+def _settle(
+    future: asyncio.Future[Any], result: Any, error: BaseException | None
+) -> None:
+    """Give `future` the outcome of a call, unless its caller gave up on it."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 #: Retry-After of the app's 503 when the writer rejects the app's token or URL.

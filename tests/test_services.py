@@ -418,3 +418,63 @@ def test_reader_killed_after_rotation(tmp_path: Path) -> None:
     # restart read the rotated file on from message 2, then the new file.
     assert set(_HoldingApp.accepted) == set(range(1, 9))
     assert _HoldingApp.accepted.count(2) == 1
+
+
+def test_app_stops_while_plain_score_blocks(tmp_path: Path) -> None:
+    """SIGTERM ends the app even while its scoring thread never returns."""
+    started = tmp_path / "started"
+    port = free_port()
+    env = {
+        **environment_without_settings(),
+        "PYTHONPATH": str(REPO_ROOT),
+        "APP_PORT": str(port),
+        "APP_WRITER_URL": "http://127.0.0.1:9",
+        "APP_SHUTDOWN_TIMEOUT_MS": "500",
+        "BLOCKING_STARTED": str(started),
+    }
+    app = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "apps" / "blocking_app.py")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        request = threading.Thread(
+            target=lambda: _post_until_up(f"http://127.0.0.1:{port}/", deadline),
+            daemon=True,
+        )
+        request.start()
+        while not started.exists():
+            assert time.monotonic() < deadline, "the scoring call did not start"
+            assert app.poll() is None, app.communicate()[1]
+            time.sleep(0.05)
+
+        app.send_signal(signal.SIGTERM)
+        _, stderr = app.communicate(timeout=20)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+
+    assert app.returncode == 0, stderr
+    assert "the scoring function was still running at the stop" in stderr
+
+
+def _post_until_up(url: str, deadline: float) -> None:
+    """POST one JSON value to `url`, trying again until the server listens."""
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            url, data=b"1", headers={"Content-Type": "application/json"}
+        )
+        try:
+            urllib.request.urlopen(request, timeout=60)
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ConnectionRefusedError):
+                time.sleep(0.05)
+                continue
+            return
+        except OSError:
+            return
+        return
