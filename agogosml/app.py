@@ -758,6 +758,29 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         )
 
 
+def _table_rows(table: Any) -> list[dict[str, Any]]:
+    """Return the rows of a DataFrame as objects, by column name as text.
+
+    Column names that are numbers, as in ``DataFrame(predict_proba(X))``,
+    become text, because JSON object keys are text. Two columns of one name
+    would leave one value in each object, so they are rejected.
+    """
+    names = [str(column) for column in table.columns]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise _Reject(
+            500,
+            f"the scoring function returned a DataFrame with the column "
+            f"{repeated[0]!r} more than once, so each result would keep only one "
+            "of them; give every column its own name",
+            log_level=logging.ERROR,
+        )
+    return [
+        dict(zip(names, row, strict=True))
+        for row in table.itertuples(index=False, name=None)
+    ]
+
+
 def _is_coroutine_function(function: object) -> bool:
     """Return whether calling `function`, or its ``__call__``, gives a coroutine."""
     return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
@@ -780,9 +803,8 @@ def _result_list(returned: object) -> list[Any]:
         and ndim >= 2
         and not hasattr(returned, "__array_interface__")
     ):
-        to_dict = getattr(returned, "to_dict", None)
-        if callable(to_dict) and hasattr(returned, "columns"):
-            return list(to_dict(orient="records"))
+        if hasattr(returned, "itertuples") and hasattr(returned, "columns"):
+            return _table_rows(returned)
         raise _Reject(
             500,
             f"the scoring function returned a {ndim}-dimensional "
@@ -879,10 +901,11 @@ def has_non_finite(result: Any) -> bool:
 
 
 def _array_to_list(value: Any) -> Any:
-    """Convert numpy values that orjson does not encode itself.
+    """Convert numpy and pandas values that orjson does not encode itself.
 
     A non-contiguous array is copied to a contiguous one, which orjson encodes
-    with the precision of its dtype, and any other array-like becomes a list.
+    with the precision of its dtype, any other array-like becomes a list, and
+    a timestamp its ISO 8601 text.
     """
     flags = getattr(value, "flags", None)
     if flags is not None and not getattr(flags, "c_contiguous", True):
@@ -890,6 +913,10 @@ def _array_to_list(value: Any) -> Any:
     to_list = getattr(value, "tolist", None)
     if callable(to_list):
         return to_list()
+    # pandas Timestamps, in the rows of a DataFrame, and dates of any kind.
+    isoformat = getattr(value, "isoformat", None)
+    if callable(isoformat):
+        return isoformat()
     raise TypeError
 
 

@@ -722,6 +722,42 @@ async def test_unexpected_error_gets_json_500(monkeypatch):
     assert writer.requests == []
 
 
+async def test_score_dataframe_number_columns_and_timestamps():
+    pd = pytest.importorskip("pandas")
+
+    def score(values: list[Any]) -> Any:
+        table = pd.DataFrame([[0.25, 0.75]])
+        table["at"] = pd.Timestamp("2026-01-02T03:04:05")
+        return table
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post("/", data=b"1", headers=JSON)
+
+    assert response.status == 200
+    assert writer.requests[0].json()[0]["value"] == {
+        "0": 0.25,
+        "1": 0.75,
+        "at": "2026-01-02T03:04:05",
+    }
+
+
+async def test_score_dataframe_repeated_column_500():
+    pd = pytest.importorskip("pandas")
+
+    def score(values: list[Any]) -> Any:
+        return pd.DataFrame([[1, 2]], columns=["a", "a"])
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post("/", data=b"1", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert "a DataFrame with the column 'a' more than once" in body["error"]
+    assert writer.requests == []
+
+
 async def test_score_other_table_500():
     class Table:
         ndim = 2
