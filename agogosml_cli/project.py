@@ -336,6 +336,36 @@ def _rename(
     except GitError:
         pass  # The conflicts are named below.
     _raise_on_conflicts(clone)
+    _move_leftovers(
+        clone / subdirectory / "src",
+        before["package_name"],
+        after["package_name"],
+    )
+
+
+def _move_leftovers(source_root: Path, old: str, new: str) -> None:
+    """Move what git's merge left in the old package directory to the new one.
+
+    Git moves the files added next to the moved ones, but not those in a
+    subdirectory of their own, such as a subpackage the user added.
+    """
+    old_package = source_root / old
+    if not old_package.is_dir():
+        return
+    leftovers = sorted(path for path in old_package.rglob("*") if path.is_file())
+    for path in leftovers:
+        target = source_root / new / path.relative_to(old_package)
+        if target.exists():
+            raise UpdateConflictError(
+                "the update was not applied, because the rename of the package "
+                f"would move {path.relative_to(source_root)} onto "
+                f"{target.relative_to(source_root)}, which exists; move or remove "
+                "one of them, commit, and run 'agogosml generate' again",
+                [str(target.relative_to(source_root))],
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+    shutil.rmtree(old_package)
 
 
 def _repository_root(project: Path) -> Path:

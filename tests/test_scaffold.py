@@ -1913,6 +1913,8 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     edit(old_app, 'MODEL_VERSION = "mean-1"', 'MODEL_VERSION = "mean-2"')
     old_app.write_text(old_app.read_text() + "\n\ndef helper():\n    return 42\n")
     (old_app.parent / "features.py").write_text("FEATURES = ['amount']\n")
+    (old_app.parent / "sub").mkdir()
+    (old_app.parent / "sub" / "rules.py").write_text("LIMIT = 5\n")
     git(project, "add", "--all")
     git(project, "commit", "--quiet", "--message", "My model")
     edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
@@ -1928,6 +1930,9 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     assert "Model app of card-scoring" in app
     features = project / "src" / "card_scoring" / "features.py"
     assert features.read_text() == "FEATURES = ['amount']\n"
+    rules = project / "src" / "card_scoring" / "sub" / "rules.py"
+    assert rules.read_text() == "LIMIT = 5\n"
+    assert not (project / "src" / "fraud_scoring").exists()
     assert (
         "from card_scoring.app import"
         in (project / "tests" / "test_app.py").read_text()
