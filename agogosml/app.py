@@ -838,7 +838,16 @@ def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | No
     value = _encode_json(result, result, index)
     if b"null" in value and has_non_finite(result):
         return None
-    return exact_json.dumps(_writer_element(item, orjson.Fragment(value)))
+    try:
+        return exact_json.dumps(_writer_element(item, orjson.Fragment(value)))
+    except orjson.JSONEncodeError as exc:
+        # The result encoded, so the item's id, key or headers are at fault,
+        # such as an id nested deeper than JSON encoders go.
+        raise _Reject(
+            400,
+            f"batch item {index}: its id, key, traceparent or headers cannot be "
+            f"encoded as JSON again ({exc}); send them as strings",
+        ) from None
 
 
 def _encode_json(document: Any, result: Any, index: int) -> bytes:

@@ -703,6 +703,30 @@ async def test_batch_deeply_nested_result_fails_one_item():
     ]
 
 
+async def test_batch_deeply_nested_id_fails_one_item():
+    items = [{"id": nested(300), "value": 1}, {"id": "in:0:1", "value": 2}]
+
+    async with stub_writer() as writer:
+        async with model_app(double_value, writer.url) as client:
+            # orjson encodes no more than 255 levels; the standard library does.
+            response = await client.post("/batch", data=json.dumps(items), headers=JSON)
+            body = await response.json()
+
+    first, second = body["results"]
+    assert response.status == 200
+    assert first["status"] == 400
+    assert (
+        "batch item 0: its id, key, traceparent or headers cannot be"
+        in (first["error"])
+    )
+    assert second["status"] == 200
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
+
+
+def double_value(values: list[Any]) -> list[Any]:
+    return [value * 2 for value in values]
+
+
 async def test_unexpected_error_gets_json_500(monkeypatch):
     def fail(body: bytes) -> Any:
         raise RuntimeError("boom")
