@@ -452,6 +452,15 @@ class ModelApp:
             if log_exceptions:
                 logger.exception("the scoring function raised")
             raise _ScoringFailed(exc) from None
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # This request is being cancelled, such as at a stop.
+            # Raised by the scoring function itself, as by a task it awaited
+            # that something else cancelled.
+            if log_exceptions:
+                logger.exception("the scoring function raised")
+            raise _ScoringFailed(exc) from None
         results = _result_list(returned)
         if len(results) != len(values):
             raise _Reject(

@@ -458,7 +458,9 @@ async def test_score_raising_500():
 
 
 @pytest.mark.parametrize("score_in_thread", [True, False])
-@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt()])
+@pytest.mark.parametrize(
+    "error", [SystemExit(3), KeyboardInterrupt(), asyncio.CancelledError()]
+)
 async def test_score_raising_exit_500(error, score_in_thread):
     calls = []
 
