@@ -153,6 +153,50 @@ def check_result(
     )
 
 
+#: The variables that the chart sets itself, and where their values come from.
+CHART_SET_VARIABLES = {
+    "READER_SOURCE": "transport",
+    "WRITER_SINK": "transport",
+    "READER_INPUT": "reader.topics",
+    "WRITER_OUTPUT": "writer.topic",
+    "READER_APP_URL": "the release's app Service",
+    "APP_WRITER_URL": "the release's writer Service",
+    "READER_HOST": "the pod (all addresses)",
+    "WRITER_HOST": "the pod (all addresses)",
+    "APP_HOST": "the pod (all addresses)",
+    "READER_PORT": "reader.port",
+    "WRITER_PORT": "writer.port",
+    "APP_PORT": "app.port",
+    "READER_APP_TOKEN": "auth.appToken",
+    "APP_TOKEN": "auth.appToken",
+    "APP_WRITER_TOKEN": "auth.writerToken",
+    "WRITER_TOKEN": "auth.writerToken",
+    "KAFKA_GROUP_ID": "reader.groupId",
+    "KAFKA_AUTO_OFFSET_RESET": "reader.autoOffsetReset",
+    "KAFKA_BOOTSTRAP_SERVERS": "kafka.bootstrapServers",
+    "KAFKA_SECURITY_PROTOCOL": "kafka.securityProtocol",
+    "KAFKA_SASL_MECHANISM": "kafka.sasl.mechanism",
+    "KAFKA_SASL_USERNAME": "kafka.sasl.username",
+    "KAFKA_SASL_PASSWORD": "kafka.sasl.password",
+    "KAFKA_SSL_CA_LOCATION": "kafka.caCertificate",
+    "KAFKA_EVENTHUBS_CONNECTION_STRING": "kafka.eventHubsConnectionString",
+    "EVENTHUB_FULLY_QUALIFIED_NAMESPACE": "eventhubs.fullyQualifiedNamespace",
+    "EVENTHUB_CONSUMER_GROUP": "eventhubs.consumerGroup",
+    "EVENTHUB_STARTING_POSITION": "eventhubs.startingPosition",
+    "EVENTHUB_CHECKPOINT_STORE_CONTAINER": "eventhubs.checkpointStore.container",
+    "EVENTHUB_CHECKPOINT_STORE_ACCOUNT_URL": "eventhubs.checkpointStore.accountUrl",
+}
+#: The variables that only a file source or sink reads.
+FILE_ONLY_VARIABLES = frozenset(
+    {
+        "READER_STOP_AT_END",
+        "READER_MAX_LINE_BYTES",
+        "READER_CHECKPOINT_PATH",
+        "READER_ROTATE_WAIT_MS",
+        "WRITER_FSYNC",
+    }
+)
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 _ADDITIONAL = re.compile(
     r"- at '(?P<path>[^']*)': additional properties (?P<names>.+) not allowed"
 )
@@ -176,7 +220,21 @@ def schema_hints(output: str, chart: str) -> list[str]:
         allowed = sorted((node or {}).get("properties", {}))
         where = match["path"].rstrip("/") + "/"
         for name in re.findall(r"'([^']*)'", match["names"]):
+            if not _PLAIN_KEY.fullmatch(name):
+                continue  # Quoted in Helm's message in a way that cannot be split.
             hint = f"hint: {where}{name} is not a chart value"
+            if name in FILE_ONLY_VARIABLES:
+                hints.append(
+                    f"hint: {name} applies only to a file source or sink, and the "
+                    f"chart runs Kafka or Event Hubs: remove {where}{name}"
+                )
+                continue
+            if name in CHART_SET_VARIABLES:
+                hints.append(
+                    f"hint: the chart sets {name} itself, from "
+                    f"{CHART_SET_VARIABLES[name]}; set that, not {where}{name}"
+                )
+                continue
             close = difflib.get_close_matches(name, allowed, n=1)
             if close:
                 hints.append(f"{hint}; did you mean {where}{close[0]}?")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from agogosml_cli import helm
 from agogosml_cli.main import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +239,15 @@ def test_promote_help_states_dry_run_needs() -> None:
             {"zzz": 1},
             "hint: /zzz is not a chart value; the values there are affinity, app,",
         ),
+        (
+            {"writer": {"settings": {"WRITER_OUTPUT": "scores"}}},
+            "hint: the chart sets WRITER_OUTPUT itself, from writer.topic; set "
+            "that, not /writer/settings/WRITER_OUTPUT",
+        ),
+        (
+            {"writer": {"settings": {"WRITER_FSYNC": "false"}}},
+            "hint: WRITER_FSYNC applies only to a file source or sink",
+        ),
     ],
 )
 def test_dry_run_schema_error_hints(
@@ -253,3 +263,18 @@ def test_dry_run_schema_error_hints(
     assert "values don't meet the specifications of the schema" in message
     assert hint in message
     assert "Check the files given with --values and the --set options." in message
+
+
+def test_hint_variables_match_the_chart() -> None:
+    """The chart sets each variable that the hints name, and takes none in settings."""
+    templates = "".join(
+        path.read_text()
+        for path in (REPO_ROOT / "helm" / "agogosml" / "templates").iterdir()
+    )
+    schema = (REPO_ROOT / "helm" / "agogosml" / "values.schema.json").read_text()
+
+    for name in helm.CHART_SET_VARIABLES:
+        assert f'"{name}"' in templates or f"name: {name}" in templates, name
+        assert f'"{name}"' not in schema, name
+    for name in helm.FILE_ONLY_VARIABLES:
+        assert f'"{name}"' not in schema, name
