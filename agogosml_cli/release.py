@@ -27,6 +27,7 @@ from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
 from agogosml_cli.slot_images import (
     ImageReference,
+    check_image_values,
     describe_image,
     ignored_image_values,
     image_settings,
@@ -478,6 +479,7 @@ def execute(
     dry_run: bool,
 ) -> None:
     """Run the plan's upgrades, or with `dry_run` print them and render the result."""
+    check_image_values(target.values_files, SLOTS)
     install = release_values is None
     commands = [
         helm.upgrade_args(target, step.settings, install=install) for step in plan.steps

@@ -174,6 +174,27 @@ def ignored_image_values(
     return messages
 
 
+def check_image_values(values_files: Sequence[Path], slots: Sequence[str]) -> None:
+    """Raise `click.UsageError` for a slot image that a values file gives as text.
+
+    The release commands set ``app.slots.<slot>.image.tag`` and its siblings,
+    and Helm fails on a text value there with a Go error that names neither
+    the key nor the file.
+    """
+    for path in values_files:
+        values = _load_mapping(path)
+        for slot in slots:
+            key = f"app.slots.{slot}.image"
+            found = _lookup(values, key.split("."))
+            if found is _MISSING or found is None or isinstance(found, Mapping):
+                continue
+            raise click.UsageError(
+                f"{path} sets {key} to {found!r}, but the chart takes a mapping "
+                "there: write image: {repository: REPOSITORY, tag: TAG}, or leave "
+                "it out and pass the image with --image"
+            )
+
+
 def _lookup(values: Any, keys: Sequence[str]) -> Any:
     for key in keys:
         if not isinstance(values, Mapping) or key not in values:

@@ -278,3 +278,16 @@ def test_hint_variables_match_the_chart() -> None:
         assert f'"{name}"' not in schema, name
     for name in helm.FILE_ONLY_VARIABLES:
         assert f'"{name}"' not in schema, name
+
+
+def test_image_as_text_in_values_named(helm_state: Path, tmp_path: Path) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"app": {"slots": {"blue": {"image": "repo:1"}}}}))
+
+    result = invoke("deploy", "--dry-run", "--image", "1.0", "-f", str(path), *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2, result.output
+    assert f"{path} sets app.slots.blue.image to 'repo:1'" in message
+    assert "write image: {repository: REPOSITORY, tag: TAG}" in message
+    assert "interface conversion" not in message
