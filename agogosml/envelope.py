@@ -136,7 +136,7 @@ class Envelope:
         for name, raw in headers:
             lowered = name.lower()
             if lowered == MESSAGE_ID_HEADER and raw:
-                message_id = _header_safe_id(raw)
+                message_id = header_safe_id(raw)
             elif lowered == TRACEPARENT_HEADER and raw:
                 parent = raw.decode("ascii", "replace")
             else:
@@ -211,7 +211,7 @@ class Envelope:
 MAX_ID_BYTES = 512
 
 
-def _header_safe_id(raw: bytes) -> str:
+def header_safe_id(raw: bytes) -> str:
     """Return a message id that fits in an HTTP header unchanged.
 
     An id of printable ASCII is kept. Any other id is percent-encoded, so

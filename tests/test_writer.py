@@ -401,6 +401,31 @@ async def test_batch_reserved_headers_not_copied():
     assert second.headers == []
 
 
+async def test_batch_base64_message_id_header_decoded():
+    sink = await started_sink()
+    items = [
+        {
+            "value": 1,
+            "headers": {"message-id": "bXlpZA==", "raw": "/w=="},
+            "header_encodings": {"message-id": "base64", "raw": "base64"},
+        },
+        {
+            "value": 2,
+            "headers": {"message-id": "/wBpZA=="},
+            "header_encodings": {"message-id": "base64"},
+        },
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    first, second = sink.envelopes
+    assert first.id == "myid"
+    assert first.headers == [("raw", b"\xff")]
+    assert second.id == "%FF%00id"
+
+
 async def test_post_one_reserved_record_headers_ignored():
     sink = await started_sink()
     headers = {

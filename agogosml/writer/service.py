@@ -20,6 +20,7 @@ from agogosml.envelope import (
     TRACEPARENT_HEADER,
     Envelope,
     child_traceparent,
+    header_safe_id,
 )
 from agogosml.errors import SinkError
 from agogosml.exact_json import json_type
@@ -492,15 +493,17 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     base64_names = _item_header_encodings(index, item, item_headers)
     for name, value in item_headers.items():
         lowered = name.lower()
-        if lowered == MESSAGE_ID_HEADER:
-            message_id = message_id or value
-        elif lowered == TRACEPARENT_HEADER:
-            parent = parent or value
-        elif name in base64_names:
+        raw = value.encode()
+        if name in base64_names:
             where = f"batch element {index}: header {name!r}"
-            record_headers.append((name, _decode_header_value(value.encode(), where)))
+            raw = _decode_header_value(raw, where)
+        if lowered == MESSAGE_ID_HEADER:
+            # Decoded like a message-id record header that the reader reads.
+            message_id = message_id or header_safe_id(raw)
+        elif lowered == TRACEPARENT_HEADER:
+            parent = parent or raw.decode("ascii", "replace")
         else:
-            record_headers.append((name, value.encode()))
+            record_headers.append((name, raw))
     encoding = (
         _item_key_encoding(index, item) if item.get("key_encoding") is not None else ""
     )
