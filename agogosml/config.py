@@ -1125,6 +1125,8 @@ class ReaderSettings(_ServiceSettings):
         if self.source is Transport.FILE:
             check_file_path("READER_INPUT", self.input)
             check_file_path("READER_DEAD_LETTER", self.dead_letter)
+        if self.checkpoint_path is not None:
+            check_file_path("READER_CHECKPOINT_PATH", str(self.checkpoint_path))
         if self.source is Transport.KAFKA and not self.topics():
             raise ValueError(
                 f"READER_INPUT={self.input!r} names no topic; set it to one or more "
@@ -1141,7 +1143,13 @@ class ReaderSettings(_ServiceSettings):
                         "name each topic once"
                     )
                 seen.add(topic)
-            check_kafka_topic("READER_DEAD_LETTER", self.dead_letter_target())
+            variable = "READER_DEAD_LETTER"
+            if not self.dead_letter:
+                variable = (
+                    "READER_DEAD_LETTER, unset, so the default dead-letter topic "
+                    "(the first READER_INPUT topic and '.dlq'),"
+                )
+            check_kafka_topic(variable, self.dead_letter_target())
         if self.source is Transport.EVENTHUBS and len(self.topics()) != 1:
             raise ValueError(
                 f"READER_INPUT={self.input!r} must name exactly one event hub; run "

@@ -293,8 +293,21 @@ def _check_topic_names(options: StreamOptions) -> None:
     Event hub names allow the characters of Kafka topic names, up to 256 of
     them, and start and end with a letter or digit.
     """
-    for option in _given(options, "input_topic", "output_topic", "dead_letter_topic"):
-        name = getattr(options, option.removeprefix("--").replace("-", "_"))
+    names = [
+        (option, getattr(options, option.removeprefix("--").replace("-", "_")))
+        for option in _given(
+            options, "input_topic", "output_topic", "dead_letter_topic"
+        )
+    ]
+    if options.input_topic and not options.dead_letter_topic:
+        names.append(
+            (
+                "the default dead-letter topic '<--input-topic>.dlq' (choose another "
+                "with --dead-letter-topic)",
+                f"{options.input_topic}.dlq",
+            )
+        )
+    for option, name in names:
         if not options.eventhubs:
             try:
                 check_kafka_topic(option, name)

@@ -485,6 +485,18 @@ def test_kafka_input_topic_twice_rejected():
     assert "READER_INPUT='t4.in, t4.in' names topic 't4.in' twice" in message
 
 
+def test_default_dead_letter_topic_too_long_named():
+    message = configuration_error(
+        ReaderSettings,
+        READER_SOURCE="kafka",
+        READER_INPUT="t" * 247,
+        READER_APP_URL="http://127.0.0.1:8000",
+    )
+
+    assert "READER_DEAD_LETTER, unset, so the default dead-letter topic" in message
+    assert "is not a legal Kafka topic name" in message
+
+
 def test_ready_path_without_slash_rejected():
     message = configuration_error(
         ReaderSettings,
@@ -1102,6 +1114,15 @@ def test_bootstrap_with_user_rejected(clean_environment):
     ("cls", "variables", "named"),
     [
         (WriterSettings, {"WRITER_OUTPUT": " "}, "WRITER_OUTPUT=' '"),
+        (
+            ReaderSettings,
+            {
+                "READER_INPUT": "in.jsonl",
+                "READER_CHECKPOINT_PATH": "ck ",
+                "READER_APP_URL": "http://app:8000",
+            },
+            "READER_CHECKPOINT_PATH='ck '",
+        ),
         (WriterSettings, {"WRITER_OUTPUT": " out.jsonl"}, "WRITER_OUTPUT=' out.jsonl'"),
         (
             ReaderSettings,

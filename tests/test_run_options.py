@@ -136,6 +136,12 @@ def test_conflicting_options_rejected(
             "--dead-letter-topic names topic '..', which is not a legal Kafka",
         ),
         (
+            ["--kafka", "127.0.0.1:9092"],
+            ["--input-topic", "t" * 247, "--output-topic", "o"],
+            "the default dead-letter topic '<--input-topic>.dlq' (choose another "
+            "with --dead-letter-topic) names topic 'ttt",
+        ),
+        (
             ["--eventhubs"],
             ["--input-topic", "-hub", "--output-topic", "o"],
             "--input-topic names event hub '-hub', which is not a legal event hub name",
