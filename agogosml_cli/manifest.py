@@ -96,6 +96,11 @@ def _package_name_problem(package: str) -> str | None:
             f"its package name {package!r} is a module of Python's standard "
             "library, which would shadow the generated package"
         )
+    if package == "conftest":
+        return (
+            "its package name 'conftest' is the module that pytest loads from "
+            "the generated tests/conftest.py, so the tests could not import the app"
+        )
     if package in AGOGOSML_PACKAGES:
         return (
             f"its package name {package!r} is a package of agogosml, which the "

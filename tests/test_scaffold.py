@@ -445,6 +445,7 @@ def test_init_rejects_keyword_name(tmp_path: Path) -> None:
         ("scikit-learn", "the generated project installs scikit-learn too"),
         ("sklearn", "'sklearn' is a module of scikit-learn"),
         ("pytest-asyncio", "the generated project installs pytest-asyncio too"),
+        ("conftest", "the module that pytest loads from the generated tests"),
     ],
 )
 def test_init_rejects_dependency_name(tmp_path: Path, name: str, problem: str) -> None:
