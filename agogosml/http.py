@@ -235,15 +235,16 @@ IDLE_TIMEOUT_SECONDS = 75.0
 def content_type_problem(request: web.Request) -> str:
     """Return why the request's Content-Type is not JSON, or '' when it is.
 
-    Parameters such as ``charset=utf-8`` are allowed. A request without a
-    Content-Type counts as ``application/octet-stream``, as in aiohttp.
+    Parameters such as ``charset=utf-8`` are allowed. The message quotes the
+    header as sent, not aiohttp's reading of it, which is
+    ``application/octet-stream`` for a missing or malformed one.
     """
     if request.content_type == "application/json":
         return ""
-    return (
-        f"Content-Type {request.content_type!r} is not supported; send "
-        "'application/json'"
-    )
+    sent = request.headers.get("Content-Type")
+    if not sent:
+        return "the request has no Content-Type; send 'application/json'"
+    return f"Content-Type {sent[:100]!r} is not supported; send 'application/json'"
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -406,6 +406,10 @@ async def test_single_invalid_json_400():
     [
         ({"Content-Type": "text/plain"}, "'text/plain'"),
         ({}, "'application/octet-stream'"),
+        (
+            {"Content-Type": "application/json, text/plain"},
+            "'application/json, text/plain'",
+        ),
     ],
 )
 async def test_wrong_content_type_415(path, headers, named):
