@@ -832,8 +832,8 @@ def check_kafka_topic(variable: str, topic: str) -> None:
 def check_file_path(variable: str, path: str) -> None:
     """Raise ValueError if `path`, from setting `variable`, has surrounding spaces.
 
-    A file name can start or end with spaces, but in a setting they are almost
-    always a copy mistake, which would create or read a file nobody meant.
+    A file name can start or end with spaces, but in a setting they are most
+    likely a copy mistake, which would create or read an unintended file.
     """
     if path != path.strip():
         raise ValueError(
