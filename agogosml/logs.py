@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -40,15 +41,47 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(document, default=str)
 
 
+#: A response body quoted in an error, as in "app responded 400: {...}".
+_RESPONSE_BODY = re.compile(r"(responded \d{3}): .*", re.DOTALL)
+#: A quoted value: a quote that follows no letter or digit (so not the
+#: apostrophe of "app's"), up to its closing quote.
+_QUOTED = re.compile(r"(?<!\w)'(?:[^'\\]|\\.)*'" + r'|(?<!\w)"(?:[^"\\]|\\.)*"')
+
+
+def mask_content(text: str) -> str:
+    """Return an error text without the message content that it may quote.
+
+    Errors about bad input name the value, as the client needs, but logs must
+    not carry message content: response bodies are cut off, and quoted values
+    become '…'.
+    """
+    text = _RESPONSE_BODY.sub(r"\1 (body not logged)", text)
+    return _QUOTED.sub(lambda match: f"{match.group()[0]}…{match.group()[0]}", text)
+
+
 def configure_logging(level: str, service: str) -> None:
-    """Send JSON logs at `level` to stderr, each tagged with the service name."""
+    """Send JSON logs at `level` to stderr, each tagged with the service name.
+
+    Below DEBUG the ``error`` field of a line is masked with `mask_content`:
+    only DEBUG logs the values that an error quotes.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(_ServiceFilter(service))
+    if logging.getLevelName(level) > logging.DEBUG:
+        handler.addFilter(_ContentFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _ContentFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = getattr(record, "error", None)
+        if isinstance(error, str):
+            record.error = mask_content(error)
+        return True
 
 
 class _ServiceFilter(logging.Filter):

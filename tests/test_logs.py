@@ -1,7 +1,7 @@
 import json
 import logging
 
-from agogosml.logs import JsonFormatter
+from agogosml.logs import JsonFormatter, configure_logging
 
 
 def make_record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -30,3 +30,33 @@ def test_undecodable_text_still_logged():
     document = json.loads(JsonFormatter().format(record))
 
     assert document["message_id"] == "id-\udcff"
+
+
+def logged_error(level: str, error: str, capsys) -> str:
+    """Log one line with `error` at WARNING, as a service configured at `level`."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(level, "test")
+        logging.getLogger("agogosml.test").warning("rejected", extra={"error": error})
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    return json.loads(capsys.readouterr().err.splitlines()[-1])["error"]
+
+
+def test_quoted_values_masked_below_debug(capsys):
+    error = "Invalid value \"card-4111\" for field 'V1' (a number); the app's fix"
+
+    assert logged_error("INFO", error, capsys) == (
+        "Invalid value \"…\" for field '…' (a number); the app's fix"
+    )
+    assert logged_error("DEBUG", error, capsys) == error
+
+
+def test_response_body_cut_below_debug(capsys):
+    error = 'app responded 400: {"error": "amount 4111 is negative"}'
+
+    assert logged_error("WARNING", error, capsys) == (
+        "app responded 400 (body not logged)"
+    )
+    assert logged_error("DEBUG", error, capsys) == error
