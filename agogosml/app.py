@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import exact_json
@@ -44,6 +44,7 @@ from agogosml.config import (
     BearerToken,
     ListenAddress,
     LogLevel,
+    check_single_credential,
     redact_url,
 )
 from agogosml.envelope import child_traceparent
@@ -176,6 +177,16 @@ class AppSettings(BaseSettings):
         "take after SIGTERM or SIGINT, in milliseconds, at most one day; the rest "
         "get no response.",
     )
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> AppSettings:
+        check_single_credential(
+            "APP_WRITER_URL",
+            str(self.writer_url),
+            "APP_WRITER_TOKEN",
+            self.writer_token.get_secret_value(),
+        )
+        return self
 
 
 class _Reject(Exception):

@@ -116,21 +116,22 @@ LogLevel = Annotated[
 
 
 def redact_url(url: str) -> str:
-    """Return `url` with the password of its user info, if any, replaced by ***.
+    """Return `url` with the password of its user information replaced by ***.
 
-    A URL that cannot be parsed, such as one with an unclosed ``[``, is returned
-    without the part before its ``@``, which may contain a password.
+    The user information is everything before the last ``@`` after the
+    scheme, so a password with an unencoded ``#``, ``/`` or ``?`` is found
+    too, and so is one in a value without a scheme. User information without
+    a colon, which may be a token, is replaced whole.
     """
-    try:
-        parts = urllib.parse.urlsplit(url)
-        password = parts.password
-    except ValueError:
-        scheme, separator, rest = url.rpartition("://")
-        return scheme + separator + rest.rpartition("@")[2]
-    if password is None:
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    if "@" not in rest:
         return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    user_information, _, host = rest.rpartition("@")
+    user, colon, _ = user_information.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{scheme}{separator}{masked}@{host}"
 
 
 def _base_url(value: AnyHttpUrl) -> AnyHttpUrl:
@@ -283,13 +284,14 @@ def check_bootstrap_servers(value: str) -> str:
     for address in addresses:
         if any(character.isspace() for character in address):
             raise ValueError(
-                f"address {address!r} contains whitespace; expected "
+                f"address {redact_url(address)!r} contains whitespace; expected "
                 f"{BOOTSTRAP_SERVERS_FORM}"
             )
         problem = _bootstrap_address_problem(address)
         if problem:
             raise ValueError(
-                f"address {address!r} {problem}; expected {BOOTSTRAP_SERVERS_FORM}"
+                f"address {redact_url(address)!r} {problem}; expected "
+                f"{BOOTSTRAP_SERVERS_FORM}"
             )
     return ",".join(addresses)
 
@@ -297,17 +299,17 @@ def check_bootstrap_servers(value: str) -> str:
 def _bootstrap_address_problem(address: str) -> str:
     if "://" in address:
         return "has a URL scheme, which Kafka addresses do not take"
+    if "@" in address:
+        return (
+            "has user information before '@', which Kafka addresses do not take; "
+            "set the user name in KAFKA_SASL_USERNAME"
+        )
     try:
         host, port = split_host_port(address)
     except ValueError as exc:
         return f"is invalid: {exc}"
     if host in ("", "[]"):
         return "has an empty host"
-    if "@" in host:
-        return (
-            "has user information before '@', which Kafka addresses do not take; "
-            "set the user name in KAFKA_SASL_USERNAME"
-        )
     if port is None:
         return "has no port"
     return ""
@@ -841,6 +843,22 @@ def check_file_path(variable: str, path: str) -> None:
         )
 
 
+def check_single_credential(
+    url_variable: str, url: str, token_variable: str, token: str
+) -> None:
+    """Raise ValueError when a URL with a user name comes with a bearer token.
+
+    Both would go in the Authorization header, and aiohttp refuses to send a
+    request that has both.
+    """
+    if token and urllib.parse.urlsplit(url).username is not None:
+        raise ValueError(
+            f"{url_variable} has a user name or password and {token_variable} is "
+            "set, but a request carries one Authorization header: remove the "
+            f"user information from {url_variable}, or unset {token_variable}"
+        )
+
+
 def check_blob_container_name(value: str) -> None:
     """Raise ValueError if `value` is not a valid Azure blob container name."""
     if not _BLOB_CONTAINER.fullmatch(value):
@@ -1112,6 +1130,16 @@ class ReaderSettings(_ServiceSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_credentials(self) -> ReaderSettings:
+        check_single_credential(
+            "READER_APP_URL",
+            str(self.app_url),
+            "READER_APP_TOKEN",
+            self.app_token.get_secret_value(),
+        )
+        return self
+
+    @model_validator(mode="after")
     def _check_backoff(self) -> ReaderSettings:
         if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
             raise ValueError(
@@ -1327,7 +1355,7 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         name = f"{prefix}{field}".upper() if field else "settings"
         value = error.get("input")
         displayed = "<secret>" if _is_secret(cls, field) else value
-        if isinstance(displayed, str) and "://" in displayed:
+        if isinstance(displayed, str) and "@" in displayed:
             displayed = redact_url(displayed)
         if error["type"] == "missing":
             line = f"  {name} is missing: set it ({_describe(cls, field)})"

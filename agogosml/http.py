@@ -196,6 +196,11 @@ async def check_readiness(
     except aiohttp.ClientError as exc:
         reason = str(exc) or type(exc).__name__
         return Readiness(False, f"GET {shown_url} failed: {reason}", "")
+    except ValueError as exc:
+        # aiohttp raises it for a request that it cannot make at all, such as
+        # one with user information in the URL and an Authorization header.
+        logger.error("readiness check of %s cannot be sent: %s", shown_url, exc)
+        return Readiness(False, f"GET {shown_url} cannot be sent: {exc}", "")
     detail = f"GET {shown_url} returned {response.status}"
     reason = _reason_in(start)
     return Readiness(False, f"{detail}: {reason}" if reason else detail, service)

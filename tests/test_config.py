@@ -19,6 +19,7 @@ from agogosml.config import (
     WriterSettings,
     load_settings,
     misspelled_variables,
+    redact_url,
     warn_misspelled_variables,
 )
 from agogosml.errors import ConfigurationError
@@ -495,6 +496,72 @@ def test_default_dead_letter_topic_too_long_named():
 
     assert "READER_DEAD_LETTER, unset, so the default dead-letter topic" in message
     assert "is not a legal Kafka topic name" in message
+
+
+def test_app_url_credentials_with_token_rejected():
+    message = configuration_error(
+        ReaderSettings,
+        READER_INPUT="in.jsonl",
+        READER_APP_URL="http://user:pw@127.0.0.1:8000",
+        READER_APP_TOKEN="token-1",
+    )
+
+    assert "READER_APP_URL has a user name or password and READER_APP_TOKEN" in (
+        message
+    )
+    assert "pw@" not in message
+    assert "token-1" not in message
+
+
+def test_writer_url_credentials_with_token_rejected():
+    message = configuration_error(
+        AppSettings,
+        APP_WRITER_URL="http://user:pw@127.0.0.1:8001",
+        APP_WRITER_TOKEN="token-2",
+    )
+
+    assert "APP_WRITER_URL has a user name or password and APP_WRITER_TOKEN" in (
+        message
+    )
+    assert "token-2" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://ruser:URL#SECRET@127.0.0.1:8000/", "http://ruser:***@127.0.0.1:8000/"),
+        ("http://u:a/b?c@h:1/", "http://u:***@h:1/"),
+        ("ruser:URLSECRET@127.0.0.1:8000", "ruser:***@127.0.0.1:8000"),
+        ("http://TOKENSECRET@127.0.0.1:8000/", "http://***@127.0.0.1:8000/"),
+        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/"),
+    ],
+)
+def test_redact_url_hides_user_information(url, shown):
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("cls", "variables"),
+    [
+        (
+            ReaderSettings,
+            {
+                "READER_INPUT": "in.jsonl",
+                "READER_APP_URL": "http://ruser:URL#SECRET@127.0.0.1:8000/",
+            },
+        ),
+        (
+            ReaderSettings,
+            {"READER_INPUT": "in.jsonl", "READER_APP_URL": "ruser:SECRET@127.0.0.1:8"},
+        ),
+        (KafkaSettings, {"KAFKA_BOOTSTRAP_SERVERS": "u:SECRET@127.0.0.1:9092"}),
+    ],
+)
+def test_invalid_value_with_password_hidden(cls, variables):
+    message = configuration_error(cls, **variables)
+
+    assert "SECRET" not in message
+    assert ":***@" in message
 
 
 def test_ready_path_without_slash_rejected():
