@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import click
 import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -100,7 +101,13 @@ def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
     A created topic starts at offset 0. A topic that exists starts at its
     current end, so records of earlier runs are not counted.
     """
-    admin = AdminClient(config, logger=_QUIET)
+    try:
+        admin = AdminClient(config, logger=_QUIET)
+    except KafkaException as exc:
+        raise click.UsageError(
+            f"cannot create a Kafka client: {exc.args[0].str()}; check the KAFKA_ "
+            "settings, KAFKA_EXTRA_CONFIG included"
+        ) from None
     try:
         existing = admin.list_topics(timeout=15).topics
     except KafkaException as exc:

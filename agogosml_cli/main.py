@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -24,11 +25,21 @@ from agogosml_cli.run_options import (
     resolve_stream,
     stream_options,
 )
-from agogosml_cli.run_paths import FilePath
+from agogosml_cli.run_paths import DirectoryPath, FilePath
 from sample_app import missing_packages_message
 
 if TYPE_CHECKING:
     from agogosml_cli.run import RunOptions
+
+
+def _finite(value: float, param: click.Parameter) -> float:
+    """Return `value`, rejecting NaN, which range checks let through, and infinity."""
+    if not math.isfinite(value):
+        raise click.BadParameter(
+            f"{value} is not a number of seconds; give a finite number such as 120",
+            param=param,
+        )
+    return value
 
 
 class _CommandGroup(click.Group):
@@ -88,7 +99,7 @@ def cli() -> None:
 )
 @click.option(
     "--work-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DirectoryPath(file_okay=False, path_type=Path),
     default=Path(".agogosml/run"),
     show_default=True,
     help="Directory for the input, output, dead-letter and log files. A run "
@@ -111,6 +122,7 @@ def cli() -> None:
 @click.option(
     "--stall-timeout-seconds",
     type=click.FloatRange(min=1),
+    callback=lambda ctx, param, value: _finite(value, param),
     default=120.0,
     show_default=True,
     help="Give up when no record finishes for this many seconds.",

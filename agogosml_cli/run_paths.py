@@ -40,6 +40,24 @@ class FilePath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class DirectoryPath(click.Path):
+    """A `click.Path` of a directory that rejects an empty value.
+
+    `Path("")` is the current directory, whose files a run would overwrite.
+    """
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        """Reject an empty path, then convert as `click.Path`."""
+        if isinstance(value, str) and not value.strip():
+            self.fail(
+                "the path is empty; give a directory such as .agogosml/run, or "
+                "leave the option out"
+            )
+        return super().convert(value, param, ctx)
+
+
 def prepare_work_dir(work_dir: Path) -> None:
     """Create `work_dir` if needed and check that files can be created in it.
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 from confluent_kafka import KafkaError, KafkaException
@@ -26,7 +27,7 @@ from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
 from agogosml.config import EventHubSettings, KafkaSettings
-from agogosml_cli import eventhubs_run, run_options
+from agogosml_cli import eventhubs_run, kafka_run, run_options
 from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
 from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
@@ -155,6 +156,34 @@ def test_illegal_topic_name_rejected(
 
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--work-dir", ""], "'--work-dir': the path is empty"),
+        (["--stall-timeout-seconds", "nan"], "nan is not a number of seconds"),
+        (["--stall-timeout-seconds", "inf"], "inf is not a number of seconds"),
+    ],
+)
+def test_run_rejects_empty_or_infinite_values(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    result = invoke_run(tmp_path, *arguments)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_kafka_extra_config_property_named() -> None:
+    config = {"bootstrap.servers": "127.0.0.1:9", "bogus": 1}
+    topics = RunTopics(input="in", output="out", dead_letter="in.dlq")
+
+    with pytest.raises(click.UsageError) as caught:
+        kafka_run.prepare_topics(config, topics)
+
+    assert 'No such configuration property: "bogus"' in caught.value.message
+    assert "KAFKA_EXTRA_CONFIG" in caught.value.message
 
 
 def test_long_event_hub_name_accepted() -> None:
