@@ -102,10 +102,10 @@ def bearer_auth_middleware(token: str, protected: frozenset[str]) -> Any:
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 received, expected
             ):
-                return error_response(
-                    401,
-                    "missing or wrong bearer token; send the configured token as "
-                    "'Authorization: Bearer <token>'",
+                # Raised, so that `http_error_middleware` counts and logs it.
+                raise web.HTTPUnauthorized(
+                    text="missing or wrong bearer token; send the configured token "
+                    "as 'Authorization: Bearer <token>'",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return await handler(request)
@@ -417,6 +417,8 @@ def _describe_http_error(request: web.Request, exc: web.HTTPException) -> str:
         return (
             f"method {request.method} is not allowed on {request.path!r}; use {allowed}"
         )
+    if isinstance(exc, web.HTTPUnauthorized) and exc.text:
+        return exc.text
     if isinstance(exc, web.HTTPRequestTimeout):
         return (
             f"the request body did not arrive within {BODY_TIMEOUT_SECONDS:g} s "

@@ -745,6 +745,7 @@ async def test_token_required_when_set():
 
     async with serve_writer(sink, token="writer-secret") as (client, _):
         missing = await client.post("/", data=b"1", headers=JSON)
+        missing_body = await missing.json()
         wrong = await client.post(
             "/", data=b"1", headers={**JSON, "Authorization": "Bearer nope"}
         )
@@ -756,11 +757,25 @@ async def test_token_required_when_set():
 
     assert missing.status == 401
     assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert "missing or wrong bearer token" in missing_body["error"]
     assert wrong.status == 401
     assert wrong_batch.status == 401
     assert right.status == 200
     assert health.status == 200
     assert len(sink.envelopes) == 1
+
+
+async def test_wrong_token_counted_as_rejected():
+    sink = await started_sink()
+    labels = {"service": "output_writer", "status": "401"}
+    before = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels) or 0
+
+    async with serve_writer(sink, token="writer-secret") as (client, _):
+        for _ in range(3):
+            await client.post("/", data=b"1", headers=JSON)
+
+    after = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
+    assert after == before + 3
 
 
 async def test_non_utf8_token_gets_401():
