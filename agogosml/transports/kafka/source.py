@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 #: commit has no time limit: with the coordinator gone it waited for the whole
 #: session timeout (45 s by default), past a pod's grace period.
 FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
+#: How often the lag of paused partitions is read from the brokers, and how
+#: long one read may take.
+PAUSED_LAG_SECONDS = 5.0
+PAUSED_LAG_TIMEOUT_SECONDS = 1.0
 #: How long the consumer thread waits after it could not commit where a
 #: partition starts, before it fetches that partition's messages again.
 START_COMMIT_RETRY_SECONDS = 0.5
@@ -145,7 +149,7 @@ class KafkaSource(TrackedSource):
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "on_commit": self._on_commit,
-                **self._health.config(on_statistics=_record_lag),
+                **self._health.config(on_statistics=self._record_fetched_lag),
             }
         )
         config.update(self._settings.extra_config)
@@ -343,12 +347,46 @@ class KafkaSource(TrackedSource):
 
     async def _commit_periodically(self) -> None:
         interval = self._settings.commit_interval_ms / 1000
+        lag_checked = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._call(self._commit_async)
             except KafkaException as exc:
                 logger.warning("offset commit failed, will retry: %s", exc)
+            if self._paused and time.monotonic() - lag_checked >= PAUSED_LAG_SECONDS:
+                lag_checked = time.monotonic()
+                await self._call(self._record_paused_lag)
+
+    def _record_fetched_lag(self, stats: dict[str, Any]) -> None:
+        """Set the lag from librdkafka's statistics, unless fetching is paused."""
+        if not self._paused:
+            _record_lag(stats)
+
+    def _record_paused_lag(self) -> None:
+        """Set the lag of paused partitions from the brokers' end offsets.
+
+        librdkafka's statistics give the lag from the end offset of the last
+        fetch, and a paused partition does not fetch, so its lag would stay
+        where it was just when the lag matters: while the app is down.
+        """
+        if self._consumer is None:
+            return
+        for tp in self._consumer.assignment():
+            committed = self._committed.get((tp.topic, tp.partition))
+            if committed is None:
+                continue
+            try:
+                _, high = self._consumer.get_watermark_offsets(
+                    tp, timeout=PAUSED_LAG_TIMEOUT_SECONDS, cached=False
+                )
+            except KafkaException as exc:
+                logger.debug("end offset of %s unknown: %s", _describe([tp])[0], exc)
+                continue
+            if high >= 0:
+                CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(0, high - committed)
+                )
 
     def _uncommitted(self, only: set[tuple[str, int]] | None) -> list[TopicPartition]:
         """Return the finished prefixes that differ from the last confirmed commit."""

@@ -1,0 +1,64 @@
+"""The consumer-lag metric keeps growing while the reader has paused fetching.
+
+librdkafka computes the lag from the end offsets of its fetches, and a paused
+partition does not fetch, so the source reads the end offsets itself. These
+tests use librdkafka's mock cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fakes import MemorySink
+from prometheus_client import REGISTRY
+from test_kafka_latest_reset import TOPIC, mock_cluster, produce, wait_long
+from test_reader import accept, reader_settings, running_reader, stub_app
+
+from agogosml.config import KafkaSettings
+from agogosml.transports.kafka import KafkaSource, source
+
+
+def lag(partition: int) -> float | None:
+    return REGISTRY.get_sample_value(
+        "agogosml_consumer_lag_messages",
+        {"topic": TOPIC, "partition": str(partition)},
+    )
+
+
+async def test_lag_grows_while_paused(monkeypatch):
+    monkeypatch.setattr(source, "PAUSED_LAG_SECONDS", 0.1)
+    admin, bootstrap = mock_cluster()
+    produce(bootstrap, range(0, 3))  # offsets 0..2
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id="g-lag",
+        commit_interval_ms=50,
+        extra_config={"session.timeout.ms": 6000},
+    )
+    release = asyncio.Event()
+    holding = False
+
+    async def respond(received):
+        if holding:
+            await release.wait()
+        return await accept(received)
+
+    async with stub_app(respond) as app:
+        settings = reader_settings(
+            app.url, input=TOPIC, stop_at_end=False, max_in_flight=2
+        )
+        kafka_source = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=0.3)
+        async with running_reader(settings, kafka_source, MemorySink()) as (reader, _):
+            await wait_long(lambda: len(app.accepted) == 3)
+            await wait_long(lambda: kafka_source._committed.get((TOPIC, 0)) == 3)
+            holding = True
+            produce(bootstrap, range(3, 5))  # offsets 3 and 4 fill the in-flight room
+            await wait_long(lambda: kafka_source._paused)
+            produce(bootstrap, range(5, 35))  # 30 more while paused
+            # 35 records, of which the 3 committed ones are behind the reader.
+            await wait_long(lambda: lag(0) == 32)
+            paused_lag = lag(0)
+            release.set()
+    del admin
+
+    assert paused_lag == 32
