@@ -50,6 +50,7 @@ from agogosml.config import (
 from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
+    BASE64_RECORD_HEADERS,
     MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
@@ -62,6 +63,7 @@ from agogosml.http import (
     is_repeated,
     is_utf8,
     json_response,
+    listed_header_names,
     read_body,
     read_start,
     start_site,
@@ -82,8 +84,6 @@ WRITER_GRACE_CHECKS = 5
 WRITER_WARNING_CHECKS = 300
 #: Prefix of the request headers that carry record headers, in lower case.
 _RECORD_HEADER_PREFIX = "x-record-header-"
-#: Request header that lists the record headers sent base64-encoded.
-_BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
@@ -1093,27 +1093,27 @@ def _header_encodings(headers: Any, record_headers: dict[str, str]) -> dict[str,
     value. The writer checks that too, but its 400 would come back as a 422
     about the writer, so the request to the app is rejected here instead.
     """
-    if _BASE64_RECORD_HEADERS not in headers:
+    if BASE64_RECORD_HEADERS not in headers:
         return {}
-    if is_repeated(headers, _BASE64_RECORD_HEADERS):
+    if is_repeated(headers, BASE64_RECORD_HEADERS):
         raise _Reject(
             400,
-            f"header {_BASE64_RECORD_HEADERS} is sent more than once; list every "
+            f"header {BASE64_RECORD_HEADERS} is sent more than once; list every "
             "base64-encoded record header in one, separated by commas",
         )
-    listed = headers[_BASE64_RECORD_HEADERS]
+    listed = headers[BASE64_RECORD_HEADERS]
     if not is_utf8(listed):
         raise _Reject(
             400,
-            f"header {_BASE64_RECORD_HEADERS} is not valid UTF-8; list record "
+            f"header {BASE64_RECORD_HEADERS} is not valid UTF-8; list record "
             "header names as UTF-8 text",
         )
-    names = sorted({name.strip().lower() for name in listed.split(",") if name.strip()})
+    names = listed_header_names(listed)
     for name in names:
         if name not in record_headers:
             raise _Reject(
                 400,
-                f"header {_BASE64_RECORD_HEADERS} lists {name}, but no "
+                f"header {BASE64_RECORD_HEADERS} lists {name}, but no "
                 f"X-Record-Header-{name} header has that name; list only the "
                 "record headers sent base64-encoded",
             )

@@ -237,6 +237,20 @@ BODY_TIMEOUT_SECONDS = 30.0
 IDLE_TIMEOUT_SECONDS = 75.0
 
 
+#: Request header that lists, separated by commas, the record headers whose
+#: values travel base64-encoded.
+BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
+
+
+def listed_header_names(value: str) -> list[str]:
+    """Return the record header names of a `BASE64_RECORD_HEADERS` value.
+
+    Names are lower-cased, like the record headers, and sorted, without
+    repeats or empty entries.
+    """
+    return sorted({name.strip().lower() for name in value.split(",") if name.strip()})
+
+
 def content_type_problem(request: web.Request) -> str:
     """Return why the request's Content-Type is not JSON, or '' when it is.
 

@@ -20,7 +20,12 @@ from agogosml import exact_json
 from agogosml.config import redact_url
 from agogosml.envelope import Envelope
 from agogosml.errors import is_retriable_status
-from agogosml.http import Readiness, check_readiness, read_start
+from agogosml.http import (
+    BASE64_RECORD_HEADERS,
+    Readiness,
+    check_readiness,
+    read_start,
+)
 from agogosml.metrics import REQUEST_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -34,9 +39,6 @@ MESSAGE_KEY_ENCODING = "X-Message-Key-Encoding"
 TRACEPARENT = "traceparent"
 #: Prefix of the HTTP headers that carry the input record's headers.
 RECORD_HEADER_PREFIX = "X-Record-Header-"
-#: Names of the record headers whose values travel base64-encoded, separated
-#: by commas.
-BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 
 #: Maximum length of a header line (name, ": " and value, in UTF-8) that the
 #: reader sends.

@@ -26,6 +26,7 @@ from agogosml.errors import SinkError
 from agogosml.exact_json import json_type
 from agogosml.hooks import load_hook
 from agogosml.http import (
+    BASE64_RECORD_HEADERS,
     MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
@@ -37,6 +38,7 @@ from agogosml.http import (
     is_repeated,
     is_utf8,
     json_response,
+    listed_header_names,
     read_body,
     start_site,
 )
@@ -69,8 +71,6 @@ BATCH_FIELDS = (
     "traceparent",
     "value",
 )
-#: Request header that lists the record headers sent base64-encoded.
-BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
@@ -372,8 +372,7 @@ def _utf8_header(headers: Any, name: str) -> str | None:
 
 def _base64_header_names(headers: Any) -> set[str]:
     """Return the lower-case record header names that `BASE64_RECORD_HEADERS` lists."""
-    listed = _utf8_header(headers, BASE64_RECORD_HEADERS) or ""
-    return {name.strip().lower() for name in listed.split(",") if name.strip()}
+    return set(listed_header_names(_utf8_header(headers, BASE64_RECORD_HEADERS) or ""))
 
 
 def _record_headers(headers: Any, base64_names: set[str]) -> list[tuple[str, bytes]]:
