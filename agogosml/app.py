@@ -649,7 +649,7 @@ class _ScoringThread:
             try:
                 loop.call_soon_threadsafe(_settle, future, *outcome)
             except RuntimeError:
-                return  # The event loop is closed: nobody waits any more.
+                return  # The event loop is closed, so no caller awaits the outcome.
 
 
 #: A queued call: function, values, the future for its outcome, and its loop.

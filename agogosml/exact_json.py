@@ -156,7 +156,7 @@ def dumps(document: Any, *, option: int = 0, default: Any = None) -> bytes:
             converted, changed = _big_ints_to_fragments(document)
         except RecursionError:
             # Nested deeper than Python's recursion limit, so deeper than
-            # orjson's limit of 255 too: orjson's error stands.
+            # orjson's limit of 255 too, so orjson's error is raised.
             changed = False
         if not changed:
             raise

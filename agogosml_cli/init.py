@@ -149,8 +149,8 @@ def _default_or_prompt(
 def _prompt(field: InitField, suggestion: Any, data: Data) -> Any:
     """Prompt until the input passes the field's type and its check against `data`.
 
-    Input that is not a terminal and ends before the answer (click aborts
-    then) gets an error that names the field and its flag.
+    Input that is not a terminal and ends before the prompt is answered (click
+    aborts then) gets an error that names the field and its flag.
     """
     try:
         return _prompt_until_valid(field, suggestion, data)

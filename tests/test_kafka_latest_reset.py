@@ -112,7 +112,7 @@ async def test_latest_reset_keeps_unfinished_messages():
 
 
 async def test_start_committed_before_the_first_request():
-    """The start offset is durable before the app sees a message.
+    """The start offset is durable before the app receives a message.
 
     A reader killed at any point after it read its first messages has
     committed where it started, even with periodic commits an hour apart.

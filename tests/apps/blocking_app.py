@@ -1,7 +1,7 @@
 """A model app whose plain scoring function blocks until its process ends.
 
 It writes a line to the file named by BLOCKING_STARTED when a call begins, so
-a test knows that the call runs.
+a test can tell that a call is running.
 """
 
 from __future__ import annotations

@@ -236,11 +236,11 @@ class KafkaSource(TrackedSource):
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            held = self._seek_back(offsets)
+            sought_back = self._seek_back(offsets)
             # A partition that could not seek back sends its messages on. Its
             # start is then committed with the next periodic commit (the
             # tracker's first offset), never as a later fetch's first offset.
-            for key in starts.keys() - held:
+            for key in starts.keys() - sought_back:
                 self._started[key] = generations[key]
             logger.warning(
                 "cannot commit where partitions start, so their messages wait and "
@@ -252,7 +252,8 @@ class KafkaSource(TrackedSource):
             return [
                 (message, generation)
                 for message, generation in stamped
-                if generation == 0 or (message.topic(), message.partition()) not in held
+                if generation == 0
+                or (message.topic(), message.partition()) not in sought_back
             ]
         for key, tp in starts.items():
             self._committed[key] = tp.offset
