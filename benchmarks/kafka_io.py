@@ -225,10 +225,15 @@ class Tally:
         )
 
     def span_seconds(self) -> float:
-        """Time between the first and the last output record's timestamp."""
+        """Time between the first and the last output record's timestamp.
+
+        Record timestamps count whole milliseconds, so a fast relay can give
+        a short run one timestamp for every record: a span under one
+        millisecond counts as one, which keeps the rate a lower bound.
+        """
         if self.first_timestamp_ms is None or self.last_timestamp_ms is None:
             return 0.0
-        return (self.last_timestamp_ms - self.first_timestamp_ms) / 1000
+        return max(self.last_timestamp_ms - self.first_timestamp_ms, 1) / 1000
 
 
 def read_output(

@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from benchmarks.hops import measure
+from benchmarks.kafka_io import Tally
 from benchmarks.report import RESULTS_END, RESULTS_START, summarise, update_docs
 from benchmarks.sampler import Series
 from benchmarks.suite import (
@@ -90,6 +91,16 @@ def latency_run(mode: str, p99: float) -> LatencyRun:
         max_ms=p99 * 3,
         idle_rss_mb={"input_reader": 50.0, "model_app": 70.0, "output_writer": 45.0},
     )
+
+
+def test_span_of_one_millisecond_timestamp_counts_as_one_millisecond():
+    tally = Tally(first_timestamp_ms=1_700_000_000_000)
+    tally.last_timestamp_ms = tally.first_timestamp_ms
+
+    assert tally.span_seconds() == 0.001
+    tally.last_timestamp_ms += 250
+    assert tally.span_seconds() == 0.25
+    assert Tally().span_seconds() == 0.0
 
 
 def test_ratio_pairs_rounds_with_raw():
