@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -28,7 +29,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -68,7 +69,7 @@ from agogosml.http import (
     read_start,
     start_site,
 )
-from agogosml.metrics import MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
+from agogosml.metrics import IN_FLIGHT, MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
 from agogosml.runtime import run_service
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,10 @@ class ModelApp:
     async def _post_one(self, request: web.Request) -> web.Response:
         value = _decode(await _read_json_body(request))
         MESSAGES_IN.labels(SERVICE).inc()
+        with _in_flight(1):
+            return await self._score_one(request, value)
+
+    async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
         (result,) = await self._call_score([value])
         if isinstance(result, InvalidRecord):
@@ -314,6 +319,10 @@ class ModelApp:
         ):
             raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
         MESSAGES_IN.labels(SERVICE).inc(len(items))
+        with _in_flight(len(items)):
+            return await self._score_items(items)
+
+    async def _score_items(self, items: list[dict[str, Any]]) -> web.Response:
         results = await self._score_batch([item["value"] for item in items])
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
         outputs = self._encode_outputs(items, results, statuses)
@@ -678,6 +687,17 @@ SETUP_ERROR_RETRY_AFTER_SECONDS = 5
 
 #: Retry-After of the app's 503 when the writer is unreachable or timed out.
 WRITER_DOWN_RETRY_AFTER_SECONDS = 1
+
+
+@contextlib.contextmanager
+def _in_flight(count: int) -> Iterator[None]:
+    """Count `count` messages in the in-flight gauge while the block runs."""
+    gauge = IN_FLIGHT.labels(SERVICE)
+    gauge.inc(count)
+    try:
+        yield
+    finally:
+        gauge.dec(count)
 
 
 def _writer_unavailable(message: str) -> _Reject:

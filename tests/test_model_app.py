@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink, disconnect_records, send_partial_body
 from multidict import CIMultiDict
+from prometheus_client import REGISTRY
 from test_writer import raw_post
 
 from agogosml import app as app_module
@@ -513,6 +514,34 @@ async def test_slow_score_leaves_health_checks_free():
     assert response.status == 200
     assert served_meanwhile is True
     assert thread_name.startswith("score")
+
+
+def app_in_flight() -> float | None:
+    return REGISTRY.get_sample_value("agogosml_in_flight_messages", {"service": "app"})
+
+
+async def test_in_flight_counts_messages_being_scored():
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(values: list[Any]) -> list[Any]:
+        started.set()
+        release.wait(10)
+        return values
+
+    items = [{"value": n} for n in range(3)]
+    async with stub_writer() as writer:
+        async with model_app(slow, writer.url) as client:
+            before = app_in_flight() or 0.0
+            scoring = asyncio.create_task(client.post("/batch", json=items))
+            await asyncio.to_thread(started.wait, 5)
+            during = app_in_flight()
+            release.set()
+            response = await scoring
+
+    assert response.status == 200
+    assert during == before + 3
+    assert app_in_flight() == before
 
 
 async def test_score_on_event_loop_when_asked():
