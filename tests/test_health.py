@@ -72,3 +72,20 @@ def test_repeated_kafka_error_logged_once(caplog) -> None:
     assert len(lines) == 1
     assert "SASL handshake failed" in lines[0]
     assert "check KAFKA_SECURITY_PROTOCOL" in lines[0]
+
+
+def test_connection_confirmed_before_statistics() -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+
+    health.confirm_connected()
+
+    assert health.up is True
+
+
+def test_confirmation_ignored_after_connection_error() -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    health.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers down"))
+
+    health.confirm_connected()
+
+    assert health.up is False

@@ -26,6 +26,7 @@ from agogosml.config import MAX_DELIVERY_TIMEOUT_MS, MAX_LINGER_MS, KafkaSetting
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.transports.kafka import KafkaSink, KafkaSource, topic_limit
+from agogosml.transports.kafka import health as health_module
 from agogosml.transports.kafka.records import record_size
 from agogosml.transports.kafka.sink import is_retriable
 from agogosml.transports.kafka.topic_limit import TopicSizeLimit
@@ -121,6 +122,24 @@ async def test_source_commits_only_finished_prefix(mock_bootstrap: str) -> None:
     assert envelopes[0].key == b"k0"
     assert committed_with_gap == 3
     assert committed_after_all == 10
+
+
+async def test_source_stopped_before_statistics_commits(
+    mock_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No statistics report comes within the test, as when a source stops
+    # within STATS_INTERVAL_MS of its start: it still commits what it finished.
+    monkeypatch.setattr(health_module, "STATS_INTERVAL_MS", 600_000)
+    topic = "source-quick-stop"
+    produce(mock_bootstrap, topic, 5)
+    settings = KafkaSettings(bootstrap_servers=mock_bootstrap, group_id="g-quick")
+    source = KafkaSource(settings, [topic])
+
+    async with source:
+        for envelope in await fetch_all(source, 5):
+            source.ack(envelope)
+
+    assert committed(mock_bootstrap, "g-quick", topic) == 5
 
 
 async def test_missing_input_topic_named_until_created(mock_bootstrap: str) -> None:

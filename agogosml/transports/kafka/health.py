@@ -66,6 +66,20 @@ class BrokerHealth:
         self.up = True
         self._unreachable_logged = False
 
+    def confirm_connected(self) -> None:
+        """Mark the client up on proof of a connection, before its first statistics.
+
+        A partition assignment or a fetched message shows that a broker
+        responded. Statistics come only every `STATS_INTERVAL_MS`, so without
+        this a client stopped within that time would count as never connected.
+        After a connection error, only a statistics report marks it up again,
+        because a message fetched before the error proves nothing about now.
+        """
+        if self.up or self.fatal or self.last_error:
+            return
+        logger.info("kafka %s connected", self._client)
+        self.up = True
+
     def on_error(self, error: KafkaError) -> None:
         """Update from an error callback, logging the error."""
         if error.fatal():

@@ -200,6 +200,8 @@ class KafkaSource(TrackedSource):
         stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
         if stamped and max_messages > 1:
             stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
+        if any(message.error() is None for message, _ in stamped):
+            self._health.confirm_connected()
         if self._settings.auto_offset_reset == "latest":
             return self._commit_starts(stamped)
         return stamped
@@ -513,6 +515,8 @@ class KafkaSource(TrackedSource):
         logger.debug("committed offsets", extra={"offsets": _describe(offsets)})
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # An assignment comes from the group coordinator, so a broker is reachable.
+        self._health.confirm_connected()
         self._missing_topics = self._missing_topics - {tp.topic for tp in partitions}
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
