@@ -13,6 +13,7 @@ import datetime
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -124,6 +125,14 @@ class EventHubsBackend:
     def output_reader(self) -> OutputReceiver:
         """Return a receiver of the events this run adds to output and dead letters."""
         return OutputReceiver(self.settings, self.topics, self._start)
+
+    def committed_ids(self) -> None:
+        """Return None: the run does not know which events the reader checkpointed.
+
+        NOTE: the producer does not report the sequence numbers of the sent
+        events, so the reader's blob checkpoints cannot be mapped to them.
+        """
+        return None
 
 
 def _producer(settings: EventHubSettings, hub: str) -> EventHubProducerClient:
@@ -251,6 +260,21 @@ class OutputReceiver:
             items.append(self._events.get_nowait())
         for hub, event in items:
             _count(tally, hub == self._topics.dead_letter, event)
+
+    def drain(self, tally: OutputTally) -> None:
+        """Count the events that arrive until none came for 2 s, for at most 30 s.
+
+        NOTE: the receiver does not compare with the hubs' last sequence
+        numbers, so an event delayed by more than 2 s is not counted.
+        """
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                hub, event = self._events.get(timeout=2)
+            except queue.Empty:
+                return
+            _count(tally, hub == self._topics.dead_letter, event)
+            self.poll_into(tally, 0)
 
 
 def _count(tally: OutputTally, dead_letter: bool, event: EventData) -> None:

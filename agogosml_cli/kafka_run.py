@@ -8,6 +8,7 @@ Hubs: every client the run opens takes the librdkafka properties of one
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,13 +46,34 @@ class KafkaBackend:
         self.group_id = f"agogosml-run-{run_id}"
         self._config = settings.client_config()
         self._start: StartOffsets = {}
+        self._positions: dict[str, tuple[int, int]] = {}
 
     def prepare(self, input_path: Path, count: int, console: Console) -> None:
         """Create missing topics, skip older records, and produce the input."""
         self._start = prepare_topics(self._config, self.topics)
         skip_older_input(self._config, self.group_id, self.topics, self._start)
         console.print(f"Producing {count} records to topic {self.topics.input} ...")
-        produce_file(self._config, self.topics.input, input_path)
+        self._positions = produce_file(self._config, self.topics.input, input_path)
+
+    def committed_ids(self) -> set[str] | None:
+        """Return the ids of the input records before the reader's committed offsets.
+
+        The reader commits only past records that it finished, so these are
+        the records that it finished. Returns None when the broker does not
+        return the committed offsets.
+        """
+        partitions = sorted({partition for partition, _ in self._positions.values()})
+        try:
+            committed = committed_offsets(
+                self._config, self.group_id, self.topics.input, partitions
+            )
+        except RuntimeError:
+            return None
+        return {
+            identifier
+            for identifier, (partition, offset) in self._positions.items()
+            if offset < committed.get(partition, 0)
+        }
 
     def service_env(self) -> dict[str, str]:
         """Return the KAFKA_ variables of the connection, without the secrets.
@@ -187,26 +209,57 @@ def skip_older_input(
         consumer.close()
 
 
-def produce_file(config: dict[str, Any], topic: str, path: Path) -> int:
-    """Produce every line of a JSON Lines file, keyed by transaction id."""
+def committed_offsets(
+    config: dict[str, Any], group_id: str, topic: str, partitions: list[int]
+) -> dict[int, int]:
+    """Return the committed offset of `group_id` on each partition that has one."""
+    consumer = Consumer(
+        {**config, "group.id": group_id, "enable.auto.commit": False}, logger=_QUIET
+    )
+    try:
+        committed = consumer.committed(
+            [TopicPartition(topic, partition) for partition in partitions],
+            timeout=_TIMEOUT_SECONDS,
+        )
+    except KafkaException as exc:
+        raise _broker_error(config, exc) from None
+    finally:
+        consumer.close()
+    # A partition without a commit has a negative offset (OFFSET_INVALID).
+    return {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+
+
+def produce_file(
+    config: dict[str, Any], topic: str, path: Path
+) -> dict[str, tuple[int, int]]:
+    """Produce every line of a JSON Lines file, keyed by transaction id.
+
+    Returns the partition and offset of each record by its transaction id.
+    """
     producer = Producer(
         {**config, "enable.idempotence": True, "linger.ms": 20}, logger=_QUIET
     )
-    count = 0
+    positions: dict[str, tuple[int, int]] = {}
+
+    def delivered(error: Any, message: Any) -> None:
+        if error is None:
+            positions[message.key().decode()] = (message.partition(), message.offset())
+
     with path.open("rb") as file:
         for line in file:
             key = orjson.loads(line).get("transaction_id", "").encode()
             while True:
                 try:
-                    producer.produce(topic, value=line.rstrip(b"\n"), key=key)
+                    producer.produce(
+                        topic, value=line.rstrip(b"\n"), key=key, on_delivery=delivered
+                    )
                     break
                 except BufferError:
                     producer.poll(0.1)
-            count += 1
     remaining = producer.flush(120)
     if remaining:
         raise RuntimeError(f"{remaining} input records were not delivered to {topic}")
-    return count
+    return positions
 
 
 class OutputConsumer:
@@ -225,11 +278,16 @@ class OutputConsumer:
             },
             logger=_QUIET,
         )
+        #: Offset of the next record to count, by topic and partition.
+        self._next = {
+            (topic, partition): offset
+            for topic in (topics.output, topics.dead_letter)
+            for partition, offset in start[topic].items()
+        }
         self._consumer.assign(
             [
                 TopicPartition(topic, partition, offset)
-                for topic in (topics.output, topics.dead_letter)
-                for partition, offset in start[topic].items()
+                for (topic, partition), offset in self._next.items()
             ]
         )
 
@@ -249,10 +307,49 @@ class OutputConsumer:
         for message in self._consumer.consume(1000, timeout_seconds):
             if message.error() is not None:
                 continue
+            topic, partition, offset = (
+                message.topic(),
+                message.partition(),
+                message.offset(),
+            )
             value = orjson.loads(message.value() or b"null")
-            if message.topic() == self._topics.dead_letter:
+            if topic == self._topics.dead_letter:
                 tally.add_dead_letter(value)
             else:
                 headers = message.headers()
                 assert not isinstance(headers, dict)
                 tally.add_output(message_id_of(headers), value)
+            assert topic is not None
+            assert partition is not None
+            assert offset is not None
+            self._next[(topic, partition)] = offset + 1
+
+    def drain(self, tally: OutputTally) -> None:
+        """Count the records up to the current end of the topics.
+
+        Called once the services stopped, it counts what the writer and the
+        reader wrote while they stopped. Gives up after 30 s, or at once when
+        the broker does not return the ends.
+        """
+        try:
+            ends = {
+                key: self._consumer.get_watermark_offsets(
+                    TopicPartition(*key), timeout=_TIMEOUT_SECONDS
+                )[1]
+                for key in self._next
+            }
+        except KafkaException:
+            return
+        # Ctrl-C can discard the records of a consume call before they were
+        # counted, so fetching starts again after the last counted record.
+        self._consumer.assign(
+            [
+                TopicPartition(topic, partition, offset)
+                for (topic, partition), offset in self._next.items()
+            ]
+        )
+        deadline = time.monotonic() + _TIMEOUT_SECONDS
+        while time.monotonic() < deadline and any(
+            self._next[key] < end for key, end in ends.items()
+        ):
+            self.poll_into(tally, 0.2)

@@ -98,12 +98,14 @@ class RunSummary:
     """Counts and timings of one run; `missing` should be 0.
 
     `read` equals `input_records` unless the run stopped early. Then it is
-    the count up to the file reader's last checkpoint, or None when the run
-    streamed through a broker and cannot tell.
+    the count up to the reader's last checkpoint or committed offsets, or
+    None when the run cannot tell: through native Event Hubs, or when the
+    broker did not return the committed offsets.
 
     A record in neither the output nor the dead letters counts as `missing`
     (lost) when the reader had finished it: in a finished run every record,
-    in a run that stopped early those before the reader's last checkpoint.
+    in a run that stopped early those before the reader's last checkpoint
+    or committed offsets.
     The others count as `not_finished`. When `read` is None, the run cannot
     tell the two apart, and both are None.
     """
@@ -143,6 +145,9 @@ class OutputReader(Protocol):
     def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
         """Count the records that arrive within `timeout_seconds`."""
 
+    def drain(self, tally: OutputTally) -> None:
+        """Count the records still on their way, once the services stopped."""
+
 
 class StreamBackend(Protocol):
     """A broker that a run streams through: Kafka or native Event Hubs."""
@@ -162,6 +167,9 @@ class StreamBackend(Protocol):
 
     def output_reader(self) -> contextlib.AbstractContextManager[OutputReader]:
         """Return a reader of the run's output and dead-letter records."""
+
+    def committed_ids(self) -> set[str] | None:
+        """Return the ids the reader finished and committed, or None if unknown."""
 
 
 class OutputTally:
@@ -305,6 +313,12 @@ def _run_files(
         except KeyboardInterrupt:
             error = INTERRUPTED
         elapsed = time.monotonic() - started_at
+    if error:
+        # Ctrl-C can discard lines that were read but not counted yet, so
+        # the files are counted again from the start.
+        tally = OutputTally()
+        outputs = _JsonLinesFollower(output)
+        dead = _JsonLinesFollower(dead_letter)
     # Count what the writer and the reader wrote while they were stopped.
     read_files()
     summary = _summarise("file", ids, tally, elapsed)
@@ -314,7 +328,7 @@ def _run_files(
     if error:
         # The reader has stopped, so its checkpoint is final.
         read = _lines_before(input_path, _checkpoint_offset(checkpoint))
-        split_unfinished(summary, ids, tally, read)
+        split_unfinished(summary, ids[:read], ids[read:], tally)
     return summary
 
 
@@ -333,47 +347,55 @@ def _run_stream(
     )
     tally = OutputTally()
     error = ""
-    with _services(writer) as started, backend.output_reader() as output_reader:
-        app = app_process(work, writer.url, extra=_app_settings(options))
-        started.append(app.start())
-        app.wait_ready(60, others=started)
-        reader_env = {
-            **backend.service_env(),
-            **backend.reader_env(),
-            **_reader_settings(options),
-            "READER_DEAD_LETTER": topics.dead_letter,
-        }
-        reader = reader_process(
-            work,
-            app.url,
-            source=backend.transport,
-            input_=topics.input,
-            extra=reader_env,
-        )
-        started_at = time.monotonic()
-        started.append(reader.start())
+    with backend.output_reader() as output_reader:
+        with _services(writer) as started:
+            app = app_process(work, writer.url, extra=_app_settings(options))
+            started.append(app.start())
+            app.wait_ready(60, others=started)
+            reader_env = {
+                **backend.service_env(),
+                **backend.reader_env(),
+                **_reader_settings(options),
+                "READER_DEAD_LETTER": topics.dead_letter,
+            }
+            reader = reader_process(
+                work,
+                app.url,
+                source=backend.transport,
+                input_=topics.input,
+                extra=reader_env,
+            )
+            started_at = time.monotonic()
+            started.append(reader.start())
 
-        def poll() -> bool:
-            output_reader.poll_into(tally, 0.2)
-            check_running(started, "during the run")
-            return False
+            def poll() -> bool:
+                output_reader.poll_into(tally, 0.2)
+                check_running(started, "during the run")
+                return False
 
-        try:
-            _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
-        except (ServiceExitError, RunStalledError) as exc:
-            error = str(exc)
-        except KeyboardInterrupt:
-            error = INTERRUPTED
-        elapsed = time.monotonic() - started_at
+            try:
+                _follow(console, len(ids), tally, poll, options.stall_timeout_seconds)
+            except (ServiceExitError, RunStalledError) as exc:
+                error = str(exc)
+            except KeyboardInterrupt:
+                error = INTERRUPTED
+            elapsed = time.monotonic() - started_at
+        if error:
+            # Count what the writer and the reader wrote while they stopped.
+            output_reader.drain(tally)
     summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
     summary.interrupted = error == INTERRUPTED
     if error:
-        # NOTE: the reader's committed offsets or checkpoints would give the
-        # count; the run does not read them yet.
-        summary.read = summary.missing = summary.not_finished = None
-        summary.missing_ids = []
+        committed = backend.committed_ids()
+        if committed is None:
+            summary.read = summary.missing = summary.not_finished = None
+            summary.missing_ids = []
+        else:
+            read = [tx for tx in ids if tx in committed]
+            unread = [tx for tx in ids if tx not in committed]
+            split_unfinished(summary, read, unread, tally)
     return summary
 
 
@@ -457,19 +479,20 @@ def _lines_before(path: Path, offset: int) -> int:
 
 
 def split_unfinished(
-    summary: RunSummary, ids: list[str], tally: OutputTally, read: int
+    summary: RunSummary, read: list[str], unread: list[str], tally: OutputTally
 ) -> None:
-    """Set the counts of a run that stopped after the reader finished `read` records.
+    """Set the counts of a run that stopped early, from the ids the reader finished.
 
-    The file reader checkpoints only a prefix of finished records, so a record
-    before the checkpoint that is in neither the output nor the dead letters
-    was lost. A record after it may simply not have been read yet.
+    `read` are the records before the reader's last checkpoint or committed
+    offsets, which cover only records that it finished: one of them in
+    neither the output nor the dead letters was lost. A record of `unread`
+    may simply not have been read yet.
     """
-    missing = _unaccounted(ids[:read], tally)
-    summary.read = read
+    missing = _unaccounted(read, tally)
+    summary.read = len(read)
     summary.missing = len(missing)
     summary.missing_ids = missing[:20]
-    summary.not_finished = len(_unaccounted(ids[read:], tally))
+    summary.not_finished = len(_unaccounted(unread, tally))
 
 
 def _unaccounted(ids: list[str], tally: OutputTally) -> list[str]:
@@ -524,7 +547,7 @@ def _read_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.read is None:
         read = "unknown, because the run stopped early"
     elif summary.error:
-        read = f"{summary.read:,}, up to the input reader's last checkpoint"
+        read = f"{summary.read:,}, up to the input reader's last checkpoint or commit"
     else:
         return [("read", f"{summary.read:,}")]
     return [("input records", f"{summary.input_records:,}"), ("read", read)]

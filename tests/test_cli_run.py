@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
@@ -300,11 +300,16 @@ def _default_sigint() -> None:
 
 
 @contextlib.contextmanager
-def running_cli(tmp_path: Path, fraud_model: Path) -> Iterator[subprocess.Popen[str]]:
-    """Start a file run that would take far longer than a test; kill it at exit."""
+def running_cli(
+    tmp_path: Path, fraud_model: Path, *options: str
+) -> Iterator[subprocess.Popen[str]]:
+    """Start a run that would take far longer than a test; kill it at exit.
+
+    The run goes through files unless `options` name a broker.
+    """
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "agogosml_cli.main", "run",
+            sys.executable, "-m", "agogosml_cli.main", "run", *options,
             "--limit", "20000",
             "--batch-size", "1",
             "--model", str(fraud_model),
@@ -473,6 +478,39 @@ def test_run_interrupted_stops_services(
     assert summary["missing"] == 0
     assert summary["read"] <= summary["written"] + summary["dead_lettered"]
     assert summary["not_finished"] > 0
+
+
+def output_count(bootstrap: str, topic: str) -> int:
+    """Return the records in `topic`, or 0 while the topic does not exist."""
+    try:
+        return record_count(bootstrap, topic, 3)
+    except KafkaException:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_kafka_run_interrupted_counts_committed(
+    tmp_path: Path, fraud_model: Path, kafka_bootstrap: str
+) -> None:
+    output = f"interrupted-{os.getpid()}-{tmp_path.name}-output"
+    options = ("--kafka", kafka_bootstrap, "--output-topic", output)
+    with running_cli(tmp_path, fraud_model, *options) as process:
+        wait_for(lambda: output_count(kafka_bootstrap, output) >= 500, 120)
+        process.send_signal(signal.SIGINT)
+
+        stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    summary = read_summary(tmp_path / "summary.json")
+    # The reader commits its finished records when it stops, so the run
+    # counts as read those before its committed offsets.
+    assert summary["read"] > 0
+    assert summary["read"] <= summary["written"] + summary["dead_lettered"]
+    assert summary["missing"] == 0
+    unaccounted = 20000 - summary["written"] - summary["dead_lettered"]
+    assert summary["not_finished"] == unaccounted
+    assert "up to the input reader's last checkpoint or commit" in stdout
 
 
 def invoke(*arguments: str) -> Any:

@@ -32,7 +32,7 @@ def test_split_counts_records_after_checkpoint() -> None:
     tally = tally_of(["tx-0", "tx-1", "tx-2", "tx-5", "tx-7"], ["tx-4"])
     summary = RunSummary(transport="file", input_records=10, error="app killed")
 
-    split_unfinished(summary, IDS, tally, read=6)
+    split_unfinished(summary, IDS[:6], IDS[6:], tally)
 
     assert summary.read == 6
     assert summary.missing == 1
@@ -44,7 +44,7 @@ def test_split_without_loss() -> None:
     tally = tally_of(["tx-0", "tx-1"], [])
     summary = RunSummary(transport="file", input_records=10, error="app killed")
 
-    split_unfinished(summary, IDS, tally, read=2)
+    split_unfinished(summary, IDS[:2], IDS[2:], tally)
 
     assert summary.missing == 0
     assert summary.missing_ids == []
