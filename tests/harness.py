@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from agogosml_cli.local import (
     ServiceProcess,
@@ -77,7 +77,11 @@ class KafkaPipeline:
                 "KAFKA_COMMIT_INTERVAL_MS": "200",
                 # A killed reader's group membership expires after this, so a
                 # restarted reader gets its partitions back quickly.
-                "KAFKA_EXTRA_CONFIG": '{"session.timeout.ms": 6000}',
+                # With a heartbeat every second, one late heartbeat does not
+                # end the session.
+                "KAFKA_EXTRA_CONFIG": (
+                    '{"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}'
+                ),
                 "READER_DEAD_LETTER": self.dead_letter,
                 "READER_RETRY_INITIAL_BACKOFF_MS": "20",
                 "READER_RETRY_MAX_BACKOFF_MS": "500",
@@ -136,7 +140,15 @@ class KafkaPipeline:
                 "enable.auto.commit": False,
             }
         )
-        consumer.subscribe([self.output, self.dead_letter])
+        # Assigned rather than subscribed, so no group join delays the read.
+        topics = consumer.list_topics(timeout=30).topics
+        consumer.assign(
+            [
+                TopicPartition(topic, partition, OFFSET_BEGINNING)
+                for topic in (self.output, self.dead_letter)
+                for partition in topics[topic].partitions
+            ]
+        )
         deadline = time.monotonic() + timeout_seconds
         done_at = None
         try:

@@ -594,12 +594,17 @@ async def test_restart_without_middle_file_warns(tmp_path: Path, caplog) -> None
     assert "is no longer in its directory; lines of it may not have been" in message
 
 
+#: Rotation wait of the tests that read within it: long enough for several
+#: fetch rounds on a loaded machine.
+ROTATE_WAIT_SECONDS = 2.0
+
+
 async def test_second_rotation_within_wait_reads_middle_file(
     tmp_path: Path, caplog
 ) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"f": "a"}\n')
-    source = FileSource(str(path), follow=True, rotate_wait_seconds=0.3)
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=ROTATE_WAIT_SECONDS)
     caplog.set_level(logging.INFO, "agogosml.transports.file.source")
 
     async with source:
@@ -610,9 +615,9 @@ async def test_second_rotation_within_wait_reads_middle_file(
         path.with_name("in.jsonl.1").rename(path.with_name("in.jsonl.2"))
         path.rename(path.with_name("in.jsonl.1"))
         path.write_bytes(b'{"f": "c"}\n')
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(ROTATE_WAIT_SECONDS + 0.1)
         middle = await read_all(source)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(ROTATE_WAIT_SECONDS + 0.1)
         last = await read_all(source, rounds=5)
 
     assert [e.value for e in first] == [b'{"f": "a"}']
@@ -712,7 +717,7 @@ async def test_rotated_file_read_for_rotate_wait(tmp_path: Path, caplog) -> None
     path.write_bytes(b'{"n": 1}\n')
     rotated = tmp_path / "in.jsonl.1"
     caplog.set_level(logging.INFO, "agogosml.transports.file.source")
-    source = FileSource(str(path), follow=True, rotate_wait_seconds=0.3)
+    source = FileSource(str(path), follow=True, rotate_wait_seconds=ROTATE_WAIT_SECONDS)
 
     async with source:
         before = await read_all(source)
@@ -724,14 +729,14 @@ async def test_rotated_file_read_for_rotate_wait(tmp_path: Path, caplog) -> None
         with rotated.open("ab") as old:
             old.write(b'{"n": 2}\n')
         late = await read_all(source)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(ROTATE_WAIT_SECONDS + 0.1)
         after = await read_all(source)
 
     assert positions(before) == [(b'{"n": 1}', 0, 0)]
     assert waiting == []
     assert positions(late) == [(b'{"n": 2}', 0, 9)]
     assert positions(after) == [(b'{"n": 3}', 1, 0)]
-    assert "reading the old one for 0.3 s more (READER_ROTATE_WAIT_MS)" in caplog.text
+    assert "reading the old one for 2 s more (READER_ROTATE_WAIT_MS)" in caplog.text
 
 
 async def test_truncation_found_before_file_end(tmp_path: Path) -> None:

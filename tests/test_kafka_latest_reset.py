@@ -29,6 +29,9 @@ from agogosml.transports.kafka import KafkaSource, source
 
 TOPIC = "latest-in"
 GROUP = "g-latest"
+#: Time for a new consumer to look up the end of the log ("latest") after its
+#: assignment, before the test produces records that must come after it.
+RESOLVE_SECONDS = 2.0
 
 
 def mock_cluster() -> tuple[AdminClient, str]:
@@ -86,7 +89,7 @@ async def test_latest_reset_keeps_unfinished_messages():
         source = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=0.3)
         async with running_reader(settings, source, dead_letter) as (reader, _):
             await wait_long(lambda: source.tracker.generation(TOPIC, 0) > 0)
-            await asyncio.sleep(1.0)  # the consumer resolves "latest" (offset 2)
+            await asyncio.sleep(RESOLVE_SECONDS)  # "latest" resolves to offset 2
             produce(bootstrap, range(0, 5))  # offsets 2..6
             await wait_for(lambda: reader.in_flight == 5 and len(app.requests) == 1)
     after_first = committed(bootstrap)
@@ -97,10 +100,10 @@ async def test_latest_reset_keeps_unfinished_messages():
         source = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=1)
         async with running_reader(settings, source, dead_letter) as (reader, _):
             await wait_long(lambda: source.tracker.generation(TOPIC, 0) > 0)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(RESOLVE_SECONDS)
             produce(bootstrap, range(5, 10))  # offsets 7..11
-            await wait_long(lambda: len(app.accepted) >= 5)
-            await asyncio.sleep(2.0)
+            await wait_long(lambda: len(app.accepted) >= 10)
+            await asyncio.sleep(0.5)  # time for a duplicate to arrive
         delivered = sorted(app.numbers())
     after_second = committed(bootstrap)
     del admin
@@ -139,7 +142,7 @@ async def test_start_committed_before_the_first_request():
         source_ = KafkaSource(kafka, [TOPIC], revoke_timeout_seconds=0.3)
         async with running_reader(settings, source_, MemorySink()) as (reader, _):
             await wait_long(lambda: source_.tracker.generation(TOPIC, 0) > 0)
-            await asyncio.sleep(1.0)  # the consumer resolves "latest" (offset 2)
+            await asyncio.sleep(RESOLVE_SECONDS)  # "latest" resolves to offset 2
             produce(bootstrap, range(0, 3))  # offsets 2..4
             await wait_long(lambda: len(seen_by_app) == 1)
     del admin

@@ -105,4 +105,6 @@ async def test_stop_during_revocation_within_timeout():
         member.join()
     del admin
 
-    assert run_seconds < SHUTDOWN_SECONDS + 0.5
+    # Waiting for the revocation and then for the final shutdown would take
+    # almost twice SHUTDOWN_SECONDS.
+    assert run_seconds < SHUTDOWN_SECONDS + 2.0

@@ -101,14 +101,15 @@ def test_app_outage_loses_nothing(
     pipeline.produce(numbered(200))
     pipeline.start()
 
-    time.sleep(3)
+    # Only the offset where the partition starts: nothing past a message that
+    # is not finished, during a second of failures after the first commit.
+    wait_until(lambda: pipeline.committed() == [0], 30, "commit of offset 0")
+    time.sleep(1)
     committed_while_failing = pipeline.committed()
     early = pipeline.read_output(1, timeout_seconds=1, settle_seconds=0)
     flag.unlink()
     output = pipeline.read_output(200)
 
-    # Only the offset where the partition starts: nothing past a message that
-    # is not finished.
     assert committed_while_failing == [0]
     assert early.values == []
     assert output.numbers() == set(range(200))
@@ -200,18 +201,23 @@ def test_writer_killed_mid_batch_loses_nothing(
 
 
 def test_only_contiguous_prefix_is_committed(
-    pipeline_factory: PipelineFactory,
+    pipeline_factory: PipelineFactory, tmp_path: Path
 ) -> None:
+    hold = tmp_path / "hold"
+    hold.touch()
     records = numbered(50)
-    records[5]["delay_seconds"] = 6
+    records[5]["hold_flag"] = str(hold)
     pipeline = pipeline_factory(
         reader_env={"READER_ORDERING": "unordered", "READER_CONCURRENCY": "8"}
     )
     pipeline.produce(records)
     pipeline.start()
 
-    early = pipeline.read_output(49, timeout_seconds=5, settle_seconds=0.5)
+    early = pipeline.read_output(49, timeout_seconds=60, settle_seconds=0.5)
+    # Five commit intervals after the others finished.
+    time.sleep(1)
     committed_early = pipeline.committed()
+    hold.unlink()
     output = pipeline.read_output(50)
 
     assert early.numbers() == set(range(50)) - {5}

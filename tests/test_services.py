@@ -282,13 +282,27 @@ def stop_and_time(writer: subprocess.Popen[bytes]) -> float:
     return time.monotonic() - started
 
 
+def wait_for_in_flight(port: int, count: int, timeout_seconds: float = 30) -> None:
+    """Wait until the writer's in-flight gauge shows `count` records."""
+    sample = f'agogosml_in_flight_messages{{service="output_writer"}} {count:.1f}'
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            if sample in response.read().decode():
+                return
+        assert time.monotonic() < deadline, f"no {sample!r} in /metrics"
+        time.sleep(0.05)
+
+
 def test_writer_stops_with_fifo_unread(tmp_path: Path) -> None:
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
     writer, port = start_writer(fifo, timeout_ms=1000)
     value = b'"' + b"x" * 200_000 + b'"'
     connections = [open_request(port, len(value), value) for _ in range(3)]
-    time.sleep(0.5)  # the pipe buffer fills and the write blocks
+    # The pipe buffer fills and the write blocks with the three records.
+    wait_for_in_flight(port, 3)
 
     elapsed = stop_and_time(writer)
     assert writer.stderr is not None

@@ -812,12 +812,15 @@ async def test_file_sink_recovers_after_no_space(tmp_path):
     await sink.start()
     assert sink._file is not None
     real_write = sink._file.write
+    real_check = sink._check_writable
 
-    def no_space(data: object) -> int:
+    def no_space(data: object = None) -> int:
         raise OSError(28, "No space left on device")
 
     try:
         async with serve_writer(sink) as (client, _):
+            # The disk stays full for the sink's own check until it is freed.
+            sink._check_writable = no_space  # type: ignore[method-assign]
             sink._file.write = no_space  # type: ignore[method-assign]
             failed = await client.post("/", data=b"1", headers=JSON)
             failed_error = (await failed.json())["error"]
@@ -826,6 +829,7 @@ async def test_file_sink_recovers_after_no_space(tmp_path):
             ready_while_failing = await client.get("/readyz")
 
             sink._file.write = real_write  # type: ignore[method-assign]
+            sink._check_writable = real_check  # type: ignore[method-assign]
             await wait_for(lambda: sink.connected)
             recovered = await client.post("/", data=b"3", headers=JSON)
             ready = await client.get("/readyz")
