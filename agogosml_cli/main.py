@@ -213,9 +213,13 @@ def _run_until_signal(
             data = _fetch_dataset(console)
         _run(make_options(data_path=data), summary_json, console)
     except KeyboardInterrupt:
+        # Every service is stopped: a further signal would only cut the message.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signum = received[-1] if received else signal.SIGINT
         console.print(
-            f"Interrupted by {signal.Signals(signum).name}; the services were stopped."
+            f"Interrupted by {signal.Signals(signum).name}; no service of the run "
+            "is left running."
         )
         # 128 + the signal number, as a shell reports a process ended by it.
         sys.exit(128 + signum)

@@ -406,8 +406,24 @@ def _services(first: ServiceProcess) -> Iterator[list[ServiceProcess]]:
         first.wait_ready(60)
         yield started
     finally:
-        for service in reversed(started):
+        stop_services(started)
+
+
+def stop_services(services: list[ServiceProcess]) -> None:
+    """Stop the services, the last started first.
+
+    Each stops gracefully. A second Ctrl-C or SIGTERM while they stop kills
+    those still running, so that none outlives the run, and is raised again.
+    The services run in sessions of their own, so a terminal's Ctrl-C does
+    not reach them.
+    """
+    try:
+        for service in reversed(services):
             service.stop()
+    except KeyboardInterrupt:
+        for service in services:
+            service.kill()
+        raise
 
 
 def _follow(
@@ -547,7 +563,8 @@ def _read_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.read is None:
         read = "unknown, because the run stopped early"
     elif summary.error:
-        read = f"{summary.read:,}, up to the input reader's last checkpoint or commit"
+        place = "checkpoint" if summary.transport == "file" else "committed offsets"
+        read = f"{summary.read:,}, up to the input reader's last {place}"
     else:
         return [("read", f"{summary.read:,}")]
     return [("input records", f"{summary.input_records:,}"), ("read", read)]

@@ -510,7 +510,27 @@ def test_kafka_run_interrupted_counts_committed(
     assert summary["missing"] == 0
     unaccounted = 20000 - summary["written"] - summary["dead_lettered"]
     assert summary["not_finished"] == unaccounted
-    assert "up to the input reader's last checkpoint or commit" in stdout
+    assert "up to the input reader's last committed offsets" in stdout
+
+
+@pytest.mark.slow
+def test_run_second_interrupt_kills_services(tmp_path: Path, fraud_model: Path) -> None:
+    with running_cli(tmp_path, fraud_model) as process:
+        wait_for(lambda: output_started(tmp_path / "work"))
+        children = child_pids(process.pid)
+        # As a terminal sends them: the second while the services stop.
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        alive = [module for module, pid in children.items() if is_alive(pid)]
+        for module in alive:
+            os.kill(children[module], signal.SIGKILL)
+
+    assert process.returncode == 130, stderr
+    assert "no service of the run is left running" in stderr
+    assert len(children) == 3
+    assert alive == []
 
 
 def invoke(*arguments: str) -> Any:
