@@ -414,8 +414,8 @@ def stop_services(services: list[ServiceProcess]) -> None:
 
     Each stops gracefully. A second Ctrl-C or SIGTERM while they stop kills
     those still running, so that none outlives the run, and is raised again.
-    The services run in sessions of their own, so a terminal's Ctrl-C does
-    not reach them.
+    The services run in process groups of their own, so a terminal's Ctrl-C
+    does not reach them.
     """
     try:
         for service in reversed(services):
