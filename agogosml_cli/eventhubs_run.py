@@ -261,8 +261,10 @@ class OutputReceiver:
         for hub, event in items:
             _count(tally, hub == self._topics.dead_letter, event)
 
-    def drain(self, tally: OutputTally) -> None:
-        """Count the events that arrive until none came for 2 s, for at most 30 s.
+    def final_count(self, tally: OutputTally) -> OutputTally:
+        """Add to `tally` the events that arrive until none came for 2 s.
+
+        Called once the services stopped, for at most 30 s.
 
         NOTE: the receiver does not compare with the hubs' last sequence
         numbers, so an event delayed by more than 2 s is not counted.
@@ -272,9 +274,10 @@ class OutputReceiver:
             try:
                 hub, event = self._events.get(timeout=2)
             except queue.Empty:
-                return
+                break
             _count(tally, hub == self._topics.dead_letter, event)
             self.poll_into(tally, 0)
+        return tally
 
 
 def _count(tally: OutputTally, dead_letter: bool, event: EventData) -> None:

@@ -30,6 +30,9 @@ _QUIET.setLevel(logging.CRITICAL)
 #: Partitions of the input and output topics that a run creates.
 PARTITIONS = 3
 _TIMEOUT_SECONDS = 30.0
+#: Limit of each broker request of the count after a run stopped early, which
+#: may have stopped because the broker is gone.
+_COUNT_TIMEOUT_SECONDS = 10.0
 
 #: Start offset of each partition of each topic, where the run's records begin.
 StartOffsets = dict[str, dict[int, int]]
@@ -219,7 +222,7 @@ def committed_offsets(
     try:
         committed = consumer.committed(
             [TopicPartition(topic, partition) for partition in partitions],
-            timeout=_TIMEOUT_SECONDS,
+            timeout=_COUNT_TIMEOUT_SECONDS,
         )
     except KafkaException as exc:
         raise _broker_error(config, exc) from None
@@ -240,10 +243,13 @@ def produce_file(
         {**config, "enable.idempotence": True, "linger.ms": 20}, logger=_QUIET
     )
     positions: dict[str, tuple[int, int]] = {}
+    failures: list[str] = []
 
     def delivered(error: Any, message: Any) -> None:
         if error is None:
             positions[message.key().decode()] = (message.partition(), message.offset())
+        else:
+            failures.append(error.str())
 
     with path.open("rb") as file:
         for line in file:
@@ -259,6 +265,11 @@ def produce_file(
     remaining = producer.flush(120)
     if remaining:
         raise RuntimeError(f"{remaining} input records were not delivered to {topic}")
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} input records were not delivered to {topic}: "
+            f"{failures[0]}"
+        )
     return positions
 
 
@@ -278,16 +289,21 @@ class OutputConsumer:
             },
             logger=_QUIET,
         )
-        #: Offset of the next record to count, by topic and partition.
-        self._next = {
+        #: Offset of the run's first record, by topic and partition.
+        self._start = {
             (topic, partition): offset
             for topic in (topics.output, topics.dead_letter)
             for partition, offset in start[topic].items()
         }
+        #: Offset after the last record counted, by topic and partition.
+        self._next = dict(self._start)
+        self._assign(self._start)
+
+    def _assign(self, offsets: dict[tuple[str, int], int]) -> None:
         self._consumer.assign(
             [
                 TopicPartition(topic, partition, offset)
-                for (topic, partition), offset in self._next.items()
+                for (topic, partition), offset in offsets.items()
             ]
         )
 
@@ -324,32 +340,31 @@ class OutputConsumer:
             assert offset is not None
             self._next[(topic, partition)] = offset + 1
 
-    def drain(self, tally: OutputTally) -> None:
-        """Count the records up to the current end of the topics.
+    def final_count(self, tally: OutputTally) -> OutputTally | None:
+        """Count the output and dead letters again, from the run's start to their end.
 
-        Called once the services stopped, it counts what the writer and the
-        reader wrote while they stopped. Gives up after 30 s, or at once when
-        the broker does not return the ends.
+        Called once the services stopped, the count includes what the writer
+        and the reader wrote while they stopped. It starts from nothing,
+        because Ctrl-C can discard records of a `poll_into` call before they
+        were counted. Returns None when the broker does not return the ends
+        or the count does not reach them in time. `tally`, the count during
+        the run, is not needed.
         """
         try:
             ends = {
                 key: self._consumer.get_watermark_offsets(
-                    TopicPartition(*key), timeout=_TIMEOUT_SECONDS
+                    TopicPartition(*key), timeout=_COUNT_TIMEOUT_SECONDS
                 )[1]
-                for key in self._next
+                for key in self._start
             }
         except KafkaException:
-            return
-        # Ctrl-C can discard the records of a consume call before they were
-        # counted, so fetching starts again after the last counted record.
-        self._consumer.assign(
-            [
-                TopicPartition(topic, partition, offset)
-                for (topic, partition), offset in self._next.items()
-            ]
-        )
+            return None
+        recount = OutputTally()
+        self._next = dict(self._start)
+        self._assign(self._start)
         deadline = time.monotonic() + _TIMEOUT_SECONDS
-        while time.monotonic() < deadline and any(
-            self._next[key] < end for key, end in ends.items()
-        ):
-            self.poll_into(tally, 0.2)
+        while any(self._next[key] < end for key, end in ends.items()):
+            if time.monotonic() > deadline:
+                return None
+            self.poll_into(recount, 0.2)
+        return recount

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,7 +101,7 @@ class RunSummary:
     `read` equals `input_records` unless the run stopped early. Then it is
     the count up to the reader's last checkpoint or committed offsets, or
     None when the run cannot tell: through native Event Hubs, or when the
-    broker did not return the committed offsets.
+    broker did not return the committed offsets or the whole output.
 
     A record in neither the output nor the dead letters counts as `missing`
     (lost) when the reader had finished it: in a finished run every record,
@@ -145,8 +146,12 @@ class OutputReader(Protocol):
     def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
         """Count the records that arrive within `timeout_seconds`."""
 
-    def drain(self, tally: OutputTally) -> None:
-        """Count the records still on their way, once the services stopped."""
+    def final_count(self, tally: OutputTally) -> OutputTally | None:
+        """Return the count of the whole output once the services stopped.
+
+        `tally` is the count during the run. Returns None when the count
+        cannot reach the end of the output.
+        """
 
 
 class StreamBackend(Protocol):
@@ -285,7 +290,8 @@ def _run_files(
     error = ""
     with _services(writer) as started:
         app = app_process(work, writer.url, extra=_app_settings(options))
-        started.append(app.start())
+        started.append(app)
+        app.start()
         app.wait_ready(60, others=started)
         reader_env = {
             **_reader_settings(options),
@@ -297,7 +303,8 @@ def _run_files(
             work, app.url, source="file", input_=str(input_path), extra=reader_env
         )
         started_at = time.monotonic()
-        started.append(reader.start())
+        started.append(reader)
+        reader.start()
 
         def poll() -> bool:
             read_files()
@@ -350,7 +357,8 @@ def _run_stream(
     with backend.output_reader() as output_reader:
         with _services(writer) as started:
             app = app_process(work, writer.url, extra=_app_settings(options))
-            started.append(app.start())
+            started.append(app)
+            app.start()
             app.wait_ready(60, others=started)
             reader_env = {
                 **backend.service_env(),
@@ -366,7 +374,8 @@ def _run_stream(
                 extra=reader_env,
             )
             started_at = time.monotonic()
-            started.append(reader.start())
+            started.append(reader)
+            reader.start()
 
             def poll() -> bool:
                 output_reader.poll_into(tally, 0.2)
@@ -380,29 +389,36 @@ def _run_stream(
             except KeyboardInterrupt:
                 error = INTERRUPTED
             elapsed = time.monotonic() - started_at
+        final: OutputTally | None = tally
         if error:
-            # Count what the writer and the reader wrote while they stopped.
-            output_reader.drain(tally)
-    summary = _summarise(backend.transport, ids, tally, elapsed)
+            # With what the writer and the reader wrote while they stopped.
+            console.print("Counting the output and the dead letters ...")
+            final = output_reader.final_count(tally)
+    summary = _summarise(backend.transport, ids, final or tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
     summary.interrupted = error == INTERRUPTED
     if error:
-        committed = backend.committed_ids()
+        # Without the whole output, records still on their way would count
+        # as missing.
+        committed = backend.committed_ids() if final is not None else None
         if committed is None:
             summary.read = summary.missing = summary.not_finished = None
             summary.missing_ids = []
         else:
             read = [tx for tx in ids if tx in committed]
             unread = [tx for tx in ids if tx not in committed]
-            split_unfinished(summary, read, unread, tally)
+            split_unfinished(summary, read, unread, final or tally)
     return summary
 
 
 @contextlib.contextmanager
 def _services(first: ServiceProcess) -> Iterator[list[ServiceProcess]]:
-    started = [first.start()]
+    # Each service is listed before it starts, so that a Ctrl-C right after
+    # its start stops it too.
+    started = [first]
     try:
+        first.start()
         first.wait_ready(60)
         yield started
     finally:
@@ -412,17 +428,27 @@ def _services(first: ServiceProcess) -> Iterator[list[ServiceProcess]]:
 def stop_services(services: list[ServiceProcess]) -> None:
     """Stop the services, the last started first.
 
-    Each stops gracefully. A second Ctrl-C or SIGTERM while they stop kills
-    those still running, so that none outlives the run, and is raised again.
-    The services run in process groups of their own, so a terminal's Ctrl-C
+    Each stops gracefully. A Ctrl-C or SIGTERM while they stop, such as a
+    second one after the Ctrl-C that ended the run, kills those still
+    running, so that none outlives the run, and is raised again. The
+    services run in process groups of their own, so a terminal's Ctrl-C
     does not reach them.
     """
     try:
         for service in reversed(services):
             service.stop()
     except KeyboardInterrupt:
-        for service in services:
-            service.kill()
+        # A further signal must not cut the killing short.
+        previous = {
+            signum: signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            for service in services:
+                service.kill()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         raise
 
 

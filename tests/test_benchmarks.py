@@ -93,7 +93,7 @@ def latency_run(mode: str, p99: float) -> LatencyRun:
     )
 
 
-def test_span_of_one_millisecond_timestamp_counts_as_one_millisecond():
+def test_span_of_equal_timestamps_is_one_millisecond():
     tally = Tally(first_timestamp_ms=1_700_000_000_000)
     tally.last_timestamp_ms = tally.first_timestamp_ms
 

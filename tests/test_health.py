@@ -82,10 +82,30 @@ def test_connection_confirmed_before_statistics() -> None:
     assert health.up is True
 
 
-def test_confirmation_ignored_after_connection_error() -> None:
+def test_buffered_confirmation_ignored_while_brokers_down() -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    health.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers down"))
+
+    health.confirm_connected(buffered=True)
+
+    assert health.up is False
+
+
+def test_assignment_confirms_after_brokers_down() -> None:
     health = BrokerHealth("consumer", "127.0.0.1:9092")
     health.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers down"))
 
     health.confirm_connected()
+    health.confirm_connected(buffered=True)
 
-    assert health.up is False
+    assert health.up is True
+
+
+def test_buffered_confirmation_after_transport_error() -> None:
+    # A refused connection before the broker started is no outage afterwards.
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    health.on_error(KafkaError(KafkaError._TRANSPORT, "connection refused"))
+
+    health.confirm_connected(buffered=True)
+
+    assert health.up is True

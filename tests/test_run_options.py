@@ -13,6 +13,7 @@ import csv
 import datetime
 import io
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from eventhubs_fakes import FakeHub
 from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
@@ -35,9 +37,11 @@ from agogosml_cli.main import cli
 from agogosml_cli.run import (
     OutputTally,
     RunOptions,
+    RunSummary,
     RunTopics,
     TopicNames,
     run_pipeline,
+    stop_services,
 )
 from agogosml_cli.run_options import eventhubs_kafka_address
 from sample_app.data import COLUMNS
@@ -475,6 +479,23 @@ class FakeReceiver:
         for number, transaction in enumerate(self.ids):
             tally.add_output(f"m{number}", {"transaction_id": transaction})
 
+    def final_count(self, tally: OutputTally) -> OutputTally:
+        self.poll_into(tally, 0)
+        return tally
+
+
+class InterruptedReceiver(FakeReceiver):
+    """Count two records, then end the run as Ctrl-C does; the rest come last."""
+
+    def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
+        for number, transaction in enumerate(self.ids[:2]):
+            tally.add_output(f"m{number}", {"transaction_id": transaction})
+        raise KeyboardInterrupt
+
+    def final_count(self, tally: OutputTally) -> OutputTally:
+        FakeReceiver.poll_into(self, tally, 0)
+        return tally
+
 
 @pytest.fixture
 def started_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str]]:
@@ -500,12 +521,13 @@ def write_dataset(path: Path, rows: int) -> None:
             writer.writerow([0] * len(COLUMNS))
 
 
-def test_eventhubs_run_wiring(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    eventhubs_environment: None,
-    started_services: dict[str, dict[str, str]],
-) -> None:
+def run_through_fake_hubs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, receiver: type[FakeReceiver]
+) -> tuple[RunSummary, list[tuple[str, int]]]:
+    """Run 5 records through Event Hubs clients replaced by fakes.
+
+    Returns the summary and the (hub, record count) of each input sent.
+    """
     sent: list[tuple[str, int]] = []
 
     async def latest_enqueued_time(settings: EventHubSettings, hub: str) -> str:
@@ -516,7 +538,7 @@ def test_eventhubs_run_wiring(
 
     @contextlib.contextmanager
     def output_reader(self: EventHubsBackend) -> Iterator[FakeReceiver]:
-        yield FakeReceiver([f"tx-{n:06d}" for n in range(5)])
+        yield receiver([f"tx-{n:06d}" for n in range(5)])
 
     monkeypatch.setattr(eventhubs_run, "latest_enqueued_time", latest_enqueued_time)
     monkeypatch.setattr(eventhubs_run, "send_file", send_file)
@@ -530,8 +552,16 @@ def test_eventhubs_run_wiring(
         topics=TopicNames(input="in", output="out"),
         batch_size=10,
     )
+    return run_pipeline(options, Console(file=io.StringIO())), sent
 
-    summary = run_pipeline(options, Console(file=io.StringIO()))
+
+def test_eventhubs_run_wiring(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    eventhubs_environment: None,
+    started_services: dict[str, dict[str, str]],
+) -> None:
+    summary, sent = run_through_fake_hubs(tmp_path, monkeypatch, FakeReceiver)
 
     writer = started_services["output writer"]
     reader = started_services["input reader"]
@@ -670,3 +700,99 @@ def test_broker_error_names_protocol(config: dict[str, str], used: str) -> None:
     assert "Broker transport failure" in message
     assert "--kafka-security-protocol" in message
     assert "KAFKA_SECURITY_PROTOCOL" in message
+
+
+def test_eventhubs_run_interrupted_counts_output_last(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    eventhubs_environment: None,
+    started_services: dict[str, dict[str, str]],
+) -> None:
+    summary, _ = run_through_fake_hubs(tmp_path, monkeypatch, InterruptedReceiver)
+
+    assert summary.interrupted is True
+    assert summary.written == 5
+    # The run cannot map the reader's checkpoints to the events it sent.
+    assert summary.read is None
+    assert summary.missing is None
+    assert summary.not_finished is None
+
+
+class StoppingService:
+    """A service that records stop and kill calls; `interrupt` makes stop raise."""
+
+    def __init__(self, name: str, events: list[str], interrupt: bool = False) -> None:
+        self.name = name
+        self.events = events
+        self.interrupt = interrupt
+
+    def stop(self) -> None:
+        self.events.append(f"stop {self.name}")
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def kill(self) -> None:
+        self.events.append(f"kill {self.name}")
+
+
+def test_interrupt_while_stopping_kills_every_service() -> None:
+    events: list[str] = []
+    services = [
+        StoppingService("writer", events),
+        StoppingService("app", events, interrupt=True),
+        StoppingService("reader", events),
+    ]
+    handler = signal.getsignal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        stop_services(services)  # type: ignore[arg-type]
+
+    assert events == [
+        "stop reader",
+        "stop app",
+        "kill writer",
+        "kill app",
+        "kill reader",
+    ]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.fixture
+def mock_cluster() -> Iterator[str]:
+    """Start librdkafka's mock cluster; return its bootstrap address."""
+    admin = AdminClient({"test.mock.num.brokers": "1"})
+    brokers = admin.list_topics(timeout=10).brokers
+    yield ",".join(f"{b.host}:{b.port}" for b in brokers.values())
+    del admin  # the mock cluster lives as long as this client
+
+
+def test_committed_ids_end_at_committed_offset(
+    mock_cluster: str, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(
+        b"".join(b'{"transaction_id": "tx-%d"}\n' % n for n in range(20))
+    )
+    settings = KafkaSettings(bootstrap_servers=mock_cluster)
+    backend = KafkaBackend(settings, RunTopics("run-in", "out", "run-in.dlq"), "abc")
+    backend._positions = kafka_run.produce_file(backend._config, "run-in", input_path)
+    partition, offset = backend._positions["tx-7"]
+    # The reader committed past tx-7 on its partition, and nothing elsewhere.
+    consumer = Consumer(
+        {"bootstrap.servers": mock_cluster, "group.id": backend.group_id}
+    )
+    consumer.commit(
+        offsets=[TopicPartition("run-in", partition, offset + 1)], asynchronous=False
+    )
+    consumer.close()
+
+    committed = backend.committed_ids()
+
+    assert committed is not None
+    assert "tx-7" in committed
+    assert committed == {
+        tx
+        for tx, (other, position) in backend._positions.items()
+        if other == partition and position <= offset
+    }
+    assert len(backend._positions) == 20

@@ -51,6 +51,8 @@ class BrokerHealth:
         self._unreachable_logged = False
         self.up = False
         self.fatal = False
+        #: Whether all brokers were reported down since the last connection.
+        self._brokers_down = False
         #: Text of the last connection or fatal error, for error responses.
         self.last_error = ""
         self._error_logged_at: dict[int, float] = {}
@@ -64,21 +66,24 @@ class BrokerHealth:
         if not self.up:
             logger.info("kafka %s connected", self._client)
         self.up = True
+        self._brokers_down = False
         self._unreachable_logged = False
 
-    def confirm_connected(self) -> None:
-        """Mark the client up on proof of a connection, before its first statistics.
+    def confirm_connected(self, *, buffered: bool = False) -> None:
+        """Mark the client up on proof of a connection, before its next statistics.
 
         A partition assignment or a fetched message shows that a broker
         responded. Statistics come only every `STATS_INTERVAL_MS`, so without
         this a client stopped within that time would count as never connected.
-        After a connection error, only a statistics report marks it up again,
-        because a message fetched before the error proves nothing about now.
+        A `buffered` proof, such as a message, may have been fetched before
+        the brokers went down, so it counts only while they are not known to
+        be down.
         """
-        if self.up or self.fatal or self.last_error:
+        if self.up or self.fatal or (buffered and self._brokers_down):
             return
         logger.info("kafka %s connected", self._client)
         self.up = True
+        self._brokers_down = False
 
     def on_error(self, error: KafkaError) -> None:
         """Update from an error callback, logging the error."""
@@ -94,6 +99,7 @@ class BrokerHealth:
         self.last_error = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.up = False
+            self._brokers_down = True
         # librdkafka reports every failed reconnect; one line per outage is enough.
         if not self._unreachable_logged:
             self._unreachable_logged = True

@@ -201,7 +201,7 @@ class KafkaSource(TrackedSource):
         if stamped and max_messages > 1:
             stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
         if any(message.error() is None for message, _ in stamped):
-            self._health.confirm_connected()
+            self._health.confirm_connected(buffered=True)
         if self._settings.auto_offset_reset == "latest":
             return self._commit_starts(stamped)
         return stamped
