@@ -150,6 +150,43 @@ async def test_start_committed_before_the_first_request():
     assert seen_by_app == [2]
 
 
+async def test_partition_never_fetched_keeps_its_start():
+    """A reader stopped before it fetched a partition has committed its start.
+
+    The next reader of the group then reads what was produced meanwhile,
+    instead of starting at the end again.
+    """
+    admin, bootstrap = mock_cluster()
+    produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=GROUP,
+        auto_offset_reset="latest",
+        # With the default 45 s session, the second member's join took longer
+        # than this test waits.
+        extra_config={"session.timeout.ms": 6000},
+    )
+
+    first = KafkaSource(kafka, [TOPIC])
+    async with first:
+        # Fetching serves the assignment, which finds no message to return.
+        async with asyncio.timeout(30):
+            while first.tracker.generation(TOPIC, 0) == 0:
+                assert await first.fetch(10, 0.1) == []
+    after_first = committed(bootstrap)
+    produce(bootstrap, range(0, 3))  # offsets 2..4, while no reader runs
+    second = KafkaSource(kafka, [TOPIC])
+    async with second:
+        envelopes = []
+        async with asyncio.timeout(30):
+            while len(envelopes) < 3:
+                envelopes.extend(await second.fetch(10, 0.1))
+    del admin
+
+    assert after_first == 2
+    assert [e.position.offset for e in envelopes if e.position] == [2, 3, 4]
+
+
 class _Message:
     def __init__(self, partition: int, offset: int) -> None:
         self._partition = partition

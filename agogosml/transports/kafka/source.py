@@ -36,6 +36,9 @@ PAUSED_LAG_TIMEOUT_SECONDS = 1.0
 #: How long the consumer thread waits after it could not commit where a
 #: partition starts, before it fetches that partition's messages again.
 START_COMMIT_RETRY_SECONDS = 0.5
+#: Limit of each broker request that finds and commits where a partition
+#: without a committed offset starts, when it is assigned.
+START_LOOKUP_TIMEOUT_SECONDS = 5.0
 
 
 class KafkaSource(TrackedSource):
@@ -518,11 +521,19 @@ class KafkaSource(TrackedSource):
         # An assignment comes from the group coordinator, so a broker is reachable.
         self._health.confirm_connected()
         self._missing_topics = self._missing_topics - {tp.topic for tp in partitions}
+        starts: list[TopicPartition] = []
+        if self._settings.auto_offset_reset == "latest" and partitions:
+            starts = self._commit_ends(consumer, partitions)
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
             self._committed.pop((tp.topic, tp.partition), None)
             self._committing.pop((tp.topic, tp.partition), None)
-        consumer.assign(partitions)
+        for tp in starts:
+            key = (tp.topic, tp.partition)
+            self._committed[key] = tp.offset
+            self._started[key] = self._tracker.generation(*key)
+        by_key = {(tp.topic, tp.partition): tp for tp in starts}
+        consumer.assign([by_key.get((tp.topic, tp.partition), tp) for tp in partitions])
         # librdkafka 2.16 keeps a partition's pause across unassign and assign
         # (a test shows it), so a partition lost while paused comes back
         # paused. Its state is therefore set anew.
@@ -532,6 +543,52 @@ class KafkaSource(TrackedSource):
             else:
                 consumer.resume(partitions)
         logger.info("partitions assigned", extra={"partitions": _describe(partitions)})
+
+    def _commit_ends(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """Commit the end of each partition without a committed offset; return them.
+
+        With ``auto.offset.reset=latest``, such a partition starts at its end.
+        Committed at once, that start stays even when the reader stops before
+        it fetched a message of the partition, for example while fetching is
+        paused behind another partition's backlog. Otherwise the next reader
+        would start at the end again and skip what was produced meanwhile.
+        When the lookup or the commit fails, the first message fetched from
+        each partition has its offset committed instead (`_commit_starts`).
+        """
+        try:
+            committed = consumer.committed(
+                partitions, timeout=START_LOOKUP_TIMEOUT_SECONDS
+            )
+            # A partition without a commit has a negative offset (OFFSET_INVALID).
+            ends = [
+                TopicPartition(
+                    tp.topic,
+                    tp.partition,
+                    consumer.get_watermark_offsets(
+                        tp, timeout=START_LOOKUP_TIMEOUT_SECONDS
+                    )[1],
+                )
+                for tp in committed
+                if tp.offset < 0
+            ]
+            if ends:
+                consumer.commit(offsets=ends, asynchronous=False)
+        except KafkaException as exc:
+            logger.warning(
+                "cannot commit where new partitions start, so the offset of their "
+                "first message is committed instead: %s",
+                exc.args[0].str(),
+                extra={"partitions": _describe(partitions)},
+            )
+            return []
+        if ends:
+            logger.info(
+                "committed where new partitions start",
+                extra={"offsets": _describe(ends)},
+            )
+        return ends
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
