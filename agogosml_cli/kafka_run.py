@@ -7,7 +7,6 @@ Hubs: every client the run opens takes the librdkafka properties of one
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from types import TracebackType
@@ -22,10 +21,11 @@ from rich.console import Console
 from agogosml.config import KafkaSettings
 from agogosml_cli.run import OutputTally, RunTopics, message_id_of
 
-# The run reports broker problems itself; librdkafka's reconnect lines would
-# only bury the progress bar.
-_QUIET = logging.getLogger("agogosml_cli.librdkafka")
-_QUIET.setLevel(logging.CRITICAL)
+#: Client properties of every client of the run. The run reports broker
+#: problems itself, and librdkafka's reconnect lines would only bury the
+#: progress bar. A Python logger would silence them too, but Ctrl-C during
+#: its callback made `consume` raise SystemError instead of KeyboardInterrupt.
+_QUIET = {"log_level": 0}
 
 #: Partitions of the input and output topics that a run creates.
 PARTITIONS = 3
@@ -96,8 +96,14 @@ class KafkaBackend:
         return env
 
     def reader_env(self) -> dict[str, str]:
-        """Return the reader's consumer group, new for each run."""
-        return {"KAFKA_GROUP_ID": self.group_id}
+        """Return the reader's consumer group, new for each run, and its start.
+
+        The group starts where `prepare` committed, and at the beginning of
+        a partition without a commit (a new topic), even when the
+        environment sets KAFKA_AUTO_OFFSET_RESET=latest: at the end, the
+        reader would skip the input that the run produced before it started.
+        """
+        return {"KAFKA_GROUP_ID": self.group_id, "KAFKA_AUTO_OFFSET_RESET": "earliest"}
 
     def output_reader(self) -> OutputConsumer:
         """Return a consumer of the output and dead-letter records of this run."""
@@ -127,7 +133,7 @@ def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
     current end, so records of earlier runs are not counted.
     """
     try:
-        admin = AdminClient(config, logger=_QUIET)
+        admin = AdminClient({**config, **_QUIET})
     except KafkaException as exc:
         raise click.UsageError(
             f"cannot create a Kafka client: {exc.args[0].str()}; check the KAFKA_ "
@@ -172,7 +178,7 @@ def end_offsets(
     config: dict[str, Any], topic: str, partitions: list[int]
 ) -> dict[int, int]:
     """Return the high watermark of each partition of `topic`."""
-    consumer = Consumer({**config, "group.id": "agogosml-run-offsets"}, logger=_QUIET)
+    consumer = Consumer({**config, **_QUIET, "group.id": "agogosml-run-offsets"})
     try:
         return {
             partition: consumer.get_watermark_offsets(
@@ -202,7 +208,7 @@ def skip_older_input(
     if not offsets:
         return
     consumer = Consumer(
-        {**config, "group.id": group_id, "enable.auto.commit": False}, logger=_QUIET
+        {**config, **_QUIET, "group.id": group_id, "enable.auto.commit": False}
     )
     try:
         consumer.commit(offsets=offsets, asynchronous=False)
@@ -217,7 +223,7 @@ def committed_offsets(
 ) -> dict[int, int]:
     """Return the committed offset of `group_id` on each partition that has one."""
     consumer = Consumer(
-        {**config, "group.id": group_id, "enable.auto.commit": False}, logger=_QUIET
+        {**config, **_QUIET, "group.id": group_id, "enable.auto.commit": False}
     )
     try:
         committed = consumer.committed(
@@ -240,7 +246,7 @@ def produce_file(
     Returns the partition and offset of each record by its transaction id.
     """
     producer = Producer(
-        {**config, "enable.idempotence": True, "linger.ms": 20}, logger=_QUIET
+        {**config, **_QUIET, "enable.idempotence": True, "linger.ms": 20}
     )
     positions: dict[str, tuple[int, int]] = {}
     failures: list[str] = []
@@ -283,11 +289,11 @@ class OutputConsumer:
         self._consumer = Consumer(
             {
                 **config,
+                **_QUIET,
                 "group.id": f"{topics.output}-counter",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-            },
-            logger=_QUIET,
+            }
         )
         #: Offset of the run's first record, by topic and partition.
         self._start = {
