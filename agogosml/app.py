@@ -790,9 +790,19 @@ async def _reject_middleware(request: web.Request, handler: Any) -> web.StreamRe
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return error_response(exc.status, str(exc), headers=headers)
     except web.HTTPRequestEntityTooLarge:
+        REJECTED_REQUESTS.labels(SERVICE, "413").inc()
+        limit = request.app[MAX_BODY_BYTES]
+        logger.info(
+            "request rejected",
+            extra={
+                "status": 413,
+                "error": f"body over APP_MAX_BODY_BYTES={limit}",
+                "message_id": header_for_log(request.headers, "X-Message-Id"),
+            },
+        )
         return error_response(
             413,
-            f"request body exceeds APP_MAX_BODY_BYTES={request.app[MAX_BODY_BYTES]} "
+            f"request body exceeds APP_MAX_BODY_BYTES={limit} "
             "bytes; raise APP_MAX_BODY_BYTES, or, for a batch of several messages, "
             "send smaller batches (READER_BATCH_MAX_BYTES)",
         )

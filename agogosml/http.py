@@ -539,12 +539,17 @@ class MalformedRequestFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite a malformed-request record; return False to drop it."""
         error = record.exc_info[1] if record.exc_info else None
+        counted = False
         if isinstance(error, RequestPayloadError):
             # A body that cannot be decoded, which aiohttp logs again when it
             # reads the rest of the body after the handler's 400.
             error = _payload_error(error)
+            counted = True
         if not isinstance(error, HttpProcessingError):
             return True
+        service = getattr(record, _SERVICE_FIELD, None)
+        if service and not counted:
+            REJECTED_REQUESTS.labels(service, str(error.code)).inc()
         dropped = self._rate.take()
         if dropped is None:
             return False
@@ -569,6 +574,17 @@ class MalformedRequestFilter(logging.Filter):
 
 server_logger.addFilter(MalformedRequestFilter())
 
+#: Record attribute that names the service whose server logged the record.
+#: The leading underscore keeps it out of the JSON log lines.
+_SERVICE_FIELD = "_agogosml_server_of"
+
+#: Service label of the metrics, by the prefix of its settings.
+_SERVICE_BY_PREFIX = {
+    "READER_": "input_reader",
+    "WRITER_": "output_writer",
+    "APP_": "app",
+}
+
 
 async def start_site(
     app: web.Application,
@@ -581,13 +597,14 @@ async def start_site(
     """Start serving `app` on host:port and return its runner (for cleanup).
 
     `prefix` names the settings (``READER_``...) in the error raised when the
-    address cannot be bound. ``runner.cleanup()`` waits at most
+    address cannot be bound, and the service in the metrics. ``runner.cleanup()`` waits at most
     `shutdown_timeout_seconds` for requests in progress, then cancels them;
     aiohttp's own default is 60 s. A connection is closed when it has been
     without a whole request head for `IDLE_TIMEOUT_SECONDS`.
     """
     from agogosml.errors import ConfigurationError
 
+    service = _SERVICE_BY_PREFIX.get(prefix, prefix.rstrip("_").lower())
     runner = web.AppRunner(
         app,
         # Bodies are decoded by `read_body`, which checks that a compressed
@@ -597,7 +614,11 @@ async def start_site(
         handle_signals=False,
         shutdown_timeout=shutdown_timeout_seconds,
         keepalive_timeout=IDLE_TIMEOUT_SECONDS,
-        logger=server_logger,
+        # The service name lets the filter count the requests that aiohttp
+        # rejects before any handler runs.
+        logger=logging.LoggerAdapter(  # type: ignore[arg-type]
+            server_logger, {_SERVICE_FIELD: service}
+        ),
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -884,7 +884,13 @@ async def test_batch_unencodable_result_fails_one_item():
     assert [output["value"] for output in writer.requests[0].json()] == [1, 3]
 
 
+def app_rejected(status: str) -> float:
+    labels = {"service": "app", "status": status}
+    return REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels) or 0.0
+
+
 async def test_body_over_limit_413():
+    before = app_rejected("413")
     async with stub_writer() as writer:
         async with model_app(double_amount, writer.url, max_body_bytes=64) as client:
             body = orjson.dumps({"amount": 1, "padding": "x" * 100})
@@ -894,6 +900,7 @@ async def test_body_over_limit_413():
     assert response.status == 413
     assert "APP_MAX_BODY_BYTES=64 bytes" in error
     assert writer.requests == []
+    assert app_rejected("413") == before + 1
 
 
 async def test_unknown_path_and_method_json():

@@ -1161,6 +1161,8 @@ MALFORMED_REQUESTS = {
 async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter(limit=2)])
+    labels = {"service": "output_writer", "status": "400"}
+    before = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
     writer = OutputWriter(WriterSettings(output="memory"), await started_sink())
     runner = await start_site(
         writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
@@ -1184,6 +1186,9 @@ async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
         assert record.exc_info is None
         assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1")
     assert "Content-Length" in logged[0].getMessage()
+    # Counted even when not logged.
+    after = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
+    assert after == (before or 0) + 3
 
 
 def compress(coding: str, data: bytes) -> bytes:
