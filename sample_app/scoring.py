@@ -238,10 +238,15 @@ class FraudModel:
         """
         try:
             artifact = joblib.load(path)
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a file of any other kind fails in any way
+            # Text or another binary file fails in the unpickler with errors
+            # such as IndexError or KeyError, which say nothing of the file.
             raise ModelLoadError(
-                f"Could not unpickle the model file {str(path)!r}: {exc}. "
-                "Train a model with python -m sample_app.train."
+                f"{str(path)!r} is not a model file: unpickling it failed "
+                f"({type(exc).__name__}: {exc}). Train a model with "
+                "python -m sample_app.train."
             ) from exc
 
         if not isinstance(artifact, dict) or artifact.get("format") not in (

@@ -556,12 +556,22 @@ def test_model_load_rejects_other_pickles(tmp_path: Path) -> None:
         FraudModel.load(path)
 
 
-def test_model_load_rejects_non_pickle_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        "hello world",
+        # A file such as /etc/passwd made joblib's unpickler fail with IndexError.
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n",
+    ],
+)
+def test_model_load_rejects_non_pickle_file(tmp_path: Path, content: str) -> None:
     path = tmp_path / "notes.joblib"
-    path.write_text("hello world")
+    path.write_text(content)
 
-    with pytest.raises(ModelLoadError, match="sample_app.train"):
+    with pytest.raises(ModelLoadError, match="is not a model file") as raised:
         FraudModel.load(path)
+
+    assert "sample_app.train" in str(raised.value)
 
 
 def test_model_save_load_round_trip(tiny_model: FraudModel, tmp_path: Path) -> None:
