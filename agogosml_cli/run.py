@@ -389,26 +389,28 @@ def _run_stream(
             except KeyboardInterrupt:
                 error = INTERRUPTED
             elapsed = time.monotonic() - started_at
-        final: OutputTally | None = tally
+        whole_output = True
         if error:
             # With what the writer and the reader wrote while they stopped.
             console.print("Counting the output and the dead letters ...")
             final = output_reader.final_count(tally)
-    summary = _summarise(backend.transport, ids, final or tally, elapsed)
+            whole_output = final is not None
+            tally = final or tally
+    summary = _summarise(backend.transport, ids, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
     summary.interrupted = error == INTERRUPTED
     if error:
         # Without the whole output, records still on their way would count
         # as missing.
-        committed = backend.committed_ids() if final is not None else None
+        committed = backend.committed_ids() if whole_output else None
         if committed is None:
             summary.read = summary.missing = summary.not_finished = None
             summary.missing_ids = []
         else:
             read = [tx for tx in ids if tx in committed]
             unread = [tx for tx in ids if tx not in committed]
-            split_unfinished(summary, read, unread, final or tally)
+            split_unfinished(summary, read, unread, tally)
     return summary
 
 
