@@ -1223,6 +1223,22 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     assert "--kafka" not in readme
 
 
+@pytest.mark.parametrize("name", ["build", "data"])
+def test_generate_tracks_app_package_named_like_ignored_dir(
+    tmp_path: Path, name: str
+) -> None:
+    flags = list(FILE_FLAGS)
+    flags[flags.index("file-demo")] = name
+    manifest = init_manifest(tmp_path, flags)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 0, result.output
+    tracked = git(tmp_path, "ls-files", f"src/{name}").split()
+    assert f"src/{name}/app.py" in tracked
+    assert git(tmp_path, "status", "--porcelain", "--ignored", "src") == ""
+
+
 # Legal manifest values that YAML would misread unquoted: ": " and " #" end
 # a plain scalar, quotes and backslashes need escaping, "$" starts a Compose
 # variable, and null, true, 1.0 and 123 would change type.
