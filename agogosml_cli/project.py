@@ -110,7 +110,13 @@ def _render_new(
 ) -> Outcome:
     _check_empty(project, manifest_file)
     existed = project.exists()
-    project.mkdir(parents=True, exist_ok=True)
+    try:
+        project.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GenerateError(
+            f"cannot create the project directory {str(project)!r}: "
+            f"{exc.strerror or exc}; pass another directory with --output"
+        ) from None
     before = {path.name for path in project.iterdir()}
     try:
         with TemplateHistory() as history:
@@ -245,15 +251,23 @@ def _update(
         tag = _record_template(work, recorded)
         names = _recorded_names(project)
         with contextlib.chdir(work):
-            copier.run_update(
-                ".",
-                data={**answers, **names},
-                vcs_ref=tag,
-                defaults=True,
-                overwrite=True,
-                quiet=True,
-                conflict="inline",
-            )
+            try:
+                copier.run_update(
+                    ".",
+                    data={**answers, **names},
+                    vcs_ref=tag,
+                    defaults=True,
+                    overwrite=True,
+                    quiet=True,
+                    conflict="inline",
+                )
+            except ValueError as exc:
+                # Copier raises ValueError for answers it cannot use, such as
+                # a template version that the history does not contain.
+                raise GenerateError(
+                    f"cannot update from {project / ANSWERS_FILE}: {exc}; restore "
+                    "the file from the project's git history"
+                ) from None
         _raise_on_conflicts(clone)
         if names != _names(answers):
             _rename(clone, subdirectory, {**answers, **names}, answers, tag)
@@ -272,8 +286,21 @@ def _names(answers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recorded_names(project: Path) -> dict[str, Any]:
-    recorded = yaml.safe_load((project / ANSWERS_FILE).read_text(encoding="utf-8"))
-    return _names(recorded if isinstance(recorded, dict) else {})
+    return _names(_recorded_answers(project))
+
+
+def _recorded_answers(project: Path) -> dict[str, Any]:
+    """Return the answers file of the project, or raise when it is unreadable."""
+    path = project / ANSWERS_FILE
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = str(exc).replace("\n", " ")
+        raise GenerateError(
+            f"cannot read {path}: {problem}; restore the file from the project's "
+            "git history"
+        ) from None
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _rename(
@@ -435,8 +462,8 @@ def _status_entries(status: str) -> list[tuple[str, str]]:
 
 
 def _recorded_version(project: Path) -> Version:
-    answers = yaml.safe_load((project / ANSWERS_FILE).read_text(encoding="utf-8"))
-    source = answers.get("_src_path") if isinstance(answers, dict) else None
+    answers = _recorded_answers(project)
+    source = answers.get("_src_path")
     if source != str(BUNDLE_PATH) or not (project / BUNDLE_PATH).is_file():
         raise GenerateError(
             f"{project / ANSWERS_FILE} does not name the template history "

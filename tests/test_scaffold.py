@@ -6,6 +6,7 @@ import importlib.metadata
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -2032,6 +2033,47 @@ def test_regenerate_needs_template_history(project: Path) -> None:
     assert result.exit_code == 1
     assert ".agogosml/template.bundle" in result.output
     assert "restore both from the project's git history" in result.output
+
+
+def damage_answers(project: Path, damage: str) -> None:
+    """Change .copier-answers.yml as `damage` names, and commit the change."""
+    path = project / ".copier-answers.yml"
+    text = path.read_text()
+    if damage == "conflict markers":
+        path.write_text(f"<<<<<<< HEAD\n{text}=======\n{text}>>>>>>> other\n")
+    elif damage == "not UTF-8":
+        path.write_bytes(b"\xff\xfe" + text.encode())
+    elif damage == "answers missing":
+        recorded = yaml.safe_load(text)
+        kept = {key: recorded[key] for key in ("_commit", "_src_path")}
+        path.write_text(yaml.safe_dump(kept))
+    else:
+        path.write_text(re.sub(r"(?m)^_commit: .*$", "_commit: 0.0.1", text))
+    git(project, "commit", "--quiet", "--all", "--message", f"Damage: {damage}")
+
+
+@pytest.mark.parametrize(
+    "damage", ["conflict markers", "not UTF-8", "answers missing", "unknown version"]
+)
+def test_regenerate_damaged_answers_named(project: Path, damage: str) -> None:
+    damage_answers(project, damage)
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert ".copier-answers.yml" in result.output
+    assert "restore the file from the project's git history" in result.output
+
+
+def test_generate_names_output_it_cannot_create(tmp_path: Path) -> None:
+    manifest = init_manifest(tmp_path, FILE_FLAGS)
+
+    result = generate(manifest, "--output", str(manifest / "sub"))
+
+    assert result.exit_code == 1, result.output
+    assert "cannot create the project directory" in result.output
+    assert "--output" in result.output
 
 
 # ---------------------------------------------------------------------------
