@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from agogosml.config import SaslMechanism, SecurityProtocol
+from agogosml.config import SaslMechanism, SecurityProtocol, check_bootstrap_servers
 from agogosml.errors import AgogosmlError
 from agogosml_cli.installed_names import installed_names, normalize
 from agogosml_cli.shared_endpoints import find_shared_endpoint
@@ -300,15 +300,36 @@ def _reject_repeated_topics(topics: list[str]) -> list[str]:
         raise ValueError(
             f"topic {repeated[0]!r} is listed more than once. List each topic once"
         )
+    # Kafka rejects a topic whose name differs from another's only in '.'
+    # against '_', because both give the same metric names.
+    by_metric_name: dict[str, str] = {}
+    for topic in topics:
+        other = by_metric_name.setdefault(topic.replace(".", "_"), topic)
+        if other != topic:
+            raise ValueError(
+                f"topics {other!r} and {topic!r} differ only in '.' against '_', "
+                "which Kafka does not allow in one cluster. Rename one of them"
+            )
     return topics
+
+
+def _reject_dot_names(topic: str) -> str:
+    if topic in (".", ".."):
+        raise ValueError(
+            f"{topic!r} is not a legal Kafka topic name. Give a name other than "
+            "'.' and '..'"
+        )
+    return topic
 
 
 Topic = Annotated[
     str,
+    AfterValidator(_reject_dot_names),
     Field(
         pattern=TOPIC_PATTERN,
+        json_schema_extra={"not": {"enum": [".", ".."]}},
         description="Topic (or event hub) name: 1 to 249 letters, digits, '.', "
-        "'_' and '-'.",
+        "'_' and '-', other than '.' and '..'.",
     ),
 ]
 #: The topics of a source: at least one, none twice.
@@ -341,7 +362,11 @@ GroupId = Annotated[
 class KafkaConnection(_Model):
     """Connection settings of a Kafka cluster."""
 
-    bootstrap_servers: Annotated[str, AfterValidator(_reject_non_printable)] = Field(
+    bootstrap_servers: Annotated[
+        str,
+        AfterValidator(_reject_non_printable),
+        AfterValidator(check_bootstrap_servers),
+    ] = Field(
         pattern=BOOTSTRAP_SERVERS_PATTERN,
         description="Comma-separated host:port list of Kafka brokers, such as "
         "broker-0:9092,broker-1:9092.",
@@ -562,8 +587,14 @@ class Manifest(_Model):
                 for name in source_connection
                 if source_connection[name] != sink_connection[name]
             )
+            shown = [
+                f"{name} {source_connection[name]!r} against {sink_connection[name]!r}"
+                if name in _SHOWN_CONNECTION_FIELDS
+                else name
+                for name in differing
+            ]
             raise ValueError(
-                f"source and sink differ in {', '.join(differing)}; the Helm chart "
+                f"source and sink differ in {', '.join(shown)}; the Helm chart "
                 "gives the input reader and the output writer one Kafka connection, "
                 "so set the same values in both"
             )
@@ -591,6 +622,12 @@ class Manifest(_Model):
         return self.source.group_id or self.name
 
 
+#: Connection fields without secrets, whose values a mismatch error shows.
+_SHOWN_CONNECTION_FIELDS = frozenset(
+    {"bootstrap_servers", "namespace", "security_protocol"}
+)
+
+
 def _endpoint_type(endpoint: Any) -> Any:
     """Return the type of a source or sink given as a mapping or a model."""
     if isinstance(endpoint, dict):
@@ -603,7 +640,8 @@ def _connection_fields(endpoint: BaseModel) -> dict[str, Any]:
     connection = set(KafkaConnection.model_fields) | set(
         EventHubsConnection.model_fields
     )
-    return endpoint.model_dump(include=fields & connection)
+    # JSON mode gives enumerations as their text, for the error that shows them.
+    return endpoint.model_dump(mode="json", include=fields & connection)
 
 
 def load_manifest(path: Path) -> Manifest:

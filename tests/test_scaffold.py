@@ -646,8 +646,42 @@ INVALID_CASES = [
     pytest.param(
         "sink.bootstrap_servers",
         "other:9092",
-        ["source and sink differ in bootstrap_servers", "one Kafka connection"],
+        [
+            "source and sink differ in bootstrap_servers",
+            "'kafka:9092' against 'other:9092'",
+            "one Kafka connection",
+        ],
         id="two-clusters",
+    ),
+    pytest.param(
+        "source.topics",
+        ["."],
+        ["source.topics[0]", "'.' is not a legal Kafka topic name"],
+        id="topic-dot",
+    ),
+    pytest.param(
+        "source.topics",
+        ["t.1", "t_1"],
+        ["topics 't.1' and 't_1' differ only in '.' against '_'"],
+        id="topics-colliding",
+    ),
+    pytest.param(
+        "source.bootstrap_servers",
+        "k:99999",
+        ["source.bootstrap_servers", "'99999' is not a number from 1 to 65535"],
+        id="bootstrap-port",
+    ),
+    pytest.param(
+        "source.bootstrap_servers",
+        "http://k:9092",
+        ["source.bootstrap_servers", "URL scheme"],
+        id="bootstrap-scheme",
+    ),
+    pytest.param(
+        "source.bootstrap_servers",
+        "::1:9092",
+        ["source.bootstrap_servers", "brackets"],
+        id="bootstrap-ipv6",
     ),
     pytest.param(
         "source.security_protocol",
