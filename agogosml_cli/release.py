@@ -25,6 +25,7 @@ import yaml
 
 from agogosml_cli import helm
 from agogosml_cli.helm import HelmError, HelmTarget
+from agogosml_cli.manifest import NAMESPACE_PATTERN
 from agogosml_cli.slot_images import (
     ImageReference,
     check_image_values,
@@ -51,6 +52,8 @@ CHART_DEFAULT_STATE = {
 # DNS-1035 label: it starts with a letter and has no dots.
 _RELEASE_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_RELEASE_NAME_LENGTH = 53
+#: Upper bound of --timeout-seconds: a day, far beyond the minutes a rollout takes.
+MAX_TIMEOUT_SECONDS = 86_400
 
 
 class ReleaseStateError(HelmError):
@@ -529,6 +532,23 @@ def check_release_name(
     )
 
 
+def check_namespace(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    """Reject a namespace that Kubernetes would reject, before Helm runs.
+
+    Raises:
+        click.BadParameter: naming the value and the rule.
+    """
+    if value is None or re.fullmatch(NAMESPACE_PATTERN, value):
+        return value
+    raise click.BadParameter(
+        f"{value!r} is not a valid Kubernetes namespace. A namespace has 1 to 63 "
+        "lowercase letters, digits and '-', and starts and ends with a letter or "
+        "digit, such as 'ml' or 'fraud-prod'"
+    )
+
+
 def _target_options(function: Callable[..., None]) -> Callable[..., None]:
     """Add the options that select the release, the chart and the cluster."""
     options = [
@@ -544,6 +564,7 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
         click.option(
             "--namespace",
             "-n",
+            callback=check_namespace,
             help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
         ),
         click.option(
@@ -582,11 +603,12 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option(
             "--timeout-seconds",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_TIMEOUT_SECONDS),
             default=300,
             show_default=True,
-            help="How long helm waits for the pods to become ready, in seconds. "
-            "--atomic rolls the release back after that.",
+            help="How long helm waits for the pods to become ready, in seconds, "
+            f"at most {MAX_TIMEOUT_SECONDS} (a day). --atomic rolls the release "
+            "back after that.",
         ),
     ]
     for option in reversed(options):

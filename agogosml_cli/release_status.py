@@ -15,6 +15,7 @@ from agogosml_cli.release import (
     SLOTS,
     ReleaseStateError,
     SlotState,
+    check_namespace,
     check_release_name,
     slot_has_image,
 )
@@ -35,6 +36,7 @@ NO_IMAGE = "none (no image deployed)"
 @click.option(
     "--namespace",
     "-n",
+    callback=check_namespace,
     help="Kubernetes namespace. Default: the kubeconfig's current namespace.",
 )
 @click.option("--kube-context", help="kubeconfig context. Default: the current one.")
@@ -59,6 +61,17 @@ def status(
         click.echo(format_status(report))
 
 
+def _replica_count(slot: str, value: Any) -> int:
+    """Return the replica count of a slot, or raise when the release has none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ReleaseStateError(
+        f"the release sets app.slots.{slot}.replicas to {value!r}, which is not a "
+        "replica count; set it to a whole number of 0 or more with agogosml "
+        "deploy --values, or with helm upgrade --reuse-values --set"
+    )
+
+
 def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, Any]:
     """Return the slot state of a release from `helm get values --all` and status."""
     state = SlotState.from_values(values)
@@ -74,7 +87,7 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
     slots = {}
     for slot in SLOTS:
         slot_values = slot_values_by_name[slot]
-        configured = int(slot_values.get("replicas", 0))
+        configured = _replica_count(slot, slot_values.get("replicas", 0))
         has_image = slot_has_image(values, slot)
         role = _role(state, slot)
         image = _image_name(slot_values.get("image") or {}, app_version)

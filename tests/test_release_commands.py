@@ -368,6 +368,25 @@ def test_deploy_rejects_unknown_slot(fake_helm: FakeHelm) -> None:
     assert "'orange' is not one of 'blue', 'green'" in result.stderr
 
 
+@pytest.mark.parametrize("namespace", ["NS", "a b", "-x", "n" * 64])
+def test_deploy_rejects_invalid_namespace(fake_helm: FakeHelm, namespace: str) -> None:
+    result = invoke(
+        "deploy", "--image", "1.0", "--release", "rel", "--namespace", namespace
+    )
+
+    assert result.exit_code == 2
+    assert f"{namespace!r} is not a valid Kubernetes namespace" in result.stderr
+    assert fake_helm.calls() == []
+
+
+def test_deploy_rejects_timeout_over_a_day(fake_helm: FakeHelm) -> None:
+    result = invoke("deploy", "--image", "1.0", *SCOPE, "--timeout-seconds", "86401")
+
+    assert result.exit_code == 2
+    assert "--timeout-seconds" in result.stderr
+    assert fake_helm.calls() == []
+
+
 # ---------------------------------------------------------------------------
 # promote and rollback
 # ---------------------------------------------------------------------------
@@ -781,6 +800,18 @@ def test_status_rejects_foreign_release(fake_helm: FakeHelm) -> None:
 
     assert result.exit_code != 0
     assert "not installed from the agogosml chart" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("replicas", ["two", 1e400, -1, True])
+def test_status_names_invalid_replicas(fake_helm: FakeHelm, replicas: Any) -> None:
+    fake_helm.set_values({"app": {"slots": {"blue": {"replicas": replicas}}}})
+
+    result = invoke("status", "--release", "rel", "--json")
+
+    assert result.exit_code == 1, result.output
+    assert "app.slots.blue.replicas" in result.output
+    assert "not a replica count" in result.output
     assert "Traceback" not in result.output
 
 
