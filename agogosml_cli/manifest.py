@@ -537,7 +537,8 @@ class Manifest(_Model):
     name: Annotated[str, AfterValidator(_check_project_name)] = Field(
         pattern=PROJECT_NAME_PATTERN,
         description="Project name: 1 to 40 lowercase letters, digits and '-', "
-        "starting with a letter. It names the images and the Helm release, and "
+        "starting with a letter and ending with a letter or digit. It names the "
+        "images and the Helm release, and "
         "with '_' for '-' the Python package, so that must not be a Python "
         "keyword, a standard-library module, a package of agogosml, or a "
         "project or module that the generated project installs.",

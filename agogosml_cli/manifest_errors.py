@@ -60,7 +60,9 @@ def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None)
         return f"{where} is missing: set it. {hint}".rstrip()
     if kind == "extra_forbidden":
         return f"{where} is not a manifest field: remove it{_suggestion(error['loc'])}."
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+    if kind == "union_tag_not_found":
+        return f"{where}.type is missing: set it to kafka, eventhubs or file."
+    if kind == "union_tag_invalid":
         value = _shown_value(location, _tag_input(error))
         return (
             f"{where}: type {value} is invalid: set type to kafka, eventhubs or file."

@@ -654,6 +654,12 @@ INVALID_CASES = [
         id="two-clusters",
     ),
     pytest.param(
+        "source.type",
+        _DELETE,
+        ["source.type is missing: set it to kafka, eventhubs or file"],
+        id="source-type-missing",
+    ),
+    pytest.param(
         "source.topics",
         ["."],
         ["source.topics[0]", "'.' is not a legal Kafka topic name"],
