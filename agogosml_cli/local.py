@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from agogosml.errors import AgogosmlError
@@ -80,7 +82,7 @@ class ServiceProcess:
         only the parent, which then stops the services in order.
         """
         environment = {**os.environ, **self.env}
-        with self.log_path.open("ab") as log:
+        with self.log_path.open("ab") as log, _signals_deferred():
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 env=environment,
@@ -187,6 +189,35 @@ class ServiceProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them.
+
+    A KeyboardInterrupt raised inside ``Popen``, after the child started but
+    before its process was stored, would leave a child that nothing stops.
+    Python handlers, unlike ignored signals, do not pass to the child. Only
+    the main thread can set handlers, so other threads run the block as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, hold) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if received:
+            os.kill(os.getpid(), received[0])
 
 
 def check_running(services: Iterable[ServiceProcess], during: str) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import datetime
 import io
+import os
 import re
 import signal
 import time
@@ -29,7 +30,7 @@ from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
 from agogosml.config import EventHubSettings, KafkaSettings
-from agogosml_cli import eventhubs_run, kafka_run, run_options
+from agogosml_cli import eventhubs_run, kafka_run, local, run_options
 from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
 from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
@@ -800,3 +801,17 @@ def test_committed_ids_end_at_committed_offset(
         if other == partition and position <= offset
     }
     assert len(backend._positions) == 20
+
+
+def test_signal_during_service_start_waits_for_start() -> None:
+    finished_block = False
+    handler = signal.getsignal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        with local._signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished_block = True
+
+    assert finished_block is True
+    assert signal.getsignal(signal.SIGINT) is handler
