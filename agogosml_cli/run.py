@@ -320,6 +320,8 @@ def _run_files(
         except KeyboardInterrupt:
             error = INTERRUPTED
         elapsed = time.monotonic() - started_at
+    if started.interrupted and not error:
+        error = INTERRUPTED
     if error:
         # Ctrl-C can discard lines that were read but not counted yet, so
         # the files are counted again from the start.
@@ -389,6 +391,8 @@ def _run_stream(
             except KeyboardInterrupt:
                 error = INTERRUPTED
             elapsed = time.monotonic() - started_at
+        if started.interrupted and not error:
+            error = INTERRUPTED
         whole_output = True
         if error:
             # With what the writer and the reader wrote while they stopped.
@@ -414,27 +418,34 @@ def _run_stream(
     return summary
 
 
+class ServiceList(list[ServiceProcess]):
+    """The services of a run, in the order they started."""
+
+    #: Whether a Ctrl-C or SIGTERM came while they stopped, so they were killed.
+    interrupted = False
+
+
 @contextlib.contextmanager
-def _services(first: ServiceProcess) -> Iterator[list[ServiceProcess]]:
+def _services(first: ServiceProcess) -> Iterator[ServiceList]:
     # Each service is listed before it starts, so that a Ctrl-C right after
     # its start stops it too.
-    started = [first]
+    started = ServiceList([first])
     try:
         first.start()
         first.wait_ready(60)
         yield started
     finally:
-        stop_services(started)
+        started.interrupted = stop_services(started)
 
 
-def stop_services(services: list[ServiceProcess]) -> None:
-    """Stop the services, the last started first.
+def stop_services(services: list[ServiceProcess]) -> bool:
+    """Stop the services, the last started first; return whether a signal came.
 
     Each stops gracefully. A Ctrl-C or SIGTERM while they stop, such as a
     second one after the Ctrl-C that ended the run, kills those still
-    running, so that none outlives the run, and is raised again. The
-    services run in process groups of their own, so a terminal's Ctrl-C
-    does not reach them.
+    running, so that none outlives the run. The run still counts what they
+    did. The services run in process groups of their own, so a terminal's
+    Ctrl-C does not reach them.
     """
     try:
         for service in reversed(services):
@@ -451,7 +462,8 @@ def stop_services(services: list[ServiceProcess]) -> None:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        raise
+        return True
+    return False
 
 
 def _follow(

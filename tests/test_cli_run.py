@@ -531,6 +531,7 @@ def test_run_second_interrupt_kills_services(tmp_path: Path, fraud_model: Path) 
     assert "no service of the run is left running" in stderr
     assert len(children) == 3
     assert alive == []
+    assert read_summary(tmp_path / "summary.json")["interrupted"] is True
 
 
 def invoke(*arguments: str) -> Any:
