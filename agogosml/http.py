@@ -597,10 +597,11 @@ async def start_site(
     """Start serving `app` on host:port and return its runner (for cleanup).
 
     `prefix` names the settings (``READER_``...) in the error raised when the
-    address cannot be bound, and the service in the metrics. ``runner.cleanup()`` waits at most
-    `shutdown_timeout_seconds` for requests in progress, then cancels them;
-    aiohttp's own default is 60 s. A connection is closed when it has been
-    without a whole request head for `IDLE_TIMEOUT_SECONDS`.
+    address cannot be bound, and the service in the metrics.
+    ``runner.cleanup()`` waits at most `shutdown_timeout_seconds` for requests
+    in progress, then cancels them; aiohttp's own default is 60 s. A
+    connection is closed when it has been without a whole request head for
+    `IDLE_TIMEOUT_SECONDS`.
     """
     from agogosml.errors import ConfigurationError
 

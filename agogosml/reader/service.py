@@ -13,6 +13,7 @@ from agogosml.config import Ordering, ReaderSettings, redact_url
 from agogosml.http import (
     add_health_routes,
     bound_port,
+    http_error_middleware,
     start_site,
 )
 from agogosml.reader.client import AppClient
@@ -79,7 +80,8 @@ async def serve_reader(settings: ReaderSettings) -> None:
     )
     reader = InputReader(settings, source, client, dead_letter, transform=transform)
 
-    app = web.Application()
+    # JSON errors and the rejected-requests metric, as in the app and writer.
+    app = web.Application(middlewares=[http_error_middleware(SERVICE)])
 
     def not_ready_reason() -> str:
         reasons = []
