@@ -545,6 +545,8 @@ class MalformedRequestFilter(logging.Filter):
             # reads the rest of the body after the handler's 400.
             error = _payload_error(error)
             counted = True
+        if isinstance(error, ConnectionResetError):
+            return self._client_gone(record, error)
         if not isinstance(error, HttpProcessingError):
             return True
         service = getattr(record, _SERVICE_FIELD, None)
@@ -567,6 +569,23 @@ class MalformedRequestFilter(logging.Filter):
             record.args += (dropped,)
         record.levelno = logging.WARNING
         record.levelname = logging.getLevelName(logging.WARNING)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+    def _client_gone(self, record: logging.LogRecord, error: Exception) -> bool:
+        """Turn a client's disconnect before the response into one DEBUG line.
+
+        A client that closes its connection, for example after sending
+        ``Expect: 100-continue``, makes aiohttp log a traceback at ERROR,
+        though nothing of the request was accepted.
+        """
+        if not server_logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.msg = "client closed the connection before the response: %s"
+        record.args = (str(error),)
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
         record.exc_info = None
         record.exc_text = None
         return True

@@ -454,7 +454,7 @@ def test_kafka_env_with_security_options(tmp_path: Path) -> None:
         "KAFKA_SASL_MECHANISM": "PLAIN",
         "KAFKA_SSL_CA_LOCATION": str(ca_path),
     }
-    # A run's reader reads the input it produced, whatever the environment says.
+    # A run's reader reads the input it produced, whatever the environment sets.
     assert backend.reader_env() == {
         "KAFKA_GROUP_ID": "agogosml-run-abc",
         "KAFKA_AUTO_OFFSET_RESET": "earliest",

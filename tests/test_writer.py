@@ -1304,6 +1304,25 @@ async def test_compressed_body_over_limit_413(coding):
     assert sink.send_calls == 0
 
 
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_client_reset_logged_one_debug_line(caplog, level):
+    caplog.set_level(level, logger=server_logger.name)
+    log_filter = MalformedRequestFilter(limit=1, interval_seconds=0.0)
+    error = ConnectionResetError("Cannot write to closing transport")
+    record = logging.LogRecord(
+        "x", logging.ERROR, "f", 1, "Error handling request", None,
+        (ConnectionResetError, error, None),
+    )  # fmt: skip
+
+    passed = log_filter.filter(record)
+
+    assert passed is (level == logging.DEBUG)
+    if passed:
+        assert record.levelno == logging.DEBUG
+        assert record.exc_info is None
+        assert "closing transport" in record.getMessage()
+
+
 def test_malformed_filter_passes_other_errors():
     log_filter = MalformedRequestFilter(limit=1, interval_seconds=0.0)
     error = ValueError("not a parse error")
