@@ -187,6 +187,51 @@ async def test_partition_never_fetched_keeps_its_start():
     assert [e.position.offset for e in envelopes if e.position] == [2, 3, 4]
 
 
+async def test_failed_start_lookup_holds_partition(monkeypatch):
+    """A partition whose start cannot be committed is not read until it is."""
+    monkeypatch.setattr(source, "START_COMMIT_RETRY_SECONDS", 0.2)
+    admin, bootstrap = mock_cluster()
+    produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=GROUP,
+        auto_offset_reset="latest",
+        extra_config={"session.timeout.ms": 6000},
+    )
+    reader = KafkaSource(kafka, [TOPIC])
+    lookups: list[bool] = []
+    commit_ends = reader._commit_ends
+
+    def first_lookup_fails(consumer, partitions, *, quiet=False):
+        lookups.append(quiet)
+        if len(lookups) == 1:
+            return None  # as when the coordinator request timed out
+        return commit_ends(consumer, partitions, quiet=quiet)
+
+    monkeypatch.setattr(reader, "_commit_ends", first_lookup_fails)
+    async with reader:
+        async with asyncio.timeout(30):
+            while reader.tracker.generation(TOPIC, 0) == 0:
+                assert await reader.fetch(10, 0.1) == []
+        held = set(reader._start_pending)
+        async with asyncio.timeout(30):
+            while reader._start_pending:
+                assert await reader.fetch(10, 0.1) == []
+        produce(bootstrap, range(0, 3))  # offsets 2..4
+        envelopes = []
+        async with asyncio.timeout(30):
+            while len(envelopes) < 3:
+                envelopes.extend(await reader.fetch(10, 0.1))
+    after = committed(bootstrap)
+    del admin
+
+    assert (TOPIC, 0) in held
+    assert lookups[:2] == [False, True]
+    assert [e.position.offset for e in envelopes if e.position] == [2, 3, 4]
+    # Where the partition started: nothing of it was finished.
+    assert after == 2
+
+
 class _Message:
     def __init__(self, partition: int, offset: int) -> None:
         self._partition = partition

@@ -34,7 +34,8 @@ FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
 PAUSED_LAG_SECONDS = 5.0
 PAUSED_LAG_TIMEOUT_SECONDS = 1.0
 #: How long the consumer thread waits after it could not commit where a
-#: partition starts, before it fetches that partition's messages again.
+#: partition starts, before it fetches that partition's messages again, or
+#: tries again to commit where held partitions start.
 START_COMMIT_RETRY_SECONDS = 0.5
 #: Limit of each broker request that finds and commits where a partition
 #: without a committed offset starts, when it is assigned.
@@ -75,6 +76,9 @@ class KafkaSource(TrackedSource):
         #: Generation of each partition whose start offset is committed, with
         #: ``auto.offset.reset=latest`` (see `_commit_starts`).
         self._started: dict[tuple[str, int], int] = {}
+        #: Partitions held paused until their start is committed, by key.
+        self._start_pending: dict[tuple[str, int], TopicPartition] = {}
+        self._start_retry_at = 0.0
         #: Offsets of asynchronous commits that the broker has not confirmed.
         self._committing: dict[tuple[str, int], int] = {}
         #: Set at shutdown when the final commit did not finish: close() then
@@ -200,6 +204,8 @@ class KafkaSource(TrackedSource):
         then releases it instead of sending it.
         """
         assert self._consumer is not None
+        if self._start_pending and time.monotonic() >= self._start_retry_at:
+            self._retry_starts()
         stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
         if stamped and max_messages > 1:
             stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
@@ -341,6 +347,12 @@ class KafkaSource(TrackedSource):
         if self._consumer is None:
             return
         assignment = self._consumer.assignment()
+        if not paused:
+            assignment = [
+                tp
+                for tp in assignment
+                if (tp.topic, tp.partition) not in self._start_pending
+            ]
         if assignment:
             if paused:
                 self._consumer.pause(assignment)
@@ -521,9 +533,16 @@ class KafkaSource(TrackedSource):
         # An assignment comes from the group coordinator, so a broker is reachable.
         self._health.confirm_connected()
         self._missing_topics = self._missing_topics - {tp.topic for tp in partitions}
-        starts: list[TopicPartition] = []
+        starts: list[TopicPartition] | None = []
         if self._settings.auto_offset_reset == "latest" and partitions:
             starts = self._commit_ends(consumer, partitions)
+        if starts is None:
+            # Held paused until `_retry_starts` commits where they start.
+            self._start_pending.update(
+                {(tp.topic, tp.partition): tp for tp in partitions}
+            )
+            self._start_retry_at = time.monotonic() + START_COMMIT_RETRY_SECONDS
+            starts = []
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
             self._committed.pop((tp.topic, tp.partition), None)
@@ -537,16 +556,52 @@ class KafkaSource(TrackedSource):
         # librdkafka 2.16 keeps a partition's pause across unassign and assign
         # (a test shows it), so a partition lost while paused comes back
         # paused. Its state is therefore set anew.
-        if partitions:
-            if self._paused:
-                consumer.pause(partitions)
-            else:
-                consumer.resume(partitions)
+        held = [
+            tp for tp in partitions if (tp.topic, tp.partition) in self._start_pending
+        ]
+        fetching = [
+            tp
+            for tp in partitions
+            if (tp.topic, tp.partition) not in self._start_pending
+        ]
+        if self._paused or held:
+            consumer.pause(partitions if self._paused else held)
+        if fetching and not self._paused:
+            consumer.resume(fetching)
         logger.info("partitions assigned", extra={"partitions": _describe(partitions)})
 
+    def _retry_starts(self) -> None:
+        """Commit where the held partitions start, then let them be fetched.
+
+        They were assigned while the start lookup failed. Until their start is
+        committed, none of their messages goes out, so a reader that stops
+        meanwhile leaves nothing behind that the next one would skip. A
+        partition without a committed offset starts at its end at this time,
+        which the seek makes the fetch position too.
+        """
+        assert self._consumer is not None
+        held = list(self._start_pending.values())
+        ends = self._commit_ends(self._consumer, held, quiet=True)
+        if ends is None:
+            self._start_retry_at = time.monotonic() + START_COMMIT_RETRY_SECONDS
+            return
+        for tp in ends:
+            key = (tp.topic, tp.partition)
+            self._consumer.seek(tp)
+            self._committed[key] = tp.offset
+            self._started[key] = self._tracker.generation(*key)
+        self._start_pending.clear()
+        if not self._paused:
+            self._consumer.resume(held)
+        logger.info("held partitions fetched", extra={"partitions": _describe(held)})
+
     def _commit_ends(
-        self, consumer: Consumer, partitions: list[TopicPartition]
-    ) -> list[TopicPartition]:
+        self,
+        consumer: Consumer,
+        partitions: list[TopicPartition],
+        *,
+        quiet: bool = False,
+    ) -> list[TopicPartition] | None:
         """Commit the end of each partition without a committed offset; return them.
 
         With ``auto.offset.reset=latest``, such a partition starts at its end.
@@ -554,8 +609,9 @@ class KafkaSource(TrackedSource):
         it fetched a message of the partition, for example while fetching is
         paused behind another partition's backlog. Otherwise the next reader
         would start at the end again and skip what was produced meanwhile.
-        When the lookup or the commit fails, the first message fetched from
-        each partition has its offset committed instead (`_commit_starts`).
+        Returns None when the lookup or the commit fails; the partitions are
+        then held paused and `_retry_starts` tries again. `quiet` logs the
+        failure at DEBUG, for the retries.
         """
         try:
             committed = consumer.committed(
@@ -576,13 +632,14 @@ class KafkaSource(TrackedSource):
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)
         except KafkaException as exc:
-            logger.warning(
-                "cannot commit where new partitions start, so the offset of their "
-                "first message is committed instead: %s",
+            logger.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "cannot commit where new partitions start, so they are not read "
+                "until it succeeds: %s",
                 exc.args[0].str(),
                 extra={"partitions": _describe(partitions)},
             )
-            return []
+            return None
         if ends:
             logger.info(
                 "committed where new partitions start",
@@ -592,6 +649,8 @@ class KafkaSource(TrackedSource):
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        for key in keys:
+            self._start_pending.pop(key, None)
         self._drain(keys)
         if not self._skip_closing_commit:
             try:
@@ -606,6 +665,7 @@ class KafkaSource(TrackedSource):
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
+            self._start_pending.pop((tp.topic, tp.partition), None)
             self._tracker.revoke(tp.topic, tp.partition)
             _forget_lag(tp.topic, tp.partition)
         consumer.unassign()
