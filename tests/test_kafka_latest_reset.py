@@ -332,3 +332,33 @@ def test_revoked_partition_start_not_committed(monkeypatch):
 
 def _position(partition: int, offset: int) -> Position:
     return Position(TOPIC, partition, offset, offset + 1, 1)
+
+
+class _UnseekableConsumer:
+    """A consumer whose fetch has not started, so librdkafka rejects a seek."""
+
+    def __init__(self) -> None:
+        self.resumed: list[list[int]] = []
+
+    def seek(self, tp):
+        raise KafkaException(KafkaError(KafkaError._STATE))
+
+    def resume(self, partitions):
+        self.resumed.append([tp.partition for tp in partitions])
+
+
+def test_held_partition_released_when_seek_rejected(monkeypatch):
+    consumer = _UnseekableConsumer()
+    kafka_source = source_with(consumer, monkeypatch)
+    kafka_source._start_pending = {(TOPIC, 0): TopicPartition(TOPIC, 0)}
+    monkeypatch.setattr(
+        kafka_source,
+        "_commit_ends",
+        lambda consumer, partitions, quiet: [TopicPartition(TOPIC, 0, 5)],
+    )
+
+    kafka_source._retry_starts()
+
+    assert kafka_source._start_pending == {}
+    assert kafka_source._committed[(TOPIC, 0)] == 5
+    assert consumer.resumed == [[0]]

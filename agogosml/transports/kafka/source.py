@@ -37,9 +37,11 @@ PAUSED_LAG_TIMEOUT_SECONDS = 1.0
 #: partition starts, before it fetches that partition's messages again, or
 #: tries again to commit where held partitions start.
 START_COMMIT_RETRY_SECONDS = 0.5
-#: Limit of each broker request that finds and commits where a partition
-#: without a committed offset starts, when it is assigned.
+#: Time limit of the lookups that find where newly assigned partitions
+#: without a committed offset start, at assignment and at each retry.
 START_LOOKUP_TIMEOUT_SECONDS = 5.0
+#: How often a retry that still fails logs a warning while partitions are held.
+START_HELD_WARNING_SECONDS = 60.0
 
 
 class KafkaSource(TrackedSource):
@@ -79,6 +81,7 @@ class KafkaSource(TrackedSource):
         #: Partitions held paused until their start is committed, by key.
         self._start_pending: dict[tuple[str, int], TopicPartition] = {}
         self._start_retry_at = 0.0
+        self._start_warned_at = 0.0
         #: Offsets of asynchronous commits that the broker has not confirmed.
         self._committing: dict[tuple[str, int], int] = {}
         #: Set at shutdown when the final commit did not finish: close() then
@@ -542,6 +545,7 @@ class KafkaSource(TrackedSource):
                 {(tp.topic, tp.partition): tp for tp in partitions}
             )
             self._start_retry_at = time.monotonic() + START_COMMIT_RETRY_SECONDS
+            self._start_warned_at = time.monotonic()
             starts = []
         for tp in partitions:
             self._tracker.assign(tp.topic, tp.partition)
@@ -581,13 +585,24 @@ class KafkaSource(TrackedSource):
         """
         assert self._consumer is not None
         held = list(self._start_pending.values())
-        ends = self._commit_ends(self._consumer, held, quiet=True)
+        now = time.monotonic()
+        warn = now - self._start_warned_at >= START_HELD_WARNING_SECONDS
+        ends = self._commit_ends(self._consumer, held, quiet=not warn)
+        if warn:
+            self._start_warned_at = now
         if ends is None:
             self._start_retry_at = time.monotonic() + START_COMMIT_RETRY_SECONDS
             return
         for tp in ends:
             key = (tp.topic, tp.partition)
-            self._consumer.seek(tp)
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                # librdkafka rejects a seek before the partition's fetch has
+                # started. That fetch then starts at the offset just committed.
+                logger.debug(
+                    "seek to the committed start skipped: %s", exc.args[0].str()
+                )
             self._committed[key] = tp.offset
             self._started[key] = self._tracker.generation(*key)
         self._start_pending.clear()
@@ -611,20 +626,31 @@ class KafkaSource(TrackedSource):
         would start at the end again and skip what was produced meanwhile.
         Returns None when the lookup or the commit fails; the partitions are
         then held paused and `_retry_starts` tries again. `quiet` logs the
-        failure at DEBUG, for the retries.
+        failure at DEBUG, for the retries between the periodic warnings.
+
+        NOTE: a failure keeps every partition of the assignment paused, also those
+        with a committed offset, and the synchronous commit has no time limit
+        of its own.
         """
+        # One time limit for all the lookups, so that a retry in the consumer
+        # thread does not hold up polling for a time that grows with the
+        # number of partitions.
+        deadline = time.monotonic() + START_LOOKUP_TIMEOUT_SECONDS
+
+        def remaining() -> float:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+            return left
+
         try:
-            committed = consumer.committed(
-                partitions, timeout=START_LOOKUP_TIMEOUT_SECONDS
-            )
+            committed = consumer.committed(partitions, timeout=remaining())
             # A partition without a commit has a negative offset (OFFSET_INVALID).
             ends = [
                 TopicPartition(
                     tp.topic,
                     tp.partition,
-                    consumer.get_watermark_offsets(
-                        tp, timeout=START_LOOKUP_TIMEOUT_SECONDS
-                    )[1],
+                    consumer.get_watermark_offsets(tp, timeout=remaining())[1],
                 )
                 for tp in committed
                 if tp.offset < 0
