@@ -289,9 +289,7 @@ def _run_files(
 
     error = ""
     with _services(writer) as started:
-        app = app_process(work, writer.url, extra=_app_settings(options))
-        started.append(app)
-        app.start()
+        app = started.start(app_process(work, writer.url, extra=_app_settings(options)))
         app.wait_ready(60, others=started)
         reader_env = {
             **_reader_settings(options),
@@ -303,8 +301,7 @@ def _run_files(
             work, app.url, source="file", input_=str(input_path), extra=reader_env
         )
         started_at = time.monotonic()
-        started.append(reader)
-        reader.start()
+        started.start(reader)
 
         def poll() -> bool:
             read_files()
@@ -358,9 +355,9 @@ def _run_stream(
     error = ""
     with backend.output_reader() as output_reader:
         with _services(writer) as started:
-            app = app_process(work, writer.url, extra=_app_settings(options))
-            started.append(app)
-            app.start()
+            app = started.start(
+                app_process(work, writer.url, extra=_app_settings(options))
+            )
             app.wait_ready(60, others=started)
             reader_env = {
                 **backend.service_env(),
@@ -376,8 +373,7 @@ def _run_stream(
                 extra=reader_env,
             )
             started_at = time.monotonic()
-            started.append(reader)
-            reader.start()
+            started.start(reader)
 
             def poll() -> bool:
                 output_reader.poll_into(tally, 0.2)
@@ -424,14 +420,21 @@ class ServiceList(list[ServiceProcess]):
     #: Whether a Ctrl-C or SIGTERM came while they stopped, so they were killed.
     interrupted = False
 
+    def start(self, service: ServiceProcess) -> ServiceProcess:
+        """List `service`, then start it and return it.
+
+        Listed first, a service that a Ctrl-C interrupts right after its
+        start is stopped with the others.
+        """
+        self.append(service)
+        return service.start()
+
 
 @contextlib.contextmanager
 def _services(first: ServiceProcess) -> Iterator[ServiceList]:
-    # Each service is listed before it starts, so that a Ctrl-C right after
-    # its start stops it too.
-    started = ServiceList([first])
+    started = ServiceList()
     try:
-        first.start()
+        started.start(first)
         first.wait_ready(60)
         yield started
     finally:

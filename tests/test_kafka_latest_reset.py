@@ -24,7 +24,7 @@ from fakes import MemorySink
 from test_reader import accept, reader_settings, running_reader, stub_app, wait_for
 
 from agogosml.config import KafkaSettings
-from agogosml.envelope import Position
+from agogosml.envelope import Envelope, Position
 from agogosml.transports.kafka import KafkaSource, source
 
 TOPIC = "latest-in"
@@ -150,6 +150,33 @@ async def test_start_committed_before_the_first_request():
     assert seen_by_app == [2]
 
 
+def latest_settings(bootstrap: str) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=GROUP,
+        auto_offset_reset="latest",
+        # With the default 45 s session, the second member's join took longer
+        # than the tests wait.
+        extra_config={"session.timeout.ms": 6000},
+    )
+
+
+async def fetch_until_assigned(kafka_source: KafkaSource) -> None:
+    """Fetch until the source has partition 0, which serves the assignment."""
+    async with asyncio.timeout(30):
+        while kafka_source.tracker.generation(TOPIC, 0) == 0:
+            assert await kafka_source.fetch(10, 0.1) == []
+
+
+async def fetch_offsets(kafka_source: KafkaSource, count: int) -> list[int]:
+    """Fetch until `count` messages arrived; return their offsets."""
+    envelopes: list[Envelope] = []
+    async with asyncio.timeout(30):
+        while len(envelopes) < count:
+            envelopes.extend(await kafka_source.fetch(10, 0.1))
+    return [e.position.offset for e in envelopes if e.position]
+
+
 async def test_partition_never_fetched_keeps_its_start():
     """A reader stopped before it fetched a partition has committed its start.
 
@@ -158,33 +185,20 @@ async def test_partition_never_fetched_keeps_its_start():
     """
     admin, bootstrap = mock_cluster()
     produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
-    kafka = KafkaSettings(
-        bootstrap_servers=bootstrap,
-        group_id=GROUP,
-        auto_offset_reset="latest",
-        # With the default 45 s session, the second member's join took longer
-        # than this test waits.
-        extra_config={"session.timeout.ms": 6000},
-    )
+    kafka = latest_settings(bootstrap)
 
     first = KafkaSource(kafka, [TOPIC])
     async with first:
-        # Fetching serves the assignment, which finds no message to return.
-        async with asyncio.timeout(30):
-            while first.tracker.generation(TOPIC, 0) == 0:
-                assert await first.fetch(10, 0.1) == []
+        await fetch_until_assigned(first)
     after_first = committed(bootstrap)
     produce(bootstrap, range(0, 3))  # offsets 2..4, while no reader runs
     second = KafkaSource(kafka, [TOPIC])
     async with second:
-        envelopes = []
-        async with asyncio.timeout(30):
-            while len(envelopes) < 3:
-                envelopes.extend(await second.fetch(10, 0.1))
+        offsets = await fetch_offsets(second, 3)
     del admin
 
     assert after_first == 2
-    assert [e.position.offset for e in envelopes if e.position] == [2, 3, 4]
+    assert offsets == [2, 3, 4]
 
 
 async def test_failed_start_lookup_holds_partition(monkeypatch):
@@ -192,13 +206,7 @@ async def test_failed_start_lookup_holds_partition(monkeypatch):
     monkeypatch.setattr(source, "START_COMMIT_RETRY_SECONDS", 0.2)
     admin, bootstrap = mock_cluster()
     produce(bootstrap, range(-2, 0))  # creates the topic: offsets 0 and 1
-    kafka = KafkaSettings(
-        bootstrap_servers=bootstrap,
-        group_id=GROUP,
-        auto_offset_reset="latest",
-        extra_config={"session.timeout.ms": 6000},
-    )
-    reader = KafkaSource(kafka, [TOPIC])
+    reader = KafkaSource(latest_settings(bootstrap), [TOPIC])
     lookups: list[bool] = []
     commit_ends = reader._commit_ends
 
@@ -210,24 +218,19 @@ async def test_failed_start_lookup_holds_partition(monkeypatch):
 
     monkeypatch.setattr(reader, "_commit_ends", first_lookup_fails)
     async with reader:
-        async with asyncio.timeout(30):
-            while reader.tracker.generation(TOPIC, 0) == 0:
-                assert await reader.fetch(10, 0.1) == []
-        held = set(reader._start_pending)
+        await fetch_until_assigned(reader)
+        waiting = set(reader._start_pending)
         async with asyncio.timeout(30):
             while reader._start_pending:
                 assert await reader.fetch(10, 0.1) == []
         produce(bootstrap, range(0, 3))  # offsets 2..4
-        envelopes = []
-        async with asyncio.timeout(30):
-            while len(envelopes) < 3:
-                envelopes.extend(await reader.fetch(10, 0.1))
+        offsets = await fetch_offsets(reader, 3)
     after = committed(bootstrap)
     del admin
 
-    assert (TOPIC, 0) in held
+    assert (TOPIC, 0) in waiting
     assert lookups[:2] == [False, True]
-    assert [e.position.offset for e in envelopes if e.position] == [2, 3, 4]
+    assert offsets == [2, 3, 4]
     # Where the partition started: nothing of it was finished.
     assert after == 2
 

@@ -560,7 +560,7 @@ class KafkaSource(TrackedSource):
         # librdkafka 2.16 keeps a partition's pause across unassign and assign
         # (a test shows it), so a partition lost while paused comes back
         # paused. Its state is therefore set anew.
-        held = [
+        waiting = [
             tp for tp in partitions if (tp.topic, tp.partition) in self._start_pending
         ]
         fetching = [
@@ -568,8 +568,8 @@ class KafkaSource(TrackedSource):
             for tp in partitions
             if (tp.topic, tp.partition) not in self._start_pending
         ]
-        if self._paused or held:
-            consumer.pause(partitions if self._paused else held)
+        if self._paused or waiting:
+            consumer.pause(partitions if self._paused else waiting)
         if fetching and not self._paused:
             consumer.resume(fetching)
         logger.info("partitions assigned", extra={"partitions": _describe(partitions)})
@@ -584,10 +584,10 @@ class KafkaSource(TrackedSource):
         which the seek makes the fetch position too.
         """
         assert self._consumer is not None
-        held = list(self._start_pending.values())
+        waiting = list(self._start_pending.values())
         now = time.monotonic()
         warn = now - self._start_warned_at >= START_HELD_WARNING_SECONDS
-        ends = self._commit_ends(self._consumer, held, quiet=not warn)
+        ends = self._commit_ends(self._consumer, waiting, quiet=not warn)
         if warn:
             self._start_warned_at = now
         if ends is None:
@@ -607,8 +607,11 @@ class KafkaSource(TrackedSource):
             self._started[key] = self._tracker.generation(*key)
         self._start_pending.clear()
         if not self._paused:
-            self._consumer.resume(held)
-        logger.info("held partitions fetched", extra={"partitions": _describe(held)})
+            self._consumer.resume(waiting)
+        logger.info(
+            "partitions resumed after their start was committed",
+            extra={"partitions": _describe(waiting)},
+        )
 
     def _commit_ends(
         self,
