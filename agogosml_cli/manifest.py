@@ -588,14 +588,14 @@ class Manifest(_Model):
                 for name in source_connection
                 if source_connection[name] != sink_connection[name]
             )
-            shown = [
+            described = [
                 f"{name} {source_connection[name]!r} against {sink_connection[name]!r}"
                 if name in _SHOWN_CONNECTION_FIELDS
                 else name
                 for name in differing
             ]
             raise ValueError(
-                f"source and sink differ in {', '.join(shown)}; the Helm chart "
+                f"source and sink differ in {', '.join(described)}; the Helm chart "
                 "gives the input reader and the output writer one Kafka connection, "
                 "so set the same values in both"
             )

@@ -242,7 +242,7 @@ class FraudModel:
             raise
         except Exception as exc:  # noqa: BLE001 - a file of any other kind fails in any way
             # Text or another binary file fails in the unpickler with errors
-            # such as IndexError or KeyError, which say nothing of the file.
+            # such as IndexError or KeyError, which do not mention the file.
             raise ModelLoadError(
                 f"{str(path)!r} is not a model file: unpickling it failed "
                 f"({type(exc).__name__}: {exc}). Train a model with "

@@ -2085,8 +2085,8 @@ def damage_answers(project: Path, damage: str) -> None:
         path.write_bytes(b"\xff\xfe" + text.encode())
     elif damage == "answers missing":
         recorded = yaml.safe_load(text)
-        kept = {key: recorded[key] for key in ("_commit", "_src_path")}
-        path.write_text(yaml.safe_dump(kept))
+        history = {key: recorded[key] for key in ("_commit", "_src_path")}
+        path.write_text(yaml.safe_dump(history))
     else:
         path.write_text(re.sub(r"(?m)^_commit: .*$", "_commit: 0.0.1", text))
     git(project, "commit", "--quiet", "--all", "--message", f"Damage: {damage}")
