@@ -142,8 +142,20 @@ def _report(outcome: Outcome, project: Path) -> None:
         return
     if not outcome.changed:
         click.echo(f"{project} is up to date with template {outcome.template_version}.")
-        return
-    click.echo(f"Updated {project} to template {outcome.template_version}:")
-    for line in outcome.changed:
-        click.echo(f"  {line}")
-    click.echo("Review the changes with 'git diff HEAD' and commit them.")
+    else:
+        click.echo(f"Updated {project} to template {outcome.template_version}:")
+        for line in outcome.changed:
+            click.echo(f"  {line}")
+        click.echo("Review the changes with 'git diff HEAD' and commit them.")
+    if outcome.not_applied:
+        click.echo(
+            "The template or the manifest changed these generated files, which "
+            "the project no longer has (deleted or renamed), so they were not "
+            "updated:"
+        )
+        for path in outcome.not_applied:
+            click.echo(f"  {path}")
+        click.echo(
+            "To see them as generated now, render the manifest into a new "
+            "directory: agogosml generate --manifest MANIFEST --output DIRECTORY"
+        )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,9 @@ class Outcome:
         repository: The root of the git work tree that contains the commit.
         identity_fallback: True when git had no user identity, so the first
             render was committed as "agogosml <agogosml@localhost>".
+        not_applied: Paths (relative to the repository root) of generated
+            files that an update changed but did not write, because the
+            project no longer has them.
     """
 
     created: bool
@@ -71,6 +74,7 @@ class Outcome:
     commit: str | None = None
     repository: Path | None = None
     identity_fallback: bool = False
+    not_applied: list[str] = field(default_factory=list)
 
 
 def generate_project(
@@ -188,6 +192,14 @@ def _copy(project: Path, answers: dict[str, Any], tag: str) -> None:
         )
 
 
+def _render(directory: Path, bundle: Path, answers: dict[str, Any], tag: str) -> None:
+    """Render version `tag` of the template history `bundle` into `directory`."""
+    (directory / BUNDLE_PATH).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle, directory / BUNDLE_PATH)
+    _copy(directory, answers, tag)
+    (directory / BUNDLE_PATH).unlink()
+
+
 def _commit_first_render(project: Path, name: str, tag: str) -> Outcome:
     if not _inside_work_tree(project):
         run_git(["init", "--quiet", "--initial-branch=main"], project)
@@ -269,6 +281,9 @@ def _update(
                     "the file from the project's git history"
                 ) from None
         _raise_on_conflicts(clone)
+        missing = _changes_to_missing_files(
+            work, _recorded_answers(project), {**answers, **names}, tag
+        )
         if names != _names(answers):
             _rename(clone, subdirectory, {**answers, **names}, answers, tag)
         write_wheel(work)
@@ -277,7 +292,39 @@ def _update(
         run_git(
             ["apply", "--binary", "--whitespace=nowarn", "-"], top, input_text=patch
         )
-    return Outcome(created=False, template_version=tag, changed=changed)
+    return Outcome(
+        created=False,
+        template_version=tag,
+        changed=changed,
+        not_applied=[(subdirectory / path).as_posix() for path in missing],
+    )
+
+
+def _changes_to_missing_files(
+    work: Path, recorded: dict[str, Any], answers: dict[str, Any], tag: str
+) -> list[Path]:
+    """Return the generated files that changed but are missing from `work`.
+
+    Copier's update leaves out a file that the project no longer has, deleted
+    or renamed by the user, even when the new template or the new answers
+    change it. Two renders, of the recorded version with the recorded answers
+    and of `tag` with `answers`, show which of those files changed.
+    """
+    bundle = work / BUNDLE_PATH
+    before = {key: value for key, value in recorded.items() if not key.startswith("_")}
+    with tempfile.TemporaryDirectory(prefix="agogosml-renders-") as tmp:
+        old, new = Path(tmp) / "old", Path(tmp) / "new"
+        _render(old, bundle, before, str(recorded.get("_commit")))
+        _render(new, bundle, answers, tag)
+        missing = []
+        for path in sorted(new.rglob("*")):
+            relative = path.relative_to(new)
+            if not path.is_file() or (work / relative).exists():
+                continue
+            previous = old / relative
+            if not previous.is_file() or previous.read_bytes() != path.read_bytes():
+                missing.append(relative)
+        return missing
 
 
 def _names(answers: dict[str, Any]) -> dict[str, Any]:
@@ -329,7 +376,6 @@ def _rename(
         run_git(["init", "--quiet"], renders)
         bundle = clone / subdirectory / BUNDLE_PATH
         for answers in (before, after):
-            work = renders / subdirectory
             for path in renders.iterdir():
                 if path.name == ".git":
                     continue
@@ -337,10 +383,7 @@ def _rename(
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-            (work / BUNDLE_PATH).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(bundle, work / BUNDLE_PATH)
-            _copy(work, answers, tag)
-            (work / BUNDLE_PATH).unlink()
+            _render(renders / subdirectory, bundle, answers, tag)
             run_git(["add", "--all"], renders)
             message = f"Render {answers['project_name']}"
             run_git(

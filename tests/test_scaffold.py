@@ -1919,6 +1919,39 @@ def test_regenerate_applies_template_change(
     assert answers["_commit"] == version
 
 
+def test_regenerate_names_changed_files_the_project_lacks(
+    project: Path, changed_template: Path
+) -> None:
+    git(project, "rm", "--quiet", "docker-compose.yml", "Dockerfile")
+    git(project, "mv", "README.md", "README.rst")
+    git(project, "commit", "--quiet", "--message", "Drop and move generated files")
+    edit(changed_template / "README.md.jinja", "## Test\n", "## Test\n\nNew.\n")
+    edit(project / "agogosml.yaml", "topic: transactions-scored", "topic: scores")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("so they were not updated:\n", 1)[1]
+    listed_paths = [line.strip() for line in listed.splitlines() if line[:2] == "  "]
+    # The compose file names the sink topic and the README changed in the
+    # template; the Dockerfile changed in neither, so it is not listed.
+    assert listed_paths == ["README.md", "docker-compose.yml"]
+    assert not (project / "docker-compose.yml").exists()
+    assert not (project / "README.md").exists()
+    assert "New." not in (project / "README.rst").read_text()
+
+
+def test_regenerate_without_changes_lists_no_missing_file(project: Path) -> None:
+    git(project, "rm", "--quiet", "docker-compose.yml")
+    git(project, "commit", "--quiet", "--message", "Drop the compose file")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output
+    assert "not updated" not in result.output
+
+
 def test_regenerate_replaces_old_wheel(project: Path) -> None:
     old_wheel = "wheels/agogosml-0.0.1-py3-none-any.whl"
     git(project, "rm", "--quiet", WHEEL)
