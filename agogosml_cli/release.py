@@ -36,6 +36,7 @@ from agogosml_cli.slot_images import (
 )
 
 SLOTS = ("blue", "green")
+IDLE_POLICIES = ("scaleToZero", "warm")
 DEFAULT_RELEASE = "agogosml"
 DEFAULT_CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
 
@@ -94,7 +95,35 @@ class SlotState:
                 "green. Fix it with `helm upgrade --reuse-values --set "
                 "app.activeSlot=blue`."
             )
+        state.check_recorded_slots()
+        if state.idle_policy not in IDLE_POLICIES:
+            raise ReleaseStateError(
+                f"the release's app.idleSlot is {state.idle_policy!r}, expected "
+                f"{' or '.join(IDLE_POLICIES)}. Fix it with `helm upgrade "
+                "--reuse-values --set app.idleSlot=scaleToZero`."
+            )
         return state
+
+    def check_recorded_slots(self) -> None:
+        """Reject a preview or previous slot that the chart would reject."""
+        for field_name, slot in (
+            ("previewSlot", self.preview),
+            ("previousSlot", self.previous),
+        ):
+            fix = (
+                "Fix it with `helm upgrade --reuse-values --set-string "
+                f"app.{field_name}=` (empty: no slot), then run the command again."
+            )
+            if slot and slot not in SLOTS:
+                raise ReleaseStateError(
+                    f"the release's app.{field_name} is {slot!r}, expected blue, "
+                    f"green or empty. {fix}"
+                )
+            if slot == self.active:
+                raise ReleaseStateError(
+                    f"the release's app.{field_name} is {slot!r}, the active slot "
+                    f"too, which the chart rejects. {fix}"
+                )
 
     @property
     def idle(self) -> str:

@@ -576,6 +576,43 @@ def test_promote_without_preview_fails(fake_helm: FakeHelm) -> None:
     assert fake_helm.upgrades() == []
 
 
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        (slot_values("blue", preview="purple"), "app.previewSlot is 'purple'"),
+        (slot_values("blue", previous="Green"), "app.previousSlot is 'Green'"),
+        (slot_values("green", preview="green"), "app.previewSlot is 'green', the"),
+        (slot_values("blue", previous="blue"), "app.previousSlot is 'blue', the"),
+    ],
+)
+@pytest.mark.parametrize("command", ["promote", "rollback", "deploy"])
+def test_release_state_the_chart_rejects_is_named(
+    fake_helm: FakeHelm, values: dict, problem: str, command: str
+) -> None:
+    fake_helm.set_values(values)
+    extra = ["--image", "2.0"] if command == "deploy" else []
+
+    result = invoke(command, *extra, *SCOPE)
+
+    assert result.exit_code == 1, result.output
+    assert problem in result.stderr
+    assert "helm upgrade --reuse-values --set-string" in result.stderr
+    assert "Traceback" not in result.output
+    assert fake_helm.upgrades() == []
+
+
+def test_release_idle_policy_the_chart_rejects_is_named(fake_helm: FakeHelm) -> None:
+    values = slot_values("blue", preview="green")
+    values["app"]["idleSlot"] = "cold"
+    fake_helm.set_values(values)
+
+    result = invoke("promote", *SCOPE)
+
+    assert result.exit_code == 1, result.output
+    assert "app.idleSlot is 'cold', expected scaleToZero or warm" in result.stderr
+    assert fake_helm.upgrades() == []
+
+
 def test_promote_missing_release_fails(fake_helm: FakeHelm) -> None:
     result = invoke("promote", *SCOPE)
 
