@@ -95,17 +95,20 @@ def generate(manifest_path: Path, output: Path | None) -> None:
     \b
     First run (the directory is new, empty, or contains only the manifest):
     Copier renders the model app with its tests, Dockerfile,
-    docker-compose.yml, Helm values, Azure Pipelines CI and CD, README and
-    pyproject.toml. Then generate runs 'git init' unless the directory is in a
-    git repository, and commits the render, which updates need.
+    docker-compose.yml, Azure Pipelines CI, README and pyproject.toml, and,
+    when neither source nor sink is a file, Helm values and the CD pipeline. Then
+    generate runs 'git init' unless the directory is in a git repository, and
+    commits the render, which updates need.
 
     \b
     Later runs (the directory has .copier-answers.yml): update the project to
     the manifest's values and to this agogosml's template with Copier's update,
-    keeping your edits. The project must have no uncommitted changes other than
-    the manifest's. The changes are left uncommitted for review. If a template
-    change overlaps an edit of yours in the same lines, nothing is changed and
-    the command exits with status 1, naming the files.
+    keeping your edits. The project must have no uncommitted changes and no
+    untracked files other than the manifest. The changes are left uncommitted
+    for review. If a template change overlaps an edit of yours in the same
+    lines, nothing is changed and the command exits with status 1, naming the
+    files. A new project name moves the package: reinstall the project
+    (pip install -e '.[test]') so that its entry point follows.
     """  # noqa: D301 - click reads the \b lines as "do not rewrap this paragraph"
     try:
         manifest = load_manifest(manifest_path)
@@ -147,6 +150,12 @@ def _report(outcome: Outcome, project: Path) -> None:
         for line in outcome.changed:
             click.echo(f"  {line}")
         click.echo("Review the changes with 'git diff HEAD' and commit them.")
+    if outcome.renamed:
+        click.echo(
+            "The package moved with the new name: reinstall the project "
+            "(pip install -e '.[test]') so that its command is installed "
+            "under the new name."
+        )
     if outcome.not_applied:
         click.echo(
             "The template or the manifest changed these generated files, which "

@@ -468,7 +468,9 @@ FIELDS: list[InitField] = [
         ("name",),
         "--name",
         "Project name",
-        "Project name: lowercase letters, digits and '-', starting with a letter.",
+        "Project name: 1 to 40 lowercase letters, digits and '-', starting with a "
+        "letter and ending with a letter or digit; not the name of a Python keyword "
+        "or of a module that the project imports (docs/manifest.md).",
         FieldValueType(Manifest, "name"),
     ),
     InitField(

@@ -71,7 +71,7 @@ def cli() -> None:
 @click.option(
     "--kafka",
     "kafka",
-    metavar="BOOTSTRAP",
+    metavar="HOST:PORT",
     callback=check_kafka_option,
     help="Stream through Kafka topics on these brokers (host:port, or a "
     "comma-separated list) instead of files.",

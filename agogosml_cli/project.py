@@ -66,6 +66,7 @@ class Outcome:
         not_applied: Paths (relative to the repository root) of generated
             files that an update changed but did not write, because the
             project no longer has them.
+        renamed: True when an update gave the project a new name.
     """
 
     created: bool
@@ -75,6 +76,7 @@ class Outcome:
     repository: Path | None = None
     identity_fallback: bool = False
     not_applied: list[str] = field(default_factory=list)
+    renamed: bool = False
 
 
 def generate_project(
@@ -297,6 +299,7 @@ def _update(
         template_version=tag,
         changed=changed,
         not_applied=[(subdirectory / path).as_posix() for path in missing],
+        renamed=names != _names(answers),
     )
 
 

@@ -229,6 +229,10 @@ def iter_transactions(
             for row_number, row in enumerate(reader):
                 if limit is not None and row_number >= limit:
                     return
+                if None in row or None in row.values():
+                    raise DatasetFormatError(
+                        _field_count_problem(row, csv_path, reader.line_num)
+                    )
                 yield _parse_row(row, row_number, csv_path, reader.line_num)
         except csv.Error as exc:
             # DictReader counts only the rows it returned; its reader counts the
@@ -263,6 +267,24 @@ def _check_header(fieldnames: object, path: Path) -> None:
         )
 
 
+def _field_count_problem(row: dict[Any, Any], path: Path, line: int) -> str:
+    """Describe a row with more or fewer fields than the header has columns.
+
+    csv.DictReader fills the columns of a short row with None, and puts the
+    surplus fields of a long row in a list under the key None.
+    """
+    columns = sum(1 for name in row if name is not None)
+    fields = sum(
+        1 for name, value in row.items() if name is not None and value is not None
+    )
+    fields += len(row.get(None) or ())
+    return (
+        f"{path}: line {line} has {fields} fields, but the header has {columns} "
+        "columns; give every row one field per column (a field that contains a "
+        "comma needs double quotes)"
+    )
+
+
 def _parse_row(
     row: dict[str, str], row_number: int, path: Path, line: int
 ) -> dict[str, Any]:
@@ -273,7 +295,6 @@ def _parse_row(
         for column, convert in _COLUMN_TYPES:
             transaction[column] = convert(row[column])
     except (TypeError, ValueError) as exc:
-        # TypeError: csv.DictReader fills the columns of a short row with None.
         raise DatasetFormatError(
             f"{path}: line {line} has the invalid value "
             f"{row.get(column)!r} in column {column!r}"

@@ -502,6 +502,25 @@ def test_iter_transactions_rejects_invalid_value(tmp_path: Path) -> None:
     assert "'oops'" in str(raised.value)
 
 
+@pytest.mark.parametrize("fields", [3, 33])
+def test_iter_transactions_rejects_row_of_wrong_length(
+    tmp_path: Path, fields: int
+) -> None:
+    path = tmp_path / "ragged.csv"
+    make_frame(rows=3, frauds=1).to_csv(path, index=False)
+    lines = path.read_text().splitlines()
+    values = lines[2].split(",")
+    lines[2] = ",".join((values + ["7", "8"])[:fields])
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DatasetFormatError) as raised:
+        list(iter_transactions(path))
+
+    assert f"line 3 has {fields} fields, but the header has 31 columns" in str(
+        raised.value
+    )
+
+
 # Fraud model, without the real dataset
 
 

@@ -1884,6 +1884,7 @@ def test_regenerate_keeps_edit_applies_manifest(project: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "docker-compose.yml" in result.output
+    assert "reinstall" not in result.output
     assert 'MODEL_VERSION = "mean-2"' in app.read_text()
     compose = yaml.safe_load((project / "docker-compose.yml").read_text())
     assert compose["services"]["writer"]["environment"]["WRITER_OUTPUT"] == "scores"
@@ -2014,6 +2015,7 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     result = generate(project / "agogosml.yaml")
 
     assert result.exit_code == 0, result.output
+    assert "reinstall the project (pip install -e '.[test]')" in result.output
     assert not old_app.exists()
     app = (project / "src" / "card_scoring" / "app.py").read_text()
     assert 'MODEL_VERSION = "mean-2"' in app
