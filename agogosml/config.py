@@ -436,8 +436,10 @@ class KafkaSettings(BaseSettings):
         cls, value: dict[str, str | int | bool]
     ) -> dict[str, str | int | bool]:
         overridden = sorted(_GUARANTEED_PROPERTIES & value.keys())
-        strategy = str(value.get("partition.assignment.strategy", ""))
-        if "cooperative" in strategy or value.get("group.protocol") == "consumer":
+        # librdkafka 2.16 accepts group.protocol in any case (CONSUMER too).
+        strategy = str(value.get("partition.assignment.strategy", "")).lower()
+        protocol = str(value.get("group.protocol", "")).lower()
+        if "cooperative" in strategy or protocol == "consumer":
             raise ValueError(
                 "incremental (cooperative) rebalancing is not supported: the reader "
                 "assigns partitions eagerly; remove partition.assignment.strategy "

@@ -626,6 +626,7 @@ def test_extra_config_value_not_shown():
     [
         '{"partition.assignment.strategy": "cooperative-sticky"}',
         '{"group.protocol": "consumer"}',
+        '{"group.protocol": "CONSUMER"}',
     ],
 )
 def test_cooperative_rebalancing_rejected(extra):

@@ -216,6 +216,47 @@ async def test_shutdown_drains_then_checkpoints() -> None:
     assert store.written() == [(0, offset_of(0)), (2, offset_of(2))]
 
 
+class SlowFirstWriteStore(RecordingCheckpointStore):
+    """A checkpoint store whose first write waits until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def update_checkpoint(
+        self, checkpoint: dict[str, Any], **kwargs: Any
+    ) -> None:
+        self.started += 1
+        if self.started == 1:
+            await self.release.wait()
+        await super().update_checkpoint(checkpoint, **kwargs)
+
+
+async def test_checkpoint_waits_for_slower_earlier_write() -> None:
+    hub, store = FakeHub(HUB), SlowFirstWriteStore()
+    fill(hub, 3)
+    started = Pipeline(hub, store)
+    await started.source.start()
+    envelopes = await fetch_all(started.source, 3)
+    started.source.ack(envelopes[0])
+    earlier = asyncio.create_task(started.source.checkpoint())
+    async with asyncio.timeout(TIMEOUT_SECONDS):
+        while store.started == 0:
+            await asyncio.sleep(0.002)
+    started.source.ack(envelopes[1])
+    started.source.ack(envelopes[2])
+    later = asyncio.create_task(started.source.checkpoint())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    store.release.set()
+    await asyncio.gather(earlier, later)
+    await started.source.stop()
+
+    # Written the other way round, the older checkpoint would be the last.
+    assert store.written() == [(0, offset_of(0)), (2, offset_of(2))]
+
+
 async def test_restart_resumes_after_checkpoint() -> None:
     hub, store = FakeHub(HUB), RecordingCheckpointStore()
     fill(hub, 5)

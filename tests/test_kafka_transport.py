@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from agogosml.config import MAX_DELIVERY_TIMEOUT_MS, MAX_LINGER_MS, KafkaSettings
 from agogosml.envelope import Envelope
-from agogosml.errors import SinkError
+from agogosml.errors import SinkError, SourceError
 from agogosml.transports.kafka import KafkaSink, KafkaSource, topic_limit
 from agogosml.transports.kafka import health as health_module
 from agogosml.transports.kafka.records import record_size
@@ -140,6 +140,30 @@ async def test_source_stopped_before_statistics_commits(
             source.ack(envelope)
 
     assert committed(mock_bootstrap, "g-quick", topic) == 5
+
+
+async def test_failed_rebalance_callback_stops_fetch(
+    mock_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = "source-assign-fails"
+    produce(mock_bootstrap, topic, 1)
+    settings = KafkaSettings(bootstrap_servers=mock_bootstrap, group_id="g-assign")
+    source = KafkaSource(settings, [topic])
+
+    def fail(topic: str, partition: int) -> None:
+        raise RuntimeError(f"cannot track {topic}[{partition}]")
+
+    monkeypatch.setattr(source._tracker, "assign", fail)
+    async with asyncio.timeout(30):
+        async with source:
+            with pytest.raises(SourceError) as raised:
+                while True:
+                    await source.fetch(10, 0.1)
+
+    message = str(raised.value)
+    assert "a rebalance of consumer group 'g-assign' failed" in message
+    assert f"cannot track {topic}[0]" in message
+    assert not raised.value.retriable
 
 
 async def test_missing_input_topic_named_until_created(mock_bootstrap: str) -> None:

@@ -1761,6 +1761,31 @@ async def test_failing_dead_letter_sink_marks_not_ready():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_dead_letter_retry_ends_when_partition_revoked():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(1_000_000)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid")
+
+    async with stub_app(reject) as app:
+        settings = reader_settings(app.url, retry_max_backoff_ms=1)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: reader.dead_letter_failing)
+            source.tracker.revoke(TOPIC, 0)
+            await wait_for(lambda: reader.in_flight == 0)
+            calls_after_release = dead_letter.send_calls
+            await asyncio.sleep(0.05)
+
+    assert dead_letter.envelopes == []
+    assert dead_letter.send_calls == calls_after_release
+    assert not reader.dead_letter_failing
+    assert reader.dead_lettered_count == 0
+    assert source.committed == {}
+
+
 @pytest.mark.parametrize("status", [True, 100, 600, -1, "200"])
 async def test_invalid_batch_status_not_accepted(status):
     source = MemorySource(TOPIC)

@@ -759,13 +759,23 @@ class InputReader:
         (`SinkError.size_rejected`) counts as too large after
         `_SIZE_REJECTIONS_TOO_LARGE` such failures in a row. Any other error,
         such as a missing permission, is retried with the whole record until an
-        operator fixes it.
+        operator fixes it, or until the message's partition goes to another
+        reader, which reads the message again: the message is then released
+        unfinished, so that it is dead-lettered once.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
         size_rejections = 0
         try:
             while True:
+                if not self._source.owns(envelope):
+                    logger.info(
+                        "dead letter not written: the message's partition was "
+                        "revoked, and its new owner reads the message again",
+                        extra={"message_id": envelope.id, **_position_fields(envelope)},
+                    )
+                    self._release(envelope)
+                    return
                 try:
                     await self._dead_letter_sink.send([record])
                     break

@@ -71,6 +71,9 @@ class EventHubsSource(TrackedSource):
         # (sequence number, offset) of each received event not checkpointed yet.
         self._offsets: dict[int, collections.deque[tuple[int, str]]] = {}
         self._checkpointed: dict[int, int] = {}
+        # One checkpoint write at a time: two concurrent writes of a partition
+        # may finish in either order and leave the older checkpoint in place.
+        self._checkpoint_lock = asyncio.Lock()
         self._revoke_handler: RevokeHandler | None = None
         self._receive_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
@@ -346,6 +349,10 @@ class EventHubsSource(TrackedSource):
             await self._write_checkpoint(partition)
 
     async def _write_checkpoint(self, partition: int) -> None:
+        async with self._checkpoint_lock:
+            await self._write_checkpoint_now(partition)
+
+    async def _write_checkpoint_now(self, partition: int) -> None:
         # Read everything again after each await: the partition may have been
         # closed while another partition's checkpoint was written.
         next_sequence = self._tracker.committable().get((self._hub, partition))

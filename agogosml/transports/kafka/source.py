@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import (
@@ -93,6 +94,8 @@ class KafkaSource(TrackedSource):
         #: partitions is assigned. Replaced whole, because the consumer thread
         #: writes it and the event loop reads it.
         self._missing_topics: frozenset[str] = frozenset()
+        #: Why a rebalance callback failed; `fetch` then raises.
+        self._rebalance_error: str | None = None
 
     @property
     def failure(self) -> str | None:
@@ -145,9 +148,9 @@ class KafkaSource(TrackedSource):
             ) from exc
         self._consumer.subscribe(
             self._topics,
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
+            on_assign=self._guard(self._on_assign),
+            on_revoke=self._guard(self._on_revoke),
+            on_lost=self._guard(self._on_lost),
         )
 
     def _consumer_config(self) -> dict[str, Any]:
@@ -212,6 +215,13 @@ class KafkaSource(TrackedSource):
         stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
         if stamped and max_messages > 1:
             stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
+        if self._rebalance_error is not None:
+            raise SourceError(
+                f"a rebalance of consumer group {self._settings.group_id!r} failed: "
+                f"{self._rebalance_error}; the reader stops, and its uncommitted "
+                "messages are read again after a restart",
+                retriable=False,
+            )
         if any(message.error() is None for message, _ in stamped):
             self._health.confirm_connected(buffered=True)
         if self._settings.auto_offset_reset == "latest":
@@ -531,6 +541,31 @@ class KafkaSource(TrackedSource):
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         logger.debug("committed offsets", extra={"offsets": _describe(offsets)})
+
+    def _guard(
+        self, callback: Callable[[Consumer, list[TopicPartition]], None]
+    ) -> Callable[[Consumer, list[TopicPartition]], None]:
+        """Return `callback` with its exceptions recorded for `fetch` to raise.
+
+        confluent-kafka raises what a rebalance callback raised from the
+        ``consume`` call that ran it, so the reader would end with a traceback
+        instead of an error that names the failed rebalance.
+        """
+
+        def guarded(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            try:
+                callback(consumer, partitions)
+            except Exception as exc:  # noqa: BLE001 - any failure stops the source
+                logger.exception(
+                    "rebalance callback failed",
+                    extra={"partitions": _describe(partitions)},
+                )
+                if isinstance(exc, KafkaException):
+                    self._rebalance_error = exc.args[0].str()
+                else:
+                    self._rebalance_error = str(exc) or type(exc).__name__
+
+        return guarded
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # An assignment comes from the group coordinator, so a broker is reachable.
