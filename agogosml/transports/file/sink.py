@@ -138,7 +138,10 @@ class FileSink(Sink):
         """Append the envelopes and wait until they are flushed."""
         if self._file is None:
             raise SinkError("file sink is not started")
-        self._buffer.extend(encode_line(envelope) for envelope in envelopes)
+        # Encoded before any line is buffered, so that a request whose encoding
+        # fails adds no line that nobody waits for.
+        lines = [encode_line(envelope) for envelope in envelopes]
+        self._buffer.extend(lines)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         if self._flusher is None or self._flusher.done():
