@@ -94,8 +94,9 @@ class KafkaSource(TrackedSource):
         #: partitions is assigned. Replaced whole, because the consumer thread
         #: writes it and the event loop reads it.
         self._missing_topics: frozenset[str] = frozenset()
-        #: Why a rebalance callback failed; `fetch` then raises.
-        self._rebalance_error: str | None = None
+        #: Why the source cannot go on, such as a failed rebalance callback;
+        #: `fetch` then raises it.
+        self._stop_error: str | None = None
 
     @property
     def failure(self) -> str | None:
@@ -163,10 +164,29 @@ class KafkaSource(TrackedSource):
                 "enable.auto.offset.store": False,
                 "on_commit": self._on_commit,
                 **self._health.config(on_statistics=self._record_fetched_lag),
+                "error_cb": self._on_client_error,
             }
         )
         config.update(self._settings.extra_config)
         return config
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        """Pass a client error on to the health tracker, noting a deleted partition.
+
+        librdkafka keeps reading a partition of a deleted topic at its old
+        position once the topic is created again, which skips the records of
+        the new topic before that position. So the source stops instead: the
+        broker deleted the group's offsets of the topic with it, and a restarted
+        reader reads the new topic from KAFKA_AUTO_OFFSET_RESET.
+        """
+        if error.code() == KafkaError._UNKNOWN_PARTITION and self._stop_error is None:
+            self._stop_error = (
+                f"an assigned input partition no longer exists ({error.str()}): "
+                "its topic was deleted. The reader stops, since a topic created "
+                "again under the same name would be read from the old position; "
+                "create the topic again if it should exist, and restart the reader"
+            )
+        self._health.on_error(error)
 
     async def stop(self) -> None:
         """Commit every finished message, then leave the group and close."""
@@ -215,13 +235,8 @@ class KafkaSource(TrackedSource):
         stamped = self._stamp(self._consumer.consume(1, timeout_seconds))
         if stamped and max_messages > 1:
             stamped.extend(self._stamp(self._consumer.consume(max_messages - 1, 0)))
-        if self._rebalance_error is not None:
-            raise SourceError(
-                f"a rebalance of consumer group {self._settings.group_id!r} failed: "
-                f"{self._rebalance_error}; the reader stops, and its uncommitted "
-                "messages are read again after a restart",
-                retriable=False,
-            )
+        if self._stop_error is not None:
+            raise SourceError(self._stop_error, retriable=False)
         if any(message.error() is None for message, _ in stamped):
             self._health.confirm_connected(buffered=True)
         if self._settings.auto_offset_reset == "latest":
@@ -561,9 +576,14 @@ class KafkaSource(TrackedSource):
                     extra={"partitions": _describe(partitions)},
                 )
                 if isinstance(exc, KafkaException):
-                    self._rebalance_error = exc.args[0].str()
+                    detail = exc.args[0].str()
                 else:
-                    self._rebalance_error = str(exc) or type(exc).__name__
+                    detail = str(exc) or type(exc).__name__
+                self._stop_error = (
+                    f"a rebalance of consumer group {self._settings.group_id!r} "
+                    f"failed: {detail}; the reader stops, and its uncommitted "
+                    "messages are read again after a restart"
+                )
 
         return guarded
 
