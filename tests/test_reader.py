@@ -1891,6 +1891,47 @@ async def test_permanent_dead_letter_error_drops_value():
     assert source.committed == {(TOPIC, 0): 1}
 
 
+async def test_dead_letter_too_large_at_minimum_named(
+    caplog: pytest.LogCaptureFixture,
+):
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', key=b"k", headers=[("tenant", b"t1")])
+    dead_letter = MemorySink()
+    # Value, key and headers, and then all but the source position, are
+    # dropped one step at a time; the smallest record fails twice more.
+    dead_letter.fail_next(5, retriable=False, too_large=True)
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400, "invalid " * 50)
+
+    async with stub_app(reject) as app:
+        settings = reader_settings(app.url, retry_max_backoff_ms=1)
+        await run_reader(settings, source, dead_letter)
+
+    (record,) = dead_letter.envelopes
+    headers = dead_letter_headers(record)
+    assert record.value == b""
+    assert record.key is None
+    assert set(headers) == {
+        "dlq.source.topic",
+        "dlq.source.partition",
+        "dlq.source.offset",
+        "dlq.status",
+        "dlq.error",
+        "dlq.attempts",
+    }
+    assert len(headers["dlq.error"]) == 100
+    assert headers["dlq.source.offset"] == "0"
+    warnings = [r for r in caplog.records if "writing it again" in r.getMessage()]
+    errors = [
+        r for r in caplog.records if "even with only its source" in r.getMessage()
+    ]
+    assert len(warnings) == 3
+    assert len(errors) == 1
+    assert "max.message.bytes" in errors[0].getMessage()
+    assert source.committed == {(TOPIC, 0): 1}
+
+
 @pytest.mark.parametrize(("rejections", "written_value"), [(2, b'{"n":0}'), (3, b"")])
 async def test_size_rejected_dead_letter_shrinks_after_three(
     rejections: int, written_value: bytes

@@ -766,6 +766,7 @@ class InputReader:
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
         size_rejections = 0
+        minimal_failures = 0
         try:
             while True:
                 if not self._source.owns(envelope):
@@ -785,16 +786,29 @@ class InputReader:
                         self._dead_letter_failures += 1
                     rejected = isinstance(exc, SinkError) and exc.size_rejected
                     size_rejections = size_rejections + 1 if rejected else 0
-                    if _too_large(exc) or size_rejections >= _SIZE_REJECTIONS_TOO_LARGE:
+                    too_large = (
+                        _too_large(exc) or size_rejections >= _SIZE_REJECTIONS_TOO_LARGE
+                    )
+                    smaller = _smaller_dead_letter(record, exc) if too_large else None
+                    if smaller is not None and smaller is not record:
                         size_rejections = 0
                         logger.warning(
                             "dead letter too large for %s; writing it again "
                             "without its value (and then without its key and "
-                            "headers)",
+                            "headers, and then with only its source position)",
                             self._settings.dead_letter_target(),
                             extra={"message_id": envelope.id, "error": str(exc)},
                         )
-                        record = _smaller_dead_letter(record, exc)
+                        record = smaller
+                    elif smaller is not None:
+                        minimal_failures += 1
+                        self._log_dead_letter_failure(
+                            envelope,
+                            exc,
+                            failures,
+                            _MINIMAL_DEAD_LETTER_TOO_LARGE,
+                            repeat=minimal_failures,
+                        )
                     else:
                         self._log_dead_letter_failure(envelope, exc, failures)
                     await wait_backoff(
@@ -820,13 +834,23 @@ class InputReader:
         self._finish(envelope)
 
     def _log_dead_letter_failure(
-        self, envelope: Envelope, exc: Exception, failures: int
+        self,
+        envelope: Envelope,
+        exc: Exception,
+        failures: int,
+        hint: str = "",
+        *,
+        repeat: int | None = None,
     ) -> None:
-        # Retries go on until the write succeeds; log the first and every tenth.
-        if failures != 1 and failures % 10:
+        """Log a failed dead-letter write: the first of a kind and every tenth.
+
+        `repeat` counts the failures of this kind, `failures` all of them.
+        """
+        repeat = failures if repeat is None else repeat
+        if repeat != 1 and repeat % 10:
             return
-        retriable = getattr(exc, "retriable", False)
-        hint = "" if retriable else "; this error will not pass by itself"
+        if not hint and not getattr(exc, "retriable", False):
+            hint = "; this error will not pass by itself"
         logger.error(
             "writing dead letter to %s failed (attempt %d); retrying. Check "
             "READER_DEAD_LETTER and the sink%s",
@@ -1061,11 +1085,34 @@ def _too_large(error: Exception) -> bool:
     return isinstance(error, SinkError) and error.too_large and not error.retriable
 
 
+#: The headers of the smallest dead letter: the source position and the outcome.
+_MINIMAL_DEAD_LETTER_HEADERS = frozenset(
+    {
+        "dlq.source.topic",
+        "dlq.source.partition",
+        "dlq.source.offset",
+        "dlq.status",
+        "dlq.error",
+        "dlq.attempts",
+    }
+)
+#: The start of ``dlq.error`` that the smallest dead letter keeps.
+_MINIMAL_ERROR_BYTES = 100
+_MINIMAL_DEAD_LETTER_TOO_LARGE = (
+    "; the dead letter is too large even with only its source position and "
+    "the start of the error, so raise the size limit of the dead-letter "
+    "destination (max.message.bytes of the topic, or message.max.bytes in "
+    "KAFKA_EXTRA_CONFIG), and the reader writes it"
+)
+
+
 def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
     """Return the dead letter with less of the message, after the sink rejected it.
 
     The value goes first. Then the key and the record headers go, leaving the
-    ``dlq.*`` headers, which name the source position and are small.
+    ``dlq.*`` headers, which name the source position. Last, only the source
+    position, the status, the attempts and the start of the error stay.
+    Returns `record` itself when nothing is left to drop.
     """
     reason = str(error)[:500].encode()
     if record.value:
@@ -1074,10 +1121,17 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
     context = [
         (name, value) for name, value in record.headers if name.startswith("dlq.")
     ]
-    if record.key is None and len(context) == len(record.headers):
+    if record.key is not None or len(context) < len(record.headers):
+        headers = [*context, ("dlq.key_and_headers_dropped", reason)]
+        return dataclasses.replace(record, key=None, headers=headers)
+    minimal = [
+        (name, value[:_MINIMAL_ERROR_BYTES] if name == "dlq.error" else value)
+        for name, value in context
+        if name in _MINIMAL_DEAD_LETTER_HEADERS
+    ]
+    if minimal == record.headers:
         return record
-    headers = [*context, ("dlq.key_and_headers_dropped", reason)]
-    return dataclasses.replace(record, key=None, headers=headers)
+    return dataclasses.replace(record, headers=minimal)
 
 
 def _dead_letter_record(
