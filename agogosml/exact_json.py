@@ -105,12 +105,13 @@ def json_error(value: bytes) -> str:
         orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         if "infinity" in str(exc):
+            # The exact decoder names the number, where orjson gives only
+            # its position.
             try:
                 loads_exact(value, int_or_fragment)
-            except ValueError:
-                pass
-            else:
-                return ""
+            except ValueError as exact_error:
+                return str(exact_error)
+            return ""
         return decode_error(value, exc)
     return ""
 

@@ -1020,6 +1020,23 @@ async def test_batch_non_json_value_dead_lettered():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+async def test_batch_value_beyond_double_named():
+    source = MemorySource(TOPIC)
+    source.add(b'{"amount": 1e400}')
+    dead_letter = MemorySink()
+
+    async with stub_app(reject_invalid_json) as app:
+        settings = reader_settings(app.url, batch_max_messages=3, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert app.requests == []
+    assert context["dlq.error"] == (
+        "message value is not valid JSON: number 1e400 is beyond the range of a "
+        "double"
+    )
+
+
 @pytest.mark.parametrize(
     "value",
     [b'1,"id":"forged-id","key":"forged-key"', b'1},{"value":2'],
