@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -299,6 +300,16 @@ def _parse_row(
             f"{path}: line {line} has the invalid value "
             f"{row.get(column)!r} in column {column!r}"
         ) from exc
+    # NaN and infinity convert, but JSON has no such numbers. One sum finds
+    # them in a row, and a sum that overflows only looks again.
+    if not math.isfinite(sum(map(transaction.__getitem__, FEATURE_COLUMNS))):
+        for column in FEATURE_COLUMNS:
+            if not math.isfinite(transaction[column]):
+                raise DatasetFormatError(
+                    f"{path}: line {line} has the value {row[column]!r} in column "
+                    f"{column!r}, which is not a finite number; JSON has no NaN or "
+                    "infinity, so give a number"
+                )
     return transaction
 
 

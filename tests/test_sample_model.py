@@ -521,6 +521,31 @@ def test_iter_transactions_rejects_row_of_wrong_length(
     )
 
 
+@pytest.mark.parametrize("text", ["NaN", "1e999", "-inf"])
+def test_iter_transactions_rejects_non_finite_value(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "non_finite.csv"
+    frame = make_frame(rows=3, frauds=1).astype({"Amount": object})
+    frame.loc[1, "Amount"] = text
+    frame.to_csv(path, index=False)
+
+    with pytest.raises(DatasetFormatError) as raised:
+        list(iter_transactions(path))
+
+    assert f"line 3 has the value {text!r} in column 'Amount'" in str(raised.value)
+    assert "not a finite number" in str(raised.value)
+
+
+def test_iter_transactions_keeps_huge_finite_values(tmp_path: Path) -> None:
+    path = tmp_path / "huge.csv"
+    frame = make_frame(rows=1, frauds=0)
+    frame.loc[0, ["V1", "V2"]] = [1e308, 1e308]
+    frame.to_csv(path, index=False)
+
+    (transaction,) = iter_transactions(path)
+
+    assert transaction["V1"] == transaction["V2"] == 1e308
+
+
 # Fraud model, without the real dataset
 
 
