@@ -10,6 +10,8 @@ import time
 
 import orjson
 
+from agogosml.errors import SinkError
+
 # Attributes every LogRecord has; anything else was passed through `extra=`.
 _STANDARD_ATTRIBUTES = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
@@ -76,10 +78,23 @@ def configure_logging(level: str, service: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def sink_error_fields(exc: BaseException) -> dict[str, object]:
+    """Return the log fields of an error, unmasked when a sink raised it.
+
+    A sink's error names topics, files, message ids and sizes, never a
+    message's content, so masking it would only hide what to fix.
+    """
+    return {"error": str(exc), _NO_CONTENT_FIELD: isinstance(exc, SinkError)}
+
+
+#: A log record field, left out of the output, that exempts ``error`` from masking.
+_NO_CONTENT_FIELD = "_error_without_content"
+
+
 class _ContentFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = getattr(record, "error", None)
-        if isinstance(error, str):
+        if isinstance(error, str) and not getattr(record, _NO_CONTENT_FIELD, False):
             record.error = mask_content(error)
         return True
 

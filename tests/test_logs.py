@@ -1,7 +1,10 @@
 import json
 import logging
 
-from agogosml.logs import JsonFormatter, configure_logging
+import pytest
+
+from agogosml.errors import SinkError, SourceError
+from agogosml.logs import JsonFormatter, configure_logging, sink_error_fields
 
 
 def make_record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -32,16 +35,21 @@ def test_undecodable_text_still_logged():
     assert document["message_id"] == "id-\udcff"
 
 
-def logged_error(level: str, error: str, capsys) -> str:
-    """Log one line with `error` at WARNING, as a service configured at `level`."""
+def logged_line(level: str, extra: dict[str, object], capsys) -> dict[str, object]:
+    """Log one line with `extra` at WARNING, as a service configured at `level`."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         configure_logging(level, "test")
-        logging.getLogger("agogosml.test").warning("rejected", extra={"error": error})
+        logging.getLogger("agogosml.test").warning("rejected", extra=extra)
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
-    return json.loads(capsys.readouterr().err.splitlines()[-1])["error"]
+    return json.loads(capsys.readouterr().err.splitlines()[-1])
+
+
+def logged_error(level: str, error: str, capsys) -> str:
+    """Log one line with `error` at WARNING, as a service configured at `level`."""
+    return str(logged_line(level, {"error": error}, capsys)["error"])
 
 
 def test_quoted_values_masked_below_debug(capsys):
@@ -60,3 +68,19 @@ def test_response_body_cut_below_debug(capsys):
         "app responded 400 (body not logged)"
     )
     assert logged_error("DEBUG", error, capsys) == error
+
+
+def test_sink_error_not_masked(capsys):
+    error = SinkError("writing output file '/data/out.jsonl' failed: [Errno 27]")
+
+    line = logged_line("INFO", sink_error_fields(error), capsys)
+
+    assert line["error"] == str(error)
+    assert not any(name.startswith("_") for name in line)
+
+
+@pytest.mark.parametrize("error", [SourceError("value 'x'"), ValueError("value 'x'")])
+def test_other_error_still_masked(capsys, error: Exception):
+    line = logged_line("INFO", sink_error_fields(error), capsys)
+
+    assert line["error"] == "value '…'"

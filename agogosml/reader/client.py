@@ -468,8 +468,7 @@ def _item_outcome(item: object) -> Outcome:
         return Outcome(
             502,
             f"app returned an invalid batch result {_json_preview(item)}; each "
-            "result needs "
-            'a "status" between 200 and 599',
+            "result needs a status field with an integer between 200 and 599",
             item_result=True,
         )
     error = str(fields.get("error") or "")

@@ -15,6 +15,7 @@ from typing import Any
 from agogosml.config import Ordering, ReaderSettings, redact_url
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
+from agogosml.logs import sink_error_fields
 from agogosml.metrics import (
     DEAD_LETTERED,
     IN_FLIGHT,
@@ -797,7 +798,10 @@ class InputReader:
                             "without its value (and then without its key and "
                             "headers, and then with only its source position)",
                             self._settings.dead_letter_target(),
-                            extra={"message_id": envelope.id, "error": str(exc)},
+                            extra={
+                                "message_id": envelope.id,
+                                **sink_error_fields(exc),
+                            },
                         )
                         record = smaller
                     elif smaller is not None:
@@ -857,7 +861,7 @@ class InputReader:
             self._settings.dead_letter_target(),
             failures,
             hint,
-            extra={"message_id": envelope.id, "error": str(exc)},
+            extra={"message_id": envelope.id, **sink_error_fields(exc)},
         )
 
     def _track_start(self, envelope: Envelope) -> None:

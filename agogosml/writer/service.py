@@ -42,6 +42,7 @@ from agogosml.http import (
     read_body,
     start_site,
 )
+from agogosml.logs import sink_error_fields
 from agogosml.metrics import (
     IN_FLIGHT,
     MESSAGES_IN,
@@ -238,7 +239,7 @@ class OutputWriter:
                 extra={
                     "message_ids": [e.id for e in envelopes[:20]],
                     "failed_ids": list(exc.failures)[:20],
-                    "error": str(exc),
+                    **sink_error_fields(exc),
                     "retriable": exc.retriable,
                 },
             )
