@@ -911,6 +911,16 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
             document, option=orjson.OPT_SERIALIZE_NUMPY, default=_array_to_list
         )
     except orjson.JSONEncodeError as exc:
+        if "Recursion limit" in str(exc):
+            # The same input gives the same result, so a retry cannot help.
+            raise _Reject(
+                422,
+                f"result {index} of the scoring function nests arrays and objects "
+                "too deeply: the JSON encoder stops at 255 levels, counting the "
+                "request to the writer around the result. The result was not "
+                "written; return a flatter result, or InvalidRecord for such an "
+                "input",
+            ) from None
         raise _Reject(
             500,
             f"result {index} of the scoring function, of type "

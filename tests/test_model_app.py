@@ -711,7 +711,7 @@ def nested(depth: int) -> Any:
     return document
 
 
-async def test_batch_deeply_nested_result_fails_one_item():
+async def test_deeply_nested_result_fails_with_422():
     items = [
         {"id": "in:0:0", "value": "good"},
         {"id": "in:0:1", "value": "deep"},
@@ -727,11 +727,16 @@ async def test_batch_deeply_nested_result_fails_one_item():
                 "/batch", data=orjson.dumps(items), headers=JSON
             )
             body = await response.json()
+            single = await client.post("/", data=b'"deep"', headers=JSON)
+            single_error = (await single.json())["error"]
 
     statuses = [result["status"] for result in body["results"]]
     assert response.status == 200
-    assert statuses == [200, 500, 200]
-    assert "cannot be encoded as JSON" in body["results"][1]["error"]
+    # The same input nests as deeply again, so the reader does not retry.
+    assert statuses == [200, 422, 200]
+    assert "result 1 of the scoring function nests" in body["results"][1]["error"]
+    assert single.status == 422
+    assert "nests arrays and objects too deeply" in single_error
     assert [output["id"] for output in writer.requests[0].json()] == [
         "in:0:0",
         "in:0:2",
