@@ -48,6 +48,7 @@ test-containers: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check agogosml agogosml_cli sample_app tests deployment benchmarks
+	$(BIN)/ruff format --check agogosml agogosml_cli sample_app tests deployment benchmarks
 	$(BIN)/mypy
 
 # Benchmarks: pipeline modes against a raw Kafka relay on a local broker

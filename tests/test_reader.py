@@ -1032,8 +1032,7 @@ async def test_batch_value_beyond_double_named():
     context = dead_letter_headers(dead_letter.envelopes[0])
     assert app.requests == []
     assert context["dlq.error"] == (
-        "message value is not valid JSON: number 1e400 is beyond the range of a "
-        "double"
+        "message value is not valid JSON: number 1e400 is beyond the range of a double"
     )
 
 
