@@ -34,6 +34,7 @@ from agogosml_cli.slot_images import (
     image_settings,
     slot_image,
 )
+from agogosml_cli.yaml_loader import DuplicateKeyError, load_unique_keys
 
 SLOTS = ("blue", "green")
 IDLE_POLICIES = ("scaleToZero", "warm")
@@ -481,15 +482,31 @@ def load_release_values(path: Path) -> dict[str, Any]:
     Raises:
         click.BadParameter: The file is not YAML, or not a mapping.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(
+            f"{str(path)!r} is not UTF-8 text (byte {exc.start}); write the output "
+            "of `helm get values RELEASE --output yaml` to it",
+            param_hint="--release-values",
+        ) from None
     lines = text.splitlines()
     if lines and lines[0].strip() in _VALUES_HEADERS:
         text = "\n".join(lines[1:])
     try:
-        values = yaml.safe_load(text)
+        values = load_unique_keys(text, str(path))
+    except DuplicateKeyError as exc:
+        raise click.BadParameter(
+            f"{str(path)!r}: {exc}", param_hint="--release-values"
+        ) from None
     except yaml.YAMLError as exc:
         raise click.BadParameter(
             f"{str(path)!r} is not YAML or JSON: {exc}", param_hint="--release-values"
+        ) from None
+    except RecursionError:
+        raise click.BadParameter(
+            f"{str(path)!r} nests too deeply for release values",
+            param_hint="--release-values",
         ) from None
     if values is None:
         return {}

@@ -61,6 +61,16 @@ def status(
         click.echo(format_status(report))
 
 
+def _check_mapping(key: str, value: Any) -> None:
+    """Reject release values where the chart expects a mapping."""
+    if not isinstance(value, dict):
+        raise ReleaseStateError(
+            f"the release sets {key} to {value!r}, which is not a mapping as the "
+            "chart expects; fix it with agogosml deploy --values, or with helm "
+            "upgrade --reuse-values --set"
+        )
+
+
 def _replica_count(slot: str, value: Any) -> int:
     """Return the replica count of a slot, or raise when the release has none."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -76,11 +86,12 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
     """Return the slot state of a release from `helm get values --all` and status."""
     state = SlotState.from_values(values)
     try:
-        slot_values_by_name = {
-            slot: dict(values["app"]["slots"][slot]) for slot in SLOTS
-        }
-    except (KeyError, TypeError, ValueError):
+        slot_values_by_name = {slot: values["app"]["slots"][slot] for slot in SLOTS}
+    except (KeyError, TypeError):
         raise ReleaseStateError(NOT_AGOGOSML) from None
+    for slot, slot_values in slot_values_by_name.items():
+        _check_mapping(f"app.slots.{slot}", slot_values)
+        _check_mapping(f"app.slots.{slot}.image", slot_values.get("image") or {})
     app_version = str(
         (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
     )

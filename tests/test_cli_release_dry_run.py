@@ -187,6 +187,31 @@ def test_release_values_skips_helm_header(helm_state: Path, tmp_path: Path) -> N
     assert service_slot(result.stdout) == "green"
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xff\xfeapp: {}\n", "is not UTF-8 text (byte 0)"),
+        (
+            b"app:\n  activeSlot: blue\n  previewSlot: green\n  activeSlot: green\n",
+            "activeSlot",
+        ),
+    ],
+    ids=["not-utf8", "duplicate-key"],
+)
+def test_release_values_file_problem_named(
+    helm_state: Path, tmp_path: Path, content: bytes, problem: str
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_bytes(content)
+
+    result = invoke("promote", "--dry-run", "--release-values", str(values), *SCOPE)
+
+    assert result.exit_code == 2, result.output
+    assert problem in result.output
+    assert str(values) in result.output
+    assert "Traceback" not in result.output
+
+
 def test_release_values_needs_dry_run(helm_state: Path, tmp_path: Path) -> None:
     values = write_values(tmp_path / "values.yaml", previewSlot="green")
 

@@ -840,6 +840,26 @@ def test_status_rejects_foreign_release(fake_helm: FakeHelm) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("slots", "key"),
+    [
+        ({"blue": {"image": "r/app:1"}}, "app.slots.blue.image"),
+        ({"green": [["a", "b"]]}, "app.slots.green"),
+    ],
+)
+def test_status_names_slot_value_not_mapping(
+    fake_helm: FakeHelm, slots: dict[str, Any], key: str
+) -> None:
+    fake_helm.set_values({"app": {"slots": slots}})
+
+    result = invoke("status", "--release", "rel")
+
+    assert result.exit_code == 1, result.output
+    assert f"the release sets {key} to" in result.output
+    assert "not a mapping" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("replicas", ["two", 1e400, -1, True])
 def test_status_names_invalid_replicas(fake_helm: FakeHelm, replicas: Any) -> None:
     fake_helm.set_values({"app": {"slots": {"blue": {"replicas": replicas}}}})
