@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -313,9 +314,15 @@ def _write_manifest(path: Path, text: str) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            # The name may be taken by a file or by a symbolic link loop.
+            fix = (
+                "choose another --manifest path"
+                if os.path.lexists(directory)
+                else "create it or choose another --manifest path"
+            )
             raise click.ClickException(
                 f"cannot create directory {str(directory)!r} for the manifest: "
-                f"{exc.strerror or exc}; create it or choose another --manifest path"
+                f"{exc.strerror or exc}; {fix}"
             ) from None
         click.echo(f"Created directory {directory}.")
     try:

@@ -34,6 +34,7 @@ from agogosml_cli.manifest import (
     repeated_names,
     stream_type_conflict,
 )
+from agogosml_cli.resolve import resolve
 from agogosml_cli.shared_endpoints import find_shared_endpoint, flag_label
 
 #: Manifest data while init collects it: nested dictionaries by field name.
@@ -453,7 +454,11 @@ def _endpoint_fields(name: str) -> list[InitField]:
 
 def suggest_name(directory: Path) -> str | None:
     """Return the directory's name as a project name, or None if it is not valid."""
-    name = re.sub(r"[^a-z0-9-]+", "-", directory.resolve().name.lower()).strip("-")
+    try:
+        directory = resolve(directory)
+    except ValueError:
+        return None
+    name = re.sub(r"[^a-z0-9-]+", "-", directory.name.lower()).strip("-")
     try:
         TypeAdapter(Manifest.model_fields["name"].rebuild_annotation()).validate_python(
             name

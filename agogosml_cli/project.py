@@ -31,6 +31,7 @@ from packaging.version import InvalidVersion, Version
 
 from agogosml.errors import AgogosmlError
 from agogosml_cli.git import TEMPORARY_IDENTITY, GitError, run_git
+from agogosml_cli.resolve import resolve
 from agogosml_cli.template_history import BUNDLE_PATH, TemplateHistory
 from agogosml_cli.wheel import write_wheel
 
@@ -96,8 +97,11 @@ def generate_project(
             changes, or git or Copier failed.
         UpdateConflictError: An update cannot merge cleanly.
     """
-    project = project.resolve()
-    manifest_file = manifest_path.resolve() if manifest_path else None
+    try:
+        project = resolve(project)
+        manifest_file = resolve(manifest_path) if manifest_path else None
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from None
     try:
         if (project / ANSWERS_FILE).exists():
             return _update(project, answers, manifest_file)

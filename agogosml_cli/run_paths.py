@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from agogosml_cli.resolve import resolve
 from agogosml_cli.run import WORK_FILES
 
 #: File in the work directory that a run holds an exclusive lock on.
@@ -207,12 +208,14 @@ def check_run_files(
     """
     effects = dict.fromkeys(WORK_FILES, "which the run deletes and rewrites")
     effects[LOCK_FILE] = "which the run locks to keep other runs out"
-    run_files = {(work_dir / name).resolve(): name for name in effects}
+    run_files = {
+        _resolve_option("--work-dir", work_dir / name): name for name in effects
+    }
     file_options: dict[str, Path | None] = {**inputs, "--summary-json": summary_json}
     for option, path in file_options.items():
         if path is None:
             continue
-        name = run_files.get(path.resolve())
+        name = run_files.get(_resolve_option(option, path))
         if name is not None:
             raise click.UsageError(
                 f"{option} {str(path)!r} is the run's own {name} in --work-dir "
@@ -222,11 +225,19 @@ def check_run_files(
     if summary_json is None:
         return
     for option, path in inputs.items():
-        if path.resolve() == summary_json.resolve():
+        if resolve(path) == resolve(summary_json):
             raise click.UsageError(
                 f"{option} and --summary-json name the same file {str(path)!r}, "
                 "which the summary would overwrite; give the summary its own file"
             )
+
+
+def _resolve_option(option: str, path: Path) -> Path:
+    """Return the resolved path of an option, or raise a usage error naming it."""
+    try:
+        return resolve(path)
+    except ValueError as exc:
+        raise click.UsageError(f"{option}: {exc}") from None
 
 
 def _probe_directory(directory: Path) -> None:

@@ -1,4 +1,4 @@
-"""Usage errors and help text of `agogosml run` and the release commands."""
+"""Usage errors and help text of `agogosml run`, `generate` and the release commands."""
 
 from __future__ import annotations
 
@@ -148,3 +148,41 @@ def test_sasl_protocol_flag_without_mechanism(tmp_path: Path) -> None:
     assert "pass --kafka-sasl-mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512" in (
         output
     )
+
+
+@pytest.fixture
+def link_loop(tmp_path: Path) -> Path:
+    """Two symbolic links that point at each other; returns one of them."""
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    return tmp_path / "loop-a"
+
+
+@pytest.mark.parametrize(
+    ("option", "inside"), [("--work-dir", ""), ("--summary-json", "summary.json")]
+)
+def test_run_path_in_link_loop_named(link_loop: Path, option: str, inside: str) -> None:
+    path = link_loop / inside if inside else link_loop
+
+    result = invoke("run", option, str(path), "--limit", "1")
+
+    assert result.exit_code == 2, result.output
+    assert f"{option}: " in result.output
+    assert "remove the symbolic link loop or give another path" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_generate_output_in_link_loop_named(link_loop: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "agogosml.yaml"
+    created = invoke(
+        "init", "--no-input", "--name", "looped", "--source", "file",
+        "--source-path", "in.jsonl", "--sink", "file", "--sink-path", "out.jsonl",
+        "--registry", "r.io", "--manifest", str(manifest),
+    )  # fmt: skip
+    assert created.exit_code == 0, created.output
+
+    result = invoke("generate", "--manifest", str(manifest), "--output", str(link_loop))
+
+    assert result.exit_code == 1, result.output
+    assert f"{str(link_loop)!r} cannot be resolved" in result.output
+    assert "Traceback" not in result.output
