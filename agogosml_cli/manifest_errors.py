@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Any
 
 import yaml
@@ -102,10 +103,20 @@ def _tag_input(error: Any) -> Any:
     return context.get("tag", error.get("input"))
 
 
+_CONTAINER_REPR = reprlib.Repr()
+_CONTAINER_REPR.maxlevel = 3
+_CONTAINER_REPR.maxlist = 10
+_CONTAINER_REPR.maxdict = 10
+
+
 def _shown_value(location: list[int | str], value: Any) -> str:
     if any(part in _SECRET_FIELDS for part in location):
         return "<hidden>"
-    text = repr(value)
+    # A YAML alias can repeat one list inside itself many times over, so a
+    # container is shown only to a few levels and items.
+    text = (
+        _CONTAINER_REPR.repr(value) if isinstance(value, list | dict) else repr(value)
+    )
     if len(text) > _MAX_VALUE_CHARS:
         text = text[: _MAX_VALUE_CHARS - 3] + "..."
     return text

@@ -792,6 +792,23 @@ def test_invalid_manifest_hides_secret_literal(tmp_path: Path) -> None:
     assert "topsecret" not in result.output
 
 
+def test_manifest_alias_bomb_shown_briefly(tmp_path: Path) -> None:
+    # Each level repeats the one below nine times: 9**10 strings in all.
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 10):
+        below = ", ".join([f"*a{level - 1}"] * 9)
+        lines.append(f"a{level}: &a{level} [{below}]")
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text("\n".join([*lines, "name: *a9", ""]))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    (line,) = [line for line in result.output.splitlines() if "name: " in line]
+    assert line.startswith("  name: invalid value [[[[...], [...],")
+    assert len(line) < 600
+
+
 def test_manifest_not_yaml_rejected(tmp_path: Path) -> None:
     manifest = tmp_path / "agogosml.yaml"
     manifest.write_text("name: [unclosed\n")
