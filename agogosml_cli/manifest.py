@@ -56,8 +56,15 @@ EVENTHUBS_NAMESPACE_PATTERN = (
     r"^([a-zA-Z][-a-zA-Z0-9]{4,48}[a-zA-Z0-9]"
     r"|[a-zA-Z0-9][-a-zA-Z0-9]*(\.[-a-zA-Z0-9]+)+)$"
 )
+#: A TCP port, 1 to 65535, without leading zeros.
+_PORT_PATTERN = (
+    r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]"
+    r"|6553[0-5])"
+)
 REGISTRY_PATTERN = (
-    r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?(/[a-z0-9]([-._a-z0-9]*[a-z0-9])?)*$"
+    r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+    rf"(:{_PORT_PATTERN})?"
+    r"(/[a-z0-9]([-._a-z0-9]*[a-z0-9])?)*$"
 )
 EVENTHUBS_KAFKA_PORT = 9093
 EVENTHUBS_DOMAIN = "servicebus.windows.net"
@@ -551,8 +558,8 @@ class Manifest(_Model):
     sink: Sink
     registry: Annotated[str, BeforeValidator(_strip_trailing_slashes)] = Field(
         pattern=REGISTRY_PATTERN,
-        description="Container registry host, with an optional port and path and "
-        "no scheme, such as myregistry.azurecr.io.",
+        description="Container registry host, with an optional port (1 to 65535) "
+        "and path and no scheme, such as myregistry.azurecr.io.",
     )
     kubernetes: Kubernetes = Field(description="Kubernetes settings: namespace.")
 

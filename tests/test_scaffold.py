@@ -644,6 +644,12 @@ INVALID_CASES = [
         id="registry",
     ),
     pytest.param(
+        "registry",
+        "localhost:99999/team",
+        ["registry: invalid value 'localhost:99999/team'", "optional port"],
+        id="registry-port",
+    ),
+    pytest.param(
         "sink.bootstrap_servers",
         "other:9092",
         [
