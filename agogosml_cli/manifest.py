@@ -57,13 +57,13 @@ EVENTHUBS_NAMESPACE_PATTERN = (
     r"|[a-zA-Z0-9][-a-zA-Z0-9]*(\.[-a-zA-Z0-9]+)+)$"
 )
 #: A TCP port, 1 to 65535, without leading zeros.
-_PORT_PATTERN = (
+PORT_PATTERN = (
     r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]"
     r"|6553[0-5])"
 )
 REGISTRY_PATTERN = (
     r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
-    rf"(:{_PORT_PATTERN})?"
+    rf"(:{PORT_PATTERN})?"
     r"(/[a-z0-9]([-._a-z0-9]*[a-z0-9])?)*$"
 )
 EVENTHUBS_KAFKA_PORT = 9093

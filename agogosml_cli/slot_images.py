@@ -11,18 +11,20 @@ from typing import Any
 import click
 import yaml
 
+from agogosml_cli.manifest import PORT_PATTERN
+
 # REPOSITORY@sha256:DIGEST, REPOSITORY:TAG or TAG. A colon after the last
 # slash separates the tag, so registry ports (host:5000/name) stay in the
 # repository.
 _DIGEST = re.compile(r"^(?P<repository>[^@]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _COMPONENT = r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?"
-_REPOSITORY = re.compile(rf"^{_COMPONENT}(?::[0-9]+)?(?:/{_COMPONENT})*$")
+_REPOSITORY = re.compile(rf"^{_COMPONENT}(?::{PORT_PATTERN})?(?:/{_COMPONENT})*$")
 
 
 _REPOSITORY_FORM = (
     "A repository has lower-case letters, digits, '.', '_' and '-' between "
-    "slashes, and a registry may have a :PORT."
+    "slashes, and a registry may have a :PORT from 1 to 65535."
 )
 
 
@@ -48,6 +50,11 @@ def _image_problem(text: str, repository: str, tag: str) -> str:
         )
     if not repository and "/" in text:
         return f"{text!r} has no tag; add one, as in {text + ':1.0'!r}."
+    if repository == "sha256" and re.fullmatch(r"[0-9a-f]{64}", tag):
+        return (
+            "a digest needs its repository; give REPOSITORY@sha256:DIGEST, as in "
+            f"'my-app@{text}'."
+        )
     if repository and not _REPOSITORY.match(repository):
         return f"the repository {repository!r} is invalid. {_REPOSITORY_FORM}"
     if not _TAG.match(tag):

@@ -347,6 +347,8 @@ DIGEST = "sha256:" + "ab" * 32
         ("@" + DIGEST, "the repository before '@' is missing"),
         ("Model/x:1", "the repository 'Model/x' is invalid"),
         ("a//b:1", "the repository 'a//b' is invalid"),
+        ("localhost:99999/app:1", "a :PORT from 1 to 65535"),
+        (DIGEST, "a digest needs its repository"),
     ],
 )
 def test_deploy_rejects_bad_image(
