@@ -150,6 +150,14 @@ def _report(outcome: Outcome, project: Path) -> None:
         for line in outcome.changed:
             click.echo(f"  {line}")
         click.echo("Review the changes with 'git diff HEAD' and commit them.")
+    if outcome.deleted_edits:
+        click.echo(
+            "The manifest no longer generates these files, so the update deletes "
+            "them, with the edits you made to them:"
+        )
+        for path in outcome.deleted_edits:
+            click.echo(f"  {path}")
+        click.echo("'git show HEAD:PATH' shows your version of each.")
     if outcome.renamed:
         click.echo(
             "The package moved with the new name: reinstall the project "

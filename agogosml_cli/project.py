@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import copier
 import yaml
@@ -67,6 +67,9 @@ class Outcome:
         not_applied: Paths (relative to the repository root) of generated
             files that an update changed but did not write, because the
             project no longer has them.
+        deleted_edits: Paths (relative to the repository root) of generated
+            files that the user had edited and that an update deleted, because
+            the manifest no longer generates them.
         renamed: True when an update gave the project a new name.
     """
 
@@ -77,6 +80,7 @@ class Outcome:
     repository: Path | None = None
     identity_fallback: bool = False
     not_applied: list[str] = field(default_factory=list)
+    deleted_edits: list[str] = field(default_factory=list)
     renamed: bool = False
 
 
@@ -287,8 +291,8 @@ def _update(
                     "the file from the project's git history"
                 ) from None
         _raise_on_conflicts(clone)
-        missing = _changes_to_missing_files(
-            work, _recorded_answers(project), {**answers, **names}, tag
+        differences = _render_differences(
+            work, project, _recorded_answers(project), {**answers, **names}, tag
         )
         if names != _names(answers):
             _rename(clone, subdirectory, {**answers, **names}, answers, tag)
@@ -302,20 +306,40 @@ def _update(
         created=False,
         template_version=tag,
         changed=changed,
-        not_applied=[(subdirectory / path).as_posix() for path in missing],
+        not_applied=[
+            (subdirectory / path).as_posix() for path in differences.not_applied
+        ],
+        deleted_edits=[
+            (subdirectory / path).as_posix() for path in differences.deleted_edits
+        ],
         renamed=names != _names(answers),
     )
 
 
-def _changes_to_missing_files(
-    work: Path, recorded: dict[str, Any], answers: dict[str, Any], tag: str
-) -> list[Path]:
-    """Return the generated files that changed but are missing from `work`.
+class _RenderDifferences(NamedTuple):
+    """Generated files that an update handles differently from the template."""
+
+    #: Changed by the template or the answers, but missing from the project.
+    not_applied: list[Path]
+    #: No longer generated, so deleted, although the user had edited them.
+    deleted_edits: list[Path]
+
+
+def _render_differences(
+    work: Path,
+    project: Path,
+    recorded: dict[str, Any],
+    answers: dict[str, Any],
+    tag: str,
+) -> _RenderDifferences:
+    """Compare two renders with the project before (`project`) and after (`work`).
 
     Copier's update leaves out a file that the project no longer has, deleted
     or renamed by the user, even when the new template or the new answers
-    change it. Two renders, of the recorded version with the recorded answers
-    and of `tag` with `answers`, show which of those files changed.
+    change it. It also deletes a file that the new answers no longer generate,
+    such as the Helm values of a pipeline whose sink became a file, edits and
+    all. Two renders, of the recorded version with the recorded answers and of
+    `tag` with `answers`, show both.
     """
     bundle = work / BUNDLE_PATH
     before = {key: value for key, value in recorded.items() if not key.startswith("_")}
@@ -323,15 +347,22 @@ def _changes_to_missing_files(
         old, new = Path(tmp) / "old", Path(tmp) / "new"
         _render(old, bundle, before, str(recorded.get("_commit")))
         _render(new, bundle, answers, tag)
-        missing = []
+        differences = _RenderDifferences([], [])
         for path in sorted(new.rglob("*")):
             relative = path.relative_to(new)
             if not path.is_file() or (work / relative).exists():
                 continue
             previous = old / relative
             if not previous.is_file() or previous.read_bytes() != path.read_bytes():
-                missing.append(relative)
-        return missing
+                differences.not_applied.append(relative)
+        for path in sorted(old.rglob("*")):
+            relative = path.relative_to(old)
+            if not path.is_file() or (new / relative).exists():
+                continue
+            kept = project / relative
+            if kept.is_file() and kept.read_bytes() != path.read_bytes():
+                differences.deleted_edits.append(relative)
+        return differences
 
 
 def _names(answers: dict[str, Any]) -> dict[str, Any]:

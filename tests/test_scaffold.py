@@ -1965,6 +1965,26 @@ def test_regenerate_names_changed_files_the_project_lacks(
     assert "New." not in (project / "README.rst").read_text()
 
 
+def test_regenerate_names_deleted_files_with_edits(project: Path) -> None:
+    values = project / "helm" / "values.yaml"
+    values.write_text(values.read_text() + "extraSetting: 1\n")
+    git(project, "commit", "--quiet", "--all", "--message", "Tune the chart values")
+    manifest = project / "agogosml.yaml"
+    data = yaml.safe_load(manifest.read_text())
+    data["sink"] = {"type": "file", "path": "scores.jsonl"}
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("with the edits you made to them:\n", 1)[1]
+    listed_paths = [line.strip() for line in listed.splitlines() if line[:2] == "  "]
+    # The CD pipeline goes too, but it had no edits.
+    assert listed_paths == ["helm/values.yaml"]
+    assert not values.exists()
+    assert "git show HEAD:PATH" in result.output
+
+
 def test_regenerate_without_changes_lists_no_missing_file(project: Path) -> None:
     git(project, "rm", "--quiet", "docker-compose.yml")
     git(project, "commit", "--quiet", "--message", "Drop the compose file")
