@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import reprlib
 from typing import Any
@@ -125,16 +126,21 @@ def _shown_value(location: list[int | str], value: Any) -> str:
 def _quote_hint(
     document: yaml.Node | None, location: list[int | str], value: Any
 ) -> str:
-    """Return advice to quote a YAML scalar that YAML read as a boolean or number.
+    """Return advice to quote a scalar that YAML read as a boolean, number or date.
 
     PyYAML follows YAML 1.1, so unquoted yes, no, on and off are booleans too,
-    and 0777 and 1_000 are numbers. The advice quotes the scalar's text from
-    the file, which can differ from the parsed value (0777 is 511), unless
-    the field's input is never shown.
+    0777 and 1_000 are numbers, and 2001-12-14 is a date. The advice quotes
+    the scalar's text from the file, which can differ from the parsed value
+    (0777 is 511), unless the field's input is never shown.
     """
-    if document is None or not isinstance(value, bool | int | float):
+    if document is None or not isinstance(value, bool | int | float | datetime.date):
         return ""
-    kind = "a boolean" if isinstance(value, bool) else "a number"
+    if isinstance(value, bool):
+        kind = "a boolean"
+    elif isinstance(value, datetime.date):
+        kind = "a date"
+    else:
+        kind = "a number"
     node = scalar_node_at(document, location)
     if node is None or any(part in _SECRET_FIELDS for part in location):
         return (

@@ -1101,6 +1101,12 @@ def test_init_prompt_asks_again_for_shared_topic(tmp_path: Path) -> None:
             'the unquoted "Off" on line {line} as a boolean',
             id="capitalised-boolean",
         ),
+        pytest.param(
+            "2001-12-14",
+            "sink.topic: invalid value datetime.date(2001, 12, 14)",
+            'the unquoted "2001-12-14" on line {line} as a date; put it in quotes',
+            id="date",
+        ),
     ],
 )
 def test_unquoted_scalar_gets_quote_hint(
