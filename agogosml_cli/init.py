@@ -281,6 +281,13 @@ def init(manifest_path: Path, force: bool, no_input: bool, **values: Any) -> Non
     written: flags such as --source-connection-secret take SECRET:KEY, the name
     of a Kubernetes Secret and a key in it.
     """
+    if manifest_path.is_dir():
+        # click's dir_okay=False check passes an empty path, which means ".".
+        raise click.BadParameter(
+            f"{str(manifest_path)!r} is a directory; give the manifest's file "
+            f"path, such as {str(manifest_path / DEFAULT_MANIFEST_PATH)!r}",
+            param_hint="--manifest",
+        )
     if manifest_path.exists() and not force:
         raise click.ClickException(
             f"{manifest_path} exists; edit it and run 'agogosml generate', or pass "

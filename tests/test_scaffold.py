@@ -504,6 +504,18 @@ def test_soft_keyword_name_accepted() -> None:
     assert Manifest.model_validate(data).name == "match"
 
 
+def test_init_empty_manifest_path_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("init", "--no-input", "--force", "--manifest", "", *FILE_FLAGS)
+
+    assert result.exit_code == 2
+    assert "'.' is a directory; give the manifest's file path" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_init_keeps_existing_manifest(tmp_path: Path) -> None:
     path = init_manifest(tmp_path, KAFKA_FLAGS)
     before = path.read_text()
