@@ -294,8 +294,14 @@ def _update(
         differences = _render_differences(
             work, project, _recorded_answers(project), {**answers, **names}, tag
         )
+        not_applied = [
+            (subdirectory / path).as_posix() for path in differences.not_applied
+        ]
         if names != _names(answers):
-            _rename(clone, subdirectory, {**answers, **names}, answers, tag)
+            renamed_deleted = _rename(
+                clone, subdirectory, {**answers, **names}, answers, tag
+            )
+            not_applied = sorted({*not_applied, *renamed_deleted})
         write_wheel(work)
         changed, patch = _staged_changes(clone, subdirectory, head)
     if patch:
@@ -306,9 +312,7 @@ def _update(
         created=False,
         template_version=tag,
         changed=changed,
-        not_applied=[
-            (subdirectory / path).as_posix() for path in differences.not_applied
-        ],
+        not_applied=not_applied,
         deleted_edits=[
             (subdirectory / path).as_posix() for path in differences.deleted_edits
         ],
@@ -394,15 +398,26 @@ def _rename(
     before: dict[str, Any],
     after: dict[str, Any],
     tag: str,
-) -> None:
+) -> list[str]:
     """Rename the project in the clone, carrying the user's edits along.
 
     Copier's update matches files by path, so a new name, which moves the
     package directory, would drop the edits of every moved file. So the
     update above kept the old name, and the rename is a cherry-pick of two
     renders that differ only in the name: git's merge follows the moved files
-    and applies their renaming to the edited ones.
+    and applies their renaming to the edited ones. Returns the paths of files
+    that the user deleted and the rename would have changed; they stay
+    deleted.
     """
+    target = clone / subdirectory / "src" / after["package_name"]
+    if target.exists():
+        relative = (subdirectory / "src" / after["package_name"]).as_posix()
+        raise UpdateConflictError(
+            "the update was not applied, because the new name's package "
+            f"directory {relative} exists already; move or remove it, commit, and "
+            "run 'agogosml generate' again",
+            [relative],
+        )
     run_git(["add", "--all"], clone)
     run_git(
         ["commit", "--quiet", "--allow-empty", "-m", "Update the template"],
@@ -443,12 +458,27 @@ def _rename(
         )
     except GitError:
         pass  # The conflicts are named below.
+    kept_deleted = _keep_deletions(clone)
     _raise_on_conflicts(clone)
     _move_leftovers(
         clone / subdirectory / "src",
         before["package_name"],
         after["package_name"],
     )
+    return kept_deleted
+
+
+def _keep_deletions(clone: Path) -> list[str]:
+    """Keep the files that the user deleted and the rename changes deleted.
+
+    Such a file conflicts in the cherry-pick (deleted by us, modified by them).
+    Returns their paths, relative to the repository root.
+    """
+    status = run_git(["status", "--porcelain", "-z"], clone)
+    deleted = [path for letters, path in _status_entries(status) if letters == "DU"]
+    if deleted:
+        run_git(["rm", "--quiet", "--", *deleted], clone)
+    return deleted
 
 
 def _move_leftovers(source_root: Path, old: str, new: str) -> None:

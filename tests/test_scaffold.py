@@ -2117,6 +2117,37 @@ def test_regenerate_rename_conflict_names_files(project: Path) -> None:
     assert "the fraud team" in app.read_text()
 
 
+def test_regenerate_rename_keeps_deleted_files_deleted(project: Path) -> None:
+    git(project, "rm", "--quiet", "docker-compose.yml", "tests/conftest.py")
+    git(project, "commit", "--quiet", "--message", "Drop generated files")
+    edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("so they were not updated:\n", 1)[1]
+    listed_paths = [line.strip() for line in listed.splitlines() if line[:2] == "  "]
+    assert listed_paths == ["docker-compose.yml", "tests/conftest.py"]
+    assert not (project / "docker-compose.yml").exists()
+    assert not (project / "tests" / "conftest.py").exists()
+    assert (project / "src" / "card_scoring" / "app.py").exists()
+
+
+def test_regenerate_rename_onto_existing_package_named(project: Path) -> None:
+    package = project / "src" / "card_scoring"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    git(project, "add", "--all")
+    git(project, "commit", "--quiet", "--message", "Add a package of that name")
+    edit(project / "agogosml.yaml", "name: fraud-scoring", "name: card-scoring")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 1
+    assert "package directory src/card_scoring exists already" in result.output
+    assert (project / "src" / "fraud_scoring" / "app.py").exists()
+
+
 def test_regenerate_rejects_uncommitted_changes(project: Path) -> None:
     edit(project / "Dockerfile", "EXPOSE 8000", "EXPOSE 8001")
     (project / "scratch.txt").write_text("notes\n")
