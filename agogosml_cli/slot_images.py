@@ -182,23 +182,31 @@ def ignored_image_values(
 
 
 def check_image_values(values_files: Sequence[Path], slots: Sequence[str]) -> None:
-    """Raise `click.UsageError` for a slot image that a values file gives as text.
+    """Raise `click.UsageError` for a slot value that a values file gives as text.
 
     The release commands set ``app.slots.<slot>.image.tag`` and its siblings,
-    and Helm fails on a text value there with a Go error that names neither
-    the key nor the file.
+    and Helm fails on a value that is not a mapping on that way (``app``,
+    ``app.slots``, a slot or its image) with a Go error that names neither the
+    key nor the file.
     """
     for path in values_files:
         values = _load_mapping(path)
+        keys = ["app", "app.slots"]
         for slot in slots:
-            key = f"app.slots.{slot}.image"
+            keys += [f"app.slots.{slot}", f"app.slots.{slot}.image"]
+        for key in keys:
             found = _lookup(values, key.split("."))
             if found is _MISSING or found is None or isinstance(found, Mapping):
                 continue
+            fix = (
+                "write image: {repository: REPOSITORY, tag: TAG}, or leave it out "
+                "and pass the image with --image"
+                if key.endswith(".image")
+                else "write the keys below it as the chart's values.yaml does"
+            )
             raise click.UsageError(
                 f"{path} sets {key} to {found!r}, but the chart takes a mapping "
-                "there: write image: {repository: REPOSITORY, tag: TAG}, or leave "
-                "it out and pass the image with --image"
+                f"there: {fix}"
             )
 
 

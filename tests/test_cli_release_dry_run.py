@@ -316,3 +316,25 @@ def test_image_as_text_in_values_named(helm_state: Path, tmp_path: Path) -> None
     assert f"{path} sets app.slots.blue.image to 'repo:1'" in message
     assert "write image: {repository: REPOSITORY, tag: TAG}" in message
     assert "interface conversion" not in message
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"app": {"slots": 5}}, "app.slots"),
+        ({"app": {"slots": {"green": []}}}, "app.slots.green"),
+    ],
+)
+def test_slot_values_not_mapping_named(
+    helm_state: Path, tmp_path: Path, values: dict, key: str
+) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+
+    result = invoke("deploy", "--dry-run", "--image", "1.0", "-f", str(path), *SCOPE)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2, result.output
+    assert f"{path} sets {key} to" in message
+    assert "but the chart takes a mapping there" in message
+    assert "interface conversion" not in message
