@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,10 @@ def generate(manifest_path: Path, output: Path | None) -> None:
         )
     except (GenerateError, GitError, WheelError) as exc:
         raise click.ClickException(str(exc)) from None
-    _report(outcome, project)
+    _report(outcome, project, manifest_path)
 
 
-def _report(outcome: Outcome, project: Path) -> None:
+def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
     if outcome.created:
         click.echo(
             f"Rendered {len(outcome.changed)} files into {project} from template "
@@ -172,7 +173,8 @@ def _report(outcome: Outcome, project: Path) -> None:
         )
         for path in outcome.not_applied:
             click.echo(f"  {path}")
+        manifest = shlex.quote(str(manifest_path))
         click.echo(
             "To see them as generated now, render the manifest into a new "
-            "directory: agogosml generate --manifest MANIFEST --output DIRECTORY"
+            f"directory: agogosml generate --manifest {manifest} --output DIRECTORY"
         )

@@ -581,6 +581,11 @@ def _recorded_version(project: Path) -> Version:
             f"{BUNDLE_PATH}, or that file is missing; restore both from the "
             "project's git history"
         )
+    if answers.get("_commit") is None:
+        raise GenerateError(
+            f"{project / ANSWERS_FILE} does not record the template version "
+            "(_commit); restore the file from the project's git history"
+        )
     try:
         return Version(str(answers.get("_commit")))
     except InvalidVersion:

@@ -2214,13 +2214,22 @@ def damage_answers(project: Path, damage: str) -> None:
         recorded = yaml.safe_load(text)
         history = {key: recorded[key] for key in ("_commit", "_src_path")}
         path.write_text(yaml.safe_dump(history))
+    elif damage == "version missing":
+        path.write_text(re.sub(r"(?m)^_commit: .*\n", "", text))
     else:
         path.write_text(re.sub(r"(?m)^_commit: .*$", "_commit: 0.0.1", text))
     git(project, "commit", "--quiet", "--all", "--message", f"Damage: {damage}")
 
 
 @pytest.mark.parametrize(
-    "damage", ["conflict markers", "not UTF-8", "answers missing", "unknown version"]
+    "damage",
+    [
+        "conflict markers",
+        "not UTF-8",
+        "answers missing",
+        "version missing",
+        "unknown version",
+    ],
 )
 def test_regenerate_damaged_answers_named(project: Path, damage: str) -> None:
     damage_answers(project, damage)
