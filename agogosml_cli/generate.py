@@ -147,18 +147,18 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
     if not outcome.changed:
         click.echo(f"{project} is up to date with template {outcome.template_version}.")
     else:
-        click.echo(f"Updated {project} to template {outcome.template_version}:")
-        for line in outcome.changed:
-            click.echo(f"  {line}")
-        click.echo("Review the changes with 'git diff HEAD' and commit them.")
-    if outcome.deleted_edits:
-        click.echo(
-            "The manifest no longer generates these files, so the update deletes "
-            "them, with the edits you made to them:"
+        _echo_paths(
+            f"Updated {project} to template {outcome.template_version}:",
+            outcome.changed,
+            "Review the changes with 'git diff HEAD' and commit them.",
         )
-        for path in outcome.deleted_edits:
-            click.echo(f"  {path}")
-        click.echo("'git show HEAD:PATH' shows your version of each.")
+    if outcome.deleted_edits:
+        _echo_paths(
+            "The manifest no longer generates these files, so the update deletes "
+            "them, with the edits you made to them:",
+            outcome.deleted_edits,
+            "'git show HEAD:PATH' shows your version of each.",
+        )
     if outcome.renamed:
         click.echo(
             "The package moved with the new name: reinstall the project "
@@ -166,15 +166,20 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
             "under the new name."
         )
     if outcome.not_applied:
-        click.echo(
+        manifest = shlex.quote(str(manifest_path))
+        _echo_paths(
             "The template or the manifest changed these generated files, which "
             "the project no longer has (deleted or renamed), so they were not "
-            "updated:"
-        )
-        for path in outcome.not_applied:
-            click.echo(f"  {path}")
-        manifest = shlex.quote(str(manifest_path))
-        click.echo(
+            "updated:",
+            outcome.not_applied,
             "To see them as generated now, render the manifest into a new "
-            f"directory: agogosml generate --manifest {manifest} --output DIRECTORY"
+            f"directory: agogosml generate --manifest {manifest} --output DIRECTORY",
         )
+
+
+def _echo_paths(heading: str, paths: list[str], closing: str) -> None:
+    """Print a heading, the paths indented below it, and a closing line."""
+    click.echo(heading)
+    for path in paths:
+        click.echo(f"  {path}")
+    click.echo(closing)

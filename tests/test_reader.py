@@ -1754,16 +1754,23 @@ async def test_transform_non_text_id_dead_lettered(batch_max_messages):
     assert reader.in_flight == 0
 
 
-async def test_failing_dead_letter_sink_marks_not_ready():
+def rejected_message_failing_dead_letter() -> tuple[MemorySource, MemorySink]:
+    """Return a source of one message and a dead-letter sink that keeps failing."""
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
     dead_letter.fail_next(1_000_000)
+    return source, dead_letter
 
-    async def reject(received: Received) -> web.Response:
-        return status_response(400, "invalid")
 
-    async with stub_app(reject) as app:
+async def reject_invalid(received: Received) -> web.Response:
+    return status_response(400, "invalid")
+
+
+async def test_failing_dead_letter_sink_marks_not_ready():
+    source, dead_letter = rejected_message_failing_dead_letter()
+
+    async with stub_app(reject_invalid) as app:
         settings = reader_settings(app.url, retry_max_backoff_ms=1)
         async with running_reader(settings, source, dead_letter) as (reader, _):
             await wait_for(lambda: reader.dead_letter_failing)
@@ -1778,15 +1785,9 @@ async def test_failing_dead_letter_sink_marks_not_ready():
 
 
 async def test_dead_letter_retry_ends_when_partition_revoked():
-    source = MemorySource(TOPIC)
-    fill(source, 1)
-    dead_letter = MemorySink()
-    dead_letter.fail_next(1_000_000)
+    source, dead_letter = rejected_message_failing_dead_letter()
 
-    async def reject(received: Received) -> web.Response:
-        return status_response(400, "invalid")
-
-    async with stub_app(reject) as app:
+    async with stub_app(reject_invalid) as app:
         settings = reader_settings(app.url, retry_max_backoff_ms=1)
         async with running_reader(settings, source, dead_letter) as (reader, _):
             await wait_for(lambda: reader.dead_letter_failing)
