@@ -182,7 +182,7 @@ def ignored_image_values(
 
 
 def check_image_values(values_files: Sequence[Path], slots: Sequence[str]) -> None:
-    """Raise `click.UsageError` for a slot value that a values file gives as text.
+    """Raise `click.UsageError` for slot values that a file gives as no mapping.
 
     The release commands set ``app.slots.<slot>.image.tag`` and its siblings,
     and Helm fails on a value that is not a mapping on that way (``app``,

@@ -139,7 +139,7 @@ class FileSink(Sink):
         if self._file is None:
             raise SinkError("file sink is not started")
         # Encoded before any line is buffered, so that a request whose encoding
-        # fails adds no line that nobody waits for.
+        # fails adds no line that no request waits for.
         lines = [encode_line(envelope) for envelope in envelopes]
         self._buffer.extend(lines)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
