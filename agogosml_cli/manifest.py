@@ -532,6 +532,13 @@ def _strip_trailing_slashes(value: Any) -> Any:
     return value.rstrip("/") if isinstance(value, str) else value
 
 
+def _reject_bool_or_float(value: Any) -> Any:
+    """Reject true and 1.0, which Python counts as equal to 1."""
+    if isinstance(value, bool | float):
+        raise ValueError("the manifest format version is the whole number 1")
+    return value
+
+
 class Manifest(_Model):
     """An agogosml pipeline: model app, source, sink, registry and namespace."""
 
@@ -540,7 +547,9 @@ class Manifest(_Model):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    version: Literal[1] = Field(1, description="Manifest format version: 1.")
+    version: Annotated[Literal[1], BeforeValidator(_reject_bool_or_float)] = Field(
+        1, description="Manifest format version: 1."
+    )
     name: Annotated[str, AfterValidator(_check_project_name)] = Field(
         pattern=PROJECT_NAME_PATTERN,
         description="Project name: 1 to 40 lowercase letters, digits and '-', "

@@ -719,6 +719,18 @@ INVALID_CASES = [
         ["kubernetes.namespace: invalid value 'Fraud'", "63 lowercase"],
         id="namespace",
     ),
+    pytest.param(
+        "version",
+        True,
+        ["version: invalid value True", "the whole number 1"],
+        id="version-boolean",
+    ),
+    pytest.param(
+        "version",
+        1.0,
+        ["version: invalid value 1.0", "the whole number 1"],
+        id="version-float",
+    ),
 ]
 
 
