@@ -78,6 +78,10 @@ def configure_logging(level: str, service: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+#: A log record field, left out of the output, that exempts ``error`` from masking.
+_NO_CONTENT_FIELD = "_error_without_content"
+
+
 def sink_error_fields(exc: BaseException) -> dict[str, object]:
     """Return the log fields of an error, unmasked when a sink raised it.
 
@@ -85,10 +89,6 @@ def sink_error_fields(exc: BaseException) -> dict[str, object]:
     message's content, so masking it would only hide what to fix.
     """
     return {"error": str(exc), _NO_CONTENT_FIELD: isinstance(exc, SinkError)}
-
-
-#: A log record field, left out of the output, that exempts ``error`` from masking.
-_NO_CONTENT_FIELD = "_error_without_content"
 
 
 class _ContentFilter(logging.Filter):

@@ -363,8 +363,8 @@ def _render_differences(
             relative = path.relative_to(old)
             if not path.is_file() or (new / relative).exists():
                 continue
-            kept = project / relative
-            if kept.is_file() and kept.read_bytes() != path.read_bytes():
+            current = project / relative
+            if current.is_file() and current.read_bytes() != path.read_bytes():
                 differences.deleted_edits.append(relative)
         return differences
 

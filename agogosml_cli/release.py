@@ -96,7 +96,7 @@ class SlotState:
                 "green. Fix it with `helm upgrade --reuse-values --set "
                 "app.activeSlot=blue`."
             )
-        state.check_recorded_slots()
+        state._check_recorded_slots()
         if state.idle_policy not in IDLE_POLICIES:
             raise ReleaseStateError(
                 f"the release's app.idleSlot is {state.idle_policy!r}, expected "
@@ -105,7 +105,7 @@ class SlotState:
             )
         return state
 
-    def check_recorded_slots(self) -> None:
+    def _check_recorded_slots(self) -> None:
         """Reject a preview or previous slot that the chart would reject."""
         for field_name, slot in (
             ("previewSlot", self.preview),

@@ -790,8 +790,8 @@ class InputReader:
                     too_large = (
                         _too_large(exc) or size_rejections >= _SIZE_REJECTIONS_TOO_LARGE
                     )
-                    smaller = _smaller_dead_letter(record, exc) if too_large else None
-                    if smaller is not None and smaller is not record:
+                    smaller = _smaller_dead_letter(record, exc) if too_large else record
+                    if smaller is not record:
                         size_rejections = 0
                         logger.warning(
                             "dead letter too large for %s; writing it again "
@@ -804,7 +804,7 @@ class InputReader:
                             },
                         )
                         record = smaller
-                    elif smaller is not None:
+                    elif too_large:
                         minimal_failures += 1
                         self._log_dead_letter_failure(
                             envelope,

@@ -147,8 +147,12 @@ class BrokerHealth:
             f"{self._bootstrap_servers}{cause}; retry shortly"
         )
 
-    def config(self, on_statistics: Any = None) -> dict[str, Any]:
-        """Return the client properties that feed this tracker."""
+    def config(self, on_statistics: Any = None, on_error: Any = None) -> dict[str, Any]:
+        """Return the client properties that feed this tracker.
+
+        `on_statistics` and `on_error`, when given, also get each parsed
+        statistics report and each client error.
+        """
 
         def stats_cb(stats_json: str) -> None:
             stats = orjson.loads(stats_json)
@@ -156,10 +160,15 @@ class BrokerHealth:
             if on_statistics is not None:
                 on_statistics(stats)
 
+        def error_cb(error: KafkaError) -> None:
+            if on_error is not None:
+                on_error(error)
+            self.on_error(error)
+
         return {
             "statistics.interval.ms": STATS_INTERVAL_MS,
             "stats_cb": stats_cb,
-            "error_cb": self.on_error,
+            "error_cb": error_cb,
         }
 
 

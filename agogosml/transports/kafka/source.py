@@ -163,15 +163,17 @@ class KafkaSource(TrackedSource):
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "on_commit": self._on_commit,
-                **self._health.config(on_statistics=self._record_fetched_lag),
-                "error_cb": self._on_client_error,
+                **self._health.config(
+                    on_statistics=self._record_fetched_lag,
+                    on_error=self._note_deleted_partition,
+                ),
             }
         )
         config.update(self._settings.extra_config)
         return config
 
-    def _on_client_error(self, error: KafkaError) -> None:
-        """Pass a client error on to the health tracker, noting a deleted partition.
+    def _note_deleted_partition(self, error: KafkaError) -> None:
+        """Record an error that reports an assigned partition gone, for `fetch`.
 
         librdkafka keeps reading a partition of a deleted topic at its old
         position once the topic is created again, which skips the records of
@@ -186,7 +188,6 @@ class KafkaSource(TrackedSource):
                 "again under the same name would be read from the old position; "
                 "create the topic again if it should exist, and restart the reader"
             )
-        self._health.on_error(error)
 
     async def stop(self) -> None:
         """Commit every finished message, then leave the group and close."""
