@@ -140,6 +140,8 @@ class Envelope:
             elif lowered == TRACEPARENT_HEADER and raw:
                 parent = raw.decode("ascii", "replace")
             else:
+                # NOTE: a null header value, which Kafka allows, becomes an
+                # empty one: HTTP and the writer's batch items carry no null.
                 rest.append((name, raw or b""))
         return cls(
             value=value,
