@@ -10,10 +10,11 @@ A model app only has to provide a scoring function::
     ModelApp(score).run()
 
 `ModelApp` serves ``POST /`` (one message) and ``POST /batch`` (a JSON array of
-``{"id", "key", "traceparent", "value"}``) as the input reader sends them, calls
-the scoring function once per request, forwards each result to the output
-writer with the message id, key and trace context, and responds with 2xx only after
-the writer responded with 2xx, so the reader retries anything not yet durable.
+``{"id", "key", "traceparent", "value", ...}`` objects) as the input reader
+sends them, calls the scoring function once per request, forwards each result
+to the output writer with the message id, key and trace context, and responds
+with 2xx only after the writer responded with 2xx, so the reader retries
+anything not yet durable.
 """
 
 from __future__ import annotations
@@ -124,7 +125,10 @@ class AppSettings(BaseSettings):
 
     host: ListenAddress = Field("127.0.0.1", description="APP_HOST: listen address.")
     port: int = Field(
-        8000, ge=0, le=65535, description="APP_PORT: port of the app's HTTP server."
+        8000,
+        ge=0,
+        le=65535,
+        description="APP_PORT: port of the app's HTTP server; 0 picks a free port.",
     )
     writer_url: BaseUrl = Field(
         ..., description="APP_WRITER_URL: base URL of the output writer."

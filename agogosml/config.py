@@ -372,8 +372,8 @@ class KafkaSettings(BaseSettings):
         ge=1000,
         le=MAX_DELIVERY_TIMEOUT_MS,
         description="KAFKA_DELIVERY_TIMEOUT_MS: how long the producer retries a "
-        "record before reporting it failed, in milliseconds, from 1000 to "
-        "2147483647 and greater than KAFKA_LINGER_MS. Keep it below "
+        "record before reporting it failed, in milliseconds, greater than "
+        "KAFKA_LINGER_MS. Keep it below "
         "APP_WRITER_TIMEOUT_MS, so that the writer responds 503 before the app "
         "gives up on it.",
     )
@@ -385,7 +385,7 @@ class KafkaSettings(BaseSettings):
         ge=0,
         le=MAX_LINGER_MS,
         description="KAFKA_LINGER_MS: how long the producer waits to fill a batch, "
-        "in ms, from 0 to 900000. 0 sends at once, for the lowest latency; 5 "
+        "in ms. 0 sends at once, for the lowest latency; 5 "
         "(librdkafka's default) "
         "makes fewer, larger produce requests, which raises throughput under load "
         "and adds up to 5 ms to each write (docs/benchmarks.md).",
@@ -1009,7 +1009,8 @@ class ReaderSettings(_ServiceSettings):
         8081,
         ge=0,
         le=65535,
-        description="READER_PORT: port of /healthz, /readyz and /metrics.",
+        description="READER_PORT: port of /healthz, /readyz and /metrics; 0 "
+        "picks a free port.",
     )
     ordering: Annotated[Ordering, _any_case(Ordering)] = Field(
         Ordering.PARTITION,
@@ -1081,7 +1082,7 @@ class ReaderSettings(_ServiceSettings):
         ge=1,
         le=MAX_BACKOFF_MS,
         description="READER_RETRY_MAX_BACKOFF_MS: longest delay between retries, "
-        "in milliseconds.",
+        "in milliseconds; at least READER_RETRY_INITIAL_BACKOFF_MS.",
     )
     stop_at_end: Flag = Field(
         False,
@@ -1256,7 +1257,7 @@ class WriterSettings(_ServiceSettings):
         ge=0,
         le=65535,
         description="WRITER_PORT: port of POST /, POST /batch, /healthz, /readyz "
-        "and /metrics.",
+        "and /metrics; 0 picks a free port.",
     )
     token: BearerToken = Field(
         SecretStr(""),

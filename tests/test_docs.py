@@ -18,6 +18,14 @@ def test_configuration_reference_is_current() -> None:
     )
 
 
+def test_configuration_reference_gives_ranges() -> None:
+    reference = settings_reference()
+
+    assert "| `KAFKA_COMMIT_INTERVAL_MS` | `1000` | at least `10` |" in reference
+    assert "| `READER_PORT` | `8081` | `0` to `65535` |" in reference
+    assert "| `READER_ORDERING` | `partition` |  |" in reference
+
+
 def test_cli_doc_lists_every_option() -> None:
     page = (DOCS / "cli.md").read_text()
     headings = re.findall(r"^#{2,3} `agogosml (\S+)`$", page, flags=re.MULTILINE)
