@@ -17,6 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from azure.eventhub import EventData
+from azure.eventhub.amqp import AmqpAnnotatedMessage
 from azure.eventhub.exceptions import (
     AuthenticationError,
     ConnectionLostError,
@@ -129,6 +131,43 @@ async def test_source_envelopes_keep_ids_and_headers(pipeline: Pipeline) -> None
     assert (first.position.topic, first.position.partition) == (HUB, 0)
     assert (first.position.offset, first.position.next_offset) == (0, 1)
     assert second.id == f"{HUB}:0:1"
+
+
+def amqp_event(**body: object) -> EventData:
+    event = EventData(b"")
+    event._raw_amqp_message = AmqpAnnotatedMessage(**body)  # type: ignore[arg-type]
+    return event
+
+
+async def test_value_bodies_read_as_json(pipeline: Pipeline) -> None:
+    pipeline.hub.append("0", amqp_event(value_body={"temp": 21.5}), None)
+    pipeline.hub.append("0", amqp_event(value_body=42), None)
+    pipeline.hub.append("0", amqp_event(value_body="text"), None)
+    pipeline.hub.append("0", amqp_event(value_body=None), None)
+
+    mapping, number, text, null = await fetch_all(pipeline.source, 4)
+
+    assert orjson.loads(mapping.value) == {"temp": 21.5}
+    assert number.value == b"42"
+    assert text.value == b"text"
+    assert null.null_value
+    assert not any(e.problem for e in (mapping, number, text, null))
+
+
+async def test_sequence_body_dead_lettered_partition_goes_on(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.hub.add("0", b'{"n": 0}')
+    pipeline.hub.append("0", amqp_event(sequence_body=[[1, 2]]), None)
+    pipeline.hub.add("0", b'{"n": 2}')
+
+    first, sequence, last = await fetch_all(pipeline.source, 3)
+
+    assert first.value == b'{"n": 0}'
+    assert "AMQP sequence body" in sequence.problem
+    assert sequence.position is not None
+    assert sequence.position.offset == 1
+    assert last.value == b'{"n": 2}'
 
 
 async def test_checkpoint_only_contiguous_prefix(pipeline: Pipeline) -> None:

@@ -847,6 +847,53 @@ async def test_source_rejects_bad_checkpoint_path(tmp_path: Path, where: str) ->
         await source.start()
 
 
+async def test_sink_syncs_directory_of_new_file(tmp_path: Path, monkeypatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        is_directory = os.path.isdir(f"/proc/self/fd/{descriptor}")
+        synced.append("directory" if is_directory else "file")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    sink = FileSink(str(tmp_path / "out.jsonl"), fsync=True)
+
+    await sink.start()
+    await sink.send([Envelope(value=b'{"n":1}', id="m1")])
+    await sink.stop()
+
+    assert synced[0] == "directory"
+    assert "file" in synced
+
+
+async def test_sink_without_fsync_skips_directory(tmp_path: Path, monkeypatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    sink = FileSink(str(tmp_path / "out.jsonl"), fsync=False)
+
+    await sink.start()
+    await sink.send([Envelope(value=b'{"n":1}', id="m1")])
+    await sink.stop()
+
+    assert synced == []
+
+
+async def test_sink_reports_failed_directory_sync(tmp_path: Path, monkeypatch) -> None:
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    sink = FileSink(str(tmp_path / "out.jsonl"), fsync=True)
+
+    with pytest.raises(SinkError) as raised:
+        await sink.start()
+
+    assert "fsync of its directory" in str(raised.value)
+    assert "WRITER_FSYNC=false" in str(raised.value)
+    assert not sink.connected
+
+
 async def test_sink_keeps_one_record_per_line(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     records = [

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from azure.core.exceptions import ResourceExistsError
 from azure.eventhub import EventData, TransportType
 from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
+from azure.eventhub.amqp import AmqpMessageBodyType
 from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
 
 from agogosml.config import EventHubSettings, EventHubsTransportType
@@ -178,16 +180,60 @@ def partition_key(envelope: Envelope) -> str | None:
 
 
 def to_envelope(event: EventData, position: Position) -> Envelope:
-    """Return the envelope of a received event."""
-    body = event.body
-    value = body if isinstance(body, bytes) else b"".join(_chunks(body))
-    key = event.partition_key
-    if isinstance(key, str):
-        key = key.encode()
-    headers = [
-        (_text(name), _bytes(raw)) for name, raw in (event.properties or {}).items()
-    ]
-    return Envelope.from_record(value, key, headers, position)
+    """Return the envelope of a received event.
+
+    An event that cannot be read whole gets an envelope with a `problem`, which
+    the reader dead-letters: an exception here would end the partition's
+    receiver, and the next owner would meet the same event again.
+    """
+    try:
+        value, problem = _body_value(event)
+        key = event.partition_key
+        if isinstance(key, str):
+            key = key.encode()
+        headers = [
+            (_text(name), _bytes(raw)) for name, raw in (event.properties or {}).items()
+        ]
+        envelope = Envelope.from_record(value or b"", key, headers, position)
+    except Exception as exc:  # noqa: BLE001 - any malformed event is dead-lettered
+        envelope = Envelope(value=b"", position=position)
+        envelope.problem = f"cannot read the event: {type(exc).__name__}: {exc}"
+        return envelope
+    envelope.null_value = value is None
+    envelope.problem = problem
+    return envelope
+
+
+def _body_value(event: EventData) -> tuple[bytes | None, str]:
+    """Return the bytes of an event's body, or None for an AMQP null, and a problem.
+
+    Event Hubs clients send data bodies, which are bytes. An AMQP value body
+    (sent by some AMQP clients) is taken as its text, or as JSON when it is a
+    number, boolean, list or map. A sequence body has no such reading.
+    """
+    body_type = event.body_type
+    if body_type == AmqpMessageBodyType.DATA:
+        body = event.body
+        return (body if isinstance(body, bytes) else b"".join(_chunks(body))), ""
+    if body_type == AmqpMessageBodyType.VALUE:
+        body = event.body
+        if body is None:
+            return None, ""
+        if isinstance(body, bytes):
+            return body, ""
+        if isinstance(body, str):
+            return body.encode(), ""
+        try:
+            return orjson.dumps(_as_json(body)), ""
+        except (TypeError, UnicodeDecodeError) as exc:
+            return b"", (
+                f"the event has an AMQP value body of type {type(body).__name__} "
+                f"that is not JSON ({exc}); send the value as an event data body"
+            )
+    return b"", (
+        f"the event has an AMQP {body_type.value} body, which agogosml does not "
+        "read; send the value as an event data body"
+    )
 
 
 def checkpoint_event(sequence_number: int, offset: str) -> EventData:
@@ -198,6 +244,20 @@ def checkpoint_event(sequence_number: int, offset: str) -> EventData:
     annotations[SEQUENCE_NUMBER_ANNOTATION] = sequence_number
     annotations[OFFSET_ANNOTATION] = offset.encode()
     return event
+
+
+def _as_json(value: Any) -> Any:
+    """Return an AMQP value with its strings as text, for JSON encoding.
+
+    The AMQP decoder gives strings and symbols as bytes, map keys included.
+    """
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict):
+        return {_as_json(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(item) for item in value]
+    return value
 
 
 def _chunks(body: Any) -> list[bytes]:

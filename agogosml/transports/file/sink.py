@@ -99,7 +99,34 @@ class FileSink(Sink):
                     f"{self._variable}",
                     retriable=False,
                 ) from exc
+            if self._fsync and self._regular_file:
+                self._sync_directory()
         logger.info("file sink started", extra={"path": self._path})
+
+    def _sync_directory(self) -> None:
+        """Make the file's directory entry durable, as a new file's fsync does not.
+
+        Without it, a file created at start-up could vanish in a power loss
+        together with the records acknowledged in it.
+        """
+        directory = os.path.dirname(os.path.abspath(self._path))
+        try:
+            sync_directory(directory)
+        except OSError as exc:
+            assert self._file is not None
+            self._file.close()
+            self._file = None
+            fix = "put the file on a local file system"
+            if self._variable == "WRITER_OUTPUT":
+                fix += (
+                    ", or turn fsync off (WRITER_FSYNC=false) if losing "
+                    "acknowledged records in a power loss is acceptable"
+                )
+            raise SinkError(
+                f"cannot make output file {self._path!r} durable: fsync of its "
+                f"directory {directory!r} failed: {exc.strerror}; {fix}",
+                retriable=False,
+            ) from exc
 
     def _end_torn_line(self, file: BinaryIO) -> None:
         """Start on a new line if a crash left the last line without its newline.
@@ -221,6 +248,19 @@ class FileSink(Sink):
             logger.error(
                 "cutting %s back after a failed write failed: %s", self._path, exc
             )
+
+
+def sync_directory(directory: str | os.PathLike[str]) -> None:
+    """Flush `directory` to disk, so that files created or renamed in it stay.
+
+    Raises:
+        OSError: when the directory cannot be opened or flushed.
+    """
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def run_in_daemon_thread(

@@ -18,6 +18,7 @@ from typing import BinaryIO, NamedTuple
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
 from agogosml.transports.base import OffsetTracker, TrackedSource
+from agogosml.transports.file.sink import sync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -968,11 +969,7 @@ class FileSource(TrackedSource):
             output.flush()
             os.fsync(output.fileno())
         os.replace(temporary, self._checkpoint)
-        directory = os.open(self._checkpoint.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # makes the rename itself durable
-        finally:
-            os.close(directory)
+        sync_directory(self._checkpoint.parent)  # makes the rename itself durable
         self._committed = (part, position, later)
 
     def _files_after(self, part: int) -> tuple[_LaterFile, ...]:
