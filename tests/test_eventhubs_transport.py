@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,6 +46,7 @@ from agogosml.config import (
 from agogosml.envelope import Envelope
 from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.eventhubs import EventHubsSink, EventHubsSource, clients
+from agogosml.transports.eventhubs import source as source_module
 from agogosml.writer.service import OutputWriter
 
 HUB = "input-hub"
@@ -270,6 +272,28 @@ class SlowFirstWriteStore(RecordingCheckpointStore):
         if self.started == 1:
             await self.release.wait()
         await super().update_checkpoint(checkpoint, **kwargs)
+
+
+async def test_stop_bounded_when_store_hangs(monkeypatch, caplog) -> None:
+    class HangingStore(RecordingCheckpointStore):
+        async def update_checkpoint(
+            self, checkpoint: dict[str, Any], **kwargs: Any
+        ) -> None:
+            await asyncio.sleep(30)
+
+    monkeypatch.setattr(source_module, "FINAL_CHECKPOINT_TIMEOUT_SECONDS", 0.5)
+    hub = FakeHub(HUB)
+    fill(hub, 3)
+    started = Pipeline(hub, HangingStore())
+    await started.source.start()
+    for envelope in await fetch_all(started.source, 3):
+        started.source.ack(envelope)
+    began = time.monotonic()
+
+    await started.source.stop()
+
+    assert time.monotonic() - began < 5
+    assert "timed out after 0.5 s" in caplog.text
 
 
 async def test_checkpoint_waits_for_slower_earlier_write() -> None:

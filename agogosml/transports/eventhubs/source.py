@@ -19,6 +19,10 @@ from agogosml.transports.eventhubs import clients
 
 logger = logging.getLogger(__name__)
 
+#: How long the final checkpoints and the release of the partitions may take at
+#: shutdown. The blob client retries a failing write with backoff, which could
+#: otherwise hold a stop past a pod's grace period.
+FINAL_CHECKPOINT_TIMEOUT_SECONDS = 10.0
 #: Received events buffered for `fetch`. A full buffer makes the SDK's
 #: partition receivers wait in their event callbacks.
 BUFFER_EVENTS = 1000
@@ -133,11 +137,22 @@ class EventHubsSource(TrackedSource):
         if self._checkpoint_task is not None:
             self._checkpoint_task.cancel()
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
-        await self._checkpoint_logged(None)
-        if self._consumer is not None:
-            # close() stops the processor, which calls on_partition_close with
-            # SHUTDOWN for each partition and releases its ownership.
-            await self._consumer.close()
+        try:
+            async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT_SECONDS):
+                await self._checkpoint_logged(None)
+                if self._consumer is not None:
+                    # close() stops the processor, which calls on_partition_close
+                    # with SHUTDOWN for each partition and releases its ownership.
+                    await self._consumer.close()
+        except TimeoutError:
+            logger.error(
+                "final checkpoints and partition release timed out after %g s; "
+                "events finished since the last checkpoint will be delivered "
+                "again, and other readers claim the partitions once their "
+                "ownership expires; check the checkpoint store's connection",
+                FINAL_CHECKPOINT_TIMEOUT_SECONDS,
+                extra={"hub": self._hub},
+            )
         if self._receive_task is not None:
             # The processor's load-balancing loop sleeps between rounds even
             # after close(), so its task is cancelled rather than awaited.
