@@ -803,6 +803,22 @@ async def test_partition_ordering_preserved():
     assert source.committed == {(TOPIC, 0): 5, (TOPIC, 1): 5}
 
 
+async def test_idle_partition_lanes_removed(monkeypatch):
+    monkeypatch.setattr(engine, "PARTITION_LANES_KEPT", 2)
+    source = MemorySource(TOPIC, partitions=6)
+    for partition in range(6):
+        fill(source, 3, partition=partition)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, ordering=Ordering.PARTITION)
+        reader = await run_reader(settings, source, dead_letter)
+
+    assert len(app.accepted) == 18
+    assert len(reader._lanes) <= 2
+    assert source.committed == {(TOPIC, p): 3 for p in range(6)}
+
+
 async def test_revoke_waits_for_partition():
     source = MemorySource(TOPIC, partitions=2)
     fill(source, 2, partition=0)

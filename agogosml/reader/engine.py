@@ -42,6 +42,10 @@ SERVICE = "input_reader"
 #: health responses name them, and a reader pointed at one stays not ready.
 NOT_AN_APP = frozenset({"input_reader", "output_writer"})
 
+#: Lanes in partition order beyond which an idle lane is removed. Kafka and
+#: Event Hubs readers rarely own more partitions than this.
+PARTITION_LANES_KEPT = 256
+
 #: How long fetching waits for room among the in-flight messages before it
 #: pauses the source (and keeps polling it, to stay in the consumer group).
 PAUSE_AFTER_SECONDS = 1.0
@@ -69,6 +73,8 @@ class _Lane:
     queue: asyncio.Queue[Envelope] = field(default_factory=asyncio.Queue)
     carry: list[Envelope] = field(default_factory=list)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The (topic, partition) of a lane in partition order, else None.
+    partition: tuple[str, int] | None = None
 
 
 @dataclass
@@ -330,6 +336,8 @@ class InputReader:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = self._new_lane(mode)
+            if mode is Ordering.PARTITION:
+                lane.partition = key  # type: ignore[assignment]
         return lane
 
     def _new_lane(self, mode: Ordering) -> _Lane:
@@ -361,6 +369,29 @@ class InputReader:
                 for envelope in batch:
                     if id(envelope) in self._unfinished:
                         await self._dead_letter_or_release(envelope, error)
+            if self._retire_idle(lane):
+                return
+
+    def _retire_idle(self, lane: _Lane) -> bool:
+        """Remove an idle partition lane once there are many; return whether it was.
+
+        A followed file gets a new partition each time it is truncated, so
+        without this its lanes and their workers would pile up. A later message
+        of the partition gets a new lane.
+        """
+        key = lane.partition
+        if (
+            key is None
+            or len(self._lanes) <= PARTITION_LANES_KEPT
+            or not lane.queue.empty()
+            or lane.carry
+            or self._partition_in_flight[key] > 0
+            or self._lanes.get(key) is not lane
+        ):
+            return False
+        del self._lanes[key]
+        del self._partition_in_flight[key]
+        return True
 
     async def _dead_letter_or_release(self, envelope: Envelope, error: str) -> None:
         """Dead-letter a message after an unexpected error, keeping the lane alive.
