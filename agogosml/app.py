@@ -567,7 +567,11 @@ class ModelApp:
                     f"{readiness.detail}; check APP_WRITER_URL"
                 )
             if ready != self._writer_ready:
-                logger.info("output writer is %s", "ready" if ready else "not ready")
+                logger.info(
+                    "output writer at %s is %s",
+                    writer_url,
+                    "ready" if ready else "not ready",
+                )
             self._writer_ready = ready
             checks_not_ready = 0 if ready else checks_not_ready + 1
             if checks_not_ready % WRITER_WARNING_CHECKS == WRITER_GRACE_CHECKS:

@@ -63,7 +63,10 @@ def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None)
     if kind == "extra_forbidden":
         return f"{where} is not a manifest field: remove it{_suggestion(error['loc'])}."
     if kind == "union_tag_not_found":
-        return f"{where}.type is missing: set it to kafka, eventhubs or file."
+        return (
+            f"{where}.type is missing: set it to kafka, eventhubs or file"
+            f"{_misspelt_type(error.get('input'))}."
+        )
     if kind == "union_tag_invalid":
         value = _shown_value(location, _tag_input(error))
         return (
@@ -174,6 +177,15 @@ def _suggestion(loc: tuple[int | str, ...]) -> str:
         return ""
     matches = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields))
     return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _misspelt_type(section: Any) -> str:
+    """Return a hint naming a key of `section` that looks like ``type`` misspelt."""
+    if not isinstance(section, dict):
+        return ""
+    keys = [key for key in section if isinstance(key, str)]
+    matches = difflib.get_close_matches("type", keys, n=1)
+    return f" (is {matches[0]!r} meant to be 'type'?)" if matches else ""
 
 
 def _parent_model(loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import orjson
 from rich.console import Console
@@ -123,6 +123,9 @@ class RunSummary:
     #: or read but neither written nor dead-lettered yet.
     not_finished: int | None = 0
     flagged_as_fraud: int = 0
+    #: Input records whose Class label is 1, and those of them flagged.
+    labelled_fraud: int = 0
+    flagged_labelled_fraud: int = 0
     elapsed_seconds: float = 0.0
     messages_per_second: float = 0.0
     output: str = ""
@@ -185,7 +188,7 @@ class OutputTally:
         self.transactions: set[str] = set()
         self.dead_transactions: set[str] = set()
         self.duplicates = 0
-        self.flagged = 0
+        self.flagged: set[str] = set()
 
     @property
     def finished(self) -> int:
@@ -199,8 +202,10 @@ class OutputTally:
             return
         self.seen_messages.add(message_id)
         if isinstance(value, dict):
-            self.transactions.add(str(value.get("transaction_id")))
-            self.flagged += bool(value.get("is_fraud"))
+            transaction = str(value.get("transaction_id"))
+            self.transactions.add(transaction)
+            if value.get("is_fraud"):
+                self.flagged.add(transaction)
 
     def add_dead_letter(self, value: Any) -> None:
         """Count one dead-lettered record."""
@@ -208,8 +213,15 @@ class OutputTally:
             self.dead_transactions.add(str(value["transaction_id"]))
 
 
-def write_input_file(options: RunOptions, path: Path) -> list[str]:
-    """Write the dataset rows as JSON Lines; return the transaction ids in order.
+class InputRecords(NamedTuple):
+    """The transaction ids of a run's input, in order, and those labelled fraud."""
+
+    ids: list[str]
+    labelled_fraud: frozenset[str]
+
+
+def write_input_file(options: RunOptions, path: Path) -> InputRecords:
+    """Write the dataset rows as JSON Lines; return their transaction ids.
 
     Raises:
         DatasetFormatError: The CSV is invalid; for a row, the message names
@@ -218,25 +230,28 @@ def write_input_file(options: RunOptions, path: Path) -> list[str]:
     from sample_app.data import iter_transactions
 
     ids: list[str] = []
+    labelled: set[str] = set()
     with path.open("wb") as file:
         for transaction in iter_transactions(options.data_path, options.limit):
             ids.append(transaction["transaction_id"])
+            if transaction["Class"] == 1:
+                labelled.add(transaction["transaction_id"])
             file.write(orjson.dumps(transaction) + b"\n")
-    return ids
+    return InputRecords(ids, frozenset(labelled))
 
 
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
     """Run reader, sample app and writer until every input record is accounted for."""
     options.work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("writer.log", "app.log", "reader.log", "output.jsonl"):
+    for stale in WORK_FILES:
         (options.work_dir / stale).unlink(missing_ok=True)
     input_path = options.work_dir / "input.jsonl"
     console.print(f"Preparing input from {options.data_path} ...")
-    ids = write_input_file(options, input_path)
+    records = write_input_file(options, input_path)
     backend = _stream_backend(options)
     if backend is not None:
-        return _run_stream(options, ids, input_path, backend, console)
-    return _run_files(options, ids, input_path, console)
+        return _run_stream(options, records, input_path, backend, console)
+    return _run_files(options, records, input_path, console)
 
 
 def _stream_backend(options: RunOptions) -> StreamBackend | None:
@@ -268,14 +283,13 @@ def _app_settings(options: RunOptions) -> dict[str, str]:
 
 
 def _run_files(
-    options: RunOptions, ids: list[str], input_path: Path, console: Console
+    options: RunOptions, records: InputRecords, input_path: Path, console: Console
 ) -> RunSummary:
+    ids = records.ids
     work = options.work_dir
     output = work / "output.jsonl"
     dead_letter = work / "dead-letter.jsonl"
     checkpoint = work / "checkpoint"
-    for path in (output, dead_letter, checkpoint):
-        path.unlink(missing_ok=True)
     writer = writer_process(work, sink="file", output=str(output))
     tally = OutputTally()
     outputs = _JsonLinesFollower(output)
@@ -327,7 +341,7 @@ def _run_files(
         dead = _JsonLinesFollower(dead_letter)
     # Count what the writer and the reader wrote while they were stopped.
     read_files()
-    summary = _summarise("file", ids, tally, elapsed)
+    summary = _summarise("file", records, tally, elapsed)
     summary.output, summary.dead_letter = str(output), str(dead_letter)
     summary.error = error
     summary.interrupted = error == INTERRUPTED
@@ -340,11 +354,12 @@ def _run_files(
 
 def _run_stream(
     options: RunOptions,
-    ids: list[str],
+    records: InputRecords,
     input_path: Path,
     backend: StreamBackend,
     console: Console,
 ) -> RunSummary:
+    ids = records.ids
     topics = backend.topics
     backend.prepare(input_path, len(ids), console)
     work = options.work_dir
@@ -396,7 +411,7 @@ def _run_stream(
             final = output_reader.final_count(tally)
             whole_output = final is not None
             tally = final or tally
-    summary = _summarise(backend.transport, ids, tally, elapsed)
+    summary = _summarise(backend.transport, records, tally, elapsed)
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
     summary.interrupted = error == INTERRUPTED
@@ -561,8 +576,9 @@ def _unaccounted(ids: list[str], tally: OutputTally) -> list[str]:
 
 
 def _summarise(
-    transport: str, ids: list[str], tally: OutputTally, elapsed: float
+    transport: str, records: InputRecords, tally: OutputTally, elapsed: float
 ) -> RunSummary:
+    ids = records.ids
     missing = _unaccounted(ids, tally)
     return RunSummary(
         transport=transport,
@@ -572,7 +588,9 @@ def _summarise(
         dead_lettered=len(tally.dead_transactions),
         duplicates=tally.duplicates,
         missing=len(missing),
-        flagged_as_fraud=tally.flagged,
+        flagged_as_fraud=len(tally.flagged),
+        labelled_fraud=len(records.labelled_fraud),
+        flagged_labelled_fraud=len(tally.flagged & records.labelled_fraud),
         elapsed_seconds=round(elapsed, 3),
         messages_per_second=round(tally.finished / elapsed, 1) if elapsed > 0 else 0.0,
         missing_ids=missing[:20],
@@ -590,6 +608,11 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ("duplicates", f"{summary.duplicates:,}"),
         *_missing_rows(summary),
         ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
+        (
+            "labelled fraud in the input",
+            f"{summary.labelled_fraud:,} ({summary.flagged_labelled_fraud:,} "
+            "of them flagged)",
+        ),
         ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
         ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),
         ("output", summary.output),

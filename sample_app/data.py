@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -50,6 +52,7 @@ __all__ = [
     "fetch_dataset",
     "format_transaction_id",
     "iter_transactions",
+    "write_json_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -263,7 +266,8 @@ def _check_header(fieldnames: object, path: Path) -> None:
         )
     if missing:
         raise DatasetFormatError(
-            f"{path} is missing the columns {', '.join(map(repr, missing))}. "
+            f"{path} is missing the {'column' if len(missing) == 1 else 'columns'} "
+            f"{', '.join(map(repr, missing))}. "
             f"Give a UTF-8 CSV whose header has the columns {_EXPECTED_COLUMNS}."
         )
 
@@ -559,11 +563,45 @@ def _to_dataset_columns(
     return frame, filled_columns
 
 
+def write_json_lines(
+    csv_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    limit: int | None = None,
+) -> int:
+    """Write the transactions of a dataset CSV as JSON Lines; return how many.
+
+    Each line is one transaction as `iter_transactions` yields it, the record
+    that `agogosml run` streams. The file is written under a temporary name
+    and renamed, so an invalid row leaves no partial file behind.
+    """
+    target = Path(output)
+    temporary = target.with_name(target.name + ".tmp")
+    count = 0
+    try:
+        with temporary.open("wb") as file:
+            for transaction in iter_transactions(csv_path, limit):
+                file.write(orjson.dumps(transaction) + b"\n")
+                count += 1
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return count
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Fetch the dataset and print its path, source and sha256 digest."""
+    """Fetch the dataset, print its path, source and digest, and export it."""
     parser = argparse.ArgumentParser(
         prog="python -m sample_app.data",
-        description="Fetch the credit-card fraud dataset into the local cache.",
+        description="Fetch the credit-card fraud dataset into the local cache, "
+        "and optionally write it as JSON Lines, one transaction per line, for "
+        "an input reader.",
     )
     parser.add_argument(
         "--cache-dir",
@@ -573,7 +611,23 @@ def main(argv: list[str] | None = None) -> None:
         help="directory for creditcard.csv "
         "(default: ${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}/data)",
     )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the transactions to FILE as JSON Lines",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        metavar="N",
+        help="with --jsonl, write only the first N transactions",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.limit is not None and arguments.jsonl is None:
+        parser.error("--limit needs --jsonl FILE")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     info = fetch_dataset(arguments.cache_dir)
@@ -582,6 +636,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sha256: {info.sha256}")
     if info.filled_columns:
         print(f"filled with 0.0: {', '.join(info.filled_columns)}")
+    if arguments.jsonl is not None:
+        try:
+            count = write_json_lines(info.path, arguments.jsonl, arguments.limit)
+        except OSError as exc:
+            parser.exit(1, f"cannot write {arguments.jsonl}: {exc.strerror}\n")
+        print(f"wrote {count} transactions to {arguments.jsonl}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from rich.console import Console
 
 import sample_app
 from agogosml_cli.main import cli
-from agogosml_cli.run import RunOptions, RunSummary
+from agogosml_cli.run import WORK_FILES, RunOptions, RunSummary
 from sample_app.data import COLUMNS
 
 SUMMARY_KEYS = {
@@ -74,6 +74,20 @@ def test_run_through_files(tmp_path: Path, fraud_model: Path) -> None:
     output_lines = (tmp_path / "work" / "output.jsonl").read_bytes().splitlines()
     assert len(output_lines) == 2000
     assert "written" in result.stdout  # the summary table
+    inputs = (tmp_path / "work" / "input.jsonl").read_bytes().splitlines()
+    labelled = {
+        record["transaction_id"]
+        for record in map(orjson.loads, inputs)
+        if record["Class"] == 1
+    }
+    flagged = {
+        value["transaction_id"]
+        for value in (orjson.loads(line)["value"] for line in output_lines)
+        if value["is_fraud"]
+    }
+    assert summary["labelled_fraud"] == len(labelled)
+    assert summary["flagged_as_fraud"] == len(flagged)
+    assert summary["flagged_labelled_fraud"] == len(flagged & labelled)
 
 
 @pytest.mark.slow
@@ -733,6 +747,25 @@ def test_run_names_csv_line_of_bad_value(
     assert result.exit_code == 1, result.output
     assert f"{data}: line {line} has the invalid value 'abc' in column 'V1'" in output
     assert "data row" not in output
+
+
+def test_run_deletes_every_earlier_run_file(tmp_path: Path, fraud_model: Path) -> None:
+    data = tmp_path / "data.csv"
+    write_csv(data, [BAD_ROW])
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in WORK_FILES:
+        (work / name).write_text("from an earlier run\n")
+
+    result = invoke(
+        "--data", str(data),
+        "--model", str(fraud_model),
+        "--work-dir", str(work),
+    )  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    left = [name for name in WORK_FILES if name != "input.jsonl"]
+    assert [name for name in left if (work / name).exists()] == []
 
 
 def test_run_names_csv_line_not_parsable(tmp_path: Path, fraud_model: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 import sklearn.datasets
@@ -39,6 +40,7 @@ from sample_app.data import (
     fetch_dataset,
     format_transaction_id,
     iter_transactions,
+    write_json_lines,
 )
 from sample_app.scoring import (
     FraudModel,
@@ -479,11 +481,46 @@ def test_iter_transactions_stops_at_limit(small_csv: Path) -> None:
         next(iter_transactions(small_csv, limit=-1))
 
 
+def test_json_lines_match_transactions(small_csv: Path, tmp_path: Path) -> None:
+    output = tmp_path / "in.jsonl"
+
+    count = write_json_lines(small_csv, output, limit=5)
+
+    lines = output.read_bytes().splitlines()
+    assert count == 5
+    assert [orjson.loads(line) for line in lines] == list(
+        iter_transactions(small_csv, limit=5)
+    )
+
+
+def test_json_lines_not_left_after_bad_row(tmp_path: Path) -> None:
+    path = tmp_path / "bad_value.csv"
+    frame = make_frame(rows=3, frauds=1).astype({"V5": object})
+    frame.loc[2, "V5"] = "oops"
+    frame.to_csv(path, index=False)
+    output = tmp_path / "in.jsonl"
+
+    with pytest.raises(DatasetFormatError):
+        write_json_lines(path, output)
+
+    assert list(tmp_path.glob("in.jsonl*")) == []
+
+
 def test_iter_transactions_rejects_missing_column(tmp_path: Path) -> None:
     path = tmp_path / "no_amount.csv"
     make_frame(rows=3, frauds=1).drop(columns="Amount").to_csv(path, index=False)
 
-    with pytest.raises(DatasetFormatError, match="'Amount'"):
+    with pytest.raises(DatasetFormatError, match="missing the column 'Amount'"):
+        next(iter_transactions(path))
+
+
+def test_iter_transactions_names_missing_columns(tmp_path: Path) -> None:
+    path = tmp_path / "no_amount.csv"
+    frame = make_frame(rows=3, frauds=1).drop(columns=["Amount", "Time"])
+    frame.to_csv(path, index=False)
+
+    expected = "missing the columns 'Time', 'Amount'"
+    with pytest.raises(DatasetFormatError, match=expected):
         next(iter_transactions(path))
 
 

@@ -753,6 +753,20 @@ def test_invalid_manifest_rejected(
     assert not (tmp_path / ".copier-answers.yml").exists()
 
 
+def test_misspelt_type_key_named(tmp_path: Path) -> None:
+    data = valid_manifest_data()
+    data["source"]["typ"] = data["source"].pop("type")
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "source.type is missing: set it to kafka, eventhubs or file" in output
+    assert "(is 'typ' meant to be 'type'?)" in output
+
+
 def test_mixed_stream_types_rule_stated(tmp_path: Path) -> None:
     data = valid_manifest_data()
     data["sink"] = {
@@ -1313,7 +1327,7 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     assert reader["READER_INPUT"] == "/data/input.jsonl"
     # The reader exits when its input file is missing.
     readme = (tmp_path / "README.md").read_text()
-    assert "touch data/input.jsonl\ndocker compose up --build" in readme
+    assert "touch data/input.jsonl\nsudo chown 10001 data" in readme
     assert "--kafka" not in readme
 
 
