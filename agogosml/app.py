@@ -897,7 +897,9 @@ def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | No
     if b"null" in value and has_non_finite(result):
         return None
     try:
-        return exact_json.dumps(_writer_element(item, orjson.Fragment(value)))
+        return exact_json.compact(
+            exact_json.dumps(_writer_element(item, orjson.Fragment(value)))
+        )
     except orjson.JSONEncodeError as exc:
         # The result encoded, so the item's id, key or headers are at fault,
         # such as an id nested deeper than JSON encoders go.

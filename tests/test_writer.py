@@ -7,6 +7,7 @@ import base64
 import contextlib
 import gzip
 import logging
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Sequence
 
@@ -330,6 +331,24 @@ async def test_batch_writes_records_in_order():
     assert second.key is None
     assert ("model-version", b"3") in second.headers
     assert third.id == "b-3"
+
+
+async def test_batch_of_tiny_values_stays_small():
+    sink = await started_sink()
+    body = orjson.dumps([{"value": 0}] * 2000)
+
+    async with serve_writer(sink) as (client, _):
+        tracemalloc.start()
+        response = await client.post("/batch", data=body, headers=JSON)
+        await response.read()
+        retained, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+
+    assert response.status == 200
+    assert [record.value for record in sink.envelopes] == [b"0"] * 2000
+    # About 1 KiB per record at most, where orjson's output buffers of 4 KiB
+    # each would keep 8 MiB.
+    assert retained < 2_000_000
 
 
 @pytest.mark.parametrize(

@@ -626,7 +626,7 @@ def _optional_text(index: int, item: dict[str, Any], field: str) -> str | None:
 
 def _encode_value(index: int, value: object) -> bytes:
     try:
-        return orjson.dumps(value)
+        return exact_json.compact(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:
         # orjson decodes deeper nesting than it encodes.
         raise BadRequest(
