@@ -1043,8 +1043,10 @@ class ReaderSettings(_ServiceSettings):
     batch_max_wait_ms: int = Field(
         10,
         ge=0,
+        le=60_000,
         description="READER_BATCH_MAX_WAIT_MS: how long a batch waits to fill, "
-        "in milliseconds.",
+        "in milliseconds. A stop, or the end of the input with "
+        "READER_STOP_AT_END, sends a batch at once.",
     )
     request_timeout_ms: int = Field(
         30000,

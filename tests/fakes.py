@@ -64,6 +64,9 @@ class MemorySource(Source):
             for partition, records in self._records.items()
         )
 
+    def stop_reading(self) -> None:
+        """Return the records left, as a source that cannot be read again does."""
+
     @property
     def connected(self) -> bool:
         """Whether `start` was called and `stop` was not."""

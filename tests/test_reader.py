@@ -803,6 +803,47 @@ async def test_partition_ordering_preserved():
     assert source.committed == {(TOPIC, 0): 5, (TOPIC, 1): 5}
 
 
+async def test_partial_batch_sent_at_end_of_input():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=10, batch_max_wait_ms=60_000
+        )
+        began = time.monotonic()
+        await run_reader(settings, source, dead_letter)
+
+    assert time.monotonic() - began < 10
+    assert len(app.accepted) == 1
+    assert source.committed == {(TOPIC, 0): 3}
+
+
+async def test_partial_batch_sent_on_stop_of_stdin():
+    source = MemorySource(TOPIC)
+    source.replayable = False
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url,
+            batch_max_messages=10,
+            batch_max_wait_ms=60_000,
+            stop_at_end=False,
+            shutdown_timeout_ms=20_000,
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: reader._in_flight == 3)
+            began = time.monotonic()
+            reader.request_stop()
+            await wait_for(lambda: len(app.accepted) == 1)
+
+    assert time.monotonic() - began < 10
+    assert source.committed == {(TOPIC, 0): 3}
+
+
 async def test_idle_partition_lanes_removed(monkeypatch):
     monkeypatch.setattr(engine, "PARTITION_LANES_KEPT", 2)
     source = MemorySource(TOPIC, partitions=6)

@@ -42,6 +42,10 @@ SERVICE = "input_reader"
 #: health responses name them, and a reader pointed at one stays not ready.
 NOT_AN_APP = frozenset({"input_reader", "output_writer"})
 
+#: How often a batch that waits to fill checks whether a stop or the end of
+#: the input ended the wait.
+BATCH_CHECK_SECONDS = 0.05
+
 #: Lanes in partition order beyond which an idle lane is removed. Kafka and
 #: Event Hubs readers rarely own more partitions than this.
 PARTITION_LANES_KEPT = 256
@@ -426,12 +430,14 @@ class InputReader:
                 envelope = lane.queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self._no_more_input():
                     break
                 try:
-                    envelope = await asyncio.wait_for(lane.queue.get(), remaining)
+                    envelope = await asyncio.wait_for(
+                        lane.queue.get(), min(remaining, BATCH_CHECK_SECONDS)
+                    )
                 except TimeoutError:
-                    break
+                    continue
             envelope_size = _request_size(envelope)
             if size + envelope_size > self._settings.batch_max_bytes:
                 lane.carry.append(envelope)
@@ -439,6 +445,16 @@ class InputReader:
             batch.append(envelope)
             size += envelope_size
         return batch
+
+    def _no_more_input(self) -> bool:
+        """Return whether a batch can stop waiting for more messages to fill it.
+
+        That is so once a stop is requested, and at the end of an input that the
+        reader reads only to its end.
+        """
+        return self._stopping.is_set() or (
+            self._settings.stop_at_end and self._source.at_end
+        )
 
     async def _deliver(self, batch: list[Envelope], attempts_spent: int = 0) -> None:
         """Send messages until each is finished, or released unfinished.
