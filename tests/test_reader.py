@@ -1046,6 +1046,35 @@ async def test_batch_wrong_result_count_not_accepted():
     assert "1 results for a batch of 2" in context["dlq.error"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"results": null}',
+        b'{"results": "all failed"}',
+        b'[{"status": 500}, {"status": 500}]',
+    ],
+)
+async def test_batch_malformed_results_not_accepted(body: bytes):
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def malformed(received: Received) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    async with stub_app(malformed) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=2, batch_max_wait_ms=50, retry_max_attempts=2
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 2
+    assert len(dead_letter.envelopes) == 2
+    context = dead_letter_headers(dead_letter.envelopes[0])
+    assert context["dlq.status"] == "502"
+    assert "invalid batch response" in context["dlq.error"]
+
+
 async def reject_invalid_json(received: Received) -> web.Response:
     """Respond like a model app: 400 for a body that is not JSON, else 200."""
     try:

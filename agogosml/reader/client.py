@@ -448,6 +448,18 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
         document = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         document = None
+    if isinstance(document, list) or (
+        isinstance(document, dict)
+        and "results" in document
+        and not isinstance(document["results"], list)
+    ):
+        # A body that tries to give results per message and fails is a broken
+        # app, not an acceptance of the whole batch.
+        error = (
+            f"app returned an invalid batch response {_json_preview(document)}; "
+            'give per-message results as {"results": [{"status": 200}, ...]}'
+        )
+        return [Outcome(502, error)] * count
     results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, list):
         return [Outcome(status)] * count
