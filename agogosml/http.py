@@ -558,12 +558,13 @@ class MalformedRequestFilter(logging.Filter):
         remote = (
             record.args[0] if isinstance(record.args, tuple) and record.args else None
         )
+        problem = _parse_problem(str(error.message))
         if remote is None:
             record.msg = "malformed HTTP request rejected with %d: %s"
-            record.args = (error.code, error.message)
+            record.args = (error.code, problem)
         else:
             record.msg = "malformed HTTP request from %s rejected with %d: %s"
-            record.args = (remote, error.code, error.message)
+            record.args = (remote, error.code, problem)
         if dropped:
             record.msg += " (%d more were not logged)"
             record.args += (dropped,)
@@ -589,6 +590,18 @@ class MalformedRequestFilter(logging.Filter):
         record.exc_info = None
         record.exc_text = None
         return True
+
+
+def _parse_problem(message: str) -> str:
+    """Return aiohttp's parse error without the bytes of the request it quotes.
+
+    Those bytes can hold a header line whole, such as an Authorization header
+    with its token.
+    """
+    first_line = message.strip().split("\n", 1)[0]
+    for quote in (": b'", ': b"', ":\n"):
+        first_line = first_line.split(quote, 1)[0]
+    return first_line.rstrip(": ") or "unparsable request"
 
 
 server_logger.addFilter(MalformedRequestFilter())

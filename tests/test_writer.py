@@ -1210,6 +1210,30 @@ async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
     assert after == (before or 0) + 3
 
 
+async def test_malformed_request_log_leaves_out_header(caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter()])
+    writer = OutputWriter(WriterSettings(output="memory"), await started_sink())
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
+    request = (
+        b"POST / HTTP/1.1\r\nHost: t\r\n"
+        b"Authorization: Bearer sup3r-s3cret\x01\r\nContent-Length: 0\r\n\r\n"
+    )
+
+    try:
+        response = await send_raw_request(bound_port(runner), request)
+    finally:
+        await runner.cleanup()
+
+    logged = [r for r in caplog.records if r.name == server_logger.name]
+    assert response.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert len(logged) == 1
+    assert "rejected with 400: Invalid header value char" in logged[0].getMessage()
+    assert "sup3r" not in caplog.text
+
+
 def compress(coding: str, data: bytes) -> bytes:
     """Compress `data` with an HTTP content coding other than identity."""
     if coding == "br":
