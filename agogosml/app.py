@@ -303,6 +303,7 @@ class ModelApp:
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
         (result,) = await self._call_score([value])
+        _check_client_waits(request)
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
         element = _encode_element(item, result, 0)
@@ -324,10 +325,13 @@ class ModelApp:
             raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
         MESSAGES_IN.labels(SERVICE).inc(len(items))
         with _in_flight(len(items)):
-            return await self._score_items(items)
+            return await self._score_items(request, items)
 
-    async def _score_items(self, items: list[dict[str, Any]]) -> web.Response:
+    async def _score_items(
+        self, request: web.Request, items: list[dict[str, Any]]
+    ) -> web.Response:
         results = await self._score_batch([item["value"] for item in items])
+        _check_client_waits(request)
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
         outputs = self._encode_outputs(items, results, statuses)
         for chunk in _chunks(outputs, self._writer_max_body_bytes):
@@ -775,6 +779,25 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
     if status in (408, 429) or status >= 500:
         return _Reject(503, message)
     return _Reject(502, f"{message}; this status is not part of the writer's API")
+
+
+def _check_client_waits(request: web.Request) -> None:
+    """Raise `_Reject` when the client closed the connection during scoring.
+
+    The reader closes a request once READER_REQUEST_TIMEOUT_MS passed, and
+    sends its messages again. Forwarding the results too would write them
+    twice, or write a message that the reader dead-letters.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise _Reject(
+            503,
+            "the client closed the connection before scoring finished, so the "
+            "results were not sent to the writer; if the client is the input "
+            "reader, raise READER_REQUEST_TIMEOUT_MS above the time that "
+            "scoring takes",
+            log_level=logging.WARNING,
+        )
 
 
 @web.middleware

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -514,6 +515,48 @@ async def test_slow_score_leaves_health_checks_free():
     assert response.status == 200
     assert served_meanwhile is True
     assert thread_name.startswith("score")
+
+
+@pytest.mark.parametrize(("path", "body"), [("/", b"1"), ("/batch", b'[{"value": 1}]')])
+async def test_result_not_forwarded_after_client_left(path, body, caplog):
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(values: list[Any]) -> list[Any]:
+        started.set()
+        release.wait(10)
+        return values
+
+    model = ModelApp(slow)
+    async with stub_writer() as writer:
+        async with model.running(AppSettings(writer_url=writer.url)) as app:
+            # The services' own server, which does not cancel a handler whose
+            # client left, unlike aiohttp's test server.
+            runner = await start_site(
+                app, "127.0.0.1", 0, "APP_", shutdown_timeout_seconds=1.0
+            )
+            url = f"http://127.0.0.1:{bound_port(runner)}{path}"
+            try:
+                async with aiohttp.ClientSession() as session:
+                    scoring = asyncio.create_task(
+                        session.post(url, data=body, headers=JSON)
+                    )
+                    await asyncio.to_thread(started.wait, 5)
+                    scoring.cancel()  # the client gives up and closes its connection
+                    await asyncio.gather(scoring, return_exceptions=True)
+                release.set()
+
+                async def logged() -> bool:
+                    return any(
+                        "client closed the connection" in getattr(r, "error", "")
+                        for r in caplog.records
+                    )
+
+                await wait_for(logged)
+            finally:
+                await runner.cleanup()
+
+    assert writer.requests == []
 
 
 def app_in_flight() -> float | None:
