@@ -456,10 +456,10 @@ class ModelApp:
         if failures:
             logger.warning(
                 "the scoring function raised on %d of %d values alone; they fail "
-                "with 500, and the first error was: %s",
+                "with 500, and the first error is in the error field",
                 len(failures),
                 len(values),
-                failures[0],
+                extra={"error": str(failures[0])},
             )
         return results
 

@@ -628,6 +628,9 @@ async def test_batch_score_raising_fails_one_item(caplog):
     assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
     assert "scoring each value alone" in caplog.text
     assert "raised on 1 of 3 values alone" in caplog.text
+    # The error goes in the error field, which the log lines mask below DEBUG.
+    assert "KeyError" not in "".join(r.getMessage() for r in caplog.records)
+    assert any("KeyError('amount')" in getattr(r, "error", "") for r in caplog.records)
 
 
 async def test_batch_score_always_raising_500():
