@@ -21,8 +21,10 @@ import yaml
 
 #: Seconds that a command which reads release state may take.
 READ_TIMEOUT_SECONDS = 120
-#: Seconds added to Helm's own --timeout before the subprocess is stopped.
+#: Seconds added to twice Helm's own --timeout before the subprocess is stopped.
 UPGRADE_GRACE_SECONDS = 60
+#: Seconds that Helm gets to exit after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 30
 
 _HELM_HINT = (
     "Install Helm 3 and put `helm` on PATH, set HELM to its path, or build the "
@@ -112,20 +114,36 @@ def run_helm(
     """Run Helm with `args` and return the finished process, failed or not."""
     command = [target.helm, *args]
     try:
-        return subprocess.run(
+        process = subprocess.Popen(
             command,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout_seconds,
-            check=False,
         )
     except FileNotFoundError:
         raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_seconds)
     except subprocess.TimeoutExpired:
+        _stop(process)
         raise HelmError(
             f"`{shlex.join(command)}` timed out after {timeout_seconds:.0f} s. "
-            "Check the cluster, or raise --timeout-seconds."
+            "Check the cluster, or raise --timeout-seconds. An upgrade cut short "
+            f"can leave the release pending: `{target.helm} history "
+            f"{shlex.join([target.release, *target.scope_args()])}` shows its "
+            "state, and `helm rollback` to the last deployed revision clears it."
         ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop Helm with SIGTERM, which it handles, and kill it if it does not exit."""
+    process.terminate()
+    try:
+        process.communicate(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
 
 
 def check_result(
@@ -147,6 +165,14 @@ def check_result(
             "--image TAG`, or check --release and --namespace."
         )
     hints = schema_hints(output, target.chart)
+    if "another operation" in output and "in progress" in output:
+        scope = shlex.join([target.release, *target.scope_args()])
+        hints.append(
+            "An earlier upgrade or rollback did not finish, and the release is "
+            f"left pending. `{target.helm} history {scope}` shows its revisions; "
+            f"`{target.helm} rollback {scope} REVISION` to the last deployed one "
+            "clears the pending state, and then the command can run again."
+        )
     raise HelmError(
         f"helm failed to {action} (exit code {result.returncode}).\nhelm: {output}"
         + "".join(f"\n{hint}" for hint in hints)
@@ -320,22 +346,29 @@ def show_values(target: HelmTarget) -> dict[str, Any]:
 
 
 def upgrade_args(
-    target: HelmTarget, settings: dict[str, str], *, install: bool
+    target: HelmTarget,
+    settings: dict[str, str],
+    *,
+    install: bool,
+    atomic: bool = True,
+    wait: bool = True,
 ) -> list[str]:
-    """Return the `helm upgrade --install --atomic` arguments that apply `settings`.
+    """Return the `helm upgrade --install --wait` arguments that apply `settings`.
 
-    --reset-then-reuse-values keeps the values of the release's last upgrade
-    and takes new defaults from the chart. Values files come next, and the
-    slot settings last, as --set-string so that a tag such as 1.10 stays a
-    string.
+    --wait waits for the release's pods to become ready, unless `wait` is
+    False, and --atomic, unless `atomic` or `wait` is False, undoes an upgrade
+    whose pods did not. --reset-then-reuse-values keeps the values of the release's
+    last upgrade and takes new defaults from the chart. Values files come
+    next, and the slot settings last, as --set-string so that a tag such as
+    1.10 stays a string.
     """
     args = [
         "upgrade",
         target.release,
         target.chart,
         "--install",
-        "--atomic",
-        "--wait",
+        *(["--atomic"] if atomic and wait else []),
+        *(["--wait"] if wait else []),
         "--timeout",
         f"{target.timeout_seconds}s",
         "--reset-then-reuse-values",
@@ -351,12 +384,19 @@ def upgrade_args(
 
 
 def upgrade(target: HelmTarget, args: list[str]) -> None:
-    """Run a `helm upgrade` built by `upgrade_args` and wait for it."""
-    timeout = target.timeout_seconds + UPGRADE_GRACE_SECONDS
+    """Run a `helm upgrade` built by `upgrade_args` and wait for it.
+
+    With --atomic, Helm waits up to --timeout for the upgrade and as long again
+    for the rollback of a failed one, so it gets twice the timeout.
+    """
+    timeout = 2 * target.timeout_seconds + UPGRADE_GRACE_SECONDS
     result = run_helm(target, args, timeout_seconds=timeout)
-    check_result(
-        target, result, "upgrade the release (--atomic rolls a failed upgrade back)"
+    action = (
+        "upgrade the release (--atomic rolls a failed upgrade back)"
+        if "--atomic" in args
+        else "upgrade the release (without --atomic: the changes stay applied)"
     )
+    check_result(target, result, action)
 
 
 def template(

@@ -237,6 +237,10 @@ class Step:
 
     settings: dict[str, str]
     if_failed: str = ""
+    #: Whether Helm undoes the upgrade when its pods do not become ready.
+    atomic: bool = True
+    #: Whether Helm waits for the release's pods to become ready.
+    wait: bool = True
 
 
 @dataclass(frozen=True)
@@ -409,7 +413,7 @@ def _check_promoted_image(
     )
 
 
-def plan_rollback(installed: InstalledRelease) -> Plan:
+def plan_rollback(installed: InstalledRelease, *, wait: bool = True) -> Plan:
     """Plan switching the app Service back to the previous slot.
 
     With idleSlot scaleToZero the previous slot runs no pods, and neither
@@ -418,7 +422,9 @@ def plan_rollback(installed: InstalledRelease) -> Plan:
     are ready. Only then does a second upgrade switch the Service, so that it
     never points at a slot without ready pods. The first upgrade keeps
     app.previousSlot, so a rollback whose second upgrade failed can be run
-    again.
+    again. Without `wait`, one upgrade switches the Service at once and Helm
+    waits for no pod: the way back from a slot so broken that the release's
+    pods never all become ready.
     """
     current = installed.state
     if not current.previous:
@@ -432,21 +438,25 @@ def plan_rollback(installed: InstalledRelease) -> Plan:
         installed.values, current.previous
     )
     steps = []
-    if_failed = ""
-    if not previous_running:
+    if wait and not previous_running:
         warm_up = SlotState(
             current.active, current.previous, current.previous, current.idle_policy
         )
         steps.append(Step({**warm_up.settings(), **pinned}))
-        if_failed = (
-            f"The app Service still points at the {current.active} slot, and the "
-            f"{current.previous} slot runs its pods. Run `agogosml rollback` again "
-            f"to switch to the {current.previous} slot, or `agogosml promote` to "
-            f"stay on the {current.active} slot and scale the {current.previous} "
-            "slot down."
-        )
     state = SlotState(current.previous, "", "", current.idle_policy)
-    steps.append(Step({**state.settings(), **pinned}, if_failed))
+    # Not atomic: when the slot that is rolled back from is broken, its pods,
+    # and the reader that waits for them, do not become ready, and Helm would
+    # undo the switch that restores the service.
+    if_failed = (
+        "The switch is not undone when pods do not become ready in time: "
+        "`agogosml status` shows which slot the app Service points at now. If it "
+        f"is still the {current.active} slot, run `agogosml rollback` again, or "
+        "`agogosml rollback --no-wait` when that slot's broken pods keep the "
+        "release from becoming ready."
+    )
+    steps.append(
+        Step({**state.settings(), **pinned}, if_failed, atomic=False, wait=wait)
+    )
     message = f"Rolled back to the {state.active} slot: it takes traffic now."
     return Plan(steps, message, state, pinned)
 
@@ -531,7 +541,14 @@ def execute(
     check_image_values(target.values_files, SLOTS)
     install = release_values is None
     commands = [
-        helm.upgrade_args(target, step.settings, install=install) for step in plan.steps
+        helm.upgrade_args(
+            target,
+            step.settings,
+            install=install,
+            atomic=step.atomic,
+            wait=step.wait,
+        )
+        for step in plan.steps
     ]
     warnings = [*plan.warnings, *ignored_image_values(target.values_files, plan.pinned)]
     for warning in warnings:
@@ -761,15 +778,25 @@ def promote(
 
 @click.command()
 @_target_options
+@click.option(
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="switch the app Service at once, without waiting for any pod to become "
+    "ready: for a slot so broken that the release's pods never all become ready",
+)
 def rollback(
-    dry_run: bool, release_values_file: Path | None, **target_options: Any
+    dry_run: bool,
+    release_values_file: Path | None,
+    no_wait: bool,
+    **target_options: Any,
 ) -> None:
     """Switch the app Service back to the slot that was active before promote."""
     values = _values_from_file(release_values_file, dry_run)
     target = _make_target(**target_options)
     if values is None:
         values = _require_release(target, dry_run=dry_run)
-    plan = plan_rollback(_installed_release(target, values))
+    plan = plan_rollback(_installed_release(target, values), wait=not no_wait)
     execute(target, plan, values, dry_run=dry_run)
 
 

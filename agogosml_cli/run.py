@@ -609,7 +609,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         *_missing_rows(summary),
         ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
         (
-            "labelled fraud in the input",
+            "labelled fraud",
             f"{summary.labelled_fraud:,} ({summary.flagged_labelled_fraud:,} "
             "of them flagged)",
         ),

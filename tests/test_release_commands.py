@@ -19,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from agogosml_cli import helm
 from agogosml_cli.main import cli
 from agogosml_cli.slot_images import ImageReference
 
@@ -665,8 +666,34 @@ def test_rollback_failed_switch_names_fix(fake_helm: FakeHelm) -> None:
 
     message = " ".join(result.stderr.split())
     assert result.exit_code == 1
-    assert "The app Service still points at the green slot" in message
-    assert "Run `agogosml rollback` again to switch to the blue slot" in message
+    assert "The switch is not undone when pods do not become ready" in message
+    assert "If it is still the green slot, run `agogosml rollback` again" in message
+    assert "`agogosml rollback --no-wait`" in message
+
+
+def test_rollback_switch_not_atomic(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("rollback", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    warm_up, switch = fake_helm.upgrades()
+    assert "--atomic" in warm_up
+    assert "--atomic" not in switch
+    assert "--wait" in switch
+    assert set_strings(switch)["app.activeSlot"] == "blue"
+
+
+def test_rollback_no_wait_switches_at_once(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("green", previous="blue"))
+
+    result = invoke("rollback", *SCOPE, "--no-wait")
+
+    assert result.exit_code == 0, result.output
+    (switch,) = fake_helm.upgrades()
+    assert "--wait" not in switch
+    assert "--atomic" not in switch
+    assert set_strings(switch)["app.activeSlot"] == "blue"
 
 
 def test_rollback_warm_switches_at_once(fake_helm: FakeHelm) -> None:
@@ -965,3 +992,26 @@ def test_promote_help_lists_image() -> None:
     result = invoke("promote", "--help")
 
     assert "--image" in result.stdout
+
+
+def test_timed_out_helm_stopped_with_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "signals.log"
+    script = tmp_path / "slow-helm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"trap 'echo TERM >> {log}; kill $!; exit 1' TERM\n"
+        "sleep 30 >/dev/null 2>&1 &\n"
+        "wait\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(helm, "STOP_GRACE_SECONDS", 5)
+    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
+
+    with pytest.raises(helm.HelmError) as raised:
+        helm.run_helm(target, ["upgrade"], timeout_seconds=1)
+
+    assert log.read_text() == "TERM\n"
+    assert "timed out after 1 s" in str(raised.value)
+    assert "history scoring --namespace ml" in str(raised.value)
