@@ -50,10 +50,13 @@ def _image_problem(text: str, repository: str, tag: str) -> str:
         )
     if not repository and "/" in text:
         return f"{text!r} has no tag; add one, as in {text + ':1.0'!r}."
-    if repository == "sha256" and re.fullmatch(r"[0-9a-f]{64}", tag):
+    if repository == "sha256":
+        # A repository named sha256 is possible, but far likelier a digest
+        # without its repository, or a digest cut short.
         return (
-            "a digest needs its repository; give REPOSITORY@sha256:DIGEST, as in "
-            f"'my-app@{text}'."
+            "it looks like a digest, which needs its repository and 64 "
+            "hexadecimal digits; give REPOSITORY@sha256:DIGEST, as in "
+            f"'my-app@sha256:{'0' * 64}', or a repository of another name."
         )
     if repository and not _REPOSITORY.match(repository):
         return f"the repository {repository!r} is invalid. {_REPOSITORY_FORM}"

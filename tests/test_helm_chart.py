@@ -1181,6 +1181,19 @@ def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) ->
 
 
 @pytest.mark.parametrize(
+    "label", ["app.kubernetes.io/component", "agogosml.io/slot", "helm.sh/chart"]
+)
+def test_schema_rejects_chart_pod_label(helm_binary: str, label: str) -> None:
+    # --set reads an unescaped dot as a nesting of keys.
+    escaped = label.replace(".", "\\.")
+
+    error = render_error(helm_binary, f"podLabels.{escaped}=x")
+
+    assert "values don't meet the specifications of the schema" in error
+    assert f"invalid propertyName '{label}'" in error
+
+
+@pytest.mark.parametrize(
     ("settings", "message"),
     [
         (["app.activeSlot=green", "app.previewSlot=green"], "app.previewSlot"),

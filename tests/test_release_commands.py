@@ -349,7 +349,8 @@ DIGEST = "sha256:" + "ab" * 32
         ("Model/x:1", "the repository 'Model/x' is invalid"),
         ("a//b:1", "the repository 'a//b' is invalid"),
         ("localhost:99999/app:1", "a :PORT from 1 to 65535"),
-        (DIGEST, "a digest needs its repository"),
+        (DIGEST, "it looks like a digest, which needs its repository"),
+        ("sha256:abc", "it looks like a digest, which needs its repository"),
     ],
 )
 def test_deploy_rejects_bad_image(
