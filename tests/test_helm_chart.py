@@ -1198,6 +1198,15 @@ def test_schema_rejects_chart_pod_label(helm_binary: str, label: str) -> None:
     [
         (["app.activeSlot=green", "app.previewSlot=green"], "app.previewSlot"),
         (["app.previousSlot=blue"], "app.previousSlot"),
+        (
+            ["reader.settings.READER_SHUTDOWN_TIMEOUT_MS=120000"],
+            "raise terminationGracePeriodSeconds to at least 130",
+        ),
+        (["writer.terminationGracePeriodSeconds=10"], "writer.terminationGrace"),
+        (
+            ["app.settings.APP_SHUTDOWN_TIMEOUT_MS=60000"],
+            "APP_SHUTDOWN_TIMEOUT_MS is 60000 ms",
+        ),
         (["kafka.bootstrapServers="], "kafka.bootstrapServers"),
         (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.mechanism"),
         (

@@ -56,6 +56,23 @@ Checks of value combinations that values.schema.json cannot express.
 {{- end }}
 {{- include "agogosml.validateExtraEnv" . }}
 {{- include "agogosml.validateDisruptionBudgets" . }}
+{{- include "agogosml.validateGracePeriods" . }}
+{{- end }}
+
+{{/*
+Each pod's terminationGracePeriodSeconds leaves its service the shutdown time
+of its settings and 10 s more, for the final commit or flush and the exit:
+Kubernetes kills a pod when the grace period ends.
+*/}}
+{{- define "agogosml.validateGracePeriods" -}}
+{{- range $component, $variable := dict "reader" "READER_SHUTDOWN_TIMEOUT_MS" "writer" "WRITER_SHUTDOWN_TIMEOUT_MS" "app" "APP_SHUTDOWN_TIMEOUT_MS" }}
+{{- $values := index $.Values $component }}
+{{- $shutdownMs := int (default 30000 (index $values.settings $variable)) }}
+{{- $needed := add (div (add $shutdownMs 999) 1000) 10 }}
+{{- if lt (int $values.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds is %d, but %s is %d ms: Kubernetes would kill the pods before they finish, so raise terminationGracePeriodSeconds to at least %d, or lower %s" $component (int $values.terminationGracePeriodSeconds) $variable $shutdownMs (int $needed) $variable) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
