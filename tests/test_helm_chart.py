@@ -1388,3 +1388,47 @@ def test_exposed_service_needs_token(
     assert "or use ClusterIP" in message
     services = [m for m in manifests if m["kind"] == "Service"]
     assert any(service["spec"]["type"] == "LoadBalancer" for service in services)
+
+
+def test_extra_config_from_secret(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "kafka.extraConfig.existingSecret=kafka-extra",
+        "kafka.extraConfig.key=config",
+    )
+
+    for name in ("rel-agogosml-reader", "rel-agogosml-writer"):
+        variable = env_of(find(manifests, "Deployment", name))["KAFKA_EXTRA_CONFIG"]
+        assert variable["valueFrom"]["secretKeyRef"] == {
+            "name": "kafka-extra",
+            "key": "config",
+        }
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ('{"ssl.key.password": "x"}', "password"),
+        ('{"sasl.oauthbearer.client.secret": "x"}', "secret"),
+        ('{"ssl.key.pem": "-----BEGIN"}', "ssl.key.pem"),
+    ],
+)
+def test_secret_in_plain_extra_config_rejected(
+    helm_binary: str, config: str, named: str
+) -> None:
+    setting = "writer.settings.KAFKA_EXTRA_CONFIG=" + json.dumps(config)
+
+    error = render_error(helm_binary, json_settings=setting)
+
+    assert f'writer.settings.KAFKA_EXTRA_CONFIG contains "{named}"' in error
+    assert "name it in kafka.extraConfig" in error
+
+
+def test_plain_extra_config_kept(helm_binary: str) -> None:
+    config = '{"fetch.min.bytes": "1"}'
+    setting = "reader.settings.KAFKA_EXTRA_CONFIG=" + json.dumps(config)
+
+    manifests = render(helm_binary, json_settings=setting)
+
+    reader = find(manifests, "Deployment", "rel-agogosml-reader")
+    assert env_of(reader)["KAFKA_EXTRA_CONFIG"]["value"] == config

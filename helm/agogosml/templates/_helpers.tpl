@@ -221,6 +221,13 @@ it from this variable. */}}
 - name: KAFKA_SSL_CA_LOCATION
   value: /etc/agogosml/kafka-ca/ca.crt
 {{- end }}
+{{- if $kafka.extraConfig.existingSecret }}
+- name: KAFKA_EXTRA_CONFIG
+  valueFrom:
+    secretKeyRef:
+      name: {{ $kafka.extraConfig.existingSecret }}
+      key: {{ $kafka.extraConfig.key }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -49,7 +49,7 @@ Checks of value combinations that values.schema.json cannot express.
 {{- end }}
 {{- end }}
 {{- $eventhubs := .Values.eventhubs }}
-{{- range $name, $ref := dict "kafka.sasl.password" $kafka.sasl.password "kafka.eventHubsConnectionString" $kafka.eventHubsConnectionString "kafka.caCertificate" $kafka.caCertificate "auth.appToken" .Values.auth.appToken "auth.writerToken" .Values.auth.writerToken "eventhubs.connectionString" $eventhubs.connectionString "eventhubs.checkpointStore.connectionString" $eventhubs.checkpointStore.connectionString }}
+{{- range $name, $ref := dict "kafka.sasl.password" $kafka.sasl.password "kafka.eventHubsConnectionString" $kafka.eventHubsConnectionString "kafka.caCertificate" $kafka.caCertificate "auth.appToken" .Values.auth.appToken "auth.writerToken" .Values.auth.writerToken "eventhubs.connectionString" $eventhubs.connectionString "eventhubs.checkpointStore.connectionString" $eventhubs.checkpointStore.connectionString "kafka.extraConfig" $kafka.extraConfig }}
 {{- if and $ref.existingSecret (not $ref.key) }}
 {{- fail (printf "%s.key is empty: name the key of Secret %s that holds the value" $name $ref.existingSecret) }}
 {{- end }}
@@ -57,6 +57,27 @@ Checks of value combinations that values.schema.json cannot express.
 {{- include "agogosml.validateExtraEnv" . }}
 {{- include "agogosml.validateDisruptionBudgets" . }}
 {{- include "agogosml.validateGracePeriods" . }}
+{{- include "agogosml.validateExtraConfig" . }}
+{{- end }}
+
+{{/*
+KAFKA_EXTRA_CONFIG in the settings maps is a plain value, stored in the release,
+so the properties that carry secrets go in kafka.extraConfig, a Secret.
+*/}}
+{{- define "agogosml.validateExtraConfig" -}}
+{{- range $component := list "reader" "writer" }}
+{{- $config := index (index $.Values $component).settings "KAFKA_EXTRA_CONFIG" }}
+{{- if $config }}
+{{- if $.Values.kafka.extraConfig.existingSecret }}
+{{- fail (printf "%s.settings.KAFKA_EXTRA_CONFIG and kafka.extraConfig are both set: put all the properties in the Secret of kafka.extraConfig" $component) }}
+{{- end }}
+{{- range $property := list "password" "secret" "ssl.key.pem" "sasl.oauthbearer.config" "ssl_key" }}
+{{- if contains $property (toString $config) }}
+{{- fail (printf "%s.settings.KAFKA_EXTRA_CONFIG contains %q, which carries a secret, and the release would store it in plain text: put KAFKA_EXTRA_CONFIG in a Secret and name it in kafka.extraConfig" $component $property) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
