@@ -19,6 +19,7 @@ from agogosml.config import (
     ReaderSettings,
     WriterSettings,
 )
+from agogosml_cli.chart_settings import settings_schema
 from agogosml_cli.release import CHART_DEFAULT_STATE
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
@@ -1171,6 +1172,14 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         ("writer.resources.limits.memory=-1Gi", "/writer/resources/limits/memory"),
         ("writer.resources.limits.memory=2K", "/writer/resources/limits/memory"),
         ("reader.tmpSizeLimit=lots", "/reader/tmpSizeLimit"),
+        ("reader.settings.READER_ORDERING=bogus", "/reader/settings/READER_ORDERING"),
+        (
+            "reader.settings.READER_CONCURRENCY=abc",
+            "/reader/settings/READER_CONCURRENCY",
+        ),
+        ("reader.settings.READER_CONCURRENCY=0", "/reader/settings/READER_CONCURRENCY"),
+        ("writer.settings.KAFKA_LINGER_MS=-5", "/writer/settings/KAFKA_LINGER_MS"),
+        ("app.settings.APP_LOG_LEVEL=loud", "/app/settings/APP_LOG_LEVEL"),
     ],
 )
 def test_schema_rejects_bad_value(helm_binary: str, setting: str, field: str) -> None:
@@ -1432,3 +1441,30 @@ def test_plain_extra_config_kept(helm_binary: str) -> None:
 
     reader = find(manifests, "Deployment", "rel-agogosml-reader")
     assert env_of(reader)["KAFKA_EXTRA_CONFIG"]["value"] == config
+
+
+def test_settings_schema_follows_the_settings() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    assert settings_schema(schema) == schema, (
+        "the settings in values.schema.json are out of date; regenerate them "
+        "with 'python -m agogosml_cli.chart_settings'"
+    )
+
+
+def test_settings_accept_text_numbers_and_any_case(helm_binary: str) -> None:
+    setting = "reader.settings=" + json.dumps(
+        {"READER_CONCURRENCY": "64", "READER_ORDERING": "KEY", "READER_LOG_LEVEL": 10}
+    )
+
+    error = render_error(helm_binary, json_settings=setting)
+    manifests = render(
+        helm_binary,
+        json_settings="reader.settings="
+        + json.dumps({"READER_CONCURRENCY": "64", "READER_ORDERING": "KEY"}),
+    )
+
+    assert "/reader/settings/READER_LOG_LEVEL" in error
+    reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
+    assert reader["READER_CONCURRENCY"]["value"] == "64"
+    assert reader["READER_ORDERING"]["value"] == "KEY"
