@@ -1468,3 +1468,28 @@ def test_settings_accept_text_numbers_and_any_case(helm_binary: str) -> None:
     reader = env_of(find(manifests, "Deployment", "rel-agogosml-reader"))
     assert reader["READER_CONCURRENCY"]["value"] == "64"
     assert reader["READER_ORDERING"]["value"] == "KEY"
+
+
+def test_network_policy_extra_rules_added(helm_binary: str) -> None:
+    egress = {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 443}]}
+    ingress = {"from": [{"namespaceSelector": {"matchLabels": {"team": "ops"}}}]}
+    setting = "networkPolicy=" + json.dumps(
+        {
+            "enabled": True,
+            "extraEgress": {"app": [egress]},
+            "extraIngress": {"reader": [ingress], "writer": [ingress]},
+        }
+    )
+
+    manifests = render(helm_binary, json_settings=setting)
+
+    policies = {
+        m["metadata"]["name"]: m["spec"]
+        for m in manifests
+        if m["kind"] == "NetworkPolicy"
+    }
+    assert policies["rel-agogosml-app"]["egress"][-1] == egress
+    assert egress not in policies["rel-agogosml-reader"]["egress"]
+    assert policies["rel-agogosml-reader"]["ingress"] == [ingress]
+    assert policies["rel-agogosml-writer"]["ingress"][-1] == ingress
+    assert len(policies["rel-agogosml-writer"]["ingress"]) == 2
