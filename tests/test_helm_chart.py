@@ -1493,3 +1493,33 @@ def test_network_policy_extra_rules_added(helm_binary: str) -> None:
     assert policies["rel-agogosml-reader"]["ingress"] == [ingress]
     assert policies["rel-agogosml-writer"]["ingress"][-1] == ingress
     assert len(policies["rel-agogosml-writer"]["ingress"]) == 2
+
+
+def test_app_extra_volumes_mounted(helm_binary: str) -> None:
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": "models"}}
+    mount = {"name": "model", "mountPath": "/models", "readOnly": True}
+    setting = "app=" + json.dumps(
+        {"extraVolumes": [volume], "extraVolumeMounts": [mount]}
+    )
+
+    manifests = render(helm_binary, json_settings=setting)
+
+    for slot in ("blue", "green"):
+        pod = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")["spec"][
+            "template"
+        ]["spec"]
+        assert volume in pod["volumes"]
+        assert mount in pod["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        'app.extraVolumes=[{"name": "tmp", "emptyDir": {}}]',
+        'app.extraVolumeMounts=[{"name": "x", "mountPath": "/tmp"}]',
+    ],
+)
+def test_app_extra_volume_cannot_replace_tmp(helm_binary: str, setting: str) -> None:
+    error = render_error(helm_binary, json_settings=setting)
+
+    assert "values don't meet the specifications of the schema" in error
