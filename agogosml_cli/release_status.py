@@ -144,7 +144,43 @@ def format_status(report: dict[str, Any]) -> str:
         "Desired replicas come from the release values, not ready pods: "
         f"`kubectl get deployments --namespace {report['namespace']}` shows those."
     )
+    lines.extend(_next_steps(report))
     return "\n".join(lines)
+
+
+def _next_steps(report: dict[str, Any]) -> list[str]:
+    """Return what to do about a release left in a state that needs a command."""
+    steps = []
+    scope = f"{report['release']} --namespace {report['namespace']}"
+    status = str(report["status"])
+    if status.startswith("pending-"):
+        steps.append(
+            f"The release is {status}: an upgrade, install or rollback is under "
+            "way, or was cut short. Once none runs, `helm history "
+            f"{scope}` shows the revisions, and `helm rollback {scope} "
+            "REVISION` to the last deployed one clears the state."
+        )
+    elif status == "failed":
+        steps.append(
+            "The last upgrade failed. Its changes may stay applied (the switch "
+            "of a rollback is not undone): the slots above are the release's "
+            "values now. Run the command again, or `helm history "
+            f"{scope}` to see what was applied."
+        )
+    preview, previous = report["previewSlot"], report["previousSlot"]
+    if preview and preview == previous:
+        steps.append(
+            f"The {preview} slot is both in preview and the rollback target: a "
+            "rollback started it and did not switch. `agogosml rollback` switches "
+            f"to it, and `agogosml promote` stays on the {report['activeSlot']} "
+            f"slot and scales the {preview} slot down."
+        )
+    elif preview:
+        steps.append(
+            f"The {preview} slot waits in preview: `agogosml promote` switches "
+            "traffic to it."
+        )
+    return steps
 
 
 def _role(state: SlotState, slot: str) -> str:

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from fake_helm import merge
 
 from agogosml_cli import helm
 from agogosml_cli.main import cli
+from agogosml_cli.release_status import format_status, status_report
 from agogosml_cli.slot_images import ImageReference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -1016,3 +1018,39 @@ def test_timed_out_helm_stopped_with_sigterm(
     assert log.read_text() == "TERM\n"
     assert "timed out after 1 s" in str(raised.value)
     assert "history scoring --namespace ml" in str(raised.value)
+
+
+def status_text(values: dict[str, Any], status: str = "deployed") -> str:
+    chart_values = yaml.safe_load(
+        (Path(helm.__file__).parents[1] / "helm/agogosml/values.yaml").read_text()
+    )
+    merged = merge(chart_values, values)
+    release = {"name": "rel", "namespace": "ml", "info": {"status": status}}
+    return " ".join(format_status(status_report(merged, release)).split())
+
+
+def test_status_explains_pending_release() -> None:
+    text = status_text(slot_values("green", previous="blue"), "pending-upgrade")
+
+    assert "The release is pending-upgrade" in text
+    assert "`helm rollback rel --namespace ml REVISION`" in text
+
+
+def test_status_explains_half_done_rollback() -> None:
+    text = status_text(slot_values("green", preview="blue", previous="blue"))
+
+    assert "The blue slot is both in preview and the rollback target" in text
+    assert "`agogosml promote` stays on the green slot" in text
+
+
+def test_status_names_promote_for_preview() -> None:
+    text = status_text(slot_values("green", preview="blue"))
+
+    assert "The blue slot waits in preview: `agogosml promote`" in text
+
+
+def test_status_quiet_when_settled() -> None:
+    text = status_text(slot_values("green", previous="blue"))
+
+    assert "agogosml promote" not in text
+    assert "helm rollback" not in text
