@@ -1523,3 +1523,12 @@ def test_app_extra_volume_cannot_replace_tmp(helm_binary: str, setting: str) -> 
     error = render_error(helm_binary, json_settings=setting)
 
     assert "values don't meet the specifications of the schema" in error
+
+
+def test_app_slots_keep_every_pod_in_rollouts(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    for slot in ("blue", "green"):
+        deployment = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert rolling["maxUnavailable"] == 0
