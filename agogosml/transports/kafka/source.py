@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 #: commit has no time limit: with the coordinator gone it waited for the whole
 #: session timeout (45 s by default), past a pod's grace period.
 FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
+#: How often the consumer refreshes the metadata of its topics, which is how
+#: it notices partitions added to them.
+METADATA_REFRESH_MS = 30_000
 #: How often the lag of paused partitions is read from the brokers, and how
 #: long one read may take.
 PAUSED_LAG_SECONDS = 5.0
@@ -162,6 +165,9 @@ class KafkaSource(TrackedSource):
                 "auto.offset.reset": self._settings.auto_offset_reset,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
+                # librdkafka's 5 minutes left partitions added to a topic
+                # unread for that long. KAFKA_EXTRA_CONFIG may change it.
+                "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
                 "on_commit": self._on_commit,
                 **self._health.config(
                     on_statistics=self._record_fetched_lag,
@@ -705,15 +711,15 @@ class KafkaSource(TrackedSource):
         try:
             committed = consumer.committed(partitions, timeout=remaining())
             # A partition without a commit has a negative offset (OFFSET_INVALID).
-            ends = [
-                TopicPartition(
-                    tp.topic,
-                    tp.partition,
-                    consumer.get_watermark_offsets(tp, timeout=remaining())[1],
-                )
-                for tp in committed
-                if tp.offset < 0
-            ]
+            missing = [tp for tp in committed if tp.offset < 0]
+            read_before = self._topics_read_before(
+                consumer, committed, {tp.topic for tp in missing}, remaining
+            )
+            ends = []
+            for tp in missing:
+                low, high = consumer.get_watermark_offsets(tp, timeout=remaining())
+                start = low if tp.topic in read_before else high
+                ends.append(TopicPartition(tp.topic, tp.partition, start))
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)
         except KafkaException as exc:
@@ -731,6 +737,32 @@ class KafkaSource(TrackedSource):
                 extra={"offsets": _describe(ends)},
             )
         return ends
+
+    @staticmethod
+    def _topics_read_before(
+        consumer: Consumer,
+        committed: list[TopicPartition],
+        topics: set[str],
+        remaining: Callable[[], float],
+    ) -> set[str]:
+        """Return the `topics` of which the group committed some partition before.
+
+        A partition without a committed offset in such a topic was added to it
+        while the group read it, so its messages are new to the group, and it
+        starts at its beginning instead of its end. Otherwise the messages
+        produced to it before the reader noticed it would be skipped.
+        """
+        known = {tp.topic for tp in committed if tp.offset >= 0}
+        others = []
+        for topic in topics - known:
+            metadata = consumer.list_topics(topic, timeout=remaining()).topics
+            if topic in metadata:
+                numbers = metadata[topic].partitions
+                others += [TopicPartition(topic, number) for number in numbers]
+        if others:
+            checked = consumer.committed(others, timeout=remaining())
+            known |= {tp.topic for tp in checked if tp.offset >= 0}
+        return topics & known
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
