@@ -1530,6 +1530,45 @@ async def test_request_stop_finishes_only_sent_requests():
     assert reader.in_flight == 0
 
 
+@pytest.mark.parametrize(
+    ("ordering", "sent", "committed"),
+    [(Ordering.KEY, [0, 1, 2], 3), (Ordering.PARTITION, [0], 1)],
+)
+async def test_stop_in_key_order_sends_queued(ordering, sent, committed):
+    """A message queued behind its key while a later one finished is sent.
+
+    Released, it would hold the commit back, and the finished later message
+    would be read and delivered again after the restart. In partition order
+    every queued message comes after the finished ones.
+    """
+    source = MemorySource(TOPIC)
+    # Keys a and d land in different lanes of 2.
+    for number, key in enumerate([b"a", b"a", b"d"]):
+        source.add(orjson.dumps({"n": number}), key=key)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async def hold_first(received: Received) -> web.Response:
+        if received.number == 0:
+            await release.wait()
+        return status_response(200)
+
+    async with stub_app(hold_first) as app:
+        settings = reader_settings(
+            app.url, stop_at_end=False, ordering=ordering, concurrency=2
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, task):
+            await wait_for(
+                lambda: len(app.requests) == (2 if ordering is Ordering.KEY else 1)
+            )
+            reader.request_stop()
+            release.set()
+            await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert sorted(app.numbers()) == sent
+    assert source.committed == {(TOPIC, 0): committed}
+
+
 async def test_shutdown_timeout_leaves_uncommitted():
     source = MemorySource(TOPIC)
     fill(source, 1)

@@ -598,12 +598,14 @@ class InputReader:
     def _drop_unsendable(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Release messages that must not be sent now, and return the others.
 
-        While stopping, and for partitions being revoked or already lost, a
-        message that was not delivered yet is released unfinished. Its offset is
-        not committed, so it is read again later, by this reader or the new owner
-        of its partition. It was not delivered here, so that is no duplicate. A
-        source that cannot be read again (stdin) keeps its messages sendable
-        while stopping, until the shutdown timeout.
+        While stopping in partition order, and for partitions being revoked or
+        already lost, a message that was not delivered yet is released
+        unfinished. Its offset is not committed, so it is read again later, by
+        this reader or the new owner of its partition. It was not delivered
+        here, so that is no duplicate. A source that cannot be read again
+        (stdin), and key and unordered order while the app is ready
+        (`_release_on_stop`), keep messages sendable while stopping, until the
+        shutdown timeout.
         """
         sendable = []
         for envelope in envelopes:
@@ -614,7 +616,11 @@ class InputReader:
         return sendable
 
     def _sendable(self, envelope: Envelope) -> bool:
-        if self._stopping.is_set() and self._source.replayable:
+        if (
+            self._stopping.is_set()
+            and self._source.replayable
+            and self._release_on_stop()
+        ):
             return False
         if not self._source.owns(envelope):
             return False
@@ -622,6 +628,17 @@ class InputReader:
         return position is None or (
             (position.topic, position.partition) not in self._revoking
         )
+
+    def _release_on_stop(self) -> bool:
+        """Return whether a stop releases the messages not yet delivered.
+
+        In partition order, every message that waits comes after the finished
+        ones of its partition, so releasing it adds no duplicate. In key and
+        unordered order a later message of the same partition may be finished
+        already, and would be read again with it, so waiting messages are sent
+        before the stop while the app is ready.
+        """
+        return self._settings.ordering is Ordering.PARTITION or not self._app_ready
 
     def _is_setup_error(self, outcomes: list[Outcome], as_batch: bool) -> bool:
         """Return whether the app rejected the request itself, and log it.
