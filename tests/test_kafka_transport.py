@@ -492,6 +492,31 @@ async def test_topic_limit_failure_logged_once(
     assert delays == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0]
 
 
+async def test_missing_topic_named_in_log_and_delivery_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    found = False
+
+    async def describe(self: TopicSizeLimit) -> int:
+        if not found:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        return 1_000_000
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", describe)
+    sink = KafkaSink(KafkaSettings(bootstrap_servers="127.0.0.1:1"), "scores")
+
+    with caplog.at_level(logging.WARNING, logger=topic_limit.__name__):
+        await sink._topic_limit.refresh(max_age_seconds=0)
+    error = await sink._delivery_error([KafkaError(KafkaError._MSG_TIMED_OUT)], [])
+    found = True
+    await sink._topic_limit.refresh(max_age_seconds=0)
+
+    assert "kafka topic 'scores' does not exist" in caplog.text
+    assert "Topic 'scores' does not exist, and the broker did not create" in str(error)
+    assert error.retriable
+    assert not sink._topic_limit.missing
+
+
 async def test_topic_limit_reads_at_most_every_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

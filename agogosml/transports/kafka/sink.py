@@ -378,6 +378,11 @@ class KafkaSink(Sink):
                 f"{self._topic!r}: grant it the Write and Describe operations on "
                 "the topic"
             )
+        if self._topic_limit.missing:
+            return (
+                f". Topic {self._topic!r} does not exist, and the broker did not "
+                "create it: create the topic, or check the setting that names it"
+            )
         return ""
 
     async def _delivery_error(

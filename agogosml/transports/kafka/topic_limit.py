@@ -58,6 +58,8 @@ class TopicSizeLimit:
         self._resource = ConfigResource(ResourceType.TOPIC, topic)
         self._on_change = on_change
         self.value: int | None = None
+        #: Whether the last read found that the topic does not exist.
+        self.missing = False
         self._failures = 0
         self._read_finished_at = float("-inf")
         self._read: asyncio.Task[None] | None = None
@@ -123,11 +125,17 @@ class TopicSizeLimit:
             limit = await self._describe()
         except (KafkaException, KeyError, ValueError, TimeoutError) as exc:
             self._failures += 1
+            error = exc.args[0] if isinstance(exc, KafkaException) else None
+            self.missing = (
+                isinstance(error, KafkaError)
+                and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            )
             self._log_failure(exc)
             return
         finally:
             self._read_finished_at = asyncio.get_running_loop().time()
         self._failures = 0
+        self.missing = False
         if limit != self.value:
             logger.info(
                 "kafka topic %r accepts record batches of up to %d bytes "
@@ -165,6 +173,16 @@ class TopicSizeLimit:
                 "reading max.message.bytes of topic %r failed again: %s",
                 self._topic,
                 reason,
+            )
+            return
+        if self.missing:
+            logger.warning(
+                "kafka topic %r does not exist: records to it wait until the "
+                "broker creates it, if it creates topics on first use "
+                "(auto.create.topics.enable), and then fail after "
+                "KAFKA_DELIVERY_TIMEOUT_MS; create the topic, or check the "
+                "setting that names it",
+                self._topic,
             )
             return
         hint = ""
