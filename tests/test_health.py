@@ -109,3 +109,27 @@ def test_buffered_confirmation_after_transport_error() -> None:
     health.confirm_connected(buffered=True)
 
     assert health.up is True
+
+
+def test_settings_error_kept_behind_brokers_down(caplog) -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    health.on_error(KafkaError(KafkaError._AUTHENTICATION, "SASL handshake failed"))
+
+    health.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+
+    reason = health.describe_down()
+    lines = [r.getMessage() for r in caplog.records if r.name == health_module.__name__]
+    assert "SASL handshake failed; check KAFKA_SECURITY_PROTOCOL" in reason
+    assert "the connection failed with SASL handshake failed" in lines[-1]
+    assert "check KAFKA_BOOTSTRAP_SERVERS and the network" not in lines[-1]
+
+
+def test_settings_error_cleared_once_connected() -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+    health.on_error(KafkaError(KafkaError._AUTHENTICATION, "SASL handshake failed"))
+
+    health.on_statistics({"brokers": {"b": {"state": "UP"}}})
+    health.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+
+    assert "SASL" not in health.describe_down()
+    assert "1/1 brokers are down" in health.describe_down()

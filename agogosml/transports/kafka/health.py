@@ -55,6 +55,9 @@ class BrokerHealth:
         self._brokers_down = False
         #: Text of the last connection or fatal error, for error responses.
         self.last_error = ""
+        #: The last error that the client's own settings cause, with its fix,
+        #: until a connection is up: a later "all brokers down" hides its cause.
+        self.settings_error = ""
         self._error_logged_at: dict[int, float] = {}
         self._errors_not_logged: dict[int, int] = {}
 
@@ -68,6 +71,7 @@ class BrokerHealth:
         self.up = True
         self._brokers_down = False
         self._unreachable_logged = False
+        self.settings_error = ""
 
     def confirm_connected(self, *, buffered: bool = False) -> None:
         """Mark the client up on proof of a connection, before its next statistics.
@@ -93,6 +97,8 @@ class BrokerHealth:
             self.up = False
             logger.error("kafka %s failed for good: %s", self._client, error)
             return
+        if error.code() in _ERROR_HINTS:
+            self.settings_error = f"{error.str()}; {_ERROR_HINTS[error.code()]}"
         if error.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._log_error(error)
             return
@@ -103,6 +109,16 @@ class BrokerHealth:
         # librdkafka reports every failed reconnect; one line per outage is enough.
         if not self._unreachable_logged:
             self._unreachable_logged = True
+            if self.settings_error:
+                logger.error(
+                    "kafka %s cannot connect to the brokers at %s (%s): the "
+                    "connection failed with %s. Retrying in the background",
+                    self._client,
+                    self._bootstrap_servers,
+                    error.str(),
+                    self.settings_error,
+                )
+                return
             logger.error(
                 "kafka %s cannot reach the brokers at %s (%s); check "
                 "KAFKA_BOOTSTRAP_SERVERS and the network. Retrying in the background",
@@ -142,6 +158,8 @@ class BrokerHealth:
                 "restart the service"
             )
         cause = f" ({self.last_error})" if self.last_error else " yet"
+        if self.settings_error:
+            cause = f" ({self.settings_error})"
         return (
             f"the kafka {self._client} is not connected to the brokers at "
             f"{self._bootstrap_servers}{cause}; retry shortly"
