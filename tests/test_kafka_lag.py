@@ -62,3 +62,23 @@ async def test_lag_grows_while_paused(monkeypatch):
     del admin
 
     assert paused_lag == 32
+
+
+def test_lag_only_of_owned_partitions():
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", group_id="g-owned")
+    owned = KafkaSource(kafka, ["lag-owned"])
+    owned.tracker.assign("lag-owned", 0)
+    partitions = {
+        "0": {"consumer_lag": 5, "hi_offset": 100, "committed_offset": 80},
+        "1": {"consumer_lag": 7},
+        "-1": {"consumer_lag": 9},
+    }
+
+    owned._record_fetched_lag({"topics": {"lag-owned": {"partitions": partitions}}})
+
+    def sample(partition: str) -> float | None:
+        labels = {"topic": "lag-owned", "partition": partition}
+        return REGISTRY.get_sample_value("agogosml_consumer_lag_messages", labels)
+
+    assert sample("0") == 20  # from the commit, with the unfinished messages
+    assert sample("1") is None

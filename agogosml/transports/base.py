@@ -277,6 +277,11 @@ class OffsetTracker:
         with self._lock:
             return dict(self._committable)
 
+    def assigned(self, topic: str, partition: int) -> bool:
+        """Return whether a partition is tracked: assigned and not revoked since."""
+        with self._lock:
+            return (topic, partition) in self._pending
+
     def in_flight(self, topic: str, partition: int) -> int:
         """Return how many messages of a partition are read but not finished."""
         with self._lock:

@@ -412,9 +412,13 @@ class KafkaSource(TrackedSource):
                 await self._call(self._record_paused_lag)
 
     def _record_fetched_lag(self, stats: dict[str, Any]) -> None:
-        """Set the lag from librdkafka's statistics, unless fetching is paused."""
+        """Set the lag from librdkafka's statistics, unless fetching is paused.
+
+        The statistics also list partitions that the consumer knows of but does
+        not own, whose lag is another member's to report.
+        """
         if not self._paused:
-            _record_lag(stats)
+            _record_lag(stats, self._tracker.assigned)
 
     def _record_paused_lag(self) -> None:
         """Set the lag of paused partitions from the brokers' end offsets.
@@ -832,9 +836,23 @@ def _forget_lag(topic: str, partition: int) -> None:
         pass
 
 
-def _record_lag(stats: dict[str, Any]) -> None:
+def _record_lag(stats: dict[str, Any], owned: Callable[[str, int], bool]) -> None:
+    """Set the lag of each owned partition from one statistics report.
+
+    The lag counts from the committed offset, as KEDA's and the paused
+    partitions' figures do, so messages fetched but not finished count too.
+    Before the first commit it is librdkafka's lag from the fetch position.
+    """
     for topic, topic_stats in stats.get("topics", {}).items():
         for partition, partition_stats in topic_stats.get("partitions", {}).items():
-            lag = partition_stats.get("consumer_lag", -1)
-            if partition != "-1" and lag >= 0:
+            if partition == "-1" or not owned(topic, int(partition)):
+                continue
+            high = partition_stats.get("hi_offset", -1)
+            committed = partition_stats.get("committed_offset", -1)
+            lag = (
+                high - committed
+                if high >= 0 and committed >= 0
+                else partition_stats.get("consumer_lag", -1)
+            )
+            if lag >= 0:
                 CONSUMER_LAG.labels(topic, partition).set(lag)
