@@ -249,6 +249,10 @@ def split_host_port(address: str) -> tuple[str, int | None]:
                 "put ':' between the IPv6 address and the port, such as [::1]:9093"
             )
         return host, _port(rest[1:])
+    if ";" in address:
+        raise ValueError(
+            "';' is not a separator of addresses; separate HOST:PORT pairs with commas"
+        )
     if address.count(":") > 1:
         raise ValueError("put an IPv6 address in brackets, such as [::1]:9093")
     if ":" not in address:

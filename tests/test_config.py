@@ -871,6 +871,7 @@ def test_reader_illegal_kafka_topics_rejected(clean_environment):
         (":9092", "address ':9092' has an empty host"),
         ("::1:9092", "put an IPv6 address in brackets"),
         ("kafka://broker:9092", "has a URL scheme"),
+        ("k1:9092;k2:9092", "';' is not a separator of addresses"),
     ],
 )
 def test_kafka_invalid_bootstrap_servers_named(clean_environment, value, problem):
