@@ -414,8 +414,8 @@ class KafkaSource(TrackedSource):
     def _record_fetched_lag(self, stats: dict[str, Any]) -> None:
         """Set the lag from librdkafka's statistics, unless fetching is paused.
 
-        The statistics also list partitions that the consumer knows of but does
-        not own, whose lag is another member's to report.
+        The statistics also list partitions that the consumer has metadata of
+        but does not own, whose lag another member reports.
         """
         if not self._paused:
             _record_lag(stats, self._tracker.assigned)
