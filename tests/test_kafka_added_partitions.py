@@ -62,36 +62,72 @@ async def wait_started(
             assert await source.fetch(100, 0.2) == []
 
 
+def create_topic(bootstrap: str, partitions: int) -> str:
+    topic = f"added-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(TIMEOUT_SECONDS)
+    return topic
+
+
+def latest_settings(bootstrap: str, group: str) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="latest",
+        # Notices the added partition within a second instead of 30 s.
+        extra_config={"topic.metadata.refresh.interval.ms": 1000},
+    )
+
+
 async def test_latest_group_reads_added_partition_from_start(
     kafka_bootstrap: str,
 ) -> None:
-    topic = f"added-{uuid.uuid4().hex[:8]}"
+    topic = create_topic(kafka_bootstrap, 2)
     group = f"g-{topic}"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(TIMEOUT_SECONDS)
     produce(kafka_bootstrap, topic, 0, 3)  # before the group: skipped by latest
-    settings = KafkaSettings(
-        bootstrap_servers=kafka_bootstrap,
-        group_id=group,
-        auto_offset_reset="latest",
-    )
+    source = KafkaSource(latest_settings(kafka_bootstrap, group), [topic])
 
-    first = KafkaSource(settings, [topic])
-    async with first:
-        await wait_started(first, kafka_bootstrap, group, topic, 2)
-    admin.create_partitions([NewPartitions(topic, 3)])[topic].result(TIMEOUT_SECONDS)
-    produce(kafka_bootstrap, topic, 2, 4)  # to the added partition
-    produce(kafka_bootstrap, topic, 0, 1)
-    second = KafkaSource(settings, [topic])
-    async with second:
-        envelopes = await read(second, 5)
+    async with source:
+        await wait_started(source, kafka_bootstrap, group, topic, 2)
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        future = admin.create_partitions([NewPartitions(topic, 3)])[topic]
+        future.result(TIMEOUT_SECONDS)
+        produce(kafka_bootstrap, topic, 2, 4)  # before the reader noticed it
+        envelopes = await read(source, 4)
+        envelopes += await source.fetch(100, 2.0)  # nothing else, no history
         for envelope in envelopes:
-            second.ack(envelope)
-        await second.commit()
+            source.ack(envelope)
+        await source.commit()
 
-    values = sorted(orjson.loads(envelope.value)["partition"] for envelope in envelopes)
-    assert values == [0, 2, 2, 2, 2]
-    assert committed(kafka_bootstrap, group, topic, 3) == [4, 0, 4]
+    values = [orjson.loads(envelope.value) for envelope in envelopes]
+    assert values == [{"partition": 2, "n": number} for number in range(4)]
+    assert committed(kafka_bootstrap, group, topic, 3) == [3, 0, 4]
+
+
+async def test_latest_reader_joining_a_starting_group_skips_history(
+    kafka_bootstrap: str,
+) -> None:
+    """Another reader committed its partitions' ends first, as at a first deploy.
+
+    The partition without a commit is no added one, so it starts at its end.
+    """
+    topic = create_topic(kafka_bootstrap, 2)
+    group = f"g-{topic}"
+    produce(kafka_bootstrap, topic, 0, 5)
+    produce(kafka_bootstrap, topic, 1, 5)
+    other = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    other.commit(offsets=[TopicPartition(topic, 0, 5)], asynchronous=False)
+    other.close()
+    source = KafkaSource(latest_settings(kafka_bootstrap, group), [topic])
+
+    async with source:
+        await wait_started(source, kafka_bootstrap, group, topic, 2)
+        produce(kafka_bootstrap, topic, 1, 1)
+        envelopes = await read(source, 1)
+
+    assert [orjson.loads(e.value) for e in envelopes] == [{"partition": 1, "n": 0}]
+    assert envelopes[0].position is not None
+    assert envelopes[0].position.offset == 5
 
 
 def test_metadata_refreshed_every_30_seconds() -> None:

@@ -91,6 +91,9 @@ class KafkaSource(TrackedSource):
         #: Set at shutdown when the final commit did not finish: close() then
         #: does not try again, which would wait without a time limit.
         self._skip_closing_commit = False
+        #: Partitions of each input topic when the source started, with
+        #: ``auto.offset.reset=latest``: see `_added_since_start`.
+        self._partitions_at_start: dict[str, frozenset[int]] | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
         #: Input topics that the broker reported as unknown, until one of their
@@ -156,6 +159,28 @@ class KafkaSource(TrackedSource):
             on_revoke=self._guard(self._on_revoke),
             on_lost=self._guard(self._on_lost),
         )
+        if self._settings.auto_offset_reset == "latest":
+            self._partitions_at_start = self._topic_partitions()
+
+    def _topic_partitions(self) -> dict[str, frozenset[int]] | None:
+        """Return the partitions of each input topic now, or None if unknown."""
+        assert self._consumer is not None
+        try:
+            metadata = self._consumer.list_topics(
+                timeout=START_LOOKUP_TIMEOUT_SECONDS
+            ).topics
+        except KafkaException as exc:
+            logger.warning(
+                "cannot list the partitions of the input topics at start: %s; "
+                "partitions added to them later start at their end, like the "
+                "others without a committed offset",
+                exc.args[0].str(),
+            )
+            return None
+        return {
+            topic: frozenset(metadata[topic].partitions if topic in metadata else ())
+            for topic in self._topics
+        }
 
     def _consumer_config(self) -> dict[str, Any]:
         config = self._settings.client_config()
@@ -715,14 +740,12 @@ class KafkaSource(TrackedSource):
         try:
             committed = consumer.committed(partitions, timeout=remaining())
             # A partition without a commit has a negative offset (OFFSET_INVALID).
-            missing = [tp for tp in committed if tp.offset < 0]
-            read_before = self._topics_read_before(
-                consumer, committed, {tp.topic for tp in missing}, remaining
-            )
             ends = []
-            for tp in missing:
+            for tp in committed:
+                if tp.offset >= 0:
+                    continue
                 low, high = consumer.get_watermark_offsets(tp, timeout=remaining())
-                start = low if tp.topic in read_before else high
+                start = low if self._added_since_start(tp) else high
                 ends.append(TopicPartition(tp.topic, tp.partition, start))
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)
@@ -742,31 +765,17 @@ class KafkaSource(TrackedSource):
             )
         return ends
 
-    @staticmethod
-    def _topics_read_before(
-        consumer: Consumer,
-        committed: list[TopicPartition],
-        topics: set[str],
-        remaining: Callable[[], float],
-    ) -> set[str]:
-        """Return the `topics` of which the group committed some partition before.
+    def _added_since_start(self, tp: TopicPartition) -> bool:
+        """Return whether a partition was created after the source started.
 
-        A partition without a committed offset in such a topic was added to it
-        while the group read it, so its messages are new to the group, and it
-        starts at its beginning instead of its end. Otherwise the messages
-        produced to it before the reader noticed it would be skipped.
+        Such a partition was added to a topic that the group reads, or belongs
+        to a topic created since, so all its messages are new to the group,
+        and it starts at its beginning instead of its end. Otherwise the
+        messages produced to it before the reader noticed it would be skipped.
+        Unknown when the start-up lookup failed, which counts as not added.
         """
-        known = {tp.topic for tp in committed if tp.offset >= 0}
-        others = []
-        for topic in topics - known:
-            metadata = consumer.list_topics(topic, timeout=remaining()).topics
-            if topic in metadata:
-                numbers = metadata[topic].partitions
-                others += [TopicPartition(topic, number) for number in numbers]
-        if others:
-            checked = consumer.committed(others, timeout=remaining())
-            known |= {tp.topic for tp in checked if tp.offset >= 0}
-        return topics & known
+        known = self._partitions_at_start
+        return known is not None and tp.partition not in known.get(tp.topic, ())
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
