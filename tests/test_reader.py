@@ -1025,16 +1025,37 @@ async def test_batch_500_retries_whole_batch():
     assert source.committed == {(TOPIC, 0): 2}
 
 
+async def test_batch_array_of_scores_accepted():
+    """A 2xx body that is the app's own results, not status objects, accepts all."""
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async def scores(received: Received) -> web.Response:
+        return web.json_response([{"score": 0.1}, {"score": 0.9}])
+
+    async with stub_app(scores) as app:
+        settings = reader_settings(app.url, batch_max_messages=2, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 2}
+
+
 @pytest.mark.parametrize(
-    ("body", "error"),
+    ("body", "status", "error"),
     [
-        (b'{"results": [{"status": 200}]}', "1 results for a batch of 2"),
-        (b'{"results": null}', "invalid batch response"),
-        (b'{"results": "all failed"}', "invalid batch response"),
-        (b'[{"status": 500}, {"status": 500}]', "invalid batch response"),
+        (b'{"results": [{"status": 200}]}', "502", "1 results for a batch of 2"),
+        (b'{"results": null}', "502", "invalid batch response"),
+        (b'{"results": "all failed"}', "502", "invalid batch response"),
+        # Results without the object around them still count per message.
+        (b'[{"status": 500}, {"status": 500}]', "500", "app returned status 500"),
     ],
 )
-async def test_batch_malformed_results_not_accepted(body: bytes, error: str):
+async def test_batch_malformed_results_not_accepted(
+    body: bytes, status: str, error: str
+):
     source = MemorySource(TOPIC)
     fill(source, 2)
     dead_letter = MemorySink()
@@ -1051,7 +1072,7 @@ async def test_batch_malformed_results_not_accepted(body: bytes, error: str):
     assert len(app.requests) == 2
     assert len(dead_letter.envelopes) == 2
     context = dead_letter_headers(dead_letter.envelopes[0])
-    assert context["dlq.status"] == "502"
+    assert context["dlq.status"] == status
     assert error in context["dlq.error"]
 
 

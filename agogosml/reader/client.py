@@ -448,7 +448,7 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
         document = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         document = None
-    if isinstance(document, list) or (
+    if (
         isinstance(document, dict)
         and "results" in document
         and not isinstance(document["results"], list)
@@ -460,7 +460,15 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
             'give per-message results as {"results": [{"status": 200}, ...]}'
         )
         return [Outcome(502, error)] * count
-    results = document.get("results") if isinstance(document, dict) else None
+    if (
+        isinstance(document, list)
+        and document
+        and all(isinstance(item, dict) and "status" in item for item in document)
+    ):
+        # Per-message results without their "results" object around them.
+        results: object = document
+    else:
+        results = document.get("results") if isinstance(document, dict) else None
     if not isinstance(results, list):
         return [Outcome(status)] * count
     if len(results) != count:
