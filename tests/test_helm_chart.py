@@ -1532,3 +1532,22 @@ def test_app_slots_keep_every_pod_in_rollouts(helm_binary: str) -> None:
         deployment = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")
         rolling = deployment["spec"]["strategy"]["rollingUpdate"]
         assert rolling["maxUnavailable"] == 0
+
+
+def test_zero_shutdown_timeout_needs_only_the_margin(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "reader.settings.READER_SHUTDOWN_TIMEOUT_MS=0",
+        "reader.terminationGracePeriodSeconds=10",
+    )
+
+    reader = find(manifests, "Deployment", "rel-agogosml-reader")
+    assert reader["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 10
+
+
+def test_padded_shutdown_timeout_checked(helm_binary: str) -> None:
+    setting = 'reader.settings.READER_SHUTDOWN_TIMEOUT_MS=" 120000 "'
+
+    error = render_error(helm_binary, json_settings=setting)
+
+    assert "raise terminationGracePeriodSeconds to at least 130" in error

@@ -88,7 +88,10 @@ Kubernetes kills a pod when the grace period ends.
 {{- define "agogosml.validateGracePeriods" -}}
 {{- range $component, $variable := dict "reader" "READER_SHUTDOWN_TIMEOUT_MS" "writer" "WRITER_SHUTDOWN_TIMEOUT_MS" "app" "APP_SHUTDOWN_TIMEOUT_MS" }}
 {{- $values := index $.Values $component }}
-{{- $shutdownMs := int (default 30000 (index $values.settings $variable)) }}
+{{- $shutdownMs := 30000 }}
+{{- if hasKey $values.settings $variable }}
+{{- $shutdownMs = int (trim (include "agogosml.scalar" (index $values.settings $variable))) }}
+{{- end }}
 {{- $needed := add (div (add $shutdownMs 999) 1000) 10 }}
 {{- if lt (int $values.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "%s.terminationGracePeriodSeconds is %d, but %s is %d ms: Kubernetes would kill the pods before they finish, so raise terminationGracePeriodSeconds to at least %d, or lower %s" $component (int $values.terminationGracePeriodSeconds) $variable $shutdownMs (int $needed) $variable) }}
