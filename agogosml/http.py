@@ -7,6 +7,7 @@ import errno
 import hmac
 import importlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -592,16 +593,19 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+_PARSE_PROBLEM = re.compile(r"[A-Za-z][A-Za-z0-9 ,.()-]*")
+
+
 def _parse_problem(message: str) -> str:
     """Return aiohttp's parse error without the bytes of the request it quotes.
 
     Those bytes can hold a header line whole, such as an Authorization header
     with its token.
     """
-    first_line = message.strip().split("\n", 1)[0]
-    for quote in (": b'", ': b"', ":\n"):
-        first_line = first_line.split(quote, 1)[0]
-    return first_line.rstrip(": ") or "unparsable request"
+    # Only the leading words: the request line, header bytes or path that
+    # aiohttp's parsers quote after them may hold a token.
+    words = _PARSE_PROBLEM.match(message.strip())
+    return words.group().rstrip(" :,.") if words else "unparsable request"
 
 
 server_logger.addFilter(MalformedRequestFilter())

@@ -1230,7 +1230,9 @@ async def test_malformed_request_log_leaves_out_header(caplog, monkeypatch):
     logged = [r for r in caplog.records if r.name == server_logger.name]
     assert response.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     assert len(logged) == 1
-    assert "rejected with 400: Invalid header value char" in logged[0].getMessage()
+    # aiohttp's C parser says "Invalid header value char", its Python one
+    # "Invalid HTTP header".
+    assert "rejected with 400: Invalid " in logged[0].getMessage()
     assert "sup3r" not in caplog.text
 
 
