@@ -171,9 +171,11 @@ def _next_steps(report: dict[str, Any]) -> list[str]:
     if preview and preview == previous:
         steps.append(
             f"The {preview} slot is both in preview and the rollback target: a "
-            "rollback started it and did not switch. `agogosml rollback` switches "
-            f"to it, and `agogosml promote` stays on the {report['activeSlot']} "
-            f"slot and scales the {preview} slot down."
+            "promote or a rollback stopped between its two upgrades, and the "
+            f"app Service points at the {report['activeSlot']} slot. `agogosml "
+            f"promote` stays on the {report['activeSlot']} slot and scales the "
+            f"{preview} slot down, and `agogosml rollback` switches to the "
+            f"{preview} slot."
         )
     elif preview:
         steps.append(

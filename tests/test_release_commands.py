@@ -1040,7 +1040,9 @@ def test_status_explains_half_done_rollback() -> None:
     text = status_text(slot_values("green", preview="blue", previous="blue"))
 
     assert "The blue slot is both in preview and the rollback target" in text
+    assert "a promote or a rollback stopped between its two upgrades" in text
     assert "`agogosml promote` stays on the green slot" in text
+    assert "`agogosml rollback` switches to the blue slot" in text
 
 
 def test_status_names_promote_for_preview() -> None:
