@@ -1570,6 +1570,28 @@ async def test_stop_in_key_order_sends_queued(ordering, sent, committed):
     assert source.committed == {(TOPIC, 0): committed}
 
 
+async def test_stop_in_key_order_releases_when_app_unreachable():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    settings = reader_settings(
+        f"http://127.0.0.1:{closed_port()}",
+        stop_at_end=False,
+        ordering=Ordering.KEY,
+        shutdown_timeout_ms=20_000,
+    )
+
+    async with running_reader(settings, source, dead_letter) as (reader, task):
+        await wait_for(lambda: reader.in_flight == 3)
+        began = time.monotonic()
+        reader.request_stop()
+        await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    assert time.monotonic() - began < 10
+    assert source.committed == {}
+    assert dead_letter.envelopes == []
+
+
 async def test_shutdown_timeout_leaves_uncommitted():
     source = MemorySource(TOPIC)
     fill(source, 1)

@@ -124,6 +124,8 @@ class InputReader:
         )
         self._progress = asyncio.Event()
         self._stopping = asyncio.Event()
+        #: Whether the last request reached the app, for `_release_on_stop`.
+        self._app_reachable = True
         #: Monotonic time by which a requested stop ends the wait for in-flight
         #: messages, for revoked partitions and for the final drain alike.
         self._stop_deadline: float | None = None
@@ -473,6 +475,7 @@ class InputReader:
                 return
             ready_before = self._app_ready
             outcomes = await self._client.send(pending, batch=as_batch)
+            self._app_reachable = not all(outcome.unreachable for outcome in outcomes)
             pending, outcomes = await self._reject_unsent(pending, outcomes, attempt)
             if not pending:
                 return
@@ -636,9 +639,13 @@ class InputReader:
         ones of its partition, so releasing it adds no duplicate. In key and
         unordered order a later message of the same partition may be finished
         already, and would be read again with it, so waiting messages are sent
-        before the stop while the app is ready.
+        before the stop while the app is ready and the last request reached it.
         """
-        return self._settings.ordering is Ordering.PARTITION or not self._app_ready
+        return (
+            self._settings.ordering is Ordering.PARTITION
+            or not self._app_ready
+            or not self._app_reachable
+        )
 
     def _is_setup_error(self, outcomes: list[Outcome], as_batch: bool) -> bool:
         """Return whether the app rejected the request itself, and log it.
