@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from agogosml_cli.slot_images import (
     ignored_image_values,
     image_settings,
     slot_image,
+    unset_service_images,
 )
 from agogosml_cli.yaml_loader import DuplicateKeyError, load_unique_keys
 
@@ -745,6 +746,9 @@ def deploy(
         values = _deploy_values(target, dry_run=dry_run)
     installed = None if values is None else _installed_release(target, values)
     plan = plan_deploy(installed, reference, slot, force=force)
+    if installed is None:
+        new_release = unset_service_images(target.values_files)
+        plan = replace(plan, warnings=(*plan.warnings, *new_release))
     execute(target, plan, values, dry_run=dry_run)
 
 

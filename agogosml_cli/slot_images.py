@@ -213,6 +213,30 @@ def check_image_values(values_files: Sequence[Path], slots: Sequence[str]) -> No
             )
 
 
+def unset_service_images(values_files: Sequence[Path]) -> list[str]:
+    """Return a warning for each of the reader and writer images no file sets.
+
+    The chart's defaults name images without a registry, which a cluster can
+    pull only if someone pushed them to its default registry under those
+    names; otherwise a new release waits for pods that never start.
+    """
+    warnings = []
+    for component in ("reader", "writer"):
+        key = f"{component}.image.repository"
+        if any(
+            isinstance(_lookup(_load_mapping(path), key.split(".")), str)
+            for path in values_files
+        ):
+            continue
+        warnings.append(
+            f"no --values file sets {key}, so the release uses the chart's "
+            "image without a registry, which the cluster can rarely pull; set "
+            f"{component}.image to the image you pushed (a generated project's "
+            "helm/values.yaml does)"
+        )
+    return warnings
+
+
 def _lookup(values: Any, keys: Sequence[str]) -> Any:
     for key in keys:
         if not isinstance(values, Mapping) or key not in values:

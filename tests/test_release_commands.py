@@ -171,6 +171,33 @@ def test_deploy_installs_new_release(fake_helm: FakeHelm) -> None:
         "--namespace", "ml", "--kube-context", "prod",
     ]  # fmt: skip
     assert "blue slot, which is active" in result.stdout
+    warnings = " ".join(result.stderr.split())
+    assert "no --values file sets reader.image.repository" in warnings
+    assert "no --values file sets writer.image.repository" in warnings
+
+
+def test_deploy_new_release_with_service_images_quiet(
+    fake_helm: FakeHelm, tmp_path: Path
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "reader:\n  image: {repository: reg.example/agogosml-input-reader}\n"
+        "writer:\n  image: {repository: reg.example/agogosml-output-writer}\n"
+    )
+
+    result = invoke("deploy", "--image", "1.0", "--values", str(values), *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert "no --values file sets" not in result.stderr
+
+
+def test_deploy_to_existing_release_skips_image_warning(fake_helm: FakeHelm) -> None:
+    fake_helm.set_values(slot_values("blue"))
+
+    result = invoke("deploy", "--image", "2.0", *SCOPE)
+
+    assert result.exit_code == 0, result.output
+    assert "no --values file sets" not in result.stderr
 
 
 def test_deploy_targets_idle_slot(fake_helm: FakeHelm, tmp_path: Path) -> None:
