@@ -639,3 +639,19 @@ async def test_source_stop_quick_when_broker_gone(caplog) -> None:
 
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("will be delivered again" in text for text in errors)
+
+
+async def test_partition_reported_gone_stops_fetch(mock_bootstrap: str) -> None:
+    produce(mock_bootstrap, "gone-in", 1)
+    settings = KafkaSettings(bootstrap_servers=mock_bootstrap, group_id="g-gone")
+    source = KafkaSource(settings, ["gone-in"])
+
+    async with source:
+        source._note_deleted_partition(
+            KafkaError(KafkaError._UNKNOWN_PARTITION, "gone-in [0]: unknown partition")
+        )
+        with pytest.raises(SourceError) as raised:
+            await source.fetch(10, 0.2)
+
+    assert "an assigned input partition no longer exists" in str(raised.value)
+    assert not raised.value.retriable
