@@ -10,6 +10,7 @@ values.schema.json with them.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import typing
 from pathlib import Path
@@ -69,6 +70,7 @@ def settings_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return updated
 
 
+@functools.cache
 def _fields() -> dict[str, Any]:
     fields = {}
     for _, model in SECTIONS:

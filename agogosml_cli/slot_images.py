@@ -216,17 +216,15 @@ def check_image_values(values_files: Sequence[Path], slots: Sequence[str]) -> No
 def unset_service_images(values_files: Sequence[Path]) -> list[str]:
     """Return a warning for each of the reader and writer images no file sets.
 
-    The chart's defaults name images without a registry, which a cluster can
-    pull only if someone pushed them to its default registry under those
-    names; otherwise a new release waits for pods that never start.
+    The chart's defaults name images without a registry. A cluster pulls them
+    only if someone pushed them to its default registry under those names, so
+    otherwise a new release waits for pods that never start.
     """
+    loaded = [_load_mapping(path) for path in values_files]
     warnings = []
     for component in ("reader", "writer"):
         key = f"{component}.image.repository"
-        if any(
-            isinstance(_lookup(_load_mapping(path), key.split(".")), str)
-            for path in values_files
-        ):
+        if any(isinstance(_lookup(values, key.split(".")), str) for values in loaded):
             continue
         warnings.append(
             f"no --values file sets {key}, so the release uses the chart's "

@@ -517,8 +517,13 @@ async def test_slow_score_leaves_health_checks_free():
     assert thread_name.startswith("score")
 
 
-@pytest.mark.parametrize(("path", "body"), [("/", b"1"), ("/batch", b'[{"value": 1}]')])
-async def test_result_not_forwarded_after_client_left(path, body, caplog):
+def blocking_score() -> tuple[
+    Callable[[list[Any]], Any], threading.Event, threading.Event
+]:
+    """Return a scoring function that echoes once `release` is set, and its events.
+
+    `started` is set when a call begins.
+    """
     started = threading.Event()
     release = threading.Event()
 
@@ -526,6 +531,13 @@ async def test_result_not_forwarded_after_client_left(path, body, caplog):
         started.set()
         release.wait(10)
         return values
+
+    return slow, started, release
+
+
+@pytest.mark.parametrize(("path", "body"), [("/", b"1"), ("/batch", b'[{"value": 1}]')])
+async def test_result_not_forwarded_after_client_left(path, body, caplog):
+    slow, started, release = blocking_score()
 
     model = ModelApp(slow)
     async with stub_writer() as writer:
@@ -564,13 +576,7 @@ def app_in_flight() -> float | None:
 
 
 async def test_in_flight_counts_messages_being_scored():
-    started = threading.Event()
-    release = threading.Event()
-
-    def slow(values: list[Any]) -> list[Any]:
-        started.set()
-        release.wait(10)
-        return values
+    slow, started, release = blocking_score()
 
     items = [{"value": n} for n in range(3)]
     async with stub_writer() as writer:

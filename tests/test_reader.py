@@ -146,6 +146,17 @@ def accept_after(release: asyncio.Event) -> Responder:
     return respond
 
 
+def hold_number(number: int, release: asyncio.Event) -> Responder:
+    """Return a responder that holds the message ``{"n": number}`` until `release`."""
+
+    async def respond(received: Received) -> web.Response:
+        if received.number == number:
+            await release.wait()
+        return status_response(200)
+
+    return respond
+
+
 @contextlib.asynccontextmanager
 async def stub_app(respond: Responder = accept) -> AsyncIterator[StubApp]:
     stub = StubApp(respond)
@@ -708,12 +719,7 @@ async def test_out_of_order_commits_prefix():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_one(received: Received) -> web.Response:
-        if received.number == 1:
-            await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_one) as app:
+    async with stub_app(hold_number(1, release)) as app:
         settings = reader_settings(app.url, ordering=Ordering.UNORDERED, concurrency=4)
         async with running_reader(settings, source, dead_letter) as (reader, task):
             await wait_for(lambda: len(source.acked) == 4)
@@ -895,12 +901,7 @@ async def test_revoked_partition_not_sent():
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_first(received: Received) -> web.Response:
-        if received.number == 0:
-            await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_first) as app:
+    async with stub_app(hold_number(0, release)) as app:
         settings = reader_settings(app.url)
         async with running_reader(settings, source, dead_letter) as (reader, _):
             await wait_for(lambda: len(app.requests) == 1 and reader.in_flight == 5)
@@ -1549,12 +1550,7 @@ async def test_stop_in_key_order_sends_queued(ordering, sent, committed):
     dead_letter = MemorySink()
     release = asyncio.Event()
 
-    async def hold_first(received: Received) -> web.Response:
-        if received.number == 0:
-            await release.wait()
-        return status_response(200)
-
-    async with stub_app(hold_first) as app:
+    async with stub_app(hold_number(0, release)) as app:
         settings = reader_settings(
             app.url, stop_at_end=False, ordering=ordering, concurrency=2
         )

@@ -1177,23 +1177,25 @@ MALFORMED_REQUESTS = {
 }
 
 
+async def send_to_site(writer: OutputWriter, *requests: bytes) -> list[bytes]:
+    """Send raw requests to the writer served as in production; return the responses."""
+    runner = await start_site(
+        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
+    )
+    try:
+        return [await send_raw_request(bound_port(runner), r) for r in requests]
+    finally:
+        await runner.cleanup()
+
+
 async def test_malformed_requests_logged_one_line(caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter(limit=2)])
     labels = {"service": "output_writer", "status": "400"}
     before = REGISTRY.get_sample_value("agogosml_rejected_requests_total", labels)
     writer = OutputWriter(WriterSettings(output="memory"), await started_sink())
-    runner = await start_site(
-        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
-    )
 
-    try:
-        responses = [
-            await send_raw_request(bound_port(runner), request)
-            for request in MALFORMED_REQUESTS.values()
-        ]
-    finally:
-        await runner.cleanup()
+    responses = await send_to_site(writer, *MALFORMED_REQUESTS.values())
 
     for response in responses:
         status_line = response.split(b"\r\n", 1)[0]
@@ -1214,23 +1216,17 @@ async def test_malformed_request_log_leaves_out_header(caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(server_logger, "filters", [MalformedRequestFilter()])
     writer = OutputWriter(WriterSettings(output="memory"), await started_sink())
-    runner = await start_site(
-        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
-    )
     request = (
         b"POST / HTTP/1.1\r\nHost: t\r\n"
         b"Authorization: Bearer sup3r-s3cret\x01\r\nContent-Length: 0\r\n\r\n"
     )
 
-    try:
-        response = await send_raw_request(bound_port(runner), request)
-    finally:
-        await runner.cleanup()
+    (response,) = await send_to_site(writer, request)
 
     logged = [r for r in caplog.records if r.name == server_logger.name]
     assert response.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     assert len(logged) == 1
-    # aiohttp's C parser says "Invalid header value char", its Python one
+    # aiohttp's C parser writes "Invalid header value char", its Python one
     # "Invalid HTTP header".
     assert "rejected with 400: Invalid " in logged[0].getMessage()
     assert "sup3r" not in caplog.text
@@ -1310,19 +1306,13 @@ async def test_truncated_compressed_body_400(coding):
 async def test_invalid_gzip_body_400_through_site(caplog):
     sink = await started_sink()
     writer = OutputWriter(WriterSettings(output="memory"), sink)
-    runner = await start_site(
-        writer.build_app(), "127.0.0.1", 0, "WRITER_", shutdown_timeout_seconds=1.0
-    )
     request = (
         b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
         b"Content-Length: 2\r\n\r\nxx"
     )
 
-    try:
-        response = await send_raw_request(bound_port(runner), request)
-    finally:
-        await runner.cleanup()
+    (response,) = await send_to_site(writer, request)
 
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")

@@ -638,8 +638,9 @@ class InputReader:
         In partition order, every message that waits comes after the finished
         ones of its partition, so releasing it adds no duplicate. In key and
         unordered order a later message of the same partition may be finished
-        already, and would be read again with it, so waiting messages are sent
-        before the stop while the app is ready and the last request reached it.
+        already, and would be read again with the released one. So waiting
+        messages are sent before the stop, while the app is ready and the last
+        request reached it.
         """
         return (
             self._settings.ordering is Ordering.PARTITION
