@@ -774,6 +774,9 @@ class KafkaSource(TrackedSource):
         messages produced to it before the reader noticed it would be skipped.
         Unknown when the start-up lookup failed, which counts as not added.
         """
+        # NOTE: a partition added while no reader of the group ran is in the
+        # start-up list, so it starts at its end and its earlier messages are
+        # skipped.
         known = self._partitions_at_start
         return known is not None and tp.partition not in known.get(tp.topic, ())
 
