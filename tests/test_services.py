@@ -492,3 +492,29 @@ def _post_until_up(url: str, deadline: float) -> None:
         except OSError:
             return
         return
+
+
+def test_services_serve_with_start_up_objects_frozen() -> None:
+    """Objects alive when serving starts are out of the collector's full passes."""
+    script = """
+import gc
+from pydantic_settings import BaseSettings
+from agogosml.runtime import run_service
+
+class Settings(BaseSettings):
+    pass
+
+async def serve(settings):
+    print(gc.get_freeze_count() > 1000)
+
+run_service(Settings, serve, "probe")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environment_without_settings(), "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == ["True"]
