@@ -137,8 +137,12 @@ def render(
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def render_error(helm_binary: str, *settings: str, json_settings: str = "") -> str:
+def render_error(
+    helm_binary: str, *settings: str, json_settings: str = "", kube_version: str = ""
+) -> str:
     args = ["template", "rel", str(CHART)]
+    if kube_version:
+        args += ["--kube-version", kube_version]
     for setting in settings:
         args += ["--set", setting]
     if json_settings:
@@ -1214,7 +1218,7 @@ def test_schema_rejects_chart_pod_label(helm_binary: str, label: str) -> None:
         (["writer.terminationGracePeriodSeconds=10"], "writer.terminationGrace"),
         (
             ["app.settings.APP_SHUTDOWN_TIMEOUT_MS=60000"],
-            "APP_SHUTDOWN_TIMEOUT_MS is 60000 ms",
+            "APP_SHUTDOWN_TIMEOUT_MS=60000 ms",
         ),
         (["kafka.bootstrapServers="], "kafka.bootstrapServers"),
         (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.mechanism"),
@@ -1532,6 +1536,50 @@ def test_app_slots_keep_every_pod_in_rollouts(helm_binary: str) -> None:
         deployment = find(manifests, "Deployment", f"rel-agogosml-app-{slot}")
         rolling = deployment["spec"]["strategy"]["rollingUpdate"]
         assert rolling["maxUnavailable"] == 0
+
+
+def test_app_and_writer_pods_keep_serving_before_sigterm(helm_binary: str) -> None:
+    manifests = render(helm_binary)
+
+    hooks = {
+        name: spec["containers"][0].get("lifecycle")
+        for name, spec in pod_specs(manifests)
+    }
+    wait = {"preStop": {"sleep": {"seconds": 5}}}
+    assert hooks == {
+        "rel-agogosml-reader": None,
+        "rel-agogosml-writer": wait,
+        "rel-agogosml-app-blue": wait,
+        "rel-agogosml-app-green": wait,
+    }
+
+
+def test_pre_stop_wait_counts_in_the_grace_period(helm_binary: str) -> None:
+    error = render_error(helm_binary, "app.terminationGracePeriodSeconds=44")
+    manifests = render(
+        helm_binary,
+        "app.terminationGracePeriodSeconds=40",
+        "app.preStopSleepSeconds=0",
+    )
+
+    assert (
+        "app.terminationGracePeriodSeconds is 44, but a stopping pod takes "
+        "app.preStopSleepSeconds=5 s, then APP_SHUTDOWN_TIMEOUT_MS=30000 ms"
+    ) in error
+    assert "at least 45" in error
+    app = find(manifests, "Deployment", "rel-agogosml-app-blue")
+    assert "lifecycle" not in app["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_no_pre_stop_wait_before_kubernetes_1_30(helm_binary: str) -> None:
+    # The sleep action came in 1.30, so the grace period needs no room for it.
+    manifests = render(
+        helm_binary, "app.terminationGracePeriodSeconds=40", kube_version="1.29.0"
+    )
+
+    specs = pod_specs(manifests)
+    assert len(specs) == 4
+    assert all("lifecycle" not in spec["containers"][0] for _, spec in specs)
 
 
 def test_zero_shutdown_timeout_needs_only_the_margin(helm_binary: str) -> None:

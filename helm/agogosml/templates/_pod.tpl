@@ -136,3 +136,31 @@ volumeMounts:
     readOnly: true
 {{- end }}
 {{- end }}
+
+{{/*
+The preStop hook of a component that receives requests through a Service: the
+pod keeps serving for preStopSleepSeconds before it gets SIGTERM, while
+Kubernetes removes it from the Service's endpoints, so requests sent in that
+time still find it. The hook's sleep action came in Kubernetes 1.30; an older
+cluster gets no hook, as it gets no unhealthyPodEvictionPolicy before 1.27.
+*/}}
+{{- define "agogosml.preStop" -}}
+{{- $seconds := include "agogosml.preStopSeconds" . | int }}
+{{- if gt $seconds 0 }}
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ $seconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+The preStop wait of a component in seconds: 0 without one, or before
+Kubernetes 1.30.
+*/}}
+{{- define "agogosml.preStopSeconds" -}}
+{{- $values := index .root.Values .component }}
+{{- if semverCompare ">=1.30.0-0" .root.Capabilities.KubeVersion.Version }}
+{{- int ($values.preStopSleepSeconds | default 0) }}
+{{- else }}0{{ end }}
+{{- end }}

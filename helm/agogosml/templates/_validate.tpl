@@ -81,9 +81,10 @@ so the properties that carry secrets go in kafka.extraConfig, a Secret.
 {{- end }}
 
 {{/*
-Each pod's terminationGracePeriodSeconds leaves its service the shutdown time
-of its settings and 10 s more, for the final commit or flush and the exit:
-Kubernetes kills a pod when the grace period ends.
+Each pod's terminationGracePeriodSeconds leaves its service the preStop wait,
+the shutdown time of its settings and 10 s more, for the final commit or flush
+and the exit: Kubernetes kills a pod when the grace period ends, counting from
+the start of the preStop hook.
 */}}
 {{- define "agogosml.validateGracePeriods" -}}
 {{- range $component, $variable := dict "reader" "READER_SHUTDOWN_TIMEOUT_MS" "writer" "WRITER_SHUTDOWN_TIMEOUT_MS" "app" "APP_SHUTDOWN_TIMEOUT_MS" }}
@@ -92,9 +93,14 @@ Kubernetes kills a pod when the grace period ends.
 {{- if hasKey $values.settings $variable }}
 {{- $shutdownMs = int (trim (include "agogosml.scalar" (index $values.settings $variable))) }}
 {{- end }}
-{{- $needed := add (div (add $shutdownMs 999) 1000) 10 }}
+{{- $preStop := include "agogosml.preStopSeconds" (dict "root" $ "component" $component) | int }}
+{{- $needed := add $preStop (div (add $shutdownMs 999) 1000) 10 }}
 {{- if lt (int $values.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "%s.terminationGracePeriodSeconds is %d, but %s is %d ms: Kubernetes would kill the pods before they finish, so raise terminationGracePeriodSeconds to at least %d, or lower %s" $component (int $values.terminationGracePeriodSeconds) $variable $shutdownMs (int $needed) $variable) }}
+{{- $wait := "" }}
+{{- if gt $preStop 0 }}
+{{- $wait = printf "%s.preStopSleepSeconds=%d s, then " $component $preStop }}
+{{- end }}
+{{- fail (printf "%s.terminationGracePeriodSeconds is %d, but a stopping pod takes %s%s=%d ms and 10 s more: Kubernetes would kill the pods before they finish, so raise terminationGracePeriodSeconds to at least %d, or lower %s" $component (int $values.terminationGracePeriodSeconds) $wait $variable $shutdownMs (int $needed) $variable) }}
 {{- end }}
 {{- end }}
 {{- end }}
