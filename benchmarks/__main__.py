@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 import orjson
 from rich.console import Console
 
+from benchmarks.kafka_io import broker_problem
 from benchmarks.pipeline import MODES
 from benchmarks.report import (
     RESULTS_END,
@@ -165,8 +167,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0")
     return value
 
 
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     dataset = fetch_dataset().path
     with ExitStack() as stack:
         if args.bootstrap:
+            problem = broker_problem(args.bootstrap)
+            if problem:
+                raise SystemExit(f"--bootstrap: {problem}")
             bootstrap, broker_pid, kafka_version = args.bootstrap, None, "external"
         else:
             sys.path.insert(0, str(REPO_ROOT / "deployment" / "kafka"))
@@ -241,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         update_docs(args.docs, document)
         console.print(f"results block of {args.docs} updated")
     if not document["loss_check_passed"]:
-        console.print("[red]loss check failed: records are missing[/red]")
+        console.print("[red]loss check failed:[/red]")
+        for problem in document["loss_problems"]:
+            console.print(f"[red]  {problem}[/red]")
         return 1
     return 0
 

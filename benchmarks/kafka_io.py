@@ -143,6 +143,29 @@ def produce_all(
     return count
 
 
+def broker_problem(bootstrap: str, timeout_seconds: float = 15.0) -> str:
+    """Return why no broker responds at `bootstrap` (HOST:PORT,...), or ''."""
+    for address in bootstrap.split(","):
+        _, colon, port = address.strip().rpartition(":")
+        if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+            return (
+                f"{address.strip()!r} is not HOST:PORT; give the broker's address "
+                "as HOST:PORT, several separated by commas"
+            )
+    # Level 0 keeps librdkafka from logging each failed connection attempt.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        admin.list_topics(timeout=timeout_seconds)
+    except KafkaException as exc:
+        return (
+            f"no Kafka broker responded at {bootstrap} within {timeout_seconds:.0f} s "
+            f"({exc.args[0].str()}); start one, for example with 'python "
+            "deployment/kafka/broker.py run', or leave out --bootstrap and the "
+            "benchmark starts its own"
+        )
+    return ""
+
+
 def end_offsets(consumer: Consumer, topics: list[str]) -> int:
     """Sum of the high watermarks of every partition of `topics`."""
     total = 0
@@ -202,7 +225,8 @@ class Tally:
     """Counts of the records on the output and dead-letter topics."""
 
     ids: Counter[str] = field(default_factory=Counter)
-    dead_letter_ids: set[str] = field(default_factory=set)
+    #: Dead letters by transaction id; one that is not JSON counts as "None".
+    dead_letters: Counter[str] = field(default_factory=Counter)
     first_timestamp_ms: int | None = None
     last_timestamp_ms: int | None = None
 
@@ -216,13 +240,18 @@ class Tally:
         """Output records beyond the first of each id."""
         return self.records - len(self.ids)
 
+    @property
+    def dead_letter_records(self) -> int:
+        """Count the dead-letter records, duplicates included."""
+        return sum(self.dead_letters.values())
+
     def missing(self, expected_ids: Iterable[str]) -> int:
-        """Expected ids that are in neither the output nor the dead letters."""
-        return sum(
-            1
-            for identifier in expected_ids
-            if identifier not in self.ids and identifier not in self.dead_letter_ids
-        )
+        """Count the expected ids that are not in the output.
+
+        Every input record is a valid transaction, so a dead-lettered one
+        failed in the pipeline and counts as missing too.
+        """
+        return sum(1 for identifier in expected_ids if identifier not in self.ids)
 
     def span_seconds(self) -> float:
         """Time between the first and the last output record's timestamp.
@@ -263,7 +292,7 @@ def read_output(
                 if (message.offset() or 0) + 1 >= ends[topic_partition]:
                     remaining.discard(topic_partition)
                 if message.topic() == dead_letter:
-                    tally.dead_letter_ids.add(transaction_id(message))
+                    tally.dead_letters[transaction_id(message)] += 1
                     continue
                 _count(tally, message)
     finally:

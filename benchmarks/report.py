@@ -129,9 +129,9 @@ def summarise(
         "rss_mb": rss,
         "modes": modes,
         "latency": _latency_rows(latency),
-        "loss_check_passed": all(m["missing"] == 0 for m in modes.values())
-        and all(run.missing == 0 for run in latency),
     }
+    document["loss_problems"] = loss_problems(throughput, latency)
+    document["loss_check_passed"] = not document["loss_problems"]
     document["idle_rss_mb_max"] = max(
         (value["idle"] for value in rss.values()), default=math.nan
     )
@@ -139,18 +139,43 @@ def summarise(
     return document
 
 
+def loss_problems(
+    throughput: list[ThroughputRun], latency: list[LatencyRun]
+) -> list[str]:
+    """Return one line per run that lost records, with how many."""
+    problems = [
+        f"{run.mode} round {run.round}: {run.missing} records missing from the "
+        f"output, {run.dead_lettered} dead letters"
+        for run in throughput
+        if run.missing
+    ]
+    problems += [
+        f"latency pass {run.mode} at {run.rate:,.0f} msg/s: {run.missing} of "
+        f"{run.measured + run.missing:,} records missing from the output"
+        for run in latency
+        if run.missing
+    ]
+    return problems
+
+
 def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
-    """Compare the headline figures with the targets."""
+    """Compare the headline figures with the targets.
+
+    A figure that the run did not measure, such as the latency without
+    latency passes, has ``met`` None.
+    """
     result = []
     for key, (operator, goal) in TARGETS.items():
         measured = float(document.get(key, math.nan))
-        met = (measured >= goal) if operator == ">=" else (measured <= goal)
+        met: bool | None = None
+        if not math.isnan(measured):
+            met = measured >= goal if operator == ">=" else measured <= goal
         result.append(
             {
                 "figure": key,
                 "target": f"{operator} {goal:g}",
                 "measured": measured,
-                "met": bool(met),
+                "met": met,
             }
         )
     return result
@@ -193,8 +218,7 @@ def throughput_table(document: dict[str, Any]) -> Table:
     table.add_column("vs raw", justify="right")
     table.add_column("CPU s / 1k msg", justify="left")
     table.add_column("steady / peak RSS MiB", justify="left")
-    table.add_column("missing / dup", justify="right")
-    raw = document["raw_relay_mps"]
+    table.add_column("missing / dup / dead letters", justify="right")
     for name, mode in document["modes"].items():
         mps = mode["messages_per_second"]
         cpu = ", ".join(
@@ -210,10 +234,10 @@ def throughput_table(document: dict[str, Any]) -> Table:
         table.add_row(
             name,
             f"{mps['median']:,.0f} [{mps['min']:,.0f}-{mps['max']:,.0f}]",
-            f"{mps['median'] / raw:.2f}" if raw else "-",
+            "1.00" if name == "raw" else _ratio_median(document, name),
             cpu,
             rss,
-            f"{mode['missing']} / {mode['duplicates']}",
+            f"{mode['missing']} / {mode['duplicates']} / {mode['dead_lettered']}",
         )
     return table
 
@@ -253,8 +277,8 @@ def targets_table(document: dict[str, Any]) -> Table:
         table.add_row(
             target["figure"],
             target["target"],
-            f"{target['measured']:,.2f}",
-            "yes" if target["met"] else "NO",
+            _number(target["measured"], 2),
+            _met_text(target["met"]).replace("no", "NO"),
         )
     return table
 
@@ -321,8 +345,9 @@ def _markdown_setup(document: dict[str, Any]) -> list[str]:
 
 def _markdown_throughput(document: dict[str, Any]) -> list[str]:
     lines = [
-        "| mode | msg/s, median [min-max] | vs raw relay | missing | duplicates |",
-        "|---|---|---|---|---|",
+        "| mode | msg/s, median [min-max] | vs raw relay | missing | duplicates | "
+        "dead letters |",
+        "|---|---|---|---|---|---|",
     ]
     for name, mode in document["modes"].items():
         mps = mode["messages_per_second"]
@@ -330,7 +355,7 @@ def _markdown_throughput(document: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name}: {mode['title']} | {mps['median']:,.0f} "
             f"[{mps['min']:,.0f}-{mps['max']:,.0f}] | {ratio} | {mode['missing']} | "
-            f"{mode['duplicates']} |"
+            f"{mode['duplicates']} | {mode['dead_lettered']} |"
         )
     lines += [
         "",
@@ -352,7 +377,8 @@ def _markdown_memory(document: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "Resident memory per service, MiB (idle: started, no traffic; steady: "
-        "median during the throughput runs; peak: largest sample):",
+        "median during a throughput run, the largest over modes; peak: largest "
+        "sample):",
         "",
         "| service | idle | steady | peak |",
         "|---|---|---|---|",
@@ -390,7 +416,7 @@ def _markdown_targets(document: dict[str, Any]) -> list[str]:
     for target in document["targets"]:
         lines.append(
             f"| `{target['figure']}` | {target['target']} | "
-            f"{_number(target['measured'], 2)} | {'yes' if target['met'] else 'no'} |"
+            f"{_number(target['measured'], 2)} | {_met_text(target['met'])} |"
         )
     return lines
 
@@ -413,6 +439,18 @@ def _ratio_text(document: dict[str, Any], mode: str) -> str:
         median = document["modes"][mode]["messages_per_second"]["median"]
         return f"{median / raw:.3f}" if raw else "-"
     return f"{spread_of['median']:.3f} [{spread_of['min']:.3f}-{spread_of['max']:.3f}]"
+
+
+def _ratio_median(document: dict[str, Any], mode: str) -> str:
+    """Format the median of a mode's per-round ratios to the raw relay."""
+    median = document["ratio_spread"].get(mode, {}).get("median", math.nan)
+    return _number(median, 2)
+
+
+def _met_text(met: bool | None) -> str:
+    if met is None:
+        return "not measured"
+    return "yes" if met else "no"
 
 
 def _added(run: dict[str, Any]) -> str:

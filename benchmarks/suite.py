@@ -187,8 +187,11 @@ class Suite:
             messages_per_second=(count - 1) / span if span > 0 else 0.0,
             missing=tally.missing(expected_ids),
             duplicates=tally.duplicates,
-            dead_lettered=len(tally.dead_letter_ids),
-            cpu_per_1k={n: u.cpu_seconds / count * 1000 for n, u in usage.items()},
+            dead_lettered=tally.dead_letter_records,
+            cpu_per_1k={
+                n: u.cpu_seconds / count * 1000 if count else math.nan
+                for n, u in usage.items()
+            },
             peak_rss_mb={n: u.peak_rss_mb for n, u in usage.items()},
             steady_rss_mb={n: u.steady_rss_mb for n, u in usage.items()},
         )
@@ -212,7 +215,8 @@ class Suite:
         # Duplicates can fill the topics before the last ids arrive: wait for
         # the rest until the output stops growing.
         while tally.missing(expected_ids):
-            have = tally.records + len(tally.dead_letter_ids)
+            # Both counts include duplicates, like the topics' end offsets.
+            have = tally.records + tally.dead_letter_records
             try:
                 wait_for_records(self.bootstrap, topics, have + 1, 10.0, alive)
             except OutputStalled:

@@ -5,14 +5,17 @@ from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka import Producer
+from rich.console import Console
 
 from benchmarks.hops import measure
-from benchmarks.kafka_io import Tally
+from benchmarks.kafka_io import Tally, Topics, broker_problem
 from benchmarks.report import RESULTS_END, RESULTS_START, summarise, update_docs
 from benchmarks.sampler import Series
 from benchmarks.suite import (
     LatencyRun,
     Settings,
+    Suite,
     ThroughputRun,
     _percentile,
     latency_passes,
@@ -125,7 +128,7 @@ def test_ratio_pairs_rounds_with_raw():
     met = {target["figure"]: target["met"] for target in document["targets"]}
     assert met == {
         "batch_to_raw_ratio": True,
-        "pipeline_single_mps": False,
+        "pipeline_single_mps": None,
         "latency_added_p99_ms": True,
         "idle_rss_mb_max": True,
     }
@@ -139,6 +142,75 @@ def test_missing_records_fail_the_loss_check():
     document = summarise(settings, [lost], [], "4.1.1", "python -m benchmarks")
 
     assert document["loss_check_passed"] is False
+    assert document["loss_problems"] == [
+        "raw round 1: 3 records missing from the output, 0 dead letters"
+    ]
+
+
+def test_lost_latency_pass_is_named():
+    settings = Settings(modes=("raw",), latency_modes=("raw",))
+    lost = latency_run("raw", 4.0)
+    lost.missing = 7
+
+    document = summarise(
+        settings, [throughput_run("raw", 1, 10_000)], [lost], "4.1.1", "bench"
+    )
+
+    assert document["loss_problems"] == [
+        "latency pass raw at 1,000 msg/s: 7 of 5,007 records missing from the output"
+    ]
+
+
+def test_unmeasured_targets_are_neither_met_nor_missed():
+    settings = Settings(modes=("raw",), latency_modes=())
+
+    document = summarise(
+        settings, [throughput_run("raw", 1, 10_000)], [], "4.1.1", "bench"
+    )
+
+    assert {target["met"] for target in document["targets"]} == {None}
+
+
+def test_dead_letters_count_as_missing():
+    tally = Tally()
+    tally.ids.update(["t1", "t2"])
+    tally.dead_letters.update(["t3", "t3", "None"])
+
+    assert tally.missing(["t1", "t2", "t3"]) == 1
+    assert tally.dead_letter_records == 3
+
+
+def test_broker_problem_names_the_address():
+    assert "'nonsense' is not HOST:PORT" in broker_problem("nonsense")
+    assert "'b:x' is not HOST:PORT" in broker_problem("a:1,b:x")
+    unreachable = broker_problem("127.0.0.1:1", timeout_seconds=2)
+    assert unreachable.startswith("no Kafka broker responded at 127.0.0.1:1 within 2 s")
+
+
+@pytest.mark.kafka
+def test_read_back_ends_with_a_dead_letter_written_twice(
+    kafka_bootstrap: str, tmp_path: Path
+):
+    topics = Topics(kafka_bootstrap)
+    output = topics.create("collect-output", 1)
+    dead_letter = topics.create("collect-dlq", 1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for number in range(3):
+        producer.produce(output, orjson.dumps({"transaction_id": f"t{number}"}))
+    for _ in range(2):
+        producer.produce(dead_letter, orjson.dumps({"transaction_id": "t3"}))
+    producer.flush(30)
+    settings = Settings(stall_seconds=2.0)
+    suite = Suite(kafka_bootstrap, tmp_path, tmp_path, settings, Console(), None)
+    expected = ["t0", "t1", "t2", "t3", "t4"]
+
+    try:
+        tally = suite._collect(output, dead_letter, expected, None)
+    finally:
+        topics.close()
+
+    assert tally.missing(expected) == 2
+    assert tally.dead_letter_records == 2
 
 
 def test_profile_directory_is_written_as_text(tmp_path: Path):
