@@ -95,12 +95,16 @@ _ERROR_TEXT_BYTES = 65536
 _WRITER_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
-class InvalidRecord:
-    """Returned by a scoring function for an input it rejects (the request gets 400)."""
+class InvalidRecord(Exception):  # noqa: N818 - a result first, raised only at times
+    """Result of a scoring function for an input it rejects (the request gets 400).
 
-    __slots__ = ("reason",)
+    A scoring function returns it in place of that input's result. Raised in a
+    call with one value, it rejects that value. Raised in a call with several,
+    it makes `ModelApp` score each value alone to find the ones that raise it.
+    """
 
     def __init__(self, reason: str) -> None:
+        super().__init__(str(reason))
         self.reason = str(reason)
 
     def __repr__(self) -> str:
@@ -210,6 +214,7 @@ class _ScoringFailed(_Reject):
 
     def __init__(self, exc: BaseException) -> None:
         super().__init__(500, f"the scoring function raised {exc!r}")
+        self.exception = exc
 
 
 class ModelApp:
@@ -231,6 +236,7 @@ class ModelApp:
         microseconds) for a model that scores in microseconds. An ``async
         def`` always runs on the event loop.
         """
+        _check_score_function(score)
         self._score = score
         self._name = name
         self._threaded = score_in_thread and not _is_coroutine_function(score)
@@ -436,14 +442,16 @@ class ModelApp:
         """
         try:
             return await self._call_score(values)
-        except _ScoringFailed:
+        except _ScoringFailed as failure:
             if len(values) == 1:
                 raise
-        logger.warning(
-            "the scoring function raised on a batch of %d values; scoring each "
-            "value alone to find the ones that fail",
-            len(values),
-        )
+            rejected = isinstance(failure.exception, InvalidRecord)
+        if not rejected:
+            logger.warning(
+                "the scoring function raised on a batch of %d values; scoring "
+                "each value alone to find the ones that fail",
+                len(values),
+            )
         results: list[Any] = []
         failures: list[_ScoringFailed] = []
         for value in values:
@@ -473,6 +481,10 @@ class ModelApp:
                 returned = self._score(values)
             if inspect.isawaitable(returned):
                 returned = await returned
+        except InvalidRecord as exc:
+            if len(values) == 1:
+                return [exc]
+            raise _ScoringFailed(exc) from None
         # SIGINT and SIGTERM stop the app through signal handlers, so a
         # KeyboardInterrupt or SystemExit here comes from the user's code, such
         # as a library that calls sys.exit: a failed call, not a stop.
@@ -553,7 +565,11 @@ class ModelApp:
                 self._session, self._writer_url + "/readyz", writer_url + "/readyz"
             )
             ready = readiness.ready and readiness.service in ("", "output_writer")
-            if readiness.service and readiness.service != "output_writer":
+            token_problem = await self._token_problem() if ready else ""
+            if token_problem:
+                ready = False
+                self._writer_reason = token_problem
+            elif readiness.service and readiness.service != "output_writer":
                 self._writer_reason = (
                     f"APP_WRITER_URL {writer_url} is an agogosml "
                     f"{readiness.service.replace('_', ' ')}, not an output writer; "
@@ -581,6 +597,31 @@ class ModelApp:
             if checks_not_ready % WRITER_WARNING_CHECKS == WRITER_GRACE_CHECKS:
                 logger.warning("model app not ready: %s", self._writer_reason)
             await asyncio.sleep(1.0)
+
+    async def _token_problem(self) -> str:
+        """Return why the writer rejected the app's token, or '' when it accepted it.
+
+        An empty batch writes nothing, and the writer checks its token like
+        any other, so a wrong APP_WRITER_TOKEN makes the app not ready instead
+        of failing every message.
+        """
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self._writer_url + "/batch",
+                data=b"[]",
+                headers={"Content-Type": "application/json"},
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError):
+            return ""  # The next readiness check finds an unreachable writer.
+        if status not in (401, 403):
+            return ""
+        return (
+            f"the output writer rejected the app's bearer token ({status}): set "
+            "APP_WRITER_TOKEN to the writer's WRITER_TOKEN"
+        )
 
 
 class _Running:
@@ -757,8 +798,13 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
     instead of using up their attempts.
     """
     message = f"output writer responded {status}: {_error_text(text)}"
+    # The fix comes before the writer's response body, because logs below
+    # DEBUG cut an error off at "responded <status>: " to hide that body.
     if status in (401, 403):
-        fix = "set APP_WRITER_TOKEN to the writer's WRITER_TOKEN"
+        fix = (
+            "the output writer rejected the bearer token: set APP_WRITER_TOKEN "
+            "to the writer's WRITER_TOKEN"
+        )
     elif status in (404, 405):
         fix = (
             f"check that APP_WRITER_URL={writer_url!r} is the output writer's base URL"
@@ -771,7 +817,7 @@ def _writer_error(writer_url: str, status: int, text: str) -> _Reject:
     else:
         fix = ""
     if fix:
-        error = _Reject(503, f"{message}; {fix}", log_level=logging.ERROR)
+        error = _Reject(503, f"{fix}; {message}", log_level=logging.ERROR)
         error.retry_after = str(SETUP_ERROR_RETRY_AFTER_SECONDS)
         return error
     if status in (400, 413, 415, 422):
@@ -867,6 +913,28 @@ def _is_coroutine_function(function: object) -> bool:
     return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
         type(function).__call__
     )
+
+
+def _check_score_function(score: object) -> None:
+    """Raise TypeError unless `score` can be called with one list of values."""
+    if not callable(score):
+        raise TypeError(
+            f"ModelApp needs a scoring function, got {type(score).__name__} "
+            f"{score!r}: pass a function such as def score(values): ..."
+        )
+    try:
+        signature = inspect.signature(score)
+    except (TypeError, ValueError):
+        return  # Some built-in callables have no signature to check.
+    try:
+        signature.bind([])
+    except TypeError as exc:
+        name = getattr(score, "__qualname__", repr(score))
+        raise TypeError(
+            f"the scoring function {name}{signature} cannot be called with one "
+            f"list of values ({exc}); it must take the values of a request as its "
+            "only required argument, as in def score(values): ..."
+        ) from None
 
 
 def _result_list(returned: object) -> list[Any]:

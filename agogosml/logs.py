@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 
 import orjson
 
@@ -34,7 +35,10 @@ class JsonFormatter(logging.Formatter):
             if name not in _STANDARD_ATTRIBUTES and not name.startswith("_"):
                 document[name] = value
         if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
+            # A content filter leaves a traceback without exception messages.
+            document["exception"] = record.exc_text or self.formatException(
+                record.exc_info
+            )
         try:
             return orjson.dumps(document, default=str).decode()
         except orjson.JSONEncodeError:
@@ -91,11 +95,54 @@ def sink_error_fields(exc: BaseException) -> dict[str, object]:
     return {"error": str(exc), _NO_CONTENT_FIELD: isinstance(exc, SinkError)}
 
 
+def traceback_without_messages(exc: BaseException) -> str:
+    """Format the traceback of `exc` and its causes without their messages.
+
+    An exception's message may quote the message that failed, such as a value
+    that a scoring function could not parse, so only the exception types and
+    the frames are kept, in the layout of Python's own tracebacks.
+    """
+    chunks: list[str] = []
+    _append_traceback(exc, chunks, set())
+    return "".join(chunks).rstrip("\n")
+
+
+def _append_traceback(exc: BaseException, chunks: list[str], seen: set[int]) -> None:
+    seen.add(id(exc))
+    cause, context = exc.__cause__, exc.__context__
+    if cause is not None and id(cause) not in seen:
+        _append_traceback(cause, chunks, seen)
+        chunks.append(
+            "\nThe above exception was the direct cause of the following exception:\n\n"
+        )
+    elif (
+        context is not None and not exc.__suppress_context__ and id(context) not in seen
+    ):
+        _append_traceback(context, chunks, seen)
+        chunks.append(
+            "\nDuring handling of the above exception, another exception occurred:\n\n"
+        )
+    if exc.__traceback__ is not None:
+        chunks.append("Traceback (most recent call last):\n")
+        chunks.extend(traceback.format_tb(exc.__traceback__))
+    try:
+        has_message = bool(str(exc))
+    except Exception:  # noqa: BLE001 - a broken __str__ still gets its type logged
+        has_message = True
+    module = type(exc).__module__
+    name = type(exc).__qualname__
+    if module not in ("builtins", "__main__"):
+        name = f"{module}.{name}"
+    chunks.append(f"{name}: (message not logged)\n" if has_message else f"{name}\n")
+
+
 class _ContentFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = getattr(record, "error", None)
         if isinstance(error, str) and not getattr(record, _NO_CONTENT_FIELD, False):
             record.error = mask_content(error)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = traceback_without_messages(record.exc_info[1])
         return True
 
 

@@ -84,3 +84,35 @@ def test_other_error_still_masked(capsys, error: Exception):
     line = logged_line("INFO", sink_error_fields(error), capsys)
 
     assert line["error"] == "value '…'"
+
+
+def logged_exception(level: str, capsys) -> str:
+    """Log a chained exception at ERROR, as a service configured at `level`."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(level, "test")
+        try:
+            try:
+                int("card-4111")
+            except ValueError as exc:
+                message = "cannot score " + "card-4111"
+                raise RuntimeError(message) from exc
+        except RuntimeError:
+            logging.getLogger("agogosml.test").exception("scoring failed")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    return str(json.loads(capsys.readouterr().err.splitlines()[-1])["exception"])
+
+
+def test_traceback_without_messages_below_debug(capsys):
+    masked = logged_exception("INFO", capsys)
+    full = logged_exception("DEBUG", capsys)
+
+    assert "cannot score card-4111" not in masked
+    assert "invalid literal" not in masked
+    assert masked.startswith("Traceback (most recent call last):\n")
+    assert "\nValueError: (message not logged)\n" in masked
+    assert "direct cause of the following exception" in masked
+    assert masked.endswith("\nRuntimeError: (message not logged)")
+    assert full.endswith("RuntimeError: cannot score card-4111")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -33,6 +34,7 @@ from agogosml.app import AppSettings, InvalidRecord, ModelApp, has_non_finite
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
 from agogosml.http import bound_port, start_site
+from agogosml.logs import mask_content
 from agogosml.writer.service import OutputWriter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -75,6 +77,7 @@ class StubWriter:
         self.status_by_request: dict[int, int] = {}
         self.retry_after = ""
         self.requests: list[Forwarded] = []
+        self.token_checks: list[str] = []
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -84,9 +87,15 @@ class StubWriter:
         return app
 
     async def _handle(self, request: web.Request) -> web.Response:
-        self.requests.append(
-            Forwarded(request.path, CIMultiDict(request.headers), await request.read())
-        )
+        body = await request.read()
+        if body == b"[]":
+            # The app's readiness check of its token, which writes nothing.
+            self.token_checks.append(request.headers.get("Authorization", ""))
+            if self.status in (401, 403):
+                return web.json_response({"error": "wrong token"}, status=self.status)
+            return web.json_response({"written": 0})
+        forwarded = Forwarded(request.path, CIMultiDict(request.headers), body)
+        self.requests.append(forwarded)
         status = self.status_by_request.get(len(self.requests), self.status)
         if status == 200:
             written = 1
@@ -1045,7 +1054,10 @@ async def test_writer_token_rejected_logged(caplog):
     assert response.headers["Retry-After"] == "5"
     assert "APP_WRITER_TOKEN" in body["error"]
     assert len(errors) == 1
-    assert "APP_WRITER_TOKEN" in errors[0].error
+    # Logs below DEBUG hide the writer's response body, and keep the fix.
+    assert "set APP_WRITER_TOKEN to the writer's WRITER_TOKEN" in mask_content(
+        errors[0].error
+    )
 
 
 async def test_writer_unreachable_503():
@@ -1101,6 +1113,26 @@ async def test_readiness_follows_writer():
             await wait_for(app_ready)
 
     assert writer.requests == []
+
+
+async def test_rejected_writer_token_makes_app_not_ready():
+    async with stub_writer() as writer:
+        writer.status = 401
+        async with model_app(
+            double_amount, writer.url, writer_token="wrong-secret"
+        ) as client:
+
+            async def token_checked() -> bool:
+                return bool(writer.token_checks)
+
+            await wait_for(token_checked)
+            response = await client.get("/readyz")
+            body = await response.json()
+
+    assert response.status == 503
+    assert "rejected the app's bearer token (401)" in body["reason"]
+    assert "set APP_WRITER_TOKEN to the writer's WRITER_TOKEN" in body["reason"]
+    assert writer.token_checks[0] == "Bearer wrong-secret"
 
 
 async def test_readiness_without_writer_503():
@@ -1227,6 +1259,60 @@ async def test_batch_invalid_record_per_item_400():
     ]
     outputs = writer.requests[0].json()
     assert [output["id"] for output in outputs] == ["in:0:0", "in:0:2"]
+
+
+def raise_on_negative(values: list[Any]) -> list[Any]:
+    for value in values:
+        if value["amount"] < 0:
+            raise InvalidRecord(f"amount {value['amount']} is negative")
+    return [{"score": value["amount"]} for value in values]
+
+
+async def test_raised_invalid_record_rejects_only_its_value(caplog):
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}},
+        {"id": "in:0:1", "value": {"amount": -1}},
+        {"id": "in:0:2", "value": {"amount": 3}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(raise_on_negative, writer.url) as client:
+            batch = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+            body = await batch.json()
+            single = await client.post("/", data=b'{"amount": -5}', headers=JSON)
+            single_body = await single.json()
+
+    assert body["results"] == [
+        {"status": 200},
+        {"status": 400, "error": "amount -1 is negative"},
+        {"status": 200},
+    ]
+    assert single.status == 400
+    assert single_body["error"] == "amount -5 is negative"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize(
+    ("score", "expected"),
+    [
+        ("score", "ModelApp needs a scoring function, got str 'score'"),
+        (lambda: [], "cannot be called with one list of values"),
+        (lambda values, model: [], "<lambda>(values, model) cannot be called"),
+    ],
+)
+def test_unusable_scoring_function_rejected(score, expected):
+    with pytest.raises(TypeError) as error:
+        ModelApp(score)
+
+    assert expected in str(error.value)
+
+
+def test_scoring_function_with_optional_arguments_accepted():
+    async def score(values, model=None, *, threshold=0.5):
+        return values
+
+    ModelApp(score)
+    ModelApp(functools.partial(lambda model, values: values, None))
 
 
 @dataclass
