@@ -90,7 +90,16 @@ def _chart_kafka(manifest: Manifest) -> dict[str, Any] | None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Project directory. Default: the directory that contains the manifest.",
 )
-def generate(manifest_path: Path, output: Path | None) -> None:
+@click.option(
+    "--commit-to-enclosing-repository",
+    is_flag=True,
+    help="At the first run, commit the project into the git repository that "
+    "contains the project directory, when that directory is not the "
+    "repository's root. Without it, generate stops before writing anything.",
+)
+def generate(
+    manifest_path: Path, output: Path | None, commit_to_enclosing_repository: bool
+) -> None:
     """Render a pipeline project from a manifest, or update the one rendered there.
 
     \b
@@ -99,7 +108,9 @@ def generate(manifest_path: Path, output: Path | None) -> None:
     docker-compose.yml, Azure Pipelines CI, README and pyproject.toml, and,
     when neither source nor sink is a file, Helm values and the CD pipeline. Then
     generate runs 'git init' unless the directory is in a git repository, and
-    commits the render, which updates need.
+    commits the render, which updates need. A directory inside a repository
+    that it is not the root of needs --commit-to-enclosing-repository (or a
+    'git init' of its own) first.
 
     \b
     Later runs (the directory has .copier-answers.yml): update the project to
@@ -118,7 +129,10 @@ def generate(manifest_path: Path, output: Path | None) -> None:
     project = output if output is not None else manifest_path.parent
     try:
         outcome = generate_project(
-            template_answers(manifest), project, manifest_path=manifest_path
+            template_answers(manifest),
+            project,
+            manifest_path=manifest_path,
+            commit_to_enclosing_repository=commit_to_enclosing_repository,
         )
     except (GenerateError, GitError, WheelError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -2,7 +2,10 @@
 
 The first render goes into an empty directory. `git init` runs there unless it
 is in a git repository already, and the render is committed, because Copier's
-update needs that commit to tell the template's changes from the user's.
+update needs that commit to tell the template's changes from the user's. A
+directory inside another repository, not at its root, gets the commit only
+with ``commit_to_enclosing_repository=True``: otherwise nothing is written
+and `EnclosingRepositoryError` names that repository.
 
 The project installs agogosml from the wheel in ``wheels/``, which
 `agogosml_cli.wheel` writes at the first render and replaces at an update when
@@ -18,6 +21,7 @@ overlaps a user edit of the same lines, the project is left as it was and
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -42,6 +46,14 @@ _NAME_FIELDS = ("project_name", "package_name")
 
 class GenerateError(AgogosmlError):
     """The project cannot be rendered or updated; the message gives the reason."""
+
+
+class EnclosingRepositoryError(GenerateError):
+    """A first render would commit into a repository rooted above the project."""
+
+    def __init__(self, message: str, repository: Path) -> None:
+        super().__init__(message)
+        self.repository = repository
 
 
 class UpdateConflictError(GenerateError):
@@ -85,7 +97,11 @@ class Outcome:
 
 
 def generate_project(
-    answers: dict[str, Any], project: Path, *, manifest_path: Path | None = None
+    answers: dict[str, Any],
+    project: Path,
+    *,
+    manifest_path: Path | None = None,
+    commit_to_enclosing_repository: bool = False,
 ) -> Outcome:
     """Render the template into `project`, or update the project rendered there.
 
@@ -95,10 +111,16 @@ def generate_project(
         manifest_path: The manifest file. Its own changes do not count as
             uncommitted changes of the project, and a first render may go into
             the directory that contains it.
+        commit_to_enclosing_repository: Let a first render commit into the git
+            repository that contains `project` when `project` is not its root.
+            Updates commit nothing, so they ignore it.
 
     Raises:
         GenerateError: The directory is not empty, the project has uncommitted
             changes, or git or Copier failed.
+        EnclosingRepositoryError: A first render would commit into a
+            repository rooted above `project`, and
+            `commit_to_enclosing_repository` is False.
         UpdateConflictError: An update cannot merge cleanly.
     """
     try:
@@ -109,7 +131,9 @@ def generate_project(
     try:
         if (project / ANSWERS_FILE).exists():
             return _update(project, answers, manifest_file)
-        return _render_new(project, answers, manifest_file)
+        return _render_new(
+            project, answers, manifest_file, commit_to_enclosing_repository
+        )
     except CopierError as exc:
         raise GenerateError(f"copier failed: {exc}") from None
 
@@ -120,9 +144,14 @@ def generate_project(
 
 
 def _render_new(
-    project: Path, answers: dict[str, Any], manifest_file: Path | None
+    project: Path,
+    answers: dict[str, Any],
+    manifest_file: Path | None,
+    commit_to_enclosing_repository: bool,
 ) -> Outcome:
     _check_empty(project, manifest_file)
+    if not commit_to_enclosing_repository:
+        _check_no_enclosing_repository(project)
     existed = project.exists()
     try:
         project.mkdir(parents=True, exist_ok=True)
@@ -144,6 +173,35 @@ def _render_new(
         _remove_new_entries(project, before, remove_directory=not existed)
         raise
     return _commit_first_render(project, answers["project_name"], tag)
+
+
+def _check_no_enclosing_repository(project: Path) -> None:
+    """Raise `EnclosingRepositoryError` if a repository above `project` contains it.
+
+    The first render is committed, and a commit into a repository that only
+    contains the project, such as the user's clone of another project, would
+    land in a history that the user did not choose.
+    """
+    existing = project
+    while not existing.is_dir():
+        existing = existing.parent
+    try:
+        output = run_git(["rev-parse", "--show-toplevel"], existing)
+    except GitError:
+        # Not in a work tree, so the first render runs `git init`. A missing
+        # git fails there.
+        return
+    repository = Path(output.strip()).resolve()
+    if repository == project:
+        return
+    raise EnclosingRepositoryError(
+        f"{project} is inside the git repository at {repository}, so the commit "
+        "of the generated project would go into that repository; nothing was "
+        f"written. Run 'git init {shlex.quote(str(project))}' to give the project "
+        "a repository of its own, pass --commit-to-enclosing-repository to commit "
+        f"it into {repository}, or pass an --output outside that repository",
+        repository,
+    )
 
 
 def _remove_new_entries(

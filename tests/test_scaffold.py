@@ -1493,18 +1493,115 @@ def test_generate_into_other_directory(tmp_path: Path) -> None:
     assert "git repository at" not in result.output
 
 
+def enclosing_repository(directory: Path) -> str:
+    """Make `directory` a repository with one commit and a staged file.
+
+    Returns the commit id.
+    """
+    git(directory, "init", "--quiet")
+    (directory / "README.md").write_text("the user's project\n")
+    git(directory, "add", "README.md")
+    git(directory, "commit", "--quiet", "-m", "Start")
+    (directory / "staged.txt").write_text("staged by the user\n")
+    git(directory, "add", "staged.txt")
+    return git(directory, "rev-parse", "HEAD").strip()
+
+
 def test_generate_names_enclosing_repository(tmp_path: Path) -> None:
     git(tmp_path, "init", "--quiet")
     manifest = init_manifest(tmp_path, KAFKA_FLAGS)
     project = tmp_path / "pipelines" / "scoring"
 
-    result = generate(manifest, "--output", str(project))
+    result = generate(
+        manifest, "--output", str(project), "--commit-to-enclosing-repository"
+    )
 
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert f"git repository at {tmp_path.resolve()}, which contains" in output
     assert f"which contains {project.resolve()}." in output
     assert git(tmp_path, "log", "--format=%s").startswith("Generate fraud-scoring")
+
+
+def test_generate_rejects_enclosing_repository(tmp_path: Path) -> None:
+    head = enclosing_repository(tmp_path)
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    project = tmp_path / "pipelines" / "scoring"
+
+    result = generate(manifest, "--output", str(project))
+
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"inside the git repository at {tmp_path.resolve()}" in output
+    assert "nothing was written" in output
+    assert f"Run 'git init {project.resolve()}'" in output
+    assert "pass --commit-to-enclosing-repository" in output
+    assert not project.exists()
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+
+
+def test_generate_in_subdirectory_writes_nothing(tmp_path: Path) -> None:
+    head = enclosing_repository(tmp_path)
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "--commit-to-enclosing-repository" in result.output
+    assert sorted(path.name for path in project.iterdir()) == ["agogosml.yaml"]
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+
+
+def test_generate_commits_to_enclosing_repository_on_request(tmp_path: Path) -> None:
+    head = enclosing_repository(tmp_path)
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest, "--commit-to-enclosing-repository")
+
+    assert result.exit_code == 0, result.output
+    assert git(tmp_path, "rev-parse", "HEAD~1").strip() == head
+    committed = git(tmp_path, "show", "--name-only", "--format=", "HEAD").split()
+    assert "scoring/agogosml.yaml" in committed
+    assert "staged.txt" not in committed
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+
+    # An update commits nothing, so it needs no flag.
+    edit(manifest, "topic: transactions-scored", "topic: scores")
+    update = generate(manifest)
+
+    assert update.exit_code == 0, update.output
+    assert "scoring/docker-compose.yml" in update.output
+    assert git(tmp_path, "rev-parse", "HEAD~1").strip() == head
+    compose = yaml.safe_load((project / "docker-compose.yml").read_text())
+    assert compose["services"]["writer"]["environment"]["WRITER_OUTPUT"] == "scores"
+
+
+def test_generate_into_nested_repository(tmp_path: Path) -> None:
+    head = enclosing_repository(tmp_path)
+    project = tmp_path / "scoring"
+    git(tmp_path, "init", "--quiet", str(project))
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 0, result.output
+    assert "git repository at" not in result.output
+    assert git(project, "log", "--format=%s").startswith("Generate fraud-scoring")
+    assert git(project, "status", "--porcelain") == ""
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+
+    edit(manifest, "topic: transactions-scored", "topic: scores")
+    update = generate(manifest)
+
+    assert update.exit_code == 0, update.output
+    assert " M docker-compose.yml" in git(project, "status", "--porcelain")
+    assert len(git(project, "log", "--format=%H").splitlines()) == 1
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
 
 
 def test_generate_rejects_unrelated_directory(tmp_path: Path) -> None:
