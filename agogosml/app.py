@@ -226,6 +226,7 @@ class ModelApp:
         *,
         name: str = "model app",
         score_in_thread: bool = True,
+        extra_settings: Sequence[type[BaseSettings]] = (),
     ) -> None:
         """Wrap `score`, a function or coroutine function from values to results.
 
@@ -235,10 +236,16 @@ class ModelApp:
         on the event loop instead, which saves the thread switch (some tens of
         microseconds) for a model that scores in microseconds. An ``async
         def`` always runs on the event loop.
+
+        `extra_settings` are the settings models of the app's own variables,
+        each with an ``env_prefix``. `run` logs a warning for a variable with
+        one of their prefixes that is close to a field's name but names none,
+        as it does for the ``APP_`` variables.
         """
         _check_score_function(score)
         self._score = score
         self._name = name
+        self._extra_settings = tuple(extra_settings)
         self._threaded = score_in_thread and not _is_coroutine_function(score)
         self._scoring_thread: _ScoringThread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -250,7 +257,9 @@ class ModelApp:
 
     def run(self) -> None:
         """Serve with settings from the environment until SIGTERM/SIGINT."""
-        run_service(AppSettings, self.serve, SERVICE)
+        run_service(
+            AppSettings, self.serve, SERVICE, extra_settings=self._extra_settings
+        )
 
     async def serve(self, settings: AppSettings) -> None:
         """Serve with `settings` until SIGTERM/SIGINT."""

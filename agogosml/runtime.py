@@ -7,7 +7,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from pydantic_settings import BaseSettings
@@ -25,8 +25,14 @@ def run_service(
     settings_class: type[SettingsT],
     serve: Callable[[SettingsT], Coroutine[Any, Any, None]],
     service: str,
+    *,
+    extra_settings: Sequence[type[BaseSettings]] = (),
 ) -> None:
-    """Load settings, configure logging and run `serve`; exit 2 on bad settings."""
+    """Load settings, configure logging and run `serve`; exit 2 on bad settings.
+
+    Likely misspellings of the variables of `settings_class` and of each class
+    in `extra_settings` are logged as warnings once logging is configured.
+    """
     open_closed_standard_descriptors()
     try:
         settings = load_settings(settings_class)
@@ -34,7 +40,9 @@ def run_service(
         print(f"{service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(getattr(settings, "log_level", "INFO"), service)
-    warn_misspelled_variables(settings_class)
+    checked: list[type[BaseSettings]] = [settings_class, *extra_settings]
+    for settings_model in checked:
+        warn_misspelled_variables(settings_model)
     freeze_startup_objects()
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -2,20 +2,23 @@
 
 Run it with ``agogosml-sample-app`` (or ``python -m sample_app.app``). It reads the
 ``APP_`` settings of `agogosml.app.AppSettings`, plus ``SAMPLE_APP_MODEL_PATH``
-(default: where ``python -m sample_app.train`` saves the model).
+of `SampleAppSettings` (default: where ``python -m sample_app.train`` saves the
+model). At start it logs a warning for a ``SAMPLE_APP_`` variable whose name is
+close to that one, such as ``SAMPLE_APP_MODEL_PAHT``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml.app import InvalidRecord, ModelApp
+from agogosml.config import misspelled_variables
 from agogosml.exact_json import json_type
 from sample_app.scoring import (
     FraudModel,
@@ -60,10 +63,38 @@ def make_score_function(model: FraudModel) -> Any:
     return score
 
 
+class SampleAppSettings(BaseSettings):
+    """Settings of the sample app beside `AppSettings` (prefix ``SAMPLE_APP_``)."""
+
+    # pydantic 2.6 to 2.9 warn about a field named "model_..." because they
+    # reserve that prefix for the model's methods.
+    model_config = SettingsConfigDict(
+        env_prefix="SAMPLE_APP_",
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        protected_namespaces=(),
+    )
+
+    model_path: str = Field(
+        "",
+        description="SAMPLE_APP_MODEL_PATH: the model file; empty means "
+        "${AGOGOSML_CACHE_DIR:-~/.cache/agogosml}/models/fraud-model.joblib.",
+    )
+
+
 def model_path() -> Path:
     """Return the model file named by SAMPLE_APP_MODEL_PATH, or the default."""
-    configured = os.environ.get("SAMPLE_APP_MODEL_PATH")
+    configured = SampleAppSettings().model_path
     return Path(configured) if configured else default_model_path()
+
+
+def _misspelling_hint() -> str:
+    """Return '; NAME is set, did you mean ...?' for each likely misspelling."""
+    return "".join(
+        f"; {name} is set, did you mean {known}?"
+        for name, known in misspelled_variables(SampleAppSettings)
+    )
 
 
 def main() -> None:
@@ -72,7 +103,8 @@ def main() -> None:
     if not path.exists():
         print(
             f"sample app: model file {str(path)!r} not found; train it with "
-            "'python -m sample_app.train' or set SAMPLE_APP_MODEL_PATH",
+            "'python -m sample_app.train' or set SAMPLE_APP_MODEL_PATH"
+            f"{_misspelling_hint()}",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -93,7 +125,10 @@ def main() -> None:
     # the scoring of a single message. The model runs on the event loop, which
     # it holds for at most half a millisecond. A slow model keeps the default.
     ModelApp(
-        make_score_function(model), name="fraud-scoring app", score_in_thread=False
+        make_score_function(model),
+        name="fraud-scoring app",
+        score_in_thread=False,
+        extra_settings=[SampleAppSettings],
     ).run()
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -26,8 +28,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils import Bunch
 
 from agogosml.app import InvalidRecord
+from agogosml.config import misspelled_variables
 from sample_app import data, train
-from sample_app.app import make_score_function
+from sample_app.app import SampleAppSettings, make_score_function, model_path
 from sample_app.data import (
     COLUMNS,
     FEATURE_COLUMNS,
@@ -665,6 +668,99 @@ def test_model_save_load_round_trip(tiny_model: FraudModel, tmp_path: Path) -> N
     assert loaded.threshold == tiny_model.threshold
     assert loaded.feature_names == tiny_model.feature_names
     assert loaded.score_many(transactions) == tiny_model.score_many(transactions)
+
+
+# Runs the sample app's start-up with a serve step that returns at once.
+SAMPLE_APP_START = """
+from agogosml.app import ModelApp
+
+async def serve(self, settings):
+    pass
+
+ModelApp.serve = serve
+
+from sample_app.app import main
+
+main()
+"""
+
+
+def start_sample_app(
+    cache: Path, variables: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Start the sample app with `variables` and the default model under `cache`."""
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(("APP_", "SAMPLE_APP_"))
+    }
+    environment["AGOGOSML_CACHE_DIR"] = str(cache)
+    environment["APP_WRITER_URL"] = "http://127.0.0.1:1"
+    environment.update(variables)
+    return subprocess.run(
+        [sys.executable, "-c", SAMPLE_APP_START],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_sample_app_settings_name_misspellings() -> None:
+    environment = {
+        "SAMPLE_APP_MODEL_PAHT": "/x",
+        "sample_app_modelpath": "/y",
+        "SAMPLE_APP_MODEL_PATH": "/z",
+        "SAMPLE_APP_COLOR": "blue",
+    }
+
+    pairs = misspelled_variables(SampleAppSettings, environment)
+
+    assert pairs == [
+        ("SAMPLE_APP_MODEL_PAHT", "SAMPLE_APP_MODEL_PATH"),
+        ("sample_app_modelpath", "SAMPLE_APP_MODEL_PATH"),
+    ]
+
+
+def test_model_path_reads_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAMPLE_APP_MODEL_PATH", raising=False)
+    default = model_path()
+    monkeypatch.setenv("SAMPLE_APP_MODEL_PATH", "/models/fraud.joblib")
+
+    assert model_path() == Path("/models/fraud.joblib")
+    monkeypatch.setenv("SAMPLE_APP_MODEL_PATH", "")
+    assert model_path() == default
+
+
+def test_sample_app_logs_misspelled_variable(
+    tiny_model: FraudModel, tmp_path: Path
+) -> None:
+    tiny_model.save(tmp_path / "models" / "fraud-model.joblib")
+
+    result = start_sample_app(tmp_path, {"SAMPLE_APP_MODEL_PAHT": "/x"})
+
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    warnings = [record for record in records if record["level"] == "WARNING"]
+    assert len(warnings) == 1, records
+    assert warnings[0]["logger"] == "agogosml.config"
+    assert warnings[0]["message"] == (
+        "SAMPLE_APP_MODEL_PAHT is not a setting and is ignored; did you mean "
+        "SAMPLE_APP_MODEL_PATH?"
+    )
+
+
+def test_sample_app_missing_model_names_misspelling(tmp_path: Path) -> None:
+    result = start_sample_app(tmp_path, {"SAMPLE_APP_MODEL_PAHT": "/x"})
+
+    assert result.returncode == 2
+    assert "model file" in result.stderr
+    assert "not found" in result.stderr
+    assert (
+        "SAMPLE_APP_MODEL_PAHT is set, did you mean SAMPLE_APP_MODEL_PATH?"
+        in result.stderr
+    )
 
 
 def test_train_main_writes_model_and_metrics(tmp_path: Path, capsys) -> None:
