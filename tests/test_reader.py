@@ -1007,6 +1007,34 @@ async def test_batch_item_503_retries_only_item():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+async def test_batch_retry_log_counts_each_status(caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    first: list[bool] = []
+
+    async def fail_two_items_once(received: Received) -> web.Response:
+        if first:
+            return batch_response([{"status": 200}] * len(received.json()))
+        first.append(True)
+        return batch_response(
+            [{"status": 503, "error": "busy"}, {"status": 200}, {"status": 500}]
+        )
+
+    with caplog.at_level(logging.WARNING, logger="agogosml.reader.engine"):
+        async with stub_app(fail_two_items_once) as app:
+            settings = reader_settings(
+                app.url, batch_max_messages=3, batch_max_wait_ms=50
+            )
+            await run_reader(settings, source, dead_letter)
+
+    (retry,) = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert retry.getMessage().startswith("app request failed; retrying 2 message(s)")
+    assert retry.message_ids == [f"{TOPIC}:0:0", f"{TOPIC}:0:2"]
+    assert retry.statuses == {"500": 1, "503": 1}
+    assert retry.error == "busy"
+
+
 async def test_batch_500_retries_whole_batch():
     source = MemorySource(TOPIC)
     fill(source, 2)

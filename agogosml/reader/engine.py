@@ -793,14 +793,19 @@ class InputReader:
         self, retry: list[Envelope], outcomes: list[Outcome], attempt: int
     ) -> None:
         RETRIES.labels(SERVICE).inc(len(retry))
-        first_error = next(outcome for outcome in outcomes if outcome.retriable)
+        failed = [outcome for outcome in outcomes if outcome.retriable]
+        statuses = collections.Counter(outcome.status for outcome in failed)
         logger.warning(
-            "app request failed; retrying %d message(s)",
+            "app request failed; retrying %d message(s), with the error of the "
+            "first in the error field",
             len(retry),
             extra={
                 "message_id": retry[0].id,
-                "status": first_error.status,
-                "error": first_error.error,
+                "message_ids": [envelope.id for envelope in retry[:20]],
+                "status": failed[0].status,
+                # Per status, as the messages of a batch may fail differently.
+                "statuses": {str(status): n for status, n in sorted(statuses.items())},
+                "error": failed[0].error,
                 "attempt": attempt,
             },
         )
