@@ -122,8 +122,10 @@ class RunSummary:
     #: Records that the run stopped before the reader finished: not read yet,
     #: or read but neither written nor dead-lettered yet.
     not_finished: int | None = 0
+    #: Written records that the app flagged as fraud.
     flagged_as_fraud: int = 0
-    #: Input records whose Class label is 1, and those of them flagged.
+    #: Written records whose Class label is 1, and those of them flagged. A
+    #: run that stopped early counts only what it wrote, as the other counts do.
     labelled_fraud: int = 0
     flagged_labelled_fraud: int = 0
     elapsed_seconds: float = 0.0
@@ -589,7 +591,7 @@ def _summarise(
         duplicates=tally.duplicates,
         missing=len(missing),
         flagged_as_fraud=len(tally.flagged),
-        labelled_fraud=len(records.labelled_fraud),
+        labelled_fraud=len(tally.transactions & records.labelled_fraud),
         flagged_labelled_fraud=len(tally.flagged & records.labelled_fraud),
         elapsed_seconds=round(elapsed, 3),
         messages_per_second=round(tally.finished / elapsed, 1) if elapsed > 0 else 0.0,
@@ -610,8 +612,8 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
         (
             "labelled fraud",
-            f"{summary.labelled_fraud:,} ({summary.flagged_labelled_fraud:,} "
-            "of them flagged)",
+            f"{summary.labelled_fraud:,} of the written records "
+            f"({summary.flagged_labelled_fraud:,} of them flagged)",
         ),
         ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
         ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),

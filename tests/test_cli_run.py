@@ -85,6 +85,7 @@ def test_run_through_files(tmp_path: Path, fraud_model: Path) -> None:
         for value in (orjson.loads(line)["value"] for line in output_lines)
         if value["is_fraud"]
     }
+    # Every record was written, so the labelled fraud of the output is the input's.
     assert summary["labelled_fraud"] == len(labelled)
     assert summary["flagged_as_fraud"] == len(flagged)
     assert summary["flagged_labelled_fraud"] == len(flagged & labelled)
@@ -118,6 +119,10 @@ def test_run_through_kafka(
 def read_summary(path: Path) -> dict[str, Any]:
     summary: dict[str, Any] = orjson.loads(path.read_bytes())
     return summary
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 @pytest.mark.slow
@@ -525,6 +530,37 @@ def test_kafka_run_interrupted_counts_committed(
     unaccounted = 20000 - summary["written"] - summary["dead_lettered"]
     assert summary["not_finished"] == unaccounted
     assert "up to the input reader's last committed offsets" in stdout
+
+
+def line_count(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_stopped_run_counts_fraud_of_written(tmp_path: Path, fraud_model: Path) -> None:
+    work = tmp_path / "work"
+    with running_cli(tmp_path, fraud_model) as process:
+        # Past the first two records labelled fraud, rows 542 and 624.
+        wait_for(lambda: line_count(work / "output.jsonl") >= 1000)
+        process.send_signal(signal.SIGTERM)
+
+        stdout, _ = process.communicate(timeout=60)
+
+    summary = read_summary(tmp_path / "summary.json")
+    inputs = map(orjson.loads, (work / "input.jsonl").read_bytes().splitlines())
+    labelled = {record["transaction_id"] for record in inputs if record["Class"]}
+    values = [
+        orjson.loads(line)["value"]
+        for line in (work / "output.jsonl").read_bytes().splitlines()
+    ]
+    written = {value["transaction_id"] for value in values}
+    flagged = {value["transaction_id"] for value in values if value["is_fraud"]}
+    assert process.returncode == 143
+    assert summary["written"] < 20000
+    assert summary["labelled_fraud"] == len(written & labelled)
+    assert summary["flagged_labelled_fraud"] == len(flagged & labelled)
+    assert 0 < summary["labelled_fraud"] < len(labelled)
+    assert f"{summary['labelled_fraud']} of the written records" in flat(stdout)
 
 
 @pytest.mark.slow

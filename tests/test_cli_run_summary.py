@@ -1,4 +1,4 @@
-"""The summary of `agogosml run`: lost records apart from records not finished."""
+"""The summary of `agogosml run`: lost records apart from unfinished ones; fraud."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import io
 import orjson
 from rich.console import Console
 
-from agogosml_cli.run import OutputTally, RunSummary, print_summary, split_unfinished
+from agogosml_cli.run import (
+    InputRecords,
+    OutputTally,
+    RunSummary,
+    _summarise,
+    print_summary,
+    split_unfinished,
+)
 
 IDS = [f"tx-{index}" for index in range(10)]
 
@@ -107,3 +114,19 @@ def test_table_of_stopped_broker_run() -> None:
         text
     )
     assert "not finished" not in text
+
+
+def test_fraud_counts_cover_written_records() -> None:
+    # tx-8 is labelled fraud too, but the run stopped before writing it.
+    records = InputRecords(IDS, frozenset({"tx-1", "tx-4", "tx-8"}))
+    tally = OutputTally()
+    tally.add_output("m-1", {"transaction_id": "tx-1", "is_fraud": True})
+    tally.add_output("m-2", {"transaction_id": "tx-2", "is_fraud": True})
+    tally.add_output("m-4", {"transaction_id": "tx-4", "is_fraud": False})
+
+    summary = _summarise("file", records, tally, 1.0)
+
+    assert summary.flagged_as_fraud == 2
+    assert summary.labelled_fraud == 2
+    assert summary.flagged_labelled_fraud == 1
+    assert "2 of the written records (1 of them flagged)" in table_text(summary)
