@@ -150,14 +150,15 @@ def run(
       0    every record was written or dead-lettered
       1    a failure, a service that exited during the run, or a record that
            is in neither the output nor the dead letters
-      2    a usage error, such as an invalid option value, found before any
-           service starts
+      2    a usage error, such as an invalid option value, or a missing
+           sample extra or trained model, found before any service starts
       130  interrupted by Ctrl-C (SIGINT); the services are stopped first
       143  stopped by SIGTERM; the services are stopped first
     """  # noqa: D301 - click reads the \b line as "do not rewrap this paragraph"
     missing = missing_packages_message()
     if missing:
-        raise click.ClickException(missing)
+        # Exit code 2, as for the other problems found before the run starts.
+        raise click.UsageError(missing)
     from agogosml_cli.run import RunOptions
     from agogosml_cli.run_paths import (
         check_run_files,
@@ -241,12 +242,15 @@ def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:
 
 
 def _check_model(model: Path | None) -> None:
-    """Raise when no --model is given and no model was trained yet."""
+    """Raise a usage error when no --model is given and no model was trained yet.
+
+    It is the error of a --model FILE that does not exist, with exit code 2.
+    """
     from sample_app.scoring import default_model_path
 
     default = default_model_path()
     if model is None and not default.is_file():
-        raise click.ClickException(
+        raise click.UsageError(
             f"no trained model at {str(default)!r}, the default of --model; train "
             "one with 'python -m sample_app.train' (make demo does), or pass "
             "--model FILE"
@@ -254,9 +258,14 @@ def _check_model(model: Path | None) -> None:
 
 
 def _fetch_dataset(console: Console) -> Path:
-    from sample_app.data import fetch_dataset
+    from sample_app.data import DatasetError, fetch_dataset
 
-    info = fetch_dataset()
+    try:
+        info = fetch_dataset()
+    except DatasetError as exc:
+        raise click.ClickException(
+            f"{str(exc).rstrip('.')}, or pass a copy of the CSV with --data FILE"
+        ) from None
     console.print(f"Dataset: {info.path} (source: {info.source})", soft_wrap=True)
     return info.path
 

@@ -23,7 +23,7 @@ from rich.console import Console
 import sample_app
 from agogosml_cli.main import cli
 from agogosml_cli.run import WORK_FILES, RunOptions, RunSummary
-from sample_app.data import COLUMNS
+from sample_app.data import COLUMNS, DatasetFetchError
 
 SUMMARY_KEYS = {
     "read",
@@ -258,7 +258,7 @@ def test_run_names_missing_sample_extra(
 
     result = CliRunner().invoke(cli, ["run", "--work-dir", str(tmp_path)])
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "sklearn" in result.output
     assert f"pip install -e '{REPO_ROOT.resolve()}[sample]'" in result.output
 
@@ -831,9 +831,26 @@ def test_run_without_trained_model_names_option(
     result = invoke("--work-dir", str(tmp_path / "work"))
 
     output = " ".join(result.output.split())
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert f"no trained model at '{model}', the default of --model" in output
     assert "train one with 'python -m sample_app.train'" in output
     assert "or pass --model FILE" in output
     # It stops before fetching the dataset.
     assert not (tmp_path / "cache" / "data").exists()
+
+
+def test_run_names_dataset_fetch_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fraud_model: Path
+) -> None:
+    def fetch_dataset() -> None:
+        raise DatasetFetchError("Could not fetch the fraud dataset. Check network.")
+
+    monkeypatch.setattr("sample_app.data.fetch_dataset", fetch_dataset)
+
+    result = invoke("--model", str(fraud_model), "--work-dir", str(tmp_path / "work"))
+
+    output = flat(result.output)
+    assert result.exit_code == 1, result.output
+    assert "Could not fetch the fraud dataset. Check network, or pass a copy" in output
+    assert "--data FILE" in output
+    assert isinstance(result.exception, SystemExit)
