@@ -244,7 +244,7 @@ def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:
 def _check_model(model: Path | None) -> None:
     """Raise a usage error when no --model is given and no model was trained yet.
 
-    It is the error of a --model FILE that does not exist, with exit code 2.
+    Its exit code is 2, as for a --model FILE that does not exist.
     """
     from sample_app.scoring import default_model_path
 

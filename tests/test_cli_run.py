@@ -540,7 +540,7 @@ def line_count(path: Path) -> int:
 def test_stopped_run_counts_fraud_of_written(tmp_path: Path, fraud_model: Path) -> None:
     work = tmp_path / "work"
     with running_cli(tmp_path, fraud_model) as process:
-        # Past the first two records labelled fraud, rows 542 and 624.
+        # Past the first two records labelled fraud, the 542nd and the 624th.
         wait_for(lambda: line_count(work / "output.jsonl") >= 1000)
         process.send_signal(signal.SIGTERM)
 

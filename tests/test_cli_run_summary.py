@@ -1,4 +1,4 @@
-"""The summary of `agogosml run`: lost records apart from unfinished ones; fraud."""
+"""The summary of `agogosml run`: lost records apart from records not finished."""
 
 from __future__ import annotations
 
