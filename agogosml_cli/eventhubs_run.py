@@ -134,6 +134,12 @@ class EventHubsBackend:
         """
         return None
 
+    def delete_created(self, console: Console) -> None:
+        """Delete nothing, because the run creates no event hubs.
+
+        The reader's checkpoint container is kept too.
+        """
+
 
 def _producer(settings: EventHubSettings, hub: str) -> EventHubProducerClient:
     return EventHubProducerClient.from_connection_string(

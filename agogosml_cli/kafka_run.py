@@ -14,7 +14,13 @@ from typing import Any
 
 import click
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
@@ -33,6 +39,9 @@ _TIMEOUT_SECONDS = 30.0
 #: Limit of each broker request of the count after a run stopped early, which
 #: may have stopped because the broker is gone.
 _COUNT_TIMEOUT_SECONDS = 10.0
+#: Limit of the deletion of a run's topics, which may come after the broker
+#: is gone.
+_DELETE_TIMEOUT_SECONDS = 10.0
 
 #: Start offset of each partition of each topic, where the run's records begin.
 StartOffsets = dict[str, dict[int, int]]
@@ -50,10 +59,12 @@ class KafkaBackend:
         self._config = settings.client_config()
         self._start: StartOffsets = {}
         self._positions: dict[str, tuple[int, int]] = {}
+        #: Topics that `prepare` created, also when it failed after that.
+        self.created: list[str] = []
 
     def prepare(self, input_path: Path, count: int, console: Console) -> None:
         """Create missing topics, skip older records, and produce the input."""
-        self._start = prepare_topics(self._config, self.topics)
+        self._start = prepare_topics(self._config, self.topics, self.created)
         skip_older_input(self._config, self.group_id, self.topics, self._start)
         console.print(f"Producing {count} records to topic {self.topics.input} ...")
         self._positions = produce_file(self._config, self.topics.input, input_path)
@@ -109,6 +120,25 @@ class KafkaBackend:
         """Return a consumer of the output and dead-letter records of this run."""
         return OutputConsumer(self._config, self.topics, self._start)
 
+    def delete_created(self, console: Console) -> None:
+        """Delete the run-specific topics that `prepare` created, and print them.
+
+        Topics that existed before, or that the user named, are kept. A Ctrl-C
+        during the deletion stops it and is not raised again.
+        """
+        names = [name for name in self.created if name in self.topics.run_specific]
+        if not names:
+            return
+        try:
+            failures = delete_topics(self._config, names)
+        except KeyboardInterrupt:
+            failures = dict.fromkeys(names, "interrupted")
+        if failures:
+            message = _left_topics_message(self._config, failures)
+        else:
+            message = f"Deleted the topics that this run created: {', '.join(names)}"
+        console.print(message, soft_wrap=True, markup=False, highlight=False)
+
 
 def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
     bootstrap = config["bootstrap.servers"]
@@ -126,11 +156,15 @@ def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
     )
 
 
-def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
+def prepare_topics(
+    config: dict[str, Any], topics: RunTopics, created: list[str]
+) -> StartOffsets:
     """Create the topics that do not exist; return where this run's records start.
 
     A created topic starts at offset 0. A topic that exists starts at its
-    current end, so records of earlier runs are not counted.
+    current end, so records of earlier runs are not counted. The name of
+    each topic created is appended to `created`, also when creating another
+    one fails.
     """
     try:
         admin = AdminClient({**config, **_QUIET})
@@ -151,7 +185,7 @@ def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
         if name not in existing
     ]
     if missing:
-        _create_topics(admin, missing, config["bootstrap.servers"])
+        _create_topics(admin, missing, config["bootstrap.servers"], created)
     start: StartOffsets = {
         topic.topic: dict.fromkeys(range(topic.num_partitions), 0) for topic in missing
     }
@@ -161,17 +195,69 @@ def prepare_topics(config: dict[str, Any], topics: RunTopics) -> StartOffsets:
     return start
 
 
-def _create_topics(admin: AdminClient, topics: list[NewTopic], bootstrap: str) -> None:
+def _create_topics(
+    admin: AdminClient, topics: list[NewTopic], bootstrap: str, created: list[str]
+) -> None:
     futures = admin.create_topics(topics, operation_timeout=_TIMEOUT_SECONDS)
+    failures: dict[str, KafkaException] = {}
     for name, future in futures.items():
         try:
             future.result(60)
         except KafkaException as exc:
-            raise RuntimeError(
-                f"cannot create topic {name!r} on {bootstrap}: {exc}; create it "
-                "yourself and name it with --input-topic, --output-topic or "
-                "--dead-letter-topic"
-            ) from exc
+            failures[name] = exc
+        else:
+            created.append(name)
+    if failures:
+        name, error = next(iter(failures.items()))
+        raise RuntimeError(
+            f"cannot create topic {name!r} on {bootstrap}: {error}; create it "
+            "yourself and name it with --input-topic, --output-topic or "
+            "--dead-letter-topic"
+        ) from error
+
+
+def delete_topics(config: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Delete topics; return the reason for each topic that was not deleted.
+
+    A topic that no longer exists counts as deleted.
+    """
+    admin = AdminClient({**config, **_QUIET})
+    futures = admin.delete_topics(
+        names,
+        operation_timeout=_DELETE_TIMEOUT_SECONDS,
+        request_timeout=_DELETE_TIMEOUT_SECONDS,
+    )
+    failures: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(2 * _DELETE_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                failures[name] = exc.args[0].str()
+        except TimeoutError:
+            failures[name] = f"no reply within {2 * _DELETE_TIMEOUT_SECONDS:.0f} s"
+    return failures
+
+
+def _left_topics_message(config: dict[str, Any], failures: dict[str, str]) -> str:
+    """Name the topics that the run could not delete, and a command that does.
+
+    kafka-topics.sh reads --topic as a regular expression in which a comma
+    separates alternatives, so the dots in the names are escaped.
+    """
+    names = list(failures)
+    pattern = ",".join(name.replace(".", "\\.") for name in names)
+    command = (
+        f"kafka-topics.sh --bootstrap-server {config['bootstrap.servers']} "
+        f"--delete --if-exists --topic '{pattern}'"
+    )
+    if str(config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
+        command += " --command-config CLIENT.properties"
+    return (
+        f"Could not delete the topics that this run created "
+        f"({next(iter(failures.values()))}): {', '.join(names)}. Delete them "
+        f"with: {command}"
+    )
 
 
 def end_offsets(

@@ -62,16 +62,21 @@ class RunTopics:
     input: str
     output: str
     dead_letter: str
+    #: The topics named after the run id, which only this run uses.
+    run_specific: frozenset[str] = frozenset()
 
     @classmethod
     def for_run(cls, run_id: str, names: TopicNames) -> RunTopics:
         """Return the named topics, with run-specific names for the others."""
-        input_topic = names.input or f"agogosml-run-{run_id}-input"
-        return cls(
-            input=input_topic,
-            output=names.output or f"agogosml-run-{run_id}-output",
-            dead_letter=names.dead_letter or f"{input_topic}.dlq",
+        prefix = f"agogosml-run-{run_id}-"
+        input_topic = names.input or f"{prefix}input"
+        chosen = (
+            input_topic,
+            names.output or f"{prefix}output",
+            names.dead_letter or f"{input_topic}.dlq",
         )
+        run_specific = frozenset(name for name in chosen if name.startswith(prefix))
+        return cls(*chosen, run_specific=run_specific)
 
 
 @dataclass
@@ -180,6 +185,14 @@ class StreamBackend(Protocol):
 
     def committed_ids(self) -> set[str] | None:
         """Return the ids the reader finished and committed, or None if unknown."""
+
+    def delete_created(self, console: Console) -> None:
+        """Delete the run-specific topics that `prepare` created, and print them.
+
+        A run cannot resume from them, because every run produces its input
+        again. When the deletion fails, print the topics left and how to
+        delete them, and raise nothing.
+        """
 
 
 class OutputTally:
@@ -355,6 +368,20 @@ def _run_files(
 
 
 def _run_stream(
+    options: RunOptions,
+    records: InputRecords,
+    input_path: Path,
+    backend: StreamBackend,
+    console: Console,
+) -> RunSummary:
+    try:
+        return _stream(options, records, input_path, backend, console)
+    finally:
+        # Also after a failure or a Ctrl-C, and after the summary read the topics.
+        backend.delete_created(console)
+
+
+def _stream(
     options: RunOptions,
     records: InputRecords,
     input_path: Path,

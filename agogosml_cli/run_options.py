@@ -176,12 +176,14 @@ _OPTIONS = [
     click.option(
         "--input-topic",
         metavar="NAME",
-        help="Input topic or event hub. Default with Kafka: a new topic per run.",
+        help="Input topic or event hub. Default with Kafka: a new topic per run, "
+        "deleted when the run ends.",
     ),
     click.option(
         "--output-topic",
         metavar="NAME",
-        help="Output topic or event hub. Default with Kafka: a new topic per run.",
+        help="Output topic or event hub. Default with Kafka: a new topic per run, "
+        "deleted when the run ends.",
     ),
     click.option(
         "--dead-letter-topic",

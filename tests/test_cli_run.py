@@ -15,8 +15,10 @@ from typing import Any
 
 import orjson
 import pytest
+from broker import LocalKafkaBroker
 from click.testing import CliRunner
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
@@ -114,6 +116,12 @@ def test_run_through_kafka(
     assert summary["written"] == 2000
     assert summary["dead_lettered"] == 0
     assert summary["missing"] == 0
+    created = run_topics(summary)
+    assert created[0].startswith("agogosml-run-")
+    assert "Deleted the topics that this run created: " + ", ".join(created) in (
+        result.stderr
+    )
+    assert existing_topics(kafka_bootstrap, created) == []
 
 
 def read_summary(path: Path) -> dict[str, Any]:
@@ -123,6 +131,22 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 def flat(text: str) -> str:
     return " ".join(text.split())
+
+
+def run_topics(summary: dict[str, Any]) -> list[str]:
+    """Return the input, output and dead-letter topics named in a summary.
+
+    The dead-letter topic must be the default, `<input>.dlq`.
+    """
+    dead_letter: str = summary["dead_letter"]
+    return [dead_letter.removesuffix(".dlq"), summary["output"], dead_letter]
+
+
+def existing_topics(bootstrap: str, topics: list[str]) -> list[str]:
+    """Return those of `topics` that exist on the broker."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=30).topics
+    return [topic for topic in topics if topic in existing]
 
 
 @pytest.mark.slow
@@ -215,6 +239,7 @@ def test_run_reuses_named_topics(
     first = run(100, "first")
     second = run(150, "second")
 
+    # The run created the named topics, and keeps them for the next run.
     assert first["written"] == 100
     assert second["read"] == 150
     assert second["written"] == 150
@@ -224,6 +249,36 @@ def test_run_reuses_named_topics(
     # record was scored once.
     assert record_count(kafka_bootstrap, f"{prefix}-input", 3) == 250
     assert record_count(kafka_bootstrap, f"{prefix}-output", 3) == 250
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_run_keeps_existing_named_topic(
+    tmp_path: Path,
+    fraud_model: Path,
+    kafka_bootstrap: str,
+    kafka_topic_factory: Any,
+) -> None:
+    output = kafka_topic_factory(3)
+
+    result = run_cli(
+        "--kafka", kafka_bootstrap,
+        "--output-topic", output,
+        "--limit", "100",
+        "--model", str(fraud_model),
+        "--summary-json", str(tmp_path / "summary.json"),
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    input_topic, _, dead_letter = run_topics(read_summary(tmp_path / "summary.json"))
+    assert existing_topics(kafka_bootstrap, [input_topic, dead_letter]) == []
+    assert record_count(kafka_bootstrap, output, 3) == 100
+    assert f"Deleted the topics that this run created: {input_topic}, " in (
+        result.stderr
+    )
+    assert output not in result.stderr
 
 
 def test_run_rejects_missing_data_file(tmp_path: Path) -> None:
@@ -530,6 +585,42 @@ def test_kafka_run_interrupted_counts_committed(
     unaccounted = 20000 - summary["written"] - summary["dead_lettered"]
     assert summary["not_finished"] == unaccounted
     assert "up to the input reader's last committed offsets" in stdout
+    # The run counted the committed offsets, then deleted the topics it named
+    # after itself, and kept the output topic named on the command line.
+    input_topic, _, dead_letter = run_topics(summary)
+    assert existing_topics(kafka_bootstrap, [input_topic, dead_letter]) == []
+    assert existing_topics(kafka_bootstrap, [output]) == [output]
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_kafka_run_names_topics_left_on_broker_gone(
+    tmp_path: Path, fraud_model: Path
+) -> None:
+    output = f"broker-gone-{os.getpid()}-output"
+    with LocalKafkaBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        options = ("--kafka", bootstrap, "--output-topic", output)
+        with running_cli(
+            tmp_path, fraud_model, *options, "--stall-timeout-seconds", "3"
+        ) as process:
+            wait_for(lambda: output_count(bootstrap, output) >= 100, 120)
+            broker.stop()
+
+            _, stderr = process.communicate(timeout=180)
+
+    summary = read_summary(tmp_path / "summary.json")
+    input_topic, _, dead_letter = run_topics(summary)
+    message = flat(stderr)
+    # The exit code is the stalled run's.
+    assert process.returncode == 1, stderr
+    assert "no progress for 3 s" in summary["error"]
+    assert "Could not delete the topics that this run created (" in message
+    assert f"): {input_topic}, {dead_letter}. Delete them with: " in message
+    assert (
+        f"kafka-topics.sh --bootstrap-server {bootstrap} --delete --if-exists "
+        f"--topic '{input_topic},{input_topic}\\.dlq'"
+    ) in message
 
 
 def line_count(path: Path) -> int:

@@ -185,7 +185,7 @@ def test_kafka_extra_config_property_named() -> None:
     topics = RunTopics(input="in", output="out", dead_letter="in.dlq")
 
     with pytest.raises(click.UsageError) as caught:
-        kafka_run.prepare_topics(config, topics)
+        kafka_run.prepare_topics(config, topics, [])
 
     assert 'No such configuration property: "bogus"' in caught.value.message
     assert "KAFKA_EXTRA_CONFIG" in caught.value.message
@@ -815,3 +815,88 @@ def test_signal_during_service_start_waits_for_start() -> None:
 
     assert finished_block is True
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+# ---------------------------------------------------------------------------
+# Topics that a run creates and deletes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "run_specific"),
+    [
+        (
+            TopicNames(),
+            {
+                "agogosml-run-abc-input",
+                "agogosml-run-abc-output",
+                "agogosml-run-abc-input.dlq",
+            },
+        ),
+        (TopicNames(input="in"), {"agogosml-run-abc-output"}),
+        (
+            TopicNames(output="out"),
+            {"agogosml-run-abc-input", "agogosml-run-abc-input.dlq"},
+        ),
+        (TopicNames(input="in", output="out", dead_letter="dlq"), set()),
+    ],
+)
+def test_run_specific_topics(names: TopicNames, run_specific: set[str]) -> None:
+    topics = RunTopics.for_run("abc", names)
+
+    assert topics.run_specific == run_specific
+
+
+def deletion_message(backend: KafkaBackend) -> str:
+    output = io.StringIO()
+    backend.delete_created(Console(file=output, width=80))
+    return output.getvalue()
+
+
+def backend_with_created_topics(**values: Any) -> KafkaBackend:
+    """Return a backend that created its input and dead-letter topics and 'out'."""
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", **values)
+    topics = RunTopics.for_run("abc", TopicNames(output="out"))
+    backend = KafkaBackend(settings, topics, "abc")
+    backend.created.extend(
+        ["agogosml-run-abc-input", "out", "agogosml-run-abc-input.dlq"]
+    )
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("protocol", "extra"),
+    [("PLAINTEXT", ""), ("SSL", " --command-config CLIENT.properties")],
+)
+def test_deletion_failure_names_topics_left(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, extra: str
+) -> None:
+    monkeypatch.setattr(kafka_run, "_DELETE_TIMEOUT_SECONDS", 1.0)
+    backend = backend_with_created_topics(security_protocol=protocol)
+
+    message = deletion_message(backend)
+
+    assert message.count("\n") == 1
+    assert message.startswith("Could not delete the topics that this run created (")
+    assert message.endswith(
+        "): agogosml-run-abc-input, agogosml-run-abc-input.dlq. Delete them with: "
+        "kafka-topics.sh --bootstrap-server 127.0.0.1:1 --delete --if-exists "
+        f"--topic 'agogosml-run-abc-input,agogosml-run-abc-input\\.dlq'{extra}\n"
+    )
+
+
+def test_deletion_interrupted_names_topics_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def delete_topics(config: dict[str, Any], names: list[str]) -> dict[str, str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kafka_run, "delete_topics", delete_topics)
+    backend = backend_with_created_topics()
+
+    message = deletion_message(backend)
+
+    assert message.startswith(
+        "Could not delete the topics that this run created (interrupted): "
+        "agogosml-run-abc-input, agogosml-run-abc-input.dlq. "
+    )
