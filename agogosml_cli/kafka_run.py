@@ -131,6 +131,8 @@ class KafkaBackend:
             return
         try:
             failures = delete_topics(self._config, names)
+        except KafkaException as exc:
+            failures = dict.fromkeys(names, exc.args[0].str())
         except KeyboardInterrupt:
             failures = dict.fromkeys(names, "interrupted")
         if failures:
