@@ -200,15 +200,21 @@ def _run_until_signal(
     `make_options` takes the dataset path as `data_path`. Without `data`, the
     cached dataset is fetched first.
     """
+    from agogosml_cli.run import INTERRUPTS
+
     # SIGTERM ends the run like Ctrl-C, so the services it started are stopped.
-    received: list[int] = []
-
-    def interrupt(signum: int, frame: object) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    INTERRUPTS.signals.clear()
+    received = INTERRUPTS.signals
+    previous = {
+        signum: signal.signal(signum, INTERRUPTS.handle)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     console = Console(stderr=True)
+
+    def restore_handlers() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
     try:
         if data is None:
             data = _fetch_dataset(console)
@@ -223,7 +229,12 @@ def _run_until_signal(
             "is left running."
         )
         # 128 + the signal number, as a shell reports a process ended by it.
+        # The signals stay ignored, so that none cuts the exit short.
         sys.exit(128 + signum)
+    except BaseException:
+        restore_handlers()
+        raise
+    restore_handlers()
 
 
 def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:

@@ -485,32 +485,65 @@ def _services(first: ServiceProcess) -> Iterator[ServiceList]:
         started.interrupted = stop_services(started)
 
 
+@dataclass
+class Interrupts:
+    """The SIGINT and SIGTERM signals of a run, and whether its services stop now.
+
+    `handle` is the run's handler of both. The first signal raises
+    KeyboardInterrupt, which ends the run, and so does one while the services
+    stop, which kills them. A signal after they stopped is only recorded, so
+    that the summary of the run is still printed and written.
+    """
+
+    signals: list[int] = field(default_factory=list)
+    stopping: bool = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        """Record `signum`, and raise KeyboardInterrupt for the first signal.
+
+        A signal while the services stop raises it too, so they are killed.
+        """
+        self.signals.append(signum)
+        if len(self.signals) == 1 or self.stopping:
+            raise KeyboardInterrupt
+
+
+#: The signals of the current run, which `agogosml run` handles with `handle`.
+INTERRUPTS = Interrupts()
+
+
 def stop_services(services: list[ServiceProcess]) -> bool:
     """Stop the services, the last started first; return whether a signal came.
 
     Each stops gracefully. A Ctrl-C or SIGTERM while they stop, such as a
     second one after the Ctrl-C that ended the run, kills those still
-    running, so that none outlives the run. The run still counts what they
-    did. The services run in process groups of their own, so a terminal's
-    Ctrl-C does not reach them.
+    running, so that none outlives the run. So does a second signal that came
+    before they began to stop. The run still counts what they did. The
+    services run in process groups of their own, so a terminal's Ctrl-C does
+    not reach them.
     """
     try:
-        for service in reversed(services):
-            service.stop()
+        INTERRUPTS.stopping = True
+        if len(INTERRUPTS.signals) < 2:
+            for service in reversed(services):
+                service.stop()
+            return False
     except KeyboardInterrupt:
-        # A further signal must not cut the killing short.
-        previous = {
-            signum: signal.signal(signum, signal.SIG_IGN)
-            for signum in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            for service in services:
-                service.kill()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        return True
-    return False
+        pass
+    finally:
+        INTERRUPTS.stopping = False
+    # A further signal must not cut the killing short.
+    previous = {
+        signum: signal.signal(signum, signal.SIG_IGN)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for service in services:
+            service.kill()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return True
 
 
 def _follow(

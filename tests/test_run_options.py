@@ -36,6 +36,8 @@ from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
 from agogosml_cli.main import cli
 from agogosml_cli.run import (
+    INTERRUPTS,
+    Interrupts,
     OutputTally,
     RunOptions,
     RunSummary,
@@ -760,6 +762,33 @@ def test_interrupt_while_stopping_kills_every_service() -> None:
         "kill reader",
     ]
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_second_signal_before_the_stop_kills_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    services = [StoppingService("writer", events), StoppingService("app", events)]
+    monkeypatch.setattr(INTERRUPTS, "signals", [signal.SIGINT, signal.SIGINT])
+
+    interrupted = stop_services(services)  # type: ignore[arg-type]
+
+    assert interrupted is True
+    assert events == ["kill writer", "kill app"]
+    assert INTERRUPTS.stopping is False
+
+
+def test_signal_after_the_stop_only_recorded() -> None:
+    interrupts = Interrupts()
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.handle(signal.SIGINT, None)
+    interrupts.handle(signal.SIGINT, None)
+    interrupts.stopping = True
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.handle(signal.SIGTERM, None)
+
+    assert interrupts.signals == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
 
 
 @pytest.fixture
