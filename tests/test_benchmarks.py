@@ -188,9 +188,7 @@ def test_broker_problem_names_the_address():
 
 
 @pytest.mark.kafka
-def test_read_back_ends_with_a_dead_letter_written_twice(
-    kafka_bootstrap: str, tmp_path: Path
-):
+def test_read_back_ends_with_repeated_dead_letter(kafka_bootstrap: str, tmp_path: Path):
     topics = Topics(kafka_bootstrap)
     output = topics.create("collect-output", 1)
     dead_letter = topics.create("collect-dlq", 1)

@@ -1237,17 +1237,19 @@ async def test_integer_too_long_to_convert_400():
     assert writer.requests == []
 
 
-async def test_batch_invalid_record_per_item_400():
-    items = [
-        {"id": "in:0:0", "value": {"amount": 1}},
-        {"id": "in:0:1", "value": {"amount": -1}},
-        {"id": "in:0:2", "value": {"amount": 3}},
-    ]
+#: A batch whose second item has a negative amount.
+ONE_NEGATIVE_ITEMS = [
+    {"id": "in:0:0", "value": {"amount": 1}},
+    {"id": "in:0:1", "value": {"amount": -1}},
+    {"id": "in:0:2", "value": {"amount": 3}},
+]
 
+
+async def test_batch_invalid_record_per_item_400():
     async with stub_writer() as writer:
         async with model_app(reject_negative, writer.url) as client:
             response = await client.post(
-                "/batch", data=orjson.dumps(items), headers=JSON
+                "/batch", data=orjson.dumps(ONE_NEGATIVE_ITEMS), headers=JSON
             )
             body = await response.json()
 
@@ -1269,15 +1271,11 @@ def raise_on_negative(values: list[Any]) -> list[Any]:
 
 
 async def test_raised_invalid_record_rejects_only_its_value(caplog):
-    items = [
-        {"id": "in:0:0", "value": {"amount": 1}},
-        {"id": "in:0:1", "value": {"amount": -1}},
-        {"id": "in:0:2", "value": {"amount": 3}},
-    ]
-
     async with stub_writer() as writer:
         async with model_app(raise_on_negative, writer.url) as client:
-            batch = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+            batch = await client.post(
+                "/batch", data=orjson.dumps(ONE_NEGATIVE_ITEMS), headers=JSON
+            )
             body = await batch.json()
             single = await client.post("/", data=b'{"amount": -5}', headers=JSON)
             single_body = await single.json()
