@@ -271,8 +271,8 @@ def _render(directory: Path, bundle: Path, answers: dict[str, Any], tag: str) ->
 def _commit_first_render(project: Path, name: str, tag: str) -> Outcome:
     if not _inside_work_tree(project):
         run_git(["init", "--quiet", "--initial-branch=main"], project)
-    # NOTE: a project directory that the enclosing repository ignores stages
-    # nothing here, so its commit fails; that case has no test.
+    # NOTE: git add rejects a project directory that the enclosing repository
+    # ignores, so generate then fails with git's error; no test covers it.
     run_git(["add", "--all", "--", "."], project)
     changed = _lines(run_git(["diff", "--cached", "--name-only", "--", "."], project))
     identity: dict[str, str] = {}
