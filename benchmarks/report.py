@@ -278,7 +278,7 @@ def targets_table(document: dict[str, Any]) -> Table:
             target["figure"],
             target["target"],
             _number(target["measured"], 2),
-            _met_text(target["met"]).replace("no", "NO"),
+            "NO" if target["met"] is False else _met_text(target["met"]),
         )
     return table
 

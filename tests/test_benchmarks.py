@@ -10,7 +10,13 @@ from rich.console import Console
 
 from benchmarks.hops import measure
 from benchmarks.kafka_io import Tally, Topics, broker_problem
-from benchmarks.report import RESULTS_END, RESULTS_START, summarise, update_docs
+from benchmarks.report import (
+    RESULTS_END,
+    RESULTS_START,
+    summarise,
+    targets_table,
+    update_docs,
+)
 from benchmarks.sampler import Series
 from benchmarks.suite import (
     LatencyRun,
@@ -169,6 +175,9 @@ def test_unmeasured_targets_are_neither_met_nor_missed():
     )
 
     assert {target["met"] for target in document["targets"]} == {None}
+    console = Console(width=120, record=True)
+    console.print(targets_table(document))
+    assert console.export_text().count("not measured") == len(document["targets"])
 
 
 def test_dead_letters_count_as_missing():
