@@ -123,23 +123,43 @@ class KafkaBackend:
     def delete_created(self, console: Console) -> None:
         """Delete the run-specific topics that `prepare` created, and print them.
 
-        Topics that existed before, or that the user named, are kept. A Ctrl-C
+        Topics that existed before, or that the user named, are kept. The
+        reader's consumer group, new for each run, is deleted too. A Ctrl-C
         during the deletion stops it and is not raised again.
         """
         names = [name for name in self.created if name in self.topics.run_specific]
-        if not names:
-            return
-        try:
-            failures = delete_topics(self._config, names)
-        except KafkaException as exc:
-            failures = dict.fromkeys(names, exc.args[0].str())
-        except KeyboardInterrupt:
-            failures = dict.fromkeys(names, "interrupted")
-        if failures:
-            message = _left_topics_message(self._config, failures)
-        else:
-            message = f"Deleted the topics that this run created: {', '.join(names)}"
-        console.print(message, soft_wrap=True, markup=False, highlight=False)
+        # A failure to delete the topics, such as a broker that is gone or a
+        # Ctrl-C, would stop the group's deletion the same way, after as long.
+        failure: str | None = None
+        if names:
+            try:
+                failures = delete_topics(self._config, names)
+            except KafkaException as exc:
+                failures = dict.fromkeys(names, exc.args[0].str())
+            except KeyboardInterrupt:
+                failures = dict.fromkeys(names, "interrupted")
+            if failures:
+                message = _left_topics_message(self._config, failures)
+                failure = next(iter(failures.values()))
+            else:
+                message = (
+                    f"Deleted the topics that this run created: {', '.join(names)}"
+                )
+            console.print(message, soft_wrap=True, markup=False, highlight=False)
+        if failure is None:
+            try:
+                failure = delete_group(self._config, self.group_id)
+            except KafkaException as exc:
+                failure = exc.args[0].str()
+            except KeyboardInterrupt:
+                failure = "interrupted"
+        if failure:
+            console.print(
+                _left_group_message(self._config, self.group_id, failure),
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
 
 
 def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
@@ -239,6 +259,40 @@ def delete_topics(config: dict[str, Any], names: list[str]) -> dict[str, str]:
         except TimeoutError:
             failures[name] = f"no reply within {2 * _DELETE_TIMEOUT_SECONDS:.0f} s"
     return failures
+
+
+def delete_group(config: dict[str, Any], group_id: str) -> str | None:
+    """Delete a consumer group; return why it was not deleted, or None.
+
+    A group that does not exist counts as deleted: a run whose reader never
+    committed leaves none.
+    """
+    admin = AdminClient({**config, **_QUIET})
+    futures = admin.delete_consumer_groups(
+        [group_id], request_timeout=_DELETE_TIMEOUT_SECONDS
+    )
+    try:
+        futures[group_id].result(2 * _DELETE_TIMEOUT_SECONDS)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
+            return str(exc.args[0].str())
+    except TimeoutError:
+        return f"no reply within {2 * _DELETE_TIMEOUT_SECONDS:.0f} s"
+    return None
+
+
+def _left_group_message(config: dict[str, Any], group_id: str, failure: str) -> str:
+    """Name the consumer group that the run could not delete, and how to delete it."""
+    command = (
+        f"kafka-consumer-groups.sh --bootstrap-server {config['bootstrap.servers']} "
+        f"--delete --group {group_id}"
+    )
+    if str(config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
+        command += " --command-config CLIENT.properties"
+    return (
+        f"Could not delete the reader's consumer group {group_id} ({failure}). "
+        f"Delete it with: {command}"
+    )
 
 
 def _left_topics_message(config: dict[str, Any], failures: dict[str, str]) -> str:

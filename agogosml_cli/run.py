@@ -190,8 +190,9 @@ class StreamBackend(Protocol):
         """Delete the run-specific topics that `prepare` created, and print them.
 
         A run cannot resume from them, because every run produces its input
-        again. When the deletion fails, print the topics left and how to
-        delete them, and raise nothing.
+        again. A backend deletes the reader's consumer group of the run too,
+        where it made one. When a deletion fails, print what is left and how
+        to delete it, and raise nothing.
         """
 
 

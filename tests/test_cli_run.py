@@ -122,6 +122,16 @@ def test_run_through_kafka(
         result.stderr
     )
     assert existing_topics(kafka_bootstrap, created) == []
+    group = created[0].removesuffix("-input")
+    assert group not in consumer_groups(kafka_bootstrap)
+    assert "consumer group" not in result.stderr
+
+
+def consumer_groups(bootstrap: str) -> set[str]:
+    """Return the ids of the consumer groups on the broker."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    listing = admin.list_consumer_groups(request_timeout=30).result(60)
+    return {group.group_id for group in listing.valid}
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -903,14 +903,20 @@ def test_deletion_failure_names_topics_left(
     monkeypatch.setattr(kafka_run, "_DELETE_TIMEOUT_SECONDS", 1.0)
     backend = backend_with_created_topics(security_protocol=protocol)
 
-    message = deletion_message(backend)
+    topics, group = deletion_message(backend).splitlines()
 
-    assert message.count("\n") == 1
-    assert message.startswith("Could not delete the topics that this run created (")
-    assert message.endswith(
+    assert topics.startswith("Could not delete the topics that this run created (")
+    assert topics.endswith(
         "): agogosml-run-abc-input, agogosml-run-abc-input.dlq. Delete them with: "
         "kafka-topics.sh --bootstrap-server 127.0.0.1:1 --delete --if-exists "
-        f"--topic 'agogosml-run-abc-input,agogosml-run-abc-input\\.dlq'{extra}\n"
+        f"--topic 'agogosml-run-abc-input,agogosml-run-abc-input\\.dlq'{extra}"
+    )
+    assert group.startswith(
+        "Could not delete the reader's consumer group agogosml-run-abc ("
+    )
+    assert group.endswith(
+        "). Delete it with: kafka-consumer-groups.sh --bootstrap-server "
+        f"127.0.0.1:1 --delete --group agogosml-run-abc{extra}"
     )
 
 
@@ -923,9 +929,29 @@ def test_deletion_interrupted_names_topics_left(
     monkeypatch.setattr(kafka_run, "delete_topics", delete_topics)
     backend = backend_with_created_topics()
 
-    message = deletion_message(backend)
+    topics, group = deletion_message(backend).splitlines()
 
-    assert message.startswith(
+    assert topics.startswith(
         "Could not delete the topics that this run created (interrupted): "
         "agogosml-run-abc-input, agogosml-run-abc-input.dlq. "
     )
+    # The interrupt stops the group's deletion too, which is not tried.
+    assert group.startswith(
+        "Could not delete the reader's consumer group agogosml-run-abc (interrupted)."
+    )
+
+
+def test_group_deletion_failure_names_group_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka_run, "_DELETE_TIMEOUT_SECONDS", 1.0)
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    topics = RunTopics.for_run("abc", TopicNames(input="in", output="out"))
+
+    message = deletion_message(KafkaBackend(settings, topics, "abc"))
+
+    # No topic was created under the run's names, so only the group is left.
+    assert message.startswith(
+        "Could not delete the reader's consumer group agogosml-run-abc ("
+    )
+    assert message.count("\n") == 1
