@@ -53,6 +53,7 @@ from agogosml.envelope import child_traceparent
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
+    CASED_RECORD_HEADERS,
     MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
@@ -61,6 +62,7 @@ from agogosml.http import (
     content_type_problem,
     error_response,
     header_for_log,
+    header_spellings,
     http_error_middleware,
     is_repeated,
     is_utf8,
@@ -1228,12 +1230,42 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     if problem:
         raise _Reject(400, f"header X-Message-Key{problem}")
     record_headers = _record_headers(headers)
-    if record_headers:
-        item["headers"] = record_headers
     encodings = _header_encodings(headers, record_headers)
+    spellings = _header_spellings(headers)
+    if record_headers:
+        item["headers"] = {
+            spellings.get(name, name): value for name, value in record_headers.items()
+        }
     if encodings:
-        item["header_encodings"] = encodings
+        item["header_encodings"] = {
+            spellings.get(name, name): encoding for name, encoding in encodings.items()
+        }
     return item
+
+
+def _header_spellings(headers: Any) -> dict[str, str]:
+    """Return the record header names that `CASED_RECORD_HEADERS` lists, by lower case.
+
+    The writer takes a batch element's header names as they are spelled, so
+    the app restores the spelling of a ``POST /`` request's record headers.
+    """
+    if CASED_RECORD_HEADERS not in headers:
+        return {}
+    if is_repeated(headers, CASED_RECORD_HEADERS):
+        raise _Reject(
+            400,
+            f"header {CASED_RECORD_HEADERS} is sent more than once; list every "
+            "record header name that is not all lower case in one, separated "
+            "by commas",
+        )
+    listed = headers[CASED_RECORD_HEADERS]
+    if not is_utf8(listed):
+        raise _Reject(
+            400,
+            f"header {CASED_RECORD_HEADERS} is not valid UTF-8; list record "
+            "header names as UTF-8 text",
+        )
+    return header_spellings(listed)
 
 
 def _header_encodings(headers: Any, record_headers: dict[str, str]) -> dict[str, str]:

@@ -28,7 +28,11 @@ _ZERO_SPAN = "0" * 16
 
 
 class HttpHeaders(NamedTuple):
-    """Record headers as text for HTTP: values by name, and which are base64."""
+    """Record headers as text for HTTP: values by name, and which are base64.
+
+    Names keep their spelling. Of names that differ only in case, which HTTP
+    treats as one, the last one counts.
+    """
 
     values: dict[str, str]
     base64_names: list[str]
@@ -39,6 +43,10 @@ class HttpHeaders(NamedTuple):
             if not _TOKEN.fullmatch(name):
                 return name
         return None
+
+    def cased_names(self) -> list[str]:
+        """Return the names that are not all lower case, which HTTP may fold."""
+        return [name for name in self.values if name != name.lower()]
 
 
 def _header_text(raw: bytes) -> str | None:
@@ -161,19 +169,20 @@ class Envelope:
         ]
 
     def http_headers(self) -> HttpHeaders:
-        """Return the record headers by lower-case name, as text that HTTP carries.
+        """Return the record headers by name, as text that HTTP carries.
 
         A value that is UTF-8 text without control characters or surrounding
         whitespace goes as it is. Any other value, binary data included, is
         base64-encoded and its name listed in `base64_names`, so that it fits
         in an ``X-Record-Header-<name>`` request header unchanged. An output
-        record has one value per name, so the last value of a repeated name
-        wins. A header with an empty name is left out.
+        record has one value per name, and HTTP does not tell names apart by
+        case, so of names equal but for case the last one and its value win.
+        A header with an empty name is left out.
         """
         if not self.headers:
             return HttpHeaders({}, [])
-        values = {}
-        encoded = set()
+        # By lower-case name: the name as spelled, its text, whether base64.
+        latest: dict[str, tuple[str, str, bool]] = {}
         for name, raw in self.headers:
             if not name:
                 # NOTE: a header without a name stays behind: no request
@@ -182,12 +191,12 @@ class Envelope:
             lowered = name.lower()
             text = _header_text(raw)
             if text is None:
-                values[lowered] = base64.b64encode(raw).decode("ascii")
-                encoded.add(lowered)
+                latest[lowered] = (name, base64.b64encode(raw).decode("ascii"), True)
             else:
-                values[lowered] = text
-                encoded.discard(lowered)
-        return HttpHeaders(values, sorted(encoded))
+                latest[lowered] = (name, text, False)
+        values = {name: text for name, text, _ in latest.values()}
+        encoded = sorted(name for name, _, is_base64 in latest.values() if is_base64)
+        return HttpHeaders(values, encoded)
 
     def key_text(self) -> tuple[str | None, bool]:
         """Return the key as text and whether it had to be base64-encoded.

@@ -243,13 +243,33 @@ IDLE_TIMEOUT_SECONDS = 75.0
 BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 
 
+#: Request header that lists, separated by commas, the record headers whose
+#: names are not all lower case, as the record spells them. HTTP does not
+#: tell header names apart by case, and HTTP/2 carries them only in lower
+#: case, so a proxy on the way may fold them. An
+#: ``X-Record-Header-<name>`` that this header does not list is written under
+#: its lower-case name.
+CASED_RECORD_HEADERS = "X-Cased-Record-Headers"
+
+
 def listed_header_names(value: str) -> list[str]:
     """Return the record header names of a `BASE64_RECORD_HEADERS` value.
 
-    Names are lower-cased, like the record headers, and sorted, without
-    repeats or empty entries.
+    Names are lower-cased, because the names of ``X-Record-Header-<name>``
+    headers are compared in lower case, and sorted, without repeats or empty
+    entries.
     """
     return sorted({name.strip().lower() for name in value.split(",") if name.strip()})
+
+
+def header_spellings(value: str) -> dict[str, str]:
+    """Return each name that a `CASED_RECORD_HEADERS` value lists, by its lower case.
+
+    Of names listed more than once in different cases, the last one counts.
+    """
+    return {
+        name.strip().lower(): name.strip() for name in value.split(",") if name.strip()
+    }
 
 
 def content_type_problem(request: web.Request) -> str:

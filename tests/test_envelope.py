@@ -139,16 +139,28 @@ def test_http_headers_text_and_base64():
 
     headers = envelope.http_headers()
 
+    # Of names that differ only in case the last spelling and value count.
     assert headers.values == {
-        "source-system": "pos-7",
-        "region": "us",
+        "Source-System": "pos-7",
+        "Region": "us",
         "binary": "/wA=",
         "multi-line": "YQ0KYg==",
         "utf8": "café",
         "padded": "ICBwYWQgIA==",
     }
     assert headers.base64_names == ["binary", "multi-line", "padded"]
+    assert headers.cased_names() == ["Source-System", "Region"]
     assert headers.non_token_name() is None
+
+
+def test_http_headers_base64_names_keep_spelling():
+    envelope = Envelope(value=b"{}", headers=[("Raw-Id", b"\xff"), ("ok", b"1")])
+
+    headers = envelope.http_headers()
+
+    assert headers.values == {"Raw-Id": "/w==", "ok": "1"}
+    assert headers.base64_names == ["Raw-Id"]
+    assert headers.cased_names() == ["Raw-Id"]
 
 
 def test_http_headers_last_value_sets_encoding():

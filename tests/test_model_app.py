@@ -301,6 +301,30 @@ async def test_single_record_headers_forwarded():
     assert "header_encodings" not in element
 
 
+async def test_single_record_headers_keep_listed_spelling():
+    headers = {
+        **JSON,
+        "X-Record-Header-correlationid": "c-1",
+        "X-Record-Header-raw-bytes": "/wA=",
+        "X-Record-Header-region": "eu",
+        "X-Base64-Record-Headers": "raw-bytes",
+        "X-Cased-Record-Headers": "correlationId, Raw-Bytes, Unsent",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (element,) = writer.requests[0].json()
+    assert element["headers"] == {
+        "correlationId": "c-1",
+        "Raw-Bytes": "/wA=",
+        "region": "eu",
+    }
+    assert element["header_encodings"] == {"Raw-Bytes": "base64"}
+
+
 async def test_single_base64_record_headers_forwarded():
     headers = {
         **JSON,

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -70,7 +71,7 @@ def test_dataset_records_all_arrive(
         reader_env={"READER_BATCH_MAX_MESSAGES": "20"},
     )
     schema_id = b"\x00\x00\x01\xff"
-    headers = [("source-system", b"pos-7"), ("schema-id", schema_id)]
+    headers = [("Source-System", b"pos-7"), ("schemaId", schema_id)]
     pipeline.produce(records, key_field="transaction_id", headers=headers)
 
     pipeline.start()
@@ -82,11 +83,38 @@ def test_dataset_records_all_arrive(
     assert len(output.dead_letters) == 0
     assert output.duplicates() == 0
     assert all(0.0 <= value["fraud_probability"] <= 1.0 for value in output.values)
-    assert all(headers["source-system"] == b"pos-7" for headers in output.headers)
-    assert all(headers["schema-id"] == schema_id for headers in output.headers)
+    assert all(headers["Source-System"] == b"pos-7" for headers in output.headers)
+    assert all(headers["schemaId"] == schema_id for headers in output.headers)
     wait_until(
         lambda: sum(pipeline.committed(3)) == len(records), 15, "commit of all offsets"
     )
+
+
+def test_record_headers_keep_their_names_one_message_per_request(
+    pipeline_factory: PipelineFactory, fraud_model: Path
+) -> None:
+    from sample_app.data import fetch_dataset, iter_transactions
+
+    records = list(iter_transactions(fetch_dataset().path, limit=200))
+    pipeline = pipeline_factory(
+        app_module="sample_app.app",
+        app_env={"SAMPLE_APP_MODEL_PATH": str(fraud_model)},
+    )
+    headers = [
+        ("Source-System", b"pos-7"),
+        ("correlationId", b"c-1"),
+        ("Raw-Bytes", b"\xff\x00"),
+        ("region", b"eu"),
+    ]
+    pipeline.produce(records, key_field="transaction_id", headers=headers)
+
+    pipeline.start()
+    output = pipeline.read_output(len(records), timeout_seconds=120)
+
+    assert len(output.values) == len(records)
+    assert output.dead_letters == []
+    expected = {**dict(headers), "message-id": ANY, "traceparent": ANY}
+    assert all(headers == expected for headers in output.headers)
 
 
 def test_app_outage_loses_nothing(

@@ -334,13 +334,14 @@ async def test_record_headers_sent_to_app(batch_max_messages):
 
     (received,) = app.requests
     if batch_max_messages == 1:
-        assert received.headers["X-Record-Header-source-system"] == "pos-7"
+        assert received.headers["X-Record-Header-Source-System"] == "pos-7"
         assert received.headers["X-Record-Header-binary"] == "/w=="
         assert received.headers["X-Base64-Record-Headers"] == "binary"
+        assert received.headers["X-Cased-Record-Headers"] == "Source-System"
         assert received.headers["X-Message-Id"] == "m-1"
     else:
         (item,) = received.json()
-        assert item["headers"] == {"source-system": "pos-7", "binary": "/w=="}
+        assert item["headers"] == {"Source-System": "pos-7", "binary": "/w=="}
         assert item["header_encodings"] == {"binary": "base64"}
         assert item["id"] == "m-1"
 

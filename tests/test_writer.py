@@ -145,6 +145,30 @@ async def test_post_one_base64_record_header():
     assert ("model-version", b"3") in record.headers
 
 
+async def test_post_one_record_headers_keep_listed_spelling():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Record-Header-correlationid": "c-1",
+        "X-Record-Header-Trace-Bytes": "/wAB",
+        "X-Record-Header-Model-Version": "3",
+        "X-Base64-Record-Headers": "trace-bytes",
+        "X-Cased-Record-Headers": "correlationId,Trace-Bytes,Not-Sent",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    # An unlisted name is written in lower case, whatever its case in HTTP.
+    assert sorted(record.headers) == [
+        ("Trace-Bytes", b"\xff\x00\x01"),
+        ("correlationId", b"c-1"),
+        ("model-version", b"3"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("headers", "problem"),
     [

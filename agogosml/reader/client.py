@@ -22,6 +22,7 @@ from agogosml.envelope import Envelope
 from agogosml.errors import is_retriable_status
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
+    CASED_RECORD_HEADERS,
     Readiness,
     check_readiness,
     read_start,
@@ -250,6 +251,9 @@ class AppClient:
             headers[RECORD_HEADER_PREFIX + name] = value
         if record_headers.base64_names:
             headers[BASE64_RECORD_HEADERS] = ",".join(record_headers.base64_names)
+        cased = record_headers.cased_names()
+        if cased:
+            headers[CASED_RECORD_HEADERS] = ",".join(cased)
         problem = _oversized_header(headers)
         if problem is not None:
             return problem

@@ -27,6 +27,7 @@ from agogosml.exact_json import json_type
 from agogosml.hooks import load_hook
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
+    CASED_RECORD_HEADERS,
     MAX_BODY_BYTES,
     add_health_routes,
     bearer_auth_middleware,
@@ -34,6 +35,7 @@ from agogosml.http import (
     content_type_problem,
     error_response,
     header_for_log,
+    header_spellings,
     http_error_middleware,
     is_repeated,
     is_utf8,
@@ -346,7 +348,11 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
         key=_decode_key(
             _utf8_header(headers, "X-Message-Key"), encoding, "header X-Message-Key"
         ),
-        headers=_record_headers(headers, _base64_header_names(headers)),
+        headers=_record_headers(
+            headers,
+            _base64_header_names(headers),
+            header_spellings(_utf8_header(headers, CASED_RECORD_HEADERS) or ""),
+        ),
         id=_utf8_header(headers, "X-Message-Id") or "",
         traceparent=child_traceparent(headers.get("traceparent", "")),
     )
@@ -376,10 +382,13 @@ def _base64_header_names(headers: Any) -> set[str]:
     return set(listed_header_names(_utf8_header(headers, BASE64_RECORD_HEADERS) or ""))
 
 
-def _record_headers(headers: Any, base64_names: set[str]) -> list[tuple[str, bytes]]:
+def _record_headers(
+    headers: Any, base64_names: set[str], spellings: dict[str, str]
+) -> list[tuple[str, bytes]]:
     """Return the ``X-Record-Header-<name>`` request headers as record headers.
 
-    The values of the headers in `base64_names` are decoded from base64.
+    The values of the headers in `base64_names` are decoded from base64. A
+    name is written as `spellings` spells it, else in lower case.
     """
     unmatched = set(base64_names)
     record_headers = []
@@ -414,7 +423,7 @@ def _record_headers(headers: Any, base64_names: set[str]) -> list[tuple[str, byt
             unmatched.discard(record_name)
             raw = _decode_header_value(raw, f"header {name}")
         if record_name not in RESERVED_HEADERS:
-            record_headers.append((record_name, raw))
+            record_headers.append((spellings.get(record_name, record_name), raw))
     if unmatched:
         missing = ", ".join(sorted(unmatched))
         raise BadRequest(
