@@ -178,7 +178,10 @@ class AppSettings(BaseSettings):
         description="APP_MAX_BODY_BYTES: largest request body accepted, in bytes.",
     )
     log_level: LogLevel = Field(
-        "INFO", description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR, any case."
+        "INFO",
+        description="APP_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR, any case. "
+        "Below DEBUG, the messages of logged exceptions are left out, because "
+        "they may quote message bodies.",
     )
     shutdown_timeout_ms: int = Field(
         30000,
@@ -229,6 +232,7 @@ class ModelApp:
         name: str = "model app",
         score_in_thread: bool = True,
         extra_settings: Sequence[type[BaseSettings]] = (),
+        invalid_input_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         """Wrap `score`, a function or coroutine function from values to results.
 
@@ -243,8 +247,17 @@ class ModelApp:
         each with an ``env_prefix``. `run` logs a warning for a variable with
         one of their prefixes that is close to a field's name but names none,
         as it does for the ``APP_`` variables.
+
+        `invalid_input_errors` are the exception types that `score` raises for
+        a value it cannot score, such as the ``ValueError`` of a library that
+        checks its input. A value that raises one is rejected like an
+        `InvalidRecord`, with the exception as the reason: the reader
+        dead-letters it at once. Any other exception gets a 500, which the
+        reader retries, because the failure may be temporary, such as a
+        feature store that timed out.
         """
         _check_score_function(score)
+        self._invalid_input_errors = _checked_error_types(invalid_input_errors)
         self._score = score
         self._name = name
         self._extra_settings = tuple(extra_settings)
@@ -319,7 +332,7 @@ class ModelApp:
 
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
-        (result,) = await self._call_score([value])
+        (result,) = await self._call_score([value], [item.get("id")])
         _check_client_waits(request)
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
@@ -347,7 +360,9 @@ class ModelApp:
     async def _score_items(
         self, request: web.Request, items: list[dict[str, Any]]
     ) -> web.Response:
-        results = await self._score_batch([item["value"] for item in items])
+        results = await self._score_batch(
+            [item["value"] for item in items], [item.get("id") for item in items]
+        )
         _check_client_waits(request)
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
         outputs = self._encode_outputs(items, results, statuses)
@@ -445,14 +460,17 @@ class ModelApp:
             )
             statuses[index] = {"status": 422, "error": str(exc)}
 
-    async def _score_batch(self, values: list[Any]) -> list[Any]:
+    async def _score_batch(
+        self, values: list[Any], message_ids: list[Any]
+    ) -> list[Any]:
         """Score a batch, and each value alone when the batch raised.
 
         The value that makes the scoring function raise then fails alone,
         with a 500 as its result, and the other values of the batch go on.
+        `message_ids` are the values' ids, for the log.
         """
         try:
-            return await self._call_score(values)
+            return await self._call_score(values, message_ids)
         except _ScoringFailed as failure:
             if len(values) == 1:
                 raise
@@ -462,15 +480,20 @@ class ModelApp:
                 "the scoring function raised on a batch of %d values; scoring "
                 "each value alone to find the ones that fail",
                 len(values),
+                extra={"message_ids": message_ids[:20]},
             )
         results: list[Any] = []
+        failed_ids: list[Any] = []
         failures: list[_ScoringFailed] = []
-        for value in values:
+        for value, message_id in zip(values, message_ids, strict=True):
             try:
-                (result,) = await self._call_score([value], log_exceptions=False)
+                (result,) = await self._call_score(
+                    [value], [message_id], log_exceptions=False
+                )
             except _ScoringFailed as exc:
                 result = exc
                 failures.append(exc)
+                failed_ids.append(message_id)
             results.append(result)
         if failures:
             logger.warning(
@@ -478,12 +501,16 @@ class ModelApp:
                 "with 500, and the first error is in the error field",
                 len(failures),
                 len(values),
-                extra={"error": str(failures[0])},
+                extra={"error": str(failures[0]), "message_ids": failed_ids[:20]},
             )
         return results
 
     async def _call_score(
-        self, values: list[Any], *, log_exceptions: bool = True
+        self,
+        values: list[Any],
+        message_ids: list[Any],
+        *,
+        log_exceptions: bool = True,
     ) -> list[Any]:
         try:
             if self._scoring_thread is not None:
@@ -500,8 +527,16 @@ class ModelApp:
         # KeyboardInterrupt or SystemExit here comes from the user's code, such
         # as a library that calls sys.exit: a failed call, not a stop.
         except (Exception, KeyboardInterrupt, SystemExit) as exc:  # noqa: BLE001
+            if isinstance(exc, self._invalid_input_errors):
+                invalid = InvalidRecord(f"{type(exc).__name__}: {exc}")
+                if len(values) == 1:
+                    return [invalid]
+                raise _ScoringFailed(invalid) from None
             if log_exceptions:
-                logger.exception("the scoring function raised")
+                logger.exception(
+                    "the scoring function raised",
+                    extra={"message_ids": message_ids[:20]},
+                )
             raise _ScoringFailed(exc) from None
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
@@ -510,7 +545,10 @@ class ModelApp:
             # Raised by the scoring function itself, as by a task it awaited
             # that something else cancelled.
             if log_exceptions:
-                logger.exception("the scoring function raised")
+                logger.exception(
+                    "the scoring function raised",
+                    extra={"message_ids": message_ids[:20]},
+                )
             raise _ScoringFailed(exc) from None
         results = _result_list(returned)
         if len(results) != len(values):
@@ -946,6 +984,26 @@ def _check_score_function(score: object) -> None:
             f"list of values ({exc}); it must take the values of a request as its "
             "only required argument, as in def score(values): ..."
         ) from None
+
+
+def _checked_error_types(types: object) -> tuple[type[Exception], ...]:
+    """Return `invalid_input_errors` as a tuple, or raise TypeError naming the fix."""
+    if isinstance(types, type):
+        types = (types,)
+    if not isinstance(types, tuple | list):
+        raise TypeError(
+            f"invalid_input_errors must be a tuple of exception types, got "
+            f"{type(types).__name__} {types!r}: pass, for example, "
+            "invalid_input_errors=(ValueError,)"
+        )
+    for item in types:
+        if not (isinstance(item, type) and issubclass(item, Exception)):
+            raise TypeError(
+                f"invalid_input_errors contains {item!r}, which is not an "
+                "exception type: list classes such as ValueError, not instances "
+                "or names"
+            )
+    return tuple(types)
 
 
 def _result_list(returned: object) -> list[Any]:

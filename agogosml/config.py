@@ -955,7 +955,10 @@ class _ServiceSettings(BaseSettings):
         description="Address the HTTP server listens on (0.0.0.0 in containers).",
     )
     log_level: LogLevel = Field(
-        "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR, any case."
+        "INFO",
+        description="Log level: DEBUG, INFO, WARNING or ERROR, any case. Below "
+        "DEBUG, the messages of logged exceptions are left out, because they "
+        "may quote message bodies.",
     )
     shutdown_timeout_ms: int = Field(
         30000,

@@ -100,7 +100,9 @@ def traceback_without_messages(exc: BaseException) -> str:
 
     An exception's message may quote the message that failed, such as a value
     that a scoring function could not parse, so only the exception types and
-    the frames are kept, in the layout of Python's own tracebacks.
+    the frames are kept, in the layout of Python's own tracebacks. An
+    `OSError`, such as a refused connection, keeps its message: it names an
+    address or a file, which is what to fix.
     """
     chunks: list[str] = []
     _append_traceback(exc, chunks, set())
@@ -133,7 +135,12 @@ def _append_traceback(exc: BaseException, chunks: list[str], seen: set[int]) -> 
     name = type(exc).__qualname__
     if module not in ("builtins", "__main__"):
         name = f"{module}.{name}"
-    chunks.append(f"{name}: (message not logged)\n" if has_message else f"{name}\n")
+    if isinstance(exc, OSError):
+        chunks.extend(traceback.format_exception_only(exc))
+    elif has_message:
+        chunks.append(f"{name}: (message not logged)\n")
+    else:
+        chunks.append(f"{name}\n")
 
 
 class _ContentFilter(logging.Filter):

@@ -4,7 +4,12 @@ import logging
 import pytest
 
 from agogosml.errors import SinkError, SourceError
-from agogosml.logs import JsonFormatter, configure_logging, sink_error_fields
+from agogosml.logs import (
+    JsonFormatter,
+    configure_logging,
+    sink_error_fields,
+    traceback_without_messages,
+)
 
 
 def make_record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -116,3 +121,14 @@ def test_traceback_without_messages_below_debug(capsys):
     assert "direct cause of the following exception" in masked
     assert masked.endswith("\nRuntimeError: (message not logged)")
     assert full.endswith("RuntimeError: cannot score card-4111")
+
+
+def test_os_error_keeps_its_message_below_debug():
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9000)")
+    except ConnectionRefusedError as exc:
+        text = traceback_without_messages(exc)
+
+    assert text.endswith(
+        "\nConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 9000)"
+    )

@@ -130,11 +130,16 @@ async def model_app(
     writer_url: str,
     *,
     score_in_thread: bool = True,
+    invalid_input_errors: tuple[type[Exception], ...] = (),
     **settings: Any,
 ) -> AsyncIterator[TestClient]:
     """Serve a ModelApp around `score` that forwards to `writer_url`."""
     app_settings = AppSettings(writer_url=writer_url, **settings)
-    model = ModelApp(score, score_in_thread=score_in_thread)
+    model = ModelApp(
+        score,
+        score_in_thread=score_in_thread,
+        invalid_input_errors=invalid_input_errors,
+    )
     async with model.running(app_settings) as app:
         async with TestClient(TestServer(app)) as client:
             yield client
@@ -1312,6 +1317,74 @@ async def test_raised_invalid_record_rejects_only_its_value(caplog):
     assert single.status == 400
     assert single_body["error"] == "amount -5 is negative"
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def parse_amounts(values: list[Any]) -> list[Any]:
+    return [{"score": float(value["amount"])} for value in values]
+
+
+async def test_invalid_input_error_rejects_only_its_value(caplog):
+    items = [
+        {"id": "in:0:0", "value": {"amount": "1.5"}},
+        {"id": "in:0:1", "value": {"amount": "abc"}},
+        {"id": "in:0:2", "value": {}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(
+            parse_amounts, writer.url, invalid_input_errors=(ValueError,)
+        ) as client:
+            batch = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+            body = await batch.json()
+            single = await client.post("/", data=b'{"amount": "x"}', headers=JSON)
+            single_body = await single.json()
+
+    invalid = "ValueError: could not convert string to float: 'abc'"
+    # The KeyError is not listed, so its value gets a 500 that the reader retries.
+    assert body["results"] == [
+        {"status": 200},
+        {"status": 400, "error": invalid},
+        {"status": 500, "error": "the scoring function raised KeyError('amount')"},
+    ]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:0"]
+    assert single.status == 400
+    assert single_body["error"] == (
+        "ValueError: could not convert string to float: 'x'"
+    )
+    (warning,) = [r for r in caplog.records if "values alone" in r.getMessage()]
+    assert warning.message_ids == ["in:0:2"]
+
+
+async def test_scoring_error_log_names_message_id(caplog):
+    def broken(values: list[Any]) -> list[Any]:
+        raise RuntimeError("model not loaded")
+
+    headers = {**JSON, "X-Message-Id": "in:3:42"}
+
+    async with stub_writer() as writer:
+        async with model_app(broken, writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=headers)
+
+    assert response.status == 500
+    (record,) = [
+        r for r in caplog.records if r.getMessage() == ("the scoring function raised")
+    ]
+    assert record.message_ids == ["in:3:42"]
+
+
+@pytest.mark.parametrize(
+    ("errors", "expected"),
+    [
+        ("ValueError", "must be a tuple of exception types, got str 'ValueError'"),
+        ((ValueError, "KeyError"), "contains 'KeyError', which is not an exception"),
+        ((ValueError(),), "contains ValueError(), which is not an exception type"),
+    ],
+)
+def test_invalid_input_errors_checked(errors, expected):
+    with pytest.raises(TypeError) as error:
+        ModelApp(double_amount, invalid_input_errors=errors)
+
+    assert expected in str(error.value)
 
 
 @pytest.mark.parametrize(
