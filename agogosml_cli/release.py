@@ -671,8 +671,9 @@ def _target_options(function: Callable[..., None]) -> Callable[..., None]:
             default=300,
             show_default=True,
             help="How long helm waits for the pods to become ready, in seconds, "
-            f"at most {MAX_TIMEOUT_SECONDS} (a day). --atomic rolls the release "
-            "back after that.",
+            f"at most {MAX_TIMEOUT_SECONDS} (a day). An upgrade that runs with "
+            "--atomic is rolled back after that; the switch of rollback runs "
+            "without it and stays.",
         ),
     ]
     for option in reversed(options):
@@ -786,8 +787,8 @@ def promote(
     "--no-wait",
     "no_wait",
     is_flag=True,
-    help="switch the app Service at once, without waiting for any pod to become "
-    "ready: for a slot so broken that the release's pods never all become ready",
+    help="Switch the app Service at once, without waiting for any pod to become "
+    "ready. For a slot so broken that the release's pods never all become ready.",
 )
 def rollback(
     dry_run: bool,
