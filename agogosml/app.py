@@ -30,6 +30,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -72,7 +73,16 @@ from agogosml.http import (
     read_start,
     start_site,
 )
-from agogosml.metrics import IN_FLIGHT, MESSAGES_IN, MESSAGES_OUT, REJECTED_REQUESTS
+from agogosml.metrics import (
+    IN_FLIGHT,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    MODEL_INFO,
+    REJECTED_REQUESTS,
+    REQUEST_SECONDS,
+    SCORE_SECONDS,
+    SCORED_VALUES,
+)
 from agogosml.runtime import run_service
 
 logger = logging.getLogger(__name__)
@@ -233,6 +243,7 @@ class ModelApp:
         score_in_thread: bool = True,
         extra_settings: Sequence[type[BaseSettings]] = (),
         invalid_input_errors: tuple[type[Exception], ...] = (),
+        model_version: str = "",
     ) -> None:
         """Wrap `score`, a function or coroutine function from values to results.
 
@@ -260,6 +271,7 @@ class ModelApp:
         self._invalid_input_errors = _checked_error_types(invalid_input_errors)
         self._score = score
         self._name = name
+        self._model_version = str(model_version)
         self._extra_settings = tuple(extra_settings)
         self._threaded = score_in_thread and not _is_coroutine_function(score)
         self._scoring_thread: _ScoringThread | None = None
@@ -332,7 +344,12 @@ class ModelApp:
 
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
-        (result,) = await self._call_score([value], [item.get("id")])
+        try:
+            (result,) = await self._call_score([value], [item.get("id")])
+        except _ScoringFailed:
+            SCORED_VALUES.labels(SERVICE, "failed").inc()
+            raise
+        _count_results([result])
         _check_client_waits(request)
         if isinstance(result, InvalidRecord):
             raise _Reject(400, result.reason)
@@ -470,11 +487,15 @@ class ModelApp:
         `message_ids` are the values' ids, for the log.
         """
         try:
-            return await self._call_score(values, message_ids)
+            scored = await self._call_score(values, message_ids)
         except _ScoringFailed as failure:
             if len(values) == 1:
+                SCORED_VALUES.labels(SERVICE, "failed").inc()
                 raise
             rejected = isinstance(failure.exception, InvalidRecord)
+        else:
+            _count_results(scored)
+            return scored
         if not rejected:
             logger.warning(
                 "the scoring function raised on a batch of %d values; scoring "
@@ -503,6 +524,7 @@ class ModelApp:
                 len(values),
                 extra={"error": str(failures[0]), "message_ids": failed_ids[:20]},
             )
+        _count_results(results)
         return results
 
     async def _call_score(
@@ -512,6 +534,8 @@ class ModelApp:
         *,
         log_exceptions: bool = True,
     ) -> list[Any]:
+        started = time.perf_counter()
+        outcome = "error"
         try:
             if self._scoring_thread is not None:
                 returned = await self._scoring_thread.call(self._score, values)
@@ -519,7 +543,9 @@ class ModelApp:
                 returned = self._score(values)
             if inspect.isawaitable(returned):
                 returned = await returned
+            outcome = "ok"
         except InvalidRecord as exc:
+            outcome = "invalid"
             if len(values) == 1:
                 return [exc]
             raise _ScoringFailed(exc) from None
@@ -528,6 +554,7 @@ class ModelApp:
         # as a library that calls sys.exit: a failed call, not a stop.
         except (Exception, KeyboardInterrupt, SystemExit) as exc:  # noqa: BLE001
             if isinstance(exc, self._invalid_input_errors):
+                outcome = "invalid"
                 invalid = InvalidRecord(f"{type(exc).__name__}: {exc}")
                 if len(values) == 1:
                     return [invalid]
@@ -550,6 +577,10 @@ class ModelApp:
                     extra={"message_ids": message_ids[:20]},
                 )
             raise _ScoringFailed(exc) from None
+        finally:
+            SCORE_SECONDS.labels(SERVICE, outcome).observe(
+                time.perf_counter() - started
+            )
         results = _result_list(returned)
         if len(results) != len(values):
             raise _Reject(
@@ -570,6 +601,7 @@ class ModelApp:
         assert self._session is not None
         url = self._writer_url + path
         headers = {"Content-Type": "application/json"}
+        started = time.perf_counter()
         try:
             async with self._session.post(
                 url, data=body, headers=headers, allow_redirects=False
@@ -577,6 +609,9 @@ class ModelApp:
                 if 200 <= response.status < 300:
                     start = await read_start(response.content, _WRITER_RESPONSE_BYTES)
                     _check_written(url, response.status, start, count)
+                    REQUEST_SECONDS.labels(SERVICE, "ok").observe(
+                        time.perf_counter() - started
+                    )
                     return
                 # Only the start of the error goes into the message, so a
                 # large body is not read in full.
@@ -584,16 +619,23 @@ class ModelApp:
                 text = start.decode("utf-8", "replace")
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError:
+            REQUEST_SECONDS.labels(SERVICE, "error").observe(
+                time.perf_counter() - started
+            )
             seconds = self._session.timeout.total
             raise _writer_unavailable(
                 f"output writer at {url} did not respond within {seconds:g} s "
                 "(APP_WRITER_TIMEOUT_MS); check that the writer and its sink work"
             ) from None
         except aiohttp.ClientError as exc:
+            REQUEST_SECONDS.labels(SERVICE, "error").observe(
+                time.perf_counter() - started
+            )
             reason = str(exc) or type(exc).__name__
             raise _writer_unavailable(
                 f"output writer at {url} is unreachable: {reason}"
             ) from None
+        REQUEST_SECONDS.labels(SERVICE, "error").observe(time.perf_counter() - started)
         error = _writer_error(self._writer_url, response.status, text)
         if error.status == 503 and response.status in (429, 503) and retry_after:
             # The reader then waits that long without using up an attempt.
@@ -700,6 +742,7 @@ class _Running:
             isolate=lambda exc: isinstance(exc, _Reject) and exc.status == 422,
         )
         self._watcher = asyncio.create_task(model_app._watch_writer())
+        MODEL_INFO.labels(SERVICE, model_app._name, model_app._model_version).set(1)
         return model_app.build_app(self._settings)
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -984,6 +1027,20 @@ def _check_score_function(score: object) -> None:
             f"list of values ({exc}); it must take the values of a request as its "
             "only required argument, as in def score(values): ..."
         ) from None
+
+
+def _count_results(results: list[Any]) -> None:
+    """Count the values of one request by their final outcome."""
+    failed = sum(1 for result in results if isinstance(result, _ScoringFailed))
+    invalid = sum(1 for result in results if isinstance(result, InvalidRecord))
+    scored = len(results) - failed - invalid
+    for outcome, count in (
+        ("scored", scored),
+        ("invalid", invalid),
+        ("failed", failed),
+    ):
+        if count:
+            SCORED_VALUES.labels(SERVICE, outcome).inc(count)
 
 
 def _checked_error_types(types: object) -> tuple[type[Exception], ...]:

@@ -50,6 +50,22 @@ SINK_SECONDS = Histogram(
     ["service"],
     buckets=_LATENCY_BUCKETS,
 )
+SCORE_SECONDS = Histogram(
+    "agogosml_score_duration_seconds",
+    "Duration of calls of the model app's scoring function, in seconds.",
+    ["service", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+SCORED_VALUES = Counter(
+    "agogosml_scored_values_total",
+    "Values passed to the model app's scoring function, by outcome.",
+    ["service", "outcome"],
+)
+MODEL_INFO = Gauge(
+    "agogosml_model_info",
+    "The model app's name and model version; the value is always 1.",
+    ["service", "name", "version"],
+)
 CONSUMER_LAG = Gauge(
     "agogosml_consumer_lag_messages",
     "Messages between the committed offset and the end of each partition.",

@@ -129,6 +129,7 @@ def main() -> None:
         name="fraud-scoring app",
         score_in_thread=False,
         extra_settings=[SampleAppSettings],
+        model_version=model.version,
     ).run()
 
 

@@ -1355,6 +1355,64 @@ async def test_invalid_input_error_rejects_only_its_value(caplog):
     assert warning.message_ids == ["in:0:2"]
 
 
+def app_sample(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, {"service": "app", **labels})
+    return value or 0.0
+
+
+async def test_metrics_count_values_and_time_scoring():
+    outcomes = ("scored", "invalid", "failed")
+    before = {
+        outcome: app_sample("agogosml_scored_values_total", outcome=outcome)
+        for outcome in outcomes
+    }
+    calls_before = app_sample("agogosml_score_duration_seconds_count", outcome="ok")
+    writes_before = app_sample("agogosml_request_duration_seconds_count", outcome="ok")
+    items = [
+        {"id": "in:0:0", "value": {"amount": "1.5"}},
+        {"id": "in:0:1", "value": {"amount": "abc"}},
+        {"id": "in:0:2", "value": {}},
+        {"id": "in:0:3", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        app_settings = AppSettings(writer_url=writer.url)
+        model = ModelApp(
+            parse_amounts,
+            name="amount parser",
+            invalid_input_errors=(ValueError,),
+            model_version="parse-2",
+        )
+        async with model.running(app_settings) as app:
+            async with TestClient(TestServer(app)) as client:
+                response = await client.post(
+                    "/batch", data=orjson.dumps(items), headers=JSON
+                )
+                text = await (await client.get("/metrics")).text()
+
+    assert response.status == 200
+    counted = {
+        outcome: app_sample("agogosml_scored_values_total", outcome=outcome)
+        - before[outcome]
+        for outcome in outcomes
+    }
+    assert counted == {"scored": 2, "invalid": 1, "failed": 1}
+    # The batch, then each of its four values alone: two calls returned results.
+    assert (
+        app_sample("agogosml_score_duration_seconds_count", outcome="ok") - calls_before
+        == 2
+    )
+    assert (
+        app_sample("agogosml_request_duration_seconds_count", outcome="ok")
+        - writes_before
+        == 1
+    )
+    assert (
+        'agogosml_model_info{name="amount parser",service="app",version="parse-2"} 1.0'
+        in text
+    )
+
+
 async def test_scoring_error_log_names_message_id(caplog):
     def broken(values: list[Any]) -> list[Any]:
         raise RuntimeError("model not loaded")

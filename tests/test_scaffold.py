@@ -1259,7 +1259,9 @@ def test_generate_python_template(kafka_project: Path) -> None:
 
     for name in expected:
         assert (kafka_project / name).is_file(), name
-    assert "ModelApp(score" in (kafka_project / "src/fraud_scoring/app.py").read_text()
+    app_source = (kafka_project / "src/fraud_scoring/app.py").read_text()
+    assert "ModelApp(\n        score,\n" in app_source
+    assert "model_version=MODEL_VERSION" in app_source
     answers = yaml.safe_load((kafka_project / ".copier-answers.yml").read_text())
     assert answers["_src_path"] == ".agogosml/template.bundle"
     assert answers["_commit"] == template_history.__version__
@@ -1967,6 +1969,7 @@ def test_helm_values_carry_manifest(fraud_project: Path) -> None:
     }
     assert values["reader"]["topics"] == ["transactions"]
     assert values["reader"]["groupId"] == "card-fraud"
+    assert values["reader"]["settings"] == {"READER_BATCH_MAX_MESSAGES": "100"}
     assert values["writer"]["topic"] == "scores"
     for slot in ("blue", "green"):
         image = values["app"]["slots"][slot]["image"]
