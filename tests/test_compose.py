@@ -67,6 +67,7 @@ def test_generated_compose_file_loads(generated_project: Path) -> None:
     assert reader.healthcheck is not None
     assert reader.healthcheck.interval_ns == 5_000_000_000
     assert reader.environment["READER_APP_URL"] == "http://app:8000"
+    assert reader.environment["READER_BATCH_MAX_MESSAGES"] == "100"
     assert project.services["app"].build is not None
     assert project.services["app"].build.context == generated_project.resolve()
 
