@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -224,6 +225,20 @@ class _Reject(Exception):
         self.retry_after: str | None = None
 
 
+class _ClientGone(_Reject):
+    """A 503 for a request whose client closed the connection during scoring."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "the client closed the connection before scoring finished, so the "
+            "results were not sent to the writer; if the client is the input "
+            "reader, raise READER_REQUEST_TIMEOUT_MS above the time that "
+            "scoring takes",
+            log_level=logging.WARNING,
+        )
+
+
 class _ScoringFailed(_Reject):
     """A 500 response for an exception that the scoring function raised."""
 
@@ -345,7 +360,9 @@ class ModelApp:
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
         try:
-            (result,) = await self._call_score([value], [item.get("id")])
+            (result,) = await self._call_score(
+                [value], [item.get("id")], functools.partial(_client_left, request)
+            )
         except _ScoringFailed:
             SCORED_VALUES.labels(SERVICE, "failed").inc()
             raise
@@ -378,7 +395,9 @@ class ModelApp:
         self, request: web.Request, items: list[dict[str, Any]]
     ) -> web.Response:
         results = await self._score_batch(
-            [item["value"] for item in items], [item.get("id") for item in items]
+            [item["value"] for item in items],
+            [item.get("id") for item in items],
+            functools.partial(_client_left, request),
         )
         _check_client_waits(request)
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
@@ -478,16 +497,17 @@ class ModelApp:
             statuses[index] = {"status": 422, "error": str(exc)}
 
     async def _score_batch(
-        self, values: list[Any], message_ids: list[Any]
+        self, values: list[Any], message_ids: list[Any], abandoned: Callable[[], bool]
     ) -> list[Any]:
         """Score a batch, and each value alone when the batch raised.
 
         The value that makes the scoring function raise then fails alone,
         with a 500 as its result, and the other values of the batch go on.
-        `message_ids` are the values' ids, for the log.
+        `message_ids` are the values' ids, for the log, and `abandoned` tells
+        whether the request's client left.
         """
         try:
-            scored = await self._call_score(values, message_ids)
+            scored = await self._call_score(values, message_ids, abandoned)
         except _ScoringFailed as failure:
             if len(values) == 1:
                 SCORED_VALUES.labels(SERVICE, "failed").inc()
@@ -509,7 +529,7 @@ class ModelApp:
         for value, message_id in zip(values, message_ids, strict=True):
             try:
                 (result,) = await self._call_score(
-                    [value], [message_id], log_exceptions=False
+                    [value], [message_id], abandoned, log_exceptions=False
                 )
             except _ScoringFailed as exc:
                 result = exc
@@ -531,6 +551,7 @@ class ModelApp:
         self,
         values: list[Any],
         message_ids: list[Any],
+        abandoned: Callable[[], bool],
         *,
         log_exceptions: bool = True,
     ) -> list[Any]:
@@ -538,12 +559,17 @@ class ModelApp:
         outcome = "error"
         try:
             if self._scoring_thread is not None:
-                returned = await self._scoring_thread.call(self._score, values)
+                returned = await self._scoring_thread.call(
+                    self._score, values, abandoned
+                )
             else:
                 returned = self._score(values)
             if inspect.isawaitable(returned):
                 returned = await returned
             outcome = "ok"
+        except _ClientGone:
+            outcome = "skipped"
+            raise
         except InvalidRecord as exc:
             outcome = "invalid"
             if len(values) == 1:
@@ -578,9 +604,10 @@ class ModelApp:
                 )
             raise _ScoringFailed(exc) from None
         finally:
-            SCORE_SECONDS.labels(SERVICE, outcome).observe(
-                time.perf_counter() - started
-            )
+            if outcome != "skipped":
+                SCORE_SECONDS.labels(SERVICE, outcome).observe(
+                    time.perf_counter() - started
+                )
         results = _result_list(returned)
         if len(results) != len(values):
             raise _Reject(
@@ -773,12 +800,21 @@ class _ScoringThread:
         self._thread.start()
 
     async def call(
-        self, function: Callable[[list[Any]], Any], values: list[Any]
+        self,
+        function: Callable[[list[Any]], Any],
+        values: list[Any],
+        abandoned: Callable[[], bool],
     ) -> Any:
-        """Run `function(values)` on the thread and return its result."""
+        """Run `function(values)` on the thread and return its result.
+
+        A call whose turn comes after `abandoned()` turned true, such as one
+        whose client closed the connection while it waited behind slower
+        calls, is not run: it raises `_ClientGone` instead, so an app under
+        overload does not spend its scoring thread on results nobody takes.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._calls.put((function, values, future, loop))
+        self._calls.put((function, values, future, loop, abandoned))
         return await future
 
     def close(self) -> None:
@@ -792,26 +828,34 @@ class _ScoringThread:
 
     def _run(self) -> None:
         while (item := self._calls.get()) is not None:
-            function, values, future, loop = item
-            self._running = True
-            try:
-                outcome: tuple[Any, BaseException | None] = (function(values), None)
-            except BaseException as exc:  # noqa: BLE001 - passed to the caller
-                outcome = (None, exc)
-            finally:
-                self._running = False
+            function, values, future, loop, abandoned = item
+            outcome: tuple[Any, BaseException | None]
+            if future.done() or abandoned():
+                # Read from this thread: a stale answer only runs or skips one
+                # call that the event loop then handles as it would anyway.
+                outcome = (None, _ClientGone())
+            else:
+                self._running = True
+                try:
+                    outcome = (function(values), None)
+                except BaseException as exc:  # noqa: BLE001 - passed to the caller
+                    outcome = (None, exc)
+                finally:
+                    self._running = False
             try:
                 loop.call_soon_threadsafe(_settle, future, *outcome)
             except RuntimeError:
                 return  # The event loop is closed, so no caller awaits the outcome.
 
 
-#: A queued call: function, values, the future for its outcome, and its loop.
+#: A queued call: function, values, the future for its outcome, its loop, and
+#: whether its client left.
 _ScoringCall = tuple[
     Callable[[list[Any]], Any],
     list[Any],
     "asyncio.Future[Any]",
     asyncio.AbstractEventLoop,
+    Callable[[], bool],
 ]
 
 
@@ -926,16 +970,14 @@ def _check_client_waits(request: web.Request) -> None:
     sends its messages again. Forwarding the results too would write them
     twice, or write a message that the reader dead-letters.
     """
+    if _client_left(request):
+        raise _ClientGone()
+
+
+def _client_left(request: web.Request) -> bool:
+    """Return whether the client of `request` closed its connection."""
     transport = request.transport
-    if transport is None or transport.is_closing():
-        raise _Reject(
-            503,
-            "the client closed the connection before scoring finished, so the "
-            "results were not sent to the writer; if the client is the input "
-            "reader, raise READER_REQUEST_TIMEOUT_MS above the time that "
-            "scoring takes",
-            log_level=logging.WARNING,
-        )
+    return transport is None or transport.is_closing()
 
 
 @web.middleware

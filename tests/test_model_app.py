@@ -609,6 +609,54 @@ async def test_result_not_forwarded_after_client_left(path, body, caplog):
     assert writer.requests == []
 
 
+async def test_queued_call_of_client_that_left_is_skipped(caplog):
+    slow, started, release = blocking_score()
+    calls: list[list[Any]] = []
+
+    def counted(values: list[Any]) -> list[Any]:
+        calls.append(values)
+        return slow(values)
+
+    model = ModelApp(counted)
+    async with stub_writer() as writer:
+        async with model.running(AppSettings(writer_url=writer.url)) as app:
+            runner = await start_site(
+                app, "127.0.0.1", 0, "APP_", shutdown_timeout_seconds=1.0
+            )
+            url = f"http://127.0.0.1:{bound_port(runner)}/"
+            try:
+                async with aiohttp.ClientSession() as session:
+                    first = asyncio.create_task(
+                        session.post(url, data=b"1", headers=JSON)
+                    )
+                    await asyncio.to_thread(started.wait, 5)
+                    async with aiohttp.ClientSession() as other:
+                        # Queued behind the first call, then given up on.
+                        second = asyncio.create_task(
+                            other.post(url, data=b"2", headers=JSON)
+                        )
+                        await asyncio.sleep(0.2)
+                        second.cancel()
+                        await asyncio.gather(second, return_exceptions=True)
+                    await asyncio.sleep(0.2)
+                    release.set()
+                    response = await first
+
+                    async def logged() -> bool:
+                        return any(
+                            "client closed the connection" in getattr(r, "error", "")
+                            for r in caplog.records
+                        )
+
+                    await wait_for(logged)
+            finally:
+                await runner.cleanup()
+
+    assert response.status == 200
+    assert calls == [[1]]
+    assert [element["value"] for element in writer.requests[0].json()] == [1]
+
+
 def app_in_flight() -> float | None:
     return REGISTRY.get_sample_value("agogosml_in_flight_messages", {"service": "app"})
 

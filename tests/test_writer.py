@@ -1015,11 +1015,14 @@ async def test_tap_gets_written_records():
     assert [envelope.id for envelope in tapped] == ["t-1"]
 
 
-async def test_tap_error_does_not_fail_write():
+@pytest.mark.parametrize(
+    "error", [RuntimeError("tap bug"), SystemExit(4), KeyboardInterrupt()]
+)
+async def test_tap_error_does_not_fail_write(error):
     sink = await started_sink()
 
     def broken_tap(envelopes):
-        raise RuntimeError("tap bug")
+        raise error
 
     writer = OutputWriter(WriterSettings(output="memory"), sink, tap=broken_tap)
 

@@ -257,10 +257,16 @@ class OutputWriter:
             self._call_tap(envelopes)
 
     def _call_tap(self, envelopes: list[Envelope]) -> None:
+        # A tap must not fail a durable write. SIGINT and SIGTERM stop the
+        # writer through signal handlers, so a SystemExit or KeyboardInterrupt
+        # here comes from the tap, such as a library that calls sys.exit.
         try:
             self._tap(envelopes)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 - a tap must not fail a durable write
-            logger.exception("WRITER_TAP raised; the records were written anyway")
+        except (Exception, KeyboardInterrupt, SystemExit):  # noqa: BLE001
+            logger.exception(
+                "WRITER_TAP raised; the records were written anyway",
+                extra={"message_ids": [envelope.id for envelope in envelopes[:20]]},
+            )
 
     async def drain(self, timeout_seconds: float) -> None:
         """Reject new requests with 503 and wait for in-flight writes to finish."""
