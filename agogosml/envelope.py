@@ -143,10 +143,12 @@ class Envelope:
         rest = []
         for name, raw in headers:
             lowered = name.lower()
-            if lowered == MESSAGE_ID_HEADER and raw:
-                message_id = header_safe_id(raw)
-            elif lowered == TRACEPARENT_HEADER and raw:
-                parent = raw.decode("ascii", "replace")
+            # An empty or null id or trace context is left out: the envelope
+            # gets its own, and the output record has one of each.
+            if lowered == MESSAGE_ID_HEADER:
+                message_id = header_safe_id(raw) if raw else message_id
+            elif lowered == TRACEPARENT_HEADER:
+                parent = raw.decode("ascii", "replace") if raw else parent
             else:
                 # NOTE: a null header value, which Kafka allows, becomes an
                 # empty one: HTTP and the writer's batch items carry no null.

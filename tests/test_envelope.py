@@ -62,6 +62,22 @@ def test_id_derived_from_position():
     assert envelope.id == "donn%C3%A9es.jsonl:0:42"
 
 
+@pytest.mark.parametrize("empty", [b"", None])
+def test_empty_id_and_trace_context_headers_left_out(empty):
+    position = Position("in", 0, 7, 8, 1)
+    headers = [("message-id", empty), ("traceparent", empty), ("tag", b"x")]
+
+    envelope = Envelope.from_record(b"{}", None, headers, position)
+
+    assert envelope.id == "in:0:7"
+    assert trace_id(envelope.traceparent) is not None
+    assert [name for name, _ in envelope.record_headers()] == [
+        "message-id",
+        "traceparent",
+        "tag",
+    ]
+
+
 def test_child_traceparent_keeps_trace_id():
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
