@@ -17,7 +17,7 @@ import pytest
 
 from agogosml.config import Transport
 from agogosml.envelope import Envelope
-from agogosml.errors import SinkError, SourceError
+from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.factory import build_sink
 from agogosml.transports.file import FileSink, FileSource
 
@@ -258,7 +258,7 @@ async def test_closed_stdin_rejected(monkeypatch) -> None:
     monkeypatch.setattr(sys, "stdin", None)
     source = FileSource("-")
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await source.start()
 
     assert "started with stdin closed" in str(error.value)
@@ -268,7 +268,7 @@ async def test_closed_stdin_rejected(monkeypatch) -> None:
 async def test_directory_input_rejected(tmp_path: Path) -> None:
     source = FileSource(str(tmp_path))
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await source.start()
 
     assert "is a directory; set READER_INPUT to a JSON Lines file" in str(error.value)
@@ -708,7 +708,7 @@ async def test_unfollowed_restart_rejects_rotation(
 
     # Without following, the input is one file: another one at its path is an
     # error, as for any input that no longer fits its checkpoint.
-    with pytest.raises(SourceError, match="delete the checkpoint"):
+    with pytest.raises(ConfigurationError, match="delete the checkpoint"):
         await source.start()
 
 
@@ -796,7 +796,7 @@ async def test_checkpoint_of_replaced_input_rejected(tmp_path: Path) -> None:
     path.write_bytes(b'{"n": 7}\n{"n": 8}\n{"n": 9}\n')
     second = FileSource(str(path), checkpoint_path=checkpoint)
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await second.start()
 
     message = " ".join(str(error.value).split())
@@ -843,7 +843,7 @@ async def test_source_rejects_bad_checkpoint_path(tmp_path: Path, where: str) ->
     path.write_bytes(b"{}\n")
     source = FileSource(str(path), checkpoint_path=tmp_path / where)
 
-    with pytest.raises(SourceError, match="READER_CHECKPOINT_PATH"):
+    with pytest.raises(ConfigurationError, match="READER_CHECKPOINT_PATH"):
         await source.start()
 
 
@@ -1065,7 +1065,7 @@ async def test_sink_open_error_names_setting(tmp_path: Path, variable: str) -> N
     missing_directory = tmp_path / "missing" / "out.jsonl"
     sink = build_sink(Transport.FILE, str(missing_directory), variable=variable)
 
-    with pytest.raises(SinkError) as caught:
+    with pytest.raises(ConfigurationError) as caught:
         await sink.start()
 
     message = str(caught.value)

@@ -83,6 +83,57 @@ def test_invalid_setting_stops_service(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("module", "env", "expected"),
+    [
+        (
+            "agogosml.reader",
+            {
+                "READER_INPUT": "{tmp}/missing.jsonl",
+                "READER_APP_URL": "http://127.0.0.1:1",
+            },
+            "cannot open input file",
+        ),
+        (
+            "agogosml.reader",
+            {
+                "READER_INPUT": "{tmp}",
+                "READER_APP_URL": "http://127.0.0.1:1",
+            },
+            "is a directory; set READER_INPUT",
+        ),
+        (
+            "agogosml.writer",
+            {"WRITER_OUTPUT": "{tmp}/missing-dir/out.jsonl", "WRITER_PORT": "0"},
+            "cannot open output file",
+        ),
+        (
+            "agogosml.writer",
+            {
+                "WRITER_OUTPUT": "scores",
+                "WRITER_SINK": "kafka",
+                "WRITER_PORT": "0",
+                "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                "KAFKA_EXTRA_CONFIG": '{"bogus.property": 1}',
+            },
+            "cannot create Kafka producer",
+        ),
+    ],
+)
+def test_unusable_input_or_output_stops_service_with_2(
+    tmp_path: Path, module: str, env: dict[str, str], expected: str
+) -> None:
+    filled = {
+        name: value.replace("{tmp}", str(tmp_path)) for name, value in env.items()
+    }
+
+    result = start_service(module, filled)
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_writer_on_busy_port_creates_no_output(tmp_path: Path) -> None:
     output = tmp_path / "out.jsonl"
     with socket.socket() as taken:

@@ -17,7 +17,7 @@ import orjson
 
 from agogosml import exact_json
 from agogosml.envelope import Envelope
-from agogosml.errors import SinkError
+from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.base import Sink
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,9 @@ class FileSink(Sink):
                     self._end_torn_line(self._file)
                 self._regular_file = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
             except OSError as exc:
-                raise SinkError(
+                raise ConfigurationError(
                     f"cannot open output file {self._path!r}: {exc.strerror}; check "
-                    f"{self._variable}",
-                    retriable=False,
+                    f"{self._variable}"
                 ) from exc
             if self._fsync and self._regular_file:
                 self._sync_directory()

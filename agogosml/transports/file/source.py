@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from agogosml.envelope import Envelope, Position
-from agogosml.errors import SourceError
+from agogosml.errors import ConfigurationError, SourceError
 from agogosml.transports.base import OffsetTracker, TrackedSource
 from agogosml.transports.file.sink import sync_directory
 
@@ -186,7 +186,21 @@ class FileSource(TrackedSource):
         return self._file is not None
 
     async def start(self) -> None:
-        """Open the file and seek past the checkpoint, if any."""
+        """Open the file and seek past the checkpoint, if any.
+
+        Raises:
+            ConfigurationError: The input or the checkpoint cannot be used as
+                READER_INPUT and READER_CHECKPOINT_PATH name them, such as an
+                input file that does not exist.
+        """
+        try:
+            await self._start()
+        except SourceError as exc:
+            if exc.retriable:
+                raise
+            raise ConfigurationError(str(exc)) from exc
+
+    async def _start(self) -> None:
         if self._path == "-":
             if sys.stdin is None:
                 raise SourceError(

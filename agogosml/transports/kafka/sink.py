@@ -13,7 +13,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
-from agogosml.errors import SinkError
+from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.base import Sink
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
 from agogosml.transports.kafka.records import (
@@ -98,7 +98,8 @@ class KafkaSink(Sink):
         """Create the producer, start polling it and start reading the topic limit.
 
         Raises:
-            SinkError: when librdkafka rejects the producer configuration.
+            ConfigurationError: when librdkafka rejects the producer
+                configuration.
         """
         config = self._settings.client_config()
         config.update(
@@ -139,7 +140,7 @@ class KafkaSink(Sink):
             return
         try:
             producer = _create_producer({**self._config, "batch.size": batch_size})
-        except SinkError as exc:
+        except ConfigurationError as exc:
             logger.error(
                 "cannot replace the kafka producer for topic %r with one of "
                 "batch.size=%d: %s",
@@ -435,10 +436,9 @@ def _create_producer(config: dict[str, Any]) -> Producer:
     try:
         return Producer(config, logger=client_logger())
     except KafkaException as exc:
-        raise SinkError(
+        raise ConfigurationError(
             f"cannot create Kafka producer: {exc.args[0].str()}; check the "
-            "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
-            retriable=False,
+            "KAFKA_ settings, KAFKA_EXTRA_CONFIG included"
         ) from exc
 
 

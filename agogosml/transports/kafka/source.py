@@ -19,7 +19,7 @@ from confluent_kafka import (
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, Position
-from agogosml.errors import SourceError
+from agogosml.errors import ConfigurationError, SourceError
 from agogosml.metrics import CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
@@ -148,10 +148,9 @@ class KafkaSource(TrackedSource):
         try:
             self._consumer = Consumer(config, logger=client_logger())
         except KafkaException as exc:
-            raise SourceError(
+            raise ConfigurationError(
                 f"cannot create Kafka consumer: {exc.args[0].str()}; check the "
-                "KAFKA_ settings, KAFKA_EXTRA_CONFIG included",
-                retriable=False,
+                "KAFKA_ settings, KAFKA_EXTRA_CONFIG included"
             ) from exc
         self._consumer.subscribe(
             self._topics,
