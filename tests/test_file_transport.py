@@ -20,6 +20,7 @@ from agogosml.envelope import Envelope
 from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.factory import build_sink
 from agogosml.transports.file import FileSink, FileSource
+from agogosml.transports.file import sink as file_sink
 
 
 async def read_all(source: FileSource, rounds: int = 3) -> list[Envelope]:
@@ -1072,3 +1073,33 @@ async def test_sink_open_error_names_setting(tmp_path: Path, variable: str) -> N
     assert message.endswith(f"check {variable}")
     other = "READER_DEAD_LETTER" if variable == "WRITER_OUTPUT" else "WRITER_OUTPUT"
     assert other not in message
+
+
+async def test_sink_not_connected_while_a_write_stalls(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(file_sink, "STALL_SECONDS", 0.2)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    sink = FileSink(str(fifo))
+    await sink.start()
+    # More than a pipe's buffer, which nobody reads yet.
+    value = orjson.dumps({"text": "x" * 300_000})
+    sending = asyncio.create_task(sink.send([Envelope(value=value)]))
+
+    await asyncio.sleep(0.5)
+    stalled = (sink.connected, sink.unavailable_reason)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while not sending.done():
+            try:
+                os.read(reader, 1 << 16)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await sending
+        recovered = sink.connected
+    finally:
+        os.close(reader)
+        await sink.stop()
+
+    assert stalled[0] is False
+    assert "has not finished after 0.2 s" in stalled[1]
+    assert recovered is True

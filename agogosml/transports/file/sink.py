@@ -27,6 +27,10 @@ ResultT = TypeVar("ResultT")
 #: How often a sink whose last write failed checks whether it can write again.
 RETRY_INTERVAL_SECONDS = 1.0
 
+#: How long a write may take before the sink counts as not connected, such as
+#: a write to a named pipe that nobody reads, or to a hung network file system.
+STALL_SECONDS = 10.0
+
 
 class FileSink(Sink):
     """Append one JSON object per record: ``{"id", "key", "headers", "value"}``.
@@ -65,11 +69,15 @@ class FileSink(Sink):
         self._flusher: asyncio.Task[None] | None = None
         self._failure: str | None = None
         self._recovery: asyncio.Task[None] | None = None
+        #: Why the sink counts as not connected while a write does not return.
+        self._stalled: str | None = None
 
     @property
     def connected(self) -> bool:
         """Whether the file is open and neither the last write nor check failed."""
-        return self._file is not None and self._failure is None
+        return (
+            self._file is not None and self._failure is None and self._stalled is None
+        )
 
     @property
     def unavailable_reason(self) -> str:
@@ -79,6 +87,8 @@ class FileSink(Sink):
                 f"{self._failure}; the sink checks every "
                 f"{self._retry_interval:g} s whether it can write again"
             )
+        if self._stalled is not None:
+            return self._stalled
         return super().unavailable_reason
 
     async def start(self) -> None:
@@ -179,7 +189,7 @@ class FileSink(Sink):
             lines, self._buffer = self._buffer, []
             waiters, self._waiters = self._waiters, []
             try:
-                await run_in_daemon_thread(self._write, b"".join(lines))
+                await self._write_watched(b"".join(lines), len(lines))
             except OSError as exc:
                 logger.error("writing %s failed: %s", self._path, exc)
                 error = SinkError(f"writing output file {self._path!r} failed: {exc}")
@@ -192,6 +202,29 @@ class FileSink(Sink):
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    async def _write_watched(self, data: bytes, count: int) -> None:
+        """Write `data` on a thread; while it takes over `STALL_SECONDS`, be not ready.
+
+        The write itself goes on, because a thread cannot be stopped; the
+        requests that wait for it time out at their clients, which retry.
+        """
+        writing = asyncio.ensure_future(run_in_daemon_thread(self._write, data))
+        try:
+            await asyncio.wait_for(asyncio.shield(writing), STALL_SECONDS)
+            return
+        except TimeoutError:
+            self._stalled = (
+                f"writing {count} records to {self._path!r} has not finished after "
+                f"{STALL_SECONDS:g} s; check that the file can take data, such as "
+                "a named pipe that a reader drains"
+            )
+            logger.error(self._stalled)
+        try:
+            await writing
+        finally:
+            logger.info("the write to %s finished", self._path)
+            self._stalled = None
 
     def _write(self, data: bytes) -> None:
         """Append `data` whole, or cut the file back to where it was and raise."""
