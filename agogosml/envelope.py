@@ -116,7 +116,7 @@ class Envelope:
 
     def __post_init__(self) -> None:
         if not self.id:
-            self.id = _position_id(self.position) if self.position else new_id()
+            self.id = position_id(self.position) if self.position else new_id()
         if not self.traceparent:
             self.traceparent = new_traceparent()
 
@@ -134,7 +134,7 @@ class Envelope:
                 value=value,
                 key=key,
                 headers=[],
-                id=_position_id(position) if position else new_id(),
+                id=position_id(position) if position else new_id(),
                 traceparent=new_traceparent(),
                 position=position,
             )
@@ -259,7 +259,12 @@ def new_id() -> str:
     return _random_hex(128)
 
 
-def _position_id(position: Position) -> str:
+def position_id(position: Position) -> str:
+    """Return the message id of a record without a message-id header.
+
+    The id is ``topic:partition:offset``, percent-encoded when the topic (or
+    file path) has characters that an HTTP header cannot carry unchanged.
+    """
     text = f"{position.topic}:{position.partition}:{position.offset}"
     if _is_plain(position.topic):
         return text

@@ -98,12 +98,16 @@ class EventHubsBackend:
         )
         self._start: dict[str, str] = {}
 
-    def prepare(self, input_path: Path, count: int, console: Console) -> None:
-        """Note where each hub's new events start, then send the input."""
+    def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
+        """Note where each hub's new events start, then send the input.
+
+        Returns the message id of each input record, which the events carry.
+        """
         hubs = (self.topics.input, self.topics.output, self.topics.dead_letter)
         self._start = asyncio.run(_latest_enqueued_times(self.settings, hubs))
         console.print(f"Sending {count} events to event hub {self.topics.input} ...")
         asyncio.run(send_file(self.settings, self.topics.input, input_path))
+        return [line_message_id(number) for number in range(1, count + 1)]
 
     def service_env(self) -> dict[str, str]:
         """Return no variables: the services inherit the EVENTHUB_ connection.
@@ -173,11 +177,17 @@ async def _latest_enqueued_times(
     return {hub: await latest_enqueued_time(settings, hub) for hub in hubs}
 
 
+def line_message_id(number: int) -> str:
+    """Return the message id of the event sent for line `number` of the input."""
+    return f"input.jsonl:line-{number}"
+
+
 def _chunks(path: Path) -> Iterator[list[Envelope]]:
     chunk: list[Envelope] = []
     with path.open("rb") as file:
-        for line in file:
-            chunk.append(Envelope(value=line.rstrip(b"\n")))
+        for number, line in enumerate(file, start=1):
+            value = line.rstrip(b"\n")
+            chunk.append(Envelope(value=value, id=line_message_id(number)))
             if len(chunk) == SEND_CHUNK:
                 yield chunk
                 chunk = []
@@ -287,12 +297,11 @@ class OutputReceiver:
 
 
 def _count(tally: OutputTally, dead_letter: bool, event: EventData) -> None:
-    value = orjson.loads(event.body_as_str() or "null")
-    if dead_letter:
-        tally.add_dead_letter(value)
-        return
     properties = event.properties or {}
     message_id = properties.get(MESSAGE_ID_HEADER.encode(), b"")
     if isinstance(message_id, bytes):
         message_id = message_id.decode("utf-8", "replace")
-    tally.add_output(str(message_id), value)
+    if dead_letter:
+        tally.add_dead_letter(str(message_id))
+    else:
+        tally.add_output(str(message_id), orjson.loads(event.body_as_str() or "null"))

@@ -7,6 +7,7 @@ Hubs: every client the run opens takes the librdkafka properties of one
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
 from agogosml.config import KafkaSettings
+from agogosml.envelope import Position, position_id
 from agogosml_cli.run import OutputTally, RunTopics, message_id_of
 
 #: Client properties of every client of the run. The run reports broker
@@ -62,12 +64,23 @@ class KafkaBackend:
         #: Topics that `prepare` created, also when it failed after that.
         self.created: list[str] = []
 
-    def prepare(self, input_path: Path, count: int, console: Console) -> None:
-        """Create missing topics, skip older records, and produce the input."""
+    def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
+        """Create missing topics, skip older records, and produce the input.
+
+        Returns the message id of each input record, which the reader derives
+        from the record's topic, partition and offset.
+        """
         self._start = prepare_topics(self._config, self.topics, self.created)
         skip_older_input(self._config, self.group_id, self.topics, self._start)
         console.print(f"Producing {count} records to topic {self.topics.input} ...")
-        self._positions = produce_file(self._config, self.topics.input, input_path)
+        topic = self.topics.input
+        positions = produce_file(self._config, topic, input_path)
+        ids = [
+            position_id(Position(topic, partition, offset, offset + 1))
+            for partition, offset in positions
+        ]
+        self._positions = dict(zip(ids, positions, strict=True))
+        return ids
 
     def committed_ids(self) -> set[str] | None:
         """Return the ids of the input records before the reader's committed offsets.
@@ -382,30 +395,36 @@ def committed_offsets(
 
 def produce_file(
     config: dict[str, Any], topic: str, path: Path
-) -> dict[str, tuple[int, int]]:
-    """Produce every line of a JSON Lines file, keyed by transaction id.
+) -> list[tuple[int, int]]:
+    """Produce every line of a JSON Lines file.
 
-    Returns the partition and offset of each record by its transaction id.
+    A line whose value is an object with a string ``transaction_id``, such as
+    a row of the fraud dataset, gets that as its key, and any other line none.
+    Returns the partition and offset of each record, in the order of the file.
     """
     producer = Producer(
         {**config, **_QUIET, "enable.idempotence": True, "linger.ms": 20}
     )
-    positions: dict[str, tuple[int, int]] = {}
+    positions: list[tuple[int, int]] = []
     failures: list[str] = []
 
-    def delivered(error: Any, message: Any) -> None:
+    def delivered(index: int, error: Any, message: Any) -> None:
         if error is None:
-            positions[message.key().decode()] = (message.partition(), message.offset())
+            positions[index] = (message.partition(), message.offset())
         else:
             failures.append(error.str())
 
     with path.open("rb") as file:
-        for line in file:
-            key = orjson.loads(line).get("transaction_id", "").encode()
+        for index, line in enumerate(file):
+            positions.append((-1, -1))
+            on_delivery = functools.partial(delivered, index)
             while True:
                 try:
                     producer.produce(
-                        topic, value=line.rstrip(b"\n"), key=key, on_delivery=delivered
+                        topic,
+                        value=line.rstrip(b"\n"),
+                        key=_record_key(line),
+                        on_delivery=on_delivery,
                     )
                     break
                 except BufferError:
@@ -419,6 +438,15 @@ def produce_file(
             f"{failures[0]}"
         )
     return positions
+
+
+def _record_key(line: bytes) -> bytes | None:
+    value = orjson.loads(line)
+    if isinstance(value, dict):
+        key = value.get("transaction_id")
+        if isinstance(key, str):
+            return key.encode()
+    return None
 
 
 class OutputConsumer:
@@ -476,12 +504,12 @@ class OutputConsumer:
                 message.partition(),
                 message.offset(),
             )
-            value = orjson.loads(message.value() or b"null")
+            headers = message.headers()
+            assert not isinstance(headers, dict)
             if topic == self._topics.dead_letter:
-                tally.add_dead_letter(value)
+                tally.add_dead_letter(message_id_of(headers))
             else:
-                headers = message.headers()
-                assert not isinstance(headers, dict)
+                value = orjson.loads(message.value() or b"null")
                 tally.add_output(message_id_of(headers), value)
             assert topic is not None
             assert partition is not None

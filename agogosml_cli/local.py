@@ -62,12 +62,15 @@ class ServiceProcess:
         log_path: Path,
         *,
         port: int,
+        directory: Path | None = None,
     ) -> None:
         self.name = name
         self.module = module
         self.env = env
         self.log_path = log_path
         self.port = port
+        #: Working directory of the process; None means that of this process.
+        self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,6 +89,7 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 env=environment,
+                cwd=self.directory,
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -251,12 +255,23 @@ def app_process(
     writer_url: str,
     *,
     module: str = "sample_app.app",
+    directory: Path | None = None,
     extra: dict[str, str] | None = None,
 ) -> ServiceProcess:
-    """Return (not started) a model app that forwards to `writer_url`."""
+    """Return (not started) a model app that forwards to `writer_url`.
+
+    The app runs as ``python -m module`` in `directory`, or in the current one.
+    """
     port = free_port()
     env = {"APP_WRITER_URL": writer_url, "APP_PORT": str(port), **(extra or {})}
-    return ServiceProcess("model app", module, env, log_dir / "app.log", port=port)
+    return ServiceProcess(
+        "model app",
+        module,
+        env,
+        log_dir / "app.log",
+        port=port,
+        directory=directory,
+    )
 
 
 def reader_process(

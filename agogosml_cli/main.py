@@ -29,7 +29,7 @@ from agogosml_cli.run_paths import DirectoryPath, FilePath
 from sample_app import missing_packages_message
 
 if TYPE_CHECKING:
-    from agogosml_cli.run import RunOptions
+    from agogosml_cli.run import AppChoice, RunOptions
 
 
 def _finite(value: float, param: click.Parameter) -> float:
@@ -86,6 +86,28 @@ def cli() -> None:
     help="Also write the summary as JSON to this file.",
 )
 @click.option(
+    "--app",
+    "app_module",
+    metavar="MODULE",
+    help="Run this model app, 'python -m MODULE' with the interpreter of "
+    "agogosml, in place of the sample fraud app. The module serves a ModelApp; "
+    "needs --input.",
+)
+@click.option(
+    "--project",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run the app of the generated project in this directory: the module "
+    "<package>.app, where agogosml.yaml names the package, started in the "
+    "directory. Needs --input.",
+)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Stream this JSON Lines file, one JSON value a line, in place of the "
+    "fraud dataset.",
+)
+@click.option(
     "--data",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Dataset CSV. Default: the cached ULB credit-card fraud dataset, fetched "
@@ -131,6 +153,9 @@ def run(
     kafka: str | None,
     limit: int | None,
     summary_json: Path | None,
+    app_module: str | None,
+    project: Path | None,
+    input_file: Path | None,
     data: Path | None,
     model: Path | None,
     work_dir: Path,
@@ -139,11 +164,12 @@ def run(
     stall_timeout_seconds: float,
     **stream: Any,
 ) -> None:
-    """Stream the fraud dataset through input reader, sample app and output writer.
+    """Stream records through input reader, model app and output writer.
 
     Starts the three services as local processes on loopback, streams the
-    records through them and prints a summary. The app is agogosml's sample
-    fraud app, not the app of a generated project.
+    records through them and prints a summary. By default the app is
+    agogosml's sample fraud app and the records are the fraud dataset; --app
+    or --project runs your app, and --input streams your JSON Lines file.
 
     \b
     Exit codes:
@@ -151,15 +177,13 @@ def run(
       1    a failure, a service that exited during the run, or a record that
            is in neither the output nor the dead letters
       2    a usage error, such as an invalid option value, or a missing
-           sample extra or trained model, found before any service starts
+           sample extra, trained model or app module, found before any
+           service starts
       130  interrupted by Ctrl-C (SIGINT); the services are stopped first
       143  stopped by SIGTERM; the services are stopped first
     """  # noqa: D301 - click reads the \b line as "do not rewrap this paragraph"
-    missing = missing_packages_message()
-    if missing:
-        # Exit code 2, as for the other problems found before the run starts.
-        raise click.UsageError(missing)
     from agogosml_cli.run import RunOptions
+    from agogosml_cli.run_app import AppOptions, resolve_app
     from agogosml_cli.run_paths import (
         check_run_files,
         check_summary_path,
@@ -167,12 +191,20 @@ def run(
         prepare_work_dir,
     )
 
+    app = resolve_app(AppOptions(app_module, project, input_file, data, model))
+    if app.is_sample:
+        missing = missing_packages_message()
+        if missing:
+            # Exit code 2, as for the other problems found before the run starts.
+            raise click.UsageError(missing)
     choice = resolve_stream(StreamOptions(kafka=kafka, **stream))
-    check_run_files(work_dir, _run_inputs(data, model), summary_json)
+    inputs = _run_inputs(app, input_file, data, model)
+    check_run_files(work_dir, inputs, summary_json)
     prepare_work_dir(work_dir)
     if summary_json is not None:
         check_summary_path(summary_json)
-    _check_model(model)
+    if app.is_sample:
+        _check_model(model)
     # Every option but the dataset, which may still have to be fetched.
     make_options = functools.partial(
         RunOptions,
@@ -185,6 +217,8 @@ def run(
         ordering=ordering,
         stall_timeout_seconds=stall_timeout_seconds,
         model_path=model,
+        input_file=input_file,
+        app=app,
     )
     with lock_work_dir(work_dir):
         _run_until_signal(make_options, data, summary_json)
@@ -198,7 +232,7 @@ def _run_until_signal(
     """Run the pipeline; on SIGINT or SIGTERM, exit with 128 + the signal number.
 
     `make_options` takes the dataset path as `data_path`. Without `data`, the
-    cached dataset is fetched first.
+    cached dataset is fetched first, unless the options name an input file.
     """
     from agogosml_cli.run import INTERRUPTS
 
@@ -216,9 +250,10 @@ def _run_until_signal(
             signal.signal(signum, handler)
 
     try:
-        if data is None:
-            data = _fetch_dataset(console)
-        _run(make_options(data_path=data), summary_json, console)
+        options = make_options(data_path=data)
+        if options.data_path is None and options.input_file is None:
+            options.data_path = _fetch_dataset(console)
+        _run(options, summary_json, console)
     except KeyboardInterrupt:
         # Every service is stopped: a further signal would only cut the message.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -237,19 +272,25 @@ def _run_until_signal(
     restore_handlers()
 
 
-def _run_inputs(data: Path | None, model: Path | None) -> dict[str, Path]:
+def _run_inputs(
+    app: AppChoice, input_file: Path | None, data: Path | None, model: Path | None
+) -> dict[str, Path]:
     """Return the files a run reads, by the option or default that names them."""
     from sample_app.data import default_dataset_path
-    from sample_app.scoring import default_model_path
 
-    return {
-        "--data" if data else "the cached dataset (default of --data)": (
-            data or default_dataset_path()
-        ),
-        "--model" if model else "the cached model (default of --model)": (
-            model or default_model_path()
-        ),
-    }
+    inputs: dict[str, Path] = {}
+    if input_file is not None:
+        inputs["--input"] = input_file
+    else:
+        described = "--data" if data else "the cached dataset (default of --data)"
+        inputs[described] = data or default_dataset_path()
+    if app.is_sample:
+        # sample_app.scoring needs the sample extra, which only this app needs.
+        from sample_app.scoring import default_model_path
+
+        described = "--model" if model else "the cached model (default of --model)"
+        inputs[described] = model or default_model_path()
+    return inputs
 
 
 def _check_model(model: Path | None) -> None:

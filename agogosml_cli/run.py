@@ -1,4 +1,4 @@
-"""``agogosml run``: stream the fraud dataset through reader, app and writer."""
+"""``agogosml run``: stream records through input reader, model app and writer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from agogosml.envelope import MESSAGE_ID_HEADER
+from agogosml.envelope import MESSAGE_ID_HEADER, Position, position_id
 from agogosml.errors import AgogosmlError
 from agogosml_cli.local import (
     ServiceExitError,
@@ -79,11 +79,39 @@ class RunTopics:
         return cls(*chosen, run_specific=run_specific)
 
 
+#: Module of agogosml's sample fraud app.
+SAMPLE_APP_MODULE = "sample_app.app"
+
+
+@dataclass(frozen=True)
+class AppChoice:
+    """The model app of a run, started as ``python -m module``."""
+
+    module: str = SAMPLE_APP_MODULE
+    #: Working directory of the app process; None means that of the run.
+    directory: Path | None = None
+
+    @property
+    def is_sample(self) -> bool:
+        """Whether the app is agogosml's sample fraud app."""
+        return self.module == SAMPLE_APP_MODULE
+
+    def description(self) -> str:
+        """Return how the run's output names the app."""
+        if self.is_sample:
+            return f"agogosml's sample fraud app (python -m {self.module})"
+        command = f"python -m {self.module}"
+        if self.directory is not None:
+            command += f" in {self.directory}"
+        return command
+
+
 @dataclass
 class RunOptions:
     """Input, output location and reader settings of one `run_pipeline` call."""
 
-    data_path: Path
+    #: Dataset CSV; not read when `input_file` is set.
+    data_path: Path | None
     work_dir: Path
     limit: int | None = None
     kafka: KafkaSettings | None = None
@@ -93,6 +121,10 @@ class RunOptions:
     ordering: str = "partition"
     stall_timeout_seconds: float = 120.0
     model_path: Path | None = None
+    #: JSON Lines file of input values, streamed in place of the dataset.
+    input_file: Path | None = None
+    #: The model app: the sample fraud app unless the user names a module.
+    app: AppChoice = AppChoice()
 
 
 #: The `error` of a run that SIGINT or SIGTERM ended.
@@ -117,8 +149,11 @@ class RunSummary:
     """
 
     transport: str
+    #: Module of the model app, such as "sample_app.app".
+    app: str = SAMPLE_APP_MODULE
     read: int | None = 0
-    #: Records that the run put into the input: the dataset, or --limit of it.
+    #: Records that the run put into the input: the dataset or the --input
+    #: file, or --limit of it.
     input_records: int = 0
     written: int = 0
     dead_lettered: int = 0
@@ -127,16 +162,19 @@ class RunSummary:
     #: Records that the run stopped before the reader finished: not read yet,
     #: or read but neither written nor dead-lettered yet.
     not_finished: int | None = 0
-    #: Written records that the app flagged as fraud.
-    flagged_as_fraud: int = 0
+    #: Written records that the app flagged as fraud. The three fraud counts
+    #: are None, and left out of the JSON, when another app than the sample
+    #: app runs.
+    flagged_as_fraud: int | None = 0
     #: Written records whose Class label is 1, and those of them flagged. A
     #: run that stopped early counts only what it wrote, as the other counts do.
-    labelled_fraud: int = 0
-    flagged_labelled_fraud: int = 0
+    labelled_fraud: int | None = 0
+    flagged_labelled_fraud: int | None = 0
     elapsed_seconds: float = 0.0
     messages_per_second: float = 0.0
     output: str = ""
     dead_letter: str = ""
+    #: Message ids of up to 20 missing records.
     missing_ids: list[str] = field(default_factory=list)
     #: Reason the run stopped before every record was accounted for, or "".
     error: str = ""
@@ -145,9 +183,17 @@ class RunSummary:
 
     def to_json(self) -> bytes:
         """Return the summary as indented JSON, ending with a newline."""
+        data = asdict(self)
+        for name in FRAUD_FIELDS:
+            if data[name] is None:
+                del data[name]
         return orjson.dumps(
-            asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+            data, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
         )
+
+
+#: Fields of `RunSummary` that only the sample fraud app has.
+FRAUD_FIELDS = ("flagged_as_fraud", "labelled_fraud", "flagged_labelled_fraud")
 
 
 class OutputReader(Protocol):
@@ -171,8 +217,11 @@ class StreamBackend(Protocol):
     transport: str
     topics: RunTopics
 
-    def prepare(self, input_path: Path, count: int, console: Console) -> None:
-        """Check or create the topics, then produce the input file to the input."""
+    def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
+        """Check or create the topics, then produce the input file to the input.
+
+        Returns the message id of each input record, in the order of the file.
+        """
 
     def service_env(self) -> dict[str, str]:
         """Return the connection variables of the reader and the writer."""
@@ -197,76 +246,153 @@ class StreamBackend(Protocol):
 
 
 class OutputTally:
-    """Count output and dead-letter records by message id and transaction id."""
+    """Count output and dead-letter records by message id.
+
+    Every service keeps the message id of a record, so an output or dead
+    letter has the id of its input record, whatever the app makes of its value.
+    """
 
     def __init__(self) -> None:
-        self.seen_messages: set[str] = set()
-        self.transactions: set[str] = set()
-        self.dead_transactions: set[str] = set()
+        self.written: set[str] = set()
+        self.dead_lettered: set[str] = set()
         self.duplicates = 0
+        #: Written records whose value has a true "is_fraud", as the sample
+        #: app's results have for a transaction it flags.
         self.flagged: set[str] = set()
 
     @property
     def finished(self) -> int:
         """Input records accounted for: written or dead-lettered."""
-        return len(self.transactions | self.dead_transactions)
+        return len(self.written | self.dead_lettered)
 
     def add_output(self, message_id: str, value: Any) -> None:
         """Count one output record."""
-        if message_id in self.seen_messages:
+        if message_id in self.written:
             self.duplicates += 1
             return
-        self.seen_messages.add(message_id)
-        if isinstance(value, dict):
-            transaction = str(value.get("transaction_id"))
-            self.transactions.add(transaction)
-            if value.get("is_fraud"):
-                self.flagged.add(transaction)
+        self.written.add(message_id)
+        if isinstance(value, dict) and value.get("is_fraud"):
+            self.flagged.add(message_id)
 
-    def add_dead_letter(self, value: Any) -> None:
+    def add_dead_letter(self, message_id: str) -> None:
         """Count one dead-lettered record."""
-        if isinstance(value, dict) and "transaction_id" in value:
-            self.dead_transactions.add(str(value["transaction_id"]))
+        self.dead_lettered.add(message_id)
+
+
+class InputLines(NamedTuple):
+    """The lines of a run's input file, which contains one record a line."""
+
+    #: Byte offset of each line, in file order.
+    offsets: list[int]
+    #: Indexes of the lines whose Class label is 1, or None when the sample
+    #: app does not run, so that the summary has no fraud counts.
+    labelled_fraud: frozenset[int] | None
 
 
 class InputRecords(NamedTuple):
-    """The transaction ids of a run's input, in order, and those labelled fraud."""
+    """The message ids of a run's input records, in order, and those labelled fraud."""
 
     ids: list[str]
-    labelled_fraud: frozenset[str]
+    #: None when the summary has no fraud counts.
+    labelled_fraud: frozenset[str] | None
+
+    @classmethod
+    def of(cls, lines: InputLines, ids: list[str]) -> InputRecords:
+        """Return the records of `lines`, whose message ids are `ids`."""
+        if lines.labelled_fraud is None:
+            return cls(ids, None)
+        return cls(ids, frozenset(ids[index] for index in lines.labelled_fraud))
 
 
-def write_input_file(options: RunOptions, path: Path) -> InputRecords:
-    """Write the dataset rows as JSON Lines; return their transaction ids.
+def write_input_file(options: RunOptions, path: Path) -> InputLines:
+    """Write the input records to `path` as JSON Lines; return where each starts.
+
+    The records are the lines of `options.input_file`, else the dataset rows.
 
     Raises:
         DatasetFormatError: The CSV is invalid; for a row, the message names
             its line in the file, counting the header as line 1.
     """
+    if options.input_file is not None:
+        values = _read_json_lines(options.input_file, options.limit)
+    else:
+        values = _read_dataset(options)
+    offsets: list[int] = []
+    labelled: set[int] = set()
+    offset = 0
+    with path.open("wb") as file:
+        for index, (line, value) in enumerate(values):
+            offsets.append(offset)
+            if isinstance(value, dict) and value.get("Class") == 1:
+                labelled.add(index)
+            file.write(line + b"\n")
+            offset += len(line) + 1
+    if not options.app.is_sample:
+        return InputLines(offsets, None)
+    return InputLines(offsets, frozenset(labelled))
+
+
+def _read_dataset(options: RunOptions) -> Iterator[tuple[bytes, Any]]:
+    """Yield each dataset row as a JSON line and as a dict."""
     from sample_app.data import iter_transactions
 
-    ids: list[str] = []
-    labelled: set[str] = set()
-    with path.open("wb") as file:
-        for transaction in iter_transactions(options.data_path, options.limit):
-            ids.append(transaction["transaction_id"])
-            if transaction["Class"] == 1:
-                labelled.add(transaction["transaction_id"])
-            file.write(orjson.dumps(transaction) + b"\n")
-    return InputRecords(ids, frozenset(labelled))
+    assert options.data_path is not None
+    for transaction in iter_transactions(options.data_path, options.limit):
+        yield orjson.dumps(transaction), transaction
+
+
+def _read_json_lines(path: Path, limit: int | None) -> Iterator[tuple[bytes, Any]]:
+    """Yield each JSON line of `path` and its value, without blank lines.
+
+    A line keeps its bytes, without the whitespace around it, so the app gets
+    the value as the file has it. `check_input_file` checked the lines.
+    """
+    count = 0
+    with path.open("rb") as file:
+        for raw in file:
+            line = raw.removeprefix(UTF8_BOM).strip()
+            if not line:
+                continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                # An integer beyond the range of a double, which the services
+                # decode exactly. Only the sample app's labels need the value.
+                value = None
+            yield line, value
+
+
+#: The byte order mark that some editors write at the start of a UTF-8 file.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def file_message_ids(input_path: Path, offsets: list[int]) -> list[str]:
+    """Return the message ids that the file reader gives the lines at `offsets`.
+
+    The reader reads `input_path` as the run names it in READER_INPUT.
+    """
+    return [
+        position_id(Position(str(input_path), 0, offset, offset)) for offset in offsets
+    ]
 
 
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
-    """Run reader, sample app and writer until every input record is accounted for."""
+    """Run reader, model app and writer until every input record is accounted for."""
     options.work_dir.mkdir(parents=True, exist_ok=True)
     for stale in WORK_FILES:
         (options.work_dir / stale).unlink(missing_ok=True)
     input_path = options.work_dir / "input.jsonl"
-    console.print(f"Preparing input from {options.data_path} ...")
-    records = write_input_file(options, input_path)
+    console.print(f"App: {options.app.description()}", soft_wrap=True)
+    source = options.input_file or options.data_path
+    console.print(f"Preparing input from {source} ...", soft_wrap=True)
+    lines = write_input_file(options, input_path)
     backend = _stream_backend(options)
     if backend is not None:
-        return _run_stream(options, records, input_path, backend, console)
+        return _run_stream(options, lines, input_path, backend, console)
+    records = InputRecords.of(lines, file_message_ids(input_path, lines.offsets))
     return _run_files(options, records, input_path, console)
 
 
@@ -292,10 +418,17 @@ def _reader_settings(options: RunOptions) -> dict[str, str]:
     }
 
 
-def _app_settings(options: RunOptions) -> dict[str, str]:
-    if options.model_path is None:
-        return {}
-    return {"SAMPLE_APP_MODEL_PATH": str(options.model_path)}
+def _app_process(options: RunOptions, writer_url: str) -> ServiceProcess:
+    extra = {}
+    if options.model_path is not None:
+        extra["SAMPLE_APP_MODEL_PATH"] = str(options.model_path.resolve())
+    return app_process(
+        options.work_dir,
+        writer_url,
+        module=options.app.module,
+        directory=options.app.directory,
+        extra=extra,
+    )
 
 
 def _run_files(
@@ -315,11 +448,11 @@ def _run_files(
         for record in outputs.read_new():
             tally.add_output(str(record.get("id")), record.get("value"))
         for record in dead.read_new():
-            tally.add_dead_letter(record.get("value"))
+            tally.add_dead_letter(str(record.get("id")))
 
     error = ""
     with _services(writer) as started:
-        app = started.start(app_process(work, writer.url, extra=_app_settings(options)))
+        app = started.start(_app_process(options, writer.url))
         app.wait_ready(60, others=started)
         reader_env = {
             **_reader_settings(options),
@@ -358,6 +491,7 @@ def _run_files(
     # Count what the writer and the reader wrote while they were stopped.
     read_files()
     summary = _summarise("file", records, tally, elapsed)
+    summary.app = options.app.module
     summary.output, summary.dead_letter = str(output), str(dead_letter)
     summary.error = error
     summary.interrupted = error == INTERRUPTED
@@ -370,13 +504,13 @@ def _run_files(
 
 def _run_stream(
     options: RunOptions,
-    records: InputRecords,
+    lines: InputLines,
     input_path: Path,
     backend: StreamBackend,
     console: Console,
 ) -> RunSummary:
     try:
-        return _stream(options, records, input_path, backend, console)
+        return _stream(options, lines, input_path, backend, console)
     finally:
         # Also after a failure or a Ctrl-C, and after the summary read the topics.
         backend.delete_created(console)
@@ -384,14 +518,16 @@ def _run_stream(
 
 def _stream(
     options: RunOptions,
-    records: InputRecords,
+    lines: InputLines,
     input_path: Path,
     backend: StreamBackend,
     console: Console,
 ) -> RunSummary:
-    ids = records.ids
     topics = backend.topics
-    backend.prepare(input_path, len(ids), console)
+    records = InputRecords.of(
+        lines, backend.prepare(input_path, len(lines.offsets), console)
+    )
+    ids = records.ids
     work = options.work_dir
     writer = writer_process(
         work, sink=backend.transport, output=topics.output, extra=backend.service_env()
@@ -400,9 +536,7 @@ def _stream(
     error = ""
     with backend.output_reader() as output_reader:
         with _services(writer) as started:
-            app = started.start(
-                app_process(work, writer.url, extra=_app_settings(options))
-            )
+            app = started.start(_app_process(options, writer.url))
             app.wait_ready(60, others=started)
             reader_env = {
                 **backend.service_env(),
@@ -442,6 +576,7 @@ def _stream(
             whole_output = final is not None
             tally = final or tally
     summary = _summarise(backend.transport, records, tally, elapsed)
+    summary.app = options.app.module
     summary.output, summary.dead_letter = topics.output, topics.dead_letter
     summary.error = error
     summary.interrupted = error == INTERRUPTED
@@ -453,8 +588,8 @@ def _stream(
             summary.read = summary.missing = summary.not_finished = None
             summary.missing_ids = []
         else:
-            read = [tx for tx in ids if tx in committed]
-            unread = [tx for tx in ids if tx not in committed]
+            read = [message for message in ids if message in committed]
+            unread = [message for message in ids if message not in committed]
             split_unfinished(summary, read, unread, tally)
     return summary
 
@@ -634,8 +769,8 @@ def split_unfinished(
 
 def _unaccounted(ids: list[str], tally: OutputTally) -> list[str]:
     """Return the ids that are in neither the output nor the dead letters."""
-    accounted = tally.transactions | tally.dead_transactions
-    return [tx for tx in ids if tx not in accounted]
+    accounted = tally.written | tally.dead_lettered
+    return [message for message in ids if message not in accounted]
 
 
 def _summarise(
@@ -643,39 +778,41 @@ def _summarise(
 ) -> RunSummary:
     ids = records.ids
     missing = _unaccounted(ids, tally)
-    return RunSummary(
+    summary = RunSummary(
         transport=transport,
         read=len(ids),
         input_records=len(ids),
-        written=len(tally.transactions),
-        dead_lettered=len(tally.dead_transactions),
+        written=len(tally.written),
+        dead_lettered=len(tally.dead_lettered),
         duplicates=tally.duplicates,
         missing=len(missing),
-        flagged_as_fraud=len(tally.flagged),
-        labelled_fraud=len(tally.transactions & records.labelled_fraud),
-        flagged_labelled_fraud=len(tally.flagged & records.labelled_fraud),
         elapsed_seconds=round(elapsed, 3),
         messages_per_second=round(tally.finished / elapsed, 1) if elapsed > 0 else 0.0,
         missing_ids=missing[:20],
     )
+    labelled = records.labelled_fraud
+    if labelled is None:
+        summary.flagged_as_fraud = None
+        summary.labelled_fraud = summary.flagged_labelled_fraud = None
+    else:
+        summary.flagged_as_fraud = len(tally.flagged)
+        summary.labelled_fraud = len(tally.written & labelled)
+        summary.flagged_labelled_fraud = len(tally.flagged & labelled)
+    return summary
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
     """Print the summary as a table."""
     table = Table(title="agogosml run", show_header=False)
     rows = [
+        ("app", f"python -m {summary.app}"),
         ("transport", summary.transport),
         *_read_rows(summary),
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
         ("duplicates", f"{summary.duplicates:,}"),
         *_missing_rows(summary),
-        ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
-        (
-            "labelled fraud",
-            f"{summary.labelled_fraud:,} of the written records "
-            f"({summary.flagged_labelled_fraud:,} of them flagged)",
-        ),
+        *_fraud_rows(summary),
         ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
         ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),
         ("output", summary.output),
@@ -686,6 +823,19 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _fraud_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    if summary.flagged_as_fraud is None:
+        return []
+    return [
+        ("flagged as fraud", f"{summary.flagged_as_fraud:,}"),
+        (
+            "labelled fraud",
+            f"{summary.labelled_fraud:,} of the written records "
+            f"({summary.flagged_labelled_fraud:,} of them flagged)",
+        ),
+    ]
 
 
 def _read_rows(summary: RunSummary) -> list[tuple[str, str]]:

@@ -21,10 +21,10 @@ IDS = [f"tx-{index}" for index in range(10)]
 
 def tally_of(written: list[str], dead_lettered: list[str]) -> OutputTally:
     tally = OutputTally()
-    for transaction in written:
-        tally.add_output(f"message-{transaction}", {"transaction_id": transaction})
-    for transaction in dead_lettered:
-        tally.add_dead_letter({"transaction_id": transaction})
+    for message_id in written:
+        tally.add_output(message_id, {"score": 1})
+    for message_id in dead_lettered:
+        tally.add_dead_letter(message_id)
     return tally
 
 
@@ -120,9 +120,9 @@ def test_fraud_counts_cover_written_records() -> None:
     # tx-8 is labelled fraud too, but the run stopped before writing it.
     records = InputRecords(IDS, frozenset({"tx-1", "tx-4", "tx-8"}))
     tally = OutputTally()
-    tally.add_output("m-1", {"transaction_id": "tx-1", "is_fraud": True})
-    tally.add_output("m-2", {"transaction_id": "tx-2", "is_fraud": True})
-    tally.add_output("m-4", {"transaction_id": "tx-4", "is_fraud": False})
+    tally.add_output("tx-1", {"transaction_id": "tx-1", "is_fraud": True})
+    tally.add_output("tx-2", {"transaction_id": "tx-2", "is_fraud": True})
+    tally.add_output("tx-4", {"transaction_id": "tx-4", "is_fraud": False})
 
     summary = _summarise("file", records, tally, 1.0)
 
@@ -130,3 +130,55 @@ def test_fraud_counts_cover_written_records() -> None:
     assert summary.labelled_fraud == 2
     assert summary.flagged_labelled_fraud == 1
     assert "2 of the written records (1 of them flagged)" in table_text(summary)
+
+
+def test_tally_matches_values_without_ids() -> None:
+    # Values of another app: equal values and no transaction id.
+    records = InputRecords(IDS[:4], None)
+    tally = tally_of(["tx-0", "tx-1", "tx-1"], ["tx-2"])
+    tally.add_output("tx-3", None)
+
+    summary = _summarise("file", records, tally, 1.0)
+
+    assert summary.written == 3
+    assert summary.dead_lettered == 1
+    assert summary.duplicates == 1
+    assert summary.missing == 0
+
+
+def test_tally_names_missing_message_ids() -> None:
+    records = InputRecords(IDS[:4], None)
+    tally = tally_of(["tx-0", "tx-3"], ["tx-1"])
+
+    summary = _summarise("file", records, tally, 1.0)
+
+    assert summary.missing == 1
+    assert summary.missing_ids == ["tx-2"]
+
+
+def test_summary_without_fraud_counts() -> None:
+    records = InputRecords(IDS, None)
+    tally = tally_of(IDS, [])
+
+    summary = _summarise("file", records, tally, 1.0)
+    summary.app = "my_app.app"
+    data = orjson.loads(summary.to_json())
+    text = table_text(summary)
+
+    assert data["app"] == "my_app.app"
+    for name in ("flagged_as_fraud", "labelled_fraud", "flagged_labelled_fraud"):
+        assert name not in data
+    assert "python -m my_app.app" in text
+    assert "fraud" not in text
+
+
+def test_summary_of_sample_app_has_fraud_counts() -> None:
+    records = InputRecords(IDS, frozenset())
+    tally = tally_of(IDS, [])
+
+    data = orjson.loads(_summarise("file", records, tally, 1.0).to_json())
+
+    assert data["app"] == "sample_app.app"
+    assert data["flagged_as_fraud"] == 0
+    assert data["labelled_fraud"] == 0
+    assert data["flagged_labelled_fraud"] == 0

@@ -42,7 +42,7 @@ def test_run_help_lists_exit_codes() -> None:
     assert result.exit_code == 0
     assert codes >= {"0", "1", "2", "130", "143"}
     assert "SIGTERM" in result.output
-    assert "sample fraud app, not the app of a generated project" in flat(result.output)
+    assert "--app or --project runs your app" in flat(result.output)
 
 
 def test_help_lists_whole_command_summaries() -> None:

@@ -483,8 +483,8 @@ class FakeReceiver:
         self.ids = ids
 
     def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
-        for number, transaction in enumerate(self.ids):
-            tally.add_output(f"m{number}", {"transaction_id": transaction})
+        for message_id in self.ids:
+            tally.add_output(message_id, {"score": 1})
 
     def final_count(self, tally: OutputTally) -> OutputTally:
         self.poll_into(tally, 0)
@@ -495,8 +495,8 @@ class InterruptedReceiver(FakeReceiver):
     """Count two records, then end the run as Ctrl-C does; the rest come last."""
 
     def poll_into(self, tally: OutputTally, timeout_seconds: float) -> None:
-        for number, transaction in enumerate(self.ids[:2]):
-            tally.add_output(f"m{number}", {"transaction_id": transaction})
+        for message_id in self.ids[:2]:
+            tally.add_output(message_id, {"score": 1})
         raise KeyboardInterrupt
 
     def final_count(self, tally: OutputTally) -> OutputTally:
@@ -545,7 +545,7 @@ def run_through_fake_hubs(
 
     @contextlib.contextmanager
     def output_reader(self: EventHubsBackend) -> Iterator[FakeReceiver]:
-        yield receiver([f"tx-{n:06d}" for n in range(5)])
+        yield receiver([eventhubs_run.line_message_id(n) for n in range(1, 6)])
 
     monkeypatch.setattr(eventhubs_run, "latest_enqueued_time", latest_enqueued_time)
     monkeypatch.setattr(eventhubs_run, "send_file", send_file)
@@ -562,6 +562,19 @@ def run_through_fake_hubs(
     return run_pipeline(options, Console(file=io.StringIO())), sent
 
 
+def test_eventhubs_input_events_carry_line_ids(tmp_path: Path) -> None:
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b'{"a": 1}\n"b"\n')
+
+    events = [event for chunk in eventhubs_run._chunks(path) for event in chunk]
+
+    assert [event.id for event in events] == [
+        "input.jsonl:line-1",
+        "input.jsonl:line-2",
+    ]
+    assert [event.value for event in events] == [b'{"a": 1}', b'"b"']
+
+
 def test_eventhubs_run_wiring(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -576,6 +589,7 @@ def test_eventhubs_run_wiring(
     assert sent == [("in", 5)]
     assert summary.transport == "eventhubs"
     assert summary.written == 5
+    assert summary.missing == 0
     assert summary.output == "out"
     assert summary.dead_letter == "in.dlq"
     assert writer == {
@@ -650,7 +664,7 @@ def test_output_receiver_counts_both_hubs(
     output.add("0", b'{"transaction_id": "tx-000000"}', **{"message-id": "m0"})
     output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
     output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
-    dead_letters.add("0", b'{"transaction_id": "tx-000002"}')
+    dead_letters.add("0", b'{"transaction_id": "tx-000002"}', **{"message-id": "m2"})
     hubs = {"out": output, "in.dlq": dead_letters}
     positions: dict[str, Any] = {}
 
@@ -675,9 +689,8 @@ def test_output_receiver_counts_both_hubs(
         ):
             receiver.poll_into(tally, 0.1)
 
-    assert tally.transactions == {"tx-000000", "tx-000001"}
-    assert tally.dead_transactions == {"tx-000002"}
-    assert tally.seen_messages == {"m0", "m1"}
+    assert tally.written == {"m0", "m1"}
+    assert tally.dead_lettered == {"m2"}
     assert tally.duplicates == 1
     assert positions["out"] == datetime.datetime(
         2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC
@@ -809,8 +822,9 @@ def test_committed_ids_end_at_committed_offset(
     )
     settings = KafkaSettings(bootstrap_servers=mock_cluster)
     backend = KafkaBackend(settings, RunTopics("run-in", "out", "run-in.dlq"), "abc")
-    backend._positions = kafka_run.produce_file(backend._config, "run-in", input_path)
-    partition, offset = backend._positions["tx-7"]
+    positions = kafka_run.produce_file(backend._config, "run-in", input_path)
+    backend._positions = {f"line-{n}": p for n, p in enumerate(positions)}
+    partition, offset = backend._positions["line-7"]
     # The reader committed past tx-7 on its partition, and nothing elsewhere.
     consumer = Consumer(
         {"bootstrap.servers": mock_cluster, "group.id": backend.group_id}
@@ -823,10 +837,10 @@ def test_committed_ids_end_at_committed_offset(
     committed = backend.committed_ids()
 
     assert committed is not None
-    assert "tx-7" in committed
+    assert "line-7" in committed
     assert committed == {
-        tx
-        for tx, (other, position) in backend._positions.items()
+        line
+        for line, (other, position) in backend._positions.items()
         if other == partition and position <= offset
     }
     assert len(backend._positions) == 20

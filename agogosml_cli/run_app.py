@@ -1,0 +1,197 @@
+"""Checks of the options of ``agogosml run`` that choose the model app and its input.
+
+By default a run streams the fraud dataset through agogosml's sample app.
+``--app MODULE`` (or ``--project DIR``, which names the app of a generated
+project) runs another app with ``python -m``, and ``--input FILE`` streams a
+JSON Lines file in place of the dataset.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from agogosml import exact_json
+from agogosml_cli.run import UTF8_BOM, AppChoice
+
+#: The manifest file of a generated project, in its top directory.
+MANIFEST_NAME = "agogosml.yaml"
+
+#: Run by the interpreter of the run in the app's directory, as ``python -m``
+#: would run the module there: exits 0 when the module is found, else with
+#: the reason.
+_FIND_MODULE = """\
+import importlib.util, sys
+try:
+    found = importlib.util.find_spec(sys.argv[1]) is not None
+except Exception as exc:
+    sys.exit(f"importing its package failed: {type(exc).__name__}: {exc}")
+sys.exit(0 if found else "no module of that name was found")
+"""
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """Values of the app and input options, as click passes them."""
+
+    app: str | None = None
+    project: Path | None = None
+    input_file: Path | None = None
+    data: Path | None = None
+    model: Path | None = None
+
+
+def resolve_app(options: AppOptions) -> AppChoice:
+    """Check the option combination and return the app of the run.
+
+    Raises:
+        click.UsageError: when options conflict, the manifest of --project is
+            invalid, or the app module cannot be found.
+        click.BadParameter: when --input is not a JSON Lines file.
+    """
+    _check_combination(options)
+    if options.input_file is not None:
+        check_input_file(options.input_file)
+    if options.project is not None:
+        directory = options.project.resolve()
+        choice = AppChoice(project_app_module(directory), directory)
+        _check_importable(choice, "--project", str(options.project))
+        return choice
+    if options.app is not None:
+        choice = AppChoice(options.app)
+        _check_importable(choice, "--app", options.app)
+        return choice
+    return AppChoice()
+
+
+def _check_combination(options: AppOptions) -> None:
+    if options.app is not None and options.project is not None:
+        raise click.UsageError(
+            "--app and --project exclude each other: --project runs the app "
+            "module of the project. Use one"
+        )
+    if options.input_file is not None and options.data is not None:
+        raise click.UsageError(
+            "--input and --data exclude each other: both name the records to "
+            "stream. Use --input for a JSON Lines file, --data for a dataset CSV"
+        )
+    option = "--app" if options.app is not None else "--project"
+    if options.app is None and options.project is None:
+        return
+    if options.model is not None:
+        raise click.UsageError(
+            f"--model sets the model file of the sample app, not of the app of "
+            f"{option}; leave it out and configure your app through its "
+            "environment variables"
+        )
+    if options.data is not None:
+        raise click.UsageError(
+            f"--data is the fraud dataset of the sample app; give the input of "
+            f"the app of {option} with --input FILE"
+        )
+    if options.input_file is None:
+        raise click.UsageError(
+            f"{option} needs --input FILE: a JSON Lines file of the values that "
+            "the app scores, one JSON value a line"
+        )
+    if options.app is not None:
+        _check_module_name(options.app)
+
+
+def _check_module_name(module: str) -> None:
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise click.BadParameter(
+            f"{module!r} is not a Python module name; give a dotted name such "
+            "as 'my_project.app', which the run starts as 'python -m "
+            "my_project.app'",
+            param_hint="--app",
+        )
+
+
+def project_app_module(project: Path) -> str:
+    """Return the app module of the generated project in `project`.
+
+    The module is ``<package>.app``, where the package is the project name of
+    the manifest with '_' for '-'.
+
+    Raises:
+        click.UsageError: naming the manifest, when it is missing or invalid.
+    """
+    from agogosml_cli.manifest import ManifestError, load_manifest, package_name
+
+    path = project / MANIFEST_NAME
+    if not path.is_file():
+        raise click.UsageError(
+            f"--project {str(project)!r} has no {MANIFEST_NAME}; give the top "
+            "directory of a project that 'agogosml generate' made, or name the "
+            "app module with --app"
+        )
+    try:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        raise click.UsageError(f"--project {str(project)!r}: {exc}") from None
+    return f"{package_name(manifest.name)}.app"
+
+
+def _check_importable(choice: AppChoice, option: str, value: str) -> None:
+    """Raise a usage error unless ``python -m`` can find the app's module.
+
+    The check runs in a child process of the run's interpreter in the app's
+    directory, as the app will, so it imports no code of the app here.
+    """
+    found = subprocess.run(
+        [sys.executable, "-c", _FIND_MODULE, choice.module],
+        cwd=choice.directory,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if found.returncode == 0:
+        return
+    reason = found.stderr.strip().splitlines()[-1:] or ["it was not found"]
+    raise click.UsageError(
+        f"{option} {value!r}: the interpreter of this run ({sys.executable}) "
+        f"cannot run 'python -m {choice.module}': {reason[0]}. Install the "
+        "package of the app into this environment (for a generated project, "
+        "'pip install -e PROJECT_DIR'), or run the agogosml of the environment "
+        "that has it"
+    )
+
+
+def check_input_file(path: Path) -> None:
+    """Check that `path` is a JSON Lines file with at least one value.
+
+    Blank lines are allowed, as the input reader skips them.
+
+    Raises:
+        click.BadParameter: naming --input, the line and why it is invalid.
+    """
+    records = 0
+    try:
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                line = raw.removeprefix(UTF8_BOM).strip()
+                if not line:
+                    continue
+                error = exact_json.json_error(line)
+                if error:
+                    raise click.BadParameter(
+                        f"{str(path)!r} is not JSON Lines: line {number} is not a "
+                        f"JSON value ({error}). Give a file with one JSON value "
+                        "a line",
+                        param_hint="--input",
+                    )
+                records += 1
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {str(path)!r}: {exc.strerror or exc}", param_hint="--input"
+        ) from None
+    if records == 0:
+        raise click.BadParameter(
+            f"{str(path)!r} has no records; give a file with one JSON value a line",
+            param_hint="--input",
+        )

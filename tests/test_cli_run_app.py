@@ -1,0 +1,327 @@
+"""`agogosml run --app` and `--input`: the user's app on the user's records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from agogosml_cli.main import cli
+from sample_app.data import FEATURE_COLUMNS
+
+REPO_ROOT = Path(__file__).parents[1]
+
+#: A model app that doubles integers and rejects any other value.
+DOUBLING_APP = """\
+from agogosml.app import InvalidRecord, ModelApp
+
+
+def score(values):
+    return [
+        value * 2 if isinstance(value, int) else InvalidRecord("not an integer")
+        for value in values
+    ]
+
+
+if __name__ == "__main__":
+    ModelApp(score, name="doubling app").run()
+"""
+
+#: Input of the doubling app: equal values, blank lines, values it rejects.
+INPUT_LINES = ["1", "2", "", "2", '"text"', "  3  ", "[1]", "1"]
+VALUES = [1, 2, 2, 3, 1]
+REJECTED = ["text", [1]]
+
+FRAUD_FIELDS = ("flagged_as_fraud", "labelled_fraud", "flagged_labelled_fraud")
+
+MANIFEST = """\
+version: 1
+name: doubling-scores
+source: {type: file, path: in.jsonl}
+sink: {type: file, path: out.jsonl}
+registry: localhost:5000
+kubernetes: {namespace: ml}
+"""
+
+
+def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agogosml_cli.main", "run", *arguments],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def invoke(*arguments: str) -> Any:
+    return CliRunner().invoke(cli, ["run", *arguments])
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def write_app(directory: Path, module: str = "doubling_app") -> None:
+    path = directory / (module.replace(".", "/") + ".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DOUBLING_APP)
+
+
+def write_input(path: Path, lines: list[str] = INPUT_LINES) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def output_values(work: Path, name: str) -> list[Any]:
+    lines = (work / name).read_bytes().splitlines()
+    return [orjson.loads(line)["value"] for line in lines]
+
+
+def check_doubling_summary(summary: dict[str, Any]) -> None:
+    assert summary["app"] == "doubling_app"
+    assert summary["input_records"] == 7
+    assert summary["read"] == 7
+    assert summary["written"] == 5
+    assert summary["dead_lettered"] == 2
+    assert summary["duplicates"] == 0
+    assert summary["missing"] == 0
+    for name in FRAUD_FIELDS:
+        assert name not in summary
+
+
+@pytest.mark.slow
+def test_app_runs_on_input_file(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    write_input(tmp_path / "values.jsonl")
+    work = tmp_path / "work"
+
+    result = run_cli(
+        "--app", "doubling_app",
+        "--input", "values.jsonl",
+        "--summary-json", "summary.json",
+        "--work-dir", str(work),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    check_doubling_summary(orjson.loads((tmp_path / "summary.json").read_bytes()))
+    assert "App: python -m doubling_app" in result.stderr
+    assert "python -m doubling_app" in result.stdout
+    assert "fraud" not in result.stdout
+    assert sorted(output_values(work, "output.jsonl")) == sorted(
+        value * 2 for value in VALUES
+    )
+    assert output_values(work, "dead-letter.jsonl") == REJECTED
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_app_runs_through_kafka(tmp_path: Path, kafka_bootstrap: str) -> None:
+    write_app(tmp_path)
+    write_input(tmp_path / "values.jsonl")
+
+    result = run_cli(
+        "--kafka", kafka_bootstrap,
+        "--app", "doubling_app",
+        "--input", "values.jsonl",
+        "--summary-json", "summary.json",
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert summary["transport"] == "kafka"
+    check_doubling_summary(summary)
+
+
+@pytest.mark.slow
+def test_project_app_runs_in_project(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "agogosml.yaml").write_text(MANIFEST)
+    write_app(project, "doubling_scores.app")
+    write_input(tmp_path / "values.jsonl")
+
+    result = run_cli(
+        "--project", "project",
+        "--input", "values.jsonl",
+        "--summary-json", "summary.json",
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert summary["app"] == "doubling_scores.app"
+    assert summary["written"] == 5
+    assert summary["missing"] == 0
+    assert f"App: python -m doubling_scores.app in {project}" in flat(result.stderr)
+
+
+def transaction(amount: float) -> str:
+    values = dict.fromkeys(FEATURE_COLUMNS, 0.0)
+    values["Amount"] = amount
+    return orjson.dumps(values).decode()
+
+
+@pytest.mark.slow
+def test_sample_app_runs_on_input_file(tmp_path: Path, fraud_model: Path) -> None:
+    lines = [transaction(1.0), transaction(2.0), '{"Amount": "x"}', transaction(3.0)]
+    write_input(tmp_path / "transactions.jsonl", lines)
+
+    result = run_cli(
+        "--input", "transactions.jsonl",
+        "--model", str(fraud_model),
+        "--summary-json", "summary.json",
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert summary["app"] == "sample_app.app"
+    assert summary["written"] == 3
+    assert summary["dead_lettered"] == 1
+    assert summary["missing"] == 0
+    assert summary["labelled_fraud"] == 0
+    assert "App: agogosml's sample fraud app" in result.stderr
+    assert "Dataset:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--app", "doubling_app", "--model", "MODEL"],
+            "--model sets the model file of the sample app, not of the app of --app",
+        ),
+        (
+            ["--app", "doubling_app", "--data", "DATA"],
+            "give the input of the app of --app with --input FILE",
+        ),
+        (["--app", "doubling_app"], "--app needs --input FILE"),
+        (
+            ["--app", "doubling_app", "--project", "."],
+            "--app and --project exclude each other",
+        ),
+        (
+            ["--input", "INPUT", "--data", "DATA"],
+            "--input and --data exclude each other",
+        ),
+        (
+            ["--app", "my-app.app", "--input", "INPUT"],
+            "'my-app.app' is not a Python module name",
+        ),
+    ],
+)
+def test_run_rejects_app_option_combination(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    arguments: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_app(tmp_path)
+    files = {
+        "MODEL": tmp_path / "model.joblib",
+        "DATA": tmp_path / "data.csv",
+        "INPUT": write_input(tmp_path / "values.jsonl"),
+    }
+    for path in files.values():
+        path.touch()
+    write_input(files["INPUT"])
+    arguments = [str(files.get(argument, argument)) for argument in arguments]
+
+    result = invoke(*arguments, "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert message in flat(result.output)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["1", "{'a': 1}"], "is not JSON Lines: line 2 is not a JSON value"),
+        (["", "  "], "has no records; give a file with one JSON value a line"),
+        (['{"a": 1} {"b": 2}'], "is not JSON Lines: line 1 is not a JSON value"),
+    ],
+)
+def test_run_rejects_input_not_json_lines(
+    tmp_path: Path, lines: list[str], message: str
+) -> None:
+    path = write_input(tmp_path / "values.jsonl", lines)
+
+    result = invoke("--input", str(path), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --input" in result.output
+    assert f"'{path}' {message}" in flat(result.output)
+
+
+def test_run_rejects_missing_input(tmp_path: Path) -> None:
+    result = invoke("--input", str(tmp_path / "nope.jsonl"))
+
+    assert result.exit_code == 2, result.output
+    assert "nope.jsonl" in result.output
+    assert "does not exist" in result.output
+
+
+def test_run_rejects_input_inside_run_files(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    path = write_input(work / "input.jsonl")
+
+    result = invoke("--input", str(path), "--work-dir", str(work))
+
+    assert result.exit_code == 2, result.output
+    assert f"--input '{path}' is the run's own input.jsonl" in flat(result.output)
+
+
+def test_run_rejects_app_not_importable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_input(tmp_path / "values.jsonl")
+
+    result = invoke("--app", "no_such_app.app", "--input", str(path))
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "--app 'no_such_app.app': the interpreter of this run" in output
+    assert "cannot run 'python -m no_such_app.app'" in output
+    assert "ModuleNotFoundError: No module named 'no_such_app'" in output
+    assert "'pip install -e PROJECT_DIR'" in output
+
+
+def test_run_rejects_project_without_manifest(tmp_path: Path) -> None:
+    path = write_input(tmp_path / "values.jsonl")
+
+    result = invoke("--project", str(tmp_path), "--input", str(path))
+
+    assert result.exit_code == 2, result.output
+    assert f"--project '{tmp_path}' has no agogosml.yaml" in flat(result.output)
+
+
+def test_run_names_project_app_not_installed(tmp_path: Path) -> None:
+    # A generated project keeps its package under src/, which only an
+    # installation puts on the path.
+    (tmp_path / "agogosml.yaml").write_text(MANIFEST)
+    write_app(tmp_path / "src", "doubling_scores.app")
+    path = write_input(tmp_path / "values.jsonl")
+
+    result = invoke("--project", str(tmp_path), "--input", str(path))
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert "cannot run 'python -m doubling_scores.app'" in output
+    assert "Install the package of the app into this environment" in output
