@@ -138,11 +138,12 @@ class EventHubsBackend:
         """
         return None
 
-    def delete_created(self, console: Console) -> None:
+    def delete_created(self, console: Console) -> list[str]:
         """Delete nothing, because the run creates no event hubs.
 
         The reader's checkpoint container is kept too.
         """
+        return []
 
 
 def _producer(settings: EventHubSettings, hub: str) -> EventHubProducerClient:

@@ -133,14 +133,16 @@ class KafkaBackend:
         """Return a consumer of the output and dead-letter records of this run."""
         return OutputConsumer(self._config, self.topics, self._start)
 
-    def delete_created(self, console: Console) -> None:
+    def delete_created(self, console: Console) -> list[str]:
         """Delete the run-specific topics that `prepare` created, and print them.
 
         Topics that existed before, or that the user named, are kept. The
         reader's consumer group, new for each run, is deleted too. A Ctrl-C
-        during the deletion stops it and is not raised again.
+        during the deletion stops it and is not raised again. Returns the
+        topics deleted, without those whose deletion failed.
         """
         names = [name for name in self.created if name in self.topics.run_specific]
+        deleted: list[str] = []
         # A failure to delete the topics, such as a broker that is gone or a
         # Ctrl-C, would stop the group's deletion the same way, after as long.
         failure: str | None = None
@@ -151,6 +153,7 @@ class KafkaBackend:
                 failures = dict.fromkeys(names, exc.args[0].str())
             except KeyboardInterrupt:
                 failures = dict.fromkeys(names, "interrupted")
+            deleted = [name for name in names if name not in failures]
             if failures:
                 message = _left_topics_message(self._config, failures)
                 failure = next(iter(failures.values()))
@@ -173,6 +176,7 @@ class KafkaBackend:
                 markup=False,
                 highlight=False,
             )
+        return deleted
 
 
 def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:

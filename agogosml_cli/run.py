@@ -174,6 +174,8 @@ class RunSummary:
     messages_per_second: float = 0.0
     output: str = ""
     dead_letter: str = ""
+    #: Topics that the run created and deleted at its end, such as the output.
+    deleted_topics: list[str] = field(default_factory=list)
     #: Message ids of up to 20 missing records.
     missing_ids: list[str] = field(default_factory=list)
     #: Reason the run stopped before every record was accounted for, or "".
@@ -235,13 +237,13 @@ class StreamBackend(Protocol):
     def committed_ids(self) -> set[str] | None:
         """Return the ids the reader finished and committed, or None if unknown."""
 
-    def delete_created(self, console: Console) -> None:
+    def delete_created(self, console: Console) -> list[str]:
         """Delete the run-specific topics that `prepare` created, and print them.
 
         A run cannot resume from them, because every run produces its input
         again. A backend deletes the reader's consumer group of the run too,
         where it made one. When a deletion fails, print what is left and how
-        to delete it, and raise nothing.
+        to delete it, and raise nothing. Returns the topics deleted.
         """
 
 
@@ -510,10 +512,14 @@ def _run_stream(
     console: Console,
 ) -> RunSummary:
     try:
-        return _stream(options, lines, input_path, backend, console)
-    finally:
-        # Also after a failure or a Ctrl-C, and after the summary read the topics.
+        summary = _stream(options, lines, input_path, backend, console)
+    except BaseException:
+        # Also after a failure or a Ctrl-C.
         backend.delete_created(console)
+        raise
+    # After the summary read the topics.
+    summary.deleted_topics = backend.delete_created(console)
+    return summary
 
 
 def _stream(
@@ -815,14 +821,20 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         *_fraud_rows(summary),
         ("elapsed", f"{summary.elapsed_seconds:.1f} s"),
         ("throughput", f"{summary.messages_per_second:,.0f} messages/s"),
-        ("output", summary.output),
-        ("dead letters", summary.dead_letter),
+        ("output", _topic_text(summary, summary.output)),
+        ("dead letters", _topic_text(summary, summary.dead_letter)),
     ]
     if summary.error:
         rows.append(("stopped early", "yes: the counts cover only part of the run"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _topic_text(summary: RunSummary, topic: str) -> str:
+    if topic in summary.deleted_topics:
+        return f"{topic} (deleted when the run ended)"
+    return topic
 
 
 def _fraud_rows(summary: RunSummary) -> list[tuple[str, str]]:

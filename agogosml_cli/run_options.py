@@ -188,7 +188,8 @@ _OPTIONS = [
     click.option(
         "--dead-letter-topic",
         metavar="NAME",
-        help="Dead-letter topic or event hub. Default: '<input>.dlq'.",
+        help="Dead-letter topic or event hub. Default: '<input>.dlq'; with Kafka "
+        "and no --input-topic, a new topic per run, deleted when the run ends.",
     ),
 ]
 

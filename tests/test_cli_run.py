@@ -121,6 +121,8 @@ def test_run_through_kafka(
     assert "Deleted the topics that this run created: " + ", ".join(created) in (
         result.stderr
     )
+    assert summary["deleted_topics"] == created
+    assert f"{created[1]} (deleted when the run ended)" in flat(result.stdout)
     assert existing_topics(kafka_bootstrap, created) == []
     group = created[0].removesuffix("-input")
     assert group not in consumer_groups(kafka_bootstrap)
@@ -289,6 +291,11 @@ def test_run_keeps_existing_named_topic(
         result.stderr
     )
     assert output not in result.stderr
+    assert read_summary(tmp_path / "summary.json")["deleted_topics"] == [
+        input_topic,
+        dead_letter,
+    ]
+    assert f"{output} (deleted" not in flat(result.stdout)
 
 
 def test_run_rejects_missing_data_file(tmp_path: Path) -> None:

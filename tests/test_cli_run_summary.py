@@ -182,3 +182,19 @@ def test_summary_of_sample_app_has_fraud_counts() -> None:
     assert data["flagged_as_fraud"] == 0
     assert data["labelled_fraud"] == 0
     assert data["flagged_labelled_fraud"] == 0
+
+
+def test_table_marks_deleted_topics() -> None:
+    summary = RunSummary(
+        transport="kafka",
+        output="run-output",
+        dead_letter="kept.dlq",
+        deleted_topics=["run-input", "run-output"],
+    )
+
+    text = table_text(summary)
+    data = orjson.loads(summary.to_json())
+
+    assert "run-output (deleted when the run ended)" in text
+    assert "kept.dlq (deleted" not in text
+    assert data["deleted_topics"] == ["run-input", "run-output"]

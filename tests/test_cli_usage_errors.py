@@ -45,6 +45,16 @@ def test_run_help_lists_exit_codes() -> None:
     assert "--app or --project runs your app" in flat(result.output)
 
 
+def test_run_help_dead_letter_default_deleted() -> None:
+    result = invoke("run", "--help")
+
+    # click may break the line at the hyphen of "--input-topic".
+    help_text = flat(result.output.split("--dead-letter-topic NAME")[1])
+    assert result.exit_code == 0
+    assert help_text.startswith("Dead-letter topic or event hub. Default: ")
+    assert "a new topic per run, deleted when the run ends." in help_text
+
+
 def test_help_lists_whole_command_summaries() -> None:
     result = invoke("--help")
 
