@@ -72,7 +72,8 @@ bench-hops: $(STAMP)
 	$(BIN)/python -m sample_app.train --if-missing
 	$(BIN)/python -m benchmarks.hops
 
-broker: $(STAMP)
+# broker.py needs only confluent-kafka, a dependency of agogosml itself.
+broker: $(SAMPLE_STAMP)
 	$(BIN)/python deployment/kafka/broker.py run
 
 clean:

@@ -98,6 +98,13 @@ class EventHubsBackend:
         )
         self._start: dict[str, str] = {}
 
+    def check_connection(self) -> None:
+        """Check nothing: `prepare` opens each hub before it sends the input.
+
+        NOTE: so a run that cannot reach the namespace still writes its input
+        file first.
+        """
+
     def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
         """Note where each hub's new events start, then send the input.
 

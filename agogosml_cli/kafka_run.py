@@ -38,6 +38,8 @@ _QUIET = {"log_level": 0}
 #: Partitions of the input and output topics that a run creates.
 PARTITIONS = 3
 _TIMEOUT_SECONDS = 30.0
+#: Limit of the broker check before the run writes its input.
+_CHECK_TIMEOUT_SECONDS = 10.0
 #: Limit of each broker request of the count after a run stopped early, which
 #: may have stopped because the broker is gone.
 _COUNT_TIMEOUT_SECONDS = 10.0
@@ -63,6 +65,10 @@ class KafkaBackend:
         self._positions: dict[str, tuple[int, int]] = {}
         #: Topics that `prepare` created, also when it failed after that.
         self.created: list[str] = []
+
+    def check_connection(self) -> None:
+        """Raise RuntimeError when no broker responds to a metadata request in time."""
+        check_broker(self._config)
 
     def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
         """Create missing topics, skip older records, and produce the input.
@@ -191,8 +197,50 @@ def _broker_error(config: dict[str, Any], exc: KafkaException) -> RuntimeError:
         f"({exc.args[0].str()}); check the address, and that the broker's "
         "listener expects that protocol (set by --kafka-security-protocol and "
         "--kafka-sasl-mechanism, or KAFKA_SECURITY_PROTOCOL and "
-        "KAFKA_SASL_MECHANISM), or start a local broker with 'make broker'"
+        "KAFKA_SASL_MECHANISM), and that a broker runs there. In a clone of "
+        "agogosml, 'make broker' starts a local one and prints its address"
     )
+
+
+def check_broker(
+    config: dict[str, Any], timeout_seconds: float = _CHECK_TIMEOUT_SECONDS
+) -> None:
+    """Send a metadata request; raise RuntimeError when no broker responds.
+
+    A refused connection to every bootstrap server ends the wait early,
+    because librdkafka then reports that all brokers are down.
+
+    Raises:
+        click.UsageError: the client properties are invalid.
+        RuntimeError: no broker answered within `timeout_seconds`.
+    """
+    errors: list[KafkaError] = []
+    admin = _admin_client({**config, "error_cb": errors.append})
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            admin.list_topics(timeout=min(0.5, max(remaining, 0.01)))
+            return
+        except KafkaException as exc:
+            admin.poll(0)
+            all_down = any(
+                error.code() == KafkaError._ALL_BROKERS_DOWN for error in errors
+            )
+            if all_down or remaining <= 0.5:
+                # The first error, such as a refused connection, says the most.
+                cause = KafkaException(errors[0]) if errors else exc
+                raise _broker_error(config, cause) from None
+
+
+def _admin_client(config: dict[str, Any]) -> AdminClient:
+    try:
+        return AdminClient({**config, **_QUIET})
+    except KafkaException as exc:
+        raise click.UsageError(
+            f"cannot create a Kafka client: {exc.args[0].str()}; check the KAFKA_ "
+            "settings, KAFKA_EXTRA_CONFIG included"
+        ) from None
 
 
 def prepare_topics(
@@ -205,13 +253,7 @@ def prepare_topics(
     each topic created is appended to `created`, also when creating another
     one fails.
     """
-    try:
-        admin = AdminClient({**config, **_QUIET})
-    except KafkaException as exc:
-        raise click.UsageError(
-            f"cannot create a Kafka client: {exc.args[0].str()}; check the KAFKA_ "
-            "settings, KAFKA_EXTRA_CONFIG included"
-        ) from None
+    admin = _admin_client(config)
     try:
         existing = admin.list_topics(timeout=15).topics
     except KafkaException as exc:

@@ -219,6 +219,9 @@ class StreamBackend(Protocol):
     transport: str
     topics: RunTopics
 
+    def check_connection(self) -> None:
+        """Raise RuntimeError when the broker cannot be reached, before the input."""
+
     def prepare(self, input_path: Path, count: int, console: Console) -> list[str]:
         """Check or create the topics, then produce the input file to the input.
 
@@ -383,15 +386,19 @@ def file_message_ids(input_path: Path, offsets: list[int]) -> list[str]:
 
 def run_pipeline(options: RunOptions, console: Console) -> RunSummary:
     """Run reader, model app and writer until every input record is accounted for."""
+    console.print(f"App: {options.app.description()}", soft_wrap=True)
+    backend = _stream_backend(options)
+    if backend is not None:
+        # Writing the input of the whole dataset takes seconds, which a run
+        # that cannot reach its broker should not spend.
+        backend.check_connection()
     options.work_dir.mkdir(parents=True, exist_ok=True)
     for stale in WORK_FILES:
         (options.work_dir / stale).unlink(missing_ok=True)
     input_path = options.work_dir / "input.jsonl"
-    console.print(f"App: {options.app.description()}", soft_wrap=True)
     source = options.input_file or options.data_path
     console.print(f"Preparing input from {source} ...", soft_wrap=True)
     lines = write_input_file(options, input_path)
-    backend = _stream_backend(options)
     if backend is not None:
         return _run_stream(options, lines, input_path, backend, console)
     records = InputRecords.of(lines, file_message_ids(input_path, lines.offsets))

@@ -23,6 +23,7 @@ from kafka_endpoint import CONNECTION_STRING
 from rich.console import Console
 
 import sample_app
+from agogosml_cli.local import free_port
 from agogosml_cli.main import cli
 from agogosml_cli.run import WORK_FILES, RunOptions, RunSummary
 from sample_app.data import COLUMNS, DatasetFetchError
@@ -296,6 +297,29 @@ def test_run_keeps_existing_named_topic(
         dead_letter,
     ]
     assert f"{output} (deleted" not in flat(result.stdout)
+
+
+def test_run_checks_broker_before_input(tmp_path: Path, fraud_model: Path) -> None:
+    closed = free_port()
+    work = tmp_path / "work"
+    started = time.monotonic()
+
+    result = run_cli(
+        "--kafka", f"127.0.0.1:{closed}",
+        "--model", str(fraud_model),
+        "--work-dir", str(work),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    elapsed = time.monotonic() - started
+    message = flat(result.stderr)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot reach a Kafka broker at '127.0.0.1:{closed}'" in message
+    assert "Connection refused" in message
+    assert "In a clone of agogosml, 'make broker' starts a local one" in message
+    assert not (work / "input.jsonl").exists()
+    # A refused connection ends the check before its 10 s timeout.
+    assert elapsed < 10
 
 
 def test_run_rejects_missing_data_file(tmp_path: Path) -> None:

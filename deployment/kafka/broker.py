@@ -7,10 +7,11 @@ compiled for Java 17 (class file version 61). Resolving the jars needs Maven.
 
 Command line::
 
-    python deployment/kafka/broker.py run [--port 9092] [--container-address ADDRESS]
+    python deployment/kafka/broker.py run [--port PORT] [--container-address ADDRESS]
     python deployment/kafka/broker.py fetch
 
-`run` prints ``KAFKA_BOOTSTRAP_SERVERS=host:port`` on stdout once the broker is
+`run` listens on a free port unless ``--port`` names one, prints
+``KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:PORT`` on stdout once the broker is
 ready and stops it on SIGINT or SIGTERM. `fetch` only fills the jar cache.
 
 Only the readiness check uses a third-party package (confluent-kafka).
