@@ -42,11 +42,28 @@ def _finite(value: float, param: click.Parameter) -> float:
     return value
 
 
+#: Exit code of a command ended by Ctrl-C: 128 + SIGINT, as shells report it.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+
+
 class _CommandGroup(click.Group):
     """A command group that lists each command with the whole first line of its help.
 
     click cuts the line mid-phrase to fit the terminal. Here it wraps instead.
     """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; exit with 130 on a Ctrl-C that the command did not handle.
+
+        click reports a KeyboardInterrupt as "Aborted!" with exit code 1. A
+        shell reports a process ended by SIGINT as 128 + 2, which is what
+        `agogosml run` exits with once its own handler is in place.
+        """
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted by SIGINT.", err=True)
+            ctx.exit(INTERRUPTED_EXIT_CODE)
 
     def format_commands(
         self, ctx: click.Context, formatter: click.HelpFormatter

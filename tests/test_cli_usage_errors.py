@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from agogosml_cli import entry, main
 from agogosml_cli.main import cli
 
 KAFKA_VARIABLES = (
@@ -196,3 +199,32 @@ def test_generate_output_in_link_loop_named(link_loop: Path, tmp_path: Path) -> 
     assert result.exit_code == 1, result.output
     assert f"{str(link_loop)!r} cannot be resolved" in result.output
     assert "Traceback" not in result.output
+
+
+def test_interrupt_before_run_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*arguments: object, **options: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "resolve_stream", interrupted)
+
+    result = invoke("run", "--limit", "5")
+
+    assert result.exit_code == 130
+    assert "Interrupted by SIGINT." in result.output
+    assert "Aborted!" not in result.output
+
+
+def test_interrupt_during_start_up_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Importing(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt  # as a Ctrl-C during the import would
+
+    monkeypatch.setitem(sys.modules, "agogosml_cli.main", Importing("main"))
+
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+
+    assert exited.value.code == 130
+    assert "Interrupted by SIGINT." in capsys.readouterr().err
