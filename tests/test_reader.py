@@ -1772,6 +1772,71 @@ async def test_transform_error_dead_lettered():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (SystemExit(3), "SystemExit(3)"),
+        (KeyboardInterrupt(), "KeyboardInterrupt()"),
+        (asyncio.CancelledError(), "CancelledError()"),
+    ],
+)
+async def test_transform_exit_dead_lettered(error, text, caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def exit_on_one(envelope: Envelope) -> Envelope:
+        if orjson.loads(envelope.value)["n"] == 1:
+            raise error
+        return envelope
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=exit_on_one
+        )
+
+    assert app.numbers() == [0, 2]
+    (record,) = dead_letter.envelopes
+    assert record.value == b'{"n":1}'
+    assert dead_letter_headers(record)["dlq.error"] == f"transform failed: {text}"
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert type(error).__name__ in warnings[0].getMessage()
+    assert warnings[0].message_id == f"{TOPIC}:0:1"
+
+
+async def test_transform_cancelled_error_propagates_on_cancel():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    (envelope,) = await source.fetch(1, 0)
+    settings = reader_settings("http://127.0.0.1:1")
+    client = AppClient(str(settings.app_url), timeout_seconds=1)
+    reader = InputReader(settings, source, client, MemorySink())
+
+    def raise_cancelled(envelope: Envelope) -> Envelope:
+        raise asyncio.CancelledError
+
+    raised = []
+
+    async def transform_while_cancelled() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # Takes effect at the next await.
+        try:
+            reader._apply_transform(raise_cancelled, envelope)
+        except asyncio.CancelledError:
+            raised.append(True)
+            raise
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(transform_while_cancelled())
+
+    assert raised == [True]
+    assert reader.in_flight == 0
+
+
 async def test_transform_changing_then_raising_dead_lettered():
     source = MemorySource(TOPIC)
     fill(source, 3)

@@ -135,6 +135,7 @@ class InputReader:
         #: Why the app is not ready, from the last readiness check.
         self.app_not_ready_reason = "the app's readiness was not checked yet"
         self._round_robin = 0
+        self._transform_exit_logged = False
         self._side_tasks: set[asyncio.Task[None]] = set()
         # Object ids of envelopes read and not finished (transforms may replace
         # an envelope, so this is updated where they do).
@@ -308,6 +309,18 @@ class InputReader:
             problem = result_problem(transformed)
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             transformed, problem = None, f"transform failed: {exc!r}"
+        # SIGINT and SIGTERM stop the reader through `request_stop`, so a
+        # KeyboardInterrupt or SystemExit here comes from the transform, such as
+        # a library that calls sys.exit. So does a CancelledError while this
+        # task is not being cancelled. Each is a failed transform, not a stop.
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and (
+                task is not None and task.cancelling()
+            ):
+                raise  # The reader itself is being cancelled.
+            self._log_transform_exit(exc, envelope)
+            transformed, problem = None, f"transform failed: {exc!r}"
         if problem:
             # The transform may have changed the envelope before it failed, so
             # the dead letter gets the message as it was read.
@@ -323,6 +336,24 @@ class InputReader:
         self._unfinished.discard(id(envelope))
         self._unfinished.add(id(transformed))
         return transformed
+
+    def _log_transform_exit(self, exc: BaseException, envelope: Envelope) -> None:
+        """Log the first transform failure that is not an Exception, with its trace.
+
+        Later ones show only in the dead-letter line of each message.
+        """
+        if self._transform_exit_logged:
+            return
+        self._transform_exit_logged = True
+        logger.warning(
+            "the transform raised %s. The reader treats it as a failed "
+            "transform, not a stop, so it dead-letters the message and goes on. "
+            "Only the first is logged here, and the dead-letter line of each "
+            "such message has the error",
+            type(exc).__name__,
+            exc_info=exc,
+            extra={"message_id": envelope.id, **_position_fields(envelope)},
+        )
 
     def _lane_for(self, envelope: Envelope) -> _Lane:
         mode = self._settings.ordering
