@@ -34,13 +34,14 @@ from prometheus_client import REGISTRY
 
 from agogosml.app import AppSettings, ModelApp
 from agogosml.config import Ordering, ReaderSettings
-from agogosml.envelope import Envelope, trace_id
+from agogosml.envelope import Envelope, header_safe_id, trace_id
 from agogosml.reader import client as client_module
 from agogosml.reader import engine
 from agogosml.reader import service as reader_service
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
 from agogosml.reader.service import serve_reader
+from agogosml.reader.transform import result_problem
 from agogosml.transports.file import FileSource
 
 TOPIC = "input"
@@ -1990,6 +1991,58 @@ async def test_transform_non_text_id_dead_lettered(batch_max_messages):
     )
     assert source.committed == {(TOPIC, 0): 3}
     assert reader.in_flight == 0
+
+
+@pytest.mark.parametrize("field", ["id", "traceparent"])
+@pytest.mark.parametrize("batch_max_messages", [1, 4])
+async def test_transform_control_character_dead_lettered(
+    field, batch_max_messages, caplog
+):
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+
+    def break_header(envelope: Envelope) -> Envelope:
+        if envelope.value == b'{"n":1}':
+            setattr(envelope, field, "bad\r\nid")
+        return envelope
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=batch_max_messages, batch_max_wait_ms=10
+        )
+        reader = await run_reader(settings, source, dead_letter, transform=break_header)
+
+    (record,) = dead_letter.envelopes
+    headers = dead_letter_headers(record)
+    assert headers["dlq.error"].startswith(
+        f"transform set {field} to 'bad\\r\\nid', which contains a control character"
+    )
+    assert headers["dlq.status"] == "0"
+    assert record.value == b'{"n":1}'
+    assert source.committed == {(TOPIC, 0): 3}
+    assert reader.in_flight == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("message_id", "rejected"),
+    [
+        ("tab\tinside", True),
+        ("delete\x7f", True),
+        ("nul\x00", True),
+        ("naïve-ü", False),
+        (header_safe_id(b"bad\r\nid"), False),
+    ],
+)
+def test_transform_id_control_characters_checked(message_id, rejected):
+    envelope = Envelope(value=b"{}", id=message_id)
+
+    problem = result_problem(envelope)
+
+    assert bool(problem) is rejected
+    if rejected:
+        assert repr(message_id) in problem
 
 
 def rejected_message_failing_dead_letter() -> tuple[MemorySource, MemorySink]:

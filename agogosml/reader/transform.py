@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 
 from agogosml.envelope import Envelope
@@ -12,6 +13,10 @@ from agogosml.hooks import load_hook
 #: or None to drop the message. Dropped messages count as finished.
 Transform = Callable[[Envelope], Envelope | None]
 
+
+#: Control characters. aiohttp 3.14 does not send a header value with any of
+#: them but the tab, and a server strips a tab at either end of a value.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 #: How to fix a transform that does not fit.
 _TRANSFORM_FIX = (
@@ -66,6 +71,8 @@ def result_problem(result: object) -> str:
         text = getattr(result, field)
         if not isinstance(text, str):
             return f"transform set {field} to {type(text).__name__}, not str"
+        if _CONTROL_CHARACTER.search(text):
+            return _control_character_problem(field, text)
     for header in result.headers:
         if not (
             isinstance(header, tuple)
@@ -75,3 +82,18 @@ def result_problem(result: object) -> str:
         ):
             return f"transform set header {header!r:.100}; headers are (str, bytes)"
     return ""
+
+
+def _control_character_problem(field: str, text: str) -> str:
+    """Return why an id or traceparent with a control character cannot be sent."""
+    problem = (
+        f"transform set {field} to {text!r:.100}, which contains a control "
+        f"character (U+0000 to U+001F or U+007F). The {field} travels in an "
+        f"HTTP header, which cannot carry one, so set a {field} without them"
+    )
+    if field == "id":
+        problem += (
+            ", for example with agogosml.envelope.header_safe_id(raw_bytes), "
+            "which percent-encodes them"
+        )
+    return problem
