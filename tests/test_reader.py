@@ -36,7 +36,7 @@ from agogosml.app import AppSettings, ModelApp
 from agogosml.config import Ordering, ReaderSettings
 from agogosml.envelope import Envelope, header_safe_id, trace_id
 from agogosml.reader import client as client_module
-from agogosml.reader import engine
+from agogosml.reader import engine, waits
 from agogosml.reader import service as reader_service
 from agogosml.reader.client import AppClient
 from agogosml.reader.engine import InputReader, Transform
@@ -2390,6 +2390,75 @@ async def test_retry_after_spends_no_attempts(status):
     assert app.numbers() == [0, 1]
     assert dead_letter.envelopes == []
     assert source.committed == {(TOPIC, 0): 2}
+
+
+def throttle_until(release: asyncio.Event) -> Responder:
+    """Return a responder of 503 with Retry-After: 0 until `release` is set."""
+
+    async def respond(received: Received) -> web.Response:
+        if release.is_set():
+            return status_response(200)
+        return retry_after_response(503, "0")
+
+    return respond
+
+
+def wait_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "with Retry-After" in r.getMessage()]
+
+
+def recovery_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "responds again" in r.getMessage()]
+
+
+async def test_retry_after_logged_once_for_all_lanes(caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 50)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async with stub_app(throttle_until(release)) as app:
+        settings = reader_settings(app.url, ordering=Ordering.UNORDERED, concurrency=50)
+        with caplog.at_level(logging.INFO):
+            async with running_reader(settings, source, dead_letter) as (_, task):
+                # Every lane waits, most of them several times.
+                await wait_for(lambda: len(app.requests) >= 200)
+                release.set()
+                await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    (line,) = wait_lines(caplog)
+    assert line.levelno == logging.WARNING
+    assert "1 request(s) with 1 message(s) wait" in line.getMessage()
+    assert line.waiting_requests == 1
+    (recovery,) = recovery_lines(caplog)
+    assert recovery.waits >= 199
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 50}
+
+
+async def test_wait_log_repeats_with_counts(monkeypatch, caplog):
+    monkeypatch.setattr(waits, "WAIT_LOG_INTERVAL_SECONDS", 0.05)
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+    release = asyncio.Event()
+
+    async with stub_app(throttle_until(release)) as app:
+        settings = reader_settings(app.url, ordering=Ordering.UNORDERED, concurrency=5)
+        with caplog.at_level(logging.INFO):
+            async with running_reader(settings, source, dead_letter) as (_, task):
+                await wait_for(lambda: len(wait_lines(caplog)) >= 3)
+                release.set()
+                await asyncio.wait_for(asyncio.shield(task), RUN_TIMEOUT_SECONDS)
+
+    lines = wait_lines(caplog)
+    first = lines[0]
+    last = lines[-1]
+    assert "1 request(s) with 1 message(s) wait" in first.getMessage()
+    assert "5 request(s) with 5 message(s) wait" in last.getMessage()
+    assert last.waits > 1
+    assert len(recovery_lines(caplog)) == 1
+    assert source.committed == {(TOPIC, 0): 5}
 
 
 async def test_429_without_retry_after_spends_attempts():

@@ -30,6 +30,7 @@ from agogosml.reader.client import (
     wait_backoff,
 )
 from agogosml.reader.transform import Transform, result_problem
+from agogosml.reader.waits import Stall, WaitLog
 from agogosml.transports.base import Sink, Source
 
 __all__ = ["InputReader", "Transform"]
@@ -54,11 +55,6 @@ PARTITION_LANES_KEPT = 256
 #: pauses the source (and keeps polling it, to stay in the consumer group).
 PAUSE_AFTER_SECONDS = 1.0
 
-#: While requests fail without spending attempts (the app is unreachable, not
-#: ready, or asked to wait with Retry-After), a lane logs the first failure and
-#: then one WARNING per this many seconds.
-WAIT_LOG_INTERVAL_SECONDS = 300.0
-
 #: While the app rejects the reader's requests themselves (401, 403, 404, 405),
 #: the reader logs one ERROR at first and then one per this many seconds.
 SETUP_ERROR_LOG_INTERVAL_SECONDS = 60.0
@@ -79,14 +75,6 @@ class _Lane:
     workers: list[asyncio.Task[None]] = field(default_factory=list)
     #: The (topic, partition) of a lane in partition order, else None.
     partition: tuple[str, int] | None = None
-
-
-@dataclass
-class _Stall:
-    """Failed requests of one delivery that spent no attempts."""
-
-    count: int = 0
-    logged_at: float = float("-inf")
 
 
 class InputReader:
@@ -135,6 +123,7 @@ class InputReader:
         #: Why the app is not ready, from the last readiness check.
         self.app_not_ready_reason = "the app's readiness was not checked yet"
         self._round_robin = 0
+        self._wait_log = WaitLog(settings.retry_max_attempts)
         self._transform_exit_logged = False
         self._side_tasks: set[asyncio.Task[None]] = set()
         # Object ids of envelopes read and not finished (transforms may replace
@@ -495,11 +484,20 @@ class InputReader:
         `attempts_spent` counts the requests that already carried the messages
         and count towards READER_RETRY_MAX_ATTEMPTS.
         """
+        stall = Stall()
+        try:
+            await self._send_until_settled(batch, attempts_spent, stall)
+        finally:
+            # Released at a stop or a revocation while waiting, or failed.
+            self._wait_log.ended(stall, recovered=False)
+
+    async def _send_until_settled(
+        self, batch: list[Envelope], attempts_spent: int, stall: Stall
+    ) -> None:
         settings = self._settings
         as_batch = settings.batch_max_messages > 1
         pending = batch
         attempt = attempts_spent
-        stall = _Stall()
         while pending:
             pending = self._drop_unsendable(pending)
             if not pending:
@@ -520,17 +518,13 @@ class InputReader:
                 # Nothing is wrong with the messages: wait for the app without
                 # spending attempts, so a restart of the app or of the writer
                 # behind it, or a throttling app, dead-letters nothing.
-                stall.count += 1
-                self._log_waiting(pending, outcomes[0], stall, delay)
+                RETRIES.labels(SERVICE).inc(len(pending))
+                self._wait_log.waiting(
+                    stall, len(pending), pending[0].id, outcomes[0], delay
+                )
                 await self._wait(delay, pending)
                 continue
-            if stall.count:
-                logger.info(
-                    "the app responds again; delivering %d waiting message(s)",
-                    len(pending),
-                    extra={"message_id": pending[0].id},
-                )
-                stall = _Stall()
+            self._wait_log.ended(stall, recovered=True)
             if len(pending) > 1 and _rejected_as_whole(outcomes):
                 await self._deliver_in_halves(pending, outcomes[0], attempt)
                 return
@@ -783,42 +777,6 @@ class InputReader:
         if ready_before or self._app_ready:
             return False
         return all(outcome.status in (429, 502, 503, 504) for outcome in outcomes)
-
-    def _log_waiting(
-        self, pending: list[Envelope], outcome: Outcome, stall: _Stall, delay: float
-    ) -> None:
-        RETRIES.labels(SERVICE).inc(len(pending))
-        # Waiting goes on until the app responds: log the first wait, then one
-        # line per WAIT_LOG_INTERVAL_SECONDS.
-        now = asyncio.get_running_loop().time()
-        if stall.count != 1 and now - stall.logged_at < WAIT_LOG_INTERVAL_SECONDS:
-            return
-        stall.logged_at = now
-        fields = {
-            "message_id": pending[0].id,
-            "status": outcome.status,
-            "error": outcome.error,
-            "waits": stall.count,
-        }
-        if outcome.retry_after_seconds is not None:
-            logger.warning(
-                "the app responded %d with Retry-After; %d message(s) wait %.1f s "
-                "for it without using up their %d attempts",
-                outcome.status,
-                len(pending),
-                delay,
-                self._settings.retry_max_attempts,
-                extra=fields,
-            )
-            return
-        logger.warning(
-            "the app is unreachable or not ready; %d message(s) wait for it "
-            "without using up their %d attempts. Check that the app runs at "
-            "READER_APP_URL and that its readiness check passes",
-            len(pending),
-            self._settings.retry_max_attempts,
-            extra=fields,
-        )
 
     def _log_retry(
         self, retry: list[Envelope], outcomes: list[Outcome], attempt: int
