@@ -101,6 +101,7 @@ class StubApp:
         self.accepted: list[Received] = []
         self.events: list[str] = []
         self.ready = True
+        self.ready_headers: dict[str, str] = {}
         self.active = 0
         self.max_active = 0
 
@@ -130,7 +131,7 @@ class StubApp:
     async def _readyz(self, request: web.Request) -> web.Response:
         status = 200 if self.ready else 503
         self.events.append(f"ready {status}")
-        return web.Response(status=status)
+        return web.Response(status=status, headers=self.ready_headers)
 
     def numbers(self) -> list[int]:
         """Return the ``n`` of every accepted single message, in order."""
@@ -1423,6 +1424,97 @@ async def test_writer_restart_spends_no_attempts():
     assert dead_letter.envelopes == []
     assert sorted(value["n"] for value in written) == [0, 1, 2]
     assert source.committed == {(TOPIC, 0): 3}
+
+
+# ---------------------------------------------------------------------------
+# Servers at READER_APP_URL that may not be model apps
+# ---------------------------------------------------------------------------
+
+
+async def respond_ok(received: Received) -> web.Response:
+    return web.Response(text="OK")
+
+
+def acceptance_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "as accepted" in r.getMessage()
+    ]
+
+
+async def test_batch_without_results_warned_once(caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 10)
+    dead_letter = MemorySink()
+
+    async with stub_app(respond_ok) as app:
+        settings = reader_settings(app.url, batch_max_messages=4, batch_max_wait_ms=50)
+        reader = await run_reader(settings, source, dead_letter)
+
+    (warning,) = acceptance_warnings(caplog)
+    assert app.url.rstrip("/") in warning
+    assert "responded 200 to a batch of 4 without a" in warning
+    assert "counts every message of the batch as accepted" in warning
+    assert len(app.requests) == 3
+    assert reader.finished_count == 10
+    assert dead_letter.envelopes == []
+    assert source.committed == {(TOPIC, 0): 10}
+
+
+async def test_model_app_batches_not_warned(caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 4)
+    dead_letter = MemorySink()
+
+    async with model_app_url() as (url, written):
+        settings = reader_settings(url, batch_max_messages=2, batch_max_wait_ms=50)
+        await run_reader(settings, source, dead_letter)
+
+    assert acceptance_warnings(caplog) == []
+    assert len(written) == 4
+
+
+async def test_single_non_json_response_warned_once(caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+
+    async with stub_app(respond_ok) as app:
+        settings = reader_settings(app.url, app_ready_path="/readyz")
+        reader = await run_reader(settings, source, dead_letter)
+
+    (warning,) = acceptance_warnings(caplog)
+    assert app.url.rstrip("/") in warning
+    assert "body that is not JSON (b'OK')" in warning
+    assert "Agogosml-Service" in warning
+    assert reader.finished_count == 5
+    assert source.committed == {(TOPIC, 0): 5}
+
+
+@pytest.mark.parametrize(
+    ("ready_path", "ready_headers", "respond"),
+    [
+        # The app names itself as a model app.
+        ("/readyz", {"Agogosml-Service": "model_app"}, respond_ok),
+        # A JSON response, as a model app gives.
+        ("/readyz", {}, accept),
+        # Without a readiness check nothing is known about the app.
+        ("", {}, respond_ok),
+    ],
+)
+async def test_single_response_not_warned(ready_path, ready_headers, respond, caplog):
+    source = MemorySource(TOPIC)
+    fill(source, 2)
+    dead_letter = MemorySink()
+
+    async with stub_app(respond) as app:
+        app.ready_headers = ready_headers
+        settings = reader_settings(app.url, app_ready_path=ready_path)
+        reader = await run_reader(settings, source, dead_letter)
+
+    assert acceptance_warnings(caplog) == []
+    assert reader.finished_count == 2
 
 
 async def test_model_app_bad_integer_dead_lettered():

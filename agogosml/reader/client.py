@@ -130,7 +130,8 @@ class AppClient:
     headers. A batch goes as a JSON array of
     ``{"id", "key", "traceparent", "value"}`` objects. The app may respond to a batch
     with ``{"results": [{"status": 200}, {"status": 400, "error": "..."}, ...]}``,
-    one entry per message in order; any other 2xx response accepts them all.
+    one entry per message in order; any other 2xx response accepts them all,
+    and the first such response is logged as a WARNING.
 
     `max_connections` limits the pool of connections to the app; 0 means no
     limit.
@@ -157,6 +158,11 @@ class AppClient:
         self._users: dict[aiohttp.ClientSession, int] = {}
         self._retired: set[aiohttp.ClientSession] = set()
         self._closing: set[asyncio.Task[None]] = set()
+        # The Agogosml-Service header of the app's last successful readiness
+        # check ("" without one), or None before such a check.
+        self._ready_service: str | None = None
+        self._whole_batch_noted = False
+        self._single_body_checked = False
 
     async def start(self) -> None:
         """Open the connection pool (keep-alive)."""
@@ -258,7 +264,35 @@ class AppClient:
         if problem is not None:
             return problem
         response = await self._post(self._url + "/", envelope.value, headers)
+        if 200 <= response.status < 300 and not self._single_body_checked:
+            self._single_body_checked = True
+            self._check_single_body(response.status, response.body)
         return response.outcome()
+
+    def _check_single_body(self, status: int, body: bytes) -> None:
+        """Warn when the app may not be a model app, from its first 2xx response.
+
+        ModelApp responds with JSON and names itself in its readiness
+        responses. A server that does neither, such as one that responds "OK"
+        to any request, may accept messages without scoring or forwarding
+        them, and the reader cannot tell.
+        """
+        if self._ready_service != "":
+            return
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            logger.warning(
+                "the app at %s responded %d with a body that is not JSON (%r), "
+                "and its readiness check named no agogosml service in the "
+                "Agogosml-Service header. The reader counts each message that "
+                "gets a 2xx response as accepted, so if this server is not the "
+                "model app, and does not forward the messages to the writer, "
+                "they are lost: check READER_APP_URL. Logged once",
+                redact_url(self._url),
+                status,
+                body[:100],
+            )
 
     async def _send_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
         """Send a batch, giving a value that is not JSON its own 400 outcome.
@@ -306,7 +340,26 @@ class AppClient:
         response = await self._post(self._url + "/batch", body, headers)
         if not 200 <= response.status < 300:
             return [response.outcome()] * len(envelopes)
-        return _per_item_outcomes(response.status, response.body, len(envelopes))
+        outcomes = _per_item_outcomes(response.status, response.body, len(envelopes))
+        if outcomes[0].ok and not outcomes[0].item_result:
+            self._note_whole_batch_accepted(response.status, len(envelopes))
+        return outcomes
+
+    def _note_whole_batch_accepted(self, status: int, count: int) -> None:
+        """Warn, once, that a 2xx response without results accepted a whole batch."""
+        if self._whole_batch_noted:
+            return
+        self._whole_batch_noted = True
+        logger.warning(
+            'the app at %s responded %d to a batch of %d without a "results" list, '
+            "so the reader counts every message of the batch as accepted, as it "
+            "does for every such response. An app that does not forward them to "
+            "the writer loses them: check that READER_APP_URL is the model app, "
+            'or respond with {"results": [{"status": 200}, ...]}. Logged once',
+            redact_url(self._url),
+            status,
+            count,
+        )
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> _Response:
         with self._lease() as session:
@@ -349,9 +402,12 @@ class AppClient:
         """Check whether GET `path` on the app returns 2xx, and if not, why."""
         url_without_password = redact_url(self._url) + path
         with self._lease() as session:
-            return await check_readiness(
+            readiness = await check_readiness(
                 session, self._url + path, url_without_password
             )
+        if readiness.ready:
+            self._ready_service = readiness.service
+        return readiness
 
 
 def _null_value_problem() -> Outcome:
