@@ -990,7 +990,10 @@ class ReaderSettings(_ServiceSettings):
         ...,
         min_length=1,
         description="READER_INPUT: comma-separated topics (kafka), one event hub "
-        "(eventhubs) or a JSON Lines file path, '-' for stdin (file).",
+        "(eventhubs) or a JSON Lines file path, '-' for stdin (file). Stdin "
+        "cannot be read again, so a stop before its end loses the input not yet "
+        "read, and the reader logs a WARNING with the lines it read and "
+        "finished. The producer must send the rest again.",
     )
     app_url: BaseUrl = Field(
         ..., description="READER_APP_URL: base URL of the model app."

@@ -82,6 +82,60 @@ async def test_stdin_stop_reading_returns_buffered_lines(monkeypatch) -> None:
     assert source.at_end
 
 
+def stream_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "stopped before the end" in r.getMessage()
+    ]
+
+
+async def test_stdin_stopped_before_end_warns(monkeypatch, caplog) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"n": 0}\n{"n": 1}\n\n{"n": 2}\n')
+    stdin = io.TextIOWrapper(os.fdopen(read_end, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    source = FileSource("-")
+
+    try:
+        async with source:
+            first = await source.fetch(1, 1.0)
+            source.ack(first[0])
+            source.stop_reading()
+            rest = await source.fetch(500, 0)
+    finally:
+        os.close(write_end)
+        stdin.close()
+
+    assert len(rest) == 2
+    (warning,) = stream_warnings(caplog)
+    assert warning.startswith(
+        "the reader stopped before the end of its standard input, after it read "
+        "3 lines and finished 1 of them"
+    )
+    assert "up to the producer to send it again" in warning
+
+
+async def test_stdin_read_to_end_not_warned(monkeypatch, caplog) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"n": 0}\n')
+    os.close(write_end)
+    stdin = io.TextIOWrapper(os.fdopen(read_end, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    source = FileSource("-")
+
+    try:
+        async with source:
+            envelopes = await read_all(source)
+            source.stop_reading()
+    finally:
+        stdin.close()
+
+    assert len(envelopes) == 1
+    assert source.at_end
+    assert stream_warnings(caplog) == []
+
+
 def values_and_problems(envelopes: list[Envelope]) -> list[tuple[bytes, str]]:
     return [(e.value, e.problem.split(" is ")[-1][:14]) for e in envelopes]
 

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import datetime
 import email.utils
+import io
 import json
 import logging
 import os
@@ -1764,6 +1765,41 @@ async def test_stop_sends_queued_of_unreplayable_source():
     assert sorted(app.numbers()) == [0, 1, 2, 3]
     assert source.committed == {(TOPIC, 0): 4}
     assert reader.in_flight == 0
+
+
+async def test_stop_before_end_of_stdin_warns(monkeypatch, caplog):
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"".join(b'{"n": %d}\n' % number for number in range(100)))
+    stdin = io.TextIOWrapper(os.fdopen(read_end, "rb"))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    source = FileSource("-")
+    settings = reader_settings(
+        f"http://127.0.0.1:{closed_port()}",
+        input="-",
+        app_ready_path="/readyz",
+        stop_at_end=False,
+        shutdown_timeout_ms=100,
+    )
+
+    try:
+        async with running_reader(settings, source, MemorySink()) as (reader, _):
+            await wait_for(lambda: "waiting for the app" in caplog.text)
+    finally:
+        os.close(write_end)
+        stdin.close()
+
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "stopped before the end" in r.getMessage()
+    ]
+    assert warnings == [
+        "the reader stopped before the end of its standard input, after it read "
+        "0 lines and finished 0 of them (sent to the app or dead-lettered). The "
+        "rest of the input was not read, and a stream cannot be read again, so "
+        "it is up to the producer to send it again"
+    ]
+    assert reader.finished_count == 0
 
 
 @pytest.mark.parametrize("source_class", [MemorySource, OnceSource])

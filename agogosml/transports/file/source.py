@@ -104,7 +104,8 @@ class FileSource(TrackedSource):
     with `follow`, and ends at its end of file without. Streams cannot be read
     again, so they are not `replayable`: at shutdown the reader sends the
     lines already read instead of leaving them uncommitted, and the checkpoint
-    is ignored.
+    is ignored. The rest of a stream is lost, so a stop before its end logs a
+    WARNING.
 
     A line longer than `max_line_bytes` (its line break not counted) is not
     held in memory: the source skips it and returns a message without a value
@@ -149,7 +150,10 @@ class FileSource(TrackedSource):
         self._skipped_tail = b""  # the last of those bytes
         self._stream_fd = -1  # file descriptor of stdin or a named pipe
         self._stream_closed = False
+        self._stream_ended = False  # whether the stream's end was read
         self._reading_stopped = False
+        self._lines_read = 0  # messages returned, for the warning at a stop
+        self._lines_finished = 0
         self.replayable = path != "-"
         self._checkpoint = checkpoint_path
         self._commit_interval = commit_interval_seconds
@@ -549,10 +553,31 @@ class FileSource(TrackedSource):
         if self._file is not None and self._path != "-":
             self._file.close()
         self._file = None
+        if self._stream_fd >= 0 and not self._stream_ended:
+            self._warn_stream_not_read_to_end()
         for replaced in self._replaced.values():
             replaced.file.close()
         self._replaced.clear()
         logger.info("file source stopped", extra={"path": self._path})
+
+    def _warn_stream_not_read_to_end(self) -> None:
+        """Warn that a stream was not read to its end, so the rest of it is lost."""
+        name = "its standard input" if self._path == "-" else f"the pipe {self._path}"
+        logger.warning(
+            "the reader stopped before the end of %s, after it read %d lines and "
+            "finished %d of them (sent to the app or dead-lettered). The rest of "
+            "the input was not read, and a stream cannot be read again, so it "
+            "is up to the producer to send it again",
+            name,
+            self._lines_read,
+            self._lines_finished,
+            extra={"path": self._path},
+        )
+
+    def ack(self, envelope: Envelope) -> None:
+        """Mark a message finished; it is committed with the next commit."""
+        super().ack(envelope)
+        self._lines_finished += 1
 
     def stop_reading(self) -> None:
         """Read nothing more from a stream; `fetch` returns the lines already read.
@@ -622,6 +647,7 @@ class FileSource(TrackedSource):
         """Track the line from byte `start` to the current offset, and return it."""
         position = Position(self._path, self._part, start, self._offset, 1)
         self._tracker.register(position)
+        self._lines_read += 1
         return position
 
     def _overlong_message(self, start: int, size: int) -> Envelope:
@@ -915,6 +941,7 @@ class FileSource(TrackedSource):
             self._reopen_pipe()
         else:
             self._stream_closed = True
+            self._stream_ended = True
 
     def _reopen_pipe(self) -> None:
         """Open the named pipe again after its writers closed it, for the next one.
@@ -929,12 +956,12 @@ class FileSource(TrackedSource):
             reopened = self._open_input()
         except SourceError as exc:
             logger.warning("the input pipe ended and cannot be opened again: %s", exc)
-            self._stream_closed = True
+            self._stream_closed = self._stream_ended = True
             return
         if not stat.S_ISFIFO(os.fstat(reopened.fileno()).st_mode):
             reopened.close()
             logger.warning("%s is no longer a named pipe; its stream ends", self._path)
-            self._stream_closed = True
+            self._stream_closed = self._stream_ended = True
             return
         self._file = reopened
         self._stream_fd = reopened.fileno()
