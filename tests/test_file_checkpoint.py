@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agogosml.errors import SourceError
+from agogosml.errors import ConfigurationError
 from agogosml.transports.file import FileSource
 
 
@@ -17,7 +17,7 @@ async def test_checkpoint_past_end_of_input_rejected(tmp_path: Path) -> None:
     checkpoint.write_text("999999")
     source = FileSource(str(path), checkpoint_path=checkpoint)
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await source.start()
 
     message = str(error.value)
@@ -46,7 +46,7 @@ async def test_checkpoint_inside_a_line_rejected(tmp_path: Path) -> None:
     checkpoint.write_text("12")
     source = FileSource(str(path), checkpoint_path=checkpoint)
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await source.start()
 
     message = str(error.value)
@@ -125,7 +125,7 @@ async def test_unreadable_checkpoint_rejected(
     checkpoint.write_bytes(content)
     source = FileSource(str(path), checkpoint_path=checkpoint)
 
-    with pytest.raises(SourceError) as error:
+    with pytest.raises(ConfigurationError) as error:
         await source.start()
 
     message = str(error.value)
