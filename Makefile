@@ -15,10 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# The demo needs only the sample app's packages; the checks need the dev tools.
+# The demo needs the agogosml command and the sample app's packages; the
+# checks need the dev tools.
 $(SAMPLE_STAMP): pyproject.toml setup.py | $(BIN)/python
-	@echo "Installing agogosml and the sample app's packages into $(VENV) (about a minute the first time)"
-	$(BIN)/python -m pip install --quiet -e '.[sample]'
+	@echo "Installing agogosml, its command and the sample app's packages into $(VENV) (about a minute the first time)"
+	$(BIN)/python -m pip install --quiet -e '.[cli,sample]'
 	touch $(SAMPLE_STAMP)
 
 $(STAMP): pyproject.toml setup.py | $(BIN)/python

@@ -874,8 +874,26 @@ def check_blob_container_name(value: str) -> None:
         )
 
 
+#: Error message for a missing eventhubs extra, with the command that installs it.
+EVENTHUBS_EXTRA_MISSING = (
+    "the native Event Hubs transport needs the packages of agogosml's eventhubs "
+    "extra, which are not installed; install them with python -m pip install "
+    "'agogosml[eventhubs]' (the reader and writer images contain them)"
+)
+
+
+def require_eventhubs_extra() -> None:
+    """Raise ValueError with the fix unless the eventhubs extra is installed."""
+    try:
+        import azure.eventhub  # noqa: F401
+        import azure.eventhub.extensions.checkpointstoreblobaio  # noqa: F401
+    except ModuleNotFoundError:
+        raise ValueError(EVENTHUBS_EXTRA_MISSING) from None
+
+
 def _check_eventhubs_connection_string(value: str) -> None:
     """Raise ValueError, without the secret, if the SDK cannot parse `value`."""
+    require_eventhubs_extra()
     from azure.eventhub import parse_connection_string
 
     try:
@@ -904,6 +922,7 @@ def _check_storage_connection_string(value: str) -> None:
     (vendored in azure-eventhub-checkpointstoreblob-aio), plus a credential:
     AccountName with AccountKey, or SharedAccessSignature.
     """
+    require_eventhubs_extra()
     from azure.eventhub.extensions.checkpointstoreblobaio._vendor.storage.blob._shared.base_client_async import (  # noqa: E501
         parse_connection_str,
     )

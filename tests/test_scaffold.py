@@ -1773,7 +1773,7 @@ def test_install_commands_name_wheel(
         assert f"--find-links wheels {WHEEL}" in " ".join(script.split())
     assert setup_scripts == [
         "python -m pip install --disable-pip-version-check --find-links wheels "
-        '"wheels/$(agogosmlWheel)"'
+        '"wheels/$(agogosmlWheel)[cli]"'
     ]
     assert f"wheels/{cd['variables']['agogosmlWheel']}" == WHEEL
     assert (

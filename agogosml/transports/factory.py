@@ -9,8 +9,10 @@ from agogosml.config import (
     SettingsT,
     Transport,
     load_settings,
+    require_eventhubs_extra,
     warn_misspelled_variables,
 )
+from agogosml.errors import ConfigurationError
 from agogosml.transports.base import Sink, Source
 
 
@@ -31,6 +33,7 @@ def build_source(settings: ReaderSettings) -> Source:
             revoke_timeout_seconds=settings.shutdown_timeout_ms / 1000,
         )
     if settings.source is Transport.EVENTHUBS:
+        _require_eventhubs_extra()
         from agogosml.transports.eventhubs import EventHubsSource
 
         return EventHubsSource(
@@ -65,6 +68,7 @@ def build_sink(
 
         return KafkaSink(_transport_settings(KafkaSettings), target)
     if transport is Transport.EVENTHUBS:
+        _require_eventhubs_extra()
         from agogosml.transports.eventhubs import EventHubsSink
 
         return EventHubsSink(
@@ -73,3 +77,11 @@ def build_sink(
     from agogosml.transports.file import FileSink
 
     return FileSink(target, fsync=fsync, variable=variable)
+
+
+def _require_eventhubs_extra() -> None:
+    """Raise ConfigurationError with the fix unless the eventhubs extra is installed."""
+    try:
+        require_eventhubs_extra()
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
