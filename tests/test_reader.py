@@ -525,7 +525,16 @@ async def test_timeout_retried():
     assert source.committed == {(TOPIC, 0): 1}
 
 
-async def test_400_dead_lettered_rest_flows():
+def dead_letter_levels(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.levelname
+        for record in caplog.records
+        if record.getMessage() == "message dead-lettered"
+    ]
+
+
+async def test_400_dead_lettered_rest_flows(caplog):
+    caplog.set_level(logging.INFO, "agogosml.reader")
     source = MemorySource(TOPIC)
     fill(source, 3)
     source.add(b'{"n": 3}', key=b"card-9")
@@ -554,9 +563,12 @@ async def test_400_dead_lettered_rest_flows():
     assert "field 'amount' is missing" in context["dlq.error"]
     assert context["dlq.attempts"] == "1"
     assert dead_letter.envelopes[1].key == b"card-9"
+    # Bad input, which the app rejected, is no failure of the pipeline.
+    assert dead_letter_levels(caplog) == ["INFO", "INFO"]
 
 
-async def test_retries_exhausted_dead_lettered():
+async def test_retries_exhausted_dead_lettered(caplog):
+    caplog.set_level(logging.INFO, "agogosml.reader")
     source = MemorySource(TOPIC)
     fill(source, 2)
     dead_letter = MemorySink()
@@ -577,6 +589,7 @@ async def test_retries_exhausted_dead_lettered():
     assert context["dlq.attempts"] == "3"
     assert "model is loading" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 2}
+    assert dead_letter_levels(caplog) == ["WARNING"]
 
 
 async def test_oversized_response_not_read(monkeypatch):

@@ -37,6 +37,9 @@ __all__ = ["InputReader", "Transform"]
 
 logger = logging.getLogger(__name__)
 
+#: Dead-letter reasons that mean bad input, which the reader logs at INFO.
+_BAD_INPUT_REASONS = frozenset({"rejected", "unreadable"})
+
 SERVICE = "input_reader"
 
 #: Agogosml services that a READER_APP_URL may point at by mistake: their
@@ -891,7 +894,12 @@ class InputReader:
                 self._dead_letter_failures -= 1
         DEAD_LETTERED.labels(SERVICE, reason).inc()
         self.dead_lettered_count += 1
-        logger.info(
+        # A message that the app rejected, or that the source could not read
+        # whole, is bad input. Any other dead letter is a failure of the
+        # pipeline that an operator should see.
+        level = logging.INFO if reason in _BAD_INPUT_REASONS else logging.WARNING
+        logger.log(
+            level,
             "message dead-lettered",
             extra={
                 "message_id": envelope.id,
