@@ -23,7 +23,7 @@ from agogosml_cli.manifest import (
     load_manifest,
     package_name,
 )
-from agogosml_cli.project import GenerateError, Outcome, generate_project
+from agogosml_cli.project import Change, GenerateError, Outcome, generate_project
 from agogosml_cli.wheel import WheelError, wheel_name
 
 
@@ -88,6 +88,7 @@ def _chart_kafka(manifest: Manifest) -> dict[str, Any] | None:
 @click.option(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
     help="Project directory. Default: the directory that contains the manifest.",
 )
 @click.option(
@@ -110,14 +111,17 @@ def generate(
     generate runs 'git init' unless the directory is in a git repository, and
     commits the render, which updates need. A directory inside a repository
     that it is not the root of needs --commit-to-enclosing-repository (or a
-    'git init' of its own) first.
+    'git init' of its own) first. If git ignores the directory, or rendered
+    files, there, generate writes nothing and names the ignore rule.
 
     \b
     Later runs (the directory has .copier-answers.yml): update the project to
     the manifest's values and to this agogosml's template with Copier's update,
     keeping your edits. The project must have no uncommitted changes and no
     untracked files other than the manifest. The changes are left uncommitted
-    for review. If a template change overlaps an edit of yours in the same
+    for review; files that the update adds are marked with 'git add
+    --intent-to-add', so that 'git diff HEAD' shows them and 'git commit -a'
+    commits them. If a template change overlaps an edit of yours in the same
     lines, nothing is changed and the command exits with status 1, naming the
     files. A new project name moves the package: reinstall the project
     (pip install -e '.[test]') so that its entry point follows.
@@ -163,8 +167,8 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
     else:
         _echo_paths(
             f"Updated {project} to template {outcome.template_version}:",
-            outcome.changed,
-            "Review the changes with 'git diff HEAD' and commit them.",
+            _change_lines(outcome.changed),
+            _review_advice(outcome, project),
         )
     if outcome.deleted_edits:
         _echo_paths(
@@ -187,8 +191,53 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
             "updated:",
             outcome.not_applied,
             "To see them as generated now, render the manifest into a new "
-            f"directory: agogosml generate --manifest {manifest} --output DIRECTORY",
+            f"directory: agogosml generate --manifest {manifest} --output DIR",
         )
+
+
+def _change_lines(changes: list[Change]) -> list[str]:
+    """Return a line per changed file: what happened to it, and its path."""
+    width = max(len(change.kind) for change in changes)
+    lines = []
+    for change in changes:
+        line = f"{change.kind:<{width}}  {change.path}"
+        if change.source is not None:
+            line += f" (from {change.source})"
+        lines.append(line)
+    return lines
+
+
+def _review_advice(outcome: Outcome, project: Path) -> str:
+    """Return the commands that show the update's changes and commit them.
+
+    Files that the update added are marked with ``git add --intent-to-add``,
+    so both commands include them. In a project that is a subdirectory of its
+    repository, the commands name the project, so that they leave the rest of
+    the repository alone. ``git -C`` makes them work from any directory.
+    """
+    resolved = project.resolve()
+    git = (
+        "git"
+        if resolved == Path.cwd().resolve()
+        else f"git -C {shlex.quote(str(project))}"
+    )
+    if outcome.repository is None or outcome.repository == resolved:
+        advice = (
+            f"Review the changes with '{git} diff HEAD' and commit them with "
+            f"'{git} commit -a'."
+        )
+    else:
+        advice = (
+            f"Review the changes with '{git} diff HEAD -- .' and commit them with "
+            f"'{git} commit -- .', which leave the rest of the repository at "
+            f"{outcome.repository} alone."
+        )
+    if any(change.added for change in outcome.changed):
+        advice += (
+            " The files that the update added are marked with 'git add "
+            "--intent-to-add', so both commands include them."
+        )
+    return advice
 
 
 def _echo_paths(heading: str, paths: list[str], closing: str) -> None:

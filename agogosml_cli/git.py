@@ -27,13 +27,16 @@ def run_git(
     *,
     env: dict[str, str] | None = None,
     input_text: str | None = None,
+    ok_codes: tuple[int, ...] = (0,),
 ) -> str:
     """Run ``git`` with `args` in `cwd` and return its standard output.
 
     `env` adds to the environment, and `input_text` is the standard input.
+    `ok_codes` are the exit codes that are not errors, such as 1 for
+    ``git check-ignore``, which exits with 1 when no path is ignored.
 
     Raises:
-        GitError: git is missing or exited with an error.
+        GitError: git is missing or exited with a code not in `ok_codes`.
     """
     try:
         completed = subprocess.run(
@@ -50,7 +53,7 @@ def run_git(
             "git is not installed; 'agogosml generate' needs it to version the "
             "project and to update it"
         ) from None
-    if completed.returncode != 0:
+    if completed.returncode not in ok_codes:
         output = (completed.stderr or completed.stdout).strip()
         raise GitError(f"'git {' '.join(args)}' failed in {cwd}: {output}")
     return completed.stdout

@@ -236,7 +236,7 @@ def _field_options(command: Callable[..., Any]) -> Callable[..., Any]:
                 field.flag,
                 field.dest,
                 type=click.STRING,
-                metavar=field.type.name.upper(),
+                metavar=field.metavar or field.type.name.upper(),
                 help=field.help,
             )
         command = option(command)

@@ -64,7 +64,7 @@ class TopicListType(click.ParamType):
     repeats, and a flag fails, at the first invalid name.
     """
 
-    name = "NAME[,NAME...]"
+    name = "TOPIC[,TOPIC...]"
 
     def __init__(self) -> None:
         self._topic = FieldValueType(KafkaSink, "topic")
@@ -130,7 +130,8 @@ class InitField:
     the values set so far is skipped. `check` returns why a value conflicts
     with the values set so far, or None: a flag value is then rejected, and a
     prompt asks again. `default_from` is the path of the field whose value
-    `default` copies, if any.
+    `default` copies, if any. `metavar` names the flag's value in --help
+    (and in docs/cli.md); by default it is the name of `type`.
     """
 
     path: tuple[str, ...]
@@ -146,6 +147,7 @@ class InitField:
     required: bool = True
     check: Callable[[Data, Any], str | None] | None = None
     default_from: tuple[str, ...] | None = None
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:
@@ -308,6 +310,7 @@ def _type_fields(side: _Side) -> list[InitField]:
             applies=stream,
             suggestion=_suggest_sink_topic,
             check=_check_shared("sink", "topic"),
+            metavar="TOPIC",
         )
     return [kind, topics]
 
@@ -327,6 +330,7 @@ def _kafka_fields(side: _Side) -> list[InitField]:
             FieldValueType(KafkaConnection, "bootstrap_servers"),
             applies=kafka,
             default=side.shared("bootstrap_servers"),
+            metavar="HOST:PORT[,HOST:PORT...]",
         ),
         InitField(
             (side.name, "security_protocol"),
@@ -357,6 +361,7 @@ def _kafka_fields(side: _Side) -> list[InitField]:
             FieldValueType(Sasl, "username"),
             applies=sasl,
             default=side.shared("sasl", "username"),
+            metavar="NAME",
         ),
         InitField(
             (side.name, "sasl", "password"),
@@ -395,6 +400,7 @@ def _eventhubs_fields(side: _Side) -> list[InitField]:
             FieldValueType(EventHubsConnection, "namespace"),
             applies=eventhubs,
             default=side.shared("namespace"),
+            metavar="NAMESPACE",
         ),
         InitField(
             (side.name, "connection_string"),
@@ -421,6 +427,7 @@ def _file_fields(side: _Side) -> list[InitField]:
             FieldValueType(model, "path"),
             applies=side.of_type(EndpointType.FILE),
             check=_check_shared(side.name, "path"),
+            metavar="PATH",
         ),
     ]
 
@@ -435,6 +442,7 @@ def _group_id_field() -> InitField:
         applies=_is_type("source", EndpointType.KAFKA, EndpointType.EVENTHUBS),
         ask=False,
         required=False,
+        metavar="GROUP",
     )
 
 
@@ -477,6 +485,7 @@ FIELDS: list[InitField] = [
         "letter and ending with a letter or digit; not the name of a Python keyword "
         "or of a module that the project imports (docs/manifest.md).",
         FieldValueType(Manifest, "name"),
+        metavar="NAME",
     ),
     InitField(
         ("app", "template"),
@@ -497,6 +506,7 @@ FIELDS: list[InitField] = [
         "myregistry.azurecr.io)",
         "Container registry of the images, such as myregistry.azurecr.io.",
         FieldValueType(Manifest, "registry"),
+        metavar="HOST[:PORT][/PATH]",
     ),
     InitField(
         ("kubernetes", "namespace"),
@@ -504,6 +514,7 @@ FIELDS: list[InitField] = [
         "Kubernetes namespace",
         "Kubernetes namespace of the pipeline. Default: the project name.",
         FieldValueType(Kubernetes, "namespace"),
+        metavar="NAMESPACE",
         default=lambda data: data.get("name"),
         default_from=("name",),
         # A project with files at both ends gets no Helm values and no CD

@@ -5,7 +5,9 @@ is in a git repository already, and the render is committed, because Copier's
 update needs that commit to tell the template's changes from the user's. A
 directory inside another repository, not at its root, gets the commit only
 with ``commit_to_enclosing_repository=True``: otherwise nothing is written
-and `EnclosingRepositoryError` names that repository.
+and `EnclosingRepositoryError` names that repository. Nothing is written
+either when git would leave the directory, or a rendered file, out of the
+commit because an ignore rule matches it: `IgnoredPathsError` names the rule.
 
 The project installs agogosml from the wheel in ``wheels/``, which
 `agogosml_cli.wheel` writes at the first render and replaces at an update when
@@ -13,7 +15,9 @@ agogosml changed. Copier does not render that directory, so it never conflicts.
 
 An update runs ``copier.run_update`` in a temporary clone of the project's
 repository. If Copier merged every change, the difference is applied to the
-project's work tree and left uncommitted for review. If a template change
+project's work tree and left uncommitted for review, with the files it adds
+marked with ``git add --intent-to-add``, so that ``git diff HEAD`` shows them
+and ``git commit -a`` commits them. If a template change
 overlaps a user edit of the same lines, the project is left as it was and
 `UpdateConflictError` names the conflicting files.
 """
@@ -56,12 +60,45 @@ class EnclosingRepositoryError(GenerateError):
         self.repository = repository
 
 
+class IgnoredPathsError(GenerateError):
+    """Ignore rules would keep the project, or files of it, out of its commit."""
+
+
 class UpdateConflictError(GenerateError):
     """Template changes overlap user edits; `paths` lists the files."""
 
     def __init__(self, message: str, paths: list[str]) -> None:
         super().__init__(message)
         self.paths = paths
+
+
+#: The words for the status letters of ``git diff --name-status``.
+_CHANGE_KINDS = {
+    "A": "added",
+    "C": "copied",
+    "D": "deleted",
+    "M": "modified",
+    "R": "renamed",
+    "T": "type changed",
+}
+
+
+class Change(NamedTuple):
+    """A file that a render or an update changed.
+
+    Paths are relative to the repository root. `kind` is "added", "modified",
+    "deleted", "renamed", "copied" or "type changed"; a renamed or copied
+    file has the path it came from in `source`.
+    """
+
+    kind: str
+    path: str
+    source: str | None = None
+
+    @property
+    def added(self) -> bool:
+        """True when the change creates the file at `path`."""
+        return self.kind in ("added", "renamed", "copied")
 
 
 @dataclass(frozen=True)
@@ -71,9 +108,9 @@ class Outcome:
     Attributes:
         created: True for a first render, False for an update.
         template_version: The template version now recorded in the project.
-        changed: Paths (relative to the repository root) that changed.
+        changed: The files that the render or the update changed.
         commit: The commit of a first render, if one was made.
-        repository: The root of the git work tree that contains the commit.
+        repository: The root of the git work tree that contains the project.
         identity_fallback: True when git had no user identity, so the first
             render was committed as "agogosml <agogosml@localhost>".
         not_applied: Paths (relative to the repository root) of generated
@@ -87,7 +124,7 @@ class Outcome:
 
     created: bool
     template_version: str
-    changed: list[str]
+    changed: list[Change]
     commit: str | None = None
     repository: Path | None = None
     identity_fallback: bool = False
@@ -121,6 +158,8 @@ def generate_project(
         EnclosingRepositoryError: A first render would commit into a
             repository rooted above `project`, and
             `commit_to_enclosing_repository` is False.
+        IgnoredPathsError: Ignore rules match `project` or rendered files, so
+            a first render's commit would leave them out.
         UpdateConflictError: An update cannot merge cleanly.
     """
     try:
@@ -150,8 +189,7 @@ def _render_new(
     commit_to_enclosing_repository: bool,
 ) -> Outcome:
     _check_empty(project, manifest_file)
-    if not commit_to_enclosing_repository:
-        _check_no_enclosing_repository(project)
+    _check_repository(project, commit_to_enclosing_repository)
     existed = project.exists()
     try:
         project.mkdir(parents=True, exist_ok=True)
@@ -168,19 +206,27 @@ def _render_new(
             history.write_bundle(project / BUNDLE_PATH)
         _copy(project, answers, tag)
         write_wheel(project)
+        return _commit_first_render(project, answers["project_name"], tag)
     except BaseException:
         # Leave the directory as it was, so that a second run finds it empty.
         _remove_new_entries(project, before, remove_directory=not existed)
         raise
-    return _commit_first_render(project, answers["project_name"], tag)
 
 
-def _check_no_enclosing_repository(project: Path) -> None:
-    """Raise `EnclosingRepositoryError` if a repository above `project` contains it.
+def _check_repository(project: Path, commit_to_enclosing_repository: bool) -> None:
+    """Check that the first render can be committed where it would be.
 
     The first render is committed, and a commit into a repository that only
     contains the project, such as the user's clone of another project, would
-    land in a history that the user did not choose.
+    land in a history that the user did not choose. So without
+    `commit_to_enclosing_repository` such a repository is an error. A
+    project directory that the enclosing repository ignores cannot be
+    committed there at all.
+
+    Raises:
+        EnclosingRepositoryError: A repository above `project` contains it,
+            and `commit_to_enclosing_repository` is False.
+        IgnoredPathsError: A repository above `project` ignores it.
     """
     existing = project
     while not existing.is_dir():
@@ -193,6 +239,24 @@ def _check_no_enclosing_repository(project: Path) -> None:
         return
     repository = Path(output.strip()).resolve()
     if repository == project:
+        return
+    # The trailing slash makes the path a directory, as the project will be,
+    # so that rules for directories only ("build/") apply to it too.
+    relative = project.relative_to(repository).as_posix() + "/"
+    rule = _ignore_rules(repository, repository, [relative]).get(relative)
+    if rule is not None:
+        target = shlex.quote(str(project))
+        raise IgnoredPathsError(
+            f"{project} is inside the git repository at {repository}, which "
+            f"ignores it by the rule {rule}, so the generated project cannot be "
+            "committed there; nothing was written. Run 'git init "
+            f"{target}' to give the project a repository of its own (the rule "
+            f"keeps it out of {repository}), pass an --output that the rule "
+            "does not match, or change the rule and pass "
+            f"--commit-to-enclosing-repository to commit the project into "
+            f"{repository}"
+        )
+    if commit_to_enclosing_repository:
         return
     raise EnclosingRepositoryError(
         f"{project} is inside the git repository at {repository}, so the commit "
@@ -269,27 +333,132 @@ def _render(directory: Path, bundle: Path, answers: dict[str, Any], tag: str) ->
 
 
 def _commit_first_render(project: Path, name: str, tag: str) -> Outcome:
-    if not _inside_work_tree(project):
+    """Commit the render in `project`, running `git init` there if needed.
+
+    If the commit fails in a repository that was there before, the files that
+    it would have added are taken out of the index again, so that the caller
+    can remove the render and leave the repository as it was.
+    """
+    initialized = not _inside_work_tree(project)
+    if initialized:
         run_git(["init", "--quiet", "--initial-branch=main"], project)
-    # NOTE: git add rejects a project directory that the enclosing repository
-    # ignores, so generate then fails with git's error; no test covers it.
-    run_git(["add", "--all", "--", "."], project)
-    changed = _lines(run_git(["diff", "--cached", "--name-only", "--", "."], project))
-    identity: dict[str, str] = {}
-    if not _has_identity(project):
-        identity = TEMPORARY_IDENTITY
-    message = f"Generate {name} from the agogosml pipeline template {tag}"
-    run_git(["commit", "--quiet", "-m", message, "--", "."], project, env=identity)
+    repository = Path(
+        run_git(["rev-parse", "--show-toplevel"], project).strip()
+    ).resolve()
+    _check_nothing_ignored(project, repository)
+    new_files = _split_z(
+        run_git(
+            ["ls-files", "-z", "--others", "--exclude-standard", "--", "."], project
+        )
+    )
+    try:
+        run_git(["add", "--all", "--", "."], project)
+        changed = [
+            Change("added", path)
+            for path in _split_z(
+                run_git(["diff", "--cached", "--name-only", "-z", "--", "."], project)
+            )
+        ]
+        identity: dict[str, str] = {}
+        if not _has_identity(project):
+            identity = TEMPORARY_IDENTITY
+        message = f"Generate {name} from the agogosml pipeline template {tag}"
+        run_git(["commit", "--quiet", "-m", message, "--", "."], project, env=identity)
+    except BaseException:
+        if not initialized and new_files:
+            with contextlib.suppress(GitError):
+                run_git(
+                    [
+                        "--literal-pathspecs",
+                        "rm",
+                        "--cached",
+                        "--quiet",
+                        "--ignore-unmatch",
+                        "--",
+                        *new_files,
+                    ],
+                    project,
+                )
+        raise
     commit = run_git(["rev-parse", "--short", "HEAD"], project).strip()
-    repository = run_git(["rev-parse", "--show-toplevel"], project).strip()
     return Outcome(
         created=True,
         template_version=tag,
         changed=changed,
         commit=commit,
-        repository=Path(repository),
+        repository=repository,
         identity_fallback=bool(identity),
     )
+
+
+def _check_nothing_ignored(project: Path, repository: Path) -> None:
+    """Raise `IgnoredPathsError` if git ignores files in `project`.
+
+    ``git add --all`` skips ignored files without a word, so the commit of the
+    render would lack them: rules of an enclosing repository such as
+    ``.agogosml/`` or ``*.whl``, or of the user's global excludes file, would
+    drop the template history or the wheel, and updates would fail.
+    """
+    ignored = _split_z(
+        run_git(
+            [
+                "ls-files",
+                "-z",
+                "--others",
+                "--ignored",
+                "--exclude-standard",
+                "--",
+                ".",
+            ],
+            project,
+        )
+    )
+    if not ignored:
+        return
+    rules = _ignore_rules(project, repository, ignored)
+    listed = [f"{path} (rule {rules.get(path, 'unknown')})" for path in ignored]
+    advice = (
+        "change those rules so that they do not match these files (a later "
+        "'!PATTERN' line makes an exception)"
+    )
+    if repository != project:
+        advice = (
+            f"run 'git init {shlex.quote(str(project))}' to give the project a "
+            f"repository of its own, outside the rules of {repository}, or {advice}"
+        )
+    raise IgnoredPathsError(
+        "git ignores some generated files, so the commit of the project would leave "
+        f"them out: {_listing(listed, 5)}; nothing was written. To generate the "
+        f"project, {advice}, and run 'agogosml generate' again"
+    )
+
+
+def _ignore_rules(cwd: Path, top: Path, paths: list[str]) -> dict[str, str]:
+    """Return the rule that makes git ignore each of `paths`, by path.
+
+    Paths are relative to `cwd`, in the work tree whose root is `top`, and a
+    path that git does not ignore is left out. A rule reads "'PATTERN' at
+    FILE:LINE".
+    """
+    output = run_git(
+        ["check-ignore", "--no-index", "--verbose", "-z", "--stdin"],
+        cwd,
+        input_text="".join(f"{path}\0" for path in paths),
+        ok_codes=(0, 1),
+    )
+    fields = output.split("\0")
+    rules = {}
+    for index in range(0, len(fields) - 3, 4):
+        source, line, pattern, path = fields[index : index + 4]
+        if not pattern or pattern.startswith("!"):
+            # -v also shows the negation that makes git not ignore a path.
+            continue
+        source_path = Path(source).expanduser()
+        if not source_path.is_absolute():
+            # git names the files of the work tree relative to its root.
+            source_path = top / source_path
+        rules[path] = f"'{pattern}' at {source_path}:{line}"
+    return rules
 
 
 def _inside_work_tree(path: Path) -> bool:
@@ -311,6 +480,11 @@ def _has_identity(path: Path) -> bool:
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line]
+
+
+def _split_z(text: str) -> list[str]:
+    """Return the fields of git output separated by NUL (-z), without quoting."""
+    return [field for field in text.split("\0") if field]
 
 
 # ---------------------------------------------------------------------------
@@ -368,10 +542,12 @@ def _update(
         run_git(
             ["apply", "--binary", "--whitespace=nowarn", "-"], top, input_text=patch
         )
+        _mark_added(top, [change.path for change in changed if change.added])
     return Outcome(
         created=False,
         template_version=tag,
         changed=changed,
+        repository=top,
         not_applied=not_applied,
         deleted_edits=[
             (subdirectory / path).as_posix() for path in differences.deleted_edits
@@ -598,25 +774,35 @@ def _check_clean(top: Path, project: Path, manifest_file: Path | None) -> None:
         problems.append(f"uncommitted changes ({_listing(changed)})")
     if untracked:
         problems.append(f"untracked files ({_listing(untracked)})")
+    stash = "'git stash --include-untracked'"
+    if any(letters in (" A", " R") for letters, _ in entries):
+        # git stash cannot save a file marked with `git add --intent-to-add`,
+        # as an update marks the files it adds; unmarked, it is untracked.
+        reset = "git reset --quiet"
+        if project != top:
+            reset += f" -- {shlex.quote(str(project))}"
+        stash = f"'{reset}' and then {stash}"
     if problems:
         raise GenerateError(
             f"the project has {' and '.join(problems)}; commit them, or set them "
-            "aside with 'git stash --include-untracked' (or add untracked files to "
-            ".gitignore), then run 'agogosml generate' again, so that the update "
-            "can be reviewed on its own"
+            f"aside with {stash} (or add untracked files to .gitignore), then run "
+            "'agogosml generate' again, so that the update can be reviewed on its "
+            "own"
         )
 
 
-def _listing(paths: list[str]) -> str:
-    """Return up to ten paths, comma-separated, with '...' when there are more."""
-    return ", ".join(paths[:10]) + (", ..." if len(paths) > 10 else "")
+def _listing(paths: list[str], limit: int = 10) -> str:
+    """Return up to `limit` paths, comma-separated, with '...' when there are more."""
+    return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
 def _status_entries(status: str) -> list[tuple[str, str]]:
     """Return the (status letters, path) pairs of ``git status --porcelain -z``.
 
     Each entry is two status letters, a space and the path. A rename or copy
-    entry is followed by the original path, which is skipped.
+    entry is followed by the original path, which is skipped. Either letter
+    may say so: the second one does for a file that `git add --intent-to-add`
+    marked, when git takes it for a renamed deleted file.
     """
     entries = status.split("\0")
     pairs = []
@@ -627,7 +813,7 @@ def _status_entries(status: str) -> list[tuple[str, str]]:
         if len(entry) < 4:
             continue
         pairs.append((entry[:2], entry[3:]))
-        if entry[0] in "RC":
+        if "R" in entry[:2] or "C" in entry[:2]:
             index += 1
     return pairs
 
@@ -715,18 +901,73 @@ def _raise_on_conflicts(clone: Path) -> None:
 
 def _staged_changes(
     clone: Path, subdirectory: Path, base: str
-) -> tuple[list[str], str]:
-    """Stage everything in the clone; return the changed paths and a binary patch.
+) -> tuple[list[Change], str]:
+    """Stage everything in the clone; return the changed files and a binary patch.
 
-    Both are relative to `base`, the project's HEAD commit.
+    Both are relative to `base`, the project's HEAD commit. Renames are
+    detected in both, whatever git's configuration says.
     """
     run_git(["add", "--all", "--", str(subdirectory)], clone)
-    changed = _lines(
-        run_git(
-            ["diff", "--cached", "--name-status", base, "--", str(subdirectory)], clone
-        )
+    status = run_git(
+        [
+            "diff",
+            "--cached",
+            "--name-status",
+            "-z",
+            "--find-renames",
+            base,
+            "--",
+            str(subdirectory),
+        ],
+        clone,
     )
     patch = run_git(
-        ["diff", "--cached", "--binary", base, "--", str(subdirectory)], clone
+        [
+            "diff",
+            "--cached",
+            "--binary",
+            "--find-renames",
+            base,
+            "--",
+            str(subdirectory),
+        ],
+        clone,
     )
-    return changed, patch
+    return _changes(status), patch
+
+
+def _changes(status: str) -> list[Change]:
+    """Return the changes that ``git diff --name-status -z`` lists.
+
+    An entry is the status (a letter, and the similarity of a rename or a
+    copy) and the path; a rename or a copy has the old path before the new.
+    """
+    fields = status.split("\0")
+    changes = []
+    index = 0
+    while index < len(fields) and fields[index]:
+        letter = fields[index][0]
+        kind = _CHANGE_KINDS.get(letter, "changed")
+        if letter in "RC":
+            changes.append(Change(kind, fields[index + 2], fields[index + 1]))
+            index += 3
+        else:
+            changes.append(Change(kind, fields[index + 1]))
+            index += 2
+    return changes
+
+
+def _mark_added(top: Path, paths: list[str]) -> None:
+    """Mark the files that an update added with ``git add --intent-to-add``.
+
+    Their content stays unstaged for review, but ``git diff HEAD`` shows them
+    and ``git commit -a`` commits them, as it does the modified files;
+    untracked, both would leave them out. ``--force`` marks a file that only
+    this repository's own ignore rules (.git/info/exclude) match too: the
+    update, computed in a clone without those rules, added it to the project.
+    """
+    if paths:
+        run_git(
+            ["--literal-pathspecs", "add", "--intent-to-add", "--force", "--", *paths],
+            top,
+        )

@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import click
+import pytest
 
 from agogosml_cli.main import cli
 from agogosml_cli.reference import settings_reference
@@ -37,3 +38,39 @@ def test_cli_doc_lists_every_option() -> None:
                 continue
             for option in param.opts:
                 assert f"`{option}" in page, f"{name} {option}"
+
+
+def cli_doc_section(command: str) -> str:
+    """Return the section of docs/cli.md on `command`, with `\\|` read as `|`."""
+    page = (DOCS / "cli.md").read_text()
+    start = page.index(f"\n## `agogosml {command}`\n")
+    end = page.find("\n## ", start + 1)
+    return page[start:end].replace("\\|", "|")
+
+
+@pytest.mark.parametrize("name", ["init", "generate"])
+def test_cli_doc_writes_options_as_help_does(name: str) -> None:
+    """Each option's table row and synopsis entry reads as in --help."""
+    command = cli.commands[name]
+    context = click.Context(command, info_name=name)
+    section = cli_doc_section(name)
+    rows = re.findall(r"^\| `(--[^`]*)` \|", section, flags=re.MULTILINE)
+    synopsis = [
+        entry
+        for line in section.splitlines()
+        if line.startswith(f"agogosml {name} ")
+        for entry in re.findall(r"\[(--[a-z-]+(?: [^\]\s]+)?)\]", line)
+    ]
+    helped = {}
+    for param in command.params:
+        record = param.get_help_record(context)
+        if isinstance(param, click.Option) and record is not None:
+            helped[param.opts[0]] = record[0]
+
+    for option, written in helped.items():
+        assert written in rows, f"docs/cli.md writes {option} unlike --help: {written}"
+    for row in rows:
+        assert row in helped.values(), f"docs/cli.md: `{row}` is not in --help"
+    assert synopsis
+    for entry in synopsis:
+        assert entry in helped.values(), f"docs/cli.md: [{entry}] is not in --help"

@@ -1583,6 +1583,122 @@ def test_generate_commits_to_enclosing_repository_on_request(tmp_path: Path) -> 
     assert compose["services"]["writer"]["environment"]["WRITER_OUTPUT"] == "scores"
 
 
+def ignoring_repository(directory: Path, rules: str) -> str:
+    """Make `directory` a repository that ignores `rules`; return its HEAD."""
+    enclosing_repository(directory)
+    (directory / ".gitignore").write_text(rules)
+    git(directory, "add", ".gitignore")
+    git(directory, "commit", "--quiet", "-m", "Ignore", "--", ".gitignore")
+    assert git(directory, "diff", "--cached", "--name-only") == "staged.txt\n"
+    return git(directory, "rev-parse", "HEAD").strip()
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_generate_into_ignored_directory_writes_nothing(
+    tmp_path: Path, flag: bool
+) -> None:
+    head = ignoring_repository(tmp_path, "build/\npipelines/\n")
+    manifest = init_manifest(tmp_path, KAFKA_FLAGS)
+    project = tmp_path / "pipelines" / "scoring"
+    extra = ["--commit-to-enclosing-repository"] if flag else []
+
+    result = generate(manifest, "--output", str(project), *extra)
+
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    output = " ".join(result.output.split())
+    assert f"{project.resolve()} is inside the git repository at" in output
+    assert f"'pipelines/' at {tmp_path.resolve() / '.gitignore'}:2" in output
+    assert "nothing was written" in output
+    assert f"Run 'git init {project.resolve()}'" in output
+    assert "failed" not in output
+    assert not (tmp_path / "pipelines").exists()
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+
+
+def test_generate_in_ignored_directory_recovers_with_git_init(tmp_path: Path) -> None:
+    """The user's case: init in an ignored directory, then generate there."""
+    head = ignoring_repository(tmp_path, "/scoring\n")
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest, "--commit-to-enclosing-repository")
+    again = generate(manifest, "--commit-to-enclosing-repository")
+
+    assert result.exit_code == 1, result.output
+    assert "'/scoring' at" in result.output
+    assert sorted(path.name for path in project.iterdir()) == ["agogosml.yaml"]
+    assert again.output == result.output
+
+    git(project, "init", "--quiet")
+    fixed = generate(manifest)
+
+    assert fixed.exit_code == 0, fixed.output
+    assert git(project, "status", "--porcelain") == ""
+    assert ".agogosml/template.bundle" in git(project, "ls-files")
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+
+
+def test_generate_rejects_ignored_generated_files(tmp_path: Path) -> None:
+    head = ignoring_repository(tmp_path, ".agogosml/\n*.whl\n")
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest, "--commit-to-enclosing-repository")
+
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    rules = tmp_path.resolve() / ".gitignore"
+    assert f".agogosml/template.bundle (rule '.agogosml/' at {rules}:1)" in output
+    assert f"{WHEEL} (rule '*.whl' at {rules}:2)" in output
+    assert "nothing was written" in output
+    assert f"run 'git init {project.resolve()}'" in output
+    assert sorted(path.name for path in project.iterdir()) == ["agogosml.yaml"]
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+
+
+def test_generate_rejects_files_of_global_excludes(tmp_path: Path) -> None:
+    excludes = tmp_path / "global-ignore"
+    excludes.write_text("# wheels are build output\n*.whl\n")
+    config = Path(os.environ["GIT_CONFIG_GLOBAL"])
+    config.write_text(f"[core]\n\texcludesFile = {excludes}\n")
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1, result.output
+    output = " ".join(result.output.split())
+    assert f"{WHEEL} (rule '*.whl' at {excludes}:2)" in output
+    assert "git init" not in output
+    # The repository that generate made is gone too.
+    assert sorted(path.name for path in project.iterdir()) == ["agogosml.yaml"]
+
+
+def test_generate_failed_commit_leaves_repository(tmp_path: Path) -> None:
+    head = enclosing_repository(tmp_path)
+    hook = tmp_path / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'rejected by the hook' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+
+    result = generate(manifest, "--commit-to-enclosing-repository")
+
+    assert result.exit_code == 1, result.output
+    assert "rejected by the hook" in result.output
+    assert sorted(path.name for path in project.iterdir()) == ["agogosml.yaml"]
+    assert git(tmp_path, "rev-parse", "HEAD").strip() == head
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+    assert "?? scoring/" in git(tmp_path, "status", "--porcelain")
+
+
 def test_generate_into_nested_repository(tmp_path: Path) -> None:
     head = enclosing_repository(tmp_path)
     project = tmp_path / "scoring"
@@ -2030,6 +2146,20 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+def listed_changes(output: str) -> list[str]:
+    """Return the change list that an update prints, one line per file.
+
+    Runs of spaces in a line become one.
+    """
+    listed = output.split(" to template ", 1)[1].split(":\n", 1)[1]
+    lines = []
+    for line in listed.splitlines():
+        if not line.startswith("  "):
+            break
+        lines.append(" ".join(line.split()))
+    return lines
+
+
 @pytest.fixture
 def changed_template(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
@@ -2085,6 +2215,83 @@ def test_regenerate_applies_template_change(
     assert "Run the tests before every push." in readme.read_text()
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
     assert answers["_commit"] == version
+
+
+def test_regenerate_marks_file_the_template_adds(
+    project: Path, changed_template: Path
+) -> None:
+    (changed_template / "CONTRIBUTING.md").write_text("Run the tests first.\n")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert listed_changes(result.output) == [
+        "modified .agogosml/template.bundle",
+        "modified .copier-answers.yml",
+        "added CONTRIBUTING.md",
+    ]
+    assert " A CONTRIBUTING.md\n" in git(project, "status", "--porcelain")
+    assert "+Run the tests first." in git(project, "diff", "HEAD")
+    assert git(project, "diff", "--cached", "--name-only") == ""
+
+    # Not committed yet: the next run names it, and says how to set it aside.
+    blocked = generate(project / "agogosml.yaml")
+
+    assert blocked.exit_code == 1
+    output = " ".join(blocked.output.split())
+    assert "CONTRIBUTING.md" in output
+    assert (
+        "set them aside with 'git reset --quiet' and then 'git stash "
+        "--include-untracked'" in output
+    )
+    git(project, "reset", "--quiet")
+    git(project, "stash", "--quiet", "--include-untracked")
+    assert git(project, "status", "--porcelain", "--untracked-files=all") == ""
+    git(project, "stash", "pop", "--quiet")
+    git(project, "add", "--intent-to-add", "CONTRIBUTING.md")
+
+    git(project, "commit", "--quiet", "-am", "Update the template")
+
+    assert git(project, "ls-files", "CONTRIBUTING.md") == "CONTRIBUTING.md\n"
+    assert git(project, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_regenerate_in_subdirectory_commits_only_project(
+    tmp_path: Path, changed_template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    head = enclosing_repository(tmp_path)
+    project = tmp_path / "scoring"
+    project.mkdir()
+    manifest = init_manifest(project, KAFKA_FLAGS)
+    assert generate(manifest, "--commit-to-enclosing-repository").exit_code == 0
+    (changed_template / "CONTRIBUTING.md").write_text("Run the tests first.\n")
+
+    outside = generate(manifest)
+    # Drop that update, and run generate again from the project directory.
+    git(tmp_path, "rm", "--cached", "--quiet", "scoring/CONTRIBUTING.md")
+    (project / "CONTRIBUTING.md").unlink()
+    git(tmp_path, "checkout", "--", "scoring")
+    monkeypatch.chdir(project)
+    inside = invoke("generate")
+
+    assert outside.exit_code == 0, outside.output
+    assert "added scoring/CONTRIBUTING.md" in listed_changes(outside.output)
+    output = " ".join(outside.output.split())
+    assert (
+        f"Review the changes with 'git -C {project} diff HEAD -- .' and commit "
+        f"them with 'git -C {project} commit -- .', which leave the rest of the "
+        f"repository at {tmp_path.resolve()} alone." in output
+    )
+    assert inside.exit_code == 0, inside.output
+    assert "'git diff HEAD -- .'" in inside.output
+
+    git(project, "commit", "--quiet", "-m", "Update the template", "--", ".")
+
+    committed = git(tmp_path, "show", "--name-only", "--format=", "HEAD").split()
+    assert "scoring/CONTRIBUTING.md" in committed
+    assert "staged.txt" not in committed
+    assert git(tmp_path, "diff", "--cached", "--name-only") == "staged.txt\n"
+    assert git(tmp_path, "rev-parse", "HEAD~2").strip() == head
 
 
 def test_regenerate_names_changed_files_the_project_lacks(
@@ -2151,8 +2358,7 @@ def test_regenerate_replaces_old_wheel(project: Path) -> None:
     result = generate(project / "agogosml.yaml")
 
     assert result.exit_code == 0, result.output
-    assert f"D\t{old_wheel}" in result.output
-    assert f"A\t{WHEEL}" in result.output
+    assert listed_changes(result.output) == [f"deleted {old_wheel}", f"added {WHEEL}"]
     assert not (project / old_wheel).exists()
     assert (project / WHEEL).read_bytes() == wheel._wheel_bytes()
 
@@ -2224,6 +2430,57 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
     assert answers["package_name"] == "card_scoring"
     # The update is left for review: nothing was committed.
     assert len(git(project, "log", "--format=%H").splitlines()) == 2
+
+
+def test_regenerate_rename_lists_and_marks_moved_files(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moved package shows in 'git diff HEAD', and 'git commit -a' takes it."""
+    package = project / "src" / "fraud_scoring"
+    (package / "features.py").write_text("FEATURES = ['amount']\n")
+    git(project, "add", "--all")
+    git(project, "commit", "--quiet", "--message", "My features")
+    edit(project / "agogosml.yaml", "name: fraud-scoring", "name: tx-scorer")
+    monkeypatch.chdir(project)
+
+    result = invoke("generate")
+
+    assert result.exit_code == 0, result.output
+    listed = listed_changes(result.output)
+    assert "renamed src/tx_scorer/app.py (from src/fraud_scoring/app.py)" in listed
+    assert (
+        "renamed src/tx_scorer/features.py (from src/fraud_scoring/features.py)"
+        in listed
+    )
+    assert "modified docker-compose.yml" in listed
+    # No raw status letters such as "R088".
+    assert not re.search(r"^\s*[ACDMRTU]\d*\t", result.output, flags=re.MULTILINE)
+    output = " ".join(result.output.split())
+    assert (
+        "Review the changes with 'git diff HEAD' and commit them with "
+        "'git commit -a'." in output
+    )
+    assert "marked with 'git add --intent-to-add'" in output
+    status = git(project, "status", "--porcelain", "--untracked-files=all")
+    assert "??" not in status
+    shown = git(project, "diff", "HEAD", "--name-only").splitlines()
+    assert "src/tx_scorer/__init__.py" in shown
+    assert "src/tx_scorer/app.py" in shown
+    # Their content is not staged: the review is of the work tree.
+    assert git(project, "diff", "--cached", "--name-only") == ""
+
+    git(project, "commit", "--quiet", "-am", "Rename the project")
+
+    assert git(project, "status", "--porcelain", "--untracked-files=all") == ""
+    tracked = git(project, "ls-files", "src").split()
+    assert tracked == [
+        "src/tx_scorer/__init__.py",
+        "src/tx_scorer/app.py",
+        "src/tx_scorer/features.py",
+    ]
+    again = invoke("generate")
+    assert again.exit_code == 0, again.output
+    assert "is up to date" in again.output
 
 
 def test_regenerate_rename_conflict_names_files(project: Path) -> None:
