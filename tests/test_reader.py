@@ -1943,7 +1943,12 @@ async def test_transform_exit_dead_lettered(error, text, caplog):
     assert dead_letter_headers(record)["dlq.error"] == f"transform failed: {text}"
     assert source.committed == {(TOPIC, 0): 3}
     assert reader.in_flight == 0
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert dead_letter_levels(caplog) == ["WARNING"]
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "transform raised" in r.getMessage()
+    ]
     assert len(warnings) == 1
     assert type(error).__name__ in warnings[0].getMessage()
     assert warnings[0].message_id == f"{TOPIC}:0:1"
