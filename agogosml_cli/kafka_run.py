@@ -340,14 +340,19 @@ def delete_group(config: dict[str, Any], group_id: str) -> str | None:
     return None
 
 
-def _left_group_message(config: dict[str, Any], group_id: str, failure: str) -> str:
-    """Name the consumer group that the run could not delete, and how to delete it."""
-    command = (
-        f"kafka-consumer-groups.sh --bootstrap-server {config['bootstrap.servers']} "
-        f"--delete --group {group_id}"
-    )
+def _kafka_tool_command(config: dict[str, Any], tool: str, arguments: str) -> str:
+    """Return a command line of one of Kafka's tools for the run's brokers."""
+    command = f"{tool} --bootstrap-server {config['bootstrap.servers']} {arguments}"
     if str(config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
         command += " --command-config CLIENT.properties"
+    return command
+
+
+def _left_group_message(config: dict[str, Any], group_id: str, failure: str) -> str:
+    """Name the consumer group that the run could not delete, and how to delete it."""
+    command = _kafka_tool_command(
+        config, "kafka-consumer-groups.sh", f"--delete --group {group_id}"
+    )
     return (
         f"Could not delete the reader's consumer group {group_id} ({failure}). "
         f"Delete it with: {command}"
@@ -362,12 +367,9 @@ def _left_topics_message(config: dict[str, Any], failures: dict[str, str]) -> st
     """
     names = list(failures)
     pattern = ",".join(name.replace(".", "\\.") for name in names)
-    command = (
-        f"kafka-topics.sh --bootstrap-server {config['bootstrap.servers']} "
-        f"--delete --if-exists --topic '{pattern}'"
+    command = _kafka_tool_command(
+        config, "kafka-topics.sh", f"--delete --if-exists --topic '{pattern}'"
     )
-    if str(config.get("security.protocol", "PLAINTEXT")).upper() != "PLAINTEXT":
-        command += " --command-config CLIENT.properties"
     return (
         f"Could not delete the topics that this run created "
         f"({next(iter(failures.values()))}): {', '.join(names)}. Delete them "
