@@ -74,6 +74,17 @@ def test_repeated_kafka_error_logged_once(caplog) -> None:
     assert "check KAFKA_SECURITY_PROTOCOL" in lines[0]
 
 
+def test_invalid_session_timeout_names_setting(caplog) -> None:
+    health = BrokerHealth("consumer", "127.0.0.1:9092")
+
+    health.on_error(KafkaError(KafkaError.INVALID_SESSION_TIMEOUT, "out of range"))
+
+    (line,) = [
+        r.getMessage() for r in caplog.records if r.name == health_module.__name__
+    ]
+    assert "session.timeout.ms, set in KAFKA_EXTRA_CONFIG" in line
+
+
 def test_connection_confirmed_before_statistics() -> None:
     health = BrokerHealth("consumer", "127.0.0.1:9092")
 

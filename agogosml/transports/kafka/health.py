@@ -29,6 +29,12 @@ _ERROR_HINTS = {
         "check KAFKA_SECURITY_PROTOCOL and KAFKA_SSL_CA_LOCATION against the "
         "broker's certificate"
     ),
+    KafkaError.INVALID_SESSION_TIMEOUT: (
+        "the consumer's session.timeout.ms, set in KAFKA_EXTRA_CONFIG, is outside "
+        "the range of the broker's group.min.session.timeout.ms and "
+        "group.max.session.timeout.ms (6 s and 30 min unless the broker sets "
+        "them); the reader cannot join its group until it is changed"
+    ),
 }
 
 

@@ -375,7 +375,10 @@ class KafkaSource(TrackedSource):
                     error.str(),
                 )
             elif error.code() != KafkaError._PARTITION_EOF:
-                logger.error("kafka consume error: %s", error)
+                # Logged at most once per interval and error code, with the
+                # setting to check, as the client's error callback is: a
+                # failed group join repeats every few seconds.
+                self._health.on_error(error)
             return None
         topic, partition, offset = (
             message.topic(),
