@@ -1102,6 +1102,13 @@ def _checked_error_types(types: object) -> tuple[type[Exception], ...]:
                 "exception type: list classes such as ValueError, not instances "
                 "or names"
             )
+        if item is Exception:
+            logger.warning(
+                "invalid_input_errors contains Exception, so every error of the "
+                "scoring function rejects its value at once, temporary ones "
+                "included; list the types that mean a bad input, such as "
+                "ValueError"
+            )
     return tuple(types)
 
 

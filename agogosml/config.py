@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from agogosml.errors import ConfigurationError
+from agogosml.extras import install_command
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
@@ -874,21 +875,18 @@ def check_blob_container_name(value: str) -> None:
         )
 
 
-#: Error message for a missing eventhubs extra, with the command that installs it.
-EVENTHUBS_EXTRA_MISSING = (
-    "the native Event Hubs transport needs the packages of agogosml's eventhubs "
-    "extra, which are not installed; install them with python -m pip install "
-    "'agogosml[eventhubs]' (the reader and writer images contain them)"
-)
-
-
 def require_eventhubs_extra() -> None:
     """Raise ValueError with the fix unless the eventhubs extra is installed."""
     try:
         import azure.eventhub  # noqa: F401
         import azure.eventhub.extensions.checkpointstoreblobaio  # noqa: F401
     except ModuleNotFoundError:
-        raise ValueError(EVENTHUBS_EXTRA_MISSING) from None
+        raise ValueError(
+            "the native Event Hubs transport needs the packages of agogosml's "
+            "eventhubs extra, which are not installed; install them with "
+            f"{install_command('eventhubs')} (the reader and writer images "
+            "contain them)"
+        ) from None
 
 
 def _check_eventhubs_connection_string(value: str) -> None:

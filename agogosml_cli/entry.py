@@ -32,11 +32,12 @@ def main() -> None:
         top = (exc.name or "").partition(".")[0]
         if top not in CLI_EXTRA_MODULES:
             raise
+        from agogosml.extras import install_command
+
         print(
             f"agogosml: the agogosml command needs the packages of agogosml's cli "
             f"extra, and {exc.name!r} is not installed; install them with "
-            "python -m pip install 'agogosml[cli]' (in a clone of agogosml: "
-            "python -m pip install -e '.[cli]')",
+            f"{install_command('cli')}",
             file=sys.stderr,
         )
         sys.exit(2)

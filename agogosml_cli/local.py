@@ -113,9 +113,17 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 tail = self.log_tail()
+                hint = ""
+                if self.returncode == 0 and not tail and self.name == "model app":
+                    hint = (
+                        ". It ended without an error and logged nothing, so its "
+                        "module may start no server when run with python -m: "
+                        'end it with if __name__ == "__main__": '
+                        "ModelApp(score).run()"
+                    )
                 raise ServiceStartError(
                     f"{self.name} {self.exit_description()} while starting; its "
-                    f"log is {self.log_path}" + (f":\n{tail}" if tail else "")
+                    f"log is {self.log_path}" + (f":\n{tail}" if tail else "") + hint
                 )
             check_running(others, f"while the {self.name} was starting")
             if self.is_ready():

@@ -103,6 +103,13 @@ def _check_combination(options: AppOptions) -> None:
 
 
 def _check_module_name(module: str) -> None:
+    if module.endswith(".py") and module[:-3].isidentifier():
+        raise click.BadParameter(
+            f"{module!r} is a file name; give the module name, as in --app "
+            f"{module[:-3]}, and run agogosml in the directory that contains "
+            f"{module}",
+            param_hint="--app",
+        )
     if not all(part.isidentifier() for part in module.split(".")):
         raise click.BadParameter(
             f"{module!r} is not a Python module name; give a dotted name such "
@@ -155,10 +162,11 @@ def _check_importable(choice: AppChoice, option: str, value: str) -> None:
     reason = found.stderr.strip().splitlines()[-1:] or ["it was not found"]
     raise click.UsageError(
         f"{option} {value!r}: the interpreter of this run ({sys.executable}) "
-        f"cannot run 'python -m {choice.module}': {reason[0]}. Install the "
-        "package of the app into this environment (for a generated project, "
-        "'pip install -e PROJECT_DIR'), or run the agogosml of the environment "
-        "that has it"
+        f"cannot run 'python -m {choice.module}': {reason[0]}. For a module "
+        "file, run agogosml in the directory that contains it. Otherwise "
+        "install the package of the app into this environment (for a generated "
+        "project, 'pip install -e PROJECT_DIR'), or run the agogosml of the "
+        "environment that has it"
     )
 
 

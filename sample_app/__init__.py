@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
-from agogosml import __version__
+from agogosml.extras import install_command, missing_list
 
 #: Packages of the ``sample`` extra that the app, training and data fetch import.
 SAMPLE_MODULES = ("joblib", "numpy", "pandas", "sklearn")
@@ -23,21 +22,9 @@ def missing_packages_message() -> str | None:
     ]
     if not missing:
         return None
-    checkout = Path(__file__).resolve().parents[1]
-    # A generated project keeps the agogosml wheel it installs in wheels/.
-    wheel = Path("wheels") / f"agogosml-{__version__}-py3-none-any.whl"
-    if (checkout / "pyproject.toml").is_file():
-        command = f"pip install -e '{checkout}[sample]'"
-    elif wheel.is_file():
-        command = f"pip install '{wheel.resolve()}[sample]'"
-    else:
-        # agogosml is installed from a checkout or a wheel built from one.
-        command = (
-            f"pip install 'PATH/TO/agogosml-{__version__}-py3-none-any.whl[sample]'"
-        )
     return (
-        f"the sample app needs {', '.join(missing)}, which are not installed; "
-        f"install the sample extra: {command}"
+        f"the sample app needs {missing_list(missing)} not installed; "
+        f"install the sample extra: {install_command('sample')}"
     )
 
 

@@ -144,6 +144,24 @@ def test_app_runs_through_kafka(tmp_path: Path, kafka_bootstrap: str) -> None:
 
 
 @pytest.mark.slow
+def test_app_module_that_serves_nothing_gets_hint(tmp_path: Path) -> None:
+    (tmp_path / "quiet_app.py").write_text("def score(values):\n    return values\n")
+    write_input(tmp_path / "values.jsonl")
+
+    result = run_cli(
+        "--app", "quiet_app",
+        "--input", str(tmp_path / "values.jsonl"),
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "model app exited with code 0 while starting" in flat(result.stderr)
+    assert 'end it with if __name__ == "__main__": ModelApp(score).run()' in flat(
+        result.stderr
+    )
+
+
 def test_project_app_runs_in_project(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -220,6 +238,11 @@ def test_sample_app_runs_on_input_file(tmp_path: Path, fraud_model: Path) -> Non
         (
             ["--app", "my-app.app", "--input", "INPUT"],
             "'my-app.app' is not a Python module name",
+        ),
+        (
+            ["--app", "doubling_app.py", "--input", "INPUT"],
+            "'doubling_app.py' is a file name; give the module name, as in "
+            "--app doubling_app",
         ),
     ],
 )

@@ -142,7 +142,7 @@ def test_agogosml_command_names_cli_extra(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "python -m pip install 'agogosml[cli]'" in result.stderr
+    assert f"python -m pip install -e '{REPO_ROOT}[cli]'" in result.stderr
 
 
 def test_eventhubs_sink_names_eventhubs_extra(tmp_path: Path) -> None:
@@ -162,4 +162,4 @@ def test_eventhubs_sink_names_eventhubs_extra(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "python -m pip install 'agogosml[eventhubs]'" in result.stderr
+    assert f"python -m pip install -e '{REPO_ROOT}[eventhubs]'" in result.stderr

@@ -1823,3 +1823,9 @@ async def test_record_header_without_name_400():
     assert response.status == 400
     assert "header X-Record-Header- has no record header name" in body["error"]
     assert writer.requests == []
+
+
+def test_invalid_input_errors_of_exception_warns(caplog):
+    ModelApp(double_amount, invalid_input_errors=(Exception,))
+
+    assert "temporary ones included" in caplog.text

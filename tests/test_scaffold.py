@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -1268,6 +1269,11 @@ def test_generate_python_template(kafka_project: Path) -> None:
     assert answers["project_name"] == "fraud-scoring"
     readme = (kafka_project / "README.md").read_text()
     assert "`agogosml up --kafka HOST:PORT`\nuses a broker of your own" in readme
+    # A model file next to app.py goes into the wheel, and so into the image.
+    project = tomllib.loads((kafka_project / "pyproject.toml").read_text())
+    package_data = project["tool"]["setuptools"]["package-data"]
+    assert package_data == {"fraud_scoring": ["*.joblib", "*.pkl", "*.onnx"]}
+    assert "## Your model" in readme
 
 
 def test_generate_commits_first_render(kafka_project: Path) -> None:
@@ -2642,7 +2648,6 @@ def test_generate_names_output_it_cannot_create(tmp_path: Path) -> None:
 
 def test_package_data_covers_templates() -> None:
     import glob
-    import tomllib
 
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["agogosml_cli"]
