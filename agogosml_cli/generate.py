@@ -178,10 +178,17 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
             "'git show HEAD:PATH' shows your version of each.",
         )
     if outcome.renamed:
+        uninstall = ""
+        if outcome.previous_name:
+            uninstall = (
+                f".venv/bin/python -m pip uninstall --yes {outcome.previous_name} && "
+            )
         click.echo(
             "The package moved with the new name: reinstall the project "
-            "(pip install -e '.[test]') so that its command is installed "
-            "under the new name."
+            "(pip install -e '.[test]') in its environment, so that its command "
+            "is installed under the new name and the old one is gone: "
+            f"{uninstall}.venv/bin/python -m pip install --find-links wheels "
+            "-e '.[test]'"
         )
     if outcome.not_applied:
         manifest = shlex.quote(str(manifest_path))

@@ -120,6 +120,7 @@ class Outcome:
             files that the user had edited and that an update deleted, because
             the manifest no longer generates them.
         renamed: True when an update gave the project a new name.
+        previous_name: The project name before that update, or "".
     """
 
     created: bool
@@ -131,6 +132,7 @@ class Outcome:
     not_applied: list[str] = field(default_factory=list)
     deleted_edits: list[str] = field(default_factory=list)
     renamed: bool = False
+    previous_name: str = ""
 
 
 def generate_project(
@@ -553,6 +555,9 @@ def _update(
             (subdirectory / path).as_posix() for path in differences.deleted_edits
         ],
         renamed=names != _names(answers),
+        previous_name=str(names.get("project_name") or "")
+        if names != _names(answers)
+        else "",
     )
 
 

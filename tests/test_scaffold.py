@@ -2415,6 +2415,10 @@ def test_regenerate_rename_keeps_edits(project: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "reinstall the project (pip install -e '.[test]')" in result.output
+    assert (
+        ".venv/bin/python -m pip uninstall --yes fraud-scoring && "
+        ".venv/bin/python -m pip install --find-links wheels -e '.[test]'"
+    ) in " ".join(result.output.split())
     assert not old_app.exists()
     app = (project / "src" / "card_scoring" / "app.py").read_text()
     assert 'MODEL_VERSION = "mean-2"' in app
