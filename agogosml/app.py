@@ -214,11 +214,37 @@ class AppSettings(BaseSettings):
         return self
 
 
+#: Longest error text of a response, in characters: an exception's message can
+#: be of any size, and the reader copies the text into the dead letter.
+MAX_ERROR_CHARS = 2000
+
+
+def safe_error_text(text: object) -> str:
+    """Return `text` as an error that JSON can carry, cut to `MAX_ERROR_CHARS`.
+
+    Text that is not valid Unicode, such as a lone surrogate from bytes that
+    were not UTF-8, is escaped, because orjson encodes no such text.
+    """
+    text = str(text)
+    if len(text) > MAX_ERROR_CHARS:
+        cut = len(text) - MAX_ERROR_CHARS
+        text = f"{text[:MAX_ERROR_CHARS]}... ({cut} more characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _message_of(exc: BaseException) -> str:
+    """Return the message of `exc`, or its repr when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not fail the request
+        return object.__repr__(exc)
+
+
 class _Reject(Exception):
     """An error response; `log_level` overrides the level of its log line."""
 
     def __init__(self, status: int, message: str, *, log_level: int = 0) -> None:
-        super().__init__(message)
+        super().__init__(safe_error_text(message))
         self.status = status
         self.log_level = log_level
         #: Retry-After of the writer's response, passed on to the reader.
@@ -243,7 +269,11 @@ class _ScoringFailed(_Reject):
     """A 500 response for an exception that the scoring function raised."""
 
     def __init__(self, exc: BaseException) -> None:
-        super().__init__(500, f"the scoring function raised {exc!r}")
+        try:
+            described = repr(exc)
+        except Exception:  # noqa: BLE001 - a broken __repr__ must not fail the request
+            described = object.__repr__(exc)
+        super().__init__(500, f"the scoring function raised {described}")
         self.exception = exc
 
 
@@ -406,6 +436,9 @@ class ModelApp:
             await self._forward_chunk(items, chunk, statuses)
         written = sum(1 for status in statuses if status["status"] == 200)
         MESSAGES_OUT.labels(SERVICE).inc(written)
+        for status in statuses:
+            if "error" in status:
+                status["error"] = safe_error_text(status["error"])
         return json_response({"results": statuses})
 
     def _encode_outputs(
@@ -581,7 +614,7 @@ class ModelApp:
         except (Exception, KeyboardInterrupt, SystemExit) as exc:  # noqa: BLE001
             if isinstance(exc, self._invalid_input_errors):
                 outcome = "invalid"
-                invalid = InvalidRecord(f"{type(exc).__name__}: {exc}")
+                invalid = InvalidRecord(f"{type(exc).__name__}: {_message_of(exc)}")
                 if len(values) == 1:
                     return [invalid]
                 raise _ScoringFailed(invalid) from None

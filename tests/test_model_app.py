@@ -1829,3 +1829,59 @@ def test_invalid_input_errors_of_exception_warns(caplog):
     ModelApp(double_amount, invalid_input_errors=(Exception,))
 
     assert "temporary ones included" in caplog.text
+
+
+class BrokenText(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ValueError("bad input \udcff"), "ValueError: bad input \\udcff"),
+        (ValueError("x" * 5000), "ValueError: " + "x" * 1988 + "... ("),
+        (BrokenText(), "BrokenText: <"),
+    ],
+)
+async def test_unusual_error_text_rejects_only_its_value(error, expected):
+    def score(values: list[Any]) -> list[Any]:
+        if any(value.get("bad") for value in values):
+            raise error
+        return values
+
+    items = [
+        {"id": "in:0:0", "value": {"n": 1}},
+        {"id": "in:0:1", "value": {"bad": True}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(
+            score, writer.url, invalid_input_errors=(ValueError, BrokenText)
+        ) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            body = await response.json()
+
+    assert response.status == 200
+    ok, rejected = body["results"]
+    assert ok == {"status": 200}
+    assert rejected["status"] == 400
+    assert rejected["error"].startswith(expected)
+    assert len(rejected["error"]) < 2100
+    assert [element["id"] for element in writer.requests[0].json()] == ["in:0:0"]
+
+
+async def test_huge_unlisted_error_is_cut_short():
+    def score(values: list[Any]) -> list[Any]:
+        raise RuntimeError("y" * 5_000_000)
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert body["error"].endswith("more characters)")
+    assert len(body["error"]) < 2100
