@@ -23,14 +23,28 @@ MANIFEST_NAME = "agogosml.yaml"
 
 #: Run by the interpreter of the run in the app's directory, as ``python -m``
 #: would run the module there: exits 0 when the module is found, else with
-#: the reason.
+#: the reason. It imports no package of the app.
 _FIND_MODULE = """\
-import importlib.util, sys
+import importlib.machinery, importlib.util, sys
+parts = sys.argv[1].split(".")
 try:
-    found = importlib.util.find_spec(sys.argv[1]) is not None
+    spec = importlib.util.find_spec(parts[0])
 except Exception as exc:
-    sys.exit(f"importing its package failed: {type(exc).__name__}: {exc}")
-sys.exit(0 if found else "no module of that name was found")
+    sys.exit(f"finding it failed: {type(exc).__name__}: {exc}")
+# Each package's directory is searched without importing the package, so no
+# code of the app runs here.
+for part in parts[1:]:
+    locations = spec.submodule_search_locations if spec is not None else None
+    spec = importlib.machinery.PathFinder.find_spec(part, list(locations or []))
+if spec is None:
+    sys.exit("no module of that name was found")
+if spec.origin in ("built-in", "frozen"):
+    sys.exit("it is a module of Python itself, not an app")
+locations = spec.submodule_search_locations
+if locations is not None and importlib.machinery.PathFinder.find_spec(
+    "__main__", list(locations)
+) is None:
+    sys.exit("it is a package without a __main__ module; name its app module")
 """
 
 
@@ -150,13 +164,19 @@ def _check_importable(choice: AppChoice, option: str, value: str) -> None:
     The check runs in a child process of the run's interpreter in the app's
     directory, as the app will, so it imports no code of the app here.
     """
-    found = subprocess.run(
-        [sys.executable, "-c", _FIND_MODULE, choice.module],
-        cwd=choice.directory,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        found = subprocess.run(
+            [sys.executable, "-c", _FIND_MODULE, choice.module],
+            cwd=choice.directory,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        raise click.UsageError(
+            f"{option} {value!r}: looking up 'python -m {choice.module}' took "
+            "over 60 s; check the environment's packages"
+        ) from None
     if found.returncode == 0:
         return
     reason = found.stderr.strip().splitlines()[-1:] or ["it was not found"]
@@ -178,6 +198,13 @@ def check_input_file(path: Path) -> None:
     Raises:
         click.BadParameter: naming --input, the line and why it is invalid.
     """
+    if path.exists() and not path.is_file():
+        raise click.BadParameter(
+            f"{str(path)!r} is not a regular file: the run reads its input twice, "
+            "to check it and to stream it, and a pipe or a device gives its data "
+            "only once. Write the records to a file and give that",
+            param_hint="--input",
+        )
     records = 0
     try:
         with path.open("rb") as file:

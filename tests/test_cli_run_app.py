@@ -310,20 +310,46 @@ def test_run_rejects_input_inside_run_files(tmp_path: Path) -> None:
     assert f"--input '{path}' is the run's own input.jsonl" in flat(result.output)
 
 
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        ("no_such_app.app", "no module of that name was found"),
+        ("noisy.missing", "no module of that name was found"),
+        ("sys", "it is a module of Python itself, not an app"),
+        ("noisy", "it is a package without a __main__ module"),
+    ],
+)
 def test_run_rejects_app_not_importable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, reason: str
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = write_input(tmp_path / "values.jsonl")
+    # A package whose import would leave a mark: the check must not import it.
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "noisy" / "__init__.py").write_text("open('imported', 'w').close()\n")
 
-    result = invoke("--app", "no_such_app.app", "--input", str(path))
+    result = invoke("--app", module, "--input", str(path))
 
     output = flat(result.output)
     assert result.exit_code == 2, result.output
-    assert "--app 'no_such_app.app': the interpreter of this run" in output
-    assert "cannot run 'python -m no_such_app.app'" in output
-    assert "ModuleNotFoundError: No module named 'no_such_app'" in output
+    assert f"--app '{module}': the interpreter of this run" in output
+    assert f"cannot run 'python -m {module}': {reason}" in output
     assert "'pip install -e PROJECT_DIR'" in output
+    assert not (tmp_path / "imported").exists()
+
+
+def test_run_rejects_input_that_is_a_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_app(tmp_path)
+    fifo = tmp_path / "values.fifo"
+    os.mkfifo(fifo)
+
+    result = invoke("--app", "doubling_app", "--input", str(fifo))
+
+    assert result.exit_code == 2, result.output
+    assert "is not a regular file" in flat(result.output)
 
 
 def test_run_rejects_project_without_manifest(tmp_path: Path) -> None:
@@ -347,4 +373,4 @@ def test_run_names_project_app_not_installed(tmp_path: Path) -> None:
     output = flat(result.output)
     assert result.exit_code == 2, result.output
     assert "cannot run 'python -m doubling_scores.app'" in output
-    assert "Install the package of the app into this environment" in output
+    assert "install the package of the app into this environment" in output
