@@ -266,10 +266,12 @@ def header_spellings(value: str) -> dict[str, str]:
     """Return each name that a `CASED_RECORD_HEADERS` value lists, by its lower case.
 
     Of names listed more than once in different cases, the last one counts.
+    Names that are not ASCII are left out: HTTP header names are ASCII, and
+    the lower case of some other letters is an ASCII one (that of the Kelvin
+    sign is "k").
     """
-    return {
-        name.strip().lower(): name.strip() for name in value.split(",") if name.strip()
-    }
+    names = (name.strip() for name in value.split(","))
+    return {name.lower(): name for name in names if name and name.isascii()}
 
 
 def content_type_problem(request: web.Request) -> str:

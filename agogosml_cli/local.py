@@ -129,9 +129,10 @@ class ServiceProcess:
             if self.is_ready():
                 return
             time.sleep(0.1)
+        tail = self.log_tail()
         raise ServiceStartError(
-            f"{self.name} was not ready after {timeout_seconds:.0f} s:\n"
-            f"{self.log_tail()}"
+            f"{self.name} was not ready after {timeout_seconds:.0f} s; its log is "
+            f"{self.log_path}" + (f":\n{tail}" if tail else ", and it is empty")
         )
 
     def is_ready(self) -> bool:

@@ -892,10 +892,11 @@ async def test_source_resumes_after_checkpoint(tmp_path: Path) -> None:
     assert [e.value for e in again] == [b'{"n": 2}', b'{"n": 3}']
 
 
-@pytest.mark.parametrize("where", ["missing-dir/checkpoint", "."])
+@pytest.mark.parametrize("where", ["missing-dir/checkpoint", ".", "checkpoint.fifo"])
 async def test_source_rejects_bad_checkpoint_path(tmp_path: Path, where: str) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"{}\n")
+    os.mkfifo(tmp_path / "checkpoint.fifo")
     source = FileSource(str(path), checkpoint_path=tmp_path / where)
 
     with pytest.raises(ConfigurationError, match="READER_CHECKPOINT_PATH"):

@@ -152,8 +152,9 @@ async def test_post_one_record_headers_keep_listed_spelling():
         "X-Record-Header-correlationid": "c-1",
         "X-Record-Header-Trace-Bytes": "/wAB",
         "X-Record-Header-Model-Version": "3",
+        "X-Record-Header-K": "kelvin",
         "X-Base64-Record-Headers": "trace-bytes",
-        "X-Cased-Record-Headers": "correlationId,Trace-Bytes,Not-Sent",
+        "X-Cased-Record-Headers": "correlationId,Trace-Bytes,Not-Sent,\u212a",
     }
 
     async with serve_writer(sink) as (client, _):
@@ -161,10 +162,12 @@ async def test_post_one_record_headers_keep_listed_spelling():
 
     assert response.status == 200
     (record,) = sink.envelopes
-    # An unlisted name is written in lower case, whatever its case in HTTP.
+    # An unlisted name is written in lower case, whatever its case in HTTP,
+    # and the Kelvin sign, whose lower case is "k", spells no header.
     assert sorted(record.headers) == [
         ("Trace-Bytes", b"\xff\x00\x01"),
         ("correlationId", b"c-1"),
+        ("k", b"kelvin"),
         ("model-version", b"3"),
     ]
 

@@ -508,6 +508,15 @@ class FileSource(TrackedSource):
         """
         if self._checkpoint is None:
             return 0, None, None, []
+        if self._checkpoint.exists() and not (
+            self._checkpoint.is_file() or self._checkpoint.is_dir()
+        ):
+            raise SourceError(
+                f"checkpoint path {str(self._checkpoint)!r} is not a regular file "
+                "(a named pipe or a device); set READER_CHECKPOINT_PATH to a file "
+                "path in an existing directory",
+                retriable=False,
+            )
         if self._checkpoint.is_dir() or not self._checkpoint.parent.is_dir():
             raise SourceError(
                 f"checkpoint path {str(self._checkpoint)!r} is a directory or lies in "
