@@ -963,8 +963,11 @@ def _missing_packages_hint(
     import importlib.util
 
     import sample_app
+    from agogosml import extras
 
-    monkeypatch.setattr(sample_app, "__file__", str(installed_at / "__init__.py"))
+    # agogosml is installed beside sample_app, and names where it came from.
+    agogosml_at = installed_at.parent / "agogosml"
+    monkeypatch.setattr(extras, "__file__", str(agogosml_at / "extras.py"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.chdir(cwd)
     message = sample_app.missing_packages_message()
