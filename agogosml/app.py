@@ -214,8 +214,9 @@ class AppSettings(BaseSettings):
         return self
 
 
-#: Longest error text of a response, in characters: an exception's message can
-#: be of any size, and the reader copies the text into the dead letter.
+#: Maximum length of the error text of a response, in characters. An
+#: exception's message can be of any size, and the reader copies the text into
+#: the dead letter.
 MAX_ERROR_CHARS = 2000
 
 
@@ -843,7 +844,7 @@ class _ScoringThread:
         A call whose turn comes after `abandoned()` turned true, such as one
         whose client closed the connection while it waited behind slower
         calls, is not run: it raises `_ClientGone` instead, so an app under
-        overload does not spend its scoring thread on results nobody takes.
+        overload does not spend its scoring thread on results that no client waits for.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -864,7 +865,7 @@ class _ScoringThread:
             function, values, future, loop, abandoned = item
             outcome: tuple[Any, BaseException | None]
             if future.done() or abandoned():
-                # Read from this thread: a stale answer only runs or skips one
+                # Read from this thread: a stale value only runs or skips one
                 # call that the event loop then handles as it would anyway.
                 outcome = (None, _ClientGone())
             else:

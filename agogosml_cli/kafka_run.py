@@ -212,7 +212,7 @@ def check_broker(
 
     Raises:
         click.UsageError: the client properties are invalid.
-        RuntimeError: no broker answered within `timeout_seconds`.
+        RuntimeError: no broker responded within `timeout_seconds`.
     """
     errors: list[KafkaError] = []
     admin = _admin_client({**config, "error_cb": errors.append})
@@ -228,7 +228,7 @@ def check_broker(
                 error.code() == KafkaError._ALL_BROKERS_DOWN for error in errors
             )
             if all_down or remaining <= 0.5:
-                # The first error, such as a refused connection, says the most.
+                # The first error, such as a refused connection, is the most specific.
                 cause = KafkaException(errors[0]) if errors else exc
                 raise _broker_error(config, cause) from None
 

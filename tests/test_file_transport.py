@@ -1136,7 +1136,7 @@ async def test_sink_not_connected_while_a_write_stalls(tmp_path: Path, monkeypat
     os.mkfifo(fifo)
     sink = FileSink(str(fifo))
     await sink.start()
-    # More than a pipe's buffer, which nobody reads yet.
+    # More than a pipe's buffer, which no process reads yet.
     value = orjson.dumps({"text": "x" * 300_000})
     sending = asyncio.create_task(sink.send([Envelope(value=value)]))
 

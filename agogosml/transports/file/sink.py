@@ -28,7 +28,7 @@ ResultT = TypeVar("ResultT")
 RETRY_INTERVAL_SECONDS = 1.0
 
 #: How long a write may take before the sink counts as not connected, such as
-#: a write to a named pipe that nobody reads, or to a hung network file system.
+#: a write to a named pipe that no process reads, or to a hung network file system.
 STALL_SECONDS = 10.0
 
 
