@@ -28,12 +28,21 @@ def missing_packages_message() -> str | None:
     )
 
 
-def main() -> None:
-    """Run the sample app (``agogosml-sample-app``), or name the missing packages."""
+def exit_if_packages_missing(program: str) -> None:
+    """End `program` with exit status 2 and the fix when the sample extra is missing.
+
+    Args:
+        program: What the user ran, such as ``sample app``, to start the message.
+    """
     missing = missing_packages_message()
     if missing:
-        print(f"sample app: {missing}", file=sys.stderr)
+        print(f"{program}: {missing}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def main() -> None:
+    """Run the sample app (``agogosml-sample-app``), or name the missing packages."""
+    exit_if_packages_missing("sample app")
     from sample_app.app import main as serve
 
     serve()

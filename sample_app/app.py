@@ -14,13 +14,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from sample_app import exit_if_packages_missing
 
-from agogosml.app import InvalidRecord, ModelApp
-from agogosml.config import misspelled_variables
-from agogosml.exact_json import json_type
-from sample_app.scoring import (
+if __name__ == "__main__":
+    # Before the imports below, so that a missing package ends with the fix.
+    exit_if_packages_missing("sample app")
+
+from pydantic import Field, ValidationError  # noqa: E402
+from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
+
+from agogosml.app import InvalidRecord, ModelApp  # noqa: E402
+from agogosml.config import misspelled_variables  # noqa: E402
+from agogosml.exact_json import json_type  # noqa: E402
+from sample_app.scoring import (  # noqa: E402
     FraudModel,
     ModelLoadError,
     Transaction,

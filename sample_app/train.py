@@ -23,22 +23,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import sklearn
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import (
+from sample_app import exit_if_packages_missing
+
+if __name__ == "__main__":
+    # Before the imports below, so that a missing package ends with the fix.
+    exit_if_packages_missing("python -m sample_app.train")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import sklearn  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
     average_precision_score,
     precision_recall_curve,
     precision_score,
     recall_score,
     roc_auc_score,
 )
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from .data import (
+from .data import (  # noqa: E402
     COLUMNS,
     FEATURE_COLUMNS,
     LABEL_COLUMN,
@@ -46,7 +52,7 @@ from .data import (
     _sha256_file,
     fetch_dataset,
 )
-from .scoring import FraudModel, default_model_path
+from .scoring import FraudModel, default_model_path  # noqa: E402
 
 __all__ = [
     "LOGISTIC_REGRESSION_PARAMS",

@@ -163,3 +163,26 @@ def test_eventhubs_sink_names_eventhubs_extra(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"python -m pip install -e '{REPO_ROOT}[eventhubs]'" in result.stderr
+
+
+def test_sample_commands_name_sample_extra(tmp_path: Path) -> None:
+    # A package set to None in sys.modules is missing both to an import and to
+    # importlib.util.find_spec, which the check uses.
+    hide = "import sys\nsys.modules.update(dict.fromkeys(['joblib', 'numpy']))\n"
+    for module, program in (
+        ("sample_app.train", "python -m sample_app.train"),
+        ("sample_app.app", "sample app"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", hide + run_module(module)],
+            env=environment(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        needs = f"{program}: the sample app needs joblib, numpy"
+        assert result.stderr.startswith(needs)
+        assert f"python -m pip install -e '{REPO_ROOT}[sample]'" in result.stderr
