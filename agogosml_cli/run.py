@@ -157,6 +157,9 @@ class RunSummary:
     input_records: int = 0
     written: int = 0
     dead_lettered: int = 0
+    #: Records both in the output and in the dead letters: the app forwarded
+    #: their result, but the reader got no success from the app in the end.
+    written_and_dead_lettered: int = 0
     duplicates: int = 0
     missing: int | None = 0
     #: Records that the run stopped before the reader finished: not read yet,
@@ -797,6 +800,7 @@ def _summarise(
         input_records=len(ids),
         written=len(tally.written),
         dead_lettered=len(tally.dead_lettered),
+        written_and_dead_lettered=len(tally.written & tally.dead_lettered),
         duplicates=tally.duplicates,
         missing=len(missing),
         elapsed_seconds=round(elapsed, 3),
@@ -823,6 +827,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         *_read_rows(summary),
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
+        *_written_and_dead_lettered_rows(summary),
         ("duplicates", f"{summary.duplicates:,}"),
         *_missing_rows(summary),
         *_fraud_rows(summary),
@@ -836,6 +841,19 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _written_and_dead_lettered_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    both = summary.written_and_dead_lettered
+    if not both:
+        return []
+    return [
+        (
+            "written and dead-lettered",
+            f"{both:,}: the app forwarded their results, then the reader got no "
+            "success from it and dead-lettered them too",
+        )
+    ]
 
 
 def _topic_text(summary: RunSummary, topic: str) -> str:

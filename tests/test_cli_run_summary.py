@@ -146,6 +146,28 @@ def test_tally_matches_values_without_ids() -> None:
     assert summary.missing == 0
 
 
+def test_summary_counts_records_written_and_dead_lettered() -> None:
+    # The app forwarded tx-1's result, then failed; the reader dead-lettered it.
+    records = InputRecords(IDS[:3], None)
+    tally = tally_of(["tx-0", "tx-1"], ["tx-1", "tx-2"])
+
+    summary = _summarise("file", records, tally, 1.0)
+    data = orjson.loads(summary.to_json())
+
+    assert summary.written == 2
+    assert summary.dead_lettered == 2
+    assert data["written_and_dead_lettered"] == 1
+    assert "written and dead-lettered │ 1: the app forwarded" in table_text(summary)
+
+
+def test_table_without_records_written_and_dead_lettered() -> None:
+    records = InputRecords(IDS[:2], None)
+    summary = _summarise("file", records, tally_of(["tx-0"], ["tx-1"]), 1.0)
+
+    assert summary.written_and_dead_lettered == 0
+    assert "written and dead-lettered" not in table_text(summary)
+
+
 def test_tally_names_missing_message_ids() -> None:
     records = InputRecords(IDS[:4], None)
     tally = tally_of(["tx-0", "tx-3"], ["tx-1"])
