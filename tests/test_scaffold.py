@@ -1276,6 +1276,13 @@ def test_generate_python_template(kafka_project: Path) -> None:
     assert "## Your model" in readme
 
 
+def test_readme_runs_project_on_files(kafka_project: Path) -> None:
+    readme = (kafka_project / "README.md").read_text()
+
+    assert ".venv/bin/agogosml run --project . --input ../messages.jsonl\n" in readme
+    assert "`--kafka HOST:PORT` streams through\ntopics" in readme
+
+
 def test_generate_commits_first_render(kafka_project: Path) -> None:
     log = git(kafka_project, "log", "--format=%s")
     tracked = git(kafka_project, "ls-files").split()
@@ -1336,6 +1343,7 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     # The reader exits when its input file is missing.
     readme = (tmp_path / "README.md").read_text()
     assert "touch data/input.jsonl\nsudo chown 10001 data" in readme
+    assert "agogosml run --project . --input ../messages.jsonl" in readme
     assert "--kafka" not in readme
 
 
