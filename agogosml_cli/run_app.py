@@ -180,13 +180,38 @@ def _check_importable(choice: AppChoice, option: str, value: str) -> None:
     if found.returncode == 0:
         return
     reason = found.stderr.strip().splitlines()[-1:] or ["it was not found"]
+    if option == "--project":
+        fix = _project_install_hint(value)
+    else:
+        fix = (
+            "For a module file, run agogosml in the directory that contains it. "
+            "Otherwise install the package of the app into this environment (for "
+            "a generated project, 'pip install -e PROJECT_DIR'), or run the "
+            "agogosml of the environment that has it"
+        )
     raise click.UsageError(
         f"{option} {value!r}: the interpreter of this run ({sys.executable}) "
-        f"cannot run 'python -m {choice.module}': {reason[0]}. For a module "
-        "file, run agogosml in the directory that contains it. Otherwise "
-        "install the package of the app into this environment (for a generated "
-        "project, 'pip install -e PROJECT_DIR'), or run the agogosml of the "
-        "environment that has it"
+        f"cannot run 'python -m {choice.module}': {reason[0]}. {fix}"
+    )
+
+
+def _project_install_hint(project: str) -> str:
+    """Return how to run a project whose package this environment lacks.
+
+    A generated project's README installs it into its own ``.venv``, together
+    with the ``agogosml`` command, so that command is the usual fix.
+    """
+    own_command = Path(project) / ".venv" / "bin" / "agogosml"
+    if own_command.is_file():
+        return (
+            f"Run the agogosml of the project's environment, {own_command}, or "
+            f"install the project into this environment ('pip install -e "
+            f"{project}')"
+        )
+    return (
+        "Install the project into an environment as its README says, and run "
+        "the agogosml of that environment, or install the project into this "
+        f"environment ('pip install -e {project}')"
     )
 
 

@@ -373,4 +373,21 @@ def test_run_names_project_app_not_installed(tmp_path: Path) -> None:
     output = flat(result.output)
     assert result.exit_code == 2, result.output
     assert "cannot run 'python -m doubling_scores.app'" in output
-    assert "install the package of the app into this environment" in output
+    assert "install the project into this environment" in output
+    assert f"'pip install -e {tmp_path}'" in output
+    assert "For a module file" not in output
+
+
+def test_run_names_project_environment_command(tmp_path: Path) -> None:
+    (tmp_path / "agogosml.yaml").write_text(MANIFEST)
+    write_app(tmp_path / "src", "doubling_scores.app")
+    own_command = tmp_path / ".venv" / "bin" / "agogosml"
+    own_command.parent.mkdir(parents=True)
+    own_command.write_text("#!/bin/sh\n")
+    path = write_input(tmp_path / "values.jsonl")
+
+    result = invoke("--project", str(tmp_path), "--input", str(path))
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert f"Run the agogosml of the project's environment, {own_command}" in output
