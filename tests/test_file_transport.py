@@ -1158,3 +1158,38 @@ async def test_sink_not_connected_while_a_write_stalls(tmp_path: Path, monkeypat
     assert stalled[0] is False
     assert "has not finished after 0.2 s" in stalled[1]
     assert recovered is True
+
+
+@pytest.mark.parametrize("change", ["rename", "delete"])
+async def test_sink_follows_path_after_file_moved(
+    tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "out.jsonl"
+    rotated = tmp_path / "out.jsonl.1"
+
+    async with FileSink(str(path), fsync=True) as sink:
+        await sink.send([Envelope(value=b"1", id="before")])
+        if change == "rename":
+            path.rename(rotated)
+        else:
+            path.unlink()
+        await sink.send([Envelope(value=b"2", id="after")])
+
+    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
+        "after"
+    ]
+    if change == "rename":
+        assert orjson.loads(rotated.read_bytes())["id"] == "before"
+    assert "writing on at that path" in caplog.text
+
+
+async def test_sink_refuses_path_that_became_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+
+    async with FileSink(str(path), fsync=False, retry_interval_seconds=60) as sink:
+        await sink.send([Envelope(value=b"1", id="before")])
+        path.unlink()
+        path.mkdir()
+        with pytest.raises(SinkError, match="is now not a regular file"):
+            await sink.send([Envelope(value=b"2", id="after")])
+        assert not sink.connected

@@ -228,6 +228,8 @@ class FileSink(Sink):
 
     def _write(self, data: bytes) -> None:
         """Append `data` whole, or cut the file back to where it was and raise."""
+        if self._regular_file:
+            self._follow_path()
         assert self._file is not None
         seekable = self._file.seekable()
         start = self._file.seek(0, os.SEEK_END) if seekable else 0
@@ -243,6 +245,46 @@ class FileSink(Sink):
             if seekable:
                 self._cut_back(start)
             raise
+
+    def _follow_path(self) -> None:
+        """Reopen the path if the open file was moved or deleted since.
+
+        Log rotation renames the file, and a user may delete it: writing on
+        into the open file would put acknowledged records where nothing reads
+        them. The records written before stay in the moved file.
+
+        Raises:
+            OSError: The path now names something other than a regular file,
+                or the new file cannot be opened.
+        """
+        assert self._file is not None
+        opened = os.fstat(self._file.fileno())
+        try:
+            named = os.stat(self._path)
+        except FileNotFoundError:
+            change = "was deleted or moved"
+        else:
+            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+                return
+            if not stat.S_ISREG(named.st_mode):
+                raise OSError(
+                    errno.EINVAL,
+                    f"{self._path!r} is now not a regular file; put the output "
+                    f"file back there or restart the writer with another "
+                    f"{self._variable}",
+                )
+            change = "was replaced by another file"
+        replacement = open(self._path, "ab+", buffering=0)  # noqa: SIM115
+        self._file.close()
+        self._file = replacement
+        self._end_torn_line(replacement)
+        if self._fsync:
+            sync_directory(os.path.dirname(os.path.abspath(self._path)))
+        logger.warning(
+            "output file %s %s since the last write; writing on at that path",
+            self._path,
+            change,
+        )
 
     def _fail(self, failure: str) -> None:
         """Mark the sink not connected, and check in the background for recovery."""
