@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
@@ -124,7 +124,9 @@ def generate(
     commits them. If a template change overlaps an edit of yours in the same
     lines, nothing is changed and the command exits with status 1, naming the
     files. A new project name moves the package: reinstall the project
-    (pip install -e '.[test]') so that its entry point follows.
+    (pip install -e '.[test]') so that its entry point follows. An update
+    that replaces the agogosml wheel in wheels/ prints the command that
+    installs it.
     """  # noqa: D301 - click reads the \b lines as "do not rewrap this paragraph"
     try:
         manifest = load_manifest(manifest_path)
@@ -177,19 +179,7 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
             outcome.deleted_edits,
             "'git show HEAD:PATH' shows your version of each.",
         )
-    if outcome.renamed:
-        uninstall = ""
-        if outcome.previous_name:
-            uninstall = (
-                f".venv/bin/python -m pip uninstall --yes {outcome.previous_name} && "
-            )
-        click.echo(
-            "The package moved with the new name: reinstall the project "
-            "(pip install -e '.[test]') in its environment, so that its command "
-            "is installed under the new name and the old one is gone: "
-            f"{uninstall}.venv/bin/python -m pip install --find-links wheels "
-            "-e '.[test]'"
-        )
+    _echo_reinstall(outcome)
     if outcome.not_applied:
         manifest = shlex.quote(str(manifest_path))
         _echo_paths(
@@ -200,6 +190,46 @@ def _report(outcome: Outcome, project: Path, manifest_path: Path) -> None:
             "To see them as generated now, render the manifest into a new "
             f"directory: agogosml generate --manifest {manifest} --output DIR",
         )
+
+
+def _echo_reinstall(outcome: Outcome) -> None:
+    """Print how to reinstall after an update that moved the package or the wheel."""
+    wheel = f"wheels/{wheel_name()}"
+    new_wheel = any(
+        PurePosixPath(change.path).parts[-2:] == ("wheels", wheel_name())
+        and change.kind != "deleted"
+        for change in outcome.changed
+    )
+
+    commands = []
+    if outcome.renamed and outcome.previous_name:
+        commands.append(
+            f".venv/bin/python -m pip uninstall --yes {outcome.previous_name}"
+        )
+    if new_wheel:
+        # pip keeps an installed version that the requirement allows, and the
+        # new wheel has the same version number, so only a forced install
+        # replaces the code.
+        commands.append(
+            f".venv/bin/python -m pip install --force-reinstall --no-deps {wheel}"
+        )
+    if not (outcome.renamed or commands):
+        return
+    commands.append(".venv/bin/python -m pip install --find-links wheels -e '.[test]'")
+
+    reasons = []
+    if outcome.renamed:
+        reasons.append(
+            "The package moved with the new name: reinstall the project "
+            "(pip install -e '.[test]') in its environment, so that its command "
+            "is installed under the new name and the old one is gone."
+        )
+    if new_wheel:
+        reasons.append(
+            f"The update replaced {wheel} with the agogosml that ran it: "
+            "install it into the project's environment, which keeps the old one."
+        )
+    click.echo(" ".join(reasons) + " Run: " + " && ".join(commands))
 
 
 def _change_lines(changes: list[Change]) -> list[str]:

@@ -81,8 +81,13 @@ def _wheel_bytes() -> bytes:
     return _repack_installed()
 
 
-def _record(wheel: bytes) -> list[str]:
-    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:
+def _record(wheel: bytes) -> list[str] | None:
+    """Return the sorted lines of a wheel's RECORD, or None if it is no zip file."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(wheel))
+    except zipfile.BadZipFile:
+        return None
+    with archive:
         names = [
             name for name in archive.namelist() if name.endswith(".dist-info/RECORD")
         ]

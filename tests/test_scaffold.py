@@ -2746,3 +2746,29 @@ def test_manifest_model_round_trip(tmp_path: Path) -> None:
     again = Manifest.model_validate(yaml.safe_load(path.read_text()))
 
     assert again == manifest
+
+
+@pytest.mark.parametrize("old_wheel", ["other build", "not a zip file"])
+def test_regenerate_new_wheel_names_forced_install(
+    project: Path, old_wheel: str
+) -> None:
+    wheel_path = project / WHEEL
+    if old_wheel == "other build":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("agogosml-0.dist-info/RECORD", "agogosml/old.py,,\n")
+        wheel_path.write_bytes(buffer.getvalue())
+    else:
+        wheel_path.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    git(project, "commit", "--quiet", "--all", "--message", "An older agogosml")
+
+    result = generate(project / "agogosml.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert f"modified {WHEEL}" in listed_changes(result.output)
+    assert (
+        f".venv/bin/python -m pip install --force-reinstall --no-deps "
+        f"{WHEEL} && .venv/bin/python -m pip install --find-links "
+        "wheels -e '.[test]'"
+    ) in " ".join(result.output.split())
+    assert "package moved" not in result.output
