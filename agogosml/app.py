@@ -57,6 +57,7 @@ from agogosml.http import (
     BASE64_RECORD_HEADERS,
     CASED_RECORD_HEADERS,
     MAX_BODY_BYTES,
+    NULL_RECORD_HEADERS,
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
@@ -70,6 +71,7 @@ from agogosml.http import (
     is_utf8,
     json_response,
     listed_header_names,
+    null_header_names,
     read_body,
     read_start,
     start_site,
@@ -1430,15 +1432,46 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     record_headers = _record_headers(headers)
     encodings = _header_encodings(headers, record_headers)
     spellings = _header_spellings(headers)
-    if record_headers:
+    nulls = _null_headers(headers, record_headers)
+    if record_headers or nulls:
         item["headers"] = {
             spellings.get(name, name): value for name, value in record_headers.items()
         }
+        item["headers"].update(nulls)
     if encodings:
         item["header_encodings"] = {
             spellings.get(name, name): encoding for name, encoding in encodings.items()
         }
     return item
+
+
+def _null_headers(headers: Any, record_headers: dict[str, str]) -> dict[str, None]:
+    """Return None by the name of each record header that `NULL_RECORD_HEADERS` lists.
+
+    A name must not also come as an ``X-Record-Header-<name>``, for a record
+    header has one value.
+    """
+    if NULL_RECORD_HEADERS not in headers:
+        return {}
+    if is_repeated(headers, NULL_RECORD_HEADERS):
+        raise _Reject(
+            400,
+            f"header {NULL_RECORD_HEADERS} is sent more than once; list every "
+            "record header with a null value in one, separated by commas",
+        )
+    try:
+        names = null_header_names(headers[NULL_RECORD_HEADERS])
+    except ValueError as exc:
+        raise _Reject(400, str(exc)) from None
+    for name in names:
+        if name.lower() in record_headers:
+            raise _Reject(
+                400,
+                f"header {NULL_RECORD_HEADERS} lists {name}, which the request "
+                f"also sends as X-Record-Header-{name.lower()}; a record header "
+                "has one value, so send it in one of the two",
+            )
+    return dict.fromkeys(names)
 
 
 def _header_spellings(headers: Any) -> dict[str, str]:

@@ -17,7 +17,7 @@ TRACEPARENT_HEADER = "traceparent"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: An HTTP field name (an RFC 9110 token).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 _ID_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -26,21 +26,27 @@ _HEX_VERSION = re.compile(r"[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
+#: Record headers as a source reads them and a sink writes them: name and
+#: value, where a value may be None (Kafka distinguishes null from empty).
+RecordHeaders = list[tuple[str, bytes | None]]
+
 
 class HttpHeaders(NamedTuple):
     """Record headers as text for HTTP: values by name, and which are base64.
 
     Names keep their spelling. Of names that differ only in case, which HTTP
-    treats as one, the last one counts.
+    treats as one, the last one counts. A null value is None in `values` and
+    its name is in `null_names`, because a request header carries only text.
     """
 
-    values: dict[str, str]
+    values: dict[str, str | None]
     base64_names: list[str]
+    null_names: list[str]
 
     def non_token_name(self) -> str | None:
         """Return the first name that cannot end an HTTP header name, or None."""
         for name in self.values:
-            if not _TOKEN.fullmatch(name):
+            if not HEADER_NAME.fullmatch(name):
                 return name
         return None
 
@@ -107,7 +113,7 @@ class Envelope:
 
     value: bytes
     key: bytes | None = None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: RecordHeaders = field(default_factory=list)
     id: str = ""
     traceparent: str = ""
     position: Position | None = None
@@ -125,7 +131,7 @@ class Envelope:
         cls,
         value: bytes,
         key: bytes | None,
-        headers: list[tuple[str, bytes]] | None,
+        headers: RecordHeaders | None,
         position: Position | None,
     ) -> Envelope:
         """Build an envelope from a raw record, lifting out the id and trace context."""
@@ -150,9 +156,7 @@ class Envelope:
             elif lowered == TRACEPARENT_HEADER:
                 parent = raw.decode("ascii", "replace") if raw else parent
             else:
-                # NOTE: a null header value, which Kafka allows, becomes an
-                # empty one: HTTP and the writer's batch items carry no null.
-                rest.append((name, raw or b""))
+                rest.append((name, raw))
         return cls(
             value=value,
             key=key,
@@ -162,7 +166,7 @@ class Envelope:
             position=position,
         )
 
-    def record_headers(self) -> list[tuple[str, bytes]]:
+    def record_headers(self) -> RecordHeaders:
         """Return the headers to write with the record, id and trace context first."""
         return [
             (MESSAGE_ID_HEADER, self.id.encode()),
@@ -179,18 +183,21 @@ class Envelope:
         in an ``X-Record-Header-<name>`` request header unchanged. An output
         record has one value per name, and HTTP does not tell names apart by
         case, so of names equal but for case the last one and its value win.
-        A header with an empty name is left out.
+        A header with an empty name is left out. A null value stays None.
         """
         if not self.headers:
-            return HttpHeaders({}, [])
+            return HttpHeaders({}, [], [])
         # By lower-case name: the name as spelled, its text, whether base64.
-        latest: dict[str, tuple[str, str, bool]] = {}
+        latest: dict[str, tuple[str, str | None, bool]] = {}
         for name, raw in self.headers:
             if not name:
                 # NOTE: a header without a name stays behind: no request
                 # header and no writer batch element can carry one.
                 continue
             lowered = name.lower()
+            if raw is None:
+                latest[lowered] = (name, None, False)
+                continue
             text = _header_text(raw)
             if text is None:
                 latest[lowered] = (name, base64.b64encode(raw).decode("ascii"), True)
@@ -198,7 +205,8 @@ class Envelope:
                 latest[lowered] = (name, text, False)
         values = {name: text for name, text, _ in latest.values()}
         encoded = sorted(name for name, _, is_base64 in latest.values() if is_base64)
-        return HttpHeaders(values, encoded)
+        nulls = sorted(name for name, text, _ in latest.values() if text is None)
+        return HttpHeaders(values, encoded, nulls)
 
     def key_text(self) -> tuple[str | None, bool]:
         """Return the key as text and whether it had to be base64-encoded.

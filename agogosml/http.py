@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agogosml.body_codings import BodyCodingError, DecodedBodyTooLarge, decode_body
+from agogosml.envelope import HEADER_NAME
 from agogosml.metrics import REJECTED_REQUESTS
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,36 @@ BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 #: ``X-Record-Header-<name>`` that this header does not list is written under
 #: its lower-case name.
 CASED_RECORD_HEADERS = "X-Cased-Record-Headers"
+
+
+#: Request header that lists, separated by commas and spelled as the record
+#: spells them, the record headers whose value is null. Kafka distinguishes a null
+#: header value from an empty one, and a request header has no null, so such a
+#: header is listed here instead of sent as an ``X-Record-Header-<name>``.
+NULL_RECORD_HEADERS = "X-Null-Record-Headers"
+
+
+def null_header_names(value: str) -> list[str]:
+    """Return the record header names of a `NULL_RECORD_HEADERS` value, as spelled.
+
+    Of names listed more than once in different cases, the last one counts.
+
+    Raises:
+        ValueError: A name is not an HTTP token, which the value cannot hold.
+    """
+    names: dict[str, str] = {}
+    for entry in value.split(","):
+        name = entry.strip()
+        if not name:
+            continue
+        if not HEADER_NAME.fullmatch(name):
+            raise ValueError(
+                f"header {NULL_RECORD_HEADERS} lists {name!r:.60}, which is not a "
+                "valid header name; list names of letters, digits and "
+                "!#$%&'*+-.^_`|~ only"
+            )
+        names[name.lower()] = name
+    return list(names.values())
 
 
 def listed_header_names(value: str) -> list[str]:

@@ -209,3 +209,15 @@ def test_http_headers_empty_without_headers():
 
     assert headers.values == {}
     assert headers.base64_names == []
+
+
+def test_null_header_value_kept():
+    headers = [("Tombstoned-By", None), ("empty", b""), ("tag", b"\xff")]
+
+    envelope = Envelope.from_record(b"{}", None, headers, Position("in", 0, 7, 8, 1))
+    http = envelope.http_headers()
+
+    assert envelope.record_headers()[2:] == headers
+    assert http.values == {"Tombstoned-By": None, "empty": "", "tag": "/w=="}
+    assert http.null_names == ["Tombstoned-By"]
+    assert http.base64_names == ["tag"]

@@ -135,6 +135,21 @@ async def test_source_envelopes_keep_ids_and_headers(pipeline: Pipeline) -> None
     assert second.id == f"{HUB}:0:1"
 
 
+async def test_null_property_is_null_header(
+    pipeline: Pipeline, producer: FakeProducerClient
+) -> None:
+    headers = [("Tombstoned-By", None), ("tenant", b"t1")]
+    async with started_sink(producer) as sink:
+        await sink.send([Envelope(value=b"{}", id="m1", headers=headers)])
+    (partition,) = [p for p in producer.hub.partition_ids if producer.hub.partitions[p]]
+    pipeline.hub.add("0", b"{}", **{"Tombstoned-By": None, "tenant": "t1"})  # type: ignore[arg-type]
+
+    (envelope,) = await fetch_all(pipeline.source, 1)
+
+    assert producer.hub.received(partition, 0).properties[b"Tombstoned-By"] is None
+    assert envelope.headers == headers
+
+
 def amqp_event(**body: object) -> EventData:
     event = EventData(b"")
     event._raw_amqp_message = AmqpAnnotatedMessage(**body)  # type: ignore[arg-type]

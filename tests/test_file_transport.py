@@ -984,6 +984,19 @@ async def test_sink_stores_binary_header_as_base64(tmp_path: Path) -> None:
     assert line["header_encodings"] == {"raw": "base64"}
 
 
+async def test_sink_stores_null_header_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    headers = [("Tombstoned-By", None), ("empty", b"")]
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"1", id="m", headers=headers)])
+
+    (line,) = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert line["headers"]["Tombstoned-By"] is None
+    assert line["headers"]["empty"] == ""
+    assert "header_encodings" not in line
+
+
 async def test_sink_tells_text_from_a_json_string(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
 

@@ -330,6 +330,42 @@ async def test_single_record_headers_keep_listed_spelling():
     assert element["header_encodings"] == {"Raw-Bytes": "base64"}
 
 
+async def test_single_null_record_headers_forwarded():
+    headers = {
+        **JSON,
+        "X-Record-Header-Region": "eu",
+        "X-Null-Record-Headers": "Tombstoned-By, other",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (element,) = writer.requests[0].json()
+    assert element["headers"] == {"region": "eu", "Tombstoned-By": None, "other": None}
+
+
+@pytest.mark.parametrize(
+    ("listed", "problem"),
+    [
+        ("region", "lists region, which the request also sends as X-Record-Header"),
+        ("shop id", "lists 'shop id', which is not a valid header name"),
+    ],
+)
+async def test_single_bad_null_record_headers_400(listed, problem):
+    headers = {**JSON, "X-Record-Header-Region": "eu", "X-Null-Record-Headers": listed}
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+            error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert problem in error
+    assert writer.requests == []
+
+
 async def test_single_base64_record_headers_forwarded():
     headers = {
         **JSON,

@@ -71,7 +71,7 @@ def test_dataset_records_all_arrive(
         reader_env={"READER_BATCH_MAX_MESSAGES": "20"},
     )
     schema_id = b"\x00\x00\x01\xff"
-    headers = [("Source-System", b"pos-7"), ("schemaId", schema_id)]
+    headers = [("Source-System", b"pos-7"), ("schemaId", schema_id), ("null", None)]
     pipeline.produce(records, key_field="transaction_id", headers=headers)
 
     pipeline.start()
@@ -85,6 +85,7 @@ def test_dataset_records_all_arrive(
     assert all(0.0 <= value["fraud_probability"] <= 1.0 for value in output.values)
     assert all(headers["Source-System"] == b"pos-7" for headers in output.headers)
     assert all(headers["schemaId"] == schema_id for headers in output.headers)
+    assert all(headers["null"] is None for headers in output.headers)
     wait_until(
         lambda: sum(pipeline.committed(3)) == len(records), 15, "commit of all offsets"
     )
@@ -105,6 +106,8 @@ def test_record_headers_keep_their_names_one_message_per_request(
         ("correlationId", b"c-1"),
         ("Raw-Bytes", b"\xff\x00"),
         ("region", b"eu"),
+        ("Tombstoned-By", None),
+        ("empty", b""),
     ]
     pipeline.produce(records, key_field="transaction_id", headers=headers)
 

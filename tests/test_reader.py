@@ -349,6 +349,30 @@ async def test_record_headers_sent_to_app(batch_max_messages):
         assert item["id"] == "m-1"
 
 
+@pytest.mark.parametrize("batch_max_messages", [1, 2])
+async def test_null_record_header_sent_to_app(batch_max_messages):
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', headers=[("Tombstoned-By", None), ("empty", b"")])
+    settings_values = {
+        "batch_max_messages": batch_max_messages,
+        "batch_max_wait_ms": 10,
+    }
+
+    async with stub_app() as app:
+        settings = reader_settings(app.url, **settings_values)
+        await run_reader(settings, source, MemorySink())
+
+    (received,) = app.requests
+    if batch_max_messages == 1:
+        assert received.headers["X-Null-Record-Headers"] == "Tombstoned-By"
+        assert "X-Record-Header-Tombstoned-By" not in received.headers
+        assert received.headers["X-Record-Header-empty"] == ""
+    else:
+        (item,) = received.json()
+        assert item["headers"] == {"Tombstoned-By": None, "empty": ""}
+        assert "header_encodings" not in item
+
+
 async def test_non_token_header_name_batched_not_single():
     """A header name that an HTTP header line cannot carry travels only in batches."""
     single_source = MemorySource(TOPIC)
@@ -2189,6 +2213,25 @@ def test_transform_id_control_characters_checked(message_id, rejected):
     assert bool(problem) is rejected
     if rejected:
         assert repr(message_id) in problem
+
+
+@pytest.mark.parametrize(
+    ("header", "rejected"),
+    [
+        (("tag", b"x"), False),
+        (("tag", None), False),
+        (("tag", "text"), True),
+        (("tag",), True),
+    ],
+)
+def test_transform_header_types_checked(header, rejected):
+    envelope = Envelope(value=b"{}", headers=[header])
+
+    problem = result_problem(envelope)
+
+    assert bool(problem) is rejected
+    if rejected:
+        assert "headers are (str, bytes) or (str, None)" in problem
 
 
 def rejected_message_failing_dead_letter() -> tuple[MemorySource, MemorySink]:

@@ -172,6 +172,70 @@ async def test_post_one_record_headers_keep_listed_spelling():
     ]
 
 
+async def test_post_one_null_record_headers_written():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Record-Header-Region": "eu",
+        "X-Null-Record-Headers": "Tombstoned-By,message-id",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    assert record.headers == [("region", b"eu"), ("Tombstoned-By", None)]
+    assert record.id
+
+
+async def test_post_one_null_and_valued_header_400():
+    sink = await started_sink()
+    headers = {
+        **JSON,
+        "X-Record-Header-Region": "eu",
+        "X-Null-Record-Headers": "Region",
+    }
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "lists Region, which the request also sends" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_null_record_header_written():
+    sink = await started_sink()
+    items = [{"value": 1, "headers": {"Tombstoned-By": None, "message-id": None}}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    assert record.headers == [("Tombstoned-By", None)]
+
+
+async def test_batch_encoding_of_null_header_400():
+    sink = await started_sink()
+    items = [
+        {
+            "value": 1,
+            "headers": {"tag": None},
+            "header_encodings": {"tag": "base64"},
+        }
+    ]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "'header_encodings' names 'tag', whose value is null" in error
+
+
 @pytest.mark.parametrize(
     ("headers", "problem"),
     [
@@ -380,7 +444,7 @@ async def test_batch_of_tiny_values_stays_small():
 
 @pytest.mark.parametrize(
     ("header_value", "json_type"),
-    [(None, "null"), ({"major": 3}, "an object"), (3, "a number")],
+    [({"major": 3}, "an object"), (3, "a number"), (True, "a boolean")],
 )
 async def test_batch_header_not_string_400(header_value, json_type):
     sink = await started_sink()
@@ -394,7 +458,7 @@ async def test_batch_header_not_string_400(header_value, json_type):
         error = (await response.json())["error"]
 
     assert response.status == 400
-    assert "batch element 1: header 'model-version' must be a string" in error
+    assert "batch element 1: header 'model-version' must be a string or null" in error
     assert f"got {json_type}" in error
     assert sink.envelopes == []
 

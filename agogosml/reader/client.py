@@ -23,6 +23,7 @@ from agogosml.errors import is_retriable_status
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
     CASED_RECORD_HEADERS,
+    NULL_RECORD_HEADERS,
     Readiness,
     check_readiness,
     read_start,
@@ -254,9 +255,12 @@ class AppClient:
         if name is not None:
             return _unsendable_header_name(name)
         for name, value in record_headers.values.items():
-            headers[RECORD_HEADER_PREFIX + name] = value
+            if value is not None:
+                headers[RECORD_HEADER_PREFIX + name] = value
         if record_headers.base64_names:
             headers[BASE64_RECORD_HEADERS] = ",".join(record_headers.base64_names)
+        if record_headers.null_names:
+            headers[NULL_RECORD_HEADERS] = ",".join(record_headers.null_names)
         cased = record_headers.cased_names()
         if cased:
             headers[CASED_RECORD_HEADERS] = ",".join(cased)

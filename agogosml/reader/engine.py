@@ -1203,7 +1203,7 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
         headers = [*context, ("dlq.key_and_headers_dropped", reason)]
         return dataclasses.replace(record, key=None, headers=headers)
     minimal = [
-        (name, value[:_MINIMAL_ERROR_BYTES] if name == "dlq.error" else value)
+        (name, value[:_MINIMAL_ERROR_BYTES] if value and name == "dlq.error" else value)
         for name, value in context
         if name in _MINIMAL_DEAD_LETTER_HEADERS
     ]

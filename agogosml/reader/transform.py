@@ -78,9 +78,12 @@ def result_problem(result: object) -> str:
             isinstance(header, tuple)
             and len(header) == 2
             and isinstance(header[0], str)
-            and isinstance(header[1], bytes)
+            and (header[1] is None or isinstance(header[1], bytes))
         ):
-            return f"transform set header {header!r:.100}; headers are (str, bytes)"
+            return (
+                f"transform set header {header!r:.100}; headers are (str, bytes) "
+                "or (str, None)"
+            )
     return ""
 
 

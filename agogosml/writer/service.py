@@ -19,6 +19,7 @@ from agogosml.envelope import (
     MESSAGE_ID_HEADER,
     TRACEPARENT_HEADER,
     Envelope,
+    RecordHeaders,
     child_traceparent,
     header_safe_id,
 )
@@ -29,6 +30,7 @@ from agogosml.http import (
     BASE64_RECORD_HEADERS,
     CASED_RECORD_HEADERS,
     MAX_BODY_BYTES,
+    NULL_RECORD_HEADERS,
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
@@ -41,6 +43,7 @@ from agogosml.http import (
     is_utf8,
     json_response,
     listed_header_names,
+    null_header_names,
     read_body,
     start_site,
 )
@@ -358,6 +361,7 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
             headers,
             _base64_header_names(headers),
             header_spellings(_utf8_header(headers, CASED_RECORD_HEADERS) or ""),
+            _null_header_names(headers),
         ),
         id=_utf8_header(headers, "X-Message-Id") or "",
         traceparent=child_traceparent(headers.get("traceparent", "")),
@@ -388,16 +392,28 @@ def _base64_header_names(headers: Any) -> set[str]:
     return set(listed_header_names(_utf8_header(headers, BASE64_RECORD_HEADERS) or ""))
 
 
+def _null_header_names(headers: Any) -> list[str]:
+    """Return the record header names that `NULL_RECORD_HEADERS` lists, as spelled."""
+    try:
+        return null_header_names(_utf8_header(headers, NULL_RECORD_HEADERS) or "")
+    except ValueError as exc:
+        raise BadRequest(400, str(exc)) from None
+
+
 def _record_headers(
-    headers: Any, base64_names: set[str], spellings: dict[str, str]
-) -> list[tuple[str, bytes]]:
+    headers: Any,
+    base64_names: set[str],
+    spellings: dict[str, str],
+    null_names: list[str],
+) -> RecordHeaders:
     """Return the ``X-Record-Header-<name>`` request headers as record headers.
 
     The values of the headers in `base64_names` are decoded from base64. A
-    name is written as `spellings` spells it, else in lower case.
+    name is written as `spellings` spells it, else in lower case. Each name
+    of `null_names` becomes a header with a null value.
     """
     unmatched = set(base64_names)
-    record_headers = []
+    record_headers: RecordHeaders = []
     seen: set[str] = set()
     for name, value in headers.items():
         if not name.lower().startswith(RECORD_HEADER_PREFIX.lower()):
@@ -438,6 +454,17 @@ def _record_headers(
             f"{RECORD_HEADER_PREFIX}<name> header has that name; list only the "
             "record headers sent base64-encoded",
         )
+    for name in null_names:
+        lowered = name.lower()
+        if lowered in seen:
+            raise BadRequest(
+                400,
+                f"header {NULL_RECORD_HEADERS} lists {name}, which the request "
+                f"also sends as {RECORD_HEADER_PREFIX}{lowered}; a record header "
+                "has one value, so send it in one of the two",
+            )
+        if lowered not in RESERVED_HEADERS:
+            record_headers.append((name, None))
     return record_headers
 
 
@@ -503,11 +530,16 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
         _check_fields(index, item)
     message_id = _optional_text(index, item, "id")
     parent = _optional_text(index, item, "traceparent")
-    record_headers: list[tuple[str, bytes]] = []
+    record_headers: RecordHeaders = []
     item_headers = _item_headers(index, item.get("headers"))
     base64_names = _item_header_encodings(index, item, item_headers)
     for name, value in item_headers.items():
         lowered = name.lower()
+        if value is None:
+            # A null id or trace context counts as absent, as in a record.
+            if lowered not in (MESSAGE_ID_HEADER, TRACEPARENT_HEADER):
+                record_headers.append((name, None))
+            continue
         raw = value.encode()
         if name in base64_names:
             where = f"batch element {index}: header {name!r}"
@@ -572,7 +604,7 @@ def _check_key_encoding(encoding: str, where: str) -> None:
 
 
 def _item_header_encodings(
-    index: int, item: dict[str, Any], headers: dict[str, str]
+    index: int, item: dict[str, Any], headers: dict[str, str | None]
 ) -> set[str]:
     """Return the names of the headers that a batch element sends base64-encoded.
 
@@ -595,6 +627,12 @@ def _item_header_encodings(
                 f"batch element {index}: 'header_encodings' names {name!r}, which "
                 "is not in 'headers'; list only headers that the element sends",
             )
+        if headers[name] is None:
+            raise BadRequest(
+                400,
+                f"batch element {index}: 'header_encodings' names {name!r}, whose "
+                "value is null; list only headers sent base64-encoded",
+            )
         if not isinstance(encoding, str) or encoding.lower() != "base64":
             raise BadRequest(
                 400,
@@ -605,8 +643,11 @@ def _item_header_encodings(
     return set(encodings)
 
 
-def _item_headers(index: int, headers: object) -> dict[str, str]:
-    """Return the ``headers`` object of a batch element, checking every value."""
+def _item_headers(index: int, headers: object) -> dict[str, str | None]:
+    """Return the ``headers`` object of a batch element, checking every value.
+
+    A value is a string, or null for a record header with a null value.
+    """
     if headers is None:
         return {}
     if not isinstance(headers, dict):
@@ -618,12 +659,12 @@ def _item_headers(index: int, headers: object) -> dict[str, str]:
                 f"batch element {index}: a header has an empty name; give every "
                 "header a name, or leave it out",
             )
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise BadRequest(
                 400,
-                f"batch element {index}: header {name!r} must be a string, got "
-                f"{json_type(value)}; send the value as a JSON string, or leave "
-                "the header out",
+                f"batch element {index}: header {name!r} must be a string or "
+                f"null, got {json_type(value)}; send the value as a JSON string, "
+                "or leave the header out",
             )
     return headers
 

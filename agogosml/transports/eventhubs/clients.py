@@ -156,11 +156,15 @@ def to_event(envelope: Envelope) -> EventData:
 
     Header values that are UTF-8 are sent as AMQP strings, which every Event
     Hubs client reads as text; other values are sent as binary. A header name
-    that occurs twice keeps its last value, because properties are a map.
+    that occurs twice keeps its last value, because properties are a map. A
+    null value is sent as an AMQP null.
     """
     event = EventData(envelope.value)
     properties: dict[str | bytes, Any] = {}
     for name, value in envelope.record_headers():
+        if value is None:
+            properties[name] = None
+            continue
         try:
             properties[name] = value.decode("utf-8")
         except UnicodeDecodeError:
@@ -192,7 +196,8 @@ def to_envelope(event: EventData, position: Position) -> Envelope:
         if isinstance(key, str):
             key = key.encode()
         headers = [
-            (_text(name), _bytes(raw)) for name, raw in (event.properties or {}).items()
+            (_text(name), _header_bytes(raw))
+            for name, raw in (event.properties or {}).items()
         ]
         envelope = Envelope.from_record(value or b"", key, headers, position)
     except Exception as exc:  # noqa: BLE001 - any malformed event is dead-lettered
@@ -266,6 +271,11 @@ def _chunks(body: Any) -> list[bytes]:
 
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _header_bytes(value: Any) -> bytes | None:
+    """Return a property value as a header value; an AMQP null stays None."""
+    return None if value is None else _bytes(value)
 
 
 def _bytes(value: Any) -> bytes:

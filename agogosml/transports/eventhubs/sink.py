@@ -256,7 +256,8 @@ def _too_large_reason(envelope: Envelope, limit: int) -> str:
     """Return why an event fits no empty batch, naming its largest part."""
     key = len((clients.partition_key(envelope) or "").encode())
     headers = sum(
-        len(name.encode()) + len(value) for name, value in envelope.record_headers()
+        len(name.encode()) + len(value or b"")
+        for name, value in envelope.record_headers()
     )
     sizes = {"value": len(envelope.value), "key": key, "headers": headers}
     advice = {

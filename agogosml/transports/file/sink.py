@@ -384,7 +384,8 @@ def encode_line(envelope: Envelope) -> bytes:
     it is not UTF-8. A record without a value (a Kafka tombstone) has the value
     ``null`` and ``"value_encoding": "none"``, so that it differs from the JSON
     document ``null``. A header value that is not UTF-8 is stored as base64,
-    its name mapped to ``"base64"`` in ``header_encodings``.
+    its name mapped to ``"base64"`` in ``header_encodings``, and a null
+    header value as ``null``.
     """
     key, key_is_base64 = envelope.key_text()
     value: object
@@ -403,13 +404,17 @@ def encode_line(envelope: Envelope) -> bytes:
         except UnicodeDecodeError:
             value = base64.b64encode(envelope.value).decode("ascii")
             value_encoding = "base64"
-    headers = {}
-    header_encodings = {}
-    for name, raw in envelope.record_headers():
+    headers: dict[str, str | None] = {}
+    header_encodings: dict[str, str] = {}
+    for name, header_value in envelope.record_headers():
+        if header_value is None:
+            headers[name] = None
+            header_encodings.pop(name, None)
+            continue
         try:
-            headers[name] = raw.decode("utf-8")
+            headers[name] = header_value.decode("utf-8")
         except UnicodeDecodeError:
-            headers[name] = base64.b64encode(raw).decode("ascii")
+            headers[name] = base64.b64encode(header_value).decode("ascii")
             header_encodings[name] = "base64"
         else:
             header_encodings.pop(name, None)

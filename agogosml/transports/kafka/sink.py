@@ -12,7 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from agogosml.config import KafkaSettings
-from agogosml.envelope import Envelope
+from agogosml.envelope import Envelope, RecordHeaders
 from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.base import Sink
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
@@ -252,7 +252,7 @@ class KafkaSink(Sink):
     async def _produce_all(
         self,
         producer: Producer,
-        sized: list[tuple[Envelope, list[tuple[str, bytes]]]],
+        sized: list[tuple[Envelope, RecordHeaders]],
         report: _DeliveryReport,
     ) -> None:
         """Produce the records in order, counting the call as producing to `producer`.
@@ -280,7 +280,7 @@ class KafkaSink(Sink):
 
     async def _check_sizes(
         self, envelopes: Sequence[Envelope]
-    ) -> list[tuple[Envelope, list[tuple[str, bytes]]]]:
+    ) -> list[tuple[Envelope, RecordHeaders]]:
         """Return each envelope with its record headers, or raise for oversized ones.
 
         Checking before the first produce call keeps a request all-or-nothing:
@@ -307,7 +307,7 @@ class KafkaSink(Sink):
         return sized
 
     def _find_too_large(
-        self, sized: list[tuple[Envelope, list[tuple[str, bytes]]]]
+        self, sized: list[tuple[Envelope, RecordHeaders]]
     ) -> list[tuple[Envelope, str]]:
         too_large = []
         for envelope, headers in sized:
@@ -349,7 +349,7 @@ class KafkaSink(Sink):
         self,
         producer: Producer,
         envelope: Envelope,
-        headers: list[tuple[str, bytes]],
+        headers: RecordHeaders,
         report: _DeliveryReport,
     ) -> bool:
         """Hand one record to the producer; return False when its queue is full."""
@@ -389,7 +389,7 @@ class KafkaSink(Sink):
     async def _delivery_error(
         self,
         errors: list[KafkaError],
-        sized: list[tuple[Envelope, list[tuple[str, bytes]]]],
+        sized: list[tuple[Envelope, RecordHeaders]],
     ) -> SinkError:
         """Return the error for failed deliveries, retriable unless all would fail.
 
