@@ -1451,16 +1451,11 @@ def _null_headers(headers: Any, record_headers: dict[str, str]) -> dict[str, Non
     A name must not also come as an ``X-Record-Header-<name>``, for a record
     header has one value.
     """
-    if NULL_RECORD_HEADERS not in headers:
+    listed = _name_list(headers, NULL_RECORD_HEADERS, "record header with a null value")
+    if listed is None:
         return {}
-    if is_repeated(headers, NULL_RECORD_HEADERS):
-        raise _Reject(
-            400,
-            f"header {NULL_RECORD_HEADERS} is sent more than once; list every "
-            "record header with a null value in one, separated by commas",
-        )
     try:
-        names = null_header_names(headers[NULL_RECORD_HEADERS])
+        names = null_header_names(listed)
     except ValueError as exc:
         raise _Reject(400, str(exc)) from None
     for name in names:
@@ -1474,29 +1469,40 @@ def _null_headers(headers: Any, record_headers: dict[str, str]) -> dict[str, Non
     return dict.fromkeys(names)
 
 
+def _name_list(headers: Any, name: str, listed: str) -> str | None:
+    """Return a request header that lists record header names, or None if absent.
+
+    `listed` describes the names it lists, for the error of a repeated header.
+    """
+    if name not in headers:
+        return None
+    if is_repeated(headers, name):
+        raise _Reject(
+            400,
+            f"header {name} is sent more than once; list every {listed} in one, "
+            "separated by commas",
+        )
+    value = headers[name]
+    if not is_utf8(value):
+        raise _Reject(
+            400,
+            f"header {name} is not valid UTF-8; list record header names as UTF-8 text",
+        )
+    return value
+
+
 def _header_spellings(headers: Any) -> dict[str, str]:
     """Return the record header names that `CASED_RECORD_HEADERS` lists, by lower case.
 
     The writer takes a batch element's header names as they are spelled, so
     the app restores the spelling of a ``POST /`` request's record headers.
     """
-    if CASED_RECORD_HEADERS not in headers:
-        return {}
-    if is_repeated(headers, CASED_RECORD_HEADERS):
-        raise _Reject(
-            400,
-            f"header {CASED_RECORD_HEADERS} is sent more than once; list every "
-            "record header name that is not all lower case in one, separated "
-            "by commas",
-        )
-    listed = headers[CASED_RECORD_HEADERS]
-    if not is_utf8(listed):
-        raise _Reject(
-            400,
-            f"header {CASED_RECORD_HEADERS} is not valid UTF-8; list record "
-            "header names as UTF-8 text",
-        )
-    return header_spellings(listed)
+    listed = _name_list(
+        headers,
+        CASED_RECORD_HEADERS,
+        "record header name that is not all lower case",
+    )
+    return {} if listed is None else header_spellings(listed)
 
 
 def _header_encodings(headers: Any, record_headers: dict[str, str]) -> dict[str, str]:
@@ -1506,21 +1512,9 @@ def _header_encodings(headers: Any, record_headers: dict[str, str]) -> dict[str,
     value. The writer checks that too, but its 400 would come back as a 422
     about the writer, so the request to the app is rejected here instead.
     """
-    if BASE64_RECORD_HEADERS not in headers:
+    listed = _name_list(headers, BASE64_RECORD_HEADERS, "base64-encoded record header")
+    if listed is None:
         return {}
-    if is_repeated(headers, BASE64_RECORD_HEADERS):
-        raise _Reject(
-            400,
-            f"header {BASE64_RECORD_HEADERS} is sent more than once; list every "
-            "base64-encoded record header in one, separated by commas",
-        )
-    listed = headers[BASE64_RECORD_HEADERS]
-    if not is_utf8(listed):
-        raise _Reject(
-            400,
-            f"header {BASE64_RECORD_HEADERS} is not valid UTF-8; list record "
-            "header names as UTF-8 text",
-        )
     names = listed_header_names(listed)
     for name in names:
         if name not in record_headers:
