@@ -1227,16 +1227,18 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
             # The same input gives the same result, so a retry cannot help.
             raise _Reject(
                 422,
-                f"result {index} of the scoring function nests arrays and objects "
-                "too deeply: the JSON encoder stops at 255 levels, counting the "
+                "the scoring function's result for this message (value "
+                f"{index} of its request) nests arrays and objects too deeply: "
+                "the JSON encoder stops at 255 levels, counting the "
                 "request to the writer around the result. The result was not "
                 "written; return a flatter result, or InvalidRecord for such an "
                 "input",
             ) from None
         raise _Reject(
             500,
-            f"result {index} of the scoring function, of type "
-            f"{type(result).__name__}, cannot be encoded as JSON ({exc}); return "
+            "the scoring function's result for this message (value "
+            f"{index} of its request), of type {type(result).__name__}, cannot "
+            f"be encoded as JSON ({exc}); return "
             "dicts, lists, strings, numbers, booleans, None or numpy values",
             log_level=logging.ERROR,
         ) from None

@@ -908,7 +908,7 @@ async def test_deeply_nested_result_fails_with_422():
     assert response.status == 200
     # The same input nests as deeply again, so the reader does not retry.
     assert statuses == [200, 422, 200]
-    assert "result 1 of the scoring function nests" in body["results"][1]["error"]
+    assert "(value 1 of its request) nests" in body["results"][1]["error"]
     assert single.status == 422
     assert "nests arrays and objects too deeply" in single_error
     assert [output["id"] for output in writer.requests[0].json()] == [
@@ -1034,13 +1034,16 @@ async def test_score_unencodable_result_500():
 
     single_error = single_body["error"]
     assert single.status == 500
-    assert "result 0 of the scoring function, of type dict, cannot be" in single_error
+    assert (
+        "result for this message (value 0 of its request), of type dict, cannot be"
+        in single_error
+    )
     assert "not JSON serializable: set" in single_error
     results = batch_body["results"]
     assert batch.status == 200
     assert [result["status"] for result in results] == [500, 500]
-    assert "result 0 of the scoring function, of type dict" in results[0]["error"]
-    assert "result 1 of the scoring function" in results[1]["error"]
+    assert "(value 0 of its request), of type dict" in results[0]["error"]
+    assert "(value 1 of its request)" in results[1]["error"]
     assert writer.requests == []
 
 
@@ -1059,7 +1062,7 @@ async def test_batch_unencodable_result_fails_one_item():
 
     assert batch.status == 200
     assert [result["status"] for result in results] == [200, 500, 200]
-    assert "result 1 of the scoring function" in results[1]["error"]
+    assert "(value 1 of its request)" in results[1]["error"]
     assert [output["value"] for output in writer.requests[0].json()] == [1, 3]
 
 
