@@ -197,6 +197,19 @@ def test_reassign_starts_afresh():
     assert tracker.in_flight(TOPIC, 0) == 0
 
 
+def test_assign_without_revoke_drops_commit_position():
+    tracker = OffsetTracker()
+    tracker.assign(TOPIC, 0)
+    positions = register(tracker, [0, 1])
+    tracker.finish(positions[0])
+
+    tracker.assign(TOPIC, 0)
+
+    assert tracker.committable() == {}
+    assert tracker.in_flight(TOPIC, 0) == 0
+    assert not tracker.finish(positions[1])
+
+
 def test_unknown_partition_generation_zero():
     tracker = OffsetTracker()
 
