@@ -7,11 +7,13 @@ The fakes follow the contracts of azure-eventhub 5.15 (read in its source):
   each event as the AMQP bytes the SDK would put on the wire, or raises the
   `EventHubError` subclass a test queued.
 - `FakeConsumerClient.receive` runs one task per claimed partition, as the
-  SDK's event processor does: it starts after the partition's checkpoint in
-  the checkpoint store (or at the starting position), awaits
-  ``on_partition_initialize`` with a real `PartitionContext`, awaits
-  ``on_event`` per event, and on cancellation awaits ``on_partition_close``
-  with OWNERSHIP_LOST while running, SHUTDOWN after `close`.
+  SDK's event processor does: it starts after the offset of the partition's
+  checkpoint in the checkpoint store (or at the starting position), awaits
+  ``on_partition_initialize`` with a real `PartitionContext` that is reused
+  across claims of the partition, awaits ``on_event`` per event from a
+  separate callback task, and on cancellation or a receive error awaits
+  ``on_partition_close`` with OWNERSHIP_LOST while running, SHUTDOWN after
+  `close` or when ``receive`` itself ends.
 - Received events are decoded from the stored bytes and carry the service's
   annotations (sequence number, offset, enqueued time, partition key).
 """
@@ -173,8 +175,32 @@ class FakeProducerClient:
 OnEvent = Callable[[PartitionContext, EventData | None], Awaitable[None]]
 
 
+@dataclass
+class _Claim:
+    """One claim of a partition: its receive side and its callback task."""
+
+    #: Whether the callback task takes further events (the SDK's
+    #: ``_callback_task_run``).
+    delivering: bool = True
+    #: The receive side of the link; `detach` fails it.
+    link: asyncio.Future[None] | None = None
+    callback: asyncio.Task[None] | None = None
+
+
+#: How long the SDK waits for an on_event call still running when a partition's
+#: receive ends with an error, before it leaves that call running and closes the
+#: partition (``receive_messages_async`` in azure-eventhub 5.15).
+CALLBACK_GRACE_SECONDS = 1.0
+
+
 class FakeConsumerClient:
-    """`EventHubConsumerClient` of a `FakeHub` that owns the partitions it is told."""
+    """`EventHubConsumerClient` of a `FakeHub` that owns the partitions it is told.
+
+    As the SDK's event processor does, it keeps one `PartitionContext` per
+    partition across claims, calls ``on_event`` from a callback task separate
+    from the partition's receive task, and stops every partition (awaiting
+    ``on_partition_close``) when ``receive`` ends, also when it is cancelled.
+    """
 
     def __init__(
         self,
@@ -190,6 +216,8 @@ class FakeConsumerClient:
         self.owned = list(hub.partition_ids if owned is None else owned)
         self.receive_kwargs: dict[str, Any] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._claims: dict[str, _Claim] = {}
+        self._contexts: dict[str, PartitionContext] = {}
         self._callbacks: dict[str, Any] = {}
         self._running = False
         self._stopped = asyncio.Event()
@@ -214,6 +242,7 @@ class FakeConsumerClient:
     ) -> None:
         self.receive_kwargs = {
             "starting_position": starting_position,
+            "starting_position_inclusive": starting_position_inclusive,
             "prefetch": prefetch,
         }
         self._callbacks = {
@@ -223,9 +252,13 @@ class FakeConsumerClient:
             "on_partition_close": on_partition_close,
         }
         self._running = True
-        for owned in list(self.owned):
-            await self.claim(owned)
-        await self._stopped.wait()
+        try:
+            for owned in list(self.owned):
+                await self.claim(owned)
+            await self._stopped.wait()
+        finally:
+            # The SDK's receive() stops its event processor in a finally clause.
+            await self._stop_partitions()
 
     async def get_partition_properties(self, partition_id: str) -> dict[str, Any]:
         """Return the partition's last event, as the SDK's client does."""
@@ -242,25 +275,67 @@ class FakeConsumerClient:
         checkpoints = await self.checkpoint_store.list_checkpoints(
             NAMESPACE, self.hub.name, self.consumer_group
         )
-        # The SDK starts after a checkpoint's event, and without a checkpoint
-        # at `starting_position`. A checkpoint of sequence number -1 (offset
-        # "-1", an empty partition) starts at the beginning.
-        start = None
-        for checkpoint in checkpoints:
-            if checkpoint["partition_id"] == partition_id:
-                start = int(checkpoint["sequence_number"]) + 1
-        if start is None:
-            latest = self.receive_kwargs["starting_position"] == "@latest"
-            start = len(self.hub.partitions[partition_id]) if latest else 0
+        checkpoint = None
+        for stored in checkpoints:
+            if stored["partition_id"] == partition_id:
+                checkpoint = stored
+        start = self._start_index(partition_id, checkpoint)
         self._tasks[partition_id] = asyncio.create_task(
             self._run_partition(partition_id, start)
         )
         await asyncio.sleep(0)
 
+    def _start_index(self, partition_id: str, checkpoint: dict[str, Any] | None) -> int:
+        """Return the index of the first event to deliver, as the SDK positions it.
+
+        The SDK starts after a checkpoint's offset, not its sequence number.
+        Without a checkpoint it starts at `starting_position`, and
+        `starting_position_inclusive` applies to both (``get_init_event_position``
+        and ``event_position_selector`` in azure-eventhub 5.15). The offset "-1"
+        is the start of the partition.
+        """
+        events = self.hub.partitions[partition_id]
+        inclusive = bool(self.receive_kwargs["starting_position_inclusive"])
+        position = checkpoint["offset"] if checkpoint and checkpoint["offset"] else None
+        if position is None:
+            position = self.receive_kwargs["starting_position"] or "@latest"
+        if position == "@latest":
+            return len(events)
+        if isinstance(position, datetime.datetime):
+            limit = int(position.timestamp() * 1000)
+            keys = [event.enqueued_ms for event in events]
+        elif isinstance(position, int):
+            limit = position
+            keys = [event.sequence_number for event in events]
+        else:
+            limit = int(position)
+            keys = [int(offset_of(event.sequence_number)) for event in events]
+        for index, key in enumerate(keys):
+            if key > limit or (inclusive and key == limit):
+                return index
+        return len(events)
+
     async def lose(self, partition_id: str) -> None:
-        """Take a partition away, as when another reader claims it."""
+        """Take a partition away, as a load-balancing round does after a steal.
+
+        The SDK cancels the partition's task, which cancels its on_event call.
+        """
         task = self._tasks.pop(partition_id)
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def detach(self, partition_id: str, error: Exception) -> None:
+        """End a partition's receive with an error, as when another reader's link
+        took it over (LinkStolen) or receive retries ran out.
+
+        As in the SDK, an on_event call still running is not cancelled: it is
+        awaited up to CALLBACK_GRACE_SECONDS and then left running, while
+        ``on_error`` and ``on_partition_close`` are called.
+        """
+        link = self._claims[partition_id].link
+        assert link is not None
+        link.set_exception(error)
+        task = self._tasks.pop(partition_id)
         await asyncio.gather(task, return_exceptions=True)
 
     async def fail(self, partition_id: str | None, error: Exception) -> None:
@@ -269,42 +344,93 @@ class FakeConsumerClient:
         await self._callbacks["on_error"](context, error)
 
     def _context(self, partition_id: str) -> PartitionContext:
-        return PartitionContext(
-            NAMESPACE,
-            self.hub.name,
-            self.consumer_group,
-            partition_id,
-            self.checkpoint_store,
-        )
+        context = self._contexts.get(partition_id)
+        if context is None:
+            context = self._contexts[partition_id] = PartitionContext(
+                NAMESPACE,
+                self.hub.name,
+                self.consumer_group,
+                partition_id,
+                self.checkpoint_store,
+            )
+        return context
 
     async def _run_partition(self, partition_id: str, start: int) -> None:
         context = self._context(partition_id)
+        context._last_received_event = None
+        claim = self._claims[partition_id] = _Claim()
         try:
-            await self._callbacks["on_partition_initialize"](context)
-            index = start
-            while True:
-                events = self.hub.partitions[partition_id]
-                if index < len(events):
-                    event = self.hub.received(partition_id, index)
-                    context._last_received_event = event
-                    await self._callbacks["on_event"](context, event)
-                    index += 1
-                    continue
-                self.hub.changed.clear()
-                await self.hub.changed.wait()
+            await self._initialize(context)
+            claim.link = asyncio.get_running_loop().create_future()
+            claim.callback = asyncio.create_task(
+                self._deliver(claim, context, partition_id, start)
+            )
+            try:
+                await asyncio.gather(claim.callback, claim.link)
+            finally:
+                claim.delivering = False
+                if not claim.callback.done():
+                    await asyncio.wait([claim.callback], timeout=CALLBACK_GRACE_SECONDS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - as the SDK's processor
+            await self._report(context, error)
         finally:
             reason = (
                 CloseReason.OWNERSHIP_LOST if self._running else CloseReason.SHUTDOWN
             )
-            await asyncio.shield(self._callbacks["on_partition_close"](context, reason))
+            await asyncio.shield(self._close_partition(partition_id, context, reason))
+
+    async def _initialize(self, context: PartitionContext) -> None:
+        try:
+            await self._callbacks["on_partition_initialize"](context)
+        except Exception as error:  # noqa: BLE001 - the SDK reports it and receives
+            await self._report(context, error)
+
+    async def _deliver(
+        self, claim: _Claim, context: PartitionContext, partition_id: str, start: int
+    ) -> None:
+        index = start
+        while claim.delivering:
+            events = self.hub.partitions[partition_id]
+            if index < len(events):
+                event = self.hub.received(partition_id, index)
+                context._last_received_event = event
+                await self._callbacks["on_event"](context, event)
+                index += 1
+                continue
+            self.hub.changed.clear()
+            await self.hub.changed.wait()
+
+    async def _report(self, context: PartitionContext, error: Exception) -> None:
+        if self._callbacks["on_error"] is not None:
+            await self._callbacks["on_error"](context, error)
+
+    async def _close_partition(
+        self, partition_id: str, context: PartitionContext, reason: CloseReason
+    ) -> None:
+        try:
+            await self._callbacks["on_partition_close"](context, reason)
+        except Exception as error:  # noqa: BLE001 - the SDK reports it
+            await self._report(context, error)
+        finally:
+            self._tasks.pop(partition_id, None)
+
+    async def _stop_partitions(self) -> None:
+        """Cancel every partition and wait until each is closed.
+
+        As ``EventProcessor.stop`` does, it polls until every partition's close
+        (shielded from cancellation) has removed its task, so a cancelled
+        partition task does not end the wait. The SDK polls once a second.
+        """
+        self._running = False
+        for task in list(self._tasks.values()):
+            task.cancel()
+        while self._tasks:
+            await asyncio.sleep(0.01)
 
     async def close(self) -> None:
-        self._running = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_partitions()
         self._stopped.set()
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import eventhubs_fakes
 import orjson
 import pytest
 from aiohttp import web
@@ -251,6 +252,28 @@ async def test_reclaimed_partition_redelivers(pipeline: Pipeline) -> None:
     assert pipeline.store.written() == [(0, offset_of(0)), (3, offset_of(3))]
 
 
+async def test_event_after_detach_not_delivered(monkeypatch, pipeline) -> None:
+    monkeypatch.setattr(eventhubs_fakes, "CALLBACK_GRACE_SECONDS", 0.05)
+    await wait_claimed(pipeline.source)
+    await pipeline.source.pause()
+    fill(pipeline.hub, 1)
+    await asyncio.sleep(0.01)
+
+    # The on_event call waiting for room outlives the partition's close, as
+    # in the SDK when another reader's link takes the partition over.
+    await pipeline.consumer.detach("0", ConnectionLostError("link stolen"))
+    await pipeline.consumer.claim("0")
+    await asyncio.sleep(0.01)
+    await pipeline.source.resume()
+    received = await fetch_all(pipeline.source, 1)
+    extra = await pipeline.source.fetch(10, 0.1)
+
+    assert len(received) == 1
+    assert received[0].position is not None
+    assert pipeline.source.owns(received[0])
+    assert extra == []
+
+
 async def test_shutdown_drains_then_checkpoints() -> None:
     hub, store = FakeHub(HUB), RecordingCheckpointStore()
     fill(hub, 3)
@@ -309,6 +332,38 @@ async def test_stop_bounded_when_store_hangs(monkeypatch, caplog) -> None:
 
     assert time.monotonic() - began < 5
     assert "timed out after 0.5 s" in caplog.text
+    assert "partition closed without a final checkpoint" in caplog.text
+
+
+async def test_stop_bounded_when_partition_close_hangs(monkeypatch, caplog) -> None:
+    class HangingStore(RecordingCheckpointStore):
+        async def update_checkpoint(
+            self, checkpoint: dict[str, Any], **kwargs: Any
+        ) -> None:
+            await asyncio.sleep(30)
+
+    monkeypatch.setattr(source_module, "FINAL_CHECKPOINT_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(source_module, "PROCESSOR_STOP_GRACE_SECONDS", 0.2)
+    hub = FakeHub(HUB)
+    fill(hub, 2)
+    started = Pipeline(hub, HangingStore())
+    await started.source.start()
+    envelopes = await fetch_all(started.source, 2)
+
+    async def finish_all(partitions: list[tuple[str, int]]) -> None:
+        for envelope in envelopes:
+            started.source.ack(envelope)
+
+    # Nothing is finished before the stop, so the first checkpoint write is
+    # the one of the partition's close, which the SDK shields from cancellation.
+    started.source.set_revoke_handler(finish_all)
+    began = time.monotonic()
+
+    await started.source.stop()
+
+    assert time.monotonic() - began < 5
+    assert "timed out after 0.5 s" in caplog.text
+    assert "did not stop within 0.2 s" in caplog.text
 
 
 async def test_checkpoint_waits_for_slower_earlier_write() -> None:

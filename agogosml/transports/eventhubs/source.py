@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 #: shutdown. The blob client retries a failing write with backoff, which could
 #: otherwise hold a stop past a pod's grace period.
 FINAL_CHECKPOINT_TIMEOUT_SECONDS = 10.0
+#: How long a stop that ran out of FINAL_CHECKPOINT_TIMEOUT_SECONDS still waits
+#: for the SDK's event processor to close its partitions. The processor checks
+#: once a second whether its partitions are closed (``EventProcessor.stop`` in
+#: azure-eventhub 5.15), and its ownership release may wait on the same
+#: unresponsive store.
+PROCESSOR_STOP_GRACE_SECONDS = 2.0
 #: Received events buffered for `fetch`. A full buffer makes the SDK's
 #: partition receivers wait in their event callbacks.
 BUFFER_EVENTS = 1000
@@ -82,6 +88,9 @@ class EventHubsSource(TrackedSource):
         self._receive_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._failing: Exception | None = None
+        # Set when the final checkpoints timed out: the partitions that the SDK
+        # closes afterwards get no checkpoint write.
+        self._abandoned = False
 
     @property
     def connected(self) -> bool:
@@ -133,18 +142,19 @@ class EventHubsSource(TrackedSource):
         )
 
     async def stop(self) -> None:
-        """Checkpoint every finished event, release the partitions and close."""
+        """Checkpoint every finished event, release the partitions and close.
+
+        Takes at most FINAL_CHECKPOINT_TIMEOUT_SECONDS, plus
+        PROCESSOR_STOP_GRACE_SECONDS when the checkpoint store does not respond.
+        """
         if self._checkpoint_task is not None:
             self._checkpoint_task.cancel()
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         try:
             async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT_SECONDS):
-                await self._checkpoint_logged(None)
-                if self._consumer is not None:
-                    # close() stops the processor, which calls on_partition_close
-                    # with SHUTDOWN for each partition and releases its ownership.
-                    await self._consumer.close()
+                await self._close_consumer()
         except TimeoutError:
+            self._abandoned = True
             logger.error(
                 "final checkpoints and partition release timed out after %g s; "
                 "events finished since the last checkpoint will be delivered "
@@ -153,14 +163,44 @@ class EventHubsSource(TrackedSource):
                 FINAL_CHECKPOINT_TIMEOUT_SECONDS,
                 extra={"hub": self._hub},
             )
+            await self._abandon_receive()
+        if self._owns_clients:
+            await self._close_clients()
+        logger.info("eventhubs source stopped", extra={"hub": self._hub})
+
+    async def _close_consumer(self) -> None:
+        await self._checkpoint_logged(None)
+        if self._consumer is not None:
+            # close() stops the processor, which calls on_partition_close with
+            # SHUTDOWN for each partition and releases its ownership.
+            await self._consumer.close()
         if self._receive_task is not None:
             # The processor's load-balancing loop sleeps between rounds even
             # after close(), so its task is cancelled rather than awaited.
             self._receive_task.cancel()
             await asyncio.gather(self._receive_task, return_exceptions=True)
-        if self._owns_clients:
-            await self._close_clients()
-        logger.info("eventhubs source stopped", extra={"hub": self._hub})
+
+    async def _abandon_receive(self) -> None:
+        """Cancel the SDK's receive without waiting for an unresponsive store.
+
+        A cancelled ``receive`` stops the event processor, which closes each
+        partition (with on_partition_close, shielded from cancellation) and then
+        releases its ownership in the checkpoint store, so awaiting it could
+        last as long as the store does not respond.
+        """
+        if self._receive_task is None:
+            return
+        self._receive_task.cancel()
+        done, _ = await asyncio.wait(
+            {self._receive_task}, timeout=PROCESSOR_STOP_GRACE_SECONDS
+        )
+        if not done:
+            logger.error(
+                "the Event Hubs event processor did not stop within %g s after "
+                "the final checkpoints timed out; stopping without it",
+                PROCESSOR_STOP_GRACE_SECONDS,
+                extra={"hub": self._hub},
+            )
 
     async def _close_clients(self) -> None:
         if self._store is not None:
@@ -290,7 +330,13 @@ class EventHubsSource(TrackedSource):
         self, context: PartitionContext, reason: CloseReason
     ) -> None:
         partition = _partition_number(context.partition_id)
-        if reason is CloseReason.SHUTDOWN:
+        if reason is CloseReason.SHUTDOWN and self._abandoned:
+            logger.warning(
+                "partition closed without a final checkpoint, because the "
+                "checkpoint store did not respond",
+                extra={"hub": self._hub, "partition": partition},
+            )
+        elif reason is CloseReason.SHUTDOWN:
             await self._drain([(self._hub, partition)])
             await self._checkpoint_logged({partition})
             logger.info(
