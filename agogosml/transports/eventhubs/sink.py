@@ -34,9 +34,10 @@ class EventHubsSink(Sink):
 
     Envelopes are grouped by partition key, keeping their order within a key,
     and packed into batches up to the hub's maximum message size (or
-    EVENTHUB_MAX_BATCH_BYTES). Batches of one key are sent one after another;
-    different keys are sent concurrently. After a batch fails, the later
-    batches of its key are not sent, so a retry keeps the key's order.
+    EVENTHUB_MAX_BATCH_BYTES). Batches of one key are sent one after another,
+    and different keys are passed to the SDK concurrently, whose producer then
+    sends one batch at a time. After a batch fails, the later batches of its
+    key are not sent, so a retry keeps the key's order.
     """
 
     def __init__(
@@ -219,6 +220,9 @@ class EventHubsSink(Sink):
         except ValueError:
             # azure-eventhub 5.15 raises ValueError here only for a size over
             # the hub's maximum; a batch without a size reports that maximum.
+            # NOTE: the client reads that maximum once and keeps it, so after
+            # the check in start() this branch is a guard that the SDK of
+            # 5.15 does not reach.
             hub_batch = await self._producer.create_batch(partition_key=key)
         raise self._batch_limit_error(hub_batch.max_size_in_bytes, retriable=True)
 
@@ -238,6 +242,9 @@ class EventHubsSink(Sink):
                     failed.extend(
                         (envelope, _NOT_SENT_AFTER_FAILURE) for envelope in later
                     )
+                # NOTE: the default pyamqp transport of azure-eventhub 5.15
+                # raises EventDataSendError, not EventDataError, for a rejected
+                # message, so such a failure counts as retriable.
                 return not isinstance(exc, EventDataError)
         return True
 
