@@ -298,6 +298,10 @@ class EventHubsSource(TrackedSource):
         checkpoint names the last finished event. Without this one, a reader that
         stopped before any event finished would leave the next owner starting at
         the end again, past the events it read.
+
+        NOTE: a link that fails before its first event is attached at the end
+        again by the SDK (azure-eventhub 5.15), which skips the events enqueued
+        meanwhile; this checkpoint recovers them only if no event finishes first.
         """
         try:
             existing = await self._store.list_checkpoints(
