@@ -25,7 +25,7 @@ MESSAGES_OUT = Counter(
 )
 RETRIES = Counter(
     "agogosml_retries_total",
-    "Requests retried after a connection error, timeout, 429 or 5xx.",
+    "Messages sent to the app again after a failed request, one per message.",
     ["service"],
 )
 DEAD_LETTERED = Counter(

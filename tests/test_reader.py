@@ -504,6 +504,30 @@ async def test_500_twice_then_200_delivered():
     assert app.numbers() == [0, 1, 2]
     assert retries_total() - retries_before == 2
     assert commits_seen == [{(TOPIC, 0): 1}] * 3
+
+
+async def test_retried_batch_counts_each_message():
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    failures_left = 1
+
+    async def fail_first_batch(received: Received) -> web.Response:
+        nonlocal failures_left
+        if failures_left > 0:
+            failures_left -= 1
+            return status_response(500)
+        return status_response(200)
+
+    retries_before = retries_total()
+    async with stub_app(fail_first_batch) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=3, batch_max_wait_ms=60_000
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 2
+    assert retries_total() - retries_before == 3
     assert source.committed == {(TOPIC, 0): 3}
     assert dead_letter.envelopes == []
 
