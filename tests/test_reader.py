@@ -891,6 +891,97 @@ async def test_partial_batch_sent_at_end_of_input():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+async def test_batch_split_at_max_bytes():
+    source = MemorySource(TOPIC)
+    for number in range(5):
+        source.add(orjson.dumps({"n": number, "pad": "x" * 100}))
+    source.add(orjson.dumps({"n": 5, "pad": "x" * 1000}))
+    dead_letter = MemorySink()
+    message_size = engine._request_size(
+        Envelope(value=orjson.dumps({"n": 0, "pad": "x" * 100}), id=f"{TOPIC}:0:0")
+    )
+
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url,
+            batch_max_messages=10,
+            batch_max_bytes=2 * message_size,
+            batch_max_wait_ms=60_000,
+        )
+        await run_reader(settings, source, dead_letter)
+
+    # The last message is over the limit alone, so it goes in a batch of its own.
+    batches = [
+        [item["value"]["n"] for item in request.json()] for request in app.requests
+    ]
+    assert batches == [[0, 1], [2, 3], [4], [5]]
+    assert source.committed == {(TOPIC, 0): 6}
+    assert dead_letter.envelopes == []
+
+
+def messages_out_total() -> float:
+    value = REGISTRY.get_sample_value(
+        "agogosml_messages_out_total", {"service": "input_reader"}
+    )
+    return value or 0.0
+
+
+async def test_messages_out_counts_accepted_messages():
+    source = MemorySource(TOPIC)
+    fill(source, 5)
+    dead_letter = MemorySink()
+
+    async def reject_third(received: Received) -> web.Response:
+        results = [
+            {"status": 400 if item["value"]["n"] == 2 else 200}
+            for item in received.json()
+        ]
+        return web.json_response({"results": results})
+
+    before = messages_out_total()
+    async with stub_app(reject_third) as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=5, batch_max_wait_ms=60_000
+        )
+        await run_reader(settings, source, dead_letter)
+
+    assert len(app.requests) == 1
+    assert messages_out_total() - before == 4
+    assert len(dead_letter.envelopes) == 1
+
+
+async def test_unexpected_send_error_dead_letters_batch(monkeypatch):
+    source = MemorySource(TOPIC)
+    fill(source, 4)
+    dead_letter = MemorySink()
+    original_send = AppClient.send
+    calls = 0
+
+    async def fail_first_send(self, envelopes, *, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("encoder exploded")
+        return await original_send(self, envelopes, batch=batch)
+
+    monkeypatch.setattr(AppClient, "send", fail_first_send)
+    async with stub_app() as app:
+        settings = reader_settings(
+            app.url, batch_max_messages=2, batch_max_wait_ms=60_000
+        )
+        reader = await run_reader(settings, source, dead_letter)
+
+    dead = [orjson.loads(record.value)["n"] for record in dead_letter.envelopes]
+    headers = dead_letter_headers(dead_letter.envelopes[0])
+    assert dead == [0, 1]
+    assert headers["dlq.status"] == "0"
+    assert headers["dlq.attempts"] == "0"
+    assert "RuntimeError('encoder exploded')" in headers["dlq.error"]
+    assert [item["value"]["n"] for item in app.requests[0].json()] == [2, 3]
+    assert source.committed == {(TOPIC, 0): 4}
+    assert reader.in_flight == 0
+
+
 async def test_partial_batch_sent_on_stop_of_stdin():
     source = MemorySource(TOPIC)
     source.replayable = False
