@@ -19,6 +19,12 @@ from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope
 from agogosml.transports.kafka import KafkaSource
+from agogosml.transports.kafka.added_partitions import (
+    PARTITIONS_AT_START,
+    added_partitions,
+    commit_offset,
+    sibling_partitions,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -128,6 +134,88 @@ async def test_latest_reader_joining_a_starting_group_skips_history(
     assert [orjson.loads(e.value) for e in envelopes] == [{"partition": 1, "n": 0}]
     assert envelopes[0].position is not None
     assert envelopes[0].position.offset == 5
+
+
+async def test_reader_restarted_after_partition_added_reads_it(
+    kafka_bootstrap: str,
+) -> None:
+    """The first reader stops before it noticed the partition; the next one starts.
+
+    The partition is in the second reader's start-up list, so only the first
+    reader's commits show that it was added while the group read the topic.
+    """
+    topic = create_topic(kafka_bootstrap, 2)
+    group = f"g-{topic}"
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_bootstrap, group_id=group, auto_offset_reset="latest"
+    )
+    async with KafkaSource(settings, [topic]) as first:
+        await wait_started(first, kafka_bootstrap, group, topic, 2)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_partitions([NewPartitions(topic, 3)])[topic].result(TIMEOUT_SECONDS)
+    produce(kafka_bootstrap, topic, 2, 4)
+
+    async with KafkaSource(settings, [topic]) as second:
+        envelopes = await read(second, 4)
+        envelopes += await second.fetch(100, 2.0)  # nothing else
+
+    values = [orjson.loads(envelope.value) for envelope in envelopes]
+    assert values == [{"partition": 2, "n": number} for number in range(4)]
+    assert committed(kafka_bootstrap, group, topic, 3)[2] == 0
+
+
+def test_commit_offset_records_partition_count() -> None:
+    known = {"t": frozenset({0, 1, 2}), "created-later": frozenset()}
+
+    recorded = commit_offset(known, "t", 1, 7)
+    created_later = commit_offset(known, "created-later", 0, 7)
+    unknown_topic = commit_offset(known, "other", 0, 7)
+    lookup_failed = commit_offset(None, "t", 1, 7)
+
+    assert (recorded.topic, recorded.partition, recorded.offset) == ("t", 1, 7)
+    assert recorded.metadata == f"{PARTITIONS_AT_START}3"
+    assert created_later.metadata == f"{PARTITIONS_AT_START}0"
+    assert unknown_topic.metadata is None
+    assert lookup_failed.metadata is None
+
+
+def test_added_partitions_from_sibling_commits() -> None:
+    uncommitted = [TopicPartition("t", 2), TopicPartition("t", 3)]
+    two = f"{PARTITIONS_AT_START}2"
+    three = f"{PARTITIONS_AT_START}3"
+    cases = [
+        # (committed siblings, expected added partitions)
+        ([TopicPartition("t", 0, 5, metadata=two)], {("t", 2), ("t", 3)}),
+        ([TopicPartition("t", 0, 5, metadata=three)], {("t", 3)}),
+        (
+            [
+                TopicPartition("t", 0, 5, metadata=three),
+                TopicPartition("t", 1, 5, metadata=two),
+            ],
+            {("t", 2), ("t", 3)},
+        ),
+        ([TopicPartition("t", 0, 5)], set()),  # no count recorded
+        ([TopicPartition("t", 0, 5, metadata="other tool")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}x")], set()),
+        ([TopicPartition("t", 0, -1001, metadata=two)], set()),  # no offset
+        ([TopicPartition("u", 0, 5, metadata=two)], set()),  # another topic
+    ]
+
+    for siblings, expected in cases:
+        assert added_partitions(uncommitted, siblings) == expected, siblings
+
+
+def test_sibling_partitions_below_highest() -> None:
+    uncommitted = [TopicPartition("t", 3), TopicPartition("t", 1)]
+
+    siblings = sibling_partitions(uncommitted)
+
+    assert [(tp.topic, tp.partition) for tp in siblings] == [
+        ("t", 0),
+        ("t", 1),
+        ("t", 2),
+    ]
+    assert sibling_partitions([TopicPartition("t", 0)]) == []
 
 
 def test_metadata_refreshed_every_30_seconds() -> None:

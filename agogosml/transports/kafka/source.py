@@ -22,6 +22,11 @@ from agogosml.envelope import Envelope, Position
 from agogosml.errors import ConfigurationError, SourceError
 from agogosml.metrics import CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
+from agogosml.transports.kafka.added_partitions import (
+    added_partitions,
+    commit_offset,
+    sibling_partitions,
+)
 from agogosml.transports.kafka.health import BrokerHealth, client_logger
 
 logger = logging.getLogger(__name__)
@@ -298,7 +303,7 @@ class KafkaSource(TrackedSource):
             # another member now, whose commits this one must not overwrite.
             if self._tracker.generation(*key) != generation:
                 continue
-            starts[key] = TopicPartition(*key, message.offset())
+            starts[key] = self._commit_offset(*key, message.offset())
             generations[key] = generation
         if not starts:
             return stamped
@@ -475,7 +480,7 @@ class KafkaSource(TrackedSource):
     def _uncommitted(self, only: set[tuple[str, int]] | None) -> list[TopicPartition]:
         """Return the finished prefixes that differ from the last confirmed commit."""
         return [
-            TopicPartition(topic, partition, offset)
+            self._commit_offset(topic, partition, offset)
             for (topic, partition), offset in self._tracker.committable().items()
             if self._committed.get((topic, partition)) != offset
             and (only is None or (topic, partition) in only)
@@ -742,13 +747,18 @@ class KafkaSource(TrackedSource):
         try:
             committed = consumer.committed(partitions, timeout=remaining())
             # A partition without a commit has a negative offset (OFFSET_INVALID).
+            uncommitted = [tp for tp in committed if tp.offset < 0]
+            siblings = sibling_partitions(uncommitted)
+            added = added_partitions(
+                uncommitted,
+                consumer.committed(siblings, timeout=remaining()) if siblings else [],
+            )
             ends = []
-            for tp in committed:
-                if tp.offset >= 0:
-                    continue
+            for tp in uncommitted:
                 low, high = consumer.get_watermark_offsets(tp, timeout=remaining())
-                start = low if self._added_since_start(tp) else high
-                ends.append(TopicPartition(tp.topic, tp.partition, start))
+                key = (tp.topic, tp.partition)
+                start = low if key in added or self._added_since_start(tp) else high
+                ends.append(self._commit_offset(tp.topic, tp.partition, start))
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)
         except KafkaException as exc:
@@ -776,11 +786,17 @@ class KafkaSource(TrackedSource):
         messages produced to it before the reader noticed it would be skipped.
         Unknown when the start-up lookup failed, which counts as not added.
         """
-        # NOTE: a partition added while no reader of the group ran is in the
-        # start-up list, so it starts at its end and its earlier messages are
-        # skipped.
+        # A reader started after the partition was added, even while no reader
+        # of the group ran, finds it in its start-up list. `added_partitions`
+        # then finds it from the commits of the readers that ran before.
+        # NOTE: commits without a partition count, such as those of other
+        # tools, are ignored there, so such a partition then starts at its end
+        # and its earlier messages are skipped.
         known = self._partitions_at_start
         return known is not None and tp.partition not in known.get(tp.topic, ())
+
+    def _commit_offset(self, topic: str, partition: int, offset: int) -> TopicPartition:
+        return commit_offset(self._partitions_at_start, topic, partition, offset)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
