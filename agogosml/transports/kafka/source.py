@@ -191,7 +191,12 @@ class KafkaSource(TrackedSource):
         config.update(
             {
                 "group.id": self._settings.group_id,
-                "auto.offset.reset": self._settings.auto_offset_reset,
+                # The reader starts a partition without a committed offset at
+                # its end itself (`_commit_ends`), so librdkafka's reset applies
+                # only to a committed offset out of the log's range, as after
+                # retention deleted it. Jumping to the end would then skip every
+                # message still in the log.
+                "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 # librdkafka's 5 minutes left partitions added to a topic
