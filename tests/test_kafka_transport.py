@@ -382,6 +382,22 @@ async def test_sink_reads_hexadecimal_message_max_bytes(mock_bootstrap: str) -> 
     assert caught.value.retriable is False
 
 
+async def test_sink_takes_records_of_a_default_topic(mock_bootstrap: str) -> None:
+    # Over librdkafka's default message.max.bytes of 1,000,000, within Apache
+    # Kafka's default topic limit of 1,048,588.
+    sink = KafkaSink(KafkaSettings(bootstrap_servers=mock_bootstrap), "sink-1mib")
+    fixed = size_of(Envelope(value=b"", id="big"))
+    fits = Envelope(value=b"x" * (1_040_000 - fixed), id="big")
+    too_large = Envelope(value=b"x" * (1_048_589 - fixed), id="bigger")
+
+    async with sink:
+        await sink.send([fits])
+        with pytest.raises(SinkError) as caught:
+            await sink.send([too_large])
+
+    assert "message.max.bytes=1048588" in str(caught.value)
+
+
 async def test_sink_accepts_maximum_timeouts(mock_bootstrap: str) -> None:
     settings = KafkaSettings(
         bootstrap_servers=mock_bootstrap,

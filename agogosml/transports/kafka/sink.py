@@ -26,8 +26,11 @@ from agogosml.transports.kafka.topic_limit import TopicSizeLimit
 
 logger = logging.getLogger(__name__)
 
-#: librdkafka's default ``message.max.bytes``.
-DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+#: The producer's ``message.max.bytes`` unless KAFKA_EXTRA_CONFIG sets it:
+#: Apache Kafka's default limit of a topic (``max.message.bytes``), above
+#: librdkafka's 1,000,000, so that a result that fits the writer's default
+#: body limit of 1 MiB and a default topic is not rejected by the producer.
+DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 #: librdkafka's default ``batch.size``.
 DEFAULT_BATCH_SIZE = 1_000_000
 #: Maximum time `KafkaSink.stop` waits for outstanding deliveries.
@@ -108,6 +111,7 @@ class KafkaSink(Sink):
                 "enable.idempotence": True,
                 "linger.ms": self._settings.linger_ms,
                 "delivery.timeout.ms": self._settings.delivery_timeout_ms,
+                "message.max.bytes": DEFAULT_MESSAGE_MAX_BYTES,
                 **self._health.config(),
             }
         )
