@@ -671,3 +671,19 @@ async def test_partition_reported_gone_stops_fetch(mock_bootstrap: str) -> None:
 
     assert "an assigned input partition no longer exists" in str(raised.value)
     assert not raised.value.retriable
+
+
+async def test_consumer_property_warns_no_producer(
+    mock_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # KAFKA_EXTRA_CONFIG reaches the consumer and the producers alike.
+    settings = KafkaSettings(
+        bootstrap_servers=mock_bootstrap,
+        extra_config={"session.timeout.ms": 10_000},
+    )
+
+    with caplog.at_level(logging.DEBUG, logger="agogosml.transports.kafka"):
+        async with KafkaSink(settings, "sink-consumer-property") as sink:
+            await sink.send([Envelope(value=b"{}")])
+
+    assert "session.timeout.ms is a consumer property" not in caplog.text

@@ -196,6 +196,11 @@ class BrokerHealth:
         }
 
 
+#: Part of librdkafka's warning about a consumer property given to a producer,
+#: or a producer property given to a consumer.
+_OTHER_CLIENT_PROPERTY = " property and will be ignored by this "
+
+
 class RepeatFilter(logging.Filter):
     """Let each librdkafka log facility through at most once per interval.
 
@@ -209,8 +214,16 @@ class RepeatFilter(logging.Filter):
         self._last: dict[tuple[int, object], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Return whether the record is the first of its kind in the interval."""
-        facility = record.args[0] if isinstance(record.args, tuple) else None
+        """Return whether the record is the first of its kind in the interval.
+
+        Warnings that a property applies to the other kind of client are left
+        out: KAFKA_EXTRA_CONFIG configures the consumer and the producers
+        alike, so a consumer property in it reaches the producers too.
+        """
+        args = record.args if isinstance(record.args, tuple) else ()
+        facility = args[0] if args else None
+        if facility == "CONFWARN" and _OTHER_CLIENT_PROPERTY in str(args[-1]):
+            return False
         key = (record.levelno, facility)
         now = time.monotonic()
         if now - self._last.get(key, float("-inf")) < self._interval:
