@@ -239,15 +239,14 @@ class OutputWriter:
         try:
             await self._sink.send(envelopes)
         except SinkError as exc:
-            logger.error(
-                "sink did not acknowledge records",
-                extra={
-                    "message_ids": [e.id for e in envelopes[:20]],
-                    "failed_ids": list(exc.failures)[:20],
-                    **sink_error_fields(exc),
-                    "retriable": exc.retriable,
-                },
-            )
+            fields: dict[str, object] = {
+                "message_ids": [e.id for e in envelopes[:20]],
+                **sink_error_fields(exc),
+                "retriable": exc.retriable,
+            }
+            if exc.failures:
+                fields["failed_ids"] = list(exc.failures)[:20]
+            logger.error("sink did not acknowledge records", extra=fields)
             raise _sink_error_response(exc, len(envelopes)) from None
         finally:
             self._in_flight -= count
@@ -776,6 +775,7 @@ async def _stop_sink(sink: Sink, remaining_seconds: float) -> None:
     if not await stop_within(sink, timeout_seconds):
         logger.error(
             "the sink did not stop within %.1f s; records it had not written "
-            "are lost, and their requests got no 2xx response",
+            "were dropped, and their requests got no 2xx response, so their "
+            "senders send them again",
             timeout_seconds,
         )
