@@ -2404,7 +2404,8 @@ async def test_invalid_batch_status_not_accepted(status):
     assert "between 200 and 599" in headers["dlq.error"]
 
 
-async def test_redirect_not_followed_nor_dead_lettered(caplog):
+@pytest.mark.parametrize("status", [301, 300, 304, 306])
+async def test_redirect_not_followed_nor_dead_lettered(caplog, status):
     source = MemorySource(TOPIC)
     fill(source, 1)
     dead_letter = MemorySink()
@@ -2416,7 +2417,7 @@ async def test_redirect_not_followed_nor_dead_lettered(caplog):
             return status_response(200)
         if redirects_left > 0:
             redirects_left -= 1
-            raise web.HTTPMovedPermanently(location="/elsewhere")
+            return web.Response(status=status, headers={"Location": "/elsewhere"})
         return status_response(200)
 
     async with stub_app(redirect) as app:
@@ -2428,7 +2429,7 @@ async def test_redirect_not_followed_nor_dead_lettered(caplog):
     assert [request.path for request in app.requests] == ["/"] * 4
     assert dead_letter.envelopes == []
     assert source.committed == {(TOPIC, 0): 1}
-    assert "the app responded 301 to POST" in caplog.text
+    assert f"the app responded {status} to POST" in caplog.text
     assert "READER_APP_URL" in caplog.text
 
 

@@ -64,9 +64,9 @@ SETUP_ERROR_LOG_INTERVAL_SECONDS = 60.0
 
 #: Statuses of a whole response that mean a set-up error, not a bad message.
 CREDENTIAL_STATUSES = frozenset({401, 403})
-#: A redirect counts too: the reader does not follow one, because a POST
-#: body may not survive it.
-ADDRESS_STATUSES = frozenset({301, 302, 303, 307, 308, 404, 405})
+#: Every 3xx counts too: the reader follows no redirect, because a POST body
+#: may not survive it, and no other 3xx is an answer to a POST of a message.
+ADDRESS_STATUSES = frozenset({*range(300, 400), 404, 405})
 
 
 @dataclass
@@ -679,9 +679,10 @@ class InputReader:
     def _is_setup_error(self, outcomes: list[Outcome], as_batch: bool) -> bool:
         """Return whether the app rejected the request itself, and log it.
 
-        401 and 403 mean wrong credentials, 404 and 405 that READER_APP_URL
-        does not point at the app. The same status as the result of one item of
-        a batch is about that message, so it is not a set-up error.
+        401 and 403 mean wrong credentials, 404, 405 and any 3xx that
+        READER_APP_URL does not point at the app. The same status as the
+        result of one item of a batch is about that message, so it is not a
+        set-up error.
         """
         failure = next(
             (
