@@ -206,6 +206,31 @@ async def test_post_one_null_and_valued_header_400():
     assert sink.envelopes == []
 
 
+async def test_post_one_invalid_null_header_name_400():
+    sink = await started_sink()
+    headers = {**JSON, "X-Null-Record-Headers": "ok, shop id"}
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b"1", headers=headers)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "lists 'shop id', which is not a valid header name" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_headers_not_object_400():
+    sink = await started_sink()
+    items = [{"value": 1, "headers": ["tag", "x"]}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert "batch element 0: 'headers' must be an object" in error
+
+
 async def test_batch_null_record_header_written():
     sink = await started_sink()
     items = [{"value": 1, "headers": {"Tombstoned-By": None, "message-id": None}}]
