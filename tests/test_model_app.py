@@ -387,7 +387,11 @@ async def test_single_base64_record_headers_forwarded():
 @pytest.mark.parametrize(
     ("raw_headers", "problem"),
     [
-        (b"X-Record-Header-Region: caf\xe9\r\n", "is not valid UTF-8"),
+        (
+            b"X-Record-Header-Region: caf\xe9\r\n",
+            "header X-Record-Header-Region is not valid UTF-8; send record header "
+            "names and values as UTF-8 text",
+        ),
         (
             b"X-Record-Header-Region: eu\r\nX-Record-Header-Region: us\r\n",
             "X-Record-Header-region is sent more than once",
