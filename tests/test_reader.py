@@ -3073,6 +3073,29 @@ async def test_oversized_id_header_dead_lettered():
     assert "shorten the message id" in context["dlq.error"]
 
 
+async def test_oversized_null_header_list_dead_lettered():
+    names = [f"h{i:02d}" + "x" * 90 for i in range(95)]
+    source = MemorySource(TOPIC)
+    source.add(b'{"n": 0}', headers=[(name, None) for name in names])
+    source.add(b'{"n": 1}', headers=[(name, b"v") for name in names[:1]])
+    dead_letter = MemorySink()
+
+    async with stub_app() as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    assert app.numbers() == [1]
+    headers = dead_letter.envelopes[0].headers
+    context = {name: value.decode() for name, value in headers if value is not None}
+    error = context["dlq.error"]
+    assert context["dlq.status"] == "431"
+    assert [name for name, value in headers if value is None] == names
+    assert "X-Null-Record-Headers header line would be" in error
+    assert "its list of 95 record header names" in error
+    assert "READER_BATCH_MAX_MESSAGES" in error
+    assert "'aders'" not in error
+    assert source.committed == {(TOPIC, 0): 2}
+
+
 async def test_too_many_record_headers_dead_lettered():
     source = MemorySource(TOPIC)
     source.add(b'{"n": 0}', headers=[(f"h{i}", b"v") for i in range(100)])

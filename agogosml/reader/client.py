@@ -466,21 +466,34 @@ def _oversized_header(headers: dict[str, str]) -> Outcome | None:
     for name, value in headers.items():
         size = len(name) + 2 + len(value.encode("utf-8"))
         if size > MAX_HEADER_LINE_BYTES:
-            if name == MESSAGE_ID:
-                field = "message id"
-            elif name == MESSAGE_KEY:
-                field = "message key"
-            else:
-                field = f"record header {name[len(RECORD_HEADER_PREFIX) :]!r}"
             error = (
                 f"the {name} header line would be {size} bytes, over the "
                 f"{MAX_HEADER_LINE_BYTES} bytes that an aiohttp server such as "
-                f"ModelApp accepts by default, so the {field} cannot travel in a "
-                "header: send batches (READER_BATCH_MAX_MESSAGES above 1), which "
-                f"carry it in the request body, or shorten the {field}"
+                f"ModelApp accepts by default, so {_header_line_fix(name, value)}"
             )
             return Outcome(431, error, sent=False)
     return None
+
+
+def _header_line_fix(name: str, value: str) -> str:
+    """Return what cannot travel in the header line `name`, and the fixes."""
+    batches = (
+        "send batches (READER_BATCH_MAX_MESSAGES above 1), which carry it in "
+        "the request body"
+    )
+    if name in (BASE64_RECORD_HEADERS, NULL_RECORD_HEADERS, CASED_RECORD_HEADERS):
+        count = len(value.split(","))
+        return (
+            f"its list of {count} record header names cannot travel in a header: "
+            f"{batches}, or shorten or drop record headers with READER_TRANSFORM"
+        )
+    if name == MESSAGE_ID:
+        field = "message id"
+    elif name == MESSAGE_KEY:
+        field = "message key"
+    else:
+        field = f"record header {name[len(RECORD_HEADER_PREFIX) :]!r}"
+    return f"the {field} cannot travel in a header: {batches}, or shorten the {field}"
 
 
 def parse_retry_after(value: str | None) -> float | None:
