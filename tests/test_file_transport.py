@@ -1206,3 +1206,47 @@ async def test_sink_refuses_path_that_became_a_directory(tmp_path: Path) -> None
         with pytest.raises(SinkError, match="is now not a regular file"):
             await sink.send([Envelope(value=b"2", id="after")])
         assert not sink.connected
+
+
+async def test_sink_rewrites_records_of_deleted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(str(path), fsync=True)
+    follow_path = sink._follow_path
+    deletions = [True]
+
+    def follow_then_delete() -> None:
+        # The file goes after the sink checked its path, before the write.
+        follow_path()
+        if deletions:
+            deletions.pop()
+            path.unlink()
+
+    monkeypatch.setattr(sink, "_follow_path", follow_then_delete)
+
+    async with sink:
+        await sink.send([Envelope(value=b"1", id="during")])
+
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line)["id"] for line in lines] == ["during"]
+    assert "was deleted while" in caplog.text
+
+
+async def test_sink_fails_write_deleted_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = FileSink(str(path), fsync=False, retry_interval_seconds=60)
+    follow_path = sink._follow_path
+
+    def follow_then_delete() -> None:
+        follow_path()
+        path.unlink()
+
+    monkeypatch.setattr(sink, "_follow_path", follow_then_delete)
+
+    async with sink:
+        with pytest.raises(SinkError, match="was deleted during each of 3 writes"):
+            await sink.send([Envelope(value=b"1", id="lost")])
+        assert not sink.connected

@@ -31,6 +31,10 @@ RETRY_INTERVAL_SECONDS = 1.0
 #: a write to a named pipe that no process reads, or to a hung network file system.
 STALL_SECONDS = 10.0
 
+#: Maximum attempts of one write whose file is deleted before the write ends.
+#: Each attempt after the first goes to a new file at the path.
+MAX_WRITES_AFTER_DELETION = 3
+
 
 class FileSink(Sink):
     """Append one JSON object per record: ``{"id", "key", "headers", "value"}``.
@@ -227,9 +231,35 @@ class FileSink(Sink):
             self._stalled = None
 
     def _write(self, data: bytes) -> None:
-        """Append `data` whole, or cut the file back to where it was and raise."""
-        if self._regular_file:
+        """Append `data` whole to the file at the path, or raise.
+
+        A regular file deleted after `_follow_path` checked it, but before
+        its write ended, has the records under no name. They would be
+        acknowledged and lost, so they are written again into a new file.
+        """
+        if not self._regular_file:
+            self._append(data)
+            return
+        for _ in range(MAX_WRITES_AFTER_DELETION):
             self._follow_path()
+            self._append(data)
+            assert self._file is not None
+            if os.fstat(self._file.fileno()).st_nlink > 0:
+                return
+            logger.warning(
+                "output file %s was deleted while %d bytes were written to it; "
+                "writing them again at that path",
+                self._path,
+                len(data),
+            )
+        raise OSError(
+            errno.ENOENT,
+            f"{self._path!r} was deleted during each of "
+            f"{MAX_WRITES_AFTER_DELETION} writes; stop the program that deletes it",
+        )
+
+    def _append(self, data: bytes) -> None:
+        """Append `data` whole, or cut the file back to where it was and raise."""
         assert self._file is not None
         seekable = self._file.seekable()
         start = self._file.seek(0, os.SEEK_END) if seekable else 0
