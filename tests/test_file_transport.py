@@ -1250,3 +1250,29 @@ async def test_sink_fails_write_deleted_each_time(
         with pytest.raises(SinkError, match="was deleted during each of 3 writes"):
             await sink.send([Envelope(value=b"1", id="lost")])
         assert not sink.connected
+
+
+async def test_sink_stays_failed_while_path_is_directory(tmp_path: Path) -> None:
+    path = tmp_path / "dead.jsonl"
+    sink = FileSink(
+        str(path), retry_interval_seconds=0.05, variable="READER_DEAD_LETTER"
+    )
+
+    async with sink:
+        await sink.send([Envelope(value=b"1", id="before")])
+        path.unlink()
+        path.mkdir()
+        with pytest.raises(SinkError, match="restart the reader with another READER_"):
+            await sink.send([Envelope(value=b"2", id="during")])
+        await asyncio.sleep(0.3)
+        connected_while_directory = sink.connected
+        path.rmdir()
+        await asyncio.sleep(0.3)
+        connected_after = sink.connected
+        await sink.send([Envelope(value=b"3", id="after")])
+
+    assert connected_while_directory is False
+    assert connected_after is True
+    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
+        "after"
+    ]

@@ -296,13 +296,7 @@ class FileSink(Sink):
         else:
             if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
                 return
-            if not stat.S_ISREG(named.st_mode):
-                raise OSError(
-                    errno.EINVAL,
-                    f"{self._path!r} is now not a regular file; put the output "
-                    f"file back there or restart the writer with another "
-                    f"{self._variable}",
-                )
+            self._check_regular(named)
             change = "was replaced by another file"
         replacement = open(self._path, "ab+", buffering=0)  # noqa: SIM115
         self._file.close()
@@ -314,6 +308,17 @@ class FileSink(Sink):
             "output file %s %s since the last write; writing on at that path",
             self._path,
             change,
+        )
+
+    def _check_regular(self, named: os.stat_result) -> None:
+        """Raise OSError unless `named`, the status of the path, is a regular file."""
+        if stat.S_ISREG(named.st_mode):
+            return
+        service = "writer" if self._variable.startswith("WRITER_") else "reader"
+        raise OSError(
+            errno.EINVAL,
+            f"{self._path!r} is now not a regular file; put the output file back "
+            f"there or restart the {service} with another {self._variable}",
         )
 
     def _fail(self, failure: str) -> None:
@@ -334,9 +339,17 @@ class FileSink(Sink):
             self._failure = None
 
     def _check_writable(self) -> None:
-        """Raise OSError unless the regular file has free space and fsync works."""
+        """Raise OSError unless the regular file has free space and fsync works.
+
+        A path that something other than a regular file took, such as a
+        directory, fails the check too, because the next write would fail.
+        """
         if self._file is None or not self._regular_file:
             return
+        try:
+            self._check_regular(os.stat(self._path))
+        except FileNotFoundError:
+            pass
         descriptor = self._file.fileno()
         filesystem = os.fstatvfs(descriptor)
         free_blocks = filesystem.f_bfree if os.geteuid() == 0 else filesystem.f_bavail
