@@ -197,6 +197,11 @@ def test_added_partitions_from_sibling_commits() -> None:
         ([TopicPartition("t", 0, 5)], set()),  # no count recorded
         ([TopicPartition("t", 0, 5, metadata="other tool")], set()),
         ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}x")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}-1")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}+1")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START} 1")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}0_1")], set()),
+        ([TopicPartition("t", 0, 5, metadata=f"{PARTITIONS_AT_START}\u0661")], set()),
         ([TopicPartition("t", 0, -1001, metadata=two)], set()),  # no offset
         ([TopicPartition("u", 0, 5, metadata=two)], set()),  # another topic
     ]

@@ -88,7 +88,11 @@ def _partitions_at_start(tp: TopicPartition) -> int | None:
     metadata = tp.metadata or ""
     if not metadata.startswith(PARTITIONS_AT_START):
         return None
-    try:
-        return int(metadata.removeprefix(PARTITIONS_AT_START))
-    except ValueError:
+    # Only ASCII digits, as `commit_offset` writes them: int() also takes a
+    # sign, spaces, underscores and other scripts' digits, and a count of -1
+    # from another tool would start every uncommitted partition at its
+    # beginning.
+    count = metadata.removeprefix(PARTITIONS_AT_START)
+    if not (count.isascii() and count.isdigit()):
         return None
+    return int(count)
