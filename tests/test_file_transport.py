@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -1276,3 +1277,24 @@ async def test_sink_stays_failed_while_path_is_directory(tmp_path: Path) -> None
     assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
         "after"
     ]
+
+
+async def test_sink_writes_once_where_files_show_no_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    real_fstat = os.fstat
+
+    def fstat_without_links(descriptor: int) -> os.stat_result:
+        # As a file system may that does not count links.
+        fields = list(real_fstat(descriptor))
+        fields[stat.ST_NLINK] = 0
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "fstat", fstat_without_links)
+
+    async with FileSink(str(path), fsync=False) as sink:
+        await sink.send([Envelope(value=b"1", id="once")])
+
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line)["id"] for line in lines] == ["once"]

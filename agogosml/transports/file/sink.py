@@ -243,8 +243,7 @@ class FileSink(Sink):
         for _ in range(MAX_WRITES_AFTER_DELETION):
             self._follow_path()
             self._append(data)
-            assert self._file is not None
-            if os.fstat(self._file.fileno()).st_nlink > 0:
+            if not self._deleted():
                 return
             logger.warning(
                 "output file %s was deleted while %d bytes were written to it; "
@@ -257,6 +256,22 @@ class FileSink(Sink):
             f"{self._path!r} was deleted during each of "
             f"{MAX_WRITES_AFTER_DELETION} writes; stop the program that deletes it",
         )
+
+    def _deleted(self) -> bool:
+        """Return whether the open file has no name left.
+
+        The path is checked too, because a file system that does not count
+        links may report 0 for a file that still has a name.
+        """
+        assert self._file is not None
+        opened = os.fstat(self._file.fileno())
+        if opened.st_nlink > 0:
+            return False
+        try:
+            named = os.stat(self._path)
+        except FileNotFoundError:
+            return True
+        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
 
     def _append(self, data: bytes) -> None:
         """Append `data` whole, or cut the file back to where it was and raise."""
