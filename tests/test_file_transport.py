@@ -1298,3 +1298,26 @@ async def test_sink_writes_once_where_files_show_no_links(
 
     lines = path.read_bytes().splitlines()
     assert [orjson.loads(line)["id"] for line in lines] == ["once"]
+
+
+async def test_sink_names_deleted_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    directory.mkdir()
+    path = directory / "out.jsonl"
+
+    async with FileSink(str(path), fsync=False, retry_interval_seconds=0.05) as sink:
+        await sink.send([Envelope(value=b"1", id="before")])
+        path.unlink()
+        directory.rmdir()
+        with pytest.raises(SinkError, match="of the output file no longer exists"):
+            await sink.send([Envelope(value=b"2", id="after")])
+        await asyncio.sleep(0.3)
+        connected_without_directory = sink.connected
+        directory.mkdir()
+        await asyncio.sleep(0.3)
+        connected_after = sink.connected
+        await sink.send([Envelope(value=b"3", id="after")])
+
+    assert connected_without_directory is False
+    assert connected_after is True
+    assert orjson.loads(path.read_bytes())["id"] == "after"

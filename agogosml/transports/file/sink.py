@@ -313,12 +313,13 @@ class FileSink(Sink):
                 return
             self._check_regular(named)
             change = "was replaced by another file"
+        directory = self._check_directory()
         replacement = open(self._path, "ab+", buffering=0)  # noqa: SIM115
         self._file.close()
         self._file = replacement
         self._end_torn_line(replacement)
         if self._fsync:
-            sync_directory(os.path.dirname(os.path.abspath(self._path)))
+            sync_directory(directory)
         logger.warning(
             "output file %s %s since the last write; writing on at that path",
             self._path,
@@ -329,12 +330,27 @@ class FileSink(Sink):
         """Raise OSError unless `named`, the status of the path, is a regular file."""
         if stat.S_ISREG(named.st_mode):
             return
-        service = "writer" if self._variable.startswith("WRITER_") else "reader"
         raise OSError(
             errno.EINVAL,
             f"{self._path!r} is now not a regular file; put the output file back "
-            f"there or restart the {service} with another {self._variable}",
+            f"there or restart the {self._service()} with another {self._variable}",
         )
+
+    def _check_directory(self) -> str:
+        """Return the directory of the path, or raise OSError if it is gone."""
+        directory = os.path.dirname(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            raise OSError(
+                errno.ENOENT,
+                f"the directory {directory!r} of the output file no longer exists; "
+                f"create it again or restart the {self._service()} with another "
+                f"{self._variable}",
+            )
+        return directory
+
+    def _service(self) -> str:
+        """Return the service whose setting `variable` is, for error messages."""
+        return "writer" if self._variable.startswith("WRITER_") else "reader"
 
     def _fail(self, failure: str) -> None:
         """Mark the sink not connected, and check in the background for recovery."""
@@ -357,14 +373,15 @@ class FileSink(Sink):
         """Raise OSError unless the regular file has free space and fsync works.
 
         A path that something other than a regular file took, such as a
-        directory, fails the check too, because the next write would fail.
+        directory, or whose directory is gone fails the check too, because the
+        next write would fail.
         """
         if self._file is None or not self._regular_file:
             return
         try:
             self._check_regular(os.stat(self._path))
         except FileNotFoundError:
-            pass
+            self._check_directory()
         descriptor = self._file.fileno()
         filesystem = os.fstatvfs(descriptor)
         free_blocks = filesystem.f_bfree if os.geteuid() == 0 else filesystem.f_bavail
