@@ -10,8 +10,10 @@ cluster, and a stand-in consumer for a commit that fails.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
+import pytest
 from confluent_kafka import (
     Consumer,
     KafkaError,
@@ -365,3 +367,30 @@ def test_held_partition_released_when_seek_rejected(monkeypatch):
     assert kafka_source._start_pending == {}
     assert kafka_source._committed[(TOPIC, 0)] == 5
     assert consumer.resumed == [[0]]
+
+
+class _FailingLookup:
+    """A consumer whose committed-offset lookup fails with `code`."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def committed(self, partitions, timeout):
+        raise KafkaException(KafkaError(self.code))
+
+
+@pytest.mark.parametrize(
+    ("code", "level"),
+    [(KafkaError._DESTROY, logging.DEBUG), (KafkaError._TIMED_OUT, logging.WARNING)],
+)
+def test_start_lookup_failure_level(monkeypatch, caplog, code, level):
+    # _DESTROY ends the lookup of a consumer that closes, as in a normal stop.
+    consumer = _FailingLookup(code)
+    kafka_source = source_with(consumer, monkeypatch)
+
+    with caplog.at_level(logging.DEBUG, logger="agogosml.transports.kafka"):
+        ends = kafka_source._commit_ends(consumer, [TopicPartition(TOPIC, 0)])
+
+    (record,) = [r for r in caplog.records if "cannot commit where" in r.message]
+    assert ends is None
+    assert record.levelno == level

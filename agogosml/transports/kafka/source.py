@@ -767,8 +767,11 @@ class KafkaSource(TrackedSource):
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)
         except KafkaException as exc:
+            # A consumer that closes during the lookup ends it with _DESTROY,
+            # which is part of a normal stop.
+            closing = exc.args[0].code() == KafkaError._DESTROY
             logger.log(
-                logging.DEBUG if quiet else logging.WARNING,
+                logging.DEBUG if quiet or closing else logging.WARNING,
                 "cannot commit where new partitions start, so they are not read "
                 "until it succeeds: %s",
                 exc.args[0].str(),
