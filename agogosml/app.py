@@ -1450,8 +1450,8 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
 def _null_headers(headers: Any, record_headers: dict[str, str]) -> dict[str, None]:
     """Return None by the name of each record header that `NULL_RECORD_HEADERS` lists.
 
-    A name must not also come as an ``X-Record-Header-<name>``, for a record
-    header has one value.
+    A name must not also come as an ``X-Record-Header-<name>``, because a
+    record header has one value.
     """
     listed = _name_list(headers, NULL_RECORD_HEADERS, "record header with a null value")
     if listed is None:

@@ -194,7 +194,7 @@ CALLBACK_GRACE_SECONDS = 1.0
 
 
 class FakeConsumerClient:
-    """`EventHubConsumerClient` of a `FakeHub` that owns the partitions it is told.
+    """`EventHubConsumerClient` of a `FakeHub` that owns the partitions given to it.
 
     As the SDK's event processor does, it keeps one `PartitionContext` per
     partition across claims, calls ``on_event`` from a callback task separate

@@ -1174,6 +1174,11 @@ async def test_sink_not_connected_while_a_write_stalls(tmp_path: Path, monkeypat
     assert recovered is True
 
 
+def written_ids(path: Path) -> list[str]:
+    """Return the message ids of the records in a sink's output file, in order."""
+    return [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()]
+
+
 @pytest.mark.parametrize("change", ["rename", "delete"])
 async def test_sink_follows_path_after_file_moved(
     tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
@@ -1189,9 +1194,7 @@ async def test_sink_follows_path_after_file_moved(
             path.unlink()
         await sink.send([Envelope(value=b"2", id="after")])
 
-    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
-        "after"
-    ]
+    assert written_ids(path) == ["after"]
     if change == "rename":
         assert orjson.loads(rotated.read_bytes())["id"] == "before"
     assert "writing on at that path" in caplog.text
@@ -1229,8 +1232,7 @@ async def test_sink_rewrites_records_of_deleted_file(
     async with sink:
         await sink.send([Envelope(value=b"1", id="during")])
 
-    lines = path.read_bytes().splitlines()
-    assert [orjson.loads(line)["id"] for line in lines] == ["during"]
+    assert written_ids(path) == ["during"]
     assert "was deleted while" in caplog.text
 
 
@@ -1274,9 +1276,7 @@ async def test_sink_stays_failed_while_path_is_directory(tmp_path: Path) -> None
 
     assert connected_while_directory is False
     assert connected_after is True
-    assert [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()] == [
-        "after"
-    ]
+    assert written_ids(path) == ["after"]
 
 
 async def test_sink_writes_once_where_files_show_no_links(
@@ -1286,7 +1286,7 @@ async def test_sink_writes_once_where_files_show_no_links(
     real_fstat = os.fstat
 
     def fstat_without_links(descriptor: int) -> os.stat_result:
-        # As a file system may that does not count links.
+        # As a file system that does not count links may report.
         fields = list(real_fstat(descriptor))
         fields[stat.ST_NLINK] = 0
         return os.stat_result(fields)
@@ -1296,8 +1296,7 @@ async def test_sink_writes_once_where_files_show_no_links(
     async with FileSink(str(path), fsync=False) as sink:
         await sink.send([Envelope(value=b"1", id="once")])
 
-    lines = path.read_bytes().splitlines()
-    assert [orjson.loads(line)["id"] for line in lines] == ["once"]
+    assert written_ids(path) == ["once"]
 
 
 async def test_sink_names_deleted_directory(tmp_path: Path) -> None:

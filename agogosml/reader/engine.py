@@ -65,7 +65,7 @@ SETUP_ERROR_LOG_INTERVAL_SECONDS = 60.0
 #: Statuses of a whole response that mean a set-up error, not a bad message.
 CREDENTIAL_STATUSES = frozenset({401, 403})
 #: Every 3xx counts too: the reader follows no redirect, because a POST body
-#: may not survive it, and no other 3xx is an answer to a POST of a message.
+#: may not survive it, and no other 3xx is a valid response to a message.
 ADDRESS_STATUSES = frozenset({*range(300, 400), 404, 405})
 
 

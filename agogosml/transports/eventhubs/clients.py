@@ -274,7 +274,7 @@ def _text(value: str | bytes) -> str:
 
 
 def _header_bytes(value: Any) -> bytes | None:
-    """Return a property value as a header value; an AMQP null stays None."""
+    """Return a property value as a header value, keeping an AMQP null as None."""
     return None if value is None else _bytes(value)
 
 

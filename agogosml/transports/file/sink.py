@@ -271,7 +271,7 @@ class FileSink(Sink):
             named = os.stat(self._path)
         except FileNotFoundError:
             return True
-        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
+        return not _same_file(named, opened)
 
     def _append(self, data: bytes) -> None:
         """Append `data` whole, or cut the file back to where it was and raise."""
@@ -309,7 +309,7 @@ class FileSink(Sink):
         except FileNotFoundError:
             change = "was deleted or moved"
         else:
-            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+            if _same_file(named, opened):
                 return
             self._check_regular(named)
             change = "was replaced by another file"
@@ -397,6 +397,11 @@ class FileSink(Sink):
             logger.error(
                 "cutting %s back after a failed write failed: %s", self._path, exc
             )
+
+
+def _same_file(first: os.stat_result, second: os.stat_result) -> bool:
+    """Return whether two file statuses are of the same file."""
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def sync_directory(directory: str | os.PathLike[str]) -> None:

@@ -26,10 +26,9 @@ from agogosml.transports.kafka.topic_limit import TopicSizeLimit
 
 logger = logging.getLogger(__name__)
 
-#: The producer's ``message.max.bytes`` unless KAFKA_EXTRA_CONFIG sets it:
-#: Apache Kafka's default limit of a topic (``max.message.bytes``), above
-#: librdkafka's 1,000,000, so that a result that fits the writer's default
-#: body limit of 1 MiB and a default topic is not rejected by the producer.
+#: The producer's ``message.max.bytes`` unless KAFKA_EXTRA_CONFIG sets it, the
+#: default ``max.message.bytes`` of an Apache Kafka topic. librdkafka's own
+#: 1,000,000 would reject results that fit the writer's 1 MiB body limit.
 DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
 #: librdkafka's default ``batch.size``.
 DEFAULT_BATCH_SIZE = 1_000_000
