@@ -40,6 +40,7 @@ _NUMBER_SHAPE = bytes(
 #: 19 or more (-2**63 has 19), after a byte that can precede a JSON number.
 _LONG_POSITIVE = b" " + b"0" * 20
 _LONG_NEGATIVE = b" -" + b"0" * 19
+_DIGIT_RUN = b"0" * 19
 
 
 def may_contain_big_int(body: bytes) -> bool:
@@ -48,7 +49,12 @@ def may_contain_big_int(body: bytes) -> bool:
     Digits inside strings after a space or comma can match too; such a body
     only takes the slower exact decoding.
     """
-    shape = b" " + body.translate(_NUMBER_SHAPE)
+    shape = body.translate(_NUMBER_SHAPE)
+    if _DIGIT_RUN not in shape:
+        # The common case, checked first: each integer outside the range has
+        # a run of 19 digits, and floats have at most 17 significant digits.
+        return False
+    shape = b" " + shape
     return _LONG_POSITIVE in shape or _LONG_NEGATIVE in shape
 
 
