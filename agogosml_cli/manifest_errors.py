@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from agogosml_cli.manifest import EndpointType, Manifest
+from agogosml_cli.manifest import EndpointType, Manifest, SecretRef
 from agogosml_cli.shared_endpoints import SharedEndpointError, flag_label
 from agogosml_cli.yaml_loader import scalar_node_at
 
@@ -61,6 +61,13 @@ def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None)
     if kind == "missing":
         return f"{where} is missing: set it. {hint}".rstrip()
     if kind == "extra_forbidden":
+        home = _nested_home(error["loc"])
+        if home:
+            parent = _path_text([*location[:-1], home])
+            return (
+                f"{where} is not a field at this level: move it under {parent}, "
+                f"as {parent}.{location[-1]}."
+            )
         return f"{where} is not a manifest field: remove it{_suggestion(error['loc'])}."
     if kind == "union_tag_not_found":
         return (
@@ -177,6 +184,26 @@ def _suggestion(loc: tuple[int | str, ...]) -> str:
         return ""
     matches = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields))
     return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _nested_home(loc: tuple[int | str, ...]) -> str | None:
+    """Return the field of a nested section that has the unknown key's name.
+
+    A key such as ``namespace`` at the top level belongs under ``kubernetes``,
+    and ``username`` of a Kafka source under ``sasl``: the fix is to move it.
+    A Secret reference is no such section: its ``key`` is not a field that a
+    user puts elsewhere by mistake.
+    """
+    parent = _parent_model(loc[:-1])
+    if parent is None or not loc:
+        return None
+    for name, info in parent.model_fields.items():
+        members = _models_of(info.annotation)
+        if len(members) != 1 or members[0] is SecretRef:
+            continue
+        if loc[-1] in members[0].model_fields:
+            return name
+    return None
 
 
 def _misspelt_type(section: Any) -> str:

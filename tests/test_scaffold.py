@@ -651,6 +651,27 @@ INVALID_CASES = [
         id="unknown-field",
     ),
     pytest.param(
+        "namespace",
+        "fraud",
+        [
+            "namespace is not a field at this level",
+            "move it under kubernetes, as kubernetes.namespace",
+        ],
+        id="field-of-nested-section",
+    ),
+    pytest.param(
+        "source.username",
+        "scoring",
+        ["source.username is not a field at this level", "as source.sasl.username"],
+        id="field-of-sasl-section",
+    ),
+    pytest.param(
+        "source.key",
+        "password",
+        ["source.key is not a manifest field: remove it."],
+        id="field-of-secret-reference",
+    ),
+    pytest.param(
         "registry",
         "https://myregistry.azurecr.io",
         ["registry: invalid value 'https://myregistry.azurecr.io'", "no scheme"],
