@@ -33,7 +33,7 @@ from agogosml.config import EventHubSettings, load_settings
 from agogosml.envelope import MESSAGE_ID_HEADER, Envelope
 from agogosml.errors import ConfigurationError
 from agogosml.transports.eventhubs import EventHubsSink
-from agogosml_cli.run import OutputTally, RunTopics
+from agogosml_cli.run import DEAD_LETTER_ERROR_HEADER, OutputTally, RunTopics
 
 #: Variables that a run over native Event Hubs needs, and what each contains.
 REQUIRED_VARIABLES = {
@@ -310,6 +310,9 @@ def _count(tally: OutputTally, dead_letter: bool, event: EventData) -> None:
     if isinstance(message_id, bytes):
         message_id = message_id.decode("utf-8", "replace")
     if dead_letter:
-        tally.add_dead_letter(str(message_id))
+        reason = properties.get(DEAD_LETTER_ERROR_HEADER.encode(), b"")
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        tally.add_dead_letter(str(message_id), str(reason))
     else:
         tally.add_output(str(message_id), orjson.loads(event.body_as_str() or "null"))

@@ -27,7 +27,13 @@ from rich.console import Console
 
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Position, position_id
-from agogosml_cli.run import OutputTally, RunTopics, message_id_of
+from agogosml_cli.run import (
+    DEAD_LETTER_ERROR_HEADER,
+    OutputTally,
+    RunTopics,
+    header_text,
+    message_id_of,
+)
 
 #: Client properties of every client of the run. The run reports broker
 #: problems itself, and librdkafka's reconnect lines would only bury the
@@ -555,7 +561,8 @@ class OutputConsumer:
             headers = message.headers()
             assert not isinstance(headers, dict)
             if topic == self._topics.dead_letter:
-                tally.add_dead_letter(message_id_of(headers))
+                reason = header_text(headers, DEAD_LETTER_ERROR_HEADER)
+                tally.add_dead_letter(message_id_of(headers), reason)
             else:
                 value = orjson.loads(message.value() or b"null")
                 tally.add_output(message_id_of(headers), value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import signal
 import time
@@ -40,6 +41,14 @@ WORK_FILES = (
     "app.log",
     "writer.log",
 )
+
+
+#: Header of a dead letter with the reason that the input reader gave it.
+DEAD_LETTER_ERROR_HEADER = "dlq.error"
+#: How many dead-letter reasons the summary keeps, the most frequent first.
+TOP_REASONS = 3
+#: Characters of a reason that the summary table shows.
+_REASON_CHARS = 300
 
 
 class RunStalledError(AgogosmlError):
@@ -181,6 +190,9 @@ class RunSummary:
     deleted_topics: list[str] = field(default_factory=list)
     #: Message ids of up to 20 missing records.
     missing_ids: list[str] = field(default_factory=list)
+    #: The most frequent reasons of the dead letters (their ``dlq.error``), up
+    #: to three, each as {"reason": ..., "count": ...}, the most frequent first.
+    dead_letter_reasons: list[dict[str, Any]] = field(default_factory=list)
     #: Reason the run stopped before every record was accounted for, or "".
     error: str = ""
     #: Whether SIGINT or SIGTERM ended the run, which `error` then names too.
@@ -263,6 +275,8 @@ class OutputTally:
     def __init__(self) -> None:
         self.written: set[str] = set()
         self.dead_lettered: set[str] = set()
+        #: Dead-lettered records by the reason the input reader gave them.
+        self.dead_letter_reasons: collections.Counter[str] = collections.Counter()
         self.duplicates = 0
         #: Written records whose value has a true "is_fraud", as the sample
         #: app's results have for a transaction it flags.
@@ -282,8 +296,10 @@ class OutputTally:
         if isinstance(value, dict) and value.get("is_fraud"):
             self.flagged.add(message_id)
 
-    def add_dead_letter(self, message_id: str) -> None:
-        """Count one dead-lettered record."""
+    def add_dead_letter(self, message_id: str, reason: str = "") -> None:
+        """Count one dead-lettered record, and its reason once per record."""
+        if reason and message_id not in self.dead_lettered:
+            self.dead_letter_reasons[reason] += 1
         self.dead_lettered.add(message_id)
 
 
@@ -460,7 +476,9 @@ def _run_files(
         for record in outputs.read_new():
             tally.add_output(str(record.get("id")), record.get("value"))
         for record in dead.read_new():
-            tally.add_dead_letter(str(record.get("id")))
+            headers = record.get("headers") or {}
+            reason = str(headers.get(DEAD_LETTER_ERROR_HEADER) or "")
+            tally.add_dead_letter(str(record.get("id")), reason)
 
     error = ""
     with _services(writer) as started:
@@ -806,6 +824,10 @@ def _summarise(
         elapsed_seconds=round(elapsed, 3),
         messages_per_second=round(tally.finished / elapsed, 1) if elapsed > 0 else 0.0,
         missing_ids=missing[:20],
+        dead_letter_reasons=[
+            {"reason": reason, "count": count}
+            for reason, count in tally.dead_letter_reasons.most_common(TOP_REASONS)
+        ],
     )
     labelled = records.labelled_fraud
     if labelled is None:
@@ -827,6 +849,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         *_read_rows(summary),
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
+        *_reason_rows(summary),
         *_written_and_dead_lettered_rows(summary),
         ("duplicates", f"{summary.duplicates:,}"),
         *_missing_rows(summary),
@@ -841,6 +864,17 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _reason_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    """Show the most frequent dead-letter reason, which often names an app bug."""
+    if not summary.dead_letter_reasons:
+        return []
+    top = summary.dead_letter_reasons[0]
+    reason = str(top["reason"])
+    if len(reason) > _REASON_CHARS:
+        reason = reason[: _REASON_CHARS - 1] + "…"
+    return [("top dead-letter reason", f"{top['count']:,} records: {reason}")]
 
 
 def _written_and_dead_lettered_rows(summary: RunSummary) -> list[tuple[str, str]]:
@@ -925,7 +959,16 @@ class _JsonLinesFollower:
 
 def message_id_of(headers: list[tuple[str, str | bytes | None]] | None) -> str:
     """Return the message-id header of a Kafka record, or ''."""
+    return header_text(headers, MESSAGE_ID_HEADER)
+
+
+def header_text(
+    headers: list[tuple[str, str | bytes | None]] | None, wanted: str
+) -> str:
+    """Return the first header `wanted` of a Kafka record as text, or ''."""
     for name, value in headers or ():
-        if name == MESSAGE_ID_HEADER:
-            return value.decode() if isinstance(value, bytes) else str(value or "")
+        if name == wanted:
+            if isinstance(value, bytes):
+                return value.decode("utf-8", "replace")
+            return str(value or "")
     return ""

@@ -93,6 +93,7 @@ def check_doubling_summary(summary: dict[str, Any]) -> None:
     assert summary["dead_lettered"] == 2
     assert summary["duplicates"] == 0
     assert summary["missing"] == 0
+    assert summary["dead_letter_reasons"] == [{"reason": "not an integer", "count": 2}]
     for name in FRAUD_FIELDS:
         assert name not in summary
 
@@ -115,6 +116,7 @@ def test_app_runs_on_input_file(tmp_path: Path) -> None:
     check_doubling_summary(orjson.loads((tmp_path / "summary.json").read_bytes()))
     assert "App: python -m doubling_app" in result.stderr
     assert "python -m doubling_app" in result.stdout
+    assert "2 records: not an integer" in flat(result.stdout)
     assert "fraud" not in result.stdout
     assert sorted(output_values(work, "output.jsonl")) == sorted(
         value * 2 for value in VALUES

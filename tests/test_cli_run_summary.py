@@ -220,3 +220,43 @@ def test_table_marks_deleted_topics() -> None:
     assert "run-output (deleted when the run ended)" in text
     assert "kept.dlq (deleted" not in text
     assert data["deleted_topics"] == ["run-input", "run-output"]
+
+
+def test_dead_letter_reasons_counted_once_per_record() -> None:
+    tally = OutputTally()
+    for message_id, reason in [
+        ("tx-0", "app responded 500: returned a dict"),
+        ("tx-1", "not a payment"),
+        ("tx-2", "app responded 500: returned a dict"),
+        ("tx-2", "app responded 500: returned a dict"),
+        ("tx-3", ""),
+    ]:
+        tally.add_dead_letter(message_id, reason)
+
+    summary = _summarise("file", InputRecords(IDS[:4], None), tally, 1.0)
+
+    assert summary.dead_lettered == 4
+    assert summary.dead_letter_reasons == [
+        {"reason": "app responded 500: returned a dict", "count": 2},
+        {"reason": "not a payment", "count": 1},
+    ]
+    assert orjson.loads(summary.to_json())["dead_letter_reasons"][0]["count"] == 2
+
+
+def test_table_shows_top_dead_letter_reason_shortened() -> None:
+    reason = "app responded 500: " + "x" * 1000
+    summary = RunSummary(
+        transport="file",
+        dead_lettered=5,
+        dead_letter_reasons=[{"reason": reason, "count": 5}],
+    )
+
+    text = " ".join(table_text(summary).replace("│", " ").split())
+
+    assert "top dead-letter reason 5 records: app responded 500: xxx" in text
+    assert "x" * 299 not in text.replace(" ", "")
+    assert "…" in text
+
+
+def test_table_without_dead_letters_has_no_reason_row() -> None:
+    assert "dead-letter reason" not in table_text(RunSummary(transport="file"))

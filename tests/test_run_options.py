@@ -664,7 +664,11 @@ def test_output_receiver_counts_both_hubs(
     output.add("0", b'{"transaction_id": "tx-000000"}', **{"message-id": "m0"})
     output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
     output.add("1", b'{"transaction_id": "tx-000001"}', **{"message-id": "m1"})
-    dead_letters.add("0", b'{"transaction_id": "tx-000002"}', **{"message-id": "m2"})
+    dead_letters.add(
+        "0",
+        b'{"transaction_id": "tx-000002"}',
+        **{"message-id": "m2", "dlq.error": "not an integer"},
+    )
     hubs = {"out": output, "in.dlq": dead_letters}
     positions: dict[str, Any] = {}
 
@@ -691,6 +695,7 @@ def test_output_receiver_counts_both_hubs(
 
     assert tally.written == {"m0", "m1"}
     assert tally.dead_lettered == {"m2"}
+    assert tally.dead_letter_reasons == {"not an integer": 1}
     assert tally.duplicates == 1
     assert positions["out"] == datetime.datetime(
         2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC
