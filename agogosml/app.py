@@ -49,9 +49,11 @@ from agogosml.config import (
     ListenAddress,
     LogLevel,
     check_single_credential,
+    load_settings,
     redact_url,
 )
 from agogosml.envelope import child_traceparent
+from agogosml.errors import ConfigurationError
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
@@ -86,7 +88,7 @@ from agogosml.metrics import (
     SCORE_SECONDS,
     SCORED_VALUES,
 )
-from agogosml.runtime import run_service
+from agogosml.runtime import SettingsT, run_service
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +235,22 @@ def safe_error_text(text: object) -> str:
         cut = len(text) - MAX_ERROR_CHARS
         text = f"{text[:MAX_ERROR_CHARS]}... ({cut} more characters)"
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def read_settings(
+    settings_class: type[SettingsT], name: str = "model app"
+) -> SettingsT:
+    """Read the app's own settings from the environment, exiting on a bad value.
+
+    An invalid value prints ``<name>: <error>`` to stderr, naming the variable
+    and the value, and exits with status 2 instead of raising pydantic's
+    error, so that an app's own settings fail at start like the ``APP_`` ones.
+    """
+    try:
+        return load_settings(settings_class)
+    except ConfigurationError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _message_of(exc: BaseException) -> str:

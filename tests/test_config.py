@@ -9,9 +9,10 @@ import sys
 
 import pytest
 from aiohttp import web
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import config
-from agogosml.app import AppSettings
+from agogosml.app import AppSettings, read_settings
 from agogosml.config import (
     KafkaSettings,
     Ordering,
@@ -1256,3 +1257,29 @@ def test_file_settings_named_as_ignored_for_kafka(clean_environment):
         "READER_CHECKPOINT_PATH",
     ]
     assert file_settings.ignored_settings() == []
+
+
+class _FlaggerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLAGGER_")
+
+    threshold: float = 100.0
+
+
+def test_read_settings_of_an_app(monkeypatch):
+    monkeypatch.setenv("FLAGGER_THRESHOLD", "250.5")
+
+    settings = read_settings(_FlaggerSettings)
+
+    assert settings.threshold == 250.5
+
+
+def test_read_settings_invalid_value_exits(monkeypatch, capsys):
+    monkeypatch.setenv("FLAGGER_THRESHOLD", "abc")
+
+    with pytest.raises(SystemExit) as stopped:
+        read_settings(_FlaggerSettings, "amount flagger")
+
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("amount flagger: invalid FLAGGER_* settings")
+    assert "FLAGGER_THRESHOLD='abc' is invalid" in error
