@@ -8,6 +8,7 @@ JSON Lines file in place of the dataset.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from agogosml_cli.run import UTF8_BOM, AppChoice
 
 #: The manifest file of a generated project, in its top directory.
 MANIFEST_NAME = "agogosml.yaml"
+#: The position at the end of a JSON decoder's error, such as orjson's
+#: ": line 1 column 5 (char 4)".
+_LINE_POSITION = re.compile(r": line \d+ column (\d+) \(char \d+\)$")
 
 #: Run by the interpreter of the run in the app's directory, as ``python -m``
 #: would run the module there: exits 0 when the module is found, else with
@@ -239,6 +243,9 @@ def check_input_file(path: Path) -> None:
                     continue
                 error = exact_json.json_error(line)
                 if error:
+                    # The decoder counts lines and columns within the line
+                    # alone, so only its column is kept.
+                    error = _LINE_POSITION.sub(r" at column \1", error)
                     raise click.BadParameter(
                         f"{str(path)!r} is not JSON Lines: line {number} is not a "
                         f"JSON value ({error}). Give a file with one JSON value "

@@ -279,6 +279,11 @@ def test_run_rejects_app_option_combination(
         (["1", "{'a': 1}"], "is not JSON Lines: line 2 is not a JSON value"),
         (["", "  "], "has no records; give a file with one JSON value a line"),
         (['{"a": 1} {"b": 2}'], "is not JSON Lines: line 1 is not a JSON value"),
+        (
+            ["1", "nul"],
+            "is not JSON Lines: line 2 is not a JSON value (unexpected end of data "
+            "at column 4)",
+        ),
     ],
 )
 def test_run_rejects_input_not_json_lines(
