@@ -79,6 +79,10 @@ def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None)
         return (
             f"{where}: type {value} is invalid: set type to kafka, eventhubs or file."
         )
+    if kind == "value_error" and isinstance(error.get("input"), dict):
+        # A check across the fields of a section names them itself, and the
+        # section's own text would only bury it.
+        return f"{where}: {message}. {hint}".rstrip()
     value = _shown_value(location, error.get("input"))
     if kind == "string_pattern_mismatch":
         message = "it does not have the expected form"

@@ -732,7 +732,7 @@ INVALID_CASES = [
     pytest.param(
         "source.security_protocol",
         "SASL_SSL",
-        ["needs a sasl section"],
+        ["source: security_protocol SASL_SSL needs a sasl section"],
         id="sasl-missing",
     ),
     pytest.param(
