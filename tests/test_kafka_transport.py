@@ -634,6 +634,52 @@ async def test_rebalance_between_consume_calls_marks_stale() -> None:
     assert source._tracker.committable() == {("in", 0): 2}
 
 
+class RevokeAfterMessagesConsumer:
+    """Returns messages that a call collected before it served a revocation.
+
+    librdkafka serves a rebalance callback in the middle of a ``consume`` call
+    and returns the messages collected before it, unless a version barrier of
+    the partition purged them before the call ended. The partition here stays
+    revoked, as it does until the group's next assignment.
+    """
+
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+        self.commits: list[list[TopicPartition]] = []
+
+    def consume(self, count: int, timeout: float) -> list[FakeMessage]:
+        if count == 1:
+            return [FakeMessage(5)]
+        collected = [FakeMessage(6), FakeMessage(7)]
+        self._source._tracker.revoke("in", 0)
+        return collected
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append(offsets)
+
+
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+async def test_revocation_within_consume_marks_stale(reset: str) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="127.0.0.1:1",
+        group_id="g-stale-within",
+        auto_offset_reset=reset,
+    )
+    source = KafkaSource(settings, ["in"])
+    generation = source._tracker.assign("in", 0)
+    source._started[("in", 0)] = generation  # messages before 5 were read
+    consumer = RevokeAfterMessagesConsumer(source)
+    source._consumer = consumer  # type: ignore[assignment]
+
+    envelopes = await source.fetch(500, 0.1)
+
+    assert [envelope.position.offset for envelope in envelopes] == [5, 6, 7]  # type: ignore[union-attr]
+    assert [source.owns(envelope) for envelope in envelopes] == [False] * 3
+    # The revoked partition's new owner starts at the committed offset, so a
+    # commit of offset 6 here would skip message 5.
+    assert consumer.commits == []
+
+
 async def test_source_stop_quick_when_broker_gone(caplog) -> None:
     # A cluster of its own, which stops when its last client is deleted.
     admin = AdminClient({"test.mock.num.brokers": "1"})

@@ -358,7 +358,15 @@ class KafkaSource(TrackedSource):
         return sought
 
     def _stamp(self, messages: list[Any]) -> list[tuple[Any, int]]:
-        """Pair each message with its partition's current generation (0 for errors)."""
+        """Pair each message with its partition's current generation.
+
+        Errors get 0, and so do the messages of a partition that is not
+        assigned now. A call that served the partition's revocation returns
+        the messages it collected before, unless the partition's version
+        barrier purged them first (``rd_kafka_q_serve_rkmessages`` in
+        librdkafka 2.16). Generation 0 makes them stale, so they are neither
+        sent nor committed.
+        """
         generations: dict[tuple[str, int], int] = {}
         stamped = []
         for message in messages:
@@ -368,7 +376,9 @@ class KafkaSource(TrackedSource):
             key = (message.topic(), message.partition())
             generation = generations.get(key)
             if generation is None:
-                generation = generations[key] = self._tracker.generation(*key)
+                assigned = self._tracker.assigned(*key)
+                generation = self._tracker.generation(*key) if assigned else 0
+                generations[key] = generation
             stamped.append((message, generation))
         return stamped
 
