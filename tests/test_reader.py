@@ -2385,6 +2385,31 @@ async def test_dead_letter_retry_ends_when_partition_revoked():
     assert source.committed == {}
 
 
+async def test_revocation_ends_dead_letter_retry():
+    source, dead_letter = rejected_message_failing_dead_letter()
+
+    async with stub_app(reject_invalid) as app:
+        # A long backoff, so that only the revocation can end the wait.
+        settings = reader_settings(
+            app.url,
+            stop_at_end=False,
+            retry_initial_backoff_ms=10_000,
+            retry_max_backoff_ms=10_000,
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: reader.dead_letter_failing)
+            assert source.revoke_handler is not None
+            await asyncio.wait_for(source.revoke_handler([(TOPIC, 0)]), 1)
+            in_flight_after_revoke = reader.in_flight
+            failing_after_revoke = reader.dead_letter_failing
+
+    assert in_flight_after_revoke == 0
+    assert not failing_after_revoke
+    assert dead_letter.send_calls == 1
+    assert dead_letter.envelopes == []
+    assert source.committed == {}
+
+
 @pytest.mark.parametrize("status", [True, 100, 600, -1, "200"])
 async def test_invalid_batch_status_not_accepted(status):
     source = MemorySource(TOPIC)

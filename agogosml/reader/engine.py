@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,6 @@ from agogosml.reader.client import (
     AppClient,
     Outcome,
     backoff_seconds,
-    wait_backoff,
 )
 from agogosml.reader.transform import Transform, result_problem
 from agogosml.reader.waits import Stall, WaitLog
@@ -605,15 +604,22 @@ class InputReader:
         await self._deliver(pending[:middle], attempts_spent)
         await self._deliver(pending[middle:], attempts_spent)
 
-    async def _wait(self, seconds: float, pending: list[Envelope]) -> None:
+    async def _wait(
+        self,
+        seconds: float,
+        pending: list[Envelope],
+        wanted: Callable[[Envelope], bool] | None = None,
+    ) -> None:
         """Sleep before sending `pending` again, ending early if they must not be.
 
         A stop or a revocation ends the wait, so a long Retry-After holds up
-        neither a shutdown nor a rebalance.
+        neither a shutdown nor a rebalance. `wanted` decides whether a message
+        is still to be sent, `_sendable` by default.
         """
+        wanted = wanted or self._sendable
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while all(self._sendable(envelope) for envelope in pending):
+        while all(wanted(envelope) for envelope in pending):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -653,6 +659,10 @@ class InputReader:
             and self._release_on_stop()
         ):
             return False
+        return self._owned(envelope)
+
+    def _owned(self, envelope: Envelope) -> bool:
+        """Return whether the message's partition is neither lost nor being revoked."""
         if not self._source.owns(envelope):
             return False
         position = envelope.position
@@ -830,9 +840,10 @@ class InputReader:
         (`SinkError.size_rejected`) counts as too large after
         `_SIZE_REJECTIONS_TOO_LARGE` such failures in a row. Any other error,
         such as a missing permission, is retried with the whole record until an
-        operator fixes it, or until the message's partition goes to another
-        reader, which reads the message again: the message is then released
-        unfinished, so that it is dead-lettered once.
+        operator fixes it, or until the message's partition is being revoked
+        or is lost. Its next owner reads the message again, so the message is
+        then released unfinished, and it is dead-lettered once. A revocation
+        ends the wait between two attempts, so it does not wait for them.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
@@ -840,10 +851,10 @@ class InputReader:
         minimal_failures = 0
         try:
             while True:
-                if not self._source.owns(envelope):
+                if not self._owned(envelope):
                     logger.info(
-                        "dead letter not written: the message's partition was "
-                        "revoked, and its new owner reads the message again",
+                        "dead letter not written: the message's partition is "
+                        "revoked, and its next owner reads the message again",
                         extra={"message_id": envelope.id, **_position_fields(envelope)},
                     )
                     self._release(envelope)
@@ -885,11 +896,12 @@ class InputReader:
                         )
                     else:
                         self._log_dead_letter_failure(envelope, exc, failures)
-                    await wait_backoff(
+                    delay = backoff_seconds(
                         failures,
                         self._settings.retry_initial_backoff_ms / 1000,
                         self._settings.retry_max_backoff_ms / 1000,
                     )
+                    await self._wait(delay, [envelope], self._owned)
         finally:
             if failures:
                 self._dead_letter_failures -= 1
