@@ -1056,6 +1056,36 @@ async def test_revoked_partition_not_sent():
     assert source.committed == {}
 
 
+async def test_revoke_ends_batch_fill_wait():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+
+    async with stub_app(accept) as app:
+        # The batch would wait a minute for more messages, which a revocation
+        # does not let in: the fetch that serves it waits for the revocation.
+        settings = reader_settings(
+            app.url,
+            stop_at_end=False,
+            batch_max_messages=10,
+            batch_max_wait_ms=60_000,
+        )
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(
+                lambda: (
+                    reader.in_flight == 1
+                    and all(lane.queue.empty() for lane in reader._lanes.values())
+                )
+            )
+            assert source.revoke_handler is not None
+            await asyncio.wait_for(source.revoke_handler([(TOPIC, 0)]), 1)
+            in_flight_after_revoke = reader.in_flight
+
+    assert in_flight_after_revoke == 0
+    assert app.requests == []
+    assert source.committed == {}
+
+
 # ---------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------

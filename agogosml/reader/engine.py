@@ -474,10 +474,15 @@ class InputReader:
         """Return whether a batch can stop waiting for more messages to fill it.
 
         That is so once a stop is requested, and at the end of an input that the
-        reader reads only to its end.
+        reader reads only to its end. It is so during a revocation too, because
+        the batch may contain messages of the revoked partitions, which the
+        revocation waits for, while the Kafka source fetches nothing until the
+        revocation ends.
         """
-        return self._stopping.is_set() or (
-            self._settings.stop_at_end and self._source.at_end
+        return (
+            self._stopping.is_set()
+            or bool(self._revoking)
+            or (self._settings.stop_at_end and self._source.at_end)
         )
 
     async def _deliver(self, batch: list[Envelope], attempts_spent: int = 0) -> None:
