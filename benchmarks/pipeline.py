@@ -49,11 +49,11 @@ class Mode:
         return self.app_module is None
 
 
-#: One message per request is bound by the round trip of each request, so the
-#: single-message modes order by key (the records are keyed by transaction id)
-#: and keep 64 requests open. The batched mode keeps the default per-partition
-#: order, one batch in flight per partition, and room for several batches per
-#: partition among the in-flight messages.
+#: The records are keyed by transaction id, and every mode orders by key, the
+#: order that Kafka keeps for keyed records. One message per request is bound by
+#: the round trip of each request, so the single-message modes keep 64 requests
+#: open. The batched mode keeps 32 batches in flight: with the default
+#: per-partition order, one batch per partition, it moved about a fifth less.
 SINGLE = {
     "READER_ORDERING": "key",
     "READER_CONCURRENCY": "64",
@@ -61,7 +61,8 @@ SINGLE = {
     "READER_BATCH_MAX_MESSAGES": "1",
 }
 BATCHED = {
-    "READER_ORDERING": "partition",
+    "READER_ORDERING": "key",
+    "READER_CONCURRENCY": "32",
     "READER_MAX_IN_FLIGHT": "4000",
     "READER_BATCH_MAX_MESSAGES": "100",
     "READER_BATCH_MAX_WAIT_MS": "10",
