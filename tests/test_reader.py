@@ -1253,6 +1253,9 @@ async def test_batch_array_of_scores_accepted():
         (b'{"results": "all failed"}', "502", "invalid batch response"),
         # Results without the object around them still count per message.
         (b'[{"status": 500}, {"status": 500}]', "500", "app returned status 500"),
+        # A status that equals 200 but is no integer is not an acceptance.
+        (b'{"results": [{"status": 200.0}, {"status": 200.0}]}', "502", "integer"),
+        (b'{"results": [{"status": true}, {"status": "200"}]}', "502", "integer"),
     ],
 )
 async def test_batch_malformed_results_not_accepted(

@@ -557,7 +557,14 @@ def _per_item_outcomes(status: int, body: bytes, count: int) -> list[Outcome]:
     return [_item_outcome(item) for item in results]
 
 
+#: The outcome of the usual batch result, ``{"status": 200}``, made once.
+_ACCEPTED_ITEM = Outcome(200, item_result=True)
+
+
 def _item_outcome(item: object) -> Outcome:
+    if type(item) is dict and len(item) == 1 and type(item.get("status")) is int:
+        if item["status"] == 200:
+            return _ACCEPTED_ITEM
     fields = item if isinstance(item, dict) else {}
     status = fields.get("status")
     # type() rather than isinstance(), because True is an int too.
