@@ -93,10 +93,17 @@ class TopicListType(click.ParamType):
 class FieldValueType(click.ParamType):
     """A value checked against the constraints of one manifest field."""
 
-    def __init__(self, model: type[BaseModel], attribute: str) -> None:
+    def __init__(
+        self,
+        model: type[BaseModel],
+        attribute: str,
+        suggest: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """Check values of `attribute`, naming the value that `suggest` returns."""
         info = model.model_fields[attribute]
         self._check: TypeAdapter[Any] = TypeAdapter(info.rebuild_annotation())
         self._description = info.description or ""
+        self._suggest = suggest
         self.name = "TEXT"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
@@ -104,8 +111,11 @@ class FieldValueType(click.ParamType):
         try:
             return self._check.validate_python(value)
         except ValidationError as exc:
+            near = self._suggest(str(value)) if self._suggest else None
+            hint = f" Did you mean {near!r}?" if near and near != value else ""
             self.fail(
-                f"{value!r} is invalid{_reason(exc)}. Expected: {self._description}",
+                f"{value!r} is invalid{_reason(exc)}.{hint} Expected: "
+                f"{self._description}",
                 param,
                 ctx,
             )
@@ -466,7 +476,16 @@ def suggest_name(directory: Path) -> str | None:
         directory = resolve(directory)
     except ValueError:
         return None
-    name = re.sub(r"[^a-z0-9-]+", "-", directory.name.lower()).strip("-")
+    return project_name_like(directory.name)
+
+
+def project_name_like(text: str) -> str | None:
+    """Return `text` as a valid project name, such as bad-name for Bad_Name, or None.
+
+    Letters become lowercase, and each run of characters other than letters,
+    digits and '-' becomes one '-'.
+    """
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
     try:
         TypeAdapter(Manifest.model_fields["name"].rebuild_annotation()).validate_python(
             name
@@ -484,7 +503,7 @@ FIELDS: list[InitField] = [
         "Project name: 1 to 40 lowercase letters, digits and '-', starting with a "
         "letter and ending with a letter or digit; not the name of a Python keyword "
         "or of a module that the project imports (docs/manifest.md).",
-        FieldValueType(Manifest, "name"),
+        FieldValueType(Manifest, "name", project_name_like),
         metavar="NAME",
     ),
     InitField(

@@ -240,3 +240,32 @@ def test_init_lists_only_source_sasl_flags(tmp_path: Path) -> None:
     assert "source.sasl.password (--source-sasl-password-secret)" in output
     assert "--sink-sasl" not in output
     assert not (tmp_path / "agogosml.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "near"),
+    [
+        ("Bad_Name", "bad-name"),
+        ("Fraud Scoring", "fraud-scoring"),
+        ("svc.v2", "svc-v2"),
+    ],
+)
+def test_init_name_flag_suggests_valid_name(
+    tmp_path: Path, name: str, near: str
+) -> None:
+    result = init_no_input(tmp_path, "--name", name)
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert f"'--name': {name!r} is invalid. Did you mean {near!r}?" in output
+    assert not (tmp_path / "agogosml.yaml").exists()
+
+
+@pytest.mark.parametrize("name", ["1abc", "___", "class"])
+def test_init_name_flag_without_suggestion(tmp_path: Path, name: str) -> None:
+    result = init_no_input(tmp_path, "--name", name)
+
+    output = flat(result.output)
+    assert result.exit_code == 2, result.output
+    assert f"'--name': {name!r} is invalid" in output
+    assert "Did you mean" not in output
