@@ -2443,6 +2443,34 @@ async def test_revocation_ends_dead_letter_retry():
     assert source.committed == {}
 
 
+async def test_dead_letter_written_during_revocation():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    answer = asyncio.Event()
+
+    async def reject_later(received: Received) -> web.Response:
+        await answer.wait()
+        return status_response(400, "invalid")
+
+    async with stub_app(reject_later) as app:
+        settings = reader_settings(app.url, stop_at_end=False)
+        async with running_reader(settings, source, dead_letter) as (reader, _):
+            await wait_for(lambda: len(app.requests) == 1)
+            assert source.revoke_handler is not None
+            revocation = asyncio.ensure_future(source.revoke_handler([(TOPIC, 0)]))
+            await asyncio.sleep(0.05)
+            answer.set()
+            await asyncio.wait_for(revocation, 5)
+            in_flight_after_revoke = reader.in_flight
+
+    # The rejected message's dead letter is written once, by this reader, and
+    # the revocation commits past it.
+    assert in_flight_after_revoke == 0
+    assert len(dead_letter.envelopes) == 1
+    assert source.committed == {(TOPIC, 0): 1}
+
+
 @pytest.mark.parametrize("status", [True, 100, 600, -1, "200"])
 async def test_invalid_batch_status_not_accepted(status):
     source = MemorySource(TOPIC)

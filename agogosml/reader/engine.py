@@ -845,10 +845,10 @@ class InputReader:
         (`SinkError.size_rejected`) counts as too large after
         `_SIZE_REJECTIONS_TOO_LARGE` such failures in a row. Any other error,
         such as a missing permission, is retried with the whole record until an
-        operator fixes it, or until the message's partition is being revoked
-        or is lost. Its next owner reads the message again, so the message is
-        then released unfinished, and it is dead-lettered once. A revocation
-        ends the wait between two attempts, so it does not wait for them.
+        operator fixes it, or until the message's partition is lost, or is
+        being revoked after an attempt failed. Its next owner reads the message
+        again, so the message is then released unfinished, and it is
+        dead-lettered once. A revocation ends the wait between two attempts.
         """
         record = _dead_letter_record(envelope, status, error, attempts)
         failures = 0
@@ -856,7 +856,13 @@ class InputReader:
         minimal_failures = 0
         try:
             while True:
-                if not self._owned(envelope):
+                # The first attempt goes on during a revocation, which then
+                # commits the message as finished when it succeeds. Retries
+                # stop as soon as the revocation begins.
+                owned = (
+                    self._owned(envelope) if failures else self._source.owns(envelope)
+                )
+                if not owned:
                     logger.info(
                         "dead letter not written: the message's partition is "
                         "revoked, and its next owner reads the message again",
