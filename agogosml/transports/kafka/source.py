@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +37,9 @@ logger = logging.getLogger(__name__)
 #: commit has no time limit: with the coordinator gone it waited for the whole
 #: session timeout (45 s by default), past a pod's grace period.
 FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
+#: How long a stop waits for the consumer to close once the final commit was
+#: skipped or failed, before it leaves the close behind on a daemon thread.
+ABANDONED_CLOSE_SECONDS = 5.0
 #: How often the consumer refreshes the metadata of its topics, which is how
 #: it notices partitions added to them.
 METADATA_REFRESH_MS = 30_000
@@ -238,12 +243,47 @@ class KafkaSource(TrackedSource):
             try:
                 await self._call(self._commit_final, FINAL_COMMIT_TIMEOUT_SECONDS)
             finally:
-                # NOTE: close() still waits for a periodic commit that was sent
-                # just before the brokers went away, up to the session timeout.
-                await self._call(self._consumer.close)
+                await self._close()
                 self._consumer = None
         self._thread.shutdown(wait=True)
         logger.info("kafka source stopped", extra={"topics": self._topics})
+
+    async def _close(self) -> None:
+        """Close the consumer, giving up after a while when the brokers are gone.
+
+        close() waits for every asynchronous commit that the brokers have not
+        confirmed, up to the session timeout (45 s by default), which is past
+        the shutdown timeout and a pod's grace period. When the final commit
+        did not go through, nothing is committed anyway, so the close runs on
+        a daemon thread that may be left behind at the exit after
+        `ABANDONED_CLOSE_SECONDS`.
+        """
+        assert self._consumer is not None
+        if not self._skip_closing_commit:
+            await self._call(self._consumer.close)
+            return
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+        consumer = self._consumer
+
+        def close() -> None:
+            try:
+                consumer.close()
+            finally:
+                # The loop is closed when the close returns after the exit began.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, closed)
+
+        threading.Thread(target=close, name="kafka-consumer-close", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(closed), ABANDONED_CLOSE_SECONDS)
+        except TimeoutError:
+            logger.warning(
+                "the kafka consumer did not close within %.1f s, because a commit "
+                "waits for the unreachable brokers at %s; stopping without it",
+                ABANDONED_CLOSE_SECONDS,
+                self._settings.resolved_bootstrap_servers(),
+            )
 
     async def fetch(self, max_messages: int, timeout_seconds: float) -> list[Envelope]:
         """Consume up to `max_messages` messages, serving rebalance callbacks."""
@@ -904,3 +944,8 @@ def _record_lag(stats: dict[str, Any], owned: Callable[[str, int], bool]) -> Non
             )
             if lag >= 0:
                 CONSUMER_LAG.labels(topic, partition).set(lag)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
