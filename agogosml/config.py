@@ -147,12 +147,16 @@ def _base_url(value: AnyHttpUrl) -> AnyHttpUrl:
 BaseUrl = Annotated[AnyHttpUrl, AfterValidator(_base_url)]
 
 #: librdkafka properties that KAFKA_EXTRA_CONFIG may not override, because the
-#: delivery guarantee depends on them.
+#: delivery guarantee depends on them, with their aliases in librdkafka 2.16:
+#: request.required.acks for acks, and auto.commit.enable, the legacy
+#: consumer's enable.auto.commit.
 _GUARANTEED_PROPERTIES = frozenset(
     {
         "acks",
+        "request.required.acks",
         "enable.idempotence",
         "enable.auto.commit",
+        "auto.commit.enable",
         "enable.auto.offset.store",
     }
 )
@@ -400,7 +404,8 @@ class KafkaSettings(BaseSettings):
         description="KAFKA_EXTRA_CONFIG: JSON object of further librdkafka "
         "properties, applied last. Values are JSON strings, integers or booleans. "
         "Properties that have a KAFKA_ variable, and acks, enable.idempotence, "
-        "enable.auto.commit and enable.auto.offset.store, are rejected.",
+        "enable.auto.commit and enable.auto.offset.store (and their aliases), "
+        "are rejected.",
     )
 
     @field_validator("extra_config", mode="before")

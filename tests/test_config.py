@@ -599,7 +599,15 @@ def test_log_level_any_case_accepted(clean_environment):
     assert load_settings(ReaderSettings).log_level == "DEBUG"
 
 
-@pytest.mark.parametrize("extra", ['{"acks": "1"}', '{"enable.idempotence": false}'])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        '{"acks": "1"}',
+        '{"request.required.acks": 0}',
+        '{"enable.idempotence": false}',
+        '{"auto.commit.enable": true}',
+    ],
+)
 def test_extra_config_cannot_weaken_delivery(extra):
     message = configuration_error(
         KafkaSettings,
