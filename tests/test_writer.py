@@ -501,6 +501,33 @@ async def test_batch_id_not_string_400():
     assert sink.envelopes == []
 
 
+@pytest.mark.parametrize("message_id", ["ctl\u0000", "line\nbreak", "del\u007f"])
+async def test_batch_id_control_character_400(message_id):
+    sink = await started_sink()
+    items = [{"value": 1, "id": "fine"}, {"value": 2, "id": message_id}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert f"batch element 1: id {message_id!r} contains a control character" in error
+    assert sink.envelopes == []
+
+
+async def test_batch_unicode_id_kept():
+    sink = await started_sink()
+    items = [{"value": 1, "id": "commande-\u00e9t\u00e9 \u2014 42"}]
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert response.status == 200
+    assert [envelope.id for envelope in sink.envelopes] == [
+        "commande-\u00e9t\u00e9 \u2014 42"
+    ]
+
+
 async def test_batch_invalid_base64_key_names_element():
     sink = await started_sink()
     items = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +79,8 @@ BATCH_FIELDS = (
     "value",
 )
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
+#: A character of an id that no HTTP header can carry.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
 #: Time that shutdown steps after the drain get even when the drain used all of
@@ -528,6 +531,14 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     if not _BATCH_FIELD_SET.issuperset(item):
         _check_fields(index, item)
     message_id = _optional_text(index, item, "id")
+    if message_id and not message_id.isprintable() and _CONTROL.search(message_id):
+        raise BadRequest(
+            400,
+            f"batch element {index}: id {message_id!r:.100} contains a control "
+            "character (U+0000 to U+001F or U+007F), which no HTTP header can "
+            "carry, so the next reader would change the id; send an id without "
+            "them, such as one that agogosml.envelope.header_safe_id returns",
+        )
     parent = _optional_text(index, item, "traceparent")
     record_headers: RecordHeaders = []
     item_headers = _item_headers(index, item.get("headers"))
