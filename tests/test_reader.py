@@ -2605,7 +2605,13 @@ async def test_dead_letter_too_large_at_minimum_named(
         "dlq.status",
         "dlq.error",
         "dlq.attempts",
+        "dlq.value_dropped",
+        "dlq.key_and_headers_dropped",
     }
+    # The markers stay without their reasons, so an empty value still tells a
+    # dropped value from an empty one.
+    assert headers["dlq.value_dropped"] == ""
+    assert headers["dlq.key_and_headers_dropped"] == ""
     assert len(headers["dlq.error"]) == 100
     assert headers["dlq.source.offset"] == "0"
     warnings = [r for r in caplog.records if "writing it again" in r.getMessage()]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agogosml.config import Ordering, ReaderSettings, redact_url
-from agogosml.envelope import Envelope
+from agogosml.envelope import Envelope, RecordHeaders
 from agogosml.errors import SinkError
 from agogosml.logs import sink_error_fields
 from agogosml.metrics import (
@@ -1198,6 +1198,8 @@ _MINIMAL_DEAD_LETTER_HEADERS = frozenset(
         "dlq.attempts",
     }
 )
+#: Headers that say what a smaller dead letter left out.
+_DROPPED_MARKERS = frozenset({"dlq.value_dropped", "dlq.key_and_headers_dropped"})
 #: The start of ``dlq.error`` that the smallest dead letter keeps.
 _MINIMAL_ERROR_BYTES = 100
 _MINIMAL_DEAD_LETTER_TOO_LARGE = (
@@ -1213,7 +1215,8 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
 
     The value goes first. Then the key and the record headers go, leaving the
     ``dlq.*`` headers, which name the source position. Last, only the source
-    position, the status, the attempts and the start of the error stay.
+    position, the status, the attempts, the start of the error and the
+    markers of what was dropped, without their reasons, stay.
     Returns `record` itself when nothing is left to drop.
     """
     reason = str(error)[:500].encode()
@@ -1226,11 +1229,16 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
     if record.key is not None or len(context) < len(record.headers):
         headers = [*context, ("dlq.key_and_headers_dropped", reason)]
         return dataclasses.replace(record, key=None, headers=headers)
-    minimal = [
-        (name, value[:_MINIMAL_ERROR_BYTES] if value and name == "dlq.error" else value)
-        for name, value in context
-        if name in _MINIMAL_DEAD_LETTER_HEADERS
-    ]
+    minimal: RecordHeaders = []
+    for name, value in context:
+        if name in _DROPPED_MARKERS:
+            # The marker stays, without its reason, so that an empty value
+            # still tells a dropped value from an empty one.
+            minimal.append((name, b""))
+        elif name == "dlq.error" and value:
+            minimal.append((name, value[:_MINIMAL_ERROR_BYTES]))
+        elif name in _MINIMAL_DEAD_LETTER_HEADERS:
+            minimal.append((name, value))
     if minimal == record.headers:
         return record
     return dataclasses.replace(record, headers=minimal)
