@@ -613,18 +613,18 @@ class InputReader:
         self,
         seconds: float,
         pending: list[Envelope],
-        wanted: Callable[[Envelope], bool] | None = None,
+        still_sendable: Callable[[Envelope], bool] | None = None,
     ) -> None:
         """Sleep before sending `pending` again, ending early if they must not be.
 
         A stop or a revocation ends the wait, so a long Retry-After holds up
-        neither a shutdown nor a rebalance. `wanted` decides whether a message
-        is still to be sent, `_sendable` by default.
+        neither a shutdown nor a rebalance. `still_sendable` returns whether a
+        message is still to be sent, `_sendable` by default.
         """
-        wanted = wanted or self._sendable
+        still_sendable = still_sendable or self._sendable
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while all(wanted(envelope) for envelope in pending):
+        while all(still_sendable(envelope) for envelope in pending):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -1198,7 +1198,7 @@ _MINIMAL_DEAD_LETTER_HEADERS = frozenset(
         "dlq.attempts",
     }
 )
-#: Headers that say what a smaller dead letter left out.
+#: Headers that name what a smaller dead letter left out.
 _DROPPED_MARKERS = frozenset({"dlq.value_dropped", "dlq.key_and_headers_dropped"})
 #: The start of ``dlq.error`` that the smallest dead letter keeps.
 _MINIMAL_ERROR_BYTES = 100
@@ -1232,8 +1232,8 @@ def _smaller_dead_letter(record: Envelope, error: Exception) -> Envelope:
     minimal: RecordHeaders = []
     for name, value in context:
         if name in _DROPPED_MARKERS:
-            # The marker stays, without its reason, so that an empty value
-            # still tells a dropped value from an empty one.
+            # The marker stays, without its reason, so that a dropped value
+            # can still be distinguished from an empty one.
             minimal.append((name, b""))
         elif name == "dlq.error" and value:
             minimal.append((name, value[:_MINIMAL_ERROR_BYTES]))
