@@ -725,9 +725,13 @@ def _follow(
     ) as progress:
         task = progress.add_task("streaming", total=total)
         last_count, last_change = 0, time.monotonic()
+        reason_shown = False
         while tally.finished < total:
             stopped = poll()
             progress.update(task, completed=tally.finished)
+            if not reason_shown and tally.dead_letter_reasons:
+                reason_shown = True
+                _show_first_dead_letter(progress.console, tally)
             if tally.finished != last_count:
                 last_count, last_change = tally.finished, time.monotonic()
             elif time.monotonic() - last_change > stall_seconds:
@@ -740,6 +744,24 @@ def _follow(
                 progress.update(task, completed=tally.finished)
                 break
             time.sleep(0.1)
+
+
+def _show_first_dead_letter(console: Console, tally: OutputTally) -> None:
+    """Print the reason of the first dead letter once, while the run goes on.
+
+    A bug of the app, such as a scoring function that returns the wrong type,
+    fails every record the same way after the reader's retries, so the reason
+    helps long before the summary does.
+    """
+    ((reason, _),) = tally.dead_letter_reasons.most_common(1)
+    if len(reason) > _REASON_CHARS:
+        reason = reason[: _REASON_CHARS - 1] + "…"
+    console.print(
+        f"records are being dead-lettered; the first reason: {reason}",
+        style="yellow",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _check_exit(
@@ -963,11 +985,11 @@ def message_id_of(headers: list[tuple[str, str | bytes | None]] | None) -> str:
 
 
 def header_text(
-    headers: list[tuple[str, str | bytes | None]] | None, wanted: str
+    headers: list[tuple[str, str | bytes | None]] | None, header_name: str
 ) -> str:
-    """Return the first header `wanted` of a Kafka record as text, or ''."""
+    """Return the first header named `header_name` of a Kafka record as text, or ''."""
     for name, value in headers or ():
-        if name == wanted:
+        if name == header_name:
             if isinstance(value, bytes):
                 return value.decode("utf-8", "replace")
             return str(value or "")

@@ -11,6 +11,7 @@ from agogosml_cli.run import (
     InputRecords,
     OutputTally,
     RunSummary,
+    _follow,
     _summarise,
     print_summary,
     split_unfinished,
@@ -260,3 +261,37 @@ def test_table_shows_top_dead_letter_reason_shortened() -> None:
 
 def test_table_without_dead_letters_has_no_reason_row() -> None:
     assert "dead-letter reason" not in table_text(RunSummary(transport="file"))
+
+
+def follow_output(steps: list[list[tuple[str, str]]], total: int) -> str:
+    """Run the progress display while each poll dead-letters one step's records."""
+    tally = OutputTally()
+    pending = list(steps)
+
+    def poll() -> bool:
+        for message_id, reason in pending.pop(0) if pending else []:
+            tally.add_dead_letter(message_id, reason)
+        return not pending
+
+    output = io.StringIO()
+    _follow(Console(file=output, width=200), total, tally, poll, stall_seconds=30)
+    return output.getvalue()
+
+
+def test_progress_shows_first_dead_letter_reason_once() -> None:
+    steps = [
+        [],
+        [("tx-0", "app responded 500: [bold]a dict[/bold]")],
+        [("tx-1", "app responded 500: [bold]a dict[/bold]"), ("tx-2", "other")],
+    ]
+
+    text = follow_output(steps, total=3)
+
+    shown = "records are being dead-lettered; the first reason: app responded 500:"
+    assert text.count(shown) == 1
+    assert "[bold]a dict[/bold]" in text
+    assert "other" not in text
+
+
+def test_progress_without_dead_letters_shows_no_reason() -> None:
+    assert "dead-lettered" not in follow_output([[], []], total=3)
