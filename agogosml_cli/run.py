@@ -16,6 +16,7 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from agogosml.envelope import MESSAGE_ID_HEADER, Position, position_id
 from agogosml.errors import AgogosmlError
@@ -865,7 +866,7 @@ def _summarise(
 def print_summary(summary: RunSummary, console: Console) -> None:
     """Print the summary as a table."""
     table = Table(title="agogosml run", show_header=False)
-    rows = [
+    rows: list[tuple[str, str | Text]] = [
         ("app", f"python -m {summary.app}"),
         ("transport", summary.transport),
         *_read_rows(summary),
@@ -888,15 +889,25 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     console.print(table)
 
 
-def _reason_rows(summary: RunSummary) -> list[tuple[str, str]]:
+def _reason_rows(summary: RunSummary) -> list[tuple[str, Text]]:
     """Show the most frequent dead-letter reason, which often names an app bug."""
     if not summary.dead_letter_reasons:
         return []
     top = summary.dead_letter_reasons[0]
-    reason = str(top["reason"])
+    reason = _escape_control_characters(str(top["reason"]))
     if len(reason) > _REASON_CHARS:
         reason = reason[: _REASON_CHARS - 1] + "…"
-    return [("top dead-letter reason", f"{top['count']:,} records: {reason}")]
+    # A Text, not a str, because rich reads brackets in a str as markup, and
+    # the app's error text may contain them, such as "[/]" in a JSON body.
+    return [("top dead-letter reason", Text(f"{top['count']:,} records: {reason}"))]
+
+
+def _escape_control_characters(text: str) -> str:
+    r"""Return `text` with each non-printable character as its escape, like \x1b."""
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode()
+        for char in text
+    )
 
 
 def _written_and_dead_lettered_rows(summary: RunSummary) -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import orjson
+import pytest
 from rich.console import Console
 
 from agogosml_cli.run import (
@@ -295,3 +296,36 @@ def test_progress_shows_first_dead_letter_reason_once() -> None:
 
 def test_progress_without_dead_letters_shows_no_reason() -> None:
     assert "dead-lettered" not in follow_output([[], []], total=3)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        'app responded 422: {"error": "closing [/] tag"}',
+        'app responded 422: {"error": "missing [bold]amount[/bold]"}',
+    ],
+)
+def test_table_shows_reason_brackets_as_text(reason: str) -> None:
+    summary = RunSummary(
+        transport="file",
+        dead_lettered=2,
+        dead_letter_reasons=[{"reason": reason, "count": 2}],
+    )
+
+    text = table_text(summary)
+
+    assert reason in text
+
+
+def test_table_escapes_reason_control_characters() -> None:
+    reason = "app responded 500: \x1b[31mred\x1b[0m\nnext line"
+    summary = RunSummary(
+        transport="file",
+        dead_lettered=1,
+        dead_letter_reasons=[{"reason": reason, "count": 1}],
+    )
+
+    text = table_text(summary)
+
+    assert "\x1b" not in text
+    assert "\\x1b[31mred\\x1b[0m\\nnext line" in text
