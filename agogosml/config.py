@@ -161,6 +161,16 @@ _GUARANTEED_PROPERTIES = frozenset(
     }
 )
 
+#: The prefix with which librdkafka 2.16 also accepts a topic-level property,
+#: such as topic.acks for acks, setting it on the default topic configuration.
+_TOPIC_PREFIX = "topic."
+
+
+def _property_name(name: str) -> str:
+    """Return the librdkafka property that `name` sets, without a topic prefix."""
+    return name.removeprefix(_TOPIC_PREFIX)
+
+
 #: librdkafka properties, aliases included, that have their own KAFKA_ variable.
 #: KAFKA_EXTRA_CONFIG may not set them, so that the variable is the one value in
 #: effect and the messages that quote it are true.
@@ -405,7 +415,7 @@ class KafkaSettings(BaseSettings):
         "properties, applied last. Values are JSON strings, integers or booleans. "
         "Properties that have a KAFKA_ variable, and acks, enable.idempotence, "
         "enable.auto.commit and enable.auto.offset.store (and their aliases), "
-        "are rejected.",
+        "are rejected, with or without the prefix topic.",
     )
 
     @field_validator("extra_config", mode="before")
@@ -432,7 +442,7 @@ class KafkaSettings(BaseSettings):
         cls, value: dict[str, str | int | bool]
     ) -> dict[str, str | int | bool]:
         for name in value:
-            variable = _PROPERTY_VARIABLES.get(name)
+            variable = _PROPERTY_VARIABLES.get(_property_name(name))
             if variable is not None:
                 raise ValueError(
                     f"it sets {name}, which has its own variable, so set {variable} "
@@ -445,7 +455,9 @@ class KafkaSettings(BaseSettings):
     def _keep_delivery_guarantees(
         cls, value: dict[str, str | int | bool]
     ) -> dict[str, str | int | bool]:
-        overridden = sorted(_GUARANTEED_PROPERTIES & value.keys())
+        overridden = sorted(
+            name for name in value if _property_name(name) in _GUARANTEED_PROPERTIES
+        )
         # librdkafka 2.16 accepts group.protocol in any case (CONSUMER too).
         strategy = str(value.get("partition.assignment.strategy", "")).lower()
         protocol = str(value.get("group.protocol", "")).lower()

@@ -310,6 +310,8 @@ def test_kafka_extra_config_applied_last(clean_environment):
         ('{"ssl.ca.location": "/ca.pem"}', "KAFKA_SSL_CA_LOCATION"),
         ('{"message.timeout.ms": 5000}', "KAFKA_DELIVERY_TIMEOUT_MS"),
         ('{"linger.ms": 5}', "KAFKA_LINGER_MS"),
+        ('{"topic.auto.offset.reset": "latest"}', "KAFKA_AUTO_OFFSET_RESET"),
+        ('{"topic.message.timeout.ms": 5000}', "KAFKA_DELIVERY_TIMEOUT_MS"),
     ],
 )
 def test_extra_config_property_with_variable_rejected(extra, variable):
@@ -606,6 +608,10 @@ def test_log_level_any_case_accepted(clean_environment):
         '{"request.required.acks": 0}',
         '{"enable.idempotence": false}',
         '{"auto.commit.enable": true}',
+        '{"topic.acks": "1"}',
+        '{"topic.request.required.acks": 0}',
+        '{"topic.auto.commit.enable": true}',
+        '{"topic.enable.auto.commit": true}',
     ],
 )
 def test_extra_config_cannot_weaken_delivery(extra):
