@@ -219,6 +219,19 @@ def _project_install_hint(project: str) -> str:
     )
 
 
+def _column_in_file(error: str, indent: int) -> str:
+    """Replace the decoder's position in `error` with the column in the file.
+
+    The decoder got one line without its leading whitespace, which is `indent`
+    characters long, so its line is always 1 and its column is short by
+    `indent`.
+    """
+    match = _LINE_POSITION.search(error)
+    if match is None:
+        return error
+    return f"{error[: match.start()]} at column {int(match.group(1)) + indent}"
+
+
 def check_input_file(path: Path) -> None:
     """Check that `path` is a JSON Lines file with at least one value.
 
@@ -238,14 +251,14 @@ def check_input_file(path: Path) -> None:
     try:
         with path.open("rb") as file:
             for number, raw in enumerate(file, start=1):
-                line = raw.removeprefix(UTF8_BOM).strip()
+                text = raw.removeprefix(UTF8_BOM)
+                line = text.strip()
                 if not line:
                     continue
                 error = exact_json.json_error(line)
                 if error:
-                    # The decoder counts lines and columns within the line
-                    # alone, so only its column is kept.
-                    error = _LINE_POSITION.sub(r" at column \1", error)
+                    indent = len(text) - len(text.lstrip())
+                    error = _column_in_file(error, indent)
                     raise click.BadParameter(
                         f"{str(path)!r} is not JSON Lines: line {number} is not a "
                         f"JSON value ({error}). Give a file with one JSON value "

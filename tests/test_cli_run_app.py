@@ -284,6 +284,16 @@ def test_run_rejects_app_option_combination(
             "is not JSON Lines: line 2 is not a JSON value (unexpected end of data "
             "at column 4)",
         ),
+        (
+            ["1", '    {"a": x}'],
+            "is not JSON Lines: line 2 is not a JSON value (unexpected character, "
+            "expected a JSON value at column 11)",
+        ),
+        (
+            ['\t{"a": x}'],
+            "is not JSON Lines: line 1 is not a JSON value (unexpected character, "
+            "expected a JSON value at column 8)",
+        ),
     ],
 )
 def test_run_rejects_input_not_json_lines(
