@@ -1407,7 +1407,7 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         if isinstance(displayed, str) and "@" in displayed:
             displayed = redact_url(displayed)
         if error["type"] == "missing":
-            line = f"  {name} is missing: set it ({_describe(cls, field)})"
+            line = f"  {name} is missing: set it{_described(cls, field)}"
             if name in meant:
                 unknown = meant.pop(name)
                 verb = "is" if len(unknown) == 1 else "are"
@@ -1417,8 +1417,8 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
             lines.append(
                 f"  {name}={displayed!r} is invalid: "
                 f"{error['msg'].removeprefix('Value error, ')}"
-                f"{_TYPE_HINTS.get(error['type'], '')} "
-                f"({_describe(cls, field)})"
+                f"{_TYPE_HINTS.get(error['type'], '')}"
+                f"{_described(cls, field)}"
             )
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
@@ -1456,9 +1456,7 @@ def _describe_settings_error(cls: type[BaseSettings], exc: SettingsError) -> str
     problem = "cannot be read"
     if isinstance(cause, json.JSONDecodeError):
         problem = "is not valid JSON"
-    return (
-        f"{_error_heading(cls)}\n  {name} {problem}: {cause} ({_describe(cls, field)})"
-    )
+    return f"{_error_heading(cls)}\n  {name} {problem}: {cause}{_described(cls, field)}"
 
 
 def _is_secret(cls: type[BaseSettings], field: str) -> bool:
@@ -1472,6 +1470,11 @@ def _is_secret(cls: type[BaseSettings], field: str) -> bool:
     )
 
 
-def _describe(cls: type[BaseSettings], field: str) -> str:
+def _described(cls: type[BaseSettings], field: str) -> str:
+    """Return the field's description in brackets after a space, or ''.
+
+    The fields of an app's own settings often have no description.
+    """
     info = cls.model_fields.get(field)
-    return (info.description or "") if info else ""
+    description = info.description if info else None
+    return f" ({description})" if description else ""

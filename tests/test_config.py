@@ -1297,3 +1297,44 @@ def test_read_settings_invalid_value_exits(monkeypatch, capsys):
     error = capsys.readouterr().err
     assert error.startswith("amount flagger: invalid FLAGGER_* settings")
     assert "FLAGGER_THRESHOLD='abc' is invalid" in error
+
+
+class _RequiredSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLAGGER_")
+
+    model_path: str
+    tags: list[str] = []
+
+
+@pytest.mark.parametrize(
+    ("variables", "line"),
+    [
+        ({}, "FLAGGER_MODEL_PATH is missing: set it"),
+        (
+            {"FLAGGER_MODEL_PATH": "m.pkl", "FLAGGER_TAGS": "[1,"},
+            "FLAGGER_TAGS is not valid JSON: Expecting value: line 1 column 4 (char 3)",
+        ),
+    ],
+)
+def test_read_settings_without_description(monkeypatch, capsys, variables, line):
+    monkeypatch.delenv("FLAGGER_MODEL_PATH", raising=False)
+    monkeypatch.delenv("FLAGGER_TAGS", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SystemExit):
+        read_settings(_RequiredSettings)
+
+    lines = capsys.readouterr().err.splitlines()
+    assert f"  {line}" in lines
+
+
+def test_read_settings_invalid_without_description(monkeypatch, capsys):
+    monkeypatch.setenv("FLAGGER_THRESHOLD", "abc")
+
+    with pytest.raises(SystemExit):
+        read_settings(_FlaggerSettings)
+
+    error = capsys.readouterr().err
+    assert "()" not in error
+    assert error.rstrip().endswith("unable to parse string as a number")
