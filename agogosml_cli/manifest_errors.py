@@ -61,12 +61,13 @@ def _describe_one(error: Any, flags: dict[str, str], document: yaml.Node | None)
     if kind == "missing":
         return f"{where} is missing: set it. {hint}".rstrip()
     if kind == "extra_forbidden":
-        home = _nested_home(error["loc"])
+        home = _home(error["loc"])
         if home:
-            parent = _path_text([*location[:-1], home])
+            section = _path_text(home[:-1])
+            place = f"under {section}" if section else "to the top level"
             return (
-                f"{where} is not a field at this level: move it under {parent}, "
-                f"as {parent}.{location[-1]}."
+                f"{where} is not a field at this level: move it {place}, "
+                f"as {_path_text(home)}."
             )
         return f"{where} is not a manifest field: remove it{_suggestion(error['loc'])}."
     if kind == "union_tag_not_found":
@@ -188,6 +189,37 @@ def _suggestion(loc: tuple[int | str, ...]) -> str:
         return ""
     matches = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields))
     return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _home(loc: tuple[int | str, ...]) -> list[int | str] | None:
+    """Return the location where the unknown key at `loc` is a field, or None.
+
+    The key's own section is searched first, for a nested section with a
+    field of that name. Unless the key looks like a misspelt field of its own
+    section, the sections around it are searched next, from the nearest
+    outwards, each for a field of that name and then for one in its nested
+    sections. So ``registry`` under ``kubernetes`` goes to the top level, and
+    ``namespace`` under ``app`` to ``kubernetes``.
+    """
+    key = loc[-1] if loc else None
+    if not isinstance(key, str):
+        return None
+    nested = _nested_home(loc)
+    if nested:
+        return [*_location(loc[:-1]), nested, key]
+    if _suggestion(loc):
+        return None
+    for depth in range(len(loc) - 2, -1, -1):
+        section = loc[:depth]
+        model = _parent_model(section)
+        if model is None:
+            continue
+        if key in model.model_fields:
+            return [*_location(section), key]
+        nested = _nested_home((*section, key))
+        if nested:
+            return [*_location(section), nested, key]
+    return None
 
 
 def _nested_home(loc: tuple[int | str, ...]) -> str | None:

@@ -672,6 +672,24 @@ INVALID_CASES = [
         id="field-of-secret-reference",
     ),
     pytest.param(
+        "kubernetes.registry",
+        "myregistry.azurecr.io",
+        [
+            "kubernetes.registry is not a field at this level",
+            "move it to the top level, as registry.",
+        ],
+        id="field-of-top-level",
+    ),
+    pytest.param(
+        "app.namespace",
+        "fraud",
+        [
+            "app.namespace is not a field at this level",
+            "move it under kubernetes, as kubernetes.namespace.",
+        ],
+        id="field-of-sibling-section",
+    ),
+    pytest.param(
         "registry",
         "https://myregistry.azurecr.io",
         ["registry: invalid value 'https://myregistry.azurecr.io'", "no scheme"],
