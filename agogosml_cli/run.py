@@ -755,10 +755,8 @@ def _show_first_dead_letter(console: Console, tally: OutputTally) -> None:
     helps long before the summary does.
     """
     ((reason, _),) = tally.dead_letter_reasons.most_common(1)
-    if len(reason) > _REASON_CHARS:
-        reason = reason[: _REASON_CHARS - 1] + "…"
     console.print(
-        f"records are being dead-lettered; the first reason: {reason}",
+        f"records are being dead-lettered; the first reason: {_shown(reason)}",
         style="yellow",
         markup=False,
         highlight=False,
@@ -894,12 +892,18 @@ def _reason_rows(summary: RunSummary) -> list[tuple[str, Text]]:
     if not summary.dead_letter_reasons:
         return []
     top = summary.dead_letter_reasons[0]
-    reason = _escape_control_characters(str(top["reason"]))
-    if len(reason) > _REASON_CHARS:
-        reason = reason[: _REASON_CHARS - 1] + "…"
+    reason = _shown(str(top["reason"]))
     # A Text, not a str, because rich reads brackets in a str as markup, and
     # the app's error text may contain them, such as "[/]" in a JSON body.
     return [("top dead-letter reason", Text(f"{top['count']:,} records: {reason}"))]
+
+
+def _shown(reason: str) -> str:
+    """Return a dead-letter reason to print: escaped, and cut to `_REASON_CHARS`."""
+    reason = _escape_control_characters(reason)
+    if len(reason) > _REASON_CHARS:
+        reason = reason[: _REASON_CHARS - 1] + "…"
+    return reason
 
 
 def _escape_control_characters(text: str) -> str:

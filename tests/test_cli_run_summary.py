@@ -280,17 +280,15 @@ def follow_output(steps: list[list[tuple[str, str]]], total: int) -> str:
 
 
 def test_progress_shows_first_dead_letter_reason_once() -> None:
-    steps = [
-        [],
-        [("tx-0", "app responded 500: [bold]a dict[/bold]")],
-        [("tx-1", "app responded 500: [bold]a dict[/bold]"), ("tx-2", "other")],
-    ]
+    reason = "app responded 500: [bold]a dict[/bold]\x1b[31m"
+    steps = [[], [("tx-0", reason)], [("tx-1", reason), ("tx-2", "other")]]
 
     text = follow_output(steps, total=3)
 
     shown = "records are being dead-lettered; the first reason: app responded 500:"
     assert text.count(shown) == 1
-    assert "[bold]a dict[/bold]" in text
+    assert "[bold]a dict[/bold]\\x1b[31m" in text
+    assert "\x1b[31m" not in text
     assert "other" not in text
 
 
