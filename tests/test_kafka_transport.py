@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import unittest.mock
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from agogosml.envelope import Envelope
 from agogosml.errors import SinkError, SourceError
 from agogosml.transports.kafka import KafkaSink, KafkaSource, topic_limit
 from agogosml.transports.kafka import health as health_module
+from agogosml.transports.kafka import source as kafka_source_module
 from agogosml.transports.kafka.records import record_size
 from agogosml.transports.kafka.sink import is_retriable
 from agogosml.transports.kafka.topic_limit import TopicSizeLimit
@@ -733,3 +735,37 @@ async def test_consumer_property_warns_no_producer(
             await sink.send([Envelope(value=b"{}")])
 
     assert "session.timeout.ms is a consumer property" not in caplog.text
+
+
+class BlockingCloseConsumer:
+    """A consumer whose close waits, as librdkafka's waits for a commit."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def close(self) -> None:
+        self.release.wait(30)
+
+
+async def test_stop_bounds_close_after_unexpected_commit_error(monkeypatch) -> None:
+    monkeypatch.setattr(kafka_source_module, "ABANDONED_CLOSE_SECONDS", 0.2)
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", group_id="g-close")
+    source = KafkaSource(settings, ["in"])
+    consumer = BlockingCloseConsumer()
+    source._consumer = consumer  # type: ignore[assignment]
+
+    def fail(timeout_seconds: float) -> None:
+        raise RuntimeError("commit failed unexpectedly")
+
+    monkeypatch.setattr(source, "_commit_final", fail)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(RuntimeError, match="commit failed unexpectedly"):
+            await asyncio.wait_for(source.stop(), 10)
+        stopped_after = loop.time() - started
+    finally:
+        consumer.release.set()
+
+    assert stopped_after < 5
+    assert source._consumer is None

@@ -242,6 +242,11 @@ class KafkaSource(TrackedSource):
         if self._consumer is not None:
             try:
                 await self._call(self._commit_final, FINAL_COMMIT_TIMEOUT_SECONDS)
+            except BaseException:
+                # A commit that failed in an unexpected way may still wait for
+                # the brokers, so the close is bounded as after a failed commit.
+                self._skip_closing_commit = True
+                raise
             finally:
                 await self._close()
                 self._consumer = None
