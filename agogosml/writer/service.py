@@ -79,7 +79,8 @@ BATCH_FIELDS = (
     "value",
 )
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
-#: A character of an id that no HTTP header can carry.
+#: A character that ids may not contain, as in the reader's rule for ids that a
+#: transform sets.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
@@ -535,8 +536,8 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
         raise BadRequest(
             400,
             f"batch element {index}: id {message_id!r:.100} contains a control "
-            "character (U+0000 to U+001F or U+007F), which no HTTP header can "
-            "carry, so the next reader would change the id; send an id without "
+            "character (U+0000 to U+001F or U+007F), which agogosml ids may not "
+            "contain, because they travel in HTTP headers; send an id without "
             "them, such as one that agogosml.envelope.header_safe_id returns",
         )
     parent = _optional_text(index, item, "traceparent")
