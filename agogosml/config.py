@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     AnyHttpUrl,
     BeforeValidator,
     Field,
@@ -1365,10 +1366,20 @@ def misspelled_variables(
     if not prefix:
         return []
     known = [f"{prefix}{field}".upper() for field in cls.model_fields]
+    aliases = {
+        alias.upper()
+        for info in cls.model_fields.values()
+        for alias in _aliases(info.validation_alias)
+    }
+    # With a nested delimiter, APP_INNER__LIMIT sets the field limit of inner.
+    delimiter = str(cls.model_config.get("env_nested_delimiter") or "").upper()
+    nested = tuple(f"{name}{delimiter}" for name in known) if delimiter else ()
     pairs = []
     for name in sorted(os.environ if environ is None else environ):
         upper = name.upper()
-        if not upper.startswith(prefix) or upper in known:
+        if not upper.startswith(prefix) or upper in known or upper in aliases:
+            continue
+        if nested and upper.startswith(nested):
             continue
         match = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
         if match:
@@ -1392,7 +1403,6 @@ def warn_misspelled_variables(cls: type[BaseSettings]) -> None:
 
 def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> str:
     """Return one line per invalid field, naming its environment variable."""
-    prefix = str(cls.model_config.get("env_prefix", ""))
     lines = [_error_heading(cls)]
     # A misspelled variable leaves the one it meant unset or at its default.
     meant: dict[str, list[str]] = {}
@@ -1401,7 +1411,7 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]
         field = location[0] if location else ""
-        name = f"{prefix}{field}".upper() if field else "settings"
+        name = _variable_name(cls, location) if field else "settings"
         value = error.get("input")
         displayed = "<secret>" if _is_secret(cls, field) else value
         if isinstance(displayed, str) and "@" in displayed:
@@ -1428,6 +1438,41 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
                 f"  {variable} is not a setting and is ignored; did you mean {known}?"
             )
     return "\n".join(lines)
+
+
+def _variable_name(cls: type[BaseSettings], location: list[str]) -> str:
+    """Return the environment variable of an error's location, in upper case.
+
+    A field with a validation alias is read from the alias without the
+    prefix, and pydantic names the alias in the location. With
+    `env_nested_delimiter`, a nested value may come from a variable of its
+    own, such as ``APP_INNER__LIMIT``: that one is named when it is set.
+    """
+    key = location[0]
+    names = [f"{cls.model_config.get('env_prefix', '')}{key}"]
+    for field, info in cls.model_fields.items():
+        aliases = _aliases(info.validation_alias)
+        if key in aliases or (key == field and aliases):
+            names = aliases
+            break
+    set_names = {variable.upper() for variable in os.environ}
+    # Of several aliases, the first one that is set is the one read.
+    name = next((n for n in names if n.upper() in set_names), names[0]).upper()
+    delimiter = cls.model_config.get("env_nested_delimiter")
+    if delimiter and len(location) > 1:
+        nested = delimiter.join([name, *location[1:]]).upper()
+        if nested in set_names:
+            return nested
+    return name
+
+
+def _aliases(alias: object) -> list[str]:
+    """Return the variable names of a field's validation alias, if any."""
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasChoices):
+        return [choice for choice in alias.choices if isinstance(choice, str)]
+    return []
 
 
 def _error_heading(cls: type[BaseSettings]) -> str:

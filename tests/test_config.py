@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from aiohttp import web
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import config
@@ -1338,3 +1339,34 @@ def test_read_settings_invalid_without_description(monkeypatch, capsys):
     error = capsys.readouterr().err
     assert "()" not in error
     assert error.rstrip().endswith("unable to parse string as a number")
+
+
+class _Limits(BaseModel):
+    burst: int = 1
+
+
+class _NestedSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLAGGER_", env_nested_delimiter="__")
+
+    limits: _Limits = _Limits()
+    threshold: float = Field(
+        100.0, validation_alias=AliasChoices("FLAGGER_LIMIT", "AMOUNT_LIMIT")
+    )
+
+
+def test_nested_variable_named_in_error(monkeypatch):
+    monkeypatch.setenv("FLAGGER_LIMITS__BURST", "many")
+
+    message = configuration_error(_NestedSettings)
+
+    assert "FLAGGER_LIMITS__BURST='many' is invalid" in message
+    assert "is not a setting" not in message
+
+
+@pytest.mark.parametrize("variable", ["FLAGGER_LIMIT", "AMOUNT_LIMIT"])
+def test_alias_variable_named_in_error(monkeypatch, variable):
+    monkeypatch.setenv(variable, "abc")
+
+    message = configuration_error(_NestedSettings)
+
+    assert f"\n  {variable}='abc' is invalid" in message
