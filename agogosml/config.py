@@ -1410,7 +1410,7 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         meant.setdefault(known, []).append(name)
     for error in exc.errors():
         location = [str(part) for part in error["loc"]]
-        field = location[0] if location else ""
+        field = _field_of(cls, location[0]) if location else ""
         name = _variable_name(cls, location) if field else "settings"
         value = error.get("input")
         displayed = "<secret>" if _is_secret(cls, field) else value
@@ -1449,12 +1449,10 @@ def _variable_name(cls: type[BaseSettings], location: list[str]) -> str:
     own, such as ``APP_INNER__LIMIT``: that one is named when it is set.
     """
     key = location[0]
-    names = [f"{cls.model_config.get('env_prefix', '')}{key}"]
-    for field, info in cls.model_fields.items():
-        aliases = _aliases(info.validation_alias)
-        if key in aliases or (key == field and aliases):
-            names = aliases
-            break
+    info = cls.model_fields.get(_field_of(cls, key))
+    names = _aliases(info.validation_alias) if info is not None else []
+    if not names:
+        names = [f"{cls.model_config.get('env_prefix', '')}{key}"]
     set_names = {variable.upper() for variable in os.environ}
     # Of several aliases, the first one that is set is the one read.
     name = next((n for n in names if n.upper() in set_names), names[0]).upper()
@@ -1464,6 +1462,16 @@ def _variable_name(cls: type[BaseSettings], location: list[str]) -> str:
         if nested in set_names:
             return nested
     return name
+
+
+def _field_of(cls: type[BaseSettings], key: str) -> str:
+    """Return the field that `key` names, itself or by one of the field's aliases."""
+    if key in cls.model_fields:
+        return key
+    for field, info in cls.model_fields.items():
+        if key in _aliases(info.validation_alias):
+            return field
+    return key
 
 
 def _aliases(alias: object) -> list[str]:

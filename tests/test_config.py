@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from aiohttp import web
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agogosml import config
@@ -1370,3 +1370,18 @@ def test_alias_variable_named_in_error(monkeypatch, variable):
     message = configuration_error(_NestedSettings)
 
     assert f"\n  {variable}='abc' is invalid" in message
+
+
+class _AliasedSecretSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLAGGER_")
+
+    api_key: SecretStr = Field(validation_alias="FLAGGER_KEY", min_length=8)
+
+
+def test_aliased_secret_not_shown(monkeypatch):
+    monkeypatch.setenv("FLAGGER_KEY", "hunter2")
+
+    message = configuration_error(_AliasedSecretSettings)
+
+    assert "FLAGGER_KEY='<secret>' is invalid" in message
+    assert "hunter2" not in message
