@@ -2608,8 +2608,8 @@ async def test_dead_letter_too_large_at_minimum_named(
         "dlq.value_dropped",
         "dlq.key_and_headers_dropped",
     }
-    # The markers stay without their reasons, so an empty value still tells a
-    # dropped value from an empty one.
+    # The markers stay without their reasons, so that a dropped value can
+    # still be distinguished from an empty one.
     assert headers["dlq.value_dropped"] == ""
     assert headers["dlq.key_and_headers_dropped"] == ""
     assert len(headers["dlq.error"]) == 100
