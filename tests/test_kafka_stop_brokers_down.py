@@ -75,3 +75,40 @@ async def test_stop_with_brokers_down_is_prompt(broker):
     assert waiting_commits, "no commit was waiting for the brokers"
     limit = source.FINAL_COMMIT_TIMEOUT_SECONDS + source.ABANDONED_CLOSE_SECONDS
     assert stop_seconds < limit, f"stopping took {stop_seconds:.1f} s"
+
+
+async def test_stop_with_hung_broker_is_prompt(broker):
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
+    for n in range(5):
+        producer.produce(TOPIC, value=orjson.dumps({"n": n}))
+    assert producer.flush(30) == 0
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id="g-stop-broker-hung",
+        commit_interval_ms=100,
+    )
+    kafka_source = KafkaSource(settings, [TOPIC])
+    await kafka_source.start()
+    envelopes: list = []
+    deadline = time.monotonic() + 60
+    while len(envelopes) < 5:
+        assert time.monotonic() < deadline, "the records were not fetched"
+        envelopes += await kafka_source.fetch(100, 0.5)
+
+    # A stopped broker keeps its connections open and sends no responses, so the
+    # client takes it for up and the final commit waits for its whole timeout.
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        for envelope in envelopes:
+            kafka_source.ack(envelope)
+        await fetch_for(kafka_source, 1.0)
+        started = time.monotonic()
+        await kafka_source.stop()
+        stop_seconds = time.monotonic() - started
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+
+    # The close after the failed commit shares the commit's time.
+    limit = source.ABANDONED_CLOSE_SECONDS + 2
+    assert stop_seconds < limit, f"stopping took {stop_seconds:.1f} s"

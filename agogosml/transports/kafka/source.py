@@ -38,8 +38,13 @@ logger = logging.getLogger(__name__)
 #: session timeout (45 s by default), past a pod's grace period.
 FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
 #: How long a stop waits for the consumer to close once the final commit was
-#: skipped or failed, before it leaves the close behind on a daemon thread.
+#: skipped or failed, before it leaves the close behind on a daemon thread. The
+#: time is counted from the start of the final commit, so a commit that timed
+#: out does not add its own wait to it.
 ABANDONED_CLOSE_SECONDS = 5.0
+#: The least time a close after a failed final commit gets, for the consumer to
+#: leave the group when the brokers answer again.
+ABANDONED_CLOSE_MIN_SECONDS = 0.5
 #: How often the consumer refreshes the metadata of its topics, which is how
 #: it notices partitions added to them.
 METADATA_REFRESH_MS = 30_000
@@ -240,6 +245,7 @@ class KafkaSource(TrackedSource):
             self._commit_task.cancel()
             await asyncio.gather(self._commit_task, return_exceptions=True)
         if self._consumer is not None:
+            close_deadline = time.monotonic() + ABANDONED_CLOSE_SECONDS
             try:
                 await self._call(self._commit_final, FINAL_COMMIT_TIMEOUT_SECONDS)
             except BaseException:
@@ -248,20 +254,22 @@ class KafkaSource(TrackedSource):
                 self._skip_closing_commit = True
                 raise
             finally:
-                await self._close()
+                await self._close(close_deadline)
                 self._consumer = None
         self._thread.shutdown(wait=True)
         logger.info("kafka source stopped", extra={"topics": self._topics})
 
-    async def _close(self) -> None:
-        """Close the consumer, giving up after a while when the brokers are gone.
+    async def _close(self, deadline: float) -> None:
+        """Close the consumer, giving up at `deadline` when the brokers are gone.
 
         close() waits for every asynchronous commit that the brokers have not
         confirmed, up to the session timeout (45 s by default), which is past
         the shutdown timeout and a pod's grace period. When the final commit
         did not go through, nothing is committed anyway, so the close runs on
-        a daemon thread that may be left behind at the exit after
-        `ABANDONED_CLOSE_SECONDS`.
+        a daemon thread that may be left behind at the exit. The stop waits
+        for it until `deadline` (`time.monotonic`), and at least
+        `ABANDONED_CLOSE_MIN_SECONDS`. A final commit that timed out because
+        the brokers hang has then used up most of that time.
         """
         assert self._consumer is not None
         if not self._skip_closing_commit:
@@ -280,13 +288,14 @@ class KafkaSource(TrackedSource):
                     loop.call_soon_threadsafe(_resolve, closed)
 
         threading.Thread(target=close, name="kafka-consumer-close", daemon=True).start()
+        wait_seconds = max(ABANDONED_CLOSE_MIN_SECONDS, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(asyncio.shield(closed), ABANDONED_CLOSE_SECONDS)
+            await asyncio.wait_for(asyncio.shield(closed), wait_seconds)
         except TimeoutError:
             logger.warning(
                 "the kafka consumer did not close within %.1f s, because a commit "
                 "waits for the unreachable brokers at %s; stopping without it",
-                ABANDONED_CLOSE_SECONDS,
+                wait_seconds,
                 self._settings.resolved_bootstrap_servers(),
             )
 
