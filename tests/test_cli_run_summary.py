@@ -285,8 +285,8 @@ def test_progress_shows_first_dead_letter_reason_once() -> None:
 
     text = follow_output(steps, total=3)
 
-    shown = "records are being dead-lettered; the first reason: app responded 500:"
-    assert text.count(shown) == 1
+    notice = "records are being dead-lettered; the first reason: app responded 500:"
+    assert text.count(notice) == 1
     assert "[bold]a dict[/bold]\\x1b[31m" in text
     assert "\x1b[31m" not in text
     assert "other" not in text

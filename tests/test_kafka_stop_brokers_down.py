@@ -20,6 +20,7 @@ from broker import LocalKafkaBroker
 from confluent_kafka import Producer
 
 from agogosml.config import KafkaSettings
+from agogosml.envelope import Envelope
 from agogosml.transports.kafka import KafkaSource, source
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -40,7 +41,10 @@ async def fetch_for(kafka_source: KafkaSource, seconds: float) -> None:
         await kafka_source.fetch(100, 0.1)
 
 
-async def test_stop_with_brokers_down_is_prompt(broker):
+async def source_with_records(
+    broker: LocalKafkaBroker, group_id: str
+) -> tuple[KafkaSource, list[Envelope]]:
+    """Produce 5 records, start a source in `group_id` and fetch them all."""
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
     for n in range(5):
         producer.produce(TOPIC, value=orjson.dumps({"n": n}))
@@ -48,16 +52,21 @@ async def test_stop_with_brokers_down_is_prompt(broker):
     # The default session timeout, which bounds close()'s wait.
     settings = KafkaSettings(
         bootstrap_servers=broker.bootstrap_servers,
-        group_id="g-stop-brokers-down",
+        group_id=group_id,
         commit_interval_ms=100,
     )
     kafka_source = KafkaSource(settings, [TOPIC])
     await kafka_source.start()
-    envelopes: list = []
+    envelopes: list[Envelope] = []
     deadline = time.monotonic() + 60
     while len(envelopes) < 5:
         assert time.monotonic() < deadline, "the records were not fetched"
         envelopes += await kafka_source.fetch(100, 0.5)
+    return kafka_source, envelopes
+
+
+async def test_stop_with_brokers_down_is_prompt(broker):
+    kafka_source, envelopes = await source_with_records(broker, "g-stop-brokers-down")
 
     # The messages finish after the broker went away, as requests to the app
     # that were under way when it crashed do, so a periodic commit waits.
@@ -78,25 +87,10 @@ async def test_stop_with_brokers_down_is_prompt(broker):
 
 
 async def test_stop_with_hung_broker_is_prompt(broker):
-    producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
-    for n in range(5):
-        producer.produce(TOPIC, value=orjson.dumps({"n": n}))
-    assert producer.flush(30) == 0
-    settings = KafkaSettings(
-        bootstrap_servers=broker.bootstrap_servers,
-        group_id="g-stop-broker-hung",
-        commit_interval_ms=100,
-    )
-    kafka_source = KafkaSource(settings, [TOPIC])
-    await kafka_source.start()
-    envelopes: list = []
-    deadline = time.monotonic() + 60
-    while len(envelopes) < 5:
-        assert time.monotonic() < deadline, "the records were not fetched"
-        envelopes += await kafka_source.fetch(100, 0.5)
+    kafka_source, envelopes = await source_with_records(broker, "g-stop-broker-hung")
 
     # A stopped broker keeps its connections open and sends no responses, so the
-    # client takes it for up and the final commit waits for its whole timeout.
+    # client counts it as up and the final commit waits for its whole timeout.
     assert broker.pid is not None
     os.kill(broker.pid, signal.SIGSTOP)
     try:

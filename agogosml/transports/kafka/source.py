@@ -42,8 +42,8 @@ FINAL_COMMIT_TIMEOUT_SECONDS = 5.0
 #: time is counted from the start of the final commit, so a commit that timed
 #: out does not add its own wait to it.
 ABANDONED_CLOSE_SECONDS = 5.0
-#: The least time a close after a failed final commit gets, for the consumer to
-#: leave the group when the brokers answer again.
+#: The minimum time a close after a failed final commit gets, so that the consumer
+#: can leave the group when the brokers respond again.
 ABANDONED_CLOSE_MIN_SECONDS = 0.5
 #: How often the consumer refreshes the metadata of its topics, which is how
 #: it notices partitions added to them.
