@@ -246,8 +246,25 @@ def header_safe_id(raw: bytes) -> str:
     else:
         text = urllib.parse.quote(raw, safe=_ID_SAFE)
     if len(text) > MAX_ID_BYTES:
-        return "sha256:" + hashlib.sha256(raw).hexdigest()
+        return _digest_id(raw)
     return text
+
+
+def bounded_id(message_id: str) -> str:
+    """Return `message_id`, or ``sha256:`` and its hex digest when it is too long.
+
+    An id over `MAX_ID_BYTES` bytes of UTF-8 gets the digest of those bytes,
+    as a long ``message-id`` header does in `header_safe_id`, so an id that an
+    app sets stays as small in the output as one that the reader derives.
+    """
+    raw = message_id.encode()
+    if len(raw) > MAX_ID_BYTES:
+        return _digest_id(raw)
+    return message_id
+
+
+def _digest_id(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 #: Ids need to be unique, not secret, so a seeded generator makes them without

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import hashlib
 import logging
 import tracemalloc
 import zlib
@@ -526,6 +527,31 @@ async def test_batch_unicode_id_kept():
     assert [envelope.id for envelope in sink.envelopes] == [
         "commande-\u00e9t\u00e9 \u2014 42"
     ]
+
+
+async def test_long_ids_become_digests():
+    """An id over 512 bytes of UTF-8 is written as the digest of those bytes."""
+    sink = await started_sink()
+    longest = "\u00e9" * 256  # 512 bytes
+    too_long = longest + "x"
+    header_id = "h" * 513
+    items = [{"value": 1, "id": longest}, {"value": 2, "id": too_long}]
+
+    async with serve_writer(sink) as (client, _):
+        batch = await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+        one = await client.post(
+            "/", data=b"3", headers={**JSON, "X-Message-Id": header_id}
+        )
+        listed = (await batch.json())["ids"] + (await one.json())["ids"]
+
+    assert (batch.status, one.status) == (200, 200)
+    expected = [
+        longest,
+        "sha256:" + hashlib.sha256(too_long.encode()).hexdigest(),
+        "sha256:" + hashlib.sha256(header_id.encode()).hexdigest(),
+    ]
+    assert [envelope.id for envelope in sink.envelopes] == expected
+    assert listed == expected
 
 
 async def test_batch_invalid_base64_key_names_element():

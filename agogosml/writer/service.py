@@ -21,6 +21,7 @@ from agogosml.envelope import (
     TRACEPARENT_HEADER,
     Envelope,
     RecordHeaders,
+    bounded_id,
     child_traceparent,
     header_safe_id,
 )
@@ -366,7 +367,7 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
             header_spellings(_utf8_header(headers, CASED_RECORD_HEADERS) or ""),
             _null_header_names(headers),
         ),
-        id=_utf8_header(headers, "X-Message-Id") or "",
+        id=bounded_id(_utf8_header(headers, "X-Message-Id") or ""),
         traceparent=child_traceparent(headers.get("traceparent", "")),
     )
 
@@ -571,7 +572,7 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             _optional_text(index, item, "key"), encoding, f"batch element {index}: key"
         ),
         headers=record_headers,
-        id=message_id or "",
+        id=bounded_id(message_id or ""),
         traceparent=child_traceparent(parent or ""),
     )
 
