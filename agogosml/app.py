@@ -52,7 +52,7 @@ from agogosml.config import (
     load_settings,
     redact_url,
 )
-from agogosml.envelope import child_traceparent
+from agogosml.envelope import child_traceparent, id_problem
 from agogosml.errors import ConfigurationError
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -1449,6 +1449,10 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     problem = _key_problem(item)
     if problem:
         raise _Reject(400, f"header X-Message-Key{problem}")
+    # aiohttp rejects every control character in a header value except the tab.
+    problem = id_problem(item.get("id", ""))
+    if problem:
+        raise _Reject(400, f"header X-Message-Id {problem}")
     record_headers = _record_headers(headers)
     encodings = _header_encodings(headers, record_headers)
     spellings = _header_spellings(headers)

@@ -232,6 +232,21 @@ class Envelope:
 MAX_ID_BYTES = 512
 
 
+def id_problem(message_id: str) -> str:
+    """Return why `message_id` cannot be an agogosml id, or '' when it can.
+
+    Ids travel in HTTP headers, which cannot carry a control character.
+    """
+    if message_id.isprintable() or not _CONTROL.search(message_id):
+        return ""
+    return (
+        f"{message_id!r:.100} contains a control character (U+0000 to U+001F or "
+        "U+007F), which agogosml ids may not contain, because they travel in "
+        "HTTP headers; send an id without them, such as one that "
+        "agogosml.envelope.header_safe_id returns"
+    )
+
+
 def header_safe_id(raw: bytes) -> str:
     """Return a message id that fits in an HTTP header unchanged.
 

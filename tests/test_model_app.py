@@ -458,6 +458,18 @@ async def test_batch_item_headers_forwarded():
     assert "header_encodings" not in second
 
 
+async def test_single_id_with_tab_400():
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            status, _, body = await raw_post(
+                client, "/", b"X-Message-Id: in\t0\r\n", b'{"amount": 1}'
+            )
+
+    assert status == 400
+    assert "header X-Message-Id 'in\\t0' contains a control character" in body["error"]
+    assert writer.requests == []
+
+
 async def test_single_invalid_record_400():
     async with stub_writer() as writer:
         async with model_app(reject_negative, writer.url) as client:

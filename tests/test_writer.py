@@ -516,6 +516,19 @@ async def test_batch_id_control_character_400(message_id):
     assert sink.envelopes == []
 
 
+async def test_post_one_id_with_tab_400():
+    sink = await started_sink()
+
+    async with serve_writer(sink) as (client, _):
+        status, _, body = await raw_post(
+            client, "/", b"X-Message-Id: in\t0\r\n", b'{"score": 1}'
+        )
+
+    assert status == 400
+    assert "header X-Message-Id 'in\\t0' contains a control character" in body["error"]
+    assert sink.envelopes == []
+
+
 async def test_batch_unicode_id_kept():
     sink = await started_sink()
     items = [{"value": 1, "id": "commande-\u00e9t\u00e9 \u2014 42"}]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from agogosml.envelope import (
     bounded_id,
     child_traceparent,
     header_safe_id,
+    id_problem,
 )
 from agogosml.errors import SinkError
 from agogosml.exact_json import json_type
@@ -80,9 +80,6 @@ BATCH_FIELDS = (
     "value",
 )
 _BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
-#: A character that ids may not contain, as in the reader's rule for ids that a
-#: transform sets.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
 #: Time that shutdown steps after the drain get even when the drain used all of
@@ -356,6 +353,9 @@ def _reject(
 def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
     encoding = _utf8_header(headers, "X-Message-Key-Encoding") or ""
     _check_key_encoding(encoding, "header X-Message-Key-Encoding")
+    # aiohttp rejects every control character in a header value except the tab.
+    message_id = _utf8_header(headers, "X-Message-Id") or ""
+    _check_id(message_id, "header X-Message-Id")
     return Envelope(
         value=body,
         key=_decode_key(
@@ -367,7 +367,7 @@ def _envelope_from_headers(body: bytes, headers: Any) -> Envelope:
             header_spellings(_utf8_header(headers, CASED_RECORD_HEADERS) or ""),
             _null_header_names(headers),
         ),
-        id=bounded_id(_utf8_header(headers, "X-Message-Id") or ""),
+        id=bounded_id(message_id),
         traceparent=child_traceparent(headers.get("traceparent", "")),
     )
 
@@ -533,14 +533,8 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
     if not _BATCH_FIELD_SET.issuperset(item):
         _check_fields(index, item)
     message_id = _optional_text(index, item, "id")
-    if message_id and not message_id.isprintable() and _CONTROL.search(message_id):
-        raise BadRequest(
-            400,
-            f"batch element {index}: id {message_id!r:.100} contains a control "
-            "character (U+0000 to U+001F or U+007F), which agogosml ids may not "
-            "contain, because they travel in HTTP headers; send an id without "
-            "them, such as one that agogosml.envelope.header_safe_id returns",
-        )
+    if message_id:
+        _check_id(message_id, f"batch element {index}: id")
     parent = _optional_text(index, item, "traceparent")
     record_headers: RecordHeaders = []
     item_headers = _item_headers(index, item.get("headers"))
@@ -575,6 +569,13 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
         id=bounded_id(message_id or ""),
         traceparent=child_traceparent(parent or ""),
     )
+
+
+def _check_id(message_id: str, where: str) -> None:
+    """Raise `BadRequest` when `message_id` contains a control character."""
+    problem = id_problem(message_id)
+    if problem:
+        raise BadRequest(400, f"{where} {problem}")
 
 
 def _check_fields(index: int, item: dict[str, Any]) -> None:
