@@ -826,7 +826,7 @@ async def test_batch_not_array_400():
         body = await response.json()
 
     assert response.status == 400
-    assert "expects a JSON array" in body["error"]
+    assert "expects a JSON array, got an object" in body["error"]
 
 
 async def test_invalid_json_400():

@@ -517,7 +517,7 @@ def _envelopes_from_batch(items: Any) -> list[Envelope]:
     if not isinstance(items, list):
         raise BadRequest(
             400,
-            f"POST /batch expects a JSON array, got {type(items).__name__}; "
+            f"POST /batch expects a JSON array, got {json_type(items)}; "
             'send [{"value": ...}, ...] or POST a single document to /',
         )
     return [_envelope_from_item(index, item) for index, item in enumerate(items)]
