@@ -77,6 +77,7 @@ from agogosml.http import (
     read_body,
     read_start,
     start_site,
+    unknown_field_problem,
 )
 from agogosml.metrics import (
     IN_FLIGHT,
@@ -480,6 +481,14 @@ class ModelApp:
                 continue
             if isinstance(result, _ScoringFailed):
                 statuses[index] = {"status": 500, "error": str(result)}
+                continue
+            problem = unknown_field_problem(item)
+            if problem:
+                logger.info(
+                    "batch item rejected",
+                    extra={"message_id": item.get("id"), "error": problem},
+                )
+                statuses[index] = {"status": 400, "error": problem}
                 continue
             problem = _key_problem(item)
             if problem:

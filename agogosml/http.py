@@ -253,6 +253,30 @@ BASE64_RECORD_HEADERS = "X-Base64-Record-Headers"
 CASED_RECORD_HEADERS = "X-Cased-Record-Headers"
 
 
+#: Fields of a ``POST /batch`` item, for the model app and the writer. Only
+#: ``value`` is required, and any other field, such as a misspelt one, is
+#: rejected rather than dropped.
+BATCH_FIELDS = (
+    "header_encodings",
+    "headers",
+    "id",
+    "key",
+    "key_encoding",
+    "traceparent",
+    "value",
+)
+_BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
+
+
+def unknown_field_problem(item: dict[str, Any]) -> str:
+    """Return why a batch item has a field outside `BATCH_FIELDS`, or ''."""
+    if _BATCH_FIELD_SET.issuperset(item):
+        return ""
+    field = next(field for field in item if field not in _BATCH_FIELD_SET)
+    allowed = ", ".join(repr(name) for name in BATCH_FIELDS)
+    return f"unknown field {field!r}; the allowed fields are {allowed}"
+
+
 #: Request header that lists, separated by commas and spelled as the record
 #: spells them, the record headers whose value is null. Kafka distinguishes a null
 #: header value from an empty one, and a request header has no null, so such a

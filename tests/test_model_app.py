@@ -458,6 +458,25 @@ async def test_batch_item_headers_forwarded():
     assert "header_encodings" not in second
 
 
+async def test_batch_unknown_item_field_400_only():
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}, "heders": {"region": "eu"}},
+        {"id": "in:0:1", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    assert [result["status"] for result in results] == [400, 200]
+    assert "unknown field 'heders'" in results[0]["error"]
+    assert "'headers'" in results[0]["error"]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
+
+
 async def test_single_id_with_tab_400():
     async with stub_writer() as writer:
         async with model_app(double_amount, writer.url) as client:

@@ -48,6 +48,7 @@ from agogosml.http import (
     null_header_names,
     read_body,
     start_site,
+    unknown_field_problem,
 )
 from agogosml.logs import sink_error_fields
 from agogosml.metrics import (
@@ -69,17 +70,6 @@ RECORD_HEADER_PREFIX = "X-Record-Header-"
 #: Record headers that the writer sets from the message id and trace context.
 #: Extra headers of these names are not written, so they cannot override them.
 RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
-#: Fields a ``POST /batch`` element may have; any other field is rejected.
-BATCH_FIELDS = (
-    "header_encodings",
-    "headers",
-    "id",
-    "key",
-    "key_encoding",
-    "traceparent",
-    "value",
-)
-_BATCH_FIELD_SET = frozenset(BATCH_FIELDS)
 #: Key encodings the writer decodes; without one, the key is UTF-8 text.
 KEY_ENCODINGS = ("base64",)
 #: Time that shutdown steps after the drain get even when the drain used all of
@@ -143,8 +133,9 @@ class OutputWriter:
     ``POST /`` takes one JSON document as the record value, with the key in
     ``X-Message-Key``, the id in ``X-Message-Id`` and trace context in
     ``traceparent``. ``POST /batch`` takes a JSON array of objects with the
-    `BATCH_FIELDS`, where only ``value`` is required. Either responds with 200
-    only after the sink acknowledged every record of the request.
+    `agogosml.http.BATCH_FIELDS`, where only ``value`` is required. Either
+    responds with 200 only after the sink acknowledged every record of the
+    request.
     """
 
     def __init__(self, settings: WriterSettings, sink: Sink, tap: Tap | None = None):
@@ -530,8 +521,9 @@ def _envelope_from_item(index: int, item: object) -> Envelope:
             f"batch element {index} must be an object with a 'value' field, got "
             f"{_preview(item)}",
         )
-    if not _BATCH_FIELD_SET.issuperset(item):
-        _check_fields(index, item)
+    problem = unknown_field_problem(item)
+    if problem:
+        raise BadRequest(400, f"batch element {index}: {problem}")
     message_id = _optional_text(index, item, "id")
     if message_id:
         _check_id(message_id, f"batch element {index}: id")
@@ -576,18 +568,6 @@ def _check_id(message_id: str, where: str) -> None:
     problem = id_problem(message_id)
     if problem:
         raise BadRequest(400, f"{where} {problem}")
-
-
-def _check_fields(index: int, item: dict[str, Any]) -> None:
-    """Raise `BadRequest` for a field outside `BATCH_FIELDS`, such as a typo."""
-    for field in item:
-        if field not in BATCH_FIELDS:
-            allowed = ", ".join(repr(name) for name in BATCH_FIELDS)
-            raise BadRequest(
-                400,
-                f"batch element {index}: unknown field {field!r}; the allowed "
-                f"fields are {allowed}",
-            )
 
 
 def _item_key_encoding(index: int, item: dict[str, Any]) -> str:
