@@ -54,6 +54,7 @@ from agogosml.config import (
 )
 from agogosml.envelope import child_traceparent, id_problem
 from agogosml.errors import ConfigurationError
+from agogosml.exact_json import json_type
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
     BASE64_RECORD_HEADERS,
@@ -434,11 +435,7 @@ class ModelApp:
         return json_response({"status": 200})
 
     async def _post_batch(self, request: web.Request) -> web.Response:
-        items = _decode(await _read_json_body(request))
-        if not isinstance(items, list) or not all(
-            isinstance(item, dict) and "value" in item for item in items
-        ):
-            raise _Reject(400, 'POST /batch expects a JSON array of {"value": ...}')
+        items = _batch_items(_decode(await _read_json_body(request)))
         MESSAGES_IN.labels(SERVICE).inc(len(items))
         with _in_flight(len(items)):
             return await self._score_items(request, items)
@@ -1418,6 +1415,30 @@ def _decode_exactly(body: bytes) -> Any:
         # The exact decoder names the first problem in the document, where
         # orjson's error may be about a long integer that is valid JSON.
         raise _Reject(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _batch_items(document: Any) -> list[dict[str, Any]]:
+    """Return the items of a ``POST /batch`` body, or raise `_Reject` for a bad item."""
+    if not isinstance(document, list):
+        raise _Reject(
+            400,
+            "POST /batch expects a JSON array of objects with a 'value' field, got "
+            f'{json_type(document)}; send [{{"value": ...}}, ...], or POST a '
+            "single value to /",
+        )
+    for index, item in enumerate(document):
+        if isinstance(item, dict) and "value" in item:
+            continue
+        found = json_type(item)
+        if isinstance(item, dict):
+            fields = ", ".join(repr(field) for field in item)
+            found += f" with the fields {fields:.100}" if fields else " without fields"
+        raise _Reject(
+            400,
+            f"POST /batch item {index} must be an object with a 'value' field, "
+            f"got {found}",
+        )
+    return document
 
 
 def _error_text(body: str) -> str:

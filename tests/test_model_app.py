@@ -477,6 +477,26 @@ async def test_batch_unknown_item_field_400_only():
     assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"value": 1}', "JSON array of objects with a 'value' field, got an object"),
+        (b'[{"value": 1}, 5]', "item 1 must be an object with a 'value' field, got a"),
+        (b'[{"valeu": 1}]', "item 0 must be an object with a 'value' field, got an "),
+        (b"[{}]", "item 0 must be an object with a 'value' field, got an object "),
+    ],
+)
+async def test_batch_malformed_item_named_400(body, expected):
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/batch", data=body, headers=JSON)
+            error = (await response.json())["error"]
+
+    assert response.status == 400
+    assert expected in error
+    assert writer.requests == []
+
+
 async def test_single_id_with_tab_400():
     async with stub_writer() as writer:
         async with model_app(double_amount, writer.url) as client:
