@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SAMPLE_STAMP := $(VENV)/.installed-sample
 
-.PHONY: demo test test-containers lint broker bench bench-quick bench-hops clean
+.PHONY: demo test test-containers lint broker bench bench-quick bench-hops bench-stages clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("agogosml needs Python 3.11 or newer, and $(PYTHON) is " + sys.version.split()[0] + "; name another interpreter, as in: make demo PYTHON=python3.12")'
@@ -72,6 +72,11 @@ bench-hops: $(STAMP)
 	$(BIN)/python -m sample_app.data
 	$(BIN)/python -m sample_app.train --if-missing
 	$(BIN)/python -m benchmarks.hops
+
+bench-stages: $(STAMP)
+	$(BIN)/python -m sample_app.data
+	$(BIN)/python -m sample_app.train --if-missing
+	$(BIN)/python -m benchmarks.stages
 
 # broker.py needs only confluent-kafka, a dependency of agogosml itself.
 broker: $(SAMPLE_STAMP)

@@ -8,6 +8,8 @@ import pytest
 from confluent_kafka import Producer
 from rich.console import Console
 
+from agogosml.writer import service as writer
+from benchmarks import stages
 from benchmarks.hops import measure
 from benchmarks.kafka_io import Tally, Topics, broker_problem
 from benchmarks.report import (
@@ -26,6 +28,8 @@ from benchmarks.suite import (
     _percentile,
     latency_passes,
 )
+from sample_app.data import default_dataset_path
+from sample_app.scoring import FraudModel
 
 REPO_ROOT = Path(__file__).parents[1]
 
@@ -303,3 +307,24 @@ async def test_hops_times_each_hop(kafka_bootstrap, fraud_model, tmp_path):
         assert len(durations) == 5, name
         assert durations == sorted(durations), name
         assert durations[0] > 0, name
+
+
+def test_stages_time_every_record_of_each_stage(fraud_model):
+    dataset = default_dataset_path()
+    prepared = stages.Batches(dataset, FraudModel.load(fraud_model), 2)
+    records = writer._envelopes_from_batch(
+        writer._decode_json(prepared.writer_bodies[1])
+    )
+
+    rows = stages.measure(dataset, fraud_model, batches=2, passes=1)
+    printed = Console(width=200, record=True)
+    printed.print(stages.table(rows))
+
+    assert [record.id for record in records] == [
+        envelope.id for envelope in prepared.reader[1]
+    ]
+    assert [service for service, _, _ in rows] == ["input reader"] * 3 + [
+        "model app"
+    ] * 3 + ["output writer"]
+    assert all(micros > 0 for _, _, micros in rows)
+    assert printed.export_text().count("all of the above") == 3

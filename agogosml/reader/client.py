@@ -320,28 +320,10 @@ class AppClient:
 
     async def _post_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
         """Post one batch of JSON values and return one outcome per value."""
-        items = []
-        for envelope in envelopes:
-            key, key_is_base64 = envelope.key_text()
-            item: dict[str, object] = {
-                "id": envelope.id,
-                "key": key,
-                "traceparent": envelope.traceparent,
-                "value": orjson.Fragment(envelope.value),
-            }
-            if key_is_base64:
-                item["key_encoding"] = "base64"
-            record_headers = envelope.http_headers()
-            if record_headers.values:
-                item["headers"] = record_headers.values
-            if record_headers.base64_names:
-                item["header_encodings"] = dict.fromkeys(
-                    record_headers.base64_names, "base64"
-                )
-            items.append(item)
-        body = orjson.dumps(items)
         headers = {"Content-Type": "application/json"}
-        response = await self._post(self._url + "/batch", body, headers)
+        response = await self._post(
+            self._url + "/batch", batch_body(envelopes), headers
+        )
         if not 200 <= response.status < 300:
             return [response.outcome()] * len(envelopes)
         outcomes = _per_item_outcomes(response.status, response.body, len(envelopes))
@@ -422,6 +404,34 @@ def _null_value_problem() -> Outcome:
         "it was not sent to the app; the dead letter has no value either",
         sent=False,
     )
+
+
+def batch_body(envelopes: Sequence[Envelope]) -> bytes:
+    """Return the ``POST /batch`` body of `envelopes`, whose values are JSON.
+
+    Each value goes into the array unchanged, so the caller checks first that
+    each is one JSON document.
+    """
+    items = []
+    for envelope in envelopes:
+        key, key_is_base64 = envelope.key_text()
+        item: dict[str, object] = {
+            "id": envelope.id,
+            "key": key,
+            "traceparent": envelope.traceparent,
+            "value": orjson.Fragment(envelope.value),
+        }
+        if key_is_base64:
+            item["key_encoding"] = "base64"
+        record_headers = envelope.http_headers()
+        if record_headers.values:
+            item["headers"] = record_headers.values
+        if record_headers.base64_names:
+            item["header_encodings"] = dict.fromkeys(
+                record_headers.base64_names, "base64"
+            )
+        items.append(item)
+    return orjson.dumps(items)
 
 
 def _json_problem(value: bytes) -> Outcome | None:
