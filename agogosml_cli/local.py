@@ -17,6 +17,9 @@ from pathlib import Path
 
 from agogosml.errors import AgogosmlError
 
+#: Number of lines of a failed service's log that `ServiceExitError` quotes.
+EXIT_LOG_LINES = 10
+
 
 class ServiceStartError(AgogosmlError):
     """A service process exited or did not become ready in time."""
@@ -35,9 +38,13 @@ class ServiceExitError(AgogosmlError):
         self.service = service.name
         self.returncode = service.returncode
         self.log_path = service.log_path
+        # A failed service, such as one with an invalid setting, names the
+        # cause in the last lines of its log.
+        failed = (self.returncode or 0) > 0
+        tail = service.log_tail(EXIT_LOG_LINES) if failed else ""
         super().__init__(
             f"{service.name} ({service.module}) {service.exit_description()} "
-            f"{during}; its log is {service.log_path}"
+            f"{during}; its log is {service.log_path}" + (f":\n{tail}" if tail else "")
         )
 
 

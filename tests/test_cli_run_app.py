@@ -50,11 +50,13 @@ kubernetes: {namespace: ml}
 """
 
 
-def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *arguments: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agogosml_cli.main", "run", *arguments],
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
@@ -162,6 +164,26 @@ def test_app_module_that_serves_nothing_gets_hint(tmp_path: Path) -> None:
     assert 'end it with if __name__ == "__main__": ModelApp(score).run()' in flat(
         result.stderr
     )
+
+
+@pytest.mark.slow
+def test_invalid_reader_setting_is_named(tmp_path: Path) -> None:
+    write_app(tmp_path)
+    write_input(tmp_path / "values.jsonl")
+
+    result = run_cli(
+        "--app", "doubling_app",
+        "--input", str(tmp_path / "values.jsonl"),
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+        env={"READER_CONCURRENCY": "0"},
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    message = flat(result.stderr)
+    assert "input reader (agogosml.reader) exited with code 2" in message
+    assert "READER_CONCURRENCY='0' is invalid" in message
+    assert "Traceback" not in result.stderr
 
 
 def test_project_app_runs_in_project(tmp_path: Path) -> None:
