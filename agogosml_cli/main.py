@@ -149,13 +149,17 @@ def cli() -> None:
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
+    envvar="READER_BATCH_MAX_MESSAGES",
+    show_envvar=True,
     help="Messages per request to the app (1 sends one message per request).",
 )
 @click.option(
     "--ordering",
-    type=click.Choice(["partition", "key", "unordered"]),
+    type=click.Choice(["partition", "key", "unordered"], case_sensitive=False),
     default="partition",
     show_default=True,
+    envvar="READER_ORDERING",
+    show_envvar=True,
     help="Ordering mode of the input reader.",
 )
 @click.option(

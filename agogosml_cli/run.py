@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import signal
 import time
 import uuid
@@ -440,11 +441,19 @@ def _stream_backend(options: RunOptions) -> StreamBackend | None:
 
 
 def _reader_settings(options: RunOptions) -> dict[str, str]:
-    return {
+    """Return the reader variables that the options set.
+
+    READER_BATCH_MAX_MESSAGES and READER_ORDERING are the defaults of
+    --batch-size and --ordering, so only a READER_MAX_IN_FLIGHT of the
+    environment is kept here.
+    """
+    settings = {
         "READER_BATCH_MAX_MESSAGES": str(options.batch_size),
         "READER_ORDERING": options.ordering,
-        "READER_MAX_IN_FLIGHT": str(max(1000, options.batch_size * 20)),
     }
+    if "READER_MAX_IN_FLIGHT" not in os.environ:
+        settings["READER_MAX_IN_FLIGHT"] = str(max(1000, options.batch_size * 20))
+    return settings
 
 
 def _app_process(options: RunOptions, writer_url: str) -> ServiceProcess:

@@ -37,6 +37,25 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("READER_ORDERING", "sorted", "'sorted' is not one of"),
+        ("READER_BATCH_MAX_MESSAGES", "0", "0 is not in the range x>=1"),
+    ],
+)
+def test_run_invalid_reader_variable_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    result = invoke("run", "--limit", "1")
+
+    assert result.exit_code == 2
+    assert f"(env var: '{variable}')" in result.output
+    assert problem in flat(result.output)
+
+
 def test_run_help_lists_exit_codes() -> None:
     result = invoke("run", "--help")
 

@@ -614,6 +614,21 @@ def test_eventhubs_run_wiring(
         assert not any("CONNECTION_STRING" in name for name in env)
 
 
+def test_run_keeps_max_in_flight_of_environment(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    eventhubs_environment: None,
+    started_services: dict[str, dict[str, str]],
+) -> None:
+    monkeypatch.setenv("READER_MAX_IN_FLIGHT", "50")
+
+    run_through_fake_hubs(tmp_path, monkeypatch, FakeReceiver)
+
+    reader = started_services["input reader"]
+    assert "READER_MAX_IN_FLIGHT" not in reader
+    assert reader["READER_BATCH_MAX_MESSAGES"] == "10"
+
+
 def test_eventhubs_checkpoint_container_option(eventhubs_environment: None) -> None:
     settings = eventhubs_run.load_run_settings(None, "scoring-checkpoints")
     backend = EventHubsBackend(settings, RunTopics("in", "out", "in.dlq"), "abc")
