@@ -265,6 +265,12 @@ def _run_until_signal(
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     console = Console(stderr=True)
+    for name, known in _misspelled_variables():
+        console.print(
+            f"{name} is not a setting and is ignored; did you mean {known}?",
+            markup=False,
+            highlight=False,
+        )
 
     def restore_handlers() -> None:
         for signum, handler in previous.items():
@@ -291,6 +297,30 @@ def _run_until_signal(
         restore_handlers()
         raise
     restore_handlers()
+
+
+def _misspelled_variables() -> list[tuple[str, str]]:
+    """Return (set variable, known variable) pairs of likely misspelt settings.
+
+    The services log the same warning, but a run keeps their logs in files.
+    """
+    from agogosml.app import AppSettings
+    from agogosml.config import (
+        EventHubSettings,
+        KafkaSettings,
+        ReaderSettings,
+        WriterSettings,
+        misspelled_variables,
+    )
+
+    models = (
+        ReaderSettings,
+        WriterSettings,
+        AppSettings,
+        KafkaSettings,
+        EventHubSettings,
+    )
+    return [pair for model in models for pair in misspelled_variables(model)]
 
 
 def _run_inputs(

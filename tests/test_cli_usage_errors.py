@@ -56,6 +56,26 @@ def test_run_invalid_reader_variable_named(
     assert problem in flat(result.output)
 
 
+def test_run_warns_of_misspelt_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fraud_model: Path
+) -> None:
+    monkeypatch.setenv("READER_CONCURENCY", "5")
+    monkeypatch.setattr(main, "_run", lambda *arguments: None)
+    values = tmp_path / "values.jsonl"
+    values.write_text("1\n")
+
+    result = invoke(
+        "run", "--input", str(values), "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert (
+        "READER_CONCURENCY is not a setting and is ignored; did you mean "
+        "READER_CONCURRENCY?"
+    ) in flat(result.output)
+
+
 def test_run_help_lists_exit_codes() -> None:
     result = invoke("run", "--help")
 
