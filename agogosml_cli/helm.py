@@ -173,6 +173,11 @@ def check_result(
             f"`{target.helm} rollback {scope} REVISION` to the last deployed one "
             "clears the pending state, and then the command can run again."
         )
+    if not output.strip():
+        output = (
+            "(no output). Run the command below by hand to see what fails: "
+            f"`{shlex.join(result.args)}`"
+        )
     raise HelmError(
         f"helm failed to {action} (exit code {result.returncode}).\nhelm: {output}"
         + "".join(f"\n{hint}" for hint in hints)

@@ -92,9 +92,7 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
     for slot, slot_values in slot_values_by_name.items():
         _check_mapping(f"app.slots.{slot}", slot_values)
         _check_mapping(f"app.slots.{slot}.image", slot_values.get("image") or {})
-    app_version = str(
-        (release.get("chart") or {}).get("metadata", {}).get("appVersion") or ""
-    )
+    app_version = str(_field(release, "chart", "metadata", "appVersion") or "")
     slots = {}
     for slot in SLOTS:
         slot_values = slot_values_by_name[slot]
@@ -110,19 +108,31 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
             "replicas": state.replicas(slot, configured, has_image=has_image),
             "configuredReplicas": configured,
         }
-    info = release.get("info") or {}
     return {
         "release": release.get("name", ""),
         "namespace": release.get("namespace", ""),
-        "status": info.get("status", ""),
+        "status": _field(release, "info", "status") or "",
         "revision": release.get("version", 0),
-        "lastDeployed": info.get("last_deployed", ""),
+        "lastDeployed": _field(release, "info", "last_deployed") or "",
         "activeSlot": state.active,
         "previewSlot": state.preview,
         "previousSlot": state.previous,
         "idleSlot": state.idle_policy,
         "slots": slots,
     }
+
+
+def _field(document: Any, *path: str) -> Any:
+    """Return the value at `path` in the nested objects of Helm's JSON, or None.
+
+    A part of the path that is missing or not an object gives None, so a
+    release that Helm describes in an unexpected shape still gets a status.
+    """
+    for key in path:
+        if not isinstance(document, dict):
+            return None
+        document = document.get(key)
+    return document
 
 
 def format_status(report: dict[str, Any]) -> str:

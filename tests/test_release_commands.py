@@ -1047,13 +1047,51 @@ def test_timed_out_helm_stopped_with_sigterm(
     assert "history scoring --namespace ml" in str(raised.value)
 
 
-def status_text(values: dict[str, Any], status: str = "deployed") -> str:
+def test_helm_failure_without_output_names_command() -> None:
+    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm="helm")
+    command = ["helm", "get", "values", "scoring", "--namespace", "ml"]
+    result = subprocess.CompletedProcess(command, 3, "", "")
+
+    with pytest.raises(helm.HelmError) as raised:
+        helm.check_result(target, result, "read the release values")
+
+    message = str(raised.value)
+    assert "helm failed to read the release values (exit code 3)" in message
+    assert "(no output)" in message
+    assert "`helm get values scoring --namespace ml`" in message
+
+
+def with_chart_values(values: dict[str, Any]) -> dict[str, Any]:
     chart_values = yaml.safe_load(
         (Path(helm.__file__).parents[1] / "helm/agogosml/values.yaml").read_text()
     )
-    merged = merge(chart_values, values)
+    return merge(chart_values, values)
+
+
+def status_text(values: dict[str, Any], status: str = "deployed") -> str:
     release = {"name": "rel", "namespace": "ml", "info": {"status": status}}
-    return " ".join(format_status(status_report(merged, release)).split())
+    return " ".join(
+        format_status(status_report(with_chart_values(values), release)).split()
+    )
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"info": "deployed", "chart": ["agogosml"]},
+        {"info": None, "chart": {"metadata": 1}},
+    ],
+)
+def test_status_of_release_in_odd_shape(shape: dict[str, Any]) -> None:
+    release = {"name": "rel", "namespace": "ml", **shape}
+
+    values = with_chart_values(slot_values("green", previous="blue"))
+
+    report = status_report(values, release)
+
+    assert report["status"] == ""
+    assert report["lastDeployed"] == ""
+    assert report["activeSlot"] == "green"
 
 
 def test_status_explains_pending_release() -> None:
