@@ -9,7 +9,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +126,9 @@ def run_helm(
         raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
     try:
         stdout, stderr = process.communicate(timeout=timeout_seconds)
+    except KeyboardInterrupt:
+        _interrupt(process, target, command)
+        raise
     except subprocess.TimeoutExpired:
         _stop(process)
         raise HelmError(
@@ -134,6 +139,33 @@ def run_helm(
             "state, and `helm rollback` to the last deployed revision clears it."
         ) from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _interrupt(
+    process: subprocess.Popen[str], target: HelmTarget, command: list[str]
+) -> None:
+    """Pass a SIGINT on to Helm, wait for it to exit, and say how to check the release.
+
+    A Ctrl-C in a terminal reaches Helm too, but a SIGINT sent to this process
+    alone, as a CI runner sends when it cancels a job, would leave Helm
+    running unattended. Helm's output is read while it exits, so that it is
+    not killed by a closed pipe during the rollback of an atomic upgrade.
+    """
+    process.send_signal(signal.SIGINT)
+    try:
+        process.communicate(timeout=STOP_GRACE_SECONDS)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.kill()
+        process.communicate()
+    scope = shlex.join([target.release, *target.scope_args()])
+    print(
+        f"`{shlex.join(command)}` was interrupted, and Helm exited with code "
+        f"{process.returncode}. `agogosml status` shows the slots of the release, "
+        f"and `{target.helm} history {scope}` whether it is left pending; "
+        f"`{target.helm} rollback {scope} REVISION` to the last deployed "
+        "revision clears a pending state.",
+        file=sys.stderr,
+    )
 
 
 def _stop(process: subprocess.Popen[str]) -> None:

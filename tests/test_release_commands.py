@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1045,6 +1047,33 @@ def test_timed_out_helm_stopped_with_sigterm(
     assert log.read_text() == "TERM\n"
     assert "timed out after 1 s" in str(raised.value)
     assert "history scoring --namespace ml" in str(raised.value)
+
+
+def test_interrupted_cli_passes_sigint_to_helm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "signals.log"
+    script = tmp_path / "slow-helm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"trap 'echo INT >> {log}; kill $!; exit 1' INT\n"
+        "sleep 30 >/dev/null 2>&1 &\n"
+        "wait\n"
+    )
+    script.chmod(0o755)
+    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
+    # A signal to this process alone, as a CI runner sends when it cancels.
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+
+    with pytest.raises(KeyboardInterrupt):
+        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+
+    timer.join()
+    message = " ".join(capsys.readouterr().err.split())
+    assert log.read_text() == "INT\n"
+    assert "upgrade` was interrupted, and Helm exited with code 1" in message
+    assert "history scoring --namespace ml" in message
 
 
 def test_helm_failure_without_output_names_command() -> None:
