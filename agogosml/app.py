@@ -487,9 +487,11 @@ class ModelApp:
                 )
                 statuses[index] = {"status": 400, "error": problem}
                 continue
-            problem = _key_problem(item)
+            key_problem = _key_problem(item)
+            problem = f"the key{key_problem}" if key_problem else ""
+            problem = problem or _traceparent_problem(item)
             if problem:
-                statuses[index] = {"status": 400, "error": f"the key{problem}"}
+                statuses[index] = {"status": 400, "error": problem}
                 continue
             try:
                 output = _encode_element(item, result, index)
@@ -1625,6 +1627,21 @@ def _record_headers(headers: Any) -> dict[str, str]:
             )
         record_headers[record_name] = value
     return record_headers
+
+
+def _traceparent_problem(item: dict[str, Any]) -> str:
+    """Return why an item's traceparent is neither a string nor null, or ''.
+
+    The writer rejects such a trace context, as the app does here. A string
+    that is not a valid traceparent starts a new trace instead.
+    """
+    parent = item.get("traceparent")
+    if parent is None or isinstance(parent, str):
+        return ""
+    return (
+        f"'traceparent' must be a string or null, got {json_type(parent)}; send "
+        "the W3C traceparent header value, or leave it out to start a new trace"
+    )
 
 
 def _key_problem(item: dict[str, Any]) -> str:

@@ -273,6 +273,25 @@ async def test_batch_key_not_base64_400_only():
     assert [output["id"] for output in writer.requests[0].json()] == ["in:0:0"]
 
 
+@pytest.mark.parametrize(("parent", "kind"), [(5, "a number"), ({"v": 1}, "an object")])
+async def test_batch_traceparent_not_string_400(parent, kind):
+    items = [
+        {"id": "in:0:0", "traceparent": parent, "value": {"amount": 1}},
+        {"id": "in:0:1", "traceparent": "not a traceparent", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    assert [result["status"] for result in results] == [400, 200]
+    assert f"'traceparent' must be a string or null, got {kind}" in results[0]["error"]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
+
+
 @pytest.mark.parametrize("header", ["X-Message-Id", "X-Message-Key"])
 async def test_single_non_utf8_header_400(header):
     raw_header = header.encode() + b": caf\xe9\r\n"
