@@ -1083,7 +1083,10 @@ class ReaderSettings(_ServiceSettings):
     batch_max_bytes: int = Field(
         1_048_576,
         ge=1,
-        description="READER_BATCH_MAX_BYTES: maximum message bytes in one batch.",
+        description="READER_BATCH_MAX_BYTES: largest estimated size of one batch "
+        "request, in bytes: each message counts its value, key and id, plus 120 "
+        "bytes for its other fields. A message over the limit is sent in a batch "
+        "of its own.",
     )
     batch_max_wait_ms: int = Field(
         10,
@@ -1112,24 +1115,29 @@ class ReaderSettings(_ServiceSettings):
         8,
         ge=1,
         description="READER_RETRY_MAX_ATTEMPTS: requests per message before it is "
-        "dead-lettered. Requests that find no app, 503 or 429 responses while "
-        "the app's readiness check fails or with Retry-After, 401, 403, 404 and "
-        "405 responses, and batch requests the app rejects as a whole with a "
-        "4xx do not count.",
+        "dead-lettered. Requests that find no app, 429, 502, 503 and 504 "
+        "responses while the app's readiness check fails, 429 and 503 responses "
+        "with Retry-After, 3xx, 401, 403, 404 and 405 responses to a whole "
+        "request, and batch requests the app rejects as a whole with a 4xx "
+        "other than 408 and 429 do not count.",
     )
     retry_initial_backoff_ms: int = Field(
         100,
         ge=1,
         le=MAX_BACKOFF_MS,
-        description="READER_RETRY_INITIAL_BACKOFF_MS: delay before the first retry, "
-        "in milliseconds; it doubles per attempt.",
+        description="READER_RETRY_INITIAL_BACKOFF_MS: longest delay before the "
+        "first retry, in milliseconds; it doubles per attempt. Each delay is drawn "
+        "at random between half that bound and the bound (jitter).",
     )
     retry_max_backoff_ms: int = Field(
         10000,
         ge=1,
         le=MAX_BACKOFF_MS,
-        description="READER_RETRY_MAX_BACKOFF_MS: longest delay between retries, "
-        "in milliseconds; at least READER_RETRY_INITIAL_BACKOFF_MS.",
+        description="READER_RETRY_MAX_BACKOFF_MS: upper bound of the doubling "
+        "delay between retries, in milliseconds; at least "
+        "READER_RETRY_INITIAL_BACKOFF_MS. The app's Retry-After can ask for a "
+        "longer wait, up to 60 s, and a setup error (3xx, 401, 403, 404, 405) is "
+        "retried every READER_RETRY_MAX_BACKOFF_MS.",
     )
     stop_at_end: Flag = Field(
         False,
