@@ -187,7 +187,7 @@ class AppSettings(BaseSettings):
         ge=1,
         description="APP_WRITER_MAX_REQUESTS: writer requests open at once for "
         "single messages; while all are busy, further results wait and go out "
-        "together as one POST /batch.",
+        "together as POST /batch requests of at most APP_WRITER_MAX_BODY_BYTES.",
     )
     max_body_bytes: int = Field(
         4 * 1_048_576,
@@ -204,7 +204,7 @@ class AppSettings(BaseSettings):
         30000,
         ge=0,
         le=MAX_SHUTDOWN_TIMEOUT_MS,
-        description="APP_SHUTDOWN_TIMEOUT_MS: How long requests in progress may "
+        description="APP_SHUTDOWN_TIMEOUT_MS: how long requests in progress may "
         "take after SIGTERM or SIGINT, in milliseconds, at most one day; the rest "
         "get no response.",
     )

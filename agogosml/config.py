@@ -987,7 +987,7 @@ ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 class _ServiceSettings(BaseSettings):
     host: ListenAddress = Field(
         "127.0.0.1",
-        description="Address the HTTP server listens on (0.0.0.0 in containers).",
+        description="address the HTTP server listens on (0.0.0.0 in containers).",
     )
     log_level: LogLevel = Field(
         "INFO",
@@ -999,7 +999,7 @@ class _ServiceSettings(BaseSettings):
         30000,
         ge=0,
         le=MAX_SHUTDOWN_TIMEOUT_MS,
-        description="How long a graceful shutdown may take, in milliseconds, at "
+        description="how long a graceful shutdown may take, in milliseconds, at "
         "most one day.",
     )
 
