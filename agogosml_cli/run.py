@@ -904,7 +904,9 @@ def _reason_rows(summary: RunSummary) -> list[tuple[str, Text]]:
     reason = _shown(str(top["reason"]))
     # A Text, not a str, because rich reads brackets in a str as markup, and
     # the app's error text may contain them, such as "[/]" in a JSON body.
-    return [("top dead-letter reason", Text(f"{top['count']:,} records: {reason}"))]
+    count = int(top["count"])
+    noun = "record" if count == 1 else "records"
+    return [("top dead-letter reason", Text(f"{count:,} {noun}: {reason}"))]
 
 
 def _shown(reason: str) -> str:

@@ -232,6 +232,20 @@ def _column_in_file(error: str, indent: int) -> str:
     return f"{error[: match.start()]} at column {int(match.group(1)) + indent}"
 
 
+_SHOWN_INVALID_LINES = 5
+
+
+def _more_invalid_lines(numbers: list[int]) -> str:
+    """Name the invalid lines after the first, so that one edit fixes them all."""
+    if not numbers:
+        return ""
+    shown = ", ".join(str(number) for number in numbers[:_SHOWN_INVALID_LINES])
+    if len(numbers) > _SHOWN_INVALID_LINES:
+        shown += ", ..."
+    noun = "line is" if len(numbers) == 1 else "lines are"
+    return f", and {len(numbers):,} more {noun} not either ({shown})"
+
+
 def check_input_file(path: Path) -> None:
     """Check that `path` is a JSON Lines file with at least one value.
 
@@ -248,6 +262,8 @@ def check_input_file(path: Path) -> None:
             param_hint="--input",
         )
     records = 0
+    first_error = ""
+    invalid_lines: list[int] = []
     try:
         with path.open("rb") as file:
             for number, raw in enumerate(file, start=1):
@@ -257,19 +273,23 @@ def check_input_file(path: Path) -> None:
                     continue
                 error = exact_json.json_error(line)
                 if error:
-                    indent = len(text) - len(text.lstrip())
-                    error = _column_in_file(error, indent)
-                    raise click.BadParameter(
-                        f"{str(path)!r} is not JSON Lines: line {number} is not a "
-                        f"JSON value ({error}). Give a file with one JSON value "
-                        "a line",
-                        param_hint="--input",
-                    )
+                    if not invalid_lines:
+                        indent = len(text) - len(text.lstrip())
+                        first_error = _column_in_file(error, indent)
+                    invalid_lines.append(number)
+                    continue
                 records += 1
     except OSError as exc:
         raise click.BadParameter(
             f"cannot read {str(path)!r}: {exc.strerror or exc}", param_hint="--input"
         ) from None
+    if invalid_lines:
+        raise click.BadParameter(
+            f"{str(path)!r} is not JSON Lines: line {invalid_lines[0]} is not a "
+            f"JSON value ({first_error}){_more_invalid_lines(invalid_lines[1:])}. "
+            "Give a file with one JSON value a line",
+            param_hint="--input",
+        )
     if records == 0:
         raise click.BadParameter(
             f"{str(path)!r} has no records; give a file with one JSON value a line",

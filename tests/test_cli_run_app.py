@@ -330,6 +330,32 @@ def test_run_rejects_input_not_json_lines(
     assert f"'{path}' {message}" in flat(result.output)
 
 
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            ["1", "x", "2", "", "y"],
+            "line 2 is not a JSON value (unexpected character, expected a JSON "
+            "value at column 1), and 1 more line is not either (5).",
+        ),
+        (
+            ["{"] * 8,
+            "line 1 is not a JSON value (unexpected end of data at column 2), and 7 "
+            "more lines are not either (2, 3, 4, 5, 6, ...).",
+        ),
+    ],
+)
+def test_run_names_every_invalid_input_line(
+    tmp_path: Path, lines: list[str], message: str
+) -> None:
+    path = write_input(tmp_path / "values.jsonl", lines)
+
+    result = invoke("--input", str(path), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert f"'{path}' is not JSON Lines: {message}" in flat(result.output)
+
+
 def test_run_rejects_missing_input(tmp_path: Path) -> None:
     result = invoke("--input", str(tmp_path / "nope.jsonl"))
 

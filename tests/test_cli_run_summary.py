@@ -260,6 +260,18 @@ def test_table_shows_top_dead_letter_reason_shortened() -> None:
     assert "…" in text
 
 
+def test_table_counts_one_dead_letter_reason_as_one_record() -> None:
+    summary = RunSummary(
+        transport="file",
+        dead_lettered=1,
+        dead_letter_reasons=[{"reason": "not a payment", "count": 1}],
+    )
+
+    text = " ".join(table_text(summary).replace("│", " ").split())
+
+    assert "top dead-letter reason 1 record: not a payment" in text
+
+
 def test_table_without_dead_letters_has_no_reason_row() -> None:
     assert "dead-letter reason" not in table_text(RunSummary(transport="file"))
 
