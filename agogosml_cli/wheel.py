@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -113,11 +114,12 @@ def _source_root() -> Path | None:
 
 def _build_from_source(root: Path) -> bytes:
     with tempfile.TemporaryDirectory(prefix="agogosml-wheel-") as tmp:
+        wheel_dir = Path(tmp) / "wheel"
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet"]
         if _build_requirements_installed(root):
             # Without isolation pip fetches nothing, so an offline build works.
             command.append("--no-build-isolation")
-        command += ["--wheel-dir", tmp, str(root)]
+        command += ["--wheel-dir", str(wheel_dir), str(root)]
         try:
             completed = subprocess.run(
                 command,
@@ -125,6 +127,7 @@ def _build_from_source(root: Path) -> bytes:
                 text=True,
                 timeout=PIP_TIMEOUT_SECONDS,
                 check=False,
+                env=_fresh_build_directory(Path(tmp)),
             )
         except subprocess.TimeoutExpired:
             raise WheelError(
@@ -139,15 +142,36 @@ def _build_from_source(root: Path) -> bytes:
                 "agogosml from this wheel; fix the build, or install agogosml "
                 "from a wheel and run 'agogosml generate' again"
             )
-        wheel = Path(tmp) / wheel_name()
+        wheel = wheel_dir / wheel_name()
         if not wheel.is_file():
-            built = ", ".join(path.name for path in Path(tmp).iterdir()) or "nothing"
+            names = (
+                [path.name for path in wheel_dir.iterdir()]
+                if wheel_dir.is_dir()
+                else []
+            )
+            built = ", ".join(names) or "nothing"
             raise WheelError(
                 f"building from {root} produced {built}, not {wheel.name}: the "
                 f"source tree's version differs from the running agogosml "
                 f"{__version__}; reinstall agogosml from {root}"
             )
         return wheel.read_bytes()
+
+
+def _fresh_build_directory(tmp: Path) -> dict[str, str]:
+    """Return the environment of a build whose setuptools builds under `tmp`.
+
+    setuptools builds in the source tree's ``build/`` by default and never
+    empties it, so a module deleted from the tree since an earlier build would
+    still be packaged from ``build/lib``. ``DIST_EXTRA_CONFIG`` names a
+    configuration file that setuptools reads after the tree's own, here one that
+    moves the build directory into `tmp`, which is new for each build.
+    """
+    config = tmp / "build.cfg"
+    # setuptools reads the file with interpolation, where "%%" stands for "%".
+    build_base = str(tmp / "build").replace("%", "%%")
+    config.write_text(f"[build]\nbuild_base = {build_base}\n", encoding="utf-8")
+    return {**os.environ, "DIST_EXTRA_CONFIG": str(config)}
 
 
 def _build_requirements_installed(root: Path) -> bool:

@@ -2765,6 +2765,32 @@ def test_wheel_repacked_from_installed_files(tmp_path: Path) -> None:
     assert wheel_record(repack.stdout) == wheel_record(built.read_bytes())
 
 
+def test_wheel_from_source_leaves_out_stale_build_files(tmp_path: Path) -> None:
+    # A copy of the source tree whose build/ still has a module that an
+    # earlier build packaged and that the tree no longer has.
+    root = tmp_path / "agogosml"
+    root.mkdir()
+    for name in ["pyproject.toml", "setup.py", "README.md"]:
+        shutil.copy2(REPO_ROOT / name, root / name)
+    for package in ["agogosml", "agogosml_cli", "sample_app"]:
+        shutil.copytree(
+            REPO_ROOT / package,
+            root / package,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+    stale = root / "build" / "lib" / "agogosml" / "deleted_module.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("STALE = True\n")
+
+    data = wheel._build_from_source(root)
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+    assert "agogosml/app.py" in names
+    assert "agogosml/deleted_module.py" not in names
+    assert sorted(path.name for path in (root / "build").iterdir()) == ["lib"]
+
+
 def test_init_rejects_two_clusters_with_1(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
 
