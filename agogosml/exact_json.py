@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,8 @@ _NUMBER_SHAPE = bytes(
 _LONG_POSITIVE = b" " + b"0" * 20
 _LONG_NEGATIVE = b" -" + b"0" * 19
 _DIGIT_RUN = b"0" * 19
+#: A word outside quotes, where orjson expected a JSON value.
+_WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def may_contain_big_int(body: bytes) -> bool:
@@ -89,7 +92,7 @@ def decode_error(value: bytes, exc: orjson.JSONDecodeError) -> str:
     """
     text = str(exc)
     if "not valid UTF-8" not in text:
-        return text
+        return text + _bare_word_hint(value, exc.pos)
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -99,6 +102,23 @@ def decode_error(value: bytes, exc: orjson.JSONDecodeError) -> str:
             f"{error.start}; send JSON encoded as UTF-8"
         )
     return text
+
+
+def _bare_word_hint(value: bytes, position: int) -> str:
+    """Return a fix for a word outside quotes at character `position`, else ''.
+
+    orjson reads a word that starts with t, f or n as a misspelt true, false
+    or null, so "this is text" gets "expected 'true'", which hides the fix.
+    """
+    start = len(value.decode("utf-8", "replace")[:position].encode())
+    if value[start : start + 1] == b"'":
+        return "; JSON strings and keys take double quotes, not single quotes"
+    word = _WORD.match(value, start)
+    if word is None or word[0] in (b"true", b"false", b"null"):
+        return ""
+    if word[0] in (b"NaN", b"Infinity"):
+        return "; NaN and Infinity are not JSON numbers: send null or a finite number"
+    return '; text must be a JSON string in double quotes, such as "text"'
 
 
 def json_error(value: bytes) -> str:

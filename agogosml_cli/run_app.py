@@ -23,7 +23,7 @@ from agogosml_cli.run import UTF8_BOM, AppChoice
 MANIFEST_NAME = "agogosml.yaml"
 #: The position at the end of a JSON decoder's error, such as orjson's
 #: ": line 1 column 5 (char 4)".
-_LINE_POSITION = re.compile(r": line \d+ column (\d+) \(char \d+\)$")
+_LINE_POSITION = re.compile(r": line \d+ column (\d+) \(char \d+\)")
 
 #: Run by the interpreter of the run in the app's directory, as ``python -m``
 #: would run the module there: exits 0 when the module is found, else with
@@ -229,7 +229,8 @@ def _column_in_file(error: str, indent: int) -> str:
     match = _LINE_POSITION.search(error)
     if match is None:
         return error
-    return f"{error[: match.start()]} at column {int(match.group(1)) + indent}"
+    column = int(match.group(1)) + indent
+    return f"{error[: match.start()]} at column {column}{error[match.end() :]}"
 
 
 _SHOWN_INVALID_LINES = 5

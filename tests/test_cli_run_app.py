@@ -17,6 +17,8 @@ from sample_app.data import FEATURE_COLUMNS
 
 REPO_ROOT = Path(__file__).parents[1]
 
+#: The fix that a JSON error gives for a word outside quotes.
+QUOTE_HINT = 'text must be a JSON string in double quotes, such as "text"'
 #: A model app that doubles integers and rejects any other value.
 DOUBLING_APP = """\
 from agogosml.app import InvalidRecord, ModelApp
@@ -309,12 +311,12 @@ def test_run_rejects_app_option_combination(
         (
             ["1", '    {"a": x}'],
             "is not JSON Lines: line 2 is not a JSON value (unexpected character, "
-            "expected a JSON value at column 11)",
+            f"expected a JSON value at column 11; {QUOTE_HINT})",
         ),
         (
             ['\t{"a": x}'],
             "is not JSON Lines: line 1 is not a JSON value (unexpected character, "
-            "expected a JSON value at column 8)",
+            f"expected a JSON value at column 8; {QUOTE_HINT})",
         ),
     ],
 )
@@ -336,7 +338,7 @@ def test_run_rejects_input_not_json_lines(
         (
             ["1", "x", "2", "", "y"],
             "line 2 is not a JSON value (unexpected character, expected a JSON "
-            "value at column 1), and 1 more line is not either (5).",
+            f"value at column 1; {QUOTE_HINT}), and 1 more line is not either (5).",
         ),
         (
             ["{"] * 8,

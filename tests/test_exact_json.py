@@ -1,11 +1,11 @@
-"""Tests of the scan for integers that orjson would not decode exactly."""
+"""Tests of the scan for integers beyond 64 bits, and of JSON error messages."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from agogosml.exact_json import may_contain_big_int
+from agogosml.exact_json import json_error, may_contain_big_int
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,32 @@ def test_digit_runs_in_strings():
     assert may_contain_big_int(b'{"note": "call 12345678901234567890"}')
     # A run that follows a letter is not a number, so it does not.
     assert not may_contain_big_int(b'{"ref": "x12345678901234567890"}')
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        (
+            b"this is text",
+            'text must be a JSON string in double quotes, such as "text"',
+        ),
+        (b'{"caf\xc3\xa9": nope}', "text must be a JSON string in double quotes"),
+        (b"[1, NaN]", "NaN and Infinity are not JSON numbers"),
+        (b"-Infinity", "NaN and Infinity are not JSON numbers"),
+        (b"{'a': 1}", "JSON strings and keys take double quotes, not single quotes"),
+    ],
+)
+def test_json_error_gives_fix_for_unquoted_word(value, hint):
+    error = json_error(value)
+
+    assert hint in error
+    assert "line 1 column" in error
+
+
+@pytest.mark.parametrize("value", [b"tru", b"[1, 2,]", b'{"a": 1'])
+def test_json_error_without_word_has_no_hint(value):
+    error = json_error(value)
+
+    assert error
+    assert "double quotes" not in error
+    assert "NaN" not in error
