@@ -530,26 +530,27 @@ class ModelApp:
         When the writer rejects a chunk of several records (422), they are sent
         again one at a time, so only the record the sink cannot take fails: with
         422, or with a 503 without Retry-After, which the reader retries for
-        that record alone. Any other failure fails the whole request with 503
-        or 502, and the reader retries the whole batch. The records of earlier
-        chunks are then written again, which at-least-once delivery allows.
+        that record alone. A chunk of one record of a batch of several fails
+        alone in the same way, as when the size limit put it in a chunk of its
+        own. Any other failure fails the whole request with 503 or 502, and the
+        reader retries the whole batch. The records of earlier chunks are then
+        written again, which at-least-once delivery allows.
         """
         body = b"[" + b",".join(output for _, output in chunk) + b"]"
         try:
             await self._forward("/batch", body, len(chunk))
         except _Reject as exc:
+            # A 503 with Retry-After is the writer or its sink down, which
+            # fails the request as a whole.
+            alone = len(chunk) == 1 and len(items) > 1
+            if alone and exc.status == 503 and not exc.retry_after:
+                statuses[chunk[0][0]] = {"status": 503, "error": str(exc)}
+                return
             if exc.status != 422:
                 raise
             if len(chunk) > 1:
                 for entry in chunk:
-                    try:
-                        await self._forward_chunk(items, [entry], statuses)
-                    except _Reject as alone:
-                        # A 503 with Retry-After is the writer or its sink down,
-                        # which fails the request as a whole.
-                        if alone.status != 503 or alone.retry_after:
-                            raise
-                        statuses[entry[0]] = {"status": 503, "error": str(alone)}
+                    await self._forward_chunk(items, [entry], statuses)
                 return
             ((index, _),) = chunk
             logger.info(

@@ -398,6 +398,63 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
     assert topic_values(kafka_bootstrap, topic) == [b'{"n":1}']
 
 
+async def test_oversized_result_alone_in_chunk(
+    kafka_bootstrap: str,
+    limited_topic: TopicFactory,
+    sinks: list[KafkaSink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deny_describe_configs(monkeypatch)
+    topic = limited_topic(TOPIC_LIMIT)
+    sink = KafkaSink(
+        load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
+    )
+    sinks.append(sink)
+    await sink.start()
+    writer = OutputWriter(load_settings(WriterSettings, output=topic), sink)
+    source = MemorySource("input")
+    small = orjson.dumps({"n": 0, "pad": "y" * 5_000})
+    source.add(small)
+    source.add(orjson.dumps({"n": 1, "pad": "x" * 20_000}))
+    dead_letter = MemorySink()
+    settings = reader_settings(
+        "http://127.0.0.1:1",
+        input="input",
+        stop_at_end=False,
+        retry_max_attempts=2,
+        app_ready_path="/readyz",
+        batch_max_messages=2,
+        batch_max_wait_ms=200,
+    )
+
+    async with TestServer(writer.build_app()) as writer_server:
+        # Each result fits one writer request alone, but not both together, so
+        # the result too large for the topic is a writer request of its own.
+        app_settings = AppSettings(
+            writer_url=str(writer_server.make_url("")), writer_max_body_bytes=24_000
+        )
+        async with (
+            ModelApp(lambda values: values).running(app_settings) as app,
+            TestServer(app) as app_server,
+        ):
+            settings = settings.model_copy(
+                update={"app_url": str(app_server.make_url(""))}
+            )
+            async with running_reader(settings, source, dead_letter):
+                deadline = time.monotonic() + TIMEOUT_SECONDS
+                while source.committed != {("input", 0): 2}:
+                    assert time.monotonic() < deadline, source.committed
+                    await asyncio.sleep(0.1)
+
+    dead_lettered = [
+        orjson.loads(record.value)["n"] for record in dead_letter.envelopes
+    ]
+    written = topic_values(kafka_bootstrap, topic)
+
+    assert dead_lettered == [1]
+    assert written == [orjson.dumps(orjson.loads(small))]
+
+
 async def test_raised_topic_limit_read_before_rejecting(
     kafka_bootstrap: str,
     limited_topic: TopicFactory,
