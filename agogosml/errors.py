@@ -49,6 +49,10 @@ class SinkError(TransportError):
             but the sink cannot tell whether a record of this call is over the
             limit alone. A retry may succeed, and a record that fails this way on
             every retry is too large.
+        batch_rejected: True when the destination rejected a whole batch of
+            records for one invalid record, and the batch may hold records of
+            other calls. A retry may succeed, and a record that fails this way
+            on every retry is invalid.
     """
 
     def __init__(
@@ -59,11 +63,13 @@ class SinkError(TransportError):
         failures: dict[str, str] | None = None,
         too_large: bool = False,
         size_rejected: bool = False,
+        batch_rejected: bool = False,
     ) -> None:
         super().__init__(message, retriable=retriable)
         self.failures = failures or {}
         self.too_large = too_large
         self.size_rejected = size_rejected
+        self.batch_rejected = batch_rejected
 
 
 class AppRequestError(AgogosmlError):

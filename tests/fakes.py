@@ -164,6 +164,7 @@ class MemorySink(Sink):
         self._failures_retriable = True
         self._failures_too_large = False
         self._failures_size_rejected = False
+        self._failures_batch_rejected = False
 
     def fail_next(
         self,
@@ -172,6 +173,7 @@ class MemorySink(Sink):
         retriable: bool = True,
         too_large: bool = False,
         size_rejected: bool = False,
+        batch_rejected: bool = False,
     ) -> None:
         """Make the next `count` calls of `send` raise `SinkError`.
 
@@ -179,11 +181,14 @@ class MemorySink(Sink):
         does for a record over its size limit. With `size_rejected`, the error
         reports that the destination rejected records as too large without naming
         them, as the Kafka sink does while it cannot read the topic's limit.
+        With `batch_rejected`, it reports a batch rejected for an invalid record
+        that may belong to another call.
         """
         self._failures_left = count
         self._failures_retriable = retriable
         self._failures_too_large = too_large
         self._failures_size_rejected = size_rejected
+        self._failures_batch_rejected = batch_rejected
 
     @property
     def connected(self) -> bool:
@@ -219,6 +224,7 @@ class MemorySink(Sink):
                 failures=failures,
                 too_large=self._failures_too_large,
                 size_rejected=self._failures_size_rejected,
+                batch_rejected=self._failures_batch_rejected,
             )
         self.envelopes.extend(envelopes)
 

@@ -1101,9 +1101,10 @@ async def test_sink_permanent_failure_422():
     assert sink.send_calls == 2
 
 
-async def test_size_rejected_503_without_retry_after():
+@pytest.mark.parametrize("rejection", ["size_rejected", "batch_rejected"])
+async def test_rejected_503_without_retry_after(rejection):
     sink = await started_sink()
-    sink.fail_next(2, size_rejected=True)
+    sink.fail_next(2, **{rejection: True})
 
     async with serve_writer(sink) as (client, _):
         response = await client.post("/", data=b'{"n": 1}', headers=JSON)

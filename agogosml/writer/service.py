@@ -279,24 +279,25 @@ class OutputWriter:
 def _sink_error_response(exc: SinkError, count: int) -> BadRequest:
     """Return 503 for a failure a retry may fix, else 422 so callers stop retrying.
 
-    Records that the destination rejected as too large, without the sink
-    knowing which (`SinkError.size_rejected`), get 422 when the request had
-    several, so that `ModelApp` sends them again one at a time and only the
-    record too large fails. A single record gets 503 without Retry-After, so
-    each retry uses up an attempt and a record too large for the topic ends in
-    the dead letters instead of being retried forever.
+    Records that the destination rejected as too large or invalid, without the
+    sink knowing which (`SinkError.size_rejected`, `SinkError.batch_rejected`),
+    get 422 when the request had several, so that `ModelApp` sends them again
+    one at a time and only the record at fault fails. A single record gets 503
+    without Retry-After, so each retry uses up an attempt and a record that the
+    topic never takes ends in the dead letters instead of being retried forever.
     """
-    if exc.size_rejected and count > 1:
+    rejected = exc.size_rejected or exc.batch_rejected
+    if rejected and count > 1:
         return BadRequest(
             422,
             f"records were not written: {exc}. Send the {count} records one at a "
-            "time to find the one that is too large",
+            "time to find the one that the topic rejects",
         )
     if exc.retriable:
         return BadRequest(
             503,
             f"records were not written: {exc}",
-            retry_after=None if exc.size_rejected else SINK_RETRY_AFTER_SECONDS,
+            retry_after=None if rejected else SINK_RETRY_AFTER_SECONDS,
         )
     return BadRequest(
         422,

@@ -400,9 +400,11 @@ class KafkaSink(Sink):
         batch is over the topic's limit, and the batch may hold records of other
         requests. So that error is permanent only when a record of this request
         is over the limit alone. The limit is read again before deciding,
-        because it may have been lowered.
+        because it may have been lowered. INVALID_RECORD fails a whole batch
+        too, so it is retriable for the same reason.
         """
         size_error = any(e.code() == KafkaError.MSG_SIZE_TOO_LARGE for e in errors)
+        invalid_error = any(e.code() == KafkaError.INVALID_RECORD for e in errors)
         too_large: list[tuple[Envelope, str]] = []
         if size_error:
             await self._topic_limit.refresh()
@@ -422,9 +424,15 @@ class KafkaSink(Sink):
                 "the batch too large, so retry. A record that fails this way on "
                 "every retry is too large for the topic"
             )
+        if invalid_error:
+            text += (
+                ". The broker rejects a whole record batch that holds one invalid "
+                "record, such as a record without a key on a compacted topic, and "
+                "records of other requests may share the batch, so retry. A record "
+                "that fails this way on every retry is invalid for the topic"
+            )
         retriable = not too_large and all(
-            error.code() == KafkaError.MSG_SIZE_TOO_LARGE or is_retriable(error)
-            for error in errors
+            error.code() in _BATCH_ERRORS or is_retriable(error) for error in errors
         )
         return SinkError(
             text,
@@ -432,6 +440,7 @@ class KafkaSink(Sink):
             failures={envelope.id: problem for envelope, problem in too_large},
             too_large=bool(too_large),
             size_rejected=size_error and not too_large,
+            batch_rejected=invalid_error and not too_large,
         )
 
 
@@ -497,10 +506,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 #: Errors that the same record will meet again on every attempt. Everything else
 #: (timeouts, unavailable leaders, missing replicas, a broker outage) may pass.
-#: MSG_SIZE_TOO_LARGE in a delivery report is judged by the record's size
-#: instead (`KafkaSink._delivery_error`). TOPIC_AUTHORIZATION_FAILED is not
-#: here: once an operator grants the missing permission, every record passes,
-#: so valid records wait for that instead of going to the dead letters.
+#: MSG_SIZE_TOO_LARGE and INVALID_RECORD in a delivery report are judged in
+#: `KafkaSink._delivery_error` instead, because they fail a whole batch.
+#: TOPIC_AUTHORIZATION_FAILED is not here: once an operator grants the missing
+#: permission, every record passes, so valid records wait for that instead of
+#: going to the dead letters.
 _PERMANENT_ERRORS = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
@@ -510,6 +520,11 @@ _PERMANENT_ERRORS = frozenset(
         KafkaError.TOPIC_EXCEPTION,
     }
 )
+
+
+#: Errors with which the broker fails a whole record batch, which may hold
+#: records of other `send` calls, for one record of it.
+_BATCH_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD})
 
 
 def is_retriable(error: KafkaError) -> bool:
