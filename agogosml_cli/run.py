@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -49,6 +50,8 @@ WORK_FILES = (
 DEAD_LETTER_ERROR_HEADER = "dlq.error"
 #: How many dead-letter reasons the summary keeps, the most frequent first.
 TOP_REASONS = 3
+#: Dead-lettered --input lines that the summary names.
+SHOWN_LINES = 20
 #: Characters of a reason that the summary table shows.
 _REASON_CHARS = 300
 
@@ -195,6 +198,9 @@ class RunSummary:
     #: The most frequent reasons of the dead letters (their ``dlq.error``), up
     #: to three, each as {"reason": ..., "count": ...}, the most frequent first.
     dead_letter_reasons: list[dict[str, Any]] = field(default_factory=list)
+    #: Lines of the --input file, counting from 1, of up to 20 dead-lettered
+    #: records, in file order. Empty for the dataset, whose ids give the row.
+    dead_lettered_lines: list[int] = field(default_factory=list)
     #: Reason the run stopped before every record was accounted for, or "".
     error: str = ""
     #: Whether SIGINT or SIGTERM ended the run, which `error` then names too.
@@ -313,6 +319,9 @@ class InputLines(NamedTuple):
     #: Indexes of the lines whose Class label is 1, or None when the sample
     #: app does not run, so that the summary has no fraud counts.
     labelled_fraud: frozenset[int] | None
+    #: Line of each record in the --input file, counting from 1, or None
+    #: for the dataset.
+    source_lines: list[int] | None = None
 
 
 class InputRecords(NamedTuple):
@@ -321,13 +330,16 @@ class InputRecords(NamedTuple):
     ids: list[str]
     #: None when the summary has no fraud counts.
     labelled_fraud: frozenset[str] | None
+    #: Line of each record in the --input file, or None for the dataset.
+    source_lines: list[int] | None = None
 
     @classmethod
     def of(cls, lines: InputLines, ids: list[str]) -> InputRecords:
         """Return the records of `lines`, whose message ids are `ids`."""
-        if lines.labelled_fraud is None:
-            return cls(ids, None)
-        return cls(ids, frozenset(ids[index] for index in lines.labelled_fraud))
+        labelled = None
+        if lines.labelled_fraud is not None:
+            labelled = frozenset(ids[index] for index in lines.labelled_fraud)
+        return cls(ids, labelled, lines.source_lines)
 
 
 def write_input_file(options: RunOptions, path: Path) -> InputLines:
@@ -339,8 +351,10 @@ def write_input_file(options: RunOptions, path: Path) -> InputLines:
         DatasetFormatError: The CSV is invalid; for a row, the message names
             its line in the file, counting the header as line 1.
     """
+    source_lines: list[int] | None = None
     if options.input_file is not None:
-        values = _read_json_lines(options.input_file, options.limit)
+        source_lines = []
+        values = _read_json_lines(options.input_file, options.limit, source_lines)
     else:
         values = _read_dataset(options)
     offsets: list[int] = []
@@ -354,8 +368,8 @@ def write_input_file(options: RunOptions, path: Path) -> InputLines:
             file.write(line + b"\n")
             offset += len(line) + 1
     if not options.app.is_sample:
-        return InputLines(offsets, None)
-    return InputLines(offsets, frozenset(labelled))
+        return InputLines(offsets, None, source_lines)
+    return InputLines(offsets, frozenset(labelled), source_lines)
 
 
 def _read_dataset(options: RunOptions) -> Iterator[tuple[bytes, Any]]:
@@ -367,21 +381,25 @@ def _read_dataset(options: RunOptions) -> Iterator[tuple[bytes, Any]]:
         yield orjson.dumps(transaction), transaction
 
 
-def _read_json_lines(path: Path, limit: int | None) -> Iterator[tuple[bytes, Any]]:
+def _read_json_lines(
+    path: Path, limit: int | None, numbers: list[int]
+) -> Iterator[tuple[bytes, Any]]:
     """Yield each JSON line of `path` and its value, without blank lines.
 
     A line keeps its bytes, without the whitespace around it, so the app gets
-    the value as the file has it. `check_input_file` checked the lines.
+    the value as the file has it. `check_input_file` checked the lines. The
+    number of each line yielded, counting from 1, is appended to `numbers`.
     """
     count = 0
     with path.open("rb") as file:
-        for raw in file:
+        for number, raw in enumerate(file, start=1):
             line = raw.removeprefix(UTF8_BOM).strip()
             if not line:
                 continue
             if limit is not None and count >= limit:
                 return
             count += 1
+            numbers.append(number)
             try:
                 value = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -858,6 +876,7 @@ def _summarise(
             {"reason": reason, "count": count}
             for reason, count in tally.dead_letter_reasons.most_common(TOP_REASONS)
         ],
+        dead_lettered_lines=_dead_lettered_lines(records, tally),
     )
     labelled = records.labelled_fraud
     if labelled is None:
@@ -870,6 +889,18 @@ def _summarise(
     return summary
 
 
+def _dead_lettered_lines(records: InputRecords, tally: OutputTally) -> list[int]:
+    """Return the --input lines of the first `SHOWN_LINES` dead-lettered records."""
+    if records.source_lines is None or not tally.dead_lettered:
+        return []
+    lines = (
+        number
+        for message_id, number in zip(records.ids, records.source_lines, strict=True)
+        if message_id in tally.dead_lettered
+    )
+    return list(itertools.islice(lines, SHOWN_LINES))
+
+
 def print_summary(summary: RunSummary, console: Console) -> None:
     """Print the summary as a table."""
     table = Table(title="agogosml run", show_header=False)
@@ -880,6 +911,7 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         ("written", f"{summary.written:,}"),
         ("dead-lettered", f"{summary.dead_lettered:,}"),
         *_reason_rows(summary),
+        *_dead_lettered_line_rows(summary),
         *_written_and_dead_lettered_rows(summary),
         ("duplicates", f"{summary.duplicates:,}"),
         *_missing_rows(summary),
@@ -907,6 +939,18 @@ def _reason_rows(summary: RunSummary) -> list[tuple[str, Text]]:
     count = int(top["count"])
     noun = "record" if count == 1 else "records"
     return [("top dead-letter reason", Text(f"{count:,} {noun}: {reason}"))]
+
+
+def _dead_lettered_line_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    """Show where in the --input file the dead-lettered records are."""
+    lines = summary.dead_lettered_lines
+    if not lines:
+        return []
+    text = ", ".join(str(number) for number in lines)
+    more = summary.dead_lettered - len(lines)
+    if more > 0:
+        text += f" and {more:,} more"
+    return [("dead-lettered lines", text)]
 
 
 def _shown(reason: str) -> str:

@@ -98,6 +98,8 @@ def check_doubling_summary(summary: dict[str, Any]) -> None:
     assert summary["duplicates"] == 0
     assert summary["missing"] == 0
     assert summary["dead_letter_reasons"] == [{"reason": "not an integer", "count": 2}]
+    # The blank third line of INPUT_LINES counts: the file's lines 5 and 7.
+    assert summary["dead_lettered_lines"] == [5, 7]
     for name in FRAUD_FIELDS:
         assert name not in summary
 

@@ -260,6 +260,37 @@ def test_table_shows_top_dead_letter_reason_shortened() -> None:
     assert "…" in text
 
 
+def test_dead_lettered_lines_in_file_order() -> None:
+    tally = tally_of(IDS[:2], IDS[9:1:-1])
+    source_lines = [2 * index + 1 for index in range(10)]
+
+    summary = _summarise("file", InputRecords(IDS, None, source_lines), tally, 1.0)
+
+    assert summary.dead_lettered_lines == [5, 7, 9, 11, 13, 15, 17, 19]
+    assert orjson.loads(summary.to_json())["dead_lettered_lines"][0] == 5
+
+
+def test_dead_lettered_lines_cut_and_counted() -> None:
+    ids = [f"line-{index}" for index in range(30)]
+    tally = tally_of([], ids)
+
+    summary = _summarise(
+        "file", InputRecords(ids, None, list(range(1, 31))), tally, 1.0
+    )
+    text = " ".join(table_text(summary).replace("│", " ").split())
+
+    assert summary.dead_lettered_lines == list(range(1, 21))
+    assert "dead-lettered lines 1, 2, 3," in text
+    assert "19, 20 and 10 more" in text
+
+
+def test_dataset_run_names_no_dead_lettered_lines() -> None:
+    summary = _summarise("file", InputRecords(IDS, None), tally_of([], IDS), 1.0)
+
+    assert summary.dead_lettered_lines == []
+    assert "dead-lettered lines" not in table_text(summary)
+
+
 def test_table_counts_one_dead_letter_reason_as_one_record() -> None:
     summary = RunSummary(
         transport="file",
