@@ -163,6 +163,13 @@ def cli() -> None:
     help="Ordering mode of the input reader.",
 )
 @click.option(
+    "--max-dead-letters",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Exit with code 1 when more than N records were dead-lettered, as a "
+    "check in CI. Default: no limit.",
+)
+@click.option(
     "--stall-timeout-seconds",
     type=click.FloatRange(min=1),
     callback=lambda ctx, param, value: _finite(value, param),
@@ -182,6 +189,7 @@ def run(
     work_dir: Path,
     batch_size: int,
     ordering: str,
+    max_dead_letters: int | None,
     stall_timeout_seconds: float,
     **stream: Any,
 ) -> None:
@@ -195,8 +203,9 @@ def run(
     \b
     Exit codes:
       0    every record was written or dead-lettered
-      1    a failure, a service that exited during the run, or a record that
-           is in neither the output nor the dead letters
+      1    a failure, a service that exited during the run, a record that
+           is in neither the output nor the dead letters, or more dead
+           letters than --max-dead-letters
       2    a usage error, such as an invalid option value, or a missing
            sample extra, trained model or app module, found before any
            service starts
@@ -242,13 +251,14 @@ def run(
         app=app,
     )
     with lock_work_dir(work_dir):
-        _run_until_signal(make_options, data, summary_json)
+        _run_until_signal(make_options, data, summary_json, max_dead_letters)
 
 
 def _run_until_signal(
     make_options: Callable[..., RunOptions],
     data: Path | None,
     summary_json: Path | None,
+    max_dead_letters: int | None = None,
 ) -> None:
     """Run the pipeline; on SIGINT or SIGTERM, exit with 128 + the signal number.
 
@@ -280,7 +290,7 @@ def _run_until_signal(
         options = make_options(data_path=data)
         if options.data_path is None and options.input_file is None:
             options.data_path = _fetch_dataset(console)
-        _run(options, summary_json, console)
+        _run(options, summary_json, console, max_dead_letters)
     except KeyboardInterrupt:
         # Every service is stopped: a further signal would only cut the message.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -373,7 +383,12 @@ def _fetch_dataset(console: Console) -> Path:
     return info.path
 
 
-def _run(options: RunOptions, summary_json: Path | None, console: Console) -> None:
+def _run(
+    options: RunOptions,
+    summary_json: Path | None,
+    console: Console,
+    max_dead_letters: int | None = None,
+) -> None:
     from agogosml_cli.run import print_summary, run_pipeline
 
     try:
@@ -392,6 +407,12 @@ def _run(options: RunOptions, summary_json: Path | None, console: Console) -> No
         raise click.ClickException(f"the run stopped early: {summary.error}")
     if summary.missing:
         console.print(f"[red]{summary.missing} records are missing[/red]")
+        sys.exit(1)
+    if max_dead_letters is not None and summary.dead_lettered > max_dead_letters:
+        console.print(
+            f"[red]{summary.dead_lettered:,} records were dead-lettered, more than "
+            f"--max-dead-letters {max_dead_letters:,}[/red]"
+        )
         sys.exit(1)
 
 

@@ -76,6 +76,31 @@ def test_run_warns_of_misspelt_variable(
     ) in flat(result.output)
 
 
+@pytest.mark.parametrize(("limit", "code"), [("2", 1), ("3", 0)])
+def test_run_max_dead_letters_sets_exit_code(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fraud_model: Path,
+    limit: str,
+    code: int,
+) -> None:
+    from agogosml_cli import run
+
+    summary = run.RunSummary(transport="file", read=5, written=2, dead_lettered=3)
+    monkeypatch.setattr(run, "run_pipeline", lambda *arguments: summary)
+    values = tmp_path / "values.jsonl"
+    values.write_text("1\n")
+
+    result = invoke(
+        "run", "--input", str(values), "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"), "--max-dead-letters", limit,
+    )  # fmt: skip
+
+    assert result.exit_code == code, result.output
+    message = "3 records were dead-lettered, more than --max-dead-letters 2"
+    assert (message in flat(result.output)) == (code == 1)
+
+
 def test_run_help_lists_exit_codes() -> None:
     result = invoke("run", "--help")
 
