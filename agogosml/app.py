@@ -489,7 +489,7 @@ class ModelApp:
                 continue
             key_problem = _key_problem(item)
             problem = f"the key{key_problem}" if key_problem else ""
-            problem = problem or _traceparent_problem(item)
+            problem = problem or _id_problem(item) or _traceparent_problem(item)
             if problem:
                 statuses[index] = {"status": 400, "error": problem}
                 continue
@@ -1628,6 +1628,24 @@ def _record_headers(headers: Any) -> dict[str, str]:
             )
         record_headers[record_name] = value
     return record_headers
+
+
+def _id_problem(item: dict[str, Any]) -> str:
+    """Return why an item's id is neither null nor a valid id string, or ''.
+
+    The writer rejects such an id with a 400 about its own batch element, which
+    would reach the client as a 422 about the writer.
+    """
+    message_id = item.get("id")
+    if message_id is None:
+        return ""
+    if not isinstance(message_id, str):
+        return (
+            f"'id' must be a string or null, got {json_type(message_id)}; send "
+            "the message id as a JSON string"
+        )
+    problem = id_problem(message_id)
+    return f"'id' {problem}" if problem else ""
 
 
 def _traceparent_problem(item: dict[str, Any]) -> str:

@@ -292,6 +292,36 @@ async def test_batch_traceparent_not_string_400(parent, kind):
     assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
 
 
+@pytest.mark.parametrize(
+    ("message_id", "problem"),
+    [
+        ("in\t1", "'id' 'in\\t1' contains a control character"),
+        ("in\x001", "'id' 'in\\x001' contains a control character"),
+        (5, "'id' must be a string or null, got a number"),
+    ],
+)
+async def test_batch_bad_id_400_only(message_id, problem):
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}},
+        {"id": message_id, "value": {"amount": 2}},
+        {"id": "in:0:2", "value": {"amount": 3}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    assert [result["status"] for result in results] == [200, 400, 200]
+    assert problem in results[1]["error"]
+    assert "output writer" not in results[1]["error"]
+    assert len(writer.requests) == 1
+    forwarded = [output["id"] for output in writer.requests[0].json()]
+    assert forwarded == ["in:0:0", "in:0:2"]
+
+
 @pytest.mark.parametrize("header", ["X-Message-Id", "X-Message-Key"])
 async def test_single_non_utf8_header_400(header):
     raw_header = header.encode() + b": caf\xe9\r\n"
@@ -1005,8 +1035,8 @@ async def test_deeply_nested_result_fails_with_422():
     ]
 
 
-async def test_batch_deeply_nested_id_fails_one_item():
-    items = [{"id": nested(300), "value": 1}, {"id": "in:0:1", "value": 2}]
+async def test_batch_deeply_nested_key_fails_one_item():
+    items = [{"key": nested(300), "value": 1}, {"id": "in:0:1", "value": 2}]
 
     async with stub_writer() as writer:
         async with model_app(double_value, writer.url) as client:
