@@ -272,6 +272,9 @@ def bounded_id(message_id: str) -> str:
     as a long ``message-id`` header does in `header_safe_id`, so an id that an
     app sets stays as small in the output as one that the reader derives.
     """
+    # A character takes at most 4 bytes of UTF-8, so a short id is not encoded.
+    if len(message_id) <= MAX_ID_BYTES // 4:
+        return message_id
     raw = message_id.encode()
     if len(raw) > MAX_ID_BYTES:
         return _digest_id(raw)

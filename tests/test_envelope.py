@@ -4,8 +4,10 @@ import hashlib
 import pytest
 
 from agogosml.envelope import (
+    MAX_ID_BYTES,
     Envelope,
     Position,
+    bounded_id,
     child_traceparent,
     trace_id,
 )
@@ -221,3 +223,19 @@ def test_null_header_value_kept():
     assert http.values == {"Tombstoned-By": None, "empty": "", "tag": "/w=="}
     assert http.null_names == ["Tombstoned-By"]
     assert http.base64_names == ["tag"]
+
+
+@pytest.mark.parametrize(
+    ("message_id", "kept"),
+    [
+        ("\U0001f600" * (MAX_ID_BYTES // 4), True),
+        ("\U0001f600" * (MAX_ID_BYTES // 4) + "x", False),
+        ("x" * MAX_ID_BYTES, True),
+        ("x" * (MAX_ID_BYTES + 1), False),
+        ("", True),
+    ],
+)
+def test_bounded_id_limit_counts_utf8_bytes(message_id, kept):
+    digest = "sha256:" + hashlib.sha256(message_id.encode()).hexdigest()
+
+    assert bounded_id(message_id) == (message_id if kept else digest)
