@@ -44,6 +44,7 @@ _LONG_NEGATIVE = b" -" + b"0" * 19
 _DIGIT_RUN = b"0" * 19
 #: A word outside quotes, where orjson expected a JSON value.
 _WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
+_LITERALS = (b"true", b"false", b"null")
 
 
 def may_contain_big_int(body: bytes) -> bool:
@@ -114,10 +115,15 @@ def _bare_word_hint(value: bytes, position: int) -> str:
     if value[start : start + 1] == b"'":
         return "; JSON strings and keys take double quotes, not single quotes"
     word = _WORD.match(value, start)
-    if word is None or word[0] in (b"true", b"false", b"null"):
+    if word is None or word[0] in _LITERALS:
         return ""
-    if word[0] in (b"NaN", b"Infinity"):
+    lower = word[0].lower()
+    if lower in (b"nan", b"inf", b"infinity"):
         return "; NaN and Infinity are not JSON numbers: send null or a finite number"
+    if lower in _LITERALS or word[0] == b"None":
+        return "; JSON writes true, false and null in lower case"
+    if any(literal.startswith(word[0]) for literal in _LITERALS):
+        return ""  # A literal cut short, which orjson's message names.
     return '; text must be a JSON string in double quotes, such as "text"'
 
 

@@ -69,3 +69,26 @@ def test_json_error_without_word_has_no_hint(value):
     assert error
     assert "double quotes" not in error
     assert "NaN" not in error
+
+
+@pytest.mark.parametrize(
+    "value", [b'{"flag": True}', b'{"flag": False}', b'{"a": None}', b"[NULL]"]
+)
+def test_json_error_names_lower_case_literals(value):
+    error = json_error(value)
+
+    assert "JSON writes true, false and null in lower case" in error
+    assert "double quotes" not in error
+
+
+@pytest.mark.parametrize("value", [b"nan", b"[1, inf]", b"-infinity"])
+def test_json_error_any_case_nan_hint(value):
+    assert "NaN and Infinity are not JSON numbers" in json_error(value)
+
+
+@pytest.mark.parametrize("value", [b"[tru]", b'{"a": fals}', b"[nul, 1]"])
+def test_json_error_misspelt_literal_no_text_hint(value):
+    error = json_error(value)
+
+    assert "invalid literal" in error
+    assert "double quotes" not in error
