@@ -329,27 +329,16 @@ def header_spellings(value: str) -> dict[str, str]:
     return {name.lower(): name for name in names if name and name.isascii()}
 
 
-#: The charsets of a JSON body that the services read: UTF-8 and its ASCII subset.
-_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
-
-
 def content_type_problem(request: web.Request) -> str:
     """Return why the request's Content-Type is not JSON, or '' when it is.
 
-    Parameters such as ``charset=utf-8`` are allowed, but a charset other than
-    UTF-8 or ASCII is not, because JSON is read as UTF-8. The message quotes the
+    Parameters such as ``charset=utf-8`` are allowed. The message quotes the
     header as sent, not aiohttp's reading of it, which is
     ``application/octet-stream`` for a missing or malformed one.
     """
-    sent = request.headers.get("Content-Type", "")
     if request.content_type == "application/json":
-        charset = request.charset
-        if charset is None or charset.lower() in _UTF8_CHARSETS:
-            return ""
-        return (
-            f"Content-Type {sent[:100]!r} names the charset {charset[:40]!r}, but "
-            "JSON travels as UTF-8; send the body in UTF-8, as 'application/json'"
-        )
+        return ""
+    sent = request.headers.get("Content-Type")
     if not sent:
         return "the request has no Content-Type; send 'application/json'"
     return f"Content-Type {sent[:100]!r} is not supported; send 'application/json'"
