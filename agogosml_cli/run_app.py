@@ -236,15 +236,18 @@ def _column_in_file(error: str, indent: int) -> str:
 _SHOWN_INVALID_LINES = 5
 
 
-def _more_invalid_lines(numbers: list[int]) -> str:
-    """Name the invalid lines after the first, so that one edit fixes them all."""
-    if not numbers:
+def _more_invalid_lines(numbers: list[int], count: int) -> str:
+    """Name the invalid lines after the first, so that one edit fixes them all.
+
+    `numbers` are the first of them, and `count` is how many there are.
+    """
+    if not count:
         return ""
     shown = ", ".join(str(number) for number in numbers[:_SHOWN_INVALID_LINES])
-    if len(numbers) > _SHOWN_INVALID_LINES:
+    if count > _SHOWN_INVALID_LINES:
         shown += ", ..."
-    noun = "line is" if len(numbers) == 1 else "lines are"
-    return f", and {len(numbers):,} more {noun} not either ({shown})"
+    noun = "line is" if count == 1 else "lines are"
+    return f", and {count:,} more {noun} not either ({shown})"
 
 
 def check_input_file(path: Path) -> None:
@@ -264,7 +267,10 @@ def check_input_file(path: Path) -> None:
         )
     records = 0
     first_error = ""
+    # The first invalid lines, and the count of all: a large file given by
+    # mistake may have millions.
     invalid_lines: list[int] = []
+    invalid_count = 0
     try:
         with path.open("rb") as file:
             for number, raw in enumerate(file, start=1):
@@ -277,7 +283,9 @@ def check_input_file(path: Path) -> None:
                     if not invalid_lines:
                         indent = len(text) - len(text.lstrip())
                         first_error = _column_in_file(error, indent)
-                    invalid_lines.append(number)
+                    if len(invalid_lines) <= _SHOWN_INVALID_LINES:
+                        invalid_lines.append(number)
+                    invalid_count += 1
                     continue
                 records += 1
     except OSError as exc:
@@ -287,7 +295,8 @@ def check_input_file(path: Path) -> None:
     if invalid_lines:
         raise click.BadParameter(
             f"{str(path)!r} is not JSON Lines: line {invalid_lines[0]} is not a "
-            f"JSON value ({first_error}){_more_invalid_lines(invalid_lines[1:])}. "
+            f"JSON value ({first_error})"
+            f"{_more_invalid_lines(invalid_lines[1:], invalid_count - 1)}. "
             "Give a file with one JSON value a line",
             param_hint="--input",
         )
