@@ -207,7 +207,8 @@ def check_result(
         )
     if not output.strip():
         output = (
-            "(no output). Run the command below by hand to see what fails: "
+            f"(no output). Check that {target.helm!r} is Helm 3: "
+            f"`{target.helm} version` prints its version. The command was "
             f"`{shlex.join(result.args)}`"
         )
     raise HelmError(

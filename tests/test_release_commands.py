@@ -1086,8 +1086,8 @@ def test_helm_failure_without_output_names_command() -> None:
 
     message = str(raised.value)
     assert "helm failed to read the release values (exit code 3)" in message
-    assert "(no output)" in message
-    assert "`helm get values scoring --namespace ml`" in message
+    assert "(no output). Check that 'helm' is Helm 3" in message
+    assert "The command was `helm get values scoring --namespace ml`" in message
 
 
 def with_chart_values(values: dict[str, Any]) -> dict[str, Any]:
