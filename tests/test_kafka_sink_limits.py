@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -29,7 +30,7 @@ from fakes import MemorySink, MemorySource
 from test_reader import reader_settings, running_reader
 
 from agogosml.app import AppSettings, ModelApp
-from agogosml.config import KafkaSettings, WriterSettings, load_settings
+from agogosml.config import KafkaSettings, ReaderSettings, WriterSettings, load_settings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.reader.client import wait_backoff
@@ -250,6 +251,32 @@ def test_record_batch_size_matches_broker(
     assert not one_more_fits
 
 
+async def stream_two_through_app(
+    writer: OutputWriter,
+    settings: ReaderSettings,
+    source: MemorySource,
+    dead_letter: MemorySink,
+    **app_options: Any,
+) -> None:
+    """Stream the two messages of `source` through an app that returns each value."""
+    async with TestServer(writer.build_app()) as writer_server:
+        app_settings = AppSettings(
+            writer_url=str(writer_server.make_url("")), **app_options
+        )
+        async with (
+            ModelApp(lambda values: values).running(app_settings) as app,
+            TestServer(app) as app_server,
+        ):
+            settings = settings.model_copy(
+                update={"app_url": str(app_server.make_url(""))}
+            )
+            async with running_reader(settings, source, dead_letter):
+                deadline = time.monotonic() + TIMEOUT_SECONDS
+                while source.committed != {("input", 0): 2}:
+                    assert time.monotonic() < deadline, source.committed
+                    await asyncio.sleep(0.1)
+
+
 async def test_writer_rejects_only_oversized_record(
     kafka_bootstrap: str, limited_topic: TopicFactory, sinks: list[KafkaSink]
 ) -> None:
@@ -374,20 +401,7 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
         batch_max_wait_ms=200,
     )
 
-    async with TestServer(writer.build_app()) as writer_server:
-        app_settings = AppSettings(writer_url=str(writer_server.make_url("")))
-        async with (
-            ModelApp(lambda values: values).running(app_settings) as app,
-            TestServer(app) as app_server,
-        ):
-            settings = settings.model_copy(
-                update={"app_url": str(app_server.make_url(""))}
-            )
-            async with running_reader(settings, source, dead_letter):
-                deadline = time.monotonic() + TIMEOUT_SECONDS
-                while source.committed != {("input", 0): 2}:
-                    assert time.monotonic() < deadline, source.committed
-                    await asyncio.sleep(0.1)
+    await stream_two_through_app(writer, settings, source, dead_letter)
 
     (record,) = dead_letter.envelopes
     headers = {name: value.decode() for name, value in record.headers}
@@ -427,24 +441,11 @@ async def test_oversized_result_alone_in_chunk(
         batch_max_wait_ms=200,
     )
 
-    async with TestServer(writer.build_app()) as writer_server:
-        # Each result fits one writer request alone, but not both together, so
-        # the result too large for the topic is a writer request of its own.
-        app_settings = AppSettings(
-            writer_url=str(writer_server.make_url("")), writer_max_body_bytes=24_000
-        )
-        async with (
-            ModelApp(lambda values: values).running(app_settings) as app,
-            TestServer(app) as app_server,
-        ):
-            settings = settings.model_copy(
-                update={"app_url": str(app_server.make_url(""))}
-            )
-            async with running_reader(settings, source, dead_letter):
-                deadline = time.monotonic() + TIMEOUT_SECONDS
-                while source.committed != {("input", 0): 2}:
-                    assert time.monotonic() < deadline, source.committed
-                    await asyncio.sleep(0.1)
+    # Each result fits one writer request alone, but not both together, so
+    # the result too large for the topic is a writer request of its own.
+    await stream_two_through_app(
+        writer, settings, source, dead_letter, writer_max_body_bytes=24_000
+    )
 
     dead_lettered = [
         orjson.loads(record.value)["n"] for record in dead_letter.envelopes
