@@ -674,6 +674,45 @@ def test_network_policy_opens_event_hubs_ports(helm_binary: str) -> None:
         assert [port["port"] for port in broker["ports"]] == [5671, 443], component
 
 
+@pytest.mark.parametrize(
+    ("settings", "port"),
+    [
+        (["kafka.bootstrapServers=broker-0:9092\\,broker-1:29092"], "29092"),
+        (["kafka.bootstrapServers=[::1]:9094"], "9094"),
+        (
+            [
+                *EVENT_HUBS[1:],
+                "kafka.bootstrapServers=",
+                "networkPolicy.kafkaPorts={9092}",
+            ],
+            "9093",
+        ),
+    ],
+)
+def test_network_policy_blocking_broker_rejected(
+    helm_binary: str, settings: list[str], port: str
+) -> None:
+    error = render_error(helm_binary, "networkPolicy.enabled=true", *settings)
+
+    assert "networkPolicy.kafkaPorts" in error
+    assert f"add {port} to networkPolicy.kafkaPorts" in error
+
+
+def test_network_policy_opens_broker_port(helm_binary: str) -> None:
+    manifests = render(
+        helm_binary,
+        "networkPolicy.enabled=true",
+        "networkPolicy.kafkaPorts={29092}",
+        "kafka.bootstrapServers=broker-0:29092",
+    )
+    unchecked = render(helm_binary, "kafka.bootstrapServers=broker-0:29092")
+
+    reader = find(manifests, "NetworkPolicy", "rel-agogosml-reader")
+    broker = reader["spec"]["egress"][-1]
+    assert [port["port"] for port in broker["ports"]] == [29092]
+    assert not [m for m in unchecked if m["kind"] == "NetworkPolicy"]
+
+
 def test_literal_eventhubs_secret_in_extra_env_rejected(helm_binary: str) -> None:
     error = render_error(
         helm_binary,

@@ -58,6 +58,35 @@ Checks of value combinations that values.schema.json cannot express.
 {{- include "agogosml.validateDisruptionBudgets" . }}
 {{- include "agogosml.validateGracePeriods" . }}
 {{- include "agogosml.validateExtraConfig" . }}
+{{- include "agogosml.validateBrokerPorts" . }}
+{{- end }}
+
+{{/*
+Checks that the NetworkPolicies let the reader and the writer reach the port of
+every bootstrap server. A port missing from networkPolicy.kafkaPorts would only
+show as connection timeouts. The brokers may advertise further ports, which
+the chart cannot know. Without kafka.bootstrapServers the services connect to
+port 9093 of the namespace in kafka.eventHubsConnectionString.
+*/}}
+{{- define "agogosml.validateBrokerPorts" -}}
+{{- $np := .Values.networkPolicy }}
+{{- if and $np.enabled (ne .Values.transport "eventhubs") }}
+{{- $allowed := list }}
+{{- range $np.kafkaPorts }}
+{{- $allowed = append $allowed (include "agogosml.scalar" .) }}
+{{- end }}
+{{- $servers := .Values.kafka.bootstrapServers }}
+{{- if $servers }}
+{{- range $address := splitList "," $servers }}
+{{- $port := regexFind ":[0-9]+$" (trim $address) | trimPrefix ":" }}
+{{- if and $port (not (has $port $allowed)) }}
+{{- fail (printf "networkPolicy.kafkaPorts (%s) leaves out port %s of the broker address %s in kafka.bootstrapServers, so the NetworkPolicies would block the reader and the writer from the broker: add %s to networkPolicy.kafkaPorts" (join ", " $allowed) $port (trim $address) $port) }}
+{{- end }}
+{{- end }}
+{{- else if and (include "agogosml.usesEventHubs" .) (not (has "9093" $allowed)) }}
+{{- fail (printf "networkPolicy.kafkaPorts (%s) leaves out 9093, the port of the Event Hubs Kafka endpoint that kafka.eventHubsConnectionString names, so the NetworkPolicies would block the reader and the writer from it: add 9093 to networkPolicy.kafkaPorts" (join ", " $allowed)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
