@@ -1379,6 +1379,17 @@ def test_extra_env_token_allowed_without_auth(helm_binary: str) -> None:
     assert app["APP_TOKEN"]["valueFrom"] == reference
 
 
+def test_extra_env_cannot_bypass_app_settings(helm_binary: str) -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    settings = schema["properties"]["app"]["properties"]["settings"]["properties"]
+
+    assert "APP_SHUTDOWN_TIMEOUT_MS" in settings
+    for name in settings:
+        entry = json.dumps([{"name": name, "value": "120000"}])
+        error = render_error(helm_binary, json_settings=f"app.extraEnv={entry}")
+        assert f"move it to app.settings.{name}" in error, name
+
+
 def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:
     error = render_error(
         helm_binary, json_settings='app.extraEnv=[{"name":"APP_TOKEN","value":"x"}]'

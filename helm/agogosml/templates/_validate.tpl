@@ -138,7 +138,8 @@ the start of the preStop hook.
 Checks that no app.extraEnv entry sets a variable that the chart sets in the
 app container. Kubernetes uses the last entry of a name, so the extraEnv entry
 would silently replace the chart's value: an APP_PORT that differs from the
-container port, for example, would make every probe fail.
+container port, for example, would make every probe fail. Also rejects the
+variables that app.settings takes, which would bypass its checks there.
 */}}
 {{- define "agogosml.validateExtraEnv" -}}
 {{- $app := .Values.app }}
@@ -157,6 +158,10 @@ container port, for example, would make every probe fail.
 {{- $where := get $source $variable.name }}
 {{- $fix := ternary (printf ", and set the value in %s" (trimPrefix "from " $where)) "" (hasPrefix "from " $where) }}
 {{- fail (printf "app.extraEnv[%d] sets %s, which the chart sets %s: remove the entry from app.extraEnv%s" $index $variable.name $where $fix) }}
+{{- end }}
+{{- /* The variables of app.settings in values.schema.json. */}}
+{{- if has $variable.name (list "APP_LOG_LEVEL" "APP_MAX_BODY_BYTES" "APP_SHUTDOWN_TIMEOUT_MS" "APP_WRITER_MAX_BODY_BYTES" "APP_WRITER_MAX_REQUESTS" "APP_WRITER_TIMEOUT_MS") }}
+{{- fail (printf "app.extraEnv[%d] sets %s, a variable of app.settings, where the schema checks its value and the chart checks app.terminationGracePeriodSeconds against APP_SHUTDOWN_TIMEOUT_MS: move it to app.settings.%s" $index $variable.name $variable.name) }}
 {{- end }}
 {{- end }}
 {{- end }}
