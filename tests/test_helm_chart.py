@@ -1453,6 +1453,33 @@ def test_exposed_service_needs_token(
     assert any(service["spec"]["type"] == "LoadBalancer" for service in services)
 
 
+@pytest.mark.parametrize(
+    ("component", "token"), [("writer", "writerToken"), ("app", "appToken")]
+)
+def test_exposed_service_needs_ingress_rule(
+    helm_binary: str, component: str, token: str
+) -> None:
+    settings = [
+        f"{component}.service.type=NodePort",
+        f"auth.{token}.existingSecret=tokens",
+        f"auth.{token}.key={component}",
+        "networkPolicy.enabled=true",
+    ]
+    rule = [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16"}}]}]
+
+    error = render_error(helm_binary, *settings)
+    manifests = render(
+        helm_binary,
+        *settings,
+        json_settings=f"networkPolicy.extraIngress.{component}={json.dumps(rule)}",
+    )
+
+    assert f"{component}.service.type is NodePort" in error
+    assert f"networkPolicy.extraIngress.{component}" in error
+    policy = find(manifests, "NetworkPolicy", f"rel-agogosml-{component}")
+    assert policy["spec"]["ingress"][-1] == rule[0]
+
+
 def test_extra_config_from_secret(helm_binary: str) -> None:
     manifests = render(
         helm_binary,
