@@ -27,6 +27,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import queue
 import signal
 import sys
@@ -80,6 +81,7 @@ from agogosml.http import (
     start_site,
     unknown_field_problem,
 )
+from agogosml.logs import SLOT_VARIABLE
 from agogosml.metrics import (
     IN_FLIGHT,
     MESSAGES_IN,
@@ -832,7 +834,12 @@ class _Running:
             isolate=lambda exc: isinstance(exc, _Reject) and exc.status == 422,
         )
         self._watcher = asyncio.create_task(model_app._watch_writer())
-        MODEL_INFO.labels(SERVICE, model_app._name, model_app._model_version).set(1)
+        MODEL_INFO.labels(
+            SERVICE,
+            model_app._name,
+            model_app._model_version,
+            os.environ.get(SLOT_VARIABLE, ""),
+        ).set(1)
         return model_app.build_app(self._settings)
 
     async def __aexit__(self, *exc_info: object) -> None:

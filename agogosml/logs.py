@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -65,8 +66,15 @@ def mask_content(text: str) -> str:
     return _QUOTED.sub(lambda match: f"{match.group()[0]}…{match.group()[0]}", text)
 
 
+#: Set by the Helm chart in each model app pod to its blue/green slot.
+SLOT_VARIABLE = "AGOGOSML_SLOT"
+
+
 def configure_logging(level: str, service: str) -> None:
     """Send JSON logs at `level` to stderr, each tagged with the service name.
+
+    In a pod of a blue/green slot, each line also has the ``slot`` that
+    `SLOT_VARIABLE` names.
 
     Below DEBUG the ``error`` field of a line is masked with `mask_content`:
     only DEBUG logs the values that an error quotes.
@@ -157,7 +165,10 @@ class _ServiceFilter(logging.Filter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self.slot = os.environ.get(SLOT_VARIABLE, "")
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.service = self.service
+        if self.slot:
+            record.slot = self.slot
         return True

@@ -63,8 +63,9 @@ SCORED_VALUES = Counter(
 )
 MODEL_INFO = Gauge(
     "agogosml_model_info",
-    "The model app's name and model version; the value is always 1.",
-    ["service", "name", "version"],
+    "The model app's name, model version and blue/green slot (empty outside "
+    "one); the value is always 1.",
+    ["service", "name", "version", "slot"],
 )
 CONSUMER_LAG = Gauge(
     "agogosml_consumer_lag_messages",

@@ -52,6 +52,21 @@ def logged_line(level: str, extra: dict[str, object], capsys) -> dict[str, objec
     return json.loads(capsys.readouterr().err.splitlines()[-1])
 
 
+def test_log_line_names_slot_of_pod(capsys, monkeypatch):
+    monkeypatch.setenv("AGOGOSML_SLOT", "green")
+
+    document = logged_line("INFO", {}, capsys)
+
+    assert document["slot"] == "green"
+    assert document["service"] == "test"
+
+
+def test_log_line_without_slot_outside_one(capsys, monkeypatch):
+    monkeypatch.delenv("AGOGOSML_SLOT", raising=False)
+
+    assert "slot" not in logged_line("INFO", {}, capsys)
+
+
 def logged_error(level: str, error: str, capsys) -> str:
     """Log one line with `error` at WARNING, as a service configured at `level`."""
     return str(logged_line(level, {"error": error}, capsys)["error"])

@@ -1551,6 +1551,18 @@ def app_sample(name: str, **labels: str) -> float:
     return value or 0.0
 
 
+async def test_model_info_names_slot(monkeypatch):
+    monkeypatch.setenv("AGOGOSML_SLOT", "blue")
+
+    async with stub_writer() as writer:
+        model = ModelApp(double_amount, name="slot app", model_version="v-7")
+        async with model.running(AppSettings(writer_url=writer.url)):
+            pass
+
+    labels = {"service": "app", "name": "slot app", "version": "v-7", "slot": "blue"}
+    assert REGISTRY.get_sample_value("agogosml_model_info", labels) == 1.0
+
+
 async def test_metrics_count_values_and_time_scoring():
     outcomes = ("scored", "invalid", "failed")
     before = {
@@ -1599,8 +1611,8 @@ async def test_metrics_count_values_and_time_scoring():
         == 1
     )
     assert (
-        'agogosml_model_info{name="amount parser",service="app",version="parse-2"} 1.0'
-        in text
+        'agogosml_model_info{name="amount parser",service="app",slot="",'
+        'version="parse-2"} 1.0' in text
     )
 
 
