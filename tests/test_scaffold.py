@@ -1862,6 +1862,16 @@ def run_project_tests(project: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+def test_cd_smoke_test_forwards_named_app_port(kafka_project: Path) -> None:
+    """The smoke test reaches the app by its Service port's name, not number."""
+    cd = (kafka_project / "azure-pipelines-cd.yml").read_text()
+    chart = REPO_ROOT / "helm" / "agogosml" / "templates"
+    services = (chart / "app-services.yaml").read_text()
+
+    assert cd.count(" 18000:http ") == 2
+    assert "- name: http" in services
+
+
 def test_python_project_tests_pass(kafka_project: Path) -> None:
     result = run_project_tests(kafka_project)
 
