@@ -445,11 +445,18 @@ class ModelApp:
     async def _score_items(
         self, request: web.Request, items: list[dict[str, Any]]
     ) -> web.Response:
-        results = await self._score_batch(
-            [item["value"] for item in items],
-            [item.get("id") for item in items],
-            functools.partial(_client_left, request),
-        )
+        # An item that the writer would reject is not scored: it fails with
+        # 400 whatever the scoring function returns for it.
+        results: list[Any] = [_item_problem(item) for item in items]
+        scored = [index for index, problem in enumerate(results) if problem is None]
+        if scored:
+            scored_results = await self._score_batch(
+                [items[index]["value"] for index in scored],
+                [items[index].get("id") for index in scored],
+                functools.partial(_client_left, request),
+            )
+            for index, result in zip(scored, scored_results, strict=True):
+                results[index] = result
         _check_client_waits(request)
         statuses: list[dict[str, Any]] = [{"status": 200} for _ in items]
         outputs = self._encode_outputs(items, results, statuses)
@@ -480,20 +487,6 @@ class ModelApp:
                 continue
             if isinstance(result, _ScoringFailed):
                 statuses[index] = {"status": 500, "error": str(result)}
-                continue
-            problem = unknown_field_problem(item)
-            if problem:
-                logger.info(
-                    "batch item rejected",
-                    extra={"message_id": item.get("id"), "error": problem},
-                )
-                statuses[index] = {"status": 400, "error": problem}
-                continue
-            key_problem = _key_problem(item)
-            problem = f"the key{key_problem}" if key_problem else ""
-            problem = problem or _id_problem(item) or _traceparent_problem(item)
-            if problem:
-                statuses[index] = {"status": 400, "error": problem}
                 continue
             try:
                 output = _encode_element(item, result, index)
@@ -1635,6 +1628,25 @@ def _record_headers(headers: Any) -> dict[str, str]:
             )
         record_headers[record_name] = value
     return record_headers
+
+
+def _item_problem(item: dict[str, Any]) -> InvalidRecord | None:
+    """Return why the writer would reject a batch item, as `InvalidRecord`, or None.
+
+    Its fields, key, id and traceparent are checked before scoring, so such an
+    item fails alone with 400 and its value is not scored.
+    """
+    problem = unknown_field_problem(item)
+    if not problem:
+        key_problem = _key_problem(item)
+        problem = f"the key{key_problem}" if key_problem else ""
+        problem = problem or _id_problem(item) or _traceparent_problem(item)
+    if not problem:
+        return None
+    logger.info(
+        "batch item rejected", extra={"message_id": item.get("id"), "error": problem}
+    )
+    return InvalidRecord(problem)
 
 
 def _id_problem(item: dict[str, Any]) -> str:

@@ -526,6 +526,33 @@ async def test_batch_unknown_item_field_400_only():
     assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
 
 
+async def test_batch_invalid_items_not_scored():
+    scored: list[Any] = []
+
+    def fail_on_first(values: list[Any]) -> list[Any]:
+        scored.extend(values)
+        if {"amount": 1} in values:
+            raise RuntimeError("the model cannot score amount 1")
+        return double_amount(values)
+
+    items = [
+        {"id": "in:0:0", "value": {"amount": 1}, "heders": {"region": "eu"}},
+        {"id": 7, "value": {"amount": 1}},
+        {"id": "in:0:2", "value": {"amount": 2}},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(fail_on_first, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    assert [result["status"] for result in results] == [400, 400, 200]
+    assert scored == [{"amount": 2}]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:2"]
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
