@@ -144,7 +144,7 @@ def run_helm(
 def _interrupt(
     process: subprocess.Popen[str], target: HelmTarget, command: list[str]
 ) -> None:
-    """Pass a SIGINT on to Helm, wait for it to exit, and say how to check the release.
+    """Pass a SIGINT on to Helm, await its exit, and print how to check the release.
 
     A Ctrl-C in a terminal reaches Helm too, but a SIGINT sent to this process
     alone, as a CI runner sends when it cancels a job, would leave Helm
