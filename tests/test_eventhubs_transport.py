@@ -27,6 +27,7 @@ from azure.eventhub.exceptions import (
     EventDataError,
     EventDataSendError,
     EventHubError,
+    OperationTimeoutError,
 )
 from eventhubs_fakes import (
     NAMESPACE,
@@ -513,6 +514,27 @@ async def test_receive_error_marks_disconnected(pipeline: Pipeline) -> None:
     assert connected_before
     assert not connected_after_error
     assert pipeline.source.connected
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # A link detached with a standard AMQP condition, such as amqp:not-found
+        # for a missing consumer group, after the SDK's retries ran out.
+        ConnectionLostError("amqp:not-found: consumer group not found"),
+        OperationTimeoutError("receive timed out"),
+        EventHubError("socket error"),
+    ],
+)
+async def test_receive_error_after_retries_marks_disconnected(
+    pipeline: Pipeline, error: EventHubError
+) -> None:
+    await wait_claimed(pipeline.source)
+
+    await pipeline.consumer.fail("0", error)
+
+    assert not pipeline.source.connected
+    assert type(error).__name__ in pipeline.source.unavailable_reason
 
 
 # ---------------------------------------------------------------------------

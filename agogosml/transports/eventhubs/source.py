@@ -9,7 +9,7 @@ from typing import Any
 
 from azure.eventhub import CloseReason, EventData
 from azure.eventhub.aio import EventHubConsumerClient, PartitionContext
-from azure.eventhub.exceptions import AuthenticationError, ConnectError
+from azure.eventhub.exceptions import EventHubError
 
 from agogosml.config import EventHubSettings
 from agogosml.envelope import Envelope, Position
@@ -97,6 +97,16 @@ class EventHubsSource(TrackedSource):
         """Whether the consumer runs and its last connection attempt succeeded."""
         running = self._receive_task is not None and not self._receive_task.done()
         return running and self._failing is None
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the source is not connected: not started, or the last receive error."""
+        if self._failing is None:
+            return "the Event Hubs source is not running"
+        return (
+            f"receiving from event hub {self._hub!r} failed: "
+            f"{type(self._failing).__name__}: {str(self._failing)[:300]}"
+        )
 
     def set_revoke_handler(self, handler: RevokeHandler) -> None:
         """Register the coroutine awaited before partitions are given up."""
@@ -358,7 +368,10 @@ class EventHubsSource(TrackedSource):
         self, context: PartitionContext | None, error: Exception
     ) -> None:
         partition = context.partition_id if context is not None else None
-        if isinstance(error, AuthenticationError | ConnectError):
+        # The SDK reports a receive error only after its retries ran out. A
+        # missing consumer group or hub, for one, comes as ConnectionLostError,
+        # which is not a ConnectError (azure-eventhub 5.15).
+        if isinstance(error, EventHubError):
             self._failing = error
         logger.error(
             "eventhubs receive failed: %s: %s",
