@@ -944,6 +944,18 @@ def test_connection_string_of_other_hub_rejected() -> None:
     EventHubsSource(hub_level, "orders")
 
 
+def test_hub_level_string_rejected_for_dead_letters() -> None:
+    hub_level = settings(connection_string=CONNECTION_STRING + ";EntityPath=orders")
+
+    with pytest.raises(ConfigurationError) as caught:
+        EventHubsSink(hub_level, "orders.dlq", variable="READER_DEAD_LETTER")
+
+    assert "READER_DEAD_LETTER='orders.dlq'" in str(caught.value)
+    assert "namespace-level connection string" in str(caught.value)
+    # The input hub cannot take the dead letters, so it is no fix.
+    assert "set READER_DEAD_LETTER to 'orders'" not in str(caught.value)
+
+
 async def test_source_needs_checkpoint_store() -> None:
     source = EventHubsSource(settings(), HUB)
 

@@ -36,12 +36,21 @@ def check_hub(settings: EventHubSettings, hub: str, variable: str) -> None:
     would fail later with an authorization error.
     """
     entity = settings.hub_in_connection_string()
-    if entity and entity != hub:
+    if not entity or entity == hub:
+        return
+    if variable == "READER_DEAD_LETTER":
+        # The reader reads its input hub, which cannot take the dead letters too.
         raise ConfigurationError(
             f"{variable}={hub!r} is not the hub of EVENTHUB_CONNECTION_STRING "
-            f"(EntityPath={entity}); set {variable} to {entity!r}, or use a "
-            "namespace-level connection string"
+            f"(EntityPath={entity}), and the reader needs access to both its "
+            "input and its dead-letter hub; use a namespace-level connection "
+            "string"
         )
+    raise ConfigurationError(
+        f"{variable}={hub!r} is not the hub of EVENTHUB_CONNECTION_STRING "
+        f"(EntityPath={entity}); set {variable} to {entity!r}, or use a "
+        "namespace-level connection string"
+    )
 
 
 def _client_options(settings: EventHubSettings) -> dict[str, Any]:
