@@ -770,8 +770,9 @@ class EventHubSettings(BaseSettings):
     @field_validator("starting_position")
     @classmethod
     def _known_position(cls, value: str) -> str:
-        if value.strip().lower() in ("earliest", "latest"):
-            return value.strip().lower()
+        value = value.strip()
+        if value.lower() in ("earliest", "latest"):
+            return value.lower()
         try:
             parsed = datetime.datetime.fromisoformat(value)
         except ValueError:
@@ -780,6 +781,18 @@ class EventHubSettings(BaseSettings):
             ) from None
         if parsed.tzinfo is None:
             raise ValueError("add a UTC offset to the time, such as +00:00")
+        return value
+
+    @field_validator("consumer_group")
+    @classmethod
+    def _consumer_group_name(cls, value: str) -> str:
+        # Most likely a copy mistake, and a consumer group that does not exist
+        # fails only when a partition's link attaches.
+        if value != value.strip():
+            raise ValueError(
+                "the consumer group name starts or ends with whitespace; remove "
+                "the whitespace"
+            )
         return value
 
     @field_validator("checkpoint_store_container")

@@ -431,6 +431,10 @@ async def test_paused_source_delivers_nothing(pipeline: Pipeline) -> None:
             "2026-01-31T12:00:00+00:00",
             datetime.datetime(2026, 1, 31, 12, tzinfo=datetime.UTC),
         ),
+        (
+            " 2026-01-31T12:00:00Z\n",
+            datetime.datetime(2026, 1, 31, 12, tzinfo=datetime.UTC),
+        ),
     ],
 )
 async def test_starting_position_passed_to_sdk(position: str, expected: object) -> None:
@@ -862,6 +866,8 @@ def test_malformed_connection_string_not_echoed(
         ("EVENTHUB_STARTING_POSITION", "2026-01-31T12:00:00", "add a UTC offset"),
         ("EVENTHUB_CHECKPOINT_STORE_CONTAINER", "Bad_Name", "blob container name"),
         ("EVENTHUB_FULLY_QUALIFIED_NAMESPACE", "sb://ns.example", "host name alone"),
+        ("EVENTHUB_CONSUMER_GROUP", " $Default", "remove the whitespace"),
+        ("EVENTHUB_CONSUMER_GROUP", "scoring\n", "remove the whitespace"),
     ],
 )
 def test_invalid_setting_named(
