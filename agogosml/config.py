@@ -841,13 +841,18 @@ class EventHubSettings(BaseSettings):
         return parse_connection_string(connection_string).fully_qualified_namespace
 
     def hub_in_connection_string(self) -> str | None:
-        """Return the EntityPath of a hub-level connection string, else None."""
+        """Return the EntityPath of a hub-level connection string, else None.
+
+        The key is read in any case, as the SDK's clients read it, although
+        ``azure.eventhub.parse_connection_string`` matches keys by case.
+        """
         connection_string = self.connection_string.get_secret_value()
         if not connection_string:
             return None
-        from azure.eventhub import parse_connection_string
+        from azure.core.utils import parse_connection_string
 
-        return parse_connection_string(connection_string).eventhub_name
+        keys = parse_connection_string(connection_string, case_sensitive_keys=False)
+        return keys.get("entitypath") or None
 
     def sdk_starting_position(self) -> str | datetime.datetime:
         """Return the starting position in the form the SDK's receive() takes."""

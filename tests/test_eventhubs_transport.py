@@ -950,6 +950,15 @@ def test_connection_string_of_other_hub_rejected() -> None:
     EventHubsSource(hub_level, "orders")
 
 
+@pytest.mark.parametrize("key", ["EntityPath", "entitypath", "ENTITYPATH"])
+def test_entity_path_read_in_any_case(key: str) -> None:
+    # The SDK's clients read connection string keys in any case.
+    hub_level = settings(connection_string=f"{CONNECTION_STRING};{key}=orders")
+
+    with pytest.raises(ConfigurationError, match="READER_INPUT='payments'"):
+        EventHubsSource(hub_level, "payments")
+
+
 def test_hub_level_string_rejected_for_dead_letters() -> None:
     hub_level = settings(connection_string=CONNECTION_STRING + ";EntityPath=orders")
 
