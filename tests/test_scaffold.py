@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -1870,6 +1871,36 @@ def test_cd_smoke_test_forwards_named_app_port(kafka_project: Path) -> None:
 
     assert cd.count(" 18000:http ") == 2
     assert "- name: http" in services
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"amount": 10**400}, {"a": 1e308, "b": 1e308}, {"a": -(10**400), "b": 1.5}],
+)
+def test_python_template_rejects_number_beyond_double(
+    kafka_project: Path, value: dict[str, Any]
+) -> None:
+    """A mean beyond the range of a double is an invalid record, not a failure."""
+    from agogosml.app import InvalidRecord
+
+    app = runpy.run_path(str(kafka_project / "src/fraud_scoring/app.py"))
+
+    (result,) = app["score"]([value])
+
+    assert isinstance(result, InvalidRecord), result
+    assert "beyond the range of a double" in result.reason
+    assert "send smaller numbers" in result.reason
+
+
+def test_python_template_names_empty_object(kafka_project: Path) -> None:
+    from agogosml.app import InvalidRecord
+
+    app = runpy.run_path(str(kafka_project / "src/fraud_scoring/app.py"))
+
+    (result,) = app["score"]([{}])
+
+    assert isinstance(result, InvalidRecord)
+    assert result.reason.startswith("the object has no fields;")
 
 
 def test_python_project_tests_pass(kafka_project: Path) -> None:
