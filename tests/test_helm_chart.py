@@ -1390,6 +1390,25 @@ def test_extra_env_cannot_bypass_app_settings(helm_binary: str) -> None:
         assert f"move it to app.settings.{name}" in error, name
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("app_port", "sets app_port, which the chart sets from app.port"),
+        ("App_Shutdown_Timeout_Ms", "move it to app.settings.APP_SHUTDOWN_TIMEOUT_MS"),
+        ("app_token", "app.extraEnv[0].value is set for app_token"),
+    ],
+)
+def test_extra_env_checks_ignore_case(
+    helm_binary: str, name: str, message: str
+) -> None:
+    """ModelApp reads its APP_ variables in any case, so the checks do too."""
+    entry = json.dumps([{"name": name, "value": "120000"}])
+
+    error = render_error(helm_binary, json_settings=f"app.extraEnv={entry}")
+
+    assert message in error
+
+
 def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:
     error = render_error(
         helm_binary, json_settings='app.extraEnv=[{"name":"APP_TOKEN","value":"x"}]'

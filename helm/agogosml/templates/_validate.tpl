@@ -44,7 +44,7 @@ Checks of value combinations that values.schema.json cannot express.
 {{- fail (printf "keda.minReplicaCount (%d) is greater than keda.maxReplicaCount (%d): lower the minimum or raise the maximum" (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
 {{- end }}
 {{- range $index, $variable := .Values.app.extraEnv }}
-{{- if and (has $variable.name (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "EVENTHUB_CONNECTION_STRING" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
+{{- if and (has (upper $variable.name) (list "KAFKA_SASL_PASSWORD" "KAFKA_EVENTHUBS_CONNECTION_STRING" "EVENTHUB_CONNECTION_STRING" "EVENTHUB_CHECKPOINT_STORE_CONNECTION_STRING" "READER_APP_TOKEN" "APP_TOKEN" "APP_WRITER_TOKEN" "WRITER_TOKEN")) (hasKey $variable "value") }}
 {{- fail (printf "app.extraEnv[%d].value is set for %s, which carries a secret: use valueFrom.secretKeyRef, or the auth and kafka values that name a Secret" $index $variable.name) }}
 {{- end }}
 {{- end }}
@@ -172,14 +172,16 @@ variables that app.settings takes, which would bypass its checks there.
 {{- $_ := set $source $name (printf "from app.settings.%s" $name) }}
 {{- end }}
 {{- range $index, $variable := $app.extraEnv }}
-{{- if hasKey $source $variable.name }}
-{{- $where := get $source $variable.name }}
+{{- /* ModelApp reads its APP_ variables in any case. */}}
+{{- $name := upper $variable.name }}
+{{- if hasKey $source $name }}
+{{- $where := get $source $name }}
 {{- $fix := ternary (printf ", and set the value in %s" (trimPrefix "from " $where)) "" (hasPrefix "from " $where) }}
 {{- fail (printf "app.extraEnv[%d] sets %s, which the chart sets %s: remove the entry from app.extraEnv%s" $index $variable.name $where $fix) }}
 {{- end }}
 {{- /* The variables of app.settings in values.schema.json. */}}
-{{- if has $variable.name (list "APP_LOG_LEVEL" "APP_MAX_BODY_BYTES" "APP_SHUTDOWN_TIMEOUT_MS" "APP_WRITER_MAX_BODY_BYTES" "APP_WRITER_MAX_REQUESTS" "APP_WRITER_TIMEOUT_MS") }}
-{{- fail (printf "app.extraEnv[%d] sets %s, a variable of app.settings, where the schema checks its value and the chart checks app.terminationGracePeriodSeconds against APP_SHUTDOWN_TIMEOUT_MS: move it to app.settings.%s" $index $variable.name $variable.name) }}
+{{- if has $name (list "APP_LOG_LEVEL" "APP_MAX_BODY_BYTES" "APP_SHUTDOWN_TIMEOUT_MS" "APP_WRITER_MAX_BODY_BYTES" "APP_WRITER_MAX_REQUESTS" "APP_WRITER_TIMEOUT_MS") }}
+{{- fail (printf "app.extraEnv[%d] sets %s, a variable of app.settings, where the schema checks its value and the chart checks app.terminationGracePeriodSeconds against APP_SHUTDOWN_TIMEOUT_MS: move it to app.settings.%s" $index $variable.name $name) }}
 {{- end }}
 {{- end }}
 {{- end }}
