@@ -159,13 +159,21 @@ def _interrupt(
         process.communicate()
     scope = shlex.join([target.release, *target.scope_args()])
     print(
-        f"`{shlex.join(command)}` was interrupted, and Helm exited with code "
-        f"{process.returncode}. `agogosml status` shows the slots of the release, "
+        f"`{shlex.join(command)}` was interrupted, and {_exit_text(process)}. "
+        "`agogosml status` shows the slots of the release, "
         f"and `{target.helm} history {scope}` whether it is left pending; "
         f"`{target.helm} rollback {scope} REVISION` to the last deployed "
         "revision clears a pending state.",
         file=sys.stderr,
     )
+
+
+def _exit_text(process: subprocess.Popen[str]) -> str:
+    """Describe how Helm ended: a negative return code is the signal that ended it."""
+    code = process.returncode
+    if code < 0:
+        return f"Helm was ended by {signal.Signals(-code).name}"
+    return f"Helm exited with code {code}"
 
 
 def _stop(process: subprocess.Popen[str]) -> None:

@@ -1076,6 +1076,25 @@ def test_interrupted_cli_passes_sigint_to_helm(
     assert "history scoring --namespace ml" in message
 
 
+def test_interrupted_helm_killed_by_signal_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "helm-without-handler"
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    script.chmod(0o755)
+    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+
+    with pytest.raises(KeyboardInterrupt):
+        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+
+    timer.join()
+    message = " ".join(capsys.readouterr().err.split())
+    assert "upgrade` was interrupted, and Helm was ended by SIGINT." in message
+    assert "exited with code -" not in message
+
+
 def test_helm_failure_without_output_names_command() -> None:
     target = helm.HelmTarget("scoring", "chart", namespace="ml", helm="helm")
     command = ["helm", "get", "values", "scoring", "--namespace", "ml"]
