@@ -1487,6 +1487,11 @@ def test_exposed_service_needs_ingress_rule(
     rule = [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16"}}]}]
 
     error = render_error(helm_binary, *settings)
+    scraped = render_error(
+        helm_binary,
+        *settings,
+        json_settings='networkPolicy.metricsFrom=[{"namespaceSelector": {}}]',
+    )
     manifests = render(
         helm_binary,
         *settings,
@@ -1494,6 +1499,7 @@ def test_exposed_service_needs_ingress_rule(
     )
 
     assert f"{component}.service.type is NodePort" in error
+    assert f"{component}.service.type is NodePort" in scraped
     assert f"networkPolicy.extraIngress.{component}" in error
     policy = find(manifests, "NetworkPolicy", f"rel-agogosml-{component}")
     assert policy["spec"]["ingress"][-1] == rule[0]

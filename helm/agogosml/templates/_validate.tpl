@@ -65,14 +65,16 @@ Checks of value combinations that values.schema.json cannot express.
 {{/*
 Checks that a Service of type NodePort or LoadBalancer can reach its pods.
 The NetworkPolicy of the app admits only the reader, and the writer's only the
-app, so clients outside the release need rules of their own.
+app, so clients outside the release need rules of their own. The peers of
+networkPolicy.metricsFrom do not count: they are meant for a Prometheus in the
+cluster, not for the clients of a Service.
 */}}
 {{- define "agogosml.validateExposedServices" -}}
 {{- $np := .Values.networkPolicy }}
 {{- if $np.enabled }}
 {{- range $component := list "app" "writer" }}
 {{- $type := (index $.Values $component).service.type }}
-{{- if and (ne $type "ClusterIP") (not $np.metricsFrom) (not (index $np.extraIngress $component)) }}
+{{- if and (ne $type "ClusterIP") (not (index $np.extraIngress $component)) }}
 {{- fail (printf "%s.service.type is %s, but the %s's NetworkPolicy admits no clients outside the release, so its clients would reach no pod: add rules for its clients to networkPolicy.extraIngress.%s, or use ClusterIP" $component $type $component $component) }}
 {{- end }}
 {{- end }}
