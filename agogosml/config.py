@@ -1377,6 +1377,21 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         raise ConfigurationError(_describe_settings_error(cls, exc)) from None
 
 
+#: Characters changed, added or removed by a typo, a swap of two counting as two.
+#: A broker's own variable such as KAFKA_LISTENERS is further from every setting.
+_TYPO_EDITS = 2
+
+
+def _edits(name: str, known: str) -> int:
+    """Return how many characters differ between `name` and `known`, roughly."""
+    opcodes = difflib.SequenceMatcher(None, name, known).get_opcodes()
+    return sum(
+        max(end - start, known_end - known_start)
+        for tag, start, end, known_start, known_end in opcodes
+        if tag != "equal"
+    )
+
+
 def misspelled_variables(
     cls: type[BaseSettings], environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, str]]:
@@ -1408,7 +1423,7 @@ def misspelled_variables(
         if nested and upper.startswith(nested):
             continue
         match = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
-        if match:
+        if match and _edits(upper, match[0]) <= _TYPO_EDITS:
             pairs.append((name, match[0]))
     return pairs
 

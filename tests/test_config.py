@@ -941,6 +941,19 @@ def test_misspelled_variable_gets_close_setting():
     ]
 
 
+def test_broker_variables_not_taken_for_misspellings():
+    environment = {
+        "KAFKA_LISTENERS": "PLAINTEXT://:9092",
+        "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://broker:9092",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_SECURITY_PROTOCAL": "SSL",
+    }
+
+    pairs = misspelled_variables(KafkaSettings, environment)
+
+    assert pairs == [("KAFKA_SECURITY_PROTOCAL", "KAFKA_SECURITY_PROTOCOL")]
+
+
 def test_misspelled_variable_is_logged_once(clean_environment, caplog):
     clean_environment.setenv("KAFKA_BOOTSTRAP_SERVER", "broker:9092")
     clean_environment.setattr(config, "_warned", set())
