@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from azure.eventhub import EventData
+from azure.eventhub._pyamqp.error import AMQPLinkError, ErrorCondition
 from azure.eventhub.amqp import AmqpAnnotatedMessage
 from azure.eventhub.exceptions import (
     AuthenticationError,
@@ -539,6 +540,20 @@ async def test_receive_error_after_retries_marks_disconnected(
 
     assert not pipeline.source.connected
     assert type(error).__name__ in pipeline.source.unavailable_reason
+
+
+async def test_stolen_link_keeps_source_ready(pipeline: Pipeline) -> None:
+    # The SDK raises this at once, without retries, when another reader's link
+    # takes a partition over, as after another reader starts.
+    stolen = AMQPLinkError(
+        condition=ErrorCondition.LinkStolen,
+        description="New receiver with higher epoch is created",
+    )
+    await wait_claimed(pipeline.source)
+
+    await pipeline.consumer.detach("0", ConnectionLostError(str(stolen), stolen))
+
+    assert pipeline.source.connected
 
 
 # ---------------------------------------------------------------------------

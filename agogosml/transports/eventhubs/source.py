@@ -370,8 +370,10 @@ class EventHubsSource(TrackedSource):
         partition = context.partition_id if context is not None else None
         # The SDK reports a receive error only after its retries ran out. A
         # missing consumer group or hub, for one, comes as ConnectionLostError,
-        # which is not a ConnectError (azure-eventhub 5.15).
-        if isinstance(error, EventHubError):
+        # which is not a ConnectError (azure-eventhub 5.15). A stolen link
+        # (amqp:link:stolen) comes at once when another reader takes the
+        # partition over, which is load balancing, not a failure.
+        if isinstance(error, EventHubError) and error.error != "link:stolen":
             self._failing = error
         logger.error(
             "eventhubs receive failed: %s: %s",
