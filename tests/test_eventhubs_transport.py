@@ -986,6 +986,18 @@ def test_hub_level_string_rejected_for_dead_letters() -> None:
     assert "set READER_DEAD_LETTER to 'orders'" not in str(caught.value)
 
 
+def test_hub_level_string_for_other_input_needs_namespace() -> None:
+    hub_level = settings(connection_string=CONNECTION_STRING + ";EntityPath=orders")
+
+    with pytest.raises(ConfigurationError) as caught:
+        EventHubsSource(hub_level, "payments")
+
+    assert "READER_INPUT='payments'" in str(caught.value)
+    assert "namespace-level connection string" in str(caught.value)
+    # The reader also writes dead letters to a second hub, so no input fixes it.
+    assert "set READER_INPUT to 'orders'" not in str(caught.value)
+
+
 async def test_source_needs_checkpoint_store() -> None:
     source = EventHubsSource(settings(), HUB)
 

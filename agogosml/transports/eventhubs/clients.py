@@ -38,8 +38,9 @@ def check_hub(settings: EventHubSettings, hub: str, variable: str) -> None:
     entity = settings.hub_in_connection_string()
     if not entity or entity == hub:
         return
-    if variable == "READER_DEAD_LETTER":
-        # The reader reads its input hub, which cannot take the dead letters too.
+    if variable in ("READER_INPUT", "READER_DEAD_LETTER"):
+        # The reader writes dead letters to a hub other than its input, so one
+        # hub's key is never enough for it.
         raise ConfigurationError(
             f"{variable}={hub!r} is not the hub of EVENTHUB_CONNECTION_STRING "
             f"(EntityPath={entity}), and the reader needs access to both its "
