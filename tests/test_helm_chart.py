@@ -1409,6 +1409,15 @@ def test_extra_env_checks_ignore_case(
     assert message in error
 
 
+def test_extra_env_slot_name_read_by_case(helm_binary: str) -> None:
+    """The app reads AGOGOSML_SLOT by case, so agogosml_slot is another variable."""
+    entry = json.dumps([{"name": "agogosml_slot", "value": "x"}])
+
+    manifests = render(helm_binary, json_settings=f"app.extraEnv={entry}")
+
+    assert find(manifests, "Deployment", "rel-agogosml-app-blue")
+
+
 def test_literal_secret_in_extra_env_rejected(helm_binary: str) -> None:
     error = render_error(
         helm_binary, json_settings='app.extraEnv=[{"name":"APP_TOKEN","value":"x"}]'

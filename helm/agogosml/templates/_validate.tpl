@@ -174,8 +174,11 @@ variables that app.settings takes, which would bypass its checks there.
 {{- $_ := set $source $name (printf "from app.settings.%s" $name) }}
 {{- end }}
 {{- range $index, $variable := $app.extraEnv }}
-{{- /* ModelApp reads its APP_ variables in any case. */}}
-{{- $name := upper $variable.name }}
+{{- /* ModelApp reads its APP_ variables in any case, but AGOGOSML_SLOT by case. */}}
+{{- $name := $variable.name }}
+{{- if hasPrefix "APP_" (upper $name) }}
+{{- $name = upper $name }}
+{{- end }}
 {{- if hasKey $source $name }}
 {{- $where := get $source $name }}
 {{- $fix := ternary (printf ", and set the value in %s" (trimPrefix "from " $where)) "" (hasPrefix "from " $where) }}
