@@ -171,9 +171,14 @@ def _interrupt(
 def _exit_text(process: subprocess.Popen[str]) -> str:
     """Describe how Helm ended: a negative return code is the signal that ended it."""
     code = process.returncode
-    if code < 0:
-        return f"Helm was ended by {signal.Signals(-code).name}"
-    return f"Helm exited with code {code}"
+    if code >= 0:
+        return f"Helm exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        # A real-time signal, which the signal module does not name.
+        name = f"signal {-code}"
+    return f"Helm was ended by {name}"
 
 
 def _stop(process: subprocess.Popen[str]) -> None:

@@ -1095,6 +1095,22 @@ def test_interrupted_helm_killed_by_signal_named(
     assert "exited with code -" not in message
 
 
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (1, "Helm exited with code 1"),
+        (-signal.SIGKILL, "Helm was ended by SIGKILL"),
+        (-35, "Helm was ended by signal 35"),
+    ],
+)
+def test_helm_exit_described(code: int, text: str) -> None:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    process.returncode = code
+
+    assert helm._exit_text(process) == text
+
+
 def test_helm_failure_without_output_names_command() -> None:
     target = helm.HelmTarget("scoring", "chart", namespace="ml", helm="helm")
     command = ["helm", "get", "values", "scoring", "--namespace", "ml"]
