@@ -2207,6 +2207,27 @@ async def test_transform_new_envelope_committed():
     await asyncio.wait_for(reader.drain_partitions([(TOPIC, 0)]), 1)
 
 
+async def test_transform_shared_envelope_committed():
+    # A transform may return the same Envelope object for several messages,
+    # such as a constant. Each message must still commit its own position.
+    source = MemorySource(TOPIC)
+    fill(source, 3)
+    dead_letter = MemorySink()
+    shared = Envelope(value=b'{"n": 7}')
+
+    def constant(envelope: Envelope) -> Envelope:
+        return shared
+
+    async with stub_app() as app:
+        reader = await run_reader(
+            reader_settings(app.url), source, dead_letter, transform=constant
+        )
+
+    assert app.numbers() == [7, 7, 7]
+    assert reader.in_flight == 0
+    assert source.committed == {(TOPIC, 0): 3}
+
+
 # ---------------------------------------------------------------------------
 # Input the HTTP client cannot send as it is
 # ---------------------------------------------------------------------------

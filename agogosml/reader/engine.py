@@ -323,6 +323,12 @@ class InputReader:
         if transformed is None:
             self._finish(envelope)
             return None
+        if transformed is not envelope and id(transformed) in self._unfinished:
+            # The transform returned an envelope that another unfinished message
+            # uses too, such as a constant. Each message needs its own position.
+            transformed = dataclasses.replace(
+                transformed, headers=list(transformed.headers)
+            )
         transformed.position = original.position
         self._unfinished.discard(id(envelope))
         self._unfinished.add(id(transformed))
