@@ -2073,12 +2073,18 @@ async def test_transform_error_dead_lettered():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+class TransformAbort(BaseException):
+    """An exception outside Exception, as some libraries define."""
+
+
 @pytest.mark.parametrize(
     ("error", "text"),
     [
         (SystemExit(3), "SystemExit(3)"),
         (KeyboardInterrupt(), "KeyboardInterrupt()"),
         (asyncio.CancelledError(), "CancelledError()"),
+        (GeneratorExit(), "GeneratorExit()"),
+        (TransformAbort(), "TransformAbort()"),
     ],
 )
 async def test_transform_exit_dead_lettered(error, text, caplog):

@@ -302,9 +302,10 @@ class InputReader:
             transformed, problem = None, f"transform failed: {exc!r}"
         # SIGINT and SIGTERM stop the reader through `request_stop`, so a
         # KeyboardInterrupt or SystemExit here comes from the transform, such as
-        # a library that calls sys.exit. So does a CancelledError while this
-        # task is not being cancelled. Each is a failed transform, not a stop.
-        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError) as exc:
+        # a library that calls sys.exit. So do GeneratorExit, a library's own
+        # BaseException, and a CancelledError while this task is not being
+        # cancelled. Each is a failed transform, not a stop.
+        except BaseException as exc:
             task = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and (
                 task is not None and task.cancelling()
