@@ -21,6 +21,8 @@ from typing import Any
 import click
 import yaml
 
+from agogosml_cli.local import signal_name
+
 #: Seconds that a command which reads release state may take.
 READ_TIMEOUT_SECONDS = 120
 #: Seconds added to twice Helm's own --timeout before the subprocess is stopped.
@@ -173,12 +175,7 @@ def _exit_text(process: subprocess.Popen[str]) -> str:
     code = process.returncode
     if code >= 0:
         return f"Helm exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        # A real-time signal, which the signal module does not name.
-        name = f"signal {-code}"
-    return f"Helm was ended by {name}"
+    return f"Helm was ended by {signal_name(-code)}"
 
 
 def _stop(process: subprocess.Popen[str]) -> None:

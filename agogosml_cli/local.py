@@ -55,6 +55,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def signal_name(number: int) -> str:
+    """Return the name of a signal, such as SIGKILL, or "signal N" for one without."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        # A real-time signal, which the signal module does not name.
+        return f"signal {number}"
+
+
 class ServiceProcess:
     """One service (reader, app or writer) running as a child process.
 
@@ -166,11 +175,7 @@ class ServiceProcess:
             return "is running"
         if code >= 0:
             return f"exited with code {code}"
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(-code)}"
 
     def signal(self, signum: int) -> None:
         """Send `signum` to the process, if it runs."""

@@ -1049,6 +1049,18 @@ def test_timed_out_helm_stopped_with_sigterm(
     assert "history scoring --namespace ml" in str(raised.value)
 
 
+def interrupt_helm(script: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run `script` as helm upgrade, SIGINT this process alone, return stderr."""
+    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
+    # A signal to this process alone, as a CI runner sends when it cancels.
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+    timer.join()
+    return " ".join(capsys.readouterr().err.split())
+
+
 def test_interrupted_cli_passes_sigint_to_helm(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1061,16 +1073,9 @@ def test_interrupted_cli_passes_sigint_to_helm(
         "wait\n"
     )
     script.chmod(0o755)
-    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
-    # A signal to this process alone, as a CI runner sends when it cancels.
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
 
-    with pytest.raises(KeyboardInterrupt):
-        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+    message = interrupt_helm(script, capsys)
 
-    timer.join()
-    message = " ".join(capsys.readouterr().err.split())
     assert log.read_text() == "INT\n"
     assert "upgrade` was interrupted, and Helm exited with code 1" in message
     assert "history scoring --namespace ml" in message
@@ -1082,15 +1087,9 @@ def test_interrupted_helm_killed_by_signal_named(
     script = tmp_path / "helm-without-handler"
     script.write_text("#!/bin/sh\nexec sleep 30\n")
     script.chmod(0o755)
-    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
 
-    with pytest.raises(KeyboardInterrupt):
-        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+    message = interrupt_helm(script, capsys)
 
-    timer.join()
-    message = " ".join(capsys.readouterr().err.split())
     assert "upgrade` was interrupted, and Helm was ended by SIGINT." in message
     assert "exited with code -" not in message
 
