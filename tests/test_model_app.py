@@ -145,6 +145,19 @@ async def model_app(
             yield client
 
 
+async def batch_results(
+    score: Callable[[list[Any]], Any], items: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], StubWriter]:
+    """POST `items` to the /batch of an app around `score`, and return its results."""
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+    return results, writer
+
+
 def double_amount(values: list[Any]) -> list[Any]:
     return [{"score": value["amount"] * 2} for value in values]
 
@@ -280,12 +293,7 @@ async def test_batch_traceparent_not_string_400(parent, kind):
         {"id": "in:0:1", "traceparent": "not a traceparent", "value": {"amount": 2}},
     ]
 
-    async with stub_writer() as writer:
-        async with model_app(double_amount, writer.url) as client:
-            response = await client.post(
-                "/batch", data=orjson.dumps(items), headers=JSON
-            )
-            results = (await response.json())["results"]
+    results, writer = await batch_results(double_amount, items)
 
     assert [result["status"] for result in results] == [400, 200]
     assert f"'traceparent' must be a string or null, got {kind}" in results[0]["error"]
@@ -307,12 +315,7 @@ async def test_batch_bad_id_400_only(message_id, problem):
         {"id": "in:0:2", "value": {"amount": 3}},
     ]
 
-    async with stub_writer() as writer:
-        async with model_app(double_amount, writer.url) as client:
-            response = await client.post(
-                "/batch", data=orjson.dumps(items), headers=JSON
-            )
-            results = (await response.json())["results"]
+    results, writer = await batch_results(double_amount, items)
 
     assert [result["status"] for result in results] == [200, 400, 200]
     assert problem in results[1]["error"]
@@ -513,12 +516,7 @@ async def test_batch_unknown_item_field_400_only():
         {"id": "in:0:1", "value": {"amount": 2}},
     ]
 
-    async with stub_writer() as writer:
-        async with model_app(double_amount, writer.url) as client:
-            response = await client.post(
-                "/batch", data=orjson.dumps(items), headers=JSON
-            )
-            results = (await response.json())["results"]
+    results, writer = await batch_results(double_amount, items)
 
     assert [result["status"] for result in results] == [400, 200]
     assert "unknown field 'heders'" in results[0]["error"]
@@ -541,12 +539,7 @@ async def test_batch_invalid_items_not_scored():
         {"id": "in:0:2", "value": {"amount": 2}},
     ]
 
-    async with stub_writer() as writer:
-        async with model_app(fail_on_first, writer.url) as client:
-            response = await client.post(
-                "/batch", data=orjson.dumps(items), headers=JSON
-            )
-            results = (await response.json())["results"]
+    results, writer = await batch_results(fail_on_first, items)
 
     assert [result["status"] for result in results] == [400, 400, 200]
     assert scored == [{"amount": 2}]
