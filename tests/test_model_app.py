@@ -148,7 +148,7 @@ async def model_app(
 async def batch_results(
     score: Callable[[list[Any]], Any], items: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], StubWriter]:
-    """POST `items` to the /batch of an app around `score`, and return its results."""
+    """Return the results of `items` posted to an app around `score`, and its writer."""
     async with stub_writer() as writer:
         async with model_app(score, writer.url) as client:
             response = await client.post(
