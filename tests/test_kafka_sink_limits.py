@@ -251,6 +251,23 @@ def test_record_batch_size_matches_broker(
     assert not one_more_fits
 
 
+async def writer_unaware_of_limit(
+    kafka_bootstrap: str,
+    limited_topic: TopicFactory,
+    sinks: list[KafkaSink],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[str, KafkaSink, OutputWriter]:
+    """Return a topic with a small size limit, and a writer that cannot read it."""
+    deny_describe_configs(monkeypatch)
+    topic = limited_topic(TOPIC_LIMIT)
+    sink = KafkaSink(
+        load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
+    )
+    sinks.append(sink)
+    await sink.start()
+    return topic, sink, OutputWriter(load_settings(WriterSettings, output=topic), sink)
+
+
 async def stream_two_through_app(
     writer: OutputWriter,
     settings: ReaderSettings,
@@ -377,14 +394,9 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
     monkeypatch: pytest.MonkeyPatch,
     batch_max_messages: int,
 ) -> None:
-    deny_describe_configs(monkeypatch)
-    topic = limited_topic(TOPIC_LIMIT)
-    sink = KafkaSink(
-        load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
+    topic, sink, writer = await writer_unaware_of_limit(
+        kafka_bootstrap, limited_topic, sinks, monkeypatch
     )
-    sinks.append(sink)
-    await sink.start()
-    writer = OutputWriter(load_settings(WriterSettings, output=topic), sink)
     source = MemorySource("input")
     source.add(orjson.dumps({"n": 0, "pad": "x" * 20_000}))
     source.add(orjson.dumps({"n": 1}))
@@ -418,14 +430,9 @@ async def test_oversized_result_alone_in_chunk(
     sinks: list[KafkaSink],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    deny_describe_configs(monkeypatch)
-    topic = limited_topic(TOPIC_LIMIT)
-    sink = KafkaSink(
-        load_settings(KafkaSettings, bootstrap_servers=kafka_bootstrap), topic
+    topic, sink, writer = await writer_unaware_of_limit(
+        kafka_bootstrap, limited_topic, sinks, monkeypatch
     )
-    sinks.append(sink)
-    await sink.start()
-    writer = OutputWriter(load_settings(WriterSettings, output=topic), sink)
     source = MemorySource("input")
     small = orjson.dumps({"n": 0, "pad": "y" * 5_000})
     source.add(small)
