@@ -30,7 +30,7 @@ from fakes import MemorySink, MemorySource
 from test_reader import reader_settings, running_reader
 
 from agogosml.app import AppSettings, ModelApp
-from agogosml.config import KafkaSettings, ReaderSettings, WriterSettings, load_settings
+from agogosml.config import KafkaSettings, WriterSettings, load_settings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.reader.client import wait_backoff
@@ -270,12 +270,25 @@ async def writer_unaware_of_limit(
 
 async def stream_two_through_app(
     writer: OutputWriter,
-    settings: ReaderSettings,
     source: MemorySource,
     dead_letter: MemorySink,
+    batch_max_messages: int,
     **app_options: Any,
 ) -> None:
-    """Stream the two messages of `source` through an app that returns each value."""
+    """Stream the two messages of `source` through an app that returns each value.
+
+    The reader tries each request twice, and `batch_max_messages` above 1
+    sends both messages in one batch.
+    """
+    settings = reader_settings(
+        "http://127.0.0.1:1",
+        input="input",
+        stop_at_end=False,
+        retry_max_attempts=2,
+        app_ready_path="/readyz",
+        batch_max_messages=batch_max_messages,
+        batch_max_wait_ms=200,
+    )
     async with TestServer(writer.build_app()) as writer_server:
         app_settings = AppSettings(
             writer_url=str(writer_server.make_url("")), **app_options
@@ -401,19 +414,10 @@ async def test_oversized_result_dead_lettered_while_limit_unknown(
     source.add(orjson.dumps({"n": 0, "pad": "x" * 20_000}))
     source.add(orjson.dumps({"n": 1}))
     dead_letter = MemorySink()
-    settings = reader_settings(
-        "http://127.0.0.1:1",
-        input="input",
-        stop_at_end=False,
-        retry_max_attempts=2,
-        app_ready_path="/readyz",
-        # In a batch, the valid result shares the writer request of the one
-        # too large, and only that one may fail.
-        batch_max_messages=batch_max_messages,
-        batch_max_wait_ms=200,
-    )
 
-    await stream_two_through_app(writer, settings, source, dead_letter)
+    # In a batch, the valid result shares the writer request of the one too
+    # large, and only that one may fail.
+    await stream_two_through_app(writer, source, dead_letter, batch_max_messages)
 
     (record,) = dead_letter.envelopes
     headers = {name: value.decode() for name, value in record.headers}
@@ -438,20 +442,11 @@ async def test_oversized_result_alone_in_chunk(
     source.add(small)
     source.add(orjson.dumps({"n": 1, "pad": "x" * 20_000}))
     dead_letter = MemorySink()
-    settings = reader_settings(
-        "http://127.0.0.1:1",
-        input="input",
-        stop_at_end=False,
-        retry_max_attempts=2,
-        app_ready_path="/readyz",
-        batch_max_messages=2,
-        batch_max_wait_ms=200,
-    )
 
     # Each result fits one writer request alone, but not both together, so
     # the result too large for the topic is a writer request of its own.
     await stream_two_through_app(
-        writer, settings, source, dead_letter, writer_max_body_bytes=24_000
+        writer, source, dead_letter, 2, writer_max_body_bytes=24_000
     )
 
     dead_lettered = [
