@@ -786,8 +786,8 @@ class EventHubSettings(BaseSettings):
     @field_validator("consumer_group")
     @classmethod
     def _consumer_group_name(cls, value: str) -> str:
-        # Most likely a copy mistake, and a consumer group that does not exist
-        # fails only when a partition's link attaches.
+        # Surrounding whitespace comes from copying the name, and a consumer
+        # group that does not exist fails only when a partition's link attaches.
         if value != value.strip():
             raise ValueError(
                 "the consumer group name starts or ends with whitespace; remove "

@@ -332,9 +332,10 @@ def header_spellings(value: str) -> dict[str, str]:
 def content_type_problem(request: web.Request) -> str:
     """Return why the request's Content-Type is not JSON, or '' when it is.
 
-    Parameters such as ``charset=utf-8`` are allowed. The message quotes the
-    header as sent, not aiohttp's reading of it, which is
-    ``application/octet-stream`` for a missing or malformed one.
+    Parameters such as ``charset=utf-8`` are allowed. RFC 8259 defines no
+    charset for JSON, so the body is read as UTF-8 whatever a charset names.
+    The message quotes the header as sent, not aiohttp's reading of it, which
+    is ``application/octet-stream`` for a missing or malformed one.
     """
     if request.content_type == "application/json":
         return ""

@@ -50,7 +50,7 @@ WORK_FILES = (
 DEAD_LETTER_ERROR_HEADER = "dlq.error"
 #: How many dead-letter reasons the summary keeps, the most frequent first.
 TOP_REASONS = 3
-#: Dead-lettered --input lines that the summary names.
+#: How many line numbers of dead-lettered --input records the summary names.
 SHOWN_LINES = 20
 #: Characters of a reason that the summary table shows.
 _REASON_CHARS = 300
@@ -461,9 +461,9 @@ def _stream_backend(options: RunOptions) -> StreamBackend | None:
 def _reader_settings(options: RunOptions) -> dict[str, str]:
     """Return the reader variables that the options set.
 
-    READER_BATCH_MAX_MESSAGES and READER_ORDERING are the defaults of
-    --batch-size and --ordering, so only a READER_MAX_IN_FLIGHT of the
-    environment is kept here.
+    READER_BATCH_MAX_MESSAGES and READER_ORDERING come from --batch-size and
+    --ordering, which default to them. READER_MAX_IN_FLIGHT is set only when
+    the environment does not set it.
     """
     settings = {
         "READER_BATCH_MAX_MESSAGES": str(options.batch_size),
@@ -942,7 +942,7 @@ def _reason_rows(summary: RunSummary) -> list[tuple[str, Text]]:
 
 
 def _dead_lettered_line_rows(summary: RunSummary) -> list[tuple[str, str]]:
-    """Show where in the --input file the dead-lettered records are."""
+    """Return the summary row with the --input lines of the dead-lettered records."""
     lines = summary.dead_lettered_lines
     if not lines:
         return []

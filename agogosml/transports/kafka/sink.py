@@ -270,6 +270,9 @@ class KafkaSink(Sink):
             for envelope, headers in sized:
                 while not self._produce(producer, envelope, headers, report):
                     # The local queue is full: wait for deliveries to drain it.
+                    # NOTE: this wait has no limit. A request that outlasts its
+                    # client's timeout still produces its records afterwards,
+                    # so the client's retry can write them a second time.
                     await asyncio.sleep(0.005)
                 produced += 1
         except SinkError:
