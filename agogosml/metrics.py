@@ -72,6 +72,12 @@ CONSUMER_LAG = Gauge(
     "Messages between the committed offset and the end of each partition.",
     ["topic", "partition"],
 )
+COMMITS = Counter(
+    "agogosml_commits_total",
+    "Partition positions that the input reader committed: Kafka offsets or "
+    "Event Hubs checkpoints, by outcome.",
+    ["outcome"],
+)
 REJECTED_REQUESTS = Counter(
     "agogosml_rejected_requests_total",
     "Requests rejected with a 4xx or 5xx status.",

@@ -38,6 +38,7 @@ from eventhubs_fakes import (
     RecordingCheckpointStore,
     offset_of,
 )
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from agogosml.config import (
@@ -390,6 +391,48 @@ async def test_checkpoint_waits_for_slower_earlier_write() -> None:
 
     # Written the other way round, the older checkpoint would be the last.
     assert store.written() == [(0, offset_of(0)), (2, offset_of(2))]
+
+
+class FailingOnceStore(RecordingCheckpointStore):
+    """A checkpoint store whose first write fails, as when its container is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def update_checkpoint(
+        self, checkpoint: dict[str, Any], **kwargs: Any
+    ) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("the checkpoint container is gone")
+        await super().update_checkpoint(checkpoint, **kwargs)
+
+
+def commits(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("agogosml_commits_total", labels) or 0.0
+
+
+async def test_checkpoint_outcomes_counted(caplog) -> None:
+    hub, store = FakeHub(HUB), FailingOnceStore()
+    fill(hub, 2)
+    started = Pipeline(hub, store)
+    await started.source.start()
+    envelopes = await fetch_all(started.source, 2)
+    ok_before, errors_before = commits("ok"), commits("error")
+    started.source.ack(envelopes[0])
+
+    await started.source._checkpoint_logged(None)
+    failed = commits("ok") - ok_before, commits("error") - errors_before
+    started.source.ack(envelopes[1])
+    await started.source._checkpoint_logged(None)
+    await started.source.stop()
+
+    assert failed == (0, 1)
+    assert "checkpoint failed, will retry: OSError" in caplog.text
+    assert (commits("ok") - ok_before, commits("error") - errors_before) == (1, 1)
+    assert store.written() == [(1, offset_of(1))]
 
 
 async def test_restart_resumes_after_checkpoint() -> None:

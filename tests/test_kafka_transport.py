@@ -22,9 +22,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+from prometheus_client import REGISTRY
 
 from agogosml.config import MAX_DELIVERY_TIMEOUT_MS, MAX_LINGER_MS, KafkaSettings
-from agogosml.envelope import Envelope
+from agogosml.envelope import Envelope, Position
 from agogosml.errors import SinkError, SourceError
 from agogosml.transports.kafka import KafkaSink, KafkaSource, topic_limit
 from agogosml.transports.kafka import health as health_module
@@ -769,3 +770,69 @@ async def test_stop_bounds_close_after_unexpected_commit_error(monkeypatch) -> N
 
     assert stopped_after < 5
     assert source._consumer is None
+
+
+def commits(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("agogosml_commits_total", labels) or 0.0
+
+
+async def test_source_counts_committed_partitions(mock_bootstrap: str) -> None:
+    topic = "source-counted"
+    produce(mock_bootstrap, topic, 4)
+    settings = KafkaSettings(
+        bootstrap_servers=mock_bootstrap,
+        group_id="g-counted",
+        commit_interval_ms=3_600_000,  # the test commits explicitly
+    )
+    source = KafkaSource(settings, [topic])
+
+    async with source:
+        envelopes = await fetch_all(source, 4)
+        before = commits("ok")
+        source.ack(envelopes[0])
+        await source.commit()
+        await source.commit()  # nothing finished since, so nothing to commit
+        after_one = commits("ok")
+        for envelope in envelopes[1:]:
+            source.ack(envelope)
+    after_stop = commits("ok")
+
+    assert after_one - before == 1
+    assert after_stop - before == 2  # the final commit at shutdown
+    assert committed(mock_bootstrap, "g-counted", topic) == 4
+
+
+class FailingCommitConsumer:
+    """A consumer whose commits fail, as when the group coordinator is gone."""
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        raise KafkaException(KafkaError(KafkaError.REQUEST_TIMED_OUT))
+
+
+async def test_source_counts_failed_commits() -> None:
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", group_id="g-failing")
+    source = KafkaSource(settings, ["in"])
+    for partition in (0, 1):
+        generation = source._tracker.assign("in", partition)
+        position = Position("in", partition, 0, 1, generation)
+        source._tracker.register(position)
+        source._tracker.finish(position)
+    source._consumer = FailingCommitConsumer()  # type: ignore[assignment]
+    before = commits("error")
+
+    with pytest.raises(KafkaException):
+        await source.commit()
+    with pytest.raises(KafkaException):
+        source._commit_async()
+    no_offset = KafkaError(KafkaError._NO_OFFSET)
+    source._committing[("in", 0)] = 1
+    source._on_commit(no_offset, [TopicPartition("in", 0, 1)])
+    source._committing[("in", 1)] = 1
+    unavailable = KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE)
+    source._on_commit(unavailable, [TopicPartition("in", 1, 1)])
+
+    # Two partitions for each of the two commits, and one failed partition
+    # in a commit result; a commit with nothing to commit is no failure.
+    assert commits("error") - before == 5
+    assert source._committed == {}

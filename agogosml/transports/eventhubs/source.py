@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from azure.eventhub import CloseReason, EventData
@@ -14,6 +15,7 @@ from azure.eventhub.exceptions import EventHubError
 from agogosml.config import EventHubSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
+from agogosml.metrics import COMMITS
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.eventhubs import clients
 
@@ -329,7 +331,7 @@ class EventHubsSource(TrackedSource):
                 properties["last_enqueued_sequence_number"],
                 properties["last_enqueued_offset"],
             )
-            await context.update_checkpoint(event)
+            await _counted(context.update_checkpoint(event))
         except Exception as exc:  # noqa: BLE001 - the partition is read anyway
             logger.warning(
                 "cannot checkpoint the start of a partition read from its end "
@@ -445,7 +447,7 @@ class EventHubsSource(TrackedSource):
         if offset is None:
             return
         event = clients.checkpoint_event(next_sequence - 1, offset)
-        await context.update_checkpoint(event)
+        await _counted(context.update_checkpoint(event))
         if self._contexts.get(partition) is context:
             self._checkpointed[partition] = next_sequence
         logger.debug(
@@ -465,6 +467,16 @@ class EventHubsSource(TrackedSource):
         if offsets and offsets[0][0] == sequence_number:
             return offsets[0][1]
         return None
+
+
+async def _counted(write: Awaitable[None]) -> None:
+    """Await a checkpoint write, counting its outcome in agogosml_commits_total."""
+    try:
+        await write
+    except BaseException:
+        COMMITS.labels("error").inc()
+        raise
+    COMMITS.labels("ok").inc()
 
 
 def _partition_number(partition_id: str) -> int:

@@ -22,7 +22,7 @@ from confluent_kafka import (
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import ConfigurationError, SourceError
-from agogosml.metrics import CONSUMER_LAG
+from agogosml.metrics import COMMITS, CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.kafka.added_partitions import (
     added_partitions,
@@ -370,6 +370,7 @@ class KafkaSource(TrackedSource):
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
+            COMMITS.labels("error").inc(len(offsets))
             sought_back = self._seek_back(offsets)
             # A partition that could not seek back sends its messages on. Its
             # start is then committed with the next periodic commit (the
@@ -389,6 +390,7 @@ class KafkaSource(TrackedSource):
                 if generation == 0
                 or (message.topic(), message.partition()) not in sought_back
             ]
+        COMMITS.labels("ok").inc(len(offsets))
         for key, tp in starts.items():
             self._committed[key] = tp.offset
         for message, generation in stamped:
@@ -577,9 +579,11 @@ class KafkaSource(TrackedSource):
             self._committing[(tp.topic, tp.partition)] = tp.offset
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
-        except KafkaException:
+        except KafkaException as exc:
             for tp in offsets:
                 self._committing.pop((tp.topic, tp.partition), None)
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                COMMITS.labels("error").inc(len(offsets))
             raise
 
     def _on_commit(self, error: KafkaError | None, partitions: list[Any]) -> None:
@@ -591,6 +595,9 @@ class KafkaSource(TrackedSource):
             del self._committing[key]
             if error is None and tp.error is None:
                 self._committed[key] = tp.offset
+                COMMITS.labels("ok").inc()
+            elif error is None or error.code() != KafkaError._NO_OFFSET:
+                COMMITS.labels("error").inc()
         if error is not None and error.code() != KafkaError._NO_OFFSET:
             logger.warning("offset commit failed, will retry: %s", error)
 
@@ -611,6 +618,7 @@ class KafkaSource(TrackedSource):
         if not self._health.up:
             # close() would wait for a commit that no broker confirms.
             self._skip_closing_commit = True
+            COMMITS.labels("error").inc(len(offsets))
             logger.error(
                 "final offset commit skipped, because the brokers at %s are "
                 "unreachable (%s); the messages finished since the last commit "
@@ -632,6 +640,9 @@ class KafkaSource(TrackedSource):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._skip_closing_commit = True
+                COMMITS.labels("error").inc(
+                    sum(key in self._committing for key in keys)
+                )
                 logger.error(
                     "final offset commit not confirmed by the brokers at %s within "
                     "%.1f s (last error: %s); the messages finished since the last "
@@ -664,7 +675,9 @@ class KafkaSource(TrackedSource):
         except KafkaException as exc:
             if exc.args[0].code() == KafkaError._NO_OFFSET:
                 return
+            COMMITS.labels("error").inc(len(offsets))
             raise
+        COMMITS.labels("ok").inc(len(offsets))
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         logger.debug("committed offsets", extra={"offsets": _describe(offsets)})
