@@ -82,3 +82,29 @@ def test_lag_only_of_owned_partitions():
 
     assert sample("0") == 20  # from the commit, with the unfinished messages
     assert sample("1") is None
+
+
+async def test_commit_loop_survives_error(monkeypatch, caplog):
+    kafka = KafkaSettings(
+        bootstrap_servers="127.0.0.1:1", group_id="g-loop", commit_interval_ms=10
+    )
+    kafka_source = KafkaSource(kafka, ["commit-loop"])
+    calls = 0
+
+    def commit_async() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(kafka_source, "_commit_async", commit_async)
+    task = asyncio.create_task(kafka_source._commit_periodically())
+    try:
+        await wait_long(lambda: calls >= 2, seconds=5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        kafka_source._thread.shutdown(wait=True)
+
+    assert calls >= 2
+    assert "offset commit failed unexpectedly" in caplog.text

@@ -510,9 +510,16 @@ class KafkaSource(TrackedSource):
                 await self._call(self._commit_async)
             except KafkaException as exc:
                 logger.warning("offset commit failed, will retry: %s", exc)
+            except Exception:
+                # The loop must outlive any failure: once it ends, nothing is
+                # committed until the stop, and `stop` ignores how it ended.
+                logger.exception("offset commit failed unexpectedly, will retry")
             if self._paused and time.monotonic() - lag_checked >= PAUSED_LAG_SECONDS:
                 lag_checked = time.monotonic()
-                await self._call(self._record_paused_lag)
+                try:
+                    await self._call(self._record_paused_lag)
+                except Exception:
+                    logger.exception("reading the lag of paused partitions failed")
 
     def _record_fetched_lag(self, stats: dict[str, Any]) -> None:
         """Set the lag from librdkafka's statistics, unless fetching is paused.
