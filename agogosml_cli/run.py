@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -790,6 +791,10 @@ def _show_first_dead_letter(console: Console, tally: OutputTally) -> None:
     )
 
 
+#: How long the file reader may take to exit once the run has ended.
+READER_EXIT_SECONDS = 60
+
+
 def _check_exit(
     reader: ServiceProcess, records_missing: bool, input_path: Path, checkpoint: Path
 ) -> None:
@@ -798,9 +803,16 @@ def _check_exit(
     A reader that is stopped by a signal exits with code 0 too, so with
     records missing, its final checkpoint shows whether it read the whole
     input. Without missing records, the reader has read everything, whatever
-    its checkpoint contains.
+    its checkpoint contains. A reader that has not exited within
+    `READER_EXIT_SECONDS` raises `RunStalledError`.
     """
-    code = reader.wait(60)
+    try:
+        code = reader.wait(READER_EXIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise RunStalledError(
+            f"the input reader did not exit within {READER_EXIT_SECONDS} s after "
+            f"the end of the input; its log is {reader.log_path}"
+        ) from None
     stopped_early = (
         records_missing and _checkpoint_offset(checkpoint) < input_path.stat().st_size
     )

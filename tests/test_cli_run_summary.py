@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import orjson
 import pytest
 from rich.console import Console
 
+from agogosml_cli import run
+from agogosml_cli.local import ServiceProcess
 from agogosml_cli.run import (
     InputRecords,
     OutputTally,
+    RunStalledError,
     RunSummary,
+    _check_exit,
     _follow,
     _summarise,
     print_summary,
@@ -370,3 +377,21 @@ def test_table_escapes_reason_control_characters() -> None:
 
     assert "\x1b" not in text
     assert "\\x1b[31mred\\x1b[0m\\nnext line" in text
+
+
+def test_check_exit_reader_never_exits(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(run, "READER_EXIT_SECONDS", 0.1)
+    reader = ServiceProcess(
+        "input reader", "agogosml.reader", {}, tmp_path / "reader.log", port=0
+    )
+    reader.process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_text("{}\n")
+
+    try:
+        with pytest.raises(RunStalledError, match="did not exit within 0.1 s"):
+            _check_exit(reader, False, input_path, tmp_path / "checkpoint")
+    finally:
+        reader.kill()
