@@ -836,3 +836,31 @@ async def test_source_counts_failed_commits() -> None:
     # in a commit result; a commit with nothing to commit is no failure.
     assert commits("error") - before == 5
     assert source._committed == {}
+
+
+class FailingOncePoller:
+    """A producer whose first poll raises, as when a callback raised."""
+
+    def __init__(self, sink: KafkaSink) -> None:
+        self._sink = sink
+        self.polls = 0
+
+    def poll(self, timeout: float) -> int:
+        self.polls += 1
+        if self.polls == 1:
+            raise RuntimeError("callback failed")
+        if self.polls == 3:
+            self._sink._running = False
+        return 0
+
+
+def test_sink_polling_survives_failed_callback(caplog) -> None:
+    sink = KafkaSink(KafkaSettings(bootstrap_servers="127.0.0.1:1"), "out")
+    producer = FailingOncePoller(sink)
+    sink._producer = producer  # type: ignore[assignment]
+    sink._running = True
+
+    sink._poll()
+
+    assert producer.polls == 3
+    assert "a kafka producer callback failed" in caplog.text

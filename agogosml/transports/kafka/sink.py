@@ -169,8 +169,14 @@ class KafkaSink(Sink):
             producer = self._producer
             if producer is None:
                 return
-            self._poll_retired()
-            producer.poll(0.1)
+            try:
+                self._poll_retired()
+                producer.poll(0.1)
+            except Exception:
+                # confluent-kafka raises what a callback raised from poll().
+                # Without this thread no delivery report arrives, and every
+                # send would wait for its acknowledgements for ever.
+                logger.exception("a kafka producer callback failed")
 
     def _poll_retired(self) -> None:
         """Serve the delivery reports of replaced producers, and drop the idle ones."""
