@@ -99,6 +99,11 @@ class WriterQueue:
     async def _send(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
         try:
             await self._post(_array(element for element, _ in batch), len(batch))
+        except asyncio.CancelledError:
+            # The requests of the batch learn that it was never sent whole.
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             if len(batch) > 1 and self._isolate(exc):
                 # One at a time, so the resends stay within one writer request.

@@ -126,3 +126,19 @@ async def test_cancelled_writes_are_not_sent():
         await abandoned
     assert post.bodies == [[1], [3]]
     await queue.close()
+
+
+async def test_cancelled_request_cancels_its_writes():
+    post = RecordingPost()
+    post.gate = asyncio.Event()
+    queue = WriterQueue(post, max_body_bytes=1000)
+    write = asyncio.create_task(queue.write(b"1"))
+    await asyncio.sleep(0.01)
+
+    for task in queue._tasks:
+        task.cancel()
+    await queue.close()
+
+    # Left pending, the write would wait for ever.
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(write, 1)
