@@ -192,6 +192,7 @@ class InputReader:
             await self._finish_in_flight(self._shutdown_seconds_left())
             if watcher is not None:
                 watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await self._cancel_workers()
             self._stopped = True
             self._progress.set()
