@@ -20,7 +20,7 @@ from agogosml.config import (
     WriterSettings,
 )
 from agogosml_cli.chart_settings import settings_schema
-from agogosml_cli.release import CHART_DEFAULT_STATE
+from agogosml_cli.release import CHART_DEFAULT_STATE, fullname
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "agogosml"
 #: Kubernetes version whose schemas kubernetes-validate 1.37 ships.
@@ -243,6 +243,32 @@ def test_default_release_resources(helm_binary: str) -> None:
         "Service rel-agogosml-writer",
         "ServiceAccount rel-agogosml",
     ]
+
+
+@pytest.mark.parametrize(
+    ("release", "values"),
+    [
+        ("rel", {}),
+        ("agogosml-prod", {}),
+        ("scoring-" + "x" * 45, {}),  # the longest name Helm accepts
+        ("rel", {"nameOverride": "fraud"}),
+        ("rel", {"fullnameOverride": "fraud-scoring"}),
+        ("rel", {"fullnameOverride": "fraud-" + "y" * 44 + "-z"}),
+    ],
+)
+def test_release_names_resources_as_the_chart_does(
+    helm_binary: str, release: str, values: dict[str, str]
+) -> None:
+    args = ["template", release, str(CHART)]
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    result = helm(helm_binary, *args)
+    assert result.returncode == 0, result.stderr
+    manifests = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+    # The release commands find the preview Service by this name.
+    preview = find(manifests, "Service", f"{fullname(release, values)}-app-preview")
+    assert len(preview["metadata"]["name"]) <= 63
 
 
 # ---------------------------------------------------------------------------
