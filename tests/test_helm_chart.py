@@ -1159,6 +1159,28 @@ def test_network_policy_allows_only_pipeline(helm_binary: str) -> None:
         broker = policy["egress"][-1]
         assert broker["to"] == [{"ipBlock": {"cidr": "10.1.0.0/16"}}]
         assert [port["port"] for port in broker["ports"]] == [9092, 9093]
+    for policy in (reader, app, writer):
+        assert "to" not in policy["egress"][0]  # DNS to any address
+
+
+def test_network_policy_limits_dns_to_peers(helm_binary: str) -> None:
+    cluster_dns = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+        },
+        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+    }
+    manifests = render(
+        helm_binary,
+        "networkPolicy.enabled=true",
+        json_settings=f"networkPolicy.dnsPeers=[{json.dumps(cluster_dns)}]",
+    )
+
+    for component in ("reader", "app", "writer"):
+        policy = find(manifests, "NetworkPolicy", f"rel-agogosml-{component}")
+        dns = policy["spec"]["egress"][0]
+        assert dns["to"] == [cluster_dns]
+        assert [port["port"] for port in dns["ports"]] == [53, 53]
 
 
 # ---------------------------------------------------------------------------
