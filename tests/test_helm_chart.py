@@ -420,6 +420,15 @@ def test_pods_spread_over_nodes_and_zones(rendered: list[dict]) -> None:
             assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", name
             assert constraint["maxSkew"] == 1, name
             assert constraint["labelSelector"] == {"matchLabels": selector}, name
+            assert constraint["matchLabelKeys"] == ["pod-template-hash"], name
+
+
+def test_spread_without_revision_keys_before_kubernetes_127(helm_binary: str) -> None:
+    manifests = render(helm_binary, kube_version="1.26.0")
+
+    for _, spec in pod_specs(manifests):
+        for constraint in spec["topologySpreadConstraints"]:
+            assert "matchLabelKeys" not in constraint
 
 
 def test_app_slots_spread_separately(helm_binary: str) -> None:

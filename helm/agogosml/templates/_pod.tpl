@@ -91,6 +91,13 @@ topologySpreadConstraints:
     labelSelector:
       matchLabels:
         {{- include "agogosml.selectorLabels" $ | nindent 8 }}
+    {{- /* Counts only the pods of the Deployment's current ReplicaSet, so the
+    old pods of a rolling update do not skew where the new ones go. Beta and
+    on by default from Kubernetes 1.27; older API servers drop the field. */}}
+    {{- if semverCompare ">=1.27-0" $.root.Capabilities.KubeVersion.Version }}
+    matchLabelKeys:
+      - pod-template-hash
+    {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
