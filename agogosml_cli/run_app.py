@@ -250,6 +250,20 @@ def _more_invalid_lines(numbers: list[int], count: int) -> str:
     return f", and {count:,} more {noun} not either ({shown})"
 
 
+#: The fix for a file that contains one JSON document over several lines, such as
+#: a pretty-printed array.
+_MULTI_LINE_HINT = (
+    "the file looks like one JSON document over several lines, but each line "
+    "must hold a whole value: put each value, such as each element of an "
+    "array, on a line of its own"
+)
+
+
+def _opens_document(line: bytes, error: str) -> bool:
+    """Tell whether `line` opens an array or object that goes on past its end."""
+    return line[:1] in (b"[", b"{") and error.startswith("unexpected end of data")
+
+
 def check_input_file(path: Path) -> None:
     """Check that `path` is a JSON Lines file with at least one value.
 
@@ -283,6 +297,8 @@ def check_input_file(path: Path) -> None:
                     if not invalid_lines:
                         indent = len(text) - len(text.lstrip())
                         first_error = _column_in_file(error, indent)
+                        if not records and _opens_document(line, error):
+                            first_error += f"; {_MULTI_LINE_HINT}"
                     if len(invalid_lines) <= _SHOWN_INVALID_LINES:
                         invalid_lines.append(number)
                     invalid_count += 1

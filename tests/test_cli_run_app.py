@@ -344,8 +344,11 @@ def test_run_rejects_input_not_json_lines(
         ),
         (
             ["{"] * 8,
-            "line 1 is not a JSON value (unexpected end of data at column 2), and 7 "
-            "more lines are not either (2, 3, 4, 5, 6, ...).",
+            "line 1 is not a JSON value (unexpected end of data at column 2; "
+            "the file looks like one JSON document over several lines, but each "
+            "line must hold a whole value: put each value, such as each element "
+            "of an array, on a line of its own), and 7 more lines are not either "
+            "(2, 3, 4, 5, 6, ...).",
         ),
     ],
 )
@@ -358,6 +361,36 @@ def test_run_names_every_invalid_input_line(
 
     assert result.exit_code == 2, result.output
     assert f"'{path}' is not JSON Lines: {message}" in flat(result.output)
+
+
+MULTI_LINE_HINT = "the file looks like one JSON document over several lines"
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["[", '  {"text": "good"},', '  {"text": "bad"}', "]"],
+        ["", '{"text": "good",', ' "stars": 4}'],
+    ],
+)
+def test_run_input_document_gets_hint(tmp_path: Path, lines: list[str]) -> None:
+    path = write_input(tmp_path / "values.json", lines)
+
+    result = invoke("--input", str(path), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert "is not JSON Lines" in flat(result.output)
+    assert MULTI_LINE_HINT in flat(result.output)
+
+
+def test_run_input_hint_only_on_first_value(tmp_path: Path) -> None:
+    path = write_input(tmp_path / "values.jsonl", ["1", "[", "2]"])
+
+    result = invoke("--input", str(path), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    assert "line 2 is not a JSON value" in flat(result.output)
+    assert MULTI_LINE_HINT not in flat(result.output)
 
 
 def test_run_rejects_missing_input(tmp_path: Path) -> None:
