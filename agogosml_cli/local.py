@@ -15,10 +15,15 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import orjson
+
 from agogosml.errors import AgogosmlError
 
 #: Number of lines of a failed service's log that `ServiceExitError` quotes.
 EXIT_LOG_LINES = 10
+#: Logger and text of a service's warning about a likely misspelled variable.
+_SETTINGS_LOGGER = "agogosml.config"
+_MISSPELLED_TEXT = " is not a setting and is ignored; "
 
 
 class ServiceStartError(AgogosmlError):
@@ -253,6 +258,27 @@ def check_running(services: Iterable[ServiceProcess], during: str) -> None:
     for service in services:
         if service.process is not None and not service.running():
             raise ServiceExitError(service, during)
+
+
+def misspelling_warnings(log_path: Path) -> list[str]:
+    """Return the warnings about misspelled variables in a service's JSON log."""
+    try:
+        lines = log_path.read_bytes().splitlines()
+    except OSError:
+        return []
+    warnings = []
+    for line in lines:
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # Output of the app's own code, such as a print call.
+            continue
+        if not isinstance(record, dict) or record.get("logger") != _SETTINGS_LOGGER:
+            continue
+        message = str(record.get("message", ""))
+        if _MISSPELLED_TEXT in message:
+            warnings.append(message)
+    return warnings
 
 
 def writer_process(

@@ -28,6 +28,7 @@ from agogosml_cli.local import (
     ServiceProcess,
     app_process,
     check_running,
+    misspelling_warnings,
     reader_process,
     writer_process,
 )
@@ -488,6 +489,26 @@ def _app_process(options: RunOptions, writer_url: str) -> ServiceProcess:
     )
 
 
+def _start_app(
+    options: RunOptions, writer_url: str, started: ServiceList, console: Console
+) -> ServiceProcess:
+    """Start the model app, wait until it is ready and print its settings warnings.
+
+    The run warned about misspelled ``APP_`` variables before it started, but
+    only the app defines the prefixes of its own settings (the
+    ``extra_settings`` of ``ModelApp``), so their warnings come from its log.
+    """
+    from agogosml.app import AppSettings
+
+    app = started.start(_app_process(options, writer_url))
+    app.wait_ready(60, others=started)
+    app_prefix = AppSettings.model_config.get("env_prefix", "")
+    for warning in misspelling_warnings(app.log_path):
+        if not warning.upper().startswith(app_prefix):
+            console.print(warning, markup=False, highlight=False)
+    return app
+
+
 def _run_files(
     options: RunOptions, records: InputRecords, input_path: Path, console: Console
 ) -> RunSummary:
@@ -511,8 +532,7 @@ def _run_files(
 
     error = ""
     with _services(writer) as started:
-        app = started.start(_app_process(options, writer.url))
-        app.wait_ready(60, others=started)
+        app = _start_app(options, writer.url, started, console)
         reader_env = {
             **_reader_settings(options),
             "READER_STOP_AT_END": "true",
@@ -599,8 +619,7 @@ def _stream(
     error = ""
     with backend.output_reader() as output_reader:
         with _services(writer) as started:
-            app = started.start(_app_process(options, writer.url))
-            app.wait_ready(60, others=started)
+            app = _start_app(options, writer.url, started, console)
             reader_env = {
                 **backend.service_env(),
                 **backend.reader_env(),

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from agogosml_cli.local import misspelling_warnings
 from agogosml_cli.main import cli
 from sample_app.data import FEATURE_COLUMNS
 
@@ -168,6 +169,66 @@ def test_app_module_that_serves_nothing_gets_hint(tmp_path: Path) -> None:
     assert 'end it with if __name__ == "__main__": ModelApp(score).run()' in flat(
         result.stderr
     )
+
+
+#: A model app with a setting of its own, FACTOR_VALUE.
+FACTOR_APP = """\
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agogosml.app import ModelApp
+
+
+class FactorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACTOR_")
+
+    value: int = 2
+
+
+def score(values):
+    return values
+
+
+if __name__ == "__main__":
+    ModelApp(score, extra_settings=[FactorSettings]).run()
+"""
+
+
+def test_misspelling_warnings_from_log(tmp_path: Path) -> None:
+    typo = "FACTOR_VALEU is not a setting and is ignored; did you mean FACTOR_VALUE?"
+    records = [
+        {"level": "WARNING", "logger": "agogosml.config", "message": typo},
+        {"level": "INFO", "logger": "agogosml.app", "message": "model app started"},
+        {"level": "WARNING", "logger": "my_app", "message": "slow model"},
+    ]
+    lines = [orjson.dumps(record) for record in records] + [b"loading the model"]
+    log = tmp_path / "app.log"
+    log.write_bytes(b"\n".join(lines) + b"\n")
+
+    assert misspelling_warnings(log) == [typo]
+    assert misspelling_warnings(tmp_path / "missing.log") == []
+
+
+@pytest.mark.slow
+def test_app_setting_typo_is_shown(tmp_path: Path) -> None:
+    (tmp_path / "factor_app.py").write_text(FACTOR_APP)
+    write_input(tmp_path / "values.jsonl", ["1"])
+
+    result = run_cli(
+        "--app", "factor_app",
+        "--input", str(tmp_path / "values.jsonl"),
+        "--work-dir", str(tmp_path / "work"),
+        cwd=tmp_path,
+        env={"FACTOR_VALEU": "3", "APP_PROT": "1"},
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    message = flat(result.stderr)
+    assert (
+        "FACTOR_VALEU is not a setting and is ignored; did you mean FACTOR_VALUE?"
+        in message
+    )
+    # The run warns about APP_ variables itself, before the app starts.
+    assert message.count("APP_PROT is not a setting") == 1
 
 
 @pytest.mark.slow
