@@ -9,6 +9,7 @@ JSON Lines file in place of the dataset.
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -115,9 +116,33 @@ def _check_combination(options: AppOptions) -> None:
         raise click.UsageError(
             f"{option} needs --input FILE: a JSON Lines file of the values that "
             "the app scores, one JSON value a line"
+            + _manifest_input_hint(options.project)
         )
     if options.app is not None:
         _check_module_name(options.app)
+
+
+def _manifest_input_hint(project: Path | None) -> str:
+    """Return a hint naming the source file of the project's manifest, or ''.
+
+    A run reads only --input, so this is a suggestion, not a default.
+    """
+    from agogosml_cli.manifest import FileSource, ManifestError, load_manifest
+
+    if project is None:
+        return ""
+    try:
+        manifest = load_manifest(project / MANIFEST_NAME)
+    except ManifestError:
+        # The check of --project names the problem of the manifest.
+        return ""
+    if not isinstance(manifest.source, FileSource):
+        return ""
+    path = project / manifest.source.path
+    return (
+        ", such as the source file of the project's manifest: --input "
+        f"{shlex.quote(str(path))}"
+    )
 
 
 def _check_module_name(module: str) -> None:

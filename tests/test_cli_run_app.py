@@ -251,6 +251,19 @@ def test_invalid_reader_setting_is_named(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_project_without_input_names_source(tmp_path: Path) -> None:
+    project = tmp_path / "my project"
+    project.mkdir()
+    (project / "agogosml.yaml").write_text(MANIFEST)
+
+    result = invoke("--project", str(project), "--work-dir", str(tmp_path / "work"))
+
+    assert result.exit_code == 2, result.output
+    message = flat(result.output)
+    assert "--project needs --input FILE" in message
+    assert f"manifest: --input '{project / 'in.jsonl'}'" in message
+
+
 def test_project_app_runs_in_project(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
