@@ -146,18 +146,39 @@ def _manifest_input_hint(project: Path | None) -> str:
 
 
 def _check_module_name(module: str) -> None:
-    if module.endswith(".py") and module[:-3].isidentifier():
-        raise click.BadParameter(
-            f"{module!r} is a file name; give the module name, as in --app "
-            f"{module[:-3]}, and run agogosml in the directory that contains "
-            f"{module}",
-            param_hint="--app",
-        )
+    if module.endswith(".py"):
+        _check_not_file_name(module)
     if not all(part.isidentifier() for part in module.split(".")):
         raise click.BadParameter(
             f"{module!r} is not a Python module name; give a dotted name such "
             "as 'my_project.app', which the run starts as 'python -m "
             "my_project.app'",
+            param_hint="--app",
+        )
+
+
+def _check_not_file_name(module: str) -> None:
+    """Raise a usage error naming the module of `module`, a file name or path."""
+    stem = module[:-3]
+    if stem.isidentifier():
+        raise click.BadParameter(
+            f"{module!r} is a file name; give the module name, as in --app "
+            f"{stem}, and run agogosml in the directory that contains {module}",
+            param_hint="--app",
+        )
+    if all(part.isidentifier() for part in stem.split(".")):
+        raise click.BadParameter(
+            f"{module!r} ends in .py; give the module name without it, as in "
+            f"--app {stem}",
+            param_hint="--app",
+        )
+    path = Path(module)
+    if path.stem.isidentifier():
+        raise click.BadParameter(
+            f"{module!r} is a file path; give the module name, as in --app "
+            f"{path.stem}, and run agogosml in the directory that contains "
+            f"{path.name} ({str(path.parent)!r}). For the app of a generated "
+            "project, give --project DIR instead",
             param_hint="--app",
         )
 

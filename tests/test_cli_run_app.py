@@ -346,6 +346,17 @@ def test_sample_app_runs_on_input_file(tmp_path: Path, fraud_model: Path) -> Non
             "'doubling_app.py' is a file name; give the module name, as in "
             "--app doubling_app",
         ),
+        (
+            ["--app", "pkg.doubling_app.py", "--input", "INPUT"],
+            "'pkg.doubling_app.py' ends in .py; give the module name without it, "
+            "as in --app pkg.doubling_app",
+        ),
+        (
+            ["--app", "src/pkg/doubling_app.py", "--input", "INPUT"],
+            "'src/pkg/doubling_app.py' is a file path; give the module name, as in "
+            "--app doubling_app, and run agogosml in the directory that contains "
+            "doubling_app.py ('src/pkg')",
+        ),
     ],
 )
 def test_run_rejects_app_option_combination(
