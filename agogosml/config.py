@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -1453,10 +1453,6 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
         location = [str(part) for part in error["loc"]]
         field = _field_of(cls, location[0]) if location else ""
         name = _variable_name(cls, location) if field else "settings"
-        value = error.get("input")
-        displayed = "<secret>" if _is_secret(cls, field) else value
-        if isinstance(displayed, str) and "@" in displayed:
-            displayed = redact_url(displayed)
         if error["type"] == "missing":
             line = f"  {name} is missing: set it{_described(cls, field)}"
             if name in meant:
@@ -1465,12 +1461,7 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
                 line += f"; {' and '.join(unknown)} {verb} set, did you mean {name}?"
             lines.append(line)
         elif field:
-            lines.append(
-                f"  {name}={displayed!r} is invalid: "
-                f"{error['msg'].removeprefix('Value error, ')}"
-                f"{_TYPE_HINTS.get(error['type'], '')}"
-                f"{_described(cls, field)}"
-            )
+            lines.append(f"  {_invalid_value(cls, field, name, error)}")
         else:
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
     for known, unknown in meant.items():
@@ -1479,6 +1470,52 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
                 f"  {variable} is not a setting and is ignored; did you mean {known}?"
             )
     return "\n".join(lines)
+
+
+def invalid_variables(
+    cls: type[BaseSettings], ignored: Collection[str] = ()
+) -> list[str]:
+    """Return a line for each set variable of `cls` whose value is invalid.
+
+    A command that starts services with some variables of its own can check
+    the user's others before it starts any: a missing setting, a variable in
+    `ignored` and an error between settings are left to the service, which
+    gets the whole environment.
+    """
+    try:
+        cls()
+    except ValidationError as exc:
+        errors = exc.errors()
+    except SettingsError as exc:
+        return [_describe_settings_error(cls, exc).partition("\n  ")[2]]
+    else:
+        return []
+    set_names = {variable.upper() for variable in os.environ}
+    skipped = {variable.upper() for variable in ignored}
+    lines = []
+    for error in errors:
+        location = [str(part) for part in error["loc"]]
+        if error["type"] == "missing" or not location:
+            continue
+        field = _field_of(cls, location[0])
+        name = _variable_name(cls, location)
+        if name not in set_names or name in skipped:
+            continue
+        lines.append(_invalid_value(cls, field, name, error))
+    return lines
+
+
+def _invalid_value(cls: type[BaseSettings], field: str, name: str, error: Any) -> str:
+    """Return the line of a field error: the variable, its value and the fix."""
+    displayed = "<secret>" if _is_secret(cls, field) else error.get("input")
+    if isinstance(displayed, str) and "@" in displayed:
+        displayed = redact_url(displayed)
+    return (
+        f"{name}={displayed!r} is invalid: "
+        f"{error['msg'].removeprefix('Value error, ')}"
+        f"{_TYPE_HINTS.get(error['type'], '')}"
+        f"{_described(cls, field)}"
+    )
 
 
 def _variable_name(cls: type[BaseSettings], location: list[str]) -> str:

@@ -281,6 +281,30 @@ def misspelling_warnings(log_path: Path) -> list[str]:
     return warnings
 
 
+#: Variables that `agogosml run` sets for its services, whatever the
+#: environment says: those of the three process builders below and the
+#: reader's of a run. READER_BATCH_MAX_MESSAGES and READER_ORDERING come from
+#: options that check their own values.
+RUN_VARIABLES = frozenset(
+    {
+        "WRITER_SINK",
+        "WRITER_OUTPUT",
+        "WRITER_PORT",
+        "APP_WRITER_URL",
+        "APP_PORT",
+        "READER_SOURCE",
+        "READER_INPUT",
+        "READER_APP_URL",
+        "READER_PORT",
+        "READER_BATCH_MAX_MESSAGES",
+        "READER_ORDERING",
+        "READER_STOP_AT_END",
+        "READER_DEAD_LETTER",
+        "READER_CHECKPOINT_PATH",
+    }
+)
+
+
 def writer_process(
     log_dir: Path, *, sink: str, output: str, extra: dict[str, str] | None = None
 ) -> ServiceProcess:

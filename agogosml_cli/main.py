@@ -228,6 +228,10 @@ def run(
             # Exit code 2, as for the other problems found before the run starts.
             raise click.UsageError(missing)
     choice = resolve_stream(StreamOptions(kafka=kafka, **stream))
+    invalid = _invalid_variables()
+    if invalid:
+        # Found before any service starts, like an invalid option value.
+        raise click.UsageError("\n".join(invalid))
     inputs = _run_inputs(app, input_file, data, model)
     check_run_files(work_dir, inputs, summary_json)
     prepare_work_dir(work_dir)
@@ -331,6 +335,23 @@ def _misspelled_variables() -> list[tuple[str, str]]:
         EventHubSettings,
     )
     return [pair for model in models for pair in misspelled_variables(model)]
+
+
+def _invalid_variables() -> list[str]:
+    """Return a line for each set service variable whose value is invalid.
+
+    A service would stop at its start with the same error, after the services
+    before it started. The variables that the run sets itself are not read
+    from the environment, so their values there do not matter.
+    """
+    from agogosml.app import AppSettings
+    from agogosml.config import ReaderSettings, WriterSettings, invalid_variables
+    from agogosml_cli.local import RUN_VARIABLES
+
+    models = (ReaderSettings, WriterSettings, AppSettings)
+    return [
+        line for model in models for line in invalid_variables(model, RUN_VARIABLES)
+    ]
 
 
 def _run_inputs(

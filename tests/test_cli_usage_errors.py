@@ -76,6 +76,34 @@ def test_run_warns_of_misspelt_variable(
     ) in flat(result.output)
 
 
+def test_run_invalid_service_variables_named_before_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fraud_model: Path
+) -> None:
+    monkeypatch.setenv("READER_RETRY_MAX_ATTEMPTS", "abc")
+    monkeypatch.setenv("APP_MAX_BODY_BYTES", "-5")
+    # The run sets the services' ports itself, so these values are not read.
+    monkeypatch.setenv("READER_PORT", "any")
+    monkeypatch.setenv("WRITER_PORT", "any")
+    started: list[object] = []
+    monkeypatch.setattr(main, "_run", lambda *arguments: started.append(arguments))
+    values = tmp_path / "values.jsonl"
+    values.write_text("1\n")
+
+    result = invoke(
+        "run", "--input", str(values), "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert started == []
+    output = flat(result.output)
+    assert (
+        "READER_RETRY_MAX_ATTEMPTS='abc' is invalid: Input should be a valid integer"
+    ) in output
+    assert "APP_MAX_BODY_BYTES='-5' is invalid" in output
+    assert "PORT" not in output
+
+
 @pytest.mark.parametrize(("limit", "code"), [("2", 1), ("3", 0)])
 def test_run_max_dead_letters_sets_exit_code(
     monkeypatch: pytest.MonkeyPatch,
@@ -292,3 +320,19 @@ def test_interrupt_during_start_up_exits_130(
 
     assert exited.value.code == 130
     assert "Interrupted by SIGINT." in capsys.readouterr().err
+
+
+def test_run_variables_cover_the_service_builders(tmp_path: Path) -> None:
+    from agogosml_cli import local
+
+    services = [
+        local.writer_process(tmp_path, sink="file", output="out.jsonl"),
+        local.app_process(tmp_path, "http://127.0.0.1:1"),
+        local.reader_process(
+            tmp_path, "http://127.0.0.1:1", source="file", input_="in.jsonl"
+        ),
+    ]
+
+    assert {name for service in services for name in service.env} <= (
+        local.RUN_VARIABLES
+    )
