@@ -8,7 +8,13 @@ import sys
 from agogosml.extras import install_command, missing_list
 
 #: Packages of the ``sample`` extra that the app, training and data fetch import.
-SAMPLE_MODULES = ("joblib", "numpy", "pandas", "sklearn")
+#: The packages of the ``sample`` extra, by the module each one installs.
+SAMPLE_PACKAGES = {
+    "joblib": "joblib",
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "sklearn": "scikit-learn",
+}
 
 
 def missing_packages_message() -> str | None:
@@ -18,7 +24,9 @@ def missing_packages_message() -> str | None:
         None when every package is installed, else one sentence with the fix.
     """
     missing = [
-        name for name in SAMPLE_MODULES if importlib.util.find_spec(name) is None
+        package
+        for module, package in SAMPLE_PACKAGES.items()
+        if importlib.util.find_spec(module) is None
     ]
     if not missing:
         return None

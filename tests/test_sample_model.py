@@ -980,7 +980,7 @@ def test_missing_packages_hint_in_checkout(monkeypatch, tmp_path):
 
     message = _missing_packages_hint(monkeypatch, tmp_path / "sample_app", tmp_path)
 
-    assert "joblib, numpy, pandas, sklearn" in message
+    assert "joblib, numpy, pandas, scikit-learn" in message
     assert f"pip install -e '{tmp_path}[sample]'" in message
 
 
