@@ -27,7 +27,7 @@ from agogosml_cli.local import signal_name
 READ_TIMEOUT_SECONDS = 120
 #: Seconds added to twice Helm's own --timeout before the subprocess is stopped.
 UPGRADE_GRACE_SECONDS = 60
-#: Seconds that Helm gets to exit after SIGTERM before it is killed.
+#: Seconds that Helm gets to exit after SIGTERM or SIGINT before it is killed.
 STOP_GRACE_SECONDS = 30
 
 _HELM_HINT = (
@@ -129,7 +129,7 @@ def run_helm(
     try:
         stdout, stderr = process.communicate(timeout=timeout_seconds)
     except KeyboardInterrupt:
-        _interrupt(process, target, command)
+        _interrupt(process, target, command, rolls_back="--atomic" in args)
         raise
     except subprocess.TimeoutExpired:
         _stop(process)
@@ -144,18 +144,33 @@ def run_helm(
 
 
 def _interrupt(
-    process: subprocess.Popen[str], target: HelmTarget, command: list[str]
+    process: subprocess.Popen[str],
+    target: HelmTarget,
+    command: list[str],
+    *,
+    rolls_back: bool = False,
 ) -> None:
     """Pass a SIGINT on to Helm, await its exit, and print how to check the release.
 
     A Ctrl-C in a terminal reaches Helm too, but a SIGINT sent to this process
     alone, as a CI runner sends when it cancels a job, would leave Helm
     running unattended. Helm's output is read while it exits, so that it is
-    not killed by a closed pipe during the rollback of an atomic upgrade.
+    not killed by a closed pipe. An interrupted upgrade with --atomic
+    (`rolls_back`) is rolled back by Helm, which waits up to --timeout for the
+    rollback's pods, so Helm gets that long too. A second interrupt kills it.
     """
     process.send_signal(signal.SIGINT)
+    grace = STOP_GRACE_SECONDS
+    if rolls_back:
+        grace += target.timeout_seconds
+        print(
+            "Helm rolls the interrupted upgrade back (--atomic), which may take "
+            f"up to {target.timeout_seconds} s. Interrupt again to stop Helm at "
+            "once; that can leave the release pending.",
+            file=sys.stderr,
+        )
     try:
-        process.communicate(timeout=STOP_GRACE_SECONDS)
+        process.communicate(timeout=grace)
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         process.kill()
         process.communicate()

@@ -1049,14 +1049,18 @@ def test_timed_out_helm_stopped_with_sigterm(
     assert "history scoring --namespace ml" in str(raised.value)
 
 
-def interrupt_helm(script: Path, capsys: pytest.CaptureFixture[str]) -> str:
+def interrupt_helm(
+    script: Path, capsys: pytest.CaptureFixture[str], *options: str
+) -> str:
     """Run `script` as helm upgrade, SIGINT this process alone, return stderr."""
-    target = helm.HelmTarget("scoring", "chart", namespace="ml", helm=str(script))
+    target = helm.HelmTarget(
+        "scoring", "chart", namespace="ml", timeout_seconds=5, helm=str(script)
+    )
     # A signal to this process alone, as a CI runner sends when it cancels.
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        helm.run_helm(target, ["upgrade"], timeout_seconds=30)
+        helm.run_helm(target, ["upgrade", *options], timeout_seconds=30)
     timer.join()
     return " ".join(capsys.readouterr().err.split())
 
@@ -1079,6 +1083,39 @@ def test_interrupted_cli_passes_sigint_to_helm(
     assert log.read_text() == "INT\n"
     assert "upgrade` was interrupted, and Helm exited with code 1" in message
     assert "history scoring --namespace ml" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "rolled_back"), [(["--atomic"], True), ([], False)]
+)
+def test_interrupted_atomic_upgrade_waits_for_rollback(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    rolled_back: bool,
+) -> None:
+    log = tmp_path / "signals.log"
+    script = tmp_path / "rolling-back-helm"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"trap 'kill $!; sleep 2; echo ROLLED BACK >> {log}; exit 1' INT\n"
+        "sleep 30 >/dev/null 2>&1 &\n"
+        "wait\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(helm, "STOP_GRACE_SECONDS", 0.5)
+
+    message = interrupt_helm(script, capsys, *options)
+
+    # Without --atomic Helm has no rollback to finish, and is killed sooner.
+    assert log.exists() == rolled_back
+    assert ("rolls the interrupted upgrade back" in message) == rolled_back
+    if rolled_back:
+        assert "up to 5 s" in message
+        assert "Helm exited with code 1" in message
+    else:
+        assert "Helm was ended by SIGKILL" in message
 
 
 def test_interrupted_helm_killed_by_signal_named(
