@@ -244,10 +244,11 @@ def test_invalid_reader_setting_is_named(tmp_path: Path) -> None:
         env={"READER_CONCURRENCY": "0"},
     )  # fmt: skip
 
-    assert result.returncode == 1
+    # Named before any service starts, as a usage error.
+    assert result.returncode == 2
     message = flat(result.stderr)
-    assert "input reader (agogosml.reader) exited with code 2" in message
     assert "READER_CONCURRENCY='0' is invalid" in message
+    assert not (tmp_path / "work" / "writer.log").exists()
     assert "Traceback" not in result.stderr
 
 
