@@ -60,6 +60,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# The services listen on loopback, which a proxy cannot reach, so readiness
+# checks bypass the proxy in http_proxy. urllib would send even requests to
+# 127.0.0.1 through it unless no_proxy lists that address.
+_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def signal_name(number: int) -> str:
     """Return the name of a signal, such as SIGKILL, or "signal N" for one without."""
     try:
@@ -159,7 +165,7 @@ class ServiceProcess:
     def is_ready(self) -> bool:
         """Return whether GET /readyz returns 200 now."""
         try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
+            with _DIRECT_OPENER.open(self.url + "/readyz", timeout=1) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False

@@ -569,3 +569,36 @@ run_service(Settings, serve, "probe")
         check=True,
     )
     assert result.stdout.split() == ["True"]
+
+
+class _ReadyService(http.server.BaseHTTPRequestHandler):
+    """A service whose GET /readyz returns 200."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_readiness_check_ignores_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proxy port has no listener, so a check through it would fail.
+    proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadyService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    service = writer_process(tmp_path, sink="file", output="out.jsonl")
+    service.port = server.server_address[1]
+
+    try:
+        ready = service.is_ready()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert ready
