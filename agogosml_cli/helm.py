@@ -123,9 +123,17 @@ def run_helm(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            errors="replace",
         )
-    except FileNotFoundError:
-        raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
+    except OSError as exc:
+        if not os.path.exists(target.helm):
+            raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
+        # The file exists but cannot run, as a binary built for another
+        # platform cannot, or a script whose #! interpreter is missing.
+        raise HelmError(
+            f"{target.helm!r} cannot be run: {exc.strerror or exc}. Check that it "
+            f"is a Helm 3 binary for this platform. {_HELM_HINT}"
+        ) from None
     try:
         stdout, stderr = process.communicate(timeout=timeout_seconds)
     except KeyboardInterrupt:

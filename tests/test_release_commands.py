@@ -1010,6 +1010,35 @@ def test_bad_helm_variable_names_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "HELM='/nonexistent/helm' is not an executable file" in result.stderr
 
 
+def test_helm_for_other_platform_names_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "helm"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01 not a program for this machine")
+    binary.chmod(0o755)
+    monkeypatch.setenv("HELM", str(binary))
+
+    result = invoke("status")
+
+    assert result.exit_code == 1
+    assert f"{str(binary)!r} cannot be run: Exec format error" in result.stderr
+    assert "Helm 3 binary for this platform" in result.stderr
+
+
+def test_helm_output_not_utf8_is_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "helm"
+    script.write_text("#!/bin/sh\nprintf 'Error: caf\\351 failed' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("HELM", str(script))
+
+    result = invoke("status")
+
+    assert result.exit_code == 1
+    assert "helm: caf\ufffd failed" in result.stderr
+
+
 def test_help_lists_release_options() -> None:
     result = invoke("deploy", "--help")
 
