@@ -84,6 +84,7 @@ class SlotState:
         app_values = values.get("app")
         if app_values is not None and not isinstance(app_values, dict):
             raise ReleaseStateError(NOT_AGOGOSML)
+        _check_slot_mappings(app_values or {})
         app = {**CHART_DEFAULT_STATE, **(app_values or {})}
         state = cls(
             active=str(app["activeSlot"]),
@@ -149,6 +150,34 @@ class SlotState:
         if slot in (self.active, self.preview):
             return configured
         return configured if self.idle_policy == "warm" and has_image else 0
+
+
+def check_mapping(key: str, value: Any) -> None:
+    """Reject release values where the chart expects a mapping."""
+    if not isinstance(value, dict):
+        raise ReleaseStateError(
+            f"the release sets {key} to {value!r}, which is not a mapping as the "
+            "chart expects; fix it with agogosml deploy --values, or with helm "
+            "upgrade --reuse-values --set"
+        )
+
+
+def _check_slot_mappings(app: dict[str, Any]) -> None:
+    """Reject slot values that are set but are no mapping.
+
+    The release commands set keys below ``app.slots.<slot>.image``, and Helm
+    fails on such a value with a Go error that names no key.
+    """
+    slots = app.get("slots")
+    if slots is None:
+        return
+    check_mapping("app.slots", slots)
+    for slot in SLOTS:
+        slot_values = slots.get(slot)
+        if slot_values is None:
+            continue
+        check_mapping(f"app.slots.{slot}", slot_values)
+        check_mapping(f"app.slots.{slot}.image", slot_values.get("image") or {})
 
 
 def other_slot(slot: str) -> str:

@@ -15,6 +15,7 @@ from agogosml_cli.release import (
     SLOTS,
     ReleaseStateError,
     SlotState,
+    check_mapping,
     check_namespace,
     check_release_name,
     slot_has_image,
@@ -61,16 +62,6 @@ def status(
         click.echo(format_status(report))
 
 
-def _check_mapping(key: str, value: Any) -> None:
-    """Reject release values where the chart expects a mapping."""
-    if not isinstance(value, dict):
-        raise ReleaseStateError(
-            f"the release sets {key} to {value!r}, which is not a mapping as the "
-            "chart expects; fix it with agogosml deploy --values, or with helm "
-            "upgrade --reuse-values --set"
-        )
-
-
 def _replica_count(slot: str, value: Any) -> int:
     """Return the replica count of a slot, or raise when the release has none."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -90,8 +81,8 @@ def status_report(values: dict[str, Any], release: dict[str, Any]) -> dict[str, 
     except (KeyError, TypeError):
         raise ReleaseStateError(NOT_AGOGOSML) from None
     for slot, slot_values in slot_values_by_name.items():
-        _check_mapping(f"app.slots.{slot}", slot_values)
-        _check_mapping(f"app.slots.{slot}.image", slot_values.get("image") or {})
+        check_mapping(f"app.slots.{slot}", slot_values)
+        check_mapping(f"app.slots.{slot}.image", slot_values.get("image") or {})
     app_version = str(_field(release, "chart", "metadata", "appVersion") or "")
     slots = {}
     for slot in SLOTS:

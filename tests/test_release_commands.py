@@ -921,6 +921,29 @@ def test_status_names_slot_value_not_mapping(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "slots", "key"),
+    [
+        (["promote"], {"blue": 7}, "app.slots.blue"),
+        (["rollback"], {"green": {"image": "r/app:1"}}, "app.slots.green.image"),
+        (["deploy", "--image", "r/app:2"], "blue", "app.slots"),
+    ],
+)
+def test_release_command_names_slot_value_not_mapping(
+    fake_helm: FakeHelm, command: list[str], slots: Any, key: str
+) -> None:
+    values = slot_values("blue", preview="green", previous="green")
+    values["app"]["slots"] = slots
+    fake_helm.set_values(values)
+
+    result = invoke(*command, "--release", "rel")
+
+    assert result.exit_code == 1, result.output
+    assert f"the release sets {key} to" in result.output
+    assert "not a mapping" in result.output
+    assert fake_helm.upgrades() == []
+
+
 @pytest.mark.parametrize("replicas", ["two", 1e400, -1, True])
 def test_status_names_invalid_replicas(fake_helm: FakeHelm, replicas: Any) -> None:
     fake_helm.set_values({"app": {"slots": {"blue": {"replicas": replicas}}}})
