@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import orjson
@@ -24,6 +24,10 @@ EXIT_LOG_LINES = 10
 #: Logger and text of a service's warning about a likely misspelled variable.
 _SETTINGS_LOGGER = "agogosml.config"
 _MISSPELLED_TEXT = " is not a setting and is ignored; "
+#: Seconds after SIGTERM before `ServiceProcess.stop` kills a process.
+STOP_TIMEOUT_SECONDS = 30.0
+#: Seconds after SIGTERM before `ServiceProcess.stop` calls its `on_slow`.
+SLOW_STOP_SECONDS = 3.0
 
 
 class ServiceStartError(AgogosmlError):
@@ -200,14 +204,30 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
 
-    def stop(self, timeout_seconds: float = 30.0) -> int | None:
-        """SIGTERM the process, SIGKILL it after the timeout; return its exit code."""
+    def stop(
+        self,
+        timeout_seconds: float = STOP_TIMEOUT_SECONDS,
+        *,
+        on_slow: Callable[[ServiceProcess], None] | None = None,
+    ) -> int | None:
+        """SIGTERM the process, SIGKILL it after the timeout; return its exit code.
+
+        `on_slow` is called once when the process still runs
+        `SLOW_STOP_SECONDS` after the SIGTERM, so that the caller can say why
+        it waits.
+        """
         if self.process is None:
             return None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_seconds
             try:
-                self.process.wait(timeout_seconds)
+                if on_slow is not None:
+                    try:
+                        self.process.wait(min(SLOW_STOP_SECONDS, timeout_seconds))
+                    except subprocess.TimeoutExpired:
+                        on_slow(self)
+                self.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

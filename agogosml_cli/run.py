@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from rich.text import Text
 from agogosml.envelope import MESSAGE_ID_HEADER, Position, position_id
 from agogosml.errors import AgogosmlError
 from agogosml_cli.local import (
+    SLOW_STOP_SECONDS,
+    STOP_TIMEOUT_SECONDS,
     ServiceExitError,
     ServiceProcess,
     app_process,
@@ -744,7 +747,7 @@ def stop_services(services: list[ServiceProcess]) -> bool:
         INTERRUPTS.stopping = True
         if len(INTERRUPTS.signals) < 2:
             for service in reversed(services):
-                service.stop()
+                service.stop(on_slow=_report_slow_stop)
             return False
     except KeyboardInterrupt:
         pass
@@ -762,6 +765,16 @@ def stop_services(services: list[ServiceProcess]) -> bool:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return True
+
+
+def _report_slow_stop(service: ServiceProcess) -> None:
+    """Say that the run waits for `service` to stop, and how to kill it now."""
+    print(
+        f"Waiting for the {service.name} ({service.module}) to stop: it is still "
+        f"running {SLOW_STOP_SECONDS:.0f} s after SIGTERM, and is killed "
+        f"{STOP_TIMEOUT_SECONDS:.0f} s after it. Press Ctrl-C to kill it now.",
+        file=sys.stderr,
+    )
 
 
 def _follow(

@@ -516,7 +516,7 @@ def started_services(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str
     monkeypatch.setattr(ServiceProcess, "start", start)
     monkeypatch.setattr(ServiceProcess, "wait_ready", lambda self, *args, **kw: None)
     monkeypatch.setattr(ServiceProcess, "running", lambda self: True)
-    monkeypatch.setattr(ServiceProcess, "stop", lambda self: 0)
+    monkeypatch.setattr(ServiceProcess, "stop", lambda self, **options: 0)
     return started
 
 
@@ -766,7 +766,7 @@ class StoppingService:
         self.events = events
         self.interrupt = interrupt
 
-    def stop(self) -> None:
+    def stop(self, **options: object) -> None:
         self.events.append(f"stop {self.name}")
         if self.interrupt:
             raise KeyboardInterrupt
@@ -795,6 +795,25 @@ def test_interrupt_while_stopping_kills_every_service() -> None:
         "kill reader",
     ]
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+class SlowService(StoppingService):
+    """A service that takes long to stop, so `stop` calls its `on_slow`."""
+
+    module = "slow_app"
+
+    def stop(self, **options: Any) -> None:
+        super().stop()
+        options["on_slow"](self)
+
+
+def test_slow_service_stop_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    events: list[str] = []
+
+    interrupted = stop_services([SlowService("model app", events)])  # type: ignore[list-item]
+
+    assert interrupted is False
+    assert "Waiting for the model app (slow_app) to stop" in capsys.readouterr().err
 
 
 def test_second_signal_before_the_stop_kills_at_once(

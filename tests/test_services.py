@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agogosml_cli import local
 from agogosml_cli.local import free_port, writer_process
 
 REPO_ROOT = Path(__file__).parents[1]
@@ -602,3 +603,28 @@ def test_readiness_check_ignores_proxy(
         server.server_close()
 
     assert ready
+
+
+def test_slow_stop_reported_then_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "SLOW_STOP_SECONDS", 0.2)
+    ignores_sigterm = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    service = writer_process(tmp_path, sink="file", output="out.jsonl")
+    service.process = subprocess.Popen(
+        [sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE
+    )
+    assert service.process.stdout is not None
+    with service.process.stdout:
+        service.process.stdout.readline()
+    slow: list[local.ServiceProcess] = []
+
+    returncode = service.stop(2.0, on_slow=slow.append)
+
+    assert slow == [service]
+    assert returncode == -signal.SIGKILL
