@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,13 +480,22 @@ def suggest_name(directory: Path) -> str | None:
     return project_name_like(directory.name)
 
 
+#: Latin letters that Unicode does not split into a letter and an accent.
+_UNSPLIT_LETTERS = str.maketrans(
+    {"ø": "o", "Ø": "o", "ß": "ss", "æ": "ae", "Æ": "ae", "œ": "oe", "Œ": "oe",
+     "ð": "d", "đ": "d", "Đ": "d", "ł": "l", "Ł": "l", "þ": "th", "Þ": "th"}
+)  # fmt: skip
+
+
 def project_name_like(text: str) -> str | None:
     """Return `text` as a valid project name, such as bad-name for Bad_Name, or None.
 
-    Letters become lowercase, and each run of characters other than letters,
-    digits and '-' becomes one '-'.
+    Letters become lowercase without their accents (Ü becomes u), and each run
+    of characters other than letters, digits and '-' becomes one '-'.
     """
-    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    folded = unicodedata.normalize("NFKD", text.translate(_UNSPLIT_LETTERS))
+    plain = folded.encode("ascii", "ignore").decode()
+    name = re.sub(r"[^a-z0-9-]+", "-", plain.lower()).strip("-")
     try:
         TypeAdapter(Manifest.model_fields["name"].rebuild_annotation()).validate_python(
             name

@@ -248,6 +248,7 @@ def test_init_lists_only_source_sasl_flags(tmp_path: Path) -> None:
         ("Bad_Name", "bad-name"),
         ("Fraud Scoring", "fraud-scoring"),
         ("svc.v2", "svc-v2"),
+        ("Ünï cødé", "uni-code"),
     ],
 )
 def test_init_name_flag_suggests_valid_name(
