@@ -20,6 +20,8 @@ _SECRET_FIELDS = frozenset({"password", "connection_string", "ca_certificate"})
 _UNION_FIELDS = frozenset({"source", "sink"})
 _TAGS = frozenset(item.value for item in EndpointType)
 _MAX_VALUE_CHARS = 80
+#: Errors named one by one; a message gives the number of the others.
+SHOWN_ERRORS = 20
 
 
 def describe_errors(
@@ -37,9 +39,12 @@ def describe_errors(
         document: The YAML node tree of the manifest, or None when the data
             did not come from YAML.
     """
+    errors = exc.errors(include_url=False)
     lines = [f"{source_name} is invalid:"]
-    for error in exc.errors(include_url=False):
+    for error in errors[:SHOWN_ERRORS]:
         lines.append("  " + _describe_one(error, flags, document))
+    if len(errors) > SHOWN_ERRORS:
+        lines.append(f"  and {len(errors) - SHOWN_ERRORS:,} more errors")
     return "\n".join(lines)
 
 

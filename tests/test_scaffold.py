@@ -794,6 +794,20 @@ def test_invalid_manifest_rejected(
     assert not (tmp_path / ".copier-answers.yml").exists()
 
 
+def test_many_manifest_errors_counted_after_the_first(tmp_path: Path) -> None:
+    data = valid_manifest_data()
+    data["source"]["topics"] = [f"bad topic {n}" for n in range(500)]
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "source.topics[19]" in result.output
+    assert "source.topics[20]" not in result.output
+    assert "and 480 more errors" in result.output
+
+
 def test_misspelt_type_key_named(tmp_path: Path) -> None:
     data = valid_manifest_data()
     data["source"]["typ"] = data["source"].pop("type")
