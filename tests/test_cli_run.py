@@ -355,7 +355,7 @@ def test_run_names_missing_sample_extra(
     result = CliRunner().invoke(cli, ["run", "--work-dir", str(tmp_path)])
 
     assert result.exit_code == 2
-    assert "sklearn" in result.output
+    assert "needs scikit-learn, which is not installed" in result.output
     assert f"pip install -e '{REPO_ROOT.resolve()}[sample]'" in result.output
 
 
