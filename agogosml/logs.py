@@ -94,13 +94,15 @@ def configure_logging(level: str, service: str) -> None:
 _NO_CONTENT_FIELD = "_error_without_content"
 
 
-def sink_error_fields(exc: BaseException) -> dict[str, object]:
+def sink_error_fields(exc: BaseException, text: str | None = None) -> dict[str, object]:
     """Return the log fields of an error, unmasked when a sink raised it.
 
     A sink's error names topics, files, message ids and sizes, never a
-    message's content, so masking it would only hide what to fix.
+    message's content, so masking it would only hide what to fix. `text`
+    replaces the error's own, such as a response that quotes it.
     """
-    return {"error": str(exc), _NO_CONTENT_FIELD: isinstance(exc, SinkError)}
+    error = str(exc) if text is None else text
+    return {"error": error, _NO_CONTENT_FIELD: isinstance(exc, SinkError)}
 
 
 def traceback_without_messages(exc: BaseException) -> str:

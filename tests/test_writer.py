@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink, disconnect_records, send_partial_body
 from prometheus_client import REGISTRY
 
-from agogosml import http
+from agogosml import http, logs
 from agogosml.config import WriterSettings
 from agogosml.envelope import Envelope, trace_id
 from agogosml.errors import SinkError
@@ -1074,6 +1074,21 @@ async def test_sink_permanent_failure_422():
     assert batch.status == 422
     assert "'r-1'" in batch_error
     assert sink.send_calls == 2
+
+
+async def test_sink_rejection_logged_unmasked(caplog):
+    caplog.set_level(logging.INFO, logger="agogosml.writer.service")
+    sink = RejectingSink()
+    await sink.start()
+
+    async with serve_writer(sink) as (client, _):
+        response = await client.post("/", data=b'{"n": 1}', headers=JSON)
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "request rejected"]
+    # The filter of the services' log handler masks quoted values of other errors.
+    logs._ContentFilter().filter(record)
+    assert response.status == 422
+    assert "record 'r-1' is 2000000 bytes" in record.error
 
 
 @pytest.mark.parametrize("rejection", ["size_rejected", "batch_rejected"])

@@ -120,11 +120,18 @@ class BadRequest(Exception):
     """
 
     def __init__(
-        self, status: int, message: str, *, retry_after: int | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        cause: SinkError | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        #: The sink's error that the message quotes, if any.
+        self.cause = cause
 
 
 class OutputWriter:
@@ -292,16 +299,19 @@ def _sink_error_response(exc: SinkError, count: int) -> BadRequest:
             422,
             f"records were not written: {exc}. Send the {count} records one at a "
             "time to find the one that the topic rejects",
+            cause=exc,
         )
     if exc.retriable:
         return BadRequest(
             503,
             f"records were not written: {exc}",
             retry_after=None if rejected else SINK_RETRY_AFTER_SECONDS,
+            cause=exc,
         )
     return BadRequest(
         422,
         f"records were not written, and a retry would fail the same way: {exc}",
+        cause=exc,
     )
 
 
@@ -313,7 +323,7 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         headers = None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
-        return _reject(request, exc.status, str(exc), headers)
+        return _reject(request, exc.status, str(exc), headers, cause=exc.cause)
     except web.HTTPRequestEntityTooLarge:
         return _reject(
             request,
@@ -328,14 +338,18 @@ def _reject(
     status: int,
     message: str,
     headers: dict[str, str] | None = None,
+    *,
+    cause: SinkError | None = None,
 ) -> web.Response:
+    """Respond with an error, logging it masked unless the sink's error is its cause."""
     REJECTED_REQUESTS.labels(SERVICE, str(status)).inc()
+    error = {"error": message} if cause is None else sink_error_fields(cause, message)
     logger.info(
         "request rejected",
         extra={
             "status": status,
             "path": request.path,
-            "error": message,
+            **error,
             "message_id": header_for_log(request.headers, "X-Message-Id"),
         },
     )
