@@ -1683,11 +1683,18 @@ def _traceparent_problem(item: dict[str, Any]) -> str:
 
 
 def _key_problem(item: dict[str, Any]) -> str:
-    """Return why an item's key does not match its encoding, or ''.
+    """Return why an item's key is not a string or null, or not of its encoding, or ''.
 
     The writer would reject such a key, and its 400 would come back as a 422
     about the writer, so the request to the app is rejected here instead.
     """
+    key = item.get("key")
+    if key is not None and not isinstance(key, str):
+        return (
+            f" must be a string or null, got {json_type(key)}; send the key as a "
+            "JSON string, base64-encoded with 'key_encoding': 'base64' when it "
+            "is not UTF-8 text"
+        )
     encoding = item.get("key_encoding")
     if not encoding:
         return ""
@@ -1696,11 +1703,10 @@ def _key_problem(item: dict[str, Any]) -> str:
             f" has the encoding {encoding!r:.40}; use base64, or send a UTF-8 key "
             "without an encoding"
         )
-    key = item.get("key")
     if key is None:
         return ""
     try:
-        base64.b64decode(str(key), validate=True)
+        base64.b64decode(key, validate=True)
     except ValueError:
-        return f" {str(key)!r:.60} is not valid base64; send the key base64-encoded"
+        return f" {key!r:.60} is not valid base64; send the key base64-encoded"
     return ""

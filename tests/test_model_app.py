@@ -286,6 +286,36 @@ async def test_batch_key_not_base64_400_only():
     assert [output["id"] for output in writer.requests[0].json()] == ["in:0:0"]
 
 
+@pytest.mark.parametrize(
+    ("key", "encoding", "kind"),
+    [
+        (5, None, "a number"),
+        ({"k": 1}, None, "an object"),
+        # str() of these is valid base64, so the type must be checked first.
+        (1234, "base64", "a number"),
+        (True, "base64", "a boolean"),
+    ],
+)
+async def test_batch_key_not_string_400_unscored(key, encoding, kind):
+    items = [
+        {"id": "in:0:0", "key": key, "key_encoding": encoding, "value": {"amount": 1}},
+        {"id": "in:0:1", "key": "k", "value": {"amount": 2}},
+    ]
+    scored: list[Any] = []
+
+    def record_and_double(values: list[Any]) -> list[Any]:
+        scored.extend(values)
+        return double_amount(values)
+
+    results, writer = await batch_results(record_and_double, items)
+
+    assert [result["status"] for result in results] == [400, 200]
+    assert f"the key must be a string or null, got {kind}" in results[0]["error"]
+    assert "output writer" not in results[0]["error"]
+    assert scored == [{"amount": 2}]
+    assert [output["id"] for output in writer.requests[0].json()] == ["in:0:1"]
+
+
 @pytest.mark.parametrize(("parent", "kind"), [(5, "a number"), ({"v": 1}, "an object")])
 async def test_batch_traceparent_not_string_400(parent, kind):
     items = [
@@ -1041,8 +1071,8 @@ async def test_deeply_nested_result_fails_with_422():
     ]
 
 
-async def test_batch_deeply_nested_key_fails_one_item():
-    items = [{"key": nested(300), "value": 1}, {"id": "in:0:1", "value": 2}]
+async def test_batch_deeply_nested_header_fails_one_item():
+    items = [{"headers": {"x": nested(300)}, "value": 1}, {"id": "in:0:1", "value": 2}]
 
     async with stub_writer() as writer:
         async with model_app(double_value, writer.url) as client:
