@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -53,7 +53,12 @@ from agogosml.config import (
     load_settings,
     redact_url,
 )
-from agogosml.envelope import child_traceparent, id_problem
+from agogosml.envelope import (
+    MESSAGE_ID_HEADER,
+    TRACEPARENT_HEADER,
+    child_traceparent,
+    id_problem,
+)
 from agogosml.errors import ConfigurationError
 from agogosml.exact_json import json_type
 from agogosml.forwarding import WriterQueue
@@ -107,6 +112,10 @@ WRITER_GRACE_CHECKS = 5
 WRITER_WARNING_CHECKS = 300
 #: Prefix of the request headers that carry record headers, in lower case.
 _RECORD_HEADER_PREFIX = "x-record-header-"
+#: Record header names that the writer sets from the message id and trace context.
+_RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
+
+ValueT = TypeVar("ValueT")
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
@@ -1490,6 +1499,11 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
     encodings = _header_encodings(headers, record_headers)
     spellings = _header_spellings(headers)
     nulls = _null_headers(headers, record_headers)
+    # A batch element's headers of these names would become the id and trace
+    # context at the writer, which a POST / to the writer never lets them do.
+    record_headers = _without_reserved(record_headers)
+    encodings = _without_reserved(encodings)
+    nulls = _without_reserved(nulls)
     if record_headers or nulls:
         item["headers"] = {
             spellings.get(name, name): value for name, value in record_headers.items()
@@ -1500,6 +1514,15 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
             spellings.get(name, name): encoding for name, encoding in encodings.items()
         }
     return item
+
+
+def _without_reserved(by_name: dict[str, ValueT]) -> dict[str, ValueT]:
+    """Return `by_name` without the names in `_RESERVED_HEADERS`, in any case."""
+    return {
+        name: value
+        for name, value in by_name.items()
+        if name.lower() not in _RESERVED_HEADERS
+    }
 
 
 def _null_headers(headers: Any, record_headers: dict[str, str]) -> dict[str, None]:

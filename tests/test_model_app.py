@@ -371,6 +371,48 @@ async def test_single_non_utf8_header_400(header):
     assert writer.requests == []
 
 
+async def test_single_reserved_record_headers_not_forwarded():
+    headers = {
+        **JSON,
+        "X-Record-Header-Message-Id": "forged-id",
+        "X-Record-Header-Traceparent": OTHER_TRACEPARENT,
+        "X-Record-Header-Model-Version": "3",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (element,) = writer.requests[0].json()
+    # In a batch element the writer takes these headers as the id and trace
+    # context, which a POST / to the writer never does.
+    assert element["headers"] == {"model-version": "3"}
+    assert element["id"] is None
+    assert trace_id(element["traceparent"]) != OTHER_TRACE_ID
+
+
+async def test_single_reserved_record_headers_not_written():
+    sink = MemorySink()
+    await sink.start()
+    headers = {
+        **JSON,
+        "X-Record-Header-Message-Id": "forged-id",
+        "X-Null-Record-Headers": "traceparent",
+    }
+
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+
+    async with TestServer(writer.build_app()) as server:
+        async with model_app(double_amount, str(server.make_url(""))) as client:
+            response = await client.post("/", data=b'{"amount": 1}', headers=headers)
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    assert record.id != "forged-id"
+    assert record.headers == []
+
+
 async def test_single_record_headers_forwarded():
     headers = {
         **JSON,
