@@ -1481,12 +1481,13 @@ def _item_from_headers(headers: Any) -> dict[str, Any]:
         except UnicodeEncodeError:
             # aiohttp decodes bytes that are not UTF-8 to lone surrogates, which
             # its client would not send on unchanged.
-            raise _Reject(
-                400,
-                f"header {name} is not valid UTF-8; send it as UTF-8 text (a key "
-                "that is not UTF-8 base64-encoded, with X-Message-Key-Encoding: "
-                "base64)",
-            ) from None
+            fix = "send it as UTF-8 text"
+            if field == "key":
+                fix += (
+                    " (a key that is not UTF-8 base64-encoded, with "
+                    "X-Message-Key-Encoding: base64)"
+                )
+            raise _Reject(400, f"header {name} is not valid UTF-8; {fix}") from None
         item[field] = headers[name]
     problem = _key_problem(item)
     if problem:

@@ -371,6 +371,25 @@ async def test_single_non_utf8_header_400(header):
     assert writer.requests == []
 
 
+@pytest.mark.parametrize(
+    ("header", "mentions_key"),
+    [
+        ("X-Message-Id", False),
+        ("X-Message-Key-Encoding", False),
+        ("X-Message-Key", True),
+    ],
+)
+async def test_single_non_utf8_header_fix_fits_header(header, mentions_key):
+    raw_header = header.encode() + b": caf\xe9\r\n"
+
+    async with stub_writer() as writer:
+        async with model_app(double_amount, writer.url) as client:
+            status, _, body = await raw_post(client, "/", raw_header, b'{"amount": 1}')
+
+    assert status == 400
+    assert ("base64" in body["error"]) == mentions_key
+
+
 async def test_single_reserved_record_headers_not_forwarded():
     headers = {
         **JSON,
