@@ -401,6 +401,8 @@ def _check_content_encoding(request: web.Request) -> str:
     if not codings:
         return "identity"
     coding = codings[0].strip().lower()
+    # RFC 9110 asks a recipient to read x-gzip as gzip.
+    coding = "gzip" if coding == "x-gzip" else coding
     if len(codings) == 1 and coding in CONTENT_ENCODINGS:
         return coding
     supported = ", ".join(sorted(CONTENT_ENCODINGS))
