@@ -3089,6 +3089,7 @@ async def test_wrong_app_fails_reader_readyz(tmp_path):
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
                     readyz_status = response.status
+                    readyz_body = await response.json()
         finally:
             service.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -3096,6 +3097,8 @@ async def test_wrong_app_fails_reader_readyz(tmp_path):
 
     assert "ready 200" in app.events
     assert readyz_status == 503
+    assert "the app responds 404" in readyz_body["reason"]
+    assert "check READER_APP_URL" in readyz_body["reason"]
     assert (tmp_path / "in.jsonl.dlq.jsonl").read_text() == ""
 
 

@@ -166,6 +166,18 @@ class InputReader:
         return self._setup_error
 
     @property
+    def setup_error_reason(self) -> str:
+        """Reason of the set-up error for /readyz, with the setting to check."""
+        if self._setup_error_status in CREDENTIAL_STATUSES:
+            setting = "READER_APP_TOKEN"
+        else:
+            setting = "READER_APP_URL"
+        return (
+            f"the app responds {self._setup_error_status} to the reader's "
+            f"requests; check {setting} (the log has details)"
+        )
+
+    @property
     def app_ready(self) -> bool:
         """Result of the last readiness check of the app."""
         return self._app_ready

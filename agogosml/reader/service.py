@@ -94,7 +94,7 @@ async def serve_reader(settings: ReaderSettings) -> None:
         if reader.dead_letter_failing:
             reasons.append("writing a dead letter fails and is being retried")
         if reader.setup_error:
-            reasons.append("the app rejects the reader's requests; see the log")
+            reasons.append(reader.setup_error_reason)
         return "; ".join(reasons)
 
     add_health_routes(
