@@ -751,6 +751,11 @@ class ModelApp:
             )
             ready = readiness.ready and readiness.service in ("", "output_writer")
             token_problem = await self._token_problem() if ready else ""
+            # A wrong APP_WRITER_URL or token does not clear by itself.
+            setup_error = bool(token_problem) or readiness.service not in (
+                "",
+                "output_writer",
+            )
             if token_problem:
                 ready = False
                 self._writer_reason = token_problem
@@ -780,7 +785,8 @@ class ModelApp:
             self._writer_ready = ready
             checks_not_ready = 0 if ready else checks_not_ready + 1
             if checks_not_ready % WRITER_WARNING_CHECKS == WRITER_GRACE_CHECKS:
-                logger.warning("model app not ready: %s", self._writer_reason)
+                level = logging.ERROR if setup_error else logging.WARNING
+                logger.log(level, "model app not ready: %s", self._writer_reason)
             await asyncio.sleep(1.0)
 
     async def _token_problem(self) -> str:

@@ -161,6 +161,8 @@ async def test_app_pointed_at_other_service(monkeypatch, caplog, service) -> Non
     assert response.status == 503
     assert f"is an agogosml {name}, not an output writer" in body["reason"]
     assert "set it to the output writer's URL" in body["reason"]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("not an output writer" in r.getMessage() for r in errors)
 
 
 async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
