@@ -1219,7 +1219,11 @@ class ReaderSettings(_ServiceSettings):
     def _check_backoff(self) -> ReaderSettings:
         if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
             raise ValueError(
-                "READER_RETRY_MAX_BACKOFF_MS must be at least "
+                f"READER_RETRY_MAX_BACKOFF_MS={self.retry_max_backoff_ms} must be "
+                "at least READER_RETRY_INITIAL_BACKOFF_MS="
+                f"{self.retry_initial_backoff_ms}, because it bounds the "
+                "doubling delay that starts there; raise "
+                "READER_RETRY_MAX_BACKOFF_MS or lower "
                 "READER_RETRY_INITIAL_BACKOFF_MS"
             )
         return self

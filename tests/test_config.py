@@ -114,7 +114,9 @@ def test_reader_backoff_order_checked():
         READER_RETRY_MAX_BACKOFF_MS="100",
     )
 
-    assert "READER_RETRY_MAX_BACKOFF_MS must be at least" in text
+    assert "READER_RETRY_MAX_BACKOFF_MS=100 must be at least" in text
+    assert "READER_RETRY_INITIAL_BACKOFF_MS=500" in text
+    assert "lower READER_RETRY_INITIAL_BACKOFF_MS" in text
 
 
 def test_reader_token_not_shown(clean_environment):
