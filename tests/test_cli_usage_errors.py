@@ -56,18 +56,23 @@ def test_run_invalid_reader_variable_named(
     assert problem in flat(result.output)
 
 
+def run_one_value(tmp_path: Path, fraud_model: Path) -> Result:
+    """Invoke `agogosml run` on an input file of one value."""
+    values = tmp_path / "values.jsonl"
+    values.write_text("1\n")
+    return invoke(
+        "run", "--input", str(values), "--model", str(fraud_model),
+        "--work-dir", str(tmp_path / "work"),
+    )  # fmt: skip
+
+
 def test_run_warns_of_misspelt_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fraud_model: Path
 ) -> None:
     monkeypatch.setenv("READER_CONCURENCY", "5")
     monkeypatch.setattr(main, "_run", lambda *arguments: None)
-    values = tmp_path / "values.jsonl"
-    values.write_text("1\n")
 
-    result = invoke(
-        "run", "--input", str(values), "--model", str(fraud_model),
-        "--work-dir", str(tmp_path / "work"),
-    )  # fmt: skip
+    result = run_one_value(tmp_path, fraud_model)
 
     assert result.exit_code == 0, result.output
     assert (
@@ -86,13 +91,8 @@ def test_run_invalid_service_variables_named_before_start(
     monkeypatch.setenv("WRITER_PORT", "any")
     started: list[object] = []
     monkeypatch.setattr(main, "_run", lambda *arguments: started.append(arguments))
-    values = tmp_path / "values.jsonl"
-    values.write_text("1\n")
 
-    result = invoke(
-        "run", "--input", str(values), "--model", str(fraud_model),
-        "--work-dir", str(tmp_path / "work"),
-    )  # fmt: skip
+    result = run_one_value(tmp_path, fraud_model)
 
     assert result.exit_code == 2, result.output
     assert started == []
