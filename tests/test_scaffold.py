@@ -1511,12 +1511,35 @@ def test_generated_yaml_quotes_kafka_values(tmp_path: Path) -> None:
     assert cd_variables["release"] == "null"
     assert cd_variables["namespace"] == "123"
     assert cd_variables["image"].startswith("123.example:5000/yes/null-app:")
-    assert ci_variables["imageRepository"] == "null-app"
+    assert ci_variables["imageRepository"] == "yes/null-app"
     assert compose.name == "null"
     assert compose.services["reader"].environment["KAFKA_GROUP_ID"] == AWKWARD_TEXT
     assert compose.services["reader"].environment["READER_INPUT"] == "1e3,true"
     assert compose.services["writer"].environment["WRITER_OUTPUT"] == "null"
     assert compose.services["app"].image == "123.example:5000/yes/null-app:dev"
+
+
+@pytest.mark.parametrize(
+    "registry", ["myregistry.azurecr.io", "localhost:5000/team/ml"]
+)
+def test_ci_pushes_image_that_cd_deploys(tmp_path: Path, registry: str) -> None:
+    data = valid_manifest_data()
+    data["registry"] = registry
+    project = generate_from_data(tmp_path, data)
+
+    parsed = parse_generated_yaml(project)
+    ci_variables = parsed["azure-pipelines.yml"]["variables"]
+    cd_image = parsed["azure-pipelines-cd.yml"]["variables"]["image"]
+    blue_slot = parsed["helm/values.yaml"]["app"]["slots"]["blue"]
+
+    # The Docker task names the image <host of the connection>/<repository>.
+    host = registry.partition("/")[0]
+    pushed = f"{host}/{ci_variables['imageRepository']}"
+    assert pushed == f"{registry}/fraud-scoring-app"
+    assert cd_image == f"{pushed}:$(resources.pipeline.ci.sourceCommit)"
+    assert blue_slot["image"]["repository"] == pushed
+    readme = (project / "README.md").read_text()
+    assert f"`fraud-scoring-registry` to `{host}`" in readme
 
 
 def test_generated_yaml_quotes_file_paths(tmp_path: Path) -> None:
