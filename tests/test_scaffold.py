@@ -1940,6 +1940,24 @@ def test_python_template_names_empty_object(kafka_project: Path) -> None:
     assert result.reason.startswith("the object has no fields;")
 
 
+@pytest.mark.parametrize(
+    ("value", "json_type"), [("hello", "a string"), ([1, 2], "an array")]
+)
+def test_fraud_template_names_json_type(
+    fraud_project: Path, value: Any, json_type: str
+) -> None:
+    from agogosml.app import InvalidRecord
+
+    app = runpy.run_path(str(fraud_project / "src/card_fraud/app.py"))
+    score = app["make_score_function"](model=None)
+
+    (result,) = score([value])
+
+    assert isinstance(result, InvalidRecord)
+    assert f"must be a JSON object, got {json_type};" in result.reason
+    assert "send an object with the fields Time, V1 to V28 and Amount" in result.reason
+
+
 def test_python_project_tests_pass(kafka_project: Path) -> None:
     result = run_project_tests(kafka_project)
 
