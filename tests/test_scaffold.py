@@ -1542,6 +1542,31 @@ def test_ci_pushes_image_that_cd_deploys(tmp_path: Path, registry: str) -> None:
     assert f"`fraud-scoring-registry` to `{host}`" in readme
 
 
+def test_readme_names_the_secrets_to_create(
+    tmp_path: Path, kafka_project: Path
+) -> None:
+    data = valid_manifest_data()
+    for side in ("source", "sink"):
+        data[side]["security_protocol"] = "SASL_SSL"
+        data[side]["sasl"] = {
+            "mechanism": "SCRAM-SHA-512",
+            "username": "scoring",
+            "password": {"secret": "kafka-credentials", "key": "password"},
+        }
+        data[side]["ca_certificate"] = {"secret": "kafka-ca", "key": "ca.crt"}
+    project = generate_from_data(tmp_path, data)
+
+    readme = " ".join((project / "README.md").read_text().split())
+    plain = " ".join((kafka_project / "README.md").read_text().split())
+    assert (
+        "`kafka-credentials`, key `password`: the password of SASL user `scoring`"
+    ) in readme
+    assert "`kafka-ca`, key `ca.crt`: the CA certificate (PEM)" in readme
+    assert "kubectl --namespace fraud create secret generic NAME" in readme
+    assert "the release needs no Kubernetes Secret" in plain
+    assert "create secret" not in plain
+
+
 def test_generated_yaml_quotes_file_paths(tmp_path: Path) -> None:
     source_name = f"in {AWKWARD_TEXT}.jsonl"
     sink_name = "out: 'x' #2.jsonl"
