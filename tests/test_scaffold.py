@@ -1390,8 +1390,11 @@ def test_generate_file_endpoints_skip_kubernetes(tmp_path: Path) -> None:
     assert not (tmp_path / "helm").exists()
     assert not (tmp_path / "azure-pipelines-cd.yml").exists()
     assert (tmp_path / "azure-pipelines.yml").is_file()
-    compose = yaml.safe_load((tmp_path / "docker-compose.yml").read_text())
+    compose_text = (tmp_path / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(compose_text)
     assert set(compose["services"]) == {"reader", "app", "writer"}
+    assert "KAFKA" not in compose_text
+    assert "--kafka" not in compose_text
     reader = compose["services"]["reader"]["environment"]
     assert reader["READER_INPUT"] == "/data/input.jsonl"
     # The reader exits when its input file is missing.
