@@ -1998,7 +1998,7 @@ def test_fraud_project_tests_pass(fraud_project: Path) -> None:
     result = run_project_tests(fraud_project)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 passed" in result.stdout
+    assert "8 passed" in result.stdout
 
 
 def test_wheel_installs_offline(kafka_project: Path) -> None:
