@@ -144,3 +144,49 @@ def test_settings_error_cleared_once_connected() -> None:
 
     assert "SASL" not in health.describe_down()
     assert "1/1 brokers are down" in health.describe_down()
+
+
+def test_authentication_hint_names_user_and_mechanism() -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="127.0.0.1:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_username="scorer",
+        sasl_password="secret-password",
+    )
+    health = BrokerHealth(
+        "producer",
+        "127.0.0.1:9093",
+        authentication_hint=health_module.authentication_hint(settings),
+    )
+
+    health.on_error(KafkaError(KafkaError._AUTHENTICATION, "Authentication failed"))
+
+    reason = health.describe_down()
+    assert "the SCRAM-SHA-256 login of user 'scorer' failed" in reason
+    assert "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD" in reason
+    assert "Retrying does not help until this is fixed" in reason
+    assert "secret-password" not in reason
+
+
+def test_authentication_hint_for_eventhubs() -> None:
+    settings = KafkaSettings(
+        eventhubs_connection_string="Endpoint=sb://ns.servicebus.windows.net/;"
+        "SharedAccessKeyName=send;SharedAccessKey=c2VjcmV0"
+    )
+
+    hint = health_module.authentication_hint(settings)
+
+    assert "user $ConnectionString" in hint
+    assert "KAFKA_EVENTHUBS_CONNECTION_STRING" in hint
+    assert "c2VjcmV0" not in hint
+
+
+def test_authentication_hint_without_sasl() -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="127.0.0.1:9093", security_protocol="SSL"
+    )
+
+    hint = health_module.authentication_hint(settings)
+
+    assert hint.startswith("check KAFKA_SECURITY_PROTOCOL")

@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError
 
+from agogosml.config import KafkaSettings
+
 logger = logging.getLogger(__name__)
 
 #: How often librdkafka reports statistics, and so how fast readiness follows
@@ -38,6 +40,25 @@ _ERROR_HINTS = {
 }
 
 
+def authentication_hint(settings: KafkaSettings) -> str:
+    """Return the fix of a failed SASL login, naming the user and mechanism used."""
+    if settings.eventhubs_connection_string.get_secret_value():
+        return (
+            "the PLAIN login of user $ConnectionString failed: check "
+            "KAFKA_EVENTHUBS_CONNECTION_STRING against the namespace's Shared "
+            "access policies"
+        )
+    if settings.sasl_mechanism is None:
+        return _ERROR_HINTS[KafkaError._AUTHENTICATION]
+    mechanism = settings.sasl_mechanism.value
+    return (
+        f"the {mechanism} login of user {settings.sasl_username!r} failed: check "
+        "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD, and that the broker has "
+        f"{mechanism} credentials for this user and enables {mechanism} "
+        "(KAFKA_SASL_MECHANISM) on the listener"
+    )
+
+
 class BrokerHealth:
     """Track whether a client can reach a broker, from its statistics and errors.
 
@@ -49,11 +70,26 @@ class BrokerHealth:
 
     NOTE: checked against Apache Kafka only; Azure Event Hubs, which closes idle
     connections, is not tested here.
+
+    Args:
+        client: Kind of client in messages, such as ``producer``.
+        bootstrap_servers: Brokers named in messages.
+        authentication_hint: Fix of a failed SASL login, from
+            `authentication_hint`. The default names the settings only.
     """
 
-    def __init__(self, client: str, bootstrap_servers: str) -> None:
+    def __init__(
+        self,
+        client: str,
+        bootstrap_servers: str,
+        *,
+        authentication_hint: str | None = None,
+    ) -> None:
         self._client = client
         self._bootstrap_servers = bootstrap_servers
+        self._hints = dict(_ERROR_HINTS)
+        if authentication_hint is not None:
+            self._hints[KafkaError._AUTHENTICATION] = authentication_hint
         self._unreachable_logged = False
         self.up = False
         self.fatal = False
@@ -103,8 +139,8 @@ class BrokerHealth:
             self.up = False
             logger.error("kafka %s failed for good: %s", self._client, error)
             return
-        if error.code() in _ERROR_HINTS:
-            self.settings_error = f"{error.str()}; {_ERROR_HINTS[error.code()]}"
+        if error.code() in self._hints:
+            self.settings_error = f"{error.str()}; {self._hints[error.code()]}"
         if error.code() not in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self._log_error(error)
             return
@@ -147,7 +183,7 @@ class BrokerHealth:
             return
         self._error_logged_at[code] = now
         repeats = self._errors_not_logged.pop(code, 0)
-        hint = _ERROR_HINTS.get(code, "")
+        hint = self._hints.get(code, "")
         logger.error(
             "kafka %s error: %s%s%s",
             self._client,
@@ -163,9 +199,14 @@ class BrokerHealth:
                 f"the kafka {self._client} failed for good ({self.last_error}); "
                 "restart the service"
             )
-        cause = f" ({self.last_error})" if self.last_error else " yet"
         if self.settings_error:
-            cause = f" ({self.settings_error})"
+            # librdkafka retries, but the same settings fail the same way.
+            return (
+                f"the kafka {self._client} cannot connect to the brokers at "
+                f"{self._bootstrap_servers} ({self.settings_error}). Retrying "
+                "does not help until this is fixed"
+            )
+        cause = f" ({self.last_error})" if self.last_error else " yet"
         return (
             f"the kafka {self._client} is not connected to the brokers at "
             f"{self._bootstrap_servers}{cause}; retry shortly"

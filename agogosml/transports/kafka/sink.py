@@ -15,7 +15,11 @@ from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, RecordHeaders
 from agogosml.errors import ConfigurationError, SinkError
 from agogosml.transports.base import Sink
-from agogosml.transports.kafka.health import BrokerHealth, client_logger
+from agogosml.transports.kafka.health import (
+    BrokerHealth,
+    authentication_hint,
+    client_logger,
+)
 from agogosml.transports.kafka.records import (
     RECORD_BATCH_OVERHEAD_BYTES,
     Headers,
@@ -69,7 +73,11 @@ class KafkaSink(Sink):
         self._compresses = False
         self._poller: threading.Thread | None = None
         self._running = False
-        self._health = BrokerHealth("producer", settings.resolved_bootstrap_servers())
+        self._health = BrokerHealth(
+            "producer",
+            settings.resolved_bootstrap_servers(),
+            authentication_hint=authentication_hint(settings),
+        )
         self._topic_limit = TopicSizeLimit(
             settings.client_config(), topic, self._apply_topic_limit
         )
@@ -391,6 +399,10 @@ class KafkaSink(Sink):
                 f"{self._topic!r}: grant it the Write and Describe operations on "
                 "the topic"
             )
+        timed_out = any(e.code() == KafkaError._MSG_TIMED_OUT for e in errors)
+        if timed_out and self._health.settings_error:
+            # The records waited for a connection that the settings prevent.
+            return f". The producer cannot connect: {self._health.settings_error}"
         if self._topic_limit.missing:
             return (
                 f". Topic {self._topic!r} does not exist, and the broker did not "

@@ -29,7 +29,11 @@ from agogosml.transports.kafka.added_partitions import (
     commit_offset,
     sibling_partitions,
 )
-from agogosml.transports.kafka.health import BrokerHealth, client_logger
+from agogosml.transports.kafka.health import (
+    BrokerHealth,
+    authentication_hint,
+    client_logger,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +114,11 @@ class KafkaSource(TrackedSource):
         #: ``auto.offset.reset=latest``: see `_added_since_start`.
         self._partitions_at_start: dict[str, frozenset[int]] | None = None
         self._commit_task: asyncio.Task[None] | None = None
-        self._health = BrokerHealth("consumer", settings.resolved_bootstrap_servers())
+        self._health = BrokerHealth(
+            "consumer",
+            settings.resolved_bootstrap_servers(),
+            authentication_hint=authentication_hint(settings),
+        )
         #: Input topics that the broker reported as unknown, until one of their
         #: partitions is assigned. Replaced whole, because the consumer thread
         #: writes it and the event loop reads it.
