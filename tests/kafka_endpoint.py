@@ -4,7 +4,8 @@ Event Hubs' Kafka endpoint takes SASL_SSL with the PLAIN mechanism, the user
 name ``$ConnectionString`` and the connection string as password. The
 listener built here has exactly that: TLS with a certificate for 127.0.0.1
 signed by a test CA, and a PLAIN user ``$ConnectionString`` whose password is
-`CONNECTION_STRING`.
+`CONNECTION_STRING`. Other TLS listeners reuse `write_tls_files` and
+`tls_properties`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ def write_tls_files(directory: Path) -> tuple[Path, Path]:
     return ca_path, keystore_path
 
 
+def tls_properties(keystore: Path) -> dict[str, str]:
+    """Return the listener properties that serve TLS with `keystore`."""
+    return {
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": str(keystore),
+        "ssl.keystore.password": KEYSTORE_PASSWORD,
+        "ssl.key.password": KEYSTORE_PASSWORD,
+    }
+
+
 def eventhubs_listener(keystore: Path) -> Listener:
     jaas = (
         "org.apache.kafka.common.security.plain.PlainLoginModule required "
@@ -102,9 +113,6 @@ def eventhubs_listener(keystore: Path) -> Listener:
         properties={
             "sasl.enabled.mechanisms": "PLAIN",
             "plain.sasl.jaas.config": jaas,
-            "ssl.keystore.type": "PKCS12",
-            "ssl.keystore.location": str(keystore),
-            "ssl.keystore.password": KEYSTORE_PASSWORD,
-            "ssl.key.password": KEYSTORE_PASSWORD,
+            **tls_properties(keystore),
         },
     )
