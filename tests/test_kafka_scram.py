@@ -37,10 +37,9 @@ from agogosml.transports.kafka import health as health_module
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 LISTENER = "SCRAM"
-#: User with SCRAM-SHA-512 and SCRAM-SHA-256 credentials.
-USER = "agogosml-scram"
-#: User with SCRAM-SHA-512 credentials only.
-SHA512_ONLY_USER = "agogosml-sha512-only"
+#: One user per mechanism, with credentials for that mechanism only, so that a
+#: client which uses another mechanism than it was given fails its login.
+USERS = {"SCRAM-SHA-512": "agogosml-sha512", "SCRAM-SHA-256": "agogosml-sha256"}
 PASSWORD = "scram-test-password"
 #: Kafka's minimum, and so the cheapest, SCRAM iteration count.
 ITERATIONS = 4096
@@ -82,19 +81,18 @@ def scram_listener(keystore: Path) -> Listener:
 
 def create_scram_users(bootstrap_servers: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    credentials = [
-        (USER, ScramMechanism.SCRAM_SHA_512),
-        (USER, ScramMechanism.SCRAM_SHA_256),
-        (SHA512_ONLY_USER, ScramMechanism.SCRAM_SHA_512),
-    ]
-    # The broker rejects a request that alters one user twice
-    # (DUPLICATE_RESOURCE), so each credential gets its own request.
-    for user, mechanism in credentials:
-        upsertion = UserScramCredentialUpsertion(
-            user, ScramCredentialInfo(mechanism, ITERATIONS), PASSWORD.encode()
+    upsertions = [
+        UserScramCredentialUpsertion(
+            user,
+            ScramCredentialInfo(
+                ScramMechanism[mechanism.replace("-", "_")], ITERATIONS
+            ),
+            PASSWORD.encode(),
         )
-        for future in admin.alter_user_scram_credentials([upsertion]).values():
-            future.result(timeout=LOGIN_TIMEOUT_SECONDS)
+        for mechanism, user in USERS.items()
+    ]
+    for future in admin.alter_user_scram_credentials(upsertions).values():
+        future.result(timeout=LOGIN_TIMEOUT_SECONDS)
 
 
 def wait_for_login(settings: KafkaSettings) -> None:
@@ -121,7 +119,7 @@ def scram_settings(
         "bootstrap_servers": endpoint.address,
         "security_protocol": "SASL_SSL",
         "sasl_mechanism": mechanism,
-        "sasl_username": USER,
+        "sasl_username": USERS[mechanism],
         "sasl_password": PASSWORD,
         "ssl_ca_location": str(endpoint.ca_path),
         "commit_interval_ms": 100,
@@ -139,7 +137,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScramEndpoint
         endpoint = ScramEndpoint(
             broker.listener_address(LISTENER), ca_path, broker.bootstrap_servers
         )
-        for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
+        for mechanism in USERS:
             wait_for_login(scram_settings(endpoint, mechanism))
         yield endpoint
 
@@ -151,7 +149,7 @@ def committed_offsets(bootstrap_servers: str, group: str) -> dict[tuple[str, int
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions}
 
 
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "SCRAM-SHA-256"])
+@pytest.mark.parametrize("mechanism", list(USERS))
 async def test_scram_produce_consume_commit(
     endpoint: ScramEndpoint, mechanism: str
 ) -> None:
@@ -196,8 +194,8 @@ async def wait_for_reason(client: KafkaSink | KafkaSource, text: str) -> str:
 @pytest.mark.parametrize(
     ("user", "mechanism", "password"),
     [
-        (USER, "SCRAM-SHA-512", "wrong-password"),
-        (SHA512_ONLY_USER, "SCRAM-SHA-256", PASSWORD),
+        (USERS["SCRAM-SHA-512"], "SCRAM-SHA-512", "wrong-password"),
+        (USERS["SCRAM-SHA-512"], "SCRAM-SHA-256", PASSWORD),
     ],
     ids=["wrong-password", "no-credentials-for-mechanism"],
 )
@@ -255,7 +253,8 @@ async def test_rejected_login_send_error(endpoint: ScramEndpoint) -> None:
     message = str(raised.value)
     assert "Message timed out" in message
     assert "The producer cannot connect" in message
-    assert f"the SCRAM-SHA-512 login of user {USER!r} failed" in message
+    user = USERS["SCRAM-SHA-512"]
+    assert f"the SCRAM-SHA-512 login of user {user!r} failed" in message
     # Retriable, so that the reader keeps valid messages waiting for the fix
     # instead of dead-lettering them.
     assert raised.value.retriable
