@@ -103,6 +103,21 @@ async def test_sink_writes_headers_and_key(mock_bootstrap: str) -> None:
     assert headers["x"] == b"y"
 
 
+async def test_sink_connected_once_a_record_is_acknowledged(
+    mock_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No statistics during the test: only the acknowledgement shows a broker.
+    monkeypatch.setattr(health_module, "STATS_INTERVAL_MS", 600_000)
+    sink = KafkaSink(KafkaSettings(bootstrap_servers=mock_bootstrap), "sink-proof")
+
+    async with sink:
+        before = sink.connected
+        await sink.send([Envelope(value=b"1", id="m1")])
+        after = sink.connected
+
+    assert (before, after) == (False, True)
+
+
 async def test_source_commits_only_finished_prefix(mock_bootstrap: str) -> None:
     topic = "source-in"
     produce(mock_bootstrap, topic, 10)

@@ -265,6 +265,9 @@ class KafkaSink(Sink):
         await report.done
         if report.errors:
             raise await self._delivery_error(report.errors, sized)
+        if envelopes:
+            # An acknowledgement shows a broker up before the next statistics.
+            self._health.confirm_connected()
 
     async def _produce_all(
         self,
