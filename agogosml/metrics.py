@@ -67,6 +67,12 @@ MODEL_INFO = Gauge(
     "one); the value is always 1.",
     ["service", "name", "version", "slot"],
 )
+SINK_ERRORS = Counter(
+    "agogosml_sink_errors_total",
+    "Records that a sink failed to write, one per failed attempt: the output "
+    "writer's records, and the input reader's dead letters.",
+    ["service"],
+)
 CONSUMER_LAG = Gauge(
     "agogosml_consumer_lag_messages",
     "Messages between the committed offset and the end of each partition.",

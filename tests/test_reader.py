@@ -760,6 +760,25 @@ async def test_dead_letter_failures_retried_before_commit():
     assert source.committed == {(TOPIC, 0): 3}
 
 
+async def test_dead_letter_failures_count_sink_errors():
+    source = MemorySource(TOPIC)
+    fill(source, 1)
+    dead_letter = MemorySink()
+    dead_letter.fail_next(2)
+    labels = {"service": "input_reader"}
+    before = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels) or 0
+
+    async def reject(received: Received) -> web.Response:
+        return status_response(400)
+
+    async with stub_app(reject) as app:
+        await run_reader(reader_settings(app.url), source, dead_letter)
+
+    after = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels)
+    assert dead_letter.send_calls == 3
+    assert after == before + 2
+
+
 # ---------------------------------------------------------------------------
 # Ordering and commits
 # ---------------------------------------------------------------------------

@@ -1008,6 +1008,24 @@ async def test_sink_failure_503_then_recovers():
     assert [record.value for record in sink.envelopes] == [b'{"n": 1}']
 
 
+async def test_sink_failure_counts_sink_errors():
+    sink = await started_sink()
+    sink.fail_next(1)
+    labels = {"service": "output_writer"}
+    before = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels) or 0
+
+    async with serve_writer(sink) as (client, _):
+        failed = await client.post(
+            "/batch", data=b'[{"value": 1}, {"value": 2}]', headers=JSON
+        )
+        retried = await client.post("/", data=b'{"n": 1}', headers=JSON)
+
+    after = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels)
+    assert failed.status == 503
+    assert retried.status == 200
+    assert after == before + 2
+
+
 async def test_file_sink_recovers_after_no_space(tmp_path):
     sink = FileSink(str(tmp_path / "out.jsonl"), retry_interval_seconds=0.05)
     await sink.start()

@@ -22,6 +22,7 @@ from agogosml.metrics import (
     MESSAGES_IN,
     MESSAGES_OUT,
     RETRIES,
+    SINK_ERRORS,
 )
 from agogosml.reader.client import (
     AppClient,
@@ -894,6 +895,7 @@ class InputReader:
                     await self._dead_letter_sink.send([record])
                     break
                 except Exception as exc:  # noqa: BLE001 - see the docstring
+                    SINK_ERRORS.labels(SERVICE).inc()
                     failures += 1
                     if failures == 1:
                         self._dead_letter_failures += 1

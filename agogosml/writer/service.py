@@ -56,6 +56,7 @@ from agogosml.metrics import (
     MESSAGES_IN,
     MESSAGES_OUT,
     REJECTED_REQUESTS,
+    SINK_ERRORS,
     SINK_SECONDS,
 )
 from agogosml.transports.base import Sink, stop_within
@@ -239,6 +240,7 @@ class OutputWriter:
         try:
             await self._sink.send(envelopes)
         except SinkError as exc:
+            SINK_ERRORS.labels(SERVICE).inc(count)
             fields: dict[str, object] = {
                 "message_ids": [e.id for e in envelopes[:20]],
                 **sink_error_fields(exc),
