@@ -848,6 +848,12 @@ class _Running:
             model_app._model_version,
             os.environ.get(SLOT_VARIABLE, ""),
         ).set(1)
+        # Counters start at 0, because rate() and increase() see no increase
+        # in a series that first appears with the value 1.
+        MESSAGES_IN.labels(SERVICE)
+        MESSAGES_OUT.labels(SERVICE)
+        for outcome in ("scored", "invalid", "failed"):
+            SCORED_VALUES.labels(SERVICE, outcome)
         return model_app.build_app(self._settings)
 
     async def __aexit__(self, *exc_info: object) -> None:

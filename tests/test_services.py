@@ -546,6 +546,85 @@ def _post_until_up(url: str, deadline: float) -> None:
         return
 
 
+def scrape_when_serving(module: str, env: dict[str, str], port: int) -> str:
+    """Start a service process, return its first /metrics text, and stop it."""
+    clean = environment_without_settings()
+    service = subprocess.Popen(
+        [sys.executable, "-m", module],
+        env={
+            **clean,
+            "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests' / 'apps'}",
+            **env,
+        },
+        stderr=subprocess.DEVNULL,
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert service.poll() is None, f"{module} exited during start-up"
+            assert time.monotonic() < deadline, f"{module} did not serve /metrics"
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                with opener.open(url, timeout=10) as response:
+                    return response.read().decode()
+            except urllib.error.URLError:
+                time.sleep(0.1)
+    finally:
+        service.terminate()
+        service.wait(15)
+
+
+def test_service_counters_start_at_zero(tmp_path: Path) -> None:
+    """Counters exist at 0 before the first event, so rate() sees that event."""
+    (tmp_path / "in.jsonl").write_bytes(b"")
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    ports = [free_port() for _ in range(3)]
+
+    reader = scrape_when_serving(
+        "agogosml.reader",
+        {
+            "READER_INPUT": str(tmp_path / "in.jsonl"),
+            "READER_APP_URL": unreachable,
+            "READER_PORT": str(ports[0]),
+        },
+        ports[0],
+    )
+    writer = scrape_when_serving(
+        "agogosml.writer",
+        {"WRITER_OUTPUT": str(tmp_path / "out.jsonl"), "WRITER_PORT": str(ports[1])},
+        ports[1],
+    )
+    app = scrape_when_serving(
+        "fault_app",
+        {"APP_WRITER_URL": unreachable, "APP_PORT": str(ports[2])},
+        ports[2],
+    )
+
+    reader_samples = [
+        'agogosml_retries_total{service="input_reader"} 0.0',
+        'agogosml_sink_errors_total{service="input_reader"} 0.0',
+    ] + [
+        f'agogosml_dead_lettered_total{{reason="{reason}",service="input_reader"}} 0.0'
+        for reason in (
+            "rejected",
+            "retries_exhausted",
+            "transform_failed",
+            "reader_error",
+            "unreadable",
+        )
+    ]
+    for sample in reader_samples:
+        assert sample in reader
+    assert 'agogosml_sink_errors_total{service="output_writer"} 0.0' in writer
+    assert 'agogosml_messages_out_total{service="output_writer"} 0.0' in writer
+    for outcome in ("scored", "invalid", "failed"):
+        sample = (
+            f'agogosml_scored_values_total{{outcome="{outcome}",service="app"}} 0.0'
+        )
+        assert sample in app
+
+
 def test_services_serve_with_start_up_objects_frozen() -> None:
     """Objects alive when serving starts are out of the collector's full passes."""
     script = """

@@ -39,6 +39,14 @@ logger = logging.getLogger(__name__)
 
 #: Dead-letter reasons that mean bad input, which the reader logs at INFO.
 _BAD_INPUT_REASONS = frozenset({"rejected", "unreadable"})
+#: Every ``reason`` label of ``agogosml_dead_lettered_total``.
+_DEAD_LETTER_REASONS = (
+    "rejected",
+    "retries_exhausted",
+    "transform_failed",
+    "reader_error",
+    "unreadable",
+)
 
 SERVICE = "input_reader"
 
@@ -145,6 +153,12 @@ class InputReader:
         self._messages_in = MESSAGES_IN.labels(SERVICE)
         self._messages_out = MESSAGES_OUT.labels(SERVICE)
         IN_FLIGHT.labels(SERVICE).set_function(lambda: self._in_flight)
+        # Counters that alerts watch start at 0, because rate() and increase()
+        # see no increase in a series that first appears with the value 1.
+        RETRIES.labels(SERVICE)
+        SINK_ERRORS.labels(SERVICE)
+        for reason in _DEAD_LETTER_REASONS:
+            DEAD_LETTERED.labels(SERVICE, reason)
         source.set_revoke_handler(self.drain_partitions)
 
     @property

@@ -154,6 +154,11 @@ class OutputWriter:
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Counters start at 0, because rate() and increase() see no increase
+        # in a series that first appears with the value 1.
+        MESSAGES_IN.labels(SERVICE)
+        MESSAGES_OUT.labels(SERVICE)
+        SINK_ERRORS.labels(SERVICE)
 
     @property
     def ready(self) -> bool:
