@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+#: Latency buckets up to 60 s, so that the default timeouts (20 s for a Kafka
+#: delivery, 25 s for a writer request, 30 s for an app request) fall in a
+#: finite bucket.
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0,
+    10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
 
 MESSAGES_IN = Counter(
