@@ -568,6 +568,14 @@ def dead_letter_levels(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def dead_letter_reasons(caplog: pytest.LogCaptureFixture) -> list[str | None]:
+    return [
+        getattr(record, "reason", None)
+        for record in caplog.records
+        if record.getMessage() == "message dead-lettered"
+    ]
+
+
 async def test_400_dead_lettered_rest_flows(caplog):
     caplog.set_level(logging.INFO, "agogosml.reader")
     source = MemorySource(TOPIC)
@@ -600,6 +608,7 @@ async def test_400_dead_lettered_rest_flows(caplog):
     assert dead_letter.envelopes[1].key == b"card-9"
     # Bad input, which the app rejected, is no failure of the pipeline.
     assert dead_letter_levels(caplog) == ["INFO", "INFO"]
+    assert dead_letter_reasons(caplog) == ["rejected", "rejected"]
 
 
 async def test_retries_exhausted_dead_lettered(caplog):
@@ -625,6 +634,7 @@ async def test_retries_exhausted_dead_lettered(caplog):
     assert "model is loading" in context["dlq.error"]
     assert source.committed == {(TOPIC, 0): 2}
     assert dead_letter_levels(caplog) == ["WARNING"]
+    assert dead_letter_reasons(caplog) == ["retries_exhausted"]
 
 
 async def test_oversized_response_not_read(monkeypatch):

@@ -964,6 +964,7 @@ class InputReader:
             extra={
                 "message_id": envelope.id,
                 **_position_fields(envelope),
+                "reason": reason,
                 "status": status,
                 "error": error,
                 "attempts": attempts,
