@@ -623,6 +623,9 @@ def test_service_counters_start_at_zero(tmp_path: Path) -> None:
             f'agogosml_scored_values_total{{outcome="{outcome}",service="app"}} 0.0'
         )
         assert sample in app
+    # No creation timestamps, which would double the series.
+    for scraped in (reader, writer, app):
+        assert "_created" not in scraped
 
 
 def test_services_serve_with_start_up_objects_frozen() -> None:
