@@ -435,6 +435,35 @@ async def test_checkpoint_outcomes_counted(caplog) -> None:
     assert store.written() == [(1, offset_of(1))]
 
 
+def lag(partition: str = "0") -> float | None:
+    labels = {"topic": HUB, "partition": partition}
+    return REGISTRY.get_sample_value("agogosml_consumer_lag_messages", labels)
+
+
+async def test_lag_counts_events_after_checkpoint() -> None:
+    hub, store = FakeHub(HUB), RecordingCheckpointStore()
+    fill(hub, 5)
+    started = Pipeline(hub, store)
+    await started.source.start()
+    envelopes = await fetch_all(started.source, 5)
+
+    await started.source._record_lag()
+    before_checkpoint = lag()
+    for envelope in envelopes[:2]:
+        started.source.ack(envelope)
+    await started.source.checkpoint()
+    fill(hub, 3)  # enqueued while the reader receives nothing more
+    await started.source.pause()
+    await started.source._record_lag()
+    after_checkpoint = lag()
+    await started.source.stop()
+
+    assert before_checkpoint == 5
+    # Events 2 to 7: three unfinished and three not received.
+    assert after_checkpoint == 6
+    assert lag() is None  # the partition's next owner reports it
+
+
 async def test_restart_resumes_after_checkpoint() -> None:
     hub, store = FakeHub(HUB), RecordingCheckpointStore()
     fill(hub, 5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -15,7 +16,7 @@ from azure.eventhub.exceptions import EventHubError
 from agogosml.config import EventHubSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
-from agogosml.metrics import COMMITS
+from agogosml.metrics import COMMITS, CONSUMER_LAG
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.eventhubs import clients
 
@@ -34,6 +35,8 @@ PROCESSOR_STOP_GRACE_SECONDS = 2.0
 #: Received events buffered for `fetch`. A full buffer makes the SDK's
 #: partition receivers wait in their event callbacks.
 BUFFER_EVENTS = 1000
+#: How often the consumer lag of the owned partitions is read from the hub.
+LAG_INTERVAL_SECONDS = 5.0
 
 
 class EventHubsSource(TrackedSource):
@@ -86,12 +89,15 @@ class EventHubsSource(TrackedSource):
         # (sequence number, offset) of each received event not checkpointed yet.
         self._offsets: dict[int, collections.deque[tuple[int, str]]] = {}
         self._checkpointed: dict[int, int] = {}
+        # Sequence number of the first event received since each claim.
+        self._first_received: dict[int, int] = {}
         # One checkpoint write at a time: two concurrent writes of a partition
         # may finish in either order and leave the older checkpoint in place.
         self._checkpoint_lock = asyncio.Lock()
         self._revoke_handler: RevokeHandler | None = None
         self._receive_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self._failing: Exception | None = None
         # Set when the final checkpoints timed out: the partitions that the SDK
         # closes afterwards get no checkpoint write.
@@ -129,6 +135,7 @@ class EventHubsSource(TrackedSource):
             self._credentials.append(credential)
         self._receive_task = asyncio.create_task(self._receive(self._consumer))
         self._checkpoint_task = asyncio.create_task(self._checkpoint_periodically())
+        self._lag_task = asyncio.create_task(self._record_lag_periodically())
         logger.info(
             "eventhubs source started",
             extra={"hub": self._hub, "consumer_group": self._settings.consumer_group},
@@ -162,9 +169,10 @@ class EventHubsSource(TrackedSource):
         Takes at most FINAL_CHECKPOINT_TIMEOUT_SECONDS, plus
         PROCESSOR_STOP_GRACE_SECONDS when the checkpoint store does not respond.
         """
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
+        for task in (self._checkpoint_task, self._lag_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             async with asyncio.timeout(FINAL_CHECKPOINT_TIMEOUT_SECONDS):
                 await self._close_consumer()
@@ -288,6 +296,7 @@ class EventHubsSource(TrackedSource):
         ):
             return
         offsets.append((sequence_number, offset))
+        self._first_received.setdefault(partition, sequence_number)
         self._tracker.register(position)
         self._buffer.append(envelope)
         self._buffered.set()
@@ -394,6 +403,45 @@ class EventHubsSource(TrackedSource):
         self._contexts.pop(partition, None)
         self._offsets.pop(partition, None)
         self._checkpointed.pop(partition, None)
+        self._first_received.pop(partition, None)
+        # Its next owner reports the partition's lag.
+        with contextlib.suppress(KeyError):
+            CONSUMER_LAG.remove(self._hub, str(partition))
+
+    # Consumer lag.
+
+    async def _record_lag_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LAG_INTERVAL_SECONDS)
+            await self._record_lag()
+
+    async def _record_lag(self) -> None:
+        """Set the lag of each owned partition: events after its last checkpoint.
+
+        The events not finished yet count, as in the Kafka source's lag. The
+        hub names its last enqueued event, so the lag is known also while the
+        reader is paused and receives nothing. Before its first checkpoint, a
+        partition counts from the first event received since it was claimed.
+        """
+        assert self._consumer is not None
+        for partition in list(self._contexts):
+            start = self._checkpointed.get(
+                partition, self._first_received.get(partition)
+            )
+            if start is None:
+                continue
+            try:
+                properties = await self._consumer.get_partition_properties(
+                    str(partition)
+                )
+            except Exception as exc:  # noqa: BLE001 - read again at the next interval
+                logger.debug("lag of partition %d unknown: %s", partition, exc)
+                continue
+            if partition not in self._contexts:
+                continue  # closed while its properties were read
+            last = properties["last_enqueued_sequence_number"]
+            lag = max(0, last + 1 - start)
+            CONSUMER_LAG.labels(self._hub, str(partition)).set(lag)
 
     async def _drain(self, keys: list[tuple[str, int]]) -> None:
         if self._revoke_handler is None:
