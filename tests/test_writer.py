@@ -1094,6 +1094,26 @@ async def test_sink_permanent_failure_422():
     assert sink.send_calls == 2
 
 
+async def test_sink_errors_logged_at_most_ten_a_minute(caplog):
+    caplog.set_level(logging.INFO, logger="agogosml.writer.service")
+    sink = RejectingSink()
+    await sink.start()
+    labels = {"service": "output_writer"}
+    errors = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels) or 0
+
+    async with serve_writer(sink) as (client, _):
+        for _ in range(15):
+            response = await client.post("/", data=b'{"n": 1}', headers=JSON)
+            assert response.status == 422
+
+    message = "sink did not acknowledge records"
+    logged = [r for r in caplog.records if r.getMessage() == message]
+    assert len(logged) == 10
+    assert [r.not_logged_before for r in logged] == [0] * 10
+    counted = REGISTRY.get_sample_value("agogosml_sink_errors_total", labels)
+    assert counted == errors + 15
+
+
 async def test_sink_rejection_logged_unmasked(caplog):
     caplog.set_level(logging.INFO, logger="agogosml.writer.service")
     sink = RejectingSink()

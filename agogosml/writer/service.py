@@ -33,6 +33,7 @@ from agogosml.http import (
     CASED_RECORD_HEADERS,
     MAX_BODY_BYTES,
     NULL_RECORD_HEADERS,
+    LogRateLimit,
     add_health_routes,
     bearer_auth_middleware,
     bound_port,
@@ -108,6 +109,11 @@ def load_tap(spec: str) -> Tap:
 #: The reader waits that long without using up an attempt, so a broker outage or a
 #: missing topic does not move valid messages to the dead letters.
 SINK_RETRY_AFTER_SECONDS = 5
+#: ERROR lines about failed sink writes per interval; each further failure
+#: is counted in agogosml_sink_errors_total, and the next line gives the number
+#: of those not logged.
+SINK_ERROR_LOG_LIMIT = 10
+SINK_ERROR_LOG_INTERVAL_SECONDS = 60.0
 
 #: Retry-After of a 503 while the writer shuts down, in seconds: a restarted or
 #: other replica takes requests soon.
@@ -159,6 +165,10 @@ class OutputWriter:
         MESSAGES_IN.labels(SERVICE)
         MESSAGES_OUT.labels(SERVICE)
         SINK_ERRORS.labels(SERVICE)
+        # Every open request fails while the sink does, each with a line.
+        self._sink_error_log = LogRateLimit(
+            SINK_ERROR_LOG_LIMIT, SINK_ERROR_LOG_INTERVAL_SECONDS
+        )
 
     @property
     def ready(self) -> bool:
@@ -253,7 +263,10 @@ class OutputWriter:
             }
             if exc.failures:
                 fields["failed_ids"] = list(exc.failures)[:20]
-            logger.error("sink did not acknowledge records", extra=fields)
+            dropped = self._sink_error_log.take()
+            if dropped is not None:
+                fields["not_logged_before"] = dropped
+                logger.error("sink did not acknowledge records", extra=fields)
             raise _sink_error_response(exc, len(envelopes)) from None
         finally:
             self._in_flight -= count
