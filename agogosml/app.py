@@ -412,6 +412,7 @@ class ModelApp:
             lambda: self._writer_ready,
             lambda: None,
             lambda: self._writer_reason,
+            metrics_service=SERVICE,
         )
         return app
 

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agogosml.body_codings import BodyCodingError, DecodedBodyTooLarge, decode_body
 from agogosml.envelope import HEADER_NAME
-from agogosml.metrics import REJECTED_REQUESTS
+from agogosml.metrics import READY, REJECTED_REQUESTS
 
 logger = logging.getLogger(__name__)
 #: Logger given to aiohttp's request handlers in place of "aiohttp.server".
@@ -48,6 +48,8 @@ def add_health_routes(
     is_ready: Callable[[], bool],
     failure: Callable[[], str | None] = lambda: None,
     not_ready_reason: Callable[[], str] = lambda: "",
+    *,
+    metrics_service: str = "",
 ) -> None:
     """Add ``/healthz``, ``/readyz`` and ``/metrics`` to `app`.
 
@@ -55,8 +57,13 @@ def add_health_routes(
     error that only a restart clears, so that a liveness probe restarts the
     process. ``/readyz`` returns 503 with `not_ready_reason` while the service
     is not ready. Both name the `service` in the `SERVICE_HEADER` header.
+    agogosml_ready gives the readiness at each scrape, with the service label
+    `metrics_service`, or `service` without one.
     """
     headers = {SERVICE_HEADER: service}
+    READY.labels(metrics_service or service).set_function(
+        lambda: 1.0 if is_ready() else 0.0
+    )
 
     async def healthz(request: web.Request) -> web.Response:
         reason = failure()

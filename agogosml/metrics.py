@@ -81,6 +81,11 @@ SINK_ERRORS = Counter(
     "writer's records, and the input reader's dead letters.",
     ["service"],
 )
+READY = Gauge(
+    "agogosml_ready",
+    "1 while the service is ready (GET /readyz answers 200), else 0.",
+    ["service"],
+)
 CONSUMER_LAG = Gauge(
     "agogosml_consumer_lag_messages",
     "Messages between the committed offset and the end of each partition.",

@@ -575,8 +575,8 @@ def scrape_when_serving(module: str, env: dict[str, str], port: int) -> str:
         service.wait(15)
 
 
-def test_service_counters_start_at_zero(tmp_path: Path) -> None:
-    """Counters exist at 0 before the first event, so rate() sees that event."""
+def test_service_metrics_at_start(tmp_path: Path) -> None:
+    """Counters start at 0, so rate() sees the first event; readiness is one too."""
     (tmp_path / "in.jsonl").write_bytes(b"")
     unreachable = f"http://127.0.0.1:{free_port()}"
     ports = [free_port() for _ in range(3)]
@@ -623,6 +623,10 @@ def test_service_counters_start_at_zero(tmp_path: Path) -> None:
             f'agogosml_scored_values_total{{outcome="{outcome}",service="app"}} 0.0'
         )
         assert sample in app
+    # The reader's app and the app's writer do not answer.
+    assert 'agogosml_ready{service="input_reader"} 0.0' in reader
+    assert 'agogosml_ready{service="app"} 0.0' in app
+    assert 'agogosml_ready{service="output_writer"} 1.0' in writer
     # No creation timestamps, which would double the series.
     for scraped in (reader, writer, app):
         assert "_created" not in scraped
