@@ -98,12 +98,20 @@ class WriterQueue:
 
     async def _send(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
         try:
-            await self._post(_array(element for element, _ in batch), len(batch))
+            await self._send_or_isolate(batch)
         except asyncio.CancelledError:
-            # The requests of the batch learn that it was never sent whole.
+            # The requests of the batch that are still waiting, such as those
+            # whose one-at-a-time resends had not started, learn that their
+            # elements were not sent.
             for _, future in batch:
                 future.cancel()
             raise
+
+    async def _send_or_isolate(
+        self, batch: list[tuple[bytes, asyncio.Future[None]]]
+    ) -> None:
+        try:
+            await self._post(_array(element for element, _ in batch), len(batch))
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request
             if len(batch) > 1 and self._isolate(exc):
                 # One at a time, so the resends stay within one writer request.

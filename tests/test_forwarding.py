@@ -142,3 +142,30 @@ async def test_cancelled_request_cancels_its_writes():
     # Left pending, the write would wait for ever.
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(write, 1)
+
+
+async def test_cancelled_resends_cancel_their_writes():
+    resent = asyncio.Event()
+
+    async def post(body: bytes, count: int) -> None:
+        if count > 1:
+            raise RejectedRecord("the writer rejected a record")
+        resent.set()
+        await asyncio.Event().wait()
+
+    queue = WriterQueue(
+        post,
+        max_body_bytes=1000,
+        isolate=lambda exc: isinstance(exc, RejectedRecord),
+    )
+    writes = [asyncio.create_task(queue.write(n)) for n in (b"1", b"2", b"3")]
+    await asyncio.wait_for(resent.wait(), 1)
+
+    for task in queue._tasks:
+        task.cancel()
+    await queue.close()
+
+    # The writes whose resends were not sent yet would wait for ever.
+    for write in writes:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(write, 1)
