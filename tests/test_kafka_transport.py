@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import unittest.mock
 from collections.abc import Iterator
 from typing import Any
@@ -879,3 +880,32 @@ def test_sink_polling_survives_failed_callback(caplog) -> None:
 
     assert producer.polls == 3
     assert "a kafka producer callback failed" in caplog.text
+
+
+class UnconfirmedCommitConsumer:
+    """A consumer whose asynchronous commits the brokers confirm only late."""
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        assert asynchronous
+
+    def poll(self, timeout: float) -> None:
+        time.sleep(timeout)
+
+
+def test_final_commit_confirmed_late_counts_once() -> None:
+    settings = KafkaSettings(bootstrap_servers="127.0.0.1:1", group_id="g-late")
+    source = KafkaSource(settings, ["in"])
+    generation = source._tracker.assign("in", 0)
+    position = Position("in", 0, 0, 1, generation)
+    source._tracker.register(position)
+    source._tracker.finish(position)
+    source._consumer = UnconfirmedCommitConsumer()  # type: ignore[assignment]
+    source._health.up = True
+    before = commits("ok") + commits("error")
+
+    source._commit_final(0.05)
+    # The close() that follows serves the commit's result.
+    source._on_commit(None, [TopicPartition("in", 0, 1)])
+
+    assert source._skip_closing_commit
+    assert commits("ok") + commits("error") - before == 1

@@ -658,9 +658,12 @@ class KafkaSource(TrackedSource):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._skip_closing_commit = True
-                COMMITS.labels("error").inc(
-                    sum(key in self._committing for key in keys)
-                )
+                unconfirmed = [key for key in keys if key in self._committing]
+                COMMITS.labels("error").inc(len(unconfirmed))
+                # close() may still serve their results, which must not be
+                # counted a second time.
+                for key in unconfirmed:
+                    del self._committing[key]
                 logger.error(
                     "final offset commit not confirmed by the brokers at %s within "
                     "%.1f s (last error: %s); the messages finished since the last "
