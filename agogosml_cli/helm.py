@@ -126,7 +126,9 @@ def run_helm(
             errors="replace",
         )
     except OSError as exc:
-        if not os.path.exists(target.helm):
+        # HELM may name a program on PATH, such as HELM=helm3.
+        located = shutil.which(target.helm) or target.helm
+        if not os.path.isfile(located):
             raise HelmError(f"{target.helm!r} was not found. {_HELM_HINT}") from None
         # The file exists but cannot run, as a binary built for another
         # platform cannot, or a script whose #! interpreter is missing.

@@ -1048,6 +1048,22 @@ def test_helm_for_other_platform_names_fix(
     assert "Helm 3 binary for this platform" in result.stderr
 
 
+def test_helm_on_path_that_cannot_run_names_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "other-helm"
+    script.write_text("#!/nonexistent/interpreter\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HELM", "other-helm")
+
+    result = invoke("status")
+
+    assert result.exit_code == 1
+    assert "'other-helm' cannot be run" in result.stderr
+    assert "was not found" not in result.stderr
+
+
 def test_helm_output_not_utf8_is_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
