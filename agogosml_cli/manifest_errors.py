@@ -43,8 +43,10 @@ def describe_errors(
     lines = [f"{source_name} is invalid:"]
     for error in errors[:SHOWN_ERRORS]:
         lines.append("  " + _describe_one(error, flags, document))
-    if len(errors) > SHOWN_ERRORS:
-        lines.append(f"  and {len(errors) - SHOWN_ERRORS:,} more errors")
+    hidden = len(errors) - SHOWN_ERRORS
+    if hidden > 0:
+        noun = "error" if hidden == 1 else "errors"
+        lines.append(f"  and {hidden:,} more {noun}")
     return "\n".join(lines)
 
 

@@ -808,6 +808,18 @@ def test_many_manifest_errors_counted_after_the_first(tmp_path: Path) -> None:
     assert "and 480 more errors" in result.output
 
 
+def test_one_manifest_error_past_the_shown_is_singular(tmp_path: Path) -> None:
+    data = valid_manifest_data()
+    data["source"]["topics"] = [f"bad topic {n}" for n in range(21)]
+    manifest = tmp_path / "agogosml.yaml"
+    manifest.write_text(yaml.safe_dump(data))
+
+    result = generate(manifest)
+
+    assert result.exit_code == 1
+    assert "and 1 more error\n" in result.output
+
+
 def test_misspelt_type_key_named(tmp_path: Path) -> None:
     data = valid_manifest_data()
     data["source"]["typ"] = data["source"].pop("type")
