@@ -909,3 +909,43 @@ def test_final_commit_confirmed_late_counts_once() -> None:
 
     assert source._skip_closing_commit
     assert commits("ok") + commits("error") - before == 1
+
+
+class UncommittedPartitionConsumer:
+    """A consumer of one partition without a committed offset."""
+
+    def __init__(self, error: KafkaError | None = None) -> None:
+        self.error = error
+
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float
+    ) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]
+
+    def get_watermark_offsets(
+        self, tp: TopicPartition, timeout: float
+    ) -> tuple[int, int]:
+        return 0, 5
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        if self.error is not None:
+            raise KafkaException(self.error)
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [(None, "ok"), (KafkaError(KafkaError.REQUEST_TIMED_OUT), "error")],
+)
+def test_source_counts_commit_of_partition_ends(
+    error: KafkaError | None, outcome: str
+) -> None:
+    settings = KafkaSettings(
+        bootstrap_servers="127.0.0.1:1", group_id="g-ends", auto_offset_reset="latest"
+    )
+    source = KafkaSource(settings, ["in"])
+    consumer = UncommittedPartitionConsumer(error)
+    before = commits(outcome)
+
+    source._commit_ends(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]
+
+    assert commits(outcome) - before == 1

@@ -863,7 +863,7 @@ class KafkaSource(TrackedSource):
                 start = low if key in added or self._added_since_start(tp) else high
                 ends.append(self._commit_offset(tp.topic, tp.partition, start))
             if ends:
-                consumer.commit(offsets=ends, asynchronous=False)
+                _commit_counted(consumer, ends)
         except KafkaException as exc:
             # A consumer that closes during the lookup ends it with _DESTROY,
             # which is part of a normal stop.
@@ -950,6 +950,16 @@ class KafkaSource(TrackedSource):
     async def _call(self, function: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, function, *args)
+
+
+def _commit_counted(consumer: Consumer, offsets: list[TopicPartition]) -> None:
+    """Commit `offsets` synchronously, counting them in agogosml_commits_total."""
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException:
+        COMMITS.labels("error").inc(len(offsets))
+        raise
+    COMMITS.labels("ok").inc(len(offsets))
 
 
 def _describe(partitions: list[TopicPartition]) -> list[str]:
