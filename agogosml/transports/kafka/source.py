@@ -379,9 +379,8 @@ class KafkaSource(TrackedSource):
             return stamped
         offsets = list(starts.values())
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            _commit_counted(self._consumer, offsets)
         except KafkaException as exc:
-            COMMITS.labels("error").inc(len(offsets))
             sought_back = self._seek_back(offsets)
             # A partition that could not seek back sends its messages on. Its
             # start is then committed with the next periodic commit (the
@@ -401,7 +400,6 @@ class KafkaSource(TrackedSource):
                 if generation == 0
                 or (message.topic(), message.partition()) not in sought_back
             ]
-        COMMITS.labels("ok").inc(len(offsets))
         for key, tp in starts.items():
             self._committed[key] = tp.offset
         for message, generation in stamped:
