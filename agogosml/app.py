@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -141,13 +141,27 @@ class InvalidRecord(Exception):  # noqa: N818 - a result first, raised only at t
         return f"InvalidRecord({self.reason!r})"
 
 
+class ResultArray(Protocol):
+    """An array of results with one entry per value, such as a numpy array.
+
+    A pandas DataFrame, whose ``ndim`` is 2, gives one result per row.
+    """
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions: 1 for one result per item, 2 for a table."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+#: Results of one call of a scoring function: a list or tuple of JSON documents
+#: and `InvalidRecord`s, or a numpy array or pandas DataFrame.
+ScoreResults = Sequence[Any | InvalidRecord] | ResultArray
+
 #: Gets the decoded JSON values of one request and returns one result per value,
-#: in a list, tuple or numpy array: a JSON-serialisable document (numpy values
-#: included), or an `InvalidRecord`. May be a coroutine function.
-ScoreFunction = Callable[
-    [list[Any]],
-    Sequence[Any | InvalidRecord] | Awaitable[Sequence[Any | InvalidRecord]],
-]
+#: in order, as `ScoreResults`. May be a coroutine function.
+ScoreFunction = Callable[[list[Any]], ScoreResults | Awaitable[ScoreResults]]
 
 
 class AppSettings(BaseSettings):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import mypy.api
 import numpy as np
 import orjson
 import pytest
@@ -1780,6 +1781,55 @@ def test_scoring_function_with_optional_arguments_accepted():
 
     ModelApp(score)
     ModelApp(functools.partial(lambda model, values: values, None))
+
+
+TYPED_APP = """
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agogosml.app import ModelApp
+
+
+def score_array(values: list[Any]) -> npt.NDArray[np.float64]:
+    return np.zeros(len(values))
+
+
+def score_value(value: dict[str, Any]) -> dict[str, Any]:
+    return value
+
+
+ModelApp(score_array)
+ModelApp(score_value)
+"""
+
+
+def test_scoring_function_types_checked_by_mypy(tmp_path, monkeypatch):
+    # Outside the checkout, mypy finds agogosml as an installed package, which
+    # it reads only with a py.typed marker.
+    monkeypatch.chdir(tmp_path)
+    app_file = tmp_path / "typed_app.py"
+    app_file.write_text(TYPED_APP)
+    config_file = tmp_path / "mypy.ini"
+    config_file.write_text("[mypy]\n")
+
+    stdout, stderr, status = mypy.api.run(
+        [
+            "--strict",
+            "--config-file",
+            str(config_file),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            app_file.name,
+        ]
+    )
+
+    error_lines = [line for line in stdout.splitlines() if ": error:" in line]
+    assert len(error_lines) == 1, stdout
+    assert error_lines[0].startswith("typed_app.py:19: error: Argument 1 to ")
+    assert "[arg-type]" in error_lines[0]
+    assert status == 1
 
 
 @dataclass
