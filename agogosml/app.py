@@ -347,10 +347,10 @@ class ModelApp:
         microseconds) for a model that scores in microseconds. An ``async
         def`` always runs on the event loop.
 
-        `extra_settings` are the settings models of the app's own variables,
-        each with an ``env_prefix``. `run` logs a warning for a variable with
-        one of their prefixes that is close to a field's name but names none,
-        as it does for the ``APP_`` variables.
+        `extra_settings` are the settings classes (not instances) of the app's
+        own variables, each with an ``env_prefix``. `run` logs a warning for a
+        variable with one of their prefixes that is close to a field's name but
+        names none, as it does for the ``APP_`` variables.
 
         `invalid_input_errors` are the exception types that `score` raises for
         a value it cannot score, such as the ``ValueError`` of a library that
@@ -365,7 +365,7 @@ class ModelApp:
         self._score = score
         self._name = name
         self._model_version = str(model_version)
-        self._extra_settings = tuple(extra_settings)
+        self._extra_settings = _checked_settings_classes(extra_settings)
         self._threaded = score_in_thread and not _is_coroutine_function(score)
         self._scoring_thread: _ScoringThread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -1155,6 +1155,7 @@ def _check_score_function(score: object) -> None:
             f"ModelApp needs a scoring function, got {type(score).__name__} "
             f"{score!r}: pass a function such as def score(values): ..."
         )
+    _check_not_generator(score)
     try:
         signature = inspect.signature(score)
     except (TypeError, ValueError):
@@ -1168,6 +1169,21 @@ def _check_score_function(score: object) -> None:
             f"list of values ({exc}); it must take the values of a request as its "
             "only required argument, as in def score(values): ..."
         ) from None
+
+
+def _check_not_generator(score: object) -> None:
+    """Raise TypeError when `score`, or its ``__call__``, is a generator function."""
+    called = [score, type(score).__call__]
+    if any(
+        inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function)
+        for function in called
+    ):
+        name = getattr(score, "__qualname__", repr(score))
+        raise TypeError(
+            f"the scoring function {name} is a generator function, whose results "
+            "ModelApp cannot count against the values: return a list, as in "
+            "return [result(value) for value in values], instead of using yield"
+        )
 
 
 def _count_results(results: list[Any]) -> None:
@@ -1209,6 +1225,26 @@ def _checked_error_types(types: object) -> tuple[type[Exception], ...]:
                 "ValueError"
             )
     return tuple(types)
+
+
+def _checked_settings_classes(classes: object) -> tuple[type[BaseSettings], ...]:
+    """Return `extra_settings` as a tuple, or raise TypeError naming the fix."""
+    if isinstance(classes, type):
+        classes = (classes,)
+    if not isinstance(classes, tuple | list):
+        raise TypeError(
+            f"extra_settings must be a list of settings classes, got "
+            f"{type(classes).__name__} {classes!r}: pass, for example, "
+            "extra_settings=[MySettings]"
+        )
+    for item in classes:
+        if not (isinstance(item, type) and issubclass(item, BaseSettings)):
+            raise TypeError(
+                f"extra_settings contains {item!r}, which is not a subclass of "
+                "pydantic_settings.BaseSettings: list the settings classes "
+                "themselves, such as extra_settings=[MySettings], not instances"
+            )
+    return tuple(classes)
 
 
 def _result_list(returned: object) -> list[Any]:

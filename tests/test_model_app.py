@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fakes import MemorySink, disconnect_records, send_partial_body
 from multidict import CIMultiDict
 from prometheus_client import REGISTRY
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from test_writer import raw_post
 
 from agogosml import app as app_module
@@ -1760,12 +1761,30 @@ def test_invalid_input_errors_checked(errors, expected):
     assert expected in str(error.value)
 
 
+def score_by_yield(values):
+    yield from values
+
+
+async def score_by_async_yield(values):
+    for value in values:
+        yield value
+
+
+class YieldingScorer:
+    def __call__(self, values):
+        yield from values
+
+
 @pytest.mark.parametrize(
     ("score", "expected"),
     [
         ("score", "ModelApp needs a scoring function, got str 'score'"),
         (lambda: [], "cannot be called with one list of values"),
         (lambda values, model: [], "<lambda>(values, model) cannot be called"),
+        (score_by_yield, "score_by_yield is a generator function"),
+        (score_by_async_yield, "score_by_async_yield is a generator function"),
+        (functools.partial(score_by_yield), "instead of using yield"),
+        (YieldingScorer(), "instead of using yield"),
     ],
 )
 def test_unusable_scoring_function_rejected(score, expected):
@@ -1773,6 +1792,31 @@ def test_unusable_scoring_function_rejected(score, expected):
         ModelApp(score)
 
     assert expected in str(error.value)
+
+
+class ExtraSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXTRA_")
+
+    threshold: float = 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra_settings", "expected"),
+    [
+        ("ExtraSettings", "must be a list of settings classes, got str"),
+        ([ExtraSettings()], "contains ExtraSettings(threshold=1.0), which is not"),
+        ([dict], "contains <class 'dict'>, which is not a subclass of"),
+    ],
+)
+def test_extra_settings_checked(extra_settings, expected):
+    with pytest.raises(TypeError) as error:
+        ModelApp(double_amount, extra_settings=extra_settings)
+
+    assert expected in str(error.value)
+
+
+def test_extra_settings_class_alone_accepted():
+    ModelApp(double_amount, extra_settings=ExtraSettings)
 
 
 def test_scoring_function_with_optional_arguments_accepted():
