@@ -359,6 +359,10 @@ class ModelApp:
         dead-letters it at once. Any other exception gets a 500, which the
         reader retries, because the failure may be temporary, such as a
         feature store that timed out.
+
+        `name` starts the app's ``started`` and ``stopped`` log lines. It and
+        `model_version` are the ``name`` and ``version`` labels of
+        ``agogosml_model_info`` on ``/metrics``.
         """
         _check_score_function(score)
         self._invalid_input_errors = _checked_error_types(invalid_input_errors)
