@@ -1342,9 +1342,25 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
             "the scoring function's result for this message (value "
             f"{index} of its request), of type {type(result).__name__}, cannot "
             f"be encoded as JSON ({exc}); return "
-            "dicts, lists, strings, numbers, booleans, None or numpy values",
+            "dicts, lists, strings, numbers, booleans, None or numpy values"
+            f"{_rejection_hint(result)}",
             log_level=logging.ERROR,
         ) from None
+
+
+def _rejection_hint(result: Any) -> str:
+    """Return how to reject a value, for a result that looks like an attempt to."""
+    if result is InvalidRecord:
+        return (
+            ". The result is the class InvalidRecord; to reject the value, "
+            "return an instance, InvalidRecord(reason)"
+        )
+    if isinstance(result, BaseException):
+        return (
+            ". The result is an exception; to reject the value, return "
+            "InvalidRecord(reason), or raise the exception for a temporary failure"
+        )
+    return ""
 
 
 _NON_FINITE_ERROR = (

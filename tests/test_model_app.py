@@ -1264,6 +1264,24 @@ async def test_score_unencodable_result_500():
     assert writer.requests == []
 
 
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        (InvalidRecord, "return an instance, InvalidRecord(reason)"),
+        (ValueError("bad"), "The result is an exception; to reject the value"),
+    ],
+)
+async def test_result_meant_as_rejection_names_fix(result, expected):
+    async with stub_writer() as writer:
+        async with model_app(lambda values: [result], writer.url) as client:
+            response = await client.post("/", data=b"{}", headers=JSON)
+            body = await response.json()
+
+    assert response.status == 500
+    assert expected in body["error"]
+    assert writer.requests == []
+
+
 async def test_batch_unencodable_result_fails_one_item():
     def score(values: list[Any]) -> list[Any]:
         return [{"labels": {"fraud"}} if value == 2 else value for value in values]
