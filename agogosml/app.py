@@ -33,7 +33,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import types
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -162,6 +163,30 @@ ScoreResults = Sequence[Any | InvalidRecord] | ResultArray
 #: Gets the decoded JSON values of one request and returns one result per value,
 #: in order, as `ScoreResults`. May be a coroutine function.
 ScoreFunction = Callable[[list[Any]], ScoreResults | Awaitable[ScoreResults]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """What a message carries besides its value, for ``ModelApp(with_messages=True)``.
+
+    Attributes:
+        id: The message id that the reader gave it, or None.
+        key: The record key as bytes, or None for a record without one.
+        headers: The record headers by name, each as bytes, or None for a
+            header without a value. Of names equal but for case, one is kept.
+        traceparent: The W3C trace context of the message, or ''.
+    """
+
+    id: str | None
+    key: bytes | None
+    headers: Mapping[str, bytes | None]
+    traceparent: str
+
+
+#: Like `ScoreFunction`, with the `Message` of each value as a second argument.
+MessageScoreFunction = Callable[
+    [list[Any], list[Message]], ScoreResults | Awaitable[ScoreResults]
+]
 
 
 class AppSettings(BaseSettings):
@@ -330,13 +355,14 @@ class ModelApp:
 
     def __init__(
         self,
-        score: ScoreFunction,
+        score: ScoreFunction | MessageScoreFunction,
         *,
         name: str = "model app",
         score_in_thread: bool = True,
         extra_settings: Sequence[type[BaseSettings]] = (),
         invalid_input_errors: tuple[type[Exception], ...] = (),
         model_version: str = "",
+        with_messages: bool = False,
     ) -> None:
         """Wrap `score`, a function or coroutine function from values to results.
 
@@ -363,13 +389,18 @@ class ModelApp:
         `name` starts the app's ``started`` and ``stopped`` log lines. It and
         `model_version` are the ``name`` and ``version`` labels of
         ``agogosml_model_info`` on ``/metrics``.
+
+        `with_messages` calls ``score(values, messages)``, with the `Message`
+        of each value, for a model that needs a record's key, headers or id.
+        The results are written with the key and headers of their messages.
         """
-        _check_score_function(score)
+        _check_score_function(score, arguments=2 if with_messages else 1)
         self._invalid_input_errors = _checked_error_types(invalid_input_errors)
-        self._score = score
+        self._score: Callable[..., Any] = score
         self._name = name
         self._model_version = str(model_version)
         self._extra_settings = _checked_settings_classes(extra_settings)
+        self._with_messages = with_messages
         self._threaded = score_in_thread and not _is_coroutine_function(score)
         self._scoring_thread: _ScoringThread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -442,9 +473,14 @@ class ModelApp:
 
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
+        # The headers were checked, so the message can be read.
+        messages = [_message(item)] if self._with_messages else None
         try:
             (result,) = await self._call_score(
-                [value], [item.get("id")], functools.partial(_client_left, request)
+                [value],
+                [item.get("id")],
+                functools.partial(_client_left, request),
+                messages=messages,
             )
         except _ScoringFailed:
             SCORED_VALUES.labels(SERVICE, "failed").inc()
@@ -476,12 +512,21 @@ class ModelApp:
         # An item that the writer would reject is not scored: it fails with
         # 400 whatever the scoring function returns for it.
         results: list[Any] = [_item_problem(item) for item in items]
+        messages: dict[int, Message] = {}
+        if self._with_messages:
+            for index, item in enumerate(items):
+                if results[index] is None:
+                    try:
+                        messages[index] = _message(item)
+                    except ValueError as exc:
+                        results[index] = InvalidRecord(str(exc))
         scored = [index for index, problem in enumerate(results) if problem is None]
         if scored:
             scored_results = await self._score_batch(
                 [items[index]["value"] for index in scored],
                 [items[index].get("id") for index in scored],
                 functools.partial(_client_left, request),
+                [messages[index] for index in scored] if messages else None,
             )
             for index, result in zip(scored, scored_results, strict=True):
                 results[index] = result
@@ -583,17 +628,24 @@ class ModelApp:
             statuses[index] = {"status": 422, "error": str(exc)}
 
     async def _score_batch(
-        self, values: list[Any], message_ids: list[Any], abandoned: Callable[[], bool]
+        self,
+        values: list[Any],
+        message_ids: list[Any],
+        abandoned: Callable[[], bool],
+        messages: list[Message] | None = None,
     ) -> list[Any]:
         """Score a batch, and each value alone when the batch raised.
 
         The value that makes the scoring function raise then fails alone,
         with a 500 as its result, and the other values of the batch go on.
-        `message_ids` are the values' ids, for the log, and `abandoned` tells
-        whether the request's client left.
+        `message_ids` are the values' ids, for the log, `abandoned` tells
+        whether the request's client left, and `messages` are the values'
+        messages with ``with_messages``.
         """
         try:
-            scored = await self._call_score(values, message_ids, abandoned)
+            scored = await self._call_score(
+                values, message_ids, abandoned, messages=messages
+            )
         except _ScoringFailed as failure:
             if len(values) == 1:
                 SCORED_VALUES.labels(SERVICE, "failed").inc()
@@ -612,10 +664,16 @@ class ModelApp:
         results: list[Any] = []
         failed_ids: list[Any] = []
         failures: list[_ScoringFailed] = []
-        for value, message_id in zip(values, message_ids, strict=True):
+        for index, (value, message_id) in enumerate(
+            zip(values, message_ids, strict=True)
+        ):
             try:
                 (result,) = await self._call_score(
-                    [value], [message_id], abandoned, log_exceptions=False
+                    [value],
+                    [message_id],
+                    abandoned,
+                    messages=None if messages is None else [messages[index]],
+                    log_exceptions=False,
                 )
             except _ScoringFailed as exc:
                 result = exc
@@ -639,17 +697,19 @@ class ModelApp:
         message_ids: list[Any],
         abandoned: Callable[[], bool],
         *,
+        messages: list[Message] | None = None,
         log_exceptions: bool = True,
     ) -> list[Any]:
+        score: Callable[[list[Any]], Any] = self._score
+        if messages is not None:
+            score = _given(self._score, messages)
         started = time.perf_counter()
         outcome = "error"
         try:
             if self._scoring_thread is not None:
-                returned = await self._scoring_thread.call(
-                    self._score, values, abandoned
-                )
+                returned = await self._scoring_thread.call(score, values, abandoned)
             else:
-                returned = self._score(values)
+                returned = score(values)
             if inspect.isawaitable(returned):
                 returned = await returned
             outcome = "ok"
@@ -1152,12 +1212,26 @@ def _is_coroutine_function(function: object) -> bool:
     )
 
 
-def _check_score_function(score: object) -> None:
-    """Raise TypeError unless `score` can be called with one list of values."""
+def _given(score: Callable[..., Any], messages: list[Message]) -> Callable[..., Any]:
+    """Return `score` as a function of the values alone, given their `messages`."""
+
+    def score_values(values: list[Any]) -> Any:
+        return score(values, messages)
+
+    return score_values
+
+
+def _check_score_function(score: object, *, arguments: int = 1) -> None:
+    """Raise TypeError unless `score` can be called with its `arguments` lists.
+
+    One argument is the list of values, and a second the list of their
+    messages (``with_messages``).
+    """
+    example = "def score(values)" if arguments == 1 else "def score(values, messages)"
     if not callable(score):
         raise TypeError(
             f"ModelApp needs a scoring function, got {type(score).__name__} "
-            f"{score!r}: pass a function such as def score(values): ..."
+            f"{score!r}: pass a function such as {example}: ..."
         )
     _check_not_generator(score)
     try:
@@ -1165,13 +1239,18 @@ def _check_score_function(score: object) -> None:
     except (TypeError, ValueError):
         return  # Some built-in callables have no signature to check.
     try:
-        signature.bind([])
+        signature.bind(*[[]] * arguments)
     except TypeError as exc:
         name = getattr(score, "__qualname__", repr(score))
+        if arguments == 1:
+            wanted = "one list of values"
+            role = "the values of a request as its only required argument"
+        else:
+            wanted = "a list of values and a list of messages (with_messages=True)"
+            role = "the values and their messages as its two required arguments"
         raise TypeError(
-            f"the scoring function {name}{signature} cannot be called with one "
-            f"list of values ({exc}); it must take the values of a request as its "
-            "only required argument, as in def score(values): ..."
+            f"the scoring function {name}{signature} cannot be called with "
+            f"{wanted} ({exc}); it must take {role}, as in {example}: ..."
         ) from None
 
 
@@ -1735,6 +1814,52 @@ def _record_headers(headers: Any) -> dict[str, str]:
             )
         record_headers[record_name] = value
     return record_headers
+
+
+def _message(item: dict[str, Any]) -> Message:
+    """Return the `Message` of a checked batch item, decoding its key and headers.
+
+    Raises:
+        ValueError: the item's headers are not an object of text or null
+            values, or a value listed as base64-encoded is not base64. The
+            writer would reject such an item too.
+    """
+    key = item.get("key")
+    if key is not None:
+        base64_key = str(item.get("key_encoding") or "").lower() == "base64"
+        key = base64.b64decode(key) if base64_key else key.encode()
+    headers = item.get("headers") or {}
+    encodings = item.get("header_encodings") or {}
+    if not isinstance(headers, dict) or not isinstance(encodings, dict):
+        raise ValueError(
+            "the item's headers and header_encodings must be JSON objects; send "
+            'them as {"name": "value"} and {"name": "base64"}'
+        )
+    decoded: dict[str, bytes | None] = {}
+    for name, value in headers.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"record header {name!r} is {json_type(value)}; send a string or null"
+            )
+        if value is None:
+            decoded[name] = None
+        elif str(encodings.get(name, "")).lower() == "base64":
+            try:
+                decoded[name] = base64.b64decode(value, validate=True)
+            except ValueError:
+                raise ValueError(
+                    f"record header {name!r} is listed as base64-encoded, but its "
+                    "value is not valid base64; send it base64-encoded, or do not "
+                    "list it in header_encodings"
+                ) from None
+        else:
+            decoded[name] = value.encode()
+    return Message(
+        id=item.get("id"),
+        key=key,
+        headers=types.MappingProxyType(decoded),
+        traceparent=str(item.get("traceparent") or ""),
+    )
 
 
 def _item_problem(item: dict[str, Any]) -> InvalidRecord | None:

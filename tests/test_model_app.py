@@ -32,7 +32,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from test_writer import raw_post
 
 from agogosml import app as app_module
-from agogosml.app import AppSettings, InvalidRecord, ModelApp, has_non_finite
+from agogosml.app import (
+    AppSettings,
+    InvalidRecord,
+    Message,
+    ModelApp,
+    has_non_finite,
+)
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
 from agogosml.http import bound_port, start_site
@@ -133,6 +139,7 @@ async def model_app(
     *,
     score_in_thread: bool = True,
     invalid_input_errors: tuple[type[Exception], ...] = (),
+    with_messages: bool = False,
     **settings: Any,
 ) -> AsyncIterator[TestClient]:
     """Serve a ModelApp around `score` that forwards to `writer_url`."""
@@ -141,6 +148,7 @@ async def model_app(
         score,
         score_in_thread=score_in_thread,
         invalid_input_errors=invalid_input_errors,
+        with_messages=with_messages,
     )
     async with model.running(app_settings) as app:
         async with TestClient(TestServer(app)) as client:
@@ -2263,3 +2271,135 @@ async def test_huge_unlisted_error_is_cut_short():
     assert response.status == 500
     assert body["error"].endswith("more characters)")
     assert len(body["error"]) < 2100
+
+
+# ---------------------------------------------------------------------------
+# Scoring with the messages' keys, headers and ids
+# ---------------------------------------------------------------------------
+
+
+class MessageRecorder:
+    """A scoring function of values and messages that keeps the messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def __call__(self, values: list[Any], messages: list[Message]) -> list[Any]:
+        self.messages.extend(messages)
+        return [
+            InvalidRecord("no tenant") if message.headers.get("tenant") is None
+            else {"tenant": message.headers["tenant"].decode(), "n": value}  # type: ignore[union-attr]
+            for value, message in zip(values, messages, strict=True)
+        ]  # fmt: skip
+
+
+async def test_batch_messages_carry_key_headers_and_id() -> None:
+    score = MessageRecorder()
+    items = [
+        {
+            "value": 1,
+            "id": "m-1",
+            "key": "card-7",
+            "headers": {"tenant": "eu", "raw": "/wA=", "empty": None},
+            "header_encodings": {"raw": "base64"},
+            "traceparent": TRACEPARENT,
+        },
+        {"value": 2, "id": "m-2", "key": "/wA=", "key_encoding": "base64"},
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            results = (await response.json())["results"]
+
+    first, second = score.messages
+    assert first == Message(
+        id="m-1",
+        key=b"card-7",
+        headers={"tenant": b"eu", "raw": b"\xff\x00", "empty": None},
+        traceparent=TRACEPARENT,
+    )
+    assert (second.id, second.key, dict(second.headers)) == ("m-2", b"\xff\x00", {})
+    assert [result["status"] for result in results] == [200, 400]
+    assert results[1]["error"] == "no tenant"
+    # The result keeps its message's key and headers.
+    (element,) = writer.requests[0].json()
+    assert element["value"] == {"tenant": "eu", "n": 1}
+    assert element["key"] == "card-7"
+    assert element["headers"]["tenant"] == "eu"
+
+
+async def test_single_message_carries_key_and_headers() -> None:
+    score = MessageRecorder()
+    headers = {
+        **JSON,
+        "X-Message-Id": "m-9",
+        "X-Message-Key": "card-9",
+        "X-Record-Header-Tenant": "us",
+    }
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            response = await client.post("/", data=b"5", headers=headers)
+
+    assert response.status == 200
+    (message,) = score.messages
+    assert (message.id, message.key) == ("m-9", b"card-9")
+    # HTTP does not keep the case of a name that X-Cased-Record-Headers omits.
+    assert dict(message.headers) == {"tenant": b"us"}
+    assert writer.requests[0].json()[0]["value"] == {"tenant": "us", "n": 5}
+
+
+async def test_batch_retried_alone_with_each_message() -> None:
+    seen: list[list[str | None]] = []
+
+    async def score(values: list[Any], messages: list[Message]) -> list[Any]:
+        seen.append([message.id for message in messages])
+        if len(values) > 1 and "bad" in values:
+            raise RuntimeError("one value is bad")
+        return values
+
+    items = [{"value": "good", "id": "a"}, {"value": "bad", "id": "b"}]
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    assert seen == [["a", "b"], ["a"], ["b"]]
+
+
+async def test_message_with_undecodable_header_not_scored() -> None:
+    score = MessageRecorder()
+    items = [
+        {
+            "value": 1,
+            "headers": {"raw": "not base64!"},
+            "header_encodings": {"raw": "base64"},
+        }
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            response = await client.post(
+                "/batch", data=orjson.dumps(items), headers=JSON
+            )
+            (result,) = (await response.json())["results"]
+
+    assert result["status"] == 400
+    assert "record header 'raw' is listed as base64-encoded" in result["error"]
+    assert score.messages == []
+
+
+@pytest.mark.parametrize(
+    ("score", "with_messages", "expected"),
+    [
+        (lambda values: values, True, "a list of values and a list of messages"),
+        (lambda values, messages: values, False, "one list of values"),
+    ],
+)
+def test_score_arguments_checked_against_with_messages(
+    score: Callable[..., Any], with_messages: bool, expected: str
+) -> None:
+    with pytest.raises(TypeError, match=expected):
+        ModelApp(score, with_messages=with_messages)
