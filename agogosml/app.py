@@ -174,6 +174,8 @@ class Message:
         key: The record key as bytes, or None for a record without one.
         headers: The record headers by name, each as bytes, or None for a
             header without a value. Of names equal but for case, one is kept.
+            The ``message-id`` and ``traceparent`` headers are not among them,
+            because they are the `id` and the trace context.
         traceparent: The W3C trace context of the message, or ''.
     """
 
@@ -181,6 +183,21 @@ class Message:
     key: bytes | None
     headers: Mapping[str, bytes | None]
     traceparent: str
+
+    def __post_init__(self) -> None:
+        # Read-only, also when the caller passes a dict.
+        headers = types.MappingProxyType(dict(self.headers))
+        object.__setattr__(self, "headers", headers)
+
+    def __hash__(self) -> int:
+        headers = frozenset(self.headers.items())
+        return hash((self.id, self.key, headers, self.traceparent))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A mappingproxy cannot be pickled, as for a process pool, so the
+        # headers travel as a dict.
+        fields = (self.id, self.key, dict(self.headers), self.traceparent)
+        return (Message, fields)
 
 
 #: Like `ScoreFunction`, with the `Message` of each value as a second argument.
@@ -700,16 +717,20 @@ class ModelApp:
         messages: list[Message] | None = None,
         log_exceptions: bool = True,
     ) -> list[Any]:
+        # The function gets copies, because a batch that raises is scored again
+        # value by value from these lists, even if the function reordered them.
         score: Callable[[list[Any]], Any] = self._score
         if messages is not None:
-            score = _given(self._score, messages)
+            score = _given(self._score, list(messages))
         started = time.perf_counter()
         outcome = "error"
         try:
             if self._scoring_thread is not None:
-                returned = await self._scoring_thread.call(score, values, abandoned)
+                returned = await self._scoring_thread.call(
+                    score, list(values), abandoned
+                )
             else:
-                returned = score(values)
+                returned = score(list(values))
             if inspect.isawaitable(returned):
                 returned = await returned
             outcome = "ok"
@@ -1251,7 +1272,23 @@ def _check_score_function(score: object, *, arguments: int = 1) -> None:
         raise TypeError(
             f"the scoring function {name}{signature} cannot be called with "
             f"{wanted} ({exc}); it must take {role}, as in {example}: ..."
+            f"{_with_messages_hint(signature, arguments)}"
         ) from None
+
+
+def _with_messages_hint(signature: inspect.Signature, arguments: int) -> str:
+    """Return how to set ``with_messages`` for a function of the other arity, or ''."""
+    other = 2 if arguments == 1 else 1
+    try:
+        signature.bind(*[[]] * other)
+    except TypeError:
+        return ""
+    if other == 2:
+        return (
+            " If its second argument is for the messages of the values, pass "
+            "with_messages=True"
+        )
+    return " For a function of the values alone, leave out with_messages=True"
 
 
 def _check_not_generator(score: object) -> None:
@@ -1837,6 +1874,10 @@ def _message(item: dict[str, Any]) -> Message:
         )
     decoded: dict[str, bytes | None] = {}
     for name, value in headers.items():
+        if name.lower() in _RESERVED_HEADERS:
+            # The writer makes these the record's id and trace context, not
+            # headers, as the app does for a POST / request.
+            continue
         if value is not None and not isinstance(value, str):
             raise ValueError(
                 f"record header {name!r} is {json_type(value)}; send a string or null"
@@ -1857,7 +1898,7 @@ def _message(item: dict[str, Any]) -> Message:
     return Message(
         id=item.get("id"),
         key=key,
-        headers=types.MappingProxyType(decoded),
+        headers=decoded,
         traceparent=str(item.get("traceparent") or ""),
     )
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -2403,3 +2404,76 @@ def test_score_arguments_checked_against_with_messages(
 ) -> None:
     with pytest.raises(TypeError, match=expected):
         ModelApp(score, with_messages=with_messages)
+
+
+async def test_retry_alone_ignores_mutated_lists() -> None:
+    def score(values: list[Any], messages: list[Message]) -> list[Any]:
+        pairs = [
+            (value, message.id) for value, message in zip(values, messages, strict=True)
+        ]
+        values.reverse()
+        messages.reverse()
+        if len(pairs) > 1:
+            raise RuntimeError("fails in a batch")
+        return [{"value": value, "id": message_id} for value, message_id in pairs]
+
+    items = [{"value": "a", "id": "a"}, {"value": "b", "id": "b"}]
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    elements = [element for request in writer.requests for element in request.json()]
+    assert [element["id"] for element in elements] == ["a", "b"]
+    assert [element["value"]["value"] for element in elements] == ["a", "b"]
+    assert [element["value"]["id"] for element in elements] == ["a", "b"]
+
+
+async def test_batch_message_omits_id_and_trace_headers() -> None:
+    score = MessageRecorder()
+    headers = {"tenant": "eu", "Traceparent": TRACEPARENT, "message-id": "m-3"}
+    items = [{"value": 1, "headers": headers}]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    # The writer makes these headers the record's trace context and id.
+    (message,) = score.messages
+    assert dict(message.headers) == {"tenant": b"eu"}
+
+
+def test_message_pickles_and_hashes() -> None:
+    message = app_module._message(
+        {"id": "m-1", "key": "card-7", "headers": {"tenant": "eu", "empty": None}}
+    )
+
+    copied = pickle.loads(pickle.dumps(message))
+
+    assert copied == message
+    assert dict(copied.headers) == {"tenant": b"eu", "empty": None}
+    assert hash(copied) == hash(message)
+
+
+@pytest.mark.parametrize(
+    ("score", "with_messages", "expected"),
+    [
+        (
+            lambda values, messages: values,
+            False,
+            "If its second argument is for the messages of the values, pass "
+            "with_messages=True",
+        ),
+        (
+            lambda values: values,
+            True,
+            "For a function of the values alone, leave out with_messages=True",
+        ),
+    ],
+)
+def test_score_arity_error_names_flag(
+    score: Callable[..., Any], with_messages: bool, expected: str
+) -> None:
+    with pytest.raises(TypeError) as error:
+        ModelApp(score, with_messages=with_messages)
+
+    assert expected in str(error.value)
