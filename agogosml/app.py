@@ -1872,6 +1872,12 @@ def _message(item: dict[str, Any]) -> Message:
             "the item's headers and header_encodings must be JSON objects; send "
             'them as {"name": "value"} and {"name": "base64"}'
         )
+    # HTTP and the writer take header names in any case.
+    base64_names = {
+        str(name).lower()
+        for name, encoding in encodings.items()
+        if str(encoding).lower() == "base64"
+    }
     decoded: dict[str, bytes | None] = {}
     for name, value in headers.items():
         if name.lower() in _RESERVED_HEADERS:
@@ -1884,7 +1890,7 @@ def _message(item: dict[str, Any]) -> Message:
             )
         if value is None:
             decoded[name] = None
-        elif str(encodings.get(name, "")).lower() == "base64":
+        elif name.lower() in base64_names:
             try:
                 decoded[name] = base64.b64decode(value, validate=True)
             except ValueError:

@@ -2370,6 +2370,24 @@ async def test_batch_retried_alone_with_each_message() -> None:
     assert seen == [["a", "b"], ["a"], ["b"]]
 
 
+async def test_message_header_encoding_matched_in_any_case() -> None:
+    score = MessageRecorder()
+    items = [
+        {
+            "value": 1,
+            "headers": {"Tenant": "eu", "Raw": "/wA="},
+            "header_encodings": {"raw": "base64"},
+        }
+    ]
+
+    async with stub_writer() as writer:
+        async with model_app(score, writer.url, with_messages=True) as client:
+            await client.post("/batch", data=orjson.dumps(items), headers=JSON)
+
+    (message,) = score.messages
+    assert message.headers["Raw"] == b"\xff\x00"
+
+
 async def test_message_with_undecodable_header_not_scored() -> None:
     score = MessageRecorder()
     items = [
