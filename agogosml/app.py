@@ -200,6 +200,28 @@ class Message:
         return (Message, fields)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Output:
+    """A result that sets the record key or headers it is written with.
+
+    Any other result is written with the key and headers of its message. An
+    `Output` among the results of a scoring function replaces them, such as
+    to key a result by customer for the consumers of the output topic.
+
+    Attributes:
+        value: The result, as any other result would be.
+        key: The record key, as bytes or text; None keeps the message's key.
+        headers: The record headers by name, each as bytes, text or None for
+            a header without a value. They replace all of the message's
+            headers, so ``{}`` writes none; None keeps the message's headers.
+            ``message-id`` and ``traceparent`` cannot be set this way.
+    """
+
+    value: Any
+    key: bytes | str | None = None
+    headers: Mapping[str, bytes | str | None] | None = None
+
+
 #: Like `ScoreFunction`, with the `Message` of each value as a second argument.
 MessageScoreFunction = Callable[
     [list[Any], list[Message]], ScoreResults | Awaitable[ScoreResults]
@@ -1414,6 +1436,9 @@ def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | No
     orjson encodes NaN and the infinities as ``null``, so only a result whose
     JSON contains ``null`` is searched for them.
     """
+    if isinstance(result, Output):
+        item = _with_output(item, result, index)
+        result = result.value
     value = _encode_json(result, result, index)
     if b"null" in value and has_non_finite(result):
         return None
@@ -1429,6 +1454,66 @@ def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | No
             f"batch item {index}: its id, key, traceparent or headers cannot be "
             f"encoded as JSON again ({exc}); send them as strings",
         ) from None
+
+
+def _with_output(item: dict[str, Any], output: Output, index: int) -> dict[str, Any]:
+    """Return `item` with the key and headers that `output` sets.
+
+    A key or header value that is not UTF-8 text travels base64-encoded.
+    A key or headers of another type is a bug of the scoring function: 500.
+    """
+    item = dict(item)
+    if output.key is not None:
+        item["key"], encoded = _text_or_base64(output.key, index, "key")
+        item["key_encoding"] = "base64" if encoded else None
+    if output.headers is not None:
+        if not isinstance(output.headers, Mapping):
+            raise _output_error(
+                index, f"headers of type {type(output.headers).__name__}"
+            )
+        headers: dict[str, str | None] = {}
+        encodings: dict[str, str] = {}
+        for name, value in output.headers.items():
+            if not isinstance(name, str) or not name:
+                raise _output_error(index, f"a header name {name!r}")
+            if name.lower() in _RESERVED_HEADERS:
+                raise _output_error(
+                    index,
+                    f"the header {name!r}, which the writer takes as the record's "
+                    "id or trace context",
+                )
+            if value is None:
+                headers[name] = None
+                continue
+            headers[name], encoded = _text_or_base64(value, index, f"header {name!r}")
+            if encoded:
+                encodings[name] = "base64"
+        item["headers"] = headers
+        item["header_encodings"] = encodings or None
+    return item
+
+
+def _text_or_base64(value: object, index: int, what: str) -> tuple[str, bool]:
+    """Return an Output key or header value as text, or base64 if it is not UTF-8."""
+    if isinstance(value, str):
+        return value, False
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode(), False
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii"), True
+    raise _output_error(index, f"a {what} of type {type(value).__name__}")
+
+
+def _output_error(index: int, problem: str) -> _Reject:
+    return _Reject(
+        500,
+        f"the scoring function's Output for this message (value {index} of its "
+        f"request) has {problem}; give the key and header values as bytes or "
+        "str, the headers as a dict by name, and leave out message-id and "
+        "traceparent",
+        log_level=logging.ERROR,
+    )
 
 
 def _encode_json(document: Any, result: Any, index: int) -> bytes:

@@ -38,6 +38,7 @@ from agogosml.app import (
     InvalidRecord,
     Message,
     ModelApp,
+    Output,
     has_non_finite,
 )
 from agogosml.config import WriterSettings
@@ -2495,3 +2496,75 @@ def test_score_arity_error_names_flag(
         ModelApp(score, with_messages=with_messages)
 
     assert expected in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# Results that set their record key and headers
+# ---------------------------------------------------------------------------
+
+
+def rekey(values: list[Any]) -> list[Any]:
+    return [
+        Output({"n": value}, key=b"customer-%d" % value, headers={"model": "v2"})
+        if value % 2
+        else {"n": value}
+        for value in values
+    ]
+
+
+async def test_output_sets_key_and_headers_of_its_record() -> None:
+    items = [
+        {"value": 1, "key": "card-1", "headers": {"tenant": "eu"}},
+        {"value": 2, "key": "card-2", "headers": {"tenant": "us"}},
+    ]
+
+    results, writer = await batch_results(rekey, items)
+
+    assert [result["status"] for result in results] == [200, 200]
+    first, second = writer.requests[0].json()
+    assert (first["key"], first["headers"]) == ("customer-1", {"model": "v2"})
+    assert first["value"] == {"n": 1}
+    # A plain result keeps its message's key and headers.
+    assert (second["key"], second["headers"]) == ("card-2", {"tenant": "us"})
+
+
+async def test_output_binary_key_and_header_written_as_bytes() -> None:
+    sink = MemorySink()
+    await sink.start()
+    writer = OutputWriter(WriterSettings(output="memory"), sink)
+
+    def score(values: list[Any]) -> list[Any]:
+        headers = {"raw": b"\x00\xfe"}
+        return [Output(value, key=b"\xff\x01", headers=headers) for value in values]
+
+    async with TestServer(writer.build_app()) as server:
+        async with model_app(score, str(server.make_url(""))) as client:
+            response = await client.post(
+                "/", data=b"7", headers={**JSON, "X-Record-Header-Tenant": "eu"}
+            )
+
+    assert response.status == 200
+    (record,) = sink.envelopes
+    assert (record.value, record.key) == (b"7", b"\xff\x01")
+    assert record.headers == [("raw", b"\x00\xfe")]
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        (Output(1, key=5), "a key of type int"),  # type: ignore[arg-type]
+        (Output(1, headers={"h": 5}), "a header 'h' of type int"),  # type: ignore[dict-item]
+        (Output(1, headers=["h"]), "headers of type list"),  # type: ignore[arg-type]
+        (Output(1, headers={"Traceparent": "x"}), "the header 'Traceparent'"),
+    ],
+)
+async def test_invalid_output_fails_its_value_with_500(
+    output: Output, problem: str
+) -> None:
+    items = [{"value": 1}, {"value": 2}]
+
+    results, writer = await batch_results(lambda values: [output, values[1]], items)
+
+    assert [result["status"] for result in results] == [500, 200]
+    assert problem in results[0]["error"]
+    assert len(writer.requests[0].json()) == 1
