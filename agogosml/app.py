@@ -60,7 +60,7 @@ from agogosml.envelope import (
     child_traceparent,
     id_problem,
 )
-from agogosml.errors import ConfigurationError
+from agogosml.errors import AgogosmlError, ConfigurationError
 from agogosml.exact_json import json_type
 from agogosml.forwarding import WriterQueue
 from agogosml.http import (
@@ -98,7 +98,7 @@ from agogosml.metrics import (
     SCORE_SECONDS,
     SCORED_VALUES,
 )
-from agogosml.runtime import SettingsT, run_service
+from agogosml.runtime import SettingsT, freeze_startup_objects, run_service
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,8 @@ class ModelApp:
         invalid_input_errors: tuple[type[Exception], ...] = (),
         model_version: str = "",
         with_messages: bool = False,
+        lifespan: Callable[[], contextlib.AbstractAsyncContextManager[Any]]
+        | None = None,
     ) -> None:
         """Wrap `score`, a function or coroutine function from values to results.
 
@@ -432,6 +434,14 @@ class ModelApp:
         `with_messages` calls ``score(values, messages)``, with the `Message`
         of each value, for a model that needs a record's key, headers or id.
         The results are written with the key and headers of their messages.
+
+        `lifespan` is a function that returns an async context manager, such
+        as one made with ``contextlib.asynccontextmanager``, which loads the
+        model on entry and releases it on exit. The app enters it once it
+        serves, so ``/healthz`` answers while the model loads, and ``/readyz``
+        and the scoring requests get 503 until the entry finished. A failed
+        entry makes ``/healthz`` fail and `run` exit with status 1. The exit
+        runs at the stop, after the last request.
         """
         _check_score_function(score, arguments=2 if with_messages else 1)
         self._invalid_input_errors = _checked_error_types(invalid_input_errors)
@@ -440,6 +450,22 @@ class ModelApp:
         self._model_version = str(model_version)
         self._extra_settings = _checked_settings_classes(extra_settings)
         self._with_messages = with_messages
+        # A context manager of contextlib is callable too, as a decorator.
+        if lifespan is not None and (
+            not callable(lifespan) or hasattr(lifespan, "__aenter__")
+        ):
+            raise TypeError(
+                f"lifespan must be a function that returns an async context "
+                f"manager, got {type(lifespan).__name__}: pass the function, "
+                "such as one decorated with contextlib.asynccontextmanager, not "
+                "what calling it returns"
+            )
+        self._lifespan = lifespan
+        #: Why the model cannot score yet, or '' once the lifespan entered.
+        self._model_reason = ""
+        #: Set when the lifespan's entry failed; a restart may clear it.
+        self._model_failure: str | None = None
+        self._lifespan_failed: asyncio.Event | None = None
         self._threaded = score_in_thread and not _is_coroutine_function(score)
         self._scoring_thread: _ScoringThread | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -471,10 +497,23 @@ class ModelApp:
             )
             logger.info("%s started", self._name, extra={"port": bound_port(runner)})
             try:
-                await stop.wait()
+                await self._wait_for_stop(stop)
             finally:
                 await runner.cleanup()
+        if self._model_failure is not None:
+            raise AgogosmlError(self._model_failure)
         logger.info("%s stopped", self._name)
+
+    async def _wait_for_stop(self, stop: asyncio.Event) -> None:
+        """Wait for a stop signal, or for the lifespan's entry to fail."""
+        waits = [asyncio.ensure_future(stop.wait())]
+        if self._lifespan_failed is not None:
+            waits.append(asyncio.ensure_future(self._lifespan_failed.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def running(self, settings: AppSettings) -> _Running:
         """Return an async context manager that yields the aiohttp application."""
@@ -497,18 +536,32 @@ class ModelApp:
         add_health_routes(
             app,
             HEALTH_NAME,
-            lambda: self._writer_ready,
-            lambda: None,
-            lambda: self._writer_reason,
+            lambda: self._writer_ready and not self._model_reason,
+            lambda: self._model_failure,
+            lambda: self._model_reason or self._writer_reason,
             metrics_service=SERVICE,
         )
         return app
 
     async def _post_one(self, request: web.Request) -> web.Response:
+        self._check_model_loaded()
         value = _decode(await _read_json_body(request))
         MESSAGES_IN.labels(SERVICE).inc()
         with _in_flight(1):
             return await self._score_one(request, value)
+
+    def _check_model_loaded(self) -> None:
+        """Reject a request with 503 while the lifespan has not entered.
+
+        While the model loads, the 503 has ``Retry-After: 1``, so the reader
+        waits without using up attempts; after a failed load it has none.
+        """
+        if not self._model_reason:
+            return
+        reject = _Reject(503, self._model_reason)
+        if self._model_failure is None:
+            reject.retry_after = "1"
+        raise reject
 
     async def _score_one(self, request: web.Request, value: Any) -> web.Response:
         item = _item_from_headers(request.headers)
@@ -540,6 +593,7 @@ class ModelApp:
         return json_response({"status": 200})
 
     async def _post_batch(self, request: web.Request) -> web.Response:
+        self._check_model_loaded()
         items = _batch_items(_decode(await _read_json_body(request)))
         MESSAGES_IN.labels(SERVICE).inc(len(items))
         with _in_flight(len(items)):
@@ -942,9 +996,20 @@ class _Running:
         self._model_app = model_app
         self._settings = settings
         self._watcher: asyncio.Task[None] | None = None
+        self._lifespan_task: asyncio.Task[None] | None = None
+        self._lifespan_exit = asyncio.Event()
+        self._lifespan_entered = False
 
     async def __aenter__(self) -> web.Application:
         model_app = self._model_app
+        if model_app._lifespan is not None:
+            model_app._model_reason = (
+                "the model is loading: the lifespan given to ModelApp has not "
+                "finished its entry"
+            )
+            model_app._model_failure = None
+            model_app._lifespan_failed = asyncio.Event()
+            self._lifespan_task = asyncio.create_task(self._live())
         token = self._settings.writer_token.get_secret_value()
         model_app._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100),
@@ -978,7 +1043,44 @@ class _Running:
             SCORED_VALUES.labels(SERVICE, outcome)
         return model_app.build_app(self._settings)
 
+    async def _live(self) -> None:
+        """Enter the lifespan, and exit it once `__aexit__` asks, in one task."""
+        model_app = self._model_app
+        assert model_app._lifespan is not None
+        started = time.monotonic()
+        try:
+            async with model_app._lifespan():
+                self._lifespan_entered = True
+                model_app._model_reason = ""
+                logger.info(
+                    "%s loaded its model in %.1f s",
+                    model_app._name,
+                    time.monotonic() - started,
+                )
+                # The model lives as long as the process, like the modules.
+                freeze_startup_objects()
+                await self._lifespan_exit.wait()
+        except Exception as exc:  # noqa: BLE001 - reported by /healthz and run
+            if self._lifespan_entered:
+                logger.exception("the exit of the lifespan given to ModelApp failed")
+                return
+            logger.exception("the lifespan given to ModelApp failed to enter")
+            model_app._model_failure = (
+                "the lifespan given to ModelApp failed to enter: "
+                f"{type(exc).__name__}: {_message_of(exc)}"
+            )
+            model_app._model_reason = model_app._model_failure
+            assert model_app._lifespan_failed is not None
+            model_app._lifespan_failed.set()
+
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._lifespan_task is not None:
+            self._model_app._model_reason = "the app is stopping"
+            if not self._lifespan_entered:
+                # A stop during the load does not wait for the load to end.
+                self._lifespan_task.cancel()
+            self._lifespan_exit.set()
+            await asyncio.gather(self._lifespan_task, return_exceptions=True)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)

@@ -43,6 +43,7 @@ from agogosml.app import (
 )
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
+from agogosml.errors import AgogosmlError
 from agogosml.http import bound_port, start_site
 from agogosml.logs import mask_content
 from agogosml.writer.service import OutputWriter
@@ -2568,3 +2569,116 @@ async def test_invalid_output_fails_its_value_with_500(
     assert [result["status"] for result in results] == [500, 200]
     assert problem in results[0]["error"]
     assert len(writer.requests[0].json()) == 1
+
+
+# ---------------------------------------------------------------------------
+# A lifespan that loads the model while the app serves
+# ---------------------------------------------------------------------------
+
+
+class SlowModel:
+    """A lifespan whose entry waits for `loaded`, recording entry and exit."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.loaded = asyncio.Event()
+        self.fail = fail
+        self.events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        await self.loaded.wait()
+        if self.fail:
+            raise OSError("model file not found")
+        self.events.append("entered")
+        yield
+        self.events.append("exited")
+
+
+@contextlib.asynccontextmanager
+async def app_with_lifespan(
+    lifespan: SlowModel, writer_url: str
+) -> AsyncIterator[TestClient]:
+    model = ModelApp(double_amount, lifespan=lifespan)
+    async with model.running(AppSettings(writer_url=writer_url)) as app:
+        async with TestClient(TestServer(app)) as client:
+            yield client
+
+
+async def wait_ready(client: TestClient) -> None:
+    async with asyncio.timeout(5):
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.01)
+
+
+async def test_lifespan_loads_while_the_app_answers_health() -> None:
+    lifespan = SlowModel()
+
+    async with stub_writer() as writer:
+        async with app_with_lifespan(lifespan, writer.url) as client:
+            health = await client.get("/healthz")
+            loading = await client.get("/readyz")
+            loading_reason = (await loading.json())["reason"]
+            early = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+            lifespan.loaded.set()
+            await wait_ready(client)
+            scored = await client.post("/", data=b'{"amount": 2}', headers=JSON)
+            events_while_serving = list(lifespan.events)
+
+    assert health.status == 200
+    assert loading.status == 503
+    assert "the model is loading" in loading_reason
+    # While the model loads, the reader waits without using up attempts.
+    assert early.status == 503
+    assert early.headers["Retry-After"] == "1"
+    assert scored.status == 200
+    assert events_while_serving == ["entered"]
+    assert lifespan.events == ["entered", "exited"]
+
+
+async def test_failed_lifespan_fails_health() -> None:
+    lifespan = SlowModel(fail=True)
+    lifespan.loaded.set()
+
+    async with stub_writer() as writer:
+        async with app_with_lifespan(lifespan, writer.url) as client:
+            async with asyncio.timeout(5):
+                while (health := await client.get("/healthz")).status == 200:
+                    await asyncio.sleep(0.01)
+            error = (await health.json())["error"]
+            request = await client.post("/", data=b'{"amount": 1}', headers=JSON)
+
+    assert "the lifespan given to ModelApp failed to enter" in error
+    assert "OSError: model file not found" in error
+    assert request.status == 503
+    assert "Retry-After" not in request.headers
+
+
+async def test_failed_lifespan_ends_serve() -> None:
+    lifespan = SlowModel(fail=True)
+    lifespan.loaded.set()
+    model = ModelApp(double_amount, lifespan=lifespan)
+
+    async with stub_writer() as writer:
+        settings = AppSettings(writer_url=writer.url, port=0)
+        with pytest.raises(AgogosmlError, match="OSError: model file not found"):
+            await asyncio.wait_for(model.serve(settings), 10)
+
+
+async def test_stop_during_load_does_not_wait_for_it() -> None:
+    lifespan = SlowModel()
+
+    async with stub_writer() as writer:
+        async with asyncio.timeout(5):
+            async with app_with_lifespan(lifespan, writer.url) as client:
+                assert (await client.get("/readyz")).status == 503
+
+    assert lifespan.events == []
+
+
+def test_lifespan_must_be_a_function() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        yield
+
+    with pytest.raises(TypeError, match="pass the function"):
+        ModelApp(double_amount, lifespan=lifespan())  # type: ignore[arg-type]
