@@ -609,6 +609,10 @@ async def test_400_dead_lettered_rest_flows(caplog):
     # Bad input, which the app rejected, is no failure of the pipeline.
     assert dead_letter_levels(caplog) == ["INFO", "INFO"]
     assert dead_letter_reasons(caplog) == ["rejected", "rejected"]
+    # The trace id finds the message in a tracing backend.
+    logged = [r for r in caplog.records if r.getMessage() == "message dead-lettered"]
+    assert logged[0].trace_id == trace_id(dead_letter.envelopes[0].traceparent)
+    assert logged[0].trace_id is not None
 
 
 async def test_retries_exhausted_dead_lettered(caplog):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agogosml.config import Ordering, ReaderSettings, redact_url
-from agogosml.envelope import Envelope, RecordHeaders
+from agogosml.envelope import Envelope, RecordHeaders, trace_id
 from agogosml.errors import SinkError
 from agogosml.logs import sink_error_fields
 from agogosml.metrics import (
@@ -963,6 +963,7 @@ class InputReader:
             "message dead-lettered",
             extra={
                 "message_id": envelope.id,
+                "trace_id": trace_id(envelope.traceparent),
                 **_position_fields(envelope),
                 "reason": reason,
                 "status": status,
