@@ -435,8 +435,9 @@ class ModelApp:
         of each value, for a model that needs a record's key, headers or id.
         The results are written with the key and headers of their messages.
 
-        `lifespan` is a function that returns an async context manager, such
-        as one made with ``contextlib.asynccontextmanager``, which loads the
+        `lifespan` is a function without arguments, or a class, that returns
+        an async context manager, such as one made with
+        ``contextlib.asynccontextmanager``. The context manager loads the
         model on entry and releases it on exit. The app enters it once it
         serves, so ``/healthz`` answers while the model loads, and ``/readyz``
         and the scoring requests get 503 until the entry finished. A failed
@@ -450,16 +451,8 @@ class ModelApp:
         self._model_version = str(model_version)
         self._extra_settings = _checked_settings_classes(extra_settings)
         self._with_messages = with_messages
-        # A context manager of contextlib is callable too, as a decorator.
-        if lifespan is not None and (
-            not callable(lifespan) or hasattr(lifespan, "__aenter__")
-        ):
-            raise TypeError(
-                f"lifespan must be a function that returns an async context "
-                f"manager, got {type(lifespan).__name__}: pass the function, "
-                "such as one decorated with contextlib.asynccontextmanager, not "
-                "what calling it returns"
-            )
+        if lifespan is not None:
+            _check_lifespan(lifespan)
         self._lifespan = lifespan
         #: Why the model cannot score yet, or '' once the lifespan entered.
         self._model_reason = ""
@@ -1060,7 +1053,9 @@ class _Running:
                 # The model lives as long as the process, like the modules.
                 freeze_startup_objects()
                 await self._lifespan_exit.wait()
-        except Exception as exc:  # noqa: BLE001 - reported by /healthz and run
+        # A KeyboardInterrupt or SystemExit here comes from the user's code, as
+        # in _call_score, because SIGINT and SIGTERM go to signal handlers.
+        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # noqa: BLE001
             if self._lifespan_entered:
                 logger.exception("the exit of the lifespan given to ModelApp failed")
                 return
@@ -1397,6 +1392,35 @@ def _check_score_function(score: object, *, arguments: int = 1) -> None:
             f"the scoring function {name}{signature} cannot be called with "
             f"{wanted} ({exc}); it must take {role}, as in {example}: ..."
             f"{_with_messages_hint(signature, arguments)}"
+        ) from None
+
+
+def _check_lifespan(lifespan: object) -> None:
+    """Raise TypeError unless `lifespan` can be called without arguments.
+
+    A class whose instances are async context managers is such a function.
+    """
+    # A context manager of contextlib is callable too, as a decorator.
+    is_instance = hasattr(lifespan, "__aenter__") and not isinstance(lifespan, type)
+    if not callable(lifespan) or is_instance:
+        raise TypeError(
+            f"lifespan must be a function that returns an async context "
+            f"manager, got {type(lifespan).__name__}: pass the function, "
+            "such as one decorated with contextlib.asynccontextmanager, not "
+            "what calling it returns"
+        )
+    try:
+        signature = inspect.signature(lifespan)
+    except (TypeError, ValueError):
+        return  # Some built-in callables have no signature to check.
+    try:
+        signature.bind()
+    except TypeError as exc:
+        name = getattr(lifespan, "__qualname__", repr(lifespan))
+        raise TypeError(
+            f"the lifespan {name}{signature} cannot be called without arguments "
+            f"({exc}); ModelApp calls it as lifespan(), unlike FastAPI's "
+            "lifespan(app), so define it as async def lifespan(): ..."
         ) from None
 
 

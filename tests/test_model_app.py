@@ -2682,3 +2682,53 @@ def test_lifespan_must_be_a_function() -> None:
 
     with pytest.raises(TypeError, match="pass the function"):
         ModelApp(double_amount, lifespan=lifespan())  # type: ignore[arg-type]
+
+
+class ClassLifespan:
+    """A lifespan given as a class, whose instances are async context managers."""
+
+    events: list[str] = []
+
+    async def __aenter__(self) -> None:
+        self.events.append("entered")
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.events.append("exited")
+
+
+async def test_lifespan_may_be_a_class() -> None:
+    ClassLifespan.events = []
+    model = ModelApp(double_amount, lifespan=ClassLifespan)
+
+    async with stub_writer() as writer:
+        async with model.running(AppSettings(writer_url=writer.url)) as app:
+            async with TestClient(TestServer(app)) as client:
+                await wait_ready(client)
+
+    assert ClassLifespan.events == ["entered", "exited"]
+
+
+def test_lifespan_taking_the_app_rejected() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: object) -> AsyncIterator[None]:
+        yield
+
+    with pytest.raises(TypeError, match="without arguments") as error:
+        ModelApp(double_amount, lifespan=lifespan)  # type: ignore[arg-type]
+
+    assert "lifespan(app)" in str(error.value)
+
+
+@pytest.mark.parametrize("exit_error", [SystemExit(3), KeyboardInterrupt()])
+async def test_lifespan_exit_error_fails_health(exit_error: BaseException) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        raise exit_error
+        yield
+
+    model = ModelApp(double_amount, lifespan=lifespan)
+
+    async with stub_writer() as writer:
+        settings = AppSettings(writer_url=writer.url, port=0)
+        with pytest.raises(AgogosmlError, match=type(exit_error).__name__):
+            await asyncio.wait_for(model.serve(settings), 10)
