@@ -1602,6 +1602,10 @@ def _with_output(item: dict[str, Any], output: Output, index: int) -> dict[str, 
         for name, value in output.headers.items():
             if not isinstance(name, str) or not name:
                 raise _output_error(index, f"a header name {name!r}")
+            if not is_utf8(name):
+                raise _output_error(
+                    index, f"a header name {name!r} that is not valid UTF-8"
+                )
             if name.lower() in _RESERVED_HEADERS:
                 raise _output_error(
                     index,
@@ -1622,6 +1626,8 @@ def _with_output(item: dict[str, Any], output: Output, index: int) -> dict[str, 
 def _text_or_base64(value: object, index: int, what: str) -> tuple[str, bool]:
     """Return an Output key or header value as text, or base64 if it is not UTF-8."""
     if isinstance(value, str):
+        if not is_utf8(value):
+            raise _output_error(index, f"a {what} {value!r} that is not valid UTF-8")
         return value, False
     if isinstance(value, bytes | bytearray):
         try:

@@ -2732,3 +2732,22 @@ async def test_lifespan_exit_error_fails_health(exit_error: BaseException) -> No
         settings = AppSettings(writer_url=writer.url, port=0)
         with pytest.raises(AgogosmlError, match=type(exit_error).__name__):
             await asyncio.wait_for(model.serve(settings), 10)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        Output(1, key="\udcff"),
+        Output(1, headers={"h": "\udcff"}),
+        Output(1, headers={"\udcff": "v"}),
+    ],
+)
+async def test_output_surrogate_text_fails_with_500(output: Output) -> None:
+    items = [{"value": 1}, {"value": 2}]
+
+    results, writer = await batch_results(lambda values: [output, values[1]], items)
+
+    assert [result["status"] for result in results] == [500, 200]
+    assert "not valid UTF-8" in results[0]["error"]
+    assert "Output" in results[0]["error"]
+    assert len(writer.requests[0].json()) == 1
