@@ -117,6 +117,7 @@ _RECORD_HEADER_PREFIX = "x-record-header-"
 _RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 
 ValueT = TypeVar("ValueT")
+ResultT = TypeVar("ResultT")
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
@@ -200,7 +201,6 @@ class Message:
         return (Message, fields)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Output:
     """A result that sets the record key or headers it is written with.
 
@@ -215,11 +215,36 @@ class Output:
             a header without a value. They replace all of the message's
             headers, so ``{}`` writes none; None keeps the message's headers.
             ``message-id`` and ``traceparent`` cannot be set this way.
+
+    Not a dataclass, which orjson would encode as an object: an `Output`
+    inside a result is an error, not a value with fields.
     """
 
-    value: Any
-    key: bytes | str | None = None
-    headers: Mapping[str, bytes | str | None] | None = None
+    __slots__ = ("headers", "key", "value")
+
+    def __init__(
+        self,
+        value: Any,
+        key: bytes | str | None = None,
+        headers: Mapping[str, bytes | str | None] | None = None,
+    ) -> None:
+        self.value = value
+        self.key = key
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"Output({self.value!r}, key={self.key!r}, headers={self.headers!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Output):
+            return NotImplemented
+        return (self.value, self.key, self.headers) == (
+            other.value,
+            other.key,
+            other.headers,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 #: Like `ScoreFunction`, with the `Message` of each value as a second argument.
@@ -342,6 +367,39 @@ def read_settings(
     except ConfigurationError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+async def load_in_thread(function: Callable[..., ResultT], *args: Any) -> ResultT:
+    """Return ``function(*args)``, run in a thread of its own, from a coroutine.
+
+    For the slow load of a model in a `ModelApp` lifespan: the event loop
+    answers ``/healthz`` meanwhile. Unlike `asyncio.to_thread`, the thread is
+    a daemon, so a stop during the load does not wait for the load to end.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[ResultT] = loop.create_future()
+
+    def settle(result: ResultT | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # The awaiting task was cancelled, as at a stop.
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def load() -> None:
+        try:
+            result: ResultT | None = function(*args)
+            error: BaseException | None = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        # The loop is closed when the app stopped during the load.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    name = getattr(function, "__name__", "load")
+    threading.Thread(target=load, name=f"load-{name}", daemon=True).start()
+    return await future
 
 
 def _message_of(exc: BaseException) -> str:
@@ -1041,6 +1099,7 @@ class _Running:
         model_app = self._model_app
         assert model_app._lifespan is not None
         started = time.monotonic()
+        logger.info("%s is loading its model (lifespan)", model_app._name)
         try:
             async with model_app._lifespan():
                 self._lifespan_entered = True
@@ -1075,7 +1134,15 @@ class _Running:
                 # A stop during the load does not wait for the load to end.
                 self._lifespan_task.cancel()
             self._lifespan_exit.set()
-            await asyncio.gather(self._lifespan_task, return_exceptions=True)
+            timeout = self._settings.shutdown_timeout_ms / 1000
+            done, _ = await asyncio.wait({self._lifespan_task}, timeout=timeout)
+            if not done:
+                logger.error(
+                    "the lifespan given to ModelApp did not end within "
+                    "APP_SHUTDOWN_TIMEOUT_MS=%d; it is cancelled",
+                    self._settings.shutdown_timeout_ms,
+                )
+                self._lifespan_task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
@@ -1565,6 +1632,13 @@ def _encode_element(item: dict[str, Any], result: Any, index: int) -> bytes | No
     if isinstance(result, Output):
         item = _with_output(item, result, index)
         result = result.value
+        if isinstance(result, InvalidRecord | Output):
+            raise _output_error(
+                index,
+                f"a value of type {type(result).__name__}",
+                fix=f"return the {type(result).__name__} as a result of its own, "
+                "not as the value of an Output",
+            )
     value = _encode_json(result, result, index)
     if b"null" in value and has_non_finite(result):
         return None
@@ -1637,13 +1711,18 @@ def _text_or_base64(value: object, index: int, what: str) -> tuple[str, bool]:
     raise _output_error(index, f"a {what} of type {type(value).__name__}")
 
 
-def _output_error(index: int, problem: str) -> _Reject:
+#: The fix of an `Output` whose key or headers are wrong.
+_OUTPUT_FIX = (
+    "give the key and header values as bytes or str, the headers as a dict by "
+    "name, and leave out message-id and traceparent"
+)
+
+
+def _output_error(index: int, problem: str, *, fix: str = _OUTPUT_FIX) -> _Reject:
     return _Reject(
         500,
         f"the scoring function's Output for this message (value {index} of its "
-        f"request) has {problem}; give the key and header values as bytes or "
-        "str, the headers as a dict by name, and leave out message-id and "
-        "traceparent",
+        f"request) has {problem}; {fix}",
         log_level=logging.ERROR,
     )
 
@@ -1676,13 +1755,21 @@ def _encode_json(document: Any, result: Any, index: int) -> bytes:
             f"{index} of its request), of type {type(result).__name__}, cannot "
             f"be encoded as JSON ({exc}); return "
             "dicts, lists, strings, numbers, booleans, None or numpy values"
-            f"{_rejection_hint(result)}",
+            f"{_rejection_hint(result, str(exc))}",
             log_level=logging.ERROR,
         ) from None
 
 
-def _rejection_hint(result: Any) -> str:
-    """Return how to reject a value, for a result that looks like an attempt to."""
+def _rejection_hint(result: Any, error: str = "") -> str:
+    """Return how to reject a value or set a key, for a result that tries to.
+
+    `error` is orjson's message about the result.
+    """
+    if error.endswith(": Output"):
+        return (
+            ". An Output inside a result sets nothing; return the Output itself "
+            "as the result of its value"
+        )
     if result is InvalidRecord:
         return (
             ". The result is the class InvalidRecord; to reject the value, "

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,7 @@ from agogosml.app import (
     ModelApp,
     Output,
     has_non_finite,
+    load_in_thread,
 )
 from agogosml.config import WriterSettings
 from agogosml.envelope import trace_id
@@ -2751,3 +2753,68 @@ async def test_output_surrogate_text_fails_with_500(output: Output) -> None:
     assert "not valid UTF-8" in results[0]["error"]
     assert "Output" in results[0]["error"]
     assert len(writer.requests[0].json()) == 1
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        ([Output(1, key="k")], "An Output inside a result sets nothing"),
+        (Output(InvalidRecord("bad")), "return the InvalidRecord as a result of"),
+    ],
+)
+async def test_misplaced_output_fails_with_its_fix(result: Any, expected: str) -> None:
+    items = [{"value": 1}]
+
+    results, writer = await batch_results(lambda values: [result], items)
+
+    assert results[0]["status"] == 500
+    assert expected in results[0]["error"]
+    assert writer.requests == []
+
+
+async def test_stop_bounded_when_lifespan_exit_hangs(caplog) -> None:
+    exited: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def slow_exit() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.sleep(100)
+            except asyncio.CancelledError:
+                exited.append("cancelled")
+                raise
+
+    model = ModelApp(double_amount, lifespan=slow_exit)
+    settings = AppSettings(writer_url="http://127.0.0.1:1", shutdown_timeout_ms=200)
+
+    async with asyncio.timeout(5):
+        async with model.running(settings):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)
+
+    assert exited == ["cancelled"]
+    assert "did not end within APP_SHUTDOWN_TIMEOUT_MS=200" in caplog.text
+
+
+async def test_load_in_thread_returns_raises_and_is_not_waited_for() -> None:
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(10)
+        return "never awaited"
+
+    assert await load_in_thread(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(OSError, match="missing"):
+        await load_in_thread(Path("missing.joblib").read_bytes)
+    pending = asyncio.create_task(load_in_thread(slow))
+    await asyncio.sleep(0.05)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+
+    # A daemon thread, which the interpreter does not wait for at its exit.
+    (thread,) = [t for t in threading.enumerate() if t.name == "load-slow"]
+    assert thread.daemon
+    release.set()
