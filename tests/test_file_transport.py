@@ -331,6 +331,18 @@ async def test_directory_input_rejected(tmp_path: Path) -> None:
     assert not source.connected
 
 
+async def test_missing_input_names_source(tmp_path: Path) -> None:
+    source = FileSource(str(tmp_path / "transactions"))
+
+    with pytest.raises(ConfigurationError) as error:
+        await source.start()
+
+    message = str(error.value)
+    assert "cannot open input file" in message
+    assert "check READER_INPUT" in message
+    assert "set READER_SOURCE=kafka or eventhubs" in message
+
+
 def positions(envelopes: list[Envelope]) -> list[tuple[bytes, int, int]]:
     return [(e.value, e.position.partition, e.position.offset) for e in envelopes]
 

@@ -273,9 +273,16 @@ class FileSource(TrackedSource):
         try:
             descriptor = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
+            next_step = "check READER_INPUT"
+            if isinstance(exc, FileNotFoundError):
+                # READER_SOURCE defaults to file, so a Kafka reader that left it
+                # unset fails here with its topic taken for a path.
+                next_step += (
+                    ", or set READER_SOURCE=kafka or eventhubs if it names a topic "
+                    "or an event hub"
+                )
             raise SourceError(
-                f"cannot open input file {self._path!r}: {exc.strerror}; "
-                "check READER_INPUT",
+                f"cannot open input file {self._path!r}: {exc.strerror}; {next_step}",
                 retriable=False,
             ) from exc
         mode = os.fstat(descriptor).st_mode
