@@ -30,10 +30,11 @@ from fakes import MemorySink, MemorySource
 from test_reader import reader_settings, running_reader
 
 from agogosml.app import AppSettings, ModelApp
-from agogosml.config import KafkaSettings, WriterSettings, load_settings
+from agogosml.config import KafkaSettings, Transport, WriterSettings, load_settings
 from agogosml.envelope import Envelope
 from agogosml.errors import SinkError
 from agogosml.reader.client import wait_backoff
+from agogosml.transports.factory import build_sink
 from agogosml.transports.kafka import KafkaSink
 from agogosml.transports.kafka import topic_limit as topic_limit_module
 from agogosml.transports.kafka.records import record_batch_size
@@ -218,6 +219,27 @@ def deny_describe_configs(monkeypatch: pytest.MonkeyPatch) -> None:
         raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
 
     monkeypatch.setattr(TopicSizeLimit, "_describe", denied)
+
+
+async def test_missing_topic_warning_names_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def unknown_topic(self: TopicSizeLimit) -> int:
+        raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+
+    monkeypatch.setattr(TopicSizeLimit, "_describe", unknown_topic)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    sink = build_sink(Transport.KAFKA, "scores.dlq", variable="READER_DEAD_LETTER")
+    assert isinstance(sink, KafkaSink)
+
+    with caplog.at_level(logging.WARNING, logger=topic_limit_module.__name__):
+        await sink._topic_limit._read_limit()
+
+    assert sink._topic_limit.missing
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert "kafka topic 'scores.dlq' does not exist" in messages[0]
+    assert messages[0].endswith("create the topic, or check READER_DEAD_LETTER")
 
 
 def small_values(count: int, pad: int) -> list[bytes]:

@@ -66,7 +66,7 @@ def build_sink(
     if transport is Transport.KAFKA:
         from agogosml.transports.kafka import KafkaSink
 
-        return KafkaSink(_transport_settings(KafkaSettings), target)
+        return KafkaSink(_transport_settings(KafkaSettings), target, variable=variable)
     if transport is Transport.EVENTHUBS:
         _require_eventhubs_extra()
         from agogosml.transports.eventhubs import EventHubsSink

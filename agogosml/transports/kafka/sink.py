@@ -57,7 +57,9 @@ class KafkaSink(Sink):
     beyond it.
     """
 
-    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+    def __init__(
+        self, settings: KafkaSettings, topic: str, *, variable: str = "WRITER_OUTPUT"
+    ) -> None:
         self._settings = settings
         self._topic = topic
         self._config: dict[str, Any] = {}
@@ -79,7 +81,10 @@ class KafkaSink(Sink):
             authentication_hint=authentication_hint(settings),
         )
         self._topic_limit = TopicSizeLimit(
-            settings.client_config(), topic, self._apply_topic_limit
+            settings.client_config(),
+            topic,
+            self._apply_topic_limit,
+            variable=variable,
         )
 
     @property

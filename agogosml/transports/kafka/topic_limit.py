@@ -40,7 +40,8 @@ class TopicSizeLimit:
     a timeout when the broker is down, the principal may not use
     DescribeConfigs, or the service does not support it. Such a failure is
     logged once and retried with backoff, and `value` keeps its last value.
-    `on_change` is called on the event loop with each new value.
+    `on_change` is called on the event loop with each new value. `variable`
+    names the setting that names the topic, for the warning about a missing one.
 
     NOTE: checked against Apache Kafka 4.1 only. Whether the Kafka endpoint of
     Azure Event Hubs supports DescribeConfigs for an event hub is not tested.
@@ -52,9 +53,12 @@ class TopicSizeLimit:
         config: dict[str, Any],
         topic: str,
         on_change: Callable[[int], None],
+        *,
+        variable: str = "WRITER_OUTPUT",
     ) -> None:
         self._config = config
         self._topic = topic
+        self._variable = variable
         self._resource = ConfigResource(ResourceType.TOPIC, topic)
         self._on_change = on_change
         self.value: int | None = None
@@ -180,9 +184,9 @@ class TopicSizeLimit:
                 "kafka topic %r does not exist: records to it wait until the "
                 "broker creates it, if it creates topics on first use "
                 "(auto.create.topics.enable), and then fail after "
-                "KAFKA_DELIVERY_TIMEOUT_MS; create the topic, or check the "
-                "setting that names it",
+                "KAFKA_DELIVERY_TIMEOUT_MS; create the topic, or check %s",
                 self._topic,
+                self._variable,
             )
             return
         hint = ""
