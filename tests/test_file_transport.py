@@ -1332,3 +1332,25 @@ async def test_sink_names_deleted_directory(tmp_path: Path) -> None:
     assert connected_without_directory is False
     assert connected_after is True
     assert orjson.loads(path.read_bytes())["id"] == "after"
+
+
+@pytest.mark.parametrize(
+    ("sink_setting", "warned"),
+    [(None, True), ("file", False)],
+)
+def test_default_file_sink_with_broker_set_warned(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    sink_setting: str | None,
+    warned: bool,
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    monkeypatch.delenv("WRITER_SINK", raising=False)
+    if sink_setting is not None:
+        monkeypatch.setenv("WRITER_SINK", sink_setting)
+
+    build_sink(Transport.FILE, str(tmp_path / "scores"))
+
+    warning = "WRITER_SINK is not set, so it is file, and KAFKA_BOOTSTRAP_SERVERS"
+    assert (warning in caplog.text) == warned

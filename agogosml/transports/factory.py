@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from agogosml.config import (
     EventHubSettings,
     KafkaSettings,
@@ -14,6 +17,36 @@ from agogosml.config import (
 )
 from agogosml.errors import ConfigurationError
 from agogosml.transports.base import Sink, Source
+
+logger = logging.getLogger(__name__)
+
+#: Variables that point at a broker, which a file source or sink does not read.
+_BROKER_VARIABLES = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_EVENTHUBS_CONNECTION_STRING",
+    "EVENTHUB_CONNECTION_STRING",
+    "EVENTHUB_FULLY_QUALIFIED_NAMESPACE",
+)
+
+
+def _warn_default_file(setting: str) -> None:
+    """Warn when `setting` defaults to file while a broker variable is set.
+
+    Its default is file, so a service meant for Kafka that lacks it reads or
+    writes a local file named like the topic, with only its log to tell.
+    """
+    set_names = {name.upper() for name in os.environ}
+    if setting in set_names:
+        return
+    broker = next((name for name in _BROKER_VARIABLES if name in set_names), None)
+    if broker is not None:
+        logger.warning(
+            "%s is not set, so it is file, and %s is not used: the service uses a "
+            "local file; set %s=kafka or eventhubs to use the broker",
+            setting,
+            broker,
+            setting,
+        )
 
 
 def _transport_settings(cls: type[SettingsT]) -> SettingsT:
@@ -43,6 +76,7 @@ def build_source(settings: ReaderSettings) -> Source:
         )
     from agogosml.transports.file import FileSource
 
+    _warn_default_file("READER_SOURCE")
     return FileSource(
         settings.input,
         checkpoint_path=settings.checkpoint_path,
@@ -76,6 +110,8 @@ def build_sink(
         )
     from agogosml.transports.file import FileSink
 
+    if variable == "WRITER_OUTPUT":
+        _warn_default_file("WRITER_SINK")
     return FileSink(target, fsync=fsync, variable=variable)
 
 
