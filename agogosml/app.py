@@ -118,6 +118,7 @@ _RESERVED_HEADERS = frozenset({MESSAGE_ID_HEADER, TRACEPARENT_HEADER})
 
 ValueT = TypeVar("ValueT")
 ResultT = TypeVar("ResultT")
+ClassT = TypeVar("ClassT")
 #: The output writer's default WRITER_MAX_BODY_BYTES.
 DEFAULT_WRITER_MAX_BODY_BYTES = 1_048_576
 #: Bytes of an error response of the writer that are read for its message.
@@ -1537,49 +1538,60 @@ def _count_results(results: list[Any]) -> None:
 
 def _checked_error_types(types: object) -> tuple[type[Exception], ...]:
     """Return `invalid_input_errors` as a tuple, or raise TypeError naming the fix."""
-    if isinstance(types, type):
-        types = (types,)
-    if not isinstance(types, tuple | list):
-        raise TypeError(
-            f"invalid_input_errors must be a tuple of exception types, got "
-            f"{type(types).__name__} {types!r}: pass, for example, "
-            "invalid_input_errors=(ValueError,)"
+    checked = _class_tuple(
+        types,
+        Exception,
+        "invalid_input_errors",
+        "a tuple of exception types",
+        "invalid_input_errors=(ValueError,)",
+        "an exception type: list classes such as ValueError, not instances or names",
+    )
+    if Exception in checked:
+        logger.warning(
+            "invalid_input_errors contains Exception, so every error of the "
+            "scoring function rejects its value at once, temporary ones "
+            "included; list the types that mean a bad input, such as ValueError"
         )
-    for item in types:
-        if not (isinstance(item, type) and issubclass(item, Exception)):
-            raise TypeError(
-                f"invalid_input_errors contains {item!r}, which is not an "
-                "exception type: list classes such as ValueError, not instances "
-                "or names"
-            )
-        if item is Exception:
-            logger.warning(
-                "invalid_input_errors contains Exception, so every error of the "
-                "scoring function rejects its value at once, temporary ones "
-                "included; list the types that mean a bad input, such as "
-                "ValueError"
-            )
-    return tuple(types)
+    return checked
 
 
 def _checked_settings_classes(classes: object) -> tuple[type[BaseSettings], ...]:
     """Return `extra_settings` as a tuple, or raise TypeError naming the fix."""
-    if isinstance(classes, type):
-        classes = (classes,)
-    if not isinstance(classes, tuple | list):
+    return _class_tuple(
+        classes,
+        BaseSettings,
+        "extra_settings",
+        "a list of settings classes",
+        "extra_settings=[MySettings]",
+        "a subclass of pydantic_settings.BaseSettings: list the settings "
+        "classes themselves, such as extra_settings=[MySettings], not instances",
+    )
+
+
+def _class_tuple(
+    value: object,
+    base: type[ClassT],
+    option: str,
+    expected: str,
+    example: str,
+    item_fix: str,
+) -> tuple[type[ClassT], ...]:
+    """Return `value`, one class or a list of them, as a tuple of subclasses of `base`.
+
+    Raises TypeError that names `option`, with `example` for a value that is
+    no list and `item_fix` for an item that is no such class.
+    """
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple | list):
         raise TypeError(
-            f"extra_settings must be a list of settings classes, got "
-            f"{type(classes).__name__} {classes!r}: pass, for example, "
-            "extra_settings=[MySettings]"
+            f"{option} must be {expected}, got {type(value).__name__} {value!r}: "
+            f"pass, for example, {example}"
         )
-    for item in classes:
-        if not (isinstance(item, type) and issubclass(item, BaseSettings)):
-            raise TypeError(
-                f"extra_settings contains {item!r}, which is not a subclass of "
-                "pydantic_settings.BaseSettings: list the settings classes "
-                "themselves, such as extra_settings=[MySettings], not instances"
-            )
-    return tuple(classes)
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, base)):
+            raise TypeError(f"{option} contains {item!r}, which is not {item_fix}")
+    return tuple(value)
 
 
 def _result_list(returned: object) -> list[Any]:
