@@ -62,8 +62,16 @@ class KafkaBackend:
 
     transport = "kafka"
 
-    def __init__(self, settings: KafkaSettings, topics: RunTopics, run_id: str) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topics: RunTopics,
+        run_id: str,
+        *,
+        key_field: str = "transaction_id",
+    ) -> None:
         self.settings = settings
+        self.key_field = key_field
         self.topics = topics
         self.group_id = f"agogosml-run-{run_id}"
         self._config = settings.client_config()
@@ -86,7 +94,7 @@ class KafkaBackend:
         skip_older_input(self._config, self.group_id, self.topics, self._start)
         console.print(f"Producing {count} records to topic {self.topics.input} ...")
         topic = self.topics.input
-        positions = produce_file(self._config, topic, input_path)
+        positions = produce_file(self._config, topic, input_path, self.key_field)
         ids = [
             position_id(Position(topic, partition, offset, offset + 1))
             for partition, offset in positions
@@ -448,13 +456,14 @@ def committed_offsets(
 
 
 def produce_file(
-    config: dict[str, Any], topic: str, path: Path
+    config: dict[str, Any], topic: str, path: Path, key_field: str = "transaction_id"
 ) -> list[tuple[int, int]]:
     """Produce every line of a JSON Lines file.
 
-    A line whose value is an object with a string ``transaction_id``, such as
-    a row of the fraud dataset, gets that as its key, and any other line none.
-    Returns the partition and offset of each record, in the order of the file.
+    A line whose value is an object with a string `key_field`, such as the
+    ``transaction_id`` of a row of the fraud dataset, gets that as its key,
+    and any other line none. Returns the partition and offset of each record,
+    in the order of the file.
     """
     producer = Producer(
         {**config, **_QUIET, "enable.idempotence": True, "linger.ms": 20}
@@ -477,7 +486,7 @@ def produce_file(
                     producer.produce(
                         topic,
                         value=line.rstrip(b"\n"),
-                        key=_record_key(line),
+                        key=_record_key(line, key_field),
                         on_delivery=on_delivery,
                     )
                     break
@@ -494,10 +503,10 @@ def produce_file(
     return positions
 
 
-def _record_key(line: bytes) -> bytes | None:
+def _record_key(line: bytes, key_field: str) -> bytes | None:
     value = orjson.loads(line)
     if isinstance(value, dict):
-        key = value.get("transaction_id")
+        key = value.get(key_field)
         if isinstance(key, str):
             return key.encode()
     return None

@@ -163,6 +163,14 @@ def cli() -> None:
     help="Ordering mode of the input reader.",
 )
 @click.option(
+    "--key-field",
+    default="transaction_id",
+    show_default=True,
+    metavar="NAME",
+    help="With --kafka, the key of each input record: the text of this field of "
+    "a JSON object line; other lines get no key.",
+)
+@click.option(
     "--max-dead-letters",
     type=click.IntRange(min=0),
     metavar="N",
@@ -189,6 +197,7 @@ def run(
     work_dir: Path,
     batch_size: int,
     ordering: str,
+    key_field: str,
     max_dead_letters: int | None,
     stall_timeout_seconds: float,
     **stream: Any,
@@ -249,6 +258,7 @@ def run(
         topics=choice.topics,
         batch_size=batch_size,
         ordering=ordering,
+        key_field=key_field,
         stall_timeout_seconds=stall_timeout_seconds,
         model_path=model,
         input_file=input_file,

@@ -138,6 +138,8 @@ class RunOptions:
     topics: TopicNames = TopicNames()
     batch_size: int = 100
     ordering: str = "partition"
+    #: With Kafka, the field of a JSON object line whose text keys its record.
+    key_field: str = "transaction_id"
     stall_timeout_seconds: float = 120.0
     model_path: Path | None = None
     #: JSON Lines file of input values, streamed in place of the dataset.
@@ -459,7 +461,7 @@ def _stream_backend(options: RunOptions) -> StreamBackend | None:
     if options.kafka is not None:
         from agogosml_cli.kafka_run import KafkaBackend
 
-        return KafkaBackend(options.kafka, topics, run_id)
+        return KafkaBackend(options.kafka, topics, run_id, key_field=options.key_field)
     return None
 
 

@@ -31,6 +31,7 @@ from rich.console import Console
 
 from agogosml.config import EventHubSettings, KafkaSettings
 from agogosml_cli import eventhubs_run, kafka_run, local, run_options
+from agogosml_cli import run as run_module
 from agogosml_cli.eventhubs_run import EventHubsBackend, OutputReceiver
 from agogosml_cli.kafka_run import KafkaBackend, _broker_error
 from agogosml_cli.local import ServiceProcess
@@ -1008,3 +1009,40 @@ def test_group_deletion_failure_names_group_left(
         "Could not delete the reader's consumer group agogosml-run-abc ("
     )
     assert message.count("\n") == 1
+
+
+def test_produce_file_keys_records_by_the_named_field(
+    mock_cluster: str, tmp_path: Path
+) -> None:
+    input_path = tmp_path / "input.jsonl"
+    input_path.write_bytes(b'{"customer": "c-1"}\n{"customer": 7}\n[1]\n')
+    config = {"bootstrap.servers": mock_cluster}
+
+    kafka_run.produce_file(config, "keyed-in", input_path, "customer")
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": mock_cluster,
+            "group.id": "keyed-check",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe(["keyed-in"])
+    messages = consumer.consume(3, 10)
+    consumer.close()
+    # A field that is not text, and a line that is no object, give no key.
+    assert sorted(m.key() or b"" for m in messages) == [b"", b"", b"c-1"]
+
+
+def test_run_key_field_reaches_the_kafka_backend() -> None:
+    options = run_module.RunOptions(
+        data_path=None,
+        work_dir=Path("."),
+        kafka=KafkaSettings(bootstrap_servers="127.0.0.1:1"),
+        key_field="customer",
+    )
+
+    backend = run_module._stream_backend(options)
+
+    assert isinstance(backend, KafkaBackend)
+    assert backend.key_field == "customer"
