@@ -169,7 +169,7 @@ ScoreFunction = Callable[[list[Any]], ScoreResults | Awaitable[ScoreResults]]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
-    """What a message carries besides its value, for ``ModelApp(with_messages=True)``.
+    """The metadata of a message beside its value, for ``ModelApp(with_messages=True)``.
 
     Attributes:
         id: The message id that the reader gave it, or None.
@@ -373,8 +373,8 @@ def read_settings(
 async def load_in_thread(function: Callable[..., ResultT], *args: Any) -> ResultT:
     """Return ``function(*args)``, run in a thread of its own, from a coroutine.
 
-    For the slow load of a model in a `ModelApp` lifespan: the event loop
-    answers ``/healthz`` meanwhile. Unlike `asyncio.to_thread`, the thread is
+    For the slow load of a model in a `ModelApp` lifespan, so that the event
+    loop serves ``/healthz`` meanwhile. Unlike `asyncio.to_thread`, the thread is
     a daemon, so a stop during the load does not wait for the load to end.
     """
     loop = asyncio.get_running_loop()
@@ -498,7 +498,7 @@ class ModelApp:
         an async context manager, such as one made with
         ``contextlib.asynccontextmanager``. The context manager loads the
         model on entry and releases it on exit. The app enters it once it
-        serves, so ``/healthz`` answers while the model loads, and ``/readyz``
+        serves, so ``/healthz`` responds while the model loads, and ``/readyz``
         and the scoring requests get 503 until the entry finished. A failed
         entry makes ``/healthz`` fail and `run` exit with status 1. The exit
         runs at the stop, after the last request.
@@ -1096,7 +1096,10 @@ class _Running:
         return model_app.build_app(self._settings)
 
     async def _live(self) -> None:
-        """Enter the lifespan, and exit it once `__aexit__` asks, in one task."""
+        """Enter the lifespan, then exit it when `__aexit__` sets the exit event.
+
+        Entry and exit run in this one task, as anyio's context managers require.
+        """
         model_app = self._model_app
         assert model_app._lifespan is not None
         started = time.monotonic()

@@ -1481,10 +1481,10 @@ def invalid_variables(
 ) -> list[str]:
     """Return a line for each set variable of `cls` whose value is invalid.
 
-    A command that starts services with some variables of its own can check
-    the user's others before it starts any: a missing setting, a variable in
-    `ignored` and an error between settings are left to the service, which
-    gets the whole environment.
+    A command that sets some variables of its services itself can check the
+    user's other variables before it starts any service. A missing setting, a
+    variable in `ignored` and an error between settings are left to the
+    service, which gets the whole environment.
     """
     try:
         cls()

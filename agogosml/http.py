@@ -408,7 +408,7 @@ def _check_content_encoding(request: web.Request) -> str:
     if not codings:
         return "identity"
     coding = codings[0].strip().lower()
-    # RFC 9110 asks a recipient to read x-gzip as gzip.
+    # RFC 9110 says a recipient should read x-gzip as gzip.
     coding = "gzip" if coding == "x-gzip" else coding
     if len(codings) == 1 and coding in CONTENT_ENCODINGS:
         return coding

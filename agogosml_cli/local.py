@@ -307,10 +307,10 @@ def misspelling_warnings(log_path: Path) -> list[str]:
     return warnings
 
 
-#: Variables that `agogosml run` sets for its services, whatever the
-#: environment says: those of the three process builders below and the
-#: reader's of a run. READER_BATCH_MAX_MESSAGES and READER_ORDERING come from
-#: options that check their own values.
+#: Variables that `agogosml run` sets for its services, overriding the
+#: environment: those of the three process builders below and the reader's
+#: of a run. READER_BATCH_MAX_MESSAGES and READER_ORDERING come from options
+#: that validate their own values.
 RUN_VARIABLES = frozenset(
     {
         "WRITER_SINK",

@@ -250,7 +250,7 @@ def test_default_release_resources(helm_binary: str) -> None:
     [
         ("rel", {}),
         ("agogosml-prod", {}),
-        ("scoring-" + "x" * 45, {}),  # the longest name Helm accepts
+        ("scoring-" + "x" * 45, {}),  # the maximum length Helm accepts
         ("rel", {"nameOverride": "fraud"}),
         ("rel", {"fullnameOverride": "fraud-scoring"}),
         ("rel", {"fullnameOverride": "fraud-" + "y" * 44 + "-z"}),

@@ -2798,7 +2798,7 @@ async def test_stop_bounded_when_lifespan_exit_hangs(caplog) -> None:
     assert "did not end within APP_SHUTDOWN_TIMEOUT_MS=200" in caplog.text
 
 
-async def test_load_in_thread_returns_raises_and_is_not_waited_for() -> None:
+async def test_load_in_thread_results() -> None:
     release = threading.Event()
 
     def slow() -> str:

@@ -576,7 +576,7 @@ def scrape_when_serving(module: str, env: dict[str, str], port: int) -> str:
 
 
 def test_service_metrics_at_start(tmp_path: Path) -> None:
-    """Counters start at 0, so rate() sees the first event; readiness is one too."""
+    """Check that counters start at 0 and that readiness is a metric."""
     (tmp_path / "in.jsonl").write_bytes(b"")
     unreachable = f"http://127.0.0.1:{free_port()}"
     ports = [free_port() for _ in range(3)]
@@ -623,7 +623,7 @@ def test_service_metrics_at_start(tmp_path: Path) -> None:
             f'agogosml_scored_values_total{{outcome="{outcome}",service="app"}} 0.0'
         )
         assert sample in app
-    # The reader's app and the app's writer do not answer.
+    # The reader's app and the app's writer are unreachable.
     assert 'agogosml_ready{service="input_reader"} 0.0' in reader
     assert 'agogosml_ready{service="app"} 0.0' in app
     assert 'agogosml_ready{service="output_writer"} 1.0' in writer

@@ -109,9 +109,9 @@ def load_tap(spec: str) -> Tap:
 #: The reader waits that long without using up an attempt, so a broker outage or a
 #: missing topic does not move valid messages to the dead letters.
 SINK_RETRY_AFTER_SECONDS = 5
-#: ERROR lines about failed sink writes per interval; each further failure
-#: is counted in agogosml_sink_errors_total, and the next line gives the number
-#: of those not logged.
+#: Maximum ERROR lines about failed sink writes per interval. Each further
+#: failure is still counted in agogosml_sink_errors_total, and the next line
+#: gives the number of lines not logged.
 SINK_ERROR_LOG_LIMIT = 10
 SINK_ERROR_LOG_INTERVAL_SECONDS = 60.0
 

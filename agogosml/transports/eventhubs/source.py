@@ -73,7 +73,7 @@ class EventHubsSource(TrackedSource):
         self._hub = hub
         self._revoke_timeout = revoke_timeout_seconds
         self._consumer = consumer
-        # Both outcomes start at 0, so that rate() sees the first failed commit.
+        # Both outcomes start at 0, so that rate() counts the first failed commit.
         for outcome in ("ok", "error"):
             COMMITS.labels(outcome)
         self._owns_clients = consumer is None

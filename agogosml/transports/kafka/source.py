@@ -90,7 +90,7 @@ class KafkaSource(TrackedSource):
         self._topics = topics
         self._revoke_timeout = revoke_timeout_seconds
         self._tracker = OffsetTracker(commit_first_offset=True)
-        # Both outcomes start at 0, so that rate() sees the first failed commit.
+        # Both outcomes start at 0, so that rate() counts the first failed commit.
         for outcome in ("ok", "error"):
             COMMITS.labels(outcome)
         self._thread = concurrent.futures.ThreadPoolExecutor(
