@@ -97,6 +97,7 @@ from agogosml.metrics import (
     REQUEST_SECONDS,
     SCORE_SECONDS,
     SCORED_VALUES,
+    start_at_zero,
 )
 from agogosml.runtime import SettingsT, freeze_startup_objects, run_service
 
@@ -1087,12 +1088,12 @@ class _Running:
             model_app._model_version,
             os.environ.get(SLOT_VARIABLE, ""),
         ).set(1)
-        # Counters start at 0, because rate() and increase() see no increase
-        # in a series that first appears with the value 1.
-        MESSAGES_IN.labels(SERVICE)
-        MESSAGES_OUT.labels(SERVICE)
-        for outcome in ("scored", "invalid", "failed"):
-            SCORED_VALUES.labels(SERVICE, outcome)
+        start_at_zero(MESSAGES_IN, (SERVICE,))
+        start_at_zero(MESSAGES_OUT, (SERVICE,))
+        start_at_zero(
+            SCORED_VALUES,
+            *[(SERVICE, outcome) for outcome in ("scored", "invalid", "failed")],
+        )
         return model_app.build_app(self._settings)
 
     async def _live(self) -> None:

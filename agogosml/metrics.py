@@ -102,3 +102,14 @@ REJECTED_REQUESTS = Counter(
     "Requests rejected with a 4xx or 5xx status.",
     ["service", "status"],
 )
+
+
+def start_at_zero(counter: Counter, *label_sets: tuple[str, ...]) -> None:
+    """Create the series of `counter` with each of `label_sets` at 0.
+
+    rate() and increase() show no increase in a series that first appears
+    with the value 1, so an alert on the first event after a start would not
+    fire.
+    """
+    for labels in label_sets:
+        counter.labels(*labels)

@@ -23,6 +23,7 @@ from agogosml.metrics import (
     MESSAGES_OUT,
     RETRIES,
     SINK_ERRORS,
+    start_at_zero,
 )
 from agogosml.reader.client import (
     AppClient,
@@ -153,12 +154,11 @@ class InputReader:
         self._messages_in = MESSAGES_IN.labels(SERVICE)
         self._messages_out = MESSAGES_OUT.labels(SERVICE)
         IN_FLIGHT.labels(SERVICE).set_function(lambda: self._in_flight)
-        # Counters that alerts watch start at 0, because rate() and increase()
-        # see no increase in a series that first appears with the value 1.
-        RETRIES.labels(SERVICE)
-        SINK_ERRORS.labels(SERVICE)
-        for reason in _DEAD_LETTER_REASONS:
-            DEAD_LETTERED.labels(SERVICE, reason)
+        start_at_zero(RETRIES, (SERVICE,))
+        start_at_zero(SINK_ERRORS, (SERVICE,))
+        start_at_zero(
+            DEAD_LETTERED, *[(SERVICE, reason) for reason in _DEAD_LETTER_REASONS]
+        )
         source.set_revoke_handler(self.drain_partitions)
 
     @property

@@ -59,6 +59,7 @@ from agogosml.metrics import (
     REJECTED_REQUESTS,
     SINK_ERRORS,
     SINK_SECONDS,
+    start_at_zero,
 )
 from agogosml.transports.base import Sink, stop_within
 from agogosml.transports.factory import build_sink
@@ -160,11 +161,8 @@ class OutputWriter:
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        # Counters start at 0, because rate() and increase() see no increase
-        # in a series that first appears with the value 1.
-        MESSAGES_IN.labels(SERVICE)
-        MESSAGES_OUT.labels(SERVICE)
-        SINK_ERRORS.labels(SERVICE)
+        for counter in (MESSAGES_IN, MESSAGES_OUT, SINK_ERRORS):
+            start_at_zero(counter, (SERVICE,))
         # Every open request fails while the sink does, each with a line.
         self._sink_error_log = LogRateLimit(
             SINK_ERROR_LOG_LIMIT, SINK_ERROR_LOG_INTERVAL_SECONDS

@@ -16,7 +16,7 @@ from azure.eventhub.exceptions import EventHubError
 from agogosml.config import EventHubSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import SourceError
-from agogosml.metrics import COMMITS, CONSUMER_LAG
+from agogosml.metrics import COMMITS, CONSUMER_LAG, start_at_zero
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.eventhubs import clients
 
@@ -73,9 +73,7 @@ class EventHubsSource(TrackedSource):
         self._hub = hub
         self._revoke_timeout = revoke_timeout_seconds
         self._consumer = consumer
-        # Both outcomes start at 0, so that rate() counts the first failed commit.
-        for outcome in ("ok", "error"):
-            COMMITS.labels(outcome)
+        start_at_zero(COMMITS, ("ok",), ("error",))
         self._owns_clients = consumer is None
         self._credentials: list[Any] = []
         # The store of a given `consumer`, or the one that start() creates.

@@ -22,7 +22,7 @@ from confluent_kafka import (
 from agogosml.config import KafkaSettings
 from agogosml.envelope import Envelope, Position
 from agogosml.errors import ConfigurationError, SourceError
-from agogosml.metrics import COMMITS, CONSUMER_LAG
+from agogosml.metrics import COMMITS, CONSUMER_LAG, start_at_zero
 from agogosml.transports.base import OffsetTracker, RevokeHandler, TrackedSource
 from agogosml.transports.kafka.added_partitions import (
     added_partitions,
@@ -90,9 +90,7 @@ class KafkaSource(TrackedSource):
         self._topics = topics
         self._revoke_timeout = revoke_timeout_seconds
         self._tracker = OffsetTracker(commit_first_offset=True)
-        # Both outcomes start at 0, so that rate() counts the first failed commit.
-        for outcome in ("ok", "error"):
-            COMMITS.labels(outcome)
+        start_at_zero(COMMITS, ("ok",), ("error",))
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="kafka-consumer"
         )
