@@ -605,6 +605,8 @@ class KafkaSource(TrackedSource):
         for tp in partitions:
             key = (tp.topic, tp.partition)
             if self._committing.get(key) != tp.offset:
+                # NOTE: the result of a commit that a newer one of the same
+                # partition overtook is not counted in agogosml_commits_total.
                 continue  # an older commit, or a partition assigned again since
             del self._committing[key]
             if error is None and tp.error is None:
